@@ -1,0 +1,917 @@
+//! `Domain`: a virtual machine (libvirt's `virDomain`), namespaced, owned by application teams.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::cpuset::CpuSet;
+use crate::quantity::ByteQuantity;
+use crate::validation::{FieldErrors, Validate, check_unique};
+
+/// The desired state of a virtual machine: its hardware, where it runs, and its power state.
+///
+/// Example: a 2-vCPU, 2 GiB guest with its root disk on a Volume and one NIC on a Network,
+/// vCPU 0 pinned to host CPU 2, started at host boot.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "virtkube.io",
+    version = "v1alpha1",
+    kind = "Domain",
+    namespaced,
+    status = "DomainStatus",
+    shortname = "dom",
+    category = "virtkube",
+    derive = "PartialEq",
+    doc = "A virtual machine, realized as a libvirt domain on one hypervisor node.",
+    printcolumn(
+        name = "Phase",
+        type_ = "string",
+        json_path = ".status.phase",
+        description = "Where the domain is in its life"
+    ),
+    printcolumn(
+        name = "Node",
+        type_ = "string",
+        json_path = ".status.nodeName",
+        description = "The node the domain runs on"
+    ),
+    printcolumn(
+        name = "vCPUs",
+        type_ = "integer",
+        json_path = ".spec.cpu.vcpus",
+        description = "Desired vCPU count"
+    ),
+    printcolumn(
+        name = "Memory",
+        type_ = "string",
+        json_path = ".spec.memory.size",
+        description = "Desired memory size"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status",
+        description = "Whether the domain is as its spec asks"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!has(self.state) || self.runStrategy != 'Halted' || self.state == 'Stopped'", "message": "runStrategy Halted keeps the domain stopped: set state to Stopped or leave it unset"},
+    {"rule": "!has(self.state) || self.runStrategy == 'Halted' || self.runStrategy == 'Manual' || self.state != 'Stopped'", "message": "state Stopped needs runStrategy Halted or Manual: Always and RerunOnFailure restart a stopped domain"}
+]))]
+pub struct DomainSpec {
+    /// The node this domain runs on. Leave empty to let the virtkube controller choose one.
+    /// Changing it on a running domain requests a live migration to the new node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), pattern(crate::names::OBJECT_NAME_PATTERN))]
+    pub node_name: Option<String>,
+
+    /// What virtkube does about the domain's power: `Always` keeps it running (restarts it
+    /// after a shutdown or a crash); `RerunOnFailure` restarts it after a crash only;
+    /// `Manual` sets the power state at creation and when `state` changes, and otherwise
+    /// leaves it alone; `Halted` keeps it stopped.
+    #[serde(default)]
+    pub run_strategy: RunStrategy,
+
+    /// The desired power state: `Running`, `Paused` (suspended in memory, as
+    /// `virsh suspend`) or `Stopped` (needs runStrategy `Halted` or `Manual`). Unset means
+    /// `Stopped` for runStrategy `Halted` and `Running` otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<PowerState>,
+
+    /// libvirt's host autostart flag (`virsh autostart`): start this domain when the node's
+    /// libvirt daemon starts, even before virtkube's agent runs.
+    #[serde(default)]
+    pub autostart: bool,
+
+    /// Virtual CPUs: count, maximum for hotplug, model, topology and pinning.
+    #[serde(default)]
+    pub cpu: CpuSpec,
+
+    /// Guest memory: size, maximum and hugepages.
+    pub memory: MemorySpec,
+
+    /// Firmware, machine type, boot order and optional direct kernel boot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub os: Option<OsSpec>,
+
+    /// Disks, each from a Volume in this namespace or, for admins, a host path. Keyed by
+    /// `name` so GitOps merges edit one disk without replacing the list.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub disks: Vec<Disk>,
+
+    /// Network interfaces, each on a cluster Network. Keyed by `name`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub interfaces: Vec<Interface>,
+
+    /// How this domain live-migrates when its `nodeName` changes or its node is drained.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationSpec>,
+
+    /// What happens to this domain when its node is drained: `LiveMigrate` (the drain waits
+    /// for a live migration), `LiveMigrateIfPossible` (migrate, or shut down when the domain
+    /// cannot migrate), `Shutdown`, or `None` (the drain does not touch it).
+    #[serde(default)]
+    pub eviction_strategy: EvictionStrategy,
+
+    /// When changes that need a guest restart (machine type, firmware, boot order, disks and
+    /// NICs while running) take effect: `Deferred` (default: at the next stop, reported by the
+    /// `RestartRequired` condition) or `Restart` (virtkube restarts the guest now).
+    #[serde(default)]
+    pub update_policy: UpdatePolicy,
+}
+
+impl DomainSpec {
+    /// The power state virtkube drives towards: `state`, or what `runStrategy` implies.
+    pub fn effective_state(&self) -> PowerState {
+        match (self.state, self.run_strategy) {
+            (Some(state), _) => state,
+            (None, RunStrategy::Halted) => PowerState::Stopped,
+            (None, _) => PowerState::Running,
+        }
+    }
+}
+
+/// What virtkube does about a domain's power over time (KubeVirt's `runStrategy`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum RunStrategy {
+    /// Keep the domain running: restart it after any shutdown or crash.
+    #[default]
+    Always,
+    /// Restart the domain only after a crash; a clean guest shutdown stays stopped.
+    RerunOnFailure,
+    /// Apply `state` at creation and whenever it changes; never restart on its own.
+    Manual,
+    /// Keep the domain stopped.
+    Halted,
+}
+
+/// A desired power state.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum PowerState {
+    /// The guest runs.
+    #[default]
+    Running,
+    /// The guest is suspended in memory (`virsh suspend`).
+    Paused,
+    /// The guest is shut off; its definition and disks stay.
+    Stopped,
+}
+
+/// What a node drain does to a domain.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum EvictionStrategy {
+    /// Live-migrate; the drain waits until the domain has left.
+    #[default]
+    LiveMigrate,
+    /// Live-migrate when possible, otherwise shut the domain down.
+    LiveMigrateIfPossible,
+    /// Shut the domain down gracefully.
+    Shutdown,
+    /// Leave the domain alone; the drain does not wait for it.
+    None,
+}
+
+/// When restart-requiring changes take effect.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum UpdatePolicy {
+    /// At the guest's next stop; the `RestartRequired` condition lists what waits.
+    #[default]
+    Deferred,
+    /// Now: virtkube shuts the guest down gracefully, applies the change, and starts it.
+    Restart,
+}
+
+/// Virtual CPUs (libvirt `<vcpu>`, `<cpu>` and `<cputune>`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!has(self.maxVcpus) || self.maxVcpus >= self.vcpus", "message": "maxVcpus must be at least vcpus"},
+    {"rule": "!has(self.pinning) || self.pinning.all(p, p.vcpu < (has(self.maxVcpus) ? self.maxVcpus : self.vcpus))", "message": "every pinned vcpu index must be below maxVcpus (or vcpus when maxVcpus is unset)"},
+    {"rule": "!has(self.topology) || self.topology.sockets * self.topology.cores * self.topology.threads == (has(self.maxVcpus) ? self.maxVcpus : self.vcpus)", "message": "topology sockets x cores x threads must equal maxVcpus (or vcpus when maxVcpus is unset)"},
+    {"rule": "!has(self.model) || self.mode == 'custom'", "message": "model needs mode custom"}
+]))]
+pub struct CpuSpec {
+    /// vCPUs online now (libvirt `<vcpu current=…>`). Can change live up to `maxVcpus`.
+    #[serde(default = "one")]
+    #[schemars(range(min = 1, max = 4096))]
+    pub vcpus: u32,
+
+    /// The most vCPUs this domain can have without a restart (libvirt's `<vcpu>` value).
+    /// Defaults to `vcpus`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 4096))]
+    pub max_vcpus: Option<u32>,
+
+    /// libvirt's CPU mode: `host-model`, `host-passthrough`, `maximum` or `custom` (with
+    /// `model`). Unset leaves libvirt's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<CpuMode>,
+
+    /// The CPU model for mode `custom`, as `virsh cpu-models x86_64` lists (e.g. `Skylake-Server`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64), pattern(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$"))]
+    pub model: Option<String>,
+
+    /// Guest CPU topology; sockets x cores x threads must equal `maxVcpus`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topology: Option<CpuTopology>,
+
+    /// Per-vCPU pinning to host CPUs (libvirt `<vcpupin>`), keyed by `vcpu`. A vCPU not
+    /// listed floats over the host's CPUs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 4096), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["vcpu"]))]
+    pub pinning: Vec<VcpuPin>,
+
+    /// Host CPUs for QEMU's emulator threads (libvirt `<emulatorpin>`), as a cpuset like `0-1`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256), pattern(crate::cpuset::CPUSET_PATTERN))]
+    pub emulator_cpuset: Option<String>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl Default for CpuSpec {
+    fn default() -> Self {
+        Self {
+            vcpus: 1,
+            max_vcpus: None,
+            mode: None,
+            model: None,
+            topology: None,
+            pinning: Vec::new(),
+            emulator_cpuset: None,
+        }
+    }
+}
+
+impl CpuSpec {
+    /// The maximum vCPU count: `maxVcpus`, or `vcpus` when unset.
+    pub fn effective_max_vcpus(&self) -> u32 {
+        self.max_vcpus.unwrap_or(self.vcpus)
+    }
+}
+
+/// libvirt's `<cpu mode=…>`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum CpuMode {
+    /// A model close to the host CPU, migratable between similar hosts.
+    HostModel,
+    /// The host CPU exactly; fastest, migrates only between identical hosts.
+    HostPassthrough,
+    /// Every feature the hypervisor can offer (useful under TCG).
+    Maximum,
+    /// A named model from `model`.
+    Custom,
+}
+
+/// Guest CPU topology (libvirt `<topology>`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CpuTopology {
+    /// CPU sockets.
+    #[schemars(range(min = 1, max = 4096))]
+    pub sockets: u32,
+    /// Cores per socket.
+    #[schemars(range(min = 1, max = 4096))]
+    pub cores: u32,
+    /// Threads per core.
+    #[schemars(range(min = 1, max = 4096))]
+    pub threads: u32,
+}
+
+/// One vCPU pinned to a set of host CPUs.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VcpuPin {
+    /// The vCPU index, from 0; must be below `maxVcpus`.
+    #[schemars(range(max = 4095))]
+    pub vcpu: u32,
+    /// Host CPUs this vCPU may run on, written like libvirt and taskset (`2`, `0-3,8`, `0-7,^4`).
+    #[schemars(length(min = 1, max = 256), pattern(crate::cpuset::CPUSET_PATTERN))]
+    pub cpuset: String,
+}
+
+/// Guest memory (libvirt `<memory>`, `<currentMemory>`, `<memoryBacking>`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MemorySpec {
+    /// Memory the guest has now (`512Mi`, `2Gi`). Can change live up to `max` (needs a
+    /// balloon driver in the guest to take effect inside it).
+    pub size: ByteQuantity,
+    /// The most memory the guest can have without a restart. Defaults to `size`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<ByteQuantity>,
+    /// Back guest memory with host hugepages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hugepages: Option<Hugepages>,
+}
+
+/// Hugepage backing (libvirt `<memoryBacking><hugepages><page size=…>`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Hugepages {
+    /// The host page size to use: `2Mi` or `1Gi` on x86_64.
+    pub page_size: ByteQuantity,
+}
+
+/// Firmware, machine and boot (libvirt `<os>`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "has(self.kernel) || (!has(self.initrd) && !has(self.cmdline))", "message": "initrd and cmdline need kernel (direct kernel boot)"}
+]))]
+pub struct OsSpec {
+    /// Guest architecture; defaults to the host's (`x86_64`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 32), pattern(r"^[a-z0-9_]+$"))]
+    pub arch: Option<String>,
+    /// Machine type (`pc`, `q35`, `pc-q35-7.2`); defaults to libvirt's choice. Changing it
+    /// needs a restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64), pattern(r"^[a-z0-9][a-z0-9._-]*$"))]
+    pub machine: Option<String>,
+    /// `bios` (default) or `efi` (libvirt's firmware autoselection). Needs a restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware: Option<Firmware>,
+    /// Boot device order (`hd`, `cdrom`, `network`, `fd`), first tried first. Ignored by
+    /// libvirt when a disk has `bootOrder`. Needs a restart.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 4))]
+    pub boot: Vec<BootDevice>,
+    /// Direct kernel boot: a kernel image path on the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 4096),
+        pattern(crate::names::ABSOLUTE_PATH_PATTERN)
+    )]
+    pub kernel: Option<String>,
+    /// Direct kernel boot: an initrd path on the node (needs `kernel`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 4096),
+        pattern(crate::names::ABSOLUTE_PATH_PATTERN)
+    )]
+    pub initrd: Option<String>,
+    /// Direct kernel boot: the kernel command line (needs `kernel`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
+    pub cmdline: Option<String>,
+}
+
+/// Guest firmware.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Firmware {
+    /// Legacy BIOS (SeaBIOS).
+    Bios,
+    /// UEFI (OVMF), chosen by libvirt's firmware autoselection.
+    Efi,
+}
+
+/// A boot device class (libvirt `<boot dev=…>`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum BootDevice {
+    /// Hard disks.
+    Hd,
+    /// CD-ROM drives.
+    Cdrom,
+    /// PXE from a network interface.
+    Network,
+    /// Floppy drives.
+    Fd,
+}
+
+/// One guest disk (libvirt `<disk>`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "has(self.volume) != has(self.hostPath)", "message": "set exactly one of volume and hostPath"}
+]))]
+pub struct Disk {
+    /// The disk's name in this list (a DNS label); the key for GitOps merges.
+    #[schemars(length(min = 1, max = 63), pattern(crate::names::DNS_LABEL_PATTERN))]
+    pub name: String,
+    /// A Volume in this domain's namespace (libvirt `<disk type='volume'>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), pattern(crate::names::OBJECT_NAME_PATTERN))]
+    pub volume: Option<String>,
+    /// An image or device path on the node (libvirt `<disk type='file'>`). Reserved for
+    /// administrators: the agent refuses host paths unless it runs with `--allow-host-paths`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 4096),
+        pattern(crate::names::ABSOLUTE_PATH_PATTERN)
+    )]
+    pub host_path: Option<String>,
+    /// The guest bus: `virtio` (default), `sata`, `scsi`, `ide` or `usb`.
+    #[serde(default)]
+    pub bus: DiskBus,
+    /// `disk` (default) or `cdrom`.
+    #[serde(default)]
+    pub device: DiskDevice,
+    /// The guest device name (`vda`, `sdb`); chosen from the bus and list position when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(crate::names::DISK_TARGET_PATTERN))]
+    pub target: Option<String>,
+    /// Attach read-only.
+    #[serde(default)]
+    pub read_only: bool,
+    /// This disk's place in the boot order (1 first); overrides `os.boot`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 64))]
+    pub boot_order: Option<u32>,
+}
+
+/// A disk's guest bus.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskBus {
+    /// Paravirtual block device (`vdX`).
+    #[default]
+    Virtio,
+    /// AHCI SATA (`sdX`).
+    Sata,
+    /// SCSI (`sdX`), through a virtio-scsi controller.
+    Scsi,
+    /// IDE (`hdX`), `pc` machines only.
+    Ide,
+    /// USB mass storage (`sdX`).
+    Usb,
+}
+
+impl DiskBus {
+    /// The device-name prefix libvirt uses for this bus.
+    pub fn target_prefix(self) -> &'static str {
+        match self {
+            DiskBus::Virtio => "vd",
+            DiskBus::Sata | DiskBus::Scsi | DiskBus::Usb => "sd",
+            DiskBus::Ide => "hd",
+        }
+    }
+}
+
+/// What the guest sees a disk as.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskDevice {
+    /// A hard disk.
+    #[default]
+    Disk,
+    /// A CD-ROM drive (always read-only).
+    Cdrom,
+}
+
+/// One network interface (libvirt `<interface type='network'>`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Interface {
+    /// The interface's name in this list (a DNS label); the key for GitOps merges.
+    #[schemars(length(min = 1, max = 63), pattern(crate::names::DNS_LABEL_PATTERN))]
+    pub name: String,
+    /// The cluster Network this interface attaches to.
+    #[schemars(length(min = 1, max = 253), pattern(crate::names::OBJECT_NAME_PATTERN))]
+    pub network: String,
+    /// The NIC model: `virtio` (default), `e1000e`, `e1000` or `rtl8139`.
+    #[serde(default)]
+    pub model: NicModel,
+    /// A fixed unicast MAC address; when unset libvirt generates one and virtkube keeps it
+    /// in status, never in your manifest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(crate::names::MAC_PATTERN))]
+    pub mac_address: Option<String>,
+}
+
+/// A NIC model (libvirt `<model type=…>`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum NicModel {
+    /// Paravirtual, fastest.
+    #[default]
+    Virtio,
+    /// Intel 82574 (PCIe).
+    E1000e,
+    /// Intel 82540EM.
+    E1000,
+    /// Realtek 8139.
+    Rtl8139,
+}
+
+/// Live-migration settings (libvirt `virDomainMigrate` flags and parameters).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationSpec {
+    /// Migrate live (default). When false, the domain is paused for the whole transfer.
+    #[serde(default = "yes")]
+    pub live: bool,
+    /// The longest pause tolerated at switch-over, in milliseconds (libvirt's max downtime).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 600000))]
+    pub max_downtime_millis: Option<u32>,
+    /// Bandwidth cap per second (`64Mi` = 64 MiB/s); unset means unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<ByteQuantity>,
+    /// Throttle the guest's vCPUs when memory is dirtied faster than it can be sent.
+    #[serde(default)]
+    pub auto_converge: bool,
+    /// Copy disks to the target when their storage is not shared (slow; off by default).
+    #[serde(default)]
+    pub allow_copy_storage: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for MigrationSpec {
+    fn default() -> Self {
+        Self {
+            live: true,
+            max_downtime_millis: None,
+            bandwidth: None,
+            auto_converge: false,
+            allow_copy_storage: false,
+        }
+    }
+}
+
+/// What virtkube observed of a domain, written by the node agent.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DomainStatus {
+    /// Where the domain is in its life.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<DomainPhase>,
+    /// libvirt's reason for the current state (`booted`, `user`, `destroyed`, `crashed`,
+    /// `migrated`, …), as `virsh domstate --reason` prints it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_reason: Option<String>,
+    /// The node the domain actually is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
+    /// The libvirt domain name on that node (`<namespace>.<name>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain_name: Option<String>,
+    /// libvirt's UUID of the domain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
+    /// libvirt's runtime id while the domain runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u32>,
+    /// vCPUs online now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpus: Option<u32>,
+    /// Maximum vCPUs of the running definition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_vcpus: Option<u32>,
+    /// Each vCPU's host-CPU affinity as libvirt reports it (`virsh vcpupin`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["vcpu"]))]
+    pub vcpu_affinity: Vec<VcpuAffinity>,
+    /// The emulator threads' host-CPU affinity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub emulator_cpuset: Option<String>,
+    /// Memory the guest has now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<ByteQuantity>,
+    /// Maximum memory of the running definition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_memory: Option<ByteQuantity>,
+    /// libvirt's host autostart flag as set now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autostart: Option<bool>,
+    /// MAC addresses of the interfaces, including those libvirt generated. Keyed by `name`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub interfaces: Vec<InterfaceStatus>,
+    /// Spec changes waiting for a restart (`os.machine`, `os.firmware`, …).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending_changes: Vec<String>,
+    /// The last (or current) live migration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationStatus>,
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `Scheduled`, `Running`, `Migrating`, `RestartRequired`, `SpecValid`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+}
+
+/// Where a domain is in its life.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum DomainPhase {
+    /// Accepted, not yet on a node.
+    Pending,
+    /// Defined on its node, being brought to the desired state.
+    Provisioning,
+    /// Running.
+    Running,
+    /// Suspended in memory.
+    Paused,
+    /// Defined and shut off.
+    Stopped,
+    /// Live-migrating between nodes.
+    Migrating,
+    /// The guest crashed (libvirt state `crashed` or shutoff with reason `crashed`).
+    Crashed,
+    /// virtkube cannot realize the spec; the `Ready` condition says why.
+    Failed,
+    /// Being deleted.
+    Terminating,
+    /// The node's libvirt cannot be reached.
+    Unknown,
+}
+
+/// One vCPU's affinity as libvirt reports it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VcpuAffinity {
+    /// The vCPU index.
+    pub vcpu: u32,
+    /// Host CPUs it may run on.
+    pub cpuset: String,
+}
+
+/// An interface's observed addresses.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InterfaceStatus {
+    /// The interface's name from the spec.
+    pub name: String,
+    /// Its MAC address.
+    pub mac_address: String,
+}
+
+/// The record of a live migration.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationStatus {
+    /// `Pending`, `Running`, `Succeeded`, `Failed` or `Cancelled`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<MigrationState>,
+    /// The node the domain left.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_node: Option<String>,
+    /// The node the domain went to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_node: Option<String>,
+    /// When the migration started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<Time>,
+    /// When it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_time: Option<Time>,
+    /// The guest's pause at switch-over, in milliseconds, as libvirt measured it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_millis: Option<u64>,
+    /// Bytes transferred.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_transferred_bytes: Option<u64>,
+    /// Why it failed, in libvirt's words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// A live migration's state.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum MigrationState {
+    /// Requested, not started.
+    Pending,
+    /// Memory is being transferred.
+    Running,
+    /// The domain runs on the target.
+    Succeeded,
+    /// The domain stayed on the source; `message` says why.
+    Failed,
+    /// Cancelled; the domain stayed on the source.
+    Cancelled,
+}
+
+impl Validate for DomainSpec {
+    fn validate(&self) -> FieldErrors {
+        let mut errors = FieldErrors::default();
+        if self.run_strategy == RunStrategy::Halted && self.effective_state() != PowerState::Stopped
+        {
+            errors.push("spec.state", "runStrategy Halted keeps the domain stopped: set state to Stopped or leave it unset");
+        }
+        if matches!(
+            self.run_strategy,
+            RunStrategy::Always | RunStrategy::RerunOnFailure
+        ) && self.state == Some(PowerState::Stopped)
+        {
+            errors.push("spec.state", "state Stopped needs runStrategy Halted or Manual: Always and RerunOnFailure restart a stopped domain");
+        }
+        validate_cpu(&self.cpu, &mut errors);
+        validate_memory(&self.memory, &mut errors);
+        if let Some(os) = &self.os {
+            validate_os(os, &mut errors);
+        }
+        check_unique(
+            &mut errors,
+            "spec.disks",
+            "name",
+            self.disks.iter().map(|d| d.name.as_str()),
+        );
+        for disk in &self.disks {
+            let path = format!("spec.disks[name={}]", disk.name);
+            match (&disk.volume, &disk.host_path) {
+                (Some(_), Some(_)) | (None, None) => {
+                    errors.push(&path, "set exactly one of volume and hostPath")
+                }
+                (None, Some(p)) if !crate::names::is_clean_absolute_path(p) => errors.push(
+                    format!("{path}.hostPath"),
+                    "must be an absolute path without `.` or `..` components",
+                ),
+                _ => {}
+            }
+            if let Some(target) = &disk.target
+                && !target.starts_with(disk.bus.target_prefix())
+            {
+                errors.push(
+                    format!("{path}.target"),
+                    format!(
+                        "`{target}` does not match bus {:?}: use a name starting with `{}`",
+                        disk.bus,
+                        disk.bus.target_prefix()
+                    ),
+                );
+            }
+        }
+        check_unique(
+            &mut errors,
+            "spec.disks",
+            "target",
+            self.disks.iter().filter_map(|d| d.target.as_deref()),
+        );
+        check_unique(
+            &mut errors,
+            "spec.interfaces",
+            "name",
+            self.interfaces.iter().map(|i| i.name.as_str()),
+        );
+        check_unique(
+            &mut errors,
+            "spec.interfaces",
+            "macAddress",
+            self.interfaces
+                .iter()
+                .filter_map(|i| i.mac_address.as_deref()),
+        );
+        if let Some(bandwidth) = self.migration.as_ref().and_then(|m| m.bandwidth.as_ref())
+            && let Err(e) = bandwidth.bytes()
+        {
+            errors.push("spec.migration.bandwidth", e.to_string());
+        }
+        errors
+    }
+}
+
+fn validate_cpu(cpu: &CpuSpec, errors: &mut FieldErrors) {
+    let max = cpu.effective_max_vcpus();
+    if !(1..=4096).contains(&cpu.vcpus) {
+        errors.push("spec.cpu.vcpus", "must be between 1 and 4096");
+    }
+    if max < cpu.vcpus {
+        errors.push(
+            "spec.cpu.maxVcpus",
+            format!("maxVcpus {max} is below vcpus {}", cpu.vcpus),
+        );
+    }
+    if cpu.model.is_some() && cpu.mode != Some(CpuMode::Custom) {
+        errors.push("spec.cpu.model", "model needs mode custom");
+    }
+    if let Some(t) = cpu.topology {
+        let product = u64::from(t.sockets) * u64::from(t.cores) * u64::from(t.threads);
+        if product != u64::from(max) {
+            errors.push("spec.cpu.topology", format!("sockets x cores x threads is {product}, but maxVcpus is {max}: they must be equal"));
+        }
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for pin in &cpu.pinning {
+        let path = format!("spec.cpu.pinning[vcpu={}]", pin.vcpu);
+        if !seen.insert(pin.vcpu) {
+            errors.push(&path, format!("vcpu {} is pinned twice", pin.vcpu));
+        }
+        if pin.vcpu >= max {
+            errors.push(
+                &path,
+                format!(
+                    "vcpu {} does not exist: indices run from 0 to {}",
+                    pin.vcpu,
+                    max - 1
+                ),
+            );
+        }
+        if let Err(e) = pin.cpuset.parse::<CpuSet>() {
+            errors.push(format!("{path}.cpuset"), e.to_string());
+        }
+    }
+    if let Some(cpuset) = &cpu.emulator_cpuset
+        && let Err(e) = cpuset.parse::<CpuSet>()
+    {
+        errors.push("spec.cpu.emulatorCpuset", e.to_string());
+    }
+}
+
+fn validate_memory(memory: &MemorySpec, errors: &mut FieldErrors) {
+    let size = match memory.size.bytes() {
+        Ok(0) => {
+            errors.push("spec.memory.size", "must be more than 0");
+            None
+        }
+        Ok(bytes) if bytes % 1024 != 0 => {
+            errors.push(
+                "spec.memory.size",
+                "must be a whole number of KiB (libvirt counts memory in KiB)",
+            );
+            None
+        }
+        Ok(bytes) => Some(bytes),
+        Err(e) => {
+            errors.push("spec.memory.size", e.to_string());
+            None
+        }
+    };
+    if let Some(max) = &memory.max {
+        match max.bytes() {
+            Ok(max_bytes) => {
+                if let Some(size) = size
+                    && max_bytes < size
+                {
+                    errors.push(
+                        "spec.memory.max",
+                        format!("max {max} is below size {}", memory.size),
+                    );
+                }
+                if max_bytes % 1024 != 0 {
+                    errors.push(
+                        "spec.memory.max",
+                        "must be a whole number of KiB (libvirt counts memory in KiB)",
+                    );
+                }
+            }
+            Err(e) => errors.push("spec.memory.max", e.to_string()),
+        }
+    }
+    if let Some(hugepages) = &memory.hugepages {
+        match hugepages.page_size.bytes() {
+            Ok(page) if page.is_power_of_two() && page >= 4096 => {
+                if let Some(size) = size
+                    && size % page != 0
+                {
+                    errors.push(
+                        "spec.memory.size",
+                        format!(
+                            "must be a multiple of the hugepage size {}",
+                            hugepages.page_size
+                        ),
+                    );
+                }
+            }
+            Ok(_) => errors.push(
+                "spec.memory.hugepages.pageSize",
+                "must be a power of two of at least 4Ki (2Mi or 1Gi on x86_64)",
+            ),
+            Err(e) => errors.push("spec.memory.hugepages.pageSize", e.to_string()),
+        }
+    }
+}
+
+fn validate_os(os: &OsSpec, errors: &mut FieldErrors) {
+    if os.kernel.is_none() && (os.initrd.is_some() || os.cmdline.is_some()) {
+        errors.push(
+            "spec.os.kernel",
+            "initrd and cmdline need kernel (direct kernel boot)",
+        );
+    }
+    for (field, value) in [("kernel", &os.kernel), ("initrd", &os.initrd)] {
+        if let Some(path) = value
+            && !crate::names::is_clean_absolute_path(path)
+        {
+            errors.push(
+                format!("spec.os.{field}"),
+                "must be an absolute path without `.` or `..` components",
+            );
+        }
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for device in &os.boot {
+        if !seen.insert(format!("{device:?}")) {
+            errors.push("spec.os.boot", format!("{device:?} is listed twice"));
+        }
+    }
+}

@@ -1,0 +1,154 @@
+//! `HypervisorNode`: one per node, written by that node's agent (libvirt's node info,
+//! capabilities and free memory). Cluster-scoped; its spec is empty.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::quantity::ByteQuantity;
+
+/// Intentionally empty: a HypervisorNode is written by the node's agent, not by users. Label
+/// it to steer Networks and StoragePools (`nodeSelector`).
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[kube(
+    group = "virtkube.io",
+    version = "v1alpha1",
+    kind = "HypervisorNode",
+    status = "HypervisorNodeStatus",
+    shortname = "hvn",
+    category = "virtkube",
+    derive = "PartialEq",
+    doc = "A hypervisor node as its virtkube agent sees it: libvirt and hypervisor versions, CPU topology, NUMA memory, capacity and heartbeat.",
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(name = "CPUs", type_ = "integer", json_path = ".status.cpu.count"),
+    printcolumn(name = "Memory", type_ = "string", json_path = ".status.memory.total"),
+    printcolumn(name = "Free", type_ = "string", json_path = ".status.memory.free"),
+    printcolumn(
+        name = "Domains",
+        type_ = "integer",
+        json_path = ".status.domains.total"
+    ),
+    printcolumn(
+        name = "Libvirt",
+        type_ = "string",
+        json_path = ".status.libvirtVersion",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Heartbeat",
+        type_ = "date",
+        json_path = ".status.heartbeatTime"
+    )
+)]
+pub struct HypervisorNodeSpec {}
+
+/// What the node's agent reports.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HypervisorNodeStatus {
+    /// The host's name as libvirt reports it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// The hypervisor driver (`QEMU`, `Test`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hypervisor_type: Option<String>,
+    /// The hypervisor's version (`7.2.0`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hypervisor_version: Option<String>,
+    /// The libvirt daemon's version (`9.0.0`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub libvirt_version: Option<String>,
+    /// Host CPUs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<NodeCpu>,
+    /// Host memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<NodeMemory>,
+    /// NUMA cells with their memory, keyed by `id`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["id"]))]
+    pub numa_cells: Vec<NumaCell>,
+    /// The most vCPUs one guest can have here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_vcpus: Option<u32>,
+    /// How many domains libvirt holds here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domains: Option<DomainCounts>,
+    /// Where other nodes send live migrations (`tcp://10.0.0.5:49152`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration_uri: Option<String>,
+    /// The last time the agent refreshed this status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat_time: Option<Time>,
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`: the agent runs and reaches libvirt.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+}
+
+/// Host CPU model and topology.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeCpu {
+    /// The CPU model (`x86_64`, `Skylake-Client-IBRS`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Logical CPUs online.
+    pub count: u32,
+    /// Sockets.
+    pub sockets: u32,
+    /// Cores per socket.
+    pub cores: u32,
+    /// Threads per core.
+    pub threads: u32,
+    /// Clock in MHz.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mhz: Option<u32>,
+}
+
+/// Host memory.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeMemory {
+    /// Total memory.
+    pub total: ByteQuantity,
+    /// Free memory now.
+    pub free: ByteQuantity,
+}
+
+/// One NUMA cell.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NumaCell {
+    /// The cell id.
+    pub id: u32,
+    /// Host CPUs in the cell, as a cpuset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<String>,
+    /// Memory in the cell.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<ByteQuantity>,
+    /// Free memory in the cell now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub free_memory: Option<ByteQuantity>,
+}
+
+/// Domain counts on a node.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DomainCounts {
+    /// All domains libvirt holds, virtkube's or not.
+    pub total: u32,
+    /// Running or paused.
+    pub active: u32,
+    /// Owned by virtkube.
+    pub managed: u32,
+}

@@ -1,0 +1,96 @@
+//! Name patterns and the mapping from Kubernetes names to libvirt names.
+//!
+//! libvirt names are host-global. A namespaced object maps to `<namespace>.<name>`: a
+//! namespace is a DNS label and holds no dot, so the first dot splits the two unambiguously.
+//! Cluster-scoped objects keep their name.
+
+/// A DNS-1123 label: lower-case alphanumerics and `-`, at most 63 characters. Used for list
+/// entry names (disks, interfaces) and namespaces.
+pub const DNS_LABEL_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
+
+/// A DNS-1123 subdomain, the shape of a Kubernetes object name. Used for references to other
+/// objects (a disk's volume, an interface's network, a volume's pool).
+pub const OBJECT_NAME_PATTERN: &str =
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+
+/// A unicast Ethernet address written with colons (`52:54:00:12:34:56`).
+pub const MAC_PATTERN: &str = r"^[0-9a-fA-F][02468aceACE](:[0-9a-fA-F]{2}){5}$";
+
+/// A guest device name libvirt accepts as a disk target (`vda`, `sdb`, `hdc`).
+pub const DISK_TARGET_PATTERN: &str = r"^(vd|sd|hd|xvd)[a-z]{1,2}$";
+
+/// An absolute path. `..` components are refused by [`is_clean_absolute_path`], not by the
+/// pattern, to keep the pattern readable.
+pub const ABSOLUTE_PATH_PATTERN: &str = r"^/[^\x00]*$";
+
+/// Whether `path` is absolute and has no `.` or `..` component (so it cannot climb out of the
+/// directory it names).
+pub fn is_clean_absolute_path(path: &str) -> bool {
+    path.starts_with('/') && !path.contains('\0') && path.split('/').all(|c| c != ".." && c != ".")
+}
+
+/// The libvirt name of a namespaced object: `<namespace>.<name>`.
+pub fn host_name(namespace: Option<&str>, name: &str) -> String {
+    match namespace {
+        Some(ns) => format!("{ns}.{name}"),
+        None => name.to_string(),
+    }
+}
+
+/// Splits a libvirt name made by [`host_name`] for a namespaced kind back into
+/// `(namespace, name)`; `None` when it holds no dot.
+pub fn split_host_name(host_name: &str) -> Option<(&str, &str)> {
+    host_name.split_once('.')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn namespaced_names_round_trip_even_with_dots_in_the_name() {
+        let host = host_name(Some("team-a"), "web.01");
+        assert_eq!(host, "team-a.web.01");
+        assert_eq!(split_host_name(&host), Some(("team-a", "web.01")));
+        assert_eq!(host_name(None, "default"), "default");
+    }
+
+    #[test]
+    fn patterns_accept_and_refuse_what_they_should() {
+        let re = |p: &str| regex::Regex::new(p).unwrap();
+        let label = re(DNS_LABEL_PATTERN);
+        assert!(
+            label.is_match("root-disk")
+                && label.is_match("a")
+                && !label.is_match("Root")
+                && !label.is_match("-a")
+                && !label.is_match("a.b")
+        );
+        let object = re(OBJECT_NAME_PATTERN);
+        assert!(
+            object.is_match("web.01") && !object.is_match("web..01") && !object.is_match("Web")
+        );
+        let mac = re(MAC_PATTERN);
+        assert!(mac.is_match("52:54:00:ab:CD:ef"));
+        assert!(!mac.is_match("01:00:5e:00:00:01"), "multicast is refused");
+        assert!(!mac.is_match("52-54-00-ab-cd-ef"));
+        let target = re(DISK_TARGET_PATTERN);
+        assert!(
+            target.is_match("vda")
+                && target.is_match("sdab")
+                && !target.is_match("vd")
+                && !target.is_match("nvme0")
+        );
+        let path = re(ABSOLUTE_PATH_PATTERN);
+        assert!(
+            path.is_match("/var/lib/virtkube/pools/default")
+                && path.is_match("/")
+                && !path.is_match("relative/path")
+        );
+        assert!(
+            is_clean_absolute_path("/var/lib/x")
+                && !is_clean_absolute_path("/var/../etc")
+                && !is_clean_absolute_path("x/y")
+        );
+    }
+}

@@ -1,0 +1,263 @@
+//! `Network`: a virtual network (libvirt's `virNetwork`), cluster-scoped, owned by admins.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::validation::{FieldErrors, Validate};
+
+/// The shape of an IPv4 address in dotted-quad form.
+pub const IPV4_PATTERN: &str = r"^((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])$";
+
+/// A Linux interface name: at most 15 characters, no `/`, whitespace or `:`.
+pub const IFNAME_PATTERN: &str = r"^[A-Za-z0-9_.-]{1,15}$";
+
+/// The desired state of a virtual network on every node it selects.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "virtkube.io",
+    version = "v1alpha1",
+    kind = "Network",
+    status = "NetworkStatus",
+    shortname = "vnet",
+    category = "virtkube",
+    derive = "PartialEq",
+    doc = "A virtual network, realized as a libvirt network on every node it selects.",
+    printcolumn(name = "Mode", type_ = "string", json_path = ".spec.mode"),
+    printcolumn(name = "Bridge", type_ = "string", json_path = ".spec.bridge"),
+    printcolumn(name = "Address", type_ = "string", json_path = ".spec.ip.address"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "self.mode != 'bridge' || has(self.bridge)", "message": "mode bridge attaches to an existing host bridge: set bridge"},
+    {"rule": "self.mode != 'bridge' || !has(self.ip)", "message": "mode bridge has no libvirt-managed addresses: remove ip"},
+    {"rule": "self.mode == 'bridge' || self.mode == 'isolated' || has(self.ip)", "message": "modes nat, route and open need ip (the host's address on the network)"}
+]))]
+pub struct NetworkSpec {
+    /// How the network reaches the outside (libvirt `<forward mode=…>`): `nat` (default),
+    /// `route`, `open`, `bridge` (attach guests to an existing host bridge) or `isolated`
+    /// (guests and host only). Immutable.
+    #[serde(default)]
+    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self == oldSelf", "message": "mode is immutable: create a new Network"}]))]
+    pub mode: NetworkMode,
+    /// The host bridge: for `bridge` mode, an existing bridge to attach to; for other modes,
+    /// the name libvirt gives the bridge it creates (chosen by libvirt when unset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(IFNAME_PATTERN))]
+    pub bridge: Option<String>,
+    /// The host's IPv4 address on the network, with optional DHCP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<NetworkIp>,
+    /// The MTU of the network's bridge; libvirt's default (1500) when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 68, max = 65535))]
+    pub mtu: Option<u32>,
+    /// Start the network when the node's libvirt daemon starts (default true).
+    #[serde(default = "yes")]
+    pub autostart: bool,
+    /// Labels of the nodes (their `HypervisorNode`s) that get this network; empty means every
+    /// node.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A network's forwarding mode.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMode {
+    /// NAT to the host's uplinks.
+    #[default]
+    Nat,
+    /// Routed, no NAT.
+    Route,
+    /// Routed with no firewall rules added by libvirt.
+    Open,
+    /// Guests attach to an existing host bridge.
+    Bridge,
+    /// No forwarding: guests and the host only.
+    Isolated,
+}
+
+/// The host's IPv4 address on a network (libvirt `<ip>`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkIp {
+    /// The host's address (`192.168.122.1`).
+    #[schemars(pattern(IPV4_PATTERN))]
+    pub address: String,
+    /// The prefix length (`24`).
+    #[schemars(range(min = 1, max = 30))]
+    pub prefix: u8,
+    /// Addresses handed out by libvirt's dnsmasq; unset means no DHCP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dhcp: Option<Dhcp>,
+}
+
+/// DHCP on a network.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Dhcp {
+    /// Address ranges to lease from, keyed by `start`.
+    #[schemars(length(min = 1, max = 16), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["start"]))]
+    pub ranges: Vec<DhcpRange>,
+}
+
+/// An inclusive DHCP address range.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DhcpRange {
+    /// The first address leased.
+    #[schemars(pattern(IPV4_PATTERN))]
+    pub start: String,
+    /// The last address leased.
+    #[schemars(pattern(IPV4_PATTERN))]
+    pub end: String,
+}
+
+/// What virtkube observed of a network, per node.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkStatus {
+    /// One entry per selected node, keyed by `nodeName`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["nodeName"]))]
+    pub nodes: Vec<NetworkNodeStatus>,
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready` (every selected node has the network active).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+}
+
+/// A network on one node.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkNodeStatus {
+    /// The node.
+    pub node_name: String,
+    /// Whether the network is active there.
+    pub active: bool,
+    /// The bridge it uses there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<String>,
+    /// libvirt's autostart flag there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autostart: Option<bool>,
+    /// Why it is not active, in libvirt's words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+impl Validate for NetworkSpec {
+    fn validate(&self) -> FieldErrors {
+        let mut errors = FieldErrors::default();
+        match self.mode {
+            NetworkMode::Bridge => {
+                if self.bridge.is_none() {
+                    errors.push(
+                        "spec.bridge",
+                        "mode bridge attaches to an existing host bridge: set bridge",
+                    );
+                }
+                if self.ip.is_some() {
+                    errors.push(
+                        "spec.ip",
+                        "mode bridge has no libvirt-managed addresses: remove ip",
+                    );
+                }
+            }
+            NetworkMode::Nat | NetworkMode::Route | NetworkMode::Open if self.ip.is_none() => {
+                errors.push(
+                    "spec.ip",
+                    "modes nat, route and open need ip (the host's address on the network)",
+                )
+            }
+            _ => {}
+        }
+        if let Some(ip) = &self.ip {
+            validate_ip(ip, &mut errors);
+        }
+        errors
+    }
+}
+
+fn validate_ip(ip: &NetworkIp, errors: &mut FieldErrors) {
+    let Ok(address) = ip.address.parse::<Ipv4Addr>() else {
+        errors.push(
+            "spec.ip.address",
+            format!("`{}` is not an IPv4 address", ip.address),
+        );
+        return;
+    };
+    if !(1..=30).contains(&ip.prefix) {
+        errors.push("spec.ip.prefix", "must be between 1 and 30");
+        return;
+    }
+    let mask = u32::MAX << (32 - u32::from(ip.prefix));
+    let network = u32::from(address) & mask;
+    let broadcast = network | !mask;
+    if u32::from(address) == network || u32::from(address) == broadcast {
+        errors.push(
+            "spec.ip.address",
+            format!(
+                "{address} is the network or broadcast address of /{}",
+                ip.prefix
+            ),
+        );
+    }
+    let Some(dhcp) = &ip.dhcp else { return };
+    for range in &dhcp.ranges {
+        let path = format!("spec.ip.dhcp.ranges[start={}]", range.start);
+        let (Ok(start), Ok(end)) = (
+            range.start.parse::<Ipv4Addr>(),
+            range.end.parse::<Ipv4Addr>(),
+        ) else {
+            errors.push(&path, "start and end must be IPv4 addresses");
+            continue;
+        };
+        if u32::from(start) > u32::from(end) {
+            errors.push(&path, format!("start {start} is after end {end}"));
+        }
+        for (field, a) in [("start", start), ("end", end)] {
+            if u32::from(a) & mask != network
+                || u32::from(a) == network
+                || u32::from(a) == broadcast
+            {
+                errors.push(
+                    format!("{path}.{field}"),
+                    format!(
+                        "{a} is outside {network_addr}/{prefix}'s host addresses",
+                        network_addr = Ipv4Addr::from(network),
+                        prefix = ip.prefix
+                    ),
+                );
+            }
+        }
+        if (u32::from(start)..=u32::from(end)).contains(&u32::from(address)) {
+            errors.push(
+                &path,
+                format!("the range includes the host's own address {address}"),
+            );
+        }
+    }
+}

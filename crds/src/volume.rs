@@ -1,0 +1,208 @@
+//! `Volume`: a disk image in a storage pool (libvirt's `virStorageVol`), namespaced.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::quantity::ByteQuantity;
+use crate::validation::{FieldErrors, Validate};
+
+/// The desired state of a disk image: its pool, size and format, and where its data comes from.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "virtkube.io",
+    version = "v1alpha1",
+    kind = "Volume",
+    namespaced,
+    status = "VolumeStatus",
+    shortname = "vol",
+    category = "virtkube",
+    derive = "PartialEq",
+    doc = "A disk image in a StoragePool, realized as a libvirt storage volume.",
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Pool", type_ = "string", json_path = ".spec.pool"),
+    printcolumn(name = "Capacity", type_ = "string", json_path = ".status.capacity"),
+    printcolumn(name = "Format", type_ = "string", json_path = ".spec.format"),
+    printcolumn(name = "Node", type_ = "string", json_path = ".status.nodeName"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "has(self.capacity) || (has(self.source) && has(self.source.volume))", "message": "capacity is required unless the volume is a clone (source.volume), which defaults to the source's size"},
+    {"rule": "!has(self.source) || !has(self.source.backingVolume) || self.format == 'qcow2'", "message": "a backing volume (copy-on-write) needs format qcow2"}
+]))]
+pub struct VolumeSpec {
+    /// The StoragePool that holds this volume. Immutable.
+    #[schemars(length(min = 1, max = 253), pattern(crate::names::OBJECT_NAME_PATTERN), extend("x-kubernetes-validations" = [{"rule": "self == oldSelf", "message": "pool is immutable"}]))]
+    pub pool: String,
+    /// Size (`10Gi`). May grow (resized online by libvirt) but never shrink: a shrink is
+    /// refused with a `SpecValid=False` condition, because it would cut the guest's data.
+    /// Defaults to the source's size for a clone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<ByteQuantity>,
+    /// On-disk format: `qcow2` (default; thin, supports copy-on-write) or `raw`. Immutable.
+    #[serde(default)]
+    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self == oldSelf", "message": "format is immutable"}]))]
+    pub format: VolumeFormat,
+    /// Where the initial data comes from; unset means an empty volume. Immutable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self == oldSelf", "message": "source is immutable"}]))]
+    pub source: Option<VolumeSource>,
+    /// What happens to the data when this Volume is deleted: `Retain` (default: the image
+    /// stays on disk, and a new Volume with the same namespace and name adopts it again) or
+    /// `Delete`. A volume a Domain still uses is never deleted.
+    #[serde(default)]
+    pub reclaim_policy: ReclaimPolicy,
+    /// For pools that are not `shared`: the node whose pool holds this volume. Immutable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), pattern(crate::names::OBJECT_NAME_PATTERN), extend("x-kubernetes-validations" = [{"rule": "self == oldSelf", "message": "nodeName is immutable"}]))]
+    pub node_name: Option<String>,
+}
+
+/// An on-disk image format.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum VolumeFormat {
+    /// QEMU copy-on-write: thin, snapshots, backing files.
+    #[default]
+    Qcow2,
+    /// A plain image: fastest, fully allocated on write.
+    Raw,
+}
+
+impl VolumeFormat {
+    /// libvirt's name of the format.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VolumeFormat::Qcow2 => "qcow2",
+            VolumeFormat::Raw => "raw",
+        }
+    }
+}
+
+/// Where a volume's initial data comes from. Set at most one field.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "has(self.volume) != has(self.backingVolume)", "message": "set exactly one of volume (a full clone) and backingVolume (copy-on-write)"}
+]))]
+pub struct VolumeSource {
+    /// A full copy of another Volume in this namespace (`virsh vol-clone`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), pattern(crate::names::OBJECT_NAME_PATTERN))]
+    pub volume: Option<String>,
+    /// A thin qcow2 overlay on another Volume in this namespace, which becomes read-only
+    /// shared data (`<backingStore>`). The backing volume must stay as long as this one does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), pattern(crate::names::OBJECT_NAME_PATTERN))]
+    pub backing_volume: Option<String>,
+}
+
+impl VolumeSource {
+    /// The Volume this one depends on, whichever way.
+    pub fn referenced_volume(&self) -> Option<&str> {
+        self.volume.as_deref().or(self.backing_volume.as_deref())
+    }
+}
+
+/// What happens to a volume's data when its Volume is deleted.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum ReclaimPolicy {
+    /// Keep the image on disk.
+    #[default]
+    Retain,
+    /// Delete the image.
+    Delete,
+}
+
+/// What virtkube observed of a volume.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeStatus {
+    /// `Pending`, `Available`, `Failed` or `Released`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<VolumePhase>,
+    /// The node whose pool holds the volume (any node, for a shared pool).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
+    /// The libvirt volume name (`<namespace>.<name>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_name: Option<String>,
+    /// The image's path on the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// libvirt's unique key of the volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// Logical size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<ByteQuantity>,
+    /// Space used on the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocation: Option<ByteQuantity>,
+    /// Domains that use this volume, as `<namespace>/<name>`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub used_by: Vec<String>,
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `SpecValid`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+}
+
+/// Where a volume is in its life.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum VolumePhase {
+    /// Not created yet (waiting for its pool or source).
+    Pending,
+    /// Created and usable.
+    Available,
+    /// virtkube cannot realize the spec; the `Ready` condition says why.
+    Failed,
+    /// Being deleted; retained or waiting for domains to let go.
+    Released,
+}
+
+impl Validate for VolumeSpec {
+    fn validate(&self) -> FieldErrors {
+        let mut errors = FieldErrors::default();
+        match &self.capacity {
+            Some(capacity) => match capacity.bytes() {
+                Ok(0) => errors.push("spec.capacity", "must be more than 0"),
+                Ok(_) => {}
+                Err(e) => errors.push("spec.capacity", e.to_string()),
+            },
+            None if self.source.as_ref().is_some_and(|s| s.volume.is_some()) => {}
+            None => errors.push(
+                "spec.capacity",
+                "is required unless the volume is a clone (source.volume)",
+            ),
+        }
+        if let Some(source) = &self.source {
+            match (&source.volume, &source.backing_volume) {
+                (Some(_), Some(_)) | (None, None) => errors.push(
+                    "spec.source",
+                    "set exactly one of volume (a full clone) and backingVolume (copy-on-write)",
+                ),
+                (None, Some(_)) if self.format != VolumeFormat::Qcow2 => errors.push(
+                    "spec.format",
+                    "a backing volume (copy-on-write) needs format qcow2",
+                ),
+                _ => {}
+            }
+        }
+        errors
+    }
+}
