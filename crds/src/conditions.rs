@@ -84,10 +84,8 @@ pub fn is_true(conditions: &[Condition], type_: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use chrono::{TimeZone, Utc};
-
-    fn at(second: u32) -> Time {
-        Time(Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, second).unwrap())
+    fn at(second: i64) -> Time {
+        Time(k8s_openapi::jiff::Timestamp::from_second(1_767_225_600 + second).unwrap())
     }
 
     #[test]

@@ -15,6 +15,10 @@
 //! [`validation::Validate`], because CEL is optional on Kubernetes 1.24 and absent without a
 //! cluster.
 
+// kube's `printcolumn(type_ = "string", …)` repeats the same key in sibling columns, which
+// clippy mistakes for a duplicated attribute.
+#![allow(clippy::duplicated_attributes)]
+
 pub mod conditions;
 pub mod cpuset;
 pub mod crd;
