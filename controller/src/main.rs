@@ -1,1 +1,39 @@
-fn main() {}
+//! `virtkube`: declarative libvirt. One binary, one subcommand per role.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod cli;
+
+/// Declarative libvirt: Kubernetes custom resources (or plain manifests) for domains,
+/// networks, storage pools and volumes, reconciled against libvirt.
+#[derive(Parser, Debug)]
+#[command(name = "virtkube", version, about, long_about = None)]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print virtkube's CustomResourceDefinitions as YAML.
+    #[command(
+        after_help = "Examples:\n  virtkube crd | kubectl apply --server-side -f -\n  virtkube crd --output-dir charts/virtkube/crds"
+    )]
+    Crd(cli::crd::CrdArgs),
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let result = match args.command {
+        Command::Crd(crd) => cli::crd::run(&crd),
+    };
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::from(1)
+        }
+    }
+}

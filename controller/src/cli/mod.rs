@@ -1,0 +1,3 @@
+//! The command-line front ends, one module per subcommand.
+
+pub mod crd;
