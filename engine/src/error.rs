@@ -1,0 +1,310 @@
+//! One error type for everything the engine does, keeping libvirt's own code, domain and
+//! message, and saying whether a retry can help.
+
+use std::os::raw::c_void;
+use std::time::Duration;
+
+use virt::sys;
+
+use crate::model::{Owner, XmlError};
+
+/// The kinds of libvirt object the engine manages (used in errors and ownership checks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ObjectKind {
+    /// A `virDomain`.
+    Domain,
+    /// A `virNetwork`.
+    Network,
+    /// A `virStoragePool`.
+    Pool,
+    /// A `virStorageVol`.
+    Volume,
+}
+
+impl std::fmt::Display for ObjectKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ObjectKind::Domain => "domain",
+            ObjectKind::Network => "network",
+            ObjectKind::Pool => "storage pool",
+            ObjectKind::Volume => "storage volume",
+        })
+    }
+}
+
+/// An error from libvirt, as libvirt reported it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LibvirtError {
+    /// `virErrorNumber` (e.g. 42 = `VIR_ERR_NO_DOMAIN`).
+    pub code: i32,
+    /// `virErrorDomain`: the libvirt subsystem that raised it.
+    pub domain: i32,
+    /// libvirt's message.
+    pub message: String,
+    /// Human-readable names of code and domain, as the `virt` crate prints them.
+    pub code_name: String,
+    /// Name of the error domain.
+    pub domain_name: String,
+}
+
+impl From<virt::error::Error> for LibvirtError {
+    fn from(e: virt::error::Error) -> Self {
+        Self {
+            code: e.code().to_raw() as i32,
+            domain: e.domain().to_raw() as i32,
+            message: e.message().to_string(),
+            code_name: e.code().to_string(),
+            domain_name: e.domain().to_string(),
+        }
+    }
+}
+
+/// Everything that can go wrong in the engine.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum EngineError {
+    /// libvirt refused or failed a call.
+    #[error("{call}: libvirt error {}: {} (code {}, from {})", .error.code_name, .error.message, .error.code, .error.domain_name)]
+    Libvirt {
+        /// The engine call that failed.
+        call: &'static str,
+        /// What libvirt said.
+        error: LibvirtError,
+    },
+    /// The object does not exist.
+    #[error("{call}: {kind} `{name}` not found")]
+    NotFound {
+        /// The engine call that failed.
+        call: &'static str,
+        /// Kind of object.
+        kind: ObjectKind,
+        /// The name (or key, UUID, path) looked up.
+        name: String,
+    },
+    /// The object exists but does not carry virtkube's mark for the expected owner: the
+    /// engine never changes or deletes it.
+    #[error("{kind} `{name}` is not owned by {expected}: {}", match .found { Some(o) => format!("it is marked as owned by {o}"), None => "it carries no virtkube ownership mark".to_string() })]
+    NotOwned {
+        /// Kind of object.
+        kind: ObjectKind,
+        /// libvirt name.
+        name: String,
+        /// The owner the caller expected.
+        expected: Box<Owner>,
+        /// The owner found on the object, if any mark was found.
+        found: Option<Box<Owner>>,
+    },
+    /// A volume's key differs from the key the caller recorded when it created the volume
+    /// (volumes carry no mark in libvirt: the recorded key is their ownership proof).
+    #[error(
+        "storage volume `{pool}/{name}` is not the one virtkube created: key is `{found}`, recorded `{recorded}`"
+    )]
+    VolumeKeyMismatch {
+        /// Pool name.
+        pool: String,
+        /// Volume name.
+        name: String,
+        /// The key the caller recorded.
+        recorded: String,
+        /// The key found.
+        found: String,
+    },
+    /// A call did not finish within its class's timeout. The libvirt call itself may still be
+    /// running on its blocking thread (libvirt calls cannot be interrupted); its pool slot is
+    /// only released when it returns.
+    #[error("{call}: no answer from libvirt within {after:?}")]
+    Timeout {
+        /// The engine call.
+        call: &'static str,
+        /// The timeout that expired.
+        after: Duration,
+    },
+    /// The connection to libvirt is gone and could not be re-established (yet).
+    #[error("connection to {uri} lost: {message}")]
+    ConnectionLost {
+        /// The connection URI.
+        uri: String,
+        /// Why.
+        message: String,
+    },
+    /// [`crate::Engine::close`] was called.
+    #[error("engine for {uri} is closed")]
+    Closed {
+        /// The connection URI.
+        uri: String,
+    },
+    /// The request itself is invalid (e.g. shrinking a volume, pinning to no CPU).
+    #[error("invalid request: {0}")]
+    InvalidSpec(String),
+    /// libvirt returned XML the engine could not read.
+    #[error("{0}")]
+    Xml(#[from] XmlError),
+    /// A bug or an impossible state inside the engine (a panicked blocking task…).
+    #[error("internal engine error: {0}")]
+    Internal(String),
+}
+
+/// The engine's result type.
+pub type Result<T, E = EngineError> = std::result::Result<T, E>;
+
+fn code_in(code: i32, set: &[u32]) -> bool {
+    set.iter().any(|&c| c as i32 == code)
+}
+
+impl EngineError {
+    /// Wraps a libvirt error raised by `call`, mapping "no such object" codes to
+    /// [`EngineError::NotFound`] when the looked-up `name` is known.
+    pub fn libvirt(call: &'static str, e: virt::error::Error) -> Self {
+        EngineError::Libvirt {
+            call,
+            error: e.into(),
+        }
+    }
+
+    /// Like [`EngineError::libvirt`], but turns libvirt's "no such …" codes into
+    /// [`EngineError::NotFound`] for `kind`/`name`.
+    pub fn lookup(call: &'static str, kind: ObjectKind, name: &str, e: virt::error::Error) -> Self {
+        let err = Self::libvirt(call, e);
+        if err.is_not_found() {
+            EngineError::NotFound {
+                call,
+                kind,
+                name: name.to_string(),
+            }
+        } else {
+            err
+        }
+    }
+
+    /// libvirt's error code, when this error came from libvirt.
+    pub fn libvirt_code(&self) -> Option<i32> {
+        match self {
+            EngineError::Libvirt { error, .. } => Some(error.code),
+            _ => None,
+        }
+    }
+
+    /// The object does not exist (typed, or any of libvirt's "no such …" codes).
+    pub fn is_not_found(&self) -> bool {
+        match self {
+            EngineError::NotFound { .. } => true,
+            EngineError::Libvirt { error, .. } => code_in(
+                error.code,
+                &[
+                    sys::VIR_ERR_NO_DOMAIN,
+                    sys::VIR_ERR_NO_NETWORK,
+                    sys::VIR_ERR_NO_STORAGE_POOL,
+                    sys::VIR_ERR_NO_STORAGE_VOL,
+                ],
+            ),
+            _ => false,
+        }
+    }
+
+    /// The object is not virtkube's (for the expected owner or recorded key).
+    pub fn is_not_owned(&self) -> bool {
+        matches!(
+            self,
+            EngineError::NotOwned { .. } | EngineError::VolumeKeyMismatch { .. }
+        )
+    }
+
+    /// The object already exists (define/create of a name that is taken).
+    pub fn is_already_exists(&self) -> bool {
+        matches!(self, EngineError::Libvirt { error, .. } if code_in(error.code, &[
+            sys::VIR_ERR_DOM_EXIST,
+            sys::VIR_ERR_NETWORK_EXIST,
+            sys::VIR_ERR_STORAGE_VOL_EXIST,
+        ]))
+    }
+
+    /// The connection itself failed (as opposed to the call): reconnecting may help.
+    pub fn is_connection_error(&self) -> bool {
+        match self {
+            EngineError::ConnectionLost { .. } => true,
+            EngineError::Libvirt { error, .. } => {
+                code_in(
+                    error.code,
+                    &[
+                        sys::VIR_ERR_NO_CONNECT,
+                        sys::VIR_ERR_INVALID_CONN,
+                        sys::VIR_ERR_RPC,
+                    ],
+                ) || (error.code == sys::VIR_ERR_SYSTEM_ERROR as i32
+                    && error.domain == sys::VIR_FROM_RPC as i32)
+                    || (error.code == sys::VIR_ERR_INTERNAL_ERROR as i32
+                        && error.message.contains("client socket is closed"))
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether trying the same call again later can succeed without anyone changing the
+    /// request: timeouts, lost connections, busy resources, libvirt's state-change lock.
+    /// Permanent: not found, not owned, invalid arguments or XML, "operation invalid" (e.g.
+    /// starting a running domain), unsupported operations.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            EngineError::Timeout { .. } | EngineError::ConnectionLost { .. } => true,
+            EngineError::Libvirt { error, .. } => {
+                self.is_connection_error()
+                    || code_in(
+                        error.code,
+                        &[
+                            sys::VIR_ERR_OPERATION_TIMEOUT,
+                            sys::VIR_ERR_RESOURCE_BUSY,
+                            sys::VIR_ERR_AGENT_UNRESPONSIVE,
+                            sys::VIR_ERR_OPERATION_ABORTED,
+                            sys::VIR_ERR_OPERATION_FAILED,
+                            sys::VIR_ERR_INTERNAL_ERROR,
+                        ],
+                    )
+            }
+            _ => false,
+        }
+    }
+
+    /// A stable, low-cardinality label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            EngineError::Libvirt { .. } if self.is_connection_error() => "connection",
+            EngineError::Libvirt { .. } if self.is_not_found() => "not_found",
+            EngineError::Libvirt { .. } => "libvirt",
+            EngineError::NotFound { .. } => "not_found",
+            EngineError::NotOwned { .. } | EngineError::VolumeKeyMismatch { .. } => "not_owned",
+            EngineError::Timeout { .. } => "timeout",
+            EngineError::ConnectionLost { .. } => "connection",
+            EngineError::Closed { .. } => "closed",
+            EngineError::InvalidSpec(_) => "invalid_spec",
+            EngineError::Xml(_) => "xml",
+            EngineError::Internal(_) => "internal",
+        }
+    }
+}
+
+unsafe extern "C" fn log_libvirt_error(_data: *mut c_void, err: sys::virErrorPtr) {
+    if err.is_null() {
+        return;
+    }
+    // SAFETY: libvirt hands us a valid virError for the duration of the callback.
+    let (code, domain, message) = unsafe {
+        let e = &*err;
+        let msg = if e.message.is_null() {
+            String::new()
+        } else {
+            std::ffi::CStr::from_ptr(e.message)
+                .to_string_lossy()
+                .into_owned()
+        };
+        (e.code, e.domain, msg)
+    };
+    // The error is also returned to the caller, which decides how loud it is.
+    tracing::debug!(target: "virtkube_engine::libvirt", code, domain, %message, "libvirt reported an error");
+}
+
+/// Replaces libvirt's default error handler (which prints every error to stderr) with one
+/// that logs through `tracing` at debug level. Called by [`crate::Engine::connect`]; safe to
+/// call more than once.
+pub fn route_libvirt_errors_to_tracing() {
+    // SAFETY: sets a process-global function pointer; the handler is a plain function.
+    unsafe { sys::virSetErrorFunc(std::ptr::null_mut(), Some(log_libvirt_error)) };
+}

@@ -1,0 +1,251 @@
+//! Live migration (peer-to-peer), its progress, and cancelling it.
+
+use std::time::{Duration, Instant};
+
+use virt::connect::Connect;
+use virt::domain::MigrateParameters;
+use virt::sys;
+
+use crate::domain::{lookup, lookup_owned};
+use crate::engine::{CallClass, Engine};
+use crate::error::{EngineError, Result};
+use crate::model::Owner;
+
+fn lv(call: &'static str) -> impl Fn(virt::error::Error) -> EngineError {
+    move |e| EngineError::libvirt(call, e)
+}
+
+/// How to migrate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrateOptions {
+    /// The destination libvirtd as the *source libvirtd* reaches it (peer-to-peer), e.g.
+    /// `qemu+tcp://node-b/system` or `qemu+unix:///system?socket=/path/B/libvirt-sock`.
+    pub dest_uri: String,
+    /// Explicit migration data URI (`tcp://10.99.0.2:49152`); libvirt derives one from the
+    /// destination's `migration_host` when `None`.
+    pub migrate_uri: Option<String>,
+    /// Keep the guest running during the copy.
+    pub live: bool,
+    /// Define the domain persistently on the destination.
+    pub persistent: bool,
+    /// Undefine it on the source afterwards.
+    pub undefine_source: bool,
+    /// Throttle vCPUs if memory is dirtied faster than it is copied.
+    pub auto_converge: bool,
+    /// Copy non-shared disks too (storage not shared between the hosts).
+    pub copy_storage: bool,
+    /// Max downtime in ms at switch-over.
+    pub max_downtime_ms: Option<u64>,
+    /// Bandwidth cap in MiB/s.
+    pub bandwidth_mib_s: Option<u64>,
+    /// Restore the source's autostart flag on the destination (libvirt drops it). Needs
+    /// `dest_client_uri` or a `dest_uri` this process can open itself.
+    pub restore_autostart: bool,
+    /// The URI *this process* uses to reach the destination (to restore autostart and read
+    /// the completed job's statistics); `dest_uri` when `None`.
+    pub dest_client_uri: Option<String>,
+}
+
+impl MigrateOptions {
+    /// Live, persistent on the destination, undefined on the source, autostart restored.
+    pub fn live_to(dest_uri: impl Into<String>) -> Self {
+        Self {
+            dest_uri: dest_uri.into(),
+            migrate_uri: None,
+            live: true,
+            persistent: true,
+            undefine_source: true,
+            auto_converge: false,
+            copy_storage: false,
+            max_downtime_ms: None,
+            bandwidth_mib_s: None,
+            restore_autostart: true,
+            dest_client_uri: None,
+        }
+    }
+
+    /// libvirt migrate flags (always peer-to-peer).
+    pub fn flags(&self) -> u32 {
+        let mut f = sys::VIR_MIGRATE_PEER2PEER;
+        if self.live {
+            f |= sys::VIR_MIGRATE_LIVE;
+        }
+        if self.persistent {
+            f |= sys::VIR_MIGRATE_PERSIST_DEST;
+        }
+        if self.undefine_source {
+            f |= sys::VIR_MIGRATE_UNDEFINE_SOURCE;
+        }
+        if self.auto_converge {
+            f |= sys::VIR_MIGRATE_AUTO_CONVERGE;
+        }
+        if self.copy_storage {
+            f |= sys::VIR_MIGRATE_NON_SHARED_DISK;
+        }
+        f
+    }
+}
+
+/// What a finished migration reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationOutcome {
+    /// Wall time of the migration call.
+    pub elapsed: Duration,
+    /// Downtime at switch-over, ms (from the destination's completed job stats).
+    pub downtime_ms: Option<u64>,
+    /// Bytes transferred.
+    pub data_total: Option<u64>,
+    /// The source's autostart flag before migrating.
+    pub autostart: bool,
+    /// Whether the engine set autostart on the destination.
+    pub autostart_restored: bool,
+}
+
+/// A running (or just completed) job's progress.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobProgress {
+    /// `virDomainJobType` (1 bounded, 2 unbounded, 3 completed, 4 failed, 5 cancelled).
+    pub job_type: i32,
+    /// `virDomainJobOperation` (migration out = 3…).
+    pub operation: Option<i32>,
+    /// Elapsed, ms.
+    pub elapsed_ms: Option<u64>,
+    /// Total bytes to move.
+    pub data_total: Option<u64>,
+    /// Bytes moved.
+    pub data_processed: Option<u64>,
+    /// Bytes left.
+    pub data_remaining: Option<u64>,
+    /// Memory transfer rate, bytes/s.
+    pub mem_bps: Option<u64>,
+    /// Downtime (completed job), ms.
+    pub downtime_ms: Option<u64>,
+}
+
+fn progress(s: virt::domain::JobStats) -> Option<JobProgress> {
+    (s.r#type != 0).then_some(JobProgress {
+        job_type: s.r#type,
+        operation: s.operation,
+        elapsed_ms: s.time_elapsed,
+        data_total: s.data_total,
+        data_processed: s.data_processed,
+        data_remaining: s.data_remaining,
+        mem_bps: s.mem_bps,
+        downtime_ms: s.downtime,
+    })
+}
+
+/// Closes a short-lived connection without `Connect`'s panicking `Drop`.
+fn close_quietly(conn: Connect) {
+    let conn = std::mem::ManuallyDrop::new(conn);
+    // SAFETY: we own this reference and never use `conn` again.
+    if unsafe { sys::virConnectClose(conn.as_ptr()) } < 0 {
+        tracing::warn!("closing the destination connection failed");
+    }
+}
+
+impl Engine {
+    /// Live-migrates a domain peer-to-peer to `opts.dest_uri`, then (optionally) restores its
+    /// autostart flag on the destination. Pinning travels with the domain XML.
+    pub async fn domain_migrate(
+        &self,
+        name: &str,
+        owner: &Owner,
+        opts: &MigrateOptions,
+    ) -> Result<MigrationOutcome> {
+        let (name, owner, opts) = (name.to_string(), owner.clone(), opts.clone());
+        self.call(CallClass::Migrate, "domain_migrate", move |c| {
+            const CALL: &str = "domain_migrate";
+            let dom = lookup_owned(c, CALL, &name, &owner)?;
+            let autostart = dom.is_persistent().unwrap_or(false) && dom.autostart().unwrap_or(false);
+            if let Some(ms) = opts.max_downtime_ms {
+                dom.migrate_set_max_downtime(ms, 0).map_err(lv(CALL))?;
+            }
+            let params = MigrateParameters {
+                uri: opts.migrate_uri.clone(),
+                bandwidth: opts.bandwidth_mib_s,
+                ..Default::default()
+            };
+            let t0 = Instant::now();
+            dom.migrate_to_uri3(Some(&opts.dest_uri), params, opts.flags())
+                .map_err(lv(CALL))?;
+            let elapsed = t0.elapsed();
+            let mut outcome = MigrationOutcome {
+                elapsed,
+                downtime_ms: None,
+                data_total: None,
+                autostart,
+                autostart_restored: false,
+            };
+            let client_uri = opts.dest_client_uri.as_deref().unwrap_or(&opts.dest_uri);
+            match Connect::open(Some(client_uri)) {
+                Ok(dest) => {
+                    if let Ok(ddom) = dest.lookup_domain_by_name(&name) {
+                        if let Ok(s) = ddom.job_stats(sys::VIR_DOMAIN_JOB_STATS_COMPLETED) {
+                            outcome.downtime_ms = s.downtime;
+                            outcome.data_total = s.data_total;
+                        }
+                        if opts.restore_autostart && autostart && opts.persistent {
+                            match ddom.set_autostart(true) {
+                                Ok(_) => outcome.autostart_restored = true,
+                                Err(e) => tracing::warn!(error = %e, domain = %name, "could not restore autostart on the destination"),
+                            }
+                        }
+                    }
+                    close_quietly(dest);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, uri = client_uri, "destination not reachable from this process: autostart not restored");
+                }
+            }
+            Ok(outcome)
+        })
+        .await
+    }
+
+    /// The progress of the domain's current job (`None` when there is none).
+    pub async fn domain_job_progress(&self, name: &str) -> Result<Option<JobProgress>> {
+        let name = name.to_string();
+        self.call(CallClass::Query, "domain_job_progress", move |c| {
+            let dom = lookup(c, "domain_job_progress", &name)?;
+            Ok(progress(
+                dom.job_stats(0).map_err(lv("domain_job_progress"))?,
+            ))
+        })
+        .await
+    }
+
+    /// The statistics of the domain's last completed job (e.g. a migration into this host).
+    pub async fn domain_completed_job(&self, name: &str) -> Result<Option<JobProgress>> {
+        let name = name.to_string();
+        self.call(CallClass::Query, "domain_completed_job", move |c| {
+            let dom = lookup(c, "domain_completed_job", &name)?;
+            Ok(progress(
+                dom.job_stats(sys::VIR_DOMAIN_JOB_STATS_COMPLETED)
+                    .map_err(lv("domain_completed_job"))?,
+            ))
+        })
+        .await
+    }
+
+    /// Cancels the domain's current job (a migration in progress).
+    pub async fn domain_abort_job(&self, name: &str, owner: &Owner) -> Result<()> {
+        self.owned_domain_r(
+            CallClass::Lifecycle,
+            "domain_abort_job",
+            name,
+            owner,
+            |dom| {
+                // SAFETY: valid domain pointer.
+                if unsafe { sys::virDomainAbortJob(dom.as_ptr()) } < 0 {
+                    return Err(EngineError::libvirt(
+                        "domain_abort_job",
+                        virt::error::Error::last_error(),
+                    ));
+                }
+                Ok(())
+            },
+        )
+        .await
+    }
+}

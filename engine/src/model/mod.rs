@@ -1,0 +1,22 @@
+//! Typed desired and observed models of libvirt objects, with XML out and in. Pure: no
+//! libvirt calls here.
+
+pub mod domain;
+pub mod network;
+pub mod node;
+pub mod owner;
+pub mod storage;
+pub mod xml;
+
+pub use domain::{
+    CpuDef, CpuMode, DiskDef, DiskObserved, DiskSource, DomainDef, DomainObserved, DomainState,
+    Firmware, InterfaceDef, InterfaceObserved, OsDef, Topology, VcpuPin, state_reason_name,
+};
+pub use network::{DhcpRange, IpDef, NetworkDef, NetworkMode, NetworkObserved};
+pub use node::{Capabilities, NodeObserved, NumaCell};
+pub use owner::{OWNER_NS, Owner};
+pub use storage::{
+    BackingStore, PoolDef, PoolObserved, PoolSource, PoolState, PoolType, VolumeDef, VolumeFormat,
+    VolumeObserved,
+};
+pub use xml::XmlError;

@@ -1,0 +1,437 @@
+//! Storage pools and volumes.
+
+use super::owner::{Owner, POOL_MARK_VENDOR};
+use super::xml::{self, Element, XmlError};
+
+/// Pool types the engine models (`dir` first).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PoolType {
+    /// A host directory.
+    Dir,
+    /// An NFS export mounted by libvirt.
+    Netfs,
+    /// An LVM volume group.
+    Logical,
+    /// Any other type, by libvirt's name (read-only support).
+    Other(String),
+}
+
+impl PoolType {
+    /// libvirt's name.
+    pub fn as_str(&self) -> &str {
+        match self {
+            PoolType::Dir => "dir",
+            PoolType::Netfs => "netfs",
+            PoolType::Logical => "logical",
+            PoolType::Other(s) => s,
+        }
+    }
+
+    fn parse(s: &str) -> Self {
+        match s {
+            "dir" => PoolType::Dir,
+            "netfs" => PoolType::Netfs,
+            "logical" => PoolType::Logical,
+            o => PoolType::Other(o.to_string()),
+        }
+    }
+}
+
+/// A pool's `<source>` (unused for `dir`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PoolSource {
+    /// Remote host (netfs).
+    pub host: Option<String>,
+    /// Remote directory (netfs).
+    pub dir: Option<String>,
+    /// Block device (logical).
+    pub device: Option<String>,
+    /// Source name (logical: the volume group).
+    pub name: Option<String>,
+}
+
+/// The desired definition of a storage pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolDef {
+    /// libvirt name.
+    pub name: String,
+    /// Type.
+    pub pool_type: PoolType,
+    /// Target path on the host.
+    pub target_path: String,
+    /// Source.
+    pub source: PoolSource,
+    /// Ownership mark (written as `<source><vendor>`/`<product>`).
+    pub owner: Owner,
+}
+
+impl PoolDef {
+    /// A dir pool.
+    pub fn dir(name: impl Into<String>, path: impl Into<String>, owner: Owner) -> Self {
+        Self {
+            name: name.into(),
+            pool_type: PoolType::Dir,
+            target_path: path.into(),
+            source: PoolSource::default(),
+            owner,
+        }
+    }
+
+    /// Checks the definition.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.name.is_empty() || self.name.contains('/') {
+            return Err(format!(
+                "pool name `{}` is empty or contains `/`",
+                self.name
+            ));
+        }
+        if !self.target_path.starts_with('/') {
+            return Err(format!(
+                "pool target `{}` is not an absolute path",
+                self.target_path
+            ));
+        }
+        if matches!(self.pool_type, PoolType::Other(_)) {
+            return Err(format!(
+                "pool type {} is not supported yet",
+                self.pool_type.as_str()
+            ));
+        }
+        Ok(())
+    }
+
+    /// libvirt pool XML.
+    pub fn to_xml(&self) -> String {
+        let s = &self.source;
+        let source = Element::new("source")
+            .child_opt(
+                s.host
+                    .as_ref()
+                    .map(|h| Element::new("host").attr("name", h)),
+            )
+            .child_opt(s.dir.as_ref().map(|d| Element::new("dir").attr("path", d)))
+            .child_opt(
+                s.device
+                    .as_ref()
+                    .map(|d| Element::new("device").attr("path", d)),
+            )
+            .child_opt(s.name.as_ref().map(|n| Element::new("name").text(n)))
+            .child(Element::new("vendor").attr("name", POOL_MARK_VENDOR))
+            .child(Element::new("product").attr("name", self.owner.to_pool_product()));
+        Element::new("pool")
+            .attr("type", self.pool_type.as_str())
+            .child(Element::new("name").text(&self.name))
+            .child(source)
+            .child(Element::new("target").child(Element::new("path").text(&self.target_path)))
+            .to_xml()
+    }
+}
+
+/// `virStoragePoolState`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolState {
+    /// Not running.
+    Inactive,
+    /// Being built.
+    Building,
+    /// Running.
+    Running,
+    /// Running but degraded.
+    Degraded,
+    /// Running but inaccessible.
+    Inaccessible,
+    /// Unknown.
+    Unknown,
+}
+
+impl PoolState {
+    /// From libvirt's raw state.
+    pub fn from_raw(v: u32) -> Self {
+        match v {
+            0 => PoolState::Inactive,
+            1 => PoolState::Building,
+            2 => PoolState::Running,
+            3 => PoolState::Degraded,
+            4 => PoolState::Inaccessible,
+            _ => PoolState::Unknown,
+        }
+    }
+}
+
+/// A pool as libvirt reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolObserved {
+    /// Name.
+    pub name: String,
+    /// UUID.
+    pub uuid: String,
+    /// Type.
+    pub pool_type: PoolType,
+    /// Target path.
+    pub target_path: Option<String>,
+    /// Source.
+    pub source: PoolSource,
+    /// virtkube's mark.
+    pub owner: Option<Owner>,
+    /// State (filled by the engine).
+    pub state: PoolState,
+    /// Capacity, bytes.
+    pub capacity: u64,
+    /// Allocation, bytes.
+    pub allocation: u64,
+    /// Available, bytes.
+    pub available: u64,
+    /// Autostart (filled by the engine).
+    pub autostart: bool,
+    /// Persistent (filled by the engine).
+    pub persistent: bool,
+}
+
+fn bytes(el: Option<&Element>) -> u64 {
+    let Some(el) = el else { return 0 };
+    let v: u64 = el.text.trim().parse().unwrap_or(0);
+    match el.get("unit").unwrap_or("bytes") {
+        "KiB" | "K" | "k" => v << 10,
+        "MiB" | "M" => v << 20,
+        "GiB" | "G" => v << 30,
+        "TiB" | "T" => v << 40,
+        _ => v,
+    }
+}
+
+impl PoolObserved {
+    /// Reads libvirt's pool XML.
+    pub fn from_xml(text: &str) -> Result<Self, XmlError> {
+        let root = xml::parse(text)?;
+        if root.name != "pool" {
+            return Err(XmlError(format!("expected <pool>, found <{}>", root.name)));
+        }
+        let src = root.find("source");
+        let attr = |child: &str, a: &str| {
+            src.and_then(|s| s.find(child))
+                .and_then(|c| c.get(a))
+                .map(str::to_string)
+        };
+        let owner = Owner::from_pool_mark(
+            attr("vendor", "name").as_deref(),
+            attr("product", "name").as_deref(),
+        );
+        Ok(PoolObserved {
+            name: root
+                .path_text("name")
+                .ok_or_else(|| XmlError("pool XML without <name>".into()))?,
+            uuid: root.path_text("uuid").unwrap_or_default(),
+            pool_type: PoolType::parse(root.get("type").unwrap_or_default()),
+            target_path: root.path_text("target/path"),
+            source: PoolSource {
+                host: attr("host", "name"),
+                dir: attr("dir", "path"),
+                device: attr("device", "path"),
+                name: src.and_then(|s| s.path_text("name")),
+            },
+            owner,
+            state: PoolState::Unknown,
+            capacity: bytes(root.find("capacity")),
+            allocation: bytes(root.find("allocation")),
+            available: bytes(root.find("available")),
+            autostart: false,
+            persistent: false,
+        })
+    }
+}
+
+/// Volume image formats.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VolumeFormat {
+    /// QEMU copy-on-write v2.
+    Qcow2,
+    /// Raw.
+    Raw,
+    /// Anything else, by libvirt's name.
+    Other(String),
+}
+
+impl VolumeFormat {
+    /// libvirt's name.
+    pub fn as_str(&self) -> &str {
+        match self {
+            VolumeFormat::Qcow2 => "qcow2",
+            VolumeFormat::Raw => "raw",
+            VolumeFormat::Other(s) => s,
+        }
+    }
+
+    /// Parses libvirt's name.
+    pub fn parse(s: &str) -> Self {
+        match s {
+            "qcow2" => VolumeFormat::Qcow2,
+            "raw" => VolumeFormat::Raw,
+            o => VolumeFormat::Other(o.to_string()),
+        }
+    }
+}
+
+/// A volume's backing store (copy-on-write parent).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackingStore {
+    /// Path of the parent image.
+    pub path: String,
+    /// Its format.
+    pub format: VolumeFormat,
+}
+
+/// The desired definition of a volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeDef {
+    /// Volume name inside its pool (`<namespace>.<name>` for namespaced resources).
+    pub name: String,
+    /// Capacity in bytes.
+    pub capacity_bytes: u64,
+    /// Format.
+    pub format: VolumeFormat,
+    /// Copy-on-write parent: a volume name in the same pool (resolved to a path by the
+    /// engine), only for `qcow2`.
+    pub backing_volume: Option<String>,
+}
+
+impl VolumeDef {
+    /// Checks the definition.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.name.is_empty() || self.name.contains('/') || self.name.starts_with('.') {
+            return Err(format!(
+                "volume name `{}` is empty, hidden or contains `/`",
+                self.name
+            ));
+        }
+        if self.capacity_bytes == 0 {
+            return Err("volume capacity must be above zero".into());
+        }
+        if self.backing_volume.is_some() && self.format != VolumeFormat::Qcow2 {
+            return Err("a backing volume needs format qcow2".into());
+        }
+        Ok(())
+    }
+
+    /// libvirt volume XML, with the backing store already resolved to a path.
+    pub fn to_xml(&self, backing: Option<&BackingStore>) -> String {
+        let mut root = Element::new("volume")
+            .child(Element::new("name").text(&self.name))
+            .child(
+                Element::new("capacity")
+                    .attr("unit", "bytes")
+                    .text(self.capacity_bytes),
+            )
+            .child(
+                Element::new("target")
+                    .child(Element::new("format").attr("type", self.format.as_str())),
+            );
+        if let Some(b) = backing {
+            root = root.child(
+                Element::new("backingStore")
+                    .child(Element::new("path").text(&b.path))
+                    .child(Element::new("format").attr("type", b.format.as_str())),
+            );
+        }
+        root.to_xml()
+    }
+}
+
+/// A volume as libvirt reports it. Volumes carry no ownership mark in libvirt: the caller
+/// proves ownership with the key it recorded when it created the volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeObserved {
+    /// Name.
+    pub name: String,
+    /// Pool name (filled by the engine).
+    pub pool: String,
+    /// libvirt key (for dir pools: the path).
+    pub key: String,
+    /// Path on the host.
+    pub path: String,
+    /// Capacity, bytes.
+    pub capacity: u64,
+    /// Allocation, bytes.
+    pub allocation: u64,
+    /// Format.
+    pub format: Option<VolumeFormat>,
+    /// Backing store.
+    pub backing: Option<BackingStore>,
+}
+
+impl VolumeObserved {
+    /// Reads libvirt's volume XML.
+    pub fn from_xml(text: &str) -> Result<Self, XmlError> {
+        let root = xml::parse(text)?;
+        if root.name != "volume" {
+            return Err(XmlError(format!(
+                "expected <volume>, found <{}>",
+                root.name
+            )));
+        }
+        let backing = root.find("backingStore").and_then(|b| {
+            Some(BackingStore {
+                path: b.path_text("path")?,
+                format: VolumeFormat::parse(
+                    b.find("format")
+                        .and_then(|f| f.get("type"))
+                        .unwrap_or("raw"),
+                ),
+            })
+        });
+        Ok(VolumeObserved {
+            name: root
+                .path_text("name")
+                .ok_or_else(|| XmlError("volume XML without <name>".into()))?,
+            pool: String::new(),
+            key: root.path_text("key").unwrap_or_default(),
+            path: root.path_text("target/path").unwrap_or_default(),
+            capacity: bytes(root.find("capacity")),
+            allocation: bytes(root.find("allocation")),
+            format: root
+                .path("target/format")
+                .and_then(|f| f.get("type"))
+                .map(VolumeFormat::parse),
+            backing,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_mark_survives_xml() {
+        let def = PoolDef::dir(
+            "images",
+            "/var/lib/vk/images",
+            Owner::new("StoragePool", "u-1", None, "images"),
+        );
+        def.validate().unwrap();
+        let o = PoolObserved::from_xml(&def.to_xml()).unwrap();
+        assert_eq!(o.owner, Some(def.owner));
+        assert_eq!(o.target_path.as_deref(), Some("/var/lib/vk/images"));
+        assert_eq!(o.pool_type, PoolType::Dir);
+    }
+
+    #[test]
+    fn volume_xml_with_backing() {
+        let def = VolumeDef {
+            name: "ns.disk".into(),
+            capacity_bytes: 1 << 30,
+            format: VolumeFormat::Qcow2,
+            backing_volume: Some("base".into()),
+        };
+        def.validate().unwrap();
+        let xml = def.to_xml(Some(&BackingStore {
+            path: "/p/base".into(),
+            format: VolumeFormat::Qcow2,
+        }));
+        let lib = xml.replace("<volume>", "<volume type='file'><key>/p/ns.disk</key>");
+        let o = VolumeObserved::from_xml(&lib).unwrap();
+        assert_eq!(o.capacity, 1 << 30);
+        assert_eq!(o.format, Some(VolumeFormat::Qcow2));
+        assert_eq!(o.backing.unwrap().path, "/p/base");
+        assert_eq!(o.key, "/p/ns.disk");
+    }
+}

@@ -1,0 +1,167 @@
+//! Storage pool verbs: define, build, start, refresh, stop, delete, undefine, autostart,
+//! observe, list.
+
+use virt::connect::Connect;
+use virt::storage_pool::StoragePool;
+
+use crate::domain::ensure_owned;
+use crate::engine::{CallClass, Engine};
+use crate::error::{EngineError, ObjectKind, Result};
+use crate::model::{Owner, PoolDef, PoolObserved, PoolState};
+
+pub(crate) fn lookup(c: &Connect, call: &'static str, name: &str) -> Result<StoragePool> {
+    c.lookup_storage_pool_by_name(name)
+        .map_err(|e| EngineError::lookup(call, ObjectKind::Pool, name, e))
+}
+
+fn lv(call: &'static str) -> impl Fn(virt::error::Error) -> EngineError {
+    move |e| EngineError::libvirt(call, e)
+}
+
+/// The owner recorded in the pool's `<source>` vendor/product mark.
+fn read_owner(pool: &StoragePool, call: &'static str) -> Result<Option<Owner>> {
+    let xml = pool
+        .xml_desc(virt::sys::VIR_STORAGE_XML_INACTIVE)
+        .or_else(|_| pool.xml_desc(0))
+        .map_err(lv(call))?;
+    Ok(PoolObserved::from_xml(&xml)?.owner)
+}
+
+fn lookup_owned(c: &Connect, call: &'static str, name: &str, owner: &Owner) -> Result<StoragePool> {
+    let pool = lookup(c, call, name)?;
+    ensure_owned(ObjectKind::Pool, name, owner, read_owner(&pool, call)?)?;
+    Ok(pool)
+}
+
+impl Engine {
+    /// Defines (or redefines, when it is this owner's) a persistent pool. Returns its UUID.
+    pub async fn pool_define(&self, def: &PoolDef) -> Result<String> {
+        def.validate().map_err(EngineError::InvalidSpec)?;
+        let (xml, name, owner) = (def.to_xml(), def.name.clone(), def.owner.clone());
+        self.call(CallClass::Mutate, "pool_define", move |c| {
+            const CALL: &str = "pool_define";
+            match lookup(c, CALL, &name) {
+                Ok(p) => ensure_owned(ObjectKind::Pool, &name, &owner, read_owner(&p, CALL)?)?,
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e),
+            }
+            let pool = c.define_storage_pool_xml(&xml, 0).map_err(lv(CALL))?;
+            pool.uuid_string().map_err(lv(CALL))
+        })
+        .await
+    }
+
+    /// Builds the pool's storage (for `dir`: creates the target directory).
+    pub async fn pool_build(&self, name: &str, owner: &Owner) -> Result<()> {
+        self.owned_pool(CallClass::Mutate, "pool_build", name, owner, |p| p.build(0))
+            .await
+    }
+
+    /// Starts (activates) the pool.
+    pub async fn pool_start(&self, name: &str, owner: &Owner) -> Result<()> {
+        self.owned_pool(CallClass::Lifecycle, "pool_start", name, owner, |p| {
+            p.create(0).map(|_| ())
+        })
+        .await
+    }
+
+    /// Rescans the pool's volumes.
+    pub async fn pool_refresh(&self, name: &str, owner: &Owner) -> Result<()> {
+        self.owned_pool(CallClass::Mutate, "pool_refresh", name, owner, |p| {
+            p.refresh(0)
+        })
+        .await
+    }
+
+    /// Stops (deactivates) the pool; its storage stays.
+    pub async fn pool_stop(&self, name: &str, owner: &Owner) -> Result<()> {
+        self.owned_pool(CallClass::Lifecycle, "pool_stop", name, owner, |p| {
+            p.destroy()
+        })
+        .await
+    }
+
+    /// Deletes the pool's underlying storage (for `dir`: removes the empty directory). The
+    /// pool must be inactive.
+    pub async fn pool_delete(&self, name: &str, owner: &Owner) -> Result<()> {
+        self.owned_pool(CallClass::Mutate, "pool_delete", name, owner, |p| {
+            p.delete(0)
+        })
+        .await
+    }
+
+    /// Undefines the pool (storage untouched).
+    pub async fn pool_undefine(&self, name: &str, owner: &Owner) -> Result<()> {
+        self.owned_pool(CallClass::Mutate, "pool_undefine", name, owner, |p| {
+            p.undefine()
+        })
+        .await
+    }
+
+    /// Sets the autostart flag.
+    pub async fn pool_set_autostart(&self, name: &str, owner: &Owner, on: bool) -> Result<()> {
+        self.owned_pool(
+            CallClass::Mutate,
+            "pool_set_autostart",
+            name,
+            owner,
+            move |p| p.set_autostart(on).map(|_| ()),
+        )
+        .await
+    }
+
+    /// Everything observed about a pool (state, capacity, allocation, available,
+    /// autostart); `None` when there is none.
+    pub async fn pool_observe(&self, name: &str) -> Result<Option<PoolObserved>> {
+        let name = name.to_string();
+        self.call(CallClass::Query, "pool_observe", move |c| {
+            const CALL: &str = "pool_observe";
+            let pool = match lookup(c, CALL, &name) {
+                Ok(p) => p,
+                Err(e) if e.is_not_found() => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            let mut o = PoolObserved::from_xml(&pool.xml_desc(0).map_err(lv(CALL))?)?;
+            let info = pool.info().map_err(lv(CALL))?;
+            o.state = PoolState::from_raw(info.state);
+            o.capacity = info.capacity;
+            o.allocation = info.allocation;
+            o.available = info.available;
+            o.persistent = pool.is_persistent().map_err(lv(CALL))?;
+            o.autostart = pool.autostart().map_err(lv(CALL))?;
+            Ok(Some(o))
+        })
+        .await
+    }
+
+    /// Names of all pools.
+    pub async fn pool_list(&self) -> Result<Vec<String>> {
+        self.call(CallClass::Query, "pool_list", |c| {
+            c.list_all_storage_pools(0)
+                .map_err(lv("pool_list"))?
+                .iter()
+                .map(|p| p.name().map_err(lv("pool_list")))
+                .collect()
+        })
+        .await
+    }
+
+    async fn owned_pool<F>(
+        &self,
+        class: CallClass,
+        call: &'static str,
+        name: &str,
+        owner: &Owner,
+        f: F,
+    ) -> Result<()>
+    where
+        F: Fn(&StoragePool) -> std::result::Result<(), virt::error::Error> + Send + Sync + 'static,
+    {
+        let (name, owner) = (name.to_string(), owner.clone());
+        self.call(class, call, move |c| {
+            let pool = lookup_owned(c, call, &name, &owner)?;
+            f(&pool).map_err(lv(call))
+        })
+        .await
+    }
+}

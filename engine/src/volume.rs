@@ -1,0 +1,226 @@
+//! Storage volume verbs: create (empty or copy-on-write over a backing volume), clone,
+//! grow-only resize, delete, observe, lookup by name, key and path, list.
+//!
+//! libvirt keeps no metadata on volumes, so ownership is the volume *key* the caller recorded
+//! when the engine created the volume (returned in [`VolumeObserved::key`]): resize and
+//! delete refuse a volume whose key differs ([`EngineError::VolumeKeyMismatch`]).
+
+use virt::connect::Connect;
+use virt::storage_pool::StoragePool;
+use virt::storage_vol::StorageVol;
+
+use crate::engine::{CallClass, Engine};
+use crate::error::{EngineError, ObjectKind, Result};
+use crate::model::{BackingStore, VolumeDef, VolumeFormat, VolumeObserved};
+
+fn lv(call: &'static str) -> impl Fn(virt::error::Error) -> EngineError {
+    move |e| EngineError::libvirt(call, e)
+}
+
+fn lookup(
+    pool: &StoragePool,
+    call: &'static str,
+    pool_name: &str,
+    name: &str,
+) -> Result<StorageVol> {
+    pool.lookup_storage_vol_by_name(name).map_err(|e| {
+        EngineError::lookup(call, ObjectKind::Volume, &format!("{pool_name}/{name}"), e)
+    })
+}
+
+fn observe(vol: &StorageVol, call: &'static str) -> Result<VolumeObserved> {
+    let mut o = VolumeObserved::from_xml(&vol.xml_desc(0).map_err(lv(call))?)?;
+    if let Ok(p) = vol.lookup_storage_pool() {
+        o.pool = p.name().unwrap_or_default();
+    }
+    if o.key.is_empty() {
+        o.key = vol.key().map_err(lv(call))?;
+    }
+    if o.path.is_empty() {
+        o.path = vol.path().map_err(lv(call))?;
+    }
+    Ok(o)
+}
+
+fn lookup_recorded(
+    c: &Connect,
+    call: &'static str,
+    pool_name: &str,
+    name: &str,
+    recorded_key: &str,
+) -> Result<StorageVol> {
+    let pool = crate::pool::lookup(c, call, pool_name)?;
+    let vol = lookup(&pool, call, pool_name, name)?;
+    let key = vol.key().map_err(lv(call))?;
+    if key != recorded_key {
+        return Err(EngineError::VolumeKeyMismatch {
+            pool: pool_name.to_string(),
+            name: name.to_string(),
+            recorded: recorded_key.to_string(),
+            found: key,
+        });
+    }
+    Ok(vol)
+}
+
+fn not_found_as_none<T>(r: Result<T>) -> Result<Option<T>> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if e.is_not_found() => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+impl Engine {
+    /// Creates a volume: empty, or copy-on-write over `def.backing_volume` (a volume in the
+    /// same pool). Record the returned key: it is the ownership proof for later changes.
+    pub async fn volume_create(&self, pool: &str, def: &VolumeDef) -> Result<VolumeObserved> {
+        def.validate().map_err(EngineError::InvalidSpec)?;
+        let (pool_name, def) = (pool.to_string(), def.clone());
+        self.call(CallClass::Mutate, "volume_create", move |c| {
+            const CALL: &str = "volume_create";
+            let pool = crate::pool::lookup(c, CALL, &pool_name)?;
+            let backing = match &def.backing_volume {
+                Some(b) => {
+                    let parent = observe(&lookup(&pool, CALL, &pool_name, b)?, CALL)?;
+                    Some(BackingStore {
+                        path: parent.path,
+                        format: parent.format.unwrap_or(VolumeFormat::Raw),
+                    })
+                }
+                None => None,
+            };
+            let vol = StorageVol::create_xml(&pool, &def.to_xml(backing.as_ref()), 0)
+                .map_err(lv(CALL))?;
+            observe(&vol, CALL)
+        })
+        .await
+    }
+
+    /// Creates a full copy of `source` (same pool) named and sized by `def` (capacity at
+    /// least the source's).
+    pub async fn volume_clone(
+        &self,
+        pool: &str,
+        def: &VolumeDef,
+        source: &str,
+    ) -> Result<VolumeObserved> {
+        def.validate().map_err(EngineError::InvalidSpec)?;
+        if def.backing_volume.is_some() {
+            return Err(EngineError::InvalidSpec(
+                "a clone has no backing volume".into(),
+            ));
+        }
+        let (pool_name, def, source) = (pool.to_string(), def.clone(), source.to_string());
+        self.call(CallClass::Mutate, "volume_clone", move |c| {
+            const CALL: &str = "volume_clone";
+            let pool = crate::pool::lookup(c, CALL, &pool_name)?;
+            let src = lookup(&pool, CALL, &pool_name, &source)?;
+            let vol =
+                StorageVol::create_xml_from(&pool, &def.to_xml(None), &src, 0).map_err(lv(CALL))?;
+            observe(&vol, CALL)
+        })
+        .await
+    }
+
+    /// Grows a volume to `capacity_bytes`; shrinking is refused, equal is a no-op.
+    pub async fn volume_resize(
+        &self,
+        pool: &str,
+        name: &str,
+        recorded_key: &str,
+        capacity_bytes: u64,
+    ) -> Result<()> {
+        let (pool_name, name, key) = (pool.to_string(), name.to_string(), recorded_key.to_string());
+        self.call(CallClass::Mutate, "volume_resize", move |c| {
+            const CALL: &str = "volume_resize";
+            let vol = lookup_recorded(c, CALL, &pool_name, &name, &key)?;
+            let current = vol.info().map_err(lv(CALL))?.capacity;
+            if capacity_bytes < current {
+                return Err(EngineError::InvalidSpec(format!(
+                    "volume {pool_name}/{name} is {current} bytes: shrinking to {capacity_bytes} is refused"
+                )));
+            }
+            if capacity_bytes == current {
+                return Ok(());
+            }
+            vol.resize(capacity_bytes, 0).map_err(lv(CALL))
+        })
+        .await
+    }
+
+    /// Deletes a volume (its data is gone).
+    pub async fn volume_delete(&self, pool: &str, name: &str, recorded_key: &str) -> Result<()> {
+        let (pool_name, name, key) = (pool.to_string(), name.to_string(), recorded_key.to_string());
+        self.call(CallClass::Mutate, "volume_delete", move |c| {
+            lookup_recorded(c, "volume_delete", &pool_name, &name, &key)?
+                .delete(0)
+                .map_err(lv("volume_delete"))
+        })
+        .await
+    }
+
+    /// Everything observed about a volume; `None` when there is none.
+    pub async fn volume_observe(&self, pool: &str, name: &str) -> Result<Option<VolumeObserved>> {
+        let (pool_name, name) = (pool.to_string(), name.to_string());
+        self.call(CallClass::Query, "volume_observe", move |c| {
+            const CALL: &str = "volume_observe";
+            let pool = crate::pool::lookup(c, CALL, &pool_name)?;
+            not_found_as_none(
+                lookup(&pool, CALL, &pool_name, &name).and_then(|v| observe(&v, CALL)),
+            )
+        })
+        .await
+    }
+
+    /// Looks a volume up by its key.
+    pub async fn volume_lookup_key(&self, key: &str) -> Result<Option<VolumeObserved>> {
+        let key = key.to_string();
+        self.call(CallClass::Query, "volume_lookup_key", move |c| {
+            const CALL: &str = "volume_lookup_key";
+            not_found_as_none(
+                c.lookup_storage_vol_by_key(&key)
+                    .map_err(|e| EngineError::lookup(CALL, ObjectKind::Volume, &key, e))
+                    .and_then(|v| observe(&v, CALL)),
+            )
+        })
+        .await
+    }
+
+    /// Looks a volume up by its path on the host.
+    pub async fn volume_lookup_path(&self, path: &str) -> Result<Option<VolumeObserved>> {
+        let path = path.to_string();
+        self.call(CallClass::Query, "volume_lookup_path", move |c| {
+            const CALL: &str = "volume_lookup_path";
+            not_found_as_none(
+                c.lookup_storage_vol_by_path(&path)
+                    .map_err(|e| EngineError::lookup(CALL, ObjectKind::Volume, &path, e))
+                    .and_then(|v| observe(&v, CALL)),
+            )
+        })
+        .await
+    }
+
+    /// The path of a volume on the host.
+    pub async fn volume_path(&self, pool: &str, name: &str) -> Result<String> {
+        self.volume_observe(pool, name)
+            .await?
+            .map(|v| v.path)
+            .ok_or_else(|| EngineError::NotFound {
+                call: "volume_path",
+                kind: ObjectKind::Volume,
+                name: format!("{pool}/{name}"),
+            })
+    }
+
+    /// Names of the volumes in a pool.
+    pub async fn volume_list(&self, pool: &str) -> Result<Vec<String>> {
+        let pool_name = pool.to_string();
+        self.call(CallClass::Query, "volume_list", move |c| {
+            crate::pool::lookup(c, "volume_list", &pool_name)?
+                .list_volumes()
+                .map_err(lv("volume_list"))
+        })
+        .await
+    }
+}
