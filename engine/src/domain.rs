@@ -239,21 +239,27 @@ impl Engine {
     /// domain. A domain of that name without the owner's mark is refused.
     pub async fn domain_define(&self, def: &DomainDef) -> Result<DomainId> {
         def.validate().map_err(EngineError::InvalidSpec)?;
-        let xml = def.to_xml();
-        let (name, owner) = (def.name.clone(), def.owner.clone());
+        let def = def.clone();
         self.call(CallClass::Mutate, "domain_define", move |c| {
             const CALL: &str = "domain_define";
-            match lookup(c, CALL, &name) {
-                Ok(existing) => ensure_owned(
-                    ObjectKind::Domain,
-                    &name,
-                    &owner,
-                    read_owner(&existing, CALL)?,
-                )?,
+            let mut def = def.clone();
+            match lookup(c, CALL, &def.name) {
+                Ok(existing) => {
+                    ensure_owned(
+                        ObjectKind::Domain,
+                        &def.name,
+                        &def.owner,
+                        read_owner(&existing, CALL)?,
+                    )?;
+                    // A redefinition must keep the UUID, or libvirt refuses the name clash.
+                    if def.uuid.is_none() {
+                        def.uuid = Some(existing.uuid_string().map_err(lv(CALL))?);
+                    }
+                }
                 Err(e) if e.is_not_found() => {}
                 Err(e) => return Err(e),
             }
-            let dom = c.define_domain_xml(&xml).map_err(lv(CALL))?;
+            let dom = c.define_domain_xml(&def.to_xml()).map_err(lv(CALL))?;
             id_of(&dom, CALL)
         })
         .await

@@ -634,3 +634,46 @@ impl Engine {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn stuck_call_times_out_and_keeps_its_slot() {
+        let cfg = EngineConfig {
+            max_concurrent_calls: 1,
+            query_timeout: Duration::from_millis(100),
+            ..EngineConfig::default()
+        };
+        let e = Engine::connect("test:///default", cfg).await.unwrap();
+        // A call that blocks longer than its timeout (as a libvirt call stuck on a job lock).
+        let slow = e
+            .call(CallClass::Query, "slow", |_c| {
+                std::thread::sleep(Duration::from_millis(400));
+                Ok(())
+            })
+            .await;
+        assert!(matches!(
+            slow,
+            Err(EngineError::Timeout { call: "slow", .. })
+        ));
+        // Its thread still holds the only slot: the next call waits and times out too, so the
+        // pool stays bounded even when calls hang.
+        let next = e
+            .call(CallClass::Query, "next", |c| {
+                c.is_alive().map_err(|e| EngineError::libvirt("next", e))
+            })
+            .await;
+        assert!(matches!(
+            next,
+            Err(EngineError::Timeout { call: "next", .. })
+        ));
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(e.ping().await.unwrap());
+        let stats = e.stats();
+        assert_eq!(stats.get("slow").unwrap().errors, 1);
+        assert!(!stats.get("slow").unwrap().mutating);
+        e.close().await.unwrap();
+    }
+}

@@ -34,16 +34,27 @@ impl Engine {
     /// its UUID.
     pub async fn network_define(&self, def: &NetworkDef) -> Result<String> {
         def.validate().map_err(EngineError::InvalidSpec)?;
-        let (xml, name, owner) = (def.to_xml(), def.name.clone(), def.owner.clone());
+        let def = def.clone();
         self.call(CallClass::Mutate, "network_define", move |c| {
             const CALL: &str = "network_define";
-            match lookup(c, CALL, &name) {
-                Ok(n) => ensure_owned(ObjectKind::Network, &name, &owner, read_owner(&n, CALL)?)?,
+            let mut xml = def.to_xml();
+            match lookup(c, CALL, &def.name) {
+                Ok(existing) => {
+                    ensure_owned(
+                        ObjectKind::Network,
+                        &def.name,
+                        &def.owner,
+                        read_owner(&existing, CALL)?,
+                    )?;
+                    // A redefinition must keep the UUID, or libvirt refuses the name clash.
+                    let uuid = existing.uuid_string().map_err(lv(CALL))?;
+                    xml = xml.replacen("<name>", &format!("<uuid>{uuid}</uuid>\n  <name>"), 1);
+                }
                 Err(e) if e.is_not_found() => {}
                 Err(e) => return Err(e),
             }
-            let net = c.define_network_xml(&xml).map_err(lv(CALL))?;
-            net.uuid_string().map_err(lv(CALL))
+            let obj = c.define_network_xml(&xml).map_err(lv(CALL))?;
+            obj.uuid_string().map_err(lv(CALL))
         })
         .await
     }

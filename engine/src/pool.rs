@@ -37,16 +37,27 @@ impl Engine {
     /// Defines (or redefines, when it is this owner's) a persistent pool. Returns its UUID.
     pub async fn pool_define(&self, def: &PoolDef) -> Result<String> {
         def.validate().map_err(EngineError::InvalidSpec)?;
-        let (xml, name, owner) = (def.to_xml(), def.name.clone(), def.owner.clone());
+        let def = def.clone();
         self.call(CallClass::Mutate, "pool_define", move |c| {
             const CALL: &str = "pool_define";
-            match lookup(c, CALL, &name) {
-                Ok(p) => ensure_owned(ObjectKind::Pool, &name, &owner, read_owner(&p, CALL)?)?,
+            let mut xml = def.to_xml();
+            match lookup(c, CALL, &def.name) {
+                Ok(existing) => {
+                    ensure_owned(
+                        ObjectKind::Pool,
+                        &def.name,
+                        &def.owner,
+                        read_owner(&existing, CALL)?,
+                    )?;
+                    // A redefinition must keep the UUID, or libvirt refuses the name clash.
+                    let uuid = existing.uuid_string().map_err(lv(CALL))?;
+                    xml = xml.replacen("<name>", &format!("<uuid>{uuid}</uuid>\n  <name>"), 1);
+                }
                 Err(e) if e.is_not_found() => {}
                 Err(e) => return Err(e),
             }
-            let pool = c.define_storage_pool_xml(&xml, 0).map_err(lv(CALL))?;
-            pool.uuid_string().map_err(lv(CALL))
+            let obj = c.define_storage_pool_xml(&xml, 0).map_err(lv(CALL))?;
+            obj.uuid_string().map_err(lv(CALL))
         })
         .await
     }

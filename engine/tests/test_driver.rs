@@ -1,0 +1,441 @@
+//! The engine against libvirt's in-process test driver (`test:///default`): no daemon, instant.
+//! The driver's state is shared by every connection of this process, so each test uses its
+//! own object names. Limits of the driver: no migration, no hotplug, pinning only with
+//! flags 0 ([`Apply::Current`]).
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use virtkube_engine::domain::{Apply, ShutdownOutcome};
+use virtkube_engine::model::{
+    DiskDef, DiskSource, DomainDef, DomainState, IpDef, NetworkDef, NetworkMode, PoolDef,
+    PoolState, VcpuPin, VolumeDef, VolumeFormat,
+};
+use virtkube_engine::{
+    CpuSet, DomainEventKind, Engine, EngineConfig, EngineError, EngineEvent, ObjectKind, Owner,
+};
+
+const URI: &str = "test:///default";
+
+async fn engine() -> Engine {
+    Engine::connect(URI, EngineConfig::default())
+        .await
+        .expect("connect test:///default")
+}
+
+fn owner(kind: &str, name: &str) -> Owner {
+    Owner::new(kind, format!("uid-{name}"), Some("t"), name)
+}
+
+fn tiny(name: &str, o: &Owner) -> DomainDef {
+    let mut d = DomainDef::new(name, o.clone());
+    d.virt_type = "test".into();
+    d.vcpus = 1;
+    d.max_vcpus = 2;
+    d
+}
+
+#[tokio::test]
+async fn node_info_and_capabilities() {
+    let e = engine().await;
+    let n = e.node_info().await.unwrap();
+    assert_eq!(n.hypervisor, "TEST");
+    assert!(n.cpus >= 1);
+    assert!(n.memory_kib > 0);
+    assert!(!n.libvirt_version.is_empty());
+    assert!(n.capabilities.host_cpus.is_some(), "{n:?}");
+    assert_eq!(e.stats().mutating_calls(), 0);
+    e.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn domain_lifecycle_pinning_and_stats() {
+    let e = engine().await;
+    let o = owner("Domain", "life");
+    let mut def = tiny("t.life", &o);
+    def.pinning = vec![VcpuPin {
+        vcpu: 0,
+        cpuset: "1".parse().unwrap(),
+    }];
+    def.emulator_cpuset = Some("0-1".parse().unwrap());
+    def.disks.push(DiskDef {
+        name: Some("root".into()),
+        target_dev: "vda".into(),
+        bus: Some("virtio".into()),
+        source: DiskSource::File {
+            path: "/var/lib/x/t.life.qcow2".into(),
+        },
+        read_only: false,
+        boot_order: None,
+        format: Some("qcow2".into()),
+        device: None,
+    });
+    let id = e.domain_define(&def).await.unwrap();
+    assert_eq!(id.name, "t.life");
+    assert_eq!(
+        e.domain_lookup_uuid(&id.uuid).await.unwrap(),
+        Some(id.clone())
+    );
+
+    let obs = e.domain_observe("t.life").await.unwrap().unwrap();
+    assert_eq!(obs.owner.as_ref(), Some(&o));
+    assert_eq!(obs.state, DomainState::Shutoff);
+    assert!(obs.persistent);
+    assert_eq!(obs.vcpus, 1);
+    assert_eq!(obs.max_vcpus, 2);
+    assert_eq!(obs.pinning, def.pinning);
+    assert_eq!(obs.affinity(0).unwrap().to_string(), "1");
+    assert_eq!(obs.disks[0].target_dev, "vda");
+
+    e.domain_start("t.life", &o).await.unwrap();
+    assert_eq!(
+        e.domain_state("t.life").await.unwrap(),
+        (DomainState::Running, "booted")
+    );
+
+    let set: CpuSet = "0-1".parse().unwrap();
+    e.domain_pin_vcpu("t.life", &o, 0, &set, Apply::Current)
+        .await
+        .unwrap();
+    let pins = e
+        .domain_vcpu_pin_info("t.life", Apply::Current)
+        .await
+        .unwrap();
+    assert_eq!(pins[0].cpuset, set);
+    assert!(matches!(
+        e.domain_pin_vcpu("t.life", &o, 0, &"9999".parse().unwrap(), Apply::Current)
+            .await,
+        Err(EngineError::InvalidSpec(_))
+    ));
+
+    e.domain_set_autostart("t.life", &o, true).await.unwrap();
+    assert!(e.domain_autostart("t.life").await.unwrap());
+
+    e.domain_suspend("t.life", &o).await.unwrap();
+    assert_eq!(
+        e.domain_state("t.life").await.unwrap(),
+        (DomainState::Paused, "user")
+    );
+    e.domain_resume("t.life", &o).await.unwrap();
+    assert_eq!(
+        e.domain_state("t.life").await.unwrap().0,
+        DomainState::Running
+    );
+
+    let info = e.domain_info("t.life").await.unwrap();
+    assert_eq!(info.memory_kib, 131072);
+
+    // A converged read-only pass makes no mutating call.
+    e.reset_stats();
+    let _ = e.domain_observe("t.life").await.unwrap();
+    let _ = e.domain_list().await.unwrap();
+    let stats = e.stats();
+    assert_eq!(stats.mutating_calls(), 0);
+    assert_eq!(stats.get("domain_observe").unwrap().count, 1);
+
+    e.domain_destroy("t.life", &o).await.unwrap();
+    assert_eq!(
+        e.domain_state("t.life").await.unwrap(),
+        (DomainState::Shutoff, "destroyed")
+    );
+    assert_eq!(e.stats().mutating_calls(), 1);
+    assert!(e.stats().get("domain_destroy").unwrap().mutating);
+
+    e.domain_undefine("t.life", &o).await.unwrap();
+    assert_eq!(e.domain_lookup("t.life").await.unwrap(), None);
+    assert!(e.domain_observe("t.life").await.unwrap().is_none());
+    e.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_with_deadline_and_managed_save() {
+    let e = engine().await;
+    let o = owner("Domain", "shut");
+    e.domain_define(&tiny("t.shut", &o)).await.unwrap();
+    let d = Duration::from_secs(2);
+    assert_eq!(
+        e.domain_shutdown("t.shut", &o, d).await.unwrap(),
+        ShutdownOutcome::AlreadyOff
+    );
+    e.domain_start("t.shut", &o).await.unwrap();
+    // The test driver shuts down at once.
+    assert_eq!(
+        e.domain_shutdown("t.shut", &o, d).await.unwrap(),
+        ShutdownOutcome::Graceful
+    );
+    e.domain_start("t.shut", &o).await.unwrap();
+    e.domain_managed_save("t.shut", &o).await.unwrap();
+    let obs = e.domain_observe("t.shut").await.unwrap().unwrap();
+    assert_eq!(obs.state, DomainState::Shutoff);
+    assert!(obs.has_managed_save);
+    // Undefine removes the managed-save image too.
+    e.domain_undefine("t.shut", &o).await.unwrap();
+    e.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn ownership_is_enforced() {
+    let e = engine().await;
+    let mine = owner("Domain", "own");
+    let other = owner("Domain", "someone-else");
+    e.domain_define(&tiny("t.own", &mine)).await.unwrap();
+
+    // Redefining by the same owner is an update; by another owner it is refused.
+    e.domain_define(&tiny("t.own", &mine)).await.unwrap();
+    match e.domain_define(&tiny("t.own", &other)).await {
+        Err(EngineError::NotOwned {
+            kind,
+            name,
+            expected,
+            found,
+        }) => {
+            assert_eq!(kind, ObjectKind::Domain);
+            assert_eq!(name, "t.own");
+            assert_eq!(*expected, other);
+            assert_eq!(found.as_deref(), Some(&mine));
+        }
+        r => panic!("expected NotOwned, got {r:?}"),
+    }
+    let err = e.domain_start("t.own", &other).await.unwrap_err();
+    assert!(err.is_not_owned() && !err.is_retryable(), "{err}");
+    assert!(
+        e.domain_undefine("t.own", &other)
+            .await
+            .unwrap_err()
+            .is_not_owned()
+    );
+
+    // The driver's own domain `test` carries no mark at all.
+    match e.domain_destroy("test", &mine).await {
+        Err(EngineError::NotOwned { found: None, .. }) => {}
+        r => panic!("expected NotOwned without mark, got {r:?}"),
+    }
+    assert_eq!(e.domain_owner("test").await.unwrap(), None);
+
+    // Missing objects are NotFound, permanent.
+    let err = e.domain_start("t.missing", &mine).await.unwrap_err();
+    assert!(err.is_not_found() && !err.is_retryable(), "{err}");
+    assert!(matches!(
+        err,
+        EngineError::NotFound {
+            kind: ObjectKind::Domain,
+            ..
+        }
+    ));
+
+    // Invalid specs never reach libvirt.
+    let mut bad = tiny("t.bad", &mine);
+    bad.vcpus = 5;
+    assert!(matches!(
+        e.domain_define(&bad).await,
+        Err(EngineError::InvalidSpec(_))
+    ));
+
+    e.domain_undefine("t.own", &mine).await.unwrap();
+    e.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn escaping_user_strings() {
+    let e = engine().await;
+    let o = Owner::new("Domain", "u\"<&>'", Some("t"), "we<ird>&\"name'");
+    let mut d = tiny("t.esc<&>'\"", &o);
+    d.os.cmdline = Some("a=\"<b>\" & c='d'".into());
+    e.domain_define(&d).await.unwrap();
+    let obs = e.domain_observe("t.esc<&>'\"").await.unwrap().unwrap();
+    assert_eq!(obs.owner, Some(o.clone()));
+    assert_eq!(obs.os.cmdline, d.os.cmdline);
+    e.domain_undefine("t.esc<&>'\"", &o).await.unwrap();
+    e.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn events_for_lifecycle_changes() {
+    let e = engine().await;
+    let mut events = Box::pin(e.events());
+    let o = owner("Domain", "ev");
+    e.domain_define(&tiny("t.ev", &o)).await.unwrap();
+    e.domain_start("t.ev", &o).await.unwrap();
+    e.domain_suspend("t.ev", &o).await.unwrap();
+    e.domain_destroy("t.ev", &o).await.unwrap();
+    e.domain_undefine("t.ev", &o).await.unwrap();
+    let mut seen = Vec::new();
+    while seen.len() < 5 {
+        let ev = tokio::time::timeout(Duration::from_secs(5), events.next())
+            .await
+            .expect("events arrive")
+            .expect("stream open");
+        if let EngineEvent::Domain(d) = ev {
+            if d.name == "t.ev" {
+                seen.push((d.kind, d.detail));
+            }
+        }
+    }
+    assert_eq!(
+        seen,
+        vec![
+            (DomainEventKind::Defined, "added"),
+            (DomainEventKind::Started, "booted"),
+            (DomainEventKind::Suspended, "paused"),
+            (DomainEventKind::Stopped, "destroyed"),
+            (DomainEventKind::Undefined, "removed"),
+        ]
+    );
+    e.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn networks() {
+    let e = engine().await;
+    let o = Owner::new("Network", "uid-net", None, "t-iso");
+    let def = NetworkDef {
+        name: "t-iso".into(),
+        mode: NetworkMode::Isolated,
+        bridge: Some("vktiso0".into()),
+        ip: Some(IpDef {
+            address: "10.97.0.1".into(),
+            prefix: 24,
+            dhcp: vec![],
+        }),
+        owner: o.clone(),
+    };
+    e.network_define(&def).await.unwrap();
+    let obs = e.network_observe("t-iso").await.unwrap().unwrap();
+    assert_eq!(obs.owner.as_ref(), Some(&o), "network <metadata> is kept");
+    assert!(!obs.active);
+    e.network_start("t-iso", &o).await.unwrap();
+    e.network_set_autostart("t-iso", &o, true).await.unwrap();
+    let obs = e.network_observe("t-iso").await.unwrap().unwrap();
+    assert!(obs.active && obs.autostart);
+    assert_eq!(obs.bridge.as_deref(), Some("vktiso0"));
+    assert_eq!(obs.mode, NetworkMode::Isolated);
+    // The driver's own `default` network is not ours.
+    assert!(
+        e.network_stop("default", &o)
+            .await
+            .unwrap_err()
+            .is_not_owned()
+    );
+    e.network_stop("t-iso", &o).await.unwrap();
+    e.network_undefine("t-iso", &o).await.unwrap();
+    assert!(e.network_observe("t-iso").await.unwrap().is_none());
+    e.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn pools_and_volumes() {
+    let e = engine().await;
+    let o = Owner::new("StoragePool", "uid-pool", None, "t-pool");
+    let dir = tempfile::tempdir().unwrap();
+    let def = PoolDef::dir("t-pool", dir.path().join("p").to_str().unwrap(), o.clone());
+    e.pool_define(&def).await.unwrap();
+    assert_eq!(
+        e.pool_observe("t-pool")
+            .await
+            .unwrap()
+            .unwrap()
+            .owner
+            .as_ref(),
+        Some(&o)
+    );
+    e.pool_build("t-pool", &o).await.unwrap();
+    e.pool_start("t-pool", &o).await.unwrap();
+    e.pool_set_autostart("t-pool", &o, true).await.unwrap();
+    let p = e.pool_observe("t-pool").await.unwrap().unwrap();
+    assert_eq!(p.state, PoolState::Running);
+    assert!(p.autostart && p.capacity > 0);
+    assert!(
+        e.pool_stop("default-pool", &o)
+            .await
+            .unwrap_err()
+            .is_not_owned()
+    );
+
+    let base = e
+        .volume_create(
+            "t-pool",
+            &VolumeDef {
+                name: "t.base".into(),
+                capacity_bytes: 64 << 20,
+                format: VolumeFormat::Qcow2,
+                backing_volume: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(base.capacity, 64 << 20);
+    assert!(!base.key.is_empty());
+    let clone = e
+        .volume_clone(
+            "t-pool",
+            &VolumeDef {
+                name: "t.clone".into(),
+                capacity_bytes: 64 << 20,
+                format: VolumeFormat::Qcow2,
+                backing_volume: None,
+            },
+            "t.base",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        e.volume_lookup_key(&clone.key).await.unwrap().unwrap().name,
+        "t.clone"
+    );
+    assert_eq!(
+        e.volume_lookup_path(&clone.path)
+            .await
+            .unwrap()
+            .unwrap()
+            .name,
+        "t.clone"
+    );
+    let mut names = e.volume_list("t-pool").await.unwrap();
+    names.sort();
+    assert_eq!(names, vec!["t.base", "t.clone"]);
+
+    assert!(matches!(
+        e.volume_delete("t-pool", "t.clone", "/some/other/key")
+            .await,
+        Err(EngineError::VolumeKeyMismatch { .. })
+    ));
+    e.volume_delete("t-pool", "t.clone", &clone.key)
+        .await
+        .unwrap();
+    e.volume_delete("t-pool", "t.base", &base.key)
+        .await
+        .unwrap();
+    assert!(
+        e.volume_observe("t-pool", "t.base")
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    e.pool_stop("t-pool", &o).await.unwrap();
+    e.pool_undefine("t-pool", &o).await.unwrap();
+    assert!(e.pool_observe("t-pool").await.unwrap().is_none());
+    e.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn closed_engine_refuses_calls() {
+    let e = engine().await;
+    let e2 = e.clone();
+    assert!(e.ping().await.unwrap());
+    e.close().await.unwrap();
+    assert!(matches!(
+        e2.domain_list().await,
+        Err(EngineError::Closed { .. })
+    ));
+    // Closing twice is fine.
+    e.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn bad_uri_fails_fast() {
+    let err = Engine::connect("nonexistent:///nowhere", EngineConfig::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, EngineError::ConnectionLost { .. }), "{err}");
+}
