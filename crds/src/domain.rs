@@ -197,7 +197,7 @@ pub enum UpdatePolicy {
     {"rule": "!has(self.maxVcpus) || self.maxVcpus >= self.vcpus", "message": "maxVcpus must be at least vcpus"},
     {"rule": "!has(self.pinning) || self.pinning.all(p, p.vcpu < (has(self.maxVcpus) ? self.maxVcpus : self.vcpus))", "message": "every pinned vcpu index must be below maxVcpus (or vcpus when maxVcpus is unset)"},
     {"rule": "!has(self.topology) || self.topology.sockets * self.topology.cores * self.topology.threads == (has(self.maxVcpus) ? self.maxVcpus : self.vcpus)", "message": "topology sockets x cores x threads must equal maxVcpus (or vcpus when maxVcpus is unset)"},
-    {"rule": "!has(self.model) || self.mode == 'custom'", "message": "model needs mode custom"}
+    {"rule": "!has(self.model) || (has(self.mode) && self.mode == 'custom')", "message": "model needs mode custom"}
 ]))]
 pub struct CpuSpec {
     /// vCPUs online now (libvirt `<vcpu current=…>`). Can change live up to `maxVcpus`.

@@ -450,15 +450,14 @@ fn typed<T: DeserializeOwned>(document: Value) -> Result<T, (String, String)> {
 fn metadata_problems(document: &Value, namespaced: bool) -> Vec<(Option<String>, String)> {
     let mut problems = Vec::new();
     let field = |f: &str| Some(f.to_string());
-    let name = document.pointer("/metadata/name").and_then(Value::as_str);
-    let name_pattern = regex::Regex::new(crate::names::OBJECT_NAME_PATTERN)
-        .expect("the object name pattern compiles");
-    match name {
-        None | Some("") => problems.push((field("metadata.name"), "required field is missing".to_string())),
-        Some(n) if n.len() > 253 || !name_pattern.is_match(n) => {
-            problems.push((field("metadata.name"), format!("`{n}` is not a valid name: lower-case letters, digits, `-` and `.`, starting and ending with a letter or digit")))
-        }
-        Some(_) => {}
+    match document.pointer("/metadata/name") {
+        None | Some(Value::Null) => problems.push((field("metadata.name"), "required field is missing".to_string())),
+        Some(Value::String(n)) if !crate::names::is_object_name(n) => problems.push((
+            field("metadata.name"),
+            format!("`{n}` is not a valid name: lower-case letters, digits, `-` and `.`, starting and ending with a letter or digit"),
+        )),
+        Some(Value::String(_)) => {}
+        Some(other) => problems.push((field("metadata.name"), format!("must be a string, found {other}: quote it"))),
     }
     match (
         document
@@ -470,16 +469,10 @@ fn metadata_problems(document: &Value, namespaced: bool) -> Vec<(Option<String>,
             field("metadata.namespace"),
             "this kind is cluster-scoped: remove namespace".to_string(),
         )),
-        (Some(ns), true)
-            if ns.len() > 63
-                || !regex::Regex::new(crate::names::DNS_LABEL_PATTERN)
-                    .is_ok_and(|re| re.is_match(ns)) =>
-        {
-            problems.push((
-                field("metadata.namespace"),
-                format!("`{ns}` is not a valid namespace (a DNS label)"),
-            ))
-        }
+        (Some(ns), true) if !crate::names::is_dns_label(ns) => problems.push((
+            field("metadata.namespace"),
+            format!("`{ns}` is not a valid namespace (a DNS label)"),
+        )),
         _ => {}
     }
     problems

@@ -29,6 +29,23 @@ pub fn is_clean_absolute_path(path: &str) -> bool {
     path.starts_with('/') && !path.contains('\0') && path.split('/').all(|c| c != ".." && c != ".")
 }
 
+/// Whether `text` is a DNS-1123 label ([`DNS_LABEL_PATTERN`], at most 63 characters).
+pub fn is_dns_label(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 63
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        && bytes[0] != b'-'
+        && bytes[bytes.len() - 1] != b'-'
+}
+
+/// Whether `text` is a Kubernetes object name ([`OBJECT_NAME_PATTERN`], at most 253 characters).
+pub fn is_object_name(text: &str) -> bool {
+    text.len() <= 253 && text.split('.').all(is_dns_label)
+}
+
 /// The libvirt name of a namespaced object: `<namespace>.<name>`.
 pub fn host_name(namespace: Option<&str>, name: &str) -> String {
     match namespace {

@@ -56,7 +56,12 @@ pub struct VolumeSpec {
     pub format: VolumeFormat,
     /// Where the initial data comes from; unset means an empty volume. Immutable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self == oldSelf", "message": "source is immutable"}]))]
+    // The exactly-one rule lives here rather than on VolumeSource: a field's extension replaces
+    // its type's list of rules instead of adding to it.
+    #[schemars(extend("x-kubernetes-validations" = [
+        {"rule": "has(self.volume) != has(self.backingVolume)", "message": "set exactly one of volume (a full clone) and backingVolume (copy-on-write)"},
+        {"rule": "self == oldSelf", "message": "source is immutable"}
+    ]))]
     pub source: Option<VolumeSource>,
     /// What happens to the data when this Volume is deleted: `Retain` (default: the image
     /// stays on disk, and a new Volume with the same namespace and name adopts it again) or
@@ -90,12 +95,9 @@ impl VolumeFormat {
     }
 }
 
-/// Where a volume's initial data comes from. Set at most one field.
+/// Where a volume's initial data comes from. Set exactly one field.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
-#[schemars(extend("x-kubernetes-validations" = [
-    {"rule": "has(self.volume) != has(self.backingVolume)", "message": "set exactly one of volume (a full clone) and backingVolume (copy-on-write)"}
-]))]
 pub struct VolumeSource {
     /// A full copy of another Volume in this namespace (`virsh vol-clone`).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -1,0 +1,206 @@
+//! virtkube's own cross-field rules: the same ones as the CEL rules (which Kubernetes 1.24
+//! drops) plus those CEL cannot express (quantities, cpuset meaning, addresses).
+
+use serde_json::{Value, json};
+use virtkube_crds::validation::Validate;
+use virtkube_crds::{DomainSpec, NetworkSpec, StoragePoolSpec, VolumeSpec};
+
+fn errors<T: Validate + serde::de::DeserializeOwned>(spec: Value) -> Vec<String> {
+    let spec: T = serde_json::from_value(spec).unwrap();
+    spec.validate()
+        .0
+        .into_iter()
+        .map(|e| e.to_string())
+        .collect()
+}
+
+fn assert_one<T: Validate + serde::de::DeserializeOwned>(spec: Value, expected: Option<&str>) {
+    let found = errors::<T>(spec.clone());
+    match expected {
+        None => assert!(found.is_empty(), "{spec}: unexpected {found:?}"),
+        Some(text) => assert!(
+            found.iter().any(|e| e.contains(text)),
+            "{spec}: expected `{text}` in {found:?}"
+        ),
+    }
+}
+
+#[test]
+fn domain_rules() {
+    let m = json!({"size": "1Gi"});
+    let cases: Vec<(Value, Option<&str>)> = vec![
+        (json!({"memory": m}), None),
+        (
+            json!({"memory": {"size": "0"}}),
+            Some("spec.memory.size: must be more than 0"),
+        ),
+        (
+            json!({"memory": {"size": "1000"}}),
+            Some("whole number of KiB"),
+        ),
+        (
+            json!({"memory": {"size": "2Gi", "max": "1Gi"}}),
+            Some("spec.memory.max: max 1Gi is below size 2Gi"),
+        ),
+        (
+            json!({"memory": {"size": "0.5"}}),
+            Some("not a whole number of bytes"),
+        ),
+        (
+            json!({"memory": {"size": "3Mi", "hugepages": {"pageSize": "2Mi"}}}),
+            Some("multiple of the hugepage size 2Mi"),
+        ),
+        (
+            json!({"memory": {"size": "4Mi", "hugepages": {"pageSize": "3Mi"}}}),
+            Some("power of two"),
+        ),
+        (
+            json!({"memory": m, "cpu": {"vcpus": 4, "maxVcpus": 2}}),
+            Some("maxVcpus 2 is below vcpus 4"),
+        ),
+        (
+            json!({"memory": m, "cpu": {"vcpus": 2, "pinning": [{"vcpu": 2, "cpuset": "0"}]}}),
+            Some("spec.cpu.pinning[vcpu=2]: vcpu 2 does not exist: indices run from 0 to 1"),
+        ),
+        (
+            json!({"memory": m, "cpu": {"vcpus": 2, "pinning": [{"vcpu": 0, "cpuset": "0"}, {"vcpu": 0, "cpuset": "1"}]}}),
+            Some("vcpu 0 is pinned twice"),
+        ),
+        (
+            json!({"memory": m, "cpu": {"vcpus": 1, "emulatorCpuset": "3-1"}}),
+            Some("spec.cpu.emulatorCpuset: cpuset range `3-1` runs backwards"),
+        ),
+        (
+            json!({"memory": m, "cpu": {"vcpus": 4, "topology": {"sockets": 2, "cores": 1, "threads": 1}}}),
+            Some("sockets x cores x threads is 2, but maxVcpus is 4"),
+        ),
+        (
+            json!({"memory": m, "cpu": {"vcpus": 1, "model": "Haswell"}}),
+            Some("model needs mode custom"),
+        ),
+        (
+            json!({"memory": m, "runStrategy": "Halted", "state": "Paused"}),
+            Some("runStrategy Halted keeps the domain stopped"),
+        ),
+        (
+            json!({"memory": m, "runStrategy": "RerunOnFailure", "state": "Stopped"}),
+            Some("state Stopped needs runStrategy Halted or Manual"),
+        ),
+        (
+            json!({"memory": m, "os": {"initrd": "/boot/initrd"}}),
+            Some("initrd and cmdline need kernel"),
+        ),
+        (
+            json!({"memory": m, "os": {"kernel": "/boot/../etc/passwd"}}),
+            Some("spec.os.kernel: must be an absolute path without"),
+        ),
+        (
+            json!({"memory": m, "os": {"boot": ["hd", "hd"]}}),
+            Some("Hd is listed twice"),
+        ),
+        (
+            json!({"memory": m, "disks": [{"name": "a", "volume": "v"}, {"name": "a", "volume": "w"}]}),
+            Some("duplicate name `a`"),
+        ),
+        (
+            json!({"memory": m, "disks": [{"name": "a"}]}),
+            Some("set exactly one of volume and hostPath"),
+        ),
+        (
+            json!({"memory": m, "disks": [{"name": "a", "volume": "v", "bus": "sata", "target": "vda"}]}),
+            Some("`vda` does not match bus Sata"),
+        ),
+        (
+            json!({"memory": m, "disks": [{"name": "a", "volume": "v", "target": "vda"}, {"name": "b", "volume": "w", "target": "vda"}]}),
+            Some("duplicate target `vda`"),
+        ),
+        (
+            json!({"memory": m, "interfaces": [{"name": "a", "network": "n", "macAddress": "52:54:00:00:00:01"}, {"name": "b", "network": "n", "macAddress": "52:54:00:00:00:01"}]}),
+            Some("duplicate macAddress"),
+        ),
+        (
+            json!({"memory": m, "migration": {"bandwidth": "fast"}}),
+            Some("spec.migration.bandwidth"),
+        ),
+    ];
+    for (spec, expected) in cases {
+        assert_one::<DomainSpec>(spec, expected);
+    }
+}
+
+#[test]
+fn volume_rules() {
+    assert_one::<VolumeSpec>(json!({"pool": "p", "capacity": "1Gi"}), None);
+    assert_one::<VolumeSpec>(
+        json!({"pool": "p"}),
+        Some("spec.capacity: is required unless the volume is a clone"),
+    );
+    assert_one::<VolumeSpec>(json!({"pool": "p", "source": {"volume": "b"}}), None);
+    assert_one::<VolumeSpec>(
+        json!({"pool": "p", "capacity": "0"}),
+        Some("must be more than 0"),
+    );
+    assert_one::<VolumeSpec>(
+        json!({"pool": "p", "capacity": "1Gi", "format": "raw", "source": {"backingVolume": "b"}}),
+        Some("needs format qcow2"),
+    );
+    assert_one::<VolumeSpec>(
+        json!({"pool": "p", "capacity": "1Gi", "source": {}}),
+        Some("set exactly one of volume"),
+    );
+}
+
+#[test]
+fn network_rules() {
+    let nat = |ip: Value| json!({"mode": "nat", "ip": ip});
+    assert_one::<NetworkSpec>(
+        nat(
+            json!({"address": "192.168.150.1", "prefix": 24, "dhcp": {"ranges": [{"start": "192.168.150.100", "end": "192.168.150.199"}]}}),
+        ),
+        None,
+    );
+    assert_one::<NetworkSpec>(
+        json!({"mode": "nat"}),
+        Some("modes nat, route and open need ip"),
+    );
+    assert_one::<NetworkSpec>(json!({"mode": "bridge"}), Some("set bridge"));
+    assert_one::<NetworkSpec>(
+        nat(json!({"address": "192.168.150.0", "prefix": 24})),
+        Some("is the network or broadcast address"),
+    );
+    assert_one::<NetworkSpec>(
+        nat(
+            json!({"address": "192.168.150.1", "prefix": 24, "dhcp": {"ranges": [{"start": "192.168.150.200", "end": "192.168.150.100"}]}}),
+        ),
+        Some("is after end"),
+    );
+    assert_one::<NetworkSpec>(
+        nat(
+            json!({"address": "192.168.150.1", "prefix": 24, "dhcp": {"ranges": [{"start": "192.168.151.2", "end": "192.168.151.9"}]}}),
+        ),
+        Some("is outside 192.168.150.0/24"),
+    );
+    assert_one::<NetworkSpec>(
+        nat(
+            json!({"address": "192.168.150.1", "prefix": 24, "dhcp": {"ranges": [{"start": "192.168.150.1", "end": "192.168.150.9"}]}}),
+        ),
+        Some("includes the host's own address"),
+    );
+}
+
+#[test]
+fn pool_rules() {
+    assert_one::<StoragePoolSpec>(
+        json!({"type": "dir", "target": {"path": "/var/lib/x"}}),
+        None,
+    );
+    assert_one::<StoragePoolSpec>(json!({"type": "dir"}), Some("a dir pool needs target.path"));
+    assert_one::<StoragePoolSpec>(
+        json!({"type": "dir", "target": {"path": "/var/../etc"}}),
+        Some("without `.` or `..`"),
+    );
+    assert_one::<StoragePoolSpec>(
+        json!({"type": "netfs", "target": {"path": "/mnt"}}),
+        Some("needs source.host and source.dir"),
+    );
+}
