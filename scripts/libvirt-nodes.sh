@@ -1,0 +1,197 @@
+#!/bin/bash
+# Two private libvirtd "nodes" (A and B) on one machine for virtkube's real-libvirt tests:
+# QEMU under TCG (no KVM needed), no systemd. Each daemon runs in its own network namespace
+# (A = 10.99.0.1, B = 10.99.0.2 on a veth pair) and mount namespace (its own /etc/libvirt,
+# /run/libvirt, /var/lib/libvirt, /var/log/libvirt, /var/cache/libvirt), with its own socket
+# and host_uuid, so the two can live-migrate guests to each other.
+#
+# Usage (as root):
+#   scripts/libvirt-nodes.sh up   [DIR]   # installs packages if missing, starts A and B,
+#                                         # writes DIR/env (source it before the tests)
+#   scripts/libvirt-nodes.sh down [DIR]   # destroys guests and networks, stops the daemons,
+#                                         # deletes the namespaces; safe to repeat
+#   scripts/libvirt-nodes.sh status [DIR]
+# DIR defaults to ${VIRTKUBE_NODES_DIR:-/tmp/virtkube-libvirt-nodes}.
+set -euo pipefail
+
+CMD=${1:-}
+W=${2:-${VIRTKUBE_NODES_DIR:-/tmp/virtkube-libvirt-nodes}}
+NS_A=vkA NS_B=vkB VETH_A=vkvethA VETH_B=vkvethB
+ADDR_A=10.99.0.1 ADDR_B=10.99.0.2
+UUID_A=5a5a5a5a-0000-4000-8000-0000000000a1
+UUID_B=5a5a5a5a-0000-4000-8000-0000000000b1
+
+ms() { echo $(( ($(date +%s%N) - $1) / 1000000 )); }
+log() { echo "libvirt-nodes: $*" >&2; }
+uri_of() { echo "qemu:///system?socket=$W/$1/sock/libvirt-sock"; }
+
+install_packages() {
+  local need="libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev qemu-system-x86 iptables dnsmasq-base iproute2 util-linux"
+  local missing=""
+  for p in $need; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+  done
+  [ -z "$missing" ] && return 0
+  log "installing:$missing"
+  apt-get update -qq
+  # qemu-utils pinned to bookworm's 7.2: a preinstalled bookworm-backports qemu-utils 10.x
+  # Breaks qemu-system-common < 8.0 and would be removed. libvirt-daemon-system is avoided
+  # on purpose (it pulls in systemd).
+  local qu
+  qu=$(apt-cache madison qemu-utils | awk '/bookworm\/main/{print $3; exit}')
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends --allow-downgrades \
+    $missing ${qu:+"qemu-utils=$qu"}
+}
+
+host_prereqs() {
+  [ "$(id -u)" = 0 ] || { log "must run as root"; exit 1; }
+  install_packages
+  # libvirtd's QEMU driver resolves its compiled-in default user before reading qemu.conf.
+  getent group libvirt-qemu >/dev/null || groupadd --system libvirt-qemu
+  getent passwd libvirt-qemu >/dev/null || useradd --system -g libvirt-qemu -d /var/lib/libvirt -s /usr/sbin/nologin libvirt-qemu
+  mkdir -p /etc/libvirt /run/libvirt /var/lib/libvirt /var/log/libvirt /var/cache/libvirt
+}
+
+netns_up() {
+  ip netns list | grep -qw "$NS_A" || ip netns add "$NS_A"
+  ip netns list | grep -qw "$NS_B" || ip netns add "$NS_B"
+  if ! ip -n "$NS_A" link show "$VETH_A" >/dev/null 2>&1; then
+    ip link add "$VETH_A" type veth peer name "$VETH_B"
+    ip link set "$VETH_A" netns "$NS_A"
+    ip link set "$VETH_B" netns "$NS_B"
+    ip -n "$NS_A" addr add "$ADDR_A/24" dev "$VETH_A"
+    ip -n "$NS_B" addr add "$ADDR_B/24" dev "$VETH_B"
+  fi
+  for n in "$NS_A" "$NS_B"; do ip -n "$n" link set lo up; done
+  ip -n "$NS_A" link set "$VETH_A" up
+  ip -n "$NS_B" link set "$VETH_B" up
+}
+
+start_node() {  # NAME HOST_UUID NETNS ADDR
+  local N=$1 UUID=$2 NS=$3 ADDR=$4 D=$W/$1
+  if [ -s "$D/libvirtd.pid" ] && kill -0 "$(cat "$D/libvirtd.pid")" 2>/dev/null; then
+    log "node $N already running (pid $(cat "$D/libvirtd.pid"))"
+    return 0
+  fi
+  rm -rf "$D"
+  mkdir -p "$D"/{etc,run,lib,log,cache,sock}
+  cat > "$D/etc/libvirtd.conf" <<EOC
+unix_sock_dir = "$D/sock"
+unix_sock_ro_perms = "0777"
+unix_sock_rw_perms = "0700"
+auth_unix_ro = "none"
+auth_unix_rw = "none"
+listen_tls = 0
+listen_tcp = 0
+host_uuid = "$UUID"
+log_outputs = "3:file:$D/libvirtd.log"
+EOC
+  cat > "$D/etc/qemu.conf" <<EOC
+user = "root"
+group = "root"
+security_driver = "none"
+dynamic_ownership = 0
+remember_owner = 0
+namespaces = [ ]
+cgroup_controllers = [ ]
+stdio_handler = "file"
+migration_address = "$ADDR"
+migration_host = "$ADDR"
+EOC
+  # A pre-seeded QEMU capabilities cache saves the 7-8 s probe on first connect.
+  [ -d "$W/capscache" ] && cp -a "$W/capscache" "$D/cache/qemu"
+  local t0; t0=$(date +%s%N)
+  setsid ip netns exec "$NS" unshare -m --propagation private bash -c "
+    mount --bind $D/etc   /etc/libvirt
+    mount --bind $D/run   /run/libvirt
+    mount --bind $D/lib   /var/lib/libvirt
+    mount --bind $D/log   /var/log/libvirt
+    mount --bind $D/cache /var/cache/libvirt
+    exec libvirtd -f $D/etc/libvirtd.conf -p $D/libvirtd.pid" > "$D/stdout.log" 2>&1 < /dev/null &
+  disown || true
+  for _ in $(seq 400); do
+    [ -S "$D/sock/libvirt-sock" ] && [ -s "$D/libvirtd.pid" ] && break
+    sleep 0.05
+  done
+  [ -S "$D/sock/libvirt-sock" ] || { log "node $N: libvirtd did not start; see $D/stdout.log $D/libvirtd.log"; cat "$D/stdout.log" >&2; exit 1; }
+  log "node $N: libvirtd pid $(cat "$D/libvirtd.pid") socket ready after $(ms "$t0") ms"
+  local t1; t1=$(date +%s%N)
+  virsh -c "$(uri_of "$N")" version >/dev/null
+  log "node $N: first connect (QEMU capabilities) $(ms "$t1") ms"
+  [ -d "$W/capscache" ] || cp -a "$D/cache/qemu" "$W/capscache"
+}
+
+stop_node() {
+  local N=$1 D=$W/$1 U P
+  U=$(uri_of "$N")
+  if [ -S "$D/sock/libvirt-sock" ] && [ -s "$D/libvirtd.pid" ] && kill -0 "$(cat "$D/libvirtd.pid")" 2>/dev/null; then
+    for d in $(virsh -c "$U" list --name 2>/dev/null); do virsh -c "$U" destroy "$d" >/dev/null 2>&1 || true; done
+    # dnsmasq outlives libvirtd otherwise.
+    for n in $(virsh -c "$U" net-list --name 2>/dev/null); do virsh -c "$U" net-destroy "$n" >/dev/null 2>&1 || true; done
+    for p in $(virsh -c "$U" pool-list --name 2>/dev/null); do virsh -c "$U" pool-destroy "$p" >/dev/null 2>&1 || true; done
+  fi
+  # Guests whose daemon is already gone: their QEMU pid files live in this node's run dir.
+  for pf in "$D"/run/qemu/*.pid; do
+    [ -s "$pf" ] || continue
+    kill -KILL "$(cat "$pf")" 2>/dev/null || true
+  done
+  if [ -s "$D/libvirtd.pid" ]; then
+    P=$(cat "$D/libvirtd.pid")
+    if kill -TERM "$P" 2>/dev/null; then
+      for _ in $(seq 100); do kill -0 "$P" 2>/dev/null || break; sleep 0.1; done
+      kill -KILL "$P" 2>/dev/null || true
+      log "node $N: libvirtd $P stopped"
+    fi
+    rm -f "$D/libvirtd.pid"
+  fi
+}
+
+write_env() {
+  cat > "$W/env" <<EOE
+# Written by scripts/libvirt-nodes.sh up; source with: set -a; . $W/env; set +a
+VIRTKUBE_TEST_NODES_DIR=$W
+VIRTKUBE_TEST_NODE_A_URI=$(uri_of A)
+VIRTKUBE_TEST_NODE_B_URI=$(uri_of B)
+VIRTKUBE_TEST_NODE_A_P2P_URI=qemu+unix:///system?socket=$W/A/sock/libvirt-sock
+VIRTKUBE_TEST_NODE_B_P2P_URI=qemu+unix:///system?socket=$W/B/sock/libvirt-sock
+VIRTKUBE_TEST_NODE_A_MIGRATION_URI=tcp://$ADDR_A
+VIRTKUBE_TEST_NODE_B_MIGRATION_URI=tcp://$ADDR_B
+EOE
+}
+
+case "$CMD" in
+  up)
+    host_prereqs
+    mkdir -p "$W"
+    netns_up
+    start_node A "$UUID_A" "$NS_A" "$ADDR_A"
+    start_node B "$UUID_B" "$NS_B" "$ADDR_B"
+    write_env
+    log "ready; env in $W/env"
+    cat "$W/env"
+    ;;
+  down)
+    [ "$(id -u)" = 0 ] || { log "must run as root"; exit 1; }
+    set +e
+    stop_node A
+    stop_node B
+    ip netns del "$NS_A" 2>/dev/null
+    ip netns del "$NS_B" 2>/dev/null
+    rm -f "$W/env"
+    log "down"
+    ;;
+  status)
+    for N in A B; do
+      if [ -s "$W/$N/libvirtd.pid" ] && kill -0 "$(cat "$W/$N/libvirtd.pid")" 2>/dev/null; then
+        echo "node $N: running, pid $(cat "$W/$N/libvirtd.pid"), $(uri_of $N)"
+        virsh -c "$(uri_of $N)" list --all 2>/dev/null | sed 's/^/  /'
+      else
+        echo "node $N: stopped"
+      fi
+    done
+    ;;
+  *)
+    echo "usage: $0 up|down|status [DIR]" >&2
+    exit 2
+    ;;
+esac
