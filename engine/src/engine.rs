@@ -572,13 +572,12 @@ impl Engine {
                 released: AtomicBool::new(false),
             };
             // From here on, dropping `handle` closes the connection properly.
-            if cfg.keepalive_interval_secs > 0 {
-                if let Err(e) = handle
+            if cfg.keepalive_interval_secs > 0
+                && let Err(e) = handle
                     .conn()
                     .set_keep_alive(cfg.keepalive_interval_secs, cfg.keepalive_count)
-                {
-                    tracing::debug!(error = %e, "keepalive not supported on this connection");
-                }
+            {
+                tracing::debug!(error = %e, "keepalive not supported on this connection");
             }
             // SAFETY: the flag is an Arc leaked into libvirt and freed by free_lost_flag.
             unsafe {
@@ -625,10 +624,10 @@ impl Engine {
                     return;
                 }
                 let engine = Engine { inner };
-                if engine.healthy().is_none() {
-                    if let Err(e) = engine.connection().await {
-                        tracing::debug!(error = %e, "watchdog reconnect failed; will retry");
-                    }
+                if engine.healthy().is_none()
+                    && let Err(e) = engine.connection().await
+                {
+                    tracing::debug!(error = %e, "watchdog reconnect failed; will retry");
                 }
             }
         });

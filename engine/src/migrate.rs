@@ -1,9 +1,10 @@
 //! Live migration (peer-to-peer), its progress, and cancelling it.
 
+use std::os::raw::{c_int, c_uint};
 use std::time::{Duration, Instant};
 
 use virt::connect::Connect;
-use virt::domain::MigrateParameters;
+use virt::domain::{Domain, MigrateParameters};
 use virt::sys;
 
 use crate::domain::{lookup, lookup_owned};
@@ -122,17 +123,56 @@ pub struct JobProgress {
     pub downtime_ms: Option<u64>,
 }
 
-fn progress(s: virt::domain::JobStats) -> Option<JobProgress> {
-    (s.r#type != 0).then_some(JobProgress {
-        job_type: s.r#type,
-        operation: s.operation,
-        elapsed_ms: s.time_elapsed,
-        data_total: s.data_total,
-        data_processed: s.data_processed,
-        data_remaining: s.data_remaining,
-        mem_bps: s.mem_bps,
-        downtime_ms: s.downtime,
-    })
+/// `virDomainGetJobStats` read directly: `virt`'s wrapper builds a `Vec` from libvirt's
+/// allocation (a null pointer when there is no job, and a buffer Rust must not free).
+pub(crate) fn job_stats(
+    dom: &Domain,
+    call: &'static str,
+    flags: u32,
+) -> Result<Option<JobProgress>> {
+    let mut job_type: c_int = 0;
+    let mut params: sys::virTypedParameterPtr = std::ptr::null_mut();
+    let mut n: c_int = 0;
+    // SAFETY: out-parameters are valid; libvirt allocates `params`, freed below.
+    let r = unsafe {
+        sys::virDomainGetJobStats(
+            dom.as_ptr(),
+            &mut job_type,
+            &mut params,
+            &mut n,
+            flags as c_uint,
+        )
+    };
+    if r < 0 {
+        return Err(EngineError::libvirt(call, virt::error::Error::last_error()));
+    }
+    let ull = |name: &std::ffi::CStr| -> Option<u64> {
+        let mut v: u64 = 0;
+        // SAFETY: params/n come from libvirt; a null params with n == 0 finds nothing.
+        let found = unsafe { sys::virTypedParamsGetULLong(params, n, name.as_ptr(), &mut v) };
+        (found == 1).then_some(v)
+    };
+    let int = |name: &std::ffi::CStr| -> Option<i32> {
+        let mut v: c_int = 0;
+        // SAFETY: as above.
+        let found = unsafe { sys::virTypedParamsGetInt(params, n, name.as_ptr(), &mut v) };
+        (found == 1).then_some(v)
+    };
+    let out = (job_type != 0).then(|| JobProgress {
+        job_type,
+        operation: int(sys::VIR_DOMAIN_JOB_OPERATION),
+        elapsed_ms: ull(sys::VIR_DOMAIN_JOB_TIME_ELAPSED),
+        data_total: ull(sys::VIR_DOMAIN_JOB_DATA_TOTAL),
+        data_processed: ull(sys::VIR_DOMAIN_JOB_DATA_PROCESSED),
+        data_remaining: ull(sys::VIR_DOMAIN_JOB_DATA_REMAINING),
+        mem_bps: ull(sys::VIR_DOMAIN_JOB_MEMORY_BPS),
+        downtime_ms: ull(sys::VIR_DOMAIN_JOB_DOWNTIME),
+    });
+    if !params.is_null() {
+        // SAFETY: frees libvirt's allocation exactly once.
+        unsafe { sys::virTypedParamsFree(params, n) };
+    }
+    Ok(out)
 }
 
 /// Closes a short-lived connection without `Connect`'s panicking `Drop`.
@@ -181,8 +221,10 @@ impl Engine {
             match Connect::open(Some(client_uri)) {
                 Ok(dest) => {
                     if let Ok(ddom) = dest.lookup_domain_by_name(&name) {
-                        if let Ok(s) = ddom.job_stats(sys::VIR_DOMAIN_JOB_STATS_COMPLETED) {
-                            outcome.downtime_ms = s.downtime;
+                        if let Ok(Some(s)) =
+                            job_stats(&ddom, CALL, sys::VIR_DOMAIN_JOB_STATS_COMPLETED)
+                        {
+                            outcome.downtime_ms = s.downtime_ms;
                             outcome.data_total = s.data_total;
                         }
                         if opts.restore_autostart && autostart && opts.persistent {
@@ -208,9 +250,7 @@ impl Engine {
         let name = name.to_string();
         self.call(CallClass::Query, "domain_job_progress", move |c| {
             let dom = lookup(c, "domain_job_progress", &name)?;
-            Ok(progress(
-                dom.job_stats(0).map_err(lv("domain_job_progress"))?,
-            ))
+            job_stats(&dom, "domain_job_progress", 0)
         })
         .await
     }
@@ -220,10 +260,11 @@ impl Engine {
         let name = name.to_string();
         self.call(CallClass::Query, "domain_completed_job", move |c| {
             let dom = lookup(c, "domain_completed_job", &name)?;
-            Ok(progress(
-                dom.job_stats(sys::VIR_DOMAIN_JOB_STATS_COMPLETED)
-                    .map_err(lv("domain_completed_job"))?,
-            ))
+            job_stats(
+                &dom,
+                "domain_completed_job",
+                sys::VIR_DOMAIN_JOB_STATS_COMPLETED,
+            )
         })
         .await
     }

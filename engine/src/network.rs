@@ -109,10 +109,10 @@ impl Engine {
             o.active = net.is_active().map_err(lv(CALL))?;
             o.persistent = net.is_persistent().map_err(lv(CALL))?;
             o.autostart = net.autostart().map_err(lv(CALL))?;
-            if o.active {
-                if let Ok(b) = net.bridge_name() {
-                    o.bridge = Some(b);
-                }
+            if o.active
+                && let Ok(b) = net.bridge_name()
+            {
+                o.bridge = Some(b);
             }
             Ok(Some(o))
         })

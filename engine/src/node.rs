@@ -17,11 +17,11 @@ impl Engine {
             const CALL: &str = "node_info";
             let info = c.node_info().map_err(lv(CALL))?;
             let mut caps = Capabilities::from_xml(&c.capabilities().map_err(lv(CALL))?)?;
-            if !caps.cells.is_empty() {
-                if let Ok(free) = c.cells_free_memory(0, caps.cells.len() as i32) {
-                    for (cell, f) in caps.cells.iter_mut().zip(free) {
-                        cell.free_bytes = f;
-                    }
+            if !caps.cells.is_empty()
+                && let Ok(free) = c.cells_free_memory(0, caps.cells.len() as i32)
+            {
+                for (cell, f) in caps.cells.iter_mut().zip(free) {
+                    cell.free_bytes = f;
                 }
             }
             Ok(NodeObserved {

@@ -265,10 +265,10 @@ async fn events_for_lifecycle_changes() {
             .await
             .expect("events arrive")
             .expect("stream open");
-        if let EngineEvent::Domain(d) = ev {
-            if d.name == "t.ev" {
-                seen.push((d.kind, d.detail));
-            }
+        if let EngineEvent::Domain(d) = ev
+            && d.name == "t.ev"
+        {
+            seen.push((d.kind, d.detail));
         }
     }
     assert_eq!(

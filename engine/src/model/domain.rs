@@ -255,13 +255,13 @@ impl DomainDef {
                 return Err(format!("vCPU {} is pinned twice", p.vcpu));
             }
         }
-        if let Some(t) = self.cpu.as_ref().and_then(|c| c.topology) {
-            if t.sockets * t.cores * t.threads != self.max_vcpus {
-                return Err(format!(
-                    "topology {}×{}×{} does not equal maxVcpus {}",
-                    t.sockets, t.cores, t.threads, self.max_vcpus
-                ));
-            }
+        if let Some(t) = self.cpu.as_ref().and_then(|c| c.topology)
+            && t.sockets * t.cores * t.threads != self.max_vcpus
+        {
+            return Err(format!(
+                "topology {}×{}×{} does not equal maxVcpus {}",
+                t.sockets, t.cores, t.threads, self.max_vcpus
+            ));
         }
         if !self.os.boot.is_empty() && self.disks.iter().any(|d| d.boot_order.is_some()) {
             return Err("use either os boot devices or per-disk boot order, not both".into());

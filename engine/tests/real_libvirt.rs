@@ -1,0 +1,584 @@
+//! The engine against real private libvirtd daemons running QEMU under TCG.
+//!
+//! Start them first, then run the ignored tests (as root):
+//!
+//! ```sh
+//! scripts/libvirt-nodes.sh up
+//! set -a; . /tmp/virtkube-libvirt-nodes/env; set +a
+//! cargo test -p virtkube-engine --test real_libvirt -- --ignored --test-threads=2
+//! scripts/libvirt-nodes.sh down
+//! ```
+//!
+//! When run without the environment the script writes, these tests fail: they never pass
+//! silently.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::{Stream, StreamExt};
+use virtkube_engine::domain::{Apply, ShutdownOutcome};
+use virtkube_engine::migrate::MigrateOptions;
+use virtkube_engine::model::{
+    DhcpRange, DiskDef, DiskSource, DomainDef, DomainState, InterfaceDef, IpDef, NetworkDef,
+    NetworkMode, PoolDef, PoolState, VcpuPin, VolumeDef, VolumeFormat,
+};
+use virtkube_engine::{
+    CpuSet, DomainEvent, DomainEventKind, Engine, EngineConfig, EngineError, EngineEvent, Owner,
+};
+
+const NEEDS: &str = "needs private libvirtd: scripts/libvirt-nodes.sh up, then --run-ignored";
+
+fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!(
+            "{name} is not set: run `scripts/libvirt-nodes.sh up` then \
+             `set -a; . /tmp/virtkube-libvirt-nodes/env; set +a` before these tests"
+        )
+    })
+}
+
+async fn node(which: &str) -> Engine {
+    let uri = env(&format!("VIRTKUBE_TEST_NODE_{which}_URI"));
+    Engine::connect(&uri, EngineConfig::default())
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to node {which} at {uri}: {e}"))
+}
+
+fn unique(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}{}x{}",
+        std::process::id() % 100_000,
+        N.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+fn owner(name: &str) -> Owner {
+    Owner::new("Domain", format!("uid-{name}"), Some("it"), name)
+}
+
+/// A tiny guest: no OS, 128 MiB, up to 2 vCPUs, no balloon.
+fn tiny(name: &str, o: &Owner) -> DomainDef {
+    let mut d = DomainDef::new(name, o.clone());
+    d.virt_type = "qemu".into();
+    d.vcpus = 1;
+    d.max_vcpus = 2;
+    d.os.machine = Some("pc".into());
+    d.emulator = Some("/usr/bin/qemu-system-x86_64".into());
+    d
+}
+
+fn qemu_pid(name: &str) -> Option<u32> {
+    let needle = format!("guest={name},");
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+        String::from_utf8_lossy(&cmd)
+            .contains(&needle)
+            .then_some(pid)
+    })
+}
+
+/// comm → Cpus_allowed_list of every thread of a process.
+fn thread_affinities(pid: u32) -> HashMap<String, String> {
+    let mut out = HashMap::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        if let Some(l) = status.lines().find(|l| l.starts_with("Cpus_allowed_list:")) {
+            out.insert(
+                comm.trim().to_string(),
+                l.split(':').nth(1).unwrap().trim().to_string(),
+            );
+        }
+    }
+    out
+}
+
+fn vcpu0_affinity(name: &str) -> CpuSet {
+    let pid = qemu_pid(name).expect("QEMU process of the guest");
+    let aff = thread_affinities(pid);
+    aff.get("CPU 0/TCG")
+        .unwrap_or_else(|| panic!("no `CPU 0/TCG` thread in {aff:?}"))
+        .parse()
+        .unwrap()
+}
+
+fn virsh(uri: &str, args: &[&str]) {
+    let out = Command::new("virsh")
+        .arg("-c")
+        .arg(uri)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "virsh {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+async fn next_event_for(
+    events: &mut (impl Stream<Item = EngineEvent> + Unpin),
+    name: &str,
+    within: Duration,
+) -> DomainEvent {
+    let until = Instant::now() + within;
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, events.next()).await {
+            Ok(Some(EngineEvent::Domain(d))) if d.name == name => return d,
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("event stream ended"),
+            Err(_) => panic!("no event for {name} within {within:?}"),
+        }
+    }
+}
+
+/// Waits for a specific event of `name`, skipping others (QEMU also emits e.g.
+/// Resumed/unpaused around a start).
+async fn expect_event(
+    events: &mut (impl Stream<Item = EngineEvent> + Unpin),
+    name: &str,
+    kind: DomainEventKind,
+    detail: &str,
+) {
+    let mut seen = Vec::new();
+    let until = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < until {
+        let ev = next_event_for(
+            events,
+            name,
+            until.saturating_duration_since(Instant::now()),
+        )
+        .await;
+        if ev.kind == kind && ev.detail == detail {
+            return;
+        }
+        seen.push((ev.kind, ev.detail));
+    }
+    panic!("no {kind:?}/{detail} event for {name}; saw {seen:?}");
+}
+
+async fn cleanup(e: &Engine, name: &str, o: &Owner) {
+    let _ = e.domain_destroy(name, o).await;
+    let _ = e.domain_undefine(name, o).await;
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs private libvirtd: scripts/libvirt-nodes.sh up, then --run-ignored"]
+async fn define_start_pin_checks_real_thread_affinity() {
+    let _ = NEEDS;
+    let e = node("A").await;
+    let name = unique("vkpin");
+    let o = owner(&name);
+    let mut def = tiny(&name, &o);
+    def.pinning = vec![VcpuPin {
+        vcpu: 0,
+        cpuset: "1".parse().unwrap(),
+    }];
+
+    let t = Instant::now();
+    e.domain_define(&def).await.unwrap();
+    let t_define = t.elapsed();
+    let t = Instant::now();
+    e.domain_start(&name, &o).await.unwrap();
+    let t_start = t.elapsed();
+    assert_eq!(
+        e.domain_state(&name).await.unwrap(),
+        (DomainState::Running, "booted")
+    );
+    assert_eq!(
+        vcpu0_affinity(&name).to_string(),
+        "1",
+        "pin from the XML applied at start"
+    );
+
+    let zero: CpuSet = "0".parse().unwrap();
+    let t = Instant::now();
+    e.domain_pin_vcpu(&name, &o, 0, &zero, Apply::LiveAndConfig)
+        .await
+        .unwrap();
+    let t_pin = t.elapsed();
+    assert_eq!(
+        vcpu0_affinity(&name),
+        zero,
+        "live pin reaches the vCPU thread"
+    );
+    let live = e.domain_vcpu_pin_info(&name, Apply::Live).await.unwrap();
+    assert_eq!(live[0].cpuset, zero);
+    let config = e.domain_vcpu_pin_info(&name, Apply::Config).await.unwrap();
+    assert_eq!(config[0].cpuset, zero);
+
+    let both: CpuSet = "0-1".parse().unwrap();
+    e.domain_pin_emulator(&name, &o, &both, Apply::LiveAndConfig)
+        .await
+        .unwrap();
+    assert_eq!(
+        e.domain_emulator_pin_info(&name, Apply::Live)
+            .await
+            .unwrap(),
+        both
+    );
+
+    let obs = e.domain_observe(&name).await.unwrap().unwrap();
+    assert_eq!(obs.owner.as_ref(), Some(&o));
+    assert_eq!(obs.affinity(0), Some(&zero));
+    assert!(obs.id.is_some());
+    assert_eq!(obs.emulator_cpuset.as_ref(), Some(&both));
+
+    let t = Instant::now();
+    e.domain_destroy(&name, &o).await.unwrap();
+    let t_destroy = t.elapsed();
+    e.domain_undefine(&name, &o).await.unwrap();
+    eprintln!(
+        "real daemon: define {:.1} ms, start {:.1} ms, pin {:.1} ms, destroy {:.1} ms",
+        ms(t_define),
+        ms(t_start),
+        ms(t_pin),
+        ms(t_destroy)
+    );
+    e.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs private libvirtd: scripts/libvirt-nodes.sh up, then --run-ignored"]
+async fn vcpu_hotplug_suspend_resume_and_shutdown_deadline() {
+    let e = node("A").await;
+    let name = unique("vkhot");
+    let o = owner(&name);
+    e.domain_define(&tiny(&name, &o)).await.unwrap();
+    e.domain_start(&name, &o).await.unwrap();
+
+    e.domain_set_vcpus(&name, &o, 2, Apply::Live).await.unwrap();
+    assert_eq!(e.domain_info(&name).await.unwrap().vcpus, 2);
+    let pid = qemu_pid(&name).unwrap();
+    assert!(
+        thread_affinities(pid).contains_key("CPU 1/TCG"),
+        "second vCPU thread exists"
+    );
+    // Config untouched: the next boot has one vCPU again.
+    let inactive = e.domain_xml(&name, true).await.unwrap();
+    assert!(
+        inactive.contains("current='1'") || inactive.contains("current=\"1\""),
+        "{inactive}"
+    );
+
+    e.domain_set_memory(&name, &o, 128 * 1024, Apply::Config)
+        .await
+        .unwrap();
+
+    e.domain_suspend(&name, &o).await.unwrap();
+    assert_eq!(
+        e.domain_state(&name).await.unwrap(),
+        (DomainState::Paused, "user")
+    );
+    e.domain_resume(&name, &o).await.unwrap();
+    assert_eq!(
+        e.domain_state(&name).await.unwrap(),
+        (DomainState::Running, "unpaused")
+    );
+
+    // No OS answers ACPI: the deadline passes and the engine destroys the guest.
+    let t = Instant::now();
+    let out = e
+        .domain_shutdown(&name, &o, Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert_eq!(out, ShutdownOutcome::Destroyed);
+    assert!(t.elapsed() >= Duration::from_secs(2));
+    assert_eq!(e.domain_state(&name).await.unwrap().0, DomainState::Shutoff);
+    cleanup(&e, &name, &o).await;
+    e.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs private libvirtd: scripts/libvirt-nodes.sh up, then --run-ignored"]
+async fn dir_pool_with_qcow2_volumes_attached_to_a_domain() {
+    let e = node("A").await;
+    let pool = unique("vkpool");
+    let po = Owner::new("StoragePool", format!("uid-{pool}"), None, &pool);
+    let dir = tempfile::Builder::new()
+        .prefix("vkpool")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let target = dir.path().join("images");
+    e.pool_define(&PoolDef::dir(&pool, target.to_str().unwrap(), po.clone()))
+        .await
+        .unwrap();
+    e.pool_build(&pool, &po).await.unwrap();
+    assert!(target.is_dir(), "build creates the directory");
+    e.pool_start(&pool, &po).await.unwrap();
+    let p = e.pool_observe(&pool).await.unwrap().unwrap();
+    assert_eq!(p.state, PoolState::Running);
+    assert_eq!(
+        p.owner.as_ref(),
+        Some(&po),
+        "vendor/product mark kept by the dir backend"
+    );
+    assert!(p.capacity > 0 && p.available > 0);
+
+    let vol = |name: &str, mib: u64, backing: Option<&str>| VolumeDef {
+        name: name.into(),
+        capacity_bytes: mib << 20,
+        format: VolumeFormat::Qcow2,
+        backing_volume: backing.map(str::to_string),
+    };
+    let base = e
+        .volume_create(&pool, &vol("it.base", 16, None))
+        .await
+        .unwrap();
+    assert_eq!(base.format, Some(VolumeFormat::Qcow2));
+    assert!(Path::new(&base.path).exists());
+    let clone = e
+        .volume_clone(&pool, &vol("it.clone", 16, None), "it.base")
+        .await
+        .unwrap();
+    let cow = e
+        .volume_create(&pool, &vol("it.cow", 16, Some("it.base")))
+        .await
+        .unwrap();
+    assert_eq!(
+        cow.backing.as_ref().map(|b| b.path.as_str()),
+        Some(base.path.as_str())
+    );
+
+    e.volume_resize(&pool, "it.clone", &clone.key, 32 << 20)
+        .await
+        .unwrap();
+    assert_eq!(
+        e.volume_observe(&pool, "it.clone")
+            .await
+            .unwrap()
+            .unwrap()
+            .capacity,
+        32 << 20
+    );
+    assert!(matches!(
+        e.volume_resize(&pool, "it.clone", &clone.key, 8 << 20)
+            .await,
+        Err(EngineError::InvalidSpec(_))
+    ));
+    assert_eq!(
+        e.volume_lookup_key(&cow.key).await.unwrap().unwrap().name,
+        "it.cow"
+    );
+
+    let name = unique("vkdisk");
+    let o = owner(&name);
+    let mut def = tiny(&name, &o);
+    for (i, v) in ["it.clone", "it.cow"].iter().enumerate() {
+        def.disks.push(DiskDef {
+            name: Some(format!("d{i}")),
+            target_dev: format!("vd{}", (b'a' + i as u8) as char),
+            bus: Some("virtio".into()),
+            source: DiskSource::Volume {
+                pool: pool.clone(),
+                volume: v.to_string(),
+            },
+            read_only: false,
+            boot_order: Some(i as u32 + 1),
+            format: Some("qcow2".into()),
+            device: None,
+        });
+    }
+    e.domain_define(&def).await.unwrap();
+    e.domain_start(&name, &o).await.unwrap();
+    let obs = e.domain_observe(&name).await.unwrap().unwrap();
+    assert_eq!(obs.disks.len(), 2);
+    assert_eq!(obs.disks[1].alias.as_deref(), Some("d1"));
+    assert_eq!(
+        obs.disks[0].source,
+        DiskSource::Volume {
+            pool: pool.clone(),
+            volume: "it.clone".into()
+        }
+    );
+    cleanup(&e, &name, &o).await;
+
+    for (n, v) in [("it.cow", &cow), ("it.clone", &clone), ("it.base", &base)] {
+        e.volume_delete(&pool, n, &v.key).await.unwrap();
+    }
+    e.pool_stop(&pool, &po).await.unwrap();
+    e.pool_delete(&pool, &po).await.unwrap();
+    assert!(!target.exists(), "pool delete removes the directory");
+    e.pool_undefine(&pool, &po).await.unwrap();
+    e.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs private libvirtd: scripts/libvirt-nodes.sh up, then --run-ignored"]
+async fn isolated_network_with_a_guest() {
+    let e = node("A").await;
+    let net = unique("vkn");
+    let no = Owner::new("Network", format!("uid-{net}"), None, &net);
+    let octet = 100 + (std::process::id() % 100);
+    let def = NetworkDef {
+        name: net.clone(),
+        mode: NetworkMode::Isolated,
+        bridge: Some(format!("vkb{}", std::process::id() % 100_000)),
+        ip: Some(IpDef {
+            address: format!("10.{octet}.7.1"),
+            prefix: 24,
+            dhcp: vec![DhcpRange {
+                start: format!("10.{octet}.7.10"),
+                end: format!("10.{octet}.7.50"),
+            }],
+        }),
+        owner: no.clone(),
+    };
+    e.network_define(&def).await.unwrap();
+    e.network_start(&net, &no).await.unwrap();
+    e.network_set_autostart(&net, &no, true).await.unwrap();
+    let obs = e.network_observe(&net).await.unwrap().unwrap();
+    assert!(obs.active && obs.autostart && obs.persistent);
+    assert_eq!(
+        obs.owner.as_ref(),
+        Some(&no),
+        "network <metadata> kept by libvirt 9.0"
+    );
+    assert_eq!(obs.bridge, def.bridge);
+    assert_eq!(obs.mode, NetworkMode::Isolated);
+
+    let name = unique("vknic");
+    let o = owner(&name);
+    let mut d = tiny(&name, &o);
+    d.interfaces.push(InterfaceDef {
+        network: net.clone(),
+        model: Some("virtio".into()),
+        mac: Some("52:54:00:12:34:56".into()),
+    });
+    e.domain_define(&d).await.unwrap();
+    e.domain_start(&name, &o).await.unwrap();
+    let dobs = e.domain_observe(&name).await.unwrap().unwrap();
+    assert_eq!(dobs.interfaces[0].network.as_deref(), Some(net.as_str()));
+    assert_eq!(dobs.interfaces[0].mac.as_deref(), Some("52:54:00:12:34:56"));
+    assert!(dobs.interfaces[0].target_dev.is_some());
+    cleanup(&e, &name, &o).await;
+
+    e.network_stop(&net, &no).await.unwrap();
+    e.network_undefine(&net, &no).await.unwrap();
+    assert!(e.network_observe(&net).await.unwrap().is_none());
+    e.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs private libvirtd: scripts/libvirt-nodes.sh up, then --run-ignored"]
+async fn events_for_out_of_band_virsh_changes() {
+    let uri = env("VIRTKUBE_TEST_NODE_A_URI");
+    let e = node("A").await;
+    let mut events = Box::pin(e.events());
+    let name = unique("vkev");
+    let o = owner(&name);
+    e.domain_define(&tiny(&name, &o)).await.unwrap();
+    expect_event(&mut events, &name, DomainEventKind::Defined, "added").await;
+    e.domain_start(&name, &o).await.unwrap();
+    expect_event(&mut events, &name, DomainEventKind::Started, "booted").await;
+
+    // Changes made behind the engine's back, with virsh.
+    virsh(&uri, &["suspend", &name]);
+    expect_event(&mut events, &name, DomainEventKind::Suspended, "paused").await;
+    virsh(&uri, &["resume", &name]);
+    expect_event(&mut events, &name, DomainEventKind::Resumed, "unpaused").await;
+    virsh(&uri, &["destroy", &name]);
+    expect_event(&mut events, &name, DomainEventKind::Stopped, "destroyed").await;
+    assert_eq!(
+        e.domain_state(&name).await.unwrap(),
+        (DomainState::Shutoff, "destroyed")
+    );
+    cleanup(&e, &name, &o).await;
+    e.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs private libvirtd: scripts/libvirt-nodes.sh up, then --run-ignored"]
+async fn live_migration_keeps_the_guest_running_pinned_and_autostarted() {
+    let a = node("A").await;
+    let b = node("B").await;
+    let mut b_events = Box::pin(b.events());
+    let name = unique("vkmig");
+    let o = owner(&name);
+    let mut def = tiny(&name, &o);
+    def.pinning = vec![VcpuPin {
+        vcpu: 0,
+        cpuset: "1".parse().unwrap(),
+    }];
+    a.domain_define(&def).await.unwrap();
+    a.domain_start(&name, &o).await.unwrap();
+    a.domain_set_autostart(&name, &o, true).await.unwrap();
+    let pid_a = qemu_pid(&name).unwrap();
+    assert_eq!(vcpu0_affinity(&name).to_string(), "1");
+
+    let mut opts = MigrateOptions::live_to(env("VIRTKUBE_TEST_NODE_B_P2P_URI"));
+    opts.migrate_uri = Some(env("VIRTKUBE_TEST_NODE_B_MIGRATION_URI"));
+    opts.dest_client_uri = Some(env("VIRTKUBE_TEST_NODE_B_URI"));
+    opts.max_downtime_ms = Some(300);
+    opts.auto_converge = true;
+    let t = Instant::now();
+    let out = a.domain_migrate(&name, &o, &opts).await.unwrap();
+    eprintln!(
+        "real daemon: migrate A->B {:.1} ms (libvirt call {:.1} ms, downtime {:?} ms, {:?} bytes)",
+        ms(t.elapsed()),
+        ms(out.elapsed),
+        out.downtime_ms,
+        out.data_total
+    );
+    assert!(out.autostart && out.autostart_restored);
+
+    // Running on B, arrived by migration (not booted), the source's copy gone.
+    assert_eq!(
+        b.domain_state(&name).await.unwrap(),
+        (DomainState::Running, "migrated")
+    );
+    assert_eq!(
+        a.domain_lookup(&name).await.unwrap(),
+        None,
+        "undefined on the source"
+    );
+    let pid_b = qemu_pid(&name).unwrap();
+    assert_ne!(pid_a, pid_b);
+    assert!(
+        !Path::new(&format!("/proc/{pid_a}")).exists(),
+        "source QEMU has exited"
+    );
+    let mut b_kinds = Vec::new();
+    while let Ok(Some(ev)) = tokio::time::timeout(Duration::from_millis(500), b_events.next()).await
+    {
+        if let EngineEvent::Domain(d) = ev
+            && d.name == name
+        {
+            b_kinds.push((d.kind, d.detail));
+        }
+    }
+    assert!(
+        b_kinds.contains(&(DomainEventKind::Started, "migrated")),
+        "B saw the migration arrive: {b_kinds:?}"
+    );
+    assert!(
+        !b_kinds.contains(&(DomainEventKind::Started, "booted")),
+        "the guest was not restarted: {b_kinds:?}"
+    );
+
+    // Pinning kept (libvirt and the real thread), autostart restored, persistent on B.
+    let obs = b.domain_observe(&name).await.unwrap().unwrap();
+    assert_eq!(obs.affinity(0).unwrap().to_string(), "1");
+    assert_eq!(vcpu0_affinity(&name).to_string(), "1");
+    assert!(obs.persistent && obs.autostart, "{obs:?}");
+    assert_eq!(obs.owner.as_ref(), Some(&o));
+    let done = b.domain_completed_job(&name).await.unwrap();
+    eprintln!("completed job on B: {done:?}");
+
+    cleanup(&b, &name, &o).await;
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+}
