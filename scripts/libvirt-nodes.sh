@@ -11,10 +11,16 @@
 #   scripts/libvirt-nodes.sh down [DIR]   # destroys guests and networks, stops the daemons,
 #                                         # deletes the namespaces; safe to repeat
 #   scripts/libvirt-nodes.sh status [DIR]
+#   scripts/libvirt-nodes.sh restart-daemon A|B [DIR]   # restarts one libvirtd, guests keep
+#                                                        # running (tests reconnects)
 # DIR defaults to ${VIRTKUBE_NODES_DIR:-/tmp/virtkube-libvirt-nodes}.
 set -euo pipefail
 
 CMD=${1:-}
+if [ "$CMD" = restart-daemon ]; then
+  NODE=${2:?usage: $0 restart-daemon A|B [DIR]}
+  shift
+fi
 W=${2:-${VIRTKUBE_NODES_DIR:-/tmp/virtkube-libvirt-nodes}}
 NS_A=vkA NS_B=vkB VETH_A=vkvethA VETH_B=vkvethB
 ADDR_A=10.99.0.1 ADDR_B=10.99.0.2
@@ -100,6 +106,16 @@ migration_host = "$ADDR"
 EOC
   # A pre-seeded QEMU capabilities cache saves the 7-8 s probe on first connect.
   [ -d "$W/capscache" ] && cp -a "$W/capscache" "$D/cache/qemu"
+  launch_daemon "$N" "$NS"
+  local t1; t1=$(date +%s%N)
+  virsh -c "$(uri_of "$N")" version >/dev/null
+  log "node $N: first connect (QEMU capabilities) $(ms "$t1") ms"
+  [ -d "$W/capscache" ] || cp -a "$D/cache/qemu" "$W/capscache"
+}
+
+launch_daemon() {  # NAME NETNS
+  local N=$1 NS=$2 D=$W/$1
+  rm -f "$D/libvirtd.pid" "$D/sock/libvirt-sock"
   local t0; t0=$(date +%s%N)
   setsid ip netns exec "$NS" unshare -m --propagation private bash -c "
     mount --bind $D/etc   /etc/libvirt
@@ -115,10 +131,6 @@ EOC
   done
   [ -S "$D/sock/libvirt-sock" ] || { log "node $N: libvirtd did not start; see $D/stdout.log $D/libvirtd.log"; cat "$D/stdout.log" >&2; exit 1; }
   log "node $N: libvirtd pid $(cat "$D/libvirtd.pid") socket ready after $(ms "$t0") ms"
-  local t1; t1=$(date +%s%N)
-  virsh -c "$(uri_of "$N")" version >/dev/null
-  log "node $N: first connect (QEMU capabilities) $(ms "$t1") ms"
-  [ -d "$W/capscache" ] || cp -a "$D/cache/qemu" "$W/capscache"
 }
 
 stop_node() {
@@ -179,6 +191,19 @@ case "$CMD" in
     ip netns del "$NS_B" 2>/dev/null
     rm -f "$W/env"
     log "down"
+    ;;
+  restart-daemon)
+    [ "$(id -u)" = 0 ] || { log "must run as root"; exit 1; }
+    case "$NODE" in A) NS=$NS_A ;; B) NS=$NS_B ;; *) log "node must be A or B"; exit 2 ;; esac
+    D=$W/$NODE
+    if [ -s "$D/libvirtd.pid" ]; then
+      P=$(cat "$D/libvirtd.pid")
+      kill -TERM "$P" 2>/dev/null || true
+      for _ in $(seq 100); do kill -0 "$P" 2>/dev/null || break; sleep 0.1; done
+    fi
+    launch_daemon "$NODE" "$NS"
+    virsh -c "$(uri_of "$NODE")" version >/dev/null
+    log "node $NODE: libvirtd restarted"
     ;;
   status)
     for N in A B; do

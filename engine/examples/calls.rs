@@ -69,7 +69,11 @@ fn direct(uri: &str, n: usize, test: bool) -> Timings {
     let mut t = Timings::default();
     let conn = virt::connect::Connect::open(Some(uri)).unwrap();
     let o = Owner::new("Domain", "bench", Some("bench"), "direct");
-    let pin = if test { 0 } else { virt::sys::VIR_DOMAIN_AFFECT_LIVE };
+    let pin = if test {
+        0
+    } else {
+        virt::sys::VIR_DOMAIN_AFFECT_LIVE
+    };
     for i in 0..n {
         let xml = def(&format!("bench.direct{i}"), &o, test).to_xml();
         let dom = timed!(t, "define", conn.define_domain_xml(&xml).unwrap());
@@ -87,23 +91,48 @@ fn direct(uri: &str, n: usize, test: bool) -> Timings {
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let uri = args.get(1).cloned().unwrap_or_else(|| "test:///default".into());
+    let uri = args
+        .get(1)
+        .cloned()
+        .unwrap_or_else(|| "test:///default".into());
     let n: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(100);
     let test = uri.starts_with("test:");
-    let migrate = args.iter().position(|a| a == "--migrate").map(|i| &args[i + 1..]);
+    let migrate = args
+        .iter()
+        .position(|a| a == "--migrate")
+        .map(|i| &args[i + 1..]);
 
     let t0 = Instant::now();
-    let e = Engine::connect(&uri, EngineConfig::default()).await.unwrap();
+    let e = Engine::connect(&uri, EngineConfig::default())
+        .await
+        .unwrap();
     println!("connect {uri}: {:.1} ms", t0.elapsed().as_secs_f64() * 1e3);
-    let apply = if test { Apply::Current } else { Apply::LiveAndConfig };
+    let apply = if test {
+        Apply::Current
+    } else {
+        Apply::LiveAndConfig
+    };
     let cpu0: CpuSet = "0".parse().unwrap();
     let mut t = Timings::default();
     for i in 0..n {
         let name = format!("bench.engine{i}");
-        let o = Owner::new("Domain", format!("bench-{i}"), Some("bench"), format!("engine{i}"));
-        timed!(t, "define", e.domain_define(&def(&name, &o, test)).await.unwrap());
+        let o = Owner::new(
+            "Domain",
+            format!("bench-{i}"),
+            Some("bench"),
+            format!("engine{i}"),
+        );
+        timed!(
+            t,
+            "define",
+            e.domain_define(&def(&name, &o, test)).await.unwrap()
+        );
         timed!(t, "start", e.domain_start(&name, &o).await.unwrap());
-        timed!(t, "pin", e.domain_pin_vcpu(&name, &o, 0, &cpu0, apply).await.unwrap());
+        timed!(
+            t,
+            "pin",
+            e.domain_pin_vcpu(&name, &o, 0, &cpu0, apply).await.unwrap()
+        );
         timed!(t, "observe", e.domain_observe(&name).await.unwrap());
         timed!(t, "destroy", e.domain_destroy(&name, &o).await.unwrap());
         timed!(t, "undefine", e.domain_undefine(&name, &o).await.unwrap());
@@ -112,21 +141,40 @@ async fn main() {
     direct(&uri, n, test).print(&format!("direct virt calls (floor), {n} rounds"));
 
     if let Some([b_uri, b_p2p, b_mig, a_p2p, a_mig, ..]) = migrate {
-        let b = Engine::connect(b_uri, EngineConfig::default()).await.unwrap();
+        let b = Engine::connect(b_uri, EngineConfig::default())
+            .await
+            .unwrap();
         let mut t = Timings::default();
         for i in 0..n {
             let name = format!("bench.mig{i}");
-            let o = Owner::new("Domain", format!("mig-{i}"), Some("bench"), format!("mig{i}"));
+            let o = Owner::new(
+                "Domain",
+                format!("mig-{i}"),
+                Some("bench"),
+                format!("mig{i}"),
+            );
             e.domain_define(&def(&name, &o, false)).await.unwrap();
             e.domain_start(&name, &o).await.unwrap();
             let mut to_b = MigrateOptions::live_to(b_p2p.clone());
             to_b.migrate_uri = Some(b_mig.clone());
             to_b.dest_client_uri = Some(b_uri.clone());
-            timed!(t, "migrate", e.domain_migrate(&name, &o, &to_b).await.unwrap());
+            timed!(
+                t,
+                "migrate",
+                e.domain_migrate(&name, &o, &to_b).await.unwrap()
+            );
             // Back with virsh, the comparison.
             let t0 = Instant::now();
             let st = std::process::Command::new("virsh")
-                .args(["-c", b_uri, "migrate", "--live", "--p2p", "--persistent", "--undefinesource"])
+                .args([
+                    "-c",
+                    b_uri,
+                    "migrate",
+                    "--live",
+                    "--p2p",
+                    "--persistent",
+                    "--undefinesource",
+                ])
                 .args(["--migrateuri", a_mig, &name, a_p2p])
                 .status()
                 .unwrap();

@@ -582,3 +582,51 @@ async fn live_migration_keeps_the_guest_running_pinned_and_autostarted() {
     a.close().await.unwrap();
     b.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs private libvirtd: scripts/libvirt-nodes.sh up, then --run-ignored"]
+async fn migration_progress_and_cancel() {
+    let a = node("A").await;
+    let b = node("B").await;
+    let name = unique("vkabort");
+    let o = owner(&name);
+    a.domain_define(&tiny(&name, &o)).await.unwrap();
+    a.domain_start(&name, &o).await.unwrap();
+
+    let mut opts = MigrateOptions::live_to(env("VIRTKUBE_TEST_NODE_B_P2P_URI"));
+    opts.migrate_uri = Some(env("VIRTKUBE_TEST_NODE_B_MIGRATION_URI"));
+    opts.dest_client_uri = Some(env("VIRTKUBE_TEST_NODE_B_URI"));
+    opts.bandwidth_mib_s = Some(1); // ~130 MiB to copy: minutes, unless cancelled
+    let (a2, n2, o2) = (a.clone(), name.clone(), o.clone());
+    let migration = tokio::spawn(async move { a2.domain_migrate(&n2, &o2, &opts).await });
+
+    let until = Instant::now() + Duration::from_secs(20);
+    let progress = loop {
+        assert!(Instant::now() < until, "no migration progress reported");
+        if let Some(p) = a.domain_job_progress(&name).await.unwrap()
+            && p.data_processed.unwrap_or(0) > 0
+        {
+            break p;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    eprintln!("migration progress before cancel: {progress:?}");
+    assert!(progress.data_total.unwrap_or(0) > 0);
+
+    a.domain_abort_job(&name, &o).await.unwrap();
+    let res = tokio::time::timeout(Duration::from_secs(30), migration)
+        .await
+        .expect("migration returns after abort")
+        .unwrap();
+    let err = res.expect_err("an aborted migration fails");
+    eprintln!("aborted migration: {err}");
+    assert_eq!(a.domain_state(&name).await.unwrap().0, DomainState::Running);
+    assert_eq!(
+        b.domain_lookup(&name).await.unwrap(),
+        None,
+        "nothing left on B"
+    );
+    cleanup(&a, &name, &o).await;
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+}
