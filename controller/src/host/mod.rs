@@ -1,0 +1,844 @@
+//! The hosts a command works on: one engine per node, the adapter from the engine's observed
+//! types to the planner's model ([`crate::plan::observed`]), and carrying out one action.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures::stream::{self, StreamExt, TryStreamExt};
+use virtkube_engine::domain::Apply;
+use virtkube_engine::migrate::MigrateOptions;
+use virtkube_engine::model::{
+    CpuDef, CpuMode, DhcpRange, DiskDef, DiskSource, DomainDef, DomainObserved, DomainState,
+    Firmware, InterfaceDef, IpDef, NetworkDef, NetworkMode, NetworkObserved, OsDef, PoolDef,
+    PoolObserved, PoolType, Topology, VcpuPin, VolumeDef, VolumeFormat,
+};
+use virtkube_engine::{CpuSet, Engine, EngineConfig, EngineError, EngineStats, Owner};
+
+use crate::plan::desired::Nodes;
+use crate::plan::desired::{
+    DesiredDiskSource, DesiredDomain, DesiredNetwork, DesiredPool, VolumeOrigin,
+};
+use crate::plan::observed::{
+    DiskRef, ObservedDisk, ObservedDomain, ObservedHost, ObservedNetwork, ObservedNic,
+    ObservedPool, ObservedState, ObservedVolume, OwnerMark, PowerObserved,
+};
+use crate::plan::{Action, Op, Preserve};
+
+/// How long a guest gets to shut down after an ACPI request before it is destroyed.
+pub const DEFAULT_SHUTDOWN_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Observed objects read at once per host.
+const OBSERVE_CONCURRENCY: usize = 16;
+
+/// What can go wrong talking to the hosts.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    /// libvirt (through the engine) refused or failed.
+    #[error("node {node}: {source}")]
+    Engine {
+        /// The node.
+        node: String,
+        /// The engine's error, with libvirt's reason.
+        #[source]
+        source: Box<EngineError>,
+    },
+    /// An action names a node that is not connected.
+    #[error("node {0} is not connected (map it with --host {0}=URI)")]
+    UnknownNode(String),
+    /// Something in the action cannot be expressed for libvirt.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl HostError {
+    /// Whether running the action again may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            HostError::Engine { source, .. } => source.is_retryable(),
+            _ => false,
+        }
+    }
+}
+
+/// How to reach one node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostSpec {
+    /// Node name.
+    pub node: String,
+    /// Client URI.
+    pub uri: String,
+    /// The URI the *source* libvirtd uses to reach this node in a peer-to-peer migration
+    /// (defaults to `uri`).
+    pub p2p_uri: Option<String>,
+    /// Explicit migration data URI (`tcp://10.99.0.2`), when libvirt's default does not work.
+    pub migration_uri: Option<String>,
+}
+
+/// One connected node.
+#[derive(Clone)]
+pub struct Host {
+    /// How it is reached.
+    pub spec: HostSpec,
+    /// Its engine.
+    pub engine: Engine,
+    /// Where live changes apply: the test driver takes only flags 0 (current), real
+    /// daemons get live and config so a change survives the next boot.
+    pub apply: Apply,
+    /// Domain type for new definitions (`test`, `kvm` or `qemu`).
+    pub virt_type: String,
+}
+
+/// Every connected node.
+#[derive(Clone)]
+pub struct Hosts {
+    hosts: BTreeMap<String, Host>,
+    default: String,
+    /// Graceful shutdown deadline for stops, restarts and deletions.
+    pub shutdown_deadline: Duration,
+}
+
+fn engine_err(node: &str) -> impl Fn(EngineError) -> HostError + '_ {
+    move |source| HostError::Engine {
+        node: node.to_string(),
+        source: Box::new(source),
+    }
+}
+
+impl Hosts {
+    /// Connects to every node; the first is the default for objects without `nodeName`.
+    pub async fn connect(specs: &[HostSpec], config: EngineConfig) -> Result<Hosts, HostError> {
+        let mut hosts = BTreeMap::new();
+        let default = specs
+            .first()
+            .map(|s| s.node.clone())
+            .ok_or_else(|| HostError::Invalid("no host to connect to".into()))?;
+        for spec in specs {
+            let engine = Engine::connect(&spec.uri, config.clone())
+                .await
+                .map_err(engine_err(&spec.node))?;
+            let test_driver = spec.uri.starts_with("test:");
+            let virt_type = if test_driver {
+                "test".to_string()
+            } else {
+                let caps = engine
+                    .node_capabilities()
+                    .await
+                    .map_err(engine_err(&spec.node))?;
+                if caps.domain_types.iter().any(|t| t == "kvm") {
+                    "kvm".to_string()
+                } else {
+                    "qemu".to_string()
+                }
+            };
+            hosts.insert(
+                spec.node.clone(),
+                Host {
+                    spec: spec.clone(),
+                    engine,
+                    apply: if test_driver {
+                        Apply::Current
+                    } else {
+                        Apply::LiveAndConfig
+                    },
+                    virt_type,
+                },
+            );
+        }
+        Ok(Hosts {
+            hosts,
+            default,
+            shutdown_deadline: DEFAULT_SHUTDOWN_DEADLINE,
+        })
+    }
+
+    /// The node names, for placing objects.
+    pub fn nodes(&self) -> Nodes {
+        let mut all: Vec<String> = vec![self.default.clone()];
+        all.extend(self.hosts.keys().filter(|k| **k != self.default).cloned());
+        Nodes {
+            default: self.default.clone(),
+            all,
+        }
+    }
+
+    /// One node.
+    pub fn get(&self, node: &str) -> Result<&Host, HostError> {
+        self.hosts
+            .get(node)
+            .ok_or_else(|| HostError::UnknownNode(node.to_string()))
+    }
+
+    /// Every node.
+    pub fn iter(&self) -> impl Iterator<Item = &Host> {
+        self.hosts.values()
+    }
+
+    /// Call counters summed over every node.
+    pub fn stats(&self) -> EngineStats {
+        let mut merged: BTreeMap<&'static str, virtkube_engine::CallStat> = BTreeMap::new();
+        let mut reconnects = 0;
+        for h in self.hosts.values() {
+            let s = h.engine.stats();
+            reconnects += s.reconnects;
+            for c in s.calls {
+                merged
+                    .entry(c.name)
+                    .and_modify(|m| {
+                        m.count += c.count;
+                        m.errors += c.errors;
+                        m.total += c.total;
+                        m.max = m.max.max(c.max);
+                    })
+                    .or_insert(c);
+            }
+        }
+        EngineStats {
+            calls: merged.into_values().collect(),
+            reconnects,
+        }
+    }
+
+    /// Zeroes every node's counters.
+    pub fn reset_stats(&self) {
+        for h in self.hosts.values() {
+            h.engine.reset_stats();
+        }
+    }
+
+    /// Closes every connection.
+    pub async fn close(&self) -> Result<(), HostError> {
+        for (node, h) in &self.hosts {
+            h.engine.close().await.map_err(engine_err(node))?;
+        }
+        Ok(())
+    }
+
+    /// Reads every node.
+    pub async fn observe(&self) -> Result<ObservedState, HostError> {
+        let mut state = ObservedState::default();
+        for (node, h) in &self.hosts {
+            state.hosts.insert(node.clone(), observe_host(h).await?);
+        }
+        Ok(state)
+    }
+
+    /// Carries out one action; returns a short note of what happened (e.g. how a shutdown
+    /// ended).
+    pub async fn run(&self, action: &Action) -> Result<String, HostError> {
+        let host = self.get(&action.node)?;
+        run_action(self, host, action).await
+    }
+}
+
+/// The ownership mark as the engine writes it.
+pub fn to_owner(mark: &OwnerMark) -> Owner {
+    Owner::new(&mark.kind, &mark.uid, mark.namespace.as_deref(), &mark.name)
+}
+
+/// The ownership mark as the planner reads it.
+pub fn from_owner(owner: &Owner) -> OwnerMark {
+    OwnerMark {
+        kind: owner.kind.clone(),
+        uid: owner.uid.clone(),
+        namespace: owner.namespace.clone(),
+        name: owner.name.clone(),
+    }
+}
+
+async fn observe_host(h: &Host) -> Result<ObservedHost, HostError> {
+    let node = h.spec.node.as_str();
+    let e = &h.engine;
+    let err = engine_err(node);
+    let mut host = ObservedHost {
+        host_cpus: Some(e.node_info().await.map_err(&err)?.cpus),
+        ..ObservedHost::default()
+    };
+    for name in e.pool_list().await.map_err(&err)? {
+        let Some(p) = e.pool_observe(&name).await.map_err(&err)? else {
+            continue;
+        };
+        let owned = p.owner.is_some();
+        let active = p.state == virtkube_engine::model::PoolState::Running;
+        host.pools.insert(name.clone(), pool_from(&p));
+        if !active {
+            continue;
+        }
+        for vol in e.volume_list(&name).await.map_err(&err)? {
+            let Some(v) = e.volume_observe(&name, &vol).await.map_err(&err)? else {
+                continue;
+            };
+            host.volumes.insert(
+                (name.clone(), vol.clone()),
+                ObservedVolume {
+                    // libvirt keeps no mark on volumes: in a virtkube pool, a volume named
+                    // `<namespace>.<name>` is one virtkube made.
+                    owned: owned && vol.contains('.'),
+                    key: v.key,
+                    path: v.path,
+                    capacity: v.capacity,
+                    allocation: v.allocation,
+                    format: v.format.map(|f| f.as_str().to_string()),
+                    backing_path: v.backing.map(|b| b.path),
+                },
+            );
+        }
+    }
+    for name in e.network_list().await.map_err(&err)? {
+        if let Some(n) = e.network_observe(&name).await.map_err(&err)? {
+            host.networks.insert(name, network_from(&n));
+        }
+    }
+    let ids = e.domain_list().await.map_err(&err)?;
+    let domains: Vec<Option<DomainObserved>> = stream::iter(ids)
+        .map(|id| async move { e.domain_observe(&id.name).await })
+        .buffered(OBSERVE_CONCURRENCY)
+        .try_collect()
+        .await
+        .map_err(&err)?;
+    for d in domains.into_iter().flatten() {
+        host.domains.insert(d.name.clone(), domain_from(&d));
+    }
+    Ok(host)
+}
+
+fn pool_from(p: &PoolObserved) -> ObservedPool {
+    ObservedPool {
+        owner: p.owner.as_ref().map(from_owner),
+        pool_type: p.pool_type.as_str().to_string(),
+        target_path: p.target_path.clone(),
+        active: p.state == virtkube_engine::model::PoolState::Running,
+        autostart: p.autostart,
+        capacity: p.capacity,
+        available: p.available,
+    }
+}
+
+fn network_from(n: &NetworkObserved) -> ObservedNetwork {
+    ObservedNetwork {
+        owner: n.owner.as_ref().map(from_owner),
+        mode: n.mode.as_str().to_string(),
+        bridge: n.bridge.clone(),
+        ip: n.ip.as_ref().map(|ip| (ip.address.clone(), ip.prefix)),
+        dhcp: n
+            .ip
+            .as_ref()
+            .map(|ip| {
+                ip.dhcp
+                    .iter()
+                    .map(|r| format!("{}-{}", r.start, r.end))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        active: n.active,
+        autostart: n.autostart,
+    }
+}
+
+/// The planner's view of a domain libvirt reports.
+pub fn domain_from(d: &DomainObserved) -> ObservedDomain {
+    let power = match d.state {
+        DomainState::Running
+        | DomainState::Blocked
+        | DomainState::Shutdown
+        | DomainState::PmSuspended => PowerObserved::Running,
+        DomainState::Paused => PowerObserved::Paused,
+        DomainState::Crashed => PowerObserved::Crashed,
+        DomainState::Shutoff | DomainState::NoState | DomainState::Unknown => {
+            PowerObserved::Shutoff
+        }
+    };
+    // libvirt's per-vCPU affinity (live while running, config otherwise); the XML's
+    // `<vcpupin>` when the engine could not read it.
+    let source = if d.live_pinning.is_empty() {
+        &d.pinning
+    } else {
+        &d.live_pinning
+    };
+    let pinning = source
+        .iter()
+        .map(|p| (p.vcpu, p.cpuset.to_string()))
+        .collect();
+    ObservedDomain {
+        owner: d.owner.as_ref().map(from_owner),
+        uuid: d.uuid.clone(),
+        id: d.id,
+        power,
+        reason: d.reason.clone(),
+        vcpus: d.vcpus,
+        max_vcpus: d.max_vcpus,
+        cpu_mode: d.cpu.as_ref().map(|c| c.mode.as_str().to_string()),
+        cpu_model: d.cpu.as_ref().and_then(|c| c.model.clone()),
+        topology: d
+            .cpu
+            .as_ref()
+            .and_then(|c| c.topology.as_ref())
+            .map(|t| (t.sockets, t.cores, t.threads)),
+        pinning,
+        emulator_cpuset: d.emulator_cpuset.as_ref().map(|c| c.to_string()),
+        memory_kib: d.memory_kib,
+        max_memory_kib: d.max_memory_kib,
+        hugepage_kib: d.hugepage_kib,
+        machine: d.os.machine.clone(),
+        arch: d.os.arch.clone(),
+        firmware: d.os.firmware.as_ref().map(|f| match f {
+            Firmware::Bios => "bios".to_string(),
+            Firmware::Efi => "efi".to_string(),
+        }),
+        boot: d.os.boot.clone(),
+        kernel: d.os.kernel.clone(),
+        initrd: d.os.initrd.clone(),
+        cmdline: d.os.cmdline.clone(),
+        disks: d
+            .disks
+            .iter()
+            .map(|x| ObservedDisk {
+                target: x.target_dev.clone(),
+                bus: x.bus.clone(),
+                device: x.device.clone(),
+                source: match &x.source {
+                    DiskSource::Volume { pool, volume } => DiskRef::Volume {
+                        pool: pool.clone(),
+                        volume: volume.clone(),
+                    },
+                    DiskSource::File { path } => DiskRef::Path(path.clone()),
+                    DiskSource::Block { dev } => DiskRef::Path(dev.clone()),
+                    DiskSource::None => DiskRef::Other,
+                },
+                read_only: x.read_only,
+                boot_order: x.boot_order,
+            })
+            .collect(),
+        interfaces: d
+            .interfaces
+            .iter()
+            .map(|i| ObservedNic {
+                network: i.network.clone(),
+                model: i.model.clone(),
+                mac: i.mac.clone(),
+            })
+            .collect(),
+        autostart: d.autostart,
+        persistent: d.persistent,
+    }
+}
+
+fn cpuset(text: &str) -> Result<CpuSet, HostError> {
+    text.parse::<CpuSet>()
+        .map_err(|e| HostError::Invalid(format!("cpuset `{text}`: {e}")))
+}
+
+/// The engine's definition of a desired domain on `host`.
+pub fn domain_def(
+    d: &DesiredDomain,
+    preserve: &Preserve,
+    host: &Host,
+    pools: &BTreeMap<String, String>,
+) -> Result<DomainDef, HostError> {
+    let mut def = DomainDef::new(&d.name, to_owner(&d.owner));
+    def.uuid = preserve.uuid.clone();
+    def.virt_type = host.virt_type.clone();
+    def.vcpus = d.vcpus;
+    def.max_vcpus = d.max_vcpus;
+    def.cpu = match &d.cpu_mode {
+        Some(mode) => Some(CpuDef {
+            mode: CpuMode::parse(mode)
+                .ok_or_else(|| HostError::Invalid(format!("cpu mode {mode}")))?,
+            model: d.cpu_model.clone(),
+            topology: d.topology.map(|(sockets, cores, threads)| Topology {
+                sockets,
+                cores,
+                threads,
+            }),
+        }),
+        None => None,
+    };
+    def.pinning = d
+        .pinning
+        .iter()
+        .map(|(vcpu, c)| {
+            Ok(VcpuPin {
+                vcpu: *vcpu,
+                cpuset: cpuset(c)?,
+            })
+        })
+        .collect::<Result<_, HostError>>()?;
+    def.emulator_cpuset = d.emulator_cpuset.as_deref().map(cpuset).transpose()?;
+    def.memory_kib = d.memory_kib;
+    def.max_memory_kib = d.max_memory_kib;
+    def.hugepage_kib = d.hugepage_kib;
+    let disk_boot = d.disks.iter().any(|x| x.boot_order.is_some());
+    def.os = OsDef {
+        machine: d.machine.clone(),
+        arch: d.arch.clone(),
+        firmware: d.firmware.as_deref().map(|f| {
+            if f == "efi" {
+                Firmware::Efi
+            } else {
+                Firmware::Bios
+            }
+        }),
+        // libvirt refuses `<os><boot>` beside per-disk boot order.
+        boot: if disk_boot {
+            Vec::new()
+        } else {
+            d.boot.clone()
+        },
+        kernel: d.kernel.clone(),
+        initrd: d.initrd.clone(),
+        cmdline: d.cmdline.clone(),
+    };
+    def.disks = d
+        .disks
+        .iter()
+        .map(|disk| {
+            let (source, format) = match &disk.source {
+                DesiredDiskSource::Volume {
+                    volume,
+                    pool,
+                    format,
+                } => {
+                    let pool = pool
+                        .clone()
+                        .or_else(|| pools.get(volume).cloned())
+                        .ok_or_else(|| {
+                            HostError::Invalid(format!(
+                                "disk {}: volume {volume} is in no pool on node {}",
+                                disk.name, host.spec.node
+                            ))
+                        })?;
+                    (
+                        DiskSource::Volume {
+                            pool,
+                            volume: volume.clone(),
+                        },
+                        format.clone(),
+                    )
+                }
+                DesiredDiskSource::Path(p) => (DiskSource::File { path: p.clone() }, None),
+            };
+            Ok(DiskDef {
+                name: Some(disk.name.clone()),
+                target_dev: disk.target.clone(),
+                bus: Some(disk.bus.clone()),
+                source,
+                read_only: disk.read_only,
+                boot_order: disk.boot_order,
+                format,
+                device: Some(disk.device.clone()),
+            })
+        })
+        .collect::<Result<_, HostError>>()?;
+    def.interfaces = d
+        .interfaces
+        .iter()
+        .enumerate()
+        .map(|(i, nic)| InterfaceDef {
+            network: nic.network.clone(),
+            model: Some(nic.model.clone()),
+            mac: nic
+                .mac
+                .clone()
+                .or_else(|| preserve.macs.get(i).cloned().flatten()),
+        })
+        .collect();
+    // A balloon lets memory change live up to the maximum.
+    def.memballoon = d.max_memory_kib > d.memory_kib || !host.spec.uri.starts_with("test:");
+    Ok(def)
+}
+
+fn pool_def(p: &DesiredPool) -> Result<PoolDef, HostError> {
+    let path = p
+        .target_path
+        .clone()
+        .ok_or_else(|| HostError::Invalid(format!("pool {} has no target.path", p.name)))?;
+    let mut def = PoolDef::dir(&p.name, path, to_owner(&p.owner));
+    def.pool_type = match p.pool_type.as_str() {
+        "dir" => PoolType::Dir,
+        "netfs" => PoolType::Netfs,
+        "logical" => PoolType::Logical,
+        other => PoolType::Other(other.to_string()),
+    };
+    Ok(def)
+}
+
+fn network_def(n: &DesiredNetwork) -> NetworkDef {
+    NetworkDef {
+        name: n.name.clone(),
+        mode: match n.mode.as_str() {
+            "isolated" => NetworkMode::Isolated,
+            "bridge" => NetworkMode::Bridge,
+            "route" => NetworkMode::Route,
+            "open" => NetworkMode::Open,
+            _ => NetworkMode::Nat,
+        },
+        bridge: n.bridge.clone(),
+        ip: n.ip.as_ref().map(|(address, prefix)| IpDef {
+            address: address.clone(),
+            prefix: *prefix,
+            dhcp: n
+                .dhcp
+                .iter()
+                .map(|(start, end)| DhcpRange {
+                    start: start.clone(),
+                    end: end.clone(),
+                })
+                .collect(),
+        }),
+        owner: to_owner(&n.owner),
+    }
+}
+
+fn volume_format(word: &str) -> VolumeFormat {
+    VolumeFormat::parse(word)
+}
+
+/// The pools holding each volume on a host, for disks whose pool the manifests do not say.
+async fn volume_pools(host: &Host) -> Result<BTreeMap<String, String>, HostError> {
+    let err = engine_err(&host.spec.node);
+    let mut map = BTreeMap::new();
+    for pool in host.engine.pool_list().await.map_err(&err)? {
+        if let Ok(vols) = host.engine.volume_list(&pool).await {
+            for v in vols {
+                map.entry(v).or_insert_with(|| pool.clone());
+            }
+        }
+    }
+    Ok(map)
+}
+
+async fn run_action(hosts: &Hosts, host: &Host, a: &Action) -> Result<String, HostError> {
+    let e = &host.engine;
+    let err = engine_err(&host.spec.node);
+    let name = a.object.name.as_str();
+    let owner = to_owner(&a.owner);
+    let deadline = hosts.shutdown_deadline;
+    let done = |s: &str| Ok(s.to_string());
+    match &a.op {
+        Op::DefinePool(p) => {
+            e.pool_define(&pool_def(p)?).await.map_err(&err)?;
+            done("defined")
+        }
+        Op::BuildPool => {
+            e.pool_build(name, &owner).await.map_err(&err)?;
+            done("built")
+        }
+        Op::StartPool => {
+            e.pool_start(name, &owner).await.map_err(&err)?;
+            done("started")
+        }
+        Op::SetPoolAutostart(on) => {
+            e.pool_set_autostart(name, &owner, *on)
+                .await
+                .map_err(&err)?;
+            done("autostart set")
+        }
+        Op::DeletePool => {
+            if let Err(stop) = e.pool_stop(name, &owner).await
+                && !is_inactive_error(&stop)
+            {
+                return Err(err(stop));
+            }
+            e.pool_undefine(name, &owner).await.map_err(&err)?;
+            done("stopped and undefined (files kept)")
+        }
+        Op::DefineNetwork(n) => {
+            e.network_define(&network_def(n)).await.map_err(&err)?;
+            done("defined")
+        }
+        Op::StartNetwork => {
+            e.network_start(name, &owner).await.map_err(&err)?;
+            done("started")
+        }
+        Op::SetNetworkAutostart(on) => {
+            e.network_set_autostart(name, &owner, *on)
+                .await
+                .map_err(&err)?;
+            done("autostart set")
+        }
+        Op::DeleteNetwork => {
+            if let Err(stop) = e.network_stop(name, &owner).await
+                && !is_inactive_error(&stop)
+            {
+                return Err(err(stop));
+            }
+            e.network_undefine(name, &owner).await.map_err(&err)?;
+            done("stopped and undefined")
+        }
+        Op::CreateVolume {
+            pool,
+            capacity,
+            format,
+            source,
+        } => {
+            let format = volume_format(format);
+            match source {
+                VolumeOrigin::Empty | VolumeOrigin::Backing(_) => {
+                    let capacity = capacity.ok_or_else(|| {
+                        HostError::Invalid(format!("volume {name} needs a capacity"))
+                    })?;
+                    let def = VolumeDef {
+                        name: name.to_string(),
+                        capacity_bytes: capacity,
+                        format,
+                        backing_volume: match source {
+                            VolumeOrigin::Backing(b) => Some(b.clone()),
+                            _ => None,
+                        },
+                    };
+                    let v = e.volume_create(pool, &def).await.map_err(&err)?;
+                    Ok(format!("created at {}", v.path))
+                }
+                VolumeOrigin::Clone(src) => {
+                    let source_capacity = e
+                        .volume_observe(pool, src)
+                        .await
+                        .map_err(&err)?
+                        .map(|v| v.capacity)
+                        .ok_or_else(|| {
+                            HostError::Invalid(format!("source volume {pool}/{src} is gone"))
+                        })?;
+                    let def = VolumeDef {
+                        name: name.to_string(),
+                        capacity_bytes: capacity.unwrap_or(source_capacity).max(source_capacity),
+                        format,
+                        backing_volume: None,
+                    };
+                    let v = e.volume_clone(pool, &def, src).await.map_err(&err)?;
+                    Ok(format!("cloned to {}", v.path))
+                }
+            }
+        }
+        Op::ResizeVolume {
+            pool,
+            key,
+            capacity,
+        } => {
+            e.volume_resize(pool, name, key, *capacity)
+                .await
+                .map_err(&err)?;
+            done("grown")
+        }
+        Op::DeleteVolume { pool, key } => {
+            e.volume_delete(pool, name, key).await.map_err(&err)?;
+            done("deleted")
+        }
+        Op::DefineDomain { domain, preserve } => {
+            let pools = if domain
+                .disks
+                .iter()
+                .any(|d| matches!(d.source, DesiredDiskSource::Volume { pool: None, .. }))
+            {
+                volume_pools(host).await?
+            } else {
+                BTreeMap::new()
+            };
+            e.domain_define(&domain_def(domain, preserve, host, &pools)?)
+                .await
+                .map_err(&err)?;
+            done("defined")
+        }
+        Op::StartDomain { recover } => {
+            if *recover {
+                // A crashed guest keeps its process until destroyed.
+                let _ = e.domain_destroy(name, &owner).await;
+            }
+            e.domain_start(name, &owner).await.map_err(&err)?;
+            done("started")
+        }
+        Op::StopDomain => {
+            let outcome = e
+                .domain_shutdown(name, &owner, deadline)
+                .await
+                .map_err(&err)?;
+            Ok(format!("{outcome:?}").to_lowercase())
+        }
+        Op::SuspendDomain => {
+            e.domain_suspend(name, &owner).await.map_err(&err)?;
+            done("suspended")
+        }
+        Op::ResumeDomain => {
+            e.domain_resume(name, &owner).await.map_err(&err)?;
+            done("resumed")
+        }
+        Op::SetVcpus(n) => {
+            e.domain_set_vcpus(name, &owner, *n, host.apply)
+                .await
+                .map_err(&err)?;
+            done("vCPUs set")
+        }
+        Op::SetMemory(kib) => {
+            e.domain_set_memory(name, &owner, *kib, host.apply)
+                .await
+                .map_err(&err)?;
+            done("memory set")
+        }
+        Op::PinVcpu { vcpu, cpuset: c } => {
+            e.domain_pin_vcpu(name, &owner, *vcpu, &cpuset(c)?, host.apply)
+                .await
+                .map_err(&err)?;
+            done("pinned")
+        }
+        Op::PinEmulator(c) => {
+            e.domain_pin_emulator(name, &owner, &cpuset(c)?, host.apply)
+                .await
+                .map_err(&err)?;
+            done("pinned")
+        }
+        Op::SetDomainAutostart(on) => {
+            e.domain_set_autostart(name, &owner, *on)
+                .await
+                .map_err(&err)?;
+            done("autostart set")
+        }
+        Op::RestartDomain { domain, preserve } => {
+            let outcome = e
+                .domain_shutdown(name, &owner, deadline)
+                .await
+                .map_err(&err)?;
+            let pools = volume_pools(host).await?;
+            e.domain_define(&domain_def(domain, preserve, host, &pools)?)
+                .await
+                .map_err(&err)?;
+            e.domain_start(name, &owner).await.map_err(&err)?;
+            Ok(format!("shut down ({outcome:?}), redefined, started").to_lowercase())
+        }
+        Op::DeleteDomain => {
+            let outcome = e
+                .domain_shutdown(name, &owner, deadline)
+                .await
+                .map_err(&err)?;
+            e.domain_undefine(name, &owner).await.map_err(&err)?;
+            Ok(format!("shut down ({outcome:?}), undefined").to_lowercase())
+        }
+        Op::MigrateDomain { to, migration } => {
+            let dest = hosts.get(to)?;
+            let mut opts = MigrateOptions::live_to(
+                dest.spec
+                    .p2p_uri
+                    .clone()
+                    .unwrap_or_else(|| dest.spec.uri.clone()),
+            );
+            opts.migrate_uri = dest.spec.migration_uri.clone();
+            opts.dest_client_uri = Some(dest.spec.uri.clone());
+            opts.live = migration.live;
+            opts.auto_converge = migration.auto_converge;
+            opts.copy_storage = migration.copy_storage;
+            opts.max_downtime_ms = migration.max_downtime_ms;
+            opts.bandwidth_mib_s = migration.bandwidth_mib_s;
+            let outcome = e.domain_migrate(name, &owner, &opts).await.map_err(&err)?;
+            Ok(format!(
+                "migrated in {:.1}s{}",
+                outcome.elapsed.as_secs_f64(),
+                outcome
+                    .downtime_ms
+                    .map(|d| format!(", downtime {d} ms"))
+                    .unwrap_or_default()
+            ))
+        }
+    }
+}
+
+/// libvirt's "not active" refusal when stopping an already stopped object.
+fn is_inactive_error(e: &EngineError) -> bool {
+    e.to_string().contains("not active") || e.to_string().contains("OPERATION_INVALID")
+}

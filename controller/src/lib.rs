@@ -1,0 +1,15 @@
+//! virtkube's controller crate: the planner (pure), the executors, and the command line.
+//!
+//! - [`plan`]: (desired, observed) → ordered [`plan::Plan`]; no I/O.
+//! - [`host`]: reading libvirt hosts into the planner's observed model, and carrying out
+//!   single actions through the engine.
+//! - [`execute`]: runs a plan: independent actions in parallel (bounded), dependents in
+//!   order; a failure stops only what depends on it.
+//! - [`agent`]: `virtkube agent`, the per-node Kubernetes operator process.
+//! - [`cli`]: the `virtkube` subcommands.
+
+pub mod agent;
+pub mod cli;
+pub mod execute;
+pub mod host;
+pub mod plan;

@@ -1,0 +1,729 @@
+//! Planning one domain: create, compare field by field (live or restart-required), power
+//! state by run strategy, and moves between nodes (live migration).
+
+use virtkube_crds::domain::{PowerState, RunStrategy};
+
+use super::desired::{DesiredDiskSource, DesiredDomain, DesiredState};
+use super::observed::{DiskRef, ObservedDomain, ObservedHost, ObservedState, PowerObserved};
+use super::render::kib;
+use super::{
+    Builder, Change, NoticeKind, ObjKey, ObjectKind, ObjectRef, Op, Preserve, Symbol,
+    clash_message, opt,
+};
+
+/// The dependencies of a domain on its node: the volumes and networks it uses.
+fn dependencies(dom: &DesiredDomain, host: &ObservedHost, desired: &DesiredState) -> Vec<ObjKey> {
+    let mut deps = Vec::new();
+    for disk in &dom.disks {
+        if let DesiredDiskSource::Volume { volume, .. } = &disk.source {
+            deps.push((ObjectKind::Volume, dom.node.clone(), volume.clone()));
+        }
+    }
+    for nic in &dom.interfaces {
+        deps.push((ObjectKind::Network, dom.node.clone(), nic.network.clone()));
+    }
+    // Pools matter too when a volume's pool is created in the same plan (covered through the
+    // volume's own dependency on its pool).
+    let _ = (host, desired);
+    deps
+}
+
+/// The pool of a disk's volume: from the manifests, or found on the host.
+fn disk_pool(source: &DesiredDiskSource, host: &ObservedHost) -> Option<String> {
+    match source {
+        DesiredDiskSource::Volume { pool: Some(p), .. } => Some(p.clone()),
+        DesiredDiskSource::Volume {
+            volume, pool: None, ..
+        } => host
+            .volumes
+            .keys()
+            .find(|(_, v)| v == volume)
+            .map(|(p, _)| p.clone()),
+        DesiredDiskSource::Path(_) => None,
+    }
+}
+
+/// Whether the machine type libvirt reports is what the user asked for (libvirt expands the
+/// aliases `pc` and `q35` to versioned names).
+pub(crate) fn machine_matches(wanted: &str, observed: Option<&str>) -> bool {
+    match observed {
+        None => false,
+        Some(o) if o == wanted => true,
+        Some(o) => match wanted {
+            "pc" => o.starts_with("pc-i440fx-"),
+            "q35" => o.starts_with("pc-q35-"),
+            _ => false,
+        },
+    }
+}
+
+fn describe_disk_source(source: &DesiredDiskSource) -> String {
+    match source {
+        DesiredDiskSource::Volume { volume, .. } => format!("volume {volume}"),
+        DesiredDiskSource::Path(p) => p.clone(),
+    }
+}
+
+fn describe_observed_disk(d: &super::observed::ObservedDisk) -> String {
+    let source = match &d.source {
+        DiskRef::Volume { volume, .. } => format!("volume {volume}"),
+        DiskRef::Path(p) => p.clone(),
+        DiskRef::Other => "(no source)".into(),
+    };
+    format!(
+        "{} {} on {}",
+        d.target,
+        source,
+        d.bus.as_deref().unwrap_or("?")
+    )
+}
+
+/// Differences split by how they can be applied.
+#[derive(Default)]
+pub(crate) struct Diff {
+    /// Applied live on a running domain.
+    pub live: Vec<(Op, Change)>,
+    /// Need a restart (or a redefinition while stopped).
+    pub restart: Vec<Change>,
+}
+
+/// Compares what the user set with what libvirt reports.
+pub(crate) fn diff_domain(d: &DesiredDomain, o: &ObservedDomain, host: &ObservedHost) -> Diff {
+    let mut diff = Diff::default();
+    let max_changes = d.max_vcpus != o.max_vcpus;
+    if max_changes {
+        diff.restart
+            .push(Change::new("cpu.maxVcpus", o.max_vcpus, d.max_vcpus));
+    }
+    if d.vcpus != o.vcpus {
+        let change = Change::new("cpu.vcpus", o.vcpus, d.vcpus);
+        if !max_changes && d.vcpus <= o.max_vcpus {
+            diff.live.push((Op::SetVcpus(d.vcpus), change));
+        } else {
+            diff.restart.push(change);
+        }
+    }
+    let max_mem_changes = d.max_memory_kib != o.max_memory_kib;
+    if max_mem_changes {
+        diff.restart.push(Change::new(
+            "memory.max",
+            kib(o.max_memory_kib),
+            kib(d.max_memory_kib),
+        ));
+    }
+    if d.memory_kib != o.memory_kib {
+        let change = Change::new("memory.size", kib(o.memory_kib), kib(d.memory_kib));
+        if !max_mem_changes && d.memory_kib <= o.max_memory_kib {
+            diff.live.push((Op::SetMemory(d.memory_kib), change));
+        } else {
+            diff.restart.push(change);
+        }
+    }
+    for (vcpu, cpuset) in &d.pinning {
+        if o.pinning.get(vcpu) != Some(cpuset) {
+            let change = Change::new(
+                &format!("cpu.pinning[vcpu={vcpu}].cpuset"),
+                opt(&o.pinning.get(vcpu)),
+                cpuset,
+            );
+            if *vcpu < o.max_vcpus {
+                diff.live.push((
+                    Op::PinVcpu {
+                        vcpu: *vcpu,
+                        cpuset: cpuset.clone(),
+                    },
+                    change,
+                ));
+            } else {
+                diff.restart.push(change);
+            }
+        }
+    }
+    if let Some(e) = &d.emulator_cpuset
+        && o.emulator_cpuset.as_ref() != Some(e)
+    {
+        diff.live.push((
+            Op::PinEmulator(e.clone()),
+            Change::new("cpu.emulatorCpuset", opt(&o.emulator_cpuset), e),
+        ));
+    }
+    if d.cpu_mode.is_some() && d.cpu_mode != o.cpu_mode {
+        diff.restart
+            .push(Change::new("cpu.mode", opt(&o.cpu_mode), opt(&d.cpu_mode)));
+    }
+    if d.cpu_model.is_some() && d.cpu_model != o.cpu_model {
+        diff.restart.push(Change::new(
+            "cpu.model",
+            opt(&o.cpu_model),
+            opt(&d.cpu_model),
+        ));
+    }
+    if let Some(t) = d.topology
+        && Some(t) != o.topology
+    {
+        let show = |t: Option<(u32, u32, u32)>| match t {
+            Some((s, c, th)) => format!("{s}x{c}x{th}"),
+            None => "(none)".into(),
+        };
+        diff.restart
+            .push(Change::new("cpu.topology", show(o.topology), show(Some(t))));
+    }
+    if d.hugepage_kib.is_some() && d.hugepage_kib != o.hugepage_kib {
+        diff.restart.push(Change::new(
+            "memory.hugepages.pageSize",
+            o.hugepage_kib.map(kib).unwrap_or_else(|| "(none)".into()),
+            d.hugepage_kib.map(kib).unwrap_or_default(),
+        ));
+    }
+    if let Some(m) = &d.machine
+        && !machine_matches(m, o.machine.as_deref())
+    {
+        diff.restart
+            .push(Change::new("os.machine", opt(&o.machine), m));
+    }
+    if d.arch.is_some() && d.arch != o.arch {
+        diff.restart
+            .push(Change::new("os.arch", opt(&o.arch), opt(&d.arch)));
+    }
+    if let Some(f) = &d.firmware {
+        let have = o.firmware.clone().unwrap_or_else(|| "bios".into());
+        if &have != f {
+            diff.restart.push(Change::new("os.firmware", have, f));
+        }
+    }
+    // libvirt refuses `<os><boot>` beside per-disk boot order: with a disk `bootOrder` the
+    // definition omits `os.boot`, so it is not compared either.
+    let disk_boot = d.disks.iter().any(|disk| disk.boot_order.is_some());
+    if !d.boot.is_empty() && !disk_boot && d.boot != o.boot {
+        diff.restart
+            .push(Change::new("os.boot", o.boot.join(","), d.boot.join(",")));
+    }
+    for (field, want, have) in [
+        ("os.kernel", &d.kernel, &o.kernel),
+        ("os.initrd", &d.initrd, &o.initrd),
+        ("os.cmdline", &d.cmdline, &o.cmdline),
+    ] {
+        if want.is_some() && want != have {
+            diff.restart.push(Change::new(field, opt(have), opt(want)));
+        }
+    }
+    for disk in &d.disks {
+        let field = format!("disks[name={}]", disk.name);
+        let want = format!(
+            "{} {} on {}",
+            disk.target,
+            describe_disk_source(&disk.source),
+            disk.bus
+        );
+        let Some(od) = o.disks.iter().find(|x| x.target == disk.target) else {
+            diff.restart.push(Change::new(&field, "(none)", want));
+            continue;
+        };
+        let source_ok = match (&disk.source, &od.source) {
+            (DesiredDiskSource::Volume { volume, .. }, DiskRef::Volume { pool, volume: ov }) => {
+                volume == ov && disk_pool(&disk.source, host).is_none_or(|p| &p == pool)
+            }
+            (DesiredDiskSource::Path(p), DiskRef::Path(op)) => p == op,
+            _ => false,
+        };
+        let same = source_ok
+            && od.bus.as_ref().is_none_or(|b| b == &disk.bus)
+            && od.device == disk.device
+            && od.read_only == disk.read_only
+            && od.boot_order == disk.boot_order;
+        if !same {
+            diff.restart
+                .push(Change::new(&field, describe_observed_disk(od), want));
+        }
+    }
+    for od in &o.disks {
+        if !d.disks.iter().any(|x| x.target == od.target) {
+            diff.restart.push(Change::new(
+                &format!("disks[target={}]", od.target),
+                describe_observed_disk(od),
+                "(none)",
+            ));
+        }
+    }
+    for (i, nic) in d.interfaces.iter().enumerate() {
+        let field = format!("interfaces[name={}]", nic.name);
+        let want = format!("{} ({})", nic.network, nic.model);
+        let Some(on) = o.interfaces.get(i) else {
+            diff.restart.push(Change::new(&field, "(none)", want));
+            continue;
+        };
+        let same = on.network.as_deref() == Some(nic.network.as_str())
+            && on.model.as_ref().is_none_or(|m| m == &nic.model)
+            && nic
+                .mac
+                .as_ref()
+                .is_none_or(|m| on.mac.as_ref().is_some_and(|om| om.eq_ignore_ascii_case(m)));
+        if !same {
+            let have = format!(
+                "{} ({}){}",
+                on.network.as_deref().unwrap_or("?"),
+                on.model.as_deref().unwrap_or("default"),
+                on.mac.as_ref().map(|m| format!(" {m}")).unwrap_or_default()
+            );
+            let want = format!(
+                "{want}{}",
+                nic.mac
+                    .as_ref()
+                    .map(|m| format!(" {m}"))
+                    .unwrap_or_default()
+            );
+            diff.restart.push(Change::new(&field, have, want));
+        }
+    }
+    if o.interfaces.len() > d.interfaces.len() {
+        diff.restart.push(Change::new(
+            "interfaces",
+            format!("{} NICs", o.interfaces.len()),
+            format!("{} NICs", d.interfaces.len()),
+        ));
+    }
+    diff
+}
+
+/// What to keep from an existing definition: its UUID, and the MACs libvirt generated for
+/// NICs whose MAC the user did not set.
+pub(crate) fn preserve(d: &DesiredDomain, o: &ObservedDomain) -> Preserve {
+    Preserve {
+        uuid: Some(o.uuid.clone()),
+        macs: d
+            .interfaces
+            .iter()
+            .enumerate()
+            .map(|(i, nic)| match &nic.mac {
+                Some(_) => None,
+                None => o.interfaces.get(i).and_then(|x| x.mac.clone()),
+            })
+            .collect(),
+    }
+}
+
+/// Power actions for a domain that exists, by run strategy and desired state.
+fn power_ops(d: &DesiredDomain, power: PowerObserved, reason: &str) -> Vec<(Op, String, Change)> {
+    let mut ops = Vec::new();
+    let mut change = |op: Op, why: &str, after: &str| {
+        ops.push((
+            op,
+            why.to_string(),
+            Change::new("state", power.as_str(), after),
+        ));
+    };
+    let wants_paused = d.state == PowerState::Paused;
+    let start_then = |change: &mut dyn FnMut(Op, &str, &str), recover: bool, why: &str| {
+        change(Op::StartDomain { recover }, why, "running");
+        if wants_paused {
+            change(Op::SuspendDomain, "spec.state is Paused", "paused");
+        }
+    };
+    let keep_running_or_paused = |change: &mut dyn FnMut(Op, &str, &str)| match (power, d.state) {
+        (PowerObserved::Running, PowerState::Paused) => {
+            change(Op::SuspendDomain, "spec.state is Paused", "paused")
+        }
+        (PowerObserved::Paused, PowerState::Running) => {
+            change(Op::ResumeDomain, "spec.state is Running", "running")
+        }
+        _ => {}
+    };
+    match d.run_strategy {
+        RunStrategy::Halted => {
+            if power.is_active() {
+                change(
+                    Op::StopDomain,
+                    "runStrategy Halted keeps it stopped",
+                    "shutoff",
+                );
+            }
+        }
+        RunStrategy::Always => match power {
+            PowerObserved::Shutoff => start_then(
+                &mut change,
+                false,
+                &format!("runStrategy Always restarts it (it stopped: {reason})"),
+            ),
+            PowerObserved::Crashed => start_then(
+                &mut change,
+                true,
+                "runStrategy Always restarts it after a crash",
+            ),
+            _ => keep_running_or_paused(&mut change),
+        },
+        RunStrategy::RerunOnFailure => match power {
+            PowerObserved::Shutoff if reason == "crashed" => start_then(
+                &mut change,
+                false,
+                "runStrategy RerunOnFailure restarts it after a crash",
+            ),
+            PowerObserved::Shutoff => {}
+            PowerObserved::Crashed => start_then(
+                &mut change,
+                true,
+                "runStrategy RerunOnFailure restarts it after a crash",
+            ),
+            _ => keep_running_or_paused(&mut change),
+        },
+        RunStrategy::Manual => {
+            // Manual enforces an explicit state between running and paused, and stops on
+            // request; it never starts a stopped domain after creation.
+            if d.explicit_state {
+                match (power, d.state) {
+                    (PowerObserved::Running | PowerObserved::Paused, PowerState::Stopped) => {
+                        change(Op::StopDomain, "spec.state is Stopped", "shutoff")
+                    }
+                    _ => keep_running_or_paused(&mut change),
+                }
+            }
+        }
+    }
+    ops
+}
+
+/// Power actions right after creation.
+fn initial_power_ops(d: &DesiredDomain) -> Vec<(Op, String, Change)> {
+    match d.state {
+        PowerState::Running => vec![(
+            Op::StartDomain { recover: false },
+            "spec.state is Running".into(),
+            Change::new("state", "(none)", "running"),
+        )],
+        PowerState::Paused => vec![
+            (
+                Op::StartDomain { recover: false },
+                "spec.state is Paused: start, then suspend".into(),
+                Change::new("state", "(none)", "running"),
+            ),
+            (
+                Op::SuspendDomain,
+                "spec.state is Paused".into(),
+                Change::new("state", "running", "paused"),
+            ),
+        ],
+        PowerState::Stopped => vec![],
+    }
+}
+
+fn definition_changes(d: &DesiredDomain) -> Vec<Change> {
+    let mut changes = vec![
+        Change::new(
+            "cpu.vcpus",
+            "(none)",
+            format!("{} (max {})", d.vcpus, d.max_vcpus),
+        ),
+        Change::new(
+            "memory.size",
+            "(none)",
+            format!("{} (max {})", kib(d.memory_kib), kib(d.max_memory_kib)),
+        ),
+    ];
+    for (vcpu, cpuset) in &d.pinning {
+        changes.push(Change::new(
+            &format!("cpu.pinning[vcpu={vcpu}].cpuset"),
+            "(none)",
+            cpuset,
+        ));
+    }
+    if let Some(e) = &d.emulator_cpuset {
+        changes.push(Change::new("cpu.emulatorCpuset", "(none)", e));
+    }
+    for disk in &d.disks {
+        changes.push(Change::new(
+            &format!("disks[name={}]", disk.name),
+            "(none)",
+            format!("{} {}", disk.target, describe_disk_source(&disk.source)),
+        ));
+    }
+    for nic in &d.interfaces {
+        changes.push(Change::new(
+            &format!("interfaces[name={}]", nic.name),
+            "(none)",
+            &nic.network,
+        ));
+    }
+    changes
+}
+
+/// Plans one domain.
+pub(crate) fn plan_domain(
+    b: &mut Builder,
+    d: &DesiredDomain,
+    desired: &DesiredState,
+    observed: &ObservedState,
+) {
+    let object = ObjectRef::new(ObjectKind::Domain, &d.name, &d.display);
+    let Some(host) = observed.hosts.get(&d.node) else {
+        b.notice(
+            NoticeKind::Invalid,
+            &object,
+            &d.node,
+            format!("{}: node {} is not connected", d.origin, d.node),
+            vec![],
+        );
+        return;
+    };
+    for disk in &d.disks {
+        if matches!(disk.source, DesiredDiskSource::Volume { .. })
+            && disk_pool(&disk.source, host).is_none()
+        {
+            b.notice(
+                NoticeKind::Invalid,
+                &object,
+                &d.node,
+                format!(
+                    "{}: spec.disks[name={}].volume: {} is neither in the manifests nor on node {}",
+                    d.origin,
+                    disk.name,
+                    describe_disk_source(&disk.source),
+                    d.node
+                ),
+                vec![],
+            );
+            return;
+        }
+    }
+    for nic in &d.interfaces {
+        let known = desired.networks.iter().any(|n| n.name == nic.network)
+            || host.networks.contains_key(&nic.network);
+        if !known {
+            b.notice(NoticeKind::Invalid, &object, &d.node, format!("{}: spec.interfaces[name={}].network: Network {} is neither in the manifests nor on node {}", d.origin, nic.name, nic.network, d.node), vec![]);
+            return;
+        }
+    }
+    let deps = dependencies(d, host, desired);
+    let here = host.domains.get(&d.name);
+    // The same resource elsewhere: a move (live migration when it runs).
+    let elsewhere: Vec<(&String, &ObservedDomain)> = observed
+        .hosts
+        .iter()
+        .filter(|(n, _)| **n != d.node)
+        .filter_map(|(n, h)| h.domains.get(&d.name).map(|o| (n, o)))
+        .filter(|(_, o)| o.owner.as_ref().is_some_and(|m| m.same_resource(&d.owner)))
+        .collect();
+
+    if let Some(o) = here
+        && !o.owner.as_ref().is_some_and(|m| m.same_resource(&d.owner))
+    {
+        b.notice(
+            NoticeKind::Conflict,
+            &object,
+            &d.node,
+            clash_message(&object.to_string(), &d.origin, "domain", &d.node, &o.owner),
+            vec![],
+        );
+        return;
+    }
+
+    match here {
+        None => {
+            if let Some((src, o)) = elsewhere.first() {
+                if o.power.is_active() {
+                    let op = Op::MigrateDomain {
+                        to: d.node.clone(),
+                        migration: d.migration.clone(),
+                    };
+                    let change = Change::new("nodeName", src, &d.node);
+                    b.push(
+                        src,
+                        &object,
+                        &d.owner,
+                        op,
+                        Symbol::Live,
+                        "spec.nodeName changed while it runs: live migration",
+                        vec![change],
+                        &deps,
+                    );
+                    return;
+                }
+                // Stopped: define on the new node under the same UUID, then remove the old.
+                let pres = preserve(d, o);
+                b.push(
+                    &d.node,
+                    &object,
+                    &d.owner,
+                    Op::DefineDomain {
+                        domain: Box::new(d.clone()),
+                        preserve: pres,
+                    },
+                    Symbol::Live,
+                    "spec.nodeName changed while it is stopped: move the definition",
+                    vec![Change::new("nodeName", src, &d.node)],
+                    &deps,
+                );
+                let moved = (ObjectKind::Domain, d.node.clone(), d.name.clone());
+                b.push(
+                    src,
+                    &object,
+                    &d.owner,
+                    Op::DeleteDomain,
+                    Symbol::Live,
+                    format!("moved to node {}", d.node),
+                    vec![],
+                    &[moved],
+                );
+                if d.autostart {
+                    b.push(
+                        &d.node,
+                        &object,
+                        &d.owner,
+                        Op::SetDomainAutostart(true),
+                        Symbol::Live,
+                        "spec.autostart",
+                        vec![Change::new("autostart", false, true)],
+                        &[],
+                    );
+                }
+                for (op, why, change) in power_ops(d, PowerObserved::Shutoff, &o.reason) {
+                    b.push(
+                        &d.node,
+                        &object,
+                        &d.owner,
+                        op,
+                        Symbol::Live,
+                        why,
+                        vec![change],
+                        &[],
+                    );
+                }
+                return;
+            }
+            b.push(
+                &d.node,
+                &object,
+                &d.owner,
+                Op::DefineDomain {
+                    domain: Box::new(d.clone()),
+                    preserve: Preserve::default(),
+                },
+                Symbol::Create,
+                "not on the host",
+                definition_changes(d),
+                &deps,
+            );
+            if d.autostart {
+                b.push(
+                    &d.node,
+                    &object,
+                    &d.owner,
+                    Op::SetDomainAutostart(true),
+                    Symbol::Create,
+                    "spec.autostart",
+                    vec![Change::new("autostart", false, true)],
+                    &[],
+                );
+            }
+            for (op, why, change) in initial_power_ops(d) {
+                b.push(
+                    &d.node,
+                    &object,
+                    &d.owner,
+                    op,
+                    Symbol::Create,
+                    why,
+                    vec![change],
+                    &[],
+                );
+            }
+        }
+        Some(o) => {
+            for (src, other) in &elsewhere {
+                if other.power.is_active() {
+                    b.notice(NoticeKind::Conflict, &object, src, format!("{} is defined on node {} and also runs on node {src}: virtkube never runs a domain twice; stop the copy on {src}", object, d.node), vec![]);
+                    return;
+                }
+                b.push(
+                    src,
+                    &object,
+                    &d.owner,
+                    Op::DeleteDomain,
+                    Symbol::Delete,
+                    format!("a stale copy: the domain lives on node {}", d.node),
+                    vec![],
+                    &[],
+                );
+            }
+            let diff = diff_domain(d, o, host);
+            let mut power = o.power;
+            if !o.power.is_active() {
+                let mut changes: Vec<Change> = diff.live.into_iter().map(|(_, c)| c).collect();
+                changes.extend(diff.restart);
+                if !changes.is_empty() {
+                    b.push(
+                        &d.node,
+                        &object,
+                        &d.owner,
+                        Op::DefineDomain {
+                            domain: Box::new(d.clone()),
+                            preserve: preserve(d, o),
+                        },
+                        Symbol::Live,
+                        "the domain is stopped: its definition is updated in place",
+                        changes,
+                        &deps,
+                    );
+                }
+            } else {
+                let restart_now = !diff.restart.is_empty() && d.restart_now;
+                if !diff.restart.is_empty() && !restart_now {
+                    b.notice(NoticeKind::RestartPending, &object, &d.node, "needs a restart: applied at the next stop (updatePolicy Deferred; set updatePolicy Restart to restart now)", diff.restart.clone());
+                }
+                if restart_now {
+                    let mut changes = diff.restart.clone();
+                    changes.extend(diff.live.iter().map(|(_, c)| c.clone()));
+                    b.push(
+                        &d.node,
+                        &object,
+                        &d.owner,
+                        Op::RestartDomain {
+                            domain: Box::new(d.clone()),
+                            preserve: preserve(d, o),
+                        },
+                        Symbol::Restart,
+                        "updatePolicy Restart: shut down, redefine, start",
+                        changes,
+                        &deps,
+                    );
+                    power = PowerObserved::Running;
+                } else {
+                    for (op, change) in diff.live {
+                        b.push(
+                            &d.node,
+                            &object,
+                            &d.owner,
+                            op,
+                            Symbol::Live,
+                            "applied live",
+                            vec![change],
+                            &[],
+                        );
+                    }
+                }
+            }
+            if o.autostart != d.autostart {
+                b.push(
+                    &d.node,
+                    &object,
+                    &d.owner,
+                    Op::SetDomainAutostart(d.autostart),
+                    Symbol::Live,
+                    "spec.autostart",
+                    vec![Change::new("autostart", o.autostart, d.autostart)],
+                    &[],
+                );
+            }
+            for (op, why, change) in power_ops(d, power, &o.reason) {
+                b.push(
+                    &d.node,
+                    &object,
+                    &d.owner,
+                    op,
+                    Symbol::Live,
+                    why,
+                    vec![change],
+                    &[],
+                );
+            }
+        }
+    }
+}

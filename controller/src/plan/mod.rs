@@ -1,0 +1,1308 @@
+//! The planner: a pure function from (desired, observed) to an ordered [`Plan`].
+//!
+//! Guarantees, which the tests check:
+//! - **Pure**: no I/O; the same inputs give the same plan.
+//! - **Ordered by dependencies**: pools, then volumes, then networks, then domains; deletions
+//!   in reverse (domains, networks, volumes, pools). Every action's `depends_on` points to
+//!   earlier actions only, so running the list in order is always valid and an executor may
+//!   run independent actions in parallel.
+//! - **Only what the user set is compared**: values libvirt fills in (UUIDs, MACs, PCI
+//!   addresses, default models, the expanded machine type) never count as a difference, so a
+//!   converged host plans to nothing.
+//! - **Ownership**: an object without virtkube's mark, or with another resource's mark, is
+//!   never changed or deleted; a name clash is a [`NoticeKind::Conflict`] naming both.
+//! - **Data is kept**: a volume with `reclaimPolicy: Retain` (or whose policy is unknown) is
+//!   never deleted; a volume or network still used by a domain that stays is not deleted.
+
+pub mod desired;
+mod domain;
+pub mod observed;
+pub mod render;
+pub mod simulate;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+
+use desired::{
+    DesiredDomain, DesiredMigration, DesiredNetwork, DesiredPool, DesiredState, VolumeOrigin,
+};
+use observed::{ObservedState, OwnerMark};
+
+/// The kinds of host objects, in dependency order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ObjectKind {
+    /// A storage pool.
+    StoragePool,
+    /// A storage volume.
+    Volume,
+    /// A network.
+    Network,
+    /// A domain.
+    Domain,
+}
+
+impl ObjectKind {
+    /// The Kubernetes kind name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ObjectKind::StoragePool => "StoragePool",
+            ObjectKind::Volume => "Volume",
+            ObjectKind::Network => "Network",
+            ObjectKind::Domain => "Domain",
+        }
+    }
+}
+
+impl fmt::Display for ObjectKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Which object an action or notice is about.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectRef {
+    /// Kind.
+    pub kind: ObjectKind,
+    /// libvirt name (for volumes: the volume name; the pool is in the operation).
+    pub name: String,
+    /// As users write it (`namespace/name` or `name`).
+    pub display: String,
+}
+
+impl ObjectRef {
+    /// A reference.
+    pub fn new(kind: ObjectKind, name: &str, display: &str) -> Self {
+        Self {
+            kind,
+            name: name.to_string(),
+            display: display.to_string(),
+        }
+    }
+}
+
+impl fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.kind, self.display)
+    }
+}
+
+/// How a reviewer should read an action.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Symbol {
+    /// `+`: creates an object (or a step of creating it).
+    Create,
+    /// `~`: changes it live (or its definition while it is stopped).
+    Live,
+    /// `!`: restarts the guest to apply the change (`updatePolicy: Restart`).
+    Restart,
+    /// `-`: deletes it.
+    Delete,
+}
+
+impl Symbol {
+    /// The one-character mark.
+    pub fn mark(self) -> char {
+        match self {
+            Symbol::Create => '+',
+            Symbol::Live => '~',
+            Symbol::Restart => '!',
+            Symbol::Delete => '-',
+        }
+    }
+}
+
+/// One field's difference.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// Field path in the spec (`cpu.vcpus`).
+    pub field: String,
+    /// What the host has (`(none)` when absent).
+    pub before: String,
+    /// What the manifest asks for.
+    pub after: String,
+}
+
+impl Change {
+    /// A change.
+    pub fn new(field: &str, before: impl fmt::Display, after: impl fmt::Display) -> Self {
+        Self {
+            field: field.to_string(),
+            before: before.to_string(),
+            after: after.to_string(),
+        }
+    }
+}
+
+/// What libvirt keeps that a redefinition must carry over.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Preserve {
+    /// The domain's UUID (libvirt refuses a redefinition under a new UUID).
+    pub uuid: Option<String>,
+    /// Generated MACs, per desired interface index, for interfaces without a user MAC.
+    pub macs: Vec<Option<String>>,
+}
+
+/// What an action does.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Op {
+    /// Define a storage pool.
+    DefinePool(Box<DesiredPool>),
+    /// Build its storage (a `dir` pool: create the directory).
+    BuildPool,
+    /// Start it.
+    StartPool,
+    /// Set its autostart flag.
+    SetPoolAutostart(bool),
+    /// Stop and undefine it (its files stay).
+    DeletePool,
+    /// Define a network.
+    DefineNetwork(Box<DesiredNetwork>),
+    /// Start it.
+    StartNetwork,
+    /// Set its autostart flag.
+    SetNetworkAutostart(bool),
+    /// Stop and undefine it.
+    DeleteNetwork,
+    /// Create a volume.
+    CreateVolume {
+        /// Pool.
+        pool: String,
+        /// Capacity in bytes (`None`: a clone's source size).
+        capacity: Option<u64>,
+        /// Format word.
+        format: String,
+        /// Initial data.
+        source: VolumeOrigin,
+    },
+    /// Grow a volume.
+    ResizeVolume {
+        /// Pool.
+        pool: String,
+        /// Key observed (the ownership proof).
+        key: String,
+        /// New capacity in bytes.
+        capacity: u64,
+    },
+    /// Delete a volume.
+    DeleteVolume {
+        /// Pool.
+        pool: String,
+        /// Key observed.
+        key: String,
+    },
+    /// Define (or redefine, while stopped) a domain.
+    DefineDomain {
+        /// The definition.
+        domain: Box<DesiredDomain>,
+        /// What to keep from the current definition.
+        preserve: Preserve,
+    },
+    /// Start a domain (`recover`: destroy a crashed one first).
+    StartDomain {
+        /// Destroy the crashed process first.
+        recover: bool,
+    },
+    /// Shut a domain down gracefully (destroy after the deadline).
+    StopDomain,
+    /// Suspend it.
+    SuspendDomain,
+    /// Resume it.
+    ResumeDomain,
+    /// Set online vCPUs live.
+    SetVcpus(u32),
+    /// Set current memory live, KiB.
+    SetMemory(u64),
+    /// Pin one vCPU live.
+    PinVcpu {
+        /// vCPU index.
+        vcpu: u32,
+        /// Canonical cpuset.
+        cpuset: String,
+    },
+    /// Pin the emulator threads live.
+    PinEmulator(String),
+    /// Set the autostart flag.
+    SetDomainAutostart(bool),
+    /// Shut down, redefine, start again (`updatePolicy: Restart`).
+    RestartDomain {
+        /// The new definition.
+        domain: Box<DesiredDomain>,
+        /// What to keep.
+        preserve: Preserve,
+    },
+    /// Shut down within a deadline, destroy, undefine.
+    DeleteDomain,
+    /// Live-migrate from this action's node to `to` (peer-to-peer).
+    MigrateDomain {
+        /// Destination node.
+        to: String,
+        /// Settings.
+        migration: DesiredMigration,
+    },
+}
+
+impl Op {
+    /// A short verb for progress lines and the plan.
+    pub fn verb(&self) -> String {
+        match self {
+            Op::DefinePool(_) | Op::DefineNetwork(_) => "define".into(),
+            Op::BuildPool => "build".into(),
+            Op::StartPool | Op::StartNetwork => "start".into(),
+            Op::SetPoolAutostart(on) | Op::SetNetworkAutostart(on) | Op::SetDomainAutostart(on) => {
+                format!("autostart {}", if *on { "on" } else { "off" })
+            }
+            Op::DeletePool | Op::DeleteNetwork | Op::DeleteVolume { .. } => "delete".into(),
+            Op::CreateVolume { source, .. } => match source {
+                VolumeOrigin::Empty => "create".into(),
+                VolumeOrigin::Clone(s) => format!("clone from {s}"),
+                VolumeOrigin::Backing(s) => format!("create over backing {s}"),
+            },
+            Op::ResizeVolume { .. } => "grow".into(),
+            Op::DefineDomain { .. } => "define".into(),
+            Op::StartDomain { recover: false } => "start".into(),
+            Op::StartDomain { recover: true } => "destroy the crashed guest and start".into(),
+            Op::StopDomain => "shut down".into(),
+            Op::SuspendDomain => "suspend".into(),
+            Op::ResumeDomain => "resume".into(),
+            Op::SetVcpus(n) => format!("set vCPUs to {n}"),
+            Op::SetMemory(k) => format!("set memory to {}", render::kib(*k)),
+            Op::PinVcpu { vcpu, cpuset } => format!("pin vCPU {vcpu} to {cpuset}"),
+            Op::PinEmulator(c) => format!("pin emulator to {c}"),
+            Op::RestartDomain { .. } => "restart with the new definition".into(),
+            Op::DeleteDomain => "shut down, destroy, undefine".into(),
+            Op::MigrateDomain { to, .. } => format!("live-migrate to {to}"),
+        }
+    }
+}
+
+/// One step of a plan.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Action {
+    /// Position in the plan.
+    pub id: usize,
+    /// The node it runs against.
+    pub node: String,
+    /// The object.
+    pub object: ObjectRef,
+    /// The owner the engine must find on the object (and writes on created ones).
+    pub owner: OwnerMark,
+    /// What to do.
+    pub op: Op,
+    /// How to read it.
+    pub symbol: Symbol,
+    /// Why.
+    pub reason: String,
+    /// Field-level before → after.
+    pub changes: Vec<Change>,
+    /// Earlier actions that must succeed first.
+    pub depends_on: Vec<usize>,
+}
+
+/// Something the plan reports without acting on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum NoticeKind {
+    /// A change waits for the guest's next stop (`updatePolicy: Deferred`).
+    RestartPending,
+    /// A change virtkube refuses (shrinking a volume, changing an immutable field).
+    Forbidden,
+    /// A name clash with an object virtkube does not own.
+    Conflict,
+    /// A deletion waits for a user of the object to go away (retried at the next apply).
+    Blocked,
+    /// A volume kept on disk by its reclaim policy.
+    Retained,
+    /// The manifests ask for something impossible (unknown node, missing reference).
+    Invalid,
+}
+
+impl NoticeKind {
+    /// Whether this notice makes `plan`/`apply` fail (exit code 1).
+    pub fn is_error(self) -> bool {
+        matches!(
+            self,
+            NoticeKind::Forbidden | NoticeKind::Conflict | NoticeKind::Invalid
+        )
+    }
+
+    /// A short label.
+    pub fn label(self) -> &'static str {
+        match self {
+            NoticeKind::RestartPending => "needs restart",
+            NoticeKind::Forbidden => "forbidden",
+            NoticeKind::Conflict => "conflict",
+            NoticeKind::Blocked => "blocked",
+            NoticeKind::Retained => "retained",
+            NoticeKind::Invalid => "invalid",
+        }
+    }
+}
+
+/// A report attached to a plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notice {
+    /// What kind.
+    pub kind: NoticeKind,
+    /// About which object.
+    pub object: ObjectRef,
+    /// On which node (empty when not placed).
+    pub node: String,
+    /// The explanation.
+    pub message: String,
+    /// Field-level before → after, when it is about changes.
+    pub changes: Vec<Change>,
+}
+
+/// An ordered list of actions, and what the planner reports without acting.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Plan {
+    /// Actions in a valid execution order.
+    pub actions: Vec<Action>,
+    /// Reports.
+    pub notices: Vec<Notice>,
+}
+
+impl Plan {
+    /// Nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.actions.is_empty()
+    }
+
+    /// Whether any notice is an error.
+    pub fn has_errors(&self) -> bool {
+        self.notices.iter().any(|n| n.kind.is_error())
+    }
+}
+
+/// What a plan covers beyond the manifests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PlanOptions {
+    /// Delete owned objects (from local manifests) that the manifests no longer describe.
+    pub prune: bool,
+}
+
+type ObjKey = (ObjectKind, String, String);
+
+/// Accumulates actions, chaining those on the same object and recording dependencies.
+#[derive(Default)]
+struct Builder {
+    actions: Vec<Action>,
+    notices: Vec<Notice>,
+    last: HashMap<ObjKey, usize>,
+}
+
+impl Builder {
+    #[allow(clippy::too_many_arguments)]
+    fn push(
+        &mut self,
+        node: &str,
+        object: &ObjectRef,
+        owner: &OwnerMark,
+        op: Op,
+        symbol: Symbol,
+        reason: impl Into<String>,
+        changes: Vec<Change>,
+        deps: &[ObjKey],
+    ) -> usize {
+        let id = self.actions.len();
+        let key = (object.kind, node.to_string(), object.name.clone());
+        let mut depends_on: BTreeSet<usize> = deps
+            .iter()
+            .filter_map(|k| self.last.get(k).copied())
+            .collect();
+        if let Some(prev) = self.last.get(&key) {
+            depends_on.insert(*prev);
+        }
+        self.actions.push(Action {
+            id,
+            node: node.to_string(),
+            object: object.clone(),
+            owner: owner.clone(),
+            op,
+            symbol,
+            reason: reason.into(),
+            changes,
+            depends_on: depends_on.into_iter().collect(),
+        });
+        self.last.insert(key, id);
+        id
+    }
+
+    fn notice(
+        &mut self,
+        kind: NoticeKind,
+        object: &ObjectRef,
+        node: &str,
+        message: impl Into<String>,
+        changes: Vec<Change>,
+    ) {
+        self.notices.push(Notice {
+            kind,
+            object: object.clone(),
+            node: node.to_string(),
+            message: message.into(),
+            changes,
+        });
+    }
+
+    fn finish(self) -> Plan {
+        Plan {
+            actions: self.actions,
+            notices: self.notices,
+        }
+    }
+}
+
+fn opt<T: fmt::Display>(v: &Option<T>) -> String {
+    match v {
+        Some(v) => v.to_string(),
+        None => "(none)".to_string(),
+    }
+}
+
+fn owner_text(owner: &Option<OwnerMark>) -> String {
+    match owner {
+        Some(o) => format!("owned by {} (uid {})", o.label(), o.uid),
+        None => "carries no virtkube ownership mark".to_string(),
+    }
+}
+
+fn clash_message(
+    wanted: &str,
+    origin: &str,
+    what: &str,
+    node: &str,
+    found: &Option<OwnerMark>,
+) -> String {
+    format!(
+        "{wanted} from {origin} clashes with the existing libvirt {what} of the same name on node {node}, which {}: virtkube leaves it alone; rename one of them",
+        owner_text(found)
+    )
+}
+
+/// Plans the changes that bring the hosts in `observed` to `desired`.
+pub fn plan(desired: &DesiredState, observed: &ObservedState, options: &PlanOptions) -> Plan {
+    let mut b = Builder::default();
+    let nodes: Vec<String> = observed.hosts.keys().cloned().collect();
+    let mut unusable_pools: BTreeSet<(String, String)> = BTreeSet::new();
+
+    // Pools, on every node.
+    for pool in &desired.pools {
+        let object = ObjectRef::new(ObjectKind::StoragePool, &pool.name, &pool.name);
+        for node in &nodes {
+            let host = &observed.hosts[node];
+            match host.pools.get(&pool.name) {
+                None => {
+                    let changes = vec![
+                        Change::new("type", "(none)", &pool.pool_type),
+                        Change::new("target.path", "(none)", opt(&pool.target_path)),
+                    ];
+                    let why = "not on the host";
+                    b.push(
+                        node,
+                        &object,
+                        &pool.owner,
+                        Op::DefinePool(Box::new(pool.clone())),
+                        Symbol::Create,
+                        why,
+                        changes,
+                        &[],
+                    );
+                    b.push(
+                        node,
+                        &object,
+                        &pool.owner,
+                        Op::BuildPool,
+                        Symbol::Create,
+                        "create its storage",
+                        vec![],
+                        &[],
+                    );
+                    b.push(
+                        node,
+                        &object,
+                        &pool.owner,
+                        Op::StartPool,
+                        Symbol::Create,
+                        "make it usable",
+                        vec![],
+                        &[],
+                    );
+                    if pool.autostart {
+                        b.push(
+                            node,
+                            &object,
+                            &pool.owner,
+                            Op::SetPoolAutostart(true),
+                            Symbol::Create,
+                            "spec.autostart",
+                            vec![Change::new("autostart", false, true)],
+                            &[],
+                        );
+                    }
+                }
+                Some(o)
+                    if !o
+                        .owner
+                        .as_ref()
+                        .is_some_and(|m| m.same_resource(&pool.owner)) =>
+                {
+                    unusable_pools.insert((node.clone(), pool.name.clone()));
+                    b.notice(
+                        NoticeKind::Conflict,
+                        &object,
+                        node,
+                        clash_message(
+                            &object.to_string(),
+                            &pool.origin,
+                            "storage pool",
+                            node,
+                            &o.owner,
+                        ),
+                        vec![],
+                    );
+                }
+                Some(o) => {
+                    let mut forbidden = Vec::new();
+                    if o.pool_type != pool.pool_type {
+                        forbidden.push(Change::new("type", &o.pool_type, &pool.pool_type));
+                    }
+                    if pool.target_path.is_some() && o.target_path != pool.target_path {
+                        forbidden.push(Change::new(
+                            "target.path",
+                            opt(&o.target_path),
+                            opt(&pool.target_path),
+                        ));
+                    }
+                    if !forbidden.is_empty() {
+                        b.notice(NoticeKind::Forbidden, &object, node, "a pool's type and target path are immutable: create a new pool and move the volumes", forbidden);
+                    }
+                    if !o.active {
+                        b.push(
+                            node,
+                            &object,
+                            &pool.owner,
+                            Op::StartPool,
+                            Symbol::Live,
+                            "the pool is inactive",
+                            vec![Change::new("active", false, true)],
+                            &[],
+                        );
+                    }
+                    if o.autostart != pool.autostart {
+                        b.push(
+                            node,
+                            &object,
+                            &pool.owner,
+                            Op::SetPoolAutostart(pool.autostart),
+                            Symbol::Live,
+                            "spec.autostart",
+                            vec![Change::new("autostart", o.autostart, pool.autostart)],
+                            &[],
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    // Volumes, each on its node.
+    let desired_volume_names: BTreeMap<(String, String), &desired::DesiredVolume> = desired
+        .volumes
+        .iter()
+        .map(|v| ((v.node.clone(), v.name.clone()), v))
+        .collect();
+    for vol in &desired.volumes {
+        let object = ObjectRef::new(ObjectKind::Volume, &vol.name, &vol.display);
+        let node = &vol.node;
+        let Some(host) = observed.hosts.get(node) else {
+            b.notice(
+                NoticeKind::Invalid,
+                &object,
+                node,
+                format!("{}: node {node} is not connected", vol.origin),
+                vec![],
+            );
+            continue;
+        };
+        if unusable_pools.contains(&(node.clone(), vol.pool.clone())) {
+            b.notice(
+                NoticeKind::Blocked,
+                &object,
+                node,
+                format!("its pool {} is not virtkube's on node {node}", vol.pool),
+                vec![],
+            );
+            continue;
+        }
+        let pool_known =
+            desired.pools.iter().any(|p| p.name == vol.pool) || host.pools.contains_key(&vol.pool);
+        if !pool_known {
+            b.notice(
+                NoticeKind::Invalid,
+                &object,
+                node,
+                format!(
+                    "{}: spec.pool: StoragePool {} is neither in the manifests nor on node {node}",
+                    vol.origin, vol.pool
+                ),
+                vec![],
+            );
+            continue;
+        }
+        let pool_key = (ObjectKind::StoragePool, node.clone(), vol.pool.clone());
+        match host.volumes.get(&(vol.pool.clone(), vol.name.clone())) {
+            None => {
+                let mut deps = vec![pool_key];
+                let mut changes = vec![
+                    Change::new(
+                        "capacity",
+                        "(none)",
+                        vol.capacity
+                            .map(render::bytes)
+                            .unwrap_or_else(|| "(size of the source)".into()),
+                    ),
+                    Change::new("format", "(none)", &vol.format),
+                ];
+                match &vol.source {
+                    VolumeOrigin::Empty => {}
+                    VolumeOrigin::Clone(src) | VolumeOrigin::Backing(src) => {
+                        let exists = desired_volume_names
+                            .contains_key(&(node.clone(), src.clone()))
+                            || host.volumes.contains_key(&(vol.pool.clone(), src.clone()));
+                        if !exists {
+                            b.notice(NoticeKind::Invalid, &object, node, format!("{}: spec.source: Volume {src} is neither in the manifests nor in pool {} on node {node}", vol.origin, vol.pool), vec![]);
+                            continue;
+                        }
+                        deps.push((ObjectKind::Volume, node.clone(), src.clone()));
+                        changes.push(Change::new("source", "(none)", src));
+                    }
+                }
+                let op = Op::CreateVolume {
+                    pool: vol.pool.clone(),
+                    capacity: vol.capacity,
+                    format: vol.format.clone(),
+                    source: vol.source.clone(),
+                };
+                b.push(
+                    node,
+                    &object,
+                    &vol.owner,
+                    op,
+                    Symbol::Create,
+                    "not in the pool",
+                    changes,
+                    &deps,
+                );
+            }
+            Some(o) if !o.owned => {
+                b.notice(NoticeKind::Conflict, &object, node, format!("Volume {} from {} clashes with volume {} in pool {} on node {node}, which virtkube did not create: virtkube leaves it alone", vol.display, vol.origin, vol.name, vol.pool), vec![]);
+            }
+            Some(o) => {
+                if let Some(format) = &o.format
+                    && format != &vol.format
+                {
+                    b.notice(
+                        NoticeKind::Forbidden,
+                        &object,
+                        node,
+                        "a volume's format is immutable",
+                        vec![Change::new("format", format, &vol.format)],
+                    );
+                }
+                if let Some(capacity) = vol.capacity {
+                    if capacity > o.capacity {
+                        let op = Op::ResizeVolume {
+                            pool: vol.pool.clone(),
+                            key: o.key.clone(),
+                            capacity,
+                        };
+                        b.push(
+                            node,
+                            &object,
+                            &vol.owner,
+                            op,
+                            Symbol::Live,
+                            "spec.capacity grew",
+                            vec![Change::new(
+                                "capacity",
+                                render::bytes(o.capacity),
+                                render::bytes(capacity),
+                            )],
+                            &[pool_key],
+                        );
+                    } else if capacity < o.capacity {
+                        b.notice(NoticeKind::Forbidden, &object, node, "shrinking a volume would cut the guest's data: virtkube only grows volumes", vec![Change::new("capacity", render::bytes(o.capacity), render::bytes(capacity))]);
+                    }
+                }
+            }
+        }
+    }
+
+    // Networks, on every node.
+    for net in &desired.networks {
+        let object = ObjectRef::new(ObjectKind::Network, &net.name, &net.name);
+        for node in &nodes {
+            let host = &observed.hosts[node];
+            match host.networks.get(&net.name) {
+                None => {
+                    let mut changes = vec![Change::new("mode", "(none)", &net.mode)];
+                    if let Some((addr, prefix)) = &net.ip {
+                        changes.push(Change::new("ip", "(none)", format!("{addr}/{prefix}")));
+                    }
+                    b.push(
+                        node,
+                        &object,
+                        &net.owner,
+                        Op::DefineNetwork(Box::new(net.clone())),
+                        Symbol::Create,
+                        "not on the host",
+                        changes,
+                        &[],
+                    );
+                    b.push(
+                        node,
+                        &object,
+                        &net.owner,
+                        Op::StartNetwork,
+                        Symbol::Create,
+                        "make it usable",
+                        vec![],
+                        &[],
+                    );
+                    if net.autostart {
+                        b.push(
+                            node,
+                            &object,
+                            &net.owner,
+                            Op::SetNetworkAutostart(true),
+                            Symbol::Create,
+                            "spec.autostart",
+                            vec![Change::new("autostart", false, true)],
+                            &[],
+                        );
+                    }
+                }
+                Some(o)
+                    if !o
+                        .owner
+                        .as_ref()
+                        .is_some_and(|m| m.same_resource(&net.owner)) =>
+                {
+                    b.notice(
+                        NoticeKind::Conflict,
+                        &object,
+                        node,
+                        clash_message(&object.to_string(), &net.origin, "network", node, &o.owner),
+                        vec![],
+                    );
+                }
+                Some(o) => {
+                    if o.mode != net.mode {
+                        b.notice(
+                            NoticeKind::Forbidden,
+                            &object,
+                            node,
+                            "a network's mode is immutable: create a new network",
+                            vec![Change::new("mode", &o.mode, &net.mode)],
+                        );
+                    }
+                    let mut redefine = Vec::new();
+                    if net.bridge.is_some() && o.bridge != net.bridge {
+                        redefine.push(Change::new("bridge", opt(&o.bridge), opt(&net.bridge)));
+                    }
+                    let want_ip = net.ip.as_ref().map(|(a, p)| format!("{a}/{p}"));
+                    let have_ip = o.ip.as_ref().map(|(a, p)| format!("{a}/{p}"));
+                    if want_ip != have_ip {
+                        redefine.push(Change::new("ip", opt(&have_ip), opt(&want_ip)));
+                    }
+                    let want_dhcp: Vec<String> =
+                        net.dhcp.iter().map(|(s, e)| format!("{s}-{e}")).collect();
+                    if want_dhcp != o.dhcp {
+                        redefine.push(Change::new(
+                            "ip.dhcp.ranges",
+                            o.dhcp.join(","),
+                            want_dhcp.join(","),
+                        ));
+                    }
+                    if !redefine.is_empty() {
+                        b.notice(NoticeKind::RestartPending, &object, node, "takes effect when the network is recreated (it would cut every guest on it off): delete and apply it again", redefine);
+                    }
+                    if !o.active {
+                        b.push(
+                            node,
+                            &object,
+                            &net.owner,
+                            Op::StartNetwork,
+                            Symbol::Live,
+                            "the network is inactive",
+                            vec![Change::new("active", false, true)],
+                            &[],
+                        );
+                    }
+                    if o.autostart != net.autostart {
+                        b.push(
+                            node,
+                            &object,
+                            &net.owner,
+                            Op::SetNetworkAutostart(net.autostart),
+                            Symbol::Live,
+                            "spec.autostart",
+                            vec![Change::new("autostart", o.autostart, net.autostart)],
+                            &[],
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    // Domains.
+    for dom in &desired.domains {
+        domain::plan_domain(&mut b, dom, desired, observed);
+    }
+
+    // Deletions: owned objects from local manifests that the manifests no longer describe.
+    if options.prune {
+        let mut targets = Vec::new();
+        let wanted_domains: BTreeSet<&str> =
+            desired.domains.iter().map(|d| d.name.as_str()).collect();
+        let wanted_networks: BTreeSet<&str> =
+            desired.networks.iter().map(|n| n.name.as_str()).collect();
+        let wanted_pools: BTreeSet<&str> = desired.pools.iter().map(|p| p.name.as_str()).collect();
+        for (node, host) in &observed.hosts {
+            for (name, d) in &host.domains {
+                if d.owner.as_ref().is_some_and(OwnerMark::is_local)
+                    && !wanted_domains.contains(name.as_str())
+                {
+                    targets.push(DeleteTarget::domain(node, name, d.owner.clone()));
+                }
+            }
+            for (name, n) in &host.networks {
+                if n.owner.as_ref().is_some_and(OwnerMark::is_local)
+                    && !wanted_networks.contains(name.as_str())
+                {
+                    targets.push(DeleteTarget::network(node, name, n.owner.clone()));
+                }
+            }
+            for ((pool, name), v) in &host.volumes {
+                let wanted = desired_volume_names.contains_key(&(node.clone(), name.clone()));
+                let pool_is_local = host
+                    .pools
+                    .get(pool)
+                    .and_then(|p| p.owner.as_ref())
+                    .is_some_and(OwnerMark::is_local);
+                if v.owned && pool_is_local && !wanted {
+                    targets.push(DeleteTarget::volume(node, pool, name, None));
+                }
+            }
+            for (name, p) in &host.pools {
+                if p.owner.as_ref().is_some_and(OwnerMark::is_local)
+                    && !wanted_pools.contains(name.as_str())
+                {
+                    targets.push(DeleteTarget::pool(node, name, p.owner.clone()));
+                }
+            }
+        }
+        plan_deletions(
+            &mut b,
+            targets,
+            observed,
+            "absent from the manifests (--prune)",
+        );
+    }
+    b.finish()
+}
+
+/// Plans deleting what `desired` describes (`virtkube delete -f`), in reverse dependency
+/// order, keeping retained and still-used volumes.
+pub fn plan_delete(desired: &DesiredState, observed: &ObservedState) -> Plan {
+    let mut b = Builder::default();
+    let mut targets = Vec::new();
+    for (node, host) in &observed.hosts {
+        for d in &desired.domains {
+            if let Some(o) = host.domains.get(&d.name) {
+                if o.owner.as_ref().is_some_and(|m| m.same_resource(&d.owner)) {
+                    targets.push(DeleteTarget::domain(node, &d.name, o.owner.clone()));
+                } else {
+                    let object = ObjectRef::new(ObjectKind::Domain, &d.name, &d.display);
+                    b.notice(
+                        NoticeKind::Conflict,
+                        &object,
+                        node,
+                        clash_message(&object.to_string(), &d.origin, "domain", node, &o.owner),
+                        vec![],
+                    );
+                }
+            }
+        }
+        for n in &desired.networks {
+            if let Some(o) = host.networks.get(&n.name) {
+                if o.owner.as_ref().is_some_and(|m| m.same_resource(&n.owner)) {
+                    targets.push(DeleteTarget::network(node, &n.name, o.owner.clone()));
+                } else {
+                    let object = ObjectRef::new(ObjectKind::Network, &n.name, &n.name);
+                    b.notice(
+                        NoticeKind::Conflict,
+                        &object,
+                        node,
+                        clash_message(&object.to_string(), &n.origin, "network", node, &o.owner),
+                        vec![],
+                    );
+                }
+            }
+        }
+        for v in desired.volumes.iter().filter(|v| &v.node == node) {
+            if let Some(o) = host.volumes.get(&(v.pool.clone(), v.name.clone())) {
+                if o.owned {
+                    targets.push(DeleteTarget::volume(node, &v.pool, &v.name, Some(v.retain)));
+                } else {
+                    let object = ObjectRef::new(ObjectKind::Volume, &v.name, &v.display);
+                    b.notice(NoticeKind::Conflict, &object, node, format!("Volume {} from {} names volume {} in pool {}, which virtkube did not create: virtkube leaves it alone", v.display, v.origin, v.name, v.pool), vec![]);
+                }
+            }
+        }
+        for p in &desired.pools {
+            if let Some(o) = host.pools.get(&p.name) {
+                if o.owner.as_ref().is_some_and(|m| m.same_resource(&p.owner)) {
+                    targets.push(DeleteTarget::pool(node, &p.name, o.owner.clone()));
+                } else {
+                    let object = ObjectRef::new(ObjectKind::StoragePool, &p.name, &p.name);
+                    b.notice(
+                        NoticeKind::Conflict,
+                        &object,
+                        node,
+                        clash_message(
+                            &object.to_string(),
+                            &p.origin,
+                            "storage pool",
+                            node,
+                            &o.owner,
+                        ),
+                        vec![],
+                    );
+                }
+            }
+        }
+    }
+    plan_deletions(&mut b, targets, observed, "deleted by `virtkube delete`");
+    b.finish()
+}
+
+/// An owned object to delete.
+struct DeleteTarget {
+    kind: ObjectKind,
+    node: String,
+    name: String,
+    pool: String,
+    owner: Option<OwnerMark>,
+    /// For volumes: `Some(policy is Retain)`, `None` when the policy is unknown.
+    retain: Option<bool>,
+}
+
+impl DeleteTarget {
+    fn domain(node: &str, name: &str, owner: Option<OwnerMark>) -> Self {
+        Self {
+            kind: ObjectKind::Domain,
+            node: node.into(),
+            name: name.into(),
+            pool: String::new(),
+            owner,
+            retain: None,
+        }
+    }
+    fn network(node: &str, name: &str, owner: Option<OwnerMark>) -> Self {
+        Self {
+            kind: ObjectKind::Network,
+            node: node.into(),
+            name: name.into(),
+            pool: String::new(),
+            owner,
+            retain: None,
+        }
+    }
+    fn pool(node: &str, name: &str, owner: Option<OwnerMark>) -> Self {
+        Self {
+            kind: ObjectKind::StoragePool,
+            node: node.into(),
+            name: name.into(),
+            pool: String::new(),
+            owner,
+            retain: None,
+        }
+    }
+    fn volume(node: &str, pool: &str, name: &str, retain: Option<bool>) -> Self {
+        Self {
+            kind: ObjectKind::Volume,
+            node: node.into(),
+            name: name.into(),
+            pool: pool.into(),
+            owner: None,
+            retain,
+        }
+    }
+}
+
+fn display_of(kind: ObjectKind, name: &str, owner: &Option<OwnerMark>) -> String {
+    match owner {
+        Some(o) if kind != ObjectKind::Volume => match &o.namespace {
+            Some(ns) => format!("{ns}/{}", o.name),
+            None => o.name.clone(),
+        },
+        _ => match virtkube_crds::names::split_host_name(name) {
+            Some((ns, n)) if matches!(kind, ObjectKind::Domain | ObjectKind::Volume) => {
+                format!("{ns}/{n}")
+            }
+            _ => name.to_string(),
+        },
+    }
+}
+
+fn volume_owner(name: &str) -> OwnerMark {
+    let (ns, short) = virtkube_crds::names::split_host_name(name).unwrap_or(("default", name));
+    OwnerMark::for_resource("Volume", Some(ns), short, None)
+}
+
+fn plan_deletions(
+    b: &mut Builder,
+    targets: Vec<DeleteTarget>,
+    observed: &ObservedState,
+    reason: &str,
+) {
+    let deleting: BTreeSet<(ObjectKind, String, String)> = targets
+        .iter()
+        .map(|t| (t.kind, t.node.clone(), t.name.clone()))
+        .collect();
+    let doomed_domain = |node: &str, name: &str| {
+        deleting.contains(&(ObjectKind::Domain, node.to_string(), name.to_string()))
+    };
+    // Deleted-volume keys, so pools wait for them.
+    let mut deleted_volumes: Vec<(String, String, String)> = Vec::new();
+    for kind in [
+        ObjectKind::Domain,
+        ObjectKind::Network,
+        ObjectKind::Volume,
+        ObjectKind::StoragePool,
+    ] {
+        for t in targets.iter().filter(|t| t.kind == kind) {
+            let Some(host) = observed.hosts.get(&t.node) else {
+                continue;
+            };
+            let object = ObjectRef::new(kind, &t.name, &display_of(kind, &t.name, &t.owner));
+            match kind {
+                ObjectKind::Domain => {
+                    let Some(owner) = &t.owner else { continue };
+                    b.push(
+                        &t.node,
+                        &object,
+                        owner,
+                        Op::DeleteDomain,
+                        Symbol::Delete,
+                        reason,
+                        vec![],
+                        &[],
+                    );
+                }
+                ObjectKind::Network => {
+                    let Some(owner) = &t.owner else { continue };
+                    let users: Vec<&String> = host
+                        .domains
+                        .iter()
+                        .filter(|(_, d)| {
+                            d.interfaces
+                                .iter()
+                                .any(|i| i.network.as_deref() == Some(t.name.as_str()))
+                        })
+                        .map(|(n, _)| n)
+                        .collect();
+                    let staying: Vec<&&String> = users
+                        .iter()
+                        .filter(|n| !doomed_domain(&t.node, n))
+                        .collect();
+                    if !staying.is_empty() {
+                        b.notice(
+                            NoticeKind::Blocked,
+                            &object,
+                            &t.node,
+                            format!(
+                                "not deleted: still used by domain {}; retried at the next apply",
+                                staying
+                                    .iter()
+                                    .map(|s| s.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            ),
+                            vec![],
+                        );
+                        continue;
+                    }
+                    let deps: Vec<ObjKey> = users
+                        .iter()
+                        .map(|n| (ObjectKind::Domain, t.node.clone(), (*n).clone()))
+                        .collect();
+                    b.push(
+                        &t.node,
+                        &object,
+                        owner,
+                        Op::DeleteNetwork,
+                        Symbol::Delete,
+                        reason,
+                        vec![],
+                        &deps,
+                    );
+                }
+                ObjectKind::Volume => {
+                    let Some(v) = host.volumes.get(&(t.pool.clone(), t.name.clone())) else {
+                        continue;
+                    };
+                    match t.retain {
+                        Some(false) => {}
+                        Some(true) => {
+                            b.notice(
+                                NoticeKind::Retained,
+                                &object,
+                                &t.node,
+                                format!(
+                                    "reclaimPolicy Retain: the image stays in pool {} ({})",
+                                    t.pool, v.path
+                                ),
+                                vec![],
+                            );
+                            continue;
+                        }
+                        None => {
+                            b.notice(NoticeKind::Retained, &object, &t.node, format!("absent from the manifests, so its reclaimPolicy is unknown: the image stays in pool {} ({}); delete it with `virtkube delete -f` and reclaimPolicy Delete", t.pool, v.path), vec![]);
+                            continue;
+                        }
+                    }
+                    let users: Vec<&String> = host
+                        .domains
+                        .iter()
+                        .filter(|(_, d)| {
+                            d.disks.iter().any(|disk| match &disk.source {
+                                observed::DiskRef::Volume { pool, volume } => {
+                                    pool == &t.pool && volume == &t.name
+                                }
+                                observed::DiskRef::Path(p) => p == &v.path,
+                                observed::DiskRef::Other => false,
+                            })
+                        })
+                        .map(|(n, _)| n)
+                        .collect();
+                    let staying: Vec<&&String> = users
+                        .iter()
+                        .filter(|n| !doomed_domain(&t.node, n))
+                        .collect();
+                    if !staying.is_empty() {
+                        b.notice(
+                            NoticeKind::Blocked,
+                            &object,
+                            &t.node,
+                            format!(
+                                "not deleted: still used by domain {}; retried at the next apply",
+                                staying
+                                    .iter()
+                                    .map(|s| s.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            ),
+                            vec![],
+                        );
+                        continue;
+                    }
+                    let overlays: Vec<&String> = host
+                        .volumes
+                        .iter()
+                        .filter(|(k, o)| {
+                            o.backing_path.as_deref() == Some(v.path.as_str())
+                                && !deleting.contains(&(
+                                    ObjectKind::Volume,
+                                    t.node.clone(),
+                                    k.1.clone(),
+                                ))
+                        })
+                        .map(|(k, _)| &k.1)
+                        .collect();
+                    if !overlays.is_empty() {
+                        b.notice(
+                            NoticeKind::Blocked,
+                            &object,
+                            &t.node,
+                            format!(
+                                "not deleted: it is the backing store of volume {}",
+                                overlays
+                                    .iter()
+                                    .map(|s| s.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            ),
+                            vec![],
+                        );
+                        continue;
+                    }
+                    let mut deps: Vec<ObjKey> = users
+                        .iter()
+                        .map(|n| (ObjectKind::Domain, t.node.clone(), (*n).clone()))
+                        .collect();
+                    deps.extend(
+                        host.volumes
+                            .iter()
+                            .filter(|(_, o)| o.backing_path.as_deref() == Some(v.path.as_str()))
+                            .map(|(k, _)| (ObjectKind::Volume, t.node.clone(), k.1.clone())),
+                    );
+                    let op = Op::DeleteVolume {
+                        pool: t.pool.clone(),
+                        key: v.key.clone(),
+                    };
+                    b.push(
+                        &t.node,
+                        &object,
+                        &volume_owner(&t.name),
+                        op,
+                        Symbol::Delete,
+                        reason,
+                        vec![],
+                        &deps,
+                    );
+                    deleted_volumes.push((t.node.clone(), t.pool.clone(), t.name.clone()));
+                }
+                ObjectKind::StoragePool => {
+                    let Some(owner) = &t.owner else { continue };
+                    let in_use: Vec<&String> = host.domains.iter().filter(|(n, d)| !doomed_domain(&t.node, n) && d.disks.iter().any(|disk| matches!(&disk.source, observed::DiskRef::Volume { pool, .. } if pool == &t.name))).map(|(n, _)| n).collect();
+                    if !in_use.is_empty() {
+                        b.notice(
+                            NoticeKind::Blocked,
+                            &object,
+                            &t.node,
+                            format!(
+                                "not deleted: domain {} still uses its volumes",
+                                in_use
+                                    .iter()
+                                    .map(|s| s.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            ),
+                            vec![],
+                        );
+                        continue;
+                    }
+                    let deps: Vec<ObjKey> = deleted_volumes
+                        .iter()
+                        .filter(|(n, p, _)| n == &t.node && p == &t.name)
+                        .map(|(n, _, v)| (ObjectKind::Volume, n.clone(), v.clone()))
+                        .collect();
+                    b.push(
+                        &t.node,
+                        &object,
+                        owner,
+                        Op::DeletePool,
+                        Symbol::Delete,
+                        format!("{reason}; its image files stay on disk"),
+                        vec![],
+                        &deps,
+                    );
+                }
+            }
+        }
+    }
+}
