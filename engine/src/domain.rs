@@ -12,7 +12,7 @@ use virt::domain::Domain;
 use virt::sys;
 use virtkube_crds::cpuset::CpuSet;
 
-use crate::engine::{CallClass, Engine};
+use crate::engine::{CallClass, Engine, OwnedCache};
 use crate::error::{EngineError, ObjectKind, Result};
 use crate::model::xml;
 use crate::model::{
@@ -132,9 +132,13 @@ pub(crate) fn lookup_owned(
     call: &'static str,
     name: &str,
     owner: &Owner,
+    cache: &OwnedCache,
 ) -> Result<Domain> {
     let dom = lookup(c, call, name)?;
-    ensure_owned(ObjectKind::Domain, name, owner, read_owner(&dom, call)?)?;
+    let uuid = dom.uuid_string().map_err(lv(call))?;
+    cache.check(ObjectKind::Domain, name, &uuid, owner, || {
+        read_owner(&dom, call)
+    })?;
     Ok(dom)
 }
 
@@ -172,12 +176,11 @@ fn checked_cpumap(cpuset: &CpuSet, host_cpus: u32) -> Result<Vec<u8>> {
 
 /// Per-vCPU affinity through `virDomainGetVcpuPinInfo` (the `virt` crate has no wrapper).
 pub(crate) fn vcpu_pin_info(
-    c: &Connect,
+    host: u32,
     dom: &Domain,
     call: &'static str,
     flags: u32,
 ) -> Result<Vec<VcpuPin>> {
-    let host = host_cpu_count(c, call)?;
     let maplen = host.div_ceil(8).max(1) as usize;
     let max = dom
         .vcpus_flags(sys::VIR_DOMAIN_VCPU_MAXIMUM | flags)
@@ -227,6 +230,23 @@ fn emulator_pin_info(c: &Connect, dom: &Domain, call: &'static str, flags: u32) 
         .ok_or_else(|| EngineError::Internal("libvirt reported an empty emulator cpumap".into()))
 }
 
+/// Reads everything the engine observes about one domain.
+fn observe(dom: &Domain, host_cpus: u32, call: &'static str) -> Result<DomainObserved> {
+    let mut o = DomainObserved::from_xml(&dom.xml_desc(0).map_err(lv(call))?)?;
+    let (s, r) = raw_state(dom, call)?;
+    o.state = s;
+    o.reason = state_reason_name(s, r).to_string();
+    o.persistent = dom.is_persistent().map_err(lv(call))?;
+    o.autostart = if o.persistent {
+        dom.autostart().map_err(lv(call))?
+    } else {
+        false
+    };
+    o.has_managed_save = o.persistent && dom.has_managed_save(0).unwrap_or(false);
+    o.live_pinning = vcpu_pin_info(host_cpus, dom, call, 0)?;
+    Ok(o)
+}
+
 fn id_of(dom: &Domain, call: &'static str) -> Result<DomainId> {
     Ok(DomainId {
         name: dom.name().map_err(lv(call))?,
@@ -240,27 +260,28 @@ impl Engine {
     pub async fn domain_define(&self, def: &DomainDef) -> Result<DomainId> {
         def.validate().map_err(EngineError::InvalidSpec)?;
         let def = def.clone();
+        let cache = self.owned_cache();
         self.call(CallClass::Mutate, "domain_define", move |c| {
             const CALL: &str = "domain_define";
             let mut def = def.clone();
             match lookup(c, CALL, &def.name) {
                 Ok(existing) => {
-                    ensure_owned(
-                        ObjectKind::Domain,
-                        &def.name,
-                        &def.owner,
-                        read_owner(&existing, CALL)?,
-                    )?;
+                    let uuid = existing.uuid_string().map_err(lv(CALL))?;
+                    cache.check(ObjectKind::Domain, &def.name, &uuid, &def.owner, || {
+                        read_owner(&existing, CALL)
+                    })?;
                     // A redefinition must keep the UUID, or libvirt refuses the name clash.
                     if def.uuid.is_none() {
-                        def.uuid = Some(existing.uuid_string().map_err(lv(CALL))?);
+                        def.uuid = Some(uuid);
                     }
                 }
                 Err(e) if e.is_not_found() => {}
                 Err(e) => return Err(e),
             }
             let dom = c.define_domain_xml(&def.to_xml()).map_err(lv(CALL))?;
-            id_of(&dom, CALL)
+            let id = id_of(&dom, CALL)?;
+            cache.insert(ObjectKind::Domain, &id.uuid, &def.owner);
+            Ok(id)
         })
         .await
     }
@@ -268,11 +289,24 @@ impl Engine {
     /// Undefines a domain, removing its managed-save image and snapshot metadata. A running
     /// domain keeps running as a transient one (destroy it first to remove it entirely).
     pub async fn domain_undefine(&self, name: &str, owner: &Owner) -> Result<()> {
-        self.owned_domain(CallClass::Mutate, "domain_undefine", name, owner, |dom| {
-            dom.undefine_flags(
-                sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA,
-            )
-        })
+        let cache = self.owned_cache();
+        self.owned_domain_r(
+            CallClass::Mutate,
+            "domain_undefine",
+            name,
+            owner,
+            move |dom| {
+                dom.undefine_flags(
+                    sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+                        | sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA,
+                )
+                .map_err(lv("domain_undefine"))?;
+                if let Ok(uuid) = dom.uuid_string() {
+                    cache.forget(ObjectKind::Domain, &uuid);
+                }
+                Ok(())
+            },
+        )
         .await
     }
 
@@ -428,10 +462,11 @@ impl Engine {
         apply: Apply,
     ) -> Result<()> {
         let (name, owner, cpuset) = (name.to_string(), owner.clone(), cpuset.clone());
+        let cache = self.owned_cache();
         self.call(CallClass::Mutate, "domain_pin_vcpu", move |c| {
             const CALL: &str = "domain_pin_vcpu";
             let map = checked_cpumap(&cpuset, host_cpu_count(c, CALL)?)?;
-            let dom = lookup_owned(c, CALL, &name, &owner)?;
+            let dom = lookup_owned(c, CALL, &name, &owner, &cache)?;
             dom.pin_vcpu_flags(vcpu, &map, apply.flags())
                 .map_err(lv(CALL))
         })
@@ -447,10 +482,11 @@ impl Engine {
         apply: Apply,
     ) -> Result<()> {
         let (name, owner, cpuset) = (name.to_string(), owner.clone(), cpuset.clone());
+        let cache = self.owned_cache();
         self.call(CallClass::Mutate, "domain_pin_emulator", move |c| {
             const CALL: &str = "domain_pin_emulator";
             let map = checked_cpumap(&cpuset, host_cpu_count(c, CALL)?)?;
-            let dom = lookup_owned(c, CALL, &name, &owner)?;
+            let dom = lookup_owned(c, CALL, &name, &owner, &cache)?;
             dom.pin_emulator(&map, apply.flags()).map_err(lv(CALL))
         })
         .await
@@ -461,7 +497,8 @@ impl Engine {
         let name = name.to_string();
         self.call(CallClass::Query, "domain_vcpu_pin_info", move |c| {
             let dom = lookup(c, "domain_vcpu_pin_info", &name)?;
-            vcpu_pin_info(c, &dom, "domain_vcpu_pin_info", apply.flags())
+            let host = host_cpu_count(c, "domain_vcpu_pin_info")?;
+            vcpu_pin_info(host, &dom, "domain_vcpu_pin_info", apply.flags())
         })
         .await
     }
@@ -607,19 +644,29 @@ impl Engine {
                 Err(e) if e.is_not_found() => return Ok(None),
                 Err(e) => return Err(e),
             };
-            let mut o = DomainObserved::from_xml(&dom.xml_desc(0).map_err(lv(CALL))?)?;
-            let (s, r) = raw_state(&dom, CALL)?;
-            o.state = s;
-            o.reason = state_reason_name(s, r).to_string();
-            o.persistent = dom.is_persistent().map_err(lv(CALL))?;
-            o.autostart = if o.persistent {
-                dom.autostart().map_err(lv(CALL))?
-            } else {
-                false
-            };
-            o.has_managed_save = o.persistent && dom.has_managed_save(0).unwrap_or(false);
-            o.live_pinning = vcpu_pin_info(c, &dom, CALL, 0)?;
+            let host = host_cpu_count(c, CALL)?;
+            let o = observe(&dom, host, CALL)?;
             Ok(Some(o))
+        })
+        .await
+    }
+
+    /// [`Engine::domain_observe`] for every domain, in one pass on one blocking thread
+    /// (the resync path: no per-domain name lookups, one pool slot). Domains that vanish
+    /// while being read are skipped.
+    pub async fn domain_observe_all(&self) -> Result<Vec<DomainObserved>> {
+        self.call(CallClass::Query, "domain_observe_all", |c| {
+            const CALL: &str = "domain_observe_all";
+            let host = host_cpu_count(c, CALL)?;
+            let mut out = Vec::new();
+            for dom in c.list_all_domains(0).map_err(lv(CALL))? {
+                match observe(&dom, host, CALL) {
+                    Ok(o) => out.push(o),
+                    Err(e) if e.is_not_found() => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(out)
         })
         .await
     }
@@ -654,8 +701,9 @@ impl Engine {
         F: Fn(&Domain) -> Result<T> + Send + Sync + 'static,
     {
         let (name, owner) = (name.to_string(), owner.clone());
+        let cache = self.owned_cache();
         self.call(class, call, move |c| {
-            let dom = lookup_owned(c, call, &name, &owner)?;
+            let dom = lookup_owned(c, call, &name, &owner, &cache)?;
             f(&dom)
         })
         .await

@@ -14,8 +14,9 @@ use tokio::sync::{Semaphore, broadcast};
 use virt::connect::Connect;
 use virt::sys;
 
-use crate::error::{EngineError, LibvirtError, Result};
+use crate::error::{EngineError, LibvirtError, ObjectKind, Result};
 use crate::events::{self, EngineEvent};
+use crate::model::Owner;
 
 /// What a call does, which decides its timeout, whether it counts as mutating, and which
 /// pool it waits for.
@@ -221,7 +222,66 @@ unsafe extern "C" fn free_lost_flag(opaque: *mut c_void) {
     drop(unsafe { Arc::from_raw(opaque as *const AtomicBool) });
 }
 
+/// Objects (by kind and libvirt UUID) already verified as carrying a given owner's mark, so
+/// repeated changes to the same object skip re-reading the mark. A UUID never moves to another
+/// object; the one blind spot is someone editing the mark off an object virtkube created.
+#[derive(Clone, Default)]
+pub(crate) struct OwnedCache(Arc<Mutex<std::collections::HashSet<OwnedKey>>>);
+
+/// (object kind, object UUID, owner kind, owner UID).
+type OwnedKey = (ObjectKind, String, String, String);
+
+impl OwnedCache {
+    fn key(kind: ObjectKind, uuid: &str, owner: &Owner) -> OwnedKey {
+        (
+            kind,
+            uuid.to_string(),
+            owner.kind.clone(),
+            owner.uid.clone(),
+        )
+    }
+
+    pub(crate) fn contains(&self, kind: ObjectKind, uuid: &str, owner: &Owner) -> bool {
+        self.0
+            .lock()
+            .expect("poisoned")
+            .contains(&Self::key(kind, uuid, owner))
+    }
+
+    pub(crate) fn insert(&self, kind: ObjectKind, uuid: &str, owner: &Owner) {
+        self.0
+            .lock()
+            .expect("poisoned")
+            .insert(Self::key(kind, uuid, owner));
+    }
+
+    pub(crate) fn forget(&self, kind: ObjectKind, uuid: &str) {
+        self.0
+            .lock()
+            .expect("poisoned")
+            .retain(|(k, u, _, _)| !(*k == kind && u == uuid));
+    }
+
+    /// Checks `found` (read lazily) against `expected`, consulting and filling the cache.
+    pub(crate) fn check(
+        &self,
+        kind: ObjectKind,
+        name: &str,
+        uuid: &str,
+        expected: &Owner,
+        found: impl FnOnce() -> Result<Option<Owner>>,
+    ) -> Result<()> {
+        if self.contains(kind, uuid, expected) {
+            return Ok(());
+        }
+        crate::domain::ensure_owned(kind, name, expected, found()?)?;
+        self.insert(kind, uuid, expected);
+        Ok(())
+    }
+}
+
 struct Inner {
+    owned: OwnedCache,
     uri: String,
     config: EngineConfig,
     current: Mutex<Option<Arc<ConnHandle>>>,
@@ -284,6 +344,7 @@ impl Engine {
         ensure_event_loop()?;
         let (tx, _) = broadcast::channel(config.event_buffer.max(16));
         let inner = Arc::new(Inner {
+            owned: OwnedCache::default(),
             uri: uri.to_string(),
             permits: Arc::new(Semaphore::new(config.max_concurrent_calls.max(1))),
             migrate_permits: Arc::new(Semaphore::new(config.max_concurrent_migrations.max(1))),
@@ -350,6 +411,10 @@ impl Engine {
                 Err(broadcast::error::RecvError::Closed) => None,
             }
         })
+    }
+
+    pub(crate) fn owned_cache(&self) -> OwnedCache {
+        self.inner.owned.clone()
     }
 
     /// Whether the connection is currently believed healthy (no call made).

@@ -194,9 +194,10 @@ impl Engine {
         opts: &MigrateOptions,
     ) -> Result<MigrationOutcome> {
         let (name, owner, opts) = (name.to_string(), owner.clone(), opts.clone());
+        let cache = self.owned_cache();
         self.call(CallClass::Migrate, "domain_migrate", move |c| {
             const CALL: &str = "domain_migrate";
-            let dom = lookup_owned(c, CALL, &name, &owner)?;
+            let dom = lookup_owned(c, CALL, &name, &owner, &cache)?;
             let autostart = dom.is_persistent().unwrap_or(false) && dom.autostart().unwrap_or(false);
             if let Some(ms) = opts.max_downtime_ms {
                 dom.migrate_set_max_downtime(ms, 0).map_err(lv(CALL))?;

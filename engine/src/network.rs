@@ -3,8 +3,7 @@
 use virt::connect::Connect;
 use virt::network::Network;
 
-use crate::domain::ensure_owned;
-use crate::engine::{CallClass, Engine};
+use crate::engine::{CallClass, Engine, OwnedCache};
 use crate::error::{EngineError, ObjectKind, Result};
 use crate::model::{NetworkDef, NetworkObserved, Owner};
 
@@ -23,10 +22,19 @@ fn read_owner(net: &Network, call: &'static str) -> Result<Option<Owner>> {
     Ok(NetworkObserved::from_xml(&xml)?.owner)
 }
 
-fn lookup_owned(c: &Connect, call: &'static str, name: &str, owner: &Owner) -> Result<Network> {
-    let net = lookup(c, call, name)?;
-    ensure_owned(ObjectKind::Network, name, owner, read_owner(&net, call)?)?;
-    Ok(net)
+fn lookup_owned(
+    c: &Connect,
+    call: &'static str,
+    name: &str,
+    owner: &Owner,
+    cache: &OwnedCache,
+) -> Result<Network> {
+    let obj = lookup(c, call, name)?;
+    let uuid = obj.uuid_string().map_err(lv(call))?;
+    cache.check(ObjectKind::Network, name, &uuid, owner, || {
+        read_owner(&obj, call)
+    })?;
+    Ok(obj)
 }
 
 impl Engine {
@@ -35,26 +43,26 @@ impl Engine {
     pub async fn network_define(&self, def: &NetworkDef) -> Result<String> {
         def.validate().map_err(EngineError::InvalidSpec)?;
         let def = def.clone();
+        let cache = self.owned_cache();
         self.call(CallClass::Mutate, "network_define", move |c| {
             const CALL: &str = "network_define";
             let mut xml = def.to_xml();
             match lookup(c, CALL, &def.name) {
                 Ok(existing) => {
-                    ensure_owned(
-                        ObjectKind::Network,
-                        &def.name,
-                        &def.owner,
-                        read_owner(&existing, CALL)?,
-                    )?;
-                    // A redefinition must keep the UUID, or libvirt refuses the name clash.
                     let uuid = existing.uuid_string().map_err(lv(CALL))?;
+                    cache.check(ObjectKind::Network, &def.name, &uuid, &def.owner, || {
+                        read_owner(&existing, CALL)
+                    })?;
+                    // A redefinition must keep the UUID, or libvirt refuses the name clash.
                     xml = xml.replacen("<name>", &format!("<uuid>{uuid}</uuid>\n  <name>"), 1);
                 }
                 Err(e) if e.is_not_found() => {}
                 Err(e) => return Err(e),
             }
             let obj = c.define_network_xml(&xml).map_err(lv(CALL))?;
-            obj.uuid_string().map_err(lv(CALL))
+            let uuid = obj.uuid_string().map_err(lv(CALL))?;
+            cache.insert(ObjectKind::Network, &uuid, &def.owner);
+            Ok(uuid)
         })
         .await
     }
@@ -143,8 +151,9 @@ impl Engine {
         F: Fn(&Network) -> std::result::Result<(), virt::error::Error> + Send + Sync + 'static,
     {
         let (name, owner) = (name.to_string(), owner.clone());
+        let cache = self.owned_cache();
         self.call(class, call, move |c| {
-            let net = lookup_owned(c, call, &name, &owner)?;
+            let net = lookup_owned(c, call, &name, &owner, &cache)?;
             f(&net).map_err(lv(call))
         })
         .await

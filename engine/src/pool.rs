@@ -4,8 +4,7 @@
 use virt::connect::Connect;
 use virt::storage_pool::StoragePool;
 
-use crate::domain::ensure_owned;
-use crate::engine::{CallClass, Engine};
+use crate::engine::{CallClass, Engine, OwnedCache};
 use crate::error::{EngineError, ObjectKind, Result};
 use crate::model::{Owner, PoolDef, PoolObserved, PoolState};
 
@@ -27,10 +26,19 @@ fn read_owner(pool: &StoragePool, call: &'static str) -> Result<Option<Owner>> {
     Ok(PoolObserved::from_xml(&xml)?.owner)
 }
 
-fn lookup_owned(c: &Connect, call: &'static str, name: &str, owner: &Owner) -> Result<StoragePool> {
-    let pool = lookup(c, call, name)?;
-    ensure_owned(ObjectKind::Pool, name, owner, read_owner(&pool, call)?)?;
-    Ok(pool)
+fn lookup_owned(
+    c: &Connect,
+    call: &'static str,
+    name: &str,
+    owner: &Owner,
+    cache: &OwnedCache,
+) -> Result<StoragePool> {
+    let obj = lookup(c, call, name)?;
+    let uuid = obj.uuid_string().map_err(lv(call))?;
+    cache.check(ObjectKind::Pool, name, &uuid, owner, || {
+        read_owner(&obj, call)
+    })?;
+    Ok(obj)
 }
 
 impl Engine {
@@ -38,26 +46,26 @@ impl Engine {
     pub async fn pool_define(&self, def: &PoolDef) -> Result<String> {
         def.validate().map_err(EngineError::InvalidSpec)?;
         let def = def.clone();
+        let cache = self.owned_cache();
         self.call(CallClass::Mutate, "pool_define", move |c| {
             const CALL: &str = "pool_define";
             let mut xml = def.to_xml();
             match lookup(c, CALL, &def.name) {
                 Ok(existing) => {
-                    ensure_owned(
-                        ObjectKind::Pool,
-                        &def.name,
-                        &def.owner,
-                        read_owner(&existing, CALL)?,
-                    )?;
-                    // A redefinition must keep the UUID, or libvirt refuses the name clash.
                     let uuid = existing.uuid_string().map_err(lv(CALL))?;
+                    cache.check(ObjectKind::Pool, &def.name, &uuid, &def.owner, || {
+                        read_owner(&existing, CALL)
+                    })?;
+                    // A redefinition must keep the UUID, or libvirt refuses the name clash.
                     xml = xml.replacen("<name>", &format!("<uuid>{uuid}</uuid>\n  <name>"), 1);
                 }
                 Err(e) if e.is_not_found() => {}
                 Err(e) => return Err(e),
             }
             let obj = c.define_storage_pool_xml(&xml, 0).map_err(lv(CALL))?;
-            obj.uuid_string().map_err(lv(CALL))
+            let uuid = obj.uuid_string().map_err(lv(CALL))?;
+            cache.insert(ObjectKind::Pool, &uuid, &def.owner);
+            Ok(uuid)
         })
         .await
     }
@@ -169,8 +177,9 @@ impl Engine {
         F: Fn(&StoragePool) -> std::result::Result<(), virt::error::Error> + Send + Sync + 'static,
     {
         let (name, owner) = (name.to_string(), owner.clone());
+        let cache = self.owned_cache();
         self.call(class, call, move |c| {
-            let pool = lookup_owned(c, call, &name, &owner)?;
+            let pool = lookup_owned(c, call, &name, &owner, &cache)?;
             f(&pool).map_err(lv(call))
         })
         .await

@@ -129,7 +129,12 @@ async fn domain_lifecycle_pinning_and_stats() {
     e.reset_stats();
     let _ = e.domain_observe("t.life").await.unwrap();
     let _ = e.domain_list().await.unwrap();
+    let all = e.domain_observe_all().await.unwrap();
+    let me = all.iter().find(|d| d.name == "t.life").expect("listed");
+    assert_eq!(me.affinity(0), Some(&set));
+    assert_eq!(me.owner.as_ref(), Some(&o));
     let stats = e.stats();
+    assert_eq!(stats.get("domain_observe_all").unwrap().count, 1);
     assert_eq!(stats.mutating_calls(), 0);
     assert_eq!(stats.get("domain_observe").unwrap().count, 1);
 
