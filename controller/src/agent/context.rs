@@ -1,0 +1,206 @@
+//! What every reconciler shares: the API client, the node's engine, the event recorder,
+//! metrics and settings.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use kube::Client;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::Store;
+use virtkube_crds::Volume;
+use virtkube_engine::Engine;
+
+use super::metrics::Metrics;
+
+/// The field manager of every status write by an agent. Per-node entries of pools and
+/// networks use [`Settings::node_field_manager`] instead (see there why).
+pub const FIELD_MANAGER: &str = "virtkube-agent";
+
+/// The finalizer on domains and volumes (one node each): the libvirt object is removed
+/// before the resource goes away.
+pub const FINALIZER: &str = "virtkube.io/cleanup";
+
+/// The `reportingController` of the agent's events.
+pub const REPORTER: &str = "virtkube-agent";
+
+/// Knobs of one agent.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// This node's name (the `HypervisorNode` name and what `spec.nodeName` is compared with).
+    pub node: String,
+    /// Also reconcile domains and volumes that name no node and have not been placed yet,
+    /// recording this node as their placement. Only safe when one agent runs (a single-node
+    /// cluster, or tests): with several, two agents could claim the same domain.
+    pub claim_unscheduled: bool,
+    /// How often a converged object is looked at again (the safety net behind libvirt events).
+    pub resync: Duration,
+    /// How long a deleted domain's guest gets to shut down (ACPI) before it is destroyed.
+    pub shutdown_timeout: Duration,
+    /// Whether disks may name host paths (an administrator's choice).
+    pub allow_host_paths: bool,
+    /// libvirt domain type for new domains (`kvm`, `qemu`, `test`), found from the host.
+    pub virt_type: String,
+}
+
+impl Settings {
+    /// Settings for `node` with defaults suited to tests.
+    pub fn for_node(node: &str) -> Self {
+        Self {
+            node: node.to_string(),
+            claim_unscheduled: false,
+            resync: Duration::from_secs(300),
+            shutdown_timeout: Duration::from_secs(30),
+            allow_host_paths: false,
+            virt_type: "kvm".into(),
+        }
+    }
+
+    /// The field manager for this node's entry in a pool's or network's `status.nodes`.
+    /// Server-side apply removes fields a manager owned and no longer sends: if every agent
+    /// used one manager, each would delete the other nodes' entries. One manager per node
+    /// makes each agent own only its entry.
+    pub fn node_field_manager(&self) -> String {
+        let mut manager = format!("{FIELD_MANAGER}.{}", self.node);
+        // The API server refuses managers over 128 characters.
+        manager.truncate(128);
+        manager
+    }
+
+    /// The finalizer of this node on pools and networks (which exist on many nodes: each
+    /// node must remove its own libvirt object before the resource goes away).
+    pub fn node_finalizer(&self) -> String {
+        // The name part of a qualified name is at most 63 characters of [-A-Za-z0-9_.],
+        // which a node name (a DNS subdomain) satisfies except for its length.
+        let mut name = self.node.clone();
+        if name.len() > 63 {
+            let hash = fnv1a(&self.node);
+            name.truncate(46);
+            name = format!("{name}-{hash:016x}");
+        }
+        format!("node.virtkube.io/{name}")
+    }
+}
+
+/// A small stable hash for shortening long node names (FNV-1a, 64 bits).
+fn fnv1a(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Everything a reconcile needs.
+pub struct Context {
+    /// The Kubernetes client.
+    pub client: Client,
+    /// This node's libvirt.
+    pub engine: Engine,
+    /// Publishes events (and aggregates repeats into series).
+    pub recorder: Recorder,
+    /// The agent's metrics.
+    pub metrics: Arc<Metrics>,
+    /// Knobs.
+    pub settings: Settings,
+    /// This node's `HypervisorNode` labels, which pool and network node selectors match.
+    pub node_labels: RwLock<BTreeMap<String, String>>,
+    /// Volumes as last seen (domains resolve their disks through it); `None` in tests that
+    /// have no reflector, where volumes are read from the API.
+    pub volumes: Option<Store<Volume>>,
+}
+
+impl Context {
+    /// A context for `client`, `engine` and `settings`.
+    pub fn new(client: Client, engine: Engine, metrics: Arc<Metrics>, settings: Settings) -> Self {
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: REPORTER.into(),
+                instance: Some(format!("{REPORTER}-{}", settings.node)),
+            },
+        );
+        Self {
+            client,
+            engine,
+            recorder,
+            metrics,
+            settings,
+            node_labels: RwLock::new(BTreeMap::new()),
+            volumes: None,
+        }
+    }
+
+    /// This node's labels (empty until the publisher read them).
+    pub fn labels(&self) -> BTreeMap<String, String> {
+        self.node_labels
+            .read()
+            .map(|l| l.clone())
+            .unwrap_or_default()
+    }
+
+    /// Publishes an event about `obj`. A failure to publish is logged, never fatal: events
+    /// are a courtesy, the status is the record.
+    pub async fn event<K>(&self, obj: &K, warning: bool, reason: &str, action: &str, note: String)
+    where
+        K: kube::Resource<DynamicType = ()>,
+    {
+        let mut note = note;
+        // The API server refuses notes over 1 kB.
+        if note.len() > 1000 {
+            let mut end = 1000;
+            while !note.is_char_boundary(end) {
+                end -= 1;
+            }
+            note.truncate(end);
+        }
+        let event = Event {
+            type_: if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: reason.into(),
+            note: Some(note),
+            action: action.into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &obj.object_ref(&())).await {
+            tracing::warn!(error = %e, reason, "publishing an event failed");
+        }
+    }
+}
+
+/// Whether `selector` (a pool's or network's `nodeSelector`) selects a node with `labels`.
+/// An empty selector selects every node.
+pub fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_finalizer_and_manager_stay_within_api_limits() {
+        let s = Settings::for_node("node-a");
+        assert_eq!(s.node_finalizer(), "node.virtkube.io/node-a");
+        assert_eq!(s.node_field_manager(), "virtkube-agent.node-a");
+        let long = Settings::for_node(&"n".repeat(200));
+        let fin = long.node_finalizer();
+        let name = fin.split_once('/').map(|(_, n)| n).unwrap_or_default();
+        assert!(name.len() <= 63, "{name}");
+        assert_ne!(
+            fin,
+            Settings::for_node(&format!("{}x", "n".repeat(199))).node_finalizer()
+        );
+        assert!(long.node_field_manager().len() <= 128);
+    }
+
+    #[test]
+    fn empty_selector_selects_every_node() {
+        let labels = BTreeMap::from([("zone".to_string(), "a".to_string())]);
+        assert!(selects(&BTreeMap::new(), &labels));
+        assert!(selects(&labels.clone(), &labels));
+        let other = BTreeMap::from([("zone".to_string(), "b".to_string())]);
+        assert!(!selects(&other, &labels));
+    }
+}

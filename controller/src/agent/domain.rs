@@ -1,0 +1,419 @@
+//! The Domain controller: reconciles the domains placed on this node.
+//!
+//! Guarantees (as kube-runtime's finalizer states its own):
+//! - Only domains whose `spec.nodeName` or `status.nodeName` is this node are touched (and,
+//!   with `--claim-unscheduled`, domains not placed anywhere yet).
+//! - A libvirt domain without virtkube's mark for this very resource (kind and UID) is never
+//!   changed or removed: the clash is reported as `Ready=False`, reason `NameConflict`.
+//! - Deleting a Domain shuts its guest down (ACPI, then power-off after the timeout) and
+//!   undefines it before the finalizer is removed; a domain already gone counts as removed.
+//! - Stopping the agent never stops a guest.
+//! - Status is written only when it changed, so steady state makes no API call.
+
+use std::sync::Arc;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use tracing::Instrument;
+use virtkube_crds::conditions::{self, status as cs};
+use virtkube_crds::domain::{DomainPhase, DomainStatus, InterfaceStatus, PowerState, VcpuAffinity};
+use virtkube_crds::quantity::ByteQuantity;
+use virtkube_crds::validation::Validate;
+use virtkube_crds::{API_VERSION, Domain};
+use virtkube_engine::model::{DomainObserved, DomainState};
+
+use super::context::{Context, FIELD_MANAGER, FINALIZER};
+use super::converge::{self, Change, Converged};
+use super::error::{Error, Result};
+
+/// The kind label of this controller's metrics.
+pub const KIND: &str = "Domain";
+
+/// Condition types the agent owns on a Domain (the cluster controller may add others).
+const AGENT_CONDITIONS: [&str; 6] = [
+    conditions::READY,
+    conditions::SCHEDULED,
+    conditions::RUNNING,
+    conditions::DEFINED,
+    conditions::SPEC_VALID,
+    conditions::RESTART_REQUIRED,
+];
+
+/// Whether this node's agent is responsible for `dom`.
+pub fn concerns(dom: &Domain, ctx: &Context) -> bool {
+    let node = ctx.settings.node.as_str();
+    let status_node = dom.status.as_ref().and_then(|s| s.node_name.as_deref());
+    match (dom.spec.node_name.as_deref(), status_node) {
+        (Some(n), _) if n == node => true,
+        (_, Some(n)) if n == node => true,
+        (None, None) => ctx.settings.claim_unscheduled,
+        _ => false,
+    }
+}
+
+/// The reconciler the Controller runs for each Domain.
+pub async fn reconcile(dom: Arc<Domain>, ctx: Arc<Context>) -> Result<Action> {
+    if !concerns(&dom, &ctx) {
+        return Ok(Action::await_change());
+    }
+    let _timer = ctx.metrics.reconcile_started(KIND);
+    let ns = dom
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let api: Api<Domain> = Api::namespaced(ctx.client.clone(), &ns);
+    let span =
+        tracing::info_span!("reconcile", kind = KIND, namespace = %ns, name = %dom.name_any());
+    let (ctx_ref, api_ref) = (&*ctx, &api);
+    let result = finalizer(&api, FINALIZER, dom, |event| async move {
+        match event {
+            Finalizer::Apply(dom) => apply(&dom, ctx_ref, api_ref).await,
+            Finalizer::Cleanup(dom) => cleanup(&dom, ctx_ref).await,
+        }
+    })
+    .instrument(span)
+    .await
+    .map_err(Error::from);
+    if let Err(e) = &result {
+        ctx.metrics.reconcile_failed(KIND, &e.metric_label());
+    }
+    result
+}
+
+/// Converges the domain, then writes status and events.
+async fn apply(dom: &Domain, ctx: &Context, api: &Api<Domain>) -> Result<Action> {
+    let invalid = dom.spec.validate();
+    if !invalid.is_empty() {
+        let status = status_for(
+            dom,
+            ctx,
+            None,
+            &[],
+            Some(("InvalidSpec", invalid.to_string())),
+            false,
+        );
+        if write_status(dom, ctx, api, status).await? {
+            ctx.event(
+                dom,
+                true,
+                "Failed",
+                "Validate",
+                format!("InvalidSpec: {invalid}"),
+            )
+            .await;
+        }
+        // Nothing to retry: only a new spec can fix it.
+        return Ok(Action::await_change());
+    }
+    match converge::domain(ctx, dom).await {
+        Ok(Converged {
+            changes,
+            observed,
+            pending,
+        }) => {
+            for change in &changes {
+                ctx.event(
+                    dom,
+                    false,
+                    change.reason,
+                    change.action,
+                    change.note.clone(),
+                )
+                .await;
+            }
+            let status = status_for(dom, ctx, observed.as_ref(), &pending, None, true);
+            write_status(dom, ctx, api, status).await?;
+            Ok(Action::requeue(ctx.settings.resync))
+        }
+        Err(error) => {
+            let (reason, message) = error.reason_and_message();
+            let observed = ctx
+                .engine
+                .domain_observe(&converge::domain_host_name(dom))
+                .await
+                .ok()
+                .flatten()
+                .filter(|o| {
+                    converge::owner_of(dom)
+                        .is_ok_and(|me| o.owner.as_ref().is_some_and(|m| m.same_resource(&me)))
+                });
+            let status = status_for(
+                dom,
+                ctx,
+                observed.as_ref(),
+                &[],
+                Some((reason, message.clone())),
+                true,
+            );
+            // One event per distinct failure: the status changes only when the failure does.
+            if write_status(dom, ctx, api, status).await? {
+                ctx.event(
+                    dom,
+                    true,
+                    "Failed",
+                    "Reconcile",
+                    format!("{reason}: {message}"),
+                )
+                .await;
+            }
+            Err(error)
+        }
+    }
+}
+
+/// Removes the libvirt domain before the resource goes away.
+async fn cleanup(dom: &Domain, ctx: &Context) -> Result<Action> {
+    let changes: Vec<Change> = converge::remove_domain(ctx, dom).await?;
+    for change in changes {
+        ctx.event(dom, false, change.reason, "Delete", change.note)
+            .await;
+    }
+    Ok(Action::await_change())
+}
+
+/// Writes `status` with server-side apply when it differs from what the object carries
+/// (compared on the fields the agent owns). Returns whether a patch was sent.
+pub async fn write_status(
+    dom: &Domain,
+    ctx: &Context,
+    api: &Api<Domain>,
+    status: DomainStatus,
+) -> Result<bool> {
+    let current = dom.status.as_ref().map(agent_view).unwrap_or_default();
+    if current == status {
+        return Ok(false);
+    }
+    let patch = json!({
+        "apiVersion": API_VERSION,
+        "kind": "Domain",
+        "status": status,
+    });
+    api.patch_status(
+        &dom.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    ctx.metrics
+        .status_patches
+        .get_or_create(&super::metrics::KindLabels { kind: KIND.into() })
+        .inc();
+    Ok(true)
+}
+
+/// The part of a status the agent writes (its conditions only; every other field is the
+/// agent's).
+fn agent_view(status: &DomainStatus) -> DomainStatus {
+    let mut s = status.clone();
+    s.conditions
+        .retain(|c| AGENT_CONDITIONS.contains(&c.type_.as_str()));
+    s.migration = None;
+    s
+}
+
+fn now() -> Time {
+    Time(k8s_openapi::jiff::Timestamp::now())
+}
+
+/// The status that describes `observed` (or a failure), keeping condition transition times
+/// from the current status so an unchanged condition compares equal.
+pub fn status_for(
+    dom: &Domain,
+    ctx: &Context,
+    observed: Option<&DomainObserved>,
+    pending: &[String],
+    problem: Option<(&str, String)>,
+    spec_valid: bool,
+) -> DomainStatus {
+    let generation = dom.meta().generation;
+    let current = dom.status.as_ref().map(agent_view).unwrap_or_default();
+    let mut conds: Vec<Condition> = current.conditions.clone();
+    let set = |conds: &mut Vec<Condition>, t: &str, ok: bool, reason: &str, msg: String| {
+        conditions::set_condition(
+            conds,
+            conditions::condition(
+                t,
+                if ok { cs::TRUE } else { cs::FALSE },
+                reason,
+                msg,
+                generation,
+                now(),
+            ),
+        );
+    };
+    let node = ctx.settings.node.clone();
+    let mut status = DomainStatus {
+        node_name: Some(node.clone()),
+        domain_name: Some(converge::domain_host_name(dom)),
+        observed_generation: generation,
+        pending_changes: pending.to_vec(),
+        ..DomainStatus::default()
+    };
+    set(
+        &mut conds,
+        conditions::SCHEDULED,
+        true,
+        "NodeAssigned",
+        format!("placed on node {node}"),
+    );
+    if spec_valid {
+        set(
+            &mut conds,
+            conditions::SPEC_VALID,
+            true,
+            "Valid",
+            String::new(),
+        );
+    } else if let Some((reason, msg)) = &problem {
+        set(
+            &mut conds,
+            conditions::SPEC_VALID,
+            false,
+            reason,
+            msg.clone(),
+        );
+    }
+    let desired = dom.spec.effective_state();
+    match observed {
+        Some(o) => {
+            status.uuid = Some(o.uuid.clone());
+            status.id = o.id;
+            status.state_reason = Some(o.reason.clone());
+            status.vcpus = Some(o.vcpus);
+            status.max_vcpus = Some(o.max_vcpus);
+            status.vcpu_affinity = (0..o.max_vcpus)
+                .filter_map(|v| {
+                    o.affinity(v).map(|c| VcpuAffinity {
+                        vcpu: v,
+                        cpuset: c.to_string(),
+                    })
+                })
+                .collect();
+            status.emulator_cpuset = o.emulator_cpuset.as_ref().map(ToString::to_string);
+            status.memory = Some(ByteQuantity::from_bytes(o.memory_kib * 1024));
+            status.max_memory = Some(ByteQuantity::from_bytes(o.max_memory_kib * 1024));
+            status.autostart = Some(o.autostart);
+            status.interfaces = dom
+                .spec
+                .interfaces
+                .iter()
+                .zip(&o.interfaces)
+                .filter_map(|(spec, seen)| {
+                    seen.mac.as_ref().map(|mac| InterfaceStatus {
+                        name: spec.name.clone(),
+                        mac_address: mac.clone(),
+                    })
+                })
+                .collect();
+            status.phase = Some(phase_of(o));
+            set(
+                &mut conds,
+                conditions::DEFINED,
+                true,
+                "Defined",
+                format!("libvirt domain {} (uuid {})", o.name, o.uuid),
+            );
+            let running = o.state.is_active();
+            set(
+                &mut conds,
+                conditions::RUNNING,
+                running,
+                &camel(o.state.as_str()),
+                format!("libvirt state {}, reason {}", o.state.as_str(), o.reason),
+            );
+            if pending.is_empty() {
+                set(
+                    &mut conds,
+                    conditions::RESTART_REQUIRED,
+                    false,
+                    "UpToDate",
+                    String::new(),
+                );
+            } else {
+                set(
+                    &mut conds,
+                    conditions::RESTART_REQUIRED,
+                    true,
+                    "PendingChanges",
+                    format!("applied at the next stop: {}", pending.join(", ")),
+                );
+            }
+        }
+        None => {
+            status.phase = Some(DomainPhase::Pending);
+            set(
+                &mut conds,
+                conditions::DEFINED,
+                false,
+                "NotDefined",
+                "the libvirt domain does not exist".into(),
+            );
+        }
+    }
+    match problem {
+        Some((reason, msg)) => {
+            if observed.is_none() || !spec_valid {
+                status.phase = Some(DomainPhase::Failed);
+            }
+            set(&mut conds, conditions::READY, false, reason, msg);
+        }
+        None => {
+            let reached = observed.is_some_and(|o| matches_power(o.state, desired));
+            if reached {
+                set(
+                    &mut conds,
+                    conditions::READY,
+                    true,
+                    "Reconciled",
+                    format!("{desired:?} on node {node}"),
+                );
+            } else {
+                let state = observed.map_or("absent", |o| o.state.as_str());
+                set(
+                    &mut conds,
+                    conditions::READY,
+                    false,
+                    "Converging",
+                    format!("wants {desired:?}, libvirt says {state}"),
+                );
+            }
+        }
+    }
+    status.conditions = conds;
+    status
+}
+
+fn matches_power(state: DomainState, desired: PowerState) -> bool {
+    match desired {
+        PowerState::Running => matches!(state, DomainState::Running | DomainState::Blocked),
+        PowerState::Paused => state == DomainState::Paused,
+        PowerState::Stopped => !state.is_active(),
+    }
+}
+
+fn phase_of(o: &DomainObserved) -> DomainPhase {
+    match o.state {
+        DomainState::Running | DomainState::Blocked | DomainState::Shutdown => DomainPhase::Running,
+        DomainState::Paused | DomainState::PmSuspended => DomainPhase::Paused,
+        DomainState::Crashed => DomainPhase::Crashed,
+        DomainState::Shutoff if o.reason == "crashed" => DomainPhase::Crashed,
+        DomainState::Shutoff => DomainPhase::Stopped,
+        DomainState::NoState | DomainState::Unknown => DomainPhase::Unknown,
+    }
+}
+
+/// `shutoff` -> `Shutoff`, for condition reasons (which must be CamelCase).
+fn camel(word: &str) -> String {
+    word.split(|c: char| !c.is_ascii_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(|w| {
+            let mut cs = w.chars();
+            cs.next()
+                .map(|f| f.to_ascii_uppercase().to_string() + cs.as_str())
+                .unwrap_or_default()
+        })
+        .collect()
+}

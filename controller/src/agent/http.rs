@@ -1,0 +1,108 @@
+//! The agent's HTTP endpoints: `/metrics` (OpenMetrics), `/healthz` (the process is alive)
+//! and `/readyz` (both the Kubernetes API and libvirt answer).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::registry::Registry;
+use virtkube_engine::Engine;
+
+use super::error::Error;
+
+/// What the readiness probe looks at.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// Set when the last call to the Kubernetes API (start-up check, heartbeat) succeeded.
+    pub api_ok: AtomicBool,
+    /// Set once the controllers run (cleared when they stop, at shutdown).
+    pub controllers_running: AtomicBool,
+}
+
+impl Health {
+    /// Records the outcome of a Kubernetes API call.
+    pub fn set_api(&self, ok: bool) {
+        self.api_ok.store(ok, Ordering::SeqCst);
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    registry: Arc<Registry>,
+    health: Arc<Health>,
+    engine: Option<Engine>,
+}
+
+/// The router, separate from the listener so tests can call it directly.
+pub fn router(registry: Arc<Registry>, health: Arc<Health>, engine: Option<Engine>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(AppState {
+            registry,
+            health,
+            engine,
+        })
+}
+
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    let mut body = String::new();
+    match prometheus_client::encoding::text::encode(&mut body, &state.registry) {
+        Ok(()) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        ),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            format!("encoding metrics failed: {e}\n"),
+        ),
+    }
+}
+
+async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    let api = state.health.api_ok.load(Ordering::SeqCst);
+    let controllers = state.health.controllers_running.load(Ordering::SeqCst);
+    // A cheap probe: the engine's own view (close callback, keepalive), no libvirt call.
+    let libvirt = state.engine.as_ref().is_some_and(Engine::is_connected);
+    let body = format!("kubernetes-api: {api}\nlibvirt: {libvirt}\ncontrollers: {controllers}\n");
+    if api && libvirt && controllers {
+        (StatusCode::OK, body)
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, body)
+    }
+}
+
+/// Binds `addr` and serves until `shutdown` resolves. Returns the bound address (useful with
+/// port 0) and the server task.
+pub async fn serve(
+    addr: SocketAddr,
+    app: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), Error> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::MetricsServer { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| Error::MetricsServer { addr, source })?;
+    let task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
+            tracing::warn!(error = %e, "metrics server stopped");
+        }
+    });
+    Ok((bound, task))
+}

@@ -1,0 +1,397 @@
+//! `virtkube agent`: the per-node operator process (one per hypervisor node, a DaemonSet).
+//!
+//! It watches virtkube's resources, reconciles those that concern its node against the
+//! node's libvirt through the engine, and writes back status and events:
+//!
+//! | Module | Job |
+//! |---|---|
+//! | [`domain`], [`volume`], [`network`], [`pool`] | one controller per kind |
+//! | [`converge`] | the adapter to the reconcile core (observe, change, report) |
+//! | [`node`] | the `HypervisorNode` publisher (facts and heartbeat) |
+//! | [`drift`] | libvirt events -> reconcile requests |
+//! | [`metrics`], [`http`] | Prometheus metrics, `/healthz`, `/readyz` |
+//! | [`context`], [`error`] | what reconcilers share; the one error type |
+//!
+//! Stopping the agent (SIGTERM, SIGINT) stops taking new work, lets reconciles in flight
+//! finish (up to `--shutdown-deadline`), and exits. It never stops a guest: the next agent
+//! adopts what it finds.
+
+pub mod context;
+pub mod converge;
+pub mod domain;
+pub mod drift;
+pub mod error;
+pub mod http;
+pub mod metrics;
+pub mod node;
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use futures::{FutureExt, StreamExt};
+use kube::api::{Api, ListParams};
+use kube::runtime::controller::{self, Action, Controller};
+use kube::runtime::watcher;
+use kube::{Client, Resource};
+use prometheus_client::registry::Registry;
+use virtkube_crds::{Domain, HypervisorNode, Network, StoragePool, Volume};
+use virtkube_engine::{Engine, EngineConfig};
+
+use self::context::{Context, Settings};
+use self::error::Error;
+use self::http::Health;
+use self::metrics::Metrics;
+
+/// Log output format.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line (for log collectors).
+    Json,
+}
+
+/// Arguments of `virtkube agent`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct AgentArgs {
+    /// This node's name (in a cluster, from the downward API: `spec.nodeName`).
+    #[arg(long, env = "VIRTKUBE_NODE_NAME")]
+    pub node_name: String,
+    /// The libvirt URI of this node.
+    #[arg(long, env = "VIRTKUBE_CONNECT", default_value = "qemu:///system")]
+    pub connect: String,
+    /// Where `/metrics`, `/healthz` and `/readyz` listen.
+    #[arg(long, env = "VIRTKUBE_METRICS_ADDR", default_value = "0.0.0.0:9090")]
+    pub metrics_addr: SocketAddr,
+    /// Log format.
+    #[arg(long, env = "VIRTKUBE_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// Seconds between two looks at a converged object (libvirt events catch changes
+    /// sooner; this is the safety net).
+    #[arg(long, default_value_t = 300)]
+    pub resync_seconds: u64,
+    /// Reconciles in flight at once, per kind.
+    #[arg(long, default_value_t = 4)]
+    pub concurrency: u16,
+    /// Seconds a deleted or stopped domain's guest gets to shut down before it is powered off.
+    #[arg(long, default_value_t = 30)]
+    pub shutdown_timeout_seconds: u64,
+    /// Seconds between two HypervisorNode heartbeats.
+    #[arg(long, default_value_t = 30)]
+    pub heartbeat_seconds: u64,
+    /// Seconds the agent waits for reconciles in flight when told to stop.
+    #[arg(long, default_value_t = 25)]
+    pub shutdown_deadline_seconds: u64,
+    /// The URI other nodes use to migrate domains here (published in the HypervisorNode).
+    #[arg(long, env = "VIRTKUBE_MIGRATION_URI")]
+    pub migration_uri: Option<String>,
+    /// Also reconcile domains and volumes that name no node, placing them here. Only for a
+    /// single agent (one-node clusters, tests): two agents would both claim them.
+    #[arg(long, env = "VIRTKUBE_CLAIM_UNSCHEDULED")]
+    pub claim_unscheduled: bool,
+    /// Allow disks from host paths (administrators only).
+    #[arg(long)]
+    pub allow_host_paths: bool,
+}
+
+/// Runs the agent until SIGTERM or SIGINT.
+pub fn run(args: &AgentArgs) -> anyhow::Result<ExitCode> {
+    init_tracing(args.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(run_async(args.clone()))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let result = match format {
+        LogFormat::Json => builder.json().with_current_span(true).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+    if let Err(e) = result {
+        eprintln!("logging already initialised: {e}");
+    }
+}
+
+/// The exact words printed when the CRDs are missing.
+pub fn crds_missing_message(missing: &[String]) -> String {
+    format!(
+        "virtkube's CustomResourceDefinitions are not installed in this cluster (missing: {}).\n\
+         Install them, then start the agent again:\n  \
+         virtkube crd | kubectl apply --server-side -f -\n\
+         or, from a checkout:\n  \
+         kubectl apply --server-side -f charts/virtkube/crds/",
+        missing.join(", ")
+    )
+}
+
+/// Checks that every virtkube CRD is served (a list of one object answers 404 otherwise).
+pub async fn check_crds(client: &Client) -> Result<(), Error> {
+    async fn served<K>(client: &Client) -> Result<Option<String>, Error>
+    where
+        K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    {
+        let api: Api<K> = Api::all(client.clone());
+        match api.list_metadata(&ListParams::default().limit(1)).await {
+            Ok(_) => Ok(None),
+            Err(kube::Error::Api(status)) if status.code == 404 => {
+                Ok(Some(format!("{}.{}", K::plural(&()), K::group(&()))))
+            }
+            Err(e) => Err(Error::Kube(e)),
+        }
+    }
+    let mut missing = Vec::new();
+    missing.extend(served::<Domain>(client).await?);
+    missing.extend(served::<Volume>(client).await?);
+    missing.extend(served::<Network>(client).await?);
+    missing.extend(served::<StoragePool>(client).await?);
+    missing.extend(served::<HypervisorNode>(client).await?);
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::CrdsMissing(crds_missing_message(&missing)))
+    }
+}
+
+/// The libvirt domain type for new domains on this host: `test` on the test driver, `kvm`
+/// when the host offers it, `qemu` (TCG) otherwise.
+pub async fn virt_type(engine: &Engine) -> Result<String, Error> {
+    let info = engine.node_info().await?;
+    let driver = info.hypervisor.to_ascii_lowercase();
+    Ok(if driver == "test" {
+        "test".into()
+    } else if info.capabilities.domain_types.iter().any(|t| t == "kvm") {
+        "kvm".into()
+    } else {
+        "qemu".into()
+    })
+}
+
+/// Exponential backoff per object after failures: 1 s, 2 s, 4 s … up to 5 minutes.
+pub fn backoff(failures: u32) -> Duration {
+    let secs = 1u64 << failures.min(9);
+    Duration::from_secs(secs.min(300))
+}
+
+/// Counts consecutive failures per object, for [`backoff`].
+#[derive(Default)]
+pub struct Failures(std::sync::Mutex<std::collections::HashMap<String, u32>>);
+
+impl Failures {
+    /// Records a failure of `key` and returns how long to wait before the next attempt.
+    pub fn failed(&self, key: &str) -> Duration {
+        let n = self
+            .0
+            .lock()
+            .map(|mut m| {
+                let n = m.entry(key.to_string()).or_insert(0);
+                *n = n.saturating_add(1);
+                *n
+            })
+            .unwrap_or(1);
+        backoff(n - 1)
+    }
+
+    /// Forgets the failures of `key` (after a success).
+    pub fn succeeded(&self, key: &str) {
+        if let Ok(mut m) = self.0.lock() {
+            m.remove(key);
+        }
+    }
+}
+
+async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
+    let client = Client::try_default()
+        .await
+        .context("no Kubernetes configuration: run inside a cluster or set KUBECONFIG")?;
+    check_crds(&client).await?;
+    let engine = Engine::connect(&args.connect, EngineConfig::default())
+        .await
+        .with_context(|| format!("connecting to libvirt at {}", args.connect))?;
+    let mut settings = Settings::for_node(&args.node_name);
+    settings.claim_unscheduled = args.claim_unscheduled;
+    settings.resync = Duration::from_secs(args.resync_seconds.max(1));
+    settings.shutdown_timeout = Duration::from_secs(args.shutdown_timeout_seconds);
+    settings.allow_host_paths = args.allow_host_paths;
+    settings.virt_type = virt_type(&engine).await?;
+    tracing::info!(node = %settings.node, uri = %args.connect, virt_type = %settings.virt_type, "virtkube agent starting");
+
+    let mut registry = Registry::default();
+    let metrics = Metrics::register(&mut registry, Some(engine.clone()));
+    let health = Arc::new(Health::default());
+    health.set_api(true);
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let shutdown = {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+        .boxed()
+        .shared()
+    };
+    let (addr, http_task) = http::serve(
+        args.metrics_addr,
+        http::router(Arc::new(registry), health.clone(), Some(engine.clone())),
+        shutdown.clone(),
+    )
+    .await?;
+    tracing::info!(%addr, "metrics and health endpoints listening");
+
+    let volumes_api: Api<Volume> = Api::all(client.clone());
+    let (volume_store, volume_writer) = kube::runtime::reflector::store();
+    let volume_reflector = kube::runtime::reflector(
+        volume_writer,
+        watcher(volumes_api, watcher::Config::default().any_semantic()),
+    )
+    .for_each(|_| futures::future::ready(()));
+    let mut ctx = Context::new(client.clone(), engine.clone(), metrics.clone(), settings);
+    ctx.volumes = Some(volume_store);
+    let ctx = Arc::new(ctx);
+    let failures = Arc::new(Failures::default());
+    let config = controller::Config::default().concurrency(args.concurrency.max(1));
+
+    // Domains, with libvirt events as an extra trigger.
+    let domain_controller = Controller::new(
+        Api::<Domain>::all(client.clone()),
+        watcher::Config::default().any_semantic(),
+    )
+    .with_config(config.clone());
+    let domain_store = domain_controller.store();
+    let (drift_tx, drift_rx) = futures::channel::mpsc::unbounded();
+    let drift = drift::forward(
+        engine.events(),
+        domain_store.clone(),
+        ctx.settings.node.clone(),
+        metrics.clone(),
+        drift_tx,
+    );
+    let f = failures.clone();
+    let domains = domain_controller
+        .reconcile_on(drift_rx)
+        .graceful_shutdown_on(shutdown.clone())
+        .run(
+            domain::reconcile,
+            move |dom: Arc<Domain>, err: &Error, _ctx: Arc<Context>| {
+                error_policy(&f, domain::KIND, &key_of(&*dom), err)
+            },
+            ctx.clone(),
+        )
+        .for_each(|result| {
+            note_result(&failures, domain::KIND, result);
+            futures::future::ready(())
+        });
+
+    let publisher = node::run(
+        ctx.clone(),
+        domain_store,
+        args.migration_uri.clone(),
+        Duration::from_secs(args.heartbeat_seconds.max(1)),
+        health.clone(),
+        || {},
+        stop_rx.clone(),
+    );
+
+    health
+        .controllers_running
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let work = async {
+        tokio::join!(domains, publisher);
+    };
+    let signals = wait_for_signal();
+    tokio::pin!(work);
+    tokio::select! {
+        _ = &mut work => {
+            tracing::warn!("controllers stopped on their own");
+        }
+        _ = volume_reflector => {}
+        _ = drift => {}
+        signal = signals => {
+            tracing::info!(signal, "stopping: no new work; reconciles in flight may finish; guests keep running");
+            health.controllers_running.store(false, std::sync::atomic::Ordering::SeqCst);
+            let _ = stop_tx.send(true);
+            let deadline = Duration::from_secs(args.shutdown_deadline_seconds);
+            if tokio::time::timeout(deadline, &mut work).await.is_err() {
+                tracing::warn!(?deadline, "reconciles still in flight at the deadline: abandoned (each libvirt call is atomic; the next agent picks up where this one stopped)");
+            }
+        }
+    }
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(2), http_task).await;
+    if let Err(e) = engine.close().await {
+        tracing::warn!(error = %e, "closing the libvirt connection failed");
+    }
+    tracing::info!("virtkube agent stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() -> &'static str {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = tokio::signal::ctrl_c() => "SIGINT",
+            },
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                "SIGINT"
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+        "SIGINT"
+    }
+}
+
+/// `namespace/name` (or `name`) of an object, for the backoff table and logs.
+pub fn key_of<K: Resource>(obj: &K) -> String {
+    let meta = obj.meta();
+    match (&meta.namespace, &meta.name) {
+        (Some(ns), Some(n)) => format!("{ns}/{n}"),
+        (None, Some(n)) => n.clone(),
+        _ => String::new(),
+    }
+}
+
+/// Retry with exponential backoff per object; bad input never crash-loops the agent.
+pub fn error_policy(failures: &Failures, kind: &str, key: &str, error: &Error) -> Action {
+    let wait = failures.failed(&format!("{kind}/{key}"));
+    tracing::warn!(kind, object = key, error = %error, retry_in = ?wait, "reconcile failed");
+    Action::requeue(wait)
+}
+
+/// Logs one reconcile outcome and resets the backoff of an object that succeeded.
+fn note_result<K, E1, E2>(
+    failures: &Failures,
+    kind: &'static str,
+    result: Result<(kube::runtime::reflector::ObjectRef<K>, Action), controller::Error<E1, E2>>,
+) where
+    K: Resource,
+    E1: std::error::Error,
+    E2: std::error::Error,
+{
+    match result {
+        Ok((obj, _)) => {
+            let key = match &obj.namespace {
+                Some(ns) => format!("{kind}/{ns}/{}", obj.name),
+                None => format!("{kind}/{}", obj.name),
+            };
+            failures.succeeded(&key);
+        }
+        // Already logged by the error policy.
+        Err(controller::Error::ReconcilerFailed(_, _)) => {}
+        Err(e) => tracing::debug!(kind, error = %e, "controller"),
+    }
+}
