@@ -28,6 +28,30 @@ enum Command {
         after_help = "Examples:\n  virtkube agent --node-name node-a --connect qemu:///system\n  VIRTKUBE_NODE_NAME=node-a VIRTKUBE_CONNECT=test:///default virtkube agent --metrics-addr 127.0.0.1:9090"
     )]
     Agent(agent::AgentArgs),
+    /// Show what `apply` would change on the hosts: `+` create, `~` change live, `!` needs a
+    /// restart, `-` delete, with field-level before → after. Exit code 0: nothing to do,
+    /// 2: changes pending, 1: error.
+    #[command(
+        after_help = "Examples:\n  virtkube plan -f examples/\n  virtkube plan -f vm.yaml --connect qemu:///system\n  virtkube plan -f examples/ --prune"
+    )]
+    Plan(cli::plan::PlanArgs),
+    /// Apply manifests to libvirt hosts without a cluster: plan, apply with progress,
+    /// re-plan to confirm convergence, print a status table.
+    #[command(
+        after_help = "Examples:\n  virtkube apply -f examples/                      # libvirt's test driver, nothing installed\n  virtkube apply -f examples/ --connect qemu:///system\n  virtkube apply -f vms/ --prune                  # also delete what vms/ no longer has\n  virtkube apply -f vm.yaml --host a=qemu+ssh://root@a/system --host b=qemu+ssh://root@b/system\n                                                 # spec.nodeName picks the host; changing it live-migrates"
+    )]
+    Apply(cli::apply::ApplyArgs),
+    /// Show what the hosts hold: a table, or objects with their status (`-o yaml|json`).
+    #[command(
+        after_help = "Examples:\n  virtkube get --connect qemu:///system\n  virtkube get domain default/web -o yaml --connect qemu:///system\n  virtkube get -f examples/ -o json --connect qemu:///system\n  virtkube get --all            # include libvirt objects virtkube does not own"
+    )]
+    Get(cli::get::GetArgs),
+    /// Delete what the manifests describe: domains are shut down (destroyed after the
+    /// deadline) and undefined; volumes with reclaimPolicy Retain, or still used, are kept.
+    #[command(
+        after_help = "Examples:\n  virtkube delete -f examples/ --connect qemu:///system\n  virtkube delete -f vm.yaml --dry-run --connect qemu:///system"
+    )]
+    Delete(cli::delete::DeleteArgs),
 }
 
 fn main() -> ExitCode {
@@ -35,6 +59,10 @@ fn main() -> ExitCode {
     let result = match args.command {
         Command::Crd(crd) => cli::crd::run(&crd),
         Command::Agent(agent) => agent::run(&agent),
+        Command::Plan(plan) => cli::plan::run(&plan),
+        Command::Apply(apply) => cli::apply::run(&apply),
+        Command::Get(get) => cli::get::run(&get),
+        Command::Delete(delete) => cli::delete::run(&delete),
     };
     match result {
         Ok(code) => code,
