@@ -1,0 +1,737 @@
+//! Table-driven planner tests: one converged host, one difference per case, the plan the
+//! planner must make. No libvirt: the observed side is the planner's own model.
+
+use virtkube::plan::desired::{DesiredState, Nodes};
+use virtkube::plan::observed::{ObservedState, OwnerMark, PowerObserved};
+use virtkube::plan::{self, NoticeKind, ObjectKind, Op, Plan, PlanOptions, Symbol, simulate};
+use virtkube_crds::manifest;
+
+const MANIFESTS: &str = r#"
+apiVersion: virtkube.io/v1alpha1
+kind: StoragePool
+metadata: {name: images}
+spec: {type: dir, target: {path: /pools/images}}
+---
+apiVersion: virtkube.io/v1alpha1
+kind: Network
+metadata: {name: lan}
+spec: {mode: isolated, ip: {address: 10.1.0.1, prefix: 24}}
+---
+apiVersion: virtkube.io/v1alpha1
+kind: Volume
+metadata: {name: root, namespace: team}
+spec: {pool: images, capacity: 4Gi, reclaimPolicy: Delete}
+---
+apiVersion: virtkube.io/v1alpha1
+kind: Volume
+metadata: {name: data, namespace: team}
+spec: {pool: images, capacity: 1Gi, reclaimPolicy: Retain}
+---
+apiVersion: virtkube.io/v1alpha1
+kind: Domain
+metadata: {name: web, namespace: team}
+spec:
+  autostart: true
+  cpu: {vcpus: 2, maxVcpus: 4, pinning: [{vcpu: 0, cpuset: "0"}], emulatorCpuset: "1"}
+  memory: {size: 512Mi, max: 1Gi}
+  os: {machine: pc, boot: [hd]}
+  disks: [{name: root, volume: root}]
+  interfaces: [{name: eth0, network: lan}]
+"#;
+
+fn load(text: &str) -> Vec<manifest::Manifest> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.yaml");
+    std::fs::write(&path, text).unwrap();
+    manifest::load(&[path]).unwrap()
+}
+
+fn nodes() -> Nodes {
+    Nodes {
+        default: "a".into(),
+        all: vec!["a".into(), "b".into()],
+    }
+}
+
+fn desired() -> DesiredState {
+    let (d, notices) = DesiredState::from_manifests(&load(MANIFESTS), &nodes());
+    assert!(notices.is_empty(), "{notices:?}");
+    d
+}
+
+fn empty() -> ObservedState {
+    let mut o = ObservedState::default();
+    o.host_mut("a");
+    o.host_mut("b");
+    o
+}
+
+/// The hosts after applying `desired` to empty hosts.
+fn converged(desired: &DesiredState) -> ObservedState {
+    let mut o = empty();
+    let p = plan::plan(desired, &o, &PlanOptions::default());
+    simulate::apply(&mut o, &p).unwrap();
+    o
+}
+
+fn ops(p: &Plan) -> Vec<Op> {
+    p.actions.iter().map(|a| a.op.clone()).collect()
+}
+
+fn web(o: &mut ObservedState) -> &mut virtkube::plan::observed::ObservedDomain {
+    o.hosts
+        .get_mut("a")
+        .unwrap()
+        .domains
+        .get_mut("team.web")
+        .unwrap()
+}
+
+fn dweb(d: &mut DesiredState) -> &mut virtkube::plan::desired::DesiredDomain {
+    d.domains.iter_mut().find(|x| x.name == "team.web").unwrap()
+}
+
+type Case = (
+    &'static str,
+    fn(&mut DesiredState),
+    fn(&mut ObservedState),
+    Expect,
+);
+
+#[derive(Debug)]
+enum Expect {
+    Nothing,
+    Ops(Vec<Op>, Symbol),
+    Notice(NoticeKind, &'static str),
+}
+
+fn cases() -> Vec<Case> {
+    vec![
+        ("converged", |_| {}, |_| {}, Expect::Nothing),
+        (
+            "libvirt-filled values are not differences",
+            |_| {},
+            |o| {
+                let w = web(o);
+                w.uuid = "0b7c…-libvirt".into();
+                w.interfaces[0].mac = Some("52:54:00:aa:bb:cc".into());
+                w.machine = Some("pc-i440fx-9.1".into());
+                w.pinning.insert(3, "0-127".into());
+                w.cpu_mode = Some("custom".into());
+                w.arch = Some("x86_64".into());
+                w.id = Some(7);
+            },
+            Expect::Nothing,
+        ),
+        (
+            "vCPUs up within max: live",
+            |d| dweb(d).vcpus = 3,
+            |_| {},
+            Expect::Ops(vec![Op::SetVcpus(3)], Symbol::Live),
+        ),
+        (
+            "vCPUs above max: restart pending",
+            |d| {
+                dweb(d).vcpus = 6;
+                dweb(d).max_vcpus = 6
+            },
+            |_| {},
+            Expect::Notice(NoticeKind::RestartPending, "cpu.maxVcpus"),
+        ),
+        (
+            "memory within max: live",
+            |d| dweb(d).memory_kib = 768 * 1024,
+            |_| {},
+            Expect::Ops(vec![Op::SetMemory(768 * 1024)], Symbol::Live),
+        ),
+        (
+            "max memory: restart pending",
+            |d| dweb(d).max_memory_kib = 2048 * 1024,
+            |_| {},
+            Expect::Notice(NoticeKind::RestartPending, "memory.max"),
+        ),
+        (
+            "pinning: live",
+            |d| {
+                dweb(d).pinning.insert(0, "2-3".into());
+            },
+            |_| {},
+            Expect::Ops(
+                vec![Op::PinVcpu {
+                    vcpu: 0,
+                    cpuset: "2-3".into(),
+                }],
+                Symbol::Live,
+            ),
+        ),
+        (
+            "pinning drifted out of band: live",
+            |_| {},
+            |o| {
+                web(o).pinning.insert(0, "0-7".into());
+            },
+            Expect::Ops(
+                vec![Op::PinVcpu {
+                    vcpu: 0,
+                    cpuset: "0".into(),
+                }],
+                Symbol::Live,
+            ),
+        ),
+        (
+            "emulator pinning: live",
+            |d| dweb(d).emulator_cpuset = Some("0-1".into()),
+            |_| {},
+            Expect::Ops(vec![Op::PinEmulator("0-1".into())], Symbol::Live),
+        ),
+        (
+            "autostart: live",
+            |d| dweb(d).autostart = false,
+            |_| {},
+            Expect::Ops(vec![Op::SetDomainAutostart(false)], Symbol::Live),
+        ),
+        (
+            "machine type: restart pending",
+            |d| dweb(d).machine = Some("q35".into()),
+            |_| {},
+            Expect::Notice(NoticeKind::RestartPending, "os.machine"),
+        ),
+        (
+            "firmware: restart pending",
+            |d| dweb(d).firmware = Some("efi".into()),
+            |_| {},
+            Expect::Notice(NoticeKind::RestartPending, "os.firmware"),
+        ),
+        (
+            "boot order: restart pending",
+            |d| dweb(d).boot = vec!["network".into(), "hd".into()],
+            |_| {},
+            Expect::Notice(NoticeKind::RestartPending, "os.boot"),
+        ),
+        (
+            "cpu mode: restart pending",
+            |d| dweb(d).cpu_mode = Some("host-passthrough".into()),
+            |_| {},
+            Expect::Notice(NoticeKind::RestartPending, "cpu.mode"),
+        ),
+        (
+            "NIC removed: restart pending",
+            |d| dweb(d).interfaces.clear(),
+            |_| {},
+            Expect::Notice(NoticeKind::RestartPending, "interfaces"),
+        ),
+        (
+            "restart-required with updatePolicy Restart: restart now",
+            |d| {
+                dweb(d).machine = Some("q35".into());
+                dweb(d).restart_now = true
+            },
+            |_| {},
+            Expect::Ops(
+                vec![Op::RestartDomain {
+                    domain: Box::new(restart_target()),
+                    preserve: Default::default(),
+                }],
+                Symbol::Restart,
+            ),
+        ),
+        (
+            "Always restarts a stopped domain",
+            |_| {},
+            |o| {
+                web(o).power = PowerObserved::Shutoff;
+                web(o).reason = "shutdown".into()
+            },
+            Expect::Ops(vec![Op::StartDomain { recover: false }], Symbol::Live),
+        ),
+        (
+            "Always recovers a crashed domain",
+            |_| {},
+            |o| web(o).power = PowerObserved::Crashed,
+            Expect::Ops(vec![Op::StartDomain { recover: true }], Symbol::Live),
+        ),
+        (
+            "RerunOnFailure leaves a clean shutdown",
+            |d| dweb(d).run_strategy = virtkube_crds::domain::RunStrategy::RerunOnFailure,
+            |o| {
+                web(o).power = PowerObserved::Shutoff;
+                web(o).reason = "shutdown".into()
+            },
+            Expect::Nothing,
+        ),
+        (
+            "RerunOnFailure restarts after a crash",
+            |d| dweb(d).run_strategy = virtkube_crds::domain::RunStrategy::RerunOnFailure,
+            |o| {
+                web(o).power = PowerObserved::Shutoff;
+                web(o).reason = "crashed".into()
+            },
+            Expect::Ops(vec![Op::StartDomain { recover: false }], Symbol::Live),
+        ),
+        (
+            "Manual leaves a stopped domain alone",
+            |d| dweb(d).run_strategy = virtkube_crds::domain::RunStrategy::Manual,
+            |o| {
+                web(o).power = PowerObserved::Shutoff;
+                web(o).reason = "shutdown".into()
+            },
+            Expect::Nothing,
+        ),
+        (
+            "Halted stops a running domain",
+            |d| {
+                dweb(d).run_strategy = virtkube_crds::domain::RunStrategy::Halted;
+                dweb(d).state = virtkube_crds::domain::PowerState::Stopped
+            },
+            |_| {},
+            Expect::Ops(vec![Op::StopDomain], Symbol::Live),
+        ),
+        (
+            "state Paused suspends",
+            |d| dweb(d).state = virtkube_crds::domain::PowerState::Paused,
+            |_| {},
+            Expect::Ops(vec![Op::SuspendDomain], Symbol::Live),
+        ),
+        (
+            "state Running resumes",
+            |_| {},
+            |o| {
+                web(o).power = PowerObserved::Paused;
+                web(o).reason = "user".into()
+            },
+            Expect::Ops(vec![Op::ResumeDomain], Symbol::Live),
+        ),
+        (
+            "volume grows: live",
+            |d| d.volumes[0].capacity = Some(8 << 30),
+            |_| {},
+            Expect::Ops(
+                vec![Op::ResizeVolume {
+                    pool: "images".into(),
+                    key: "/pools/images/team.root".into(),
+                    capacity: 8 << 30,
+                }],
+                Symbol::Live,
+            ),
+        ),
+        (
+            "volume shrink: forbidden",
+            |d| d.volumes[0].capacity = Some(1 << 30),
+            |_| {},
+            Expect::Notice(NoticeKind::Forbidden, "capacity"),
+        ),
+        (
+            "volume format: forbidden",
+            |d| d.volumes[0].format = "raw".into(),
+            |_| {},
+            Expect::Notice(NoticeKind::Forbidden, "format"),
+        ),
+        (
+            "pool type: forbidden",
+            |d| d.pools[0].pool_type = "netfs".into(),
+            |_| {},
+            Expect::Notice(NoticeKind::Forbidden, "type"),
+        ),
+        (
+            "pool inactive: started",
+            |_| {},
+            |o| {
+                o.hosts
+                    .get_mut("a")
+                    .unwrap()
+                    .pools
+                    .get_mut("images")
+                    .unwrap()
+                    .active = false
+            },
+            Expect::Ops(vec![Op::StartPool], Symbol::Live),
+        ),
+        (
+            "network autostart off",
+            |d| d.networks[0].autostart = false,
+            |_| {},
+            Expect::Ops(
+                vec![
+                    Op::SetNetworkAutostart(false),
+                    Op::SetNetworkAutostart(false),
+                ],
+                Symbol::Live,
+            ),
+        ),
+        (
+            "network mode: forbidden",
+            |d| d.networks[0].mode = "nat".into(),
+            |_| {},
+            Expect::Notice(NoticeKind::Forbidden, "mode"),
+        ),
+        (
+            "foreign domain of the same name: conflict",
+            |_| {},
+            |o| web(o).owner = None,
+            Expect::Notice(NoticeKind::Conflict, ""),
+        ),
+        (
+            "another resource's domain: conflict",
+            |_| {},
+            |o| {
+                web(o).owner = Some(OwnerMark::for_resource(
+                    "Domain",
+                    Some("team"),
+                    "web",
+                    Some("uid-of-a-cluster-object"),
+                ))
+            },
+            Expect::Notice(NoticeKind::Conflict, ""),
+        ),
+        (
+            "unowned volume: conflict",
+            |_| {},
+            |o| {
+                o.hosts
+                    .get_mut("a")
+                    .unwrap()
+                    .volumes
+                    .get_mut(&("images".to_string(), "team.root".to_string()))
+                    .unwrap()
+                    .owned = false
+            },
+            Expect::Notice(NoticeKind::Conflict, ""),
+        ),
+    ]
+}
+
+fn restart_target() -> virtkube::plan::desired::DesiredDomain {
+    let mut d = desired();
+    dweb(&mut d).machine = Some("q35".into());
+    dweb(&mut d).restart_now = true;
+    dweb(&mut d).origin.clear();
+    dweb(&mut d).clone()
+}
+
+#[test]
+fn every_kind_of_difference_is_planned_as_it_should() {
+    for (name, change_desired, change_observed, expect) in cases() {
+        let base = desired();
+        let mut observed = converged(&base);
+        let mut d = base.clone();
+        change_desired(&mut d);
+        change_observed(&mut observed);
+        let p = plan::plan(&d, &observed, &PlanOptions::default());
+        let shown = p.render(true);
+        match &expect {
+            Expect::Nothing => {
+                assert!(
+                    p.is_empty() && p.notices.is_empty(),
+                    "{name}: expected nothing, got\n{shown}"
+                );
+            }
+            Expect::Ops(want, symbol) => {
+                let got: Vec<Op> = ops(&p)
+                    .into_iter()
+                    .map(|op| match op {
+                        // The preserved UUID/MACs are checked elsewhere.
+                        Op::RestartDomain { mut domain, .. } => {
+                            domain.origin.clear();
+                            Op::RestartDomain {
+                                domain,
+                                preserve: Default::default(),
+                            }
+                        }
+                        other => other,
+                    })
+                    .collect();
+                assert_eq!(&got, want, "{name}:\n{shown}");
+                assert!(
+                    p.actions.iter().all(|a| a.symbol == *symbol),
+                    "{name}: symbols\n{shown}"
+                );
+                assert!(
+                    p.actions.iter().all(|a| !a.reason.is_empty()),
+                    "{name}: every action says why"
+                );
+                assert!(!p.has_errors(), "{name}:\n{shown}");
+            }
+            Expect::Notice(kind, field) => {
+                let n = p
+                    .notices
+                    .iter()
+                    .find(|n| n.kind == *kind)
+                    .unwrap_or_else(|| panic!("{name}: no {kind:?} notice in\n{shown}"));
+                if !field.is_empty() {
+                    assert!(
+                        n.changes.iter().any(|c| c.field.starts_with(field)),
+                        "{name}: {field} not in {:?}",
+                        n.changes
+                    );
+                }
+                if *kind == NoticeKind::Conflict {
+                    assert!(
+                        p.actions
+                            .iter()
+                            .all(|a| a.object.kind != n.object.kind
+                                || a.object.name != n.object.name),
+                        "{name}: acted on a foreign object\n{shown}"
+                    );
+                    assert!(
+                        n.message.contains("m.yaml"),
+                        "{name}: names the manifest: {}",
+                        n.message
+                    );
+                }
+                if *kind == NoticeKind::RestartPending || *kind == NoticeKind::Forbidden {
+                    assert!(
+                        p.actions.iter().all(|a| !matches!(
+                            a.op,
+                            Op::DefineDomain { .. } | Op::RestartDomain { .. }
+                        )),
+                        "{name}:\n{shown}"
+                    );
+                }
+            }
+        }
+        // Whatever the plan, running it on the model leaves nothing to do.
+        let mut after = observed.clone();
+        simulate::apply(&mut after, &p).unwrap_or_else(|e| panic!("{name}: {e}\n{shown}"));
+        let again = plan::plan(&d, &after, &PlanOptions::default());
+        assert!(
+            again.is_empty(),
+            "{name}: re-plan not empty:\n{}",
+            again.render(true)
+        );
+    }
+}
+
+#[test]
+fn a_stopped_domain_is_redefined_keeping_its_uuid_and_generated_macs() {
+    let base = desired();
+    let mut observed = converged(&base);
+    web(&mut observed).power = PowerObserved::Shutoff;
+    web(&mut observed).interfaces[0].mac = Some("52:54:00:12:34:56".into());
+    let mut d = base.clone();
+    d.domains[0].run_strategy = virtkube_crds::domain::RunStrategy::Manual;
+    d.domains[0].machine = Some("q35".into());
+    d.domains[0].vcpus = 3;
+    let p = plan::plan(&d, &observed, &PlanOptions::default());
+    assert_eq!(p.actions.len(), 1, "{}", p.render(false));
+    match &p.actions[0].op {
+        Op::DefineDomain { preserve, .. } => {
+            assert_eq!(preserve.uuid.as_deref(), Some("uuid-team.web"));
+            assert_eq!(preserve.macs, vec![Some("52:54:00:12:34:56".to_string())]);
+        }
+        other => panic!("{other:?}"),
+    }
+    let fields: Vec<&str> = p.actions[0]
+        .changes
+        .iter()
+        .map(|c| c.field.as_str())
+        .collect();
+    assert!(
+        fields.contains(&"cpu.vcpus") && fields.contains(&"os.machine"),
+        "{fields:?}"
+    );
+}
+
+#[test]
+fn creation_is_ordered_pools_volumes_networks_domains_with_dependencies() {
+    let p = plan::plan(&desired(), &empty(), &PlanOptions::default());
+    let kinds: Vec<ObjectKind> = p.actions.iter().map(|a| a.object.kind).collect();
+    let mut sorted = kinds.clone();
+    sorted.sort();
+    assert_eq!(kinds, sorted, "{}", p.render(true));
+    let define = p
+        .actions
+        .iter()
+        .find(|a| matches!(a.op, Op::DefineDomain { .. }))
+        .unwrap();
+    let dep_kinds: Vec<ObjectKind> = define
+        .depends_on
+        .iter()
+        .map(|i| p.actions[*i].object.kind)
+        .collect();
+    assert!(
+        dep_kinds.contains(&ObjectKind::Volume) && dep_kinds.contains(&ObjectKind::Network),
+        "{dep_kinds:?}"
+    );
+    for a in &p.actions {
+        assert!(a.depends_on.iter().all(|d| *d < a.id));
+    }
+    // Objects without nodeName go to the default node; pools and networks to every node.
+    assert!(
+        p.actions
+            .iter()
+            .filter(|a| a.object.kind == ObjectKind::Domain)
+            .all(|a| a.node == "a")
+    );
+    assert!(
+        p.actions
+            .iter()
+            .any(|a| a.object.kind == ObjectKind::StoragePool && a.node == "b")
+    );
+}
+
+#[test]
+fn a_new_node_name_live_migrates_a_running_domain_and_moves_a_stopped_one() {
+    let base = desired();
+    let mut observed = converged(&base);
+    // The volume and network exist on b too (shared storage in this model).
+    let a = observed.hosts["a"].clone();
+    let b = observed.hosts.get_mut("b").unwrap();
+    b.volumes = a.volumes.clone();
+    let mut d = base.clone();
+    d.domains[0].node = "b".into();
+    let p = plan::plan(&d, &observed, &PlanOptions::default());
+    let mig: Vec<&plan::Action> = p
+        .actions
+        .iter()
+        .filter(|x| matches!(x.op, Op::MigrateDomain { .. }))
+        .collect();
+    assert_eq!(mig.len(), 1, "{}", p.render(true));
+    assert_eq!(mig[0].node, "a");
+    assert!(matches!(&mig[0].op, Op::MigrateDomain { to, .. } if to == "b"));
+    assert!(
+        !p.actions
+            .iter()
+            .any(|x| matches!(x.op, Op::DefineDomain { .. } | Op::DeleteDomain)),
+        "no recreation:\n{}",
+        p.render(true)
+    );
+    let mut after = observed.clone();
+    simulate::apply(&mut after, &p).unwrap();
+    assert!(plan::plan(&d, &after, &PlanOptions::default()).is_empty());
+
+    web(&mut observed).power = PowerObserved::Shutoff;
+    d.domains[0].run_strategy = virtkube_crds::domain::RunStrategy::Manual;
+    let p = plan::plan(&d, &observed, &PlanOptions::default());
+    let ops = ops(&p);
+    assert!(
+        matches!(ops[..], [Op::DefineDomain { .. }, Op::DeleteDomain, ..]),
+        "{}",
+        p.render(true)
+    );
+    assert_eq!(p.actions[0].node, "b");
+    assert_eq!(p.actions[1].node, "a");
+    assert_eq!(
+        p.actions[1].depends_on,
+        vec![0],
+        "the old copy goes only once the new one exists"
+    );
+}
+
+#[test]
+fn an_unknown_node_name_is_an_error_naming_file_object_and_field() {
+    let text = MANIFESTS.replace(
+        "  autostart: true\n  cpu:",
+        "  nodeName: nowhere\n  autostart: true\n  cpu:",
+    );
+    let (d, notices) = DesiredState::from_manifests(&load(&text), &nodes());
+    assert!(d.domains.is_empty());
+    assert_eq!(notices.len(), 1);
+    assert!(notices[0].kind.is_error());
+    assert!(
+        notices[0].message.contains("m.yaml (document 5)")
+            && notices[0].message.contains("spec.nodeName")
+            && notices[0].message.contains("nowhere"),
+        "{}",
+        notices[0].message
+    );
+    assert_eq!(notices[0].object.name, "team.web");
+}
+
+#[test]
+fn prune_deletes_only_local_owned_objects_and_keeps_volumes_of_unknown_policy() {
+    let base = desired();
+    let mut observed = converged(&base);
+    // A foreign domain and a cluster-owned one on the same host.
+    let mut foreign = web(&mut observed).clone();
+    foreign.owner = None;
+    let mut cluster = foreign.clone();
+    cluster.owner = Some(OwnerMark::for_resource(
+        "Domain",
+        Some("x"),
+        "y",
+        Some("a-kubernetes-uid"),
+    ));
+    observed
+        .hosts
+        .get_mut("a")
+        .unwrap()
+        .domains
+        .insert("vm-by-hand".into(), foreign);
+    observed
+        .hosts
+        .get_mut("a")
+        .unwrap()
+        .domains
+        .insert("x.y".into(), cluster);
+    let empty_desired = DesiredState::default();
+    let p = plan::plan(&empty_desired, &observed, &PlanOptions { prune: true });
+    let deleted: Vec<(&str, ObjectKind)> = p
+        .actions
+        .iter()
+        .map(|a| (a.object.name.as_str(), a.object.kind))
+        .collect();
+    assert!(deleted.contains(&("team.web", ObjectKind::Domain)));
+    assert!(
+        !deleted
+            .iter()
+            .any(|(n, _)| *n == "vm-by-hand" || *n == "x.y"),
+        "{}",
+        p.render(true)
+    );
+    assert!(
+        !deleted.iter().any(|(_, k)| *k == ObjectKind::Volume),
+        "volumes of unknown policy are kept"
+    );
+    assert!(
+        p.notices
+            .iter()
+            .filter(|n| n.kind == NoticeKind::Retained)
+            .count()
+            >= 2
+    );
+    // Deletions run domains first, pools last.
+    let kinds: Vec<ObjectKind> = p.actions.iter().map(|a| a.object.kind).collect();
+    let mut reversed = kinds.clone();
+    reversed.sort_by(|a, b| b.cmp(a));
+    assert_eq!(kinds, reversed, "{}", p.render(true));
+    assert!(p.actions.iter().all(|a| a.symbol == Symbol::Delete));
+}
+
+#[test]
+fn delete_keeps_retained_volumes_and_waits_for_users() {
+    let base = desired();
+    let observed = converged(&base);
+    let p = plan::plan_delete(&base, &observed);
+    let names: Vec<&str> = p.actions.iter().map(|a| a.object.name.as_str()).collect();
+    assert!(names.contains(&"team.root"), "Delete policy: deleted");
+    assert!(!names.contains(&"team.data"), "Retain policy: kept");
+    let root = p
+        .actions
+        .iter()
+        .find(|a| a.object.name == "team.root")
+        .unwrap();
+    let web_delete = p
+        .actions
+        .iter()
+        .find(|a| a.object.name == "team.web")
+        .unwrap();
+    assert!(
+        root.depends_on.contains(&web_delete.id),
+        "the volume goes after the domain using it"
+    );
+    // Deleting only the volume while the domain stays: blocked, not deleted.
+    let mut only_volume = DesiredState::default();
+    only_volume.volumes = base.volumes.clone();
+    let p = plan::plan_delete(&only_volume, &observed);
+    assert!(
+        !p.actions.iter().any(|a| a.object.name == "team.root"),
+        "{}",
+        p.render(false)
+    );
+    let blocked = p
+        .notices
+        .iter()
+        .find(|n| n.kind == NoticeKind::Blocked)
+        .unwrap();
+    assert!(blocked.message.contains("team.web"), "{}", blocked.message);
+}
