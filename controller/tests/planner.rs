@@ -720,8 +720,10 @@ fn delete_keeps_retained_volumes_and_waits_for_users() {
         "the volume goes after the domain using it"
     );
     // Deleting only the volume while the domain stays: blocked, not deleted.
-    let mut only_volume = DesiredState::default();
-    only_volume.volumes = base.volumes.clone();
+    let only_volume = DesiredState {
+        volumes: base.volumes.clone(),
+        ..DesiredState::default()
+    };
     let p = plan::plan_delete(&only_volume, &observed);
     assert!(
         !p.actions.iter().any(|a| a.object.name == "team.root"),
