@@ -18,6 +18,7 @@ use tower_test::mock::{self, Handle};
 use virtkube::agent::context::{Context, FINALIZER, Settings};
 use virtkube::agent::domain;
 use virtkube::agent::metrics::Metrics;
+use virtkube::host::{HostSpec, Hosts};
 use virtkube_crds::Domain;
 use virtkube_crds::domain::DomainStatus;
 use virtkube_engine::{Engine, EngineConfig};
@@ -175,14 +176,24 @@ fn test_domain(ns: &str) -> Domain {
 async fn context() -> (Arc<Context>, ApiServerVerifier, Engine) {
     let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(service, "default");
-    let engine = Engine::connect("test:///default", EngineConfig::default())
-        .await
-        .unwrap();
+    let mut hosts = Hosts::connect(
+        &[HostSpec {
+            node: NODE.into(),
+            uri: "test:///default".into(),
+            p2p_uri: None,
+            migration_uri: None,
+        }],
+        EngineConfig::default(),
+    )
+    .await
+    .unwrap();
+    hosts.shutdown_deadline = Duration::from_millis(200);
+    let engine = hosts.get(NODE).unwrap().engine.clone();
     let mut settings = Settings::for_node(NODE);
-    settings.virt_type = "test".into();
     settings.shutdown_timeout = Duration::from_millis(200);
+    settings.host_cpus = Some(engine.node_info().await.unwrap().cpus);
     let metrics = Metrics::register(&mut Registry::default(), None);
-    let ctx = Context::new(client, engine.clone(), metrics, settings);
+    let ctx = Context::new(client, hosts, metrics, settings).unwrap();
     (Arc::new(ctx), ApiServerVerifier(handle), engine)
 }
 
@@ -225,8 +236,8 @@ async fn apply_defines_starts_pins_and_reports_then_steady_state_is_silent() {
                     .await
                     .contains("apply.web")
             );
-            api.handle_event("apply", "Started").await;
             api.handle_event("apply", "AutostartSet").await;
+            api.handle_event("apply", "Started").await;
             let updated = api.handle_status_patch(&dom).await;
             (api, updated)
         })
@@ -286,8 +297,8 @@ async fn out_of_band_destroy_is_repaired_with_an_event() {
         let dom = dom.clone();
         tokio::spawn(async move {
             api.handle_event("drift", "Defined").await;
-            api.handle_event("drift", "Started").await;
             api.handle_event("drift", "AutostartSet").await;
+            api.handle_event("drift", "Started").await;
             let updated = api.handle_status_patch(&dom).await;
             (api, updated)
         })
@@ -329,8 +340,8 @@ async fn delete_shuts_down_undefines_and_removes_the_finalizer() {
         let dom = dom.clone();
         tokio::spawn(async move {
             api.handle_event("del", "Defined").await;
-            api.handle_event("del", "Started").await;
             api.handle_event("del", "AutostartSet").await;
+            api.handle_event("del", "Started").await;
             let updated = api.handle_status_patch(&dom).await;
             (api, updated)
         })
@@ -344,8 +355,8 @@ async fn delete_shuts_down_undefines_and_removes_the_finalizer() {
     let server = {
         let deleting = deleting.clone();
         tokio::spawn(async move {
-            api.handle_event("del", "Stopped").await;
-            api.handle_event("del", "Undefined").await;
+            let note = api.handle_event("del", "Deleted").await;
+            assert!(note.contains("undefined"), "{note}");
             api.handle_finalizer_removal(&deleting).await;
         })
     };

@@ -11,6 +11,9 @@ use kube::runtime::reflector::Store;
 use virtkube_crds::Volume;
 use virtkube_engine::Engine;
 
+use super::error::Error;
+use crate::host::Hosts;
+
 use super::metrics::Metrics;
 
 /// The field manager of every status write by an agent. Per-node entries of pools and
@@ -39,8 +42,8 @@ pub struct Settings {
     pub shutdown_timeout: Duration,
     /// Whether disks may name host paths (an administrator's choice).
     pub allow_host_paths: bool,
-    /// libvirt domain type for new domains (`kvm`, `qemu`, `test`), found from the host.
-    pub virt_type: String,
+    /// The host's CPU count (the planner checks pinning against it); `None` when unknown.
+    pub host_cpus: Option<u32>,
 }
 
 impl Settings {
@@ -52,7 +55,7 @@ impl Settings {
             resync: Duration::from_secs(300),
             shutdown_timeout: Duration::from_secs(30),
             allow_host_paths: false,
-            virt_type: "kvm".into(),
+            host_cpus: None,
         }
     }
 
@@ -95,6 +98,8 @@ pub struct Context {
     pub client: Client,
     /// This node's libvirt.
     pub engine: Engine,
+    /// The same node as the planner's executor sees it (one host, this node).
+    pub hosts: Hosts,
     /// Publishes events (and aggregates repeats into series).
     pub recorder: Recorder,
     /// The agent's metrics.
@@ -109,8 +114,22 @@ pub struct Context {
 }
 
 impl Context {
-    /// A context for `client`, `engine` and `settings`.
-    pub fn new(client: Client, engine: Engine, metrics: Arc<Metrics>, settings: Settings) -> Self {
+    /// A context for `client`, the connected `hosts` (which must hold this node) and
+    /// `settings`.
+    pub fn new(
+        client: Client,
+        hosts: Hosts,
+        metrics: Arc<Metrics>,
+        settings: Settings,
+    ) -> Result<Self, Error> {
+        let engine = hosts
+            .get(&settings.node)
+            .map_err(|e| Error::Unrealizable {
+                reason: "NodeNotConnected",
+                message: e.to_string(),
+            })?
+            .engine
+            .clone();
         let recorder = Recorder::new(
             client.clone(),
             Reporter {
@@ -118,15 +137,16 @@ impl Context {
                 instance: Some(format!("{REPORTER}-{}", settings.node)),
             },
         );
-        Self {
+        Ok(Self {
             client,
             engine,
+            hosts,
             recorder,
             metrics,
             settings,
             node_labels: RwLock::new(BTreeMap::new()),
             volumes: None,
-        }
+        })
     }
 
     /// This node's labels (empty until the publisher read them).

@@ -1,31 +1,37 @@
-//! The agent's adapter to the reconcile core: observe one object through the engine, bring
-//! libvirt to what its spec asks, and say what was done.
+//! The agent's adapter to the reconcile core: the shared planner ([`crate::plan`]) and the
+//! engine adapter that carries out one action ([`crate::host`]).
 //!
-//! The controllers only see [`Converged`]: the list of changes made (each becomes an event)
-//! and what libvirt reports afterwards (which becomes the status). This keeps the Kubernetes
-//! side independent of how the changes are computed.
+//! Per reconcile, for one resource:
+//! 1. observe through the engine only what that resource touches (its libvirt object and
+//!    what it references), into the planner's observed model;
+//! 2. plan with the resource alone as the desired state (plus the Volumes a Domain's disks
+//!    name, so the planner knows their pools);
+//! 3. carry out, in order, the actions on that resource (the other resources have their own
+//!    reconciles); the planner's notices about it become conditions.
 //!
-//! Interim: the shared planner and executors (`crate::plan`, `crate::execute`) were not
-//! available when the agent was written, so this module drives the engine directly for the
-//! subset the agent needs (define from the spec, redefine on a new generation, live vCPU
-//! pinning, power state per run strategy, autostart). It is meant to be replaced by
-//! "plan one object, execute the plan" without changing its signature.
+//! The controllers only see [`Converged`]: the changes made (each becomes an event) and
+//! what libvirt reports afterwards (which becomes the status).
+
+use std::path::PathBuf;
 
 use kube::ResourceExt;
-use virtkube_crds::Domain;
-use virtkube_crds::domain::{
-    CpuMode as SpecCpuMode, DomainSpec, Firmware as SpecFirmware, PowerState, RunStrategy,
-};
+use kube::runtime::reflector::ObjectRef as StoreRef;
+use virtkube_crds::manifest::{Manifest, Object, Source};
 use virtkube_crds::names::host_name;
-use virtkube_engine::domain::{Apply, ShutdownOutcome};
+use virtkube_crds::{Domain, Network, StoragePool, Volume};
+use virtkube_engine::Owner;
 use virtkube_engine::model::{
-    CpuDef, CpuMode, DiskDef, DiskSource, DomainDef, DomainObserved, DomainState, Firmware,
-    InterfaceDef, Topology, VcpuPin,
+    DomainObserved, NetworkObserved, PoolObserved, PoolState, VolumeObserved,
 };
-use virtkube_engine::{CpuSet, EngineError, Owner};
 
 use super::context::Context;
 use super::error::{Error, Result};
+use crate::host::{HostError, domain_from, from_owner};
+use crate::plan::desired::{DesiredState, Nodes};
+use crate::plan::observed::{
+    ObservedHost, ObservedNetwork, ObservedPool, ObservedState, ObservedVolume,
+};
+use crate::plan::{self, NoticeKind, ObjectKind, Op, Plan, PlanOptions};
 
 /// One change made on the host: an event reason (`Defined`, `Started`, …) and a note.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,26 +42,8 @@ pub struct Change {
     /// action into one series that keeps the first note, so a repair (a restart after an
     /// out-of-band stop) gets its own action to keep libvirt's reason visible.
     pub action: &'static str,
-    /// What was done, with libvirt's words where it gave any.
+    /// What was done and why, with libvirt's words where it gave any.
     pub note: String,
-}
-
-impl Change {
-    fn new(reason: &'static str, note: impl Into<String>) -> Self {
-        Self {
-            reason,
-            action: reason,
-            note: note.into(),
-        }
-    }
-
-    fn repair(reason: &'static str, note: impl Into<String>) -> Self {
-        Self {
-            reason,
-            action: "Repair",
-            note: note.into(),
-        }
-    }
 }
 
 /// The result of converging one object.
@@ -65,7 +53,7 @@ pub struct Converged<O> {
     pub changes: Vec<Change>,
     /// What libvirt reports after the changes (`None`: the object does not exist).
     pub observed: Option<O>,
-    /// Spec changes that wait for the guest to stop.
+    /// Spec changes that wait for the guest to stop (field paths).
     pub pending: Vec<String>,
 }
 
@@ -90,478 +78,537 @@ pub fn domain_host_name(dom: &Domain) -> String {
     host_name(dom.namespace().as_deref(), &dom.name_any())
 }
 
+/// The libvirt name of a volume resource (inside its pool).
+pub fn volume_host_name(vol: &Volume) -> String {
+    host_name(vol.namespace().as_deref(), &vol.name_any())
+}
+
+fn manifest(object: Object) -> Manifest {
+    let origin = format!("{} {}", object.kind(), object.display_name());
+    Manifest {
+        source: Source {
+            file: PathBuf::from(origin),
+            document: 1,
+        },
+        object,
+    }
+}
+
+/// The event reason of a planned operation.
+fn reason_of(op: &Op) -> &'static str {
+    match op {
+        Op::DefinePool(_) | Op::DefineNetwork(_) | Op::DefineDomain { .. } => "Defined",
+        Op::BuildPool => "Built",
+        Op::StartPool | Op::StartNetwork | Op::StartDomain { .. } => "Started",
+        Op::SetPoolAutostart(_) | Op::SetNetworkAutostart(_) | Op::SetDomainAutostart(_) => {
+            "AutostartSet"
+        }
+        Op::DeletePool | Op::DeleteNetwork | Op::DeleteDomain => "Deleted",
+        Op::CreateVolume { .. } => "VolumeCreated",
+        Op::ResizeVolume { .. } => "VolumeResized",
+        Op::DeleteVolume { .. } => "VolumeDeleted",
+        Op::StopDomain => "Stopped",
+        Op::SuspendDomain => "Paused",
+        Op::ResumeDomain => "Resumed",
+        Op::SetVcpus(_) => "VcpusSet",
+        Op::SetMemory(_) => "MemorySet",
+        Op::PinVcpu { .. } | Op::PinEmulator(_) => "Pinned",
+        Op::RestartDomain { .. } => "Restarted",
+        Op::MigrateDomain { .. } => "Migrated",
+    }
+}
+
+/// A host error as the agent reports it: libvirt refusing a change is a spec that cannot be
+/// realized here (`Ready=False` with libvirt's words, retried with backoff); connection
+/// trouble and timeouts stay engine errors.
+fn host_error(e: HostError) -> Error {
+    match e {
+        HostError::Engine { source, .. }
+            if source.is_connection_error() || source.is_retryable() =>
+        {
+            Error::Engine(*source)
+        }
+        HostError::Engine { source, .. } if source.is_not_owned() => Error::Unrealizable {
+            reason: "NotOwned",
+            message: source.to_string(),
+        },
+        HostError::Engine { source, .. } => Error::Unrealizable {
+            reason: "LibvirtRefused",
+            message: source.to_string(),
+        },
+        other => Error::Unrealizable {
+            reason: "Invalid",
+            message: other.to_string(),
+        },
+    }
+}
+
+/// Runs the plan's actions on (`kind`, `name`) in order. Error notices about it stop before
+/// any action; restart-pending notices come back as field paths.
+async fn execute(
+    ctx: &Context,
+    plan: &Plan,
+    kind: ObjectKind,
+    name: &str,
+) -> Result<(Vec<Change>, Vec<String>)> {
+    let mine = |k: ObjectKind, n: &str| k == kind && n == name;
+    if let Some(n) = plan
+        .notices
+        .iter()
+        .find(|n| mine(n.object.kind, &n.object.name) && n.kind.is_error())
+    {
+        let reason = match n.kind {
+            NoticeKind::Conflict => "NameConflict",
+            NoticeKind::Forbidden => "Forbidden",
+            _ => "InvalidReference",
+        };
+        return Err(Error::Unrealizable {
+            reason,
+            message: n.message.clone(),
+        });
+    }
+    let pending = plan
+        .notices
+        .iter()
+        .filter(|n| mine(n.object.kind, &n.object.name) && n.kind == NoticeKind::RestartPending)
+        .flat_map(|n| n.changes.iter().map(|c| format!("spec.{}", c.field)))
+        .collect();
+    let mut changes = Vec::new();
+    for action in plan
+        .actions
+        .iter()
+        .filter(|a| mine(a.object.kind, &a.object.name))
+    {
+        let outcome = ctx.hosts.run(action).await.map_err(host_error)?;
+        let reason = reason_of(&action.op);
+        // The planner words deletions for the command line; here the resource was deleted.
+        let why = match action.op {
+            Op::DeleteDomain | Op::DeleteVolume { .. } | Op::DeleteNetwork | Op::DeletePool => {
+                "the resource is being deleted"
+            }
+            _ => action.reason.as_str(),
+        };
+        // A start that is not the first one repairs an out-of-band stop or a crash.
+        let repair = matches!(action.op, Op::StartDomain { .. })
+            && plan.actions.iter().all(|a| {
+                !matches!(a.op, Op::DefineDomain { .. }) || !mine(a.object.kind, &a.object.name)
+            });
+        changes.push(Change {
+            reason,
+            action: if repair { "Repair" } else { reason },
+            note: format!(
+                "{} libvirt {} {}: {} ({outcome})",
+                action.op.verb(),
+                kind.as_str(),
+                action.object.name,
+                why
+            ),
+        });
+    }
+    Ok((changes, pending))
+}
+
+fn pool_from(p: &PoolObserved) -> ObservedPool {
+    ObservedPool {
+        owner: p.owner.as_ref().map(from_owner),
+        pool_type: p.pool_type.as_str().to_string(),
+        target_path: p.target_path.clone(),
+        active: p.state == PoolState::Running,
+        autostart: p.autostart,
+        capacity: p.capacity,
+        available: p.available,
+    }
+}
+
+fn network_from(n: &NetworkObserved) -> ObservedNetwork {
+    ObservedNetwork {
+        owner: n.owner.as_ref().map(from_owner),
+        mode: n.mode.as_str().to_string(),
+        bridge: n.bridge.clone(),
+        ip: n.ip.as_ref().map(|ip| (ip.address.clone(), ip.prefix)),
+        dhcp: n
+            .ip
+            .as_ref()
+            .map(|ip| {
+                ip.dhcp
+                    .iter()
+                    .map(|r| format!("{}-{}", r.start, r.end))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        active: n.active,
+        autostart: n.autostart,
+    }
+}
+
+fn volume_from(v: &VolumeObserved, pool_owned: bool) -> ObservedVolume {
+    ObservedVolume {
+        // libvirt keeps no mark on volumes: in a virtkube pool, a volume named
+        // `<namespace>.<name>` is one virtkube made (the planner's rule).
+        owned: pool_owned && v.name.contains('.'),
+        key: v.key.clone(),
+        path: v.path.clone(),
+        capacity: v.capacity,
+        allocation: v.allocation,
+        format: v.format.as_ref().map(|f| f.as_str().to_string()),
+        backing_path: v.backing.as_ref().map(|b| b.path.clone()),
+    }
+}
+
+/// Adds pool `pool` and, when it runs, its volumes named in `volumes` to `host`.
+async fn observe_pool(
+    ctx: &Context,
+    host: &mut ObservedHost,
+    pool: &str,
+    volumes: &[String],
+) -> Result<Option<PoolObserved>> {
+    let Some(p) = ctx.engine.pool_observe(pool).await? else {
+        return Ok(None);
+    };
+    host.pools.insert(pool.to_string(), pool_from(&p));
+    if p.state == PoolState::Running {
+        for v in volumes {
+            if let Some(o) = ctx.engine.volume_observe(pool, v).await? {
+                host.volumes.insert(
+                    (pool.to_string(), v.clone()),
+                    volume_from(&o, p.owner.is_some()),
+                );
+            }
+        }
+    }
+    Ok(Some(p))
+}
+
+fn observed_state(ctx: &Context, host: ObservedHost) -> ObservedState {
+    let mut state = ObservedState::default();
+    state.hosts.insert(ctx.settings.node.clone(), host);
+    state
+}
+
+fn empty_host(ctx: &Context) -> ObservedHost {
+    ObservedHost {
+        host_cpus: ctx.settings.host_cpus,
+        ..ObservedHost::default()
+    }
+}
+
+/// The Volume `name` in `namespace`, from the reflector (or the API without one).
+async fn find_volume(ctx: &Context, namespace: &str, name: &str) -> Result<Option<Volume>> {
+    Ok(match &ctx.volumes {
+        Some(store) => store
+            .get(&StoreRef::new(name).within(namespace))
+            .map(|v| (*v).clone()),
+        None => {
+            kube::Api::<Volume>::namespaced(ctx.client.clone(), namespace)
+                .get_opt(name)
+                .await?
+        }
+    })
+}
+
 /// Brings the domain on this node to what `dom.spec` asks.
 pub async fn domain(ctx: &Context, dom: &Domain) -> Result<Converged<DomainObserved>> {
-    let engine = &ctx.engine;
     let name = domain_host_name(dom);
-    let owner = owner_of(dom)?;
-    let mut changes = Vec::new();
-    let mut observed = engine.domain_observe(&name).await?;
-    if let Some(o) = &observed {
-        match &o.owner {
-            Some(mark) if mark.same_resource(&owner) => {}
-            Some(mark) => {
-                return Err(Error::Unrealizable {
-                    reason: "NameConflict",
-                    message: format!(
-                        "libvirt domain `{name}` belongs to another resource ({} uid {}); virtkube never takes over another owner's domain",
-                        mark.kind, mark.uid
-                    ),
-                });
-            }
-            None => {
-                return Err(Error::Unrealizable {
-                    reason: "NameConflict",
-                    message: format!(
-                        "libvirt domain `{name}` exists and was not created by virtkube; rename the resource or remove the domain by hand"
-                    ),
-                });
-            }
+    let ns = dom.namespace().unwrap_or_default();
+    let mut host = empty_host(ctx);
+    let mut manifests = vec![manifest(Object::Domain(Box::new(dom.clone())))];
+    for disk in &dom.spec.disks {
+        if disk.host_path.is_some() && !ctx.settings.allow_host_paths {
+            return Err(Error::Unrealizable {
+                reason: "HostPathRefused",
+                message: format!(
+                    "spec.disks[name={}].hostPath: this agent does not allow host paths (an administrator starts it with --allow-host-paths)",
+                    disk.name
+                ),
+            });
+        }
+        let Some(volume) = &disk.volume else { continue };
+        let Some(vol) = find_volume(ctx, &ns, volume).await? else {
+            return Err(Error::Unrealizable {
+                reason: "VolumeMissing",
+                message: format!(
+                    "spec.disks[name={}].volume: Volume {ns}/{volume} does not exist",
+                    disk.name
+                ),
+            });
+        };
+        let libvirt_name = volume_host_name(&vol);
+        observe_pool(
+            ctx,
+            &mut host,
+            &vol.spec.pool,
+            std::slice::from_ref(&libvirt_name),
+        )
+        .await?;
+        if !host
+            .volumes
+            .contains_key(&(vol.spec.pool.clone(), libvirt_name.clone()))
+        {
+            return Err(Error::Unrealizable {
+                reason: "VolumeNotReady",
+                message: format!(
+                    "spec.disks[name={}].volume: Volume {ns}/{volume} is not in pool {} on node {} yet",
+                    disk.name, vol.spec.pool, ctx.settings.node
+                ),
+            });
+        }
+        manifests.push(manifest(Object::Volume(Box::new(vol))));
+    }
+    for nic in &dom.spec.interfaces {
+        if let Some(n) = ctx.engine.network_observe(&nic.network).await? {
+            host.networks.insert(nic.network.clone(), network_from(&n));
         }
     }
-    let recorded_generation = observed
-        .as_ref()
-        .and_then(|o| o.owner.as_ref())
-        .and_then(|o| o.generation);
-    let mut pending = Vec::new();
-    if observed.is_none() || recorded_generation != owner.generation {
-        let mut def = domain_def(ctx, dom, &name, &owner).await?;
-        if let Some(o) = &observed {
-            def.uuid = Some(o.uuid.clone());
-            if o.state.is_active() {
-                pending = restart_needed(o, &def);
-            }
-        }
-        engine.domain_define(&def).await.map_err(refusal)?;
-        changes.push(Change::new(
-            "Defined",
-            match (&observed, owner.generation) {
-                (None, _) => format!("defined libvirt domain {name}"),
-                (Some(_), Some(g)) => {
-                    format!("redefined libvirt domain {name} for generation {g}")
-                }
-                (Some(_), None) => format!("redefined libvirt domain {name}"),
-            },
-        ));
-        observed = engine.domain_observe(&name).await?;
+    if let Some(o) = ctx.engine.domain_observe(&name).await? {
+        host.domains.insert(name.clone(), domain_from(&o));
     }
-    let Some(mut obs) = observed else {
-        return Err(Error::Engine(EngineError::Internal(format!(
-            "domain {name} vanished right after it was defined"
-        ))));
-    };
-    // Power.
-    let desired = dom.spec.effective_state();
-    let power_changed = power(ctx, dom, &name, &owner, &obs, desired, &mut changes).await?;
-    if power_changed {
-        obs = reobserve(ctx, &name).await?;
+    let (desired, notices) =
+        DesiredState::from_manifests(&manifests, &Nodes::single(&ctx.settings.node));
+    if let Some(n) = notices.iter().find(|n| n.object.name == name) {
+        return Err(Error::Unrealizable {
+            reason: "InvalidSpec",
+            message: n.message.clone(),
+        });
     }
-    // Live pinning (the definition carries it for the next boot; a running guest needs it
-    // applied live).
-    if obs.state.is_active() {
-        let mut pinned = Vec::new();
-        for pin in &dom.spec.cpu.pinning {
-            let Ok(want) = pin.cpuset.parse::<CpuSet>() else {
-                continue;
-            };
-            if obs.affinity(pin.vcpu) != Some(&want) && pin.vcpu < obs.vcpus {
-                engine
-                    .domain_pin_vcpu(&name, &owner, pin.vcpu, &want, Apply::Current)
-                    .await
-                    .map_err(refusal)?;
-                pinned.push(format!("vcpu {} -> {want}", pin.vcpu));
-            }
-        }
-        if !pinned.is_empty() {
-            changes.push(Change::new("Pinned", pinned.join(", ")));
-            obs = reobserve(ctx, &name).await?;
-        }
-    }
-    if obs.persistent && obs.autostart != dom.spec.autostart {
-        engine
-            .domain_set_autostart(&name, &owner, dom.spec.autostart)
-            .await
-            .map_err(refusal)?;
-        changes.push(Change::new(
-            "AutostartSet",
-            format!(
-                "autostart {}",
-                if dom.spec.autostart { "on" } else { "off" }
-            ),
-        ));
-        obs.autostart = dom.spec.autostart;
-    }
+    let plan = plan::plan(
+        &desired,
+        &observed_state(ctx, host),
+        &PlanOptions::default(),
+    );
+    let (changes, pending) = execute(ctx, &plan, ObjectKind::Domain, &name).await?;
+    let observed = ctx.engine.domain_observe(&name).await?;
     Ok(Converged {
         changes,
-        observed: Some(obs),
+        observed,
         pending,
     })
 }
 
-async fn reobserve(ctx: &Context, name: &str) -> Result<DomainObserved> {
-    ctx.engine.domain_observe(name).await?.ok_or_else(|| {
-        Error::Engine(EngineError::Internal(format!(
-            "domain {name} disappeared while being reconciled"
-        )))
+/// Removes the domain from this node (graceful shutdown, destroy, undefine, through the
+/// planner's delete plan). A domain that is already gone, or that is not virtkube's for this
+/// resource, is left alone and counts as done.
+pub async fn remove_domain(ctx: &Context, dom: &Domain) -> Result<Vec<Change>> {
+    let name = domain_host_name(dom);
+    let mut host = empty_host(ctx);
+    let Some(o) = ctx.engine.domain_observe(&name).await? else {
+        return Ok(Vec::new());
+    };
+    host.domains.insert(name.clone(), domain_from(&o));
+    let manifests = vec![manifest(Object::Domain(Box::new(dom.clone())))];
+    let (desired, _) = DesiredState::from_manifests(&manifests, &Nodes::single(&ctx.settings.node));
+    let plan = plan::plan_delete(&desired, &observed_state(ctx, host));
+    match execute(ctx, &plan, ObjectKind::Domain, &name).await {
+        Ok((changes, _)) => Ok(changes),
+        // Not ours: never touched, and nothing of ours is left.
+        Err(Error::Unrealizable {
+            reason: "NameConflict",
+            message,
+        }) => {
+            tracing::info!(domain = %name, %message, "libvirt domain is not this resource's: left alone");
+            Ok(Vec::new())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Brings the volume on this node to what `vol.spec` asks.
+pub async fn volume(ctx: &Context, vol: &Volume) -> Result<Converged<VolumeObserved>> {
+    let name = volume_host_name(vol);
+    let ns = vol.namespace().unwrap_or_default();
+    let mut names = vec![name.clone()];
+    if let Some(src) = vol.spec.source.as_ref().and_then(|s| s.referenced_volume()) {
+        names.push(host_name(Some(&ns), src));
+    }
+    let mut host = empty_host(ctx);
+    let pool = observe_pool(ctx, &mut host, &vol.spec.pool, &names).await?;
+    match &pool {
+        None => {
+            return Err(Error::Unrealizable {
+                reason: "PoolMissing",
+                message: format!(
+                    "spec.pool: StoragePool {} does not exist on node {}",
+                    vol.spec.pool, ctx.settings.node
+                ),
+            });
+        }
+        Some(p) if p.state != PoolState::Running => {
+            return Err(Error::Unrealizable {
+                reason: "PoolNotRunning",
+                message: format!(
+                    "spec.pool: StoragePool {} is {:?} on node {}",
+                    vol.spec.pool, p.state, ctx.settings.node
+                ),
+            });
+        }
+        Some(_) => {}
+    }
+    let manifests = vec![manifest(Object::Volume(Box::new(vol.clone())))];
+    let (desired, notices) =
+        DesiredState::from_manifests(&manifests, &Nodes::single(&ctx.settings.node));
+    if let Some(n) = notices.first() {
+        return Err(Error::Unrealizable {
+            reason: "InvalidSpec",
+            message: n.message.clone(),
+        });
+    }
+    let plan = plan::plan(
+        &desired,
+        &observed_state(ctx, host),
+        &PlanOptions::default(),
+    );
+    let (changes, pending) = execute(ctx, &plan, ObjectKind::Volume, &name).await?;
+    let observed = ctx.engine.volume_observe(&vol.spec.pool, &name).await?;
+    Ok(Converged {
+        changes,
+        observed,
+        pending,
     })
 }
 
-/// A libvirt refusal of a change is a spec that cannot be realized here (reported as
-/// `Ready=False` with libvirt's words); connection trouble stays an engine error (retried).
-fn refusal(e: EngineError) -> Error {
-    if e.is_connection_error() || e.is_retryable() {
-        Error::Engine(e)
-    } else if e.is_not_owned() {
-        Error::Unrealizable {
-            reason: "NotOwned",
-            message: e.to_string(),
-        }
-    } else {
-        Error::Unrealizable {
-            reason: "LibvirtRefused",
-            message: e.to_string(),
-        }
+/// Removes the volume per its reclaim policy through the planner's delete plan: `Retain`
+/// keeps the image; a volume a domain on this node still uses is not deleted (the planner
+/// reports it blocked, and the deletion waits). Returns the changes and, when the image is
+/// kept, why.
+pub async fn remove_volume(ctx: &Context, vol: &Volume) -> Result<(Vec<Change>, Option<String>)> {
+    let name = volume_host_name(vol);
+    let mut host = empty_host(ctx);
+    if observe_pool(ctx, &mut host, &vol.spec.pool, std::slice::from_ref(&name))
+        .await?
+        .is_none()
+    {
+        return Ok((Vec::new(), None));
     }
-}
-
-/// Changes the power state when the run strategy asks for it. Returns whether anything was
-/// done.
-async fn power(
-    ctx: &Context,
-    dom: &Domain,
-    name: &str,
-    owner: &Owner,
-    obs: &DomainObserved,
-    desired: PowerState,
-    changes: &mut Vec<Change>,
-) -> Result<bool> {
-    let engine = &ctx.engine;
-    let reason = obs.reason.as_str();
-    let first_time = dom
-        .status
-        .as_ref()
-        .and_then(|s| s.observed_generation)
-        .is_none();
-    // Manual acts only when the spec changed (or at creation); the others always.
-    let spec_changed =
-        dom.status.as_ref().and_then(|s| s.observed_generation) != dom.metadata.generation;
-    let act = match dom.spec.run_strategy {
-        RunStrategy::Always | RunStrategy::Halted => true,
-        RunStrategy::Manual => first_time || spec_changed,
-        RunStrategy::RerunOnFailure => {
-            first_time
-                || spec_changed
-                || matches!(obs.state, DomainState::Crashed)
-                || reason == "crashed"
-                || obs.state.is_active()
-        }
-    };
-    if !act {
-        return Ok(false);
+    if !host
+        .volumes
+        .contains_key(&(vol.spec.pool.clone(), name.clone()))
+    {
+        return Ok((Vec::new(), None));
     }
-    let state = obs.state;
-    match desired {
-        PowerState::Running => match state {
-            DomainState::Running | DomainState::Blocked => Ok(false),
-            DomainState::Paused => {
-                engine.domain_resume(name, owner).await.map_err(refusal)?;
-                changes.push(Change::new("Resumed", "resumed the guest"));
-                Ok(true)
-            }
-            DomainState::Crashed => {
-                engine.domain_destroy(name, owner).await.map_err(refusal)?;
-                engine.domain_start(name, owner).await.map_err(refusal)?;
-                changes.push(Change::repair(
-                    "Started",
-                    "restarted the guest after a crash (libvirt state crashed)",
-                ));
-                Ok(true)
-            }
-            _ if !state.is_active() => {
-                engine.domain_start(name, owner).await.map_err(refusal)?;
-                changes.push(if first_time {
-                    Change::new("Started", "started the guest")
-                } else {
-                    Change::repair(
-                        "Started",
-                        format!("started the guest (it was shut off, libvirt reason: {reason})"),
-                    )
-                });
-                Ok(true)
-            }
-            _ => Ok(false),
-        },
-        PowerState::Paused => {
-            let mut did = false;
-            if !state.is_active() {
-                engine.domain_start(name, owner).await.map_err(refusal)?;
-                changes.push(Change::new("Started", "started the guest"));
-                did = true;
-            }
-            if state != DomainState::Paused {
-                engine.domain_suspend(name, owner).await.map_err(refusal)?;
-                changes.push(Change::new("Paused", "suspended the guest in memory"));
-                did = true;
-            }
-            Ok(did)
-        }
-        PowerState::Stopped => {
-            if !state.is_active() {
-                return Ok(false);
-            }
-            let outcome = engine
-                .domain_shutdown(name, owner, ctx.settings.shutdown_timeout)
-                .await
-                .map_err(refusal)?;
-            let note = match outcome {
-                ShutdownOutcome::Destroyed => format!(
-                    "the guest ignored ACPI shutdown for {}s and was powered off",
-                    ctx.settings.shutdown_timeout.as_secs()
-                ),
-                _ => "the guest shut down".to_string(),
-            };
-            changes.push(Change::new("Stopped", note));
-            Ok(true)
-        }
+    // Whether a domain uses it is a question about every domain on the host.
+    for d in ctx.engine.domain_observe_all().await? {
+        host.domains.insert(d.name.clone(), domain_from(&d));
     }
-}
-
-/// What a redefinition changes that a running guest only picks up at its next boot.
-fn restart_needed(obs: &DomainObserved, def: &DomainDef) -> Vec<String> {
-    let mut pending = Vec::new();
-    if obs.max_vcpus != def.max_vcpus {
-        pending.push("spec.cpu.maxVcpus".to_string());
-    }
-    if obs.max_memory_kib != def.max_memory_kib {
-        pending.push("spec.memory.max".to_string());
-    }
-    if def.os.firmware.is_some() && obs.os.firmware != def.os.firmware {
-        pending.push("spec.os.firmware".to_string());
-    }
-    if obs.disks.len() != def.disks.len() {
-        pending.push("spec.disks".to_string());
-    }
-    if obs.interfaces.len() != def.interfaces.len() {
-        pending.push("spec.interfaces".to_string());
-    }
-    pending
-}
-
-/// The libvirt definition for a domain resource.
-async fn domain_def(ctx: &Context, dom: &Domain, name: &str, owner: &Owner) -> Result<DomainDef> {
-    let spec: &DomainSpec = &dom.spec;
-    let mut def = DomainDef::new(name, owner.clone());
-    def.virt_type = ctx.settings.virt_type.clone();
-    def.vcpus = spec.cpu.vcpus;
-    def.max_vcpus = spec.cpu.effective_max_vcpus();
-    def.cpu = spec.cpu.mode.map(|mode| CpuDef {
-        mode: match mode {
-            SpecCpuMode::HostModel => CpuMode::HostModel,
-            SpecCpuMode::HostPassthrough => CpuMode::HostPassthrough,
-            SpecCpuMode::Maximum => CpuMode::Maximum,
-            SpecCpuMode::Custom => CpuMode::Custom,
-        },
-        model: spec.cpu.model.clone(),
-        topology: spec.cpu.topology.map(|t| Topology {
-            sockets: t.sockets,
-            cores: t.cores,
-            threads: t.threads,
-        }),
-    });
-    for pin in &spec.cpu.pinning {
-        let cpuset = pin
-            .cpuset
-            .parse::<CpuSet>()
-            .map_err(|e| Error::Unrealizable {
-                reason: "InvalidSpec",
-                message: format!("spec.cpu.pinning[vcpu={}].cpuset: {e}", pin.vcpu),
-            })?;
-        def.pinning.push(VcpuPin {
-            vcpu: pin.vcpu,
-            cpuset,
+    let manifests = vec![manifest(Object::Volume(Box::new(vol.clone())))];
+    let (desired, _) = DesiredState::from_manifests(&manifests, &Nodes::single(&ctx.settings.node));
+    let plan = plan::plan_delete(&desired, &observed_state(ctx, host));
+    let about_me = |n: &&plan::Notice| n.object.kind == ObjectKind::Volume && n.object.name == name;
+    if let Some(n) = plan
+        .notices
+        .iter()
+        .filter(about_me)
+        .find(|n| n.kind == NoticeKind::Blocked)
+    {
+        return Err(Error::VolumeInUse {
+            users: n.message.clone(),
         });
     }
-    if let Some(cpuset) = &spec.cpu.emulator_cpuset {
-        def.emulator_cpuset = cpuset.parse().ok();
-    }
-    let kib = |q: &virtkube_crds::quantity::ByteQuantity, field: &str| {
-        q.bytes()
-            .map(|b| b / 1024)
-            .map_err(|e| Error::Unrealizable {
-                reason: "InvalidSpec",
-                message: format!("{field}: {e}"),
-            })
-    };
-    def.memory_kib = kib(&spec.memory.size, "spec.memory.size")?;
-    def.max_memory_kib = match &spec.memory.max {
-        Some(max) => kib(max, "spec.memory.max")?,
-        None => def.memory_kib,
-    };
-    if let Some(h) = &spec.memory.hugepages {
-        def.hugepage_kib = Some(kib(&h.page_size, "spec.memory.hugepages.pageSize")?);
-    }
-    if let Some(os) = &spec.os {
-        def.os.arch = os.arch.clone();
-        def.os.machine = os.machine.clone();
-        def.os.firmware = os.firmware.map(|f| match f {
-            SpecFirmware::Bios => Firmware::Bios,
-            SpecFirmware::Efi => Firmware::Efi,
-        });
-        def.os.boot = os
-            .boot
-            .iter()
-            .map(|b| {
-                serde_json::to_value(b)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_string))
-                    .unwrap_or_default()
-            })
-            .collect();
-        def.os.kernel = os.kernel.clone();
-        def.os.initrd = os.initrd.clone();
-        def.os.cmdline = os.cmdline.clone();
-    }
-    let ns = dom.namespace().unwrap_or_default();
-    let mut used: std::collections::BTreeSet<String> =
-        spec.disks.iter().filter_map(|d| d.target.clone()).collect();
-    for disk in &spec.disks {
-        let prefix = disk.bus.target_prefix();
-        let target = match &disk.target {
-            Some(t) => t.clone(),
-            None => {
-                let mut letter = b'a';
-                loop {
-                    let t = format!("{prefix}{}", letter as char);
-                    if !used.contains(&t) || letter == b'z' {
-                        used.insert(t.clone());
-                        break t;
-                    }
-                    letter += 1;
-                }
-            }
-        };
-        let (source, format) = match (&disk.volume, &disk.host_path) {
-            (Some(volume), _) => {
-                let (pool, format) = volume_of(ctx, &ns, volume).await?;
-                (
-                    DiskSource::Volume {
-                        pool,
-                        volume: host_name(Some(&ns), volume),
-                    },
-                    Some(format),
-                )
-            }
-            (None, Some(path)) => {
-                if !ctx.settings.allow_host_paths {
-                    return Err(Error::Unrealizable {
-                        reason: "HostPathRefused",
-                        message: format!(
-                            "spec.disks[name={}].hostPath: this agent does not allow host paths (start it with --allow-host-paths)",
-                            disk.name
-                        ),
-                    });
-                }
-                (DiskSource::File { path: path.clone() }, None)
-            }
-            (None, None) => (DiskSource::None, None),
-        };
-        def.disks.push(DiskDef {
-            name: Some(disk.name.clone()),
-            target_dev: target,
-            bus: Some(
-                serde_json::to_value(disk.bus)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_string))
-                    .unwrap_or_else(|| "virtio".into()),
-            ),
-            source,
-            read_only: disk.read_only,
-            boot_order: disk.boot_order,
-            format,
-            device: Some(
-                serde_json::to_value(disk.device)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_string))
-                    .unwrap_or_else(|| "disk".into()),
-            ),
-        });
-    }
-    for nic in &spec.interfaces {
-        def.interfaces.push(InterfaceDef {
-            network: nic.network.clone(),
-            model: serde_json::to_value(nic.model)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string)),
-            mac: nic.mac_address.clone(),
-        });
-    }
-    Ok(def)
+    let kept = plan
+        .notices
+        .iter()
+        .filter(about_me)
+        .find(|n| n.kind == NoticeKind::Retained)
+        .map(|n| n.message.clone());
+    let (changes, _) = execute(ctx, &plan, ObjectKind::Volume, &name).await?;
+    Ok((changes, kept))
 }
 
-/// The pool and format of the Volume `name` in `namespace`, from the reflector (or the API
-/// when the agent runs without one).
-async fn volume_of(ctx: &Context, namespace: &str, name: &str) -> Result<(String, String)> {
-    let volume = match &ctx.volumes {
-        Some(store) => store
-            .get(&kube::runtime::reflector::ObjectRef::new(name).within(namespace))
-            .map(|v| (*v).clone()),
-        None => {
-            kube::Api::<virtkube_crds::Volume>::namespaced(ctx.client.clone(), namespace)
-                .get_opt(name)
-                .await?
-        }
-    };
-    let Some(volume) = volume else {
+/// Brings this node's copy of the network to what `net.spec` asks.
+pub async fn network(ctx: &Context, net: &Network) -> Result<Converged<NetworkObserved>> {
+    let name = net.name_any();
+    let mut host = empty_host(ctx);
+    if let Some(n) = ctx.engine.network_observe(&name).await? {
+        host.networks.insert(name.clone(), network_from(&n));
+    }
+    let manifests = vec![manifest(Object::Network(Box::new(net.clone())))];
+    let (desired, notices) =
+        DesiredState::from_manifests(&manifests, &Nodes::single(&ctx.settings.node));
+    if let Some(n) = notices.first() {
         return Err(Error::Unrealizable {
-            reason: "VolumeMissing",
-            message: format!("Volume {namespace}/{name} does not exist"),
+            reason: "InvalidSpec",
+            message: n.message.clone(),
         });
-    };
-    Ok((
-        volume.spec.pool.clone(),
-        volume.spec.format.as_str().to_string(),
-    ))
+    }
+    let plan = plan::plan(
+        &desired,
+        &observed_state(ctx, host),
+        &PlanOptions::default(),
+    );
+    let (changes, pending) = execute(ctx, &plan, ObjectKind::Network, &name).await?;
+    let observed = ctx.engine.network_observe(&name).await?;
+    Ok(Converged {
+        changes,
+        observed,
+        pending,
+    })
 }
 
-/// Removes the domain from this node: graceful shutdown (up to the configured timeout),
-/// then destroy, then undefine. A domain that is already gone, or that is not virtkube's
-/// for this resource, is left alone and counts as done.
-pub async fn remove_domain(ctx: &Context, dom: &Domain) -> Result<Vec<Change>> {
-    let engine = &ctx.engine;
-    let name = domain_host_name(dom);
-    let owner = owner_of(dom)?;
-    let mut changes = Vec::new();
-    let Some(obs) = engine.domain_observe(&name).await? else {
-        return Ok(changes);
+/// Removes this node's copy of the network (stop, undefine), if it is virtkube's for this
+/// resource.
+pub async fn remove_network(ctx: &Context, net: &Network) -> Result<Vec<Change>> {
+    let name = net.name_any();
+    let mut host = empty_host(ctx);
+    let Some(n) = ctx.engine.network_observe(&name).await? else {
+        return Ok(Vec::new());
     };
-    if !obs.owner.as_ref().is_some_and(|o| o.same_resource(&owner)) {
-        tracing::info!(domain = %name, "libvirt domain is not this resource's: left alone");
-        return Ok(changes);
+    host.networks.insert(name.clone(), network_from(&n));
+    let manifests = vec![manifest(Object::Network(Box::new(net.clone())))];
+    let (desired, _) = DesiredState::from_manifests(&manifests, &Nodes::single(&ctx.settings.node));
+    let plan = plan::plan_delete(&desired, &observed_state(ctx, host));
+    not_mine_is_done(execute(ctx, &plan, ObjectKind::Network, &name).await)
+}
+
+/// Brings this node's copy of the pool to what `pool.spec` asks.
+pub async fn pool(ctx: &Context, pool: &StoragePool) -> Result<Converged<PoolObserved>> {
+    let name = pool.name_any();
+    let mut host = empty_host(ctx);
+    observe_pool(ctx, &mut host, &name, &[]).await?;
+    let manifests = vec![manifest(Object::StoragePool(Box::new(pool.clone())))];
+    let (desired, notices) =
+        DesiredState::from_manifests(&manifests, &Nodes::single(&ctx.settings.node));
+    if let Some(n) = notices.first() {
+        return Err(Error::Unrealizable {
+            reason: "InvalidSpec",
+            message: n.message.clone(),
+        });
     }
-    if obs.state.is_active() {
-        let outcome = engine
-            .domain_shutdown(&name, &owner, ctx.settings.shutdown_timeout)
-            .await?;
-        changes.push(Change::new(
-            "Stopped",
-            match outcome {
-                ShutdownOutcome::Destroyed => {
-                    "the guest ignored ACPI shutdown and was powered off".to_string()
-                }
-                _ => "the guest shut down".to_string(),
-            },
-        ));
+    let plan = plan::plan(
+        &desired,
+        &observed_state(ctx, host),
+        &PlanOptions::default(),
+    );
+    let (changes, pending) = execute(ctx, &plan, ObjectKind::StoragePool, &name).await?;
+    let observed = ctx.engine.pool_observe(&name).await?;
+    Ok(Converged {
+        changes,
+        observed,
+        pending,
+    })
+}
+
+/// Removes this node's copy of the pool (stop, undefine; files stay), if it is virtkube's
+/// for this resource.
+pub async fn remove_pool(ctx: &Context, pool: &StoragePool) -> Result<Vec<Change>> {
+    let name = pool.name_any();
+    let mut host = empty_host(ctx);
+    if observe_pool(ctx, &mut host, &name, &[]).await?.is_none() {
+        return Ok(Vec::new());
     }
-    if obs.persistent {
-        match engine.domain_undefine(&name, &owner).await {
-            Ok(()) => {}
-            Err(e) if e.is_not_found() => {}
-            Err(e) => return Err(e.into()),
+    let manifests = vec![manifest(Object::StoragePool(Box::new(pool.clone())))];
+    let (desired, _) = DesiredState::from_manifests(&manifests, &Nodes::single(&ctx.settings.node));
+    let plan = plan::plan_delete(&desired, &observed_state(ctx, host));
+    not_mine_is_done(execute(ctx, &plan, ObjectKind::StoragePool, &name).await)
+}
+
+fn not_mine_is_done(result: Result<(Vec<Change>, Vec<String>)>) -> Result<Vec<Change>> {
+    match result {
+        Ok((changes, _)) => Ok(changes),
+        Err(Error::Unrealizable {
+            reason: "NameConflict",
+            message,
+        }) => {
+            tracing::info!(%message, "libvirt object is not this resource's: left alone");
+            Ok(Vec::new())
         }
+        Err(e) => Err(e),
     }
-    changes.push(Change::new(
-        "Undefined",
-        format!("removed libvirt domain {name}"),
-    ));
-    Ok(changes)
 }

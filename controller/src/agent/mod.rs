@@ -38,7 +38,9 @@ use kube::runtime::watcher;
 use kube::{Client, Resource};
 use prometheus_client::registry::Registry;
 use virtkube_crds::{Domain, HypervisorNode, Network, StoragePool, Volume};
-use virtkube_engine::{Engine, EngineConfig};
+use virtkube_engine::EngineConfig;
+
+use crate::host::{HostSpec, Hosts};
 
 use self::context::{Context, Settings};
 use self::error::Error;
@@ -161,20 +163,6 @@ pub async fn check_crds(client: &Client) -> Result<(), Error> {
     }
 }
 
-/// The libvirt domain type for new domains on this host: `test` on the test driver, `kvm`
-/// when the host offers it, `qemu` (TCG) otherwise.
-pub async fn virt_type(engine: &Engine) -> Result<String, Error> {
-    let info = engine.node_info().await?;
-    let driver = info.hypervisor.to_ascii_lowercase();
-    Ok(if driver == "test" {
-        "test".into()
-    } else if info.capabilities.domain_types.iter().any(|t| t == "kvm") {
-        "kvm".into()
-    } else {
-        "qemu".into()
-    })
-}
-
 /// Exponential backoff per object after failures: 1 s, 2 s, 4 s … up to 5 minutes.
 pub fn backoff(failures: u32) -> Duration {
     let secs = 1u64 << failures.min(9);
@@ -213,16 +201,26 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
         .await
         .context("no Kubernetes configuration: run inside a cluster or set KUBECONFIG")?;
     check_crds(&client).await?;
-    let engine = Engine::connect(&args.connect, EngineConfig::default())
-        .await
-        .with_context(|| format!("connecting to libvirt at {}", args.connect))?;
+    let mut hosts = Hosts::connect(
+        &[HostSpec {
+            node: args.node_name.clone(),
+            uri: args.connect.clone(),
+            p2p_uri: None,
+            migration_uri: args.migration_uri.clone(),
+        }],
+        EngineConfig::default(),
+    )
+    .await
+    .with_context(|| format!("connecting to libvirt at {}", args.connect))?;
+    hosts.shutdown_deadline = Duration::from_secs(args.shutdown_timeout_seconds);
+    let engine = hosts.get(&args.node_name)?.engine.clone();
     let mut settings = Settings::for_node(&args.node_name);
     settings.claim_unscheduled = args.claim_unscheduled;
     settings.resync = Duration::from_secs(args.resync_seconds.max(1));
     settings.shutdown_timeout = Duration::from_secs(args.shutdown_timeout_seconds);
     settings.allow_host_paths = args.allow_host_paths;
-    settings.virt_type = virt_type(&engine).await?;
-    tracing::info!(node = %settings.node, uri = %args.connect, virt_type = %settings.virt_type, "virtkube agent starting");
+    settings.host_cpus = Some(engine.node_info().await?.cpus);
+    tracing::info!(node = %settings.node, uri = %args.connect, "virtkube agent starting");
 
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry, Some(engine.clone()));
@@ -253,7 +251,7 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
         watcher(volumes_api, watcher::Config::default().any_semantic()),
     )
     .for_each(|_| futures::future::ready(()));
-    let mut ctx = Context::new(client.clone(), engine.clone(), metrics.clone(), settings);
+    let mut ctx = Context::new(client.clone(), hosts, metrics.clone(), settings)?;
     ctx.volumes = Some(volume_store);
     let ctx = Arc::new(ctx);
     let failures = Arc::new(Failures::default());
