@@ -10,6 +10,7 @@
 //! | [`node`] | the `HypervisorNode` publisher (facts and heartbeat) |
 //! | [`drift`] | libvirt events -> reconcile requests |
 //! | [`metrics`], [`http`] | Prometheus metrics, `/healthz`, `/readyz` |
+//! | [`pernode`] | per-node status entries of pools and networks |
 //! | [`context`], [`error`] | what reconcilers share; the one error type |
 //!
 //! Stopping the agent (SIGTERM, SIGINT) stops taking new work, lets reconciles in flight
@@ -23,7 +24,11 @@ pub mod drift;
 pub mod error;
 pub mod http;
 pub mod metrics;
+pub mod network;
 pub mod node;
+pub mod pernode;
+pub mod pool;
+pub mod volume;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -244,26 +249,39 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     .await?;
     tracing::info!(%addr, "metrics and health endpoints listening");
 
-    let volumes_api: Api<Volume> = Api::all(client.clone());
-    let (volume_store, volume_writer) = kube::runtime::reflector::store();
-    let volume_reflector = kube::runtime::reflector(
-        volume_writer,
-        watcher(volumes_api, watcher::Config::default().any_semantic()),
-    )
-    .for_each(|_| futures::future::ready(()));
-    let mut ctx = Context::new(client.clone(), hosts, metrics.clone(), settings)?;
-    ctx.volumes = Some(volume_store);
-    let ctx = Arc::new(ctx);
-    let failures = Arc::new(Failures::default());
     let config = controller::Config::default().concurrency(args.concurrency.max(1));
+    let watch = || watcher::Config::default().any_semantic();
+    let domain_controller =
+        Controller::new(Api::<Domain>::all(client.clone()), watch()).with_config(config.clone());
+    let volume_controller =
+        Controller::new(Api::<Volume>::all(client.clone()), watch()).with_config(config.clone());
+    let network_controller =
+        Controller::new(Api::<Network>::all(client.clone()), watch()).with_config(config.clone());
+    let pool_controller = Controller::new(Api::<StoragePool>::all(client.clone()), watch())
+        .with_config(config.clone());
+    let domain_store = domain_controller.store();
+    let network_store = network_controller.store();
+    let pool_store = pool_controller.store();
+
+    let mut ctx = Context::new(client.clone(), hosts, metrics.clone(), settings)?;
+    // Domains resolve their disks through the Volume controller's cache.
+    ctx.volumes = Some(volume_controller.store());
+    let ctx = Arc::new(ctx);
+    // Pools and networks are selected by this node's labels: read them before the first
+    // reconcile (the publisher keeps them current afterwards).
+    match node::ensure_node_object(&ctx).await {
+        Ok(labels) => {
+            if let Ok(mut l) = ctx.node_labels.write() {
+                *l = labels;
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "reading this node's HypervisorNode failed; pools and networks with a nodeSelector wait for the next heartbeat")
+        }
+    }
+    let failures = Arc::new(Failures::default());
 
     // Domains, with libvirt events as an extra trigger.
-    let domain_controller = Controller::new(
-        Api::<Domain>::all(client.clone()),
-        watcher::Config::default().any_semantic(),
-    )
-    .with_config(config.clone());
-    let domain_store = domain_controller.store();
     let (drift_tx, drift_rx) = futures::channel::mpsc::unbounded();
     let drift = drift::forward(
         engine.events(),
@@ -272,29 +290,61 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
         metrics.clone(),
         drift_tx,
     );
-    let f = failures.clone();
-    let domains = domain_controller
-        .reconcile_on(drift_rx)
-        .graceful_shutdown_on(shutdown.clone())
-        .run(
-            domain::reconcile,
-            move |dom: Arc<Domain>, err: &Error, _ctx: Arc<Context>| {
-                error_policy(&f, domain::KIND, &key_of(&*dom), err)
-            },
-            ctx.clone(),
-        )
-        .for_each(|result| {
-            note_result(&failures, domain::KIND, result);
-            futures::future::ready(())
-        });
-
+    // Pools and networks again when the node's labels change.
+    let (net_tx, net_rx) = futures::channel::mpsc::unbounded();
+    let (pool_tx, pool_rx) = futures::channel::mpsc::unbounded();
+    let on_labels = {
+        let (network_store, pool_store) = (network_store.clone(), pool_store.clone());
+        move || {
+            for n in network_store.state() {
+                let _ = net_tx.unbounded_send(kube::runtime::reflector::ObjectRef::from_obj(&*n));
+            }
+            for p in pool_store.state() {
+                let _ = pool_tx.unbounded_send(kube::runtime::reflector::ObjectRef::from_obj(&*p));
+            }
+        }
+    };
+    let domains = drive(
+        domain_controller
+            .reconcile_on(drift_rx)
+            .graceful_shutdown_on(shutdown.clone()),
+        domain::reconcile,
+        domain::KIND,
+        ctx.clone(),
+        failures.clone(),
+    );
+    let volumes = drive(
+        volume_controller.graceful_shutdown_on(shutdown.clone()),
+        volume::reconcile,
+        volume::KIND,
+        ctx.clone(),
+        failures.clone(),
+    );
+    let networks = drive(
+        network_controller
+            .reconcile_on(net_rx)
+            .graceful_shutdown_on(shutdown.clone()),
+        network::reconcile,
+        network::KIND,
+        ctx.clone(),
+        failures.clone(),
+    );
+    let pools = drive(
+        pool_controller
+            .reconcile_on(pool_rx)
+            .graceful_shutdown_on(shutdown.clone()),
+        pool::reconcile,
+        pool::KIND,
+        ctx.clone(),
+        failures.clone(),
+    );
     let publisher = node::run(
         ctx.clone(),
         domain_store,
         args.migration_uri.clone(),
         Duration::from_secs(args.heartbeat_seconds.max(1)),
         health.clone(),
-        || {},
+        on_labels,
         stop_rx.clone(),
     );
 
@@ -302,7 +352,7 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
         .controllers_running
         .store(true, std::sync::atomic::Ordering::SeqCst);
     let work = async {
-        tokio::join!(domains, publisher);
+        tokio::join!(domains, volumes, networks, pools, publisher);
     };
     let signals = wait_for_signal();
     tokio::pin!(work);
@@ -310,7 +360,6 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
         _ = &mut work => {
             tracing::warn!("controllers stopped on their own");
         }
-        _ = volume_reflector => {}
         _ = drift => {}
         signal = signals => {
             tracing::info!(signal, "stopping: no new work; reconciles in flight may finish; guests keep running");
@@ -351,6 +400,41 @@ async fn wait_for_signal() -> &'static str {
         let _ = tokio::signal::ctrl_c().await;
         "SIGINT"
     }
+}
+
+/// Runs one controller to its end: per-object exponential backoff on failures, reset on
+/// success.
+async fn drive<K, R, Fut>(
+    controller: Controller<K>,
+    reconcile: R,
+    kind: &'static str,
+    ctx: Arc<Context>,
+    failures: Arc<Failures>,
+) where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    R: FnMut(Arc<K>, Arc<Context>) -> Fut,
+    Fut: std::future::Future<Output = Result<Action, Error>> + Send + 'static,
+{
+    let f = failures.clone();
+    controller
+        .run(
+            reconcile,
+            move |obj: Arc<K>, err: &Error, _ctx: Arc<Context>| {
+                error_policy(&f, kind, &key_of(&*obj), err)
+            },
+            ctx,
+        )
+        .for_each(|result| {
+            note_result(&failures, kind, result);
+            futures::future::ready(())
+        })
+        .await;
 }
 
 /// `namespace/name` (or `name`) of an object, for the backoff table and logs.

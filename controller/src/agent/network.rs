@@ -1,0 +1,143 @@
+//! The Network controller: this node's copy of every Network whose `nodeSelector` selects
+//! this node's `HypervisorNode` labels.
+//!
+//! Guarantees:
+//! - Each node holds its own finalizer (`node.virtkube.io/<node>`): a Network goes away only
+//!   when every node that made it has removed its libvirt network.
+//! - Only this node's entry of `status.nodes` is written (see [`super::pernode`]).
+//! - A libvirt network of the same name that is not virtkube's is never touched.
+
+use std::sync::Arc;
+
+use kube::ResourceExt;
+use kube::api::Api;
+use kube::runtime::controller::Action;
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use tracing::Instrument;
+use virtkube_crds::Network;
+use virtkube_crds::network::NetworkNodeStatus;
+use virtkube_crds::validation::Validate;
+
+use super::context::{Context, selects};
+use super::converge::{self, Converged};
+use super::error::{Error, Result};
+use super::pernode::{self, NodeEntry};
+
+/// The kind label of this controller's metrics.
+pub const KIND: &str = "Network";
+
+impl NodeEntry for NetworkNodeStatus {
+    fn node(&self) -> &str {
+        &self.node_name
+    }
+    fn problem(&self) -> Option<String> {
+        match (&self.message, self.active) {
+            (Some(m), _) => Some(m.clone()),
+            (None, false) => Some("not active".into()),
+            (None, true) => None,
+        }
+    }
+}
+
+/// Whether this node should hold the network: selected by labels, or holding the node's
+/// finalizer (so a deletion is finished here).
+pub fn concerns(net: &Network, ctx: &Context) -> bool {
+    selects(&net.spec.node_selector, &ctx.labels())
+        || net.finalizers().contains(&ctx.settings.node_finalizer())
+}
+
+/// The reconciler the Controller runs for each Network.
+pub async fn reconcile(net: Arc<Network>, ctx: Arc<Context>) -> Result<Action> {
+    if !concerns(&net, &ctx) {
+        return Ok(Action::await_change());
+    }
+    let _timer = ctx.metrics.reconcile_started(KIND);
+    let api: Api<Network> = Api::all(ctx.client.clone());
+    let span = tracing::info_span!("reconcile", kind = KIND, name = %net.name_any());
+    let (ctx_ref, api_ref) = (&*ctx, &api);
+    let finalizer_name = ctx.settings.node_finalizer();
+    let result = finalizer(&api, &finalizer_name, net, |event| async move {
+        match event {
+            Finalizer::Apply(net) => apply(&net, ctx_ref, api_ref).await,
+            Finalizer::Cleanup(net) => cleanup(&net, ctx_ref).await,
+        }
+    })
+    .instrument(span)
+    .await
+    .map_err(Error::from);
+    if let Err(e) = &result {
+        ctx.metrics.reconcile_failed(KIND, &e.metric_label());
+    }
+    result
+}
+
+async fn apply(net: &Network, ctx: &Context, api: &Api<Network>) -> Result<Action> {
+    let invalid = net.spec.validate();
+    let outcome = if invalid.is_empty() {
+        converge::network(ctx, net).await
+    } else {
+        Err(Error::Unrealizable {
+            reason: "InvalidSpec",
+            message: invalid.to_string(),
+        })
+    };
+    let status = net.status.clone().unwrap_or_default();
+    match outcome {
+        Ok(Converged {
+            changes, observed, ..
+        }) => {
+            for change in &changes {
+                ctx.event(
+                    net,
+                    false,
+                    change.reason,
+                    change.action,
+                    change.note.clone(),
+                )
+                .await;
+            }
+            let mine = NetworkNodeStatus {
+                node_name: ctx.settings.node.clone(),
+                active: observed.as_ref().is_some_and(|o| o.active),
+                bridge: observed.as_ref().and_then(|o| o.bridge.clone()),
+                autostart: observed.as_ref().map(|o| o.autostart),
+                message: None,
+            };
+            pernode::write(ctx, api, net, &status.nodes, &status.conditions, mine).await?;
+            Ok(Action::requeue(ctx.settings.resync))
+        }
+        Err(error) => {
+            let (reason, message) = error.reason_and_message();
+            let mine = NetworkNodeStatus {
+                node_name: ctx.settings.node.clone(),
+                active: false,
+                bridge: None,
+                autostart: None,
+                message: Some(format!("{reason}: {message}")),
+            };
+            if pernode::write(ctx, api, net, &status.nodes, &status.conditions, mine).await? {
+                ctx.event(
+                    net,
+                    true,
+                    "Failed",
+                    "Reconcile",
+                    format!("{reason}: {message}"),
+                )
+                .await;
+            }
+            if invalid.is_empty() {
+                Err(error)
+            } else {
+                Ok(Action::await_change())
+            }
+        }
+    }
+}
+
+async fn cleanup(net: &Network, ctx: &Context) -> Result<Action> {
+    for change in converge::remove_network(ctx, net).await? {
+        ctx.event(net, false, change.reason, "Delete", change.note)
+            .await;
+    }
+    Ok(Action::await_change())
+}

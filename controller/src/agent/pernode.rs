@@ -1,0 +1,113 @@
+//! Status of cluster-scoped kinds that exist on many nodes (Network, StoragePool): each
+//! agent writes only its own entry of `status.nodes` (keyed by `nodeName`) under its own
+//! field manager, so agents never remove each other's entries; the `Ready` condition
+//! summarizes every entry the agent can see.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{Api, Patch, PatchParams};
+use kube::{Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use virtkube_crds::API_VERSION;
+use virtkube_crds::conditions::{self, status as cs};
+
+use super::context::Context;
+use super::error::Result;
+
+/// One node's entry, whatever the kind.
+pub trait NodeEntry: Clone + PartialEq + Serialize {
+    /// The node it describes.
+    fn node(&self) -> &str;
+    /// Whether the object is up on that node; the reason when it is not.
+    fn problem(&self) -> Option<String>;
+}
+
+/// The `Ready` condition over `entries` (with this node's `mine` replacing its old one).
+pub fn ready_over<E: NodeEntry>(
+    entries: &[E],
+    mine: &E,
+    previous: &[Condition],
+    generation: Option<i64>,
+) -> Vec<Condition> {
+    let mut all: Vec<&E> = entries.iter().filter(|e| e.node() != mine.node()).collect();
+    all.push(mine);
+    all.sort_by(|a, b| a.node().cmp(b.node()));
+    let problems: Vec<String> = all
+        .iter()
+        .filter_map(|e| e.problem().map(|p| format!("{}: {p}", e.node())))
+        .collect();
+    let mut conds: Vec<Condition> = previous
+        .iter()
+        .filter(|c| c.type_ == conditions::READY)
+        .cloned()
+        .collect();
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let nodes: Vec<&str> = all.iter().map(|e| e.node()).collect();
+    let condition = if problems.is_empty() {
+        conditions::condition(
+            conditions::READY,
+            cs::TRUE,
+            "ActiveOnSelectedNodes",
+            format!("active on {}", nodes.join(", ")),
+            generation,
+            now,
+        )
+    } else {
+        conditions::condition(
+            conditions::READY,
+            cs::FALSE,
+            "NotActiveEverywhere",
+            problems.join("; "),
+            generation,
+            now,
+        )
+    };
+    conditions::set_condition(&mut conds, condition);
+    conds
+}
+
+/// Applies this node's entry and the summary condition when either changed. Returns
+/// whether a patch was sent.
+pub async fn write<K, E>(
+    ctx: &Context,
+    api: &Api<K>,
+    obj: &K,
+    entries: &[E],
+    current_conditions: &[Condition],
+    mine: E,
+) -> Result<bool>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
+    E: NodeEntry,
+{
+    let generation = obj.meta().generation;
+    let conds = ready_over(entries, &mine, current_conditions, generation);
+    let unchanged = entries.contains(&mine)
+        && conditions::find(current_conditions, conditions::READY)
+            == conditions::find(&conds, conditions::READY);
+    if unchanged {
+        return Ok(false);
+    }
+    let patch = json!({
+        "apiVersion": API_VERSION,
+        "kind": K::kind(&()),
+        "status": {
+            "nodes": [mine],
+            "conditions": conds,
+        },
+    });
+    api.patch_status(
+        &obj.name_any(),
+        &PatchParams::apply(&ctx.settings.node_field_manager()).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    ctx.metrics
+        .status_patches
+        .get_or_create(&super::metrics::KindLabels {
+            kind: K::kind(&()).to_string(),
+        })
+        .inc();
+    Ok(true)
+}

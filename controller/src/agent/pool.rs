@@ -1,0 +1,159 @@
+//! The StoragePool controller: this node's copy of every StoragePool whose `nodeSelector`
+//! selects this node's `HypervisorNode` labels.
+//!
+//! Guarantees:
+//! - Each node holds its own finalizer (`node.virtkube.io/<node>`): a StoragePool goes away
+//!   only when every node that made it has stopped and undefined its libvirt pool (the
+//!   files in the pool's directory stay).
+//! - Only this node's entry of `status.nodes` is written (see [`super::pernode`]).
+//! - A libvirt pool of the same name that is not virtkube's is never touched.
+
+use std::sync::Arc;
+
+use kube::ResourceExt;
+use kube::api::Api;
+use kube::runtime::controller::Action;
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use tracing::Instrument;
+use virtkube_crds::StoragePool;
+use virtkube_crds::quantity::ByteQuantity;
+use virtkube_crds::storage_pool::PoolNodeStatus;
+use virtkube_crds::validation::Validate;
+use virtkube_engine::model::PoolState;
+
+use super::context::{Context, selects};
+use super::converge::{self, Converged};
+use super::error::{Error, Result};
+use super::pernode::{self, NodeEntry};
+
+/// The kind label of this controller's metrics.
+pub const KIND: &str = "StoragePool";
+
+impl NodeEntry for PoolNodeStatus {
+    fn node(&self) -> &str {
+        &self.node_name
+    }
+    fn problem(&self) -> Option<String> {
+        match &self.message {
+            Some(m) => Some(m.clone()),
+            None if self.state != "Running" => Some(format!("state {}", self.state)),
+            None => None,
+        }
+    }
+}
+
+/// Whether this node should hold the pool: selected by labels, or holding the node's
+/// finalizer (so a deletion is finished here).
+pub fn concerns(pool: &StoragePool, ctx: &Context) -> bool {
+    selects(&pool.spec.node_selector, &ctx.labels())
+        || pool.finalizers().contains(&ctx.settings.node_finalizer())
+}
+
+/// The reconciler the Controller runs for each StoragePool.
+pub async fn reconcile(pool: Arc<StoragePool>, ctx: Arc<Context>) -> Result<Action> {
+    if !concerns(&pool, &ctx) {
+        return Ok(Action::await_change());
+    }
+    let _timer = ctx.metrics.reconcile_started(KIND);
+    let api: Api<StoragePool> = Api::all(ctx.client.clone());
+    let span = tracing::info_span!("reconcile", kind = KIND, name = %pool.name_any());
+    let (ctx_ref, api_ref) = (&*ctx, &api);
+    let finalizer_name = ctx.settings.node_finalizer();
+    let result = finalizer(&api, &finalizer_name, pool, |event| async move {
+        match event {
+            Finalizer::Apply(pool) => apply(&pool, ctx_ref, api_ref).await,
+            Finalizer::Cleanup(pool) => cleanup(&pool, ctx_ref).await,
+        }
+    })
+    .instrument(span)
+    .await
+    .map_err(Error::from);
+    if let Err(e) = &result {
+        ctx.metrics.reconcile_failed(KIND, &e.metric_label());
+    }
+    result
+}
+
+fn state_word(state: PoolState) -> String {
+    format!("{state:?}")
+}
+
+async fn apply(pool: &StoragePool, ctx: &Context, api: &Api<StoragePool>) -> Result<Action> {
+    let invalid = pool.spec.validate();
+    let outcome = if invalid.is_empty() {
+        converge::pool(ctx, pool).await
+    } else {
+        Err(Error::Unrealizable {
+            reason: "InvalidSpec",
+            message: invalid.to_string(),
+        })
+    };
+    let status = pool.status.clone().unwrap_or_default();
+    match outcome {
+        Ok(Converged {
+            changes, observed, ..
+        }) => {
+            for change in &changes {
+                ctx.event(
+                    pool,
+                    false,
+                    change.reason,
+                    change.action,
+                    change.note.clone(),
+                )
+                .await;
+            }
+            let mine = PoolNodeStatus {
+                node_name: ctx.settings.node.clone(),
+                state: observed
+                    .as_ref()
+                    .map_or_else(|| "Absent".to_string(), |o| state_word(o.state)),
+                capacity: observed
+                    .as_ref()
+                    .map(|o| ByteQuantity::from_bytes(o.capacity)),
+                allocation: observed
+                    .as_ref()
+                    .map(|o| ByteQuantity::from_bytes(o.allocation)),
+                available: observed
+                    .as_ref()
+                    .map(|o| ByteQuantity::from_bytes(o.available)),
+                autostart: observed.as_ref().map(|o| o.autostart),
+                message: None,
+            };
+            pernode::write(ctx, api, pool, &status.nodes, &status.conditions, mine).await?;
+            Ok(Action::requeue(ctx.settings.resync))
+        }
+        Err(error) => {
+            let (reason, message) = error.reason_and_message();
+            let mine = PoolNodeStatus {
+                node_name: ctx.settings.node.clone(),
+                state: "Failed".into(),
+                message: Some(format!("{reason}: {message}")),
+                ..PoolNodeStatus::default()
+            };
+            if pernode::write(ctx, api, pool, &status.nodes, &status.conditions, mine).await? {
+                ctx.event(
+                    pool,
+                    true,
+                    "Failed",
+                    "Reconcile",
+                    format!("{reason}: {message}"),
+                )
+                .await;
+            }
+            if invalid.is_empty() {
+                Err(error)
+            } else {
+                Ok(Action::await_change())
+            }
+        }
+    }
+}
+
+async fn cleanup(pool: &StoragePool, ctx: &Context) -> Result<Action> {
+    for change in converge::remove_pool(ctx, pool).await? {
+        ctx.event(pool, false, change.reason, "Delete", change.note)
+            .await;
+    }
+    Ok(Action::await_change())
+}
