@@ -484,7 +484,10 @@ impl Engine {
         let start = Instant::now();
         let f = Arc::new(f);
         let mut res = self.call_once(class, name, f.clone()).await;
-        if class == CallClass::Query && res.as_ref().is_err_and(|e| e.is_connection_error()) {
+        if class == CallClass::Query
+            && res.as_ref().is_err_and(|e| e.is_connection_error())
+            && !self.is_connected()
+        {
             tracing::info!(call = name, uri = %self.inner.uri, "connection lost during a query; reconnecting and retrying once");
             res = self.call_once(class, name, f).await;
         }
@@ -543,9 +546,14 @@ impl Engine {
             // The permit is released only when the libvirt call really returns, so a call
             // that outlived its timeout still occupies its slot: the pool stays bounded.
             let _permit = permit;
-            f(h2.conn())
+            let r = f(h2.conn());
+            // Only a connection libvirt itself reports dead is marked lost.
+            let lost = r.as_ref().is_err_and(|e| e.is_connection_error())
+                && !h2.conn().is_alive().unwrap_or(false);
+            (r, lost)
         });
-        let res = match tokio::time::timeout_at(deadline, task).await {
+
+        match tokio::time::timeout_at(deadline, task).await {
             Err(_) => {
                 tracing::warn!(call = name, ?timeout, uri = %self.inner.uri, "libvirt call timed out");
                 Err(EngineError::Timeout {
@@ -554,12 +562,13 @@ impl Engine {
                 })
             }
             Ok(Err(join)) => Err(EngineError::Internal(format!("{name} panicked: {join}"))),
-            Ok(Ok(r)) => r,
-        };
-        if res.as_ref().is_err_and(|e| e.is_connection_error()) {
-            handle.lost.store(true, Ordering::SeqCst);
+            Ok(Ok((r, lost))) => {
+                if lost {
+                    handle.lost.store(true, Ordering::SeqCst);
+                }
+                r
+            }
         }
-        res
     }
 
     /// The current connection, reconnecting with backoff when it is missing or lost.

@@ -146,6 +146,18 @@ pub enum EngineError {
 /// The engine's result type.
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;
 
+/// What libvirt's RPC layer says when the peer went away (the same codes also carry e.g.
+/// "Failed to connect socket to virtlogd", which is not our connection's fault).
+const LOST_CONNECTION_MESSAGES: &[&str] = &[
+    "End of file while reading data",
+    "Cannot write data",
+    "Cannot recv data",
+    "client socket is closed",
+    "Broken pipe",
+    "Connection reset",
+    "connection closed",
+];
+
 fn code_in(code: i32, set: &[u32]) -> bool {
     set.iter().any(|&c| c as i32 == code)
 }
@@ -229,10 +241,12 @@ impl EngineError {
                         sys::VIR_ERR_INVALID_CONN,
                         sys::VIR_ERR_RPC,
                     ],
-                ) || (error.code == sys::VIR_ERR_SYSTEM_ERROR as i32
-                    && error.domain == sys::VIR_FROM_RPC as i32)
-                    || (error.code == sys::VIR_ERR_INTERNAL_ERROR as i32
-                        && error.message.contains("client socket is closed"))
+                ) || ((error.code == sys::VIR_ERR_SYSTEM_ERROR as i32
+                    || error.code == sys::VIR_ERR_INTERNAL_ERROR as i32)
+                    && error.domain == sys::VIR_FROM_RPC as i32
+                    && LOST_CONNECTION_MESSAGES
+                        .iter()
+                        .any(|m| error.message.contains(m)))
             }
             _ => false,
         }
