@@ -359,8 +359,9 @@ pub async fn domain(ctx: &Context, dom: &Domain) -> Result<Converged<DomainObser
             host.networks.insert(nic.network.clone(), network_from(&n));
         }
     }
-    if let Some(o) = ctx.engine.domain_observe(&name).await? {
-        host.domains.insert(name.clone(), domain_from(&o));
+    let before = ctx.engine.domain_observe(&name).await?;
+    if let Some(o) = &before {
+        host.domains.insert(name.clone(), domain_from(o));
     }
     let (desired, notices) =
         DesiredState::from_manifests(&manifests, &Nodes::single(&ctx.settings.node));
@@ -376,7 +377,13 @@ pub async fn domain(ctx: &Context, dom: &Domain) -> Result<Converged<DomainObser
         &PlanOptions::default(),
     );
     let (changes, pending) = execute(ctx, &plan, ObjectKind::Domain, &name).await?;
-    let observed = ctx.engine.domain_observe(&name).await?;
+    // Nothing changed: what was read before planning is still what libvirt has (one call
+    // per domain per resync).
+    let observed = if changes.is_empty() {
+        before
+    } else {
+        ctx.engine.domain_observe(&name).await?
+    };
     Ok(Converged {
         changes,
         observed,
