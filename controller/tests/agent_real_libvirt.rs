@@ -1,0 +1,218 @@
+//! The agent against a real private libvirtd (QEMU under TCG): a guest destroyed with
+//! `virsh` behind the agent's back is seen through libvirt's event within a second, restarted
+//! (runStrategy Always), and an event says so with libvirt's reason.
+//!
+//! Start the daemons first, then run the ignored tests (as root):
+//!
+//! ```sh
+//! scripts/libvirt-nodes.sh up
+//! set -a; . /tmp/virtkube-libvirt-nodes/env; set +a
+//! cargo test -p virtkube --test agent_real_libvirt -- --ignored
+//! ```
+//!
+//! Without the environment the script writes, these tests fail: they never pass silently.
+
+mod agent_support;
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use http::{Request, Response};
+use kube::client::Body;
+use kube::runtime::controller::Action;
+use kube::{Client, Resource};
+use prometheus_client::registry::Registry;
+use serde_json::json;
+use virtkube::agent::context::{Context, FINALIZER, Settings};
+use virtkube::agent::metrics::Metrics;
+use virtkube::agent::{domain, drift};
+use virtkube::host::{HostSpec, Hosts};
+use virtkube_crds::Domain;
+use virtkube_engine::EngineConfig;
+
+use agent_support::{ApiServerVerifier, NODE, ok};
+
+const NEEDS: &str = "needs private libvirtd: scripts/libvirt-nodes.sh up, then --run-ignored";
+
+fn node_a_uri() -> String {
+    std::env::var("VIRTKUBE_TEST_NODE_A_URI").unwrap_or_else(|_| {
+        panic!(
+            "VIRTKUBE_TEST_NODE_A_URI is not set: run `scripts/libvirt-nodes.sh up` then \
+             `set -a; . /tmp/virtkube-libvirt-nodes/env; set +a` before these tests"
+        )
+    })
+}
+
+fn virsh(uri: &str, args: &[&str]) -> String {
+    let out = Command::new("virsh")
+        .args(["-q", "-c", uri])
+        .args(args)
+        .output()
+        .expect("virsh runs");
+    assert!(
+        out.status.success(),
+        "virsh {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[tokio::test]
+#[ignore = "needs private libvirtd: scripts/libvirt-nodes.sh up, then --run-ignored"]
+async fn virsh_destroy_behind_the_agents_back_is_repaired_with_an_event() {
+    let _ = NEEDS;
+    let uri = node_a_uri();
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let mut hosts = Hosts::connect(
+        &[HostSpec {
+            node: NODE.into(),
+            uri: uri.clone(),
+            p2p_uri: None,
+            migration_uri: None,
+        }],
+        EngineConfig::default(),
+    )
+    .await
+    .unwrap();
+    hosts.shutdown_deadline = Duration::from_secs(1);
+    let engine = hosts.get(NODE).unwrap().engine.clone();
+    let mut settings = Settings::for_node(NODE);
+    settings.host_cpus = Some(engine.node_info().await.unwrap().cpus);
+    settings.shutdown_timeout = Duration::from_secs(1);
+    let metrics = Metrics::register(&mut Registry::default(), None);
+    let ctx = Arc::new(
+        Context::new(
+            Client::new(service, "default"),
+            hosts,
+            metrics.clone(),
+            settings,
+        )
+        .unwrap(),
+    );
+    let mut api = ApiServerVerifier(handle);
+
+    let ns = format!("realdrift{}", std::process::id() % 100_000);
+    let libvirt_name = format!("{ns}.vm");
+    let mut dom: Domain = serde_json::from_value(json!({
+        "apiVersion": "virtkube.io/v1alpha1", "kind": "Domain",
+        "metadata": { "name": "vm", "namespace": ns, "uid": format!("uid-{ns}"), "generation": 1,
+                      "resourceVersion": "1", "finalizers": [FINALIZER] },
+        "spec": { "nodeName": NODE, "runStrategy": "Always",
+                  "cpu": { "vcpus": 1 }, "memory": { "size": "128Mi" }, "os": { "machine": "pc" } }
+    }))
+    .unwrap();
+
+    let (tx, mut requests) = futures::channel::mpsc::unbounded();
+    let (store, _writer) = kube::runtime::reflector::store::<Domain>();
+    tokio::spawn(drift::forward(
+        engine.events(),
+        store,
+        NODE.into(),
+        metrics,
+        tx,
+    ));
+
+    // Converge: defined and running on the real daemon.
+    let server = {
+        let dom = dom.clone();
+        tokio::spawn(async move {
+            let (events, seen, send) = api.events_then().await;
+            let mut updated = dom.clone();
+            updated.status = Some(serde_json::from_value(seen.body["status"].clone()).unwrap());
+            send.send_response(ok(&updated));
+            (events, updated, api)
+        })
+    };
+    let action = tokio::time::timeout(
+        Duration::from_secs(60),
+        domain::reconcile(Arc::new(dom.clone()), ctx.clone()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(action, Action::requeue(ctx.settings.resync));
+    let (events, updated, mut api) = server.await.unwrap();
+    assert!(events.iter().any(|(r, _)| r == "Started"), "{events:?}");
+    assert_eq!(virsh(&uri, &["domstate", &libvirt_name]), "running");
+    dom = updated;
+
+    // Behind the agent's back.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    while requests.try_recv().is_ok() {}
+    let before_virsh = Instant::now();
+    virsh(&uri, &["destroy", &libvirt_name]);
+    let virsh_took = before_virsh.elapsed();
+    let destroyed = Instant::now();
+    let request = tokio::time::timeout(Duration::from_secs(1), async {
+        loop {
+            let r = requests.next().await.unwrap();
+            if r.namespace.as_deref() == Some(ns.as_str()) {
+                return r;
+            }
+        }
+    })
+    .await
+    .expect("libvirt's event did not request a reconcile within a second");
+    assert_eq!(request.name, "vm");
+    let seen_after = destroyed.elapsed();
+
+    let server = {
+        let dom = dom.clone();
+        tokio::spawn(async move {
+            let (events, seen, send) = api.events_then().await;
+            let mut updated = dom.clone();
+            updated.status = Some(serde_json::from_value(seen.body["status"].clone()).unwrap());
+            send.send_response(ok(&updated));
+            (events, updated, api)
+        })
+    };
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        domain::reconcile(Arc::new(dom.clone()), ctx.clone()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let (events, updated, mut api) = server.await.unwrap();
+    let (reason, note) = events.first().cloned().expect("an event");
+    assert_eq!(reason, "Started");
+    assert!(
+        note.contains("destroyed"),
+        "libvirt's reason in the note: {note}"
+    );
+    assert_eq!(virsh(&uri, &["domstate", &libvirt_name]), "running");
+    println!(
+        "virsh destroy took {virsh_took:?}; reconcile requested {seen_after:?} after it returned; repaired with event: {note}"
+    );
+
+    // Clean up through the finalizer path.
+    let mut deleting = updated;
+    deleting.meta_mut().deletion_timestamp = Some(
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()),
+    );
+    let server = {
+        let mut answer = deleting.clone();
+        answer.metadata.finalizers = None;
+        tokio::spawn(async move {
+            let (events, _seen, send) = api.events_then().await;
+            send.send_response(ok(&answer));
+            events
+        })
+    };
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        domain::reconcile(Arc::new(deleting), ctx.clone()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let events = server.await.unwrap();
+    assert_eq!(
+        events.first().map(|e| e.0.as_str()),
+        Some("Deleted"),
+        "{events:?}"
+    );
+    assert!(engine.domain_lookup(&libvirt_name).await.unwrap().is_none());
+}
