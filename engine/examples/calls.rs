@@ -74,6 +74,9 @@ fn direct(uri: &str, n: usize, test: bool) -> Timings {
     } else {
         virt::sys::VIR_DOMAIN_AFFECT_LIVE
     };
+    for _ in 0..n {
+        timed!(t, "ping", conn.is_alive().unwrap());
+    }
     for i in 0..n {
         let xml = def(&format!("bench.direct{i}"), &o, test).to_xml();
         let dom = timed!(t, "define", conn.define_domain_xml(&xml).unwrap());
@@ -136,6 +139,9 @@ async fn main() {
         timed!(t, "observe", e.domain_observe(&name).await.unwrap());
         timed!(t, "destroy", e.domain_destroy(&name, &o).await.unwrap());
         timed!(t, "undefine", e.domain_undefine(&name, &o).await.unwrap());
+    }
+    for _ in 0..n {
+        timed!(t, "ping", e.ping().await.unwrap());
     }
     t.print(&format!("engine, {n} rounds on {uri}"));
     direct(&uri, n, test).print(&format!("direct virt calls (floor), {n} rounds"));
