@@ -391,3 +391,93 @@ async fn network_is_defined_started_and_reported_per_node() {
     api.assert_silent(Duration::from_millis(200)).await;
     assert_eq!(updated.name_any(), "agentnet");
 }
+
+#[tokio::test]
+async fn a_volume_in_use_is_not_deleted_and_says_why() {
+    let (ctx, api, engine) = agent_support::context().await;
+    let (_, mut api) = pool_up("usepool", &ctx, api).await;
+    // The volume.
+    let v = with_finalizer(test_volume("inuse", "usepool", "Delete"), FINALIZER);
+    let server = {
+        let v = v.clone();
+        tokio::spawn(async move {
+            let (_, seen, send) = api.events_then().await;
+            let mut updated = v.clone();
+            updated.status = Some(serde_json::from_value(seen.body["status"].clone()).unwrap());
+            send.send_response(ok(&updated));
+            (updated, api)
+        })
+    };
+    timed(volume::reconcile(Arc::new(v), ctx.clone()))
+        .await
+        .unwrap();
+    let (vol, mut api) = server.await.unwrap();
+    // A domain that uses it (the agent reads the Volume from the API: no reflector here).
+    let dom: virtkube_crds::Domain = serde_json::from_value(json!({
+        "apiVersion": "virtkube.io/v1alpha1", "kind": "Domain",
+        "metadata": { "name": "user", "namespace": "inuse", "uid": "uid-user", "generation": 1,
+                      "resourceVersion": "1", "finalizers": [FINALIZER] },
+        "spec": { "nodeName": NODE, "runStrategy": "Halted", "memory": { "size": "64Mi" },
+                  "disks": [ { "name": "root", "volume": "disk" } ] }
+    }))
+    .unwrap();
+    let server = {
+        let (dom, vol) = (dom.clone(), vol.clone());
+        tokio::spawn(async move {
+            let (seen, send) = api.next().await;
+            assert_eq!(seen.method, Method::GET);
+            assert_eq!(
+                seen.path(),
+                "/apis/virtkube.io/v1alpha1/namespaces/inuse/volumes/disk"
+            );
+            send.send_response(ok(&vol));
+            let (events, seen, send) = api.events_then().await;
+            assert!(events.iter().any(|(r, _)| r == "Defined"), "{events:?}");
+            let mut updated = dom.clone();
+            updated.status = Some(serde_json::from_value(seen.body["status"].clone()).unwrap());
+            send.send_response(ok(&updated));
+            api
+        })
+    };
+    timed(virtkube::agent::domain::reconcile(
+        Arc::new(dom),
+        ctx.clone(),
+    ))
+    .await
+    .unwrap();
+    let mut api = server.await.unwrap();
+    assert!(engine.domain_lookup("inuse.user").await.unwrap().is_some());
+
+    // Deleting the volume waits while the domain uses it.
+    let gone = deleting(vol);
+    let answer = gone.clone();
+    let server = tokio::spawn(async move {
+        let (seen, send) = api.next().await;
+        assert!(seen.path().ends_with("/status"), "{}", seen.uri);
+        let ready = seen.body["status"]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == "Ready")
+            .unwrap()
+            .clone();
+        assert_eq!(ready["status"], "False");
+        assert_eq!(ready["reason"], "VolumeInUse");
+        send.send_response(ok(&answer));
+        let (seen, send) = api.next().await;
+        assert_eq!(seen.body["reason"], "DeletionBlocked");
+        send.send_response(ok(&seen.body));
+        api
+    });
+    let result = timed(volume::reconcile(Arc::new(gone), ctx.clone())).await;
+    assert!(result.is_err(), "the deletion is retried with backoff");
+    server.await.unwrap();
+    assert!(
+        engine
+            .volume_observe("usepool", "inuse.disk")
+            .await
+            .unwrap()
+            .is_some(),
+        "a volume in use is never deleted"
+    );
+}

@@ -310,6 +310,21 @@ async fn find_volume(ctx: &Context, namespace: &str, name: &str) -> Result<Optio
 pub async fn domain(ctx: &Context, dom: &Domain) -> Result<Converged<DomainObserved>> {
     let name = domain_host_name(dom);
     let ns = dom.namespace().unwrap_or_default();
+    if let Some(target) = dom
+        .spec
+        .node_name
+        .as_deref()
+        .filter(|n| *n != ctx.settings.node)
+    {
+        // Still here (status.nodeName) but asked to be elsewhere: a live-migration request.
+        return Err(Error::Unrealizable {
+            reason: "MigrationNotSupported",
+            message: format!(
+                "spec.nodeName asks for node {target}; this agent does not perform live migration yet, so the domain stays on node {}",
+                ctx.settings.node
+            ),
+        });
+    }
     let mut host = empty_host(ctx);
     let mut manifests = vec![manifest(Object::Domain(Box::new(dom.clone())))];
     for disk in &dom.spec.disks {
