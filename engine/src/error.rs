@@ -322,3 +322,68 @@ pub fn route_libvirt_errors_to_tracing() {
     // SAFETY: sets a process-global function pointer; the handler is a plain function.
     unsafe { sys::virSetErrorFunc(std::ptr::null_mut(), Some(log_libvirt_error)) };
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lv(code: u32, domain: u32, message: &str) -> EngineError {
+        EngineError::Libvirt {
+            call: "t",
+            error: LibvirtError {
+                code: code as i32,
+                domain: domain as i32,
+                message: message.into(),
+                code_name: String::new(),
+                domain_name: String::new(),
+            },
+        }
+    }
+
+    #[test]
+    fn classification() {
+        let gone = lv(
+            sys::VIR_ERR_SYSTEM_ERROR,
+            sys::VIR_FROM_RPC,
+            "End of file while reading data: Input/output error",
+        );
+        assert!(gone.is_connection_error() && gone.is_retryable());
+        let virtlogd = lv(
+            sys::VIR_ERR_SYSTEM_ERROR,
+            sys::VIR_FROM_RPC,
+            "Failed to connect socket to '/run/libvirt/virtlogd-sock'",
+        );
+        assert!(!virtlogd.is_connection_error());
+        let missing = lv(
+            sys::VIR_ERR_NO_DOMAIN,
+            sys::VIR_FROM_QEMU,
+            "Domain not found",
+        );
+        assert!(missing.is_not_found() && !missing.is_retryable());
+        assert_eq!(missing.metric_label(), "not_found");
+        let invalid = lv(
+            sys::VIR_ERR_OPERATION_INVALID,
+            sys::VIR_FROM_QEMU,
+            "domain is not running",
+        );
+        assert!(!invalid.is_retryable());
+        let busy = lv(
+            sys::VIR_ERR_OPERATION_TIMEOUT,
+            sys::VIR_FROM_QEMU,
+            "cannot acquire state change lock",
+        );
+        assert!(busy.is_retryable() && !busy.is_connection_error());
+        let t = EngineError::Timeout {
+            call: "x",
+            after: Duration::from_secs(1),
+        };
+        assert!(t.is_retryable());
+        assert_eq!(t.metric_label(), "timeout");
+        let exists = lv(
+            sys::VIR_ERR_STORAGE_VOL_EXIST,
+            sys::VIR_FROM_STORAGE,
+            "exists",
+        );
+        assert!(exists.is_already_exists());
+    }
+}

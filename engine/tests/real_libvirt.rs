@@ -654,3 +654,51 @@ async fn migration_progress_and_cancel() {
     cleanup(&a, &name, &o).await;
     panic!("every abort lost the race against the migration");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs private libvirtd: scripts/libvirt-nodes.sh up, then --run-ignored"]
+async fn node_info_from_a_real_daemon() {
+    let a = node("A").await;
+    let b = node("B").await;
+    let na = a.node_info().await.unwrap();
+    let nb = b.node_info().await.unwrap();
+    eprintln!("node A: {na:?}");
+    assert_eq!(na.hypervisor, "QEMU");
+    assert!(
+        na.libvirt_version.starts_with("9."),
+        "{}",
+        na.libvirt_version
+    );
+    assert!(na.cpus >= 1 && na.memory_kib > 0 && na.free_memory_bytes > 0);
+    assert_eq!(
+        na.capabilities.host_uuid,
+        "5a5a5a5a-0000-4000-8000-0000000000a1"
+    );
+    assert_ne!(
+        na.capabilities.host_uuid, nb.capabilities.host_uuid,
+        "migration needs distinct host UUIDs"
+    );
+    assert!(na.capabilities.live_migration);
+    assert!(
+        na.capabilities
+            .migration_transports
+            .iter()
+            .any(|t| t == "tcp")
+    );
+    assert!(na.capabilities.domain_types.iter().any(|t| t == "qemu"));
+    assert_eq!(
+        na.capabilities.host_cpus.as_ref().map(|c| c.len() as u32),
+        Some(na.cpus),
+        "pinnable CPUs from the NUMA topology"
+    );
+    assert!(!na.capabilities.cells.is_empty());
+    assert!(
+        na.capabilities
+            .cells
+            .iter()
+            .all(|c| c.free_bytes > 0 && c.memory_kib > 0)
+    );
+    assert!(na.max_vcpus.unwrap_or(0) >= 1);
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+}
