@@ -166,6 +166,51 @@ async fn expect_event(
     panic!("no {kind:?}/{detail} event for {name}; saw {seen:?}");
 }
 
+/// Removes what a test created when it panics, on both nodes, with virsh (so a failed run
+/// leaves no TCG guest burning CPU until `scripts/libvirt-nodes.sh down`).
+struct Leftovers(Vec<Vec<String>>);
+
+impl Leftovers {
+    fn domain(name: &str) -> Self {
+        Self(vec![
+            vec!["destroy".into(), name.into()],
+            vec!["undefine".into(), "--managed-save".into(), name.into()],
+        ])
+    }
+
+    fn network(mut self, name: &str) -> Self {
+        self.0.push(vec!["net-destroy".into(), name.into()]);
+        self.0.push(vec!["net-undefine".into(), name.into()]);
+        self
+    }
+
+    fn pool(mut self, name: &str) -> Self {
+        self.0.push(vec!["pool-destroy".into(), name.into()]);
+        self.0.push(vec!["pool-undefine".into(), name.into()]);
+        self
+    }
+}
+
+impl Drop for Leftovers {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        for node in ["A", "B"] {
+            let Ok(uri) = std::env::var(format!("VIRTKUBE_TEST_NODE_{node}_URI")) else {
+                continue;
+            };
+            for args in &self.0 {
+                let _ = Command::new("virsh")
+                    .arg("-c")
+                    .arg(&uri)
+                    .args(args)
+                    .output();
+            }
+        }
+    }
+}
+
 async fn cleanup(e: &Engine, name: &str, o: &Owner) {
     let _ = e.domain_destroy(name, o).await;
     let _ = e.domain_undefine(name, o).await;
@@ -182,6 +227,7 @@ async fn define_start_pin_checks_real_thread_affinity() {
     let e = node("A").await;
     let name = unique("vkpin");
     let o = owner(&name);
+    let _leftovers = Leftovers::domain(&name);
     let mut def = tiny(&name, &o);
     def.pinning = vec![VcpuPin {
         vcpu: 0,
@@ -257,6 +303,7 @@ async fn vcpu_hotplug_suspend_resume_and_shutdown_deadline() {
     let e = node("A").await;
     let name = unique("vkhot");
     let o = owner(&name);
+    let _leftovers = Leftovers::domain(&name);
     e.domain_define(&tiny(&name, &o)).await.unwrap();
     e.domain_start(&name, &o).await.unwrap();
 
@@ -308,6 +355,7 @@ async fn dir_pool_with_qcow2_volumes_attached_to_a_domain() {
     let e = node("A").await;
     let pool = unique("vkpool");
     let po = Owner::new("StoragePool", format!("uid-{pool}"), None, &pool);
+    let _pool_leftovers = Leftovers(vec![]).pool(&pool);
     let dir = tempfile::Builder::new()
         .prefix("vkpool")
         .tempdir_in("/tmp")
@@ -376,6 +424,7 @@ async fn dir_pool_with_qcow2_volumes_attached_to_a_domain() {
 
     let name = unique("vkdisk");
     let o = owner(&name);
+    let _leftovers = Leftovers::domain(&name);
     let mut def = tiny(&name, &o);
     for (i, v) in ["it.clone", "it.cow"].iter().enumerate() {
         def.disks.push(DiskDef {
@@ -422,6 +471,7 @@ async fn isolated_network_with_a_guest() {
     let e = node("A").await;
     let net = unique("vkn");
     let no = Owner::new("Network", format!("uid-{net}"), None, &net);
+    let _net_leftovers = Leftovers(vec![]).network(&net);
     let octet = 100 + (std::process::id() % 100);
     let def = NetworkDef {
         name: net.clone(),
@@ -452,6 +502,7 @@ async fn isolated_network_with_a_guest() {
 
     let name = unique("vknic");
     let o = owner(&name);
+    let _leftovers = Leftovers::domain(&name);
     let mut d = tiny(&name, &o);
     d.interfaces.push(InterfaceDef {
         network: net.clone(),
@@ -480,6 +531,7 @@ async fn events_for_out_of_band_virsh_changes() {
     let mut events = Box::pin(e.events());
     let name = unique("vkev");
     let o = owner(&name);
+    let _leftovers = Leftovers::domain(&name);
     e.domain_define(&tiny(&name, &o)).await.unwrap();
     expect_event(&mut events, &name, DomainEventKind::Defined, "added").await;
     e.domain_start(&name, &o).await.unwrap();
@@ -508,6 +560,7 @@ async fn live_migration_keeps_the_guest_running_pinned_and_autostarted() {
     let mut b_events = Box::pin(b.events());
     let name = unique("vkmig");
     let o = owner(&name);
+    let _leftovers = Leftovers::domain(&name);
     let mut def = tiny(&name, &o);
     def.pinning = vec![VcpuPin {
         vcpu: 0,
@@ -590,6 +643,7 @@ async fn migration_progress_and_cancel() {
     let b = node("B").await;
     let name = unique("vkabort");
     let o = owner(&name);
+    let _leftovers = Leftovers::domain(&name);
     a.domain_define(&tiny(&name, &o)).await.unwrap();
     a.domain_start(&name, &o).await.unwrap();
 
@@ -699,6 +753,106 @@ async fn node_info_from_a_real_daemon() {
             .all(|c| c.free_bytes > 0 && c.memory_kib > 0)
     );
     assert!(na.max_vcpus.unwrap_or(0) >= 1);
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+}
+
+/// Storage not shared between the nodes: libvirt pre-creates the volume in the destination's
+/// pool of the same name and copies the disk (NBD) during the live migration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs private libvirtd: scripts/libvirt-nodes.sh up, then --run-ignored"]
+async fn live_migration_with_copy_storage() {
+    let a = node("A").await;
+    let b = node("B").await;
+    let pool = unique("vkmp");
+    let po = Owner::new("StoragePool", format!("uid-{pool}"), None, &pool);
+    let _pool_leftovers = Leftovers(vec![]).pool(&pool);
+    let dir_a = tempfile::Builder::new()
+        .prefix("vkmpA")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let dir_b = tempfile::Builder::new()
+        .prefix("vkmpB")
+        .tempdir_in("/tmp")
+        .unwrap();
+    for (e, dir) in [(&a, &dir_a), (&b, &dir_b)] {
+        let path = dir.path().join("p");
+        e.pool_define(&PoolDef::dir(&pool, path.to_str().unwrap(), po.clone()))
+            .await
+            .unwrap();
+        e.pool_build(&pool, &po).await.unwrap();
+        e.pool_start(&pool, &po).await.unwrap();
+    }
+    let vol = a
+        .volume_create(
+            &pool,
+            &VolumeDef {
+                name: "it.disk".into(),
+                capacity_bytes: 16 << 20,
+                format: VolumeFormat::Qcow2,
+                backing_volume: None,
+            },
+        )
+        .await
+        .unwrap();
+
+    let name = unique("vkcopy");
+    let o = owner(&name);
+    let _leftovers = Leftovers::domain(&name);
+    let mut def = tiny(&name, &o);
+    def.disks.push(DiskDef {
+        name: Some("root".into()),
+        target_dev: "vda".into(),
+        bus: Some("virtio".into()),
+        source: DiskSource::Volume {
+            pool: pool.clone(),
+            volume: "it.disk".into(),
+        },
+        read_only: false,
+        boot_order: Some(1),
+        format: Some("qcow2".into()),
+        device: None,
+    });
+    a.domain_define(&def).await.unwrap();
+    a.domain_start(&name, &o).await.unwrap();
+
+    let mut opts = MigrateOptions::live_to(env("VIRTKUBE_TEST_NODE_B_P2P_URI"));
+    opts.migrate_uri = Some(env("VIRTKUBE_TEST_NODE_B_MIGRATION_URI"));
+    opts.dest_client_uri = Some(env("VIRTKUBE_TEST_NODE_B_URI"));
+    opts.copy_storage = true;
+    let out = a.domain_migrate(&name, &o, &opts).await.unwrap();
+    eprintln!("migrate with copy storage: {:.1} ms", ms(out.elapsed));
+
+    assert_eq!(
+        b.domain_state(&name).await.unwrap(),
+        (DomainState::Running, "migrated")
+    );
+    let obs = b.domain_observe(&name).await.unwrap().unwrap();
+    assert_eq!(
+        obs.disks[0].source,
+        DiskSource::Volume {
+            pool: pool.clone(),
+            volume: "it.disk".into()
+        }
+    );
+    let on_b = b
+        .volume_observe(&pool, "it.disk")
+        .await
+        .unwrap()
+        .expect("pre-created on B");
+    assert!(
+        on_b.path.starts_with(dir_b.path().to_str().unwrap()),
+        "{on_b:?}"
+    );
+    assert_ne!(on_b.key, vol.key);
+
+    cleanup(&b, &name, &o).await;
+    a.volume_delete(&pool, "it.disk", &vol.key).await.unwrap();
+    b.volume_delete(&pool, "it.disk", &on_b.key).await.unwrap();
+    for e in [&a, &b] {
+        e.pool_stop(&pool, &po).await.unwrap();
+        e.pool_undefine(&pool, &po).await.unwrap();
+    }
     a.close().await.unwrap();
     b.close().await.unwrap();
 }
