@@ -91,7 +91,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(service, "default");
-    let statuses: Arc<Mutex<HashMap<String, Value>>> = Arc::default();
+    // What the fake API server keeps: each object's last status, typed (as a reflector
+    // would hold it), not as a JSON tree.
+    let statuses: Arc<Mutex<HashMap<String, DomainStatus>>> = Arc::default();
     let counters: Arc<Counters> = Arc::default();
     {
         let (statuses, counters) = (statuses.clone(), counters.clone());
@@ -112,10 +114,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 } else if method == Method::PATCH && uri.ends_with("/status") {
                     counters.patches.fetch_add(1, Ordering::Relaxed);
                     let name = uri.rsplit('/').nth(1).unwrap_or_default().to_string();
-                    statuses
-                        .lock()
-                        .map(|mut s| s.insert(name.clone(), body["status"].clone()))
-                        .ok();
+                    if let Ok(status) =
+                        serde_json::from_value::<DomainStatus>(body["status"].clone())
+                    {
+                        statuses
+                            .lock()
+                            .map(|mut s| s.insert(name.clone(), status))
+                            .ok();
+                    }
                     json!({
                         "apiVersion": "virtkube.io/v1alpha1", "kind": "Domain",
                         "metadata": { "name": name, "namespace": "bench" },
@@ -168,14 +174,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // Pass 2: the objects as the API server now has them; steady state.
     {
-        let statuses = statuses.lock().map(|s| s.clone()).unwrap_or_default();
+        let mut statuses = statuses
+            .lock()
+            .map(|mut s| std::mem::take(&mut *s))
+            .unwrap_or_default();
         for d in &mut objects {
             let name = d.metadata.name.clone().unwrap_or_default();
-            if let Some(s) = statuses.get(&name) {
-                d.status = serde_json::from_value::<DomainStatus>(s.clone()).ok();
-            }
+            d.status = statuses.remove(&name);
         }
     }
+    println!("statuses moved into the objects: {}", rss());
     engine.reset_stats();
     counters.events.store(0, Ordering::Relaxed);
     counters.patches.store(0, Ordering::Relaxed);
