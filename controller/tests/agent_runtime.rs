@@ -209,3 +209,31 @@ async fn metrics_and_health_endpoints_answer() {
         assert!(body.contains(needle), "missing `{needle}` in:\n{body}");
     }
 }
+
+#[tokio::test]
+async fn an_unreachable_libvirt_is_published_as_ready_false_with_a_heartbeat() {
+    let (ctx, mut api, _engine) = agent_support::context().await;
+    let server = tokio::spawn(async move {
+        let (seen, send) = api.next().await;
+        assert!(seen.path().ends_with("/hypervisornodes/node-a/status"));
+        let status = seen.body["status"].clone();
+        send.send_response(ok(&json!({
+            "apiVersion": "virtkube.io/v1alpha1", "kind": "HypervisorNode",
+            "metadata": { "name": NODE }, "spec": {}, "status": status
+        })));
+        status
+    });
+    node::publish_unreachable(&ctx, None, "connection refused")
+        .await
+        .unwrap();
+    let status = server.await.unwrap();
+    assert_eq!(status["conditions"][0]["status"], "False");
+    assert_eq!(status["conditions"][0]["reason"], "LibvirtUnreachable");
+    assert!(
+        status["conditions"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("connection refused")
+    );
+    assert!(status["heartbeatTime"].is_string());
+}

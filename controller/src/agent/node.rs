@@ -220,6 +220,21 @@ pub async fn run(
                 health.set_api(true);
                 previous = Some(status);
             }
+            Err(super::error::Error::Engine(e)) => {
+                // libvirt is unreachable: say so (the scheduler must stop placing domains
+                // here), keeping the last known facts.
+                tracing::warn!(error = %e, "reading the node through libvirt failed; publishing Ready=False");
+                match publish_unreachable(&ctx, previous.as_ref(), &e.to_string()).await {
+                    Ok(status) => {
+                        health.set_api(true);
+                        previous = Some(status);
+                    }
+                    Err(e) => {
+                        health.set_api(false);
+                        tracing::warn!(error = %e, "publishing the HypervisorNode failed; retrying at the next heartbeat");
+                    }
+                }
+            }
             Err(e) => {
                 if matches!(e, super::error::Error::Kube(_)) {
                     health.set_api(false);
@@ -228,4 +243,43 @@ pub async fn run(
             }
         }
     }
+}
+
+/// Publishes `Ready=False` (reason `LibvirtUnreachable`) with a fresh heartbeat, keeping the
+/// last known facts: the agent runs but cannot reach libvirt.
+pub async fn publish_unreachable(
+    ctx: &Context,
+    previous: Option<&HypervisorNodeStatus>,
+    why: &str,
+) -> Result<HypervisorNodeStatus> {
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let mut status = previous.cloned().unwrap_or_default();
+    conditions::set_condition(
+        &mut status.conditions,
+        conditions::condition(
+            conditions::READY,
+            cs::FALSE,
+            "LibvirtUnreachable",
+            format!(
+                "the agent cannot reach libvirt at {}: {why}",
+                ctx.engine.uri()
+            ),
+            None,
+            now.clone(),
+        ),
+    );
+    status.heartbeat_time = Some(now);
+    let api: Api<HypervisorNode> = Api::all(ctx.client.clone());
+    let patch = json!({
+        "apiVersion": API_VERSION,
+        "kind": "HypervisorNode",
+        "status": status,
+    });
+    api.patch_status(
+        &ctx.settings.node,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(status)
 }
