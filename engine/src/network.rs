@@ -127,6 +127,15 @@ impl Engine {
         .await
     }
 
+    /// The owner recorded on a network (`None`: it carries no virtkube mark).
+    pub async fn network_owner(&self, name: &str) -> Result<Option<Owner>> {
+        let name = name.to_string();
+        self.call(CallClass::Query, "network_owner", move |c| {
+            read_owner(&lookup(c, "network_owner", &name)?, "network_owner")
+        })
+        .await
+    }
+
     /// Names of all networks.
     pub async fn network_list(&self) -> Result<Vec<String>> {
         self.call(CallClass::Query, "network_list", |c| {

@@ -153,6 +153,15 @@ impl Engine {
         .await
     }
 
+    /// The owner recorded on a pool (`None`: it carries no virtkube mark).
+    pub async fn pool_owner(&self, name: &str) -> Result<Option<Owner>> {
+        let name = name.to_string();
+        self.call(CallClass::Query, "pool_owner", move |c| {
+            read_owner(&lookup(c, "pool_owner", &name)?, "pool_owner")
+        })
+        .await
+    }
+
     /// Names of all pools.
     pub async fn pool_list(&self) -> Result<Vec<String>> {
         self.call(CallClass::Query, "pool_list", |c| {

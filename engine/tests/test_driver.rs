@@ -314,6 +314,8 @@ async fn networks() {
     assert!(obs.active && obs.autostart);
     assert_eq!(obs.bridge.as_deref(), Some("vktiso0"));
     assert_eq!(obs.mode, NetworkMode::Isolated);
+    assert_eq!(e.network_owner("t-iso").await.unwrap(), Some(o.clone()));
+    assert_eq!(e.network_owner("default").await.unwrap(), None);
     // The driver's own `default` network is not ours.
     assert!(
         e.network_stop("default", &o)
