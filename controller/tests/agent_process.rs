@@ -1,0 +1,271 @@
+//! The `virtkube agent` process end to end against a fake API server (an HTTP server that
+//! answers what the agent asks: CRD lists, watches, HypervisorNode patches) on
+//! `test:///default`: it starts, becomes ready, publishes its node, and stops cleanly on
+//! SIGTERM; without the CRDs it refuses to start and prints how to install them.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{Method, StatusCode, Uri};
+use axum::response::Response;
+use serde_json::{Value, json};
+
+#[derive(Default)]
+struct Fake {
+    /// Plurals the server answers 404 for (CRD not installed).
+    missing: Vec<String>,
+    /// Calls seen: `METHOD path`.
+    calls: Vec<String>,
+    /// The last HypervisorNode status applied.
+    node_status: Option<Value>,
+}
+
+type Shared = Arc<Mutex<Fake>>;
+
+async fn handle(State(fake): State<Shared>, method: Method, uri: Uri, body: Bytes) -> Response {
+    let path = uri.path().to_string();
+    let query = uri.query().unwrap_or_default().to_string();
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let plural = path.rsplit('/').find(|s| {
+        [
+            "domains",
+            "volumes",
+            "networks",
+            "storagepools",
+            "hypervisornodes",
+        ]
+        .contains(s)
+    });
+    let missing = {
+        let mut f = fake.lock().unwrap();
+        f.calls.push(format!("{method} {path}"));
+        plural.is_some_and(|p| f.missing.iter().any(|m| m == p))
+    };
+    let json_response = |code: StatusCode, v: Value| {
+        Response::builder()
+            .status(code)
+            .header("content-type", "application/json")
+            .body(Body::from(v.to_string()))
+            .unwrap()
+    };
+    if missing {
+        return json_response(
+            StatusCode::NOT_FOUND,
+            json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                   "reason": "NotFound", "code": 404,
+                   "message": "the server could not find the requested resource"}),
+        );
+    }
+    if method == Method::GET && query.contains("watch=true") {
+        // A watch that stays open and quiet (the agent's steady state).
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        return json_response(StatusCode::OK, Value::Null);
+    }
+    if method == Method::GET {
+        return json_response(
+            StatusCode::OK,
+            json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "1"}, "items": []}),
+        );
+    }
+    if method == Method::PATCH && path.contains("/hypervisornodes/") {
+        let name = path
+            .trim_end_matches("/status")
+            .rsplit('/')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        if path.ends_with("/status") {
+            fake.lock().unwrap().node_status = Some(body["status"].clone());
+        }
+        return json_response(
+            StatusCode::OK,
+            json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "HypervisorNode",
+                   "metadata": {"name": name, "labels": {"zone": "a"}}, "spec": {},
+                   "status": body.get("status").cloned().unwrap_or(Value::Null)}),
+        );
+    }
+    json_response(StatusCode::OK, body)
+}
+
+async fn fake_api(missing: &[&str]) -> (SocketAddr, Shared) {
+    let fake: Shared = Arc::new(Mutex::new(Fake {
+        missing: missing.iter().map(|s| s.to_string()).collect(),
+        ..Fake::default()
+    }));
+    let app = Router::new().fallback(handle).with_state(fake.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (addr, fake)
+}
+
+fn kubeconfig(dir: &std::path::Path, api: SocketAddr) -> std::path::PathBuf {
+    let path = dir.join("kubeconfig");
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{api}\nusers:\n- name: u\n  user: {{}}\ncontexts:\n- name: c\n  context:\n    cluster: fake\n    user: u\ncurrent-context: c\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn agent(kubeconfig: &std::path::Path, metrics_port: u16) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_virtkube"))
+        .args([
+            "agent",
+            "--metrics-addr",
+            &format!("127.0.0.1:{metrics_port}"),
+            "--heartbeat-seconds",
+            "1",
+            "--log-format",
+            "json",
+        ])
+        .env("KUBECONFIG", kubeconfig)
+        .env("VIRTKUBE_NODE_NAME", "proc-node")
+        .env("VIRTKUBE_CONNECT", "test:///default")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the virtkube binary runs")
+}
+
+async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.ok()?;
+    Some((text.get(9..12)?.parse().ok()?, text))
+}
+
+#[tokio::test]
+async fn agent_starts_gets_ready_publishes_its_node_and_stops_on_sigterm() {
+    let (api, fake) = fake_api(&[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = kubeconfig(dir.path(), api);
+    let port = free_port();
+    let mut child = agent(&config, port);
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some((200, _)) = http_get(port, "/readyz").await {
+            break;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "agent exited early ({status}): {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        assert!(Instant::now() < deadline, "the agent never became ready");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (code, metrics) = http_get(port, "/metrics").await.unwrap();
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("virtkube_agent_libvirt_calls_total"),
+        "{metrics}"
+    );
+
+    // The heartbeat reached the API with libvirt's facts.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = fake.lock().unwrap().node_status.clone() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "no HypervisorNode status");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(status["conditions"][0]["reason"], "AgentReady");
+    assert_eq!(status["hypervisorType"], "TEST");
+
+    // Every kind is watched.
+    let calls = fake.lock().unwrap().calls.clone();
+    let mut watched: BTreeMap<&str, bool> = BTreeMap::new();
+    for kind in ["domains", "volumes", "networks", "storagepools"] {
+        watched.insert(
+            kind,
+            calls
+                .iter()
+                .any(|c| c.starts_with("GET") && c.ends_with(&format!("/{kind}"))),
+        );
+    }
+    assert!(watched.values().all(|w| *w), "{watched:?} from {calls:?}");
+
+    // SIGTERM: a clean, prompt exit.
+    let stopped = Instant::now();
+    nix_kill(child.id());
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let logs =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "exit {:?}: {logs}", out.status);
+    assert!(
+        stopped.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        stopped.elapsed()
+    );
+    assert!(logs.contains("SIGTERM"), "{logs}");
+    assert!(logs.contains("virtkube agent stopped"), "{logs}");
+    // JSON logs: one object per line.
+    assert!(
+        logs.lines()
+            .filter(|l| !l.trim().is_empty())
+            .all(|l| serde_json::from_str::<Value>(l).is_ok()),
+        "{logs}"
+    );
+}
+
+fn nix_kill(pid: u32) {
+    let status = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn agent_without_crds_refuses_to_start_and_says_how_to_install_them() {
+    let (api, _fake) = fake_api(&["domains", "hypervisornodes"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = kubeconfig(dir.path(), api);
+    let child = agent(&config, free_port());
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("missing: domains.virtkube.io, hypervisornodes.virtkube.io"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("virtkube crd | kubectl apply --server-side -f -"),
+        "{stderr}"
+    );
+}
