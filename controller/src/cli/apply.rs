@@ -26,7 +26,7 @@ pub struct ApplyArgs {
     #[arg(long)]
     prune: bool,
     /// Actions run at once (independent objects only; dependents wait).
-    #[arg(long, default_value_t = 16, value_name = "N")]
+    #[arg(long, default_value_t = 8, value_name = "N")]
     concurrency: usize,
     /// Plan-and-apply rounds before giving up on convergence (a live migration, for one,
     /// is followed by the changes it could not carry).

@@ -4,7 +4,6 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use futures::stream::{self, StreamExt, TryStreamExt};
 use virtkube_engine::domain::Apply;
 use virtkube_engine::migrate::MigrateOptions;
 use virtkube_engine::model::{
@@ -26,9 +25,6 @@ use crate::plan::{Action, Op, Preserve};
 
 /// How long a guest gets to shut down after an ACPI request before it is destroyed.
 pub const DEFAULT_SHUTDOWN_DEADLINE: Duration = Duration::from_secs(30);
-
-/// Observed objects read at once per host.
-const OBSERVE_CONCURRENCY: usize = 16;
 
 /// What can go wrong talking to the hosts.
 #[derive(Debug, thiserror::Error)]
@@ -288,14 +284,9 @@ async fn observe_host(h: &Host) -> Result<ObservedHost, HostError> {
             host.networks.insert(name, network_from(&n));
         }
     }
-    let ids = e.domain_list().await.map_err(&err)?;
-    let domains: Vec<Option<DomainObserved>> = stream::iter(ids)
-        .map(|id| async move { e.domain_observe(&id.name).await })
-        .buffered(OBSERVE_CONCURRENCY)
-        .try_collect()
-        .await
-        .map_err(&err)?;
-    for d in domains.into_iter().flatten() {
+    // One pass over every domain (one pool slot instead of one per domain).
+    let domains = e.domain_observe_all().await.map_err(&err)?;
+    for d in domains {
         host.domains.insert(d.name.clone(), domain_from(&d));
     }
     Ok(host)
