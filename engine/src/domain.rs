@@ -286,7 +286,8 @@ impl Engine {
         .await
     }
 
-    /// Undefines a domain, removing its managed-save image and snapshot metadata. A running
+    /// Undefines a domain, removing its managed-save image, snapshot metadata and (EFI) NVRAM
+    /// file. A running
     /// domain keeps running as a transient one (destroy it first to remove it entirely).
     pub async fn domain_undefine(&self, name: &str, owner: &Owner) -> Result<()> {
         let cache = self.owned_cache();
@@ -296,11 +297,16 @@ impl Engine {
             name,
             owner,
             move |dom| {
-                dom.undefine_flags(
-                    sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
-                        | sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA,
-                )
-                .map_err(lv("domain_undefine"))?;
+                let mut flags = sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+                    | sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA;
+                // An EFI domain's NVRAM file blocks the undefine unless removed with it.
+                let config = dom
+                    .xml_desc(sys::VIR_DOMAIN_XML_INACTIVE)
+                    .map_err(lv("domain_undefine"))?;
+                if config.contains("<nvram") {
+                    flags |= sys::VIR_DOMAIN_UNDEFINE_NVRAM;
+                }
+                dom.undefine_flags(flags).map_err(lv("domain_undefine"))?;
                 if let Ok(uuid) = dom.uuid_string() {
                     cache.forget(ObjectKind::Domain, &uuid);
                 }

@@ -22,7 +22,7 @@ pub mod node;
 pub mod pool;
 pub mod volume;
 
-pub use engine::{CallClass, CallStat, Engine, EngineConfig, EngineStats};
+pub use engine::{CallClass, CallStat, Engine, EngineConfig, EngineStats, ensure_event_loop};
 pub use error::{EngineError, LibvirtError, ObjectKind, Result};
 pub use events::{DomainEvent, DomainEventKind, EngineEvent};
 pub use model::Owner;
