@@ -217,9 +217,13 @@ impl Engine {
     pub async fn volume_list(&self, pool: &str) -> Result<Vec<String>> {
         let pool_name = pool.to_string();
         self.call(CallClass::Query, "volume_list", move |c| {
+            // list_all_volumes, not virt's list_volumes (a fixed 1024-name buffer).
             crate::pool::lookup(c, "volume_list", &pool_name)?
-                .list_volumes()
-                .map_err(lv("volume_list"))
+                .list_all_volumes(0)
+                .map_err(lv("volume_list"))?
+                .iter()
+                .map(|v| v.name().map_err(lv("volume_list")))
+                .collect()
         })
         .await
     }
