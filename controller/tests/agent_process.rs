@@ -24,6 +24,12 @@ struct Fake {
     calls: Vec<String>,
     /// The last HypervisorNode status applied.
     node_status: Option<Value>,
+    /// Objects listed per plural.
+    objects: BTreeMap<String, Vec<Value>>,
+    /// Status patches seen: (path, body).
+    status_patches: Vec<(String, Value)>,
+    /// Event reasons seen.
+    events: Vec<String>,
 }
 
 type Shared = Arc<Mutex<Fake>>;
@@ -68,10 +74,36 @@ async fn handle(State(fake): State<Shared>, method: Method, uri: Uri, body: Byte
         return json_response(StatusCode::OK, Value::Null);
     }
     if method == Method::GET {
+        let items = plural
+            .and_then(|p| fake.lock().unwrap().objects.get(p).cloned())
+            .unwrap_or_default();
         return json_response(
             StatusCode::OK,
-            json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "1"}, "items": []}),
+            json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "1"}, "items": items}),
         );
+    }
+    if path.starts_with("/apis/events.k8s.io/") {
+        let reason = body["reason"].as_str().unwrap_or_default().to_string();
+        fake.lock().unwrap().events.push(reason);
+        return json_response(StatusCode::OK, body);
+    }
+    if method == Method::PATCH && path.ends_with("/status") && !path.contains("/hypervisornodes/") {
+        let name = path
+            .trim_end_matches("/status")
+            .rsplit('/')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let mut f = fake.lock().unwrap();
+        f.status_patches.push((path.clone(), body.clone()));
+        let stored = plural
+            .and_then(|p| f.objects.get(p))
+            .and_then(|objs| objs.iter().find(|o| o["metadata"]["name"] == name.as_str()))
+            .cloned();
+        if let Some(mut obj) = stored {
+            obj["status"] = body["status"].clone();
+            return json_response(StatusCode::OK, obj);
+        }
     }
     if method == Method::PATCH && path.contains("/hypervisornodes/") {
         let name = path
@@ -102,6 +134,17 @@ async fn fake_api(missing: &[&str]) -> (SocketAddr, Shared) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (addr, fake)
+}
+
+async fn fake_api_with(objects: Vec<(&str, Value)>) -> (SocketAddr, Shared) {
+    let (addr, fake) = fake_api(&[]).await;
+    {
+        let mut f = fake.lock().unwrap();
+        for (plural, obj) in objects {
+            f.objects.entry(plural.to_string()).or_default().push(obj);
+        }
+    }
     (addr, fake)
 }
 
@@ -268,4 +311,149 @@ async fn agent_without_crds_refuses_to_start_and_says_how_to_install_them() {
         stderr.contains("virtkube crd | kubectl apply --server-side -f -"),
         "{stderr}"
     );
+}
+
+#[tokio::test]
+async fn running_controllers_converge_listed_objects_in_dependency_order_then_go_quiet() {
+    let node_fin = "node.virtkube.io/proc-node";
+    let meta = |name: &str, ns: Option<&str>, fin: &str| {
+        let mut m = json!({"name": name, "uid": format!("uid-proc-{name}"), "generation": 1,
+                            "resourceVersion": "1", "finalizers": [fin]});
+        if let Some(ns) = ns {
+            m["namespace"] = json!(ns);
+        }
+        m
+    };
+    let objects = vec![
+        (
+            "storagepools",
+            json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "StoragePool",
+            "metadata": meta("procpool", None, node_fin),
+            "spec": {"type": "dir", "target": {"path": "/var/lib/virtkube/pools/procpool"}}}),
+        ),
+        (
+            "networks",
+            json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "Network",
+            "metadata": meta("procnet", None, node_fin),
+            "spec": {"mode": "isolated", "ip": {"address": "10.152.0.1", "prefix": 24}}}),
+        ),
+        (
+            "volumes",
+            json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "Volume",
+            "metadata": meta("root", Some("proc"), "virtkube.io/cleanup"),
+            "spec": {"pool": "procpool", "capacity": "1Gi", "nodeName": "proc-node"}}),
+        ),
+        (
+            "domains",
+            json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "Domain",
+            "metadata": meta("vm", Some("proc"), "virtkube.io/cleanup"),
+            "spec": {"nodeName": "proc-node", "memory": {"size": "64Mi"},
+                     "cpu": {"vcpus": 1, "pinning": [{"vcpu": 0, "cpuset": "0"}]},
+                     "disks": [{"name": "root", "volume": "root"}],
+                     "interfaces": [{"name": "eth0", "network": "procnet"}]}}),
+        ),
+        // Another node's domain: never touched.
+        (
+            "domains",
+            json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "Domain",
+            "metadata": meta("other", Some("proc"), "virtkube.io/cleanup"),
+            "spec": {"nodeName": "node-z", "memory": {"size": "64Mi"}}}),
+        ),
+    ];
+    let (api, fake) = fake_api_with(objects).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = kubeconfig(dir.path(), api);
+    let port = free_port();
+    let mut child = agent(&config, port);
+
+    // Converged when the domain reports Ready=True (the pool, volume and network first:
+    // until they are, the domain is retried with backoff).
+    let ready = |body: &Value| {
+        body["status"]["conditions"].as_array().is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let done = fake
+            .lock()
+            .unwrap()
+            .status_patches
+            .iter()
+            .any(|(p, b)| p.ends_with("/domains/vm/status") && ready(b));
+        if done {
+            break;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "agent exited ({status}): {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            let f = fake.lock().unwrap();
+            panic!(
+                "the domain never became Ready; patches {:?}\nlogs {}",
+                f.status_patches,
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (patches, events) = {
+        let f = fake.lock().unwrap();
+        (f.status_patches.clone(), f.events.clone())
+    };
+    let last = |suffix: &str| {
+        patches
+            .iter()
+            .rev()
+            .find(|(p, _)| p.ends_with(suffix))
+            .map(|(_, b)| b.clone())
+            .unwrap_or_else(|| panic!("no status patch for {suffix}: {patches:?}"))
+    };
+    let vm = last("/domains/vm/status");
+    assert_eq!(vm["status"]["phase"], "Running");
+    assert_eq!(vm["status"]["nodeName"], "proc-node");
+    assert_eq!(vm["status"]["vcpuAffinity"][0]["cpuset"], "0");
+    assert_eq!(last("/volumes/root/status")["status"]["phase"], "Available");
+    assert_eq!(
+        last("/storagepools/procpool/status")["status"]["nodes"][0]["state"],
+        "Running"
+    );
+    assert_eq!(
+        last("/networks/procnet/status")["status"]["nodes"][0]["active"],
+        true
+    );
+    assert!(
+        !patches.iter().any(|(p, _)| p.contains("/domains/other/")),
+        "another node's domain is never touched"
+    );
+    for reason in ["Defined", "Started", "VolumeCreated"] {
+        assert!(
+            events.iter().any(|e| e == reason),
+            "{reason} missing from {events:?}"
+        );
+    }
+
+    // Quiet once converged: no more writes.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let settled = fake.lock().unwrap().status_patches.len();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        fake.lock().unwrap().status_patches.len(),
+        settled,
+        "writes in steady state"
+    );
+
+    nix_kill(child.id());
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(out.status.success());
 }

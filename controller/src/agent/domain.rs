@@ -100,7 +100,7 @@ async fn apply(dom: &Domain, ctx: &Context, api: &Api<Domain>) -> Result<Action>
                 dom,
                 true,
                 "Failed",
-                "Validate",
+                "InvalidSpec",
                 format!("InvalidSpec: {invalid}"),
             )
             .await;
@@ -154,7 +154,9 @@ async fn apply(dom: &Domain, ctx: &Context, api: &Api<Domain>) -> Result<Action>
                     dom,
                     true,
                     "Failed",
-                    "Reconcile",
+                    // The failure reason as the action: the recorder folds same-action events
+                    // into a series that keeps the first note, so each kind of failure keeps its own.
+                    reason,
                     format!("{reason}: {message}"),
                 )
                 .await;

@@ -120,7 +120,9 @@ async fn apply(net: &Network, ctx: &Context, api: &Api<Network>) -> Result<Actio
                     net,
                     true,
                     "Failed",
-                    "Reconcile",
+                    // The failure reason as the action: the recorder folds same-action events
+                    // into a series that keeps the first note, so each kind of failure keeps its own.
+                    reason,
                     format!("{reason}: {message}"),
                 )
                 .await;

@@ -136,7 +136,9 @@ async fn apply(pool: &StoragePool, ctx: &Context, api: &Api<StoragePool>) -> Res
                     pool,
                     true,
                     "Failed",
-                    "Reconcile",
+                    // The failure reason as the action: the recorder folds same-action events
+                    // into a series that keeps the first note, so each kind of failure keeps its own.
+                    reason,
                     format!("{reason}: {message}"),
                 )
                 .await;

@@ -87,7 +87,7 @@ async fn apply(vol: &Volume, ctx: &Context, api: &Api<Volume>) -> Result<Action>
                 vol,
                 true,
                 "Failed",
-                "Validate",
+                "InvalidSpec",
                 format!("InvalidSpec: {invalid}"),
             )
             .await;
@@ -120,7 +120,9 @@ async fn apply(vol: &Volume, ctx: &Context, api: &Api<Volume>) -> Result<Action>
                     vol,
                     true,
                     "Failed",
-                    "Reconcile",
+                    // The failure reason as the action: the recorder folds same-action events
+                    // into a series that keeps the first note, so each kind of failure keeps its own.
+                    reason,
                     format!("{reason}: {message}"),
                 )
                 .await;
