@@ -192,6 +192,43 @@ async fn main() {
         t.print("live migration A<->B (engine A->B, virsh B->A)");
         b.close().await.unwrap();
     }
+    if test {
+        // A resync of n converged domains: one observe_all pass vs n observes.
+        let mut owners = Vec::new();
+        for i in 0..n {
+            let name = format!("bench.resync{i}");
+            let o = Owner::new(
+                "Domain",
+                format!("rs-{i}"),
+                Some("bench"),
+                format!("resync{i}"),
+            );
+            e.domain_define(&def(&name, &o, test)).await.unwrap();
+            e.domain_start(&name, &o).await.unwrap();
+            owners.push((name, o));
+        }
+        e.reset_stats();
+        let t0 = Instant::now();
+        let all = e.domain_observe_all().await.unwrap();
+        let t_all = t0.elapsed();
+        let t0 = Instant::now();
+        for (name, _) in &owners {
+            e.domain_observe(name).await.unwrap();
+        }
+        let t_each = t0.elapsed();
+        println!(
+            "resync of {} domains: observe_all {:.1} ms, {} x observe {:.1} ms, mutating calls {}",
+            all.len(),
+            t_all.as_secs_f64() * 1e3,
+            owners.len(),
+            t_each.as_secs_f64() * 1e3,
+            e.stats().mutating_calls()
+        );
+        for (name, o) in &owners {
+            e.domain_destroy(name, o).await.unwrap();
+            e.domain_undefine(name, o).await.unwrap();
+        }
+    }
     let s = e.stats();
     println!(
         "engine stats: {} calls, {} mutating, {} reconnects",
