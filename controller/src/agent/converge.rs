@@ -144,12 +144,16 @@ fn host_error(e: HostError) -> Error {
 }
 
 /// Runs the plan's actions on (`kind`, `name`) in order. Error notices about it stop before
-/// any action; restart-pending notices come back as field paths.
+/// any action; restart-pending notices come back as field paths. `drift`: the spec has not
+/// changed since the last reconcile that succeeded, so whatever must be done repairs a change
+/// made behind virtkube's back (a `virsh destroy`, a crash, a `virsh vcpupin`); those changes
+/// get the event action `Repair`.
 async fn execute(
     ctx: &Context,
     plan: &Plan,
     kind: ObjectKind,
     name: &str,
+    drift: bool,
 ) -> Result<(Vec<Change>, Vec<String>)> {
     let mine = |k: ObjectKind, n: &str| k == kind && n == name;
     if let Some(n) = plan
@@ -188,14 +192,9 @@ async fn execute(
             }
             _ => action.reason.as_str(),
         };
-        // A start that is not the first one repairs an out-of-band stop or a crash.
-        let repair = matches!(action.op, Op::StartDomain { .. })
-            && plan.actions.iter().all(|a| {
-                !matches!(a.op, Op::DefineDomain { .. }) || !mine(a.object.kind, &a.object.name)
-            });
         changes.push(Change {
             reason,
-            action: if repair { "Repair" } else { reason },
+            action: if drift { "Repair" } else { reason },
             note: format!(
                 "{} libvirt {} {}: {} ({outcome})",
                 action.op.verb(),
@@ -391,7 +390,10 @@ pub async fn domain(ctx: &Context, dom: &Domain) -> Result<Converged<DomainObser
         &observed_state(ctx, host),
         &PlanOptions::default(),
     );
-    let (changes, pending) = execute(ctx, &plan, ObjectKind::Domain, &name).await?;
+    let drift = dom.status.as_ref().is_some_and(|s| {
+        s.observed_generation.is_some() && s.observed_generation == dom.metadata.generation
+    });
+    let (changes, pending) = execute(ctx, &plan, ObjectKind::Domain, &name, drift).await?;
     // Nothing changed: what was read before planning is still what libvirt has (one call
     // per domain per resync).
     let observed = if changes.is_empty() {
@@ -419,7 +421,7 @@ pub async fn remove_domain(ctx: &Context, dom: &Domain) -> Result<Vec<Change>> {
     let manifests = vec![manifest(Object::Domain(Box::new(dom.clone())))];
     let (desired, _) = DesiredState::from_manifests(&manifests, &Nodes::single(&ctx.settings.node));
     let plan = plan::plan_delete(&desired, &observed_state(ctx, host));
-    match execute(ctx, &plan, ObjectKind::Domain, &name).await {
+    match execute(ctx, &plan, ObjectKind::Domain, &name, false).await {
         Ok((changes, _)) => Ok(changes),
         // Not ours: never touched, and nothing of ours is left.
         Err(Error::Unrealizable {
@@ -478,7 +480,10 @@ pub async fn volume(ctx: &Context, vol: &Volume) -> Result<Converged<VolumeObser
         &observed_state(ctx, host),
         &PlanOptions::default(),
     );
-    let (changes, pending) = execute(ctx, &plan, ObjectKind::Volume, &name).await?;
+    let drift = vol.status.as_ref().is_some_and(|s| {
+        s.observed_generation.is_some() && s.observed_generation == vol.metadata.generation
+    });
+    let (changes, pending) = execute(ctx, &plan, ObjectKind::Volume, &name, drift).await?;
     let observed = ctx.engine.volume_observe(&vol.spec.pool, &name).await?;
     Ok(Converged {
         changes,
@@ -530,7 +535,7 @@ pub async fn remove_volume(ctx: &Context, vol: &Volume) -> Result<(Vec<Change>, 
         .filter(about_me)
         .find(|n| n.kind == NoticeKind::Retained)
         .map(|n| n.message.clone());
-    let (changes, _) = execute(ctx, &plan, ObjectKind::Volume, &name).await?;
+    let (changes, _) = execute(ctx, &plan, ObjectKind::Volume, &name, false).await?;
     Ok((changes, kept))
 }
 
@@ -555,7 +560,13 @@ pub async fn network(ctx: &Context, net: &Network) -> Result<Converged<NetworkOb
         &observed_state(ctx, host),
         &PlanOptions::default(),
     );
-    let (changes, pending) = execute(ctx, &plan, ObjectKind::Network, &name).await?;
+    let drift = net.status.as_ref().is_some_and(|s| {
+        converged_here(&s.conditions, net.metadata.generation)
+            && s.nodes
+                .iter()
+                .any(|n| n.node_name == ctx.settings.node && n.message.is_none())
+    });
+    let (changes, pending) = execute(ctx, &plan, ObjectKind::Network, &name, drift).await?;
     let observed = ctx.engine.network_observe(&name).await?;
     Ok(Converged {
         changes,
@@ -576,7 +587,7 @@ pub async fn remove_network(ctx: &Context, net: &Network) -> Result<Vec<Change>>
     let manifests = vec![manifest(Object::Network(Box::new(net.clone())))];
     let (desired, _) = DesiredState::from_manifests(&manifests, &Nodes::single(&ctx.settings.node));
     let plan = plan::plan_delete(&desired, &observed_state(ctx, host));
-    not_mine_is_done(execute(ctx, &plan, ObjectKind::Network, &name).await)
+    not_mine_is_done(execute(ctx, &plan, ObjectKind::Network, &name, false).await)
 }
 
 /// Brings this node's copy of the pool to what `pool.spec` asks.
@@ -598,7 +609,13 @@ pub async fn pool(ctx: &Context, pool: &StoragePool) -> Result<Converged<PoolObs
         &observed_state(ctx, host),
         &PlanOptions::default(),
     );
-    let (changes, pending) = execute(ctx, &plan, ObjectKind::StoragePool, &name).await?;
+    let drift = pool.status.as_ref().is_some_and(|s| {
+        converged_here(&s.conditions, pool.metadata.generation)
+            && s.nodes
+                .iter()
+                .any(|n| n.node_name == ctx.settings.node && n.message.is_none())
+    });
+    let (changes, pending) = execute(ctx, &plan, ObjectKind::StoragePool, &name, drift).await?;
     let observed = ctx.engine.pool_observe(&name).await?;
     Ok(Converged {
         changes,
@@ -618,7 +635,17 @@ pub async fn remove_pool(ctx: &Context, pool: &StoragePool) -> Result<Vec<Change
     let manifests = vec![manifest(Object::StoragePool(Box::new(pool.clone())))];
     let (desired, _) = DesiredState::from_manifests(&manifests, &Nodes::single(&ctx.settings.node));
     let plan = plan::plan_delete(&desired, &observed_state(ctx, host));
-    not_mine_is_done(execute(ctx, &plan, ObjectKind::StoragePool, &name).await)
+    not_mine_is_done(execute(ctx, &plan, ObjectKind::StoragePool, &name, false).await)
+}
+
+/// Whether the summary condition was written for the current generation (the last
+/// reconcile of this spec got through).
+fn converged_here(
+    conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    generation: Option<i64>,
+) -> bool {
+    virtkube_crds::conditions::find(conditions, virtkube_crds::conditions::READY)
+        .is_some_and(|c| c.observed_generation.is_some() && c.observed_generation == generation)
 }
 
 fn not_mine_is_done(result: Result<(Vec<Change>, Vec<String>)>) -> Result<Vec<Change>> {
