@@ -92,7 +92,11 @@ impl ApiServerVerifier {
         assert_eq!(seen.body["reason"], reason, "event body: {}", seen.body);
         assert_eq!(seen.body["reportingController"], "virtkube-agent");
         send.send_response(ok(&seen.body));
-        seen.body["note"].as_str().unwrap_or_default().to_string()
+        format!(
+            "{} [action {}]",
+            seen.body["note"].as_str().unwrap_or_default(),
+            seen.body["action"].as_str().unwrap_or_default()
+        )
     }
 
     /// Expects a server-side-apply status patch under the agent's field manager; answers
@@ -315,6 +319,10 @@ async fn out_of_band_destroy_is_repaired_with_an_event() {
             assert!(
                 note.contains("destroyed"),
                 "libvirt's reason in the note: {note}"
+            );
+            assert!(
+                note.ends_with("[action Repair]"),
+                "a repair of drift: {note}"
             );
             api.handle_status_patch(&updated).await
         })
