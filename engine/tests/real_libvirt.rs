@@ -336,6 +336,21 @@ async fn vcpu_hotplug_suspend_resume_and_shutdown_deadline() {
         (DomainState::Running, "unpaused")
     );
 
+    // Managed save: memory to disk, stopped; the next start restores it (2 vCPUs still).
+    e.domain_managed_save(&name, &o).await.unwrap();
+    let obs = e.domain_observe(&name).await.unwrap().unwrap();
+    assert_eq!(
+        (obs.state, obs.reason.as_str()),
+        (DomainState::Shutoff, "saved")
+    );
+    assert!(obs.has_managed_save);
+    e.domain_start(&name, &o).await.unwrap();
+    assert_eq!(
+        e.domain_state(&name).await.unwrap(),
+        (DomainState::Running, "restored")
+    );
+    assert_eq!(e.domain_info(&name).await.unwrap().vcpus, 2);
+
     // No OS answers ACPI: the deadline passes and the engine destroys the guest.
     let t = Instant::now();
     let out = e
