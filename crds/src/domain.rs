@@ -833,7 +833,7 @@ fn validate_memory(memory: &MemorySpec, errors: &mut FieldErrors) {
             errors.push("spec.memory.size", "must be more than 0");
             None
         }
-        Ok(bytes) if bytes % 1024 != 0 => {
+        Ok(bytes) if !bytes.is_multiple_of(1024) => {
             errors.push(
                 "spec.memory.size",
                 "must be a whole number of KiB (libvirt counts memory in KiB)",
@@ -857,7 +857,7 @@ fn validate_memory(memory: &MemorySpec, errors: &mut FieldErrors) {
                         format!("max {max} is below size {}", memory.size),
                     );
                 }
-                if max_bytes % 1024 != 0 {
+                if max_!bytes.is_multiple_of(1024) {
                     errors.push(
                         "spec.memory.max",
                         "must be a whole number of KiB (libvirt counts memory in KiB)",
@@ -871,7 +871,7 @@ fn validate_memory(memory: &MemorySpec, errors: &mut FieldErrors) {
         match hugepages.page_size.bytes() {
             Ok(page) if page.is_power_of_two() && page >= 4096 => {
                 if let Some(size) = size
-                    && size % page != 0
+                    && !size.is_multiple_of(page)
                 {
                     errors.push(
                         "spec.memory.size",

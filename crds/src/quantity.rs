@@ -54,7 +54,7 @@ impl ByteQuantity {
             ("Ki", 1 << 10),
         ];
         for (suffix, factor) in UNITS {
-            if bytes >= factor && bytes % factor == 0 {
+            if bytes >= factor && bytes.is_multiple_of(factor) {
                 return Self(format!("{}{suffix}", bytes / factor));
             }
         }
@@ -115,7 +115,7 @@ pub fn parse_bytes(text: &str) -> Result<u64, QuantityError> {
         .parse()
         .map_err(|_| too_large())?;
     let scaled = digits.checked_mul(factor).ok_or_else(too_large)?;
-    if scaled % scale != 0 {
+    if !scaled.is_multiple_of(scale) {
         return Err(QuantityError::Fractional(text.to_string()));
     }
     u64::try_from(scaled / scale).map_err(|_| too_large())
