@@ -857,7 +857,7 @@ fn validate_memory(memory: &MemorySpec, errors: &mut FieldErrors) {
                         format!("max {max} is below size {}", memory.size),
                     );
                 }
-                if max_!bytes.is_multiple_of(1024) {
+                if !max_bytes.is_multiple_of(1024) {
                     errors.push(
                         "spec.memory.max",
                         "must be a whole number of KiB (libvirt counts memory in KiB)",
