@@ -481,3 +481,37 @@ async fn a_volume_in_use_is_not_deleted_and_says_why() {
         "a volume in use is never deleted"
     );
 }
+
+#[tokio::test]
+async fn a_pool_no_longer_selected_is_removed_here_and_let_go() {
+    let (ctx, api, engine) = agent_support::context().await;
+    let (mut p, mut api) = pool_up("deselpool", &ctx, api).await;
+    p.spec.node_selector.insert("zone".into(), "b".into());
+    let answer = p.clone();
+    let server = tokio::spawn(async move {
+        let (events, seen, send) = api.events_then().await;
+        assert_eq!(
+            events.iter().map(|(r, _)| r.as_str()).collect::<Vec<_>>(),
+            ["Deleted"]
+        );
+        // This node's status entry released: an apply with nothing under its manager.
+        assert!(seen.path().ends_with("/storagepools/deselpool/status"));
+        assert!(seen.uri.contains("fieldManager=virtkube-agent.node-a"));
+        assert_eq!(seen.body["status"], json!({}));
+        send.send_response(ok(&answer));
+        // Its finalizer removed, guarded by the resourceVersion.
+        let (seen, send) = api.next().await;
+        assert_eq!(seen.method, Method::PATCH);
+        assert_eq!(
+            seen.body,
+            json!({ "metadata": { "resourceVersion": "1", "finalizers": [] } })
+        );
+        send.send_response(ok(&answer));
+    });
+    let action = timed(pool::reconcile(Arc::new(p), ctx.clone()))
+        .await
+        .unwrap();
+    assert_eq!(action, Action::await_change());
+    server.await.unwrap();
+    assert!(engine.pool_observe("deselpool").await.unwrap().is_none());
+}

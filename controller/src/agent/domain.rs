@@ -55,6 +55,26 @@ pub fn concerns(dom: &Domain, ctx: &Context) -> bool {
     }
 }
 
+/// The Domains of `vol`'s namespace whose disks name it (to reconcile them when it changes).
+pub fn users_of(
+    store: &kube::runtime::reflector::Store<Domain>,
+    vol: &virtkube_crds::Volume,
+) -> Vec<kube::runtime::reflector::ObjectRef<Domain>> {
+    let (ns, name) = (vol.namespace(), vol.name_any());
+    store
+        .state()
+        .into_iter()
+        .filter(|d| d.namespace() == ns)
+        .filter(|d| {
+            d.spec
+                .disks
+                .iter()
+                .any(|disk| disk.volume.as_deref() == Some(name.as_str()))
+        })
+        .map(|d| kube::runtime::reflector::ObjectRef::from_obj(&*d))
+        .collect()
+}
+
 /// The reconciler the Controller runs for each Domain.
 pub async fn reconcile(dom: Arc<Domain>, ctx: Arc<Context>) -> Result<Action> {
     if !concerns(&dom, &ctx) {

@@ -260,6 +260,16 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     let pool_controller = Controller::new(Api::<StoragePool>::all(client.clone()), watch())
         .with_config(config.clone());
     let domain_store = domain_controller.store();
+    // A domain waiting for its Volume (VolumeNotReady) is reconciled again as soon as the
+    // Volume changes, instead of at its next backoff.
+    let domain_controller = {
+        let store = domain_store.clone();
+        domain_controller.watches(
+            Api::<Volume>::all(client.clone()),
+            watch(),
+            move |vol: Volume| domain::users_of(&store, &vol),
+        )
+    };
     let network_store = network_controller.store();
     let pool_store = pool_controller.store();
 

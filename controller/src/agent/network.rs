@@ -42,8 +42,11 @@ impl NodeEntry for NetworkNodeStatus {
 /// Whether this node should hold the network: selected by labels, or holding the node's
 /// finalizer (so a deletion is finished here).
 pub fn concerns(net: &Network, ctx: &Context) -> bool {
+    selected(net, ctx) || net.finalizers().contains(&ctx.settings.node_finalizer())
+}
+
+fn selected(net: &Network, ctx: &Context) -> bool {
     selects(&net.spec.node_selector, &ctx.labels())
-        || net.finalizers().contains(&ctx.settings.node_finalizer())
 }
 
 /// The reconciler the Controller runs for each Network.
@@ -56,6 +59,22 @@ pub async fn reconcile(net: Arc<Network>, ctx: Arc<Context>) -> Result<Action> {
     let span = tracing::info_span!("reconcile", kind = KIND, name = %net.name_any());
     let (ctx_ref, api_ref) = (&*ctx, &api);
     let finalizer_name = ctx.settings.node_finalizer();
+    if pernode::deselected(&*net, selected(&net, &ctx), &finalizer_name) {
+        // No longer this node's: remove it here, then let go of it.
+        let result = async {
+            for change in converge::remove_network(&ctx, &net).await? {
+                ctx.event(&*net, false, change.reason, "Deselect", change.note)
+                    .await;
+            }
+            pernode::release(&ctx, &api, &*net).await
+        }
+        .instrument(span)
+        .await;
+        if let Err(e) = &result {
+            ctx.metrics.reconcile_failed(KIND, &e.metric_label());
+        }
+        return result.map(|()| Action::await_change());
+    }
     let result = finalizer(&api, &finalizer_name, net, |event| async move {
         match event {
             Finalizer::Apply(net) => apply(&net, ctx_ref, api_ref).await,

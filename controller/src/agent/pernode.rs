@@ -111,3 +111,51 @@ where
         .inc();
     Ok(true)
 }
+
+/// This node no longer holds the object (its labels or the object's `nodeSelector`
+/// changed) but still carries its finalizer: after the caller removed the libvirt object
+/// here, drop this node's status entry (an apply with nothing under this node's field
+/// manager releases what it owned) and this node's finalizer. The finalizer goes with a
+/// merge patch that carries the object's `resourceVersion`, so a concurrent edit makes it
+/// fail (and retry) instead of being overwritten.
+pub async fn release<K>(ctx: &Context, api: &Api<K>, obj: &K) -> Result<()>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    let name = obj.name_any();
+    let release = json!({
+        "apiVersion": API_VERSION,
+        "kind": K::kind(&()),
+        "status": {},
+    });
+    api.patch_status(
+        &name,
+        &PatchParams::apply(&ctx.settings.node_field_manager()).force(),
+        &Patch::Apply(&release),
+    )
+    .await?;
+    let mine = ctx.settings.node_finalizer();
+    let remaining: Vec<String> = obj
+        .finalizers()
+        .iter()
+        .filter(|f| **f != mine)
+        .cloned()
+        .collect();
+    let patch = json!({
+        "metadata": {
+            "resourceVersion": obj.resource_version(),
+            "finalizers": remaining,
+        }
+    });
+    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    Ok(())
+}
+
+/// Whether this node was deselected while still holding the object: selected no more, its
+/// finalizer still there, and the object not being deleted (deletion has its own path).
+pub fn deselected<K: Resource>(obj: &K, selected: bool, finalizer: &str) -> bool {
+    !selected
+        && obj.meta().deletion_timestamp.is_none()
+        && obj.finalizers().iter().any(|f| f == finalizer)
+}

@@ -45,8 +45,11 @@ impl NodeEntry for PoolNodeStatus {
 /// Whether this node should hold the pool: selected by labels, or holding the node's
 /// finalizer (so a deletion is finished here).
 pub fn concerns(pool: &StoragePool, ctx: &Context) -> bool {
+    selected(pool, ctx) || pool.finalizers().contains(&ctx.settings.node_finalizer())
+}
+
+fn selected(pool: &StoragePool, ctx: &Context) -> bool {
     selects(&pool.spec.node_selector, &ctx.labels())
-        || pool.finalizers().contains(&ctx.settings.node_finalizer())
 }
 
 /// The reconciler the Controller runs for each StoragePool.
@@ -59,6 +62,22 @@ pub async fn reconcile(pool: Arc<StoragePool>, ctx: Arc<Context>) -> Result<Acti
     let span = tracing::info_span!("reconcile", kind = KIND, name = %pool.name_any());
     let (ctx_ref, api_ref) = (&*ctx, &api);
     let finalizer_name = ctx.settings.node_finalizer();
+    if pernode::deselected(&*pool, selected(&pool, &ctx), &finalizer_name) {
+        // No longer this node's: remove it here, then let go of it.
+        let result = async {
+            for change in converge::remove_pool(&ctx, &pool).await? {
+                ctx.event(&*pool, false, change.reason, "Deselect", change.note)
+                    .await;
+            }
+            pernode::release(&ctx, &api, &*pool).await
+        }
+        .instrument(span)
+        .await;
+        if let Err(e) = &result {
+            ctx.metrics.reconcile_failed(KIND, &e.metric_label());
+        }
+        return result.map(|()| Action::await_change());
+    }
     let result = finalizer(&api, &finalizer_name, pool, |event| async move {
         match event {
             Finalizer::Apply(pool) => apply(&pool, ctx_ref, api_ref).await,
