@@ -22,8 +22,12 @@ if [ "$CMD" = restart-daemon ]; then
   shift
 fi
 W=${2:-${VIRTKUBE_NODES_DIR:-/tmp/virtkube-libvirt-nodes}}
-NS_A=vkA NS_B=vkB VETH_A=vkvethA VETH_B=vkvethB
-ADDR_A=10.99.0.1 ADDR_B=10.99.0.2
+# Two sets of nodes can run side by side (a developer's and a test run's) with their own
+# namespace prefix and /24: VIRTKUBE_NODES_NETNS=vkci VIRTKUBE_NODES_SUBNET=10.98.0.
+PREFIX=${VIRTKUBE_NODES_NETNS:-vk}
+SUBNET=${VIRTKUBE_NODES_SUBNET:-10.99.0}
+NS_A=${PREFIX}A NS_B=${PREFIX}B VETH_A=${PREFIX}vethA VETH_B=${PREFIX}vethB
+ADDR_A=$SUBNET.1 ADDR_B=$SUBNET.2
 UUID_A=5a5a5a5a-0000-4000-8000-0000000000a1
 UUID_B=5a5a5a5a-0000-4000-8000-0000000000b1
 
