@@ -302,17 +302,23 @@ fn cases() -> Vec<Case> {
             Expect::Ops(vec![Op::ResumeDomain], Symbol::Live),
         ),
         (
-            "volume grows: live",
-            |d| d.volumes[0].capacity = Some(8 << 30),
+            "unused volume grows: live",
+            |d| d.volumes[1].capacity = Some(8 << 30),
             |_| {},
             Expect::Ops(
                 vec![Op::ResizeVolume {
                     pool: "images".into(),
-                    key: "/pools/images/team.root".into(),
+                    key: "/pools/images/team.data".into(),
                     capacity: 8 << 30,
                 }],
                 Symbol::Live,
             ),
+        ),
+        (
+            "volume in use by a running guest grows at its next stop",
+            |d| d.volumes[0].capacity = Some(8 << 30),
+            |_| {},
+            Expect::Notice(NoticeKind::Blocked, "capacity"),
         ),
         (
             "volume shrink: forbidden",

@@ -102,6 +102,14 @@ fn plan_with(
     p
 }
 
+fn same_steps(a: &Plan, b: &Plan) -> bool {
+    a.actions.len() == b.actions.len()
+        && a.actions
+            .iter()
+            .zip(&b.actions)
+            .all(|(x, y)| x.node == y.node && x.object == y.object && x.op == y.op)
+}
+
 /// Observes, plans and applies until nothing is left to do (or `max_rounds` ran).
 pub async fn converge(
     hosts: &Hosts,
@@ -180,9 +188,12 @@ pub async fn converge(
             }
         }
         observed = hosts.observe().await?;
-        current = plan_with(desired, &observed, notices, options);
-        if !report.is_success() {
-            // A failure that re-planning cannot fix (libvirt refused) would loop forever.
+        let previous = std::mem::replace(
+            &mut current,
+            plan_with(desired, &observed, notices, options),
+        );
+        if !report.is_success() && same_steps(&previous, &current) {
+            // Nothing moved: running the same refused steps again cannot help.
             break;
         }
     }

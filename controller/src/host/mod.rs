@@ -287,7 +287,17 @@ async fn observe_host(h: &Host) -> Result<ObservedHost, HostError> {
     // One pass over every domain (one pool slot instead of one per domain).
     let domains = e.domain_observe_all().await.map_err(&err)?;
     for d in domains {
-        host.domains.insert(d.name.clone(), domain_from(&d));
+        let mut o = domain_from(&d);
+        // On QEMU the live `currentMemory` is the balloon's actual size, which stays at the
+        // maximum until a guest driver gives memory back: virtkube's target is what it set
+        // in the persistent definition (it sets memory live and in the config).
+        if o.power.is_active() && h.apply != Apply::Current && d.persistent {
+            let config = e.domain_xml(&d.name, true).await.map_err(&err)?;
+            if let Ok(c) = DomainObserved::from_xml(&config) {
+                o.memory_kib = c.memory_kib;
+            }
+        }
+        host.domains.insert(d.name.clone(), o);
     }
     Ok(host)
 }
@@ -676,8 +686,13 @@ async fn run_action(hosts: &Hosts, host: &Host, a: &Action) -> Result<String, Ho
                             _ => None,
                         },
                     };
-                    let v = e.volume_create(pool, &def).await.map_err(&err)?;
-                    Ok(format!("created at {}", v.path))
+                    match e.volume_create(pool, &def).await {
+                        Ok(v) => Ok(format!("created at {}", v.path)),
+                        Err(exists) if exists.is_already_exists() => {
+                            adopt(e, pool, name, exists).await.map_err(&err)
+                        }
+                        Err(other) => Err(err(other)),
+                    }
                 }
                 VolumeOrigin::Clone(src) => {
                     let source_capacity = e
@@ -694,7 +709,25 @@ async fn run_action(hosts: &Hosts, host: &Host, a: &Action) -> Result<String, Ho
                         format,
                         backing_volume: None,
                     };
-                    let v = e.volume_clone(pool, &def, src).await.map_err(&err)?;
+                    let v = match e.volume_clone(pool, &def, src).await {
+                        Ok(v) => v,
+                        Err(exists) if exists.is_already_exists() => {
+                            return adopt(e, pool, name, exists).await.map_err(&err);
+                        }
+                        Err(other) => return Err(err(other)),
+                    };
+                    // libvirt copies the source's size whatever the clone's XML says: grow it
+                    // here, before any domain holds the image open.
+                    if v.capacity < def.capacity_bytes {
+                        e.volume_resize(pool, name, &v.key, def.capacity_bytes)
+                            .await
+                            .map_err(&err)?;
+                        return Ok(format!(
+                            "cloned to {} and grown to {}",
+                            v.path,
+                            crate::plan::render::bytes(def.capacity_bytes)
+                        ));
+                    }
                     Ok(format!("cloned to {}", v.path))
                 }
             }
@@ -737,11 +770,10 @@ async fn run_action(hosts: &Hosts, host: &Host, a: &Action) -> Result<String, Ho
             done("started")
         }
         Op::StopDomain => {
-            let outcome = e
-                .domain_shutdown(name, &owner, deadline)
+            let outcome = graceful_stop(e, name, &owner, deadline)
                 .await
                 .map_err(&err)?;
-            Ok(format!("{outcome:?}").to_lowercase())
+            Ok(outcome)
         }
         Op::SuspendDomain => {
             e.domain_suspend(name, &owner).await.map_err(&err)?;
@@ -782,8 +814,7 @@ async fn run_action(hosts: &Hosts, host: &Host, a: &Action) -> Result<String, Ho
             done("autostart set")
         }
         Op::RestartDomain { domain, preserve } => {
-            let outcome = e
-                .domain_shutdown(name, &owner, deadline)
+            let outcome = graceful_stop(e, name, &owner, deadline)
                 .await
                 .map_err(&err)?;
             let pools = volume_pools(host).await?;
@@ -791,15 +822,14 @@ async fn run_action(hosts: &Hosts, host: &Host, a: &Action) -> Result<String, Ho
                 .await
                 .map_err(&err)?;
             e.domain_start(name, &owner).await.map_err(&err)?;
-            Ok(format!("shut down ({outcome:?}), redefined, started").to_lowercase())
+            Ok(format!("shut down ({outcome}), redefined, started"))
         }
         Op::DeleteDomain => {
-            let outcome = e
-                .domain_shutdown(name, &owner, deadline)
+            let outcome = graceful_stop(e, name, &owner, deadline)
                 .await
                 .map_err(&err)?;
             e.domain_undefine(name, &owner).await.map_err(&err)?;
-            Ok(format!("shut down ({outcome:?}), undefined").to_lowercase())
+            Ok(format!("shut down ({outcome}), undefined"))
         }
         Op::MigrateDomain { to, migration } => {
             let dest = hosts.get(to)?;
@@ -825,6 +855,60 @@ async fn run_action(hosts: &Hosts, host: &Host, a: &Action) -> Result<String, Ho
                     .map(|d| format!(", downtime {d} ms"))
                     .unwrap_or_default()
             ))
+        }
+    }
+}
+
+/// A retained image (its Volume was deleted with `reclaimPolicy: Retain`, or its pool
+/// undefined) is adopted again by a Volume of the same namespace and name in virtkube's pool,
+/// as the Volume API promises, instead of failing on "exists already".
+async fn adopt(
+    e: &Engine,
+    pool: &str,
+    name: &str,
+    exists: EngineError,
+) -> Result<String, EngineError> {
+    match e.volume_observe(pool, name).await? {
+        Some(v) => Ok(format!("adopted the retained image at {}", v.path)),
+        None => Err(exists),
+    }
+}
+
+/// Stops a guest gracefully within `deadline`, then by force. A paused guest is resumed
+/// first (it cannot act on the ACPI request while paused); a crashed one, or one that
+/// refuses the request, is destroyed.
+async fn graceful_stop(
+    e: &Engine,
+    name: &str,
+    owner: &Owner,
+    deadline: Duration,
+) -> Result<String, EngineError> {
+    let (state, _) = e.domain_state(name).await?;
+    match state {
+        DomainState::Shutoff | DomainState::NoState | DomainState::Unknown => {
+            return Ok("already off".into());
+        }
+        DomainState::Crashed => {
+            e.domain_destroy(name, owner).await?;
+            return Ok("destroyed (crashed)".into());
+        }
+        _ => {}
+    }
+    let paused = matches!(state, DomainState::Paused | DomainState::PmSuspended);
+    if paused && e.domain_resume(name, owner).await.is_err() {
+        e.domain_destroy(name, owner).await?;
+        return Ok("destroyed (could not resume it to shut down)".into());
+    }
+    match e.domain_shutdown(name, owner, deadline).await {
+        Ok(outcome) => Ok(format!("{outcome:?}").to_lowercase()),
+        Err(refused) => {
+            let (state, _) = e.domain_state(name).await?;
+            if state.is_active() {
+                e.domain_destroy(name, owner).await?;
+                Ok(format!("destroyed (shutdown refused: {refused})"))
+            } else {
+                Ok("off".into())
+            }
         }
     }
 }

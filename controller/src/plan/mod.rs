@@ -711,7 +711,17 @@ pub fn plan(desired: &DesiredState, observed: &ObservedState, options: &PlanOpti
                     );
                 }
                 if let Some(capacity) = vol.capacity {
-                    if capacity > o.capacity {
+                    let users: Vec<&String> = host
+                        .domains
+                        .iter()
+                        .filter(|(_, d)| d.power.is_active() && d.disks.iter().any(|disk| matches!(&disk.source, observed::DiskRef::Volume { pool, volume } if pool == &vol.pool && volume == &vol.name)))
+                        .map(|(n, _)| n)
+                        .collect();
+                    if capacity > o.capacity && !users.is_empty() {
+                        // QEMU holds the image's write lock while the guest runs; growing it
+                        // then needs a live block resize through the domain.
+                        b.notice(NoticeKind::Blocked, &object, node, format!("grows when domain {} stops: a running guest holds the image (a live block resize is not available yet)", users.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")), vec![Change::new("capacity", render::bytes(o.capacity), render::bytes(capacity))]);
+                    } else if capacity > o.capacity {
                         let op = Op::ResizeVolume {
                             pool: vol.pool.clone(),
                             key: o.key.clone(),
