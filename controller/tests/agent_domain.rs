@@ -442,3 +442,50 @@ async fn a_foreign_domain_of_the_same_name_is_reported_never_overwritten() {
     let still = engine.domain_owner("clash.web").await.unwrap().unwrap();
     assert_eq!(still.uid, "someone-else", "the foreign domain is untouched");
 }
+
+#[tokio::test]
+async fn libvirt_out_of_reach_makes_the_phase_unknown_not_failed() {
+    let (ctx, mut api, engine) = context().await;
+    let dom = finalized(test_domain("gone"));
+    let server = {
+        let dom = dom.clone();
+        tokio::spawn(async move {
+            api.handle_event("gone", "Defined").await;
+            api.handle_event("gone", "AutostartSet").await;
+            api.handle_event("gone", "Started").await;
+            let updated = api.handle_status_patch(&dom).await;
+            (api, updated)
+        })
+    };
+    reconcile(&dom, &ctx).await;
+    let (mut api, updated) = server.await.unwrap();
+    engine.close().await.unwrap();
+    let server = {
+        let updated = updated.clone();
+        tokio::spawn(async move {
+            let patched = api.handle_status_patch(&updated).await;
+            let note = api.handle_event("gone", "Failed").await;
+            (patched, note)
+        })
+    };
+    let result = tokio::time::timeout(
+        Duration::from_secs(20),
+        domain::reconcile(Arc::new(updated.clone()), ctx.clone()),
+    )
+    .await
+    .unwrap();
+    assert!(result.is_err(), "retried with backoff");
+    let (patched, note) = server.await.unwrap();
+    let status = patched.status.unwrap();
+    assert_eq!(
+        status.phase,
+        Some(virtkube_crds::domain::DomainPhase::Unknown)
+    );
+    assert_eq!(status.uuid, updated.status.unwrap().uuid, "last facts kept");
+    let ready = virtkube_crds::conditions::find(&status.conditions, "Ready").unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "LibvirtError")
+    );
+    assert!(note.starts_with("LibvirtError"), "{note}");
+}

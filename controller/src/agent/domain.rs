@@ -150,17 +150,25 @@ async fn apply(dom: &Domain, ctx: &Context, api: &Api<Domain>) -> Result<Action>
         }
         Err(error) => {
             let (reason, message) = error.reason_and_message();
-            let observed = ctx
-                .engine
-                .domain_observe(&converge::domain_host_name(dom))
-                .await
-                .ok()
-                .flatten()
-                .filter(|o| {
-                    converge::owner_of(dom)
-                        .is_ok_and(|me| o.owner.as_ref().is_some_and(|m| m.same_resource(&me)))
-                });
-            let status = status_for(
+            let unreachable = matches!(
+                &error,
+                Error::Engine(e) if e.is_connection_error()
+                    || matches!(e, virtkube_engine::EngineError::Closed { .. })
+            );
+            let observed = if unreachable {
+                None
+            } else {
+                ctx.engine
+                    .domain_observe(&converge::domain_host_name(dom))
+                    .await
+                    .ok()
+                    .flatten()
+                    .filter(|o| {
+                        converge::owner_of(dom)
+                            .is_ok_and(|me| o.owner.as_ref().is_some_and(|m| m.same_resource(&me)))
+                    })
+            };
+            let mut status = status_for(
                 dom,
                 ctx,
                 observed.as_ref(),
@@ -168,6 +176,15 @@ async fn apply(dom: &Domain, ctx: &Context, api: &Api<Domain>) -> Result<Action>
                 Some((reason, message.clone())),
                 true,
             );
+            if unreachable {
+                // libvirt cannot be asked: what the guest does is unknown, not failed; the
+                // last facts stay as they were.
+                let mut kept = dom.status.as_ref().map(agent_view).unwrap_or_default();
+                kept.phase = Some(DomainPhase::Unknown);
+                kept.conditions = status.conditions;
+                kept.observed_generation = status.observed_generation;
+                status = kept;
+            }
             // One event per distinct failure: the status changes only when the failure does.
             if write_status(dom, ctx, api, status).await? {
                 ctx.event(
