@@ -4,203 +4,15 @@
 //! SIGTERM; without the CRDs it refuses to start and prints how to install them.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::Router;
-use axum::body::{Body, Bytes};
-use axum::extract::State;
-use axum::http::{Method, StatusCode, Uri};
-use axum::response::Response;
 use serde_json::{Value, json};
 
-#[derive(Default)]
-struct Fake {
-    /// Plurals the server answers 404 for (CRD not installed).
-    missing: Vec<String>,
-    /// Calls seen: `METHOD path`.
-    calls: Vec<String>,
-    /// The last HypervisorNode status applied.
-    node_status: Option<Value>,
-    /// Objects listed per plural.
-    objects: BTreeMap<String, Vec<Value>>,
-    /// Status patches seen: (path, body).
-    status_patches: Vec<(String, Value)>,
-    /// Event reasons seen.
-    events: Vec<String>,
-}
+mod agent_support;
 
-type Shared = Arc<Mutex<Fake>>;
-
-async fn handle(State(fake): State<Shared>, method: Method, uri: Uri, body: Bytes) -> Response {
-    let path = uri.path().to_string();
-    let query = uri.query().unwrap_or_default().to_string();
-    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    let plural = path.rsplit('/').find(|s| {
-        [
-            "domains",
-            "volumes",
-            "networks",
-            "storagepools",
-            "hypervisornodes",
-        ]
-        .contains(s)
-    });
-    let missing = {
-        let mut f = fake.lock().unwrap();
-        f.calls.push(format!("{method} {path}"));
-        plural.is_some_and(|p| f.missing.iter().any(|m| m == p))
-    };
-    let json_response = |code: StatusCode, v: Value| {
-        Response::builder()
-            .status(code)
-            .header("content-type", "application/json")
-            .body(Body::from(v.to_string()))
-            .unwrap()
-    };
-    if missing {
-        return json_response(
-            StatusCode::NOT_FOUND,
-            json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                   "reason": "NotFound", "code": 404,
-                   "message": "the server could not find the requested resource"}),
-        );
-    }
-    if method == Method::GET && query.contains("watch=true") {
-        // A watch that stays open and quiet (the agent's steady state).
-        tokio::time::sleep(Duration::from_secs(30)).await;
-        return json_response(StatusCode::OK, Value::Null);
-    }
-    if method == Method::GET {
-        let items = plural
-            .and_then(|p| fake.lock().unwrap().objects.get(p).cloned())
-            .unwrap_or_default();
-        return json_response(
-            StatusCode::OK,
-            json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "1"}, "items": items}),
-        );
-    }
-    if path.starts_with("/apis/events.k8s.io/") {
-        let reason = body["reason"].as_str().unwrap_or_default().to_string();
-        fake.lock().unwrap().events.push(reason);
-        return json_response(StatusCode::OK, body);
-    }
-    if method == Method::PATCH && path.ends_with("/status") && !path.contains("/hypervisornodes/") {
-        let name = path
-            .trim_end_matches("/status")
-            .rsplit('/')
-            .next()
-            .unwrap_or_default()
-            .to_string();
-        let mut f = fake.lock().unwrap();
-        f.status_patches.push((path.clone(), body.clone()));
-        let stored = plural
-            .and_then(|p| f.objects.get(p))
-            .and_then(|objs| objs.iter().find(|o| o["metadata"]["name"] == name.as_str()))
-            .cloned();
-        if let Some(mut obj) = stored {
-            obj["status"] = body["status"].clone();
-            return json_response(StatusCode::OK, obj);
-        }
-    }
-    if method == Method::PATCH && path.contains("/hypervisornodes/") {
-        let name = path
-            .trim_end_matches("/status")
-            .rsplit('/')
-            .next()
-            .unwrap_or_default()
-            .to_string();
-        if path.ends_with("/status") {
-            fake.lock().unwrap().node_status = Some(body["status"].clone());
-        }
-        return json_response(
-            StatusCode::OK,
-            json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "HypervisorNode",
-                   "metadata": {"name": name, "labels": {"zone": "a"}}, "spec": {},
-                   "status": body.get("status").cloned().unwrap_or(Value::Null)}),
-        );
-    }
-    json_response(StatusCode::OK, body)
-}
-
-async fn fake_api(missing: &[&str]) -> (SocketAddr, Shared) {
-    let fake: Shared = Arc::new(Mutex::new(Fake {
-        missing: missing.iter().map(|s| s.to_string()).collect(),
-        ..Fake::default()
-    }));
-    let app = Router::new().fallback(handle).with_state(fake.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (addr, fake)
-}
-
-async fn fake_api_with(objects: Vec<(&str, Value)>) -> (SocketAddr, Shared) {
-    let (addr, fake) = fake_api(&[]).await;
-    {
-        let mut f = fake.lock().unwrap();
-        for (plural, obj) in objects {
-            f.objects.entry(plural.to_string()).or_default().push(obj);
-        }
-    }
-    (addr, fake)
-}
-
-fn kubeconfig(dir: &std::path::Path, api: SocketAddr) -> std::path::PathBuf {
-    let path = dir.join("kubeconfig");
-    std::fs::write(
-        &path,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{api}\nusers:\n- name: u\n  user: {{}}\ncontexts:\n- name: c\n  context:\n    cluster: fake\n    user: u\ncurrent-context: c\n"
-        ),
-    )
-    .unwrap();
-    path
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn agent(kubeconfig: &std::path::Path, metrics_port: u16) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_virtkube"))
-        .args([
-            "agent",
-            "--metrics-addr",
-            &format!("127.0.0.1:{metrics_port}"),
-            "--heartbeat-seconds",
-            "1",
-            "--log-format",
-            "json",
-        ])
-        .env("KUBECONFIG", kubeconfig)
-        .env("VIRTKUBE_NODE_NAME", "proc-node")
-        .env("VIRTKUBE_CONNECT", "test:///default")
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the virtkube binary runs")
-}
-
-async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).await.ok()?;
-    Some((text.get(9..12)?.parse().ok()?, text))
-}
+use agent_support::fake_api::{
+    agent, fake_api, fake_api_with, free_port, http_get, kubeconfig, sigterm,
+};
 
 #[tokio::test]
 async fn agent_starts_gets_ready_publishes_its_node_and_stops_on_sigterm() {
@@ -208,7 +20,7 @@ async fn agent_starts_gets_ready_publishes_its_node_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let config = kubeconfig(dir.path(), api);
     let port = free_port();
-    let mut child = agent(&config, port);
+    let mut child = agent(&config, port, "test:///default");
 
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -259,7 +71,7 @@ async fn agent_starts_gets_ready_publishes_its_node_and_stops_on_sigterm() {
 
     // SIGTERM: a clean, prompt exit.
     let stopped = Instant::now();
-    nix_kill(child.id());
+    sigterm(child.id());
     let out = tokio::task::spawn_blocking(move || child.wait_with_output())
         .await
         .unwrap()
@@ -283,20 +95,12 @@ async fn agent_starts_gets_ready_publishes_its_node_and_stops_on_sigterm() {
     );
 }
 
-fn nix_kill(pid: u32) {
-    let status = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
 #[tokio::test]
 async fn agent_without_crds_refuses_to_start_and_says_how_to_install_them() {
     let (api, _fake) = fake_api(&["domains", "hypervisornodes"]).await;
     let dir = tempfile::tempdir().unwrap();
     let config = kubeconfig(dir.path(), api);
-    let child = agent(&config, free_port());
+    let child = agent(&config, free_port(), "test:///default");
     let out = tokio::task::spawn_blocking(move || child.wait_with_output())
         .await
         .unwrap()
@@ -364,7 +168,7 @@ async fn running_controllers_converge_listed_objects_in_dependency_order_then_go
     let dir = tempfile::tempdir().unwrap();
     let config = kubeconfig(dir.path(), api);
     let port = free_port();
-    let mut child = agent(&config, port);
+    let mut child = agent(&config, port, "test:///default");
 
     // Converged when the domain reports Ready=True (the pool, volume and network first:
     // until they are, the domain is retried with backoff).
@@ -450,7 +254,7 @@ async fn running_controllers_converge_listed_objects_in_dependency_order_then_go
         "writes in steady state"
     );
 
-    nix_kill(child.id());
+    sigterm(child.id());
     let out = tokio::task::spawn_blocking(move || child.wait_with_output())
         .await
         .unwrap()

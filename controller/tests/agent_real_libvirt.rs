@@ -1,6 +1,7 @@
 //! The agent against a real private libvirtd (QEMU under TCG): a guest destroyed with
 //! `virsh` behind the agent's back is seen through libvirt's event within a second, restarted
-//! (runStrategy Always), and an event says so with libvirt's reason.
+//! (runStrategy Always), and an event says so with libvirt's reason; SIGTERM stops the agent
+//! process and never the guest, and a new agent adopts the guest without touching it.
 //!
 //! Start the daemons first, then run the ignored tests (as root):
 //!
@@ -215,4 +216,88 @@ async fn virsh_destroy_behind_the_agents_back_is_repaired_with_an_event() {
         "{events:?}"
     );
     assert!(engine.domain_lookup(&libvirt_name).await.unwrap().is_none());
+}
+
+#[tokio::test]
+#[ignore = "needs private libvirtd: scripts/libvirt-nodes.sh up, then --run-ignored"]
+async fn sigterm_stops_the_agent_never_the_guest_and_a_new_agent_adopts_it() {
+    use agent_support::fake_api::{agent, fake_api_with, free_port, http_get, kubeconfig, sigterm};
+    let uri = node_a_uri();
+    let ns = format!("realterm{}", std::process::id() % 100_000);
+    let libvirt_name = format!("{ns}.vm");
+    let domain = json!({
+        "apiVersion": "virtkube.io/v1alpha1", "kind": "Domain",
+        "metadata": { "name": "vm", "namespace": ns, "uid": format!("uid-{ns}"), "generation": 1,
+                      "resourceVersion": "1", "finalizers": [FINALIZER] },
+        "spec": { "nodeName": "proc-node", "runStrategy": "Always",
+                  "cpu": { "vcpus": 1 }, "memory": { "size": "128Mi" }, "os": { "machine": "pc" } }
+    });
+    let (api, fake) = fake_api_with(vec![("domains", domain)]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = kubeconfig(dir.path(), api);
+
+    let running_status =
+        |fake: &agent_support::fake_api::Shared| {
+            fake.lock().unwrap().status_patches.iter().any(|(p, b)| {
+                p.ends_with("/domains/vm/status") && b["status"]["phase"] == "Running"
+            })
+        };
+    let port = free_port();
+    let mut first = agent(&config, port, &uri);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !running_status(&fake) {
+        assert!(
+            first.try_wait().unwrap().is_none(),
+            "the agent exited early"
+        );
+        assert!(Instant::now() < deadline, "the domain never ran");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(virsh(&uri, &["domstate", &libvirt_name]), "running");
+    let pid_before = virsh(&uri, &["domid", &libvirt_name]);
+
+    sigterm(first.id());
+    let out = tokio::task::spawn_blocking(move || first.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        virsh(&uri, &["domstate", &libvirt_name]),
+        "running",
+        "stopping the agent never stops a guest"
+    );
+
+    // A new agent adopts the running guest: no event, no restart, same run.
+    let events_before = fake.lock().unwrap().events.len();
+    let port = free_port();
+    let mut second = agent(&config, port, &uri);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http_get(port, "/readyz").await.map(|(c, _)| c) != Some(200) {
+        assert!(
+            Instant::now() < deadline,
+            "the second agent never became ready"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        virsh(&uri, &["domid", &libvirt_name]),
+        pid_before,
+        "same run"
+    );
+    assert_eq!(
+        fake.lock().unwrap().events.len(),
+        events_before,
+        "adopting changes nothing"
+    );
+    sigterm(second.id());
+    let _ = tokio::task::spawn_blocking(move || second.wait()).await;
+
+    virsh(&uri, &["destroy", &libvirt_name]);
+    virsh(&uri, &["undefine", &libvirt_name]);
 }

@@ -1,0 +1,212 @@
+//! A fake Kubernetes API server for running the real `virtkube agent` process: it answers
+//! what the agent asks (CRD lists, quiet watches, HypervisorNode and status patches, events)
+//! and records it.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{Method, StatusCode, Uri};
+use axum::response::Response;
+use serde_json::{Value, json};
+
+#[derive(Default)]
+pub struct Fake {
+    /// Plurals the server answers 404 for (CRD not installed).
+    pub missing: Vec<String>,
+    /// Calls seen: `METHOD path`.
+    pub calls: Vec<String>,
+    /// The last HypervisorNode status applied.
+    pub node_status: Option<Value>,
+    /// Objects listed per plural.
+    pub objects: BTreeMap<String, Vec<Value>>,
+    /// Status patches seen: (path, body).
+    pub status_patches: Vec<(String, Value)>,
+    /// Event reasons seen.
+    pub events: Vec<String>,
+}
+
+pub type Shared = Arc<Mutex<Fake>>;
+
+async fn handle(State(fake): State<Shared>, method: Method, uri: Uri, body: Bytes) -> Response {
+    let path = uri.path().to_string();
+    let query = uri.query().unwrap_or_default().to_string();
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let plural = path.rsplit('/').find(|s| {
+        [
+            "domains",
+            "volumes",
+            "networks",
+            "storagepools",
+            "hypervisornodes",
+        ]
+        .contains(s)
+    });
+    let missing = {
+        let mut f = fake.lock().unwrap();
+        f.calls.push(format!("{method} {path}"));
+        plural.is_some_and(|p| f.missing.iter().any(|m| m == p))
+    };
+    let json_response = |code: StatusCode, v: Value| {
+        Response::builder()
+            .status(code)
+            .header("content-type", "application/json")
+            .body(Body::from(v.to_string()))
+            .unwrap()
+    };
+    if missing {
+        return json_response(
+            StatusCode::NOT_FOUND,
+            json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                   "reason": "NotFound", "code": 404,
+                   "message": "the server could not find the requested resource"}),
+        );
+    }
+    if method == Method::GET && query.contains("watch=true") {
+        // A watch that stays open and quiet (the agent's steady state).
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        return json_response(StatusCode::OK, Value::Null);
+    }
+    if method == Method::GET {
+        let items = plural
+            .and_then(|p| fake.lock().unwrap().objects.get(p).cloned())
+            .unwrap_or_default();
+        return json_response(
+            StatusCode::OK,
+            json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "1"}, "items": items}),
+        );
+    }
+    if path.starts_with("/apis/events.k8s.io/") {
+        let reason = body["reason"].as_str().unwrap_or_default().to_string();
+        fake.lock().unwrap().events.push(reason);
+        return json_response(StatusCode::OK, body);
+    }
+    if method == Method::PATCH && path.ends_with("/status") && !path.contains("/hypervisornodes/") {
+        let name = path
+            .trim_end_matches("/status")
+            .rsplit('/')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let mut f = fake.lock().unwrap();
+        f.status_patches.push((path.clone(), body.clone()));
+        let stored = plural
+            .and_then(|p| f.objects.get(p))
+            .and_then(|objs| objs.iter().find(|o| o["metadata"]["name"] == name.as_str()))
+            .cloned();
+        if let Some(mut obj) = stored {
+            obj["status"] = body["status"].clone();
+            return json_response(StatusCode::OK, obj);
+        }
+    }
+    if method == Method::PATCH && path.contains("/hypervisornodes/") {
+        let name = path
+            .trim_end_matches("/status")
+            .rsplit('/')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        if path.ends_with("/status") {
+            fake.lock().unwrap().node_status = Some(body["status"].clone());
+        }
+        return json_response(
+            StatusCode::OK,
+            json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "HypervisorNode",
+                   "metadata": {"name": name, "labels": {"zone": "a"}}, "spec": {},
+                   "status": body.get("status").cloned().unwrap_or(Value::Null)}),
+        );
+    }
+    json_response(StatusCode::OK, body)
+}
+
+pub async fn fake_api(missing: &[&str]) -> (SocketAddr, Shared) {
+    let fake: Shared = Arc::new(Mutex::new(Fake {
+        missing: missing.iter().map(|s| s.to_string()).collect(),
+        ..Fake::default()
+    }));
+    let app = Router::new().fallback(handle).with_state(fake.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (addr, fake)
+}
+
+pub async fn fake_api_with(objects: Vec<(&str, Value)>) -> (SocketAddr, Shared) {
+    let (addr, fake) = fake_api(&[]).await;
+    {
+        let mut f = fake.lock().unwrap();
+        for (plural, obj) in objects {
+            f.objects.entry(plural.to_string()).or_default().push(obj);
+        }
+    }
+    (addr, fake)
+}
+
+pub fn kubeconfig(dir: &std::path::Path, api: SocketAddr) -> std::path::PathBuf {
+    let path = dir.join("kubeconfig");
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{api}\nusers:\n- name: u\n  user: {{}}\ncontexts:\n- name: c\n  context:\n    cluster: fake\n    user: u\ncurrent-context: c\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn agent(kubeconfig: &std::path::Path, metrics_port: u16, uri: &str) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_virtkube"))
+        .args([
+            "agent",
+            "--metrics-addr",
+            &format!("127.0.0.1:{metrics_port}"),
+            "--heartbeat-seconds",
+            "1",
+            "--log-format",
+            "json",
+        ])
+        .env("KUBECONFIG", kubeconfig)
+        .env("VIRTKUBE_NODE_NAME", "proc-node")
+        .env("VIRTKUBE_CONNECT", uri)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the virtkube binary runs")
+}
+
+pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.ok()?;
+    Some((text.get(9..12)?.parse().ok()?, text))
+}
+
+pub fn sigterm(pid: u32) {
+    let status = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
