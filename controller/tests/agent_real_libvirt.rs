@@ -25,7 +25,7 @@ use kube::client::Body;
 use kube::runtime::controller::Action;
 use kube::{Client, Resource};
 use prometheus_client::registry::Registry;
-use serde_json::json;
+use serde_json::{Value, json};
 use virtkube::agent::context::{Context, FINALIZER, Settings};
 use virtkube::agent::metrics::Metrics;
 use virtkube::agent::{domain, drift};
@@ -300,4 +300,206 @@ async fn sigterm_stops_the_agent_never_the_guest_and_a_new_agent_adopts_it() {
 
     virsh(&uri, &["destroy", &libvirt_name]);
     virsh(&uri, &["undefine", &libvirt_name]);
+}
+
+/// The examples, renamed so they cannot clash with other suites on the shared daemon.
+fn renamed_examples() -> Vec<(String, Value)> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let mut objects = Vec::new();
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    files.sort();
+    for file in files {
+        let text = std::fs::read_to_string(&file)
+            .unwrap()
+            .replace("name: images", "name: agimages")
+            .replace("pool: images", "pool: agimages")
+            .replace("/pools/images", "/pools/agimages")
+            .replace("vk-nat", "ag-nat")
+            .replace("vk-isolated", "ag-isolated")
+            .replace("virbr-vk0", "virbr-ag0")
+            .replace("192.168.150.", "192.168.153.")
+            .replace("10.150.0.", "10.153.0.")
+            .replace("namespace: default", "namespace: agentex");
+        let manifests = virtkube_crds::manifest::Reader::new()
+            .parse(&file, &text)
+            .unwrap_or_else(|e| panic!("{}: {e:?}", file.display()));
+        for m in manifests {
+            use virtkube_crds::manifest::Object;
+            let (plural, mut value) = match &m.object {
+                Object::StoragePool(o) => ("storagepools", serde_json::to_value(o).unwrap()),
+                Object::Network(o) => ("networks", serde_json::to_value(o).unwrap()),
+                Object::Volume(o) => ("volumes", serde_json::to_value(o).unwrap()),
+                Object::Domain(o) => ("domains", serde_json::to_value(o).unwrap()),
+            };
+            let name = value["metadata"]["name"].as_str().unwrap().to_string();
+            let namespaced = matches!(plural, "volumes" | "domains");
+            value["metadata"]["uid"] = json!(format!("uid-ex-{plural}-{name}"));
+            value["metadata"]["generation"] = json!(1);
+            value["metadata"]["resourceVersion"] = json!("1");
+            value["metadata"]["finalizers"] = json!([if namespaced {
+                FINALIZER
+            } else {
+                "node.virtkube.io/proc-node"
+            }]);
+            objects.push((plural.to_string(), value));
+        }
+    }
+    objects
+}
+
+#[tokio::test]
+#[ignore = "needs private libvirtd: scripts/libvirt-nodes.sh up, then --run-ignored"]
+async fn the_examples_converge_on_real_qemu_through_the_agent_process() {
+    use agent_support::fake_api::{agent_with, fake_api_with, free_port, kubeconfig, sigterm};
+    let uri = node_a_uri();
+    let objects = renamed_examples();
+    let expected: Vec<(String, String)> = objects
+        .iter()
+        .map(|(p, v)| {
+            (
+                p.clone(),
+                v["metadata"]["name"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert!(expected.len() >= 9, "{expected:?}");
+    let (api, fake) = fake_api_with(
+        objects
+            .iter()
+            .map(|(p, v)| (p.as_str(), v.clone()))
+            .collect(),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = kubeconfig(dir.path(), api);
+    let log = dir.path().join("agent.log");
+    let mut child = agent_with(
+        &config,
+        free_port(),
+        &uri,
+        &["--claim-unscheduled", "--shutdown-timeout-seconds", "2"],
+        Some(&log),
+    );
+
+    let ready = |b: &Value| {
+        b["status"]["conditions"].as_array().is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+        })
+    };
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(150);
+    loop {
+        let pending: Vec<(String, String)> = {
+            let f = fake.lock().unwrap();
+            expected
+                .iter()
+                .filter(|(plural, name)| {
+                    let suffix = format!("/{plural}/{name}/status");
+                    !f.status_patches
+                        .iter()
+                        .rev()
+                        .find(|(p, _)| p.ends_with(&suffix))
+                        .is_some_and(|(_, b)| ready(b))
+                })
+                .cloned()
+                .collect()
+        };
+        if pending.is_empty() {
+            break;
+        }
+        if Instant::now() > deadline || child.try_wait().unwrap().is_some() {
+            let _ = child.kill();
+            let last: Vec<String> = {
+                let f = fake.lock().unwrap();
+                pending
+                    .iter()
+                    .map(|(plural, name)| {
+                        let suffix = format!("/{plural}/{name}/status");
+                        let cond = f
+                            .status_patches
+                            .iter()
+                            .rev()
+                            .find(|(p, _)| p.ends_with(&suffix))
+                            .map(|(_, b)| b["status"]["conditions"].to_string())
+                            .unwrap_or_default();
+                        format!("{plural}/{name}: {cond}")
+                    })
+                    .collect()
+            };
+            panic!(
+                "not Ready after {:?}: {last:#?}\nagent log tail:\n{}",
+                started.elapsed(),
+                std::fs::read_to_string(&log)
+                    .unwrap_or_default()
+                    .lines()
+                    .rev()
+                    .take(20)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    println!(
+        "examples converged through the agent in {:?}",
+        started.elapsed()
+    );
+    assert_eq!(virsh(&uri, &["domstate", "agentex.web"]), "running");
+    assert_eq!(virsh(&uri, &["domstate", "agentex.worker"]), "paused");
+    assert_eq!(virsh(&uri, &["domstate", "agentex.spare"]), "shut off");
+    let pin = virsh(&uri, &["vcpupin", "agentex.web", "--vcpu", "1"]);
+    assert!(
+        pin.trim_end().ends_with('1'),
+        "vcpu 1 pinned to host CPU 1: {pin}"
+    );
+    assert!(virsh(&uri, &["dominfo", "agentex.web"]).contains("Autostart:      enable"));
+    let events = fake.lock().unwrap().events.clone();
+    for reason in [
+        "Defined",
+        "Started",
+        "Paused",
+        "VolumeCreated",
+        "AutostartSet",
+    ] {
+        assert!(
+            events.iter().any(|e| e == reason),
+            "{reason} missing: {events:?}"
+        );
+    }
+
+    sigterm(child.id());
+    let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+    // Clean the shared daemon by hand (the fake API server delivers no deletions).
+    for d in ["agentex.web", "agentex.worker", "agentex.spare"] {
+        let _ = Command::new("virsh")
+            .args(["-q", "-c", &uri, "destroy", d])
+            .output();
+        let _ = Command::new("virsh")
+            .args(["-q", "-c", &uri, "undefine", d, "--nvram"])
+            .output();
+    }
+    for v in ["agentex.scratch", "agentex.web-root", "agentex.base"] {
+        let _ = Command::new("virsh")
+            .args(["-q", "-c", &uri, "vol-delete", v, "--pool", "agimages"])
+            .output();
+    }
+    for (what, name) in [
+        ("pool", "agimages"),
+        ("net", "ag-nat"),
+        ("net", "ag-isolated"),
+    ] {
+        let _ = Command::new("virsh")
+            .args(["-q", "-c", &uri, &format!("{what}-destroy"), name])
+            .output();
+        let _ = Command::new("virsh")
+            .args(["-q", "-c", &uri, &format!("{what}-undefine"), name])
+            .output();
+    }
+    let _ = std::fs::remove_dir("/var/lib/virtkube/pools/agimages");
 }

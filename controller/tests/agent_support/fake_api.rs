@@ -170,6 +170,26 @@ pub fn free_port() -> u16 {
 }
 
 pub fn agent(kubeconfig: &std::path::Path, metrics_port: u16, uri: &str) -> Child {
+    agent_with(kubeconfig, metrics_port, uri, &[], None)
+}
+
+/// [`agent`] with extra arguments, and its logs (stdout and stderr) in `log` instead of
+/// pipes (a long run would fill a pipe nobody reads and block the agent).
+pub fn agent_with(
+    kubeconfig: &std::path::Path,
+    metrics_port: u16,
+    uri: &str,
+    extra: &[&str],
+    log: Option<&std::path::Path>,
+) -> Child {
+    let (out, err) = match log {
+        Some(path) => {
+            let file = std::fs::File::create(path).expect("a log file");
+            let copy = file.try_clone().expect("a second handle");
+            (Stdio::from(file), Stdio::from(copy))
+        }
+        None => (Stdio::piped(), Stdio::piped()),
+    };
     Command::new(env!("CARGO_BIN_EXE_virtkube"))
         .args([
             "agent",
@@ -180,12 +200,13 @@ pub fn agent(kubeconfig: &std::path::Path, metrics_port: u16, uri: &str) -> Chil
             "--log-format",
             "json",
         ])
+        .args(extra)
         .env("KUBECONFIG", kubeconfig)
         .env("VIRTKUBE_NODE_NAME", "proc-node")
         .env("VIRTKUBE_CONNECT", uri)
         .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stdout(out)
+        .stderr(err)
         .spawn()
         .expect("the virtkube binary runs")
 }
