@@ -1,7 +1,9 @@
 //! The agent against a real private libvirtd (QEMU under TCG): a guest destroyed with
 //! `virsh` behind the agent's back is seen through libvirt's event within a second, restarted
 //! (runStrategy Always), and an event says so with libvirt's reason; SIGTERM stops the agent
-//! process and never the guest, and a new agent adopts the guest without touching it.
+//! process and never the guest, and a new agent adopts the guest without touching it; the
+//! examples (renamed so they cannot clash with other suites on the shared daemon) converge on
+//! real QEMU through the agent process.
 //!
 //! Start the daemons first, then run the ignored tests (as root):
 //!
