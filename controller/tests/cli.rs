@@ -118,3 +118,35 @@ fn every_command_has_an_example_in_its_help() {
         );
     }
 }
+
+#[test]
+fn a_clash_with_a_foreign_object_shows_in_the_status_conditions() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("net.yaml");
+    std::fs::write(
+        &path,
+        "apiVersion: virtkube.io/v1alpha1\nkind: Network\nmetadata: {name: default}\nspec: {mode: isolated}\n",
+    )
+    .unwrap();
+    let file = path.display().to_string();
+    let out = virtkube(&["get", "-f", &file, "-o", "json"]);
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{t}");
+    let objects: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let conditions = objects[0]["status"]["conditions"].as_array().unwrap();
+    let ready = conditions.iter().find(|c| c["type"] == "Ready").unwrap();
+    assert_eq!(ready["status"], "False");
+    assert_eq!(ready["reason"], "NameConflict");
+    assert!(
+        ready["message"].as_str().unwrap().contains("net.yaml"),
+        "{ready}"
+    );
+    // apply refuses to touch it and says so.
+    let out = virtkube(&["apply", "-f", &file]);
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    assert!(
+        t.contains("conflict") && t.contains("no virtkube ownership mark"),
+        "{t}"
+    );
+}

@@ -79,8 +79,10 @@ pub fn run(args: &GetArgs) -> anyhow::Result<ExitCode> {
                 let objects = if manifests.is_empty() {
                     status::reconstructed(&observed)
                 } else {
-                    let (desired, _) = DesiredState::from_manifests(&manifests, &hosts.nodes());
-                    let p = plan::plan(&desired, &observed, &PlanOptions::default());
+                    let (desired, notices) =
+                        DesiredState::from_manifests(&manifests, &hosts.nodes());
+                    let mut p = plan::plan(&desired, &observed, &PlanOptions::default());
+                    p.notices.extend(notices);
                     status::with_status(&manifests, &desired, &observed, &p)
                 };
                 let objects: Vec<serde_json::Value> = objects

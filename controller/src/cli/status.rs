@@ -709,6 +709,53 @@ fn fallback_domain_spec() -> DomainSpec {
     }
 }
 
+/// Reflects the plan's refusals in an object's conditions: a name clash, a forbidden change
+/// or an invalid reference makes `Ready` false with the planner's message, and
+/// `SpecValid` says whether the spec itself can be realized.
+fn notice_conditions(
+    conds: &mut Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
+    kind: &str,
+    name: &str,
+    last: &Plan,
+    generation: Option<i64>,
+) {
+    let mine: Vec<&crate::plan::Notice> = last
+        .notices
+        .iter()
+        .filter(|n| n.object.kind.as_str() == kind && n.object.name == name && n.kind.is_error())
+        .collect();
+    let spec_problem = mine
+        .iter()
+        .find(|n| matches!(n.kind, NoticeKind::Forbidden | NoticeKind::Invalid));
+    set_condition(
+        conds,
+        conditions::condition(
+            conditions::SPEC_VALID,
+            if spec_problem.is_some() {
+                cstatus::FALSE
+            } else {
+                cstatus::TRUE
+            },
+            match spec_problem.map(|n| n.kind) {
+                Some(NoticeKind::Forbidden) => "ChangeForbidden",
+                Some(_) => "InvalidReference",
+                None => "Valid",
+            },
+            spec_problem.map(|n| n.message.clone()).unwrap_or_default(),
+            generation,
+            now(),
+        ),
+    );
+    if let Some(n) = mine.first() {
+        let reason = match n.kind {
+            NoticeKind::Conflict => "NameConflict",
+            NoticeKind::Forbidden => "ChangeForbidden",
+            _ => "InvalidSpec",
+        };
+        ready(conds, false, reason, n.message.clone(), generation);
+    }
+}
+
 /// The manifests' objects with their status filled from the hosts.
 pub fn with_status(
     manifests: &[virtkube_crds::manifest::Manifest],
@@ -724,12 +771,30 @@ pub fn with_status(
                 let mut p = (**p).clone();
                 let name = p.metadata.name.clone().unwrap_or_default();
                 p.status = Some(pool_status(&name, observed, p.metadata.generation));
+                if let Some(st) = p.status.as_mut() {
+                    notice_conditions(
+                        &mut st.conditions,
+                        "StoragePool",
+                        &name,
+                        last,
+                        p.metadata.generation,
+                    );
+                }
                 serde_json::to_value(&p)
             }
             Object::Network(n) => {
                 let mut n = (**n).clone();
                 let name = n.metadata.name.clone().unwrap_or_default();
                 n.status = Some(network_status(&name, observed, n.metadata.generation));
+                if let Some(st) = n.status.as_mut() {
+                    notice_conditions(
+                        &mut st.conditions,
+                        "Network",
+                        &name,
+                        last,
+                        n.metadata.generation,
+                    );
+                }
                 serde_json::to_value(&n)
             }
             Object::Volume(v) => {
@@ -770,6 +835,15 @@ pub fn with_status(
                         conditions: conds,
                         ..VolumeStatus::default()
                     });
+                }
+                if let Some(st) = v.status.as_mut() {
+                    notice_conditions(
+                        &mut st.conditions,
+                        "Volume",
+                        &name,
+                        last,
+                        v.metadata.generation,
+                    );
                 }
                 serde_json::to_value(&v)
             }
@@ -817,6 +891,15 @@ pub fn with_status(
                         }
                     }
                 });
+                if let Some(st) = d.status.as_mut() {
+                    notice_conditions(
+                        &mut st.conditions,
+                        "Domain",
+                        &name,
+                        last,
+                        d.metadata.generation,
+                    );
+                }
                 serde_json::to_value(&d)
             }
         };
