@@ -12,7 +12,7 @@ use super::{
 };
 
 /// The dependencies of a domain on its node: the volumes and networks it uses.
-fn dependencies(dom: &DesiredDomain, host: &ObservedHost, desired: &DesiredState) -> Vec<ObjKey> {
+fn dependencies(dom: &DesiredDomain) -> Vec<ObjKey> {
     let mut deps = Vec::new();
     for disk in &dom.disks {
         if let DesiredDiskSource::Volume { volume, .. } = &disk.source {
@@ -22,9 +22,7 @@ fn dependencies(dom: &DesiredDomain, host: &ObservedHost, desired: &DesiredState
     for nic in &dom.interfaces {
         deps.push((ObjectKind::Network, dom.node.clone(), nic.network.clone()));
     }
-    // Pools matter too when a volume's pool is created in the same plan (covered through the
-    // volume's own dependency on its pool).
-    let _ = (host, desired);
+    // A pool created in the same plan is covered through the volume's own dependency on it.
     deps
 }
 
@@ -491,7 +489,7 @@ pub(crate) fn plan_domain(
             return;
         }
     }
-    let deps = dependencies(d, host, desired);
+    let deps = dependencies(d);
     let here = host.domains.get(&d.name);
     // The same resource elsewhere: a move (live migration when it runs).
     let elsewhere: Vec<(&String, &ObservedDomain)> = observed
