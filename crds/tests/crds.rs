@@ -496,6 +496,13 @@ fn volume_cel_rules_including_transitions() {
         Some(old),
         None,
     );
+    let pinned = volume(json!({"pool": "p", "capacity": "1Gi", "nodeName": "node-a"}));
+    assert_cel(
+        "Volume",
+        volume(json!({"pool": "p", "capacity": "1Gi", "nodeName": "node-b"})),
+        Some(pinned),
+        Some("nodeName is immutable"),
+    );
     let clone = volume(json!({"pool": "p", "source": {"volume": "a"}}));
     assert_cel(
         "Volume",
