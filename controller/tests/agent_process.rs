@@ -261,3 +261,168 @@ async fn running_controllers_converge_listed_objects_in_dependency_order_then_go
         .unwrap();
     assert!(out.status.success());
 }
+
+/// Waits until `check` holds, up to `secs`.
+async fn eventually(secs: u64, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn ready(obj: &Option<Value>) -> bool {
+    obj.as_ref().is_some_and(|o| {
+        o["status"]["conditions"].as_array().is_some_and(|cs| {
+            cs.iter().any(|c| {
+                c["type"] == "Ready"
+                    && c["status"] == "True"
+                    && c["observedGeneration"] == o["metadata"]["generation"]
+            })
+        })
+    })
+}
+
+#[tokio::test]
+async fn whole_lifecycle_through_watches_finalizers_spec_changes_and_deletes() {
+    use agent_support::mini_api::MiniApi;
+    let api = MiniApi::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = kubeconfig(dir.path(), api.addr);
+    let log = dir.path().join("agent.log");
+    let mut child = agent_support::fake_api::agent_with(
+        &config,
+        free_port(),
+        "test:///default",
+        &["--shutdown-timeout-seconds", "1"],
+        Some(&log),
+    );
+    let logs = || std::fs::read_to_string(&log).unwrap_or_default();
+
+    // Applied in any order, as `kubectl apply -f dir/` would.
+    api.create(
+        "domains",
+        json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "Domain",
+        "metadata": {"name": "vm", "namespace": "life"},
+        "spec": {"nodeName": "proc-node", "runStrategy": "Manual", "state": "Running",
+                 "memory": {"size": "64Mi"},
+                 "cpu": {"vcpus": 2, "pinning": [{"vcpu": 0, "cpuset": "0"}]},
+                 "disks": [{"name": "root", "volume": "root"}],
+                 "interfaces": [{"name": "eth0", "network": "lifenet"}]}}),
+    );
+    api.create("volumes", json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "Volume",
+        "metadata": {"name": "root", "namespace": "life"},
+        "spec": {"pool": "lifepool", "capacity": "1Gi", "nodeName": "proc-node", "reclaimPolicy": "Delete"}}));
+    api.create(
+        "networks",
+        json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "Network",
+        "metadata": {"name": "lifenet"},
+        "spec": {"mode": "isolated", "ip": {"address": "10.154.0.1", "prefix": 24}}}),
+    );
+    api.create(
+        "storagepools",
+        json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "StoragePool",
+        "metadata": {"name": "lifepool"},
+        "spec": {"type": "dir", "target": {"path": "/var/lib/virtkube/pools/lifepool"}}}),
+    );
+
+    eventually(60, "everything Ready", || {
+        ready(&api.get("domains", "life", "vm"))
+            && ready(&api.get("volumes", "life", "root"))
+            && ready(&api.get("networks", "", "lifenet"))
+            && ready(&api.get("storagepools", "", "lifepool"))
+    })
+    .await;
+    let vm = api.get("domains", "life", "vm").unwrap();
+    assert_eq!(vm["metadata"]["finalizers"], json!(["virtkube.io/cleanup"]));
+    assert_eq!(vm["status"]["phase"], "Running");
+    assert_eq!(
+        api.get("storagepools", "", "lifepool").unwrap()["metadata"]["finalizers"],
+        json!(["node.virtkube.io/proc-node"])
+    );
+
+    // Spec changes, each seen through the watch: pinning, then pause.
+    api.edit_spec("domains", "life", "vm", |spec| {
+        spec["cpu"]["pinning"] = json!([{"vcpu": 0, "cpuset": "1"}, {"vcpu": 1, "cpuset": "0"}]);
+    });
+    eventually(30, "the new pinning in status", || {
+        let vm = api.get("domains", "life", "vm");
+        ready(&vm)
+            && vm.as_ref().is_some_and(|v| {
+                v["status"]["vcpuAffinity"]
+                    == json!([{"vcpu": 0, "cpuset": "1"}, {"vcpu": 1, "cpuset": "0"}])
+            })
+    })
+    .await;
+    api.edit_spec("domains", "life", "vm", |spec| {
+        spec["state"] = json!("Paused")
+    });
+    eventually(30, "Paused", || {
+        let vm = api.get("domains", "life", "vm");
+        ready(&vm) && vm.is_some_and(|v| v["status"]["phase"] == "Paused")
+    })
+    .await;
+    let reasons: Vec<String> = api
+        .store
+        .lock()
+        .unwrap()
+        .events
+        .iter()
+        .filter(|e| e.0 == "vm")
+        .map(|e| e.1.clone())
+        .collect();
+    for r in ["Defined", "Started", "Pinned", "Paused"] {
+        assert!(
+            reasons.iter().any(|x| x == r),
+            "{r} missing from {reasons:?}"
+        );
+    }
+
+    // Quiet in steady state: no change to any object for a while.
+    let rv = api.store.lock().unwrap().rv;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let changes: Vec<String> = api
+        .store
+        .lock()
+        .unwrap()
+        .log
+        .iter()
+        .filter(|(r, p, _, _)| *r > rv && p != "hypervisornodes")
+        .map(|(_, p, t, o)| format!("{t} {p}/{}", o["metadata"]["name"]))
+        .collect();
+    assert!(changes.is_empty(), "writes in steady state: {changes:?}");
+
+    // Deleting everything: finalizers run, objects go away.
+    api.delete("domains", "life", "vm");
+    api.delete("volumes", "life", "root");
+    api.delete("networks", "", "lifenet");
+    api.delete("storagepools", "", "lifepool");
+    eventually(60, "every object gone", || {
+        ["domains", "volumes", "networks", "storagepools"]
+            .iter()
+            .all(|p| api.count(p) == 0)
+    })
+    .await;
+    let deleted: Vec<String> = api
+        .store
+        .lock()
+        .unwrap()
+        .events
+        .iter()
+        .filter(|e| e.1 == "Deleted" || e.1 == "VolumeDeleted")
+        .map(|e| e.0.clone())
+        .collect();
+    for name in ["vm", "root", "lifenet", "lifepool"] {
+        assert!(
+            deleted.iter().any(|d| d == name),
+            "{name} not deleted: {deleted:?}\n{}",
+            logs()
+        );
+    }
+    sigterm(child.id());
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{}", logs());
+}

@@ -8,7 +8,7 @@ use std::time::Duration;
 use kube::Client;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::Store;
-use virtkube_crds::Volume;
+use virtkube_crds::{Domain, Volume};
 use virtkube_engine::Engine;
 
 use super::error::Error;
@@ -111,6 +111,9 @@ pub struct Context {
     /// Volumes as last seen (domains resolve their disks through it); `None` in tests that
     /// have no reflector, where volumes are read from the API.
     pub volumes: Option<Store<Volume>>,
+    /// Domains as last seen (a network is not removed while a domain here uses it); `None`
+    /// in tests without a reflector.
+    pub domains: Option<Store<Domain>>,
 }
 
 impl Context {
@@ -146,6 +149,7 @@ impl Context {
             settings,
             node_labels: RwLock::new(BTreeMap::new()),
             volumes: None,
+            domains: None,
         })
     }
 

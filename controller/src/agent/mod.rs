@@ -276,6 +276,7 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     let mut ctx = Context::new(client.clone(), hosts, metrics.clone(), settings)?;
     // Domains resolve their disks through the Volume controller's cache.
     ctx.volumes = Some(volume_controller.store());
+    ctx.domains = Some(domain_store.clone());
     let ctx = Arc::new(ctx);
     // Pools and networks are selected by this node's labels: read them before the first
     // reconcile (the publisher keeps them current afterwards).

@@ -156,6 +156,32 @@ async fn apply(net: &Network, ctx: &Context, api: &Api<Network>) -> Result<Actio
 }
 
 async fn cleanup(net: &Network, ctx: &Context) -> Result<Action> {
+    // Domains first: their NICs would lose the network under them.
+    let name = net.name_any();
+    if let Some(store) = &ctx.domains {
+        let users: Vec<String> = store
+            .state()
+            .iter()
+            .filter(|d| {
+                d.spec.interfaces.iter().any(|i| i.network == name)
+                    && super::domain::concerns(d, ctx)
+            })
+            .map(|d| super::key_of(&**d))
+            .collect();
+        if !users.is_empty() {
+            let message = format!(
+                "Domains {} still use network {name} on node {}: the network is removed after them",
+                users.join(", "),
+                ctx.settings.node
+            );
+            ctx.event(net, true, "DeletionBlocked", "Delete", message.clone())
+                .await;
+            return Err(Error::Unrealizable {
+                reason: "NetworkInUse",
+                message,
+            });
+        }
+    }
     for change in converge::remove_network(ctx, net).await? {
         ctx.event(net, false, change.reason, "Delete", change.note)
             .await;

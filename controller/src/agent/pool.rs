@@ -172,6 +172,29 @@ async fn apply(pool: &StoragePool, ctx: &Context, api: &Api<StoragePool>) -> Res
 }
 
 async fn cleanup(pool: &StoragePool, ctx: &Context) -> Result<Action> {
+    // Volumes first: undefining the pool under them would leave their images behind.
+    let name = pool.name_any();
+    if let Some(store) = &ctx.volumes {
+        let users: Vec<String> = store
+            .state()
+            .iter()
+            .filter(|v| v.spec.pool == name && super::volume::concerns(v, ctx))
+            .map(|v| super::key_of(&**v))
+            .collect();
+        if !users.is_empty() {
+            let message = format!(
+                "Volumes {} are still in pool {name} on node {}: the pool is removed after them",
+                users.join(", "),
+                ctx.settings.node
+            );
+            ctx.event(pool, true, "DeletionBlocked", "Delete", message.clone())
+                .await;
+            return Err(Error::Unrealizable {
+                reason: "PoolInUse",
+                message,
+            });
+        }
+    }
     for change in converge::remove_pool(ctx, pool).await? {
         ctx.event(pool, false, change.reason, "Delete", change.note)
             .await;
