@@ -377,10 +377,10 @@ async fn handle(
                 if let Some(f) = body["metadata"].get("finalizers") {
                     obj["metadata"]["finalizers"] = f.clone();
                 }
-            } else if content_type.contains("apply-patch") {
-                if let Some(labels) = body["metadata"].get("labels") {
-                    obj["metadata"]["labels"] = labels.clone();
-                }
+            } else if content_type.contains("apply-patch")
+                && let Some(labels) = body["metadata"].get("labels")
+            {
+                obj["metadata"]["labels"] = labels.clone();
             }
             let stored = api.store_change(&mut s, &plural, obj);
             respond(StatusCode::OK, &stored)
