@@ -743,3 +743,37 @@ fn delete_keeps_retained_volumes_and_waits_for_users() {
         .unwrap();
     assert!(blocked.message.contains("team.web"), "{}", blocked.message);
 }
+
+#[test]
+fn the_plan_reads_like_a_review_with_marks_and_before_after() {
+    let base = desired();
+    let mut observed = converged(&base);
+    let mut d = base.clone();
+    dweb(&mut d).vcpus = 3;
+    dweb(&mut d).machine = Some("q35".into());
+    d.volumes[0].capacity = Some(1 << 30);
+    // A local-owned domain the manifests dropped.
+    let mut gone = web(&mut observed).clone();
+    gone.owner = Some(OwnerMark::for_resource("Domain", Some("team"), "old", None));
+    observed
+        .hosts
+        .get_mut("a")
+        .unwrap()
+        .domains
+        .insert("team.old".into(), gone);
+    let p = plan::plan(&d, &observed, &PlanOptions { prune: true });
+    let text = p.render(false);
+    for expected in [
+        "~ Domain team/web",
+        "    ~ set vCPUs to 3: applied live",
+        "        cpu.vcpus: 2 → 3",
+        "- Domain team/old",
+        "! Domain team/web: needs restart:",
+        "        os.machine: pc-i440fx-7.2 → q35",
+        "x Volume team/root: forbidden: shrinking a volume would cut the guest's data",
+        "        capacity: 4Gi → 1Gi",
+        "Plan: 0 to create, 1 to change live, 0 to restart, 1 to delete; 1 waiting for a restart; 1 error.",
+    ] {
+        assert!(text.contains(expected), "missing `{expected}` in\n{text}");
+    }
+}
