@@ -187,7 +187,14 @@ pub fn desired_rows(desired: &DesiredState, observed: &ObservedState, last: &Pla
         last.notices
             .iter()
             .find(|n| n.object.kind.as_str() == kind && n.object.name == name)
-            .map(|n| format!("{}: {}", n.kind.label(), n.message))
+            .map(|n| {
+                let fields: Vec<&str> = n.changes.iter().map(|c| c.field.as_str()).collect();
+                if fields.is_empty() {
+                    format!("{}: {}", n.kind.label(), n.message)
+                } else {
+                    format!("{} ({}): {}", n.kind.label(), fields.join(", "), n.message)
+                }
+            })
     };
     let pending = |kind: &str, name: &str| -> Option<String> {
         let n = last
