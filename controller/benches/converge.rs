@@ -15,11 +15,11 @@ use std::time::{Duration, Instant};
 
 use virt::connect::Connect;
 use virtkube::cli::apply::{ConvergeOptions, converge};
-use virtkube::execute::ExecOptions;
+use virtkube::execute::{self, ExecOptions};
 use virtkube::host::{HostSpec, Hosts, domain_def};
-use virtkube::plan::Preserve;
 use virtkube::plan::desired::{DesiredDomain, DesiredMigration, DesiredState};
 use virtkube::plan::observed::OwnerMark;
+use virtkube::plan::{self, PlanOptions, Preserve};
 use virtkube_crds::domain::{PowerState, RunStrategy};
 use virtkube_engine::EngineConfig;
 
@@ -141,6 +141,27 @@ fn main() -> anyhow::Result<()> {
         }
         let (floor_time, apply_time) = (floor_best, apply_best);
 
+        // One more run, phase by phase, to show where virtkube's time goes.
+        tokio::task::spawn_blocking(|| -> Result<(), virt::error::Error> {
+            let conn = Connect::open(Some("test:///default"))?;
+            remove(&conn, "bench.")
+        })
+        .await??;
+        let t = Instant::now();
+        let observed = hosts.observe().await?;
+        let t_observe = t.elapsed();
+        let t = Instant::now();
+        let p = plan::plan(&desired, &observed, &PlanOptions::default());
+        let t_plan = t.elapsed();
+        let t = Instant::now();
+        let report = execute::execute(&p, &hosts, quiet.exec, |_, _| {}).await;
+        let t_execute = t.elapsed();
+        let t = Instant::now();
+        let observed = hosts.observe().await?;
+        let again = plan::plan(&desired, &observed, &PlanOptions::default());
+        let t_confirm = t.elapsed();
+        let phases_ok = report.is_success() && again.is_empty();
+
         hosts.reset_stats();
         let started = Instant::now();
         let second = converge(&hosts, &desired, &[], &quiet, &mut sink).await?;
@@ -156,6 +177,14 @@ fn main() -> anyhow::Result<()> {
             println!("    {:<24} {:>6} calls {:>9.3} s", c.name, c.count, c.total.as_secs_f64());
         }
         println!("  converged, re-plan empty      {confirm}");
+        println!(
+            "  phases (one run)              observe {:.3} s, plan {:.3} s, execute {:.3} s ({} actions), confirm {:.3} s, converged {phases_ok}",
+            t_observe.as_secs_f64(),
+            t_plan.as_secs_f64(),
+            t_execute.as_secs_f64(),
+            p.actions.len(),
+            t_confirm.as_secs_f64()
+        );
         println!("second apply (resync)           {:>9.3} s, plan empty: {}, actions run: {}", resync_time.as_secs_f64(), second.first_plan.is_empty(), second.actions_run);
         // The confirming re-observe + re-plan inside the first apply costs what a resync costs.
         println!(
