@@ -777,3 +777,60 @@ fn the_plan_reads_like_a_review_with_marks_and_before_after() {
         assert!(text.contains(expected), "missing `{expected}` in\n{text}");
     }
 }
+
+#[test]
+fn a_network_change_recreates_it_unless_a_running_guest_uses_it() {
+    let base = desired();
+    let mut observed = converged(&base);
+    let mut d = base.clone();
+    d.networks[0].ip = Some(("10.2.0.1".into(), 24));
+    // On node a, web runs on `lan`: waits. On node b nobody uses it: recreated now.
+    let p = plan::plan(&d, &observed, &PlanOptions::default());
+    let pending = p
+        .notices
+        .iter()
+        .find(|n| n.kind == NoticeKind::RestartPending)
+        .expect("pending on a");
+    assert_eq!(pending.node, "a");
+    assert!(pending.message.contains("team.web"), "{}", pending.message);
+    let on_b: Vec<&str> = p
+        .actions
+        .iter()
+        .filter(|a| a.node == "b")
+        .map(|a| verb_of(&a.op))
+        .collect();
+    assert_eq!(
+        on_b,
+        ["delete", "define", "start", "autostart"],
+        "{}",
+        p.render(true)
+    );
+    assert!(
+        p.actions
+            .iter()
+            .all(|a| a.node == "b" && a.symbol == Symbol::Restart)
+    );
+    assert_eq!(p.actions[0].changes[0].field, "ip");
+    // Once web stopped, node a is recreated too, and everything converges.
+    web(&mut observed).power = PowerObserved::Shutoff;
+    d.domains[0].run_strategy = virtkube_crds::domain::RunStrategy::Manual;
+    let p = plan::plan(&d, &observed, &PlanOptions::default());
+    assert_eq!(
+        p.actions.iter().filter(|a| a.node == "a").count(),
+        4,
+        "{}",
+        p.render(true)
+    );
+    simulate::apply(&mut observed, &p).unwrap();
+    assert!(plan::plan(&d, &observed, &PlanOptions::default()).is_empty());
+}
+
+fn verb_of(op: &Op) -> &'static str {
+    match op {
+        Op::DeleteNetwork => "delete",
+        Op::DefineNetwork(_) => "define",
+        Op::StartNetwork => "start",
+        Op::SetNetworkAutostart(_) => "autostart",
+        _ => "other",
+    }
+}

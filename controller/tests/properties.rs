@@ -362,11 +362,13 @@ fn check_ownership(
     Ok(())
 }
 
+/// A deletion of the teardown phase (a network recreated in place is a restart, not this).
 fn is_teardown(a: &Action) -> bool {
-    matches!(
-        a.op,
-        Op::DeletePool | Op::DeleteNetwork | Op::DeleteVolume { .. }
-    )
+    a.symbol == plan::Symbol::Delete
+        && matches!(
+            a.op,
+            Op::DeletePool | Op::DeleteNetwork | Op::DeleteVolume { .. }
+        )
 }
 
 fn check_order(p: &Plan) -> Result<(), TestCaseError> {

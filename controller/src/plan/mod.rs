@@ -836,7 +836,72 @@ pub fn plan(desired: &DesiredState, observed: &ObservedState, options: &PlanOpti
                         ));
                     }
                     if !redefine.is_empty() {
-                        b.notice(NoticeKind::RestartPending, &object, node, "takes effect when the network is recreated (it would cut every guest on it off): delete and apply it again", redefine);
+                        // libvirt applies a network's bridge and addresses only when it starts:
+                        // recreate it, but never under a running guest (it would lose its link).
+                        let users: Vec<&str> = host
+                            .domains
+                            .iter()
+                            .filter(|(_, d)| {
+                                d.power.is_active()
+                                    && d.interfaces
+                                        .iter()
+                                        .any(|i| i.network.as_deref() == Some(net.name.as_str()))
+                            })
+                            .map(|(n, _)| n.as_str())
+                            .collect();
+                        if users.is_empty() {
+                            let why = "recreated: libvirt applies a network's bridge and addresses when it starts";
+                            b.push(
+                                node,
+                                &object,
+                                &net.owner,
+                                Op::DeleteNetwork,
+                                Symbol::Restart,
+                                why,
+                                redefine,
+                                &[],
+                            );
+                            b.push(
+                                node,
+                                &object,
+                                &net.owner,
+                                Op::DefineNetwork(Box::new(net.clone())),
+                                Symbol::Restart,
+                                why,
+                                vec![],
+                                &[],
+                            );
+                            b.push(
+                                node,
+                                &object,
+                                &net.owner,
+                                Op::StartNetwork,
+                                Symbol::Restart,
+                                why,
+                                vec![],
+                                &[],
+                            );
+                            if net.autostart {
+                                b.push(
+                                    node,
+                                    &object,
+                                    &net.owner,
+                                    Op::SetNetworkAutostart(true),
+                                    Symbol::Restart,
+                                    "spec.autostart",
+                                    vec![],
+                                    &[],
+                                );
+                            }
+                            continue;
+                        }
+                        b.notice(
+                            NoticeKind::RestartPending,
+                            &object,
+                            node,
+                            format!("recreated once no running domain uses it (now: {}): recreating it would cut their link", users.join(", ")),
+                            redefine,
+                        );
                     }
                     if !o.active {
                         b.push(
@@ -1073,6 +1138,31 @@ fn volume_owner(name: &str) -> OwnerMark {
     OwnerMark::for_resource("Volume", Some(ns), short, None)
 }
 
+/// Whether this plan already redefines `domain` on `node` (stopped, or restarted) into a
+/// definition that no longer uses the object: then a deletion waits for that step instead of
+/// being blocked until the next apply.
+fn released_by_plan(
+    b: &Builder,
+    node: &str,
+    domain: &str,
+    still_uses: impl Fn(&DesiredDomain) -> bool,
+) -> bool {
+    b.actions
+        .iter()
+        .rev()
+        .find_map(|a| match &a.op {
+            Op::DefineDomain { domain: d, .. } | Op::RestartDomain { domain: d, .. }
+                if a.node == node
+                    && a.object.kind == ObjectKind::Domain
+                    && a.object.name == domain =>
+            {
+                Some(!still_uses(d))
+            }
+            _ => None,
+        })
+        .unwrap_or(false)
+}
+
 fn plan_deletions(
     b: &mut Builder,
     targets: Vec<DeleteTarget>,
@@ -1128,6 +1218,11 @@ fn plan_deletions(
                     let staying: Vec<&&String> = users
                         .iter()
                         .filter(|n| !doomed_domain(&t.node, n))
+                        .filter(|n| {
+                            !released_by_plan(b, &t.node, n, |d| {
+                                d.interfaces.iter().any(|i| i.network == t.name)
+                            })
+                        })
                         .collect();
                     if !staying.is_empty() {
                         b.notice(
@@ -1202,6 +1297,13 @@ fn plan_deletions(
                     let staying: Vec<&&String> = users
                         .iter()
                         .filter(|n| !doomed_domain(&t.node, n))
+                        .filter(|n| {
+                            !released_by_plan(b, &t.node, n, |d| {
+                                d.disks.iter().any(|disk| {
+                                    matches!(&disk.source, desired::DesiredDiskSource::Volume { volume, .. } if *volume == t.name)
+                                })
+                            })
+                        })
                         .collect();
                     if !staying.is_empty() {
                         b.notice(
