@@ -128,8 +128,16 @@ impl FileArgs {
     }
 }
 
-/// A runtime for one command.
+/// A runtime for one command. Logs (the engine's libvirt calls, reconnects) go to stderr,
+/// filtered by `RUST_LOG` (e.g. `RUST_LOG=virtkube_engine=debug`); quiet by default.
 pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
