@@ -321,6 +321,28 @@ fn cases() -> Vec<Case> {
             Expect::Notice(NoticeKind::Blocked, "capacity"),
         ),
         (
+            "volume moved to another pool: forbidden",
+            |d| {
+                let mut other = d.pools[0].clone();
+                other.name = "fast".into();
+                other.owner = OwnerMark::for_resource("StoragePool", None, "fast", None);
+                other.target_path = Some("/pools/fast".into());
+                d.pools.push(other);
+                d.volumes[0].pool = "fast".into();
+            },
+            |_| {},
+            Expect::Notice(NoticeKind::Forbidden, "pool"),
+        ),
+        (
+            "volume source changed: forbidden",
+            |d| {
+                d.volumes[1].source =
+                    virtkube::plan::desired::VolumeOrigin::Backing("team.root".into())
+            },
+            |_| {},
+            Expect::Notice(NoticeKind::Forbidden, "source"),
+        ),
+        (
             "volume shrink: forbidden",
             |d| d.volumes[0].capacity = Some(1 << 30),
             |_| {},

@@ -651,6 +651,28 @@ pub fn plan(desired: &DesiredState, observed: &ObservedState, options: &PlanOpti
             continue;
         }
         let pool_key = (ObjectKind::StoragePool, node.clone(), vol.pool.clone());
+        // The same Volume already in another pool: `spec.pool` changed, which is immutable
+        // (creating a second image would silently leave the data behind).
+        if !host
+            .volumes
+            .contains_key(&(vol.pool.clone(), vol.name.clone()))
+            && let Some(((old_pool, _), _)) = host
+                .volumes
+                .iter()
+                .find(|((p, n), v)| v.owned && n == &vol.name && p != &vol.pool)
+        {
+            b.notice(
+                NoticeKind::Forbidden,
+                &object,
+                node,
+                format!(
+                    "{}: spec.pool is immutable: the image is in pool {old_pool}",
+                    vol.origin
+                ),
+                vec![Change::new("pool", old_pool, &vol.pool)],
+            );
+            continue;
+        }
         match host.volumes.get(&(vol.pool.clone(), vol.name.clone())) {
             None => {
                 let mut deps = vec![pool_key];
@@ -699,6 +721,29 @@ pub fn plan(desired: &DesiredState, observed: &ObservedState, options: &PlanOpti
                 b.notice(NoticeKind::Conflict, &object, node, format!("Volume {} from {} clashes with volume {} in pool {} on node {node}, which virtkube did not create: virtkube leaves it alone", vol.display, vol.origin, vol.name, vol.pool), vec![]);
             }
             Some(o) => {
+                // Copy-on-write ancestry is immutable: compare what libvirt reports of it.
+                let wanted_backing = match &vol.source {
+                    VolumeOrigin::Backing(src) => host
+                        .volumes
+                        .get(&(vol.pool.clone(), src.clone()))
+                        .map(|s| Some(s.path.clone())),
+                    VolumeOrigin::Empty | VolumeOrigin::Clone(_) => Some(None),
+                };
+                if let Some(wanted) = wanted_backing
+                    && wanted != o.backing_path
+                {
+                    b.notice(
+                        NoticeKind::Forbidden,
+                        &object,
+                        node,
+                        "a volume's source is immutable: create a new Volume",
+                        vec![Change::new(
+                            "source.backingVolume",
+                            opt(&o.backing_path),
+                            opt(&wanted),
+                        )],
+                    );
+                }
                 if let Some(format) = &o.format
                     && format != &vol.format
                 {
