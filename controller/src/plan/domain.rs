@@ -294,7 +294,13 @@ pub(crate) fn preserve(d: &DesiredDomain, o: &ObservedDomain) -> Preserve {
             .enumerate()
             .map(|(i, nic)| match &nic.mac {
                 Some(_) => None,
-                None => o.interfaces.get(i).and_then(|x| x.mac.clone()),
+                // Keep a generated MAC only for the same NIC (same place, same network), so
+                // inserting a NIC does not hand the guest's old address to another network.
+                None => o
+                    .interfaces
+                    .get(i)
+                    .filter(|x| x.network.as_deref() == Some(nic.network.as_str()))
+                    .and_then(|x| x.mac.clone()),
             })
             .collect(),
     }
