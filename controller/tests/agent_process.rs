@@ -21,6 +21,7 @@ async fn agent_starts_gets_ready_publishes_its_node_and_stops_on_sigterm() {
     let config = kubeconfig(dir.path(), api);
     let port = free_port();
     let mut child = agent(&config, port, "test:///default");
+    let _kill_child = agent_support::fake_api::KillOnDrop(child.id());
 
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -101,6 +102,7 @@ async fn agent_without_crds_refuses_to_start_and_says_how_to_install_them() {
     let dir = tempfile::tempdir().unwrap();
     let config = kubeconfig(dir.path(), api);
     let child = agent(&config, free_port(), "test:///default");
+    let _kill_child = agent_support::fake_api::KillOnDrop(child.id());
     let out = tokio::task::spawn_blocking(move || child.wait_with_output())
         .await
         .unwrap()
@@ -169,6 +171,7 @@ async fn running_controllers_converge_listed_objects_in_dependency_order_then_go
     let config = kubeconfig(dir.path(), api);
     let port = free_port();
     let mut child = agent(&config, port, "test:///default");
+    let _kill_child = agent_support::fake_api::KillOnDrop(child.id());
 
     // Converged when the domain reports Ready=True (the pool, volume and network first:
     // until they are, the domain is retried with backoff).
@@ -297,6 +300,7 @@ async fn whole_lifecycle_through_watches_finalizers_spec_changes_and_deletes() {
         &["--shutdown-timeout-seconds", "1"],
         Some(&log),
     );
+    let _kill_child = agent_support::fake_api::KillOnDrop(child.id());
     let logs = || std::fs::read_to_string(&log).unwrap_or_default();
 
     // Applied in any order, as `kubectl apply -f dir/` would.

@@ -246,6 +246,7 @@ async fn sigterm_stops_the_agent_never_the_guest_and_a_new_agent_adopts_it() {
         };
     let port = free_port();
     let mut first = agent(&config, port, &uri);
+    let _kill_first = agent_support::fake_api::KillOnDrop(first.id());
     let deadline = Instant::now() + Duration::from_secs(90);
     while !running_status(&fake) {
         assert!(
@@ -278,6 +279,7 @@ async fn sigterm_stops_the_agent_never_the_guest_and_a_new_agent_adopts_it() {
     let events_before = fake.lock().unwrap().events.len();
     let port = free_port();
     let mut second = agent(&config, port, &uri);
+    let _kill_second = agent_support::fake_api::KillOnDrop(second.id());
     let deadline = Instant::now() + Duration::from_secs(30);
     while http_get(port, "/readyz").await.map(|(c, _)| c) != Some(200) {
         assert!(
@@ -304,8 +306,10 @@ async fn sigterm_stops_the_agent_never_the_guest_and_a_new_agent_adopts_it() {
     virsh(&uri, &["undefine", &libvirt_name]);
 }
 
-/// The examples, renamed so they cannot clash with other suites on the shared daemon.
-fn renamed_examples() -> Vec<(String, Value)> {
+/// The examples, renamed by `tag` (1 or 2) so they clash neither with other suites on the
+/// shared daemon nor with each other (pool `agimages<tag>`, networks `ag<tag>-nat` and
+/// `ag<tag>-isolated`, namespace `agentex<tag>`).
+fn renamed_examples(tag: u8) -> Vec<(String, Value)> {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
     let mut objects = Vec::new();
     let mut files: Vec<_> = std::fs::read_dir(&dir)
@@ -318,15 +322,15 @@ fn renamed_examples() -> Vec<(String, Value)> {
     for file in files {
         let text = std::fs::read_to_string(&file)
             .unwrap()
-            .replace("name: images", "name: agimages")
-            .replace("pool: images", "pool: agimages")
-            .replace("/pools/images", "/pools/agimages")
-            .replace("vk-nat", "ag-nat")
-            .replace("vk-isolated", "ag-isolated")
-            .replace("virbr-vk0", "virbr-ag0")
-            .replace("192.168.150.", "192.168.153.")
-            .replace("10.150.0.", "10.153.0.")
-            .replace("namespace: default", "namespace: agentex");
+            .replace("name: images", &format!("name: agimages{tag}"))
+            .replace("pool: images", &format!("pool: agimages{tag}"))
+            .replace("/pools/images", &format!("/pools/agimages{tag}"))
+            .replace("vk-nat", &format!("ag{tag}-nat"))
+            .replace("vk-isolated", &format!("ag{tag}-isolated"))
+            .replace("virbr-vk0", &format!("virbr-ag{tag}"))
+            .replace("192.168.150.", &format!("192.168.{}.", 160 + tag))
+            .replace("10.150.0.", &format!("10.{}.0.", 160 + tag))
+            .replace("namespace: default", &format!("namespace: agentex{tag}"));
         let manifests = virtkube_crds::manifest::Reader::new()
             .parse(&file, &text)
             .unwrap_or_else(|e| panic!("{}: {e:?}", file.display()));
@@ -359,7 +363,7 @@ fn renamed_examples() -> Vec<(String, Value)> {
 async fn the_examples_converge_on_real_qemu_through_the_agent_process() {
     use agent_support::fake_api::{agent_with, fake_api_with, free_port, kubeconfig, sigterm};
     let uri = node_a_uri();
-    let objects = renamed_examples();
+    let objects = renamed_examples(1);
     let expected: Vec<(String, String)> = objects
         .iter()
         .map(|(p, v)| {
@@ -387,6 +391,7 @@ async fn the_examples_converge_on_real_qemu_through_the_agent_process() {
         &["--claim-unscheduled", "--shutdown-timeout-seconds", "2"],
         Some(&log),
     );
+    let _kill_child = agent_support::fake_api::KillOnDrop(child.id());
 
     let ready = |b: &Value| {
         b["status"]["conditions"].as_array().is_some_and(|cs| {
@@ -452,15 +457,15 @@ async fn the_examples_converge_on_real_qemu_through_the_agent_process() {
         "examples converged through the agent in {:?}",
         started.elapsed()
     );
-    assert_eq!(virsh(&uri, &["domstate", "agentex.web"]), "running");
-    assert_eq!(virsh(&uri, &["domstate", "agentex.worker"]), "paused");
-    assert_eq!(virsh(&uri, &["domstate", "agentex.spare"]), "shut off");
-    let pin = virsh(&uri, &["vcpupin", "agentex.web", "--vcpu", "1"]);
+    assert_eq!(virsh(&uri, &["domstate", "agentex1.web"]), "running");
+    assert_eq!(virsh(&uri, &["domstate", "agentex1.worker"]), "paused");
+    assert_eq!(virsh(&uri, &["domstate", "agentex1.spare"]), "shut off");
+    let pin = virsh(&uri, &["vcpupin", "agentex1.web", "--vcpu", "1"]);
     assert!(
         pin.trim_end().ends_with('1'),
         "vcpu 1 pinned to host CPU 1: {pin}"
     );
-    assert!(virsh(&uri, &["dominfo", "agentex.web"]).contains("Autostart:      enable"));
+    assert!(virsh(&uri, &["dominfo", "agentex1.web"]).contains("Autostart:      enable"));
     let events = fake.lock().unwrap().events.clone();
     for reason in [
         "Defined",
@@ -478,7 +483,7 @@ async fn the_examples_converge_on_real_qemu_through_the_agent_process() {
     sigterm(child.id());
     let _ = tokio::task::spawn_blocking(move || child.wait()).await;
     // Clean the shared daemon by hand (the fake API server delivers no deletions).
-    for d in ["agentex.web", "agentex.worker", "agentex.spare"] {
+    for d in ["agentex1.web", "agentex1.worker", "agentex1.spare"] {
         let _ = Command::new("virsh")
             .args(["-q", "-c", &uri, "destroy", d])
             .output();
@@ -486,15 +491,15 @@ async fn the_examples_converge_on_real_qemu_through_the_agent_process() {
             .args(["-q", "-c", &uri, "undefine", d, "--nvram"])
             .output();
     }
-    for v in ["agentex.scratch", "agentex.web-root", "agentex.base"] {
+    for v in ["agentex1.scratch", "agentex1.web-root", "agentex1.base"] {
         let _ = Command::new("virsh")
-            .args(["-q", "-c", &uri, "vol-delete", v, "--pool", "agimages"])
+            .args(["-q", "-c", &uri, "vol-delete", v, "--pool", "agimages1"])
             .output();
     }
     for (what, name) in [
-        ("pool", "agimages"),
-        ("net", "ag-nat"),
-        ("net", "ag-isolated"),
+        ("pool", "agimages1"),
+        ("net", "ag1-nat"),
+        ("net", "ag1-isolated"),
     ] {
         let _ = Command::new("virsh")
             .args(["-q", "-c", &uri, &format!("{what}-destroy"), name])
@@ -503,5 +508,199 @@ async fn the_examples_converge_on_real_qemu_through_the_agent_process() {
             .args(["-q", "-c", &uri, &format!("{what}-undefine"), name])
             .output();
     }
-    let _ = std::fs::remove_dir("/var/lib/virtkube/pools/agimages");
+    let _ = std::fs::remove_dir("/var/lib/virtkube/pools/agimages1");
+}
+
+fn is_ready(obj: &Option<Value>) -> bool {
+    obj.as_ref().is_some_and(|o| {
+        o["status"]["conditions"].as_array().is_some_and(|cs| {
+            cs.iter().any(|c| {
+                c["type"] == "Ready"
+                    && c["status"] == "True"
+                    && c["observedGeneration"] == o["metadata"]["generation"]
+            })
+        })
+    })
+}
+
+async fn eventually(secs: u64, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The e2e suite's scenarios, with an in-memory API server in place of a cluster: the
+/// examples applied, Ready, spec changes (pinning, resume/pause, autostart), a guest destroyed
+/// with virsh and repaired, everything deleted through the finalizers, libvirt clean.
+#[tokio::test]
+#[ignore = "needs private libvirtd: scripts/libvirt-nodes.sh up, then --run-ignored"]
+async fn e2e_scenarios_on_real_qemu_with_an_in_memory_api_server() {
+    use agent_support::fake_api::{agent_with, free_port, kubeconfig, sigterm};
+    use agent_support::mini_api::MiniApi;
+    let uri = node_a_uri();
+    let api = MiniApi::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = kubeconfig(dir.path(), api.addr);
+    let log = dir.path().join("agent.log");
+    let mut child = agent_with(
+        &config,
+        free_port(),
+        &uri,
+        &["--claim-unscheduled", "--shutdown-timeout-seconds", "2"],
+        Some(&log),
+    );
+    let _kill_child = agent_support::fake_api::KillOnDrop(child.id());
+    let tail = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .rev()
+            .take(15)
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let mut names = Vec::new();
+    for (plural, mut obj) in renamed_examples(2) {
+        // The API server assigns these.
+        for field in ["uid", "generation", "resourceVersion", "finalizers"] {
+            obj["metadata"].as_object_mut().map(|m| m.remove(field));
+        }
+        let ns = obj["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let name = obj["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        names.push((plural.clone(), ns, name));
+        api.create(&plural, obj);
+    }
+    let started = Instant::now();
+    let all_ready = || names.iter().all(|(p, ns, n)| is_ready(&api.get(p, ns, n)));
+    if tokio::time::timeout(
+        Duration::from_secs(150),
+        eventually(150, "all Ready", all_ready),
+    )
+    .await
+    .is_err()
+        || !all_ready()
+    {
+        panic!("not all Ready; agent log:\n{}", tail());
+    }
+    println!("examples Ready in {:?}", started.elapsed());
+    let web = || api.get("domains", "agentex2", "web").unwrap();
+    assert_eq!(web()["status"]["phase"], "Running");
+    assert_eq!(
+        api.get("domains", "agentex2", "worker").unwrap()["status"]["phase"],
+        "Paused"
+    );
+    assert_eq!(
+        api.get("domains", "agentex2", "spare").unwrap()["status"]["phase"],
+        "Stopped"
+    );
+    assert_eq!(virsh(&uri, &["domstate", "agentex2.web"]), "running");
+
+    // Pinning.
+    api.edit_spec("domains", "agentex2", "web", |s| {
+        s["cpu"]["pinning"] = json!([{"vcpu": 0, "cpuset": "1"}, {"vcpu": 1, "cpuset": "0"}]);
+    });
+    eventually(60, "pinning in status", || {
+        is_ready(&Some(web()))
+            && web()["status"]["vcpuAffinity"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|x| x["vcpu"] == 0 && x["cpuset"] == "1"))
+    })
+    .await;
+    let pin = virsh(&uri, &["vcpupin", "agentex2.web", "--vcpu", "0"]);
+    assert!(pin.trim_end().ends_with('1'), "{pin}");
+    // Resume, then pause again.
+    api.edit_spec("domains", "agentex2", "worker", |s| {
+        s["state"] = json!("Running")
+    });
+    eventually(60, "worker running", || {
+        virsh(&uri, &["domstate", "agentex2.worker"]) == "running"
+    })
+    .await;
+    api.edit_spec("domains", "agentex2", "worker", |s| {
+        s["state"] = json!("Paused")
+    });
+    eventually(60, "worker paused", || {
+        virsh(&uri, &["domstate", "agentex2.worker"]) == "paused"
+    })
+    .await;
+    // Autostart off.
+    api.edit_spec("domains", "agentex2", "web", |s| {
+        s["autostart"] = json!(false)
+    });
+    eventually(60, "autostart off", || {
+        is_ready(&Some(web()))
+            && web()["status"]["autostart"] == false
+            && virsh(&uri, &["dominfo", "agentex2.web"]).contains("Autostart:      disable")
+    })
+    .await;
+    // Drift: destroyed behind the agent's back, repaired within seconds, with an event.
+    virsh(&uri, &["destroy", "agentex2.web"]);
+    let destroyed = Instant::now();
+    eventually(10, "web running again", || {
+        virsh(&uri, &["domstate", "agentex2.web"]) == "running"
+    })
+    .await;
+    println!("virsh destroy repaired in {:?}", destroyed.elapsed());
+    let repaired = || {
+        api.store.lock().unwrap().events.iter().any(|e| {
+            e.0 == "web" && e.1 == "Started" && e.2 == "Repair" && e.3.contains("destroyed")
+        })
+    };
+    if tokio::time::timeout(
+        Duration::from_secs(10),
+        eventually(10, "a Repair event", repaired),
+    )
+    .await
+    .is_err()
+        || !repaired()
+    {
+        panic!(
+            "no Repair event: {:#?}",
+            api.store
+                .lock()
+                .unwrap()
+                .events
+                .iter()
+                .filter(|e| e.0 == "web")
+                .collect::<Vec<_>>()
+        );
+    }
+
+    // Delete everything, in any order; the finalizers order the work.
+    for (p, ns, n) in names.iter().rev() {
+        api.delete(p, ns, n);
+    }
+    eventually(120, "every object gone", || {
+        ["domains", "volumes", "networks", "storagepools"]
+            .iter()
+            .all(|p| api.count(p) == 0)
+    })
+    .await;
+    let list = |what: &str| virsh(&uri, &[what, "--all", "--name"]);
+    assert!(!list("list").contains("agentex2."), "{}", list("list"));
+    assert!(!list("net-list").contains("ag2-"), "{}", list("net-list"));
+    assert!(
+        !list("pool-list").contains("agimages2"),
+        "{}",
+        list("pool-list")
+    );
+    sigterm(child.id());
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+    // The Retain'ed base image stays on disk, as its policy says.
+    let base = std::path::Path::new("/var/lib/virtkube/pools/agimages2/agentex2.base");
+    assert!(base.exists(), "reclaimPolicy Retain keeps the image");
+    let _ = std::fs::remove_file(base);
+    let _ = std::fs::remove_dir("/var/lib/virtkube/pools/agimages2");
 }

@@ -390,9 +390,10 @@ pub async fn domain(ctx: &Context, dom: &Domain) -> Result<Converged<DomainObser
         &observed_state(ctx, host),
         &PlanOptions::default(),
     );
-    let drift = dom.status.as_ref().is_some_and(|s| {
-        s.observed_generation.is_some() && s.observed_generation == dom.metadata.generation
-    });
+    let drift = dom
+        .status
+        .as_ref()
+        .is_some_and(|s| converged_here(&s.conditions, dom.metadata.generation));
     let (changes, pending) = execute(ctx, &plan, ObjectKind::Domain, &name, drift).await?;
     // Nothing changed: what was read before planning is still what libvirt has (one call
     // per domain per resync).
@@ -480,9 +481,10 @@ pub async fn volume(ctx: &Context, vol: &Volume) -> Result<Converged<VolumeObser
         &observed_state(ctx, host),
         &PlanOptions::default(),
     );
-    let drift = vol.status.as_ref().is_some_and(|s| {
-        s.observed_generation.is_some() && s.observed_generation == vol.metadata.generation
-    });
+    let drift = vol
+        .status
+        .as_ref()
+        .is_some_and(|s| converged_here(&s.conditions, vol.metadata.generation));
     let (changes, pending) = execute(ctx, &plan, ObjectKind::Volume, &name, drift).await?;
     let observed = ctx.engine.volume_observe(&vol.spec.pool, &name).await?;
     Ok(Converged {
@@ -638,14 +640,18 @@ pub async fn remove_pool(ctx: &Context, pool: &StoragePool) -> Result<Vec<Change
     not_mine_is_done(execute(ctx, &plan, ObjectKind::StoragePool, &name, false).await)
 }
 
-/// Whether the summary condition was written for the current generation (the last
-/// reconcile of this spec got through).
+/// Whether the last reconcile of this very spec succeeded: `Ready=True` written for the
+/// current generation. Only then is a needed change a repair of drift (after a failure, or
+/// for a new spec, it is the work itself).
 fn converged_here(
     conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
     generation: Option<i64>,
 ) -> bool {
-    virtkube_crds::conditions::find(conditions, virtkube_crds::conditions::READY)
-        .is_some_and(|c| c.observed_generation.is_some() && c.observed_generation == generation)
+    virtkube_crds::conditions::find(conditions, virtkube_crds::conditions::READY).is_some_and(|c| {
+        c.status == virtkube_crds::conditions::status::TRUE
+            && c.observed_generation.is_some()
+            && c.observed_generation == generation
+    })
 }
 
 fn not_mine_is_done(result: Result<(Vec<Change>, Vec<String>)>) -> Result<Vec<Change>> {

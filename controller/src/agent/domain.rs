@@ -75,6 +75,20 @@ pub fn users_of(
         .collect()
 }
 
+/// The Domains with an interface on `net` (to reconcile them when it changes).
+pub fn users_of_network(
+    store: &kube::runtime::reflector::Store<Domain>,
+    net: &virtkube_crds::Network,
+) -> Vec<kube::runtime::reflector::ObjectRef<Domain>> {
+    let name = net.name_any();
+    store
+        .state()
+        .into_iter()
+        .filter(|d| d.spec.interfaces.iter().any(|i| i.network == name))
+        .map(|d| kube::runtime::reflector::ObjectRef::from_obj(&*d))
+        .collect()
+}
+
 /// The reconciler the Controller runs for each Domain.
 pub async fn reconcile(dom: Arc<Domain>, ctx: Arc<Context>) -> Result<Action> {
     if !concerns(&dom, &ctx) {

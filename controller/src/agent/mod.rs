@@ -263,19 +263,41 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     // A domain waiting for its Volume (VolumeNotReady) is reconciled again as soon as the
     // Volume changes, instead of at its next backoff.
     let domain_controller = {
-        let store = domain_store.clone();
-        domain_controller.watches(
-            Api::<Volume>::all(client.clone()),
-            watch(),
-            move |vol: Volume| domain::users_of(&store, &vol),
-        )
+        let (by_volume, by_network) = (domain_store.clone(), domain_store.clone());
+        domain_controller
+            .watches(
+                Api::<Volume>::all(client.clone()),
+                watch(),
+                move |vol: Volume| domain::users_of(&by_volume, &vol),
+            )
+            .watches(
+                Api::<Network>::all(client.clone()),
+                watch(),
+                move |net: Network| domain::users_of_network(&by_network, &net),
+            )
+    };
+    // Likewise a Volume waiting for its pool (PoolMissing) or for the volume it copies.
+    let volume_store = volume_controller.store();
+    let volume_controller = {
+        let (by_pool, by_source) = (volume_store.clone(), volume_store.clone());
+        volume_controller
+            .watches(
+                Api::<StoragePool>::all(client.clone()),
+                watch(),
+                move |pool: StoragePool| volume::in_pool(&by_pool, &pool),
+            )
+            .watches(
+                Api::<Volume>::all(client.clone()),
+                watch(),
+                move |source: Volume| volume::copies_of(&by_source, &source),
+            )
     };
     let network_store = network_controller.store();
     let pool_store = pool_controller.store();
 
     let mut ctx = Context::new(client.clone(), hosts, metrics.clone(), settings)?;
     // Domains resolve their disks through the Volume controller's cache.
-    ctx.volumes = Some(volume_controller.store());
+    ctx.volumes = Some(volume_store.clone());
     ctx.domains = Some(domain_store.clone());
     let ctx = Arc::new(ctx);
     // Pools and networks are selected by this node's labels: read them before the first

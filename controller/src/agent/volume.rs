@@ -44,6 +44,37 @@ pub fn concerns(vol: &Volume, ctx: &Context) -> bool {
     }
 }
 
+/// The Volumes in `pool` (to reconcile them when it changes).
+pub fn in_pool(
+    store: &kube::runtime::reflector::Store<Volume>,
+    pool: &virtkube_crds::StoragePool,
+) -> Vec<kube::runtime::reflector::ObjectRef<Volume>> {
+    let name = pool.name_any();
+    store
+        .state()
+        .into_iter()
+        .filter(|v| v.spec.pool == name)
+        .map(|v| kube::runtime::reflector::ObjectRef::from_obj(&*v))
+        .collect()
+}
+
+/// The Volumes made from `source` (clones and overlays), to reconcile them when it changes.
+pub fn copies_of(
+    store: &kube::runtime::reflector::Store<Volume>,
+    source: &Volume,
+) -> Vec<kube::runtime::reflector::ObjectRef<Volume>> {
+    let (ns, name) = (source.namespace(), source.name_any());
+    store
+        .state()
+        .into_iter()
+        .filter(|v| v.namespace() == ns)
+        .filter(|v| {
+            v.spec.source.as_ref().and_then(|s| s.referenced_volume()) == Some(name.as_str())
+        })
+        .map(|v| kube::runtime::reflector::ObjectRef::from_obj(&*v))
+        .collect()
+}
+
 /// The reconciler the Controller runs for each Volume.
 pub async fn reconcile(vol: Arc<Volume>, ctx: Arc<Context>) -> Result<Action> {
     if !concerns(&vol, &ctx) {

@@ -231,3 +231,16 @@ pub fn sigterm(pid: u32) {
         .unwrap();
     assert!(status.success());
 }
+
+/// Kills the agent process when a test ends early (a panic), so no agent outlives its test
+/// and keeps acting on a shared daemon.
+pub struct KillOnDrop(pub u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", &self.0.to_string()])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
