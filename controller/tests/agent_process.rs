@@ -430,3 +430,36 @@ async fn whole_lifecycle_through_watches_finalizers_spec_changes_and_deletes() {
         .unwrap();
     assert!(status.success(), "{}", logs());
 }
+
+#[tokio::test]
+async fn agent_waits_for_libvirt_instead_of_crash_looping_and_still_stops_on_sigterm() {
+    let (api, _fake) = fake_api(&[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = kubeconfig(dir.path(), api);
+    let log = dir.path().join("agent.log");
+    let child = agent_support::fake_api::agent_with(
+        &config,
+        free_port(),
+        "qemu:///system?socket=/nonexistent/virtkube-test/libvirt-sock",
+        &[],
+        Some(&log),
+    );
+    let _kill_child = agent_support::fake_api::KillOnDrop(child.id());
+    let mut child = child;
+    eventually(20, "a retry logged", || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("libvirt is not reachable yet")
+    })
+    .await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "still running, not crash-looping"
+    );
+    sigterm(child.id());
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+}

@@ -206,17 +206,32 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
         .await
         .context("no Kubernetes configuration: run inside a cluster or set KUBECONFIG")?;
     check_crds(&client).await?;
-    let mut hosts = Hosts::connect(
-        &[HostSpec {
-            node: args.node_name.clone(),
-            uri: args.connect.clone(),
-            p2p_uri: None,
-            migration_uri: args.migration_uri.clone(),
-        }],
-        EngineConfig::default(),
-    )
-    .await
-    .with_context(|| format!("connecting to libvirt at {}", args.connect))?;
+    // libvirtd may start after the agent (a node booting, a daemon upgrade): wait for it
+    // with backoff rather than exiting into a crash loop; SIGTERM still stops the wait.
+    let spec = HostSpec {
+        node: args.node_name.clone(),
+        uri: args.connect.clone(),
+        p2p_uri: None,
+        migration_uri: args.migration_uri.clone(),
+    };
+    let mut attempt = 0u32;
+    let mut hosts = loop {
+        match Hosts::connect(std::slice::from_ref(&spec), EngineConfig::default()).await {
+            Ok(hosts) => break hosts,
+            Err(e) => {
+                let wait = backoff(attempt).min(Duration::from_secs(30));
+                attempt += 1;
+                tracing::warn!(uri = %args.connect, error = %e, retry_in = ?wait, "libvirt is not reachable yet");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    signal = wait_for_signal() => {
+                        tracing::info!(signal, "stopping before libvirt was reached");
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    };
     hosts.shutdown_deadline = Duration::from_secs(args.shutdown_timeout_seconds);
     let engine = hosts.get(&args.node_name)?.engine.clone();
     let mut settings = Settings::for_node(&args.node_name);
