@@ -63,7 +63,8 @@ use crate::validation::{FieldErrors, Validate, check_unique};
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
     {"rule": "!has(self.state) || self.runStrategy != 'Halted' || self.state == 'Stopped'", "message": "runStrategy Halted keeps the domain stopped: set state to Stopped or leave it unset"},
-    {"rule": "!has(self.state) || self.runStrategy == 'Halted' || self.runStrategy == 'Manual' || self.state != 'Stopped'", "message": "state Stopped needs runStrategy Halted or Manual: Always and RerunOnFailure restart a stopped domain"}
+    {"rule": "!has(self.state) || self.runStrategy == 'Halted' || self.runStrategy == 'Manual' || self.state != 'Stopped'", "message": "state Stopped needs runStrategy Halted or Manual: Always and RerunOnFailure restart a stopped domain"},
+    {"rule": "!has(self.os) || !has(self.os.boot) || size(self.os.boot) == 0 || !has(self.disks) || self.disks.all(d, !has(d.bootOrder))", "message": "os.boot and a disk's bootOrder cannot be combined (libvirt refuses both): use one of them"}
 ]))]
 pub struct DomainSpec {
     /// The node this domain runs on. Leave empty to let the virtkube controller choose one.
@@ -345,8 +346,8 @@ pub struct OsSpec {
     /// `bios` (default) or `efi` (libvirt's firmware autoselection). Needs a restart.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub firmware: Option<Firmware>,
-    /// Boot device order (`hd`, `cdrom`, `network`, `fd`), first tried first. Ignored by
-    /// libvirt when a disk has `bootOrder`. Needs a restart.
+    /// Boot device order (`hd`, `cdrom`, `network`, `fd`), first tried first. Cannot be
+    /// combined with a disk's `bootOrder` (libvirt refuses both). Needs a restart.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 4))]
     pub boot: Vec<BootDevice>,
@@ -429,7 +430,7 @@ pub struct Disk {
     /// Attach read-only.
     #[serde(default)]
     pub read_only: bool,
-    /// This disk's place in the boot order (1 first); overrides `os.boot`.
+    /// This disk's place in the boot order (1 first). Cannot be combined with `os.boot`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 64))]
     pub boot_order: Option<u32>,
@@ -719,6 +720,11 @@ impl Validate for DomainSpec {
         validate_memory(&self.memory, &mut errors);
         if let Some(os) = &self.os {
             validate_os(os, &mut errors);
+        }
+        if self.os.as_ref().is_some_and(|os| !os.boot.is_empty())
+            && self.disks.iter().any(|d| d.boot_order.is_some())
+        {
+            errors.push("spec.os.boot", "os.boot and a disk's bootOrder cannot be combined (libvirt refuses both): use one of them");
         }
         check_unique(
             &mut errors,

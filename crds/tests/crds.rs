@@ -219,7 +219,7 @@ fn validation_markers_reach_the_schema() {
     );
     assert_eq!(
         rule_count(&domain, "/properties/spec/x-kubernetes-validations"),
-        2
+        3
     );
     assert_eq!(
         rule_count(
@@ -429,6 +429,14 @@ fn domain_cel_rules() {
         ),
         (
             json!({"memory": memory, "disks": [{"name": "root", "volume": "v"}]}),
+            None,
+        ),
+        (
+            json!({"memory": memory, "os": {"boot": ["hd"]}, "disks": [{"name": "root", "volume": "v", "bootOrder": 1}]}),
+            Some("os.boot and a disk's bootOrder cannot be combined"),
+        ),
+        (
+            json!({"memory": memory, "os": {"boot": ["hd"]}, "disks": [{"name": "root", "volume": "v"}]}),
             None,
         ),
     ];

@@ -99,6 +99,10 @@ fn domain_rules() {
             Some("Hd is listed twice"),
         ),
         (
+            json!({"memory": m, "os": {"boot": ["hd"]}, "disks": [{"name": "a", "volume": "v", "bootOrder": 1}]}),
+            Some("spec.os.boot: os.boot and a disk's bootOrder cannot be combined"),
+        ),
+        (
             json!({"memory": m, "disks": [{"name": "a", "volume": "v"}, {"name": "a", "volume": "w"}]}),
             Some("duplicate name `a`"),
         ),
