@@ -339,6 +339,11 @@ async fn whole_lifecycle_through_watches_finalizers_spec_changes_and_deletes() {
     .await;
     let vm = api.get("domains", "life", "vm").unwrap();
     assert_eq!(vm["metadata"]["finalizers"], json!(["virtkube.io/cleanup"]));
+    eventually(10, "the volume's usedBy", || {
+        api.get("volumes", "life", "root")
+            .is_some_and(|v| v["status"]["usedBy"] == json!(["vm"]))
+    })
+    .await;
     assert_eq!(vm["status"]["phase"], "Running");
     assert_eq!(
         api.get("storagepools", "", "lifepool").unwrap()["metadata"]["finalizers"],

@@ -306,6 +306,12 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
                 watch(),
                 move |source: Volume| volume::copies_of(&by_source, &source),
             )
+            // `usedBy` follows the Domains that name a volume.
+            .watches(
+                Api::<Domain>::all(client.clone()),
+                watch(),
+                |dom: Domain| volume::used_by_domain(&dom),
+            )
     };
     let network_store = network_controller.store();
     let pool_store = pool_controller.store();

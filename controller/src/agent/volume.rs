@@ -213,6 +213,40 @@ async fn write_status(
     Ok(true)
 }
 
+/// The Domains of the volume's namespace whose disks name it, sorted (from the Domain
+/// reflector; `None` without one).
+fn users(vol: &Volume, ctx: &Context) -> Option<Vec<String>> {
+    let store = ctx.domains.as_ref()?;
+    let (ns, name) = (vol.namespace(), vol.name_any());
+    let mut users: Vec<String> = store
+        .state()
+        .iter()
+        .filter(|d| d.namespace() == ns)
+        .filter(|d| {
+            d.spec
+                .disks
+                .iter()
+                .any(|disk| disk.volume.as_deref() == Some(name.as_str()))
+        })
+        .map(|d| d.name_any())
+        .collect();
+    users.sort();
+    Some(users)
+}
+
+/// The Volumes a Domain's disks name (to refresh their `usedBy` when it changes).
+pub fn used_by_domain(
+    dom: &virtkube_crds::Domain,
+) -> Vec<kube::runtime::reflector::ObjectRef<Volume>> {
+    let ns = dom.namespace().unwrap_or_default();
+    dom.spec
+        .disks
+        .iter()
+        .filter_map(|d| d.volume.as_deref())
+        .map(|v| kube::runtime::reflector::ObjectRef::new(v).within(&ns))
+        .collect()
+}
+
 /// The status describing `observed` (or a failure), keeping transition times.
 fn status_for(
     vol: &Volume,
@@ -248,7 +282,7 @@ fn status_for(
         key: current.key.clone(),
         capacity: current.capacity.clone(),
         allocation: current.allocation.clone(),
-        used_by: current.used_by.clone(),
+        used_by: users(vol, ctx).unwrap_or_else(|| current.used_by.clone()),
         ..VolumeStatus::default()
     };
     match &problem {
