@@ -244,21 +244,21 @@ impl OwnedCache {
     pub(crate) fn contains(&self, kind: ObjectKind, uuid: &str, owner: &Owner) -> bool {
         self.0
             .lock()
-            .expect("poisoned")
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .contains(&Self::key(kind, uuid, owner))
     }
 
     pub(crate) fn insert(&self, kind: ObjectKind, uuid: &str, owner: &Owner) {
         self.0
             .lock()
-            .expect("poisoned")
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(Self::key(kind, uuid, owner));
     }
 
     pub(crate) fn forget(&self, kind: ObjectKind, uuid: &str) {
         self.0
             .lock()
-            .expect("poisoned")
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .retain(|(k, u, _, _)| !(*k == kind && u == uuid));
     }
 
@@ -359,7 +359,11 @@ impl Engine {
         let engine = Engine { inner };
         // The first connection is opened once, without retries: a wrong URI fails fast.
         let handle = engine.open_once().await?;
-        *engine.inner.current.lock().expect("poisoned") = Some(handle);
+        *engine
+            .inner
+            .current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(handle);
         engine.spawn_watchdog();
         Ok(engine)
     }
@@ -380,7 +384,7 @@ impl Engine {
             .inner
             .stats
             .lock()
-            .expect("poisoned")
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .values()
             .cloned()
             .collect();
@@ -396,7 +400,11 @@ impl Engine {
 
     /// Zeroes the call counters (e.g. before measuring a resync).
     pub fn reset_stats(&self) {
-        self.inner.stats.lock().expect("poisoned").clear();
+        self.inner
+            .stats
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
     }
 
     /// Domain lifecycle events from this connection as a stream; it lives as long as the
@@ -422,7 +430,7 @@ impl Engine {
         self.inner
             .current
             .lock()
-            .expect("poisoned")
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .as_ref()
             .is_some_and(|c| !c.lost.load(Ordering::SeqCst))
     }
@@ -442,7 +450,13 @@ impl Engine {
     /// to the query timeout).
     pub async fn close(&self) -> Result<()> {
         self.inner.closed.store(true, Ordering::SeqCst);
-        let Some(mut handle) = self.inner.current.lock().expect("poisoned").take() else {
+        let Some(mut handle) = self
+            .inner
+            .current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+        else {
             return Ok(());
         };
         let deadline = Instant::now() + self.inner.config.query_timeout;
@@ -492,7 +506,11 @@ impl Engine {
             res = self.call_once(class, name, f).await;
         }
         let elapsed = start.elapsed();
-        let mut stats = self.inner.stats.lock().expect("poisoned");
+        let mut stats = self
+            .inner
+            .stats
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let s = stats.entry(name).or_insert(CallStat {
             name,
             class,
@@ -586,7 +604,12 @@ impl Engine {
             });
         }
         // Drop the dead connection first (its callbacks cannot fire any more).
-        let old = self.inner.current.lock().expect("poisoned").take();
+        let old = self
+            .inner
+            .current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
         if let Some(old) = old {
             let _ = tokio::task::spawn_blocking(move || drop(old)).await;
         }
@@ -596,7 +619,11 @@ impl Engine {
         for attempt in 0..cfg.reconnect_attempts.max(1) {
             match self.open_once().await {
                 Ok(h) => {
-                    *self.inner.current.lock().expect("poisoned") = Some(h.clone());
+                    *self
+                        .inner
+                        .current
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(h.clone());
                     tracing::info!(uri = %self.inner.uri, attempt, "reconnected to libvirt");
                     let _ = self.inner.events.send(EngineEvent::Reconnected);
                     return Ok(h);
@@ -621,7 +648,7 @@ impl Engine {
         self.inner
             .current
             .lock()
-            .expect("poisoned")
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .as_ref()
             .filter(|h| !h.lost.load(Ordering::SeqCst))
             .cloned()
@@ -669,7 +696,12 @@ impl Engine {
                 }
             }
             match events::register_lifecycle(handle.conn(), tx, uri.clone()) {
-                Ok(id) => *handle.event_cb.lock().expect("poisoned") = Some(id),
+                Ok(id) => {
+                    *handle
+                        .event_cb
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(id)
+                }
                 Err(e) => tracing::warn!(error = %e, "domain lifecycle events unavailable"),
             }
             Ok(handle)
