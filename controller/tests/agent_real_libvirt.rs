@@ -704,3 +704,155 @@ async fn e2e_scenarios_on_real_qemu_with_an_in_memory_api_server() {
     let _ = std::fs::remove_file(base);
     let _ = std::fs::remove_dir("/var/lib/virtkube/pools/agimages2");
 }
+
+fn node_env(which: &str, what: &str) -> String {
+    let name = format!("VIRTKUBE_TEST_NODE_{which}_{what}");
+    std::env::var(&name).unwrap_or_else(|_| panic!("{name} is not set: {NEEDS}"))
+}
+
+/// Two agents (node-a, node-b), one in-memory API server: changing `spec.nodeName` of a
+/// running domain live-migrates it (the source agent moves it, then the target's agent takes
+/// over); it never runs on both; deleting it afterwards is the target's job.
+#[tokio::test]
+#[ignore = "needs private libvirtd: scripts/libvirt-nodes.sh up, then --run-ignored"]
+async fn changing_node_name_live_migrates_through_two_agents() {
+    use agent_support::fake_api::{KillOnDrop, agent_with, free_port, kubeconfig, sigterm};
+    use agent_support::mini_api::MiniApi;
+    let (uri_a, uri_b) = (node_env("A", "URI"), node_env("B", "URI"));
+    let api = MiniApi::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = kubeconfig(dir.path(), api.addr);
+    let mut agents = Vec::new();
+    for (node, which) in [("node-a", "A"), ("node-b", "B")] {
+        let log = dir.path().join(format!("{node}.log"));
+        let (client, peer, data) = (
+            node_env(which, "URI"),
+            node_env(which, "P2P_URI"),
+            node_env(which, "MIGRATION_URI"),
+        );
+        let child = agent_with(
+            &config,
+            free_port(),
+            &client,
+            &[
+                "--node-name",
+                node,
+                "--libvirt-client-uri",
+                &client,
+                "--libvirt-peer-uri",
+                &peer,
+                "--migration-uri",
+                &data,
+                "--shutdown-timeout-seconds",
+                "2",
+            ],
+            Some(&log),
+        );
+        let guard = KillOnDrop(child.id());
+        agents.push((child, guard, log));
+    }
+    let logs = |agents: &Vec<(std::process::Child, KillOnDrop, std::path::PathBuf)>| {
+        agents
+            .iter()
+            .map(|(_, _, l)| {
+                std::fs::read_to_string(l)
+                    .unwrap_or_default()
+                    .lines()
+                    .rev()
+                    .take(8)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+            .collect::<Vec<_>>()
+            .join("\n----\n")
+    };
+    let ns = format!("realmig{}", std::process::id() % 100_000);
+    let name = format!("{ns}.mover");
+    api.create(
+        "domains",
+        json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "Domain",
+               "metadata": {"name": "mover", "namespace": ns},
+               "spec": {"nodeName": "node-a", "runStrategy": "Always", "autostart": true,
+                        "cpu": {"vcpus": 1}, "memory": {"size": "128Mi"},
+                        "os": {"machine": "pc"}}}),
+    );
+    let dom = || api.get("domains", &ns, "mover").unwrap();
+    let on = |node: &str| {
+        let d = dom();
+        is_ready(&Some(d.clone())) && d["status"]["nodeName"] == node
+    };
+    if tokio::time::timeout(
+        Duration::from_secs(90),
+        eventually(90, "Ready on node-a", || on("node-a")),
+    )
+    .await
+    .is_err()
+    {
+        panic!("never Ready on node-a:\n{}", logs(&agents));
+    }
+    assert_eq!(virsh(&uri_a, &["domstate", &name]), "running");
+
+    api.edit_spec("domains", &ns, "mover", |s| s["nodeName"] = json!("node-b"));
+    let started = Instant::now();
+    // Never on both: sample while it moves.
+    let mut both = 0;
+    loop {
+        let on_a = virsh(&uri_a, &["list", "--name"])
+            .lines()
+            .any(|l| l == name);
+        let on_b = virsh(&uri_b, &["list", "--name"])
+            .lines()
+            .any(|l| l == name);
+        let running_a = on_a && virsh(&uri_a, &["domstate", &name]) == "running";
+        let running_b = on_b && virsh(&uri_b, &["domstate", &name]) == "running";
+        if running_a && running_b {
+            both += 1;
+        }
+        if on("node-b") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "not moved to node-b; status {}\n{}",
+            dom()["status"],
+            logs(&agents)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!("moved to node-b in {:?}", started.elapsed());
+    assert_eq!(both, 0, "running on both nodes at once");
+    assert_eq!(virsh(&uri_b, &["domstate", &name]), "running");
+    assert!(
+        !virsh(&uri_a, &["list", "--all", "--name"])
+            .lines()
+            .any(|l| l == name),
+        "gone from node-a"
+    );
+    let status = dom()["status"].clone();
+    assert_eq!(status["migration"]["state"], "Succeeded");
+    assert_eq!(status["migration"]["sourceNode"], "node-a");
+    assert_eq!(status["migration"]["targetNode"], "node-b");
+    let migrated = api
+        .store
+        .lock()
+        .unwrap()
+        .events
+        .iter()
+        .any(|e| e.0 == "mover" && e.1 == "Migrated");
+    assert!(migrated, "a Migrated event");
+
+    // The target's agent now owns it: deleting it is done on node-b.
+    api.delete("domains", &ns, "mover");
+    eventually(60, "the Domain gone", || api.count("domains") == 0).await;
+    assert!(
+        !virsh(&uri_b, &["list", "--all", "--name"])
+            .lines()
+            .any(|l| l == name)
+    );
+    for (child, _, _) in &agents {
+        sigterm(child.id());
+    }
+    for (mut child, _, _) in agents {
+        let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+    }
+}

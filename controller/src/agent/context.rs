@@ -44,6 +44,13 @@ pub struct Settings {
     pub allow_host_paths: bool,
     /// The host's CPU count (the planner checks pinning against it); `None` when unknown.
     pub host_cpus: Option<u32>,
+    /// The libvirt URI other agents open to reach this node (published on the
+    /// HypervisorNode; needed to migrate domains here).
+    pub client_uri: Option<String>,
+    /// The URI a source libvirtd uses to reach this node in a peer-to-peer migration.
+    pub peer_uri: Option<String>,
+    /// The migration data URI of this node (`tcp://ADDRESS`).
+    pub migration_uri: Option<String>,
 }
 
 impl Settings {
@@ -56,6 +63,9 @@ impl Settings {
             shutdown_timeout: Duration::from_secs(30),
             allow_host_paths: false,
             host_cpus: None,
+            client_uri: None,
+            peer_uri: None,
+            migration_uri: None,
         }
     }
 

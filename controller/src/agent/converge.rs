@@ -19,14 +19,14 @@ use kube::runtime::reflector::ObjectRef as StoreRef;
 use virtkube_crds::manifest::{Manifest, Object, Source};
 use virtkube_crds::names::host_name;
 use virtkube_crds::{Domain, Network, StoragePool, Volume};
-use virtkube_engine::Owner;
 use virtkube_engine::model::{
     DomainObserved, NetworkObserved, PoolObserved, PoolState, VolumeObserved,
 };
+use virtkube_engine::{Engine, EngineConfig, Owner};
 
 use super::context::Context;
 use super::error::{Error, Result};
-use crate::host::{HostError, domain_from, from_owner};
+use crate::host::{HostError, HostSpec, Hosts, domain_from, from_owner};
 use crate::plan::desired::{DesiredState, Nodes};
 use crate::plan::observed::{
     ObservedHost, ObservedNetwork, ObservedPool, ObservedState, ObservedVolume,
@@ -55,6 +55,8 @@ pub struct Converged<O> {
     pub observed: Option<O>,
     /// Spec changes that wait for the guest to stop (field paths).
     pub pending: Vec<String>,
+    /// Where the object is now, when it moved to another node (a migration).
+    pub moved_to: Option<String>,
 }
 
 /// The ownership mark of a resource, as the engine compares it (kind and UID).
@@ -149,7 +151,7 @@ fn host_error(e: HostError) -> Error {
 /// made behind virtkube's back (a `virsh destroy`, a crash, a `virsh vcpupin`); those changes
 /// get the event action `Repair`.
 async fn execute(
-    ctx: &Context,
+    hosts: &Hosts,
     plan: &Plan,
     kind: ObjectKind,
     name: &str,
@@ -183,7 +185,7 @@ async fn execute(
         .iter()
         .filter(|a| mine(a.object.kind, &a.object.name))
     {
-        let outcome = ctx.hosts.run(action).await.map_err(host_error)?;
+        let outcome = hosts.run(action).await.map_err(host_error)?;
         let reason = reason_of(&action.op);
         // The planner words deletions for the command line; here the resource was deleted.
         let why = match action.op {
@@ -261,13 +263,23 @@ async fn observe_pool(
     pool: &str,
     volumes: &[String],
 ) -> Result<Option<PoolObserved>> {
-    let Some(p) = ctx.engine.pool_observe(pool).await? else {
+    observe_pool_on(&ctx.engine, host, pool, volumes).await
+}
+
+/// [`observe_pool`] through any node's engine.
+async fn observe_pool_on(
+    engine: &Engine,
+    host: &mut ObservedHost,
+    pool: &str,
+    volumes: &[String],
+) -> Result<Option<PoolObserved>> {
+    let Some(p) = engine.pool_observe(pool).await? else {
         return Ok(None);
     };
     host.pools.insert(pool.to_string(), pool_from(&p));
     if p.state == PoolState::Running {
         for v in volumes {
-            if let Some(o) = ctx.engine.volume_observe(pool, v).await? {
+            if let Some(o) = engine.volume_observe(pool, v).await? {
                 host.volumes.insert(
                     (pool.to_string(), v.clone()),
                     volume_from(&o, p.owner.is_some()),
@@ -312,17 +324,12 @@ pub async fn domain(ctx: &Context, dom: &Domain) -> Result<Converged<DomainObser
     if let Some(target) = dom
         .spec
         .node_name
-        .as_deref()
+        .clone()
         .filter(|n| *n != ctx.settings.node)
     {
-        // Still here (status.nodeName) but asked to be elsewhere: a live-migration request.
-        return Err(Error::Unrealizable {
-            reason: "MigrationNotSupported",
-            message: format!(
-                "spec.nodeName asks for node {target}; this agent does not perform live migration yet, so the domain stays on node {}",
-                ctx.settings.node
-            ),
-        });
+        // Still here (status.nodeName) but asked to be elsewhere: this agent, the source,
+        // moves it (a live migration while it runs).
+        return migrate_domain(ctx, dom, &target).await;
     }
     let mut host = empty_host(ctx);
     let mut manifests = vec![manifest(Object::Domain(Box::new(dom.clone())))];
@@ -394,7 +401,7 @@ pub async fn domain(ctx: &Context, dom: &Domain) -> Result<Converged<DomainObser
         .status
         .as_ref()
         .is_some_and(|s| converged_here(&s.conditions, dom.metadata.generation));
-    let (changes, pending) = execute(ctx, &plan, ObjectKind::Domain, &name, drift).await?;
+    let (changes, pending) = execute(&ctx.hosts, &plan, ObjectKind::Domain, &name, drift).await?;
     // Nothing changed: what was read before planning is still what libvirt has (one call
     // per domain per resync).
     let observed = if changes.is_empty() {
@@ -406,6 +413,7 @@ pub async fn domain(ctx: &Context, dom: &Domain) -> Result<Converged<DomainObser
         changes,
         observed,
         pending,
+        moved_to: None,
     })
 }
 
@@ -422,7 +430,7 @@ pub async fn remove_domain(ctx: &Context, dom: &Domain) -> Result<Vec<Change>> {
     let manifests = vec![manifest(Object::Domain(Box::new(dom.clone())))];
     let (desired, _) = DesiredState::from_manifests(&manifests, &Nodes::single(&ctx.settings.node));
     let plan = plan::plan_delete(&desired, &observed_state(ctx, host));
-    match execute(ctx, &plan, ObjectKind::Domain, &name, false).await {
+    match execute(&ctx.hosts, &plan, ObjectKind::Domain, &name, false).await {
         Ok((changes, _)) => Ok(changes),
         // Not ours: never touched, and nothing of ours is left.
         Err(Error::Unrealizable {
@@ -485,12 +493,13 @@ pub async fn volume(ctx: &Context, vol: &Volume) -> Result<Converged<VolumeObser
         .status
         .as_ref()
         .is_some_and(|s| converged_here(&s.conditions, vol.metadata.generation));
-    let (changes, pending) = execute(ctx, &plan, ObjectKind::Volume, &name, drift).await?;
+    let (changes, pending) = execute(&ctx.hosts, &plan, ObjectKind::Volume, &name, drift).await?;
     let observed = ctx.engine.volume_observe(&vol.spec.pool, &name).await?;
     Ok(Converged {
         changes,
         observed,
         pending,
+        moved_to: None,
     })
 }
 
@@ -537,7 +546,7 @@ pub async fn remove_volume(ctx: &Context, vol: &Volume) -> Result<(Vec<Change>, 
         .filter(about_me)
         .find(|n| n.kind == NoticeKind::Retained)
         .map(|n| n.message.clone());
-    let (changes, _) = execute(ctx, &plan, ObjectKind::Volume, &name, false).await?;
+    let (changes, _) = execute(&ctx.hosts, &plan, ObjectKind::Volume, &name, false).await?;
     Ok((changes, kept))
 }
 
@@ -568,12 +577,13 @@ pub async fn network(ctx: &Context, net: &Network) -> Result<Converged<NetworkOb
                 .iter()
                 .any(|n| n.node_name == ctx.settings.node && n.message.is_none())
     });
-    let (changes, pending) = execute(ctx, &plan, ObjectKind::Network, &name, drift).await?;
+    let (changes, pending) = execute(&ctx.hosts, &plan, ObjectKind::Network, &name, drift).await?;
     let observed = ctx.engine.network_observe(&name).await?;
     Ok(Converged {
         changes,
         observed,
         pending,
+        moved_to: None,
     })
 }
 
@@ -589,7 +599,7 @@ pub async fn remove_network(ctx: &Context, net: &Network) -> Result<Vec<Change>>
     let manifests = vec![manifest(Object::Network(Box::new(net.clone())))];
     let (desired, _) = DesiredState::from_manifests(&manifests, &Nodes::single(&ctx.settings.node));
     let plan = plan::plan_delete(&desired, &observed_state(ctx, host));
-    not_mine_is_done(execute(ctx, &plan, ObjectKind::Network, &name, false).await)
+    not_mine_is_done(execute(&ctx.hosts, &plan, ObjectKind::Network, &name, false).await)
 }
 
 /// Brings this node's copy of the pool to what `pool.spec` asks.
@@ -617,12 +627,14 @@ pub async fn pool(ctx: &Context, pool: &StoragePool) -> Result<Converged<PoolObs
                 .iter()
                 .any(|n| n.node_name == ctx.settings.node && n.message.is_none())
     });
-    let (changes, pending) = execute(ctx, &plan, ObjectKind::StoragePool, &name, drift).await?;
+    let (changes, pending) =
+        execute(&ctx.hosts, &plan, ObjectKind::StoragePool, &name, drift).await?;
     let observed = ctx.engine.pool_observe(&name).await?;
     Ok(Converged {
         changes,
         observed,
         pending,
+        moved_to: None,
     })
 }
 
@@ -637,7 +649,7 @@ pub async fn remove_pool(ctx: &Context, pool: &StoragePool) -> Result<Vec<Change
     let manifests = vec![manifest(Object::StoragePool(Box::new(pool.clone())))];
     let (desired, _) = DesiredState::from_manifests(&manifests, &Nodes::single(&ctx.settings.node));
     let plan = plan::plan_delete(&desired, &observed_state(ctx, host));
-    not_mine_is_done(execute(ctx, &plan, ObjectKind::StoragePool, &name, false).await)
+    not_mine_is_done(execute(&ctx.hosts, &plan, ObjectKind::StoragePool, &name, false).await)
 }
 
 /// Whether the last reconcile of this very spec succeeded: `Ready=True` written for the
@@ -666,4 +678,138 @@ fn not_mine_is_done(result: Result<(Vec<Change>, Vec<String>)>) -> Result<Vec<Ch
         }
         Err(e) => Err(e),
     }
+}
+
+/// Annotation on a `HypervisorNode`: the libvirt URI other agents open to reach that node.
+pub const CLIENT_URI_ANNOTATION: &str = "virtkube.io/libvirt-uri";
+/// Annotation on a `HypervisorNode`: the URI the source libvirtd uses in a peer-to-peer
+/// migration to that node.
+pub const PEER_URI_ANNOTATION: &str = "virtkube.io/libvirt-peer-uri";
+
+/// How to reach `target` for a migration, from its `HypervisorNode` (published by its agent).
+async fn target_spec(ctx: &Context, target: &str) -> Result<HostSpec> {
+    let node = kube::Api::<virtkube_crds::HypervisorNode>::all(ctx.client.clone())
+        .get_opt(target)
+        .await?;
+    let unknown = |what: &str| Error::Unrealizable {
+        reason: "MigrationTargetUnknown",
+        message: format!(
+            "spec.nodeName asks for node {target}, whose {what}; its agent publishes it when started with --libvirt-client-uri (and --libvirt-peer-uri, --migration-uri)"
+        ),
+    };
+    let node = node.ok_or_else(|| unknown("HypervisorNode does not exist"))?;
+    let annotations = node.metadata.annotations.unwrap_or_default();
+    let uri = annotations
+        .get(CLIENT_URI_ANNOTATION)
+        .cloned()
+        .ok_or_else(|| unknown("HypervisorNode does not say how to reach its libvirt"))?;
+    Ok(HostSpec {
+        node: target.to_string(),
+        uri,
+        p2p_uri: annotations.get(PEER_URI_ANNOTATION).cloned(),
+        migration_uri: node.status.and_then(|s| s.migration_uri),
+    })
+}
+
+/// Adds what `dom` references (its volumes' pools and volumes, its networks) and the domain
+/// itself, as `engine`'s node has them, to `host`.
+async fn observe_for_domain(
+    engine: &Engine,
+    host: &mut ObservedHost,
+    dom: &Domain,
+    volumes: &[Volume],
+) -> Result<()> {
+    for vol in volumes {
+        observe_pool_on(engine, host, &vol.spec.pool, &[volume_host_name(vol)]).await?;
+    }
+    for nic in &dom.spec.interfaces {
+        if let Some(n) = engine.network_observe(&nic.network).await? {
+            host.networks.insert(nic.network.clone(), network_from(&n));
+        }
+    }
+    let name = domain_host_name(dom);
+    if let Some(o) = engine.domain_observe(&name).await? {
+        host.domains.insert(name, domain_from(&o));
+    }
+    Ok(())
+}
+
+/// Moves the domain from this node to `target` through the planner: a live migration while
+/// it runs (peer to peer, from this node's libvirt to the target's), the definition
+/// otherwise. Reports what the target has afterwards.
+async fn migrate_domain(
+    ctx: &Context,
+    dom: &Domain,
+    target: &str,
+) -> Result<Converged<DomainObserved>> {
+    let name = domain_host_name(dom);
+    let ns = dom.namespace().unwrap_or_default();
+    let dest = target_spec(ctx, target).await?;
+    let mut volumes = Vec::new();
+    for disk in &dom.spec.disks {
+        if let Some(v) = &disk.volume
+            && let Some(vol) = find_volume(ctx, &ns, v).await?
+        {
+            volumes.push(vol);
+        }
+    }
+    let source = HostSpec {
+        node: ctx.settings.node.clone(),
+        uri: ctx.engine.uri().to_string(),
+        p2p_uri: ctx.settings.peer_uri.clone(),
+        migration_uri: ctx.settings.migration_uri.clone(),
+    };
+    // A short-lived pair of connections: migrations are rare, and the planner's executor
+    // needs both nodes to move a domain.
+    let mut pair = Hosts::connect(&[source, dest], EngineConfig::default())
+        .await
+        .map_err(host_error)?;
+    pair.shutdown_deadline = ctx.settings.shutdown_timeout;
+    let result = async {
+        let mut state = ObservedState::default();
+        for node in [ctx.settings.node.as_str(), target] {
+            let engine = pair.get(node).map_err(host_error)?.engine.clone();
+            let mut host = empty_host(ctx);
+            host.host_cpus = engine.node_info().await.ok().map(|i| i.cpus);
+            observe_for_domain(&engine, &mut host, dom, &volumes).await?;
+            state.hosts.insert(node.to_string(), host);
+        }
+        let mut manifests = vec![manifest(Object::Domain(Box::new(dom.clone())))];
+        manifests.extend(
+            volumes
+                .iter()
+                .cloned()
+                .map(|v| manifest(Object::Volume(Box::new(v)))),
+        );
+        let nodes = Nodes {
+            default: ctx.settings.node.clone(),
+            all: vec![ctx.settings.node.clone(), target.to_string()],
+        };
+        let (desired, notices) = DesiredState::from_manifests(&manifests, &nodes);
+        if let Some(n) = notices.iter().find(|n| n.object.name == name) {
+            return Err(Error::Unrealizable {
+                reason: "InvalidSpec",
+                message: n.message.clone(),
+            });
+        }
+        let plan = plan::plan(&desired, &state, &PlanOptions::default());
+        let (changes, pending) = execute(&pair, &plan, ObjectKind::Domain, &name, false).await?;
+        let observed = pair
+            .get(target)
+            .map_err(host_error)?
+            .engine
+            .domain_observe(&name)
+            .await?;
+        Ok(Converged {
+            changes,
+            observed,
+            pending,
+            moved_to: Some(target.to_string()),
+        })
+    }
+    .await;
+    if let Err(e) = pair.close().await {
+        tracing::warn!(error = %e, "closing the migration connections failed");
+    }
+    result
 }

@@ -1,8 +1,12 @@
 //! The Domain controller: reconciles the domains placed on this node.
 //!
 //! Guarantees (as kube-runtime's finalizer states its own):
-//! - Only domains whose `spec.nodeName` or `status.nodeName` is this node are touched (and,
-//!   with `--claim-unscheduled`, domains not placed anywhere yet).
+//! - Only domains placed on this node are touched: `status.nodeName` is this node, or no
+//!   status names a node yet and `spec.nodeName` does (or, with `--claim-unscheduled`, neither
+//!   names one).
+//! - A domain never runs on two nodes: when `spec.nodeName` changes, the node in
+//!   `status.nodeName` (the source) moves it — a live migration while it runs — and records
+//!   the target there; only then does the target's agent take over.
 //! - A libvirt domain without virtkube's mark for this very resource (kind and UID) is never
 //!   changed or removed: the clash is reported as `Ready=False`, reason `NameConflict`.
 //! - Deleting a Domain shuts its guest down (ACPI, then power-off after the timeout) and
@@ -20,7 +24,10 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tracing::Instrument;
 use virtkube_crds::conditions::{self, status as cs};
-use virtkube_crds::domain::{DomainPhase, DomainStatus, InterfaceStatus, PowerState, VcpuAffinity};
+use virtkube_crds::domain::{
+    DomainPhase, DomainStatus, InterfaceStatus, MigrationState, MigrationStatus, PowerState,
+    VcpuAffinity,
+};
 use virtkube_crds::quantity::ByteQuantity;
 use virtkube_crds::validation::Validate;
 use virtkube_crds::{API_VERSION, Domain};
@@ -48,10 +55,12 @@ pub fn concerns(dom: &Domain, ctx: &Context) -> bool {
     let node = ctx.settings.node.as_str();
     let status_node = dom.status.as_ref().and_then(|s| s.node_name.as_deref());
     match (dom.spec.node_name.as_deref(), status_node) {
-        (Some(n), _) if n == node => true,
-        (_, Some(n)) if n == node => true,
+        // Placed: the node the status names owns it, also while `spec.nodeName` asks for a
+        // move (that node is the migration's source). The target takes over only once the
+        // status names it, so a domain never runs on two nodes at once.
+        (_, Some(n)) => n == node,
+        (Some(n), None) => n == node,
         (None, None) => ctx.settings.claim_unscheduled,
-        _ => false,
     }
 }
 
@@ -147,6 +156,7 @@ async fn apply(dom: &Domain, ctx: &Context, api: &Api<Domain>) -> Result<Action>
             changes,
             observed,
             pending,
+            moved_to,
         }) => {
             for change in &changes {
                 ctx.event(
@@ -158,7 +168,33 @@ async fn apply(dom: &Domain, ctx: &Context, api: &Api<Domain>) -> Result<Action>
                 )
                 .await;
             }
-            let status = status_for(dom, ctx, observed.as_ref(), &pending, None, true);
+            let mut status = status_for(dom, ctx, observed.as_ref(), &pending, None, true);
+            if let Some(target) = moved_to {
+                // The domain left: the target's agent takes over from here (spec.nodeName
+                // names it), and this status tells it where the domain came from.
+                let note = changes
+                    .iter()
+                    .find(|c| c.reason == "Migrated")
+                    .map(|c| c.note.clone());
+                status.node_name = Some(target.clone());
+                status.migration = Some(MigrationStatus {
+                    state: Some(MigrationState::Succeeded),
+                    source_node: Some(ctx.settings.node.clone()),
+                    target_node: Some(target.clone()),
+                    end_time: Some(now()),
+                    message: note,
+                    ..MigrationStatus::default()
+                });
+                let message = format!("moved from node {} to node {target}", ctx.settings.node);
+                for c in &mut status.conditions {
+                    if c.type_ == conditions::SCHEDULED {
+                        c.message = format!("placed on node {target}");
+                    }
+                    if c.type_ == conditions::READY && c.status == cs::TRUE {
+                        c.message = message.clone();
+                    }
+                }
+            }
             write_status(dom, ctx, api, status).await?;
             Ok(Action::requeue(ctx.settings.resync))
         }
@@ -263,7 +299,6 @@ fn agent_view(status: &DomainStatus) -> DomainStatus {
     let mut s = status.clone();
     s.conditions
         .retain(|c| AGENT_CONDITIONS.contains(&c.type_.as_str()));
-    s.migration = None;
     s
 }
 
@@ -303,6 +338,8 @@ pub fn status_for(
         domain_name: Some(converge::domain_host_name(dom)),
         observed_generation: generation,
         pending_changes: pending.to_vec(),
+        // The record of the last migration stays until the next one.
+        migration: current.migration.clone(),
         ..DomainStatus::default()
     };
     set(

@@ -92,9 +92,19 @@ pub struct AgentArgs {
     /// Seconds the agent waits for reconciles in flight when told to stop.
     #[arg(long, default_value_t = 25)]
     pub shutdown_deadline_seconds: u64,
-    /// The URI other nodes use to migrate domains here (published in the HypervisorNode).
+    /// The migration data URI of this node, e.g. `tcp://10.0.0.2` (published in the
+    /// HypervisorNode's `status.migrationUri`).
     #[arg(long, env = "VIRTKUBE_MIGRATION_URI")]
     pub migration_uri: Option<String>,
+    /// The libvirt URI other agents open to reach this node, e.g.
+    /// `qemu+tls://node-a/system` (published as an annotation; a domain can be migrated
+    /// here only when it is set).
+    #[arg(long, env = "VIRTKUBE_LIBVIRT_CLIENT_URI")]
+    pub libvirt_client_uri: Option<String>,
+    /// The URI a source libvirtd uses to reach this node in a peer-to-peer migration
+    /// (defaults to the client URI).
+    #[arg(long, env = "VIRTKUBE_LIBVIRT_PEER_URI")]
+    pub libvirt_peer_uri: Option<String>,
     /// Also reconcile domains and volumes that name no node, placing them here. Only for a
     /// single agent (one-node clusters, tests): two agents would both claim them.
     #[arg(long, env = "VIRTKUBE_CLAIM_UNSCHEDULED")]
@@ -239,6 +249,9 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     settings.resync = Duration::from_secs(args.resync_seconds.max(1));
     settings.shutdown_timeout = Duration::from_secs(args.shutdown_timeout_seconds);
     settings.allow_host_paths = args.allow_host_paths;
+    settings.client_uri = args.libvirt_client_uri.clone();
+    settings.peer_uri = args.libvirt_peer_uri.clone();
+    settings.migration_uri = args.migration_uri.clone();
     settings.host_cpus = Some(engine.node_info().await?.cpus);
     tracing::info!(node = %settings.node, uri = %args.connect, "virtkube agent starting");
 

@@ -87,10 +87,17 @@ pub fn node_status(
 /// returns its labels.
 pub async fn ensure_node_object(ctx: &Context) -> Result<BTreeMap<String, String>> {
     let api: Api<HypervisorNode> = Api::all(ctx.client.clone());
+    let mut annotations = serde_json::Map::new();
+    if let Some(uri) = &ctx.settings.client_uri {
+        annotations.insert(super::converge::CLIENT_URI_ANNOTATION.into(), json!(uri));
+    }
+    if let Some(uri) = &ctx.settings.peer_uri {
+        annotations.insert(super::converge::PEER_URI_ANNOTATION.into(), json!(uri));
+    }
     let body = json!({
         "apiVersion": API_VERSION,
         "kind": "HypervisorNode",
-        "metadata": { "name": ctx.settings.node },
+        "metadata": { "name": ctx.settings.node, "annotations": annotations },
         "spec": {},
     });
     let node = api

@@ -37,10 +37,10 @@ pub fn concerns(vol: &Volume, ctx: &Context) -> bool {
     let node = ctx.settings.node.as_str();
     let status_node = vol.status.as_ref().and_then(|s| s.node_name.as_deref());
     match (vol.spec.node_name.as_deref(), status_node) {
-        (Some(n), _) if n == node => true,
-        (_, Some(n)) if n == node => true,
+        // Placed: the node the status names owns it (spec.nodeName is immutable).
+        (_, Some(n)) => n == node,
+        (Some(n), None) => n == node,
         (None, None) => ctx.settings.claim_unscheduled,
-        _ => false,
     }
 }
 
