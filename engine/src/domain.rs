@@ -16,7 +16,8 @@ use crate::engine::{CallClass, Engine, OwnedCache};
 use crate::error::{EngineError, ObjectKind, Result};
 use crate::model::xml;
 use crate::model::{
-    DomainDef, DomainObserved, DomainState, OWNER_NS, Owner, VcpuPin, state_reason_name,
+    DomainDef, DomainObserved, DomainSizes, DomainState, OWNER_NS, Owner, VcpuPin,
+    state_reason_name,
 };
 
 /// Where a change applies (libvirt's `VIR_DOMAIN_AFFECT_*`).
@@ -78,7 +79,9 @@ pub enum ShutdownOutcome {
     AlreadyOff,
     /// The guest shut down within the deadline.
     Graceful,
-    /// The deadline passed (a guest with no OS ignores ACPI): the domain was destroyed.
+    /// The domain was destroyed: the deadline passed (a guest with no OS ignores ACPI), or
+    /// the guest could not act on the request (crashed, could not be resumed, or libvirt
+    /// refused the request).
     Destroyed,
 }
 
@@ -244,6 +247,12 @@ fn observe(dom: &Domain, host_cpus: u32, call: &'static str) -> Result<DomainObs
     };
     o.has_managed_save = o.persistent && dom.has_managed_save(0).unwrap_or(false);
     o.live_pinning = vcpu_pin_info(host_cpus, dom, call, 0)?;
+    if o.persistent && s.is_active() {
+        o.config = Some(DomainSizes::from_xml(
+            &dom.xml_desc(sys::VIR_DOMAIN_XML_INACTIVE)
+                .map_err(lv(call))?,
+        )?);
+    }
     Ok(o)
 }
 
@@ -325,30 +334,49 @@ impl Engine {
     }
 
     /// Asks the guest to shut down (ACPI) and waits up to `deadline`; then destroys it.
+    ///
+    /// A paused guest is resumed first and a suspended-to-RAM one woken up, because a guest
+    /// whose vCPUs do not run cannot act on the request (libvirt would accept it and nothing
+    /// would happen until the deadline). A crashed guest, one that cannot be resumed, and
+    /// one whose shutdown request libvirt refuses are destroyed at once.
     pub async fn domain_shutdown(
         &self,
         name: &str,
         owner: &Owner,
         deadline: Duration,
     ) -> Result<ShutdownOutcome> {
-        let started = self
+        let first = self
             .owned_domain_r(
                 CallClass::Lifecycle,
                 "domain_shutdown",
                 name,
                 owner,
                 |dom| {
-                    let (state, _) = raw_state(dom, "domain_shutdown")?;
-                    if !state.is_active() {
-                        return Ok(false);
+                    const CALL: &str = "domain_shutdown";
+                    let (state, _) = raw_state(dom, CALL)?;
+                    let ready = match state {
+                        s if !s.is_active() => return Ok(Some(ShutdownOutcome::AlreadyOff)),
+                        DomainState::Crashed => false,
+                        DomainState::Paused => dom.resume().is_ok(),
+                        DomainState::PmSuspended => dom.pm_wakeup(0).is_ok(),
+                        _ => true,
+                    };
+                    if ready && dom.shutdown().is_ok() {
+                        return Ok(None);
                     }
-                    dom.shutdown().map_err(lv("domain_shutdown"))?;
-                    Ok(true)
+                    match dom.destroy() {
+                        Ok(()) => Ok(Some(ShutdownOutcome::Destroyed)),
+                        // It stopped on its own meanwhile.
+                        Err(_) if !raw_state(dom, CALL)?.0.is_active() => {
+                            Ok(Some(ShutdownOutcome::Graceful))
+                        }
+                        Err(e) => Err(EngineError::libvirt(CALL, e)),
+                    }
                 },
             )
             .await?;
-        if !started {
-            return Ok(ShutdownOutcome::AlreadyOff);
+        if let Some(outcome) = first {
+            return Ok(outcome);
         }
         let until = Instant::now() + deadline;
         let mut poll = Duration::from_millis(50);
@@ -454,6 +482,43 @@ impl Engine {
             name,
             owner,
             move |dom| dom.set_memory_flags(memory_kib, apply.flags()),
+        )
+        .await
+    }
+
+    /// Grows a disk of an active domain to `capacity_bytes` through the hypervisor
+    /// (`virDomainBlockResize` in bytes): the way to grow an image a running guest holds
+    /// open, whose lock QEMU keeps. `disk` is the guest's target (`vda`) or the image's path.
+    /// Shrinking is refused ([`EngineError::ShrinkRefused`]); the current size is a no-op.
+    pub async fn domain_block_resize(
+        &self,
+        name: &str,
+        owner: &Owner,
+        disk: &str,
+        capacity_bytes: u64,
+    ) -> Result<()> {
+        let (name_s, disk) = (name.to_string(), disk.to_string());
+        self.owned_domain_r(
+            CallClass::Mutate,
+            "domain_block_resize",
+            name,
+            owner,
+            move |dom| {
+                const CALL: &str = "domain_block_resize";
+                let current = dom.block_info(&disk, 0).map_err(lv(CALL))?.capacity;
+                if capacity_bytes < current {
+                    return Err(EngineError::ShrinkRefused {
+                        what: format!("disk {disk} of domain {name_s}"),
+                        current,
+                        requested: capacity_bytes,
+                    });
+                }
+                if capacity_bytes == current {
+                    return Ok(());
+                }
+                dom.block_resize(&disk, capacity_bytes, sys::VIR_DOMAIN_BLOCK_RESIZE_BYTES)
+                    .map_err(lv(CALL))
+            },
         )
         .await
     }
@@ -639,8 +704,9 @@ impl Engine {
     }
 
     /// Everything observed about a domain: its XML read back (live when running), state and
-    /// reason, autostart, persistence, managed-save, and every vCPU's affinity. `None` when
-    /// there is no such domain.
+    /// reason, autostart, persistence, managed-save, every vCPU's affinity, and for a running
+    /// persistent domain the sizes in its persistent definition ([`DomainObserved::config`]).
+    /// `None` when there is no such domain.
     pub async fn domain_observe(&self, name: &str) -> Result<Option<DomainObserved>> {
         let name = name.to_string();
         self.call(CallClass::Query, "domain_observe", move |c| {

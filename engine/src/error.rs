@@ -132,9 +132,20 @@ pub enum EngineError {
         /// The connection URI.
         uri: String,
     },
-    /// The request itself is invalid (e.g. shrinking a volume, pinning to no CPU).
+    /// The request itself is invalid (e.g. pinning to no CPU, a vCPU count of zero).
     #[error("invalid request: {0}")]
     InvalidSpec(String),
+    /// A size change would make a volume or a guest's disk smaller than it is: refused,
+    /// because it would cut the data at its end.
+    #[error("{what} is {current} bytes: shrinking it to {requested} bytes is refused")]
+    ShrinkRefused {
+        /// What would shrink (`storage volume pool/name`, `disk vda of domain team.web`).
+        what: String,
+        /// Its size now, bytes.
+        current: u64,
+        /// The size asked for, bytes.
+        requested: u64,
+    },
     /// libvirt returned XML the engine could not read.
     #[error("{0}")]
     Xml(#[from] XmlError),
@@ -289,6 +300,7 @@ impl EngineError {
             EngineError::ConnectionLost { .. } => "connection",
             EngineError::Closed { .. } => "closed",
             EngineError::InvalidSpec(_) => "invalid_spec",
+            EngineError::ShrinkRefused { .. } => "shrink_refused",
             EngineError::Xml(_) => "xml",
             EngineError::Internal(_) => "internal",
         }

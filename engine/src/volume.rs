@@ -97,8 +97,10 @@ impl Engine {
         .await
     }
 
-    /// Creates a full copy of `source` (same pool) named and sized by `def` (capacity at
-    /// least the source's).
+    /// Creates a full copy of `source` (same pool) named and sized by `def`: libvirt copies
+    /// the source's size whatever the XML asks, so a larger `def.capacity_bytes` grows the
+    /// copy right after it is made (before any guest can hold it open). A capacity below the
+    /// source's is refused ([`EngineError::ShrinkRefused`]) before anything is copied.
     pub async fn volume_clone(
         &self,
         pool: &str,
@@ -116,14 +118,30 @@ impl Engine {
             const CALL: &str = "volume_clone";
             let pool = crate::pool::lookup(c, CALL, &pool_name)?;
             let src = lookup(&pool, CALL, &pool_name, &source)?;
+            let source_capacity = src.info().map_err(lv(CALL))?.capacity;
+            if def.capacity_bytes < source_capacity {
+                return Err(EngineError::ShrinkRefused {
+                    what: format!(
+                        "the clone {pool_name}/{} of storage volume {pool_name}/{source}",
+                        def.name
+                    ),
+                    current: source_capacity,
+                    requested: def.capacity_bytes,
+                });
+            }
             let vol =
                 StorageVol::create_xml_from(&pool, &def.to_xml(None), &src, 0).map_err(lv(CALL))?;
+            if vol.info().map_err(lv(CALL))?.capacity < def.capacity_bytes {
+                vol.resize(def.capacity_bytes, 0).map_err(lv(CALL))?;
+            }
             observe(&vol, CALL)
         })
         .await
     }
 
-    /// Grows a volume to `capacity_bytes`; shrinking is refused, equal is a no-op.
+    /// Grows a volume to `capacity_bytes` through its pool; shrinking is refused
+    /// ([`EngineError::ShrinkRefused`]), equal is a no-op. A running guest's QEMU holds the
+    /// image's lock: grow an attached volume with [`Engine::domain_block_resize`] instead.
     pub async fn volume_resize(
         &self,
         pool: &str,
@@ -137,9 +155,11 @@ impl Engine {
             let vol = lookup_recorded(c, CALL, &pool_name, &name, &key)?;
             let current = vol.info().map_err(lv(CALL))?.capacity;
             if capacity_bytes < current {
-                return Err(EngineError::InvalidSpec(format!(
-                    "volume {pool_name}/{name} is {current} bytes: shrinking to {capacity_bytes} is refused"
-                )));
+                return Err(EngineError::ShrinkRefused {
+                    what: format!("storage volume {pool_name}/{name}"),
+                    current,
+                    requested: capacity_bytes,
+                });
             }
             if capacity_bytes == current {
                 return Ok(());

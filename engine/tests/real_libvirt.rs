@@ -430,7 +430,7 @@ async fn dir_pool_with_qcow2_volumes_attached_to_a_domain() {
     assert!(matches!(
         e.volume_resize(&pool, "it.clone", &clone.key, 8 << 20)
             .await,
-        Err(EngineError::InvalidSpec(_))
+        Err(EngineError::ShrinkRefused { .. })
     ));
     assert_eq!(
         e.volume_lookup_key(&cow.key).await.unwrap().unwrap().name,

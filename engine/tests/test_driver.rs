@@ -44,6 +44,11 @@ async fn node_info_and_capabilities() {
     assert!(n.memory_kib > 0);
     assert!(!n.libvirt_version.is_empty());
     assert!(n.capabilities.host_cpus.is_some(), "{n:?}");
+    // The test driver's host: 8 CPUs present, 0, 2 and 4 online.
+    let map = e.node_cpu_map().await.unwrap();
+    assert_eq!(map.present, 8);
+    assert_eq!(map.online.to_string(), "0,2,4");
+    assert_eq!(n.cpu_map, Some(map));
     assert_eq!(e.stats().mutating_calls(), 0);
     e.close().await.unwrap();
 }
@@ -86,6 +91,8 @@ async fn domain_lifecycle_pinning_and_stats() {
     assert_eq!(obs.pinning, def.pinning);
     assert_eq!(obs.affinity(0).unwrap().to_string(), "1");
     assert_eq!(obs.disks[0].target_dev, "vda");
+    // Stopped: the XML read is the definition itself.
+    assert_eq!(obs.config, None);
 
     e.domain_start("t.life", &o).await.unwrap();
     assert_eq!(
@@ -124,6 +131,16 @@ async fn domain_lifecycle_pinning_and_stats() {
 
     let info = e.domain_info("t.life").await.unwrap();
     assert_eq!(info.memory_kib, 131072);
+    // Running: a live change (flags 0 on the test driver) leaves the persistent definition,
+    // which the observation carries beside the live values.
+    e.domain_set_memory("t.life", &o, 65536, Apply::Current)
+        .await
+        .unwrap();
+    let obs = e.domain_observe("t.life").await.unwrap().unwrap();
+    assert_eq!(obs.memory_kib, 65536);
+    let config = obs.config.expect("running and persistent");
+    assert_eq!((config.memory_kib, config.max_memory_kib), (131072, 131072));
+    assert_eq!((config.vcpus, config.max_vcpus), (1, 2));
 
     // A converged read-only pass makes no mutating call.
     e.reset_stats();
@@ -167,6 +184,17 @@ async fn shutdown_with_deadline_and_managed_save() {
     assert_eq!(
         e.domain_shutdown("t.shut", &o, d).await.unwrap(),
         ShutdownOutcome::Graceful
+    );
+    // A paused guest is resumed first, so the request reaches it.
+    e.domain_start("t.shut", &o).await.unwrap();
+    e.domain_suspend("t.shut", &o).await.unwrap();
+    assert_eq!(
+        e.domain_shutdown("t.shut", &o, d).await.unwrap(),
+        ShutdownOutcome::Graceful
+    );
+    assert_eq!(
+        e.domain_state("t.shut").await.unwrap().0,
+        DomainState::Shutoff
     );
     e.domain_start("t.shut", &o).await.unwrap();
     e.domain_managed_save("t.shut", &o).await.unwrap();
@@ -377,7 +405,7 @@ async fn pools_and_volumes() {
             "t-pool",
             &VolumeDef {
                 name: "t.clone".into(),
-                capacity_bytes: 64 << 20,
+                capacity_bytes: 96 << 20,
                 format: VolumeFormat::Qcow2,
                 backing_volume: None,
             },
@@ -385,6 +413,28 @@ async fn pools_and_volumes() {
         )
         .await
         .unwrap();
+    // libvirt copies the source's size; the engine grows the copy to the asked capacity.
+    assert_eq!(clone.capacity, 96 << 20);
+    // A clone smaller than its source is refused before anything is copied.
+    let small = VolumeDef {
+        name: "t.small".into(),
+        capacity_bytes: 32 << 20,
+        format: VolumeFormat::Qcow2,
+        backing_volume: None,
+    };
+    assert!(matches!(
+        e.volume_clone("t-pool", &small, "t.base").await,
+        Err(EngineError::ShrinkRefused {
+            current,
+            requested,
+            ..
+        }) if current == 64 << 20 && requested == 32 << 20
+    ));
+    assert!(matches!(
+        e.volume_resize("t-pool", "t.clone", &clone.key, 32 << 20)
+            .await,
+        Err(EngineError::ShrinkRefused { .. })
+    ));
     assert_eq!(
         e.volume_lookup_key(&clone.key).await.unwrap().unwrap().name,
         "t.clone"

@@ -611,6 +611,42 @@ pub struct InterfaceObserved {
     pub target_dev: Option<String>,
 }
 
+/// The vCPU and memory sizes of one domain definition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DomainSizes {
+    /// vCPUs online (`current`, or max when absent).
+    pub vcpus: u32,
+    /// Maximum vCPUs.
+    pub max_vcpus: u32,
+    /// Current memory (`<currentMemory>`, or `<memory>` when absent), KiB.
+    pub memory_kib: u64,
+    /// Max memory, KiB.
+    pub max_memory_kib: u64,
+}
+
+impl DomainSizes {
+    fn from_root(root: &Element) -> Self {
+        let vcpu = root.find("vcpu");
+        let max_vcpus: u32 = vcpu.and_then(|v| v.text.trim().parse().ok()).unwrap_or(1);
+        Self {
+            vcpus: vcpu
+                .and_then(|v| v.get_parsed("current"))
+                .unwrap_or(max_vcpus),
+            max_vcpus,
+            memory_kib: match root.find("currentMemory") {
+                Some(c) => parse_kib(Some(c)),
+                None => parse_kib(root.find("memory")),
+            },
+            max_memory_kib: parse_kib(root.find("memory")),
+        }
+    }
+
+    /// Reads the sizes from libvirt's domain XML.
+    pub fn from_xml(text: &str) -> Result<Self, XmlError> {
+        Ok(Self::from_root(&xml::parse(text)?))
+    }
+}
+
 /// What libvirt holds for a domain: its XML read back, plus the runtime facts the engine
 /// adds (state, autostart, live pinning).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -664,6 +700,12 @@ pub struct DomainObserved {
     /// Affinity of every vCPU as libvirt reports it through `virDomainGetVcpuPinInfo` (filled
     /// by the engine; for a running domain these are the live affinities, one per max vCPU).
     pub live_pinning: Vec<VcpuPin>,
+    /// For an active persistent domain, the sizes in its persistent definition (filled by the
+    /// engine; `None` otherwise, when the XML read is the definition itself). On QEMU the live
+    /// `memory_kib` is the balloon's actual size, which stays at the maximum until a guest
+    /// driver gives memory back, so the target set with [`crate::domain::Apply::LiveAndConfig`]
+    /// is only found here.
+    pub config: Option<DomainSizes>,
 }
 
 fn parse_kib(el: Option<&Element>) -> u64 {
@@ -693,11 +735,7 @@ impl DomainObserved {
         let name = root
             .path_text("name")
             .ok_or_else(|| XmlError("domain XML without <name>".into()))?;
-        let vcpu = root.find("vcpu");
-        let max_vcpus: u32 = vcpu.and_then(|v| v.text.trim().parse().ok()).unwrap_or(1);
-        let vcpus = vcpu
-            .and_then(|v| v.get_parsed("current"))
-            .unwrap_or(max_vcpus);
+        let sizes = DomainSizes::from_root(&root);
         let mut pinning = Vec::new();
         let mut emulator_cpuset = None;
         if let Some(tune) = root.find("cputune") {
@@ -829,16 +867,13 @@ impl DomainObserved {
                 .get_parsed::<i64>("id")
                 .and_then(|i| u32::try_from(i).ok()),
             virt_type: root.get("type").unwrap_or_default().to_string(),
-            vcpus,
-            max_vcpus,
+            vcpus: sizes.vcpus,
+            max_vcpus: sizes.max_vcpus,
             cpu,
             pinning,
             emulator_cpuset,
-            memory_kib: match root.find("currentMemory") {
-                Some(c) => parse_kib(Some(c)),
-                None => parse_kib(root.find("memory")),
-            },
-            max_memory_kib: parse_kib(root.find("memory")),
+            memory_kib: sizes.memory_kib,
+            max_memory_kib: sizes.max_memory_kib,
             hugepage_kib: root
                 .path("memoryBacking/hugepages")
                 .map(|h| h.find("page").map(parse_page_kib).unwrap_or(0)),
@@ -854,6 +889,7 @@ impl DomainObserved {
             persistent: false,
             has_managed_save: false,
             live_pinning: Vec::new(),
+            config: None,
             name,
         })
     }

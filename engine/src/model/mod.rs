@@ -9,11 +9,12 @@ pub mod storage;
 pub mod xml;
 
 pub use domain::{
-    CpuDef, CpuMode, DiskDef, DiskObserved, DiskSource, DomainDef, DomainObserved, DomainState,
-    Firmware, InterfaceDef, InterfaceObserved, OsDef, Topology, VcpuPin, state_reason_name,
+    CpuDef, CpuMode, DiskDef, DiskObserved, DiskSource, DomainDef, DomainObserved, DomainSizes,
+    DomainState, Firmware, InterfaceDef, InterfaceObserved, OsDef, Topology, VcpuPin,
+    state_reason_name,
 };
 pub use network::{DhcpRange, IpDef, NetworkDef, NetworkMode, NetworkObserved};
-pub use node::{Capabilities, NodeObserved, NumaCell};
+pub use node::{Capabilities, NodeCpuMap, NodeObserved, NumaCell};
 pub use owner::{OWNER_NS, Owner};
 pub use storage::{
     BackingStore, PoolDef, PoolObserved, PoolSource, PoolState, PoolType, VolumeDef, VolumeFormat,

@@ -102,6 +102,16 @@ impl Capabilities {
     }
 }
 
+/// The host's CPUs as libvirt counts them for cpumaps (`virNodeGetCPUMap`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeCpuMap {
+    /// CPUs present (the length of every cpumap, in bits); may exceed the online ones.
+    pub present: u32,
+    /// The CPUs online: what an unpinned vCPU may run on, so pinning to exactly this set
+    /// restores the float.
+    pub online: CpuSet,
+}
+
 /// Everything the engine reports about the host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeObserved {
@@ -111,6 +121,8 @@ pub struct NodeObserved {
     pub cpu_model: String,
     /// Active CPUs.
     pub cpus: u32,
+    /// The CPUs present and online (`virNodeGetCPUMap`); `None` when the driver cannot say.
+    pub cpu_map: Option<NodeCpuMap>,
     /// CPU frequency, MHz.
     pub mhz: u32,
     /// NUMA nodes.
