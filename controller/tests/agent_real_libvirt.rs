@@ -832,6 +832,27 @@ async fn changing_node_name_live_migrates_through_two_agents() {
     assert_eq!(status["migration"]["state"], "Succeeded");
     assert_eq!(status["migration"]["sourceNode"], "node-a");
     assert_eq!(status["migration"]["targetNode"], "node-b");
+    assert!(
+        status["migration"]["startTime"].is_string() && status["migration"]["endTime"].is_string()
+    );
+    let migrating = status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Migrating")
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        (migrating["status"].as_str(), migrating["reason"].as_str()),
+        (Some("False"), Some("Migrated"))
+    );
+    // While it moved, the status said so.
+    let said_migrating = api.store.lock().unwrap().log.iter().any(|(_, p, _, o)| {
+        p == "domains"
+            && o["status"]["phase"] == "Migrating"
+            && o["status"]["migration"]["state"] == "Running"
+    });
+    assert!(said_migrating, "phase Migrating during the move");
     let migrated = api
         .store
         .lock()

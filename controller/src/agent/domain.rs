@@ -41,8 +41,9 @@ use super::error::{Error, Result};
 pub const KIND: &str = "Domain";
 
 /// Condition types the agent owns on a Domain (the cluster controller may add others).
-const AGENT_CONDITIONS: [&str; 6] = [
+const AGENT_CONDITIONS: [&str; 7] = [
     conditions::READY,
+    conditions::MIGRATING,
     conditions::SCHEDULED,
     conditions::RUNNING,
     conditions::DEFINED,
@@ -151,6 +152,15 @@ async fn apply(dom: &Domain, ctx: &Context, api: &Api<Domain>) -> Result<Action>
         // Nothing to retry: only a new spec can fix it.
         return Ok(Action::await_change());
     }
+    let moving_to = dom
+        .spec
+        .node_name
+        .clone()
+        .filter(|n| *n != ctx.settings.node);
+    let started = match &moving_to {
+        Some(target) => Some(migration_started(dom, ctx, api, target).await?),
+        None => None,
+    };
     match converge::domain(ctx, dom).await {
         Ok(Converged {
             changes,
@@ -181,10 +191,22 @@ async fn apply(dom: &Domain, ctx: &Context, api: &Api<Domain>) -> Result<Action>
                     state: Some(MigrationState::Succeeded),
                     source_node: Some(ctx.settings.node.clone()),
                     target_node: Some(target.clone()),
+                    start_time: started.clone(),
                     end_time: Some(now()),
                     message: note,
                     ..MigrationStatus::default()
                 });
+                conditions::set_condition(
+                    &mut status.conditions,
+                    conditions::condition(
+                        conditions::MIGRATING,
+                        cs::FALSE,
+                        "Migrated",
+                        format!("moved from node {} to node {target}", ctx.settings.node),
+                        dom.meta().generation,
+                        now(),
+                    ),
+                );
                 let message = format!("moved from node {} to node {target}", ctx.settings.node);
                 for c in &mut status.conditions {
                     if c.type_ == conditions::SCHEDULED {
@@ -226,6 +248,28 @@ async fn apply(dom: &Domain, ctx: &Context, api: &Api<Domain>) -> Result<Action>
                 Some((reason, message.clone())),
                 true,
             );
+            if let Some(target) = &moving_to {
+                status.migration = Some(MigrationStatus {
+                    state: Some(MigrationState::Failed),
+                    source_node: Some(ctx.settings.node.clone()),
+                    target_node: Some(target.clone()),
+                    start_time: started.clone(),
+                    end_time: Some(now()),
+                    message: Some(message.clone()),
+                    ..MigrationStatus::default()
+                });
+                conditions::set_condition(
+                    &mut status.conditions,
+                    conditions::condition(
+                        conditions::MIGRATING,
+                        cs::FALSE,
+                        "MigrationFailed",
+                        message.clone(),
+                        dom.meta().generation,
+                        now(),
+                    ),
+                );
+            }
             if unreachable {
                 // libvirt cannot be asked: what the guest does is unknown, not failed; the
                 // last facts stay as they were.
@@ -251,6 +295,47 @@ async fn apply(dom: &Domain, ctx: &Context, api: &Api<Domain>) -> Result<Action>
             Err(error)
         }
     }
+}
+
+/// Records that a move to `target` starts (phase `Migrating`, condition `Migrating=True`,
+/// `status.migration` running), once per attempt; returns its start time.
+async fn migration_started(
+    dom: &Domain,
+    ctx: &Context,
+    api: &Api<Domain>,
+    target: &str,
+) -> Result<Time> {
+    let current = dom.status.as_ref().map(agent_view).unwrap_or_default();
+    if let Some(m) = &current.migration
+        && m.state == Some(MigrationState::Running)
+        && m.target_node.as_deref() == Some(target)
+        && let Some(start) = &m.start_time
+    {
+        return Ok(start.clone());
+    }
+    let start = now();
+    let mut status = current;
+    status.phase = Some(DomainPhase::Migrating);
+    status.migration = Some(MigrationStatus {
+        state: Some(MigrationState::Running),
+        source_node: Some(ctx.settings.node.clone()),
+        target_node: Some(target.to_string()),
+        start_time: Some(start.clone()),
+        ..MigrationStatus::default()
+    });
+    conditions::set_condition(
+        &mut status.conditions,
+        conditions::condition(
+            conditions::MIGRATING,
+            cs::TRUE,
+            "Migrating",
+            format!("moving from node {} to node {target}", ctx.settings.node),
+            dom.meta().generation,
+            start.clone(),
+        ),
+    );
+    write_status(dom, ctx, api, status).await?;
+    Ok(start)
 }
 
 /// Removes the libvirt domain before the resource goes away.
