@@ -18,6 +18,7 @@ use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef as StoreRef;
 use virtkube_crds::manifest::{Manifest, Object, Source};
 use virtkube_crds::names::host_name;
+use virtkube_crds::volume::ReclaimPolicy;
 use virtkube_crds::{Domain, Network, StoragePool, Volume};
 use virtkube_engine::model::{
     DomainObserved, NetworkObserved, PoolObserved, PoolState, VolumeObserved,
@@ -510,11 +511,24 @@ pub async fn volume(ctx: &Context, vol: &Volume) -> Result<Converged<VolumeObser
 pub async fn remove_volume(ctx: &Context, vol: &Volume) -> Result<(Vec<Change>, Option<String>)> {
     let name = volume_host_name(vol);
     let mut host = empty_host(ctx);
-    if observe_pool(ctx, &mut host, &vol.spec.pool, std::slice::from_ref(&name))
-        .await?
-        .is_none()
-    {
-        return Ok((Vec::new(), None));
+    match observe_pool(ctx, &mut host, &vol.spec.pool, std::slice::from_ref(&name)).await? {
+        // No pool here: nothing of the volume can be left on this node.
+        None => return Ok((Vec::new(), None)),
+        // A stopped pool hides its volumes: deciding now could leak an image that
+        // `reclaimPolicy: Delete` says to remove. Wait for the pool.
+        Some(p)
+            if p.state != PoolState::Running
+                && vol.spec.reclaim_policy == ReclaimPolicy::Delete =>
+        {
+            return Err(Error::Unrealizable {
+                reason: "PoolNotRunning",
+                message: format!(
+                    "pool {} is {:?} on node {}: the volume is deleted once the pool runs",
+                    vol.spec.pool, p.state, ctx.settings.node
+                ),
+            });
+        }
+        Some(_) => {}
     }
     if !host
         .volumes
