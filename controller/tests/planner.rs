@@ -3,7 +3,9 @@
 
 use virtkube::plan::desired::{DesiredState, Nodes};
 use virtkube::plan::observed::{ObservedState, OwnerMark, PowerObserved};
-use virtkube::plan::{self, NoticeKind, ObjectKind, Op, Plan, PlanOptions, Symbol, simulate};
+use virtkube::plan::{
+    self, LiveDisk, NoticeKind, ObjectKind, Op, Plan, PlanOptions, Symbol, simulate,
+};
 use virtkube_crds::manifest;
 
 const MANIFESTS: &str = r#"
@@ -179,6 +181,45 @@ fn cases() -> Vec<Case> {
             ),
         ),
         (
+            "removed vCPU pin, host CPU map unknown: left as it is",
+            |d| {
+                dweb(d).pinning.remove(&0);
+            },
+            |_| {},
+            Expect::Nothing,
+        ),
+        (
+            "removed vCPU pin floats again over every online CPU: live",
+            |d| {
+                dweb(d).pinning.remove(&0);
+            },
+            |o| o.host_mut("a").online_cpus = Some("0-63".into()),
+            Expect::Ops(
+                vec![Op::PinVcpu {
+                    vcpu: 0,
+                    cpuset: "0-63".into(),
+                }],
+                Symbol::Live,
+            ),
+        ),
+        (
+            "removed emulator pin floats again over every online CPU: live",
+            |d| dweb(d).emulator_cpuset = None,
+            |o| o.host_mut("a").online_cpus = Some("0-63".into()),
+            Expect::Ops(vec![Op::PinEmulator("0-63".into())], Symbol::Live),
+        ),
+        (
+            "unpinned vCPUs covering every online CPU are no difference",
+            |_| {},
+            |o| {
+                // The test driver reports every present CPU (0-7) with only some online.
+                o.host_mut("a").online_cpus = Some("0,2,4".into());
+                web(o).pinning.insert(1, "0-7".into());
+                web(o).pinning.insert(2, "0,2,4".into());
+            },
+            Expect::Nothing,
+        ),
+        (
             "emulator pinning: live",
             |d| dweb(d).emulator_cpuset = Some("0-1".into()),
             |_| {},
@@ -310,15 +351,67 @@ fn cases() -> Vec<Case> {
                     pool: "images".into(),
                     key: "/pools/images/team.data".into(),
                     capacity: 8 << 30,
+                    live: None,
                 }],
                 Symbol::Live,
             ),
         ),
         (
-            "volume in use by a running guest grows at its next stop",
+            "volume in use by a running guest grows live through its disk",
             |d| d.volumes[0].capacity = Some(8 << 30),
             |_| {},
+            Expect::Ops(
+                vec![Op::ResizeVolume {
+                    pool: "images".into(),
+                    key: "/pools/images/team.root".into(),
+                    capacity: 8 << 30,
+                    live: Some(LiveDisk {
+                        domain: "team.web".into(),
+                        owner: OwnerMark::for_resource("Domain", Some("team"), "web", None),
+                        target: "vda".into(),
+                    }),
+                }],
+                Symbol::Live,
+            ),
+        ),
+        (
+            "volume in use by a crashed guest grows later",
+            |d| {
+                d.volumes[0].capacity = Some(8 << 30);
+                // Manual: the crashed guest stays as it is (no restart in this plan).
+                dweb(d).run_strategy = virtkube_crds::domain::RunStrategy::Manual;
+            },
+            |o| web(o).power = PowerObserved::Crashed,
             Expect::Notice(NoticeKind::Blocked, "capacity"),
+        ),
+        (
+            "volume in use by a stopped guest grows through the pool",
+            |d| d.volumes[0].capacity = Some(8 << 30),
+            |o| web(o).power = PowerObserved::Shutoff,
+            Expect::Ops(
+                vec![
+                    Op::ResizeVolume {
+                        pool: "images".into(),
+                        key: "/pools/images/team.root".into(),
+                        capacity: 8 << 30,
+                        live: None,
+                    },
+                    Op::StartDomain { recover: false },
+                ],
+                Symbol::Live,
+            ),
+        ),
+        (
+            "a clone smaller than its source: forbidden",
+            |d| {
+                let mut c = d.volumes[1].clone();
+                c.name = "team.copy".into();
+                c.source = virtkube::plan::desired::VolumeOrigin::Clone("team.root".into());
+                c.capacity = Some(1 << 30);
+                d.volumes.push(c);
+            },
+            |_| {},
+            Expect::Notice(NoticeKind::Forbidden, "capacity"),
         ),
         (
             "volume moved to another pool: forbidden",

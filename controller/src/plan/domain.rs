@@ -1,6 +1,7 @@
 //! Planning one domain: create, compare field by field (live or restart-required), power
 //! state by run strategy, and moves between nodes (live migration).
 
+use virtkube_crds::cpuset::CpuSet;
 use virtkube_crds::domain::{PowerState, RunStrategy};
 
 use super::desired::{DesiredDiskSource, DesiredDomain, DesiredState};
@@ -76,6 +77,17 @@ fn describe_observed_disk(d: &super::observed::ObservedDisk) -> String {
     )
 }
 
+/// Whether an affinity lets a thread run on every online CPU: what libvirt reports for a
+/// vCPU that is not pinned (every online CPU on QEMU, every present CPU on the test
+/// driver), so it is no difference. An affinity the planner cannot read counts as floating:
+/// a pin is never changed on a guess.
+fn floats(affinity: &str, online: &str) -> bool {
+    match (affinity.parse::<CpuSet>(), online.parse::<CpuSet>()) {
+        (Ok(have), Ok(online)) => online.iter().all(|cpu| have.contains(cpu)),
+        _ => true,
+    }
+}
+
 /// Differences split by how they can be applied.
 #[derive(Default)]
 pub(crate) struct Diff {
@@ -144,6 +156,32 @@ pub(crate) fn diff_domain(d: &DesiredDomain, o: &ObservedDomain, host: &Observed
             Op::PinEmulator(e.clone()),
             Change::new("cpu.emulatorCpuset", opt(&o.emulator_cpuset), e),
         ));
+    }
+    // A pin removed from the manifest: let the vCPU (or the emulator) float again by pinning
+    // it to every online CPU, live and in the config. Without the host's CPU map the pin is
+    // left as it is.
+    if let Some(online) = &host.online_cpus {
+        let unpinned = format!("{online} (every online CPU)");
+        for (vcpu, have) in &o.pinning {
+            if !d.pinning.contains_key(vcpu) && *vcpu < o.max_vcpus && !floats(have, online) {
+                diff.live.push((
+                    Op::PinVcpu {
+                        vcpu: *vcpu,
+                        cpuset: online.clone(),
+                    },
+                    Change::new(&format!("cpu.pinning[vcpu={vcpu}].cpuset"), have, &unpinned),
+                ));
+            }
+        }
+        if d.emulator_cpuset.is_none()
+            && let Some(have) = &o.emulator_cpuset
+            && !floats(have, online)
+        {
+            diff.live.push((
+                Op::PinEmulator(online.clone()),
+                Change::new("cpu.emulatorCpuset", have, &unpinned),
+            ));
+        }
     }
     if d.cpu_mode.is_some() && d.cpu_mode != o.cpu_mode {
         diff.restart

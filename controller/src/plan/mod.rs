@@ -143,6 +143,17 @@ pub struct Preserve {
     pub macs: Vec<Option<String>>,
 }
 
+/// A running guest's disk, through which a volume it holds open is grown.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveDisk {
+    /// The domain's libvirt name.
+    pub domain: String,
+    /// The domain's ownership mark (the engine checks it before the resize).
+    pub owner: OwnerMark,
+    /// The guest's disk target (`vda`).
+    pub target: String,
+}
+
 /// What an action does.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Op {
@@ -183,6 +194,10 @@ pub enum Op {
         key: String,
         /// New capacity in bytes.
         capacity: u64,
+        /// The running guest that holds the image open, through which it grows live
+        /// (QEMU keeps the image's lock, so the pool cannot resize it); `None`: through the
+        /// pool.
+        live: Option<LiveDisk>,
     },
     /// Delete a volume.
     DeleteVolume {
@@ -258,7 +273,10 @@ impl Op {
                 VolumeOrigin::Clone(s) => format!("clone from {s}"),
                 VolumeOrigin::Backing(s) => format!("create over backing {s}"),
             },
-            Op::ResizeVolume { .. } => "grow".into(),
+            Op::ResizeVolume { live: None, .. } => "grow".into(),
+            Op::ResizeVolume {
+                live: Some(disk), ..
+            } => format!("grow live through domain {} ({})", disk.domain, disk.target),
             Op::DefineDomain { .. } => "define".into(),
             Op::StartDomain { recover: false } => "start".into(),
             Op::StartDomain { recover: true } => "destroy the crashed guest and start".into(),
@@ -696,6 +714,16 @@ pub fn plan(desired: &DesiredState, observed: &ObservedState, options: &PlanOpti
                             b.notice(NoticeKind::Invalid, &object, node, format!("{}: spec.source: Volume {src} is neither in the manifests nor in pool {} on node {node}", vol.origin, vol.pool), vec![]);
                             continue;
                         }
+                        // A copy smaller than its source would cut the data at its end.
+                        if let (VolumeOrigin::Clone(_), Some(capacity), Some(s)) = (
+                            &vol.source,
+                            vol.capacity,
+                            host.volumes.get(&(vol.pool.clone(), src.clone())),
+                        ) && capacity < s.capacity
+                        {
+                            b.notice(NoticeKind::Forbidden, &object, node, format!("{}: a clone cannot be smaller than its source Volume {src}: leave spec.capacity out for the source's size", vol.origin), vec![Change::new("capacity", render::bytes(s.capacity), render::bytes(capacity))]);
+                            continue;
+                        }
                         deps.push((ObjectKind::Volume, node.clone(), src.clone()));
                         changes.push(Change::new("source", "(none)", src));
                     }
@@ -756,21 +784,56 @@ pub fn plan(desired: &DesiredState, observed: &ObservedState, options: &PlanOpti
                     );
                 }
                 if let Some(capacity) = vol.capacity {
-                    let users: Vec<&String> = host
+                    // Guests holding the image open: a running or paused one grows it live
+                    // through its disk; a crashed one cannot, so the growth waits.
+                    let users: Vec<(&String, &observed::ObservedDomain, &str)> = host
                         .domains
                         .iter()
-                        .filter(|(_, d)| d.power.is_active() && d.disks.iter().any(|disk| matches!(&disk.source, observed::DiskRef::Volume { pool, volume } if pool == &vol.pool && volume == &vol.name)))
-                        .map(|(n, _)| n)
+                        .filter(|(_, d)| d.power.is_active())
+                        .filter_map(|(n, d)| {
+                            d.disks.iter().find_map(|disk| match &disk.source {
+                                observed::DiskRef::Volume { pool, volume }
+                                    if pool == &vol.pool && volume == &vol.name =>
+                                {
+                                    Some((n, d, disk.target.as_str()))
+                                }
+                                _ => None,
+                            })
+                        })
                         .collect();
-                    if capacity > o.capacity && !users.is_empty() {
-                        // QEMU holds the image's write lock while the guest runs; growing it
-                        // then needs a live block resize through the domain.
-                        b.notice(NoticeKind::Blocked, &object, node, format!("grows when domain {} stops: a running guest holds the image (a live block resize is not available yet)", users.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")), vec![Change::new("capacity", render::bytes(o.capacity), render::bytes(capacity))]);
+                    let through = users.iter().find(|(_, d, _)| {
+                        matches!(
+                            d.power,
+                            observed::PowerObserved::Running | observed::PowerObserved::Paused
+                        )
+                    });
+                    let grow = Change::new(
+                        "capacity",
+                        render::bytes(o.capacity),
+                        render::bytes(capacity),
+                    );
+                    if capacity > o.capacity && through.is_none() && !users.is_empty() {
+                        b.notice(NoticeKind::Blocked, &object, node, format!("grows when domain {} runs again or stops: a crashed guest holds the image", users.iter().map(|(n, _, _)| n.as_str()).collect::<Vec<_>>().join(", ")), vec![grow]);
                     } else if capacity > o.capacity {
+                        let live = through.and_then(|(n, d, target)| {
+                            d.owner.as_ref().map(|owner| LiveDisk {
+                                domain: (*n).clone(),
+                                owner: owner.clone(),
+                                target: target.to_string(),
+                            })
+                        });
+                        let why = match &live {
+                            Some(l) => format!(
+                                "spec.capacity grew; domain {} holds the image: grown live through its disk",
+                                l.domain
+                            ),
+                            None => "spec.capacity grew".to_string(),
+                        };
                         let op = Op::ResizeVolume {
                             pool: vol.pool.clone(),
                             key: o.key.clone(),
                             capacity,
+                            live,
                         };
                         b.push(
                             node,
@@ -778,12 +841,8 @@ pub fn plan(desired: &DesiredState, observed: &ObservedState, options: &PlanOpti
                             &vol.owner,
                             op,
                             Symbol::Live,
-                            "spec.capacity grew",
-                            vec![Change::new(
-                                "capacity",
-                                render::bytes(o.capacity),
-                                render::bytes(capacity),
-                            )],
+                            why,
+                            vec![grow],
                             &[pool_key],
                         );
                     } else if capacity < o.capacity {

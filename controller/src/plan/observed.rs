@@ -82,6 +82,9 @@ impl ObservedState {
 pub struct ObservedHost {
     /// Host CPUs (for pinning checks); `None` when unknown.
     pub host_cpus: Option<u32>,
+    /// The host's online CPUs, canonical cpuset (`0-7`): what a vCPU whose pin was removed
+    /// floats over again. `None` when unknown: a removed pin is then left as it is.
+    pub online_cpus: Option<String>,
     /// Storage pools by libvirt name.
     pub pools: BTreeMap<String, ObservedPool>,
     /// Networks by libvirt name.
