@@ -138,6 +138,44 @@ async fn examples_converge_reapply_is_a_no_op_changes_apply_live_prune_and_delet
     assert_eq!(web.memory_kib, 768 * 1024);
     assert_eq!(web.pinning.get(&1).map(String::as_str), Some("2-3"));
 
+    // 3b. A pin removed from the manifest floats again: pinned to every online CPU (the test
+    //     driver's host has 0, 2 and 4 online), and the next plan is empty.
+    {
+        let web = domain_mut(&mut manifests, "web");
+        web.spec.cpu.pinning.retain(|p| p.vcpu != 1);
+        web.spec.cpu.emulator_cpuset = None;
+    }
+    let (desired, _) = DesiredState::from_manifests(&manifests, &hosts.nodes());
+    let observed = hosts.observe().await.unwrap();
+    assert_eq!(
+        observed.hosts["local"].online_cpus.as_deref(),
+        Some("0,2,4")
+    );
+    let p = plan::plan(&desired, &observed, &PlanOptions::default());
+    assert_eq!(
+        p.actions.iter().map(|a| &a.op).collect::<Vec<_>>(),
+        vec![
+            &Op::PinVcpu {
+                vcpu: 1,
+                cpuset: "0,2,4".into()
+            },
+            &Op::PinEmulator("0,2,4".into())
+        ],
+        "{}",
+        p.render(false)
+    );
+    let done = converge(&hosts, &desired, &[], &quiet, &mut out)
+        .await
+        .unwrap();
+    assert!(
+        done.is_clean() && done.last_plan.is_empty(),
+        "{:?}",
+        done.failures
+    );
+    let web = &done.observed.hosts["local"].domains["default.web"];
+    assert_eq!(web.pinning.get(&1).map(String::as_str), Some("0,2,4"));
+    assert_eq!(web.pinning.get(&0).map(String::as_str), Some("0"));
+
     // 4. A restart-required change on a running domain waits (Deferred): reported, no action.
     domain_mut(&mut manifests, "web").spec.cpu.max_vcpus = Some(8);
     let (desired, _) = DesiredState::from_manifests(&manifests, &hosts.nodes());
