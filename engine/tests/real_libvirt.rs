@@ -71,6 +71,27 @@ fn tiny(name: &str, o: &Owner) -> DomainDef {
     d
 }
 
+/// The virtual size `qemu-img info` reads from an image's header (`-U`: the guest may hold
+/// the image's lock).
+fn qemu_img_virtual_size(path: &str) -> u64 {
+    let out = std::process::Command::new("qemu-img")
+        .args(["info", "-U", "--output=json", path])
+        .output()
+        .expect("qemu-img runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rest = &text[text.find("\"virtual-size\":").expect("virtual-size") + 15..];
+    rest.trim_start()
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("a number")
+}
+
 fn qemu_pid(name: &str) -> Option<u32> {
     let needle = format!("guest={name},");
     std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
@@ -283,6 +304,18 @@ async fn define_start_pin_checks_real_thread_affinity() {
     assert!(obs.id.is_some());
     assert_eq!(obs.emulator_cpuset.as_ref(), Some(&both));
 
+    // Unpinning: pinned to every online CPU, live and config, the vCPU floats again, on its
+    // thread and as libvirt reports it (what it reports for a vCPU never pinned).
+    let online = e.node_cpu_map().await.unwrap().online;
+    e.domain_pin_vcpu(&name, &o, 0, &online, Apply::LiveAndConfig)
+        .await
+        .unwrap();
+    assert_eq!(vcpu0_affinity(&name), online, "the thread floats again");
+    for apply in [Apply::Live, Apply::Config] {
+        let pins = e.domain_vcpu_pin_info(&name, apply).await.unwrap();
+        assert_eq!(pins[0].cpuset, online, "{apply:?}");
+    }
+
     let t = Instant::now();
     e.domain_destroy(&name, &o).await.unwrap();
     let t_destroy = t.elapsed();
@@ -324,6 +357,11 @@ async fn vcpu_hotplug_suspend_resume_and_shutdown_deadline() {
     e.domain_set_memory(&name, &o, 128 * 1024, Apply::Config)
         .await
         .unwrap();
+    // The persistent definition's sizes come with the observation of the running guest.
+    let obs = e.domain_observe(&name).await.unwrap().unwrap();
+    let config = obs.config.expect("running and persistent");
+    assert_eq!(config.memory_kib, 128 * 1024);
+    assert_eq!((obs.vcpus, config.vcpus), (2, 1));
 
     e.domain_suspend(&name, &o).await.unwrap();
     assert_eq!(
@@ -403,10 +441,23 @@ async fn dir_pool_with_qcow2_volumes_attached_to_a_domain() {
         .unwrap();
     assert_eq!(base.format, Some(VolumeFormat::Qcow2));
     assert!(Path::new(&base.path).exists());
+    // A clone honours its capacity (libvirt alone copies the source's size) and is never
+    // smaller than its source.
     let clone = e
-        .volume_clone(&pool, &vol("it.clone", 16, None), "it.base")
+        .volume_clone(&pool, &vol("it.clone", 24, None), "it.base")
         .await
         .unwrap();
+    assert_eq!(clone.capacity, 24 << 20);
+    assert_eq!(qemu_img_virtual_size(&clone.path), 24 << 20);
+    assert!(matches!(
+        e.volume_clone(&pool, &vol("it.small", 8, None), "it.base")
+            .await,
+        Err(EngineError::ShrinkRefused { .. })
+    ));
+    assert!(
+        e.volume_observe(&pool, "it.small").await.unwrap().is_none(),
+        "nothing copied"
+    );
     let cow = e
         .volume_create(&pool, &vol("it.cow", 16, Some("it.base")))
         .await
@@ -467,6 +518,29 @@ async fn dir_pool_with_qcow2_volumes_attached_to_a_domain() {
             pool: pool.clone(),
             volume: "it.clone".into()
         }
+    );
+
+    // Growing an image the running guest holds open: through the domain (QEMU's
+    // block_resize), seen by libvirt's pool and in the qcow2 header.
+    e.domain_block_resize(&name, &o, "vda", 48 << 20)
+        .await
+        .unwrap();
+    let grown = e.volume_observe(&pool, "it.clone").await.unwrap().unwrap();
+    assert_eq!(grown.capacity, 48 << 20);
+    assert_eq!(qemu_img_virtual_size(&grown.path), 48 << 20);
+    // By path as well; the current size is a no-op, a smaller one refused.
+    e.domain_block_resize(&name, &o, &grown.path, 48 << 20)
+        .await
+        .unwrap();
+    assert!(matches!(
+        e.domain_block_resize(&name, &o, "vda", 16 << 20).await,
+        Err(EngineError::ShrinkRefused { current, .. }) if current == 48 << 20
+    ));
+    assert!(
+        e.domain_block_resize(&name, &owner("someone-else"), "vda", 64 << 20)
+            .await
+            .unwrap_err()
+            .is_not_owned()
     );
     cleanup(&e, &name, &o).await;
 
@@ -768,6 +842,12 @@ async fn node_info_from_a_real_daemon() {
             .all(|c| c.free_bytes > 0 && c.memory_kib > 0)
     );
     assert!(na.max_vcpus.unwrap_or(0) >= 1);
+    let map = a.node_cpu_map().await.unwrap();
+    assert!(
+        map.present >= na.cpus && map.online.len() as u32 == na.cpus,
+        "{map:?}"
+    );
+    assert_eq!(na.cpu_map.as_ref(), Some(&map));
     a.close().await.unwrap();
     b.close().await.unwrap();
 }
