@@ -256,16 +256,19 @@ fn empty_hosts() -> ObservedState {
     for n in NODES {
         o.host_mut(n);
     }
+    // Node a knows its online CPUs (a removed pin floats again); node b does not (a removed
+    // pin is left as it is): both must converge.
+    o.host_mut("a").online_cpus = Some("0-63".into());
     o
 }
 
-/// Drift the hosts the way the world does: guests stop, crash, get paused or re-pinned by
-/// hand, autostart flips; plus foreign objects that clash by name.
+/// Drift the hosts the way the world does: guests stop, crash, get paused, re-pinned or
+/// unpinned by hand, autostart flips; plus foreign objects that clash by name.
 fn drift(o: &mut ObservedState, seed: &[u8]) {
     let mut it = seed.iter().copied().cycle();
     for host in o.hosts.values_mut() {
         for d in host.domains.values_mut() {
-            match it.next().unwrap_or(0) % 7 {
+            match it.next().unwrap_or(0) % 8 {
                 0 => {
                     d.power = PowerObserved::Shutoff;
                     d.reason = "shutdown".into()
@@ -282,6 +285,10 @@ fn drift(o: &mut ObservedState, seed: &[u8]) {
                 4 => d.autostart = !d.autostart,
                 5 => {
                     d.pinning.insert(0, "0-63".into());
+                }
+                6 => {
+                    d.pinning.insert(1, "5".into());
+                    d.emulator_cpuset = Some("7".into());
                 }
                 _ => {}
             }
