@@ -13,12 +13,13 @@ use virt::sys;
 use virtkube_crds::cpuset::CpuSet;
 
 use crate::engine::{CallClass, Engine, OwnedCache};
-use crate::error::{EngineError, ObjectKind, Result};
+use crate::error::{EngineError, ObjectKind, Result, growth, lv};
 use crate::model::xml;
 use crate::model::{
     DomainDef, DomainObserved, DomainSizes, DomainState, OWNER_NS, Owner, VcpuPin,
     state_reason_name,
 };
+use crate::object;
 
 /// Where a change applies (libvirt's `VIR_DOMAIN_AFFECT_*`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,12 +87,7 @@ pub enum ShutdownOutcome {
 }
 
 pub(crate) fn lookup(c: &Connect, call: &'static str, name: &str) -> Result<Domain> {
-    c.lookup_domain_by_name(name)
-        .map_err(|e| EngineError::lookup(call, ObjectKind::Domain, name, e))
-}
-
-fn lv(call: &'static str) -> impl Fn(virt::error::Error) -> EngineError {
-    move |e| EngineError::libvirt(call, e)
+    object::lookup(c, call, name)
 }
 
 /// The owner recorded in the domain's `<metadata>`, if any.
@@ -137,12 +133,7 @@ pub(crate) fn lookup_owned(
     owner: &Owner,
     cache: &OwnedCache,
 ) -> Result<Domain> {
-    let dom = lookup(c, call, name)?;
-    let uuid = dom.uuid_string().map_err(lv(call))?;
-    cache.check(ObjectKind::Domain, name, &uuid, owner, || {
-        read_owner(&dom, call)
-    })?;
-    Ok(dom)
+    object::lookup_owned(c, call, name, owner, cache)
 }
 
 pub(crate) fn raw_state(dom: &Domain, call: &'static str) -> Result<(DomainState, i32)> {
@@ -273,19 +264,10 @@ impl Engine {
         self.call(CallClass::Mutate, "domain_define", move |c| {
             const CALL: &str = "domain_define";
             let mut def = def.clone();
-            match lookup(c, CALL, &def.name) {
-                Ok(existing) => {
-                    let uuid = existing.uuid_string().map_err(lv(CALL))?;
-                    cache.check(ObjectKind::Domain, &def.name, &uuid, &def.owner, || {
-                        read_owner(&existing, CALL)
-                    })?;
-                    // A redefinition must keep the UUID, or libvirt refuses the name clash.
-                    if def.uuid.is_none() {
-                        def.uuid = Some(uuid);
-                    }
-                }
-                Err(e) if e.is_not_found() => {}
-                Err(e) => return Err(e),
+            let existing = object::existing_uuid::<Domain>(c, CALL, &def.name, &def.owner, &cache)?;
+            // A redefinition must keep the UUID, or libvirt refuses the name clash.
+            if def.uuid.is_none() {
+                def.uuid = existing;
             }
             let dom = c.define_domain_xml(&def.to_xml()).map_err(lv(CALL))?;
             let id = id_of(&dom, CALL)?;
@@ -300,7 +282,7 @@ impl Engine {
     /// domain keeps running as a transient one (destroy it first to remove it entirely).
     pub async fn domain_undefine(&self, name: &str, owner: &Owner) -> Result<()> {
         let cache = self.owned_cache();
-        self.owned_domain_r(
+        self.owned::<Domain, _, _>(
             CallClass::Mutate,
             "domain_undefine",
             name,
@@ -327,7 +309,7 @@ impl Engine {
 
     /// Starts a defined domain (from its managed-save image when one exists).
     pub async fn domain_start(&self, name: &str, owner: &Owner) -> Result<()> {
-        self.owned_domain(CallClass::Lifecycle, "domain_start", name, owner, |dom| {
+        self.owned_call::<Domain, _>(CallClass::Lifecycle, "domain_start", name, owner, |dom| {
             dom.create().map(|_| ())
         })
         .await
@@ -346,7 +328,7 @@ impl Engine {
         deadline: Duration,
     ) -> Result<ShutdownOutcome> {
         let first = self
-            .owned_domain_r(
+            .owned::<Domain, _, _>(
                 CallClass::Lifecycle,
                 "domain_shutdown",
                 name,
@@ -402,7 +384,7 @@ impl Engine {
 
     /// Stops a domain at once (power off).
     pub async fn domain_destroy(&self, name: &str, owner: &Owner) -> Result<()> {
-        self.owned_domain(CallClass::Lifecycle, "domain_destroy", name, owner, |dom| {
+        self.owned_call::<Domain, _>(CallClass::Lifecycle, "domain_destroy", name, owner, |dom| {
             dom.destroy()
         })
         .await
@@ -410,7 +392,7 @@ impl Engine {
 
     /// Reboots (ACPI; ignored by a guest with no OS).
     pub async fn domain_reboot(&self, name: &str, owner: &Owner) -> Result<()> {
-        self.owned_domain(CallClass::Lifecycle, "domain_reboot", name, owner, |dom| {
+        self.owned_call::<Domain, _>(CallClass::Lifecycle, "domain_reboot", name, owner, |dom| {
             dom.reboot(0)
         })
         .await
@@ -418,7 +400,7 @@ impl Engine {
 
     /// Pauses the vCPUs.
     pub async fn domain_suspend(&self, name: &str, owner: &Owner) -> Result<()> {
-        self.owned_domain(CallClass::Lifecycle, "domain_suspend", name, owner, |dom| {
+        self.owned_call::<Domain, _>(CallClass::Lifecycle, "domain_suspend", name, owner, |dom| {
             dom.suspend()
         })
         .await
@@ -426,7 +408,7 @@ impl Engine {
 
     /// Resumes a paused domain.
     pub async fn domain_resume(&self, name: &str, owner: &Owner) -> Result<()> {
-        self.owned_domain(CallClass::Lifecycle, "domain_resume", name, owner, |dom| {
+        self.owned_call::<Domain, _>(CallClass::Lifecycle, "domain_resume", name, owner, |dom| {
             dom.resume()
         })
         .await
@@ -435,7 +417,7 @@ impl Engine {
     /// Saves the running domain's memory to libvirt's managed-save image and stops it; the
     /// next start restores it.
     pub async fn domain_managed_save(&self, name: &str, owner: &Owner) -> Result<()> {
-        self.owned_domain(
+        self.owned_call::<Domain, _>(
             CallClass::Lifecycle,
             "domain_managed_save",
             name,
@@ -458,7 +440,7 @@ impl Engine {
                 "a domain needs at least one vCPU".into(),
             ));
         }
-        self.owned_domain(
+        self.owned_call::<Domain, _>(
             CallClass::Mutate,
             "domain_set_vcpus",
             name,
@@ -476,7 +458,7 @@ impl Engine {
         memory_kib: u64,
         apply: Apply,
     ) -> Result<()> {
-        self.owned_domain(
+        self.owned_call::<Domain, _>(
             CallClass::Mutate,
             "domain_set_memory",
             name,
@@ -498,7 +480,7 @@ impl Engine {
         capacity_bytes: u64,
     ) -> Result<()> {
         let (name_s, disk) = (name.to_string(), disk.to_string());
-        self.owned_domain_r(
+        self.owned::<Domain, _, _>(
             CallClass::Mutate,
             "domain_block_resize",
             name,
@@ -506,14 +488,11 @@ impl Engine {
             move |dom| {
                 const CALL: &str = "domain_block_resize";
                 let current = dom.block_info(&disk, 0).map_err(lv(CALL))?.capacity;
-                if capacity_bytes < current {
-                    return Err(EngineError::ShrinkRefused {
-                        what: format!("disk {disk} of domain {name_s}"),
-                        current,
-                        requested: capacity_bytes,
-                    });
-                }
-                if capacity_bytes == current {
+                if !growth(
+                    || format!("disk {disk} of domain {name_s}"),
+                    current,
+                    capacity_bytes,
+                )? {
                     return Ok(());
                 }
                 dom.block_resize(&disk, capacity_bytes, sys::VIR_DOMAIN_BLOCK_RESIZE_BYTES)
@@ -597,7 +576,7 @@ impl Engine {
 
     /// Sets the host autostart flag.
     pub async fn domain_set_autostart(&self, name: &str, owner: &Owner, on: bool) -> Result<()> {
-        self.owned_domain(
+        self.owned_call::<Domain, _>(
             CallClass::Mutate,
             "domain_set_autostart",
             name,
@@ -739,44 +718,6 @@ impl Engine {
                 }
             }
             Ok(out)
-        })
-        .await
-    }
-
-    async fn owned_domain<F>(
-        &self,
-        class: CallClass,
-        call: &'static str,
-        name: &str,
-        owner: &Owner,
-        f: F,
-    ) -> Result<()>
-    where
-        F: Fn(&Domain) -> std::result::Result<(), virt::error::Error> + Send + Sync + 'static,
-    {
-        self.owned_domain_r(class, call, name, owner, move |dom| {
-            f(dom).map_err(lv(call))
-        })
-        .await
-    }
-
-    pub(crate) async fn owned_domain_r<T, F>(
-        &self,
-        class: CallClass,
-        call: &'static str,
-        name: &str,
-        owner: &Owner,
-        f: F,
-    ) -> Result<T>
-    where
-        T: Send + 'static,
-        F: Fn(&Domain) -> Result<T> + Send + Sync + 'static,
-    {
-        let (name, owner) = (name.to_string(), owner.clone());
-        let cache = self.owned_cache();
-        self.call(class, call, move |c| {
-            let dom = lookup_owned(c, call, &name, &owner, &cache)?;
-            f(&dom)
         })
         .await
     }

@@ -173,6 +173,24 @@ fn code_in(code: i32, set: &[u32]) -> bool {
     set.iter().any(|&c| c as i32 == code)
 }
 
+/// Maps a `virt` error of engine call `call` to [`EngineError::Libvirt`] (for `map_err`).
+pub(crate) fn lv(call: &'static str) -> impl Fn(virt::error::Error) -> EngineError {
+    move |e| EngineError::libvirt(call, e)
+}
+
+/// Whether a size change from `current` to `requested` bytes is a growth to make: `false`
+/// for the same size, [`EngineError::ShrinkRefused`] (naming `what()`) for a smaller one.
+pub(crate) fn growth(what: impl FnOnce() -> String, current: u64, requested: u64) -> Result<bool> {
+    if requested < current {
+        return Err(EngineError::ShrinkRefused {
+            what: what(),
+            current,
+            requested,
+        });
+    }
+    Ok(requested > current)
+}
+
 impl EngineError {
     /// Wraps a libvirt error raised by `call`, mapping "no such object" codes to
     /// [`EngineError::NotFound`] when the looked-up `name` is known.

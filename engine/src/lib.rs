@@ -19,6 +19,7 @@ pub mod migrate;
 pub mod model;
 pub mod network;
 pub mod node;
+mod object;
 pub mod pool;
 pub mod volume;
 

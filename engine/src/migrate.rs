@@ -9,12 +9,8 @@ use virt::sys;
 
 use crate::domain::{lookup, lookup_owned};
 use crate::engine::{CallClass, Engine};
-use crate::error::{EngineError, Result};
+use crate::error::{EngineError, Result, lv};
 use crate::model::Owner;
-
-fn lv(call: &'static str) -> impl Fn(virt::error::Error) -> EngineError {
-    move |e| EngineError::libvirt(call, e)
-}
 
 /// How to migrate.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -272,7 +268,7 @@ impl Engine {
 
     /// Cancels the domain's current job (a migration in progress).
     pub async fn domain_abort_job(&self, name: &str, owner: &Owner) -> Result<()> {
-        self.owned_domain_r(
+        self.owned::<Domain, _, _>(
             CallClass::Lifecycle,
             "domain_abort_job",
             name,

@@ -3,38 +3,19 @@
 use virt::connect::Connect;
 use virt::network::Network;
 
-use crate::engine::{CallClass, Engine, OwnedCache};
-use crate::error::{EngineError, ObjectKind, Result};
+use crate::engine::{CallClass, Engine};
+use crate::error::{EngineError, ObjectKind, Result, lv};
 use crate::model::{NetworkDef, NetworkObserved, Owner};
+use crate::object;
 
 fn lookup(c: &Connect, call: &'static str, name: &str) -> Result<Network> {
-    c.lookup_network_by_name(name)
-        .map_err(|e| EngineError::lookup(call, ObjectKind::Network, name, e))
-}
-
-fn lv(call: &'static str) -> impl Fn(virt::error::Error) -> EngineError {
-    move |e| EngineError::libvirt(call, e)
+    object::lookup(c, call, name)
 }
 
 /// The owner recorded in a network's `<metadata>` (read from its persistent XML).
-fn read_owner(net: &Network, call: &'static str) -> Result<Option<Owner>> {
+pub(crate) fn read_owner(net: &Network, call: &'static str) -> Result<Option<Owner>> {
     let xml = net.xml_desc(0).map_err(lv(call))?;
     Ok(NetworkObserved::from_xml(&xml)?.owner)
-}
-
-fn lookup_owned(
-    c: &Connect,
-    call: &'static str,
-    name: &str,
-    owner: &Owner,
-    cache: &OwnedCache,
-) -> Result<Network> {
-    let obj = lookup(c, call, name)?;
-    let uuid = obj.uuid_string().map_err(lv(call))?;
-    cache.check(ObjectKind::Network, name, &uuid, owner, || {
-        read_owner(&obj, call)
-    })?;
-    Ok(obj)
 }
 
 impl Engine {
@@ -46,19 +27,8 @@ impl Engine {
         let cache = self.owned_cache();
         self.call(CallClass::Mutate, "network_define", move |c| {
             const CALL: &str = "network_define";
-            let mut xml = def.to_xml();
-            match lookup(c, CALL, &def.name) {
-                Ok(existing) => {
-                    let uuid = existing.uuid_string().map_err(lv(CALL))?;
-                    cache.check(ObjectKind::Network, &def.name, &uuid, &def.owner, || {
-                        read_owner(&existing, CALL)
-                    })?;
-                    // A redefinition must keep the UUID, or libvirt refuses the name clash.
-                    xml = xml.replacen("<name>", &format!("<uuid>{uuid}</uuid>\n  <name>"), 1);
-                }
-                Err(e) if e.is_not_found() => {}
-                Err(e) => return Err(e),
-            }
+            let uuid = object::existing_uuid::<Network>(c, CALL, &def.name, &def.owner, &cache)?;
+            let xml = object::with_uuid(def.to_xml(), uuid.as_deref());
             let obj = c.define_network_xml(&xml).map_err(lv(CALL))?;
             let uuid = obj.uuid_string().map_err(lv(CALL))?;
             cache.insert(ObjectKind::Network, &uuid, &def.owner);
@@ -69,7 +39,7 @@ impl Engine {
 
     /// Starts a network (creates its bridge, dnsmasq, firewall rules).
     pub async fn network_start(&self, name: &str, owner: &Owner) -> Result<()> {
-        self.owned_network(CallClass::Lifecycle, "network_start", name, owner, |n| {
+        self.owned_call::<Network, _>(CallClass::Lifecycle, "network_start", name, owner, |n| {
             n.create().map(|_| ())
         })
         .await
@@ -77,7 +47,7 @@ impl Engine {
 
     /// Stops a network.
     pub async fn network_stop(&self, name: &str, owner: &Owner) -> Result<()> {
-        self.owned_network(CallClass::Lifecycle, "network_stop", name, owner, |n| {
+        self.owned_call::<Network, _>(CallClass::Lifecycle, "network_stop", name, owner, |n| {
             n.destroy()
         })
         .await
@@ -85,7 +55,7 @@ impl Engine {
 
     /// Undefines a network (an active one keeps running as transient until stopped).
     pub async fn network_undefine(&self, name: &str, owner: &Owner) -> Result<()> {
-        self.owned_network(CallClass::Mutate, "network_undefine", name, owner, |n| {
+        self.owned_call::<Network, _>(CallClass::Mutate, "network_undefine", name, owner, |n| {
             n.undefine()
         })
         .await
@@ -93,7 +63,7 @@ impl Engine {
 
     /// Sets the autostart flag.
     pub async fn network_set_autostart(&self, name: &str, owner: &Owner, on: bool) -> Result<()> {
-        self.owned_network(
+        self.owned_call::<Network, _>(
             CallClass::Mutate,
             "network_set_autostart",
             name,
@@ -144,26 +114,6 @@ impl Engine {
                 .iter()
                 .map(|n| n.name().map_err(lv("network_list")))
                 .collect()
-        })
-        .await
-    }
-
-    async fn owned_network<F>(
-        &self,
-        class: CallClass,
-        call: &'static str,
-        name: &str,
-        owner: &Owner,
-        f: F,
-    ) -> Result<()>
-    where
-        F: Fn(&Network) -> std::result::Result<(), virt::error::Error> + Send + Sync + 'static,
-    {
-        let (name, owner) = (name.to_string(), owner.clone());
-        let cache = self.owned_cache();
-        self.call(class, call, move |c| {
-            let net = lookup_owned(c, call, &name, &owner, &cache)?;
-            f(&net).map_err(lv(call))
         })
         .await
     }

@@ -7,13 +7,9 @@ use virt::sys;
 use virtkube_crds::cpuset::CpuSet;
 
 use crate::engine::{CallClass, Engine};
-use crate::error::{EngineError, Result};
+use crate::error::{EngineError, Result, lv};
 use crate::model::node::version_string;
 use crate::model::{Capabilities, NodeCpuMap, NodeObserved};
-
-fn lv(call: &'static str) -> impl Fn(virt::error::Error) -> EngineError {
-    move |e| EngineError::libvirt(call, e)
-}
 
 /// The host's present and online CPUs through `virNodeGetCPUMap` (the `virt` crate has no
 /// wrapper).

@@ -4,41 +4,22 @@
 use virt::connect::Connect;
 use virt::storage_pool::StoragePool;
 
-use crate::engine::{CallClass, Engine, OwnedCache};
-use crate::error::{EngineError, ObjectKind, Result};
+use crate::engine::{CallClass, Engine};
+use crate::error::{EngineError, ObjectKind, Result, lv};
 use crate::model::{Owner, PoolDef, PoolObserved, PoolState};
+use crate::object;
 
 pub(crate) fn lookup(c: &Connect, call: &'static str, name: &str) -> Result<StoragePool> {
-    c.lookup_storage_pool_by_name(name)
-        .map_err(|e| EngineError::lookup(call, ObjectKind::Pool, name, e))
-}
-
-fn lv(call: &'static str) -> impl Fn(virt::error::Error) -> EngineError {
-    move |e| EngineError::libvirt(call, e)
+    object::lookup(c, call, name)
 }
 
 /// The owner recorded in the pool's `<source>` vendor/product mark.
-fn read_owner(pool: &StoragePool, call: &'static str) -> Result<Option<Owner>> {
+pub(crate) fn read_owner(pool: &StoragePool, call: &'static str) -> Result<Option<Owner>> {
     let xml = pool
         .xml_desc(virt::sys::VIR_STORAGE_XML_INACTIVE)
         .or_else(|_| pool.xml_desc(0))
         .map_err(lv(call))?;
     Ok(PoolObserved::from_xml(&xml)?.owner)
-}
-
-fn lookup_owned(
-    c: &Connect,
-    call: &'static str,
-    name: &str,
-    owner: &Owner,
-    cache: &OwnedCache,
-) -> Result<StoragePool> {
-    let obj = lookup(c, call, name)?;
-    let uuid = obj.uuid_string().map_err(lv(call))?;
-    cache.check(ObjectKind::Pool, name, &uuid, owner, || {
-        read_owner(&obj, call)
-    })?;
-    Ok(obj)
 }
 
 impl Engine {
@@ -49,19 +30,9 @@ impl Engine {
         let cache = self.owned_cache();
         self.call(CallClass::Mutate, "pool_define", move |c| {
             const CALL: &str = "pool_define";
-            let mut xml = def.to_xml();
-            match lookup(c, CALL, &def.name) {
-                Ok(existing) => {
-                    let uuid = existing.uuid_string().map_err(lv(CALL))?;
-                    cache.check(ObjectKind::Pool, &def.name, &uuid, &def.owner, || {
-                        read_owner(&existing, CALL)
-                    })?;
-                    // A redefinition must keep the UUID, or libvirt refuses the name clash.
-                    xml = xml.replacen("<name>", &format!("<uuid>{uuid}</uuid>\n  <name>"), 1);
-                }
-                Err(e) if e.is_not_found() => {}
-                Err(e) => return Err(e),
-            }
+            let uuid =
+                object::existing_uuid::<StoragePool>(c, CALL, &def.name, &def.owner, &cache)?;
+            let xml = object::with_uuid(def.to_xml(), uuid.as_deref());
             let obj = c.define_storage_pool_xml(&xml, 0).map_err(lv(CALL))?;
             let uuid = obj.uuid_string().map_err(lv(CALL))?;
             cache.insert(ObjectKind::Pool, &uuid, &def.owner);
@@ -72,13 +43,15 @@ impl Engine {
 
     /// Builds the pool's storage (for `dir`: creates the target directory).
     pub async fn pool_build(&self, name: &str, owner: &Owner) -> Result<()> {
-        self.owned_pool(CallClass::Mutate, "pool_build", name, owner, |p| p.build(0))
-            .await
+        self.owned_call::<StoragePool, _>(CallClass::Mutate, "pool_build", name, owner, |p| {
+            p.build(0)
+        })
+        .await
     }
 
     /// Starts (activates) the pool.
     pub async fn pool_start(&self, name: &str, owner: &Owner) -> Result<()> {
-        self.owned_pool(CallClass::Lifecycle, "pool_start", name, owner, |p| {
+        self.owned_call::<StoragePool, _>(CallClass::Lifecycle, "pool_start", name, owner, |p| {
             p.create(0).map(|_| ())
         })
         .await
@@ -86,7 +59,7 @@ impl Engine {
 
     /// Rescans the pool's volumes.
     pub async fn pool_refresh(&self, name: &str, owner: &Owner) -> Result<()> {
-        self.owned_pool(CallClass::Mutate, "pool_refresh", name, owner, |p| {
+        self.owned_call::<StoragePool, _>(CallClass::Mutate, "pool_refresh", name, owner, |p| {
             p.refresh(0)
         })
         .await
@@ -94,7 +67,7 @@ impl Engine {
 
     /// Stops (deactivates) the pool; its storage stays.
     pub async fn pool_stop(&self, name: &str, owner: &Owner) -> Result<()> {
-        self.owned_pool(CallClass::Lifecycle, "pool_stop", name, owner, |p| {
+        self.owned_call::<StoragePool, _>(CallClass::Lifecycle, "pool_stop", name, owner, |p| {
             p.destroy()
         })
         .await
@@ -103,7 +76,7 @@ impl Engine {
     /// Deletes the pool's underlying storage (for `dir`: removes the empty directory). The
     /// pool must be inactive.
     pub async fn pool_delete(&self, name: &str, owner: &Owner) -> Result<()> {
-        self.owned_pool(CallClass::Mutate, "pool_delete", name, owner, |p| {
+        self.owned_call::<StoragePool, _>(CallClass::Mutate, "pool_delete", name, owner, |p| {
             p.delete(0)
         })
         .await
@@ -111,7 +84,7 @@ impl Engine {
 
     /// Undefines the pool (storage untouched).
     pub async fn pool_undefine(&self, name: &str, owner: &Owner) -> Result<()> {
-        self.owned_pool(CallClass::Mutate, "pool_undefine", name, owner, |p| {
+        self.owned_call::<StoragePool, _>(CallClass::Mutate, "pool_undefine", name, owner, |p| {
             p.undefine()
         })
         .await
@@ -119,7 +92,7 @@ impl Engine {
 
     /// Sets the autostart flag.
     pub async fn pool_set_autostart(&self, name: &str, owner: &Owner, on: bool) -> Result<()> {
-        self.owned_pool(
+        self.owned_call::<StoragePool, _>(
             CallClass::Mutate,
             "pool_set_autostart",
             name,
@@ -170,26 +143,6 @@ impl Engine {
                 .iter()
                 .map(|p| p.name().map_err(lv("pool_list")))
                 .collect()
-        })
-        .await
-    }
-
-    async fn owned_pool<F>(
-        &self,
-        class: CallClass,
-        call: &'static str,
-        name: &str,
-        owner: &Owner,
-        f: F,
-    ) -> Result<()>
-    where
-        F: Fn(&StoragePool) -> std::result::Result<(), virt::error::Error> + Send + Sync + 'static,
-    {
-        let (name, owner) = (name.to_string(), owner.clone());
-        let cache = self.owned_cache();
-        self.call(class, call, move |c| {
-            let pool = lookup_owned(c, call, &name, &owner, &cache)?;
-            f(&pool).map_err(lv(call))
         })
         .await
     }

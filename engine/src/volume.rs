@@ -10,12 +10,8 @@ use virt::storage_pool::StoragePool;
 use virt::storage_vol::StorageVol;
 
 use crate::engine::{CallClass, Engine};
-use crate::error::{EngineError, ObjectKind, Result};
+use crate::error::{EngineError, ObjectKind, Result, growth, lv};
 use crate::model::{BackingStore, VolumeDef, VolumeFormat, VolumeObserved};
-
-fn lv(call: &'static str) -> impl Fn(virt::error::Error) -> EngineError {
-    move |e| EngineError::libvirt(call, e)
-}
 
 fn lookup(
     pool: &StoragePool,
@@ -119,16 +115,16 @@ impl Engine {
             let pool = crate::pool::lookup(c, CALL, &pool_name)?;
             let src = lookup(&pool, CALL, &pool_name, &source)?;
             let source_capacity = src.info().map_err(lv(CALL))?.capacity;
-            if def.capacity_bytes < source_capacity {
-                return Err(EngineError::ShrinkRefused {
-                    what: format!(
+            growth(
+                || {
+                    format!(
                         "the clone {pool_name}/{} of storage volume {pool_name}/{source}",
                         def.name
-                    ),
-                    current: source_capacity,
-                    requested: def.capacity_bytes,
-                });
-            }
+                    )
+                },
+                source_capacity,
+                def.capacity_bytes,
+            )?;
             let vol =
                 StorageVol::create_xml_from(&pool, &def.to_xml(None), &src, 0).map_err(lv(CALL))?;
             if vol.info().map_err(lv(CALL))?.capacity < def.capacity_bytes {
@@ -154,14 +150,11 @@ impl Engine {
             const CALL: &str = "volume_resize";
             let vol = lookup_recorded(c, CALL, &pool_name, &name, &key)?;
             let current = vol.info().map_err(lv(CALL))?.capacity;
-            if capacity_bytes < current {
-                return Err(EngineError::ShrinkRefused {
-                    what: format!("storage volume {pool_name}/{name}"),
-                    current,
-                    requested: capacity_bytes,
-                });
-            }
-            if capacity_bytes == current {
+            if !growth(
+                || format!("storage volume {pool_name}/{name}"),
+                current,
+                capacity_bytes,
+            )? {
                 return Ok(());
             }
             vol.resize(capacity_bytes, 0).map_err(lv(CALL))
