@@ -8,8 +8,8 @@ use super::desired::{DesiredDiskSource, DesiredDomain, DesiredState};
 use super::observed::{DiskRef, ObservedDomain, ObservedHost, ObservedState, PowerObserved};
 use super::render::kib;
 use super::{
-    Builder, Change, NoticeKind, ObjKey, ObjectKind, ObjectRef, Op, Preserve, Symbol,
-    clash_message, opt,
+    Builder, Change, NoticeKind, ObjKey, ObjectKind, ObjectRef, Op, Preserve, Step, Symbol,
+    autostart_step, clash_message, opt, step,
 };
 
 /// The dependencies of a domain on its node: the volumes and networks it uses.
@@ -345,13 +345,13 @@ pub(crate) fn preserve(d: &DesiredDomain, o: &ObservedDomain) -> Preserve {
 }
 
 /// Power actions for a domain that exists, by run strategy and desired state.
-fn power_ops(d: &DesiredDomain, power: PowerObserved, reason: &str) -> Vec<(Op, String, Change)> {
+fn power_ops(d: &DesiredDomain, power: PowerObserved, reason: &str) -> Vec<Step> {
     let mut ops = Vec::new();
     let mut change = |op: Op, why: &str, after: &str| {
-        ops.push((
+        ops.push(step(
             op,
-            why.to_string(),
-            Change::new("state", power.as_str(), after),
+            why,
+            vec![Change::new("state", power.as_str(), after)],
         ));
     };
     let wants_paused = d.state == PowerState::Paused;
@@ -424,23 +424,23 @@ fn power_ops(d: &DesiredDomain, power: PowerObserved, reason: &str) -> Vec<(Op, 
 }
 
 /// Power actions right after creation.
-fn initial_power_ops(d: &DesiredDomain) -> Vec<(Op, String, Change)> {
+fn initial_power_ops(d: &DesiredDomain) -> Vec<Step> {
     match d.state {
-        PowerState::Running => vec![(
+        PowerState::Running => vec![step(
             Op::StartDomain { recover: false },
-            "spec.state is Running".into(),
-            Change::new("state", "(none)", "running"),
+            "spec.state is Running",
+            vec![Change::new("state", "(none)", "running")],
         )],
         PowerState::Paused => vec![
-            (
+            step(
                 Op::StartDomain { recover: false },
-                "spec.state is Paused: start, then suspend".into(),
-                Change::new("state", "(none)", "running"),
+                "spec.state is Paused: start, then suspend",
+                vec![Change::new("state", "(none)", "running")],
             ),
-            (
+            step(
                 Op::SuspendDomain,
-                "spec.state is Paused".into(),
-                Change::new("state", "running", "paused"),
+                "spec.state is Paused",
+                vec![Change::new("state", "running", "paused")],
             ),
         ],
         PowerState::Stopped => vec![],
@@ -604,30 +604,10 @@ pub(crate) fn plan_domain(
                     vec![],
                     &[moved],
                 );
-                if d.autostart {
-                    b.push(
-                        &d.node,
-                        &object,
-                        &d.owner,
-                        Op::SetDomainAutostart(true),
-                        Symbol::Live,
-                        "spec.autostart",
-                        vec![Change::new("autostart", false, true)],
-                        &[],
-                    );
-                }
-                for (op, why, change) in power_ops(d, PowerObserved::Shutoff, &o.reason) {
-                    b.push(
-                        &d.node,
-                        &object,
-                        &d.owner,
-                        op,
-                        Symbol::Live,
-                        why,
-                        vec![change],
-                        &[],
-                    );
-                }
+                let steps = autostart_step(Op::SetDomainAutostart, false, d.autostart)
+                    .into_iter()
+                    .chain(power_ops(d, PowerObserved::Shutoff, &o.reason));
+                b.chain(&d.node, &object, &d.owner, Symbol::Live, steps);
                 return;
             }
             b.push(
@@ -643,30 +623,10 @@ pub(crate) fn plan_domain(
                 definition_changes(d),
                 &deps,
             );
-            if d.autostart {
-                b.push(
-                    &d.node,
-                    &object,
-                    &d.owner,
-                    Op::SetDomainAutostart(true),
-                    Symbol::Create,
-                    "spec.autostart",
-                    vec![Change::new("autostart", false, true)],
-                    &[],
-                );
-            }
-            for (op, why, change) in initial_power_ops(d) {
-                b.push(
-                    &d.node,
-                    &object,
-                    &d.owner,
-                    op,
-                    Symbol::Create,
-                    why,
-                    vec![change],
-                    &[],
-                );
-            }
+            let steps = autostart_step(Op::SetDomainAutostart, false, d.autostart)
+                .into_iter()
+                .chain(initial_power_ops(d));
+            b.chain(&d.node, &object, &d.owner, Symbol::Create, steps);
         }
         Some(o) => {
             for (src, other) in &elsewhere {
@@ -728,44 +688,17 @@ pub(crate) fn plan_domain(
                     );
                     power = PowerObserved::Running;
                 } else {
-                    for (op, change) in diff.live {
-                        b.push(
-                            &d.node,
-                            &object,
-                            &d.owner,
-                            op,
-                            Symbol::Live,
-                            "applied live",
-                            vec![change],
-                            &[],
-                        );
-                    }
+                    let steps = diff
+                        .live
+                        .into_iter()
+                        .map(|(op, change)| step(op, "applied live", vec![change]));
+                    b.chain(&d.node, &object, &d.owner, Symbol::Live, steps);
                 }
             }
-            if o.autostart != d.autostart {
-                b.push(
-                    &d.node,
-                    &object,
-                    &d.owner,
-                    Op::SetDomainAutostart(d.autostart),
-                    Symbol::Live,
-                    "spec.autostart",
-                    vec![Change::new("autostart", o.autostart, d.autostart)],
-                    &[],
-                );
-            }
-            for (op, why, change) in power_ops(d, power, &o.reason) {
-                b.push(
-                    &d.node,
-                    &object,
-                    &d.owner,
-                    op,
-                    Symbol::Live,
-                    why,
-                    vec![change],
-                    &[],
-                );
-            }
+            let steps = autostart_step(Op::SetDomainAutostart, o.autostart, d.autostart)
+                .into_iter()
+                .chain(power_ops(d, power, &o.reason));
+            b.chain(&d.node, &object, &d.owner, Symbol::Live, steps);
         }
     }
 }

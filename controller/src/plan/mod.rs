@@ -446,6 +446,20 @@ impl Builder {
         id
     }
 
+    /// Pushes steps on one object, each after the previous one on it.
+    fn chain(
+        &mut self,
+        node: &str,
+        object: &ObjectRef,
+        owner: &OwnerMark,
+        symbol: Symbol,
+        steps: impl IntoIterator<Item = Step>,
+    ) {
+        for (op, why, changes) in steps {
+            self.push(node, object, owner, op, symbol, why, changes, &[]);
+        }
+    }
+
     fn notice(
         &mut self,
         kind: NoticeKind,
@@ -469,6 +483,45 @@ impl Builder {
             notices: self.notices,
         }
     }
+}
+
+/// One step of a chain of actions on one object: what, why, field-level changes.
+type Step = (Op, String, Vec<Change>);
+
+fn step(op: Op, why: &str, changes: Vec<Change>) -> Step {
+    (op, why.to_string(), changes)
+}
+
+/// The step that sets an autostart flag as the spec asks, when it differs.
+fn autostart_step(set: fn(bool) -> Op, have: bool, want: bool) -> Option<Step> {
+    (have != want).then(|| {
+        step(
+            set(want),
+            "spec.autostart",
+            vec![Change::new("autostart", have, want)],
+        )
+    })
+}
+
+/// What keeps an existing host-wide object (pool, network) usable as the spec asks: started
+/// when inactive, autostart as set. `kind` names it in the reason (`pool`, `network`).
+fn keep_usable(
+    kind: &str,
+    start: Op,
+    active: bool,
+    set_autostart: fn(bool) -> Op,
+    autostart: (bool, bool),
+) -> Vec<Step> {
+    let mut steps = Vec::new();
+    if !active {
+        steps.push(step(
+            start,
+            &format!("the {kind} is inactive"),
+            vec![Change::new("active", false, true)],
+        ));
+    }
+    steps.extend(autostart_step(set_autostart, autostart.0, autostart.1));
+    steps
 }
 
 fn opt<T: fmt::Display>(v: &Option<T>) -> String {
@@ -515,49 +568,17 @@ pub fn plan(desired: &DesiredState, observed: &ObservedState, options: &PlanOpti
                         Change::new("type", "(none)", &pool.pool_type),
                         Change::new("target.path", "(none)", opt(&pool.target_path)),
                     ];
-                    let why = "not on the host";
-                    b.push(
-                        node,
-                        &object,
-                        &pool.owner,
-                        Op::DefinePool(Box::new(pool.clone())),
-                        Symbol::Create,
-                        why,
-                        changes,
-                        &[],
-                    );
-                    b.push(
-                        node,
-                        &object,
-                        &pool.owner,
-                        Op::BuildPool,
-                        Symbol::Create,
-                        "create its storage",
-                        vec![],
-                        &[],
-                    );
-                    b.push(
-                        node,
-                        &object,
-                        &pool.owner,
-                        Op::StartPool,
-                        Symbol::Create,
-                        "make it usable",
-                        vec![],
-                        &[],
-                    );
-                    if pool.autostart {
-                        b.push(
-                            node,
-                            &object,
-                            &pool.owner,
-                            Op::SetPoolAutostart(true),
-                            Symbol::Create,
-                            "spec.autostart",
-                            vec![Change::new("autostart", false, true)],
-                            &[],
-                        );
-                    }
+                    let mut steps = vec![
+                        step(
+                            Op::DefinePool(Box::new(pool.clone())),
+                            "not on the host",
+                            changes,
+                        ),
+                        step(Op::BuildPool, "create its storage", vec![]),
+                        step(Op::StartPool, "make it usable", vec![]),
+                    ];
+                    steps.extend(autostart_step(Op::SetPoolAutostart, false, pool.autostart));
+                    b.chain(node, &object, &pool.owner, Symbol::Create, steps);
                 }
                 Some(o)
                     if !o
@@ -595,30 +616,14 @@ pub fn plan(desired: &DesiredState, observed: &ObservedState, options: &PlanOpti
                     if !forbidden.is_empty() {
                         b.notice(NoticeKind::Forbidden, &object, node, "a pool's type and target path are immutable: create a new pool and move the volumes", forbidden);
                     }
-                    if !o.active {
-                        b.push(
-                            node,
-                            &object,
-                            &pool.owner,
-                            Op::StartPool,
-                            Symbol::Live,
-                            "the pool is inactive",
-                            vec![Change::new("active", false, true)],
-                            &[],
-                        );
-                    }
-                    if o.autostart != pool.autostart {
-                        b.push(
-                            node,
-                            &object,
-                            &pool.owner,
-                            Op::SetPoolAutostart(pool.autostart),
-                            Symbol::Live,
-                            "spec.autostart",
-                            vec![Change::new("autostart", o.autostart, pool.autostart)],
-                            &[],
-                        );
-                    }
+                    let steps = keep_usable(
+                        "pool",
+                        Op::StartPool,
+                        o.active,
+                        Op::SetPoolAutostart,
+                        (o.autostart, pool.autostart),
+                    );
+                    b.chain(node, &object, &pool.owner, Symbol::Live, steps);
                 }
             }
         }
@@ -864,38 +869,20 @@ pub fn plan(desired: &DesiredState, observed: &ObservedState, options: &PlanOpti
                     if let Some((addr, prefix)) = &net.ip {
                         changes.push(Change::new("ip", "(none)", format!("{addr}/{prefix}")));
                     }
-                    b.push(
-                        node,
-                        &object,
-                        &net.owner,
-                        Op::DefineNetwork(Box::new(net.clone())),
-                        Symbol::Create,
-                        "not on the host",
-                        changes,
-                        &[],
-                    );
-                    b.push(
-                        node,
-                        &object,
-                        &net.owner,
-                        Op::StartNetwork,
-                        Symbol::Create,
-                        "make it usable",
-                        vec![],
-                        &[],
-                    );
-                    if net.autostart {
-                        b.push(
-                            node,
-                            &object,
-                            &net.owner,
-                            Op::SetNetworkAutostart(true),
-                            Symbol::Create,
-                            "spec.autostart",
-                            vec![Change::new("autostart", false, true)],
-                            &[],
-                        );
-                    }
+                    let mut steps = vec![
+                        step(
+                            Op::DefineNetwork(Box::new(net.clone())),
+                            "not on the host",
+                            changes,
+                        ),
+                        step(Op::StartNetwork, "make it usable", vec![]),
+                    ];
+                    steps.extend(autostart_step(
+                        Op::SetNetworkAutostart,
+                        false,
+                        net.autostart,
+                    ));
+                    b.chain(node, &object, &net.owner, Symbol::Create, steps);
                 }
                 Some(o)
                     if !o
@@ -955,48 +942,19 @@ pub fn plan(desired: &DesiredState, observed: &ObservedState, options: &PlanOpti
                             .collect();
                         if users.is_empty() {
                             let why = "recreated: libvirt applies a network's bridge and addresses when it starts";
-                            b.push(
-                                node,
-                                &object,
-                                &net.owner,
-                                Op::DeleteNetwork,
-                                Symbol::Restart,
-                                why,
-                                redefine,
-                                &[],
-                            );
-                            b.push(
-                                node,
-                                &object,
-                                &net.owner,
-                                Op::DefineNetwork(Box::new(net.clone())),
-                                Symbol::Restart,
-                                why,
-                                vec![],
-                                &[],
-                            );
-                            b.push(
-                                node,
-                                &object,
-                                &net.owner,
-                                Op::StartNetwork,
-                                Symbol::Restart,
-                                why,
-                                vec![],
-                                &[],
-                            );
+                            let mut steps = vec![
+                                step(Op::DeleteNetwork, why, redefine),
+                                step(Op::DefineNetwork(Box::new(net.clone())), why, vec![]),
+                                step(Op::StartNetwork, why, vec![]),
+                            ];
                             if net.autostart {
-                                b.push(
-                                    node,
-                                    &object,
-                                    &net.owner,
+                                steps.push(step(
                                     Op::SetNetworkAutostart(true),
-                                    Symbol::Restart,
                                     "spec.autostart",
                                     vec![],
-                                    &[],
-                                );
+                                ));
                             }
+                            b.chain(node, &object, &net.owner, Symbol::Restart, steps);
                             continue;
                         }
                         b.notice(
@@ -1007,30 +965,14 @@ pub fn plan(desired: &DesiredState, observed: &ObservedState, options: &PlanOpti
                             redefine,
                         );
                     }
-                    if !o.active {
-                        b.push(
-                            node,
-                            &object,
-                            &net.owner,
-                            Op::StartNetwork,
-                            Symbol::Live,
-                            "the network is inactive",
-                            vec![Change::new("active", false, true)],
-                            &[],
-                        );
-                    }
-                    if o.autostart != net.autostart {
-                        b.push(
-                            node,
-                            &object,
-                            &net.owner,
-                            Op::SetNetworkAutostart(net.autostart),
-                            Symbol::Live,
-                            "spec.autostart",
-                            vec![Change::new("autostart", o.autostart, net.autostart)],
-                            &[],
-                        );
-                    }
+                    let steps = keep_usable(
+                        "network",
+                        Op::StartNetwork,
+                        o.active,
+                        Op::SetNetworkAutostart,
+                        (o.autostart, net.autostart),
+                    );
+                    b.chain(node, &object, &net.owner, Symbol::Live, steps);
                 }
             }
         }
