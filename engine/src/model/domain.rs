@@ -641,9 +641,10 @@ impl DomainSizes {
         }
     }
 
-    /// Reads the sizes from libvirt's domain XML.
+    /// Reads the sizes from libvirt's domain XML (only its head: libvirt writes them before
+    /// `<devices>`, so the rest is not parsed).
     pub fn from_xml(text: &str) -> Result<Self, XmlError> {
-        Ok(Self::from_root(&xml::parse(text)?))
+        Ok(Self::from_root(&xml::parse_head(text, "devices")?))
     }
 }
 
@@ -952,6 +953,25 @@ mod tests {
             mac: Some("52:54:00:00:00:01".into()),
         });
         d
+    }
+
+    #[test]
+    fn sizes_come_from_the_head_of_the_xml() {
+        let xml = "<domain type='kvm'><name>a</name><memory unit='MiB'>1024</memory>\
+            <currentMemory unit='KiB'>524288</currentMemory><vcpu current='2'>4</vcpu>\
+            <devices><disk type='file'><source file='/x'/></disk></devices></domain>";
+        let sizes = DomainSizes::from_xml(xml).unwrap();
+        assert_eq!(
+            sizes,
+            DomainSizes {
+                vcpus: 2,
+                max_vcpus: 4,
+                memory_kib: 524288,
+                max_memory_kib: 1024 * 1024,
+            }
+        );
+        let full = DomainObserved::from_xml(xml).unwrap();
+        assert_eq!((full.vcpus, full.memory_kib), (2, 524288));
     }
 
     #[test]

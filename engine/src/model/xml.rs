@@ -161,6 +161,17 @@ impl Element {
 
 /// Parses a whole document and returns its root element.
 pub fn parse(xml: &str) -> Result<Element, XmlError> {
+    parse_until(xml, None)
+}
+
+/// Parses a document up to the first child of the root named `stop` and returns the root
+/// with the children before it: for reading a few leading fields of a long document (a
+/// domain's sizes come before its `<devices>`) without building all of it.
+pub fn parse_head(xml: &str, stop: &str) -> Result<Element, XmlError> {
+    parse_until(xml, Some(stop))
+}
+
+fn parse_until(xml: &str, stop: Option<&str>) -> Result<Element, XmlError> {
     let mut reader = Reader::from_str(xml);
     let mut stack: Vec<Element> = Vec::new();
     let err = |e: &dyn std::fmt::Display| XmlError(e.to_string());
@@ -169,6 +180,11 @@ pub fn parse(xml: &str) -> Result<Element, XmlError> {
         match ev {
             Event::Start(ref s) | Event::Empty(ref s) => {
                 let name = s.name().as_ref().to_string();
+                if stack.len() == 1 && stop == Some(name.as_str()) {
+                    return stack
+                        .pop()
+                        .ok_or_else(|| XmlError("no root element".into()));
+                }
                 let mut el = Element::new(name);
                 for a in s.attributes() {
                     let a = a.map_err(|e| err(&e))?;
