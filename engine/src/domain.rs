@@ -238,7 +238,9 @@ fn observe(dom: &Domain, host_cpus: u32, call: &'static str) -> Result<DomainObs
     };
     o.has_managed_save = o.persistent && dom.has_managed_save(0).unwrap_or(false);
     o.live_pinning = vcpu_pin_info(host_cpus, dom, call, 0)?;
-    if o.persistent && s.is_active() {
+    // Only a balloon makes the live memory differ from the target (see `config`); reading
+    // the definition of every running domain would cost a third more per resync.
+    if o.persistent && s.is_active() && o.memballoon {
         o.config = Some(DomainSizes::from_xml(
             &dom.xml_desc(sys::VIR_DOMAIN_XML_INACTIVE)
                 .map_err(lv(call))?,
@@ -684,7 +686,8 @@ impl Engine {
 
     /// Everything observed about a domain: its XML read back (live when running), state and
     /// reason, autostart, persistence, managed-save, every vCPU's affinity, and for a running
-    /// persistent domain the sizes in its persistent definition ([`DomainObserved::config`]).
+    /// persistent domain with a memory balloon the sizes in its persistent definition
+    /// ([`DomainObserved::config`]).
     /// `None` when there is no such domain.
     pub async fn domain_observe(&self, name: &str) -> Result<Option<DomainObserved>> {
         let name = name.to_string();

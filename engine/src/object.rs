@@ -24,44 +24,46 @@ pub(crate) trait Marked: Sized {
     fn read_owner(&self, call: &'static str) -> Result<Option<Owner>>;
 }
 
-impl Marked for Domain {
-    const KIND: ObjectKind = ObjectKind::Domain;
-    fn lookup_by_name(c: &Connect, name: &str) -> std::result::Result<Self, virt::error::Error> {
-        c.lookup_domain_by_name(name)
-    }
-    fn uuid(&self) -> std::result::Result<String, virt::error::Error> {
-        self.uuid_string()
-    }
-    fn read_owner(&self, call: &'static str) -> Result<Option<Owner>> {
-        crate::domain::read_owner(self, call)
-    }
+/// `Marked` for a `virt` object type: the kind, libvirt's lookup by name, the module's
+/// owner reader (the one thing that differs: where the mark lives).
+macro_rules! marked {
+    ($ty:ty, $kind:expr, $lookup:ident, $read_owner:path) => {
+        impl Marked for $ty {
+            const KIND: ObjectKind = $kind;
+            fn lookup_by_name(
+                c: &Connect,
+                name: &str,
+            ) -> std::result::Result<Self, virt::error::Error> {
+                c.$lookup(name)
+            }
+            fn uuid(&self) -> std::result::Result<String, virt::error::Error> {
+                self.uuid_string()
+            }
+            fn read_owner(&self, call: &'static str) -> Result<Option<Owner>> {
+                $read_owner(self, call)
+            }
+        }
+    };
 }
 
-impl Marked for Network {
-    const KIND: ObjectKind = ObjectKind::Network;
-    fn lookup_by_name(c: &Connect, name: &str) -> std::result::Result<Self, virt::error::Error> {
-        c.lookup_network_by_name(name)
-    }
-    fn uuid(&self) -> std::result::Result<String, virt::error::Error> {
-        self.uuid_string()
-    }
-    fn read_owner(&self, call: &'static str) -> Result<Option<Owner>> {
-        crate::network::read_owner(self, call)
-    }
-}
-
-impl Marked for StoragePool {
-    const KIND: ObjectKind = ObjectKind::Pool;
-    fn lookup_by_name(c: &Connect, name: &str) -> std::result::Result<Self, virt::error::Error> {
-        c.lookup_storage_pool_by_name(name)
-    }
-    fn uuid(&self) -> std::result::Result<String, virt::error::Error> {
-        self.uuid_string()
-    }
-    fn read_owner(&self, call: &'static str) -> Result<Option<Owner>> {
-        crate::pool::read_owner(self, call)
-    }
-}
+marked!(
+    Domain,
+    ObjectKind::Domain,
+    lookup_domain_by_name,
+    crate::domain::read_owner
+);
+marked!(
+    Network,
+    ObjectKind::Network,
+    lookup_network_by_name,
+    crate::network::read_owner
+);
+marked!(
+    StoragePool,
+    ObjectKind::Pool,
+    lookup_storage_pool_by_name,
+    crate::pool::read_owner
+);
 
 /// Looks an object up by name; a missing one is [`EngineError::NotFound`].
 pub(crate) fn lookup<T: Marked>(c: &Connect, call: &'static str, name: &str) -> Result<T> {

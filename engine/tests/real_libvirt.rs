@@ -337,7 +337,11 @@ async fn vcpu_hotplug_suspend_resume_and_shutdown_deadline() {
     let name = unique("vkhot");
     let o = owner(&name);
     let _leftovers = Leftovers::domain(&name);
-    e.domain_define(&tiny(&name, &o)).await.unwrap();
+    let mut def = tiny(&name, &o);
+    // With a balloon, whose live size may differ from the target, the observation carries
+    // the persistent definition's sizes.
+    def.memballoon = true;
+    e.domain_define(&def).await.unwrap();
     e.domain_start(&name, &o).await.unwrap();
 
     e.domain_set_vcpus(&name, &o, 2, Apply::Live).await.unwrap();

@@ -131,16 +131,13 @@ async fn domain_lifecycle_pinning_and_stats() {
 
     let info = e.domain_info("t.life").await.unwrap();
     assert_eq!(info.memory_kib, 131072);
-    // Running: a live change (flags 0 on the test driver) leaves the persistent definition,
-    // which the observation carries beside the live values.
+    // Running, but the test driver has no balloon: the live memory is the target, so the
+    // persistent definition is not read again (real QEMU: real_libvirt's hotplug test).
     e.domain_set_memory("t.life", &o, 65536, Apply::Current)
         .await
         .unwrap();
     let obs = e.domain_observe("t.life").await.unwrap().unwrap();
-    assert_eq!(obs.memory_kib, 65536);
-    let config = obs.config.expect("running and persistent");
-    assert_eq!((config.memory_kib, config.max_memory_kib), (131072, 131072));
-    assert_eq!((config.vcpus, config.max_vcpus), (1, 2));
+    assert_eq!((obs.memory_kib, obs.config), (65536, None));
 
     // A converged read-only pass makes no mutating call.
     e.reset_stats();

@@ -701,11 +701,12 @@ pub struct DomainObserved {
     /// Affinity of every vCPU as libvirt reports it through `virDomainGetVcpuPinInfo` (filled
     /// by the engine; for a running domain these are the live affinities, one per max vCPU).
     pub live_pinning: Vec<VcpuPin>,
-    /// For an active persistent domain, the sizes in its persistent definition (filled by the
-    /// engine; `None` otherwise, when the XML read is the definition itself). On QEMU the live
-    /// `memory_kib` is the balloon's actual size, which stays at the maximum until a guest
-    /// driver gives memory back, so the target set with [`crate::domain::Apply::LiveAndConfig`]
-    /// is only found here.
+    /// For an active persistent domain with a memory balloon, the sizes in its persistent
+    /// definition (filled by the engine; `None` otherwise: for an inactive domain the XML read
+    /// is the definition itself, and without a balloon the live memory is the target). On
+    /// QEMU the live `memory_kib` is the balloon's actual size, which stays at the maximum
+    /// until a guest driver gives memory back, so the target set with
+    /// [`crate::domain::Apply::LiveAndConfig`] is only found here.
     pub config: Option<DomainSizes>,
 }
 
