@@ -1209,6 +1209,47 @@ fn released_by_plan(
         .unwrap_or(false)
 }
 
+/// Whether domains on `node` keep using an object a deletion would remove: users that are
+/// neither deleted by this plan nor redefined by it into a definition without the object
+/// (`still_uses`). If so, the deletion waits (reported as blocked, retried at the next apply).
+fn blocked_by_users(
+    b: &mut Builder,
+    object: &ObjectRef,
+    node: &str,
+    users: &[&String],
+    doomed: &dyn Fn(&str, &str) -> bool,
+    still_uses: impl Fn(&DesiredDomain) -> bool,
+) -> bool {
+    let staying: Vec<&str> = users
+        .iter()
+        .map(|n| n.as_str())
+        .filter(|n| !doomed(node, n))
+        .filter(|n| !released_by_plan(b, node, n, &still_uses))
+        .collect();
+    if staying.is_empty() {
+        return false;
+    }
+    b.notice(
+        NoticeKind::Blocked,
+        object,
+        node,
+        format!(
+            "not deleted: still used by domain {}; retried at the next apply",
+            staying.join(", ")
+        ),
+        vec![],
+    );
+    true
+}
+
+/// The dependency keys of domains on `node`.
+fn domain_keys(node: &str, domains: &[&String]) -> Vec<ObjKey> {
+    domains
+        .iter()
+        .map(|n| (ObjectKind::Domain, node.to_string(), (*n).clone()))
+        .collect()
+}
+
 fn plan_deletions(
     b: &mut Builder,
     targets: Vec<DeleteTarget>,
@@ -1261,36 +1302,12 @@ fn plan_deletions(
                         })
                         .map(|(n, _)| n)
                         .collect();
-                    let staying: Vec<&&String> = users
-                        .iter()
-                        .filter(|n| !doomed_domain(&t.node, n))
-                        .filter(|n| {
-                            !released_by_plan(b, &t.node, n, |d| {
-                                d.interfaces.iter().any(|i| i.network == t.name)
-                            })
-                        })
-                        .collect();
-                    if !staying.is_empty() {
-                        b.notice(
-                            NoticeKind::Blocked,
-                            &object,
-                            &t.node,
-                            format!(
-                                "not deleted: still used by domain {}; retried at the next apply",
-                                staying
-                                    .iter()
-                                    .map(|s| s.as_str())
-                                    .collect::<Vec<_>>()
-                                    .join(", ")
-                            ),
-                            vec![],
-                        );
+                    if blocked_by_users(b, &object, &t.node, &users, &doomed_domain, |d| {
+                        d.interfaces.iter().any(|i| i.network == t.name)
+                    }) {
                         continue;
                     }
-                    let deps: Vec<ObjKey> = users
-                        .iter()
-                        .map(|n| (ObjectKind::Domain, t.node.clone(), (*n).clone()))
-                        .collect();
+                    let deps = domain_keys(&t.node, &users);
                     b.push(
                         &t.node,
                         &object,
@@ -1340,32 +1357,11 @@ fn plan_deletions(
                         })
                         .map(|(n, _)| n)
                         .collect();
-                    let staying: Vec<&&String> = users
-                        .iter()
-                        .filter(|n| !doomed_domain(&t.node, n))
-                        .filter(|n| {
-                            !released_by_plan(b, &t.node, n, |d| {
-                                d.disks.iter().any(|disk| {
-                                    matches!(&disk.source, desired::DesiredDiskSource::Volume { volume, .. } if *volume == t.name)
-                                })
-                            })
+                    if blocked_by_users(b, &object, &t.node, &users, &doomed_domain, |d| {
+                        d.disks.iter().any(|disk| {
+                            matches!(&disk.source, desired::DesiredDiskSource::Volume { volume, .. } if *volume == t.name)
                         })
-                        .collect();
-                    if !staying.is_empty() {
-                        b.notice(
-                            NoticeKind::Blocked,
-                            &object,
-                            &t.node,
-                            format!(
-                                "not deleted: still used by domain {}; retried at the next apply",
-                                staying
-                                    .iter()
-                                    .map(|s| s.as_str())
-                                    .collect::<Vec<_>>()
-                                    .join(", ")
-                            ),
-                            vec![],
-                        );
+                    }) {
                         continue;
                     }
                     let overlays: Vec<&String> = host
@@ -1398,10 +1394,7 @@ fn plan_deletions(
                         );
                         continue;
                     }
-                    let mut deps: Vec<ObjKey> = users
-                        .iter()
-                        .map(|n| (ObjectKind::Domain, t.node.clone(), (*n).clone()))
-                        .collect();
+                    let mut deps = domain_keys(&t.node, &users);
                     deps.extend(
                         host.volumes
                             .iter()
