@@ -414,6 +414,23 @@ fn cases() -> Vec<Case> {
             Expect::Notice(NoticeKind::Forbidden, "capacity"),
         ),
         (
+            "a clone of a forbidden clone waits instead of failing",
+            |d| {
+                let mut c = d.volumes[1].clone();
+                c.name = "team.copy".into();
+                c.source = virtkube::plan::desired::VolumeOrigin::Clone("team.root".into());
+                c.capacity = Some(1 << 30);
+                let mut c2 = c.clone();
+                c2.name = "team.copy2".into();
+                c2.source = virtkube::plan::desired::VolumeOrigin::Clone("team.copy".into());
+                c2.capacity = None;
+                d.volumes.push(c);
+                d.volumes.push(c2);
+            },
+            |_| {},
+            Expect::Notice(NoticeKind::Blocked, ""),
+        ),
+        (
             "volume moved to another pool: forbidden",
             |d| {
                 let mut other = d.pools[0].clone();

@@ -551,6 +551,68 @@ fn clash_message(
     )
 }
 
+/// Volumes the plan cannot create: clones smaller than their source (with the source's size,
+/// observed or desired), and, so that nothing waits on an image that never comes, the
+/// volumes cloned from or layered on one of those (transitively).
+fn uncreatable_volumes(
+    desired: &DesiredState,
+    observed: &ObservedState,
+) -> (BTreeMap<(String, String), u64>, BTreeSet<(String, String)>) {
+    let missing = |v: &desired::DesiredVolume| {
+        observed
+            .hosts
+            .get(&v.node)
+            .is_some_and(|h| !h.volumes.contains_key(&(v.pool.clone(), v.name.clone())))
+    };
+    let source_of = |v: &desired::DesiredVolume| match &v.source {
+        VolumeOrigin::Clone(src) | VolumeOrigin::Backing(src) => Some(src.clone()),
+        VolumeOrigin::Empty => None,
+    };
+    let mut small = BTreeMap::new();
+    for v in desired.volumes.iter().filter(|v| missing(v)) {
+        let (VolumeOrigin::Clone(src), Some(capacity)) = (&v.source, v.capacity) else {
+            continue;
+        };
+        let source_capacity = observed
+            .hosts
+            .get(&v.node)
+            .and_then(|h| h.volumes.get(&(v.pool.clone(), src.clone())))
+            .map(|s| s.capacity)
+            .or_else(|| {
+                desired
+                    .volumes
+                    .iter()
+                    .find(|d| d.node == v.node && &d.name == src)
+                    .and_then(|d| d.capacity)
+            });
+        if let Some(sc) = source_capacity
+            && capacity < sc
+        {
+            small.insert((v.node.clone(), v.name.clone()), sc);
+        }
+    }
+    let mut blocked: BTreeSet<(String, String)> = BTreeSet::new();
+    loop {
+        let more: Vec<(String, String)> = desired
+            .volumes
+            .iter()
+            .filter(|v| missing(v))
+            .filter(|v| {
+                source_of(v).is_some_and(|src| {
+                    let key = (v.node.clone(), src);
+                    small.contains_key(&key) || blocked.contains(&key)
+                })
+            })
+            .map(|v| (v.node.clone(), v.name.clone()))
+            .filter(|k| !blocked.contains(k) && !small.contains_key(k))
+            .collect();
+        if more.is_empty() {
+            return (small, blocked);
+        }
+        blocked.extend(more);
+    }
+}
+
 /// Plans the changes that bring the hosts in `observed` to `desired`.
 pub fn plan(desired: &DesiredState, observed: &ObservedState, options: &PlanOptions) -> Plan {
     let mut b = Builder::default();
@@ -635,6 +697,7 @@ pub fn plan(desired: &DesiredState, observed: &ObservedState, options: &PlanOpti
         .iter()
         .map(|v| ((v.node.clone(), v.name.clone()), v))
         .collect();
+    let (small_clones, without_source) = uncreatable_volumes(desired, observed);
     for vol in &desired.volumes {
         let object = ObjectRef::new(ObjectKind::Volume, &vol.name, &vol.display);
         let node = &vol.node;
@@ -720,13 +783,15 @@ pub fn plan(desired: &DesiredState, observed: &ObservedState, options: &PlanOpti
                             continue;
                         }
                         // A copy smaller than its source would cut the data at its end.
-                        if let (VolumeOrigin::Clone(_), Some(capacity), Some(s)) = (
-                            &vol.source,
-                            vol.capacity,
-                            host.volumes.get(&(vol.pool.clone(), src.clone())),
-                        ) && capacity < s.capacity
+                        let key = (node.clone(), vol.name.clone());
+                        if let (Some(source), Some(capacity)) =
+                            (small_clones.get(&key), vol.capacity)
                         {
-                            b.notice(NoticeKind::Forbidden, &object, node, format!("{}: a clone cannot be smaller than its source Volume {src}: leave spec.capacity out for the source's size", vol.origin), vec![Change::new("capacity", render::bytes(s.capacity), render::bytes(capacity))]);
+                            b.notice(NoticeKind::Forbidden, &object, node, format!("{}: a clone cannot be smaller than its source Volume {src}: leave spec.capacity out for the source's size", vol.origin), vec![Change::new("capacity", render::bytes(*source), render::bytes(capacity))]);
+                            continue;
+                        }
+                        if without_source.contains(&key) {
+                            b.notice(NoticeKind::Blocked, &object, node, format!("waits for its source Volume {src}, which cannot be created (see its notice)"), vec![]);
                             continue;
                         }
                         deps.push((ObjectKind::Volume, node.clone(), src.clone()));
