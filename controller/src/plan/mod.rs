@@ -551,13 +551,16 @@ fn clash_message(
     )
 }
 
+/// A volume on a node: (node, volume name).
+type NodeVolume = (String, String);
+
 /// Volumes the plan cannot create: clones smaller than their source (with the source's size,
 /// observed or desired), and, so that nothing waits on an image that never comes, the
 /// volumes cloned from or layered on one of those (transitively).
 fn uncreatable_volumes(
     desired: &DesiredState,
     observed: &ObservedState,
-) -> (BTreeMap<(String, String), u64>, BTreeSet<(String, String)>) {
+) -> (BTreeMap<NodeVolume, u64>, BTreeSet<NodeVolume>) {
     let missing = |v: &desired::DesiredVolume| {
         observed
             .hosts
