@@ -554,6 +554,40 @@ fn clash_message(
 /// A volume on a node: (node, volume name).
 type NodeVolume = (String, String);
 
+/// The size a volume will have when this plan has run (the plan runs a source's growth
+/// before its clones): the larger of what is observed and what its manifest asks, a clone
+/// or an overlay at least its source's (as the host model, `simulate`, sizes them). `None`
+/// when unknown.
+fn planned_size(
+    desired: &DesiredState,
+    observed: &ObservedState,
+    node: &str,
+    pool: &str,
+    name: &str,
+    depth: usize,
+) -> Option<u64> {
+    let seen = observed
+        .hosts
+        .get(node)
+        .and_then(|h| h.volumes.get(&(pool.to_string(), name.to_string())))
+        .map(|v| v.capacity);
+    // The depth bounds a (malformed) cycle of clones.
+    let wanted = desired
+        .volumes
+        .iter()
+        .find(|d| d.node == node && d.name == name)
+        .and_then(|d| match &d.source {
+            VolumeOrigin::Empty => d.capacity,
+            // A copy or an overlay is at least as large as its source (libvirt sizes an
+            // overlay without a capacity, and a clone, from it).
+            VolumeOrigin::Clone(src) | VolumeOrigin::Backing(src) if depth < 16 => d.capacity.max(
+                planned_size(desired, observed, node, &d.pool, src, depth + 1),
+            ),
+            _ => d.capacity,
+        });
+    seen.max(wanted)
+}
+
 /// Volumes the plan cannot create: clones smaller than their source (with the source's size,
 /// observed or desired), and, so that nothing waits on an image that never comes, the
 /// volumes cloned from or layered on one of those (transitively).
@@ -576,19 +610,7 @@ fn uncreatable_volumes(
         let (VolumeOrigin::Clone(src), Some(capacity)) = (&v.source, v.capacity) else {
             continue;
         };
-        let source_capacity = observed
-            .hosts
-            .get(&v.node)
-            .and_then(|h| h.volumes.get(&(v.pool.clone(), src.clone())))
-            .map(|s| s.capacity)
-            .or_else(|| {
-                desired
-                    .volumes
-                    .iter()
-                    .find(|d| d.node == v.node && &d.name == src)
-                    .and_then(|d| d.capacity)
-            });
-        if let Some(sc) = source_capacity
+        if let Some(sc) = planned_size(desired, observed, &v.node, &v.pool, src, 0)
             && capacity < sc
         {
             small.insert((v.node.clone(), v.name.clone()), sc);

@@ -194,7 +194,15 @@ pub fn apply_action(state: &mut ObservedState, a: &Action) -> Result<(), SimErro
                         .ok_or_else(|| SimError(format!("no source volume {src}")))?;
                     let backing =
                         matches!(source, VolumeOrigin::Backing(_)).then(|| s.path.clone());
-                    (capacity.unwrap_or(s.capacity).max(s.capacity), backing)
+                    let wanted = capacity.unwrap_or(s.capacity);
+                    // The engine refuses a clone smaller than its source (nothing copied).
+                    if backing.is_none() && wanted < s.capacity {
+                        return Err(SimError(format!(
+                            "clone {name} of {src}: shrinking {} to {wanted} bytes is refused",
+                            s.capacity
+                        )));
+                    }
+                    (wanted.max(s.capacity), backing)
                 }
             };
             host.volumes.insert(
@@ -216,6 +224,9 @@ pub fn apply_action(state: &mut ObservedState, a: &Action) -> Result<(), SimErro
                 .volumes
                 .get_mut(&(pool.clone(), name.clone()))
                 .ok_or_else(|| SimError(format!("no volume {name}")))?;
+            if *capacity < v.capacity {
+                return Err(SimError(format!("volume {name}: shrinking is refused")));
+            }
             v.capacity = *capacity;
         }
         Op::DeleteVolume { pool, .. } => {
