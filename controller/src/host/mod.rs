@@ -759,8 +759,10 @@ async fn run_action(hosts: &Hosts, host: &Host, a: &Action) -> Result<String, Ho
                 }));
             }
             let owner = to_owner(&disk.owner);
+            // By the image's path rather than the disk target: libvirt then resizes exactly
+            // the disk backed by the image whose key was just checked.
             match e
-                .domain_block_resize(&disk.domain, &owner, &disk.target, *capacity)
+                .domain_block_resize(&disk.domain, &owner, &v.path, *capacity)
                 .await
             {
                 Ok(()) => Ok(format!("grown live through domain {}", disk.domain)),

@@ -150,7 +150,8 @@ pub struct LiveDisk {
     pub domain: String,
     /// The domain's ownership mark (the engine checks it before the resize).
     pub owner: OwnerMark,
-    /// The guest's disk target (`vda`).
+    /// The guest's disk target (`vda`), as the plan shows it (the executor resizes by the
+    /// image's path).
     pub target: String,
 }
 
