@@ -468,3 +468,90 @@ async fn agent_waits_for_libvirt_instead_of_crash_looping_and_still_stops_on_sig
         .unwrap();
     assert!(status.success());
 }
+
+fn proc_status(pid: u32, key: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(key))
+        .map(|l| l.split_whitespace().skip(1).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// The whole agent process's memory with 1,000 domains on `test:///default` (the agent's
+/// reflectors, watches, controllers, engine and HTTP server, plus libvirt's in-process test
+/// driver holding the 1,000 domains). A measurement, not a check:
+///
+/// ```sh
+/// cargo test --release -p virtkube --test agent_process -- --ignored --nocapture rss
+/// ```
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement: run with --release --ignored --nocapture"]
+async fn rss_of_the_agent_process_with_1000_domains() {
+    use agent_support::mini_api::MiniApi;
+    let count: usize = std::env::var("VIRTKUBE_RSS_DOMAINS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    let api = MiniApi::start().await;
+    for i in 0..count {
+        api.create(
+            "domains",
+            json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "Domain",
+                   "metadata": {"name": format!("vm{i:04}"), "namespace": "rss"},
+                   "spec": {"nodeName": "proc-node", "runStrategy": "Always", "autostart": i % 2 == 0,
+                            "cpu": {"vcpus": 2, "pinning": [{"vcpu": 0, "cpuset": "1"}]},
+                            "memory": {"size": "64Mi"}}}),
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = kubeconfig(dir.path(), api.addr);
+    let log = dir.path().join("agent.log");
+    let child = agent_support::fake_api::agent_with(
+        &config,
+        free_port(),
+        "test:///default",
+        &[],
+        Some(&log),
+    );
+    let _kill = agent_support::fake_api::KillOnDrop(child.id());
+    let pid = child.id();
+    let mut child = child;
+    let started = Instant::now();
+    let all_ready = || {
+        api.store
+            .lock()
+            .unwrap()
+            .objects
+            .iter()
+            .filter(|(k, _)| k.0 == "domains")
+            .filter(|(_, o)| ready(&Some((*o).clone())))
+            .count()
+            == count
+    };
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while !all_ready() {
+        if Instant::now() > deadline || child.try_wait().unwrap().is_some() {
+            panic!(
+                "not converged; agent log tail:\n{}",
+                std::fs::read_to_string(&log)
+                    .unwrap_or_default()
+                    .lines()
+                    .rev()
+                    .take(20)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let converged = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    println!(
+        "agent process, {count} domains converged in {converged:?}: VmRSS {}, VmHWM {}",
+        proc_status(pid, "VmRSS:"),
+        proc_status(pid, "VmHWM:")
+    );
+    sigterm(pid);
+    let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+}
