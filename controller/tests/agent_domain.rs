@@ -320,10 +320,7 @@ async fn out_of_band_destroy_is_repaired_with_an_event() {
                 note.contains("destroyed"),
                 "libvirt's reason in the note: {note}"
             );
-            assert!(
-                note.ends_with("[action Repair]"),
-                "a repair of drift: {note}"
-            );
+            assert!(note.contains("[action Repair"), "a repair of drift: {note}");
             api.handle_status_patch(&updated).await
         })
     };

@@ -39,10 +39,11 @@ use crate::plan::{self, NoticeKind, ObjectKind, Op, Plan, PlanOptions};
 pub struct Change {
     /// CamelCase reason, as the event shows it.
     pub reason: &'static str,
-    /// The event's action. Kubernetes' event recorder folds events with the same reason and
-    /// action into one series that keeps the first note, so a repair (a restart after an
-    /// out-of-band stop) gets its own action to keep libvirt's reason visible.
-    pub action: &'static str,
+    /// The event's action: the change in CamelCase (`Start`, `AutostartOff`, `PinVcpu0To1`),
+    /// prefixed `Repair` when it undoes drift. Kubernetes' event recorder folds events with
+    /// the same reason and action into one series that keeps the first note, so only the
+    /// same change repeated is aggregated, never two different ones.
+    pub action: String,
     /// What was done and why, with libvirt's words where it gave any.
     pub note: String,
 }
@@ -95,6 +96,28 @@ fn manifest(object: Object) -> Manifest {
         },
         object,
     }
+}
+
+/// The event action for a planned operation's verb (see [`Change::action`]).
+pub fn action_of(verb: &str, drift: bool) -> String {
+    let camel: String = verb
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(|w| {
+            let mut cs = w.chars();
+            cs.next()
+                .map(|f| f.to_ascii_uppercase().to_string() + cs.as_str())
+                .unwrap_or_default()
+        })
+        .collect();
+    let mut action = if drift {
+        format!("Repair{camel}")
+    } else {
+        camel
+    };
+    // The API server refuses actions over 128 characters.
+    action.truncate(128);
+    action
 }
 
 /// The event reason of a planned operation.
@@ -197,7 +220,7 @@ async fn execute(
         };
         changes.push(Change {
             reason,
-            action: if drift { "Repair" } else { reason },
+            action: action_of(&action.op.verb(), drift),
             note: format!(
                 "{} libvirt {} {}: {} ({outcome})",
                 action.op.verb(),

@@ -173,7 +173,7 @@ async fn apply(dom: &Domain, ctx: &Context, api: &Api<Domain>) -> Result<Action>
                     dom,
                     false,
                     change.reason,
-                    change.action,
+                    &change.action,
                     change.note.clone(),
                 )
                 .await;

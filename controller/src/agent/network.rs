@@ -110,7 +110,7 @@ async fn apply(net: &Network, ctx: &Context, api: &Api<Network>) -> Result<Actio
                     net,
                     false,
                     change.reason,
-                    change.action,
+                    &change.action,
                     change.note.clone(),
                 )
                 .await;

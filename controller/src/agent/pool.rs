@@ -117,7 +117,7 @@ async fn apply(pool: &StoragePool, ctx: &Context, api: &Api<StoragePool>) -> Res
                     pool,
                     false,
                     change.reason,
-                    change.action,
+                    &change.action,
                     change.note.clone(),
                 )
                 .await;

@@ -134,7 +134,7 @@ async fn apply(vol: &Volume, ctx: &Context, api: &Api<Volume>) -> Result<Action>
                     vol,
                     false,
                     change.reason,
-                    change.action,
+                    &change.action,
                     change.note.clone(),
                 )
                 .await;
