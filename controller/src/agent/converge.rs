@@ -850,3 +850,21 @@ async fn migrate_domain(
     }
     result
 }
+
+#[cfg(test)]
+mod tests {
+    use super::action_of;
+
+    #[test]
+    fn actions_name_the_change_and_mark_repairs() {
+        assert_eq!(action_of("start", false), "Start");
+        assert_eq!(action_of("autostart off", false), "AutostartOff");
+        assert_eq!(action_of("pin vCPU 0 to 1", false), "PinVCPU0To1");
+        assert_eq!(
+            action_of("shut down, destroy, undefine", false),
+            "ShutDownDestroyUndefine"
+        );
+        assert_eq!(action_of("start", true), "RepairStart");
+        assert!(action_of(&"x ".repeat(300), false).len() <= 128);
+    }
+}
