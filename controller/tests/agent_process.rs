@@ -363,6 +363,23 @@ async fn whole_lifecycle_through_watches_finalizers_spec_changes_and_deletes() {
             })
     })
     .await;
+    // Removing vCPU 1's pin lets it float again over the host's online CPUs.
+    api.edit_spec("domains", "life", "vm", |spec| {
+        spec["cpu"]["pinning"] = json!([{"vcpu": 0, "cpuset": "1"}]);
+    });
+    eventually(30, "vCPU 1 floating again", || {
+        let vm = api.get("domains", "life", "vm");
+        ready(&vm)
+            && vm.as_ref().is_some_and(|v| {
+                let affinity = &v["status"]["vcpuAffinity"];
+                affinity[0]["cpuset"] == "1"
+                    && affinity[1]["cpuset"].as_str().is_some_and(|c| {
+                        c.parse::<virtkube_crds::cpuset::CpuSet>()
+                            .is_ok_and(|set| set.len() > 1)
+                    })
+            })
+    })
+    .await;
     api.edit_spec("domains", "life", "vm", |spec| {
         spec["state"] = json!("Paused")
     });

@@ -44,6 +44,9 @@ pub struct Settings {
     pub allow_host_paths: bool,
     /// The host's CPU count (the planner checks pinning against it); `None` when unknown.
     pub host_cpus: Option<u32>,
+    /// The host's online CPUs as a cpuset (`0-7`): a vCPU whose pin was removed floats over
+    /// them again; `None` when unknown (a removed pin is then left as it is).
+    pub online_cpus: Option<String>,
     /// The libvirt URI other agents open to reach this node (published on the
     /// HypervisorNode; needed to migrate domains here).
     pub client_uri: Option<String>,
@@ -63,6 +66,7 @@ impl Settings {
             shutdown_timeout: Duration::from_secs(30),
             allow_host_paths: false,
             host_cpus: None,
+            online_cpus: None,
             client_uri: None,
             peer_uri: None,
             migration_uri: None,

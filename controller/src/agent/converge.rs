@@ -323,6 +323,7 @@ fn observed_state(ctx: &Context, host: ObservedHost) -> ObservedState {
 fn empty_host(ctx: &Context) -> ObservedHost {
     ObservedHost {
         host_cpus: ctx.settings.host_cpus,
+        online_cpus: ctx.settings.online_cpus.clone(),
         ..ObservedHost::default()
     }
 }
@@ -807,7 +808,10 @@ async fn migrate_domain(
         for node in [ctx.settings.node.as_str(), target] {
             let engine = pair.get(node).map_err(host_error)?.engine.clone();
             let mut host = empty_host(ctx);
-            host.host_cpus = engine.node_info().await.ok().map(|i| i.cpus);
+            if let Ok(info) = engine.node_info().await {
+                host.host_cpus = Some(info.cpus);
+                host.online_cpus = info.cpu_map.map(|m| m.online.to_string());
+            }
             observe_for_domain(&engine, &mut host, dom, &volumes).await?;
             state.hosts.insert(node.to_string(), host);
         }

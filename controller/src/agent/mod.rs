@@ -252,7 +252,9 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     settings.client_uri = args.libvirt_client_uri.clone();
     settings.peer_uri = args.libvirt_peer_uri.clone();
     settings.migration_uri = args.migration_uri.clone();
-    settings.host_cpus = Some(engine.node_info().await?.cpus);
+    let node_info = engine.node_info().await?;
+    settings.host_cpus = Some(node_info.cpus);
+    settings.online_cpus = node_info.cpu_map.map(|m| m.online.to_string());
     tracing::info!(node = %settings.node, uri = %args.connect, "virtkube agent starting");
 
     let mut registry = Registry::default();
