@@ -82,6 +82,14 @@ pub struct HypervisorNodeStatus {
     /// Where other nodes send live migrations (`tcp://10.0.0.5:49152`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration_uri: Option<String>,
+    /// The libvirt URI other nodes' agents open to reach this node's libvirt
+    /// (`qemu+tls://10.0.0.5/system`); without it, domains cannot be migrated here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub libvirt_uri: Option<String>,
+    /// The URI a source node's libvirtd uses to reach this node in a peer-to-peer migration,
+    /// when it differs from `libvirtUri`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub libvirt_peer_uri: Option<String>,
     /// The last time the agent refreshed this status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub heartbeat_time: Option<Time>,

@@ -718,12 +718,6 @@ fn not_mine_is_done(result: Result<(Vec<Change>, Vec<String>)>) -> Result<Vec<Ch
     }
 }
 
-/// Annotation on a `HypervisorNode`: the libvirt URI other agents open to reach that node.
-pub const CLIENT_URI_ANNOTATION: &str = "virtkube.io/libvirt-uri";
-/// Annotation on a `HypervisorNode`: the URI the source libvirtd uses in a peer-to-peer
-/// migration to that node.
-pub const PEER_URI_ANNOTATION: &str = "virtkube.io/libvirt-peer-uri";
-
 /// How to reach `target` for a migration, from its `HypervisorNode` (published by its agent).
 async fn target_spec(ctx: &Context, target: &str) -> Result<HostSpec> {
     let node = kube::Api::<virtkube_crds::HypervisorNode>::all(ctx.client.clone())
@@ -735,17 +729,18 @@ async fn target_spec(ctx: &Context, target: &str) -> Result<HostSpec> {
             "spec.nodeName asks for node {target}, whose {what}; its agent publishes it when started with --libvirt-client-uri (and --libvirt-peer-uri, --migration-uri)"
         ),
     };
-    let node = node.ok_or_else(|| unknown("HypervisorNode does not exist"))?;
-    let annotations = node.metadata.annotations.unwrap_or_default();
-    let uri = annotations
-        .get(CLIENT_URI_ANNOTATION)
-        .cloned()
-        .ok_or_else(|| unknown("HypervisorNode does not say how to reach its libvirt"))?;
+    let status = node
+        .ok_or_else(|| unknown("HypervisorNode does not exist"))?
+        .status
+        .unwrap_or_default();
+    let uri = status.libvirt_uri.ok_or_else(|| {
+        unknown("HypervisorNode does not say how to reach its libvirt (status.libvirtUri)")
+    })?;
     Ok(HostSpec {
         node: target.to_string(),
         uri,
-        p2p_uri: annotations.get(PEER_URI_ANNOTATION).cloned(),
-        migration_uri: node.status.and_then(|s| s.migration_uri),
+        p2p_uri: status.libvirt_peer_uri,
+        migration_uri: status.migration_uri,
     })
 }
 

@@ -77,6 +77,9 @@ pub fn node_status(
         max_vcpus: info.max_vcpus,
         domains: Some(counts),
         migration_uri,
+        // Filled in by `publish_once`, which knows the agent's settings.
+        libvirt_uri: None,
+        libvirt_peer_uri: None,
         heartbeat_time: Some(now),
         observed_generation: None,
         conditions: conds,
@@ -87,17 +90,10 @@ pub fn node_status(
 /// returns its labels.
 pub async fn ensure_node_object(ctx: &Context) -> Result<BTreeMap<String, String>> {
     let api: Api<HypervisorNode> = Api::all(ctx.client.clone());
-    let mut annotations = serde_json::Map::new();
-    if let Some(uri) = &ctx.settings.client_uri {
-        annotations.insert(super::converge::CLIENT_URI_ANNOTATION.into(), json!(uri));
-    }
-    if let Some(uri) = &ctx.settings.peer_uri {
-        annotations.insert(super::converge::PEER_URI_ANNOTATION.into(), json!(uri));
-    }
     let body = json!({
         "apiVersion": API_VERSION,
         "kind": "HypervisorNode",
-        "metadata": { "name": ctx.settings.node, "annotations": annotations },
+        "metadata": { "name": ctx.settings.node },
         "spec": {},
     });
     let node = api
@@ -151,13 +147,15 @@ pub async fn publish_once(
 ) -> Result<HypervisorNodeStatus> {
     let info = ctx.engine.node_info().await?;
     let counts = domain_counts(ctx, domains).await?;
-    let status = node_status(
+    let mut status = node_status(
         &info,
         counts,
         migration_uri,
         previous,
         Time(k8s_openapi::jiff::Timestamp::now()),
     );
+    status.libvirt_uri = ctx.settings.client_uri.clone();
+    status.libvirt_peer_uri = ctx.settings.peer_uri.clone();
     let api: Api<HypervisorNode> = Api::all(ctx.client.clone());
     let patch = json!({
         "apiVersion": API_VERSION,
