@@ -27,11 +27,9 @@ use virtkube_engine::{Engine, EngineConfig, Owner};
 
 use super::context::Context;
 use super::error::{Error, Result};
-use crate::host::{HostError, HostSpec, Hosts, domain_from, from_owner};
+use crate::host::{HostError, HostSpec, Hosts, domain_from, network_from, pool_from};
 use crate::plan::desired::{DesiredState, Nodes};
-use crate::plan::observed::{
-    ObservedHost, ObservedNetwork, ObservedPool, ObservedState, ObservedVolume,
-};
+use crate::plan::observed::{ObservedHost, ObservedState, ObservedVolume};
 use crate::plan::{self, NoticeKind, ObjectKind, Op, Plan, PlanOptions};
 
 /// One change made on the host: an event reason (`Defined`, `Started`, …) and a note.
@@ -231,39 +229,6 @@ async fn execute(
         });
     }
     Ok((changes, pending))
-}
-
-fn pool_from(p: &PoolObserved) -> ObservedPool {
-    ObservedPool {
-        owner: p.owner.as_ref().map(from_owner),
-        pool_type: p.pool_type.as_str().to_string(),
-        target_path: p.target_path.clone(),
-        active: p.state == PoolState::Running,
-        autostart: p.autostart,
-        capacity: p.capacity,
-        available: p.available,
-    }
-}
-
-fn network_from(n: &NetworkObserved) -> ObservedNetwork {
-    ObservedNetwork {
-        owner: n.owner.as_ref().map(from_owner),
-        mode: n.mode.as_str().to_string(),
-        bridge: n.bridge.clone(),
-        ip: n.ip.as_ref().map(|ip| (ip.address.clone(), ip.prefix)),
-        dhcp: n
-            .ip
-            .as_ref()
-            .map(|ip| {
-                ip.dhcp
-                    .iter()
-                    .map(|r| format!("{}-{}", r.start, r.end))
-                    .collect()
-            })
-            .unwrap_or_default(),
-        active: n.active,
-        autostart: n.autostart,
-    }
 }
 
 fn volume_from(v: &VolumeObserved, pool_owned: bool) -> ObservedVolume {

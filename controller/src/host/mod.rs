@@ -294,7 +294,8 @@ async fn observe_host(h: &Host) -> Result<ObservedHost, HostError> {
     Ok(host)
 }
 
-fn pool_from(p: &PoolObserved) -> ObservedPool {
+/// The planner's view of a storage pool libvirt reports (shared with the agent).
+pub fn pool_from(p: &PoolObserved) -> ObservedPool {
     ObservedPool {
         owner: p.owner.as_ref().map(from_owner),
         pool_type: p.pool_type.as_str().to_string(),
@@ -306,7 +307,9 @@ fn pool_from(p: &PoolObserved) -> ObservedPool {
     }
 }
 
-fn network_from(n: &NetworkObserved) -> ObservedNetwork {
+/// The planner's view of a network libvirt reports: its address as (address, prefix) and
+/// its DHCP ranges as `start-end` (shared with the agent).
+pub fn network_from(n: &NetworkObserved) -> ObservedNetwork {
     ObservedNetwork {
         owner: n.owner.as_ref().map(from_owner),
         mode: n.mode.as_str().to_string(),
