@@ -19,10 +19,9 @@ use std::sync::Arc;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::finalizer::Event as Finalizer;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
-use tracing::Instrument;
 use virtkube_crds::conditions::{self, status as cs};
 use virtkube_crds::domain::{
     DomainPhase, DomainStatus, InterfaceStatus, MigrationState, MigrationStatus, PowerState,
@@ -36,6 +35,7 @@ use virtkube_engine::model::{DomainObserved, DomainState};
 use super::context::{Context, FIELD_MANAGER, FINALIZER};
 use super::converge::{self, Change, Converged};
 use super::error::{Error, Result};
+use super::reconcile;
 
 /// The kind label of this controller's metrics.
 pub const KIND: &str = "Domain";
@@ -112,19 +112,13 @@ pub async fn reconcile(dom: Arc<Domain>, ctx: Arc<Context>) -> Result<Action> {
     let span =
         tracing::info_span!("reconcile", kind = KIND, namespace = %ns, name = %dom.name_any());
     let (ctx_ref, api_ref) = (&*ctx, &api);
-    let result = finalizer(&api, FINALIZER, dom, |event| async move {
+    reconcile::finalized(&ctx, KIND, &api, FINALIZER, dom, span, |event| async move {
         match event {
             Finalizer::Apply(dom) => apply(&dom, ctx_ref, api_ref).await,
             Finalizer::Cleanup(dom) => cleanup(&dom, ctx_ref).await,
         }
     })
-    .instrument(span)
     .await
-    .map_err(Error::from);
-    if let Err(e) = &result {
-        ctx.metrics.reconcile_failed(KIND, &e.metric_label());
-    }
-    result
 }
 
 /// Converges the domain, then writes status and events.
@@ -140,14 +134,7 @@ async fn apply(dom: &Domain, ctx: &Context, api: &Api<Domain>) -> Result<Action>
             false,
         );
         if write_status(dom, ctx, api, status).await? {
-            ctx.event(
-                dom,
-                true,
-                "Failed",
-                "InvalidSpec",
-                format!("InvalidSpec: {invalid}"),
-            )
-            .await;
+            reconcile::report_failure(ctx, dom, "InvalidSpec", &invalid.to_string()).await;
         }
         // Nothing to retry: only a new spec can fix it.
         return Ok(Action::await_change());
@@ -168,16 +155,7 @@ async fn apply(dom: &Domain, ctx: &Context, api: &Api<Domain>) -> Result<Action>
             pending,
             moved_to,
         }) => {
-            for change in &changes {
-                ctx.event(
-                    dom,
-                    false,
-                    change.reason,
-                    &change.action,
-                    change.note.clone(),
-                )
-                .await;
-            }
+            reconcile::report_changes(ctx, dom, &changes).await;
             let mut status = status_for(dom, ctx, observed.as_ref(), &pending, None, true);
             if let Some(target) = moved_to {
                 // The domain left: the target's agent takes over from here (spec.nodeName
@@ -281,16 +259,7 @@ async fn apply(dom: &Domain, ctx: &Context, api: &Api<Domain>) -> Result<Action>
             }
             // One event per distinct failure: the status changes only when the failure does.
             if write_status(dom, ctx, api, status).await? {
-                ctx.event(
-                    dom,
-                    true,
-                    "Failed",
-                    // The failure reason as the action: the recorder folds same-action events
-                    // into a series that keeps the first note, so each kind of failure keeps its own.
-                    reason,
-                    format!("{reason}: {message}"),
-                )
-                .await;
+                reconcile::report_failure(ctx, dom, reason, &message).await;
             }
             Err(error)
         }

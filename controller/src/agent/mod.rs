@@ -11,6 +11,7 @@
 //! | [`drift`] | libvirt events -> reconcile requests |
 //! | [`metrics`], [`http`] | Prometheus metrics, `/healthz`, `/readyz` |
 //! | [`pernode`] | per-node status entries of pools and networks |
+//! | [`reconcile`] | the skeleton every controller shares (finalizer, failure count, events) |
 //! | [`context`], [`error`] | what reconcilers share; the one error type |
 //!
 //! Stopping the agent (SIGTERM, SIGINT) stops taking new work, lets reconciles in flight
@@ -28,6 +29,7 @@ pub mod network;
 pub mod node;
 pub mod pernode;
 pub mod pool;
+pub mod reconcile;
 pub mod volume;
 
 use std::net::SocketAddr;

@@ -12,8 +12,7 @@ use std::sync::Arc;
 use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::controller::Action;
-use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use tracing::Instrument;
+use kube::runtime::finalizer::Event as Finalizer;
 use virtkube_crds::Network;
 use virtkube_crds::network::NetworkNodeStatus;
 use virtkube_crds::validation::Validate;
@@ -22,6 +21,7 @@ use super::context::{Context, selects};
 use super::converge::{self, Converged};
 use super::error::{Error, Result};
 use super::pernode::{self, NodeEntry};
+use super::reconcile;
 
 /// The kind label of this controller's metrics.
 pub const KIND: &str = "Network";
@@ -61,33 +61,24 @@ pub async fn reconcile(net: Arc<Network>, ctx: Arc<Context>) -> Result<Action> {
     let finalizer_name = ctx.settings.node_finalizer();
     if pernode::deselected(&*net, selected(&net, &ctx), &finalizer_name) {
         // No longer this node's: remove it here, then let go of it.
-        let result = async {
-            for change in converge::remove_network(&ctx, &net).await? {
-                ctx.event(&*net, false, change.reason, "Deselect", change.note)
-                    .await;
+        let remove = converge::remove_network(&ctx, &net);
+        return pernode::deselect(&ctx, KIND, &api, &*net, remove, span).await;
+    }
+    reconcile::finalized(
+        &ctx,
+        KIND,
+        &api,
+        &finalizer_name,
+        net,
+        span,
+        |event| async move {
+            match event {
+                Finalizer::Apply(net) => apply(&net, ctx_ref, api_ref).await,
+                Finalizer::Cleanup(net) => cleanup(&net, ctx_ref).await,
             }
-            pernode::release(&ctx, &api, &*net).await
-        }
-        .instrument(span)
-        .await;
-        if let Err(e) = &result {
-            ctx.metrics.reconcile_failed(KIND, &e.metric_label());
-        }
-        return result.map(|()| Action::await_change());
-    }
-    let result = finalizer(&api, &finalizer_name, net, |event| async move {
-        match event {
-            Finalizer::Apply(net) => apply(&net, ctx_ref, api_ref).await,
-            Finalizer::Cleanup(net) => cleanup(&net, ctx_ref).await,
-        }
-    })
-    .instrument(span)
+        },
+    )
     .await
-    .map_err(Error::from);
-    if let Err(e) = &result {
-        ctx.metrics.reconcile_failed(KIND, &e.metric_label());
-    }
-    result
 }
 
 async fn apply(net: &Network, ctx: &Context, api: &Api<Network>) -> Result<Action> {
@@ -105,16 +96,7 @@ async fn apply(net: &Network, ctx: &Context, api: &Api<Network>) -> Result<Actio
         Ok(Converged {
             changes, observed, ..
         }) => {
-            for change in &changes {
-                ctx.event(
-                    net,
-                    false,
-                    change.reason,
-                    &change.action,
-                    change.note.clone(),
-                )
-                .await;
-            }
+            reconcile::report_changes(ctx, net, &changes).await;
             let mine = NetworkNodeStatus {
                 node_name: ctx.settings.node.clone(),
                 active: observed.as_ref().is_some_and(|o| o.active),
@@ -135,16 +117,7 @@ async fn apply(net: &Network, ctx: &Context, api: &Api<Network>) -> Result<Actio
                 message: Some(format!("{reason}: {message}")),
             };
             if pernode::write(ctx, api, net, &status.nodes, &status.conditions, mine).await? {
-                ctx.event(
-                    net,
-                    true,
-                    "Failed",
-                    // The failure reason as the action: the recorder folds same-action events
-                    // into a series that keeps the first note, so each kind of failure keeps its own.
-                    reason,
-                    format!("{reason}: {message}"),
-                )
-                .await;
+                reconcile::report_failure(ctx, net, reason, &message).await;
             }
             if invalid.is_empty() {
                 Err(error)

@@ -3,6 +3,8 @@
 //! field manager, so agents never remove each other's entries; the `Ready` condition
 //! summarizes every entry the agent can see.
 
+use std::future::Future;
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Api, Patch, PatchParams};
 use kube::{Resource, ResourceExt};
@@ -12,7 +14,11 @@ use serde_json::json;
 use virtkube_crds::API_VERSION;
 use virtkube_crds::conditions::{self, status as cs};
 
+use kube::runtime::controller::Action;
+use tracing::{Instrument, Span};
+
 use super::context::Context;
+use super::converge::Change;
 use super::error::Result;
 
 /// One node's entry, whatever the kind.
@@ -158,4 +164,30 @@ pub fn deselected<K: Resource>(obj: &K, selected: bool, finalizer: &str) -> bool
     !selected
         && obj.meta().deletion_timestamp.is_none()
         && obj.finalizers().iter().any(|f| f == finalizer)
+}
+
+/// The deselected path of [`deselected`]: `remove` (the kind's removal of its libvirt
+/// object here) runs, each change becomes an event with action `Deselect`, then
+/// [`release`] lets go of the object; all in `span`, a failure counted under `kind`.
+pub async fn deselect<K>(
+    ctx: &Context,
+    kind: &str,
+    api: &Api<K>,
+    obj: &K,
+    remove: impl Future<Output = Result<Vec<Change>>>,
+    span: Span,
+) -> Result<Action>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    let result = async {
+        for change in remove.await? {
+            ctx.event(obj, false, change.reason, "Deselect", change.note)
+                .await;
+        }
+        release(ctx, api, obj).await
+    }
+    .instrument(span)
+    .await;
+    super::reconcile::counted(ctx, kind, result).map(|()| Action::await_change())
 }

@@ -13,8 +13,7 @@ use std::sync::Arc;
 use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::controller::Action;
-use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use tracing::Instrument;
+use kube::runtime::finalizer::Event as Finalizer;
 use virtkube_crds::StoragePool;
 use virtkube_crds::quantity::ByteQuantity;
 use virtkube_crds::storage_pool::PoolNodeStatus;
@@ -25,6 +24,7 @@ use super::context::{Context, selects};
 use super::converge::{self, Converged};
 use super::error::{Error, Result};
 use super::pernode::{self, NodeEntry};
+use super::reconcile;
 
 /// The kind label of this controller's metrics.
 pub const KIND: &str = "StoragePool";
@@ -64,33 +64,24 @@ pub async fn reconcile(pool: Arc<StoragePool>, ctx: Arc<Context>) -> Result<Acti
     let finalizer_name = ctx.settings.node_finalizer();
     if pernode::deselected(&*pool, selected(&pool, &ctx), &finalizer_name) {
         // No longer this node's: remove it here, then let go of it.
-        let result = async {
-            for change in converge::remove_pool(&ctx, &pool).await? {
-                ctx.event(&*pool, false, change.reason, "Deselect", change.note)
-                    .await;
+        let remove = converge::remove_pool(&ctx, &pool);
+        return pernode::deselect(&ctx, KIND, &api, &*pool, remove, span).await;
+    }
+    reconcile::finalized(
+        &ctx,
+        KIND,
+        &api,
+        &finalizer_name,
+        pool,
+        span,
+        |event| async move {
+            match event {
+                Finalizer::Apply(pool) => apply(&pool, ctx_ref, api_ref).await,
+                Finalizer::Cleanup(pool) => cleanup(&pool, ctx_ref).await,
             }
-            pernode::release(&ctx, &api, &*pool).await
-        }
-        .instrument(span)
-        .await;
-        if let Err(e) = &result {
-            ctx.metrics.reconcile_failed(KIND, &e.metric_label());
-        }
-        return result.map(|()| Action::await_change());
-    }
-    let result = finalizer(&api, &finalizer_name, pool, |event| async move {
-        match event {
-            Finalizer::Apply(pool) => apply(&pool, ctx_ref, api_ref).await,
-            Finalizer::Cleanup(pool) => cleanup(&pool, ctx_ref).await,
-        }
-    })
-    .instrument(span)
+        },
+    )
     .await
-    .map_err(Error::from);
-    if let Err(e) = &result {
-        ctx.metrics.reconcile_failed(KIND, &e.metric_label());
-    }
-    result
 }
 
 fn state_word(state: PoolState) -> String {
@@ -112,16 +103,7 @@ async fn apply(pool: &StoragePool, ctx: &Context, api: &Api<StoragePool>) -> Res
         Ok(Converged {
             changes, observed, ..
         }) => {
-            for change in &changes {
-                ctx.event(
-                    pool,
-                    false,
-                    change.reason,
-                    &change.action,
-                    change.note.clone(),
-                )
-                .await;
-            }
+            reconcile::report_changes(ctx, pool, &changes).await;
             let mine = PoolNodeStatus {
                 node_name: ctx.settings.node.clone(),
                 state: observed
@@ -151,16 +133,7 @@ async fn apply(pool: &StoragePool, ctx: &Context, api: &Api<StoragePool>) -> Res
                 ..PoolNodeStatus::default()
             };
             if pernode::write(ctx, api, pool, &status.nodes, &status.conditions, mine).await? {
-                ctx.event(
-                    pool,
-                    true,
-                    "Failed",
-                    // The failure reason as the action: the recorder folds same-action events
-                    // into a series that keeps the first note, so each kind of failure keeps its own.
-                    reason,
-                    format!("{reason}: {message}"),
-                )
-                .await;
+                reconcile::report_failure(ctx, pool, reason, &message).await;
             }
             if invalid.is_empty() {
                 Err(error)

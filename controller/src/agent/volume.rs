@@ -14,10 +14,9 @@ use std::sync::Arc;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::finalizer::Event as Finalizer;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
-use tracing::Instrument;
 use virtkube_crds::conditions::{self, status as cs};
 use virtkube_crds::quantity::ByteQuantity;
 use virtkube_crds::validation::Validate;
@@ -28,6 +27,7 @@ use virtkube_engine::model::VolumeObserved;
 use super::context::{Context, FIELD_MANAGER, FINALIZER};
 use super::converge::{self, Converged};
 use super::error::{Error, Result};
+use super::reconcile;
 
 /// The kind label of this controller's metrics.
 pub const KIND: &str = "Volume";
@@ -88,19 +88,13 @@ pub async fn reconcile(vol: Arc<Volume>, ctx: Arc<Context>) -> Result<Action> {
     let span =
         tracing::info_span!("reconcile", kind = KIND, namespace = %ns, name = %vol.name_any());
     let (ctx_ref, api_ref) = (&*ctx, &api);
-    let result = finalizer(&api, FINALIZER, vol, |event| async move {
+    reconcile::finalized(&ctx, KIND, &api, FINALIZER, vol, span, |event| async move {
         match event {
             Finalizer::Apply(vol) => apply(&vol, ctx_ref, api_ref).await,
             Finalizer::Cleanup(vol) => cleanup(&vol, ctx_ref, api_ref).await,
         }
     })
-    .instrument(span)
     .await
-    .map_err(Error::from);
-    if let Err(e) = &result {
-        ctx.metrics.reconcile_failed(KIND, &e.metric_label());
-    }
-    result
 }
 
 async fn apply(vol: &Volume, ctx: &Context, api: &Api<Volume>) -> Result<Action> {
@@ -114,14 +108,7 @@ async fn apply(vol: &Volume, ctx: &Context, api: &Api<Volume>) -> Result<Action>
             false,
         );
         if write_status(vol, ctx, api, status).await? {
-            ctx.event(
-                vol,
-                true,
-                "Failed",
-                "InvalidSpec",
-                format!("InvalidSpec: {invalid}"),
-            )
-            .await;
+            reconcile::report_failure(ctx, vol, "InvalidSpec", &invalid.to_string()).await;
         }
         return Ok(Action::await_change());
     }
@@ -129,16 +116,7 @@ async fn apply(vol: &Volume, ctx: &Context, api: &Api<Volume>) -> Result<Action>
         Ok(Converged {
             changes, observed, ..
         }) => {
-            for change in &changes {
-                ctx.event(
-                    vol,
-                    false,
-                    change.reason,
-                    &change.action,
-                    change.note.clone(),
-                )
-                .await;
-            }
+            reconcile::report_changes(ctx, vol, &changes).await;
             let status = status_for(vol, ctx, observed.as_ref(), None, true);
             write_status(vol, ctx, api, status).await?;
             Ok(Action::requeue(ctx.settings.resync))
@@ -147,16 +125,7 @@ async fn apply(vol: &Volume, ctx: &Context, api: &Api<Volume>) -> Result<Action>
             let (reason, message) = error.reason_and_message();
             let status = status_for(vol, ctx, None, Some((reason, message.clone())), true);
             if write_status(vol, ctx, api, status).await? {
-                ctx.event(
-                    vol,
-                    true,
-                    "Failed",
-                    // The failure reason as the action: the recorder folds same-action events
-                    // into a series that keeps the first note, so each kind of failure keeps its own.
-                    reason,
-                    format!("{reason}: {message}"),
-                )
-                .await;
+                reconcile::report_failure(ctx, vol, reason, &message).await;
             }
             Err(error)
         }
