@@ -417,9 +417,7 @@ pub async fn remove_domain(ctx: &Context, dom: &Domain) -> Result<Vec<Change>> {
         return Ok(Vec::new());
     };
     host.domains.insert(name.clone(), domain_from(&o));
-    let manifests = vec![manifest(Object::Domain(Box::new(dom.clone())))];
-    let (desired, _) = DesiredState::from_manifests(&manifests, &Nodes::single(&ctx.settings.node));
-    let plan = plan::plan_delete(&desired, &observed_state(ctx, host));
+    let plan = plan_removal(ctx, Object::Domain(Box::new(dom.clone())), host);
     match execute(&ctx.hosts, &plan, ObjectKind::Domain, &name, false).await {
         Ok((changes, _)) => Ok(changes),
         // Not ours: never touched, and nothing of ours is left.
@@ -465,20 +463,7 @@ pub async fn volume(ctx: &Context, vol: &Volume) -> Result<Converged<VolumeObser
         }
         Some(_) => {}
     }
-    let manifests = vec![manifest(Object::Volume(Box::new(vol.clone())))];
-    let (desired, notices) =
-        DesiredState::from_manifests(&manifests, &Nodes::single(&ctx.settings.node));
-    if let Some(n) = notices.first() {
-        return Err(Error::Unrealizable {
-            reason: "InvalidSpec",
-            message: n.message.clone(),
-        });
-    }
-    let plan = plan::plan(
-        &desired,
-        &observed_state(ctx, host),
-        &PlanOptions::default(),
-    );
+    let plan = plan_alone(ctx, Object::Volume(Box::new(vol.clone())), host)?;
     let drift = vol
         .status
         .as_ref()
@@ -529,9 +514,7 @@ pub async fn remove_volume(ctx: &Context, vol: &Volume) -> Result<(Vec<Change>, 
     for d in ctx.engine.domain_observe_all().await? {
         host.domains.insert(d.name.clone(), domain_from(&d));
     }
-    let manifests = vec![manifest(Object::Volume(Box::new(vol.clone())))];
-    let (desired, _) = DesiredState::from_manifests(&manifests, &Nodes::single(&ctx.settings.node));
-    let plan = plan::plan_delete(&desired, &observed_state(ctx, host));
+    let plan = plan_removal(ctx, Object::Volume(Box::new(vol.clone())), host);
     let about_me = |n: &&plan::Notice| n.object.kind == ObjectKind::Volume && n.object.name == name;
     if let Some(n) = plan
         .notices
@@ -560,20 +543,7 @@ pub async fn network(ctx: &Context, net: &Network) -> Result<Converged<NetworkOb
     if let Some(n) = ctx.engine.network_observe(&name).await? {
         host.networks.insert(name.clone(), network_from(&n));
     }
-    let manifests = vec![manifest(Object::Network(Box::new(net.clone())))];
-    let (desired, notices) =
-        DesiredState::from_manifests(&manifests, &Nodes::single(&ctx.settings.node));
-    if let Some(n) = notices.first() {
-        return Err(Error::Unrealizable {
-            reason: "InvalidSpec",
-            message: n.message.clone(),
-        });
-    }
-    let plan = plan::plan(
-        &desired,
-        &observed_state(ctx, host),
-        &PlanOptions::default(),
-    );
+    let plan = plan_alone(ctx, Object::Network(Box::new(net.clone())), host)?;
     let drift = net.status.as_ref().is_some_and(|s| {
         converged_here(&s.conditions, net.metadata.generation)
             && s.nodes
@@ -599,9 +569,7 @@ pub async fn remove_network(ctx: &Context, net: &Network) -> Result<Vec<Change>>
         return Ok(Vec::new());
     };
     host.networks.insert(name.clone(), network_from(&n));
-    let manifests = vec![manifest(Object::Network(Box::new(net.clone())))];
-    let (desired, _) = DesiredState::from_manifests(&manifests, &Nodes::single(&ctx.settings.node));
-    let plan = plan::plan_delete(&desired, &observed_state(ctx, host));
+    let plan = plan_removal(ctx, Object::Network(Box::new(net.clone())), host);
     not_mine_is_done(execute(&ctx.hosts, &plan, ObjectKind::Network, &name, false).await)
 }
 
@@ -610,20 +578,7 @@ pub async fn pool(ctx: &Context, pool: &StoragePool) -> Result<Converged<PoolObs
     let name = pool.name_any();
     let mut host = empty_host(ctx);
     observe_pool(ctx, &mut host, &name, &[]).await?;
-    let manifests = vec![manifest(Object::StoragePool(Box::new(pool.clone())))];
-    let (desired, notices) =
-        DesiredState::from_manifests(&manifests, &Nodes::single(&ctx.settings.node));
-    if let Some(n) = notices.first() {
-        return Err(Error::Unrealizable {
-            reason: "InvalidSpec",
-            message: n.message.clone(),
-        });
-    }
-    let plan = plan::plan(
-        &desired,
-        &observed_state(ctx, host),
-        &PlanOptions::default(),
-    );
+    let plan = plan_alone(ctx, Object::StoragePool(Box::new(pool.clone())), host)?;
     let drift = pool.status.as_ref().is_some_and(|s| {
         converged_here(&s.conditions, pool.metadata.generation)
             && s.nodes
@@ -649,10 +604,34 @@ pub async fn remove_pool(ctx: &Context, pool: &StoragePool) -> Result<Vec<Change
     if observe_pool(ctx, &mut host, &name, &[]).await?.is_none() {
         return Ok(Vec::new());
     }
-    let manifests = vec![manifest(Object::StoragePool(Box::new(pool.clone())))];
-    let (desired, _) = DesiredState::from_manifests(&manifests, &Nodes::single(&ctx.settings.node));
-    let plan = plan::plan_delete(&desired, &observed_state(ctx, host));
+    let plan = plan_removal(ctx, Object::StoragePool(Box::new(pool.clone())), host);
     not_mine_is_done(execute(&ctx.hosts, &plan, ObjectKind::StoragePool, &name, false).await)
+}
+
+/// The plan for `object` alone on this node, against `host`; a manifest the planner
+/// cannot take is `InvalidSpec`.
+fn plan_alone(ctx: &Context, object: Object, host: ObservedHost) -> Result<Plan> {
+    let manifests = vec![manifest(object)];
+    let (desired, notices) =
+        DesiredState::from_manifests(&manifests, &Nodes::single(&ctx.settings.node));
+    if let Some(n) = notices.first() {
+        return Err(Error::Unrealizable {
+            reason: "InvalidSpec",
+            message: n.message.clone(),
+        });
+    }
+    Ok(plan::plan(
+        &desired,
+        &observed_state(ctx, host),
+        &PlanOptions::default(),
+    ))
+}
+
+/// The plan that removes `object` from this node, against `host`.
+fn plan_removal(ctx: &Context, object: Object, host: ObservedHost) -> Plan {
+    let manifests = vec![manifest(object)];
+    let (desired, _) = DesiredState::from_manifests(&manifests, &Nodes::single(&ctx.settings.node));
+    plan::plan_delete(&desired, &observed_state(ctx, host))
 }
 
 /// Whether the last reconcile of this very spec succeeded: `Ready=True` written for the
