@@ -204,6 +204,16 @@ pub fn desired_rows(desired: &DesiredState, observed: &ObservedState, last: &Pla
             .count();
         (n > 0).then(|| format!("{n} change(s) not applied"))
     };
+    // One row: the object's observed phase and details, then the last plan's problem with
+    // it or, failing that, its changes not applied.
+    let row = |kind: &str, name: &str, display: &str, node: &str, phase: String, details| Row {
+        kind: kind.into(),
+        name: display.to_string(),
+        node: node.to_string(),
+        phase,
+        details: join(details, problem(kind, name).or_else(|| pending(kind, name))),
+    };
+    let absent = || ("Pending".to_string(), String::new());
     let mut rows = Vec::new();
     for p in &desired.pools {
         for (node, host) in &observed.hosts {
@@ -212,18 +222,9 @@ pub fn desired_rows(desired: &DesiredState, observed: &ObservedState, last: &Pla
                     if o.active { "Running" } else { "Inactive" }.to_string(),
                     pool_details(o),
                 ),
-                None => ("Pending".to_string(), String::new()),
+                None => absent(),
             };
-            rows.push(Row {
-                kind: "StoragePool".into(),
-                name: p.name.clone(),
-                node: node.clone(),
-                phase,
-                details: join(
-                    details,
-                    problem("StoragePool", &p.name).or_else(|| pending("StoragePool", &p.name)),
-                ),
-            });
+            rows.push(row("StoragePool", &p.name, &p.name, node, phase, details));
         }
     }
     for v in &desired.volumes {
@@ -233,18 +234,9 @@ pub fn desired_rows(desired: &DesiredState, observed: &ObservedState, last: &Pla
             .and_then(|h| h.volumes.get(&(v.pool.clone(), v.name.clone())));
         let (phase, details) = match o {
             Some(o) => ("Available".to_string(), volume_details(&v.pool, o)),
-            None => ("Pending".to_string(), String::new()),
+            None => absent(),
         };
-        rows.push(Row {
-            kind: "Volume".into(),
-            name: v.display.clone(),
-            node: v.node.clone(),
-            phase,
-            details: join(
-                details,
-                problem("Volume", &v.name).or_else(|| pending("Volume", &v.name)),
-            ),
-        });
+        rows.push(row("Volume", &v.name, &v.display, &v.node, phase, details));
     }
     for n in &desired.networks {
         for (node, host) in &observed.hosts {
@@ -253,18 +245,9 @@ pub fn desired_rows(desired: &DesiredState, observed: &ObservedState, last: &Pla
                     if o.active { "Active" } else { "Inactive" }.to_string(),
                     network_details(o),
                 ),
-                None => ("Pending".to_string(), String::new()),
+                None => absent(),
             };
-            rows.push(Row {
-                kind: "Network".into(),
-                name: n.name.clone(),
-                node: node.clone(),
-                phase,
-                details: join(
-                    details,
-                    problem("Network", &n.name).or_else(|| pending("Network", &n.name)),
-                ),
-            });
+            rows.push(row("Network", &n.name, &n.name, node, phase, details));
         }
     }
     for d in &desired.domains {
@@ -272,24 +255,11 @@ pub fn desired_rows(desired: &DesiredState, observed: &ObservedState, last: &Pla
             .hosts
             .iter()
             .find_map(|(node, h)| h.domains.get(&d.name).map(|o| (node, o)));
-        let (node, phase, details) = match found {
-            Some((node, o)) => (
-                node.clone(),
-                format!("{:?}", domain_phase(o)),
-                domain_details(o),
-            ),
-            None => (d.node.clone(), "Pending".to_string(), String::new()),
+        let (node, (phase, details)) = match found {
+            Some((node, o)) => (node, (format!("{:?}", domain_phase(o)), domain_details(o))),
+            None => (&d.node, absent()),
         };
-        rows.push(Row {
-            kind: "Domain".into(),
-            name: d.display.clone(),
-            node,
-            phase,
-            details: join(
-                details,
-                problem("Domain", &d.name).or_else(|| pending("Domain", &d.name)),
-            ),
-        });
+        rows.push(row("Domain", &d.name, &d.display, node, phase, details));
     }
     rows
 }
