@@ -800,14 +800,17 @@ async fn changing_node_name_live_migrates_through_two_agents() {
     // Never on both: sample while it moves.
     let mut both = 0;
     loop {
-        let on_a = virsh(&uri_a, &["list", "--name"])
-            .lines()
-            .any(|l| l == name);
-        let on_b = virsh(&uri_b, &["list", "--name"])
-            .lines()
-            .any(|l| l == name);
-        let running_a = on_a && virsh(&uri_a, &["domstate", &name]) == "running";
-        let running_b = on_b && virsh(&uri_b, &["domstate", &name]) == "running";
+        // One call per node (a `list` then a `domstate` races the move: "Domain not found"),
+        // and the target first: the guest resumes on B only after A has paused it for good, so
+        // "running on B, then running on A" can only mean both at once, whereas the other
+        // order would count a switch-over that happened between the two samples.
+        let running = |uri: &str| {
+            virsh(uri, &["list", "--name", "--state-running"])
+                .lines()
+                .any(|l| l == name)
+        };
+        let running_b = running(&uri_b);
+        let running_a = running(&uri_a);
         if running_a && running_b {
             both += 1;
         }
