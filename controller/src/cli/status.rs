@@ -776,15 +776,7 @@ pub fn with_status(
             }
             Object::Volume(v) => {
                 let mut v = (**v).clone();
-                let ns = v
-                    .metadata
-                    .namespace
-                    .clone()
-                    .unwrap_or_else(|| "default".into());
-                let name = virtkube_crds::names::host_name(
-                    Some(&ns),
-                    &v.metadata.name.clone().unwrap_or_default(),
-                );
+                let name = namespaced_host_name(&v.metadata);
                 if let Some(d) = desired.volumes.iter().find(|d| d.name == name)
                     && let Some(o) = observed
                         .hosts
@@ -826,15 +818,7 @@ pub fn with_status(
             }
             Object::Domain(d) => {
                 let mut d = (**d).clone();
-                let ns = d
-                    .metadata
-                    .namespace
-                    .clone()
-                    .unwrap_or_else(|| "default".into());
-                let name = virtkube_crds::names::host_name(
-                    Some(&ns),
-                    &d.metadata.name.clone().unwrap_or_default(),
-                );
+                let name = namespaced_host_name(&d.metadata);
                 let want = desired.domains.iter().find(|x| x.name == name);
                 let found = observed
                     .hosts
@@ -885,4 +869,13 @@ pub fn with_status(
         }
     }
     out
+}
+
+/// The libvirt name of a namespaced object (`<namespace>.<name>`, namespace `default` when
+/// the manifest named none).
+fn namespaced_host_name(meta: &kube::api::ObjectMeta) -> String {
+    virtkube_crds::names::host_name(
+        Some(meta.namespace.as_deref().unwrap_or("default")),
+        meta.name.as_deref().unwrap_or_default(),
+    )
 }
