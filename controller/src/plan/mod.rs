@@ -1132,73 +1132,80 @@ pub fn plan_delete(desired: &DesiredState, observed: &ObservedState) -> Plan {
     let mut b = Builder::default();
     let mut targets = Vec::new();
     for (node, host) in &observed.hosts {
+        let mut found = Deletions {
+            b: &mut b,
+            targets: &mut targets,
+            node,
+        };
         for d in &desired.domains {
             if let Some(o) = host.domains.get(&d.name) {
-                if o.owner.as_ref().is_some_and(|m| m.same_resource(&d.owner)) {
-                    targets.push(DeleteTarget::domain(node, &d.name, o.owner.clone()));
-                } else {
-                    let object = ObjectRef::new(ObjectKind::Domain, &d.name, &d.display);
-                    b.notice(
-                        NoticeKind::Conflict,
-                        &object,
-                        node,
-                        clash_message(&object.to_string(), &d.origin, "domain", node, &o.owner),
-                        vec![],
-                    );
-                }
+                let object = ObjectRef::new(ObjectKind::Domain, &d.name, &d.display);
+                found.marked(object, &d.origin, "domain", &d.owner, &o.owner);
             }
         }
         for n in &desired.networks {
             if let Some(o) = host.networks.get(&n.name) {
-                if o.owner.as_ref().is_some_and(|m| m.same_resource(&n.owner)) {
-                    targets.push(DeleteTarget::network(node, &n.name, o.owner.clone()));
-                } else {
-                    let object = ObjectRef::new(ObjectKind::Network, &n.name, &n.name);
-                    b.notice(
-                        NoticeKind::Conflict,
-                        &object,
-                        node,
-                        clash_message(&object.to_string(), &n.origin, "network", node, &o.owner),
-                        vec![],
-                    );
-                }
+                let object = ObjectRef::new(ObjectKind::Network, &n.name, &n.name);
+                found.marked(object, &n.origin, "network", &n.owner, &o.owner);
             }
         }
         for v in desired.volumes.iter().filter(|v| &v.node == node) {
             if let Some(o) = host.volumes.get(&(v.pool.clone(), v.name.clone())) {
                 if o.owned {
-                    targets.push(DeleteTarget::volume(node, &v.pool, &v.name, Some(v.retain)));
+                    found.targets.push(DeleteTarget::volume(
+                        node,
+                        &v.pool,
+                        &v.name,
+                        Some(v.retain),
+                    ));
                 } else {
                     let object = ObjectRef::new(ObjectKind::Volume, &v.name, &v.display);
-                    b.notice(NoticeKind::Conflict, &object, node, format!("Volume {} from {} names volume {} in pool {}, which virtkube did not create: virtkube leaves it alone", v.display, v.origin, v.name, v.pool), vec![]);
+                    found.b.notice(NoticeKind::Conflict, &object, node, format!("Volume {} from {} names volume {} in pool {}, which virtkube did not create: virtkube leaves it alone", v.display, v.origin, v.name, v.pool), vec![]);
                 }
             }
         }
         for p in &desired.pools {
             if let Some(o) = host.pools.get(&p.name) {
-                if o.owner.as_ref().is_some_and(|m| m.same_resource(&p.owner)) {
-                    targets.push(DeleteTarget::pool(node, &p.name, o.owner.clone()));
-                } else {
-                    let object = ObjectRef::new(ObjectKind::StoragePool, &p.name, &p.name);
-                    b.notice(
-                        NoticeKind::Conflict,
-                        &object,
-                        node,
-                        clash_message(
-                            &object.to_string(),
-                            &p.origin,
-                            "storage pool",
-                            node,
-                            &o.owner,
-                        ),
-                        vec![],
-                    );
-                }
+                let object = ObjectRef::new(ObjectKind::StoragePool, &p.name, &p.name);
+                found.marked(object, &p.origin, "storage pool", &p.owner, &o.owner);
             }
         }
     }
     plan_deletions(&mut b, targets, observed, "deleted by `virtkube delete`");
     b.finish()
+}
+
+/// What `virtkube delete` found on one node: owned objects to delete, clashes to report.
+struct Deletions<'a> {
+    b: &'a mut Builder,
+    targets: &'a mut Vec<DeleteTarget>,
+    node: &'a str,
+}
+
+impl Deletions<'_> {
+    /// A domain, network or pool the manifests name: deleted when its mark is `wanted`'s
+    /// resource, otherwise reported as a clash and left alone.
+    fn marked(
+        &mut self,
+        object: ObjectRef,
+        origin: &str,
+        what: &str,
+        wanted: &OwnerMark,
+        found: &Option<OwnerMark>,
+    ) {
+        if found.as_ref().is_some_and(|m| m.same_resource(wanted)) {
+            self.targets.push(DeleteTarget::marked(
+                object.kind,
+                self.node,
+                &object.name,
+                found.clone(),
+            ));
+        } else {
+            let message = clash_message(&object.to_string(), origin, what, self.node, found);
+            self.b
+                .notice(NoticeKind::Conflict, &object, self.node, message, vec![]);
+        }
+    }
 }
 
 /// An owned object to delete.
@@ -1213,35 +1220,25 @@ struct DeleteTarget {
 }
 
 impl DeleteTarget {
-    fn domain(node: &str, name: &str, owner: Option<OwnerMark>) -> Self {
+    /// A domain, network or pool: objects that carry virtkube's mark.
+    fn marked(kind: ObjectKind, node: &str, name: &str, owner: Option<OwnerMark>) -> Self {
         Self {
-            kind: ObjectKind::Domain,
+            kind,
             node: node.into(),
             name: name.into(),
             pool: String::new(),
             owner,
             retain: None,
         }
+    }
+    fn domain(node: &str, name: &str, owner: Option<OwnerMark>) -> Self {
+        Self::marked(ObjectKind::Domain, node, name, owner)
     }
     fn network(node: &str, name: &str, owner: Option<OwnerMark>) -> Self {
-        Self {
-            kind: ObjectKind::Network,
-            node: node.into(),
-            name: name.into(),
-            pool: String::new(),
-            owner,
-            retain: None,
-        }
+        Self::marked(ObjectKind::Network, node, name, owner)
     }
     fn pool(node: &str, name: &str, owner: Option<OwnerMark>) -> Self {
-        Self {
-            kind: ObjectKind::StoragePool,
-            node: node.into(),
-            name: name.into(),
-            pool: String::new(),
-            owner,
-            retain: None,
-        }
+        Self::marked(ObjectKind::StoragePool, node, name, owner)
     }
     fn volume(node: &str, pool: &str, name: &str, retain: Option<bool>) -> Self {
         Self {
