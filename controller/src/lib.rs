@@ -5,6 +5,7 @@
 //!   single actions through the engine.
 //! - [`execute`]: runs a plan: independent actions in parallel (bounded), dependents in
 //!   order; a failure stops only what depends on it.
+//! - [`placement`]: the placement protocol (who may run a domain, how it moves), pure.
 //! - [`agent`]: `virtkube agent`, the per-node Kubernetes operator process.
 //! - [`cli`]: the `virtkube` subcommands.
 
@@ -12,4 +13,5 @@ pub mod agent;
 pub mod cli;
 pub mod execute;
 pub mod host;
+pub mod placement;
 pub mod plan;

@@ -73,6 +73,19 @@ pub struct DomainSpec {
     #[schemars(length(min = 1, max = 253), pattern(crate::names::OBJECT_NAME_PATTERN))]
     pub node_name: Option<String>,
 
+    /// Labels a node's `HypervisorNode` must carry for the controller to place this domain
+    /// there (as a Pod's `nodeSelector`). Ignored when `nodeName` is set.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 64))]
+    pub node_selector: std::collections::BTreeMap<String, String>,
+
+    /// Taints of nodes (the Kubernetes Node's `NoSchedule` and `NoExecute` taints) this
+    /// domain may be placed on anyway, as a Pod's tolerations. The drain taint
+    /// `virtkube.io/drain` cannot be tolerated.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub tolerations: Vec<Toleration>,
+
     /// What virtkube does about the domain's power: `Always` keeps it running (restarts it
     /// after a shutdown or a crash); `RerunOnFailure` restarts it after a crash only;
     /// `Manual` sets the power state at creation and when `state` changes, and otherwise
@@ -139,6 +152,49 @@ impl DomainSpec {
             (None, _) => PowerState::Running,
         }
     }
+}
+
+/// A toleration of node taints, as a Pod's.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Toleration {
+    /// The taint key this toleration matches; empty with operator `Exists` matches every
+    /// taint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 317))]
+    pub key: Option<String>,
+    /// `Equal` (the default: key and value must match) or `Exists` (any value).
+    #[serde(default)]
+    pub operator: TolerationOperator,
+    /// The taint value to match with operator `Equal`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 63))]
+    pub value: Option<String>,
+    /// The taint effect to match (`NoSchedule`, `PreferNoSchedule`, `NoExecute`); empty
+    /// matches every effect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub effect: Option<TaintEffect>,
+}
+
+/// How a toleration compares a taint's value.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum TolerationOperator {
+    /// Key and value must match.
+    #[default]
+    Equal,
+    /// The key must match; any value.
+    Exists,
+}
+
+/// A taint's effect, as on a Kubernetes Node.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum TaintEffect {
+    /// New domains are not placed on the node.
+    NoSchedule,
+    /// The scheduler avoids the node when another fits.
+    PreferNoSchedule,
+    /// New domains are not placed on the node (virtkube does not evict for it; drains do).
+    NoExecute,
 }
 
 /// What virtkube does about a domain's power over time (KubeVirt's `runStrategy`).
@@ -559,7 +615,10 @@ pub struct DomainStatus {
     /// `migrated`, …), as `virsh domstate --reason` prints it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_reason: Option<String>,
-    /// The node the domain actually is on.
+    /// The node holding the domain: the only node allowed to define, start or resume it
+    /// (the placement claim; `spec.nodeName` is only a request). Written by the controller
+    /// when it binds the domain and by the agents when a move completes, always with a
+    /// resourceVersion precondition.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_name: Option<String>,
     /// The libvirt domain name on that node (`<namespace>.<name>`).
@@ -657,11 +716,14 @@ pub struct InterfaceStatus {
     pub mac_address: String,
 }
 
-/// The record of a live migration.
+/// The record of a move between nodes: a live migration of a running domain, or the
+/// handover of a stopped one.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MigrationStatus {
-    /// `Pending`, `Running`, `Succeeded`, `Failed` or `Cancelled`.
+    /// `Pending` (approved by the controller), `Running`, `Succeeded`, `Failed` or
+    /// `Aborted`. With `sourceNode` and `targetNode` it is part of the placement claim,
+    /// written only with a resourceVersion precondition.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<MigrationState>,
     /// The node the domain left.
@@ -685,10 +747,59 @@ pub struct MigrationStatus {
     /// Why it failed, in libvirt's words.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// `Live` (libvirt migrates the running guest) or `Cold` (a stopped domain is
+    /// undefined on the source and defined on the target).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<MigrationMode>,
+    /// Why the move was approved: `Requested` (spec.nodeName changed) or `Drain` (its node
+    /// is drained).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub reason: Option<String>,
+    /// Progress of a running live migration, updated every few seconds at most.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<MigrationProgress>,
 }
 
-/// A live migration's state.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+/// How a domain moves.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub enum MigrationMode {
+    /// libvirt migrates the running guest (peer to peer).
+    Live,
+    /// The stopped domain is undefined on the source, then defined on the target.
+    Cold,
+}
+
+/// A live migration's progress as libvirt's job statistics report it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationProgress {
+    /// Bytes to move in all (memory and, with copy-storage, disks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_bytes: Option<u64>,
+    /// Bytes moved so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub processed_bytes: Option<u64>,
+    /// Bytes left.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remaining_bytes: Option<u64>,
+    /// Percent done (0-100), from processed and total.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 100))]
+    pub percent: Option<u32>,
+    /// Memory transfer rate, bytes per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_per_second: Option<u64>,
+    /// Memory copy iteration (libvirt's `memory_iteration`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iteration: Option<u64>,
+    /// When these figures were read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update_time: Option<Time>,
+}
+
+/// A move's state.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
 pub enum MigrationState {
     /// Requested, not started.
     Pending,
@@ -698,8 +809,10 @@ pub enum MigrationState {
     Succeeded,
     /// The domain stayed on the source; `message` says why.
     Failed,
-    /// Cancelled; the domain stayed on the source.
-    Cancelled,
+    /// Ended before reaching the target because nobody wants it any more (the request
+    /// changed, the domain is deleted, a time limit passed, or the source node was fenced);
+    /// the domain stayed on the source.
+    Aborted,
 }
 
 impl Validate for DomainSpec {

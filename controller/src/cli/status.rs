@@ -668,6 +668,8 @@ fn default_pool_spec() -> virtkube_crds::StoragePoolSpec {
 fn fallback_domain_spec() -> DomainSpec {
     DomainSpec {
         node_name: None,
+        node_selector: Default::default(),
+        tolerations: Vec::new(),
         run_strategy: Default::default(),
         state: None,
         autostart: false,
