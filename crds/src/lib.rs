@@ -19,6 +19,7 @@
 // clippy mistakes for a duplicated attribute.
 #![allow(clippy::duplicated_attributes)]
 
+pub mod cel_cost;
 pub mod conditions;
 pub mod cpuset;
 pub mod crd;
