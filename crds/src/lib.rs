@@ -23,6 +23,7 @@ pub mod cel_cost;
 pub mod conditions;
 pub mod cpuset;
 pub mod crd;
+pub mod descriptions;
 pub mod domain;
 pub mod hypervisor_node;
 pub mod manifest;

@@ -147,6 +147,25 @@ impl Decl {
         }
     }
 
+    /// What `max_elements` counts, in a message.
+    pub fn unit(&self) -> &'static str {
+        match self.kind {
+            Kind::List => "items",
+            Kind::Map => "entries",
+            _ => "bytes",
+        }
+    }
+
+    /// The schema keyword that bounds this node, in a message.
+    pub fn limit_keyword(&self) -> &'static str {
+        match self.kind {
+            Kind::List => "maxItems",
+            Kind::Map => "maxProperties",
+            Kind::Dyn => "a pattern and maxLength, or no rule on it",
+            _ => "maxLength",
+        }
+    }
+
     fn leaf(kind: Kind, max_elements: u64, bounded: bool, min_size: u64, path: &str) -> Decl {
         Decl {
             kind,

@@ -12,6 +12,7 @@ use cel::common::ast::{
 };
 
 use super::decl::{Decl, Kind};
+use super::thousands;
 
 /// cel-go's `common.StringTraversalCostFactor`: a string comparison or copy costs 0.1 per byte.
 const STRING_TRAVERSAL: f64 = 0.1;
@@ -179,10 +180,12 @@ impl Size {
             max: decl.max_elements,
             unbounded: (!decl.bounded).then(|| {
                 format!(
-                    "`{}`, {} (priced at {} elements)",
+                    "`{}`, {} (priced at {} {}): give it {}",
                     decl.path,
                     decl.unbounded_what(),
-                    decl.max_elements
+                    thousands(decl.max_elements),
+                    decl.unit(),
+                    decl.limit_keyword()
                 )
             }),
         }
@@ -245,7 +248,9 @@ impl Node {
         if self.ty.is_scalar() {
             return Size::exact(1);
         }
-        Size::unknown("a computed value of unknown size")
+        Size::unknown(
+            "a computed value of unknown size (priced as 2^64 - 1): compare schema fields or literals instead",
+        )
     }
 }
 
@@ -569,9 +574,7 @@ impl Coster {
     /// Records that the cost depends on a size the schema does not bound.
     fn charge(&mut self, size: &Size, verb: &str) {
         if let Some(why) = &size.unbounded {
-            self.findings.push(format!(
-                "{verb} {why}: give it a maxLength, maxItems or maxProperties"
-            ));
+            self.findings.push(format!("{verb} {why}"));
         }
     }
 

@@ -202,7 +202,7 @@ impl SchemaCost {
             };
             let _ = writeln!(
                 out,
-                "  {cost:>27} × {:>6} = {:>27}  {}[{}]  {}",
+                "  {cost:>12} × {:>5} = {:>12}  {}[{}]  {}",
                 thousands(rule.cardinality.runs()),
                 thousands(rule.total()),
                 rule.location,
