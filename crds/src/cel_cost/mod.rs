@@ -27,6 +27,15 @@ use decl::Decl;
 use estimate::estimate;
 pub use estimate::{Estimate, EstimateError};
 
+/// Prices `rule` as if it were attached to the schema node `node` (not a resource root): the
+/// cost of one evaluation, as the API server's `Compile` reports it in `MaxCost`.
+pub fn estimate_rule(rule: &str, node: &Value) -> Result<Estimate, EstimateError> {
+    let decl = Decl::of(node, "", false).ok_or_else(|| {
+        EstimateError::Unsupported("a rule on a schema node CEL cannot see (no type)".into())
+    })?;
+    estimate(rule, decl)
+}
+
 /// virtkube's own ceiling for its rules: each rule within the API server's run-time limit for
 /// one evaluation, and all rules of a kind within its run-time budget for one object, so that
 /// no validation can ever be cut off at run time. Both are a tenth of the limits the API
