@@ -1,9 +1,18 @@
 //! The CustomResourceDefinitions, as installed into a cluster and committed under
 //! `charts/virtkube/crds/`.
+//!
+//! kube's derive builds each CRD from the Rust types; [`all`] then finishes every schema the
+//! same way: descriptions read as prose in `kubectl explain` ([`descriptions::as_prose`]), and
+//! every string enum gets the `maxLength` its longest value implies, because the API server's
+//! CEL cost estimator ignores `enum` and prices an unbounded string at the 3 MiB request size
+//! (`crate::cel_cost`).
 
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+    CustomResourceDefinition, JSONSchemaProps, JSONSchemaPropsOrArray, JSONSchemaPropsOrBool,
+};
 use kube::CustomResourceExt;
 
+use crate::descriptions;
 use crate::{Domain, HypervisorNode, Network, StoragePool, Volume};
 
 /// Every virtkube CRD, in a stable order.
@@ -15,6 +24,9 @@ pub fn all() -> Vec<CustomResourceDefinition> {
         StoragePool::crd(),
         HypervisorNode::crd(),
     ]
+    .into_iter()
+    .map(finish)
+    .collect()
 }
 
 /// The file name a CRD is committed under in `charts/virtkube/crds/`.
@@ -38,4 +50,72 @@ pub fn all_yaml() -> Result<String, serde_saphyr::SerializeError> {
         out.push_str(&to_yaml(&crd)?);
     }
     Ok(out)
+}
+
+fn finish(mut crd: CustomResourceDefinition) -> CustomResourceDefinition {
+    for version in &mut crd.spec.versions {
+        if let Some(schema) = version
+            .schema
+            .as_mut()
+            .and_then(|s| s.open_api_v3_schema.as_mut())
+        {
+            for_each_node(schema, &mut |node| {
+                if let Some(description) = node.description.as_mut() {
+                    *description = descriptions::as_prose(description);
+                }
+                bound_string_enum(node);
+            });
+        }
+        for column in version.additional_printer_columns.iter_mut().flatten() {
+            if let Some(description) = column.description.as_mut() {
+                *description = descriptions::as_prose(description);
+            }
+        }
+    }
+    crd
+}
+
+/// Gives a string enum without `maxLength` the length of its longest value.
+fn bound_string_enum(node: &mut JSONSchemaProps) {
+    if node.type_.as_deref() != Some("string") || node.max_length.is_some() {
+        return;
+    }
+    let Some(values) = &node.enum_ else { return };
+    let lengths: Option<Vec<usize>> = values
+        .iter()
+        .map(|v| v.0.as_str().map(|s| s.chars().count()))
+        .collect();
+    if let Some(longest) = lengths.and_then(|l| l.into_iter().max()) {
+        node.max_length = Some(longest as i64);
+    }
+}
+
+/// Calls `visit` on `node` and every schema below it.
+fn for_each_node(node: &mut JSONSchemaProps, visit: &mut impl FnMut(&mut JSONSchemaProps)) {
+    visit(node);
+    for child in node.properties.iter_mut().flat_map(|p| p.values_mut()) {
+        for_each_node(child, visit);
+    }
+    match &mut node.items {
+        Some(JSONSchemaPropsOrArray::Schema(items)) => for_each_node(items, visit),
+        Some(JSONSchemaPropsOrArray::Schemas(items)) => {
+            for item in items {
+                for_each_node(item, visit);
+            }
+        }
+        None => {}
+    }
+    if let Some(JSONSchemaPropsOrBool::Schema(values)) = &mut node.additional_properties {
+        for_each_node(values, visit);
+    }
+    for branch in [&mut node.all_of, &mut node.any_of, &mut node.one_of]
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        for_each_node(branch, visit);
+    }
+    if let Some(not) = &mut node.not {
+        for_each_node(not, visit);
+    }
 }

@@ -19,9 +19,11 @@
 // clippy mistakes for a duplicated attribute.
 #![allow(clippy::duplicated_attributes)]
 
+pub mod cel_cost;
 pub mod conditions;
 pub mod cpuset;
 pub mod crd;
+pub mod descriptions;
 pub mod domain;
 pub mod hypervisor_node;
 pub mod manifest;

@@ -77,8 +77,12 @@ impl SchemaValidator {
                 return;
             }
         }
+        let outside_enum = schema
+            .get("enum")
+            .and_then(Value::as_array)
+            .is_some_and(|allowed| !allowed.contains(value));
         if let Some(allowed) = schema.get("enum").and_then(Value::as_array)
-            && !allowed.contains(value)
+            && outside_enum
         {
             let names: Vec<String> = allowed
                 .iter()
@@ -100,8 +104,11 @@ impl SchemaValidator {
             {
                 fail(format!("must be at least {min} characters long"));
             }
+            // A string enum's maxLength is its longest value (crate::crd): the enum message
+            // already says what fits.
             if let Some(max) = schema.get("maxLength").and_then(Value::as_u64)
                 && chars > max
+                && !outside_enum
             {
                 fail(format!("must be at most {max} characters long"));
             }
@@ -304,12 +311,12 @@ mod tests {
                 "properties": {
                     "size": {"x-kubernetes-int-or-string": true, "pattern": "^[0-9]+Gi$"},
                     "count": {"type": "integer", "minimum": 1, "maximum": 4},
-                    "mode": {"type": "string", "enum": ["nat", "bridge"]},
+                    "mode": {"type": "string", "enum": ["nat", "bridge"], "maxLength": 6},
                     "items": {"type": "array", "maxItems": 1, "items": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 3}}}}
                 }
             }}
         });
-        let value = json!({"spec": {"size": "lots", "count": 9, "mode": "nta", "items": [{"name": "long"}, {"nmae": "x"}], "extra": true}});
+        let value = json!({"spec": {"size": "lots", "count": 9, "mode": "natural", "items": [{"name": "long"}, {"nmae": "x"}], "extra": true}});
         let errors = SchemaValidator::new().validate(&schema, &value);
         let text: Vec<String> = errors
             .iter()
@@ -319,7 +326,7 @@ mod tests {
         for expected in [
             "spec.size: `lots` does not match",
             "spec.count: must be at most 4",
-            "spec.mode: unsupported value \"nta\": must be one of nat, bridge",
+            "spec.mode: unsupported value \"natural\": must be one of nat, bridge",
             "spec.items: must have at most 1 items",
             "spec.items[0].name: must be at most 3 characters long",
             "spec.items[1].nmae: unknown field `nmae` (did you mean `name`?)",
@@ -330,6 +337,10 @@ mod tests {
                 "missing `{expected}` in:\n{joined}"
             );
         }
+        assert!(
+            !joined.contains("spec.mode: must be at most"),
+            "one message for a value outside the enum:\n{joined}"
+        );
         let missing = SchemaValidator::new().validate(&schema, &json!({"spec": {"count": "two"}}));
         assert!(
             missing

@@ -57,9 +57,11 @@ pub struct VolumeSpec {
     /// Where the initial data comes from; unset means an empty volume. Immutable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     // The exactly-one rule lives here rather than on VolumeSource: a field's extension replaces
-    // its type's list of rules instead of adding to it.
+    // its type's list of rules instead of adding to it. It is a conditional, not
+    // `has(self.volume) != has(self.backingVolume)`: Kubernetes 1.24's cost estimator prices
+    // `==`/`!=` between has() results as unbounded and refuses the whole CRD.
     #[schemars(extend("x-kubernetes-validations" = [
-        {"rule": "has(self.volume) != has(self.backingVolume)", "message": "set exactly one of volume (a full clone) and backingVolume (copy-on-write)"},
+        {"rule": "has(self.volume) ? !has(self.backingVolume) : has(self.backingVolume)", "message": "set exactly one of volume (a full clone) and backingVolume (copy-on-write)"},
         {"rule": "self == oldSelf", "message": "source is immutable"}
     ]))]
     pub source: Option<VolumeSource>,

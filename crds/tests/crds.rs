@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use kube::core::cel::Validator;
 use serde_json::{Value, json};
-use virtkube_crds::{crd, schema_check};
+use virtkube_crds::{crd, descriptions, schema_check};
 
 fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -303,6 +303,50 @@ fn every_field_is_described() {
             "{kind} fields without a description: {missing:?}"
         );
     }
+}
+
+/// `kubectl explain` prints a description's line breaks as they are: a break kept from a doc
+/// comment cuts a sentence in the middle. Paragraphs and list items may break; nothing else.
+#[test]
+fn descriptions_read_as_prose() {
+    fn walk(node: &Value, path: &str, broken: &mut Vec<String>) {
+        match node {
+            Value::Object(map) => {
+                for (key, value) in map {
+                    let child = format!("{path}.{key}");
+                    if let (true, Some(text)) = (key == "description", value.as_str())
+                        && let Some(line) = descriptions::broken_line(text)
+                    {
+                        broken.push(format!("{child}: a line break before `{line}`"));
+                    }
+                    walk(value, &child, broken);
+                }
+            }
+            Value::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    walk(item, &format!("{path}[{i}]"), broken);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut broken = Vec::new();
+    let mut paragraphs = 0;
+    for crd in crd::all() {
+        let name = crd.metadata.name.clone().unwrap();
+        let json = serde_json::to_value(&crd).unwrap();
+        walk(&json, &name, &mut broken);
+        paragraphs += serde_json::to_string(&json)
+            .unwrap()
+            .matches("\\n\\n")
+            .count();
+    }
+    assert!(
+        broken.is_empty(),
+        "descriptions broken inside a paragraph:\n{}",
+        broken.join("\n")
+    );
+    assert!(paragraphs > 0, "paragraph breaks must survive");
 }
 
 /// The committed chart CRDs are exactly what the code generates. Regenerate with
