@@ -529,7 +529,13 @@ fn finish_update(
         }
     }
     admit(store, req, &mut new, Some(old))?;
-    if req.rt.tracks_generation() && generation_relevant(&new) != generation_relevant(old) {
+    // The status strategy never bumps the generation; the main one does when anything
+    // outside metadata changed (status is already the old one there when it has its own
+    // endpoint).
+    if req.rt.tracks_generation()
+        && req.scope() != Scope::Status
+        && generation_relevant(&new) != generation_relevant(old)
+    {
         let generation = old
             .pointer("/metadata/generation")
             .and_then(Value::as_i64)
@@ -631,21 +637,7 @@ pub fn patch(
         return Err(ApiError::not_found(req.rt, name));
     };
     let patched = match patch_type {
-        PatchType::Json => {
-            let ops: json_patch::Patch =
-                serde_json::from_slice(body).map_err(|e| ApiError::bad_request(e.to_string()))?;
-            let mut doc = current.clone();
-            json_patch::patch(&mut doc, &ops.0).map_err(|e| {
-                let message = match e.kind {
-                    json_patch::PatchErrorKind::TestFailed => {
-                        format!("testing value {} failed: test failed", e.path)
-                    }
-                    _ => e.to_string(),
-                };
-                ApiError::unprocessable(message)
-            })?;
-            doc
-        }
+        PatchType::Json => json_patch_of(&current, body)?,
         // Strategic merge patch on a built-in kind: treated as a merge patch (see README).
         _ => {
             let patch: Value =
@@ -673,6 +665,49 @@ pub fn patch(
     Ok((200, object))
 }
 
+/// Applies an RFC 6902 patch with evanphx/json-patch's semantics (what the API server
+/// runs): all or nothing, and a `test` of `null` passes on an absent member, which kube's
+/// finalizer helper relies on ("test /metadata/finalizers null, then add").
+fn json_patch_of(current: &Value, body: &[u8]) -> Result<Value, ApiError> {
+    let ops: json_patch::Patch =
+        serde_json::from_slice(body).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let mut doc = current.clone();
+    for op in &ops.0 {
+        if let json_patch::PatchOperation::Test(test) = op
+            && test.value.is_null()
+            && doc.pointer(test.path.as_str()).is_none()
+        {
+            continue;
+        }
+        json_patch::patch(&mut doc, std::slice::from_ref(op)).map_err(|e| {
+            let message = match e.kind {
+                json_patch::PatchErrorKind::TestFailed => {
+                    format!("testing value {} failed: test failed", op.path())
+                }
+                _ => format!(
+                    "{} operation does not apply: {}: {}",
+                    op_name(op),
+                    op.path(),
+                    e.kind
+                ),
+            };
+            ApiError::unprocessable(message)
+        })?;
+    }
+    Ok(doc)
+}
+
+fn op_name(op: &json_patch::PatchOperation) -> &'static str {
+    match op {
+        json_patch::PatchOperation::Add(_) => "add",
+        json_patch::PatchOperation::Remove(_) => "remove",
+        json_patch::PatchOperation::Replace(_) => "replace",
+        json_patch::PatchOperation::Move(_) => "move",
+        json_patch::PatchOperation::Copy(_) => "copy",
+        json_patch::PatchOperation::Test(_) => "test",
+    }
+}
+
 fn apply(
     store: &mut Store,
     req: &WriteRequest,
@@ -697,10 +732,40 @@ fn apply(
         }
     }
     check_type(req, &config)?;
-    if meta_str(&config, "name") != Some(key.name.as_str()) {
-        return Err(ApiError::bad_request(
-            "the name of the object does not match the name on the URL",
-        ));
+    let named = meta_str(&config, "name");
+    if named.is_some_and(|n| n != key.name) || (named.is_none() && current.is_none()) {
+        return Err(ApiError::bad_request(format!(
+            "the name of the object ({}) does not match the name on the URL ({})",
+            named.unwrap_or_default(),
+            key.name
+        )));
+    }
+    // Server-side apply types the configuration against the schema: an undeclared field
+    // or a duplicate key fails the whole request (500, `structuredmerge.go`).
+    let typed_error = |what: String| {
+        ApiError::with_code(
+            500,
+            &format!(
+                "failed to create typed patch object ({}/{}; {}, Kind={}): {what}",
+                key.namespace,
+                key.name,
+                req.rt.api_version(),
+                req.rt.kind
+            ),
+        )
+    };
+    if let Some(schema) = req.rt.schema.as_ref() {
+        let mut copy = config.clone();
+        if let Some(field) = schema::prune(schema, &mut copy).into_iter().next() {
+            return Err(typed_error(format!(
+                ".{field}: field not declared in schema"
+            )));
+        }
+    }
+    if let Err(e) =
+        crate::fieldset::leaves(&config, crate::fieldset::Node(Some(&owned_root(req.rt))))
+    {
+        return Err(typed_error(e));
     }
     let pre = Preconditions {
         resource_version: meta_str(&config, "resourceVersion").map(str::to_string),
