@@ -288,10 +288,10 @@ fn ready(obj: &Option<Value>) -> bool {
 
 #[tokio::test]
 async fn whole_lifecycle_through_watches_finalizers_spec_changes_and_deletes() {
-    use agent_support::mini_api::MiniApi;
-    let api = MiniApi::start().await;
+    let api = virtkube_testapi::TestApi::start().await.unwrap();
+    api.create_namespace("life").unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let config = kubeconfig(dir.path(), api.addr);
+    let config = kubeconfig(dir.path(), api.addr());
     let log = dir.path().join("agent.log");
     let mut child = agent_support::fake_api::agent_with(
         &config,
@@ -313,22 +313,25 @@ async fn whole_lifecycle_through_watches_finalizers_spec_changes_and_deletes() {
                  "cpu": {"vcpus": 2, "pinning": [{"vcpu": 0, "cpuset": "0"}]},
                  "disks": [{"name": "root", "volume": "root"}],
                  "interfaces": [{"name": "eth0", "network": "lifenet"}]}}),
-    );
+    )
+    .unwrap();
     api.create("volumes", json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "Volume",
         "metadata": {"name": "root", "namespace": "life"},
-        "spec": {"pool": "lifepool", "capacity": "1Gi", "nodeName": "proc-node", "reclaimPolicy": "Delete"}}));
+        "spec": {"pool": "lifepool", "capacity": "1Gi", "nodeName": "proc-node", "reclaimPolicy": "Delete"}})).unwrap();
     api.create(
         "networks",
         json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "Network",
         "metadata": {"name": "lifenet"},
         "spec": {"mode": "isolated", "ip": {"address": "10.154.0.1", "prefix": 24}}}),
-    );
+    )
+    .unwrap();
     api.create(
         "storagepools",
         json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "StoragePool",
         "metadata": {"name": "lifepool"},
         "spec": {"type": "dir", "target": {"path": "/var/lib/virtkube/pools/lifepool"}}}),
-    );
+    )
+    .unwrap();
 
     eventually(60, "everything Ready", || {
         ready(&api.get("domains", "life", "vm"))
@@ -353,7 +356,8 @@ async fn whole_lifecycle_through_watches_finalizers_spec_changes_and_deletes() {
     // Spec changes, each seen through the watch: pinning, then pause.
     api.edit_spec("domains", "life", "vm", |spec| {
         spec["cpu"]["pinning"] = json!([{"vcpu": 0, "cpuset": "1"}, {"vcpu": 1, "cpuset": "0"}]);
-    });
+    })
+    .unwrap();
     eventually(30, "the new pinning in status", || {
         let vm = api.get("domains", "life", "vm");
         ready(&vm)
@@ -366,7 +370,8 @@ async fn whole_lifecycle_through_watches_finalizers_spec_changes_and_deletes() {
     // Removing vCPU 1's pin lets it float again over the host's online CPUs.
     api.edit_spec("domains", "life", "vm", |spec| {
         spec["cpu"]["pinning"] = json!([{"vcpu": 0, "cpuset": "1"}]);
-    });
+    })
+    .unwrap();
     eventually(30, "vCPU 1 floating again", || {
         let vm = api.get("domains", "life", "vm");
         ready(&vm)
@@ -382,17 +387,14 @@ async fn whole_lifecycle_through_watches_finalizers_spec_changes_and_deletes() {
     .await;
     api.edit_spec("domains", "life", "vm", |spec| {
         spec["state"] = json!("Paused")
-    });
+    })
+    .unwrap();
     eventually(30, "Paused", || {
         let vm = api.get("domains", "life", "vm");
         ready(&vm) && vm.is_some_and(|v| v["status"]["phase"] == "Paused")
     })
     .await;
-    let reasons: Vec<String> = api
-        .store
-        .lock()
-        .unwrap()
-        .events
+    let reasons: Vec<String> = agent_support::events(&api)
         .iter()
         .filter(|e| e.0 == "vm")
         .map(|e| e.1.clone())
@@ -405,35 +407,23 @@ async fn whole_lifecycle_through_watches_finalizers_spec_changes_and_deletes() {
     }
 
     // Quiet in steady state: no change to any object for a while.
-    let rv = api.store.lock().unwrap().rv;
+    let rv = api.resource_version();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let changes: Vec<String> = api
-        .store
-        .lock()
-        .unwrap()
-        .log
-        .iter()
-        .filter(|(r, p, _, _)| *r > rv && p != "hypervisornodes")
-        .map(|(_, p, t, o)| format!("{t} {p}/{}", o["metadata"]["name"]))
-        .collect();
+    let changes = agent_support::writes_since(&api, rv);
     assert!(changes.is_empty(), "writes in steady state: {changes:?}");
 
     // Deleting everything: finalizers run, objects go away.
-    api.delete("domains", "life", "vm");
-    api.delete("volumes", "life", "root");
-    api.delete("networks", "", "lifenet");
-    api.delete("storagepools", "", "lifepool");
+    api.delete("domains", "life", "vm").unwrap();
+    api.delete("volumes", "life", "root").unwrap();
+    api.delete("networks", "", "lifenet").unwrap();
+    api.delete("storagepools", "", "lifepool").unwrap();
     eventually(60, "every object gone", || {
         ["domains", "volumes", "networks", "storagepools"]
             .iter()
             .all(|p| api.count(p) == 0)
     })
     .await;
-    let deleted: Vec<String> = api
-        .store
-        .lock()
-        .unwrap()
-        .events
+    let deleted: Vec<String> = agent_support::events(&api)
         .iter()
         .filter(|e| e.1 == "Deleted" || e.1 == "VolumeDeleted")
         .map(|e| e.0.clone())
@@ -505,12 +495,12 @@ fn proc_status(pid: u32, key: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement: run with --release --ignored --nocapture"]
 async fn rss_of_the_agent_process_with_1000_domains() {
-    use agent_support::mini_api::MiniApi;
     let count: usize = std::env::var("VIRTKUBE_RSS_DOMAINS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1000);
-    let api = MiniApi::start().await;
+    let api = virtkube_testapi::TestApi::start().await.unwrap();
+    api.create_namespace("rss").unwrap();
     for i in 0..count {
         api.create(
             "domains",
@@ -519,10 +509,10 @@ async fn rss_of_the_agent_process_with_1000_domains() {
                    "spec": {"nodeName": "proc-node", "runStrategy": "Always", "autostart": i % 2 == 0,
                             "cpu": {"vcpus": 2, "pinning": [{"vcpu": 0, "cpuset": "1"}]},
                             "memory": {"size": "64Mi"}}}),
-        );
+        ).unwrap();
     }
     let dir = tempfile::tempdir().unwrap();
-    let config = kubeconfig(dir.path(), api.addr);
+    let config = kubeconfig(dir.path(), api.addr());
     let log = dir.path().join("agent.log");
     let child = agent_support::fake_api::agent_with(
         &config,
@@ -536,13 +526,9 @@ async fn rss_of_the_agent_process_with_1000_domains() {
     let mut child = child;
     let started = Instant::now();
     let all_ready = || {
-        api.store
-            .lock()
-            .unwrap()
-            .objects
-            .iter()
-            .filter(|(k, _)| k.0 == "domains")
-            .filter(|(_, o)| ready(&Some((*o).clone())))
+        api.list("domains")
+            .into_iter()
+            .filter(|o| ready(&Some(o.clone())))
             .count()
             == count
     };
