@@ -300,6 +300,12 @@ fn manager_of(info: &RequestInfo, user_agent: &str) -> String {
 fn serve(shared: Arc<Shared>, incoming: Parsed) -> Result<Served, ApiError> {
     let info = &incoming.info;
     let rt = resolve(&shared.registry, info)?.clone();
+    if info.query.contains_key("dryRun") {
+        // Refused rather than ignored: a dry run that wrote would be worse than none.
+        return Err(ApiError::bad_request(
+            "dryRun is not supported by virtkube-testapi",
+        ));
+    }
     let namespace = if rt.namespaced {
         info.namespace.clone()
     } else {
