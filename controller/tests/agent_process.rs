@@ -288,10 +288,10 @@ fn ready(obj: &Option<Value>) -> bool {
 
 #[tokio::test]
 async fn whole_lifecycle_through_watches_finalizers_spec_changes_and_deletes() {
-    use agent_support::mini_api::MiniApi;
-    let api = MiniApi::start().await;
+    let api = virtkube_testapi::TestApi::start().await.unwrap();
+    api.create_namespace("life").unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let config = kubeconfig(dir.path(), api.addr);
+    let config = kubeconfig(dir.path(), api.addr());
     let log = dir.path().join("agent.log");
     let mut child = agent_support::fake_api::agent_with(
         &config,
@@ -313,22 +313,25 @@ async fn whole_lifecycle_through_watches_finalizers_spec_changes_and_deletes() {
                  "cpu": {"vcpus": 2, "pinning": [{"vcpu": 0, "cpuset": "0"}]},
                  "disks": [{"name": "root", "volume": "root"}],
                  "interfaces": [{"name": "eth0", "network": "lifenet"}]}}),
-    );
+    )
+    .unwrap();
     api.create("volumes", json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "Volume",
         "metadata": {"name": "root", "namespace": "life"},
-        "spec": {"pool": "lifepool", "capacity": "1Gi", "nodeName": "proc-node", "reclaimPolicy": "Delete"}}));
+        "spec": {"pool": "lifepool", "capacity": "1Gi", "nodeName": "proc-node", "reclaimPolicy": "Delete"}})).unwrap();
     api.create(
         "networks",
         json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "Network",
         "metadata": {"name": "lifenet"},
         "spec": {"mode": "isolated", "ip": {"address": "10.154.0.1", "prefix": 24}}}),
-    );
+    )
+    .unwrap();
     api.create(
         "storagepools",
         json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "StoragePool",
         "metadata": {"name": "lifepool"},
         "spec": {"type": "dir", "target": {"path": "/var/lib/virtkube/pools/lifepool"}}}),
-    );
+    )
+    .unwrap();
 
     eventually(60, "everything Ready", || {
         ready(&api.get("domains", "life", "vm"))
@@ -353,7 +356,8 @@ async fn whole_lifecycle_through_watches_finalizers_spec_changes_and_deletes() {
     // Spec changes, each seen through the watch: pinning, then pause.
     api.edit_spec("domains", "life", "vm", |spec| {
         spec["cpu"]["pinning"] = json!([{"vcpu": 0, "cpuset": "1"}, {"vcpu": 1, "cpuset": "0"}]);
-    });
+    })
+    .unwrap();
     eventually(30, "the new pinning in status", || {
         let vm = api.get("domains", "life", "vm");
         ready(&vm)
@@ -366,7 +370,8 @@ async fn whole_lifecycle_through_watches_finalizers_spec_changes_and_deletes() {
     // Removing vCPU 1's pin lets it float again over the host's online CPUs.
     api.edit_spec("domains", "life", "vm", |spec| {
         spec["cpu"]["pinning"] = json!([{"vcpu": 0, "cpuset": "1"}]);
-    });
+    })
+    .unwrap();
     eventually(30, "vCPU 1 floating again", || {
         let vm = api.get("domains", "life", "vm");
         ready(&vm)
@@ -382,17 +387,14 @@ async fn whole_lifecycle_through_watches_finalizers_spec_changes_and_deletes() {
     .await;
     api.edit_spec("domains", "life", "vm", |spec| {
         spec["state"] = json!("Paused")
-    });
+    })
+    .unwrap();
     eventually(30, "Paused", || {
         let vm = api.get("domains", "life", "vm");
         ready(&vm) && vm.is_some_and(|v| v["status"]["phase"] == "Paused")
     })
     .await;
-    let reasons: Vec<String> = api
-        .store
-        .lock()
-        .unwrap()
-        .events
+    let reasons: Vec<String> = agent_support::events(&api)
         .iter()
         .filter(|e| e.0 == "vm")
         .map(|e| e.1.clone())
@@ -405,35 +407,23 @@ async fn whole_lifecycle_through_watches_finalizers_spec_changes_and_deletes() {
     }
 
     // Quiet in steady state: no change to any object for a while.
-    let rv = api.store.lock().unwrap().rv;
+    let rv = api.resource_version();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let changes: Vec<String> = api
-        .store
-        .lock()
-        .unwrap()
-        .log
-        .iter()
-        .filter(|(r, p, _, _)| *r > rv && p != "hypervisornodes")
-        .map(|(_, p, t, o)| format!("{t} {p}/{}", o["metadata"]["name"]))
-        .collect();
+    let changes = agent_support::writes_since(&api, rv);
     assert!(changes.is_empty(), "writes in steady state: {changes:?}");
 
     // Deleting everything: finalizers run, objects go away.
-    api.delete("domains", "life", "vm");
-    api.delete("volumes", "life", "root");
-    api.delete("networks", "", "lifenet");
-    api.delete("storagepools", "", "lifepool");
+    api.delete("domains", "life", "vm").unwrap();
+    api.delete("volumes", "life", "root").unwrap();
+    api.delete("networks", "", "lifenet").unwrap();
+    api.delete("storagepools", "", "lifepool").unwrap();
     eventually(60, "every object gone", || {
         ["domains", "volumes", "networks", "storagepools"]
             .iter()
             .all(|p| api.count(p) == 0)
     })
     .await;
-    let deleted: Vec<String> = api
-        .store
-        .lock()
-        .unwrap()
-        .events
+    let deleted: Vec<String> = agent_support::events(&api)
         .iter()
         .filter(|e| e.1 == "Deleted" || e.1 == "VolumeDeleted")
         .map(|e| e.0.clone())
@@ -505,12 +495,12 @@ fn proc_status(pid: u32, key: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement: run with --release --ignored --nocapture"]
 async fn rss_of_the_agent_process_with_1000_domains() {
-    use agent_support::mini_api::MiniApi;
     let count: usize = std::env::var("VIRTKUBE_RSS_DOMAINS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1000);
-    let api = MiniApi::start().await;
+    let api = virtkube_testapi::TestApi::start().await.unwrap();
+    api.create_namespace("rss").unwrap();
     for i in 0..count {
         api.create(
             "domains",
@@ -519,10 +509,10 @@ async fn rss_of_the_agent_process_with_1000_domains() {
                    "spec": {"nodeName": "proc-node", "runStrategy": "Always", "autostart": i % 2 == 0,
                             "cpu": {"vcpus": 2, "pinning": [{"vcpu": 0, "cpuset": "1"}]},
                             "memory": {"size": "64Mi"}}}),
-        );
+        ).unwrap();
     }
     let dir = tempfile::tempdir().unwrap();
-    let config = kubeconfig(dir.path(), api.addr);
+    let config = kubeconfig(dir.path(), api.addr());
     let log = dir.path().join("agent.log");
     let child = agent_support::fake_api::agent_with(
         &config,
@@ -536,13 +526,9 @@ async fn rss_of_the_agent_process_with_1000_domains() {
     let mut child = child;
     let started = Instant::now();
     let all_ready = || {
-        api.store
-            .lock()
-            .unwrap()
-            .objects
-            .iter()
-            .filter(|(k, _)| k.0 == "domains")
-            .filter(|(_, o)| ready(&Some((*o).clone())))
+        api.list("domains")
+            .into_iter()
+            .filter(|o| ready(&Some(o.clone())))
             .count()
             == count
     };
@@ -571,4 +557,168 @@ async fn rss_of_the_agent_process_with_1000_domains() {
     );
     sigterm(pid);
     let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+}
+
+#[tokio::test]
+async fn against_a_server_without_the_crds_the_agent_names_every_missing_one() {
+    let api = virtkube_testapi::TestApi::start_with(virtkube_testapi::Config {
+        with_crds: false,
+        ..virtkube_testapi::Config::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = kubeconfig(dir.path(), api.addr());
+    let child = agent(&config, free_port(), "test:///default");
+    let _kill_child = agent_support::fake_api::KillOnDrop(child.id());
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("missing: domains.virtkube.io, volumes.virtkube.io, networks.virtkube.io, storagepools.virtkube.io, hypervisornodes.virtkube.io"),
+        "{stderr}"
+    );
+}
+
+/// The chart's `templates/rbac.yaml` rendered for release `virtkube` in namespace
+/// `virtkube` (its only template expressions are the names and labels, replaced here as
+/// Helm would render them).
+fn chart_rbac() -> String {
+    let template = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../charts/virtkube/templates/rbac.yaml"
+    ))
+    .unwrap();
+    template
+        .lines()
+        .filter(|l| !l.contains("include \"virtkube.labels\""))
+        .map(|l| {
+            l.replace("{{ include \"virtkube.fullname\" . }}", "virtkube")
+                .replace(
+                    "{{ include \"virtkube.serviceAccountName\" . }}",
+                    "virtkube",
+                )
+                .replace("{{ .Release.Namespace }}", "virtkube")
+        })
+        .filter(|l| l.trim() != "labels:")
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[tokio::test]
+async fn with_exactly_the_charts_rbac_the_agent_converges_and_is_never_refused() {
+    let rbac = chart_rbac();
+    assert!(!rbac.contains("{{"), "unrendered template left:\n{rbac}");
+    let mut authorizer = virtkube_testapi::Authorizer::new(&[virtkube_testapi::ADMIN]);
+    let users = authorizer.load_yaml(&[rbac]).unwrap();
+    let agent_user = "system:serviceaccount:virtkube:virtkube";
+    assert_eq!(users, vec![agent_user.to_string()]);
+    let api = virtkube_testapi::TestApi::start_with(virtkube_testapi::Config {
+        authorizer: Some(authorizer),
+        ..virtkube_testapi::Config::default()
+    })
+    .await
+    .unwrap();
+    api.create_namespace("rbac").unwrap();
+    api.create(
+        "domains",
+        json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "Domain",
+               "metadata": {"name": "vm", "namespace": "rbac"},
+               "spec": {"nodeName": "proc-node", "memory": {"size": "64Mi"}}}),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&config, &[agent_user]).unwrap();
+    let log = dir.path().join("agent.log");
+    let mut child = agent_support::fake_api::agent_with(
+        &config,
+        free_port(),
+        "test:///default",
+        &["--shutdown-timeout-seconds", "1"],
+        Some(&log),
+    );
+    let _kill_child = agent_support::fake_api::KillOnDrop(child.id());
+    let logs = || std::fs::read_to_string(&log).unwrap_or_default();
+    if tokio::time::timeout(
+        Duration::from_secs(60),
+        eventually(60, "the domain Ready", || {
+            ready(&api.get("domains", "rbac", "vm"))
+        }),
+    )
+    .await
+    .is_err()
+    {
+        panic!("not Ready under the chart's RBAC:\n{}", logs());
+    }
+    api.delete("domains", "rbac", "vm").unwrap();
+    eventually(30, "the domain gone", || api.count("domains") == 0).await;
+    let refused: Vec<String> = api
+        .requests()
+        .iter()
+        .filter(|r| r.identity == agent_user)
+        .filter(|r| {
+            let sub = if r.subresource.is_empty() {
+                String::new()
+            } else {
+                format!("/{}", r.subresource)
+            };
+            !chart_allows(&r.verb, &r.group, &format!("{}{sub}", r.resource))
+        })
+        .map(|r| {
+            format!(
+                "{} {}/{}{}",
+                r.verb,
+                r.group,
+                r.resource,
+                if r.subresource.is_empty() {
+                    String::new()
+                } else {
+                    format!("/{}", r.subresource)
+                }
+            )
+        })
+        .collect();
+    let patched_status = api.requests().iter().any(|r| {
+        r.identity == agent_user
+            && r.verb == "patch"
+            && r.resource == "domains"
+            && r.subresource == "status"
+    });
+    assert!(
+        patched_status,
+        "the agent wrote the domain's status as its service account"
+    );
+    assert!(
+        refused.is_empty(),
+        "requests outside the chart's RBAC: {refused:?}\n{}",
+        logs()
+    );
+    sigterm(child.id());
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{}", logs());
+}
+
+/// Whether the chart's rules allow a request, judged by the server's own authorizer.
+fn chart_allows(verb: &str, group: &str, resource: &str) -> bool {
+    let mut authorizer = virtkube_testapi::Authorizer::new(&[]);
+    authorizer.load_yaml(&[chart_rbac()]).unwrap();
+    let (resource, sub) = resource.split_once('/').unwrap_or((resource, ""));
+    let info = virtkube_testapi::RequestInfo {
+        is_resource: !resource.is_empty(),
+        verb: verb.into(),
+        group: group.into(),
+        resource: resource.into(),
+        subresource: sub.into(),
+        namespace: "any".into(),
+        identity: "system:serviceaccount:virtkube:virtkube".into(),
+        ..Default::default()
+    };
+    authorizer.check(&info).is_none()
 }

@@ -538,11 +538,10 @@ async fn eventually(secs: u64, what: &str, mut check: impl FnMut() -> bool) {
 #[ignore = "needs private libvirtd: scripts/libvirt-nodes.sh up, then --run-ignored"]
 async fn e2e_scenarios_on_real_qemu_with_an_in_memory_api_server() {
     use agent_support::fake_api::{agent_with, free_port, kubeconfig, sigterm};
-    use agent_support::mini_api::MiniApi;
     let uri = node_a_uri();
-    let api = MiniApi::start().await;
+    let api = virtkube_testapi::TestApi::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let config = kubeconfig(dir.path(), api.addr);
+    let config = kubeconfig(dir.path(), api.addr());
     let log = dir.path().join("agent.log");
     let mut child = agent_with(
         &config,
@@ -575,8 +574,11 @@ async fn e2e_scenarios_on_real_qemu_with_an_in_memory_api_server() {
             .as_str()
             .unwrap_or_default()
             .to_string();
+        if !ns.is_empty() {
+            api.create_namespace(&ns).unwrap();
+        }
         names.push((plural.clone(), ns, name));
-        api.create(&plural, obj);
+        api.create(&plural, obj).unwrap();
     }
     let started = Instant::now();
     let all_ready = || names.iter().all(|(p, ns, n)| is_ready(&api.get(p, ns, n)));
@@ -606,7 +608,8 @@ async fn e2e_scenarios_on_real_qemu_with_an_in_memory_api_server() {
     // Pinning.
     api.edit_spec("domains", "agentex2", "web", |s| {
         s["cpu"]["pinning"] = json!([{"vcpu": 0, "cpuset": "1"}, {"vcpu": 1, "cpuset": "0"}]);
-    });
+    })
+    .unwrap();
     eventually(60, "pinning in status", || {
         is_ready(&Some(web()))
             && web()["status"]["vcpuAffinity"]
@@ -619,14 +622,16 @@ async fn e2e_scenarios_on_real_qemu_with_an_in_memory_api_server() {
     // Resume, then pause again.
     api.edit_spec("domains", "agentex2", "worker", |s| {
         s["state"] = json!("Running")
-    });
+    })
+    .unwrap();
     eventually(60, "worker running", || {
         virsh(&uri, &["domstate", "agentex2.worker"]) == "running"
     })
     .await;
     api.edit_spec("domains", "agentex2", "worker", |s| {
         s["state"] = json!("Paused")
-    });
+    })
+    .unwrap();
     eventually(60, "worker paused", || {
         virsh(&uri, &["domstate", "agentex2.worker"]) == "paused"
     })
@@ -634,7 +639,8 @@ async fn e2e_scenarios_on_real_qemu_with_an_in_memory_api_server() {
     // Autostart off.
     api.edit_spec("domains", "agentex2", "web", |s| {
         s["autostart"] = json!(false)
-    });
+    })
+    .unwrap();
     eventually(60, "autostart off", || {
         is_ready(&Some(web()))
             && web()["status"]["autostart"] == false
@@ -650,7 +656,7 @@ async fn e2e_scenarios_on_real_qemu_with_an_in_memory_api_server() {
     .await;
     println!("virsh destroy repaired in {:?}", destroyed.elapsed());
     let repaired = || {
-        api.store.lock().unwrap().events.iter().any(|e| {
+        agent_support::events(&api).iter().any(|e| {
             e.0 == "web"
                 && e.1 == "Started"
                 && e.2.starts_with("Repair")
@@ -667,10 +673,7 @@ async fn e2e_scenarios_on_real_qemu_with_an_in_memory_api_server() {
     {
         panic!(
             "no Repair event: {:#?}",
-            api.store
-                .lock()
-                .unwrap()
-                .events
+            agent_support::events(&api)
                 .iter()
                 .filter(|e| e.0 == "web")
                 .collect::<Vec<_>>()
@@ -679,7 +682,7 @@ async fn e2e_scenarios_on_real_qemu_with_an_in_memory_api_server() {
 
     // Delete everything, in any order; the finalizers order the work.
     for (p, ns, n) in names.iter().rev() {
-        api.delete(p, ns, n);
+        api.delete(p, ns, n).unwrap();
     }
     eventually(120, "every object gone", || {
         ["domains", "volumes", "networks", "storagepools"]
@@ -720,11 +723,10 @@ fn node_env(which: &str, what: &str) -> String {
 #[ignore = "needs private libvirtd: scripts/libvirt-nodes.sh up, then --run-ignored"]
 async fn changing_node_name_live_migrates_through_two_agents() {
     use agent_support::fake_api::{KillOnDrop, agent_with, free_port, kubeconfig, sigterm};
-    use agent_support::mini_api::MiniApi;
     let (uri_a, uri_b) = (node_env("A", "URI"), node_env("B", "URI"));
-    let api = MiniApi::start().await;
+    let api = virtkube_testapi::TestApi::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let config = kubeconfig(dir.path(), api.addr);
+    let config = kubeconfig(dir.path(), api.addr());
     let mut agents = Vec::new();
     for (node, which) in [("node-a", "A"), ("node-b", "B")] {
         let log = dir.path().join(format!("{node}.log"));
@@ -771,6 +773,7 @@ async fn changing_node_name_live_migrates_through_two_agents() {
     };
     let ns = format!("realmig{}", std::process::id() % 100_000);
     let name = format!("{ns}.mover");
+    api.create_namespace(&ns).unwrap();
     api.create(
         "domains",
         json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "Domain",
@@ -778,7 +781,8 @@ async fn changing_node_name_live_migrates_through_two_agents() {
                "spec": {"nodeName": "node-a", "runStrategy": "Always", "autostart": true,
                         "cpu": {"vcpus": 1}, "memory": {"size": "128Mi"},
                         "os": {"machine": "pc"}}}),
-    );
+    )
+    .unwrap();
     let dom = || api.get("domains", &ns, "mover").unwrap();
     let on = |node: &str| {
         let d = dom();
@@ -795,7 +799,8 @@ async fn changing_node_name_live_migrates_through_two_agents() {
     }
     assert_eq!(virsh(&uri_a, &["domstate", &name]), "running");
 
-    api.edit_spec("domains", &ns, "mover", |s| s["nodeName"] = json!("node-b"));
+    api.edit_spec("domains", &ns, "mover", |s| s["nodeName"] = json!("node-b"))
+        .unwrap();
     let started = Instant::now();
     // Never on both: sample while it moves.
     let mut both = 0;
@@ -853,23 +858,19 @@ async fn changing_node_name_live_migrates_through_two_agents() {
         (Some("False"), Some("Migrated"))
     );
     // While it moved, the status said so.
-    let said_migrating = api.store.lock().unwrap().log.iter().any(|(_, p, _, o)| {
-        p == "domains"
-            && o["status"]["phase"] == "Migrating"
-            && o["status"]["migration"]["state"] == "Running"
+    let said_migrating = api.changes_since(0).iter().any(|c| {
+        c.key.plural == "domains"
+            && c.object["status"]["phase"] == "Migrating"
+            && c.object["status"]["migration"]["state"] == "Running"
     });
     assert!(said_migrating, "phase Migrating during the move");
-    let migrated = api
-        .store
-        .lock()
-        .unwrap()
-        .events
+    let migrated = agent_support::events(&api)
         .iter()
         .any(|e| e.0 == "mover" && e.1 == "Migrated");
     assert!(migrated, "a Migrated event");
 
     // The target's agent now owns it: deleting it is done on node-b.
-    api.delete("domains", &ns, "mover");
+    api.delete("domains", &ns, "mover").unwrap();
     eventually(60, "the Domain gone", || api.count("domains") == 0).await;
     assert!(
         !virsh(&uri_b, &["list", "--all", "--name"])

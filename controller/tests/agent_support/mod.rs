@@ -4,7 +4,6 @@
 #![allow(dead_code)]
 
 pub mod fake_api;
-pub mod mini_api;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -127,4 +126,41 @@ pub async fn context() -> (Arc<Context>, ApiServerVerifier, Engine) {
     let metrics = Metrics::register(&mut Registry::default(), None);
     let ctx = Context::new(client, hosts, metrics, settings).unwrap();
     (Arc::new(ctx), ApiServerVerifier(handle), engine)
+}
+
+/// Every Event the in-memory API server holds, as (regarding name, reason, action, note).
+pub fn events(api: &virtkube_testapi::TestApi) -> Vec<(String, String, String, String)> {
+    let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
+    api.events()
+        .iter()
+        .map(|e| {
+            let regarding = if e["regarding"].is_object() {
+                &e["regarding"]
+            } else {
+                &e["involvedObject"]
+            };
+            let note = if e["note"].is_string() {
+                &e["note"]
+            } else {
+                &e["message"]
+            };
+            (
+                text(&regarding["name"]),
+                text(&e["reason"]),
+                text(&e["action"]),
+                text(note),
+            )
+        })
+        .collect()
+}
+
+/// The changes to virtkube's reconciled kinds after `rv`, as `TYPE plural/name`.
+pub fn writes_since(api: &virtkube_testapi::TestApi, rv: u64) -> Vec<String> {
+    api.changes_since(rv)
+        .iter()
+        .filter(|c| {
+            ["domains", "volumes", "networks", "storagepools"].contains(&c.key.plural.as_str())
+        })
+        .map(|c| format!("{} {}/{}", c.kind.as_str(), c.key.plural, c.key.name))
+        .collect()
 }
