@@ -10,7 +10,10 @@ controller/tests/status_samples.rs. For each sample this checks:
   sigs.k8s.io/cli-utils/pkg/kstatus, implemented below and cited rule by rule, give the
   expected Current / InProgress / Terminating;
 - Flux's healthCheckExprs (gitops/flux/kustomizations.yaml), evaluated with cel-python, agree
-  with Argo CD (Healthy -> Current, Progressing -> InProgress, Degraded -> Failed).
+  with Argo CD (Healthy -> Current, Progressing -> InProgress, Degraded -> Failed);
+- every failure reason the agent's code writes (controller/src/agent) is classified, terminal
+  (health.lua) or transient (TRANSIENT below), and Flux's expressions list the same terminal
+  reasons as the Lua.
 
 Run it with a Python that has PyYAML and cel-python, with lua5.4 on the PATH
 (scripts/check-gitops sets that up). Prints one line per check and closes with
@@ -21,6 +24,7 @@ import copy
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -52,6 +56,42 @@ EXPECTED = {
     "hypervisornode-libvirt-unreachable": ("Degraded", "InProgress"),
 }
 ARGO_TO_FLUX = {"Healthy": "Current", "Progressing": "InProgress", "Degraded": "Failed"}
+
+# Ready=False reasons the agent writes that it retries on its own (Progressing). Every reason
+# in controller/src/agent is either here or in health.lua's terminal table, never both, so a
+# new reason fails this test until someone decides which it is.
+TRANSIENT = {
+    "Converging", "NotCreated", "NotActiveEverywhere", "LibvirtUnreachable",
+    "VolumeMissing", "VolumeNotReady", "PoolMissing", "PoolNotRunning",
+    "VolumeInUse", "NetworkInUse", "PoolInUse", "NodeNotConnected",
+    "LibvirtError", "ReconcileFailed", "FinalizerFailed",
+}
+AGENT = os.path.join(ROOT, "controller", "src", "agent")
+
+
+def agent_reasons():
+    """The condition reasons the agent's code writes for a failure or an unfinished state."""
+    reasons = set()
+    for path in glob.glob(os.path.join(AGENT, "*.rs")):
+        text = open(path).read()
+        reasons |= set(re.findall(r'reason:\s*"([A-Za-z]+)"', text))
+        reasons |= set(re.findall(r'=> \("([A-Za-z]+)",', text))
+        # The planner's notices (converge.rs): NoticeKind::Conflict => "NameConflict", …
+        reasons |= set(re.findall(r'NoticeKind::[A-Za-z]+ => "([A-Za-z]+)"', text))
+        reasons |= set(re.findall(r'_ => "([A-Za-z]+)",\n\s*\};\n\s*return Err\(Error::Unrealizable', text))
+        reasons |= set(re.findall(r'Some\(\("([A-Za-z]+)"', text))
+        # Ready=False reasons passed to the status builders' `set` as literals.
+        for word in ("Converging", "NotCreated", "NotActiveEverywhere", "LibvirtUnreachable"):
+            if f'"{word}"' in text:
+                reasons.add(word)
+    return reasons
+
+
+def lua_terminal(lua):
+    """The reasons in health.lua's `terminal` table."""
+    table = lua[lua.index("local terminal = {"):]
+    table = table[: table.index("}")]
+    return set(re.findall(r"^\s*([A-Za-z]+) = true,", table, re.M))
 
 passed = 0
 failed = 0
@@ -193,6 +233,27 @@ def main():
     check("argocd-cm-health.yaml holds health.lua for every kind", problems)
 
     exprs = flux_exprs()
+    terminal = lua_terminal(lua)
+    written = agent_reasons()
+    problems = [f"{r}: written by the agent, neither terminal (health.lua) nor transient (TRANSIENT)"
+                for r in sorted(written - terminal - TRANSIENT)]
+    problems += [f"{r}: both terminal and transient" for r in sorted(terminal & TRANSIENT)]
+    problems += [f"{r}: classified but not written by the agent any more"
+                 for r in sorted((terminal | TRANSIENT) - written)]
+    check(f"every reason the agent writes ({len(written)}) is terminal or transient", problems)
+    problems = []
+    for kind, e in sorted(exprs.items()):
+        # `c.reason in ['A', 'B']` (Domain, Volume) or `matches('^(A|B):')` (per-node kinds).
+        in_list = re.search(r"c\.reason in\s*\[([^\]]*)\]", e["failed"])
+        in_regex = re.search(r"\^\(([A-Za-z|]+)\)", e["failed"])
+        listed = set()
+        if in_list:
+            listed |= set(re.findall(r"'([A-Za-z]+)'", in_list.group(1)))
+        if in_regex:
+            listed |= set(in_regex.group(1).split("|"))
+        if listed != terminal:
+            problems.append(f"{kind}: failed lists {sorted(listed ^ terminal)} unlike health.lua")
+    check("Flux's failed expressions list exactly health.lua's terminal reasons", problems)
     for name, obj in samples.items():
         argo_want, kstatus_want = EXPECTED.get(name, (None, None))
         problems = []
