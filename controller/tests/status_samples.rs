@@ -1,102 +1,29 @@
-//! Status samples for the GitOps health checks, taken from the agent's own output: each
-//! scenario runs the real reconciler (the real engine on `test:///default` underneath)
-//! against kube's mock API server, and the status it patches is recorded with the object it
-//! belongs to. The Argo CD health checks (Lua) and the kstatus rules are tested against these
-//! samples by `tests/gitops/check.py`, so they judge what the agent really writes.
+//! Status samples for the GitOps health checks, taken from the agent's own output: the
+//! scenarios of `agent_scenarios` run the real reconcilers (the real engine on
+//! `test:///default` underneath) against kube's mock API server, and the statuses they patch
+//! are kept with the objects they belong to. The Argo CD health checks (Lua), the kstatus
+//! rules and Flux's health expressions are tested against these samples by
+//! `tests/gitops/check.py`, so they judge what the agent really writes.
 //!
 //! The samples are committed under `tests/gitops/samples/` and compared here after
-//! normalization (timestamps, UUIDs, libvirt ids and paths that change per run); a change in
-//! what the agent writes fails this test until the samples are regenerated:
+//! normalization (timestamps, UUIDs and libvirt ids that change per run); a change in what the
+//! agent writes fails this test until the samples are regenerated:
 //!
 //! ```sh
 //! VIRTKUBE_UPDATE_SAMPLES=1 cargo nextest run -p virtkube --test status_samples
 //! ```
 
+mod agent_scenarios;
 mod agent_support;
 
-use std::future::Future;
+use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::sync::Arc;
 
-use http::{Method, Response, StatusCode};
-use http_body_util::BodyExt;
-use kube::client::Body;
-use kube::runtime::controller::Action;
 use serde_json::{Value, json};
-use virtkube::agent::context::{Context, FINALIZER};
-use virtkube::agent::{domain, network, node, pool, volume};
 
-use agent_support::{ApiServerVerifier, NODE, context, ok};
-
-/// The finalizer of this test's node on pools and networks (`Settings::node_finalizer`). The
-/// objects start with their finalizer: kube's finalizer helper only adds it in a first
-/// reconcile and applies in the next.
-const NODE_FINALIZER: &str = "node.virtkube.io/node-a";
-
-/// Where the samples live (repository root relative).
+/// Where the samples live.
 fn samples_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/gitops/samples")
-}
-
-/// A 404 answer in the API server's `Status` shape.
-fn not_found(what: &str) -> Response<Body> {
-    let status = json!({
-        "kind": "Status", "apiVersion": "v1", "status": "Failure",
-        "message": format!("{what} not found"), "reason": "NotFound", "code": 404
-    });
-    Response::builder()
-        .status(StatusCode::NOT_FOUND)
-        .body(Body::from(serde_json::to_vec(&status).unwrap()))
-        .unwrap()
-}
-
-/// Runs `work` while answering its API calls like a permissive API server: finalizer patches
-/// return the object with the finalizer, events are echoed, status patches are recorded and
-/// answered with the object carrying that status, reads of other objects answer 404. Returns
-/// every status the agent applied, in order.
-async fn record<F, T>(mut api: ApiServerVerifier, object: Value, work: F) -> Vec<Value>
-where
-    F: Future<Output = T> + Send + 'static,
-    T: Send + 'static,
-{
-    let task = tokio::spawn(work);
-    let mut current = object;
-    let mut statuses = Vec::new();
-    tokio::pin!(task);
-    loop {
-        let request = tokio::select! {
-            biased;
-            _ = &mut task => return statuses,
-            request = api.0.next_request() => request,
-        };
-        // The client went away with the work: the task is finishing.
-        let Some((request, send)) = request else {
-            let _ = task.await;
-            return statuses;
-        };
-        let method = request.method().clone();
-        let uri = request.uri().to_string();
-        let path = uri
-            .split_once('?')
-            .map_or(uri.as_str(), |(p, _)| p)
-            .to_string();
-        let bytes = request.into_body().collect().await.unwrap().to_bytes();
-        let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        if path.starts_with("/apis/events.k8s.io/") {
-            send.send_response(ok(&body));
-        } else if method == Method::GET {
-            send.send_response(not_found(&path));
-        } else if method == Method::PATCH && path.ends_with("/status") {
-            current["status"] = body["status"].clone();
-            statuses.push(body["status"].clone());
-            send.send_response(ok(&current));
-        } else if method == Method::PATCH {
-            // The finalizer (a JSON patch) or the node object (server-side apply).
-            send.send_response(ok(&current));
-        } else {
-            panic!("unexpected call {method} {uri}");
-        }
-    }
 }
 
 /// Replaces what changes from run to run with fixed words, so a sample compares equal
@@ -186,237 +113,22 @@ fn check_sample(name: &str, sample: &Value) {
     );
 }
 
-fn domain_object(name: &str, spec: Value) -> Value {
-    json!({
-        "apiVersion": "virtkube.io/v1alpha1", "kind": "Domain",
-        "metadata": { "name": name, "namespace": "default", "uid": format!("uid-{name}"), "generation": 1,
-                      "finalizers": [FINALIZER] },
-        "spec": spec,
-    })
-}
-
-async fn reconcile_domain(object: Value) -> Vec<Value> {
-    let (ctx, api, _engine) = context().await;
-    let dom = Arc::new(serde_json::from_value(object.clone()).unwrap());
-    record(api, object, async move {
-        let _: Result<Action, _> = domain::reconcile(dom, ctx).await;
-    })
-    .await
-}
-
 #[tokio::test]
-async fn domain_samples() {
-    // Running and Ready.
-    let ready = domain_object(
-        "web",
-        json!({ "nodeName": NODE, "runStrategy": "Always", "cpu": { "vcpus": 1 }, "memory": { "size": "64Mi" } }),
-    );
-    let statuses = reconcile_domain(ready.clone()).await;
-    let last = statuses.last().expect("a status was written");
-    check_sample("domain-ready", &sample(&ready, last));
-    // The same object after a spec edit the agent has not seen yet (generation 2).
-    let mut edited = ready.clone();
-    edited["metadata"]["generation"] = json!(2);
-    check_sample("domain-generation-not-observed", &sample(&edited, last));
-
-    // An invalid spec (more vCPUs than the maximum): only a new spec fixes it.
-    let invalid = domain_object(
-        "invalid",
-        json!({ "nodeName": NODE, "cpu": { "vcpus": 4, "maxVcpus": 2 }, "memory": { "size": "64Mi" } }),
-    );
-    let statuses = reconcile_domain(invalid.clone()).await;
-    check_sample(
-        "domain-invalid-spec",
-        &sample(&invalid, statuses.last().unwrap()),
-    );
-
-    // A host path the agent does not allow.
-    let host_path = domain_object(
-        "hostpath",
-        json!({ "nodeName": NODE, "cpu": { "vcpus": 1 }, "memory": { "size": "64Mi" },
-                "disks": [{ "name": "root", "hostPath": "/var/lib/images/root.qcow2" }] }),
-    );
-    let statuses = reconcile_domain(host_path.clone()).await;
-    check_sample(
-        "domain-host-path-refused",
-        &sample(&host_path, statuses.last().unwrap()),
-    );
-
-    // Waiting for a Volume that does not exist yet: transient.
-    let waiting = domain_object(
-        "waiting",
-        json!({ "nodeName": NODE, "cpu": { "vcpus": 1 }, "memory": { "size": "64Mi" },
-                "disks": [{ "name": "root", "volume": "not-yet" }] }),
-    );
-    let statuses = reconcile_domain(waiting.clone()).await;
-    check_sample(
-        "domain-volume-missing",
-        &sample(&waiting, statuses.last().unwrap()),
-    );
-
-    // A move to another node: the agent records the migration as running first, then (the
-    // target has published nothing) fails it.
-    let mut moving = ready.clone();
-    moving["metadata"]["name"] = json!("moving");
-    let (ctx, api, _engine) = context().await;
-    let first: virtkube_crds::Domain = serde_json::from_value(moving.clone()).unwrap();
-    // Converge it on this node first, then ask for node-b.
-    let placed = record(api, moving.clone(), {
-        let (ctx, first) = (ctx.clone(), Arc::new(first));
-        async move {
-            let _ = domain::reconcile(first, ctx).await;
-        }
-    })
-    .await;
-    let mut asked = moving.clone();
-    asked["metadata"]["generation"] = json!(2);
-    asked["spec"]["nodeName"] = json!("node-b");
-    asked["status"] = placed.last().unwrap().clone();
-    let dom = Arc::new(serde_json::from_value(asked.clone()).unwrap());
-    let (ctx2, api2) = swap_api(&ctx).await;
-    let statuses = record(api2, asked.clone(), {
-        let ctx = ctx2;
-        async move {
-            let _ = domain::reconcile(dom, ctx).await;
-        }
-    })
-    .await;
-    assert!(
-        statuses.len() >= 2,
-        "expected migration start and failure: {statuses:?}"
-    );
-    check_sample("domain-migrating", &sample(&asked, &statuses[0]));
-    check_sample(
-        "domain-migration-target-unknown",
-        &sample(&asked, statuses.last().unwrap()),
-    );
-}
-
-/// A second mocked API for a context on the same libvirt connection (test:///default keeps
-/// its state per connection): the scenario's second reconcile sees what the first made.
-async fn swap_api(ctx: &Arc<Context>) -> (Arc<Context>, ApiServerVerifier) {
-    let (service, handle) = tower_test::mock::pair();
-    let client = kube::Client::new(service, "default");
-    let metrics = virtkube::agent::metrics::Metrics::register(
-        &mut prometheus_client::registry::Registry::default(),
-        None,
-    );
-    let new = Context::new(client, ctx.hosts.clone(), metrics, ctx.settings.clone()).unwrap();
-    (Arc::new(new), ApiServerVerifier(handle))
-}
-
-#[tokio::test]
-async fn volume_samples() {
-    let object = |name: &str, pool: &str| {
-        json!({
-            "apiVersion": "virtkube.io/v1alpha1", "kind": "Volume",
-            "metadata": { "name": name, "namespace": "default", "uid": format!("uid-{name}"), "generation": 1,
-                          "finalizers": [FINALIZER] },
-            "spec": { "pool": pool, "nodeName": NODE, "capacity": "1Mi", "format": "raw" },
-        })
-    };
-    for (name, pool, sample_name) in [
-        ("data", "default-pool", "volume-ready"),
-        ("orphan", "no-such-pool", "volume-pool-missing"),
-    ] {
-        let (ctx, api, _engine) = context().await;
-        let obj = object(name, pool);
-        let vol = Arc::new(serde_json::from_value(obj.clone()).unwrap());
-        let statuses = record(api, obj.clone(), async move {
-            let _ = volume::reconcile(vol, ctx).await;
-        })
-        .await;
-        check_sample(
-            sample_name,
-            &sample(&obj, statuses.last().expect("a status")),
-        );
+async fn samples_match_what_the_agent_writes() {
+    let outputs = agent_scenarios::run().await;
+    let mut names = BTreeSet::new();
+    for s in &outputs.samples {
+        assert!(names.insert(s.name), "sample {} recorded twice", s.name);
+        check_sample(s.name, &sample(&s.object, &s.status));
     }
-}
-
-#[tokio::test]
-async fn pool_and_network_samples() {
-    let pool_obj = json!({
-        "apiVersion": "virtkube.io/v1alpha1", "kind": "StoragePool",
-        "metadata": { "name": "images", "uid": "uid-images", "generation": 1, "finalizers": [NODE_FINALIZER] },
-        "spec": { "type": "dir", "target": { "path": "/var/lib/virtkube/pools/images" } },
-    });
-    let (ctx, api, _engine) = context().await;
-    let p = Arc::new(serde_json::from_value(pool_obj.clone()).unwrap());
-    let statuses = record(api, pool_obj.clone(), async move {
-        let _ = pool::reconcile(p, ctx).await;
-    })
-    .await;
-    check_sample(
-        "storagepool-ready",
-        &sample(&pool_obj, statuses.last().expect("a status")),
-    );
-
-    let net_obj = |name: &str, spec: Value| {
-        json!({
-            "apiVersion": "virtkube.io/v1alpha1", "kind": "Network",
-            "metadata": { "name": name, "uid": format!("uid-{name}"), "generation": 1, "finalizers": [NODE_FINALIZER] },
-            "spec": spec,
-        })
-    };
-    for (obj, sample_name) in [
-        (
-            net_obj(
-                "vk-isolated",
-                json!({ "mode": "isolated", "ip": { "address": "10.150.0.1", "prefix": 24 } }),
-            ),
-            "network-ready",
-        ),
-        (
-            // The host's own address inside the DHCP range: refused by virtkube's checks.
-            net_obj(
-                "vk-bad",
-                json!({ "mode": "nat", "ip": { "address": "10.151.0.1", "prefix": 24,
-                        "dhcp": { "ranges": [{ "start": "10.151.0.1", "end": "10.151.0.9" }] } } }),
-            ),
-            "network-invalid-spec",
-        ),
-    ] {
-        let (ctx, api, _engine) = context().await;
-        let n = Arc::new(serde_json::from_value(obj.clone()).unwrap());
-        let statuses = record(api, obj.clone(), async move {
-            let _ = network::reconcile(n, ctx).await;
-        })
-        .await;
-        check_sample(
-            sample_name,
-            &sample(&obj, statuses.last().expect("a status")),
-        );
+    // No stale sample: every committed file comes from a scenario.
+    for entry in std::fs::read_dir(samples_dir()).unwrap() {
+        let file = entry.unwrap().file_name().to_string_lossy().to_string();
+        if let Some(name) = file.strip_suffix(".json") {
+            assert!(
+                names.contains(name),
+                "{file}: no scenario produces it any more; delete it"
+            );
+        }
     }
-}
-
-#[tokio::test]
-async fn hypervisor_node_samples() {
-    let obj = json!({
-        "apiVersion": "virtkube.io/v1alpha1", "kind": "HypervisorNode",
-        "metadata": { "name": NODE, "uid": "uid-node", "generation": 1 },
-        "spec": {},
-    });
-    let (ctx, api, _engine) = context().await;
-    let c = ctx.clone();
-    let statuses = record(api, obj.clone(), async move {
-        node::publish_once(&c, None, None, None).await.unwrap();
-    })
-    .await;
-    check_sample(
-        "hypervisornode-ready",
-        &sample(&obj, statuses.last().unwrap()),
-    );
-    let (ctx2, api2) = swap_api(&ctx).await;
-    let previous: virtkube_crds::hypervisor_node::HypervisorNodeStatus =
-        serde_json::from_value(statuses.last().unwrap().clone()).unwrap();
-    let statuses = record(api2, obj.clone(), async move {
-        node::publish_unreachable(&ctx2, Some(&previous), "connection refused")
-            .await
-            .unwrap();
-    })
-    .await;
-    check_sample(
-        "hypervisornode-libvirt-unreachable",
-        &sample(&obj, statuses.last().unwrap()),
-    );
 }
