@@ -7,9 +7,10 @@
 //! `update`, PATCH `patch`, DELETE `delete`; a server-side apply to an object itself may
 //! create it, so it needs `create` as well.
 //!
-//! What the process-level list covers is exercised by the real `virtkube agent` process in
-//! `agent_process.rs` (start-up CRD check, reflectors); the in-memory API server that records
-//! every request by identity will let one test cover both.
+//! The process-level reads (the start-up CRD check, the reflectors' lists and watches) are
+//! checked against the real `virtkube agent` process running against the fake API server of
+//! `agent_support`. The in-memory API server that records every request by identity will let
+//! one test cover everything, events' series patches and a deselected node included.
 
 mod agent_scenarios;
 mod agent_support;
@@ -263,4 +264,71 @@ fn calls_map_to_the_verbs_the_api_server_authorizes() {
             "create".to_string()
         )]
     );
+}
+
+/// The process-level calls of [`PROCESS_LEVEL`] that a running agent makes at start-up (the
+/// CRD check's lists, the reflectors' lists and watches) are really made by the `virtkube
+/// agent` process, and every read it makes is granted.
+#[tokio::test]
+async fn the_agent_process_makes_the_listed_reads_and_only_granted_ones() {
+    use agent_support::fake_api::{KillOnDrop, agent, fake_api, free_port, http_get, kubeconfig};
+    use std::time::{Duration, Instant};
+
+    let (api, fake) = fake_api(&[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = kubeconfig(dir.path(), api);
+    let port = free_port();
+    let mut child = agent(&config, port, "test:///default");
+    let _kill = KillOnDrop(child.id());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let watched = |fake: &agent_support::fake_api::Shared| {
+        let f = fake.lock().unwrap();
+        ["domains", "volumes", "networks", "storagepools"]
+            .iter()
+            .all(|p| {
+                f.requests.iter().any(|(m, path, q)| {
+                    m == "GET" && path.ends_with(&format!("/{p}")) && q.contains("watch=true")
+                })
+            })
+    };
+    loop {
+        let ready = matches!(http_get(port, "/readyz").await, Some((200, _)));
+        if ready && watched(&fake) {
+            break;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("agent exited early: {status}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent never became ready with every reflector watching"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let requests = fake.lock().unwrap().requests.clone();
+    let reads: BTreeSet<Grant> = requests
+        .iter()
+        .filter(|(m, _, _)| m == "GET")
+        .flat_map(|(_, path, query)| {
+            needed(&Call {
+                method: Method::GET,
+                path: path.clone(),
+                query: query.clone(),
+                content_type: String::new(),
+            })
+        })
+        .collect();
+    let grants = chart_grants();
+    let missing: Vec<&Grant> = reads.difference(&grants).collect();
+    assert!(missing.is_empty(), "ungranted reads: {missing:?}");
+    for (group, resource, verb, _) in PROCESS_LEVEL
+        .iter()
+        .filter(|(_, _, v, _)| *v == "list" || *v == "watch")
+    {
+        let grant = (group.to_string(), resource.to_string(), verb.to_string());
+        assert!(
+            reads.contains(&grant),
+            "PROCESS_LEVEL says the process makes {grant:?}, it did not: {reads:?}"
+        );
+    }
 }
