@@ -23,6 +23,8 @@ pub struct Fake {
     pub missing: Vec<String>,
     /// Calls seen: `METHOD path`.
     pub calls: Vec<String>,
+    /// Calls seen with their query: (method, path, query).
+    pub requests: Vec<(String, String, String)>,
     /// The last HypervisorNode status applied.
     pub node_status: Option<Value>,
     /// Objects listed per plural.
@@ -52,6 +54,8 @@ async fn handle(State(fake): State<Shared>, method: Method, uri: Uri, body: Byte
     let missing = {
         let mut f = fake.lock().unwrap();
         f.calls.push(format!("{method} {path}"));
+        f.requests
+            .push((method.to_string(), path.clone(), query.clone()));
         plural.is_some_and(|p| f.missing.iter().any(|m| m == p))
     };
     let json_response = |code: StatusCode, v: Value| {
