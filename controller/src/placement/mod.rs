@@ -17,11 +17,12 @@
 //! # Guarantees (as kube-runtime writes down its finalizer's)
 //!
 //! 1. **Never on two nodes.** At most one node runs the guest at any moment.
-//! 2. **Only the holder gives the claim away**, with two exceptions that cannot break (1):
-//!    the target of a live migration completes the move once libvirt reports the guest
-//!    running there (libvirt stops and undefines the source copy before it resumes the
-//!    target copy), and the controller resets the claim of a node an administrator declared
-//!    fenced (its guests are dead by that declaration).
+//! 2. **Only the holder gives the claim away** (completing a move it made), with one
+//!    exception: the controller resets the claim of a node an administrator declared
+//!    fenced (its guests are dead by that declaration). So a live agent's read that names
+//!    it the holder stays true until that agent acts: nothing it decides as the holder is
+//!    undone behind its back. The target of a move never writes the claim, even once the
+//!    guest runs there; it waits for the source (or the fencing).
 //! 3. **A move is a handover.** A stopped domain is undefined on the source before the
 //!    claim names the target (which then defines it from the spec); a running one is
 //!    live-migrated by libvirt and the claim moves after libvirt reports it complete. A
@@ -76,7 +77,10 @@ pub struct Move {
 impl Move {
     /// Whether the move is under way (`Pending` or `Running`).
     pub fn is_active(&self) -> bool {
-        matches!(self.state, MigrationState::Pending | MigrationState::Running)
+        matches!(
+            self.state,
+            MigrationState::Pending | MigrationState::Running
+        )
     }
 }
 
@@ -175,9 +179,11 @@ pub enum AgentStep {
         /// How it ended.
         end: MoveEnd,
     },
-    /// Look at the move's target's libvirt (possibly this node's own) after this read,
-    /// then decide again: the copy on the source is gone (the move may have completed), or
-    /// the target has a copy that may be the guest arriving.
+    /// Look at this node's libvirt again (the look before the read may predate a migration
+    /// that moved the guest here), then decide again.
+    LookAgain,
+    /// Look at the move's target's libvirt after this read, then decide again: the copy on
+    /// the source is gone, and the move may have completed.
     LookAtTarget {
         /// The node to look at.
         target: NodeName,
@@ -205,17 +211,51 @@ impl AgentStep {
     }
 }
 
-/// The agent's decision for domain `facts` on node `me`, whose libvirt had `here` when it
-/// was observed *before* `facts` was read. `target` is what the move's target has, looked
-/// at *after* `facts` was read, when the caller already looked (after a
-/// [`AgentStep::LookAtTarget`], which may name `me` itself: the target of a move looks at
-/// its own libvirt again before it concludes that the guest arrived).
-pub fn agent_step(me: &str, facts: &Facts, here: Local, target: Option<Local>) -> AgentStep {
+/// What an agent saw of libvirt around one read of the API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Look {
+    /// This node's copy, observed *before* the read.
+    pub before: Local,
+    /// This node's copy, observed again *after* the read (after an [`AgentStep::LookAgain`]).
+    pub after: Option<Local>,
+    /// The move's target's copy, observed after the read (after an
+    /// [`AgentStep::LookAtTarget`]).
+    pub target: Option<Local>,
+}
+
+impl Look {
+    /// Only the look before the read.
+    pub fn before(before: Local) -> Look {
+        Look {
+            before,
+            after: None,
+            target: None,
+        }
+    }
+}
+
+/// The agent's decision for domain `facts` on node `me`, from what it saw of libvirt
+/// around the read of `facts`.
+///
+/// Which look a decision rests on matters, because reads and looks are minutes apart in
+/// the worst case and migrations happen in between:
+/// - removing a copy this node does not hold rests on the look *before* the read (every
+///   copy seen then is explained by the claim read afterwards), and the removal touches only
+///   that very copy;
+/// - concluding that the guest left this node rests on a look *after* the read (a look
+///   before it may predate the guest's arrival here), and leads only to claim writes, which
+///   fail if anything changed since the read;
+/// - converging as the holder needs neither: nobody else can take the claim away.
+pub fn agent_step(me: &str, facts: &Facts, look: &Look) -> AgentStep {
+    let here = look.before;
     let holder = facts.claim.holder.as_deref();
     let active = facts.claim.active_move();
     match holder {
         Some(h) if h == me => match active {
-            Some(m) if m.source == me => holder_moving(facts, m, here, target),
+            Some(m) if m.source == me => match look.after {
+                None => AgentStep::LookAgain,
+                Some(after) => holder_moving(facts, m, after, look.target),
+            },
             // A recorded move that does not start here cannot be under way while this node
             // holds the domain; wait for whoever recorded it to end it.
             Some(_) => AgentStep::Wait {
@@ -233,22 +273,15 @@ pub fn agent_step(me: &str, facts: &Facts, here: Local, target: Option<Local>) -
             None => AgentStep::Converge,
         },
         Some(other) => match active {
-            Some(m) if m.target == me && m.source == other => match (here, target) {
-                (Local::Absent, None) => AgentStep::Idle,
-                // A copy here may be the guest libvirt just moved in; only a look taken
-                // after this read can say so (the first look may predate the move).
-                (_, None) => AgentStep::LookAtTarget {
-                    target: me.to_string(),
+            // The target of a move never writes the claim: the source completes the move
+            // once it sees its copy gone (or the controller, if the source is fenced). So
+            // only the holder ever gives its own claim away, and a holder's read stays true
+            // until it acts.
+            Some(m) if m.target == me && m.source == other => match here {
+                Local::Absent => AgentStep::Idle,
+                _ => AgentStep::Wait {
+                    why: "the guest is moving here: the source completes the move",
                 },
-                // libvirt resumed the guest here: the source copy is gone.
-                (_, Some(Local::Running)) => AgentStep::CompleteMove {
-                    target: me.to_string(),
-                },
-                (_, Some(Local::Incoming | Local::Outgoing)) => AgentStep::Wait {
-                    why: "the inbound migration is under way",
-                },
-                // Nothing arrived (yet): a stopped leftover waits for the move to end.
-                (_, Some(Local::Absent | Local::Stopped)) => AgentStep::Idle,
             },
             _ if here.in_migration() => AgentStep::Wait {
                 why: "a migration job holds the copy here",
@@ -266,7 +299,8 @@ pub fn agent_step(me: &str, facts: &Facts, here: Local, target: Option<Local>) -
     }
 }
 
-/// The holder's decision while a move from it is recorded.
+/// The holder's decision while a move from it is recorded; `here` was looked at after the
+/// read.
 fn holder_moving(facts: &Facts, m: &Move, here: Local, target: Option<Local>) -> AgentStep {
     let unwanted = facts.deleting || facts.requested.as_deref() != Some(m.target.as_str());
     let target_node = m.target.clone();
@@ -430,64 +464,84 @@ mod tests {
         })
     }
 
+    fn look(before: Local, after: Option<Local>, target: Option<Local>) -> Look {
+        Look {
+            before,
+            after,
+            target,
+        }
+    }
+
     #[test]
     fn only_the_holder_converges() {
         let f = facts(Some("a"), Some("a"), None);
-        assert_eq!(agent_step("a", &f, Local::Absent, None), AgentStep::Converge);
-        assert_eq!(agent_step("b", &f, Local::Absent, None), AgentStep::Idle);
+        let absent = Look::before(Local::Absent);
+        assert_eq!(agent_step("a", &f, &absent), AgentStep::Converge);
+        assert_eq!(agent_step("b", &f, &absent), AgentStep::Idle);
         // spec.nodeName alone never makes a node start the guest.
         let unbound = facts(None, Some("b"), None);
-        assert_eq!(agent_step("b", &unbound, Local::Absent, None), AgentStep::Idle);
+        assert_eq!(agent_step("b", &unbound, &absent), AgentStep::Idle);
     }
 
     #[test]
     fn a_copy_the_node_does_not_hold_is_removed_unless_a_migration_holds_it() {
         let f = facts(Some("a"), Some("a"), None);
         assert_eq!(
-            agent_step("b", &f, Local::Running, None),
+            agent_step("b", &f, &Look::before(Local::Running)),
             AgentStep::RemoveStaleCopy
         );
         assert!(matches!(
-            agent_step("b", &f, Local::Incoming, None),
+            agent_step("b", &f, &Look::before(Local::Incoming)),
             AgentStep::Wait { .. }
         ));
     }
 
     #[test]
-    fn the_target_completes_a_migration_libvirt_finished_after_looking_again() {
+    fn the_target_waits_for_the_source_even_when_the_guest_runs_there() {
         let f = facts(Some("a"), Some("b"), mv("a", "b", MigrationState::Running));
-        // The first look may predate the move: look again after the read.
-        assert_eq!(
-            agent_step("b", &f, Local::Running, None),
-            AgentStep::LookAtTarget { target: "b".into() }
-        );
-        assert_eq!(
-            agent_step("b", &f, Local::Running, Some(Local::Running)),
-            AgentStep::CompleteMove { target: "b".into() }
-        );
         assert!(matches!(
-            agent_step("b", &f, Local::Incoming, Some(Local::Incoming)),
+            agent_step("b", &f, &Look::before(Local::Running)),
             AgentStep::Wait { .. }
         ));
-        assert_eq!(agent_step("b", &f, Local::Absent, None), AgentStep::Idle);
+        assert!(matches!(
+            agent_step("b", &f, &Look::before(Local::Incoming)),
+            AgentStep::Wait { .. }
+        ));
+        assert_eq!(
+            agent_step("b", &f, &Look::before(Local::Absent)),
+            AgentStep::Idle
+        );
     }
 
     #[test]
     fn the_source_looks_at_the_target_before_concluding_anything_from_an_empty_node() {
         let f = facts(Some("a"), Some("b"), mv("a", "b", MigrationState::Running));
+        // The look before the read may predate the guest's arrival here: look again.
         assert_eq!(
-            agent_step("a", &f, Local::Absent, None),
+            agent_step("a", &f, &Look::before(Local::Absent)),
+            AgentStep::LookAgain
+        );
+        assert_eq!(
+            agent_step("a", &f, &look(Local::Absent, Some(Local::Absent), None)),
             AgentStep::LookAtTarget { target: "b".into() }
         );
         assert_eq!(
-            agent_step("a", &f, Local::Absent, Some(Local::Running)),
+            agent_step(
+                "a",
+                &f,
+                &look(Local::Absent, Some(Local::Absent), Some(Local::Running))
+            ),
             AgentStep::CompleteMove { target: "b".into() }
         );
         // Deleting does not change that: the guest may be running on the target.
         let mut deleting = f.clone();
         deleting.deleting = true;
         assert_eq!(
-            agent_step("a", &deleting, Local::Absent, None),
+            agent_step(
+                "a",
+                &deleting,
+                &look(Local::Absent, Some(Local::Absent), None)
+            ),
             AgentStep::LookAtTarget { target: "b".into() }
         );
     }
@@ -496,11 +550,11 @@ mod tests {
     fn a_move_nobody_wants_is_ended_and_the_guest_stays() {
         let f = facts(Some("a"), Some("a"), mv("a", "b", MigrationState::Running));
         assert_eq!(
-            agent_step("a", &f, Local::Outgoing, None),
+            agent_step("a", &f, &look(Local::Outgoing, Some(Local::Outgoing), None)),
             AgentStep::AbortMigration
         );
         assert_eq!(
-            agent_step("a", &f, Local::Running, None),
+            agent_step("a", &f, &look(Local::Running, Some(Local::Running), None)),
             AgentStep::EndMove {
                 end: MoveEnd::Aborted
             }

@@ -195,7 +195,10 @@ mod tests {
             ..DomainStatus::default()
         };
         assert_eq!(claim_of(Some(&status)).migration, None);
-        status.migration.as_mut().map(|m| m.target_node = Some("b".into()));
+        status
+            .migration
+            .as_mut()
+            .map(|m| m.target_node = Some("b".into()));
         assert_eq!(
             claim_of(Some(&status)).migration,
             Some(Move {
