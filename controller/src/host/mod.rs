@@ -409,6 +409,7 @@ pub fn domain_from(d: &DomainObserved) -> ObservedDomain {
                 },
                 read_only: x.read_only,
                 boot_order: x.boot_order,
+                chain: x.backing_chain.clone(),
             })
             .collect(),
         interfaces: d
