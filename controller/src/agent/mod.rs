@@ -7,6 +7,7 @@
 //! |---|---|
 //! | [`domain`], [`volume`], [`network`], [`pool`] | one controller per kind |
 //! | [`converge`] | the adapter to the reconcile core (observe, change, report) |
+//! | [`ownership`] | which image in a pool is a Volume's own |
 //! | [`node`] | the `HypervisorNode` publisher (facts and heartbeat) |
 //! | [`drift`] | libvirt events -> reconcile requests |
 //! | [`metrics`], [`http`] | Prometheus metrics, `/healthz`, `/readyz` |
@@ -27,6 +28,7 @@ pub mod http;
 pub mod metrics;
 pub mod network;
 pub mod node;
+pub mod ownership;
 pub mod pernode;
 pub mod pool;
 pub mod reconcile;

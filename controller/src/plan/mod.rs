@@ -371,6 +371,9 @@ pub struct Notice {
     pub message: String,
     /// Field-level before → after, when it is about changes.
     pub changes: Vec<Change>,
+    /// For a [`NoticeKind::Blocked`] deletion: what still uses the object, as people read
+    /// them (`Domain team/web`, `libvirt domain legacy (not virtkube's)`).
+    pub users: Vec<String>,
 }
 
 /// An ordered list of actions, and what the planner reports without acting.
@@ -476,6 +479,7 @@ impl Builder {
             node: node.to_string(),
             message: message.into(),
             changes,
+            users: Vec::new(),
         });
     }
 
@@ -1354,6 +1358,9 @@ fn wait_for_users(
             ),
             vec![],
         );
+        if let Some(n) = b.notices.last_mut() {
+            n.users = staying.iter().map(ToString::to_string).collect();
+        }
         return None;
     }
     Some(
