@@ -54,7 +54,12 @@ fn test_volume(ns: &str, pool: &str, policy: &str) -> Volume {
 /// The status a compare-and-swap status write sets: a JSON patch that tests the
 /// resourceVersion it was decided on, then replaces `/status`.
 fn written_status(seen: &agent_support::Seen, rv: &str) -> serde_json::Value {
-    assert_eq!(seen.body[0], json!({ "op": "test", "path": "/metadata/resourceVersion", "value": rv }), "{}", seen.body);
+    assert_eq!(
+        seen.body[0],
+        json!({ "op": "test", "path": "/metadata/resourceVersion", "value": rv }),
+        "{}",
+        seen.body
+    );
     assert_eq!(seen.body[1]["path"], "/status", "{}", seen.body);
     seen.body[1]["value"].clone()
 }
@@ -285,7 +290,11 @@ async fn volume_is_created_reported_and_deleted_per_reclaim_policy() {
                     seen.path(),
                     format!("/apis/virtkube.io/v1alpha1/namespaces/{ns}/volumes/disk/status")
                 );
-                assert!(seen.uri.contains("fieldManager=virtkube-agent"), "{}", seen.uri);
+                assert!(
+                    seen.uri.contains("fieldManager=virtkube-agent"),
+                    "{}",
+                    seen.uri
+                );
                 let creating = written_status(&seen, "1");
                 assert_eq!(creating["phase"], "Creating");
                 assert_eq!(creating["nodeName"], NODE, "the holder is kept");

@@ -140,7 +140,10 @@ async fn a_new_volume_of_the_same_name_never_inherits_a_retained_image() {
     let second = get(&client).await.unwrap();
     assert_ne!(second.metadata.uid, first.metadata.uid);
     let (status, reason, message) = ready(&second);
-    assert_eq!((status.as_str(), reason.as_str()), ("False", "NameConflict"));
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "NameConflict")
+    );
     assert!(
         message.contains(&format!("{ADOPT}={key}")),
         "says how to adopt it: {message}"
@@ -192,15 +195,25 @@ async fn adopting_an_existing_image_takes_the_annotation_naming_it_exactly() {
     set_adopt(&client, "/somewhere/else").await;
     reconcile(&ctx, &client, 3).await;
     let (status, reason, message) = ready(&get(&client).await.unwrap());
-    assert_eq!((status.as_str(), reason.as_str()), ("False", "NameConflict"));
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "NameConflict")
+    );
     assert!(message.contains("nothing adopted"), "{message}");
 
     set_adopt(&client, &made.path).await;
     reconcile(&ctx, &client, 2).await;
     let adopted = get(&client).await.unwrap();
     assert_eq!(ready(&adopted).0, "True", "{:?}", adopted.status);
-    assert_eq!(adopted.status.as_ref().unwrap().key.as_deref(), Some(made.key.as_str()));
-    assert!(reasons(&api).contains(&"Adopted".to_string()), "{:?}", reasons(&api));
+    assert_eq!(
+        adopted.status.as_ref().unwrap().key.as_deref(),
+        Some(made.key.as_str())
+    );
+    assert!(
+        reasons(&api).contains(&"Adopted".to_string()),
+        "{:?}",
+        reasons(&api)
+    );
     assert!(!reasons(&api).contains(&"VolumeCreated".to_string()));
 
     // Asking to adopt where there is no image is refused too (not silently made empty).
@@ -226,7 +239,10 @@ async fn adopting_an_existing_image_takes_the_annotation_naming_it_exactly() {
         let _ = volume::reconcile(Arc::new(v), ctx.clone()).await;
     }
     let (status, reason, message) = ready(&others.get("disk").await.unwrap());
-    assert_eq!((status.as_str(), reason.as_str()), ("False", "NameConflict"));
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "NameConflict")
+    );
     assert!(message.contains("nothing to adopt"), "{message}");
     assert!(
         engine
@@ -263,7 +279,10 @@ async fn an_image_made_just_before_a_crash_is_known_by_the_creating_phase() {
     reconcile(&ctx, &client, 3).await;
     let vol = get(&client).await.unwrap();
     assert_eq!(ready(&vol).0, "True", "{:?}", vol.status);
-    assert_eq!(vol.status.as_ref().unwrap().key.as_deref(), Some(made.key.as_str()));
+    assert_eq!(
+        vol.status.as_ref().unwrap().key.as_deref(),
+        Some(made.key.as_str())
+    );
     assert_eq!(
         vol.status.as_ref().unwrap().phase,
         Some(virtkube_crds::volume::VolumePhase::Available)
