@@ -602,6 +602,8 @@ async fn a_volume_in_use_is_not_deleted_and_says_why() {
 async fn a_pool_no_longer_selected_is_removed_here_and_let_go() {
     let (ctx, api, engine) = agent_support::context().await;
     let (mut p, mut api) = pool_up("deselpool", &ctx, api).await;
+    // The agent has read its node's labels (none): a selector for zone b leaves it out.
+    ctx.set_labels(Default::default());
     p.spec.node_selector.insert("zone".into(), "b".into());
     let answer = p.clone();
     let server = tokio::spawn(async move {

@@ -524,13 +524,7 @@ pub async fn remove_volume(
     cluster: &ClusterView,
 ) -> Result<(Vec<Change>, Option<String>)> {
     let name = volume_host_name(vol);
-    let mut observed = ObservedState::default();
-    observed.hosts.insert(
-        ctx.settings.node.clone(),
-        observe_node(ctx.hosts.get(&ctx.settings.node).map_err(host_error)?)
-            .await
-            .map_err(host_error)?,
-    );
+    let mut observed = observe_this_node(ctx).await?;
     let Some(host) = observed.hosts.get_mut(&ctx.settings.node) else {
         return Ok((Vec::new(), None));
     };
@@ -631,16 +625,43 @@ pub async fn network(ctx: &Context, net: &Network) -> Result<Converged<NetworkOb
 }
 
 /// Removes this node's copy of the network (stop, undefine), if it is virtkube's for this
-/// resource.
+/// resource, unless a domain on this node has an interface on it — virtkube's or not,
+/// running or only defined (the whole node is observed: [`crate::plan::dependents`]); then
+/// nothing is touched and the error (`NetworkInUse`) names them.
 pub async fn remove_network(ctx: &Context, net: &Network) -> Result<Vec<Change>> {
     let name = net.name_any();
-    let mut host = empty_host(ctx);
-    let Some(n) = ctx.engine.network_observe(&name).await? else {
+    if ctx.engine.network_observe(&name).await?.is_none() {
         return Ok(Vec::new());
-    };
-    host.networks.insert(name.clone(), network_from(&n));
-    let plan = plan_removal(ctx, Object::Network(Box::new(net.clone())), host);
+    }
+    let observed = observe_this_node(ctx).await?;
+    let plan = plan_removal_in(ctx, Object::Network(Box::new(net.clone())), &observed);
+    if let Some(users) = blocked(&plan, ObjectKind::Network, &name) {
+        return Err(Error::Unrealizable {
+            reason: "NetworkInUse",
+            message: format!(
+                "network {name} is still used on node {} by {users}: it is removed once they are gone",
+                ctx.settings.node
+            ),
+        });
+    }
     not_mine_is_done(execute(&ctx.hosts, &plan, ObjectKind::Network, &name, false).await)
+}
+
+/// Everything this node's libvirt holds (every pool and its volumes, every network and
+/// domain): the view removals are decided against.
+async fn observe_this_node(ctx: &Context) -> Result<ObservedState> {
+    let host = observe_node(ctx.hosts.get(&ctx.settings.node).map_err(host_error)?)
+        .await
+        .map_err(host_error)?;
+    Ok(observed_state(ctx, host))
+}
+
+/// The users a blocked deletion of (`kind`, `name`) waits for, as one phrase.
+fn blocked(plan: &Plan, kind: ObjectKind, name: &str) -> Option<String> {
+    plan.notices
+        .iter()
+        .find(|n| n.kind == NoticeKind::Blocked && n.object.kind == kind && n.object.name == name)
+        .map(|n| n.users.join(", "))
 }
 
 /// Brings this node's copy of the pool to what `pool.spec` asks.
@@ -667,14 +688,25 @@ pub async fn pool(ctx: &Context, pool: &StoragePool) -> Result<Converged<PoolObs
 }
 
 /// Removes this node's copy of the pool (stop, undefine; files stay), if it is virtkube's
-/// for this resource.
+/// for this resource, unless a domain on this node has a disk on one of its volumes (libvirt
+/// needs the pool to start it); then nothing is touched and the error (`PoolInUse`) names
+/// them.
 pub async fn remove_pool(ctx: &Context, pool: &StoragePool) -> Result<Vec<Change>> {
     let name = pool.name_any();
-    let mut host = empty_host(ctx);
-    if observe_pool(ctx, &mut host, &name, &[]).await?.is_none() {
+    if ctx.engine.pool_observe(&name).await?.is_none() {
         return Ok(Vec::new());
     }
-    let plan = plan_removal(ctx, Object::StoragePool(Box::new(pool.clone())), host);
+    let observed = observe_this_node(ctx).await?;
+    let plan = plan_removal_in(ctx, Object::StoragePool(Box::new(pool.clone())), &observed);
+    if let Some(users) = blocked(&plan, ObjectKind::StoragePool, &name) {
+        return Err(Error::Unrealizable {
+            reason: "PoolInUse",
+            message: format!(
+                "pool {name} is still used on node {} by {users}: it is removed once they are gone",
+                ctx.settings.node
+            ),
+        });
+    }
     not_mine_is_done(execute(&ctx.hosts, &plan, ObjectKind::StoragePool, &name, false).await)
 }
 

@@ -344,9 +344,7 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     // reconcile (the publisher keeps them current afterwards).
     match node::ensure_node_object(&ctx).await {
         Ok(labels) => {
-            if let Ok(mut l) = ctx.node_labels.write() {
-                *l = labels;
-            }
+            ctx.set_labels(labels);
         }
         Err(e) => {
             tracing::warn!(error = %e, "reading this node's HypervisorNode failed; pools and networks with a nodeSelector wait for the next heartbeat")
