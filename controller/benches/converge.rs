@@ -110,7 +110,7 @@ fn main() -> anyhow::Result<()> {
         let concurrency: usize = std::env::var("VIRTKUBE_BENCH_CONCURRENCY").ok().and_then(|c| c.parse().ok()).unwrap_or(ExecOptions::default().concurrency);
         // The floor: identical XML, one define and one start per domain, nothing else.
         let floor_xmls: Vec<String> = (0..n)
-            .map(|i| domain_def(&domain("floor", i), &Preserve::default(), &host, &BTreeMap::new()).map(|d| d.to_xml()))
+            .map(|i| domain_def(&domain("floor", i), &Preserve::default(), host.def_target(), &BTreeMap::new()).map(|d| d.to_xml()))
             .collect::<Result<_, _>>()?;
         let desired = DesiredState { domains: (0..n).map(|i| domain("bench", i)).collect(), ..DesiredState::default() };
         let quiet = ConvergeOptions { verbose: false, exec: ExecOptions { concurrency }, ..ConvergeOptions::default() };

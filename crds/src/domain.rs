@@ -421,9 +421,10 @@ pub struct OsSpec {
         pattern(crate::names::ABSOLUTE_PATH_PATTERN)
     )]
     pub initrd: Option<String>,
-    /// Direct kernel boot: the kernel command line (needs `kernel`).
+    /// Direct kernel boot: the kernel command line (needs `kernel`), without control
+    /// characters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 4096))]
+    #[schemars(length(max = 4096), pattern(crate::names::PLAIN_TEXT_PATTERN))]
     pub cmdline: Option<String>,
 }
 
@@ -855,7 +856,7 @@ impl Validate for DomainSpec {
                 }
                 (None, Some(p)) if !crate::names::is_clean_absolute_path(p) => errors.push(
                     format!("{path}.hostPath"),
-                    "must be an absolute path without `.` or `..` components",
+                    "must be an absolute path without `.` or `..` components or control characters",
                 ),
                 _ => {}
             }
@@ -1025,9 +1026,14 @@ fn validate_os(os: &OsSpec, errors: &mut FieldErrors) {
         {
             errors.push(
                 format!("spec.os.{field}"),
-                "must be an absolute path without `.` or `..` components",
+                "must be an absolute path without `.` or `..` components or control characters",
             );
         }
+    }
+    if let Some(cmdline) = &os.cmdline
+        && !crate::names::is_plain_text(cmdline)
+    {
+        errors.push("spec.os.cmdline", "must hold no control characters");
     }
     let mut seen = std::collections::BTreeSet::new();
     for device in &os.boot {

@@ -19,14 +19,29 @@ pub const MAC_PATTERN: &str = r"^[0-9a-fA-F][02468aceACE](:[0-9a-fA-F]{2}){5}$";
 /// A guest device name libvirt accepts as a disk target (`vda`, `sdb`, `hdc`).
 pub const DISK_TARGET_PATTERN: &str = r"^(vd|sd|hd|xvd)[a-z]{1,2}$";
 
-/// An absolute path. `..` components are refused by [`is_clean_absolute_path`], not by the
-/// pattern, to keep the pattern readable.
-pub const ABSOLUTE_PATH_PATTERN: &str = r"^/[^\x00]*$";
+/// An absolute path without control characters. `..` components are refused by
+/// [`is_clean_absolute_path`], not by the pattern, to keep the pattern readable.
+pub const ABSOLUTE_PATH_PATTERN: &str = r"^/[^\x00-\x1f\x7f]*$";
 
-/// Whether `path` is absolute and has no `.` or `..` component (so it cannot climb out of the
-/// directory it names).
+/// Text without control characters (a kernel command line).
+pub const PLAIN_TEXT_PATTERN: &str = r"^[^\x00-\x1f\x7f]*$";
+
+/// Whether `text` can be carried in libvirt's XML and read back the same: only characters
+/// XML 1.0 allows, and no control character (XML refuses most, and rewrites tabs, line feeds
+/// and carriage returns in attributes to spaces: a path holding one would name another
+/// file once libvirt read it).
+pub fn is_plain_text(text: &str) -> bool {
+    text.chars().all(|c| {
+        !c.is_control() && !matches!(c, '\u{fffe}' | '\u{ffff}')
+    })
+}
+
+/// Whether `path` is absolute, has no `.` or `..` component (so it cannot climb out of the
+/// directory it names) and is plain text ([`is_plain_text`]).
 pub fn is_clean_absolute_path(path: &str) -> bool {
-    path.starts_with('/') && !path.contains('\0') && path.split('/').all(|c| c != ".." && c != ".")
+    path.starts_with('/')
+        && is_plain_text(path)
+        && path.split('/').all(|c| c != ".." && c != ".")
 }
 
 /// Whether `text` is a DNS-1123 label ([`DNS_LABEL_PATTERN`], at most 63 characters).

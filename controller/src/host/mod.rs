@@ -446,16 +446,39 @@ fn cpuset(text: &str) -> Result<CpuSet, HostError> {
         .map_err(|e| HostError::Invalid(format!("cpuset `{text}`: {e}")))
 }
 
-/// The engine's definition of a desired domain on `host`.
+/// What a domain's definition takes from the host it is made for.
+#[derive(Debug, Clone, Copy)]
+pub struct DefTarget<'a> {
+    /// The node's name (in messages).
+    pub node: &'a str,
+    /// The domain type (`test`, `kvm`, `qemu`).
+    pub virt_type: &'a str,
+    /// Whether the host is libvirt's test driver (which needs no balloon).
+    pub test_driver: bool,
+}
+
+impl Host {
+    /// What definitions made for this host take from it.
+    pub fn def_target(&self) -> DefTarget<'_> {
+        DefTarget {
+            node: &self.spec.node,
+            virt_type: &self.virt_type,
+            test_driver: self.spec.uri.starts_with("test:"),
+        }
+    }
+}
+
+/// The engine's definition of a desired domain for the host `on` (`pools`: the pool of each
+/// volume a disk names without one).
 pub fn domain_def(
     d: &DesiredDomain,
     preserve: &Preserve,
-    host: &Host,
+    on: DefTarget<'_>,
     pools: &BTreeMap<String, String>,
 ) -> Result<DomainDef, HostError> {
     let mut def = DomainDef::new(&d.name, to_owner(&d.owner));
     def.uuid = preserve.uuid.clone();
-    def.virt_type = host.virt_type.clone();
+    def.virt_type = on.virt_type.to_string();
     def.vcpus = d.vcpus;
     def.max_vcpus = d.max_vcpus;
     def.cpu = match &d.cpu_mode {
@@ -522,7 +545,7 @@ pub fn domain_def(
                         .ok_or_else(|| {
                             HostError::Invalid(format!(
                                 "disk {}: volume {volume} is in no pool on node {}",
-                                disk.name, host.spec.node
+                                disk.name, on.node
                             ))
                         })?;
                     (
@@ -561,11 +584,12 @@ pub fn domain_def(
         })
         .collect();
     // A balloon lets memory change live up to the maximum.
-    def.memballoon = d.max_memory_kib > d.memory_kib || !host.spec.uri.starts_with("test:");
+    def.memballoon = d.max_memory_kib > d.memory_kib || !on.test_driver;
     Ok(def)
 }
 
-fn pool_def(p: &DesiredPool) -> Result<PoolDef, HostError> {
+/// The engine's definition of a desired storage pool.
+pub fn pool_def(p: &DesiredPool) -> Result<PoolDef, HostError> {
     let path = p
         .target_path
         .clone()
@@ -580,7 +604,8 @@ fn pool_def(p: &DesiredPool) -> Result<PoolDef, HostError> {
     Ok(def)
 }
 
-fn network_def(n: &DesiredNetwork) -> NetworkDef {
+/// The engine's definition of a desired network.
+pub fn network_def(n: &DesiredNetwork) -> NetworkDef {
     NetworkDef {
         name: n.name.clone(),
         mode: match n.mode.as_str() {
@@ -609,6 +634,17 @@ fn network_def(n: &DesiredNetwork) -> NetworkDef {
 
 fn volume_format(word: &str) -> VolumeFormat {
     VolumeFormat::parse(word)
+}
+
+/// The engine's definition of a volume `name` the plan creates (`capacity`: the manifest's,
+/// or a clone's source size; `backing`: the volume a copy-on-write overlay is built on).
+pub fn volume_def(name: &str, capacity: u64, format: &str, backing: Option<&str>) -> VolumeDef {
+    VolumeDef {
+        name: name.to_string(),
+        capacity_bytes: capacity,
+        format: volume_format(format),
+        backing_volume: backing.map(str::to_string),
+    }
 }
 
 /// The pools holding each volume on a host, for disks whose pool the manifests do not say.
@@ -689,21 +725,16 @@ async fn run_action(hosts: &Hosts, host: &Host, a: &Action) -> Result<String, Ho
             format,
             source,
         } => {
-            let format = volume_format(format);
             match source {
                 VolumeOrigin::Empty | VolumeOrigin::Backing(_) => {
                     let capacity = capacity.ok_or_else(|| {
                         HostError::Invalid(format!("volume {name} needs a capacity"))
                     })?;
-                    let def = VolumeDef {
-                        name: name.to_string(),
-                        capacity_bytes: capacity,
-                        format,
-                        backing_volume: match source {
-                            VolumeOrigin::Backing(b) => Some(b.clone()),
-                            _ => None,
-                        },
+                    let backing = match source {
+                        VolumeOrigin::Backing(b) => Some(b.as_str()),
+                        _ => None,
                     };
+                    let def = volume_def(name, capacity, format, backing);
                     match e.volume_create(pool, &def).await {
                         Ok(v) => Ok(format!("created at {}", v.path)),
                         Err(exists) if exists.is_already_exists() => {
@@ -725,12 +756,7 @@ async fn run_action(hosts: &Hosts, host: &Host, a: &Action) -> Result<String, Ho
                                 HostError::Invalid(format!("source volume {pool}/{src} is gone"))
                             })?,
                     };
-                    let def = VolumeDef {
-                        name: name.to_string(),
-                        capacity_bytes: capacity,
-                        format,
-                        backing_volume: None,
-                    };
+                    let def = volume_def(name, capacity, format, None);
                     match e.volume_clone(pool, &def, src).await {
                         Ok(v) => Ok(format!(
                             "cloned to {} ({})",
@@ -814,7 +840,7 @@ async fn run_action(hosts: &Hosts, host: &Host, a: &Action) -> Result<String, Ho
             } else {
                 BTreeMap::new()
             };
-            e.domain_define(&domain_def(domain, preserve, host, &pools)?)
+            e.domain_define(&domain_def(domain, preserve, host.def_target(), &pools)?)
                 .await
                 .map_err(&err)?;
             done("defined")
@@ -876,7 +902,7 @@ async fn run_action(hosts: &Hosts, host: &Host, a: &Action) -> Result<String, Ho
                 .await
                 .map_err(&err)?;
             let pools = volume_pools(host).await?;
-            e.domain_define(&domain_def(domain, preserve, host, &pools)?)
+            e.domain_define(&domain_def(domain, preserve, host.def_target(), &pools)?)
                 .await
                 .map_err(&err)?;
             e.domain_start(name, &owner).await.map_err(&err)?;

@@ -140,16 +140,16 @@ impl Element {
         let pad = "  ".repeat(depth);
         let _ = write!(out, "{pad}<{}", self.name);
         for (k, v) in &self.attrs {
-            let _ = write!(out, " {k}=\"{}\"", escape(v.as_str()));
+            let _ = write!(out, " {k}=\"{}\"", escape_attribute(v));
         }
         if self.children.is_empty() && self.text.is_empty() {
             out.push_str("/>\n");
         } else if self.children.is_empty() {
-            let _ = writeln!(out, ">{}</{}>", escape(self.text.as_str()), self.name);
+            let _ = writeln!(out, ">{}</{}>", escape_text(&self.text), self.name);
         } else {
             out.push_str(">\n");
             if !self.text.is_empty() {
-                let _ = writeln!(out, "{pad}  {}", escape(self.text.as_str()));
+                let _ = writeln!(out, "{pad}  {}", escape_text(&self.text));
             }
             for c in &self.children {
                 c.write(out, depth + 1);
@@ -157,6 +157,22 @@ impl Element {
             let _ = writeln!(out, "{pad}</{}>", self.name);
         }
     }
+}
+
+/// `value` escaped for a double-quoted attribute: the markup characters, and the whitespace a
+/// reader would otherwise turn into spaces (XML's attribute-value normalization), so the
+/// value reads back exactly as written.
+fn escape_attribute(value: &str) -> String {
+    escape(value)
+        .replace('\t', "&#9;")
+        .replace('\n', "&#10;")
+        .replace('\r', "&#13;")
+}
+
+/// `text` escaped for element content: the markup characters, and carriage returns (which a
+/// reader would otherwise turn into line feeds).
+fn escape_text(text: &str) -> String {
+    escape(text).replace('\r', "&#13;")
 }
 
 /// Parses a whole document and returns its root element.
@@ -288,5 +304,17 @@ mod tests {
     fn single_empty_root_and_truncation() {
         assert_eq!(parse("<a k='v'/>").unwrap().get("k"), Some("v"));
         assert!(parse("<a>").is_err());
+    }
+
+    #[test]
+    fn whitespace_and_markup_read_back_exactly() {
+        let nasty = "a\tb\nc\r\nd <x a='1'/> & \" ' ]]>";
+        let doc = Element::new("root")
+            .attr("v", nasty)
+            .child(Element::new("t").text(nasty));
+        let back = parse(&doc.to_xml()).unwrap();
+        assert_eq!(back.get("v"), Some(nasty));
+        assert_eq!(back.find("t").map(|t| t.text.as_str()), Some(nasty));
+        assert_eq!(back.children.len(), 1);
     }
 }
