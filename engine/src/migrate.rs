@@ -117,6 +117,29 @@ pub struct JobProgress {
     pub mem_bps: Option<u64>,
     /// Downtime (completed job), ms.
     pub downtime_ms: Option<u64>,
+    /// Memory copy iteration (pre-copy passes so far).
+    pub iteration: Option<u64>,
+}
+
+impl JobProgress {
+    /// Whether this is an outbound migration (this host is the source).
+    pub fn is_migration_out(&self) -> bool {
+        self.operation == Some(sys::VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT as i32)
+    }
+
+    /// Whether this is an inbound migration (this host is the destination).
+    pub fn is_migration_in(&self) -> bool {
+        self.operation == Some(sys::VIR_DOMAIN_JOB_OPERATION_MIGRATION_IN as i32)
+    }
+
+    /// Percent of the data moved (0-100), when libvirt reports both totals.
+    pub fn percent(&self) -> Option<u32> {
+        let (done, total) = (self.data_processed?, self.data_total?);
+        if total == 0 {
+            return None;
+        }
+        Some(((done.min(total) as u128 * 100) / total as u128) as u32)
+    }
 }
 
 /// `virDomainGetJobStats` read directly: `virt`'s wrapper builds a `Vec` from libvirt's
@@ -162,6 +185,7 @@ pub(crate) fn job_stats(
         data_processed: ull(sys::VIR_DOMAIN_JOB_DATA_PROCESSED),
         data_remaining: ull(sys::VIR_DOMAIN_JOB_DATA_REMAINING),
         mem_bps: ull(sys::VIR_DOMAIN_JOB_MEMORY_BPS),
+        iteration: ull(sys::VIR_DOMAIN_JOB_MEMORY_ITERATION),
         downtime_ms: ull(sys::VIR_DOMAIN_JOB_DOWNTIME),
     });
     if !params.is_null() {

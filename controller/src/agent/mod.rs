@@ -24,7 +24,9 @@ pub mod domain;
 pub mod drift;
 pub mod error;
 pub mod http;
+pub mod local;
 pub mod metrics;
+pub mod moves;
 pub mod network;
 pub mod node;
 pub mod pernode;
@@ -41,13 +43,14 @@ use anyhow::Context as _;
 use futures::{FutureExt, StreamExt};
 use kube::api::{Api, ListParams};
 use kube::runtime::controller::{self, Action, Controller};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Client, Resource};
 use prometheus_client::registry::Registry;
 use virtkube_crds::{Domain, HypervisorNode, Network, StoragePool, Volume};
 use virtkube_engine::EngineConfig;
 
 use crate::host::{HostSpec, Hosts};
+use crate::placement;
 
 use self::context::{Context, Settings};
 use self::error::Error;
@@ -283,8 +286,20 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
 
     let config = controller::Config::default().concurrency(args.concurrency.max(1));
     let watch = || watcher::Config::default().any_semantic();
+    // Domains: only those the controller routed here (this node holds them, or a move
+    // targets it), and only changes that matter to the protocol or the spec: the agent's
+    // own status writes do not come back as reconciles.
+    let (domain_store, domain_writer) = reflector::store();
+    let domain_stream = watcher(
+        Api::<Domain>::all(client.clone()),
+        watch().labels(&placement::write::node_label(&args.node_name)),
+    )
+    .default_backoff()
+    .reflect(domain_writer)
+    .applied_objects()
+    .predicate_filter(domain::trigger_hash, Default::default());
     let domain_controller =
-        Controller::new(Api::<Domain>::all(client.clone()), watch()).with_config(config.clone());
+        Controller::for_stream(domain_stream, domain_store).with_config(config.clone());
     let volume_controller =
         Controller::new(Api::<Volume>::all(client.clone()), watch()).with_config(config.clone());
     let network_controller =
@@ -337,6 +352,9 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     // Domains resolve their disks through the Volume controller's cache.
     ctx.volumes = Some(volume_store.clone());
     ctx.domains = Some(domain_store.clone());
+    // Migration tasks ask for a reconcile of their domain when libvirt returns.
+    let (requeue_tx, requeue_rx) = futures::channel::mpsc::unbounded();
+    ctx.requeue = Some(requeue_tx);
     let ctx = Arc::new(ctx);
     // Pools and networks are selected by this node's labels: read them before the first
     // reconcile (the publisher keeps them current afterwards).
@@ -377,7 +395,7 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     };
     let domains = drive(
         domain_controller
-            .reconcile_on(drift_rx)
+            .reconcile_on(futures::stream::select(drift_rx, requeue_rx))
             .graceful_shutdown_on(shutdown.clone()),
         domain::reconcile,
         domain::KIND,

@@ -195,10 +195,9 @@ mod tests {
             ..DomainStatus::default()
         };
         assert_eq!(claim_of(Some(&status)).migration, None);
-        status
-            .migration
-            .as_mut()
-            .map(|m| m.target_node = Some("b".into()));
+        if let Some(m) = status.migration.as_mut() {
+            m.target_node = Some("b".into());
+        }
         assert_eq!(
             claim_of(Some(&status)).migration,
             Some(Move {
