@@ -146,8 +146,47 @@ pub async fn reconcile(dom: Arc<Domain>, ctx: Arc<Context>) -> Result<Action> {
     let api: Api<Domain> = Api::namespaced(ctx.client.clone(), &ns);
     let span =
         tracing::info_span!("reconcile", kind = KIND, namespace = %ns, name = %dom.name_any());
-    let result = rounds(&dom, &ctx, &api).instrument(span).await;
+    let result = rounds(&dom, &ctx, &api).instrument(span.clone()).await;
+    if let Err(error) = &result
+        && is_unreachable(error)
+    {
+        unreachable(&dom, &ctx, &api, error).instrument(span).await;
+    }
     reconcile::counted(&ctx, KIND, result)
+}
+
+/// Whether libvirt could not be asked at all.
+fn is_unreachable(error: &Error) -> bool {
+    matches!(
+        error,
+        Error::Engine(e) if e.is_connection_error()
+            || matches!(e, virtkube_engine::EngineError::Closed { .. })
+    )
+}
+
+/// libvirt cannot be asked: for a domain held here, what the guest does is unknown, not
+/// failed. The phase says `Unknown`, `Ready` says why, and the last facts stay (a status
+/// write, once per outage: it changes only when the failure does).
+async fn unreachable(dom: &Domain, ctx: &Context, api: &Api<Domain>, error: &Error) {
+    if facts_of(dom).claim.holder.as_deref() != Some(ctx.settings.node.as_str()) {
+        return;
+    }
+    let (reason, message) = error.reason_and_message();
+    let mut status = dom.status.clone().unwrap_or_default();
+    status.phase = Some(DomainPhase::Unknown);
+    set(
+        &mut status.conditions,
+        dom,
+        conditions::READY,
+        false,
+        reason,
+        message.clone(),
+    );
+    match write_if_changed(dom, ctx, api, status).await {
+        Ok(true) => reconcile::report_failure(ctx, dom, reason, &message).await,
+        Ok(false) => {}
+        Err(e) => tracing::debug!(error = %e, "recording that libvirt is unreachable"),
+    }
 }
 
 /// What one round ended with.
@@ -296,11 +335,7 @@ async fn converge(dom: &Domain, ctx: &Context, api: &Api<Domain>) -> Result<Acti
         }
         Err(error) => {
             let (reason, message) = error.reason_and_message();
-            let unreachable = matches!(
-                &error,
-                Error::Engine(e) if e.is_connection_error()
-                    || matches!(e, virtkube_engine::EngineError::Closed { .. })
-            );
+            let unreachable = is_unreachable(&error);
             let mut status = if unreachable {
                 // libvirt cannot be asked: what the guest does is unknown, not failed; the
                 // last facts stay as they were.
