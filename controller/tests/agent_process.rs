@@ -121,38 +121,32 @@ async fn agent_without_crds_refuses_to_start_and_says_how_to_install_them() {
 
 #[tokio::test]
 async fn running_controllers_converge_listed_objects_in_dependency_order_then_go_quiet() {
-    let node_fin = "node.virtkube.io/proc-node";
-    let meta = |name: &str, ns: Option<&str>, fin: &str| {
-        let mut m = json!({"name": name, "uid": format!("uid-proc-{name}"), "generation": 1,
-                            "resourceVersion": "1", "finalizers": [fin]});
-        if let Some(ns) = ns {
-            m["namespace"] = json!(ns);
-        }
-        m
-    };
+    let api = virtkube_testapi::TestApi::start().await.unwrap();
+    api.create_namespace("proc").unwrap();
+    let admin = api.client("admin").await.unwrap();
     let objects = vec![
         (
             "storagepools",
             json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "StoragePool",
-            "metadata": meta("procpool", None, node_fin),
+            "metadata": {"name": "procpool"},
             "spec": {"type": "dir", "target": {"path": "/var/lib/virtkube/pools/procpool"}}}),
         ),
         (
             "networks",
             json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "Network",
-            "metadata": meta("procnet", None, node_fin),
+            "metadata": {"name": "procnet"},
             "spec": {"mode": "isolated", "ip": {"address": "10.152.0.1", "prefix": 24}}}),
         ),
         (
             "volumes",
             json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "Volume",
-            "metadata": meta("root", Some("proc"), "virtkube.io/cleanup"),
+            "metadata": {"name": "root", "namespace": "proc"},
             "spec": {"pool": "procpool", "capacity": "1Gi", "nodeName": "proc-node"}}),
         ),
         (
             "domains",
             json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "Domain",
-            "metadata": meta("vm", Some("proc"), "virtkube.io/cleanup"),
+            "metadata": {"name": "vm", "namespace": "proc"},
             "spec": {"nodeName": "proc-node", "memory": {"size": "64Mi"},
                      "cpu": {"vcpus": 1, "pinning": [{"vcpu": 0, "cpuset": "0"}]},
                      "disks": [{"name": "root", "volume": "root"}],
@@ -162,107 +156,85 @@ async fn running_controllers_converge_listed_objects_in_dependency_order_then_go
         (
             "domains",
             json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "Domain",
-            "metadata": meta("other", Some("proc"), "virtkube.io/cleanup"),
+            "metadata": {"name": "other", "namespace": "proc"},
             "spec": {"nodeName": "node-z", "memory": {"size": "64Mi"}}}),
         ),
     ];
-    let (api, fake) = fake_api_with(objects).await;
+    // Listed in the reverse of their dependencies: the domain first.
+    for (plural, obj) in objects.into_iter().rev() {
+        api.create(plural, obj).unwrap();
+    }
+    // Bound as the cluster controller binds them.
+    agent_support::bind_domain(&admin, "proc", "vm", "proc-node").await;
+    agent_support::bind_domain(&admin, "proc", "other", "node-z").await;
     let dir = tempfile::tempdir().unwrap();
-    let config = kubeconfig(dir.path(), api);
-    let port = free_port();
-    let mut child = agent(&config, port, "test:///default");
+    let config = kubeconfig(dir.path(), api.addr());
+    let log = dir.path().join("agent.log");
+    let mut child = agent_support::fake_api::agent_with(
+        &config,
+        free_port(),
+        "test:///default",
+        &[],
+        Some(&log),
+    );
     let _kill_child = agent_support::fake_api::KillOnDrop(child.id());
+    let logs = || std::fs::read_to_string(&log).unwrap_or_default();
 
     // Converged when the domain reports Ready=True (the pool, volume and network first:
     // until they are, the domain is retried with backoff).
-    let ready = |body: &Value| {
-        body["status"]["conditions"].as_array().is_some_and(|cs| {
-            cs.iter()
-                .any(|c| c["type"] == "Ready" && c["status"] == "True")
-        })
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let done = fake
-            .lock()
-            .unwrap()
-            .status_patches
-            .iter()
-            .any(|(p, b)| p.ends_with("/domains/vm/status") && ready(b));
-        if done {
-            break;
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "agent exited ({status}): {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            let f = fake.lock().unwrap();
-            panic!(
-                "the domain never became Ready; patches {:?}\nlogs {}",
-                f.status_patches,
-                String::from_utf8_lossy(&out.stdout)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let (patches, events) = {
-        let f = fake.lock().unwrap();
-        (f.status_patches.clone(), f.events.clone())
-    };
-    let last = |suffix: &str| {
-        patches
-            .iter()
-            .rev()
-            .find(|(p, _)| p.ends_with(suffix))
-            .map(|(_, b)| b.clone())
-            .unwrap_or_else(|| panic!("no status patch for {suffix}: {patches:?}"))
-    };
-    let vm = last("/domains/vm/status");
-    assert_eq!(vm["status"]["phase"], "Running");
+    eventually(60, "the domain Ready", || {
+        ready(&api.get("domains", "proc", "vm"))
+    })
+    .await;
+    let vm = api.get("domains", "proc", "vm").unwrap();
+    assert_eq!(vm["status"]["phase"], "Running", "{}", logs());
     assert_eq!(vm["status"]["nodeName"], "proc-node");
     assert_eq!(vm["status"]["vcpuAffinity"][0]["cpuset"], "0");
-    assert_eq!(last("/volumes/root/status")["status"]["phase"], "Available");
     assert_eq!(
-        last("/storagepools/procpool/status")["status"]["nodes"][0]["state"],
+        api.get("volumes", "proc", "root").unwrap()["status"]["phase"],
+        "Available"
+    );
+    assert_eq!(
+        api.get("storagepools", "", "procpool").unwrap()["status"]["nodes"][0]["state"],
         "Running"
     );
     assert_eq!(
-        last("/networks/procnet/status")["status"]["nodes"][0]["active"],
+        api.get("networks", "", "procnet").unwrap()["status"]["nodes"][0]["active"],
         true
     );
+    let other = api.get("domains", "proc", "other").unwrap();
     assert!(
-        !patches.iter().any(|(p, _)| p.contains("/domains/other/")),
-        "another node's domain is never touched"
+        other["metadata"]["finalizers"].is_null()
+            && other["status"]["phase"].is_null()
+            && !api.requests().iter().any(|r| r.identity != "admin"
+                && r.resource == "domains"
+                && r.name == "other"),
+        "another node's domain is never touched: {other}"
     );
+    let reasons: Vec<String> = agent_support::events(&api)
+        .iter()
+        .map(|e| e.1.clone())
+        .collect();
     for reason in ["Defined", "Started", "VolumeCreated"] {
         assert!(
-            events.iter().any(|e| e == reason),
-            "{reason} missing from {events:?}"
+            reasons.iter().any(|e| e == reason),
+            "{reason} missing from {reasons:?}"
         );
     }
 
     // Quiet once converged: no more writes.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let settled = fake.lock().unwrap().status_patches.len();
+    let rv = api.resource_version();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(
-        fake.lock().unwrap().status_patches.len(),
-        settled,
-        "writes in steady state"
-    );
+    let changes = agent_support::writes_since(&api, rv);
+    assert!(changes.is_empty(), "writes in steady state: {changes:?}");
 
     sigterm(child.id());
-    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+    let status = tokio::task::spawn_blocking(move || child.wait())
         .await
         .unwrap()
         .unwrap();
-    assert!(out.status.success());
+    assert!(status.success(), "{}", logs());
 }
 
 /// Waits until `check` holds, up to `secs`.
@@ -332,6 +304,9 @@ async fn whole_lifecycle_through_watches_finalizers_spec_changes_and_deletes() {
         "spec": {"type": "dir", "target": {"path": "/var/lib/virtkube/pools/lifepool"}}}),
     )
     .unwrap();
+    // Bound as the cluster controller binds it.
+    let admin = api.client("admin").await.unwrap();
+    agent_support::bind_domain(&admin, "life", "vm", "proc-node").await;
 
     eventually(60, "everything Ready", || {
         ready(&api.get("domains", "life", "vm"))
