@@ -274,7 +274,13 @@ async fn a_copy_here_that_another_node_holds_is_removed_with_an_event() {
     assert_eq!(w.libvirt_state().await, None, "the stale copy is gone");
     assert!(w.event_reasons().contains(&"StaleCopyRemoved".to_string()));
     assert_eq!(
-        w.stored().await.unwrap().status.unwrap().node_name.as_deref(),
+        w.stored()
+            .await
+            .unwrap()
+            .status
+            .unwrap()
+            .node_name
+            .as_deref(),
         Some("node-b"),
         "the claim is not this node's to change"
     );
@@ -435,4 +441,54 @@ async fn libvirt_out_of_reach_makes_the_phase_unknown_not_failed() {
         (ready.status.as_str(), ready.reason.as_str()),
         ("False", "LibvirtError")
     );
+}
+
+#[tokio::test]
+async fn the_sweep_removes_copies_of_deleted_or_elsewhere_held_domains_only() {
+    let w = World::new("sweep").await;
+    w.create(json!({}));
+    bind_domain(&w.client, &w.ns, "web", NODE).await;
+    w.reconcile().await.unwrap();
+    assert_eq!(w.libvirt_state().await.as_deref(), Some("running"));
+    let (empty, _writer) = kube::runtime::reflector::store::<Domain>();
+
+    // Held here, merely not routed yet (the controller has not labelled it): left alone.
+    let swept = virtkube::agent::sweep::sweep(&w.ctx, &empty).await.unwrap();
+    assert!(swept.looked >= 1 && swept.removed.is_empty(), "{swept:?}");
+    assert_eq!(w.libvirt_state().await.as_deref(), Some("running"));
+
+    // Held by another node (this one was declared fenced and came back): removed.
+    let api = w.domains();
+    let dom = api.get("web").await.unwrap();
+    let mut status = dom.status.clone().unwrap();
+    status.node_name = Some("node-b".into());
+    write_status(&api, &dom, &status, "virtkube-controller")
+        .await
+        .unwrap();
+    let swept = virtkube::agent::sweep::sweep(&w.ctx, &empty).await.unwrap();
+    assert_eq!(swept.removed, vec!["sweep/web".to_string()]);
+    assert_eq!(w.libvirt_state().await, None);
+}
+
+#[tokio::test]
+async fn the_sweep_removes_the_copy_of_a_domain_deleted_while_the_node_was_away() {
+    let w = World::new("orphan").await;
+    w.create(json!({}));
+    bind_domain(&w.client, &w.ns, "web", NODE).await;
+    w.reconcile().await.unwrap();
+    // Deleted for good behind this node's back (its finalizer removed by hand).
+    w.domains()
+        .patch(
+            "web",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"metadata": {"finalizers": null}})),
+        )
+        .await
+        .unwrap();
+    w.api.delete("domains", &w.ns, "web").unwrap();
+    assert!(w.stored().await.is_none());
+    let (empty, _writer) = kube::runtime::reflector::store::<Domain>();
+    let swept = virtkube::agent::sweep::sweep(&w.ctx, &empty).await.unwrap();
+    assert_eq!(swept.removed, vec!["orphan/web".to_string()]);
+    assert_eq!(w.libvirt_state().await, None);
 }

@@ -125,13 +125,7 @@ async fn a_libvirt_event_requests_a_reconcile_of_the_owning_domain_within_a_seco
     let (tx, mut rx) = futures::channel::mpsc::unbounded();
     let (store, _writer) = kube::runtime::reflector::store::<Domain>();
     let metrics = ctx.metrics.clone();
-    tokio::spawn(drift::forward(
-        engine.events(),
-        store,
-        NODE.into(),
-        metrics,
-        tx,
-    ));
+    tokio::spawn(drift::forward(engine.events(), store, metrics, tx));
     let owner = Owner::new("Domain", "uid-ev", Some("events"), "vm");
     let def = DomainDef {
         virt_type: "test".into(),

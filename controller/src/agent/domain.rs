@@ -660,7 +660,7 @@ async fn end_move(
 
 /// Removes a copy this node does not hold: only the very copy observed before the read
 /// (the same runtime id while it runs), never one a migration job holds.
-async fn remove_stale_copy(dom: &Domain, before: &Copy, ctx: &Context) -> Result<()> {
+pub(super) async fn remove_stale_copy(dom: &Domain, before: &Copy, ctx: &Context) -> Result<()> {
     let name = converge::domain_host_name(dom);
     let owner = converge::owner_of(dom)?;
     let now = local::look(&ctx.engine, dom).await?;
@@ -684,8 +684,11 @@ async fn remove_stale_copy(dom: &Domain, before: &Copy, ctx: &Context) -> Result
         holder.map_or("no node".to_string(), |h| format!("node {h}"))
     );
     tracing::warn!(%note, "stale copy removed");
-    ctx.event(dom, true, "StaleCopyRemoved", "RemoveStaleCopy", note)
-        .await;
+    // A Domain that no longer exists gets no event, only the log line.
+    if dom.resource_version().is_some() {
+        ctx.event(dom, true, "StaleCopyRemoved", "RemoveStaleCopy", note)
+            .await;
+    }
     Ok(())
 }
 

@@ -32,6 +32,7 @@ pub mod node;
 pub mod pernode;
 pub mod pool;
 pub mod reconcile;
+pub mod sweep;
 pub mod volume;
 
 use std::net::SocketAddr;
@@ -375,7 +376,6 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     let drift = drift::forward(
         engine.events(),
         domain_store.clone(),
-        ctx.settings.node.clone(),
         metrics.clone(),
         drift_tx,
     );
@@ -427,6 +427,26 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
         ctx.clone(),
         failures.clone(),
     );
+    let sweeper = {
+        let (ctx, store, mut stop) = (ctx.clone(), domain_store.clone(), stop_rx.clone());
+        let every = ctx.settings.resync;
+        async move {
+            // Only once the watch cache is filled: before, every Domain looks unrouted.
+            if store.wait_until_ready().await.is_err() {
+                return;
+            }
+            loop {
+                match sweep::sweep(&ctx, &store).await {
+                    Ok(swept) => tracing::debug!(?swept, "sweep of copies not routed here"),
+                    Err(e) => tracing::warn!(error = %e, "sweep of copies not routed here failed"),
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+            }
+        }
+    };
     let publisher = node::run(
         ctx.clone(),
         domain_store,
@@ -441,7 +461,7 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
         .controllers_running
         .store(true, std::sync::atomic::Ordering::SeqCst);
     let work = async {
-        tokio::join!(domains, volumes, networks, pools, publisher);
+        tokio::join!(domains, volumes, networks, pools, publisher, sweeper);
     };
     let signals = wait_for_signal();
     tokio::pin!(work);
