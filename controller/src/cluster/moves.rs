@@ -364,7 +364,12 @@ impl Backoff {
         }
         let source = record.source_node.clone().unwrap_or_default();
         let target = record.target_node.clone().unwrap_or_default();
-        let end = record.end_time.as_ref().map(|t| t.0);
+        // Whole seconds: that is what a `Time` keeps once written (a record must not look
+        // new because someone wrote it back).
+        let end = record
+            .end_time
+            .as_ref()
+            .and_then(|t| Timestamp::from_second(t.0.as_second()).ok());
         let id = (state, source.clone(), target.clone(), end);
         if self.seen.get(key) == Some(&id) {
             return None;
