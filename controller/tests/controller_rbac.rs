@@ -68,7 +68,10 @@ impl Rule {
         for g in &self.api_groups {
             for r in &self.resources {
                 for v in &self.verbs {
-                    assert!(![g, r, v].iter().any(|s| s.as_str() == "*"), "wildcard in {g}/{r}/{v}");
+                    assert!(
+                        ![g, r, v].iter().any(|s| s.as_str() == "*"),
+                        "wildcard in {g}/{r}/{v}"
+                    );
                     out.push((g.clone(), r.clone(), v.clone()));
                 }
             }
@@ -78,13 +81,20 @@ impl Rule {
 }
 
 fn chart_rules() -> Rules {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/virtkube/rbac/controller.yaml");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../charts/virtkube/rbac/controller.yaml"
+    );
     serde_saphyr::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
 fn authorizer(rules: &Rules) -> Authorizer {
     let mut a = Authorizer::new(&["admin"]);
-    a.grant(USER, None, rules.cluster_rules.iter().map(Rule::policy).collect());
+    a.grant(
+        USER,
+        None,
+        rules.cluster_rules.iter().map(Rule::policy).collect(),
+    );
     a.grant(
         USER,
         Some(LEASE_NAMESPACE),
@@ -106,12 +116,16 @@ async fn the_chart_grants_the_controller_exactly_what_it_calls() {
     api.create_namespace(LEASE_NAMESPACE).unwrap();
     let now = Timestamp::now();
     let beat = now.to_string();
-    let silent = now.checked_sub(SignedDuration::from_secs(600)).unwrap().to_string();
+    let silent = now
+        .checked_sub(SignedDuration::from_secs(600))
+        .unwrap()
+        .to_string();
     for (name, heartbeat) in [("node-a", &beat), ("node-b", &beat), ("node-c", &silent)] {
         api.create("hypervisornodes", hvn_meta(name)).unwrap();
         agent_publishes(&admin, name, hvn_status("32Gi", 8, heartbeat)).await;
     }
-    api.create("nodes", k8s_node("node-b", true, json!([]))).unwrap();
+    api.create("nodes", k8s_node("node-b", true, json!([])))
+        .unwrap();
     api.create("networks", json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "Network", "metadata": {"name": "vk-nat"}, "spec": {"mode": "isolated"}})).unwrap();
     for (name, shared) in [("local", false), ("shared", true)] {
         api.create("storagepools", json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "StoragePool", "metadata": {"name": name}, "spec": {"type": "dir", "target": {"path": "/p"}, "shared": shared}})).unwrap();
@@ -125,9 +139,18 @@ async fn the_chart_grants_the_controller_exactly_what_it_calls() {
             .await
             .unwrap();
     }
-    api.create("volumes", volume("default", "data", "local")).unwrap();
-    api.create("volumes", volume("default", "root", "shared")).unwrap();
-    api.create("volumes", with(volume("default", "old", "local"), json!({"metadata": {"finalizers": ["virtkube.io/cleanup"]}}))).unwrap();
+    api.create("volumes", volume("default", "data", "local"))
+        .unwrap();
+    api.create("volumes", volume("default", "root", "shared"))
+        .unwrap();
+    api.create(
+        "volumes",
+        with(
+            volume("default", "old", "local"),
+            json!({"metadata": {"finalizers": ["virtkube.io/cleanup"]}}),
+        ),
+    )
+    .unwrap();
     api.delete("volumes", "default", "old").unwrap();
     let create = |v: serde_json::Value| {
         let mut v = v;
@@ -136,16 +159,40 @@ async fn the_chart_grants_the_controller_exactly_what_it_calls() {
         }
         api.create("domains", v).unwrap();
     };
-    create(with(domain("default", "new", "1Gi"), json!({"spec": {"disks": [{"name": "d", "volume": "data"}]}})));
-    create(with(domain("default", "drained", "1Gi"), json!({"spec": {"disks": [{"name": "r", "volume": "root"}]}})));
+    create(with(
+        domain("default", "new", "1Gi"),
+        json!({"spec": {"disks": [{"name": "d", "volume": "data"}]}}),
+    ));
+    create(with(
+        domain("default", "drained", "1Gi"),
+        json!({"spec": {"disks": [{"name": "r", "volume": "root"}]}}),
+    ));
     create(domain("default", "lost", "1Gi"));
-    create(with(domain("default", "gone", "1Gi"), json!({"metadata": {"finalizers": ["virtkube.io/cleanup"]}})));
+    create(with(
+        domain("default", "gone", "1Gi"),
+        json!({"metadata": {"finalizers": ["virtkube.io/cleanup"]}}),
+    ));
     api.delete("domains", "default", "gone").unwrap();
-    agent_writes_domain(&admin, "default", "drained", json!({"nodeName": "node-b", "phase": "Running"})).await;
-    agent_writes_domain(&admin, "default", "lost", json!({"nodeName": "node-c", "phase": "Running"})).await;
+    agent_writes_domain(
+        &admin,
+        "default",
+        "drained",
+        json!({"nodeName": "node-b", "phase": "Running"}),
+    )
+    .await;
+    agent_writes_domain(
+        &admin,
+        "default",
+        "lost",
+        json!({"nodeName": "node-c", "phase": "Running"}),
+    )
+    .await;
     // One lost compare-and-swap of each kind: the controller reads the object again.
     api.inject(1, Answer::Conflict, |r: &RequestInfo| {
-        r.identity == USER && r.resource == "domains" && r.subresource == "status" && r.name == "new"
+        r.identity == USER
+            && r.resource == "domains"
+            && r.subresource == "status"
+            && r.name == "new"
     });
     api.inject(1, Answer::Conflict, |r: &RequestInfo| {
         r.identity == USER && r.resource == "volumes" && r.subresource == "status"
@@ -169,8 +216,10 @@ async fn the_chart_grants_the_controller_exactly_what_it_calls() {
     let get = |r: &str, name: &str| api.get(r, "default", name);
     eventually(20, "everything decided", || {
         get("domains", "new").is_some_and(|d| d["status"]["nodeName"] == "node-a")
-            && get("volumes", "data").is_some_and(|v| v["metadata"]["labels"]["node.virtkube.io/node-a"] == "holder")
-            && get("domains", "drained").is_some_and(|d| d["status"]["migration"]["state"] == "Pending")
+            && get("volumes", "data")
+                .is_some_and(|v| v["metadata"]["labels"]["node.virtkube.io/node-a"] == "holder")
+            && get("domains", "drained")
+                .is_some_and(|d| d["status"]["migration"]["state"] == "Pending")
             && get("domains", "lost").is_some_and(|d| condition(&d, "NodeUnreachable").is_some())
             && get("domains", "gone").is_none()
             && get("volumes", "old").is_none()
@@ -184,7 +233,11 @@ async fn the_chart_grants_the_controller_exactly_what_it_calls() {
     .await;
     controller.stop().await;
 
-    let mine: Vec<_> = api.requests().into_iter().filter(|r| r.identity == USER && !r.resource.is_empty()).collect();
+    let mine: Vec<_> = api
+        .requests()
+        .into_iter()
+        .filter(|r| r.identity == USER && !r.resource.is_empty())
+        .collect();
     let check = authorizer(&rules);
     let refused: Vec<String> = mine
         .iter()
@@ -205,9 +258,17 @@ async fn the_chart_grants_the_controller_exactly_what_it_calls() {
             };
             check.check(&info).is_some()
         })
-        .map(|r| format!("{} {}/{} {} in {:?}", r.verb, r.group, r.resource, r.subresource, r.namespace))
+        .map(|r| {
+            format!(
+                "{} {}/{} {} in {:?}",
+                r.verb, r.group, r.resource, r.subresource, r.namespace
+            )
+        })
         .collect();
-    assert!(refused.is_empty(), "requests rbac/controller.yaml does not allow: {refused:?}");
+    assert!(
+        refused.is_empty(),
+        "requests rbac/controller.yaml does not allow: {refused:?}"
+    );
 
     let used: BTreeSet<Grant> = mine
         .iter()
@@ -230,13 +291,23 @@ async fn the_chart_grants_the_controller_exactly_what_it_calls() {
         .iter()
         .map(|(g, r, v, _)| (g.to_string(), r.to_string(), v.to_string()))
         .collect();
-    let extra: Vec<&Grant> = granted.difference(&used).filter(|g| !process.contains(*g)).collect();
-    assert!(extra.is_empty(), "rbac/controller.yaml grants what no controller call needs: {extra:?}");
+    let extra: Vec<&Grant> = granted
+        .difference(&used)
+        .filter(|g| !process.contains(*g))
+        .collect();
+    assert!(
+        extra.is_empty(),
+        "rbac/controller.yaml grants what no controller call needs: {extra:?}"
+    );
     let stale: Vec<&Grant> = process.difference(&granted).collect();
-    assert!(stale.is_empty(), "PROCESS_LEVEL lists what the chart no longer grants: {stale:?}");
+    assert!(
+        stale.is_empty(),
+        "PROCESS_LEVEL lists what the chart no longer grants: {stale:?}"
+    );
     // The lease's namespace is the only namespaced grant used outside the cluster rules.
-    assert!(mine
-        .iter()
-        .filter(|r| r.resource == "leases")
-        .all(|r| r.namespace == LEASE_NAMESPACE));
+    assert!(
+        mine.iter()
+            .filter(|r| r.resource == "leases")
+            .all(|r| r.namespace == LEASE_NAMESPACE)
+    );
 }
