@@ -107,7 +107,7 @@ async fn two_replicas_one_leads_and_sigterm_hands_over_at_once() {
     let mut c1 = controller(&kc, p1, "c1", &log1, &[]);
     let _k1 = KillOnDrop(c1.id());
     wait_role(p1, "leader", 15).await;
-    let c2 = controller(&kc, p2, "c2", &log2, &[]);
+    let mut c2 = controller(&kc, p2, "c2", &log2, &[]);
     let _k2 = KillOnDrop(c2.id());
     wait_role(p2, "standby", 15).await;
 
@@ -161,6 +161,27 @@ async fn two_replicas_one_leads_and_sigterm_hands_over_at_once() {
     }
     let logs = std::fs::read_to_string(&log1).unwrap();
     assert!(logs.contains("lease released"), "{logs}");
+
+    let status = Command::new("kill")
+        .args(["-TERM", &c2.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = tokio::task::spawn_blocking(move || c2.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        exit.success(),
+        "{}",
+        std::fs::read_to_string(&log2).unwrap()
+    );
+    let lease = api.get("leases", "default", "virtkube-controller").unwrap();
+    assert_eq!(
+        lease["spec"]["holderIdentity"],
+        Value::Null,
+        "released on the way out"
+    );
 }
 
 #[tokio::test]
