@@ -183,7 +183,7 @@ pub async fn pass(ctx: &Ctx, state: &mut PassState, snap: Snapshot, now: Timesta
     volumes.sort_by_key(volume_key);
     let mut report = Report::default();
     let settings = &ctx.settings;
-    let mut cluster = Cluster::build(
+    let cluster = Cluster::build(
         &hypervisors,
         &nodes,
         &networks,
@@ -253,7 +253,6 @@ pub async fn pass(ctx: &Ctx, state: &mut PassState, snap: Snapshot, now: Timesta
     }
 
     // Volumes (they follow the domains just bound).
-    cluster.volumes = Cluster::build(&[], &[], &[], &[], &volumes, settings, now).volumes;
     let consumers = Consumers::of(&domains, &volumes);
     let mut kept = Vec::with_capacity(volumes.len());
     for vol in volumes {
