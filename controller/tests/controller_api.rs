@@ -336,6 +336,14 @@ async fn six_requested_moves_five_approved_and_the_sixth_waits_for_a_slot() {
     agent_writes_domain(&client, NS, "m1", json!({"nodeName": "node-d", "migration": {"state": "Succeeded", "endTime": Timestamp::now().to_string()}})).await;
     pass_now(&ctx, &mut state).await;
     assert_eq!(migration(&api, "m6")["state"], "Pending");
+    let finished = ctx
+        .metrics
+        .migrations_finished
+        .get_or_create(&virtkube::cluster::metrics::OutcomeLabels {
+            outcome: "Succeeded".into(),
+        })
+        .get();
+    assert_eq!(finished, 1, "the agent's outcome is counted once");
     assert!(condition(&dom(&api, "m6"), "MoveWaiting").is_none());
     let labels = &dom(&api, "m1")["metadata"]["labels"];
     assert_eq!(labels["node.virtkube.io/node-d"], "holder");

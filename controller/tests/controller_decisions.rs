@@ -963,6 +963,85 @@ fn volumes_bind_by_request_source_consumer_or_shared_pool() {
 }
 
 #[test]
+fn a_shared_volume_leaves_a_fenced_holder_and_every_user_node_is_routed() {
+    let s = settings();
+    let fenced = with(
+        hvn("node-a", "16Gi", 8, 600),
+        json!({"metadata": {"annotations": {"virtkube.io/fenced": "true"}}}),
+    );
+    let world = World {
+        hvns: vec![
+            fenced,
+            hvn("node-b", "16Gi", 8, 1),
+            hvn("node-c", "16Gi", 8, 1),
+            hvn("node-d", "16Gi", 8, 1),
+        ],
+        pools: vec![
+            pool("shared", true, &["node-a", "node-b", "node-c"]),
+            pool("local", false, &["node-d"]),
+        ],
+        volumes: vec![
+            with(
+                volume("default", "base", "shared"),
+                json!({"status": {"nodeName": "node-a"}}),
+            ),
+            with(
+                volume("default", "overlay", "local"),
+                json!({"spec": {"source": {"backingVolume": "base"}}, "status": {"nodeName": "node-d"}}),
+            ),
+        ],
+        domains: vec![
+            with(
+                held(
+                    "vm",
+                    "node-b",
+                    Some("node-c"),
+                    json!({"spec": {"disks": [{"name": "b", "volume": "base"}]}}),
+                ),
+                json!({"status": {"migration": {"state": "Running", "sourceNode": "node-b", "targetNode": "node-c"}}}),
+            ),
+            held(
+                "other",
+                "node-d",
+                None,
+                json!({"spec": {"disks": [{"name": "o", "volume": "overlay"}]}}),
+            ),
+        ],
+        ..World::default()
+    };
+    let cluster = world.cluster(&s);
+    let volumes: Vec<Volume> = world.volumes.iter().cloned().map(obj).collect();
+    let consumers = Consumers::of(&world.domains(), &volumes);
+    let d = decide_volume(&volumes[0], &cluster, &consumers, now());
+    assert_eq!(
+        d.status.node_name.as_deref(),
+        Some("node-b"),
+        "the first consumer's node, where the pool runs"
+    );
+    assert_eq!(
+        find(&d.status.conditions, "Scheduled").unwrap().reason,
+        "NodeFenced"
+    );
+    // Users: the consumer's holder and its move's target, the derived volume's holder and
+    // that volume's consumer.
+    assert_eq!(
+        consumers.users("default", "base"),
+        BTreeSet::from([
+            "node-b".to_string(),
+            "node-c".to_string(),
+            "node-d".to_string()
+        ])
+    );
+    // A node-local volume stays on its fenced node (its data is there).
+    let local: Volume = obj(with(
+        volume("default", "l", "local"),
+        json!({"status": {"nodeName": "node-a"}}),
+    ));
+    let d = decide_volume(&local, &cluster, &consumers, now());
+    assert_eq!(d.status.node_name.as_deref(), Some("node-a"));
+}
+
+#[test]
 fn labels_route_each_object_to_its_holder_and_target_and_drop_stale_keys() {
     let dom: Domain = obj(held(
         "web",
