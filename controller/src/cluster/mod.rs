@@ -13,6 +13,7 @@
 //! | [`work`] | the leader's watch caches and the loop of passes |
 //! | [`leader`] | Lease election: one replica works, a lost lease stops it at once |
 //! | [`metrics`], [`http`] | OpenMetrics, `/healthz`, `/readyz` |
+//! | [`settings`], [`conditions`], [`error`] | the knobs; the conditions it writes; the one error type |
 //!
 //! Stopping (SIGTERM, SIGINT) stops the work, releases the Lease so a standby takes over at
 //! once, and exits.

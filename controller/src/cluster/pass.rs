@@ -391,6 +391,13 @@ async fn reconcile_domain(
                 for note in &decision.notes {
                     publish(&ctx.recorder, &new, note).await;
                 }
+                let gone = new.metadata.deletion_timestamp.is_some()
+                    && new.metadata.finalizers.as_ref().is_none_or(Vec::is_empty);
+                if gone {
+                    // The last finalizer is off: the API server deleted it.
+                    usage.remove(&key);
+                    return (None, Some(decision));
+                }
                 usage.replace(&new);
                 remember(&mut state.domains, key, &dom, new.clone());
                 return (Some(new), Some(decision));
@@ -531,6 +538,11 @@ async fn reconcile_volume(
             Ok((new, notes)) => {
                 report.writes += 1;
                 ctx.metrics.wrote("Volume");
+                if new.metadata.deletion_timestamp.is_some()
+                    && new.metadata.finalizers.as_ref().is_none_or(Vec::is_empty)
+                {
+                    return None;
+                }
                 for note in &notes {
                     publish(&ctx.recorder, &new, note).await;
                 }
