@@ -7,10 +7,13 @@
 //!   order; a failure stops only what depends on it.
 //! - [`placement`]: the placement protocol (who may run a domain, how it moves), pure.
 //! - [`agent`]: `virtkube agent`, the per-node Kubernetes operator process.
+//! - [`cluster`]: `virtkube controller`, the cluster-wide process (scheduling, moves, drain,
+//!   node liveness), one active replica by Lease.
 //! - [`cli`]: the `virtkube` subcommands.
 
 pub mod agent;
 pub mod cli;
+pub mod cluster;
 pub mod execute;
 pub mod host;
 pub mod placement;

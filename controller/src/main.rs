@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use virtkube::{agent, cli};
+use virtkube::{agent, cli, cluster};
 
 /// Declarative libvirt: Kubernetes custom resources (or plain manifests) for domains,
 /// networks, storage pools and volumes, reconciled against libvirt.
@@ -28,6 +28,13 @@ enum Command {
         after_help = "Examples:\n  virtkube agent --node-name node-a --connect qemu:///system\n  VIRTKUBE_NODE_NAME=node-a VIRTKUBE_CONNECT=test:///default virtkube agent --metrics-addr 127.0.0.1:9090"
     )]
     Agent(agent::AgentArgs),
+    /// Run the cluster controller: bind domains and volumes to nodes, approve moves within
+    /// the migration limits, drain cordoned nodes, mark silent nodes, and release the
+    /// domains of nodes declared fenced. One replica works at a time (Lease election).
+    #[command(
+        after_help = "Examples:\n  virtkube controller --lease-namespace virtkube-system --identity \"$(hostname)\"\n  virtkube controller --max-migrations 5 --max-migrations-per-node 2 --memory-reserve 1Gi --log-format json"
+    )]
+    Controller(cluster::ControllerArgs),
     /// Show what `apply` would change on the hosts: `+` create, `~` change live, `!` needs a
     /// restart, `-` delete, with field-level before → after. Exit code 0: nothing to do,
     /// 2: changes pending, 1: error.
@@ -59,6 +66,7 @@ fn main() -> ExitCode {
     let result = match args.command {
         Command::Crd(crd) => cli::crd::run(&crd),
         Command::Agent(agent) => agent::run(&agent),
+        Command::Controller(controller) => cluster::run(&controller),
         Command::Plan(plan) => cli::plan::run(&plan),
         Command::Apply(apply) => cli::apply::run(&apply),
         Command::Get(get) => cli::get::run(&get),
