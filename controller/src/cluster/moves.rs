@@ -26,7 +26,7 @@ use super::view::{Cluster, after};
 pub const REQUESTED: &str = "Requested";
 
 /// `status.migration.reason` of a move a node drain asked for.
-pub const DRAIN: &str = "Drain";
+pub const DRAIN: &str = crate::placement::write::DRAIN;
 
 /// Where a domain is wanted: `spec.nodeName`, or, while that is unset, the target of the
 /// move under way that a drain started (a drain asks for a move without touching the
@@ -35,18 +35,8 @@ pub const DRAIN: &str = "Drain";
 /// The source's agent must derive the request the same way, or it would see the drain's
 /// move as unwanted and abort it.
 pub fn requested_of(dom: &Domain) -> Option<String> {
-    dom.spec.node_name.clone().or_else(|| {
-        let m = dom.status.as_ref()?.migration.as_ref()?;
-        let active = matches!(
-            m.state,
-            Some(MigrationState::Pending | MigrationState::Running)
-        );
-        if active && m.reason.as_deref() == Some(DRAIN) {
-            m.target_node.clone()
-        } else {
-            None
-        }
-    })
+    // One rule for the controller and the agents.
+    crate::placement::write::facts_of(dom).requested
 }
 
 /// Whether the move recorded in `record` has been `Pending` (approved, not started by the
