@@ -8,8 +8,10 @@
 //! Read from status, as the agents wrote it:
 //! - a Domain's holder (`status.nodeName`), whether it is defined there (the `Defined`
 //!   condition, else its `phase`), its power state (`phase`, libvirt's `stateReason`, the
-//!   runtime `id`), `vcpus`, `maxVcpus`, `vcpuAffinity`, `emulatorCpuset`, `memory`,
-//!   `maxMemory`, `autostart`, `uuid` and the interfaces' MACs;
+//!   runtime `id`), `vcpus`, `maxVcpus`, `memory`, `maxMemory`, `autostart`, `uuid`, the
+//!   interfaces' MACs, and the affinity (`vcpuAffinity`, `emulatorCpuset`) of the vCPUs and
+//!   emulator threads the stored spec pins (a floating vCPU's affinity is every CPU the
+//!   driver offers, present or online, which status cannot tell from a pin);
 //! - a Volume's node, `path`, `key`, `capacity` and `allocation`;
 //! - a Network's and a StoragePool's state on each node (`status.nodes[]`: active or
 //!   running, autostart, bridge, pool capacity and free space);
@@ -225,20 +227,27 @@ fn domain_observed(
         cpu_mode: d.cpu_mode.clone(),
         cpu_model: d.cpu_model.clone(),
         topology: d.topology,
-        pinning: if status.vcpu_affinity.is_empty() {
-            d.pinning.clone()
-        } else {
+        // Only the vCPUs the stored spec pins: libvirt reports a floating vCPU's affinity
+        // as every CPU it may use, which differs by driver (present or online CPUs) and
+        // cannot be told apart from a pin without the host's own CPU map.
+        pinning: d
+            .pinning
+            .iter()
+            .map(|(vcpu, pin)| {
+                let reported = status
+                    .vcpu_affinity
+                    .iter()
+                    .find(|a| a.vcpu == *vcpu)
+                    .map(|a| canonical(&a.cpuset));
+                (*vcpu, reported.unwrap_or_else(|| pin.clone()))
+            })
+            .collect(),
+        emulator_cpuset: d.emulator_cpuset.as_ref().map(|pin| {
             status
-                .vcpu_affinity
-                .iter()
-                .map(|a| (a.vcpu, canonical(&a.cpuset)))
-                .collect()
-        },
-        emulator_cpuset: status
-            .emulator_cpuset
-            .as_deref()
-            .map(canonical)
-            .or_else(|| d.emulator_cpuset.clone()),
+                .emulator_cpuset
+                .as_deref()
+                .map_or_else(|| pin.clone(), canonical)
+        }),
         memory_kib: kib(&status.memory, d.memory_kib),
         max_memory_kib: kib(&status.max_memory, d.max_memory_kib),
         hugepage_kib: d.hugepage_kib,
@@ -338,6 +347,10 @@ impl Notes {
         conds: &[Condition],
     ) {
         let (kind, name, display) = object;
+        // Pools and networks record the generation per condition (each node writes its own
+        // entry), Domains and Volumes in status too.
+        let observed =
+            observed.or_else(|| condition(conds, conditions::READY)?.observed_generation);
         match (generation, observed) {
             (Some(g), Some(o)) if o < g => self.add(
                 kind,
