@@ -7,6 +7,7 @@
 //!   order; a failure stops only what depends on it.
 //! - [`placement`]: the placement protocol (who may run a domain, how it moves), pure.
 //! - [`agent`]: `virtkube agent`, the per-node Kubernetes operator process.
+//! - [`progress`]: showing long actions' progress (bars on a terminal, lines otherwise).
 //! - [`cli`]: the `virtkube` subcommands.
 
 pub mod agent;
@@ -15,3 +16,4 @@ pub mod execute;
 pub mod host;
 pub mod placement;
 pub mod plan;
+pub mod progress;

@@ -1,15 +1,17 @@
 //! `virtkube apply -f PATH`: plan, apply with progress, re-plan to confirm convergence, print
 //! a status table.
 
-use std::io::Write;
+use std::cell::RefCell;
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::execute::{self, ExecOptions, Outcome};
 use crate::host::{HostError, Hosts};
 use crate::plan::desired::DesiredState;
 use crate::plan::observed::ObservedState;
 use crate::plan::{self, Notice, Plan, PlanOptions};
+use crate::progress::{Display, Plain, live::Live};
 
 use super::common::{FileArgs, HostArgs, runtime};
 use super::status;
@@ -35,7 +37,27 @@ pub struct ApplyArgs {
     /// Print only the final table.
     #[arg(long, short = 'q')]
     quiet: bool,
+    /// How to show long actions (migrations, copies, shutdowns): `auto` draws progress bars
+    /// on a terminal and prints a line every few seconds otherwise.
+    #[arg(long, value_enum, default_value_t = ProgressStyle::Auto)]
+    progress: ProgressStyle,
 }
+
+/// How `apply` shows long actions.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProgressStyle {
+    /// Bars on a terminal, lines otherwise.
+    Auto,
+    /// Progress bars.
+    Bars,
+    /// A line per long action every few seconds.
+    Lines,
+    /// Nothing until each action ends.
+    None,
+}
+
+/// The least time between two progress lines of one action (plain output).
+pub const LINE_EVERY: Duration = Duration::from_secs(2);
 
 /// How a convergence ran.
 #[derive(Debug, Clone)]
@@ -118,6 +140,29 @@ pub async fn converge(
     options: &ConvergeOptions,
     out: &mut dyn Write,
 ) -> Result<Converged, HostError> {
+    converge_showing(hosts, desired, notices, options, out, None).await
+}
+
+/// How often a display is given the time (a countdown moves without reports).
+const TICK: Duration = Duration::from_millis(250);
+
+/// [`converge`], showing the progress of long actions on `display` (its lines printed to
+/// `out` among the others).
+pub async fn converge_showing(
+    hosts: &Hosts,
+    desired: &DesiredState,
+    notices: &[Notice],
+    options: &ConvergeOptions,
+    out: &mut dyn Write,
+    display: Option<&mut dyn Display>,
+) -> Result<Converged, HostError> {
+    let (sink, mut reports) = tokio::sync::mpsc::unbounded_channel();
+    let mut reporting = hosts.clone();
+    if display.is_some() {
+        reporting.progress = Some(sink);
+    }
+    let hosts = &reporting;
+    let display = RefCell::new(display);
     let multi = hosts.iter().count() > 1;
     let mut observed = hosts.observe().await?;
     let first_plan = plan_with(desired, &observed, notices, options);
@@ -142,7 +187,11 @@ pub async fn converge(
                 }
             );
         }
-        let report = execute::execute(&current, hosts, options.exec, |action, result| {
+        let out = RefCell::new(&mut *out);
+        let executed = execute::execute(&current, hosts, options.exec, |action, result| {
+            if let Some(d) = display.borrow_mut().as_mut() {
+                d.finish(action.id);
+            }
             if !options.verbose {
                 return;
             }
@@ -172,9 +221,32 @@ pub async fn converge(
                     action.op.verb()
                 ),
             };
-            let _ = writeln!(out, "{line}");
-        })
-        .await;
+            let _ = writeln!(out.borrow_mut(), "{line}");
+        });
+        let show = async {
+            let mut tick = tokio::time::interval(TICK);
+            loop {
+                let lines = tokio::select! {
+                    Some(event) = reports.recv() => display
+                        .borrow_mut()
+                        .as_mut()
+                        .map(|d| d.update(event, Instant::now())),
+                    _ = tick.tick() => display
+                        .borrow_mut()
+                        .as_mut()
+                        .map(|d| d.tick(Instant::now())),
+                };
+                if options.verbose {
+                    for line in lines.into_iter().flatten() {
+                        let _ = writeln!(out.borrow_mut(), "{line}");
+                    }
+                }
+            }
+        };
+        let report = tokio::select! {
+            report = executed => report,
+            never = show => never,
+        };
         actions_run += report.results.len();
         for r in report.failed() {
             if let Outcome::Failed(e) = &r.outcome {
@@ -222,8 +294,49 @@ pub fn run(args: &ApplyArgs) -> anyhow::Result<ExitCode> {
             verbose: !args.quiet,
         };
         let started = Instant::now();
-        let mut stdout = std::io::stdout();
-        let result = converge(&hosts, &desired, &notices, &options, &mut stdout).await;
+        let style = match args.progress {
+            ProgressStyle::Auto if std::io::stdout().is_terminal() => ProgressStyle::Bars,
+            ProgressStyle::Auto => ProgressStyle::Lines,
+            other => other,
+        };
+        let result = match style {
+            _ if args.quiet => {
+                let mut stdout = std::io::stdout();
+                converge(&hosts, &desired, &notices, &options, &mut stdout).await
+            }
+            ProgressStyle::Bars => {
+                let mut bars = Live::new();
+                let mut above = bars.lines();
+                let done = converge_showing(
+                    &hosts,
+                    &desired,
+                    &notices,
+                    &options,
+                    &mut above,
+                    Some(&mut bars),
+                )
+                .await;
+                let _ = above.flush();
+                done
+            }
+            ProgressStyle::Lines => {
+                let mut lines = Plain::new(LINE_EVERY);
+                let mut stdout = std::io::stdout();
+                converge_showing(
+                    &hosts,
+                    &desired,
+                    &notices,
+                    &options,
+                    &mut stdout,
+                    Some(&mut lines),
+                )
+                .await
+            }
+            _ => {
+                let mut stdout = std::io::stdout();
+                converge(&hosts, &desired, &notices, &options, &mut stdout).await
+            }
+        };
         let code = match result {
             Ok(done) => {
                 let elapsed = started.elapsed();
