@@ -85,6 +85,7 @@ pub fn describe(progress: &Progress, elapsed: Duration) -> String {
         Progress::Migration(p) => {
             let mut parts = Vec::new();
             match (p.data_processed, p.data_total) {
+                (_, Some(0)) | (None, None) => parts.push("starting".into()),
                 (Some(done), Some(total)) => parts.push(format!(
                     "{} of {} ({}%)",
                     size(done),
@@ -92,7 +93,7 @@ pub fn describe(progress: &Progress, elapsed: Duration) -> String {
                     p.percent().unwrap_or(0)
                 )),
                 (Some(done), None) => parts.push(format!("{} moved", size(done))),
-                _ => parts.push("starting".into()),
+                (None, Some(total)) => parts.push(format!("0B of {}", size(total))),
             }
             if let Some(bps) = p.mem_bps {
                 parts.push(format!("{}/s", size(bps)));
