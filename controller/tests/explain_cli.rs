@@ -73,7 +73,7 @@ async fn the_agent_writes_the_explanation_into_the_condition() {
     api.write_kubeconfig(&config, &[virtkube_testapi::ADMIN])
         .unwrap();
     let log = dir.path().join("agent.log");
-    let child = agent_with(
+    let mut child = agent_with(
         &config,
         free_port(),
         "test:///default",
@@ -128,4 +128,9 @@ async fn the_agent_writes_the_explanation_into_the_condition() {
         "{message}"
     );
     sigterm(child.id());
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
 }
