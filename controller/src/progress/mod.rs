@@ -139,10 +139,13 @@ struct Shown {
     progress: Progress,
     started: Instant,
     printed: Option<Instant>,
+    /// What the last line said: a line is printed only when it says something new.
+    said: String,
 }
 
 /// Progress as plain lines (when the output is not a terminal): per action, a line at most
-/// every `every`, and none before [`SHOW_AFTER`].
+/// every `every`, none before [`SHOW_AFTER`], and none that would repeat the previous one
+/// (a migration in its switch-over reports the same figures for a while).
 pub struct Plain {
     every: Duration,
     actions: HashMap<usize, Shown>,
@@ -169,13 +172,11 @@ impl Plain {
             let due = elapsed >= SHOW_AFTER
                 && a.printed
                     .is_none_or(|t| now.duration_since(t) >= self.every);
-            if due {
+            let text = describe(&a.progress, elapsed);
+            if due && text != a.said {
                 a.printed = Some(now);
-                lines.push(format!(
-                    "  ..   {}: {}",
-                    a.label,
-                    describe(&a.progress, elapsed)
-                ));
+                lines.push(format!("  ..   {}: {text}", a.label));
+                a.said = text;
             }
         }
         lines
@@ -189,6 +190,7 @@ impl Display for Plain {
             progress: event.progress.clone(),
             started: now,
             printed: None,
+            said: String::new(),
         });
         shown.progress = event.progress;
         self.due_lines(now)
@@ -235,6 +237,8 @@ mod tests {
         lines.extend(plain.update(event(2 << 20), t0 + Duration::from_millis(1500)));
         lines.extend(plain.update(event(3 << 20), t0 + Duration::from_millis(2500)));
         lines.extend(plain.update(event(4 << 20), t0 + Duration::from_millis(3600)));
+        // The same figures again, later: nothing new to say.
+        lines.extend(plain.update(event(4 << 20), t0 + Duration::from_millis(6000)));
         plain.finish(3);
         lines.extend(plain.tick(t0 + Duration::from_secs(10)));
         assert_eq!(
