@@ -312,6 +312,9 @@ impl EngineError {
         if let EngineError::Migration { cause, .. } = self {
             return cause.is_retryable();
         }
+        if crate::explain::is_permanent(self) {
+            return false;
+        }
         match self {
             EngineError::Timeout { .. } | EngineError::ConnectionLost { .. } => true,
             EngineError::Libvirt { error, .. } => {
@@ -436,6 +439,19 @@ mod tests {
         };
         assert!(t.is_retryable());
         assert_eq!(t.metric_label(), "timeout");
+        // libvirt words these as internal errors; retrying cannot help.
+        let same_host = lv(
+            sys::VIR_ERR_INTERNAL_ERROR,
+            sys::VIR_FROM_QEMU,
+            "Attempt to migrate guest to the same host 5a5a5a5a-0000-4000-8000-0000000000a1",
+        );
+        assert!(!same_host.is_retryable());
+        let no_lvm = lv(
+            sys::VIR_ERR_INTERNAL_ERROR,
+            sys::VIR_FROM_STORAGE,
+            "Child process (/sbin/vgcreate x) unexpected exit status 127",
+        );
+        assert!(no_lvm.is_retryable(), "outside a pool call it says nothing");
         let exists = lv(
             sys::VIR_ERR_STORAGE_VOL_EXIST,
             sys::VIR_FROM_STORAGE,

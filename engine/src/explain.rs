@@ -243,6 +243,13 @@ pub fn explain(error: &EngineError) -> Option<Explanation> {
     }
 }
 
+/// Whether `error` is one of the explained situations no retry can fix (libvirt reports some
+/// of them as internal errors, which would otherwise count as retryable): a migration to the
+/// source itself, a pool type virtkube does not carry out.
+pub(crate) fn is_permanent(error: &EngineError) -> bool {
+    explain(error).is_some_and(|e| matches!(e.id, "SameHostMigration" | "PoolTypeUnsupported"))
+}
+
 /// ` — virtkube: … Next: …` when `error` has an explanation, else nothing: what the
 /// engine's error messages end with.
 pub(crate) fn beside(error: &EngineError) -> String {

@@ -169,6 +169,7 @@ async fn a_migration_to_the_source_itself_is_explained() {
         "Attempt to migrate guest to the same host",
     );
     assert!(error.to_string().contains("--p2p-uri"), "{error}");
+    assert!(!error.is_retryable(), "retrying cannot help: {error}");
     assert!(
         error.to_string().starts_with(&format!(
             "migrating to {}",
@@ -221,6 +222,7 @@ async fn pool_types_virtkube_does_not_carry_out_are_explained() {
     a.pool_define(&lv).await.unwrap();
     let error = a.pool_build(&name, &pool_owner).await.unwrap_err();
     assert_explained(&error, "PoolTypeUnsupported", "vgcreate");
+    assert!(!error.is_retryable(), "retrying cannot help: {error}");
     a.pool_undefine(&name, &pool_owner).await.unwrap();
 
     let name = unique("xnfs");
