@@ -88,6 +88,14 @@ fn simple(name: &str, node: Option<&str>, strategy: &str) -> Value {
     domain(name, spec)
 }
 
+/// `db` with a change that needs a restart, and `updatePolicy: Restart`: restarted now.
+fn restart_now() -> Value {
+    let mut db = simple("db", Some("node-a"), "Always");
+    db["spec"]["updatePolicy"] = json!("Restart");
+    db["spec"]["os"] = json!({"machine": "pc"});
+    db
+}
+
 fn write_manifests(dir: &Path, objects: &[Value]) -> PathBuf {
     std::fs::create_dir_all(dir).unwrap();
     let text = objects
@@ -201,9 +209,11 @@ async fn cluster_plan_from_real_agent_status_covers_every_kind_of_change() {
         .unwrap();
     api.create("domains", simple("old", Some("node-a"), "Always"))
         .unwrap();
+    api.create("domains", simple("db", Some("node-a"), "Always"))
+        .unwrap();
     let client = api.client(virtkube_testapi::ADMIN).await.unwrap();
     let domains: Api<Domain> = Api::namespaced(client, NS);
-    for name in ["web", "api", "cold", "old"] {
+    for name in ["web", "api", "cold", "old", "db"] {
         api.patch_labels(
             "domains",
             NS,
@@ -221,7 +231,7 @@ async fn cluster_plan_from_real_agent_status_covers_every_kind_of_change() {
             .unwrap();
     }
     eventually(90, "every object Ready, as the agents report it", || {
-        ["web", "api", "cold", "old"]
+        ["web", "api", "cold", "old", "db"]
             .iter()
             .all(|d| ready(&api.get("domains", NS, d)))
             && ready(&api.get("volumes", NS, "data"))
@@ -262,6 +272,7 @@ async fn cluster_plan_from_real_agent_status_covers_every_kind_of_change() {
         simple("api", Some("node-a"), "Always"),
         simple("cold", Some("node-a"), "Halted"),
         simple("old", Some("node-a"), "Always"),
+        simple("db", Some("node-a"), "Always"),
     ];
 
     // The manifests as applied: nothing to do, exit 0.
@@ -287,6 +298,7 @@ async fn cluster_plan_from_real_agent_status_covers_every_kind_of_change() {
             simple("api", Some("node-b"), "Always"), // live migration
             simple("cold", Some("node-b"), "Halted"), // cold move
             simple("fresh", None, "Always"),    // create, the controller places it
+            restart_now(),
             // refused by the agent's validation (memory.max below memory.size), which
             // neither the schema nor CEL can say
             domain("bad", json!({"memory": {"size": "128Mi", "max": "64Mi"}})),
@@ -382,6 +394,11 @@ async fn cluster_plan_from_real_agent_status_covers_every_kind_of_change() {
     assert_eq!(report["summary"]["move"], 2);
     assert_eq!(report["summary"]["create"], 2);
     assert_eq!(report["summary"]["changeLive"], 1);
+    let db = change(&report, "Domain", "db");
+    assert_eq!(db["effect"], "restart", "{db:#}");
+    assert_eq!(db["steps"][0]["mark"], "!");
+    assert_eq!(field(db, "os.machine").unwrap()["after"], "pc");
+    assert_eq!(report["summary"]["restart"], 1);
     assert_eq!(report["summary"]["errors"], 3);
 
     // The same plan for people: marks, nodes, field-level before → after.
