@@ -1,16 +1,16 @@
 //! `virtkube apply -f PATH`: plan, apply with progress, re-plan to confirm convergence, print
 //! a status table.
 
-use std::cell::RefCell;
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use crate::execute::{self, ExecOptions, Outcome};
+use crate::execute::{ExecOptions, Outcome};
 use crate::host::{HostError, Hosts};
 use crate::plan::desired::DesiredState;
 use crate::plan::observed::ObservedState;
 use crate::plan::{self, Notice, Plan, PlanOptions};
+use crate::progress::run::execute_showing;
 use crate::progress::{Display, Plain, live::Live};
 
 use super::common::{FileArgs, HostArgs, runtime};
@@ -58,6 +58,17 @@ pub enum ProgressStyle {
 
 /// The least time between two progress lines of one action (plain output).
 pub const LINE_EVERY: Duration = Duration::from_secs(2);
+
+impl ProgressStyle {
+    /// `Auto` resolved: bars when standard output is a terminal, lines otherwise.
+    pub fn resolved(self) -> ProgressStyle {
+        match self {
+            ProgressStyle::Auto if std::io::stdout().is_terminal() => ProgressStyle::Bars,
+            ProgressStyle::Auto => ProgressStyle::Lines,
+            other => other,
+        }
+    }
+}
 
 /// How a convergence ran.
 #[derive(Debug, Clone)]
@@ -143,9 +154,6 @@ pub async fn converge(
     converge_showing(hosts, desired, notices, options, out, None).await
 }
 
-/// How often a display is given the time (a countdown moves without reports).
-const TICK: Duration = Duration::from_millis(250);
-
 /// [`converge`], showing the progress of long actions on `display` (its lines printed to
 /// `out` among the others).
 pub async fn converge_showing(
@@ -154,15 +162,8 @@ pub async fn converge_showing(
     notices: &[Notice],
     options: &ConvergeOptions,
     out: &mut dyn Write,
-    display: Option<&mut dyn Display>,
+    mut display: Option<&mut dyn Display>,
 ) -> Result<Converged, HostError> {
-    let (sink, mut reports) = tokio::sync::mpsc::unbounded_channel();
-    let mut reporting = hosts.clone();
-    if display.is_some() {
-        reporting.progress = Some(sink);
-    }
-    let hosts = &reporting;
-    let display = RefCell::new(display);
     let multi = hosts.iter().count() > 1;
     let mut observed = hosts.observe().await?;
     let first_plan = plan_with(desired, &observed, notices, options);
@@ -187,66 +188,49 @@ pub async fn converge_showing(
                 }
             );
         }
-        let out = RefCell::new(&mut *out);
-        let executed = execute::execute(&current, hosts, options.exec, |action, result| {
-            if let Some(d) = display.borrow_mut().as_mut() {
-                d.finish(action.id);
-            }
-            if !options.verbose {
-                return;
-            }
-            let node = if multi {
-                format!(" [{}]", action.node)
+        let report = execute_showing(
+            &current,
+            hosts,
+            options.exec,
+            if options.verbose {
+                display.as_deref_mut()
             } else {
-                String::new()
-            };
-            let line = match &result.outcome {
-                Outcome::Done(note) => format!(
-                    "  ok   {} {}{node}: {} — {note} ({} ms)",
-                    action.symbol.mark(),
-                    action.object,
-                    action.op.verb(),
-                    result.elapsed.as_millis()
-                ),
-                Outcome::Failed(e) => format!(
-                    "  FAIL {} {}{node}: {}: {e}",
-                    action.symbol.mark(),
-                    action.object,
-                    action.op.verb()
-                ),
-                Outcome::Skipped { because } => format!(
-                    "  skip {} {}{node}: {}: waits for failed step #{because}",
-                    action.symbol.mark(),
-                    action.object,
-                    action.op.verb()
-                ),
-            };
-            let _ = writeln!(out.borrow_mut(), "{line}");
-        });
-        let show = async {
-            let mut tick = tokio::time::interval(TICK);
-            loop {
-                let lines = tokio::select! {
-                    Some(event) = reports.recv() => display
-                        .borrow_mut()
-                        .as_mut()
-                        .map(|d| d.update(event, Instant::now())),
-                    _ = tick.tick() => display
-                        .borrow_mut()
-                        .as_mut()
-                        .map(|d| d.tick(Instant::now())),
-                };
-                if options.verbose {
-                    for line in lines.into_iter().flatten() {
-                        let _ = writeln!(out.borrow_mut(), "{line}");
-                    }
+                None
+            },
+            out,
+            |action, result| {
+                if !options.verbose {
+                    return None;
                 }
-            }
-        };
-        let report = tokio::select! {
-            report = executed => report,
-            never = show => never,
-        };
+                let node = if multi {
+                    format!(" [{}]", action.node)
+                } else {
+                    String::new()
+                };
+                Some(match &result.outcome {
+                    Outcome::Done(note) => format!(
+                        "  ok   {} {}{node}: {} — {note} ({} ms)",
+                        action.symbol.mark(),
+                        action.object,
+                        action.op.verb(),
+                        result.elapsed.as_millis()
+                    ),
+                    Outcome::Failed(e) => format!(
+                        "  FAIL {} {}{node}: {}: {e}",
+                        action.symbol.mark(),
+                        action.object,
+                        action.op.verb()
+                    ),
+                    Outcome::Skipped { because } => format!(
+                        "  skip {} {}{node}: {}: waits for failed step #{because}",
+                        action.symbol.mark(),
+                        action.object,
+                        action.op.verb()
+                    ),
+                })
+            },
+        )
+        .await;
         actions_run += report.results.len();
         for r in report.failed() {
             if let Outcome::Failed(e) = &r.outcome {
@@ -294,11 +278,7 @@ pub fn run(args: &ApplyArgs) -> anyhow::Result<ExitCode> {
             verbose: !args.quiet,
         };
         let started = Instant::now();
-        let style = match args.progress {
-            ProgressStyle::Auto if std::io::stdout().is_terminal() => ProgressStyle::Bars,
-            ProgressStyle::Auto => ProgressStyle::Lines,
-            other => other,
-        };
+        let style = args.progress.resolved();
         let result = match style {
             _ if args.quiet => {
                 let mut stdout = std::io::stdout();

@@ -9,6 +9,7 @@
 //! is shown for actions that end before [`SHOW_AFTER`].
 
 pub mod live;
+pub mod run;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
