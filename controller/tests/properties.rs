@@ -120,6 +120,7 @@ fn build(w: &World) -> DesiredState {
             pool_type: "dir".into(),
             target_path: Some("/pools/images".into()),
             autostart: true,
+            only_on: None,
         }],
         ..DesiredState::default()
     };
@@ -134,6 +135,7 @@ fn build(w: &World) -> DesiredState {
             ip: Some((format!("10.{i}.0.1"), 24)),
             dhcp: vec![],
             autostart: *autostart,
+            only_on: None,
         });
     }
     for (i, (source, gib, retain, node)) in w.volumes.iter().enumerate() {

@@ -6,7 +6,8 @@
 //! * [`model`] holds the typed desired/observed models and their XML (pure).
 //! * One module per libvirt object kind adds its verbs to [`Engine`]: [`domain`],
 //!   [`network`], [`pool`], [`volume`], [`node`], [`migrate`].
-//! * [`EngineError`] keeps libvirt's code, domain and message, and says whether a retry helps.
+//! * [`EngineError`] keeps libvirt's code, domain and message, and says whether a retry helps;
+//!   [`explain`] adds virtkube's explanation and next step to the errors users cause.
 //!
 //! Every object the engine creates carries virtkube's ownership mark (see [`model::owner`]);
 //! the engine refuses to change or delete an object that does not carry the expected mark.
@@ -15,6 +16,7 @@ pub mod domain;
 mod engine;
 pub mod error;
 pub mod events;
+pub mod explain;
 pub mod migrate;
 pub mod model;
 pub mod network;

@@ -22,6 +22,8 @@ use crate::plan::observed::{
     ObservedPool, ObservedState, ObservedVolume, OwnerMark, PowerObserved,
 };
 use crate::plan::{Action, Op, Preserve};
+use crate::progress::{POLL_EVERY, Progress, ProgressEvent};
+use tokio::sync::watch;
 
 /// How long a guest gets to shut down after an ACPI request before it is destroyed.
 pub const DEFAULT_SHUTDOWN_DEADLINE: Duration = Duration::from_secs(30);
@@ -91,6 +93,9 @@ pub struct Hosts {
     default: String,
     /// Graceful shutdown deadline for stops, restarts and deletions.
     pub shutdown_deadline: Duration,
+    /// Where long actions report their progress (migrations, volume copies, shutdowns);
+    /// `None`: nowhere.
+    pub progress: Option<crate::progress::Sink>,
 }
 
 fn engine_err(node: &str) -> impl Fn(EngineError) -> HostError + '_ {
@@ -144,6 +149,7 @@ impl Hosts {
             hosts,
             default,
             shutdown_deadline: DEFAULT_SHUTDOWN_DEADLINE,
+            progress: None,
         })
     }
 
@@ -223,6 +229,48 @@ impl Hosts {
     pub async fn run(&self, action: &Action) -> Result<String, HostError> {
         let host = self.get(&action.node)?;
         run_action(self, host, action).await
+    }
+
+    /// Sends one progress report about `a`, when someone listens.
+    fn report(&self, a: &Action, progress: Progress) {
+        if let Some(sink) = &self.progress {
+            let node = if self.hosts.len() > 1 {
+                format!(" [{}]", a.node)
+            } else {
+                String::new()
+            };
+            let label = format!("{} {}{node}: {}", a.symbol.mark(), a.object, a.op.verb());
+            let _ = sink.send(ProgressEvent {
+                action: a.id,
+                label,
+                progress,
+            });
+        }
+    }
+
+    /// Runs `work` with a watch channel whose readings are reported as progress of `a`
+    /// (through `wrap`) while it runs.
+    async fn reporting<T, R, Fut>(
+        &self,
+        a: &Action,
+        wrap: fn(T) -> Progress,
+        work: impl FnOnce(watch::Sender<Option<T>>) -> Fut,
+    ) -> R
+    where
+        T: Clone,
+        Fut: std::future::Future<Output = R>,
+    {
+        let (tx, mut rx) = watch::channel(None);
+        let forward = async {
+            while rx.changed().await.is_ok() {
+                let reading = rx.borrow_and_update().clone();
+                if let Some(reading) = reading {
+                    self.report(a, wrap(reading));
+                }
+            }
+        };
+        let (result, ()) = futures::join!(work(tx), forward);
+        result
     }
 }
 
@@ -715,7 +763,13 @@ async fn run_action(hosts: &Hosts, host: &Host, a: &Action) -> Result<String, Ho
                         format,
                         backing_volume: None,
                     };
-                    match e.volume_clone(pool, &def, src).await {
+                    let cloned = hosts
+                        .reporting(a, Progress::Copy, |tx| async move {
+                            e.volume_clone_with_progress(pool, &def, src, POLL_EVERY, &tx)
+                                .await
+                        })
+                        .await;
+                    match cloned {
                         Ok(v) => Ok(format!(
                             "cloned to {} ({})",
                             v.path,
@@ -812,6 +866,7 @@ async fn run_action(hosts: &Hosts, host: &Host, a: &Action) -> Result<String, Ho
             done("started")
         }
         Op::StopDomain => {
+            hosts.report(a, Progress::Shutdown { deadline });
             let outcome = graceful_stop(e, name, &owner, deadline)
                 .await
                 .map_err(&err)?;
@@ -856,6 +911,7 @@ async fn run_action(hosts: &Hosts, host: &Host, a: &Action) -> Result<String, Ho
             done("autostart set")
         }
         Op::RestartDomain { domain, preserve } => {
+            hosts.report(a, Progress::Shutdown { deadline });
             let outcome = graceful_stop(e, name, &owner, deadline)
                 .await
                 .map_err(&err)?;
@@ -867,6 +923,7 @@ async fn run_action(hosts: &Hosts, host: &Host, a: &Action) -> Result<String, Ho
             Ok(format!("shut down ({outcome}), redefined, started"))
         }
         Op::DeleteDomain => {
+            hosts.report(a, Progress::Shutdown { deadline });
             let outcome = graceful_stop(e, name, &owner, deadline)
                 .await
                 .map_err(&err)?;
@@ -888,14 +945,31 @@ async fn run_action(hosts: &Hosts, host: &Host, a: &Action) -> Result<String, Ho
             opts.copy_storage = migration.copy_storage;
             opts.max_downtime_ms = migration.max_downtime_ms;
             opts.bandwidth_mib_s = migration.bandwidth_mib_s;
-            let outcome = e.domain_migrate(name, &owner, &opts).await.map_err(&err)?;
+            let outcome = hosts
+                .reporting(a, Progress::Migration, |tx| {
+                    let (owner, opts) = (&owner, &opts);
+                    async move {
+                        e.domain_migrate_with_progress(name, owner, opts, POLL_EVERY, &tx)
+                            .await
+                    }
+                })
+                .await
+                .map_err(&err)?;
             Ok(format!(
-                "migrated in {:.1}s{}",
+                "migrated in {:.1}s{}{}",
                 outcome.elapsed.as_secs_f64(),
                 outcome
                     .downtime_ms
                     .map(|d| format!(", downtime {d} ms"))
-                    .unwrap_or_default()
+                    .unwrap_or_default(),
+                if outcome.peer_uri_derived {
+                    format!(
+                        "; the source libvirtd reached node {to} through {} (derived: inside a daemon, a qemu:/// URI names that daemon itself)",
+                        outcome.peer_uri
+                    )
+                } else {
+                    String::new()
+                }
             ))
         }
     }

@@ -61,6 +61,16 @@ pub struct DesiredPool {
     pub target_path: Option<String>,
     /// Autostart flag.
     pub autostart: bool,
+    /// The nodes it belongs on (its `nodeSelector` matched against the cluster's nodes);
+    /// `None`: every node planned (the local CLI's hosts).
+    pub only_on: Option<BTreeSet<String>>,
+}
+
+impl DesiredPool {
+    /// Whether the pool belongs on `node`.
+    pub fn placed_on(&self, node: &str) -> bool {
+        self.only_on.as_ref().is_none_or(|n| n.contains(node))
+    }
 }
 
 /// A network.
@@ -82,6 +92,16 @@ pub struct DesiredNetwork {
     pub dhcp: Vec<(String, String)>,
     /// Autostart flag.
     pub autostart: bool,
+    /// The nodes it belongs on (its `nodeSelector` matched against the cluster's nodes);
+    /// `None`: every node planned (the local CLI's hosts).
+    pub only_on: Option<BTreeSet<String>>,
+}
+
+impl DesiredNetwork {
+    /// Whether the network belongs on `node`.
+    pub fn placed_on(&self, node: &str) -> bool {
+        self.only_on.as_ref().is_none_or(|n| n.contains(node))
+    }
 }
 
 /// Where a volume's initial data comes from (libvirt names).
@@ -362,6 +382,7 @@ impl DesiredState {
                         pool_type: p.spec.type_.as_str().to_string(),
                         target_path: p.spec.target.as_ref().map(|t| t.path.clone()),
                         autostart: p.spec.autostart,
+                        only_on: None,
                     });
                 }
                 Object::Network(n) => {
@@ -389,6 +410,7 @@ impl DesiredState {
                             })
                             .unwrap_or_default(),
                         autostart: n.spec.autostart,
+                        only_on: None,
                     });
                 }
                 Object::Volume(v) => {

@@ -526,7 +526,10 @@ pub(crate) fn plan_domain(
         }
     }
     for nic in &d.interfaces {
-        let known = desired.networks.iter().any(|n| n.name == nic.network)
+        let known = desired
+            .networks
+            .iter()
+            .any(|n| n.name == nic.network && n.placed_on(&d.node))
             || host.networks.contains_key(&nic.network);
         if !known {
             b.notice(NoticeKind::Invalid, &object, &d.node, format!("{}: spec.interfaces[name={}].network: Network {} is neither in the manifests nor on node {}", d.origin, nic.name, nic.network, d.node), vec![]);

@@ -14,10 +14,13 @@
 //! - **Data is kept**: a volume with `reclaimPolicy: Retain` (or whose policy is unknown) is
 //!   never deleted; a volume or network still used by a domain that stays is not deleted.
 
+pub mod cluster;
 pub mod desired;
 mod domain;
+pub mod json;
 pub mod observed;
 pub mod render;
+pub mod reported;
 pub mod simulate;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -333,6 +336,9 @@ pub enum NoticeKind {
     Retained,
     /// The manifests ask for something impossible (unknown node, missing reference).
     Invalid,
+    /// Something the reader should know that changes nothing (a preview against a cluster:
+    /// a status behind its spec, a move under way).
+    Note,
 }
 
 impl NoticeKind {
@@ -353,6 +359,7 @@ impl NoticeKind {
             NoticeKind::Blocked => "blocked",
             NoticeKind::Retained => "retained",
             NoticeKind::Invalid => "invalid",
+            NoticeKind::Note => "note",
         }
     }
 }
@@ -390,6 +397,20 @@ impl Plan {
     /// Whether any notice is an error.
     pub fn has_errors(&self) -> bool {
         self.notices.iter().any(|n| n.kind.is_error())
+    }
+
+    /// Appends `other`'s actions (after this plan's, their ids and dependencies renumbered)
+    /// and notices.
+    pub fn append(&mut self, other: Plan) {
+        let offset = self.actions.len();
+        self.actions.extend(other.actions.into_iter().map(|mut a| {
+            a.id += offset;
+            for d in &mut a.depends_on {
+                *d += offset;
+            }
+            a
+        }));
+        self.notices.extend(other.notices);
     }
 }
 
@@ -648,7 +669,7 @@ pub fn plan(desired: &DesiredState, observed: &ObservedState, options: &PlanOpti
     // Pools, on every node.
     for pool in &desired.pools {
         let object = ObjectRef::new(ObjectKind::StoragePool, &pool.name, &pool.name);
-        for node in &nodes {
+        for node in nodes.iter().filter(|n| pool.placed_on(n)) {
             let host = &observed.hosts[node];
             match host.pools.get(&pool.name) {
                 None => {
@@ -747,8 +768,11 @@ pub fn plan(desired: &DesiredState, observed: &ObservedState, options: &PlanOpti
             );
             continue;
         }
-        let pool_known =
-            desired.pools.iter().any(|p| p.name == vol.pool) || host.pools.contains_key(&vol.pool);
+        let pool_known = desired
+            .pools
+            .iter()
+            .any(|p| p.name == vol.pool && p.placed_on(node))
+            || host.pools.contains_key(&vol.pool);
         if !pool_known {
             b.notice(
                 NoticeKind::Invalid,
@@ -952,7 +976,7 @@ pub fn plan(desired: &DesiredState, observed: &ObservedState, options: &PlanOpti
     // Networks, on every node.
     for net in &desired.networks {
         let object = ObjectRef::new(ObjectKind::Network, &net.name, &net.name);
-        for node in &nodes {
+        for node in nodes.iter().filter(|n| net.placed_on(n)) {
             let host = &observed.hosts[node];
             match host.networks.get(&net.name) {
                 None => {
