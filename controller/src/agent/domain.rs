@@ -502,21 +502,28 @@ async fn start_migration(
     );
     let requeue = ctx.requeue.clone();
     let me = kube::runtime::reflector::ObjectRef::from_obj(dom);
+    let engine =
+        virtkube_engine::Engine::connect(ctx.engine.uri(), ctx.engine.config().clone()).await?;
     let task = moves::Task {
-        engine: ctx.engine.clone(),
+        engine,
         name: name.to_string(),
         owner,
         opts,
     };
-    let started = ctx
+    let unstarted = ctx
         .migrations
         .start(&moves::key(dom), target, task, move || {
             if let Some(tx) = requeue {
                 let _ = tx.unbounded_send(me);
             }
         });
-    if started {
-        tracing::info!(target, "live migration started");
+    match unstarted {
+        None => tracing::info!(target, "live migration started"),
+        Some(task) => {
+            if let Err(e) = task.engine.close().await {
+                tracing::debug!(error = %e, "closing an unused migration connection failed");
+            }
+        }
     }
     Ok(())
 }
