@@ -137,6 +137,7 @@ async fn running_controllers_converge_listed_objects_in_dependency_order_then_go
         ),
         (
             "volumes",
+            // Bound to this node the way the cluster controller binds it.
             json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "Volume",
             "metadata": {"name": "root", "namespace": "proc"},
             "spec": {"pool": "procpool", "capacity": "1Gi", "nodeName": "proc-node"}}),
@@ -165,6 +166,7 @@ async fn running_controllers_converge_listed_objects_in_dependency_order_then_go
     // Bound as the cluster controller binds them.
     agent_support::bind_domain(&admin, "proc", "vm", "proc-node").await;
     agent_support::bind_domain(&admin, "proc", "other", "node-z").await;
+    bind_volume(&api, "proc", "root", "proc-node").await;
     let dir = tempfile::tempdir().unwrap();
     let config = kubeconfig(dir.path(), api.addr());
     let log = dir.path().join("agent.log");
@@ -236,6 +238,23 @@ async fn running_controllers_converge_listed_objects_in_dependency_order_then_go
     assert!(status.success(), "{}", logs());
 }
 
+/// Binds a Volume to `node` the way the cluster controller does: the node's routing label,
+/// and `status.nodeName` by a status write.
+async fn bind_volume(api: &virtkube_testapi::TestApi, ns: &str, name: &str, node: &str) {
+    let label = format!("node.virtkube.io/{node}");
+    api.patch_labels("volumes", ns, name, &[(label.as_str(), Some("holder"))])
+        .unwrap();
+    let client = api.client(virtkube_testapi::ADMIN).await.unwrap();
+    kube::Api::<virtkube_crds::Volume>::namespaced(client, ns)
+        .patch_status(
+            name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({ "status": { "nodeName": node } })),
+        )
+        .await
+        .unwrap();
+}
+
 /// Waits until `check` holds, up to `secs`.
 async fn eventually(secs: u64, what: &str, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(secs);
@@ -289,6 +308,7 @@ async fn whole_lifecycle_through_watches_finalizers_spec_changes_and_deletes() {
     api.create("volumes", json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "Volume",
         "metadata": {"name": "root", "namespace": "life"},
         "spec": {"pool": "lifepool", "capacity": "1Gi", "nodeName": "proc-node", "reclaimPolicy": "Delete"}})).unwrap();
+    bind_volume(&api, "life", "root", "proc-node").await;
     api.create(
         "networks",
         json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "Network",
@@ -557,29 +577,34 @@ async fn against_a_server_without_the_crds_the_agent_names_every_missing_one() {
     );
 }
 
-/// The chart's `templates/rbac.yaml` rendered for release `virtkube` in namespace
-/// `virtkube` (its only template expressions are the names and labels, replaced here as
-/// Helm would render them).
+/// The agent's ClusterRole and its binding as the chart renders them for release `virtkube`
+/// in namespace `virtkube`: `templates/rbac.yaml` copies the rules of `rbac/agent.yaml`
+/// verbatim (`clusterRules`; the agent has no namespaced ones), bound to the agent's
+/// ServiceAccount.
 fn chart_rbac() -> String {
-    let template = std::fs::read_to_string(concat!(
+    let text = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../charts/virtkube/templates/rbac.yaml"
+        "/../charts/virtkube/rbac/agent.yaml"
     ))
     .unwrap();
-    template
-        .lines()
-        .filter(|l| !l.contains("include \"virtkube.labels\""))
-        .map(|l| {
-            l.replace("{{ include \"virtkube.fullname\" . }}", "virtkube")
-                .replace(
-                    "{{ include \"virtkube.serviceAccountName\" . }}",
-                    "virtkube",
-                )
-                .replace("{{ .Release.Namespace }}", "virtkube")
-        })
-        .filter(|l| l.trim() != "labels:")
-        .collect::<Vec<_>>()
-        .join("\n")
+    let rules: Value = serde_saphyr::from_str(&text).unwrap();
+    assert_eq!(
+        rules["namespaceRules"],
+        json!([]),
+        "the agent has no namespaced rules"
+    );
+    let role = json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+        "metadata": {"name": "virtkube-agent"},
+        "rules": rules["clusterRules"],
+    });
+    let binding = json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+        "metadata": {"name": "virtkube-agent"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "virtkube-agent"},
+        "subjects": [{"kind": "ServiceAccount", "name": "virtkube", "namespace": "virtkube"}],
+    });
+    format!("{role}\n---\n{binding}\n")
 }
 
 #[tokio::test]
@@ -604,6 +629,22 @@ async fn with_exactly_the_charts_rbac_the_agent_converges_and_is_never_refused()
                "spec": {"nodeName": "proc-node", "memory": {"size": "64Mi"}}}),
     )
     .unwrap();
+    // A pool and a bound Volume: made, then deleted (the deletion reads what uses it).
+    api.create(
+        "storagepools",
+        json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "StoragePool",
+               "metadata": {"name": "rbacpool"},
+               "spec": {"type": "dir", "target": {"path": "/var/lib/virtkube/pools/rbacpool"}}}),
+    )
+    .unwrap();
+    api.create(
+        "volumes",
+        json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "Volume",
+               "metadata": {"name": "disk", "namespace": "rbac"},
+               "spec": {"pool": "rbacpool", "capacity": "1Gi", "reclaimPolicy": "Delete"}}),
+    )
+    .unwrap();
+    bind_volume(&api, "rbac", "disk", "proc-node").await;
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("kubeconfig");
     api.write_kubeconfig(&config, &[agent_user]).unwrap();
@@ -619,8 +660,8 @@ async fn with_exactly_the_charts_rbac_the_agent_converges_and_is_never_refused()
     let logs = || std::fs::read_to_string(&log).unwrap_or_default();
     if tokio::time::timeout(
         Duration::from_secs(60),
-        eventually(60, "the domain Ready", || {
-            ready(&api.get("domains", "rbac", "vm"))
+        eventually(60, "the domain and the volume Ready", || {
+            ready(&api.get("domains", "rbac", "vm")) && ready(&api.get("volumes", "rbac", "disk"))
         }),
     )
     .await
@@ -629,7 +670,11 @@ async fn with_exactly_the_charts_rbac_the_agent_converges_and_is_never_refused()
         panic!("not Ready under the chart's RBAC:\n{}", logs());
     }
     api.delete("domains", "rbac", "vm").unwrap();
-    eventually(30, "the domain gone", || api.count("domains") == 0).await;
+    api.delete("volumes", "rbac", "disk").unwrap();
+    eventually(30, "the domain and the volume gone", || {
+        api.count("domains") == 0 && api.count("volumes") == 0
+    })
+    .await;
     let refused: Vec<String> = api
         .requests()
         .iter()

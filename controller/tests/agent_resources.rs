@@ -37,14 +37,72 @@ fn test_pool(name: &str) -> StoragePool {
     .unwrap()
 }
 
+/// A Volume bound to this node the way the cluster controller binds it: `status.nodeName`
+/// (written by a status write) and the node's routing label.
 fn test_volume(ns: &str, pool: &str, policy: &str) -> Volume {
     serde_json::from_value(json!({
         "apiVersion": "virtkube.io/v1alpha1",
         "kind": "Volume",
-        "metadata": { "name": "disk", "namespace": ns, "uid": format!("uid-vol-{ns}"), "generation": 1, "resourceVersion": "1" },
-        "spec": { "pool": pool, "capacity": "1Gi", "format": "qcow2", "reclaimPolicy": policy, "nodeName": NODE }
+        "metadata": { "name": "disk", "namespace": ns, "uid": format!("uid-vol-{ns}"), "generation": 1,
+                      "resourceVersion": "1", "labels": { "node.virtkube.io/node-a": "holder" } },
+        "spec": { "pool": pool, "capacity": "1Gi", "format": "qcow2", "reclaimPolicy": policy },
+        "status": { "nodeName": NODE }
     }))
     .unwrap()
+}
+
+/// The status a compare-and-swap status write sets: a JSON patch that tests the
+/// resourceVersion it was decided on, then replaces `/status`.
+fn written_status(seen: &agent_support::Seen, rv: &str) -> serde_json::Value {
+    assert_eq!(
+        seen.body[0],
+        json!({ "op": "test", "path": "/metadata/resourceVersion", "value": rv }),
+        "{}",
+        seen.body
+    );
+    assert_eq!(seen.body[1]["path"], "/status", "{}", seen.body);
+    seen.body[1]["value"].clone()
+}
+
+/// `obj` as the API server stores it after a status write of `status`: a new resourceVersion.
+fn after_status_write<K: Resource + serde::Serialize + serde::de::DeserializeOwned>(
+    obj: &K,
+    status: &serde_json::Value,
+) -> K {
+    let mut v = serde_json::to_value(obj).unwrap();
+    let rv: u64 = v["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    v["metadata"]["resourceVersion"] = json!((rv + 1).to_string());
+    v["status"] = status.clone();
+    serde_json::from_value(v).unwrap()
+}
+
+/// An empty list of `kind` (what the cluster view of a deletion reads first).
+fn empty_list(kind: &str) -> serde_json::Value {
+    json!({ "apiVersion": "virtkube.io/v1alpha1", "kind": format!("{kind}List"),
+            "metadata": { "resourceVersion": "1" }, "items": [] })
+}
+
+/// Answers the deletion's reads of the namespace's Domains and Volumes with `domains` and
+/// `volumes`.
+async fn answer_cluster_reads(
+    api: &mut agent_support::ApiServerVerifier,
+    ns: &str,
+    domains: serde_json::Value,
+    volumes: serde_json::Value,
+) {
+    for (plural, answer) in [("domains", domains), ("volumes", volumes)] {
+        let (seen, send) = api.next().await;
+        assert_eq!(seen.method, Method::GET);
+        assert_eq!(
+            seen.path(),
+            format!("/apis/virtkube.io/v1alpha1/namespaces/{ns}/{plural}")
+        );
+        send.send_response(ok(&answer));
+    }
 }
 
 fn test_network(name: &str) -> Network {
@@ -226,6 +284,22 @@ async fn volume_is_created_reported_and_deleted_per_reclaim_policy() {
         let server = {
             let v = v.clone();
             tokio::spawn(async move {
+                // `Creating` is recorded before libvirt is asked for the image.
+                let (seen, send) = api.next().await;
+                assert_eq!(
+                    seen.path(),
+                    format!("/apis/virtkube.io/v1alpha1/namespaces/{ns}/volumes/disk/status")
+                );
+                assert!(
+                    seen.uri.contains("fieldManager=virtkube-agent"),
+                    "{}",
+                    seen.uri
+                );
+                let creating = written_status(&seen, "1");
+                assert_eq!(creating["phase"], "Creating");
+                assert_eq!(creating["nodeName"], NODE, "the holder is kept");
+                let v = after_status_write(&v, &creating);
+                send.send_response(ok(&v));
                 let (events, seen, send) = api.events_then().await;
                 assert_eq!(
                     events.iter().map(|(r, _)| r.as_str()).collect::<Vec<_>>(),
@@ -235,14 +309,8 @@ async fn volume_is_created_reported_and_deleted_per_reclaim_policy() {
                     seen.path(),
                     format!("/apis/virtkube.io/v1alpha1/namespaces/{ns}/volumes/disk/status")
                 );
-                assert!(
-                    seen.uri.contains("fieldManager=virtkube-agent&")
-                        || seen.uri.ends_with("fieldManager=virtkube-agent"),
-                    "{}",
-                    seen.uri
-                );
-                let mut updated = v.clone();
-                updated.status = Some(serde_json::from_value(seen.body["status"].clone()).unwrap());
+                let status = written_status(&seen, "2");
+                let updated = after_status_write(&v, &status);
                 send.send_response(ok(&updated));
                 (updated, api)
             })
@@ -279,6 +347,8 @@ async fn volume_is_created_reported_and_deleted_per_reclaim_policy() {
             let mut answer = gone.clone();
             answer.metadata.finalizers = None;
             tokio::spawn(async move {
+                answer_cluster_reads(&mut api, ns, empty_list("Domain"), empty_list("Volume"))
+                    .await;
                 let (events, seen, send) = api.events_then().await;
                 assert_eq!(seen.body[1]["op"], "remove", "{}", seen.body);
                 send.send_response(ok(&answer));
@@ -306,6 +376,38 @@ async fn volume_is_created_reported_and_deleted_per_reclaim_policy() {
 }
 
 #[tokio::test]
+async fn a_volume_not_bound_to_this_node_is_not_touched() {
+    let (ctx, mut api, engine) = agent_support::context().await;
+    let (_, a) = pool_up("unbound", &ctx, api).await;
+    api = a;
+    // spec.nodeName names this node, but no holder is bound yet: binding is the
+    // controller's job, and an agent never claims a Volume itself.
+    let mut v = test_volume("unbound", "unbound", "Delete");
+    v.spec.node_name = Some(NODE.into());
+    v.status = None;
+    let action = timed(volume::reconcile(Arc::new(v.clone()), ctx.clone()))
+        .await
+        .unwrap();
+    assert_eq!(action, Action::await_change());
+    // Bound to another node: not this agent's either.
+    v.status = Some(virtkube_crds::volume::VolumeStatus {
+        node_name: Some("node-b".into()),
+        ..Default::default()
+    });
+    timed(volume::reconcile(Arc::new(v), ctx.clone()))
+        .await
+        .unwrap();
+    api.assert_silent(Duration::from_millis(200)).await;
+    assert!(
+        engine
+            .volume_observe("unbound", "unbound.disk")
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+#[tokio::test]
 async fn volume_without_its_pool_is_not_ready_and_says_why_once() {
     let (ctx, mut api, _engine) = agent_support::context().await;
     let v = with_finalizer(test_volume("nopool", "missing-pool", "Delete"), FINALIZER);
@@ -314,8 +416,7 @@ async fn volume_without_its_pool_is_not_ready_and_says_why_once() {
         tokio::spawn(async move {
             let (seen, send) = api.next().await;
             assert!(seen.path().ends_with("/status"));
-            let mut updated = v.clone();
-            updated.status = Some(serde_json::from_value(seen.body["status"].clone()).unwrap());
+            let updated = after_status_write(&v, &written_status(&seen, "1"));
             send.send_response(ok(&updated));
             let (events, _, _) = (api.next().await, (), ());
             assert_eq!(events.0.body["reason"], "Failed");
@@ -401,9 +502,11 @@ async fn a_volume_in_use_is_not_deleted_and_says_why() {
     let server = {
         let v = v.clone();
         tokio::spawn(async move {
+            let (seen, send) = api.next().await;
+            let v = after_status_write(&v, &written_status(&seen, "1"));
+            send.send_response(ok(&v));
             let (_, seen, send) = api.events_then().await;
-            let mut updated = v.clone();
-            updated.status = Some(serde_json::from_value(seen.body["status"].clone()).unwrap());
+            let updated = after_status_write(&v, &written_status(&seen, "2"));
             send.send_response(ok(&updated));
             (updated, api)
         })
@@ -440,7 +543,7 @@ async fn a_volume_in_use_is_not_deleted_and_says_why() {
         })
     };
     timed(virtkube::agent::domain::reconcile(
-        Arc::new(dom),
+        Arc::new(dom.clone()),
         ctx.clone(),
     ))
     .await
@@ -448,13 +551,18 @@ async fn a_volume_in_use_is_not_deleted_and_says_why() {
     let mut api = server.await.unwrap();
     assert!(engine.domain_lookup("inuse.user").await.unwrap().is_some());
 
-    // Deleting the volume waits while the domain uses it.
+    // Deleting the volume waits while the domain uses it: its resource (the cluster view)
+    // and its libvirt domain (the node view) both say so.
     let gone = deleting(vol);
     let answer = gone.clone();
+    let domains = json!({ "apiVersion": "virtkube.io/v1alpha1", "kind": "DomainList",
+                          "metadata": { "resourceVersion": "1" }, "items": [dom] });
     let server = tokio::spawn(async move {
+        answer_cluster_reads(&mut api, "inuse", domains, empty_list("Volume")).await;
         let (seen, send) = api.next().await;
         assert!(seen.path().ends_with("/status"), "{}", seen.uri);
-        let ready = seen.body["status"]["conditions"]
+        let status = written_status(&seen, "3");
+        let ready = status["conditions"]
             .as_array()
             .unwrap()
             .iter()
@@ -463,7 +571,15 @@ async fn a_volume_in_use_is_not_deleted_and_says_why() {
             .clone();
         assert_eq!(ready["status"], "False");
         assert_eq!(ready["reason"], "VolumeInUse");
-        send.send_response(ok(&answer));
+        assert_eq!(status["phase"], "Released");
+        assert!(
+            ready["message"]
+                .as_str()
+                .unwrap()
+                .contains("Domain inuse/user"),
+            "{ready}"
+        );
+        send.send_response(ok(&after_status_write(&answer, &status)));
         let (seen, send) = api.next().await;
         assert_eq!(seen.body["reason"], "DeletionBlocked");
         send.send_response(ok(&seen.body));
@@ -486,6 +602,8 @@ async fn a_volume_in_use_is_not_deleted_and_says_why() {
 async fn a_pool_no_longer_selected_is_removed_here_and_let_go() {
     let (ctx, api, engine) = agent_support::context().await;
     let (mut p, mut api) = pool_up("deselpool", &ctx, api).await;
+    // The agent has read its node's labels (none): a selector for zone b leaves it out.
+    ctx.set_labels(Default::default());
     p.spec.node_selector.insert("zone".into(), "b".into());
     let answer = p.clone();
     let server = tokio::spawn(async move {

@@ -873,7 +873,11 @@ fn delete_keeps_retained_volumes_and_waits_for_users() {
         .iter()
         .find(|n| n.kind == NoticeKind::Blocked)
         .unwrap();
-    assert!(blocked.message.contains("team.web"), "{}", blocked.message);
+    assert!(
+        blocked.message.contains("Domain team/web"),
+        "{}",
+        blocked.message
+    );
 }
 
 #[test]

@@ -252,6 +252,27 @@ impl Engine {
         .await
     }
 
+    /// Every volume of a pool, observed in one call (one slot of the engine's pool instead of
+    /// one per volume): what a whole-node view of the storage needs. A volume that disappears
+    /// while the pool is read is left out.
+    pub async fn volume_observe_all(&self, pool: &str) -> Result<Vec<VolumeObserved>> {
+        let pool_name = pool.to_string();
+        self.call(CallClass::Query, "volume_observe_all", move |c| {
+            const CALL: &str = "volume_observe_all";
+            let pool = crate::pool::lookup(c, CALL, &pool_name)?;
+            let mut out = Vec::new();
+            for vol in pool.list_all_volumes(0).map_err(lv(CALL))? {
+                match observe(&vol, CALL) {
+                    Ok(o) => out.push(o),
+                    Err(e) if e.is_not_found() => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     /// Looks a volume up by its key.
     pub async fn volume_lookup_key(&self, key: &str) -> Result<Option<VolumeObserved>> {
         let key = key.to_string();

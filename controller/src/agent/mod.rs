@@ -7,6 +7,7 @@
 //! |---|---|
 //! | [`domain`], [`volume`], [`network`], [`pool`] | one controller per kind |
 //! | [`converge`] | the adapter to the reconcile core (observe, change, report) |
+//! | [`ownership`] | which image in a pool is a Volume's own |
 //! | [`node`] | the `HypervisorNode` publisher (facts and heartbeat) |
 //! | [`drift`] | libvirt events -> reconcile requests |
 //! | [`metrics`], [`http`] | Prometheus metrics, `/healthz`, `/readyz` |
@@ -29,6 +30,7 @@ pub mod metrics;
 pub mod moves;
 pub mod network;
 pub mod node;
+pub mod ownership;
 pub mod pernode;
 pub mod pool;
 pub mod reconcile;
@@ -361,9 +363,7 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     // reconcile (the publisher keeps them current afterwards).
     match node::ensure_node_object(&ctx).await {
         Ok(labels) => {
-            if let Ok(mut l) = ctx.node_labels.write() {
-                *l = labels;
-            }
+            ctx.set_labels(labels);
         }
         Err(e) => {
             tracing::warn!(error = %e, "reading this node's HypervisorNode failed; pools and networks with a nodeSelector wait for the next heartbeat")

@@ -194,16 +194,7 @@ pub async fn run(
         }
         match ensure_node_object(&ctx).await {
             Ok(labels) => {
-                let changed = ctx
-                    .node_labels
-                    .write()
-                    .map(|mut l| {
-                        let changed = *l != labels;
-                        *l = labels;
-                        changed
-                    })
-                    .unwrap_or(false);
-                if changed {
+                if ctx.set_labels(labels) {
                     on_labels();
                 }
             }

@@ -134,14 +134,17 @@ where
         "kind": K::kind(&()),
         "status": {},
     });
-    api.patch_status(
-        &name,
-        &PatchParams::apply(&ctx.settings.node_field_manager()).force(),
-        &Patch::Apply(&release),
-    )
-    .await?;
+    // The finalizer patch is guarded by the resourceVersion this release produced: the
+    // status write above changed it when it removed anything.
+    let released = api
+        .patch_status(
+            &name,
+            &PatchParams::apply(&ctx.settings.node_field_manager()).force(),
+            &Patch::Apply(&release),
+        )
+        .await?;
     let mine = ctx.settings.node_finalizer();
-    let remaining: Vec<String> = obj
+    let remaining: Vec<String> = released
         .finalizers()
         .iter()
         .filter(|f| **f != mine)
@@ -149,7 +152,7 @@ where
         .collect();
     let patch = json!({
         "metadata": {
-            "resourceVersion": obj.resource_version(),
+            "resourceVersion": released.resource_version(),
             "finalizers": remaining,
         }
     });

@@ -9,7 +9,7 @@ use virtkube_engine::migrate::MigrateOptions;
 use virtkube_engine::model::{
     CpuDef, CpuMode, DhcpRange, DiskDef, DiskSource, DomainDef, DomainObserved, DomainState,
     Firmware, InterfaceDef, IpDef, NetworkDef, NetworkMode, NetworkObserved, OsDef, PoolDef,
-    PoolObserved, PoolType, Topology, VcpuPin, VolumeDef, VolumeFormat,
+    PoolObserved, PoolType, Topology, VcpuPin, VolumeDef, VolumeFormat, VolumeObserved,
 };
 use virtkube_engine::{CpuSet, Engine, EngineConfig, EngineError, EngineStats, Owner};
 
@@ -309,24 +309,15 @@ async fn observe_host(h: &Host) -> Result<ObservedHost, HostError> {
         if !active {
             continue;
         }
-        for vol in e.volume_list(&name).await.map_err(&err)? {
-            let Some(v) = e.volume_observe(&name, &vol).await.map_err(&err)? else {
-                continue;
-            };
-            host.volumes.insert(
-                (name.clone(), vol.clone()),
-                ObservedVolume {
-                    // libvirt keeps no mark on volumes: in a virtkube pool, a volume named
-                    // `<namespace>.<name>` is one virtkube made.
-                    owned: owned && vol.contains('.'),
-                    key: v.key,
-                    path: v.path,
-                    capacity: v.capacity,
-                    allocation: v.allocation,
-                    format: v.format.map(|f| f.as_str().to_string()),
-                    backing_path: v.backing.map(|b| b.path),
-                },
-            );
+        // A pool undefined since it was listed has no volumes to show.
+        let volumes = match e.volume_observe_all(&name).await {
+            Ok(volumes) => volumes,
+            Err(gone) if gone.is_not_found() => continue,
+            Err(other) => return Err(err(other)),
+        };
+        for v in volumes {
+            host.volumes
+                .insert((name.clone(), v.name.clone()), volume_from(&v, owned));
         }
     }
     for name in e.network_list().await.map_err(&err)? {
@@ -340,6 +331,30 @@ async fn observe_host(h: &Host) -> Result<ObservedHost, HostError> {
         host.domains.insert(d.name.clone(), domain_from(&d));
     }
     Ok(host)
+}
+
+/// The planner's view of a volume libvirt reports, in a pool that carries virtkube's mark
+/// (`pool_owned`) or not (shared with the agent). libvirt keeps no mark on volumes: in a
+/// virtkube pool, a volume named `<namespace>.<name>` counts as one virtkube made — the rule
+/// of local manifests, which have no other record; the agent decides from the Volume's
+/// recorded key instead (`agent::ownership`).
+pub fn volume_from(v: &VolumeObserved, pool_owned: bool) -> ObservedVolume {
+    ObservedVolume {
+        owned: pool_owned && v.name.contains('.'),
+        key: v.key.clone(),
+        path: v.path.clone(),
+        capacity: v.capacity,
+        allocation: v.allocation,
+        format: v.format.as_ref().map(|f| f.as_str().to_string()),
+        backing_path: v.backing.as_ref().map(|b| b.path.clone()),
+    }
+}
+
+/// Everything one node's libvirt holds, as the planner models it: every pool, every volume
+/// of every running pool, every network and every domain (the whole-node view removals are
+/// decided against).
+pub async fn observe_node(h: &Host) -> Result<ObservedHost, HostError> {
+    observe_host(h).await
 }
 
 /// The planner's view of a storage pool libvirt reports (shared with the agent).
@@ -457,6 +472,7 @@ pub fn domain_from(d: &DomainObserved) -> ObservedDomain {
                 },
                 read_only: x.read_only,
                 boot_order: x.boot_order,
+                chain: x.backing_chain.clone(),
             })
             .collect(),
         interfaces: d

@@ -354,6 +354,7 @@ impl DesiredState {
                 node: node.to_string(),
                 message: format!("{}: {msg}", origin_of(m)),
                 changes: Vec::new(),
+                users: Vec::new(),
             })
         };
         let check_node = |node: Option<&String>| -> Result<String, String> {

@@ -217,6 +217,10 @@ pub struct ObservedDisk {
     pub read_only: bool,
     /// Boot order.
     pub boot_order: Option<u32>,
+    /// The images under the disk's own, nearest first, as libvirt reports them for the
+    /// domain (filled in for running guests; the chains of pool volumes come from the
+    /// volumes themselves).
+    pub chain: Vec<String>,
 }
 
 /// A NIC.

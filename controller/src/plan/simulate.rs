@@ -46,6 +46,7 @@ fn domain_from(
             },
             read_only: disk.read_only,
             boot_order: disk.boot_order,
+            chain: Vec::new(),
         })
         .collect();
     let interfaces = d

@@ -69,10 +69,27 @@ pub fn not_found(what: &str) -> Response<Body> {
 }
 
 /// Runs `work` while answering its API calls like a permissive API server: finalizer patches
-/// return the object with the finalizer, events are echoed, status patches are recorded and
-/// answered with the object carrying that status, reads of other objects answer 404. Returns
-/// every status the agent applied, in order, and every call.
-pub async fn record<F, T>(mut api: ApiServerVerifier, object: Value, work: F) -> Recorded
+/// return the object with the finalizer, events are echoed, status patches (server-side
+/// apply, or a compare-and-swap JSON patch replacing `/status`) are recorded and answered
+/// with the object carrying that status and a new resourceVersion, a read of the object
+/// returns it, lists answer empty, reads of other objects answer 404. Returns every status
+/// the agent applied, in order, and every call.
+pub async fn record<F, T>(api: ApiServerVerifier, object: Value, work: F) -> Recorded
+where
+    F: Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
+    record_losing(api, object, work, 0).await
+}
+
+/// [`record`], where the first `lost` compare-and-swap status writes lose to another writer
+/// (409 Conflict), as when the cluster controller wrote the status in between.
+pub async fn record_losing<F, T>(
+    mut api: ApiServerVerifier,
+    object: Value,
+    work: F,
+    mut lost: usize,
+) -> Recorded
 where
     F: Future<Output = T> + Send + 'static,
     T: Send + 'static,
@@ -113,11 +130,44 @@ where
         let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         if path.starts_with("/apis/events.k8s.io/") {
             send.send_response(ok(&body));
+        } else if method == Method::GET && path == self_path(&current) {
+            send.send_response(ok(&current));
+        } else if method == Method::GET && is_collection(&path) {
+            send.send_response(ok(&json!({
+                "apiVersion": "v1", "kind": "List",
+                "metadata": { "resourceVersion": "1" }, "items": []
+            })));
         } else if method == Method::GET {
             send.send_response(not_found(&path));
+        } else if method == Method::PATCH
+            && path.ends_with("/status")
+            && body.is_array()
+            && lost > 0
+        {
+            lost -= 1;
+            let rv: u64 = current["metadata"]["resourceVersion"]
+                .as_str()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1);
+            current["metadata"]["resourceVersion"] = json!((rv + 1).to_string());
+            send.send_response(conflict(&path));
         } else if method == Method::PATCH && path.ends_with("/status") {
-            current["status"] = body["status"].clone();
-            out.statuses.push(body["status"].clone());
+            let status = match &body {
+                // A compare-and-swap write: `test` the resourceVersion, then `/status`.
+                Value::Array(ops) => ops
+                    .iter()
+                    .find(|op| op["path"] == "/status")
+                    .map(|op| op["value"].clone())
+                    .unwrap_or(Value::Null),
+                _ => body["status"].clone(),
+            };
+            current["status"] = status.clone();
+            let rv: u64 = current["metadata"]["resourceVersion"]
+                .as_str()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1);
+            current["metadata"]["resourceVersion"] = json!((rv + 1).to_string());
+            out.statuses.push(status);
             send.send_response(ok(&current));
         } else if method == Method::PATCH {
             // The finalizer (a JSON patch) or the node object (server-side apply).
@@ -126,6 +176,39 @@ where
             panic!("unexpected call {method} {uri}");
         }
     }
+}
+
+/// A 409 answer in the API server's `Status` shape.
+pub fn conflict(what: &str) -> Response<Body> {
+    let status = json!({
+        "kind": "Status", "apiVersion": "v1", "status": "Failure",
+        "message": format!("Operation cannot be fulfilled on {what}: the object has been modified; please apply your changes to the latest version and try again"),
+        "reason": "Conflict", "code": 409
+    });
+    Response::builder()
+        .status(StatusCode::CONFLICT)
+        .body(Body::from(serde_json::to_vec(&status).unwrap()))
+        .unwrap()
+}
+
+/// The API path of `object` itself.
+fn self_path(object: &Value) -> String {
+    let kind = object["kind"]
+        .as_str()
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    let name = object["metadata"]["name"].as_str().unwrap_or_default();
+    match object["metadata"]["namespace"].as_str() {
+        Some(ns) => format!("/apis/virtkube.io/v1alpha1/namespaces/{ns}/{kind}s/{name}"),
+        None => format!("/apis/virtkube.io/v1alpha1/{kind}s/{name}"),
+    }
+}
+
+/// Whether `path` names a collection of virtkube's kinds (`…/volumes`).
+fn is_collection(path: &str) -> bool {
+    ["domains", "volumes", "networks", "storagepools"]
+        .iter()
+        .any(|plural| path.ends_with(&format!("/{plural}")))
 }
 
 /// A context for `NODE` on `test:///default` with a mocked API server, as `virtkube agent`
@@ -153,12 +236,16 @@ fn domain_object(name: &str, spec: Value) -> Value {
     })
 }
 
+/// A Volume bound to `NODE` the way the cluster controller binds it (`status.nodeName`, the
+/// node's routing label).
 fn volume_object(name: &str, pool: &str) -> Value {
     json!({
         "apiVersion": "virtkube.io/v1alpha1", "kind": "Volume",
         "metadata": { "name": name, "namespace": "default", "uid": format!("uid-{name}"), "generation": 1,
+                      "resourceVersion": "1", "labels": { "node.virtkube.io/node-a": "holder" },
                       "finalizers": [FINALIZER] },
-        "spec": { "pool": pool, "nodeName": NODE, "capacity": "1Mi", "format": "raw" },
+        "spec": { "pool": pool, "capacity": "1Mi", "format": "raw" },
+        "status": { "nodeName": NODE },
     })
 }
 
@@ -401,6 +488,33 @@ async fn volumes(out: &mut Outputs) {
         .await;
         out.keep(sample, &obj, recorded);
     }
+    // A status write that loses to another writer: the Volume is read again and the status
+    // decided again (only the calls are kept).
+    let (ctx, api, _engine) = context().await;
+    let obj = volume_object("contended", "no-such-pool");
+    let vol = Arc::new(serde_json::from_value(obj.clone()).unwrap());
+    let recorded = record_losing(
+        api,
+        obj,
+        async move {
+            let _ = volume::reconcile(vol, ctx).await;
+        },
+        1,
+    )
+    .await;
+    assert_eq!(
+        recorded.statuses.len(),
+        1,
+        "written once, after the re-read"
+    );
+    assert!(
+        recorded
+            .calls
+            .iter()
+            .any(|c| c.method == Method::GET && c.path.ends_with("/volumes/contended")),
+        "the Volume is read again after the conflict"
+    );
+    out.calls.extend(recorded.calls);
 }
 
 /// A dir pool; an isolated network; a network whose DHCP range covers its own address.

@@ -99,14 +99,24 @@ async fn handle(State(fake): State<Shared>, method: Method, uri: Uri, body: Byte
             .next()
             .unwrap_or_default()
             .to_string();
+        let status = match &body {
+            // A compare-and-swap write (a JSON patch replacing `/status`).
+            Value::Array(ops) => ops
+                .iter()
+                .find(|op| op["path"] == "/status")
+                .map(|op| op["value"].clone())
+                .unwrap_or(Value::Null),
+            _ => body["status"].clone(),
+        };
         let mut f = fake.lock().unwrap();
-        f.status_patches.push((path.clone(), body.clone()));
+        f.status_patches
+            .push((path.clone(), json!({ "status": status.clone() })));
         let stored = plural
             .and_then(|p| f.objects.get(p))
             .and_then(|objs| objs.iter().find(|o| o["metadata"]["name"] == name.as_str()))
             .cloned();
         if let Some(mut obj) = stored {
-            obj["status"] = body["status"].clone();
+            obj["status"] = status;
             return json_response(StatusCode::OK, obj);
         }
     }

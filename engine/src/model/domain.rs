@@ -592,6 +592,37 @@ pub struct DiskObserved {
     pub boot_order: Option<u32>,
     /// Driver format.
     pub format: Option<String>,
+    /// The images under the disk's own, nearest first: the paths of libvirt's nested
+    /// `<backingStore>` elements (a qcow2 overlay's backing file, its backing file, …). libvirt
+    /// fills the chain in when it starts the guest, so a stopped domain usually reports none;
+    /// the images of pool volumes are followed through the volumes' own XML instead.
+    pub backing_chain: Vec<String>,
+}
+
+/// The deepest `<backingStore>` nesting read: deeper chains are cut there (QEMU itself
+/// refuses chains far shorter).
+pub const MAX_BACKING_DEPTH: usize = 64;
+
+/// The paths of a disk's nested `<backingStore>` elements, nearest first (entries without a
+/// local file or device, such as network images, are skipped but followed).
+fn backing_chain(disk: &Element) -> Vec<String> {
+    let mut chain = Vec::new();
+    let mut next = disk.find("backingStore");
+    let mut depth = 0;
+    while let Some(store) = next {
+        depth += 1;
+        if depth > MAX_BACKING_DEPTH {
+            break;
+        }
+        if let Some(path) = store
+            .find("source")
+            .and_then(|s| s.get("file").or_else(|| s.get("dev")))
+        {
+            chain.push(path.to_string());
+        }
+        next = store.find("backingStore");
+    }
+    chain
 }
 
 /// A NIC as libvirt reports it.
@@ -840,6 +871,7 @@ impl DomainObserved {
                         .find("driver")
                         .and_then(|b| b.get("type"))
                         .map(str::to_string),
+                    backing_chain: backing_chain(d),
                 });
             }
             for i in devs.find_all("interface") {
@@ -1084,5 +1116,63 @@ mod tests {
                 volume: "v".into()
             }
         );
+    }
+
+    /// A running guest's disk on a qcow2 overlay, as libvirt 9.0 reports it (the chain is
+    /// nested `<backingStore>` elements ending in an empty one).
+    #[test]
+    fn reads_a_disks_backing_chain() {
+        let xml = r#"<domain type='qemu' id='3'>
+  <name>chain</name>
+  <uuid>8a0b7a7e-2a55-4a34-9a0e-0a4e1c2f2b12</uuid>
+  <memory unit='KiB'>65536</memory>
+  <vcpu placement='static'>1</vcpu>
+  <os><type arch='x86_64' machine='pc-i440fx-7.2'>hvm</type></os>
+  <devices>
+    <disk type='volume' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source pool='probe' volume='ov2' index='1'/>
+      <backingStore type='file' index='2'>
+        <format type='qcow2'/>
+        <source file='/var/lib/libvirt/images/probe/ov'/>
+        <backingStore type='network' index='3'>
+          <format type='raw'/>
+          <source protocol='nbd' name='x'/>
+          <backingStore type='block' index='4'>
+            <format type='raw'/>
+            <source dev='/dev/vg/base'/>
+            <backingStore/>
+          </backingStore>
+        </backingStore>
+      </backingStore>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <disk type='file' device='cdrom'>
+      <target dev='hdc' bus='ide'/>
+    </disk>
+  </devices>
+</domain>"#;
+        let o = DomainObserved::from_xml(xml).unwrap();
+        assert_eq!(
+            o.disks[0].backing_chain,
+            ["/var/lib/libvirt/images/probe/ov", "/dev/vg/base"]
+        );
+        assert!(o.disks[1].backing_chain.is_empty());
+    }
+
+    #[test]
+    fn a_backing_chain_deeper_than_the_limit_is_cut() {
+        let mut disk = Element::new("disk");
+        let mut inner: Option<Element> = None;
+        for i in 0..(MAX_BACKING_DEPTH + 10) {
+            let mut store = Element::new("backingStore")
+                .child(Element::new("source").attr("file", format!("/i/{i}")));
+            if let Some(deeper) = inner.take() {
+                store = store.child(deeper);
+            }
+            inner = Some(store);
+        }
+        disk = disk.child_opt(inner);
+        assert_eq!(backing_chain(&disk).len(), MAX_BACKING_DEPTH);
     }
 }
