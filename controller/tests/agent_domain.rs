@@ -274,7 +274,13 @@ async fn a_copy_here_that_another_node_holds_is_removed_with_an_event() {
     assert_eq!(w.libvirt_state().await, None, "the stale copy is gone");
     assert!(w.event_reasons().contains(&"StaleCopyRemoved".to_string()));
     assert_eq!(
-        w.stored().await.unwrap().status.unwrap().node_name.as_deref(),
+        w.stored()
+            .await
+            .unwrap()
+            .status
+            .unwrap()
+            .node_name
+            .as_deref(),
         Some("node-b"),
         "the claim is not this node's to change"
     );

@@ -10,9 +10,7 @@ use serde_json::{Value, json};
 
 mod agent_support;
 
-use agent_support::fake_api::{
-    agent, fake_api, fake_api_with, free_port, http_get, kubeconfig, sigterm,
-};
+use agent_support::fake_api::{agent, fake_api, free_port, http_get, kubeconfig, sigterm};
 
 #[tokio::test]
 async fn agent_starts_gets_ready_publishes_its_node_and_stops_on_sigterm() {
@@ -206,9 +204,10 @@ async fn running_controllers_converge_listed_objects_in_dependency_order_then_go
     assert!(
         other["metadata"]["finalizers"].is_null()
             && other["status"]["phase"].is_null()
-            && !api.requests().iter().any(|r| r.identity != "admin"
-                && r.resource == "domains"
-                && r.name == "other"),
+            && !api
+                .requests()
+                .iter()
+                .any(|r| r.identity != "admin" && r.resource == "domains" && r.name == "other"),
         "another node's domain is never touched: {other}"
     );
     let reasons: Vec<String> = agent_support::events(&api)

@@ -515,3 +515,75 @@ async fn a_pool_no_longer_selected_is_removed_here_and_let_go() {
     server.await.unwrap();
     assert!(engine.pool_observe("deselpool").await.unwrap().is_none());
 }
+
+/// A pool's `status.observedGeneration` follows the generation the agent acted on (the
+/// in-memory API server underneath), so kstatus and `kubectl wait` see a spec edit as in
+/// progress until an agent has acted on it; another node's entry written for an older
+/// generation does not hold it back.
+#[tokio::test]
+async fn a_pools_observed_generation_follows_the_spec_the_agent_acted_on() {
+    let api = virtkube_testapi::TestApi::start().await.unwrap();
+    let (ctx, _, _engine) = agent_support::testapi_context(&api).await;
+    api.create(
+        "storagepools",
+        json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "StoragePool",
+               "metadata": {"name": "obsgen"},
+               "spec": {"type": "dir", "target": {"path": "/var/lib/virtkube/pools/obsgen"}}}),
+    )
+    .unwrap();
+    let stored = || -> StoragePool {
+        serde_json::from_value(api.get("storagepools", "", "obsgen").unwrap()).unwrap()
+    };
+    let observed = |p: &StoragePool| p.status.as_ref().and_then(|s| s.observed_generation);
+    // The finalizer first, then the pool and its status.
+    for _ in 0..2 {
+        timed(pool::reconcile(Arc::new(stored()), ctx.clone()))
+            .await
+            .unwrap();
+    }
+    assert_eq!(observed(&stored()), Some(1));
+
+    // node-b reports too, for generation 1, under its own manager.
+    let admin = api.client("admin").await.unwrap();
+    let pools: kube::Api<StoragePool> = kube::Api::all(admin);
+    pools
+        .patch_status(
+            "obsgen",
+            &kube::api::PatchParams::apply("virtkube-agent.node-b").force(),
+            &kube::api::Patch::Apply(json!({
+                "apiVersion": "virtkube.io/v1alpha1", "kind": "StoragePool",
+                "status": {"observedGeneration": 1,
+                           "nodes": [{"nodeName": "node-b", "state": "Running"}]}})),
+        )
+        .await
+        .unwrap();
+
+    api.edit_spec("storagepools", "", "obsgen", |s| {
+        s["autostart"] = json!(false)
+    })
+    .unwrap();
+    let edited = stored();
+    assert_eq!(edited.metadata.generation, Some(2));
+    assert_eq!(observed(&edited), Some(1), "not acted on yet");
+    timed(pool::reconcile(Arc::new(edited), ctx.clone()))
+        .await
+        .unwrap();
+    let acted = stored();
+    assert_eq!(observed(&acted), Some(2));
+    let status = acted.status.unwrap();
+    assert_eq!(
+        status.nodes.len(),
+        2,
+        "node-b's entry stays: {:?}",
+        status.nodes
+    );
+    let ready = virtkube_crds::conditions::find(&status.conditions, "Ready").unwrap();
+    assert_eq!(ready.observed_generation, Some(2));
+
+    // Steady state: nothing to write.
+    let rv = api.resource_version();
+    timed(pool::reconcile(Arc::new(stored()), ctx.clone()))
+        .await
+        .unwrap();
+    assert_eq!(api.resource_version(), rv, "no write in steady state");
+}

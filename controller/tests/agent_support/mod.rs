@@ -195,7 +195,7 @@ pub async fn testapi_context(
 /// Binds a Domain to `node` the way the cluster controller does: the claim
 /// (`status.nodeName`) written by compare-and-swap, then the routing label.
 pub async fn bind_domain(client: &kube::Client, ns: &str, name: &str, node: &str) {
-    use kube::api::{Api, Patch, PatchParams};
+    use kube::api::Api;
     use virtkube::placement::write::{HOLDER, node_label, write_status};
     use virtkube_crds::Domain;
     let api: Api<Domain> = Api::namespaced(client.clone(), ns);
@@ -220,7 +220,7 @@ pub async fn label_domain(
     let api: Api<Domain> = Api::namespaced(client.clone(), ns);
     let map: serde_json::Map<String, Value> = labels
         .iter()
-        .map(|(k, v)| (k.to_string(), v.map_or(Value::Null, |v| Value::from(v))))
+        .map(|(k, v)| (k.to_string(), v.map_or(Value::Null, Value::from)))
         .collect();
     api.patch(
         name,
@@ -263,14 +263,22 @@ pub async fn hypervisor_node(client: &kube::Client, name: &str, libvirt_uri: &st
         "metadata": {"name": name},
         "spec": {},
     });
-    api.patch(name, &PatchParams::apply("test").force(), &Patch::Apply(&body))
-        .await
-        .unwrap();
+    api.patch(
+        name,
+        &PatchParams::apply("test").force(),
+        &Patch::Apply(&body),
+    )
+    .await
+    .unwrap();
     let status = serde_json::json!({
         "apiVersion": "virtkube.io/v1alpha1", "kind": "HypervisorNode",
         "status": {"libvirtUri": libvirt_uri},
     });
-    api.patch_status(name, &PatchParams::apply("test").force(), &Patch::Apply(&status))
-        .await
-        .unwrap();
+    api.patch_status(
+        name,
+        &PatchParams::apply("test").force(),
+        &Patch::Apply(&status),
+    )
+    .await
+    .unwrap();
 }
