@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod fake_api;
+pub mod rbac;
 
 use std::sync::Arc;
 use std::time::Duration;
