@@ -208,7 +208,12 @@ pub fn agent_with(
         .env("KUBECONFIG", kubeconfig)
         .env("VIRTKUBE_NODE_NAME", "proc-node")
         .env("VIRTKUBE_CONNECT", uri)
-        .env("RUST_LOG", "info")
+        // `VIRTKUBE_AGENT_RUST_LOG` turns on more (e.g. `info,kube_runtime=debug`) when
+        // a test needs to see where time goes.
+        .env(
+            "RUST_LOG",
+            std::env::var("VIRTKUBE_AGENT_RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .stdout(out)
         .stderr(err)
         .spawn()
