@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use virtkube_testapi::TestApi;
+use virtkube_testapi::{Answer, TestApi};
 
 use agent_support::fake_api::{KillOnDrop, agent_with, free_port, http_get, kubeconfig, sigterm};
 
@@ -92,6 +92,19 @@ impl Agent {
         lines[lines.len().saturating_sub(n)..].join("\n")
     }
 
+    /// The agent's JSON log lines whose message contains `needle`.
+    fn log_entries(&self, needle: &str) -> Vec<Value> {
+        self.logs()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|l| {
+                l["fields"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains(needle))
+            })
+            .collect()
+    }
+
     /// Creates a running Domain `name`, binds it here and waits until it is Ready.
     async fn running_domain(&self, name: &str) {
         self.api
@@ -139,6 +152,17 @@ impl Agent {
             .sum()
     }
 
+    /// The value of the sample whose line starts with `sample` (name and labels), from
+    /// `/metrics`.
+    async fn metric(&self, sample: &str) -> Option<f64> {
+        let (200, text) = http_get(self.port, "/metrics").await? else {
+            return None;
+        };
+        text.lines()
+            .find(|l| l.starts_with(sample) && l[sample.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    }
+
     /// Waits until libvirt was asked `call` more than `before` times; returns when.
     async fn wait_call(&self, call: &str, before: u64, within: Duration) -> Duration {
         let started = Instant::now();
@@ -177,6 +201,11 @@ impl Agent {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Whether the agent process still runs.
+    fn child_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// SIGTERM: the agent exits cleanly.
@@ -241,7 +270,7 @@ async fn outage_then_change(
     if !during {
         edit();
     }
-    let bound = Duration::from_secs(300);
+    let bound = Duration::from_secs(60);
     agent.wait_call(call, before, bound).await;
     let acted = back.elapsed();
     agent.wait_phase(name, phase, bound).await;
@@ -262,6 +291,280 @@ async fn a_change_made_during_a_stop_reaches_libvirt_soon_after_the_restart() {
         "acted {acted:?} after the restart:\n{}",
         agent.tail(40)
     );
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_made_right_after_a_hang_reaches_libvirt_soon_after_it() {
+    let agent = Agent::start().await;
+    agent.running_domain("vm").await;
+    let (acted, written) = outage_then_change(
+        &agent,
+        "vm",
+        Outage::Hang,
+        Duration::from_secs(15),
+        0,
+        false,
+    )
+    .await;
+    println!(
+        "hung 15 s, edited right after: libvirt acted {acted:?} after the server answered again, status {written:?}"
+    );
+    assert!(
+        acted < Duration::from_secs(30),
+        "acted {acted:?} after the hang:\n{}",
+        agent.tail(40)
+    );
+    // And a change made during a hang is applied after it.
+    let (acted, _) =
+        outage_then_change(&agent, "vm", Outage::Hang, Duration::from_secs(5), 1, true).await;
+    println!("hung 5 s, edited during: libvirt acted {acted:?} after the hang");
+    assert!(acted < Duration::from_secs(30), "{}", agent.tail(40));
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_follows_the_api_server_both_ways_with_the_reason_in_the_body_and_metrics() {
+    let agent = Agent::start().await;
+    let (_, body) = agent.wait_readyz(200, Duration::from_secs(30)).await;
+    assert!(body.contains("\r\n\r\nready\n"), "{body}");
+    assert_eq!(agent.metric("virtkube_agent_ready").await, Some(1.0));
+    assert_eq!(agent.metric("virtkube_agent_api_up").await, Some(1.0));
+    let mut outages = 0.0;
+    for (outage, label) in [
+        (Outage::Stop, "api_unreachable"),
+        (Outage::Hang, "api_not_answering"),
+    ] {
+        outage.begin(&agent.api).await;
+        let (down, body) = agent.wait_readyz(503, Duration::from_secs(30)).await;
+        println!("{outage:?}: /readyz 503 after {down:?}");
+        assert!(
+            down < Duration::from_secs(5),
+            "{outage:?}: 503 only after {down:?}"
+        );
+        assert!(
+            body.contains("not ready: the Kubernetes API has not answered for")
+                && body.contains(&format!("({label})"))
+                && body.contains("kubernetes-api: false"),
+            "{outage:?}: {body}"
+        );
+        assert_eq!(agent.metric("virtkube_agent_ready").await, Some(0.0));
+        assert_eq!(
+            agent
+                .metric(&format!("virtkube_agent_unready{{reason=\"{label}\"}}"))
+                .await,
+            Some(1.0),
+            "{outage:?}"
+        );
+        assert_eq!(
+            agent
+                .metric("virtkube_agent_unready{reason=\"libvirt_unreachable\"}")
+                .await,
+            Some(0.0)
+        );
+        assert_eq!(agent.metric("virtkube_agent_api_up").await, Some(0.0));
+        outages += 1.0;
+        assert_eq!(
+            agent.metric("virtkube_agent_api_outages_total").await,
+            Some(outages)
+        );
+        // Still down a while later: no flapping.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(agent.readyz().await.0, 503, "{outage:?}");
+        outage.end(&agent.api).await;
+        let (up, body) = agent.wait_readyz(200, Duration::from_secs(30)).await;
+        println!("{outage:?}: /readyz 200 again {up:?} after the return");
+        assert!(
+            up < Duration::from_secs(5),
+            "{outage:?}: 200 only after {up:?}"
+        );
+        assert!(body.contains("kubernetes-api: true"), "{body}");
+        assert_eq!(agent.metric("virtkube_agent_ready").await, Some(1.0));
+        assert_eq!(agent.metric("virtkube_agent_api_up").await, Some(1.0));
+    }
+    assert_eq!(
+        agent
+            .metric("virtkube_agent_api_outage_seconds_count")
+            .await,
+        Some(2.0)
+    );
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deletion_made_during_an_outage_completes_after_it() {
+    let agent = Agent::start().await;
+    agent.running_domain("vm").await;
+    let undefined = agent.libvirt_calls("domain_undefine").await;
+    agent.api.stop().await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    agent.api.delete("domains", NS, "vm").unwrap();
+    agent.api.restart().await.unwrap();
+    let back = Instant::now();
+    let within = Duration::from_secs(60);
+    while agent.api.count("domains") > 0 {
+        assert!(back.elapsed() < within, "not deleted:\n{}", agent.tail(40));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "deleted during a 10 s stop: gone {:?} after the restart",
+        back.elapsed()
+    );
+    assert!(
+        agent.libvirt_calls("domain_undefine").await > undefined,
+        "the libvirt domain was undefined"
+    );
+    let deleted = agent_support::events(&agent.api)
+        .iter()
+        .any(|e| e.0 == "vm" && e.1 == "Deleted");
+    assert!(
+        deleted,
+        "a Deleted event: {:?}",
+        agent_support::events(&agent.api)
+    );
+    agent.stop().await;
+}
+
+/// Whether `request` is a status write of Domain `vm`.
+fn vm_status_patch(r: &virtkube_testapi::RequestInfo) -> bool {
+    r.verb == "patch" && r.resource == "domains" && r.subresource == "status" && r.name == "vm"
+}
+
+/// Status patches of `vm` the server has seen (injected failures included).
+fn vm_status_patches(api: &TestApi) -> usize {
+    api.requests()
+        .iter()
+        .filter(|r| {
+            r.verb == "patch"
+                && r.resource == "domains"
+                && r.subresource == "status"
+                && r.name == "vm"
+        })
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_status_write_that_failed_before_and_during_an_outage_is_written_right_after_it() {
+    let agent = Agent::start().await;
+    agent.running_domain("vm").await;
+    // The status write after the pause fails twice (a sick server), then the server
+    // goes away altogether: the write's backoff keeps growing meanwhile.
+    let patches = vm_status_patches(&agent.api);
+    agent.api.inject(2, Answer::InternalError, vm_status_patch);
+    let suspended = agent.libvirt_calls("domain_suspend").await;
+    agent
+        .api
+        .edit_spec("domains", NS, "vm", |spec| spec["state"] = json!("Paused"))
+        .unwrap();
+    agent
+        .wait_call("domain_suspend", suspended, Duration::from_secs(30))
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while vm_status_patches(&agent.api) < patches + 2 {
+        assert!(Instant::now() < deadline, "{}", agent.tail(40));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    agent.api.stop().await;
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    agent.api.restart().await.unwrap();
+    let written = agent
+        .wait_phase("vm", "Paused", Duration::from_secs(60))
+        .await;
+    println!("status written {written:?} after the restart");
+    let failures = agent.log_entries("reconcile failed").len();
+    assert!(
+        failures >= 3,
+        "failed before and during the outage: {failures}"
+    );
+    // Its backoff had grown past 4 s (third failure or later); the server's return
+    // retried it at once.
+    assert!(
+        written < Duration::from_secs(10),
+        "written {written:?} after the restart:\n{}",
+        agent.tail(40)
+    );
+    assert!(agent.metric("virtkube_agent_outage_requeues_total").await >= Some(1.0));
+    agent.stop().await;
+}
+
+/// Parses a `Debug`-printed duration (`812.5ms`, `1.25s`).
+fn parse_duration(text: &str) -> Option<Duration> {
+    let (number, unit) = text.split_at(text.find(|c: char| c.is_ascii_alphabetic() || c == 'µ')?);
+    let value: f64 = number.parse().ok()?;
+    let secs = match unit {
+        "s" => value,
+        "ms" => value / 1e3,
+        "µs" => value / 1e6,
+        "ns" => value / 1e9,
+        _ => return None,
+    };
+    Some(Duration::from_secs_f64(secs))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttling_and_server_errors_are_retried_without_a_crash_and_a_success_resets_the_backoff()
+{
+    let mut agent = Agent::start().await;
+    agent.running_domain("vm").await;
+
+    // 429 with Retry-After: the client itself waits and retries; the reconcile succeeds.
+    let patches = vm_status_patches(&agent.api);
+    agent.api.inject(
+        2,
+        Answer::TooManyRequests { retry_after: 1 },
+        vm_status_patch,
+    );
+    agent
+        .api
+        .edit_spec("domains", NS, "vm", |spec| spec["state"] = json!("Paused"))
+        .unwrap();
+    agent
+        .wait_phase("vm", "Paused", Duration::from_secs(30))
+        .await;
+    assert!(
+        vm_status_patches(&agent.api) >= patches + 3,
+        "two 429s, then the write"
+    );
+    assert!(
+        agent.log_entries("reconcile failed").is_empty(),
+        "429s are absorbed by the client's retries: {}",
+        agent.tail(20)
+    );
+
+    // 500s: the reconcile fails and is retried with a growing backoff until it succeeds.
+    agent.api.inject(4, Answer::InternalError, vm_status_patch);
+    agent
+        .api
+        .edit_spec("domains", NS, "vm", |spec| spec["state"] = json!("Running"))
+        .unwrap();
+    agent
+        .wait_phase("vm", "Running", Duration::from_secs(60))
+        .await;
+    let retries: Vec<Duration> = agent
+        .log_entries("reconcile failed")
+        .iter()
+        .filter_map(|l| parse_duration(l["fields"]["retry_in"].as_str()?))
+        .collect();
+    assert_eq!(retries.len(), 4, "{retries:?}");
+    assert!(retries[3] >= Duration::from_secs(4), "growing: {retries:?}");
+
+    // Once it succeeded, the next failure starts from the shortest backoff again.
+    agent.api.inject(1, Answer::InternalError, vm_status_patch);
+    agent
+        .api
+        .edit_spec("domains", NS, "vm", |spec| spec["state"] = json!("Paused"))
+        .unwrap();
+    agent
+        .wait_phase("vm", "Paused", Duration::from_secs(30))
+        .await;
+    let retries: Vec<Duration> = agent
+        .log_entries("reconcile failed")
+        .iter()
+        .filter_map(|l| parse_duration(l["fields"]["retry_in"].as_str()?))
+        .collect();
+    assert_eq!(retries.len(), 5, "{retries:?}");
+    assert!(retries[4] <= Duration::from_secs(1), "reset: {retries:?}");
+    assert!(agent.child_running(), "no crash");
     agent.stop().await;
 }
 

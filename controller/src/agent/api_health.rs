@@ -6,11 +6,12 @@
 //!   (4 s at the defaults, against a 5 s target), with the reason: refused, no answer, or
 //!   server errors;
 //! - `virtkube_agent_api_up`, `virtkube_agent_api_outages_total` and the outage lengths;
-//! - the recovery signal: when the server answers again after an outage, the epoch in a
-//!   `tokio::sync::watch` channel goes up. Every API watch restarts on it (dropping
-//!   connections that may have died with the old server, relisting) and every object
-//!   waiting out a failure backoff is reconciled at once: backoffs grown during the outage
-//!   say nothing about the objects.
+//! - the recovery signal: when the server answers again after an outage, a [`Recovery`] is
+//!   published in a `tokio::sync::watch` channel. Every API watch waiting out a backoff
+//!   retries at once, every watch that may hang on a connection that died (the server hung
+//!   and the watch has received nothing since) starts afresh, and every object waiting
+//!   out a failure backoff is reconciled at once: backoffs grown during the outage say
+//!   nothing about the objects or the watches.
 //!
 //! Why a probe rather than the watches' own errors: a hung server produces no error at all
 //! (a watch on it is just quiet), and a refused connection is only seen when a watch next
@@ -94,6 +95,9 @@ pub enum ApiState {
         since: Instant,
         /// The last probe's failure.
         cause: Cause,
+        /// Whether some probe of this outage got no answer at all (rather than a refusal
+        /// or an error): connections may then hang instead of failing.
+        hung: bool,
     },
 }
 
@@ -104,38 +108,67 @@ pub enum Transition {
     Same,
     /// An outage began.
     Lost(Cause),
-    /// The API answers again after an outage that lasted `outage`.
-    Recovered {
-        /// From the first failed probe to the first answered one.
-        outage: Duration,
-    },
+    /// The API answers again after an outage.
+    Recovered(Recovery),
+}
+
+/// The end of an outage, as the watches and the retry of failed objects are told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recovery {
+    /// Counts the recoveries since the start (0: none yet).
+    pub epoch: u64,
+    /// When the outage began (its first failed probe was sent).
+    pub since: Instant,
+    /// How long it lasted (to its first answered probe).
+    pub outage: Duration,
+    /// Whether the server hung at some point (some probe got no answer).
+    pub hung: bool,
+}
+
+impl Recovery {
+    /// The value before any outage.
+    pub fn none() -> Self {
+        Self {
+            epoch: 0,
+            since: Instant::now(),
+            outage: Duration::ZERO,
+            hung: false,
+        }
+    }
 }
 
 /// The next state after a probe sent at `sent` ended with `outcome` at `now` (pure).
+/// `epoch` numbers the recoveries so far.
 pub fn observe(
     state: &ApiState,
     outcome: Result<(), Cause>,
     sent: Instant,
     now: Instant,
+    epoch: u64,
 ) -> (ApiState, Transition) {
     match (state, outcome) {
         (ApiState::Up, Ok(())) => (ApiState::Up, Transition::Same),
         (ApiState::Up, Err(cause)) => (
             ApiState::Down {
                 since: sent,
+                hung: matches!(cause, Cause::NoAnswer(_)),
                 cause: cause.clone(),
             },
             Transition::Lost(cause),
         ),
-        (ApiState::Down { since, .. }, Ok(())) => (
+        (ApiState::Down { since, hung, .. }, Ok(())) => (
             ApiState::Up,
-            Transition::Recovered {
+            Transition::Recovered(Recovery {
+                epoch: epoch.wrapping_add(1),
+                since: *since,
                 outage: now.saturating_duration_since(*since),
-            },
+                hung: *hung,
+            }),
         ),
-        (ApiState::Down { since, .. }, Err(cause)) => (
+        (ApiState::Down { since, hung, .. }, Err(cause)) => (
             ApiState::Down {
                 since: *since,
+                hung: *hung || matches!(cause, Cause::NoAnswer(_)),
                 cause,
             },
             Transition::Same,
@@ -167,17 +200,18 @@ pub async fn probe(client: &Client, timeout: Duration) -> Result<(), Cause> {
 }
 
 /// Runs the monitor until `shutdown`: probes, keeps `health` and the metrics current, and
-/// bumps `recovered` each time the API answers again after an outage. The API is assumed
-/// up at the start (the agent has just talked to it).
+/// publishes a [`Recovery`] in `recovered` each time the API answers again after an
+/// outage. The API is assumed up at the start (the agent has just talked to it).
 pub async fn run(
     client: Client,
     settings: ProbeSettings,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
-    recovered: watch::Sender<u64>,
+    recovered: watch::Sender<Recovery>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut state = ApiState::Up;
+    let mut epoch = recovered.borrow().epoch;
     health.api_up();
     metrics.api_up.set(1);
     loop {
@@ -186,7 +220,7 @@ pub async fn run(
             outcome = probe(&client, settings.timeout) => outcome,
             _ = shutdown.wait_for(|stop| *stop) => return,
         };
-        let (next, transition) = observe(&state, outcome, sent, Instant::now());
+        let (next, transition) = observe(&state, outcome, sent, Instant::now(), epoch);
         match &transition {
             Transition::Same => {}
             Transition::Lost(cause) => {
@@ -194,16 +228,19 @@ pub async fn run(
                 metrics.api_outages.inc();
                 metrics.api_up.set(0);
             }
-            Transition::Recovered { outage } => {
-                tracing::info!(outage = ?outage, "the Kubernetes API server answers again: restarting every watch and retrying what failed meanwhile");
+            Transition::Recovered(recovery) => {
+                tracing::info!(outage = ?recovery.outage, hung = recovery.hung, "the Kubernetes API server answers again: watches resume at once and what failed meanwhile is retried");
                 metrics.api_up.set(1);
-                metrics.api_outage_seconds.observe(outage.as_secs_f64());
-                recovered.send_modify(|epoch| *epoch = epoch.wrapping_add(1));
+                metrics
+                    .api_outage_seconds
+                    .observe(recovery.outage.as_secs_f64());
+                epoch = recovery.epoch;
+                recovered.send_replace(*recovery);
             }
         }
         match &next {
             ApiState::Up => health.api_up(),
-            ApiState::Down { since, cause } => health.api_down(ApiProblem {
+            ApiState::Down { since, cause, .. } => health.api_down(ApiProblem {
                 label: cause.label(),
                 detail: cause.to_string(),
                 since: *since,
@@ -235,45 +272,64 @@ mod tests {
     fn an_outage_begins_at_the_first_failed_probe_and_ends_at_the_first_answer() {
         let t0 = Instant::now();
         let t = |s: u64| t0 + Duration::from_secs(s);
-        let (down, lost) = observe(
-            &ApiState::Up,
-            Err(Cause::NoAnswer(Duration::from_secs(2))),
-            t(1),
-            t(3),
-        );
-        assert_eq!(
-            lost,
-            Transition::Lost(Cause::NoAnswer(Duration::from_secs(2)))
-        );
+        let refused = Cause::Unreachable("connection refused".into());
+        let (down, lost) = observe(&ApiState::Up, Err(refused.clone()), t(1), t(1), 0);
+        assert_eq!(lost, Transition::Lost(refused.clone()));
         assert_eq!(
             down,
             ApiState::Down {
                 since: t(1),
-                cause: Cause::NoAnswer(Duration::from_secs(2))
+                cause: refused.clone(),
+                hung: false,
             }
         );
-        // Still down, for another reason: the outage keeps its start.
+        let (still, same) = observe(&down, Err(refused.clone()), t(2), t(2), 0);
+        assert_eq!(same, Transition::Same);
+        let (up, back) = observe(&still, Ok(()), t(41), t(41), 0);
+        assert_eq!(up, ApiState::Up);
+        assert_eq!(
+            back,
+            Transition::Recovered(Recovery {
+                epoch: 1,
+                since: t(1),
+                outage: Duration::from_secs(40),
+                hung: false,
+            })
+        );
+        assert_eq!(
+            observe(&up, Ok(()), t(42), t(42), 1),
+            (ApiState::Up, Transition::Same)
+        );
+    }
+
+    #[test]
+    fn an_outage_during_which_the_server_hung_is_remembered_as_such() {
+        let t0 = Instant::now();
+        let t = |s: u64| t0 + Duration::from_secs(s);
+        let no_answer = Cause::NoAnswer(Duration::from_secs(2));
+        let (down, _) = observe(&ApiState::Up, Err(no_answer.clone()), t(1), t(3), 4);
+        // Refused later on (the hung server was killed): still down since the start, and
+        // still an outage in which connections may hang.
         let refused = Cause::Unreachable("connection refused".into());
-        let (still, same) = observe(&down, Err(refused.clone()), t(4), t(4));
+        let (still, same) = observe(&down, Err(refused.clone()), t(4), t(4), 4);
         assert_eq!(same, Transition::Same);
         assert_eq!(
             still,
             ApiState::Down {
                 since: t(1),
-                cause: refused
+                cause: refused,
+                hung: true,
             }
         );
-        let (up, back) = observe(&still, Ok(()), t(41), t(41));
-        assert_eq!(up, ApiState::Up);
+        let (_, back) = observe(&still, Ok(()), t(9), t(9), 4);
         assert_eq!(
             back,
-            Transition::Recovered {
-                outage: Duration::from_secs(40)
-            }
-        );
-        assert_eq!(
-            observe(&up, Ok(()), t(42), t(42)),
-            (ApiState::Up, Transition::Same)
+            Transition::Recovered(Recovery {
+                epoch: 5,
+                since: t(1),
+                outage: Duration::from_secs(8),
+                hung: true,
+            })
         );
     }
 

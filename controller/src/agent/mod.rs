@@ -131,6 +131,33 @@ pub struct AgentArgs {
     /// Allow disks from host paths (administrators only).
     #[arg(long)]
     pub allow_host_paths: bool,
+    /// Seconds between two probes of the Kubernetes API (`GET /version`) while it answers;
+    /// an outage shows in `/readyz` within this plus the probe timeout.
+    #[arg(long, default_value_t = 2.0)]
+    pub api_probe_seconds: f64,
+    /// Seconds a probe of the Kubernetes API may wait for its answer.
+    #[arg(long, default_value_t = 2.0)]
+    pub api_probe_timeout_seconds: f64,
+}
+
+impl AgentArgs {
+    /// The API health monitor's settings from the flags (out-of-range values fall back to
+    /// the defaults).
+    pub fn probe_settings(&self) -> api_health::ProbeSettings {
+        let defaults = api_health::ProbeSettings::default();
+        let secs = |value: f64, default: Duration| {
+            Duration::try_from_secs_f64(value)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .unwrap_or(default)
+        };
+        let period = secs(self.api_probe_seconds, defaults.period);
+        api_health::ProbeSettings {
+            period,
+            period_while_down: defaults.period_while_down.min(period),
+            timeout: secs(self.api_probe_timeout_seconds, defaults.timeout),
+        }
+    }
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -293,10 +320,10 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
 
     // The API health monitor: `/readyz`, and the signal that restarts every watch and
     // retries what failed when the API server is back after an outage.
-    let (recovered_tx, recovered_rx) = tokio::sync::watch::channel(0u64);
+    let (recovered_tx, recovered_rx) = tokio::sync::watch::channel(api_health::Recovery::none());
     let monitor = api_health::run(
         client.clone(),
-        api_health::ProbeSettings::default(),
+        args.probe_settings(),
         health.clone(),
         metrics.clone(),
         recovered_tx,
@@ -699,7 +726,7 @@ async fn retry_failed_on_recovery(
     failures: Arc<backoff::Failures>,
     requeues: Requeues,
     metrics: Arc<Metrics>,
-    mut recovered: tokio::sync::watch::Receiver<u64>,
+    mut recovered: tokio::sync::watch::Receiver<api_health::Recovery>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     loop {

@@ -180,7 +180,7 @@ pub async fn run(
     domains: Store<Domain>,
     migration_uri: Option<String>,
     interval: Duration,
-    mut recovered: tokio::sync::watch::Receiver<u64>,
+    mut recovered: tokio::sync::watch::Receiver<super::api_health::Recovery>,
     on_labels: impl Fn() + Send + 'static,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
