@@ -194,16 +194,21 @@ pub fn agent_with(
         }
         None => (Stdio::piped(), Stdio::piped()),
     };
+    // A 1 s heartbeat unless the test asks for another.
+    let heartbeat: &[&str] = if extra.contains(&"--heartbeat-seconds") {
+        &[]
+    } else {
+        &["--heartbeat-seconds", "1"]
+    };
     Command::new(env!("CARGO_BIN_EXE_virtkube"))
         .args([
             "agent",
             "--metrics-addr",
             &format!("127.0.0.1:{metrics_port}"),
-            "--heartbeat-seconds",
-            "1",
             "--log-format",
             "json",
         ])
+        .args(heartbeat)
         .args(extra)
         .env("KUBECONFIG", kubeconfig)
         .env("VIRTKUBE_NODE_NAME", "proc-node")
