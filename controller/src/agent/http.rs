@@ -1,9 +1,9 @@
 //! The agent's HTTP endpoints: `/metrics` (OpenMetrics), `/healthz` (the process is alive)
-//! and `/readyz` (both the Kubernetes API and libvirt answer).
+//! and `/readyz` (the Kubernetes API and libvirt answer, the controllers run; the body says
+//! why not).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
 use axum::extract::State;
@@ -15,21 +15,7 @@ use virtkube_engine::Engine;
 
 use super::error::Error;
 
-/// What the readiness probe looks at.
-#[derive(Debug, Default)]
-pub struct Health {
-    /// Set when the last call to the Kubernetes API (start-up check, heartbeat) succeeded.
-    pub api_ok: AtomicBool,
-    /// Set once the controllers run (cleared when they stop, at shutdown).
-    pub controllers_running: AtomicBool,
-}
-
-impl Health {
-    /// Records the outcome of a Kubernetes API call.
-    pub fn set_api(&self, ok: bool) {
-        self.api_ok.store(ok, Ordering::SeqCst);
-    }
-}
+pub use super::readiness::Health;
 
 #[derive(Clone)]
 struct AppState {
@@ -71,16 +57,16 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
-    let api = state.health.api_ok.load(Ordering::SeqCst);
-    let controllers = state.health.controllers_running.load(Ordering::SeqCst);
-    // A cheap probe: the engine's own view (close callback, keepalive), no libvirt call.
+    // A cheap probe: the engine's own view (close callback, keepalive), no libvirt call;
+    // the API's state is the API health monitor's last verdict, no API call either.
     let libvirt = state.engine.as_ref().is_some_and(Engine::is_connected);
-    let body = format!("kubernetes-api: {api}\nlibvirt: {libvirt}\ncontrollers: {controllers}\n");
-    if api && libvirt && controllers {
-        (StatusCode::OK, body)
+    let readiness = state.health.readiness(libvirt);
+    let code = if readiness.ready() {
+        StatusCode::OK
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, body)
-    }
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, readiness.body())
 }
 
 /// Binds `addr` and serves until `shutdown` resolves. Returns the bound address (useful with

@@ -20,7 +20,6 @@ use virtkube_engine::model::NodeObserved;
 
 use super::context::{Context, FIELD_MANAGER};
 use super::error::Result;
-use super::http::Health;
 
 /// The status describing `info`, keeping the Ready condition's transition time from
 /// `previous`.
@@ -172,24 +171,31 @@ pub async fn publish_once(
 }
 
 /// Runs the publisher until `shutdown` fires: the object is created, then the status is
-/// written every `interval`. Failures are logged and retried at the next beat; the API
-/// outcome feeds the readiness probe. `on_labels` is told when the node's labels change
-/// (pool and network selection depends on them).
+/// written every `interval`, and at once when the API server is back after an outage
+/// (`recovered` changes: the heartbeats missed meanwhile must not leave the node looking
+/// dead longer than needed). Failures are logged and retried at the next beat. `on_labels`
+/// is told when the node's labels change (pool and network selection depends on them).
 pub async fn run(
     ctx: Arc<Context>,
     domains: Store<Domain>,
     migration_uri: Option<String>,
     interval: Duration,
-    health: Arc<Health>,
+    mut recovered: tokio::sync::watch::Receiver<super::api_health::Recovery>,
     on_labels: impl Fn() + Send + 'static,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut previous: Option<HypervisorNodeStatus> = None;
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut recoveries = true;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
+            changed = recovered.changed(), if recoveries => {
+                // Without a monitor, only the ticks are left.
+                recoveries = changed.is_ok();
+                tick.reset();
+            }
             _ = shutdown.wait_for(|stop| *stop) => return,
         }
         match ensure_node_object(&ctx).await {
@@ -199,7 +205,6 @@ pub async fn run(
                 }
             }
             Err(e) => {
-                health.set_api(false);
                 tracing::warn!(error = %e, "creating the HypervisorNode failed; retrying at the next heartbeat");
                 continue;
             }
@@ -212,29 +217,19 @@ pub async fn run(
         )
         .await
         {
-            Ok(status) => {
-                health.set_api(true);
-                previous = Some(status);
-            }
+            Ok(status) => previous = Some(status),
             Err(super::error::Error::Engine(e)) => {
                 // libvirt is unreachable: say so (the scheduler must stop placing domains
                 // here), keeping the last known facts.
                 tracing::warn!(error = %e, "reading the node through libvirt failed; publishing Ready=False");
                 match publish_unreachable(&ctx, previous.as_ref(), &e.to_string()).await {
-                    Ok(status) => {
-                        health.set_api(true);
-                        previous = Some(status);
-                    }
+                    Ok(status) => previous = Some(status),
                     Err(e) => {
-                        health.set_api(false);
                         tracing::warn!(error = %e, "publishing the HypervisorNode failed; retrying at the next heartbeat");
                     }
                 }
             }
             Err(e) => {
-                if matches!(e, super::error::Error::Kube(_)) {
-                    health.set_api(false);
-                }
                 tracing::warn!(error = %e, "publishing the HypervisorNode failed; retrying at the next heartbeat");
             }
         }
