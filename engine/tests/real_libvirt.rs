@@ -955,3 +955,127 @@ async fn live_migration_with_copy_storage() {
     a.close().await.unwrap();
     b.close().await.unwrap();
 }
+
+/// Statistics of a running QEMU guest from the one bulk call: CPU time grows while it runs;
+/// memory and vCPUs as defined; the disk was read (SeaBIOS reads its boot sector); the NIC
+/// carried iPXE's DHCP exchange (boot order hd, then network) in both directions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs private libvirtd: scripts/libvirt-nodes.sh up, then --run-ignored"]
+async fn domain_stats_grow_with_a_running_guest() {
+    use virtkube_engine::stats::StatsLimits;
+    let e = node("A").await;
+    let net = unique("vksn");
+    let no = Owner::new("Network", format!("uid-{net}"), None, &net);
+    let _net_leftovers = Leftovers(vec![]).network(&net);
+    let octet = 100 + (std::process::id() % 100);
+    e.network_define(&NetworkDef {
+        name: net.clone(),
+        mode: NetworkMode::Isolated,
+        bridge: Some(format!("vks{}", std::process::id() % 100_000)),
+        ip: Some(IpDef {
+            address: format!("10.{octet}.9.1"),
+            prefix: 24,
+            dhcp: vec![DhcpRange {
+                start: format!("10.{octet}.9.10"),
+                end: format!("10.{octet}.9.50"),
+            }],
+        }),
+        owner: no.clone(),
+    })
+    .await
+    .unwrap();
+    e.network_start(&net, &no).await.unwrap();
+
+    let dir = tempfile::Builder::new()
+        .prefix("vkstats")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let image = dir.path().join("disk.qcow2");
+    let made = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&image)
+        .arg("16M")
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let name = unique("vkstat");
+    let o = owner(&name);
+    let _leftovers = Leftovers::domain(&name);
+    let mut def = tiny(&name, &o);
+    def.os.boot = vec!["hd".into(), "network".into()];
+    def.disks.push(DiskDef {
+        name: Some("root".into()),
+        target_dev: "vda".into(),
+        bus: Some("virtio".into()),
+        source: DiskSource::File {
+            path: image.to_string_lossy().into_owned(),
+        },
+        read_only: false,
+        boot_order: None,
+        format: Some("qcow2".into()),
+        device: None,
+    });
+    def.interfaces.push(InterfaceDef {
+        network: net.clone(),
+        model: Some("virtio".into()),
+        mac: None,
+    });
+    e.domain_define(&def).await.unwrap();
+    e.domain_start(&name, &o).await.unwrap();
+
+    let ours = |batch: &virtkube_engine::stats::StatsBatch| {
+        batch
+            .domains
+            .iter()
+            .find(|d| d.name == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("{name} missing from {batch:?}"))
+    };
+    let first = ours(&e.domain_stats(StatsLimits::default()).await.unwrap());
+    let mut last = first.clone();
+    let until = Instant::now() + Duration::from_secs(40);
+    // iPXE runs once SeaBIOS gave up on the disk: wait for its DHCP exchange.
+    while Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        last = ours(&e.domain_stats(StatsLimits::default()).await.unwrap());
+        let net = &last.stats.nets[0];
+        if net.tx_packets.unwrap_or(0) > 0 && net.rx_packets.unwrap_or(0) > 0 {
+            break;
+        }
+    }
+    eprintln!("first: {first:?}\nlast: {last:?}");
+    let s = &last.stats;
+    assert_eq!(last.owner, o);
+    assert_eq!(s.state, Some(DomainState::Running));
+    assert!(
+        s.cpu_time_ns > first.stats.cpu_time_ns && first.stats.cpu_time_ns.is_some(),
+        "CPU time grows: {:?} then {:?}",
+        first.stats.cpu_time_ns,
+        s.cpu_time_ns
+    );
+    assert_eq!((s.vcpus, s.max_vcpus), (Some(1), Some(2)));
+    assert_eq!(s.memory_kib, Some(128 * 1024));
+    assert!(s.rss_kib.unwrap_or(0) > 0, "{s:?}");
+    assert_eq!(s.blocks.len(), 1);
+    assert_eq!(s.blocks[0].name, "vda");
+    assert!(s.blocks[0].read_requests.unwrap_or(0) > 0, "{s:?}");
+    assert!(s.blocks[0].read_bytes.unwrap_or(0) >= 512, "{s:?}");
+    assert_eq!(s.blocks[0].capacity_bytes, Some(16 << 20));
+    assert_eq!(s.nets.len(), 1);
+    assert!(s.nets[0].name.starts_with("vnet"), "{s:?}");
+    assert!(
+        s.nets[0].tx_bytes.unwrap_or(0) > 0,
+        "the guest sent DHCP: {s:?}"
+    );
+    assert!(
+        s.nets[0].rx_bytes.unwrap_or(0) > 0,
+        "dnsmasq answered: {s:?}"
+    );
+
+    cleanup(&e, &name, &o).await;
+    let gone = e.domain_stats(StatsLimits::default()).await.unwrap();
+    assert!(gone.domains.iter().all(|d| d.name != name));
+    e.network_stop(&net, &no).await.unwrap();
+    e.network_undefine(&net, &no).await.unwrap();
+    e.close().await.unwrap();
+}

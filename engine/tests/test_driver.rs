@@ -493,3 +493,79 @@ async fn bad_uri_fails_fast() {
         .unwrap_err();
     assert!(matches!(err, EngineError::ConnectionLost { .. }), "{err}");
 }
+
+/// What the test driver returns from the bulk statistics call: the state group only (no
+/// CPU, memory, block or network counters). virtkube's domains come back with their owner;
+/// the driver's own `test` domain, which carries no mark, is left out; marks are read once
+/// per domain and the cap on domains holds.
+#[tokio::test]
+async fn domain_stats_in_one_bulk_call() {
+    use virtkube_engine::stats::StatsLimits;
+    let e = engine().await;
+    let (oa, ob) = (owner("Domain", "stats-a"), owner("Domain", "stats-b"));
+    e.domain_define(&tiny("t.stats-a", &oa)).await.unwrap();
+    e.domain_define(&tiny("t.stats-b", &ob)).await.unwrap();
+    e.domain_start("t.stats-a", &oa).await.unwrap();
+    e.reset_stats();
+
+    let first = e.domain_stats(StatsLimits::default()).await.unwrap();
+    let names: Vec<&str> = first
+        .domains
+        .iter()
+        .map(|d| d.owner.name.as_str())
+        .collect();
+    assert!(
+        names.contains(&"stats-a") && names.contains(&"stats-b"),
+        "{names:?}"
+    );
+    assert!(
+        first.unowned >= 1,
+        "the driver's `test` domain has no mark: {first:?}"
+    );
+    assert!(first.owner_reads >= 3, "{first:?}");
+    let a = first
+        .domains
+        .iter()
+        .find(|d| d.owner.name == "stats-a")
+        .unwrap();
+    assert_eq!(a.name, "t.stats-a");
+    assert_eq!(a.owner.namespace.as_deref(), Some("t"));
+    assert_eq!(a.stats.state, Some(DomainState::Running));
+    // The test driver has no CPU, balloon, block or interface groups.
+    assert_eq!(a.stats.cpu_time_ns, None);
+    assert!(a.stats.blocks.is_empty() && a.stats.nets.is_empty());
+    let b = first
+        .domains
+        .iter()
+        .find(|d| d.owner.name == "stats-b")
+        .unwrap();
+    assert_eq!(b.stats.state, Some(DomainState::Shutoff));
+
+    // Again: the same domains, no mark read, one libvirt call per gather.
+    let second = e.domain_stats(StatsLimits::default()).await.unwrap();
+    assert_eq!(second.owner_reads, 0);
+    assert_eq!(second.domains, first.domains);
+    let capped = e
+        .domain_stats(StatsLimits {
+            max_domains: 1,
+            max_devices: 64,
+        })
+        .await
+        .unwrap();
+    assert_eq!(capped.domains.len(), 1);
+    assert_eq!(capped.dropped, first.domains.len() - 1);
+    // Sorted by namespace and name: the cap keeps the first.
+    assert_eq!(capped.domains[0], first.domains[0]);
+    let stats = e.stats();
+    assert_eq!(stats.get("domain_stats").unwrap().count, 3);
+    assert_eq!(stats.total_calls(), 3, "{stats:?}");
+
+    // A domain that is gone is forgotten; a new one is read once.
+    e.domain_destroy("t.stats-a", &oa).await.unwrap();
+    e.domain_undefine("t.stats-a", &oa).await.unwrap();
+    let after = e.domain_stats(StatsLimits::default()).await.unwrap();
+    assert!(after.domains.iter().all(|d| d.owner.name != "stats-a"));
+    assert_eq!(after.owner_reads, 0);
+    e.domain_undefine("t.stats-b", &ob).await.unwrap();
+    e.close().await.unwrap();
+}

@@ -5,6 +5,7 @@ pub mod domain;
 pub mod network;
 pub mod node;
 pub mod owner;
+pub mod stats;
 pub mod storage;
 pub mod xml;
 
@@ -16,6 +17,7 @@ pub use domain::{
 pub use network::{DhcpRange, IpDef, NetworkDef, NetworkMode, NetworkObserved};
 pub use node::{Capabilities, NodeCpuMap, NodeObserved, NumaCell};
 pub use owner::{OWNER_NS, Owner};
+pub use stats::{BlockStats, DomainStatsRecord, NetStats};
 pub use storage::{
     BackingStore, PoolDef, PoolObserved, PoolSource, PoolState, PoolType, VolumeDef, VolumeFormat,
     VolumeObserved,
