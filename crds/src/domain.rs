@@ -117,11 +117,21 @@ pub struct DomainSpec {
 
     /// Disks, each from a Volume in this namespace or, for admins, a host path. Keyed by
     /// `name` so GitOps merges edit one disk without replacing the list.
+    ///
+    /// On a running domain, adding or removing a `virtio`, `scsi` or `usb` hard disk
+    /// (without `bootOrder`) is applied live (hotplug); a removal waits up to 10 s for the
+    /// guest to release the disk, and one the guest does not release (no OS, no driver)
+    /// leaves at the next restart (`updatePolicy`). Other disks, and any change to an
+    /// existing disk, need a restart.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub disks: Vec<Disk>,
 
     /// Network interfaces, each on a cluster Network. Keyed by `name`.
+    ///
+    /// On a running domain, adding or removing an interface is applied live (hotplug); a
+    /// removal the guest does not acknowledge within 10 s leaves at the next restart
+    /// (`updatePolicy`). Changing an existing interface needs a restart.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub interfaces: Vec<Interface>,
@@ -136,9 +146,10 @@ pub struct DomainSpec {
     #[serde(default)]
     pub eviction_strategy: EvictionStrategy,
 
-    /// When changes that need a guest restart (machine type, firmware, boot order, disks and
-    /// NICs while running) take effect: `Deferred` (default: at the next stop, reported by the
-    /// `RestartRequired` condition) or `Restart` (virtkube restarts the guest now).
+    /// When changes that need a guest restart (machine type, firmware, boot order, changed
+    /// disks and NICs, devices the guest refused to release) take effect: `Deferred`
+    /// (default: at the next stop, reported by the `RestartRequired` condition) or `Restart`
+    /// (virtkube restarts the guest now).
     #[serde(default)]
     pub update_policy: UpdatePolicy,
 }

@@ -16,6 +16,7 @@ pub mod domain;
 mod engine;
 pub mod error;
 pub mod events;
+pub mod hotplug;
 pub mod migrate;
 pub mod model;
 pub mod network;

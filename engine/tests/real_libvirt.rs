@@ -598,6 +598,7 @@ async fn isolated_network_with_a_guest() {
     let _leftovers = Leftovers::domain(&name);
     let mut d = tiny(&name, &o);
     d.interfaces.push(InterfaceDef {
+        name: None,
         network: net.clone(),
         model: Some("virtio".into()),
         mac: Some("52:54:00:12:34:56".into()),
@@ -1016,6 +1017,7 @@ async fn domain_stats_grow_with_a_running_guest() {
         device: None,
     });
     def.interfaces.push(InterfaceDef {
+        name: Some("lan".into()),
         network: net.clone(),
         model: Some("virtio".into()),
         mac: None,
@@ -1075,6 +1077,179 @@ async fn domain_stats_grow_with_a_running_guest() {
     cleanup(&e, &name, &o).await;
     let gone = e.domain_stats(StatsLimits::default()).await.unwrap();
     assert!(gone.domains.iter().all(|d| d.name != name));
+    e.network_stop(&net, &no).await.unwrap();
+    e.network_undefine(&net, &no).await.unwrap();
+    e.close().await.unwrap();
+}
+
+fn file_disk(dir: &Path, name: &str, target: &str, bus: &str) -> DiskDef {
+    let image = dir.join(format!("{name}.qcow2"));
+    let made = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&image)
+        .arg("8M")
+        .status()
+        .unwrap();
+    assert!(made.success());
+    DiskDef {
+        name: Some(name.into()),
+        target_dev: target.into(),
+        bus: Some(bus.into()),
+        source: DiskSource::File {
+            path: image.to_string_lossy().into_owned(),
+        },
+        read_only: false,
+        boot_order: None,
+        format: Some("qcow2".into()),
+        device: None,
+    }
+}
+
+/// Disks and a NIC plugged into a running QEMU guest and out of it. Plugging in is
+/// immediate (live and in the definition). A USB disk leaves at once; a virtio disk and a
+/// virtio NIC need the guest's ACPI acknowledgement, which a guest with no OS never gives:
+/// the unplug is refused at the deadline, the devices leave the definition but stay in the
+/// running guest, the refusal is noted in the live metadata (seen by `domain_observe`), a
+/// second request finds nothing more to do in the definition, and the note and the devices
+/// are gone after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs private libvirtd: scripts/libvirt-nodes.sh up, then --run-ignored"]
+async fn hotplug_disks_and_nics_and_a_guest_that_refuses_unplug() {
+    use virtkube_engine::hotplug::DetachOutcome;
+    use virtkube_engine::model::{Device, DeviceKey};
+    let e = node("A").await;
+    let net = unique("vkhn");
+    let no = Owner::new("Network", format!("uid-{net}"), None, &net);
+    let _net_leftovers = Leftovers(vec![]).network(&net);
+    e.network_define(&NetworkDef {
+        name: net.clone(),
+        mode: NetworkMode::Isolated,
+        bridge: Some(format!("vkh{}", std::process::id() % 100_000)),
+        ip: None,
+        owner: no.clone(),
+    })
+    .await
+    .unwrap();
+    e.network_start(&net, &no).await.unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("vkhot")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let name = unique("vkhot");
+    let o = owner(&name);
+    let _leftovers = Leftovers::domain(&name);
+    e.domain_define(&tiny(&name, &o)).await.unwrap();
+    e.domain_start(&name, &o).await.unwrap();
+
+    let virtio = file_disk(dir.path(), "data", "vdb", "virtio");
+    let usb = file_disk(dir.path(), "stick", "sda", "usb");
+    let nic = InterfaceDef {
+        name: Some("lan".into()),
+        network: net.clone(),
+        model: Some("virtio".into()),
+        mac: Some("52:54:00:ab:cd:01".into()),
+    };
+    for device in [
+        Device::Disk(virtio.clone()),
+        Device::Disk(usb.clone()),
+        Device::Interface(nic.clone()),
+    ] {
+        e.domain_attach_device(&name, &o, &device).await.unwrap();
+    }
+    let live = e.domain_observe(&name).await.unwrap().unwrap();
+    let targets: Vec<&str> = live.disks.iter().map(|d| d.target_dev.as_str()).collect();
+    assert_eq!(targets, ["vdb", "sda"], "plugged into the running guest");
+    assert_eq!(live.interfaces[0].alias.as_deref(), Some("lan"));
+    let config = e.domain_xml(&name, true).await.unwrap();
+    assert!(
+        config.contains("dev='vdb'")
+            && config.contains("dev='sda'")
+            && config.contains("52:54:00:ab:cd:01"),
+        "and into the definition: {config}"
+    );
+
+    let sda = DeviceKey::Disk {
+        target: "sda".into(),
+    };
+    let t = Instant::now();
+    assert_eq!(
+        e.domain_detach_device(&name, &o, &sda, Duration::from_secs(10))
+            .await
+            .unwrap(),
+        DetachOutcome::Removed,
+        "USB leaves without the guest"
+    );
+    eprintln!("USB disk unplugged in {:.0} ms", ms(t.elapsed()));
+
+    let vdb = DeviceKey::Disk {
+        target: "vdb".into(),
+    };
+    let mac = DeviceKey::Interface {
+        mac: "52:54:00:AB:CD:01".into(),
+    };
+    for key in [&vdb, &mac] {
+        let t = Instant::now();
+        let outcome = e
+            .domain_detach_device(&name, &o, key, Duration::from_secs(6))
+            .await
+            .unwrap();
+        assert!(
+            matches!(outcome, DetachOutcome::Refused { waited } if waited >= Duration::from_secs(6)),
+            "{key}: {outcome:?}"
+        );
+        eprintln!("{key}: refused after {:.1} s", t.elapsed().as_secs_f64());
+    }
+    let live = e.domain_observe(&name).await.unwrap().unwrap();
+    assert_eq!(live.disks.len(), 1, "vdb is still in the guest");
+    assert_eq!(live.interfaces.len(), 1, "so is the NIC");
+    assert_eq!(
+        live.pending_unplug,
+        ["disk/vdb", "interface/52:54:00:ab:cd:01"],
+        "the refusal is noted on the running domain"
+    );
+    let config = e.domain_xml(&name, true).await.unwrap();
+    assert!(
+        !config.contains("dev='vdb'") && !config.contains("52:54:00:ab:cd:01"),
+        "{config}"
+    );
+    // Nothing left to do in the definition; the guest still holds it.
+    assert!(matches!(
+        e.domain_detach_device(&name, &o, &sda, Duration::from_secs(1))
+            .await
+            .unwrap(),
+        DetachOutcome::NotPresent
+    ));
+    assert!(
+        e.domain_detach_device(&name, &owner("someone-else"), &vdb, Duration::from_secs(1))
+            .await
+            .unwrap_err()
+            .is_not_owned()
+    );
+
+    // A restart realises the definition: the devices and the note are gone.
+    e.domain_destroy(&name, &o).await.unwrap();
+    e.domain_start(&name, &o).await.unwrap();
+    let after = e.domain_observe(&name).await.unwrap().unwrap();
+    assert!(
+        after.disks.is_empty() && after.interfaces.is_empty(),
+        "{after:?}"
+    );
+    assert!(after.pending_unplug.is_empty());
+
+    // Plugging a noted device back in forgets its note.
+    e.domain_attach_device(&name, &o, &Device::Disk(virtio.clone()))
+        .await
+        .unwrap();
+    assert!(matches!(
+        e.domain_detach_device(&name, &o, &vdb, Duration::from_secs(1))
+            .await
+            .unwrap(),
+        DetachOutcome::Refused { .. }
+    ));
+    e.domain_attach_device(&name, &o, &Device::Disk(virtio.clone()))
+        .await
+        .unwrap_err();
+    cleanup(&e, &name, &o).await;
     e.network_stop(&net, &no).await.unwrap();
     e.network_undefine(&net, &no).await.unwrap();
     e.close().await.unwrap();

@@ -137,6 +137,8 @@ fn reason_of(op: &Op) -> &'static str {
         Op::SetVcpus(_) => "VcpusSet",
         Op::SetMemory(_) => "MemorySet",
         Op::PinVcpu { .. } | Op::PinEmulator(_) => "Pinned",
+        Op::AttachDisk(_) | Op::AttachInterface(_) => "DevicePlugged",
+        Op::DetachDisk { .. } | Op::DetachInterface { .. } => "DeviceUnplugged",
         Op::RestartDomain { .. } => "Restarted",
         Op::MigrateDomain { .. } => "Migrated",
     }
@@ -289,6 +291,7 @@ fn empty_host(ctx: &Context) -> ObservedHost {
     ObservedHost {
         host_cpus: ctx.settings.host_cpus,
         online_cpus: ctx.settings.online_cpus.clone(),
+        device_hotplug: crate::host::supports_device_hotplug(ctx.engine.uri()),
         ..ObservedHost::default()
     }
 }

@@ -85,6 +85,9 @@ pub struct ObservedHost {
     /// The host's online CPUs, canonical cpuset (`0-7`): what a vCPU whose pin was removed
     /// floats over again. `None` when unknown: a removed pin is then left as it is.
     pub online_cpus: Option<String>,
+    /// Whether the driver plugs disks and NICs into running domains and out of them (QEMU:
+    /// yes; the test driver: no, so such changes wait for a restart there).
+    pub device_hotplug: bool,
     /// Storage pools by libvirt name.
     pub pools: BTreeMap<String, ObservedPool>,
     /// Networks by libvirt name.
@@ -228,6 +231,9 @@ pub struct ObservedNic {
     pub model: Option<String>,
     /// MAC (libvirt generates one when the definition has none).
     pub mac: Option<String>,
+    /// The spec's NIC name, from libvirt's user alias (`None` on NICs defined before
+    /// virtkube wrote aliases: those are matched by position).
+    pub alias: Option<String>,
 }
 
 /// A domain.
@@ -285,4 +291,8 @@ pub struct ObservedDomain {
     pub autostart: bool,
     /// Whether the domain is persistent (defined).
     pub persistent: bool,
+    /// Devices whose unplug the guest has not acknowledged (`disk/vdb`,
+    /// `interface/<mac>`): gone from the definition, still in the running guest until it
+    /// restarts.
+    pub pending_unplug: Vec<String>,
 }

@@ -4,6 +4,7 @@
 
 use virtkube_crds::cpuset::CpuSet;
 
+use super::device::pending_from_metadata;
 use super::owner::Owner;
 use super::xml::{self, Element, XmlError};
 
@@ -152,6 +153,9 @@ pub struct DiskDef {
 /// One network interface on a libvirt network.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InterfaceDef {
+    /// User name of the NIC, written as libvirt user alias `ua-<name>` when it is made of
+    /// `[A-Za-z0-9_-]` (how the planner tells NICs apart once one is plugged in or out).
+    pub name: Option<String>,
     /// libvirt network name.
     pub network: String,
     /// NIC model (`virtio`, `e1000`).
@@ -380,21 +384,7 @@ impl DomainDef {
             devices = devices.child(disk_element(d));
         }
         for i in &self.interfaces {
-            devices = devices.child(
-                Element::new("interface")
-                    .attr("type", "network")
-                    .child_opt(
-                        i.mac
-                            .as_ref()
-                            .map(|m| Element::new("mac").attr("address", m)),
-                    )
-                    .child(Element::new("source").attr("network", &i.network))
-                    .child_opt(
-                        i.model
-                            .as_ref()
-                            .map(|m| Element::new("model").attr("type", m)),
-                    ),
-            );
+            devices = devices.child(interface_element(i));
         }
         if !self.memballoon {
             devices = devices.child(Element::new("memballoon").attr("model", "none"));
@@ -410,7 +400,31 @@ fn valid_alias(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
-fn disk_element(d: &DiskDef) -> Element {
+/// The `<interface>` element of one NIC (also the device XML of a hotplug).
+pub fn interface_element(i: &InterfaceDef) -> Element {
+    Element::new("interface")
+        .attr("type", "network")
+        .child_opt(
+            i.mac
+                .as_ref()
+                .map(|m| Element::new("mac").attr("address", m)),
+        )
+        .child(Element::new("source").attr("network", &i.network))
+        .child_opt(
+            i.model
+                .as_ref()
+                .map(|m| Element::new("model").attr("type", m)),
+        )
+        .child_opt(
+            i.name
+                .as_ref()
+                .filter(|n| valid_alias(n))
+                .map(|n| Element::new("alias").attr("name", format!("ua-{n}"))),
+        )
+}
+
+/// The `<disk>` element of one disk (also the device XML of a hotplug).
+pub fn disk_element(d: &DiskDef) -> Element {
     let (ty, source) = match &d.source {
         DiskSource::Volume { pool, volume } => (
             "volume",
@@ -609,6 +623,8 @@ pub struct InterfaceObserved {
     pub model: Option<String>,
     /// Host-side device (`vnet0`) on a running domain.
     pub target_dev: Option<String>,
+    /// The user alias without its `ua-` prefix (the spec's NIC name), when set.
+    pub alias: Option<String>,
 }
 
 /// The vCPU and memory sizes of one domain definition.
@@ -701,6 +717,11 @@ pub struct DomainObserved {
     /// Affinity of every vCPU as libvirt reports it through `virDomainGetVcpuPinInfo` (filled
     /// by the engine; for a running domain these are the live affinities, one per max vCPU).
     pub live_pinning: Vec<VcpuPin>,
+    /// Devices whose unplug virtkube requested and the guest did not acknowledge in time
+    /// ([`crate::model::PENDING_NS`] in the live `<metadata>`): gone from the definition,
+    /// still plugged in until the guest lets go or restarts. Keys as
+    /// [`crate::model::DeviceKey::as_key`] writes them.
+    pub pending_unplug: Vec<String>,
     /// For an active persistent domain with a memory balloon, the sizes in its persistent
     /// definition (filled by the engine; `None` otherwise: for an inactive domain the XML read
     /// is the definition itself, and without a balloon the live memory is the target). On
@@ -860,6 +881,11 @@ impl DomainObserved {
                         .find("target")
                         .and_then(|m| m.get("dev"))
                         .map(str::to_string),
+                    alias: i
+                        .find("alias")
+                        .and_then(|a| a.get("name"))
+                        .and_then(|a| a.strip_prefix("ua-"))
+                        .map(str::to_string),
                 });
             }
         }
@@ -885,6 +911,10 @@ impl DomainObserved {
             interfaces,
             memballoon,
             owner: root.find("metadata").and_then(Owner::from_metadata),
+            pending_unplug: root
+                .find("metadata")
+                .map(pending_from_metadata)
+                .unwrap_or_default(),
             state: DomainState::Unknown,
             reason: String::new(),
             autostart: false,
@@ -949,6 +979,7 @@ mod tests {
             device: None,
         });
         d.interfaces.push(InterfaceDef {
+            name: Some("lan".into()),
             network: "lan".into(),
             model: Some("virtio".into()),
             mac: Some("52:54:00:00:00:01".into()),
@@ -993,6 +1024,7 @@ mod tests {
         assert_eq!(o.disks[0].alias.as_deref(), Some("root"));
         assert_eq!(o.disks[0].boot_order, Some(1));
         assert_eq!(o.interfaces[0].network.as_deref(), Some("lan"));
+        assert_eq!(o.interfaces[0].alias.as_deref(), Some("lan"));
         assert!(!o.memballoon);
     }
 

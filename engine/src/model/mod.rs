@@ -1,6 +1,7 @@
 //! Typed desired and observed models of libvirt objects, with XML out and in. Pure: no
 //! libvirt calls here.
 
+pub mod device;
 pub mod domain;
 pub mod network;
 pub mod node;
@@ -9,6 +10,7 @@ pub mod stats;
 pub mod storage;
 pub mod xml;
 
+pub use device::{Device, DeviceKey, PENDING_NS};
 pub use domain::{
     CpuDef, CpuMode, DiskDef, DiskObserved, DiskSource, DomainDef, DomainObserved, DomainSizes,
     DomainState, Firmware, InterfaceDef, InterfaceObserved, OsDef, Topology, VcpuPin,
