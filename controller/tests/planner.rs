@@ -1117,3 +1117,114 @@ fn disks_and_nics_are_plugged_in_and_out_live_where_the_host_allows() {
     assert!(p.is_empty());
     assert_eq!(p.notices[0].kind, NoticeKind::RestartPending);
 }
+
+/// CPU weight and bandwidth: only the fields the manifest sets are compared; a weight or a
+/// quota removed from the manifest goes back to libvirt's default; changes are live where
+/// the host allows (QEMU), otherwise wait for a restart (the test driver).
+#[test]
+fn cpu_weight_and_bandwidth_are_compared_as_written_and_changed_live() {
+    use virtkube::plan::observed::CpuTune;
+    let live = |o: &mut ObservedState| {
+        for h in o.hosts.values_mut() {
+            h.cpu_tune_live = true;
+        }
+    };
+    let mut base = desired();
+    dweb(&mut base).cpu_tune = CpuTune {
+        shares: Some(512),
+        global_period: Some(100_000),
+        global_quota: Some(150_000),
+        ..CpuTune::default()
+    };
+    let mut converged_live = converged(&base);
+    live(&mut converged_live);
+    // What QEMU reports in force for that guest: every field, defaults included.
+    web(&mut converged_live).cpu_tune = CpuTune {
+        shares: Some(512),
+        period: Some(100_000),
+        quota: Some(-1),
+        global_period: Some(100_000),
+        global_quota: Some(150_000),
+        emulator_period: Some(100_000),
+        emulator_quota: Some(-1),
+    };
+    let p = plan::plan(&base, &converged_live, &PlanOptions::default());
+    assert!(
+        p.is_empty() && p.notices.is_empty(),
+        "defaults in force are no difference:\n{}",
+        p.render(true)
+    );
+
+    // Weight and limit changed: one live call, each field shown.
+    let mut d = base.clone();
+    dweb(&mut d).cpu_tune.shares = Some(2048);
+    dweb(&mut d).cpu_tune.global_quota = Some(250_000);
+    let p = plan::plan(&d, &converged_live, &PlanOptions::default());
+    let shown = p.render(true);
+    assert_eq!(p.actions.len(), 1, "{shown}");
+    assert_eq!(p.actions[0].symbol, Symbol::Live);
+    match &p.actions[0].op {
+        Op::SetCpuTune(t) => {
+            assert_eq!(t.shares, Some(2048));
+            assert_eq!(
+                (t.global_period, t.global_quota),
+                (Some(100_000), Some(250_000))
+            );
+            assert_eq!(t.quota, None, "untouched fields are not sent");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        shown.contains("1500m") && shown.contains("2500m"),
+        "{shown}"
+    );
+    let fields: Vec<&str> = p.actions[0]
+        .changes
+        .iter()
+        .map(|c| c.field.as_str())
+        .collect();
+    assert_eq!(fields, ["cpu.shares", "cpu.limit"]);
+    let mut after = converged_live.clone();
+    simulate::apply(&mut after, &p).unwrap();
+    assert!(plan::plan(&d, &after, &PlanOptions::default()).is_empty());
+
+    // Removed from the manifest: back to weight 1024 and no limit.
+    let mut d = base.clone();
+    dweb(&mut d).cpu_tune = CpuTune::default();
+    let p = plan::plan(&d, &converged_live, &PlanOptions::default());
+    match &ops(&p)[..] {
+        [Op::SetCpuTune(t)] => {
+            assert_eq!(t.shares, Some(1024));
+            assert_eq!(t.global_quota, Some(-1));
+        }
+        other => panic!("{other:?}\n{}", p.render(true)),
+    }
+
+    // A per-vCPU quota with its period.
+    let mut d = base.clone();
+    dweb(&mut d).cpu_tune.quota = Some(50_000);
+    dweb(&mut d).cpu_tune.period = Some(200_000);
+    let p = plan::plan(&d, &converged_live, &PlanOptions::default());
+    match &ops(&p)[..] {
+        [Op::SetCpuTune(t)] => assert_eq!((t.period, t.quota), (Some(200_000), Some(50_000))),
+        other => panic!("{other:?}"),
+    }
+
+    // The test driver cannot change them live: a restart, or a redefinition when stopped.
+    let on_test_driver = converged(&base);
+    let mut d = base.clone();
+    dweb(&mut d).cpu_tune.shares = Some(2048);
+    let p = plan::plan(&d, &on_test_driver, &PlanOptions::default());
+    assert!(p.is_empty());
+    assert_eq!(p.notices[0].kind, NoticeKind::RestartPending);
+    assert_eq!(p.notices[0].changes[0].field, "cpu.shares");
+    let mut stopped = on_test_driver.clone();
+    web(&mut stopped).power = PowerObserved::Shutoff;
+    dweb(&mut d).run_strategy = virtkube_crds::domain::RunStrategy::Manual;
+    let p = plan::plan(&d, &stopped, &PlanOptions::default());
+    assert!(
+        matches!(&ops(&p)[..], [Op::DefineDomain { .. }]),
+        "{}",
+        p.render(true)
+    );
+}

@@ -1254,3 +1254,153 @@ async fn hotplug_disks_and_nics_and_a_guest_that_refuses_unplug() {
     e.network_undefine(&net, &no).await.unwrap();
     e.close().await.unwrap();
 }
+
+/// The cgroup directory libvirt made for a running guest on node C (`machine/qemu-<id>-<name>.libvirt-qemu`
+/// under the host's cgroup v1 `cpu` hierarchy).
+fn cpu_cgroup(name: &str) -> std::path::PathBuf {
+    let root = Path::new("/sys/fs/cgroup/cpu/machine");
+    std::fs::read_dir(root)
+        .unwrap_or_else(|e| panic!("{}: {e}", root.display()))
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|f| f.to_str())
+                .is_some_and(|f| f.ends_with(&format!("-{name}.libvirt-qemu")))
+        })
+        .unwrap_or_else(|| panic!("no cgroup for {name} under {}", root.display()))
+}
+
+fn read_number(path: &Path) -> i64 {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// CPU weight and bandwidth on node C, whose libvirtd has the cgroup v1 `cpu` controller:
+/// the definition's `<cputune>` reaches the guest's cgroups at start, a live change reaches
+/// them at once and the definition too, and the live XML reports it. On node A, whose
+/// libvirtd runs without cgroup controllers, libvirt refuses to start such a guest, and says
+/// why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs private libvirtd: scripts/libvirt-nodes.sh up, then --run-ignored"]
+async fn cpu_tune_reaches_the_guests_cgroups_and_changes_live() {
+    use virtkube_engine::model::CpuTune;
+    let e = node("C").await;
+    let name = unique("vkcpu");
+    let o = owner(&name);
+    let _leftovers = Leftovers::domain(&name);
+    let mut def = tiny(&name, &o);
+    def.vcpus = 2;
+    def.cpu_tune = CpuTune {
+        shares: Some(512),
+        period: Some(100_000),
+        quota: Some(50_000),
+        global_period: Some(100_000),
+        global_quota: Some(150_000),
+        emulator_period: Some(100_000),
+        emulator_quota: Some(20_000),
+    };
+    e.domain_define(&def).await.unwrap();
+    e.domain_start(&name, &o).await.unwrap();
+    let cg = cpu_cgroup(&name);
+    assert_eq!(read_number(&cg.join("cpu.shares")), 512);
+    assert_eq!(
+        read_number(&cg.join("cpu.cfs_quota_us")),
+        150_000,
+        "the whole guest"
+    );
+    assert_eq!(read_number(&cg.join("vcpu0/cpu.cfs_quota_us")), 50_000);
+    assert_eq!(read_number(&cg.join("vcpu1/cpu.cfs_quota_us")), 50_000);
+    assert_eq!(read_number(&cg.join("emulator/cpu.cfs_quota_us")), 20_000);
+    let seen = e.domain_observe(&name).await.unwrap().unwrap();
+    assert_eq!(seen.cpu_tune, def.cpu_tune);
+
+    let change = CpuTune {
+        shares: Some(300),
+        global_quota: Some(250_000),
+        ..CpuTune::default()
+    };
+    e.domain_set_cpu_tune(&name, &o, &change, Apply::LiveAndConfig)
+        .await
+        .unwrap();
+    assert_eq!(read_number(&cg.join("cpu.shares")), 300, "live");
+    assert_eq!(read_number(&cg.join("cpu.cfs_quota_us")), 250_000);
+    assert_eq!(
+        read_number(&cg.join("vcpu0/cpu.cfs_quota_us")),
+        50_000,
+        "untouched"
+    );
+    let seen = e.domain_observe(&name).await.unwrap().unwrap();
+    assert_eq!(
+        (seen.cpu_tune.shares, seen.cpu_tune.global_quota),
+        (Some(300), Some(250_000))
+    );
+    let config = e.domain_xml(&name, true).await.unwrap();
+    assert!(
+        config.contains("<shares>300</shares>"),
+        "and in the definition: {config}"
+    );
+    // Out of libvirt's range: refused with its reason, nothing changed.
+    let err = e
+        .domain_set_cpu_tune(
+            &name,
+            &o,
+            &CpuTune {
+                period: Some(10),
+                ..CpuTune::default()
+            },
+            Apply::LiveAndConfig,
+        )
+        .await
+        .unwrap_err();
+    eprintln!("period 10: {err}");
+    assert_eq!(read_number(&cg.join("vcpu0/cpu.cfs_period_us")), 100_000);
+    cleanup(&e, &name, &o).await;
+    e.close().await.unwrap();
+
+    // Node A runs libvirtd with `cgroup_controllers = [ ]`: a bandwidth limit stops the guest
+    // from starting; shares alone are silently not applied at start (the live XML still
+    // shows them), so the engine reports what the scheduler has in force (nothing), and a
+    // live change is refused with libvirt's reason.
+    let a = node("A").await;
+    let name = unique("vknocg");
+    let o = owner(&name);
+    let _leftovers = Leftovers::domain(&name);
+    let mut def = tiny(&name, &o);
+    def.cpu_tune.quota = Some(50_000);
+    a.domain_define(&def).await.unwrap();
+    let refused = a.domain_start(&name, &o).await.unwrap_err();
+    assert!(
+        refused.to_string().contains("cgroup cpu is required"),
+        "{refused}"
+    );
+    def.cpu_tune = CpuTune {
+        shares: Some(512),
+        ..CpuTune::default()
+    };
+    a.domain_define(&def).await.unwrap();
+    a.domain_start(&name, &o).await.unwrap();
+    assert!(
+        a.domain_xml(&name, false)
+            .await
+            .unwrap()
+            .contains("<shares>512</shares>")
+    );
+    let seen = a.domain_observe(&name).await.unwrap().unwrap();
+    assert_eq!(seen.cpu_tune, CpuTune::default(), "not in force");
+    let refused = a
+        .domain_set_cpu_tune(&name, &o, &def.cpu_tune, Apply::LiveAndConfig)
+        .await
+        .unwrap_err();
+    assert!(
+        refused
+            .to_string()
+            .contains("cgroup CPU controller is not mounted"),
+        "{refused}"
+    );
+    cleanup(&a, &name, &o).await;
+    a.close().await.unwrap();
+}

@@ -569,3 +569,31 @@ async fn domain_stats_in_one_bulk_call() {
     e.domain_undefine("t.stats-b", &ob).await.unwrap();
     e.close().await.unwrap();
 }
+
+/// The test driver keeps `<cputune>` in the definition and reports it back (its own
+/// scheduler, `fair`, has none of these parameters, so a live change is refused).
+#[tokio::test]
+async fn cpu_tune_round_trips_through_the_definition() {
+    use virtkube_engine::model::CpuTune;
+    let e = engine().await;
+    let o = owner("Domain", "tune");
+    let mut def = tiny("t.tune", &o);
+    def.cpu_tune = CpuTune {
+        shares: Some(512),
+        global_period: Some(100_000),
+        global_quota: Some(150_000),
+        ..CpuTune::default()
+    };
+    e.domain_define(&def).await.unwrap();
+    e.domain_start("t.tune", &o).await.unwrap();
+    let seen = e.domain_observe("t.tune").await.unwrap().unwrap();
+    assert_eq!(seen.cpu_tune, def.cpu_tune);
+    let refused = e
+        .domain_set_cpu_tune("t.tune", &o, &def.cpu_tune, Apply::Current)
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("cpu_shares"), "{refused}");
+    e.domain_destroy("t.tune", &o).await.unwrap();
+    e.domain_undefine("t.tune", &o).await.unwrap();
+    e.close().await.unwrap();
+}

@@ -8,9 +8,10 @@ use virtkube_engine::domain::{Apply, ShutdownOutcome};
 use virtkube_engine::hotplug::DetachOutcome;
 use virtkube_engine::migrate::MigrateOptions;
 use virtkube_engine::model::{
-    CpuDef, CpuMode, Device, DeviceKey, DhcpRange, DiskDef, DiskSource, DomainDef, DomainObserved,
-    DomainState, Firmware, InterfaceDef, IpDef, NetworkDef, NetworkMode, NetworkObserved, OsDef,
-    PoolDef, PoolObserved, PoolType, Topology, VcpuPin, VolumeDef, VolumeFormat,
+    CpuDef, CpuMode, CpuTune, Device, DeviceKey, DhcpRange, DiskDef, DiskSource, DomainDef,
+    DomainObserved, DomainState, Firmware, InterfaceDef, IpDef, NetworkDef, NetworkMode,
+    NetworkObserved, OsDef, PoolDef, PoolObserved, PoolType, Topology, VcpuPin, VolumeDef,
+    VolumeFormat,
 };
 use virtkube_engine::{CpuSet, Engine, EngineConfig, EngineError, EngineStats, Owner};
 
@@ -31,6 +32,14 @@ pub const DEFAULT_SHUTDOWN_DEADLINE: Duration = Duration::from_secs(30);
 /// How long a running guest gets to release a device being unplugged (libvirt's own 5 s
 /// wait included) before the unplug is reported as refused and left for the next restart.
 pub const UNPLUG_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Whether the driver behind `uri` changes CPU weight and bandwidth of running domains
+/// (`virDomainSetSchedulerParameters`; the test driver has only a `weight`). On QEMU it also
+/// needs the cgroup `cpu` controller, which only the attempt tells: without it libvirt
+/// refuses with "cgroup CPU controller is not mounted".
+pub fn supports_live_cpu_tune(uri: &str) -> bool {
+    !uri.starts_with("test:")
+}
 
 /// Whether the driver behind `uri` plugs devices into running domains (the test driver
 /// does not: `virDomainAttachDeviceFlags` is unsupported there).
@@ -262,6 +271,7 @@ async fn observe_host(h: &Host) -> Result<ObservedHost, HostError> {
         host_cpus: Some(info.cpus),
         online_cpus: info.cpu_map.map(|m| m.online.to_string()),
         device_hotplug: supports_device_hotplug(&h.spec.uri),
+        cpu_tune_live: supports_live_cpu_tune(&h.spec.uri),
         ..ObservedHost::default()
     };
     for name in e.pool_list().await.map_err(&err)? {
@@ -437,6 +447,32 @@ pub fn domain_from(d: &DomainObserved) -> ObservedDomain {
         autostart: d.autostart,
         persistent: d.persistent,
         pending_unplug: d.pending_unplug.clone(),
+        cpu_tune: cpu_tune_from(&d.cpu_tune),
+    }
+}
+
+/// The planner's view of the CPU weight and bandwidth libvirt reports.
+pub fn cpu_tune_from(t: &CpuTune) -> crate::plan::observed::CpuTune {
+    crate::plan::observed::CpuTune {
+        shares: t.shares,
+        period: t.period,
+        quota: t.quota,
+        global_period: t.global_period,
+        global_quota: t.global_quota,
+        emulator_period: t.emulator_period,
+        emulator_quota: t.emulator_quota,
+    }
+}
+
+fn cpu_tune_def(t: &crate::plan::observed::CpuTune) -> CpuTune {
+    CpuTune {
+        shares: t.shares,
+        period: t.period,
+        quota: t.quota,
+        global_period: t.global_period,
+        global_quota: t.global_quota,
+        emulator_period: t.emulator_period,
+        emulator_quota: t.emulator_quota,
     }
 }
 
@@ -481,6 +517,7 @@ pub fn domain_def(
         })
         .collect::<Result<_, HostError>>()?;
     def.emulator_cpuset = d.emulator_cpuset.as_deref().map(cpuset).transpose()?;
+    def.cpu_tune = cpu_tune_def(&d.cpu_tune);
     def.memory_kib = d.memory_kib;
     def.max_memory_kib = d.max_memory_kib;
     def.hugepage_kib = d.hugepage_kib;
@@ -875,6 +912,12 @@ async fn run_action(hosts: &Hosts, host: &Host, a: &Action) -> Result<String, Ho
                 .await
                 .map_err(&err)?;
             done("pinned")
+        }
+        Op::SetCpuTune(tune) => {
+            e.domain_set_cpu_tune(name, &owner, &cpu_tune_def(tune), host.apply)
+                .await
+                .map_err(&err)?;
+            done("CPU weight and bandwidth set")
         }
         Op::SetDomainAutostart(on) => {
             e.domain_set_autostart(name, &owner, *on)

@@ -5,7 +5,9 @@ use virtkube_crds::cpuset::CpuSet;
 use virtkube_crds::domain::{PowerState, RunStrategy};
 
 use super::desired::{DesiredDiskSource, DesiredDomain, DesiredState};
-use super::observed::{DiskRef, ObservedDomain, ObservedHost, ObservedState, PowerObserved};
+use super::observed::{
+    CpuTune, DiskRef, ObservedDomain, ObservedHost, ObservedState, PowerObserved,
+};
 use super::render::kib;
 use super::{
     Builder, Change, NoticeKind, ObjKey, ObjectKind, ObjectRef, Op, Preserve, Step, Symbol,
@@ -160,7 +162,7 @@ fn diff_disks(d: &DesiredDomain, o: &ObservedDomain, host: &ObservedHost, diff: 
             if live && disk_hotpluggable(Some(&disk.bus), &disk.device) && disk.boot_order.is_none()
             {
                 diff.live
-                    .push((Op::AttachDisk(Box::new(disk.clone())), change));
+                    .push((Op::AttachDisk(Box::new(disk.clone())), vec![change]));
             } else {
                 diff.restart.push(change);
             }
@@ -205,7 +207,7 @@ fn diff_disks(d: &DesiredDomain, o: &ObservedDomain, host: &ObservedHost, diff: 
                 "(none)",
             ));
         } else if live && disk_hotpluggable(od.bus.as_deref(), &od.device) {
-            diff.live.push((
+            diff.push_live((
                 Op::DetachDisk {
                     target: od.target.clone(),
                 },
@@ -239,7 +241,7 @@ fn diff_nics(d: &DesiredDomain, o: &ObservedDomain, host: &ObservedHost, diff: &
             let change = Change::new(&field, "(none)", want);
             if live {
                 diff.live
-                    .push((Op::AttachInterface(Box::new(nic.clone())), change));
+                    .push((Op::AttachInterface(Box::new(nic.clone())), vec![change]));
             } else {
                 diff.restart.push(change);
             }
@@ -279,7 +281,7 @@ fn diff_nics(d: &DesiredDomain, o: &ObservedDomain, host: &ObservedHost, diff: &
                 format!("{} ({UNPLUG_PENDING})", describe_nic(on)),
                 "(none)",
             )),
-            Some(mac) if live => diff.live.push((
+            Some(mac) if live => diff.push_live((
                 Op::DetachInterface { mac: mac.clone() },
                 Change::new(&field, describe_nic(on), "(none)"),
             )),
@@ -290,13 +292,121 @@ fn diff_nics(d: &DesiredDomain, o: &ObservedDomain, host: &ObservedHost, diff: &
     }
 }
 
+/// A whole-guest limit as users write it (`1500m`) from a quota and period.
+fn show_limit(quota: Option<i64>, period: Option<u64>) -> String {
+    match (quota, period) {
+        (Some(q), Some(p)) if q > 0 && p > 0 => {
+            virtkube_crds::domain::format_cpu_limit(q.unsigned_abs() * 1000 / p)
+        }
+        _ => "(unlimited)".into(),
+    }
+}
+
+/// CPU weight and bandwidth: the fields the manifest sets are compared; a weight or a
+/// quota removed from the manifest goes back to libvirt's default (weight 1024, no limit),
+/// as a removed pin floats again; periods without a quota are not compared. Live where the
+/// host allows (QEMU), otherwise at the next restart.
+fn diff_cpu_tune(d: &DesiredDomain, o: &ObservedDomain, host: &ObservedHost, diff: &mut Diff) {
+    let (want, have) = (&d.cpu_tune, &o.cpu_tune);
+    let mut set = CpuTune::default();
+    let mut changes = Vec::new();
+    match want.shares {
+        Some(w) if have.shares != Some(w) => {
+            set.shares = Some(w);
+            changes.push(Change::new("cpu.shares", opt(&have.shares), w));
+        }
+        None if have.shares.is_some_and(|h| h != CpuTune::DEFAULT_SHARES) => {
+            set.shares = Some(CpuTune::DEFAULT_SHARES);
+            changes.push(Change::new(
+                "cpu.shares",
+                opt(&have.shares),
+                format!("{} (libvirt's default)", CpuTune::DEFAULT_SHARES),
+            ));
+        }
+        _ => {}
+    }
+    let limited = |q: Option<i64>| q.is_some_and(|q| q > 0);
+    // The whole-guest limit: period and quota together.
+    if want.global_quota.is_some()
+        && (have.global_quota != want.global_quota || have.global_period != want.global_period)
+    {
+        set.global_period = want.global_period;
+        set.global_quota = want.global_quota;
+        changes.push(Change::new(
+            "cpu.limit",
+            show_limit(have.global_quota, have.global_period),
+            show_limit(want.global_quota, want.global_period),
+        ));
+    } else if want.global_quota.is_none() && limited(have.global_quota) {
+        set.global_quota = Some(-1);
+        changes.push(Change::new(
+            "cpu.limit",
+            show_limit(have.global_quota, have.global_period),
+            "(unlimited)",
+        ));
+    }
+    for (field, w, h, slot) in [
+        ("cpu.period", want.period, have.period, &mut set.period),
+        (
+            "cpu.emulatorPeriod",
+            want.emulator_period,
+            have.emulator_period,
+            &mut set.emulator_period,
+        ),
+    ] {
+        if let Some(w) = w
+            && h != Some(w)
+        {
+            *slot = Some(w);
+            changes.push(Change::new(field, opt(&h), w));
+        }
+    }
+    for (field, w, h, slot) in [
+        ("cpu.quota", want.quota, have.quota, &mut set.quota),
+        (
+            "cpu.emulatorQuota",
+            want.emulator_quota,
+            have.emulator_quota,
+            &mut set.emulator_quota,
+        ),
+    ] {
+        match w {
+            Some(w) if h != Some(w) => {
+                *slot = Some(w);
+                changes.push(Change::new(field, opt(&h), w));
+            }
+            None if limited(h) => {
+                *slot = Some(-1);
+                changes.push(Change::new(field, opt(&h), "(unlimited)"));
+            }
+            _ => {}
+        }
+    }
+    if changes.is_empty() {
+        return;
+    }
+    if host.cpu_tune_live || !o.power.is_active() {
+        // One libvirt call sets every field; the plan shows each change.
+        diff.live.push((Op::SetCpuTune(set), changes));
+    } else {
+        diff.restart.extend(changes);
+    }
+}
+
 /// Differences split by how they can be applied.
 #[derive(Default)]
 pub(crate) struct Diff {
-    /// Applied live on a running domain.
-    pub live: Vec<(Op, Change)>,
+    /// Applied live on a running domain: each operation with the field changes it makes.
+    pub live: Vec<(Op, Vec<Change>)>,
     /// Need a restart (or a redefinition while stopped).
     pub restart: Vec<Change>,
+}
+
+impl Diff {
+    /// A live operation changing one field.
+    fn push_live(&mut self, (op, change): (Op, Change)) {
+        self.live.push((op, vec![change]));
+    }
 }
 
 /// Compares what the user set with what libvirt reports.
@@ -310,7 +420,7 @@ pub(crate) fn diff_domain(d: &DesiredDomain, o: &ObservedDomain, host: &Observed
     if d.vcpus != o.vcpus {
         let change = Change::new("cpu.vcpus", o.vcpus, d.vcpus);
         if !max_changes && d.vcpus <= o.max_vcpus {
-            diff.live.push((Op::SetVcpus(d.vcpus), change));
+            diff.push_live((Op::SetVcpus(d.vcpus), change));
         } else {
             diff.restart.push(change);
         }
@@ -326,7 +436,7 @@ pub(crate) fn diff_domain(d: &DesiredDomain, o: &ObservedDomain, host: &Observed
     if d.memory_kib != o.memory_kib {
         let change = Change::new("memory.size", kib(o.memory_kib), kib(d.memory_kib));
         if !max_mem_changes && d.memory_kib <= o.max_memory_kib {
-            diff.live.push((Op::SetMemory(d.memory_kib), change));
+            diff.push_live((Op::SetMemory(d.memory_kib), change));
         } else {
             diff.restart.push(change);
         }
@@ -339,7 +449,7 @@ pub(crate) fn diff_domain(d: &DesiredDomain, o: &ObservedDomain, host: &Observed
                 cpuset,
             );
             if *vcpu < o.max_vcpus {
-                diff.live.push((
+                diff.push_live((
                     Op::PinVcpu {
                         vcpu: *vcpu,
                         cpuset: cpuset.clone(),
@@ -354,7 +464,7 @@ pub(crate) fn diff_domain(d: &DesiredDomain, o: &ObservedDomain, host: &Observed
     if let Some(e) = &d.emulator_cpuset
         && o.emulator_cpuset.as_ref() != Some(e)
     {
-        diff.live.push((
+        diff.push_live((
             Op::PinEmulator(e.clone()),
             Change::new("cpu.emulatorCpuset", opt(&o.emulator_cpuset), e),
         ));
@@ -366,7 +476,7 @@ pub(crate) fn diff_domain(d: &DesiredDomain, o: &ObservedDomain, host: &Observed
         let unpinned = format!("{online} (every online CPU)");
         for (vcpu, have) in &o.pinning {
             if !d.pinning.contains_key(vcpu) && *vcpu < o.max_vcpus && !floats(have, online) {
-                diff.live.push((
+                diff.push_live((
                     Op::PinVcpu {
                         vcpu: *vcpu,
                         cpuset: online.clone(),
@@ -379,7 +489,7 @@ pub(crate) fn diff_domain(d: &DesiredDomain, o: &ObservedDomain, host: &Observed
             && let Some(have) = &o.emulator_cpuset
             && !floats(have, online)
         {
-            diff.live.push((
+            diff.push_live((
                 Op::PinEmulator(online.clone()),
                 Change::new("cpu.emulatorCpuset", have, &unpinned),
             ));
@@ -445,6 +555,7 @@ pub(crate) fn diff_domain(d: &DesiredDomain, o: &ObservedDomain, host: &Observed
             diff.restart.push(Change::new(field, opt(have), opt(want)));
         }
     }
+    diff_cpu_tune(d, o, host, &mut diff);
     diff_disks(d, o, host, &mut diff);
     diff_nics(d, o, host, &mut diff);
     diff
@@ -778,7 +889,7 @@ pub(crate) fn plan_domain(
             let diff = diff_domain(d, o, host);
             let mut power = o.power;
             if !o.power.is_active() {
-                let mut changes: Vec<Change> = diff.live.into_iter().map(|(_, c)| c).collect();
+                let mut changes: Vec<Change> = diff.live.into_iter().flat_map(|(_, c)| c).collect();
                 changes.extend(diff.restart);
                 if !changes.is_empty() {
                     b.push(
@@ -802,7 +913,7 @@ pub(crate) fn plan_domain(
                 }
                 if restart_now {
                     let mut changes = diff.restart.clone();
-                    changes.extend(diff.live.iter().map(|(_, c)| c.clone()));
+                    changes.extend(diff.live.iter().flat_map(|(_, c)| c.clone()));
                     b.push(
                         &d.node,
                         &object,
@@ -818,7 +929,7 @@ pub(crate) fn plan_domain(
                     );
                     power = PowerObserved::Running;
                 } else {
-                    for (op, change) in diff.live {
+                    for (op, changes) in diff.live {
                         let why = match op {
                             Op::AttachDisk(_) | Op::AttachInterface(_) => "plugged in live",
                             Op::DetachDisk { .. } | Op::DetachInterface { .. } => {
@@ -834,7 +945,7 @@ pub(crate) fn plan_domain(
                             op,
                             Symbol::Live,
                             why,
-                            vec![change],
+                            changes,
                             &deps,
                         );
                     }

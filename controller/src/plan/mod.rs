@@ -238,6 +238,8 @@ pub enum Op {
     },
     /// Pin the emulator threads live.
     PinEmulator(String),
+    /// Set the CPU weight and bandwidth fields that are set, live and in the definition.
+    SetCpuTune(observed::CpuTune),
     /// Set the autostart flag.
     SetDomainAutostart(bool),
     /// Plug a disk into the running domain and its definition (hotplug).
@@ -303,6 +305,7 @@ impl Op {
             Op::SetMemory(k) => format!("set memory to {}", render::kib(*k)),
             Op::PinVcpu { vcpu, cpuset } => format!("pin vCPU {vcpu} to {cpuset}"),
             Op::PinEmulator(c) => format!("pin emulator to {c}"),
+            Op::SetCpuTune(_) => "set CPU weight and bandwidth".into(),
             Op::AttachDisk(d) => format!("plug in disk {} ({})", d.name, d.target),
             Op::DetachDisk { target } => format!("unplug disk {target}"),
             Op::AttachInterface(n) => format!("plug in NIC {} on {}", n.name, n.network),

@@ -69,6 +69,7 @@ fn domain_from(
             })
             .collect::<BTreeMap<_, _>>(),
         emulator_cpuset: d.emulator_cpuset.clone().or_else(|| Some("0-63".into())),
+        cpu_tune: d.cpu_tune,
         memory_kib: d.memory_kib,
         max_memory_kib: d.max_memory_kib,
         hugepage_kib: d.hugepage_kib,
@@ -300,6 +301,17 @@ pub fn apply_action(state: &mut ObservedState, a: &Action) -> Result<(), SimErro
             domain_mut(state, a)?.pinning.insert(*vcpu, cpuset.clone());
         }
         Op::PinEmulator(c) => domain_mut(state, a)?.emulator_cpuset = Some(c.clone()),
+        Op::SetCpuTune(set) => {
+            let t = &mut domain_mut(state, a)?.cpu_tune;
+            let keep = |new: Option<i64>, old: Option<i64>| new.or(old);
+            t.shares = set.shares.or(t.shares);
+            t.period = set.period.or(t.period);
+            t.quota = keep(set.quota, t.quota);
+            t.global_period = set.global_period.or(t.global_period);
+            t.global_quota = keep(set.global_quota, t.global_quota);
+            t.emulator_period = set.emulator_period.or(t.emulator_period);
+            t.emulator_quota = keep(set.emulator_quota, t.emulator_quota);
+        }
         Op::SetDomainAutostart(on) => domain_mut(state, a)?.autostart = *on,
         // The model's guests acknowledge every unplug.
         Op::AttachDisk(disk) => {

@@ -75,6 +75,71 @@ pub struct VcpuPin {
     pub cpuset: CpuSet,
 }
 
+/// CPU bandwidth and weight (`<cputune>`: `<shares>`, `<period>`/`<quota>` per vCPU,
+/// `<global_period>`/`<global_quota>` for the whole guest, `<emulator_period>`/
+/// `<emulator_quota>`); unset fields are left to libvirt (weight 1024, no limit). QEMU needs
+/// the cgroup `cpu` controller for any of them (libvirt refuses to start the guest
+/// otherwise: "cgroup cpu is required for scheduler tuning").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CpuTune {
+    /// Relative weight (cgroup `cpu.shares`).
+    pub shares: Option<u64>,
+    /// Bandwidth period of each vCPU, µs.
+    pub period: Option<u64>,
+    /// Run time of each vCPU per period, µs (`-1`: unlimited).
+    pub quota: Option<i64>,
+    /// Bandwidth period of the whole guest, µs.
+    pub global_period: Option<u64>,
+    /// Run time of the whole guest per period, µs (`-1`: unlimited).
+    pub global_quota: Option<i64>,
+    /// Bandwidth period of the emulator threads, µs.
+    pub emulator_period: Option<u64>,
+    /// Run time of the emulator threads per period, µs (`-1`: unlimited).
+    pub emulator_quota: Option<i64>,
+}
+
+impl CpuTune {
+    /// Whether nothing is set.
+    pub fn is_empty(&self) -> bool {
+        *self == CpuTune::default()
+    }
+
+    /// The `<cputune>` children for the set fields, in libvirt's order.
+    fn elements(&self) -> Vec<Element> {
+        let fields: [(&str, Option<String>); 7] = [
+            ("shares", self.shares.map(|v| v.to_string())),
+            ("period", self.period.map(|v| v.to_string())),
+            ("quota", self.quota.map(|v| v.to_string())),
+            ("global_period", self.global_period.map(|v| v.to_string())),
+            ("global_quota", self.global_quota.map(|v| v.to_string())),
+            (
+                "emulator_period",
+                self.emulator_period.map(|v| v.to_string()),
+            ),
+            ("emulator_quota", self.emulator_quota.map(|v| v.to_string())),
+        ];
+        fields
+            .into_iter()
+            .filter_map(|(name, v)| v.map(|v| Element::new(name).text(v)))
+            .collect()
+    }
+
+    /// Reads `<cputune>`.
+    fn from_element(tune: &Element) -> Self {
+        let u = |n: &str| tune.path_text(n).and_then(|t| t.parse().ok());
+        let i = |n: &str| tune.path_text(n).and_then(|t| t.parse().ok());
+        CpuTune {
+            shares: u("shares"),
+            period: u("period"),
+            quota: i("quota"),
+            global_period: u("global_period"),
+            global_quota: i("global_quota"),
+            emulator_period: u("emulator_period"),
+            emulator_quota: i("emulator_quota"),
+        }
+    }
+}
+
 /// `<os firmware=…>`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Firmware {
@@ -183,6 +248,8 @@ pub struct DomainDef {
     pub pinning: Vec<VcpuPin>,
     /// Emulator thread pinning.
     pub emulator_cpuset: Option<CpuSet>,
+    /// CPU weight and bandwidth.
+    pub cpu_tune: CpuTune,
     /// Memory now (`<currentMemory>`), KiB.
     pub memory_kib: u64,
     /// Memory at boot / ceiling (`<memory>`), KiB.
@@ -215,6 +282,7 @@ impl DomainDef {
             cpu: None,
             pinning: Vec::new(),
             emulator_cpuset: None,
+            cpu_tune: CpuTune::default(),
             memory_kib: 128 * 1024,
             max_memory_kib: 128 * 1024,
             hugepage_kib: None,
@@ -303,8 +371,11 @@ impl DomainDef {
                 .attr("current", self.vcpus)
                 .text(self.max_vcpus),
         );
-        if !self.pinning.is_empty() || self.emulator_cpuset.is_some() {
+        if !self.pinning.is_empty() || self.emulator_cpuset.is_some() || !self.cpu_tune.is_empty() {
             let mut tune = Element::new("cputune");
+            for el in self.cpu_tune.elements() {
+                tune = tune.child(el);
+            }
             let mut pins = self.pinning.clone();
             pins.sort_by_key(|p| p.vcpu);
             for p in pins {
@@ -686,6 +757,8 @@ pub struct DomainObserved {
     pub pinning: Vec<VcpuPin>,
     /// Emulator pinning from `<cputune>`.
     pub emulator_cpuset: Option<CpuSet>,
+    /// CPU weight and bandwidth from `<cputune>` (live values on a running domain).
+    pub cpu_tune: CpuTune,
     /// Current memory, KiB.
     pub memory_kib: u64,
     /// Max memory, KiB.
@@ -761,7 +834,9 @@ impl DomainObserved {
         let sizes = DomainSizes::from_root(&root);
         let mut pinning = Vec::new();
         let mut emulator_cpuset = None;
+        let mut cpu_tune = CpuTune::default();
         if let Some(tune) = root.find("cputune") {
+            cpu_tune = CpuTune::from_element(tune);
             for p in tune.find_all("vcpupin") {
                 if let (Some(vcpu), Some(cpuset)) = (
                     p.get_parsed::<u32>("vcpu"),
@@ -900,6 +975,7 @@ impl DomainObserved {
             cpu,
             pinning,
             emulator_cpuset,
+            cpu_tune,
             memory_kib: sizes.memory_kib,
             max_memory_kib: sizes.max_memory_kib,
             hugepage_kib: root
@@ -963,6 +1039,12 @@ mod tests {
             cpuset: "1".parse().unwrap(),
         }];
         d.emulator_cpuset = Some("0-1".parse().unwrap());
+        d.cpu_tune = CpuTune {
+            shares: Some(512),
+            global_period: Some(100_000),
+            global_quota: Some(150_000),
+            ..CpuTune::default()
+        };
         d.os.machine = Some("pc".into());
         d.os.cmdline = Some("console=ttyS0 x=\"<&>\"".into());
         d.disks.push(DiskDef {
@@ -1018,6 +1100,7 @@ mod tests {
         assert_eq!(o.max_vcpus, 2);
         assert_eq!(o.pinning, d.pinning);
         assert_eq!(o.emulator_cpuset, d.emulator_cpuset);
+        assert_eq!(o.cpu_tune, d.cpu_tune);
         assert_eq!(o.memory_kib, 131072);
         assert_eq!(o.owner, Some(owner()));
         assert_eq!(o.os.cmdline, d.os.cmdline);

@@ -12,8 +12,8 @@ pub mod xml;
 
 pub use device::{Device, DeviceKey, PENDING_NS};
 pub use domain::{
-    CpuDef, CpuMode, DiskDef, DiskObserved, DiskSource, DomainDef, DomainObserved, DomainSizes,
-    DomainState, Firmware, InterfaceDef, InterfaceObserved, OsDef, Topology, VcpuPin,
+    CpuDef, CpuMode, CpuTune, DiskDef, DiskObserved, DiskSource, DomainDef, DomainObserved,
+    DomainSizes, DomainState, Firmware, InterfaceDef, InterfaceObserved, OsDef, Topology, VcpuPin,
     state_reason_name,
 };
 pub use network::{DhcpRange, IpDef, NetworkDef, NetworkMode, NetworkObserved};
