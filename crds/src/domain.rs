@@ -759,6 +759,11 @@ pub struct DomainStatus {
     /// libvirt's host autostart flag as set now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autostart: Option<bool>,
+    /// The guest's security labels (libvirt `<seclabel>`: the label a running guest got
+    /// from the node's security driver, when dynamic).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    pub security_labels: Vec<SecurityLabelStatus>,
     /// MAC addresses of the interfaces, including those libvirt generated. Keyed by `name`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
@@ -811,6 +816,23 @@ pub struct VcpuAffinity {
     pub vcpu: u32,
     /// Host CPUs it may run on.
     pub cpuset: String,
+}
+
+/// A guest's security label.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecurityLabelStatus {
+    /// The security driver (`selinux`, `apparmor`, `dac`, `none`).
+    pub model: String,
+    /// `dynamic`, `static` or `none`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// The guest process's label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    /// The label of the guest's images.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_label: Option<String>,
 }
 
 /// CPU weight and bandwidth as libvirt reports them.

@@ -1404,3 +1404,61 @@ async fn cpu_tune_reaches_the_guests_cgroups_and_changes_live() {
     cleanup(&a, &name, &o).await;
     a.close().await.unwrap();
 }
+
+/// Host facts from a real daemon in its network namespace: the namespace's interfaces (its
+/// loopback and veth), the VM's PCI devices with vendor and product ids and the driver bound
+/// to them, the security driver the test daemons run with (`none`), and each domain's
+/// security label in its XML.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs private libvirtd: scripts/libvirt-nodes.sh up, then --run-ignored"]
+async fn host_facts_from_a_real_daemon() {
+    use virtkube_engine::node::{Facts, FactsLimits};
+    let e = node("A").await;
+    let f = e.node_facts(FactsLimits::default()).await.unwrap();
+    eprintln!("{f:#?}");
+    let names: Vec<&str> = f
+        .interfaces
+        .items()
+        .iter()
+        .map(|i| i.name.as_str())
+        .collect();
+    assert!(names.contains(&"lo"), "{names:?}");
+    assert!(
+        names.iter().any(|n| n.ends_with("vethA")),
+        "the node's veth, from its own network namespace: {names:?}"
+    );
+    let pci = f.pci_devices.items();
+    assert!(!pci.is_empty(), "{f:?}");
+    assert!(
+        pci.iter()
+            .all(|d| d.vendor_id.starts_with("0x") && d.address.len() == 12),
+        "{pci:?}"
+    );
+    assert!(pci.iter().any(|d| d.driver.is_some()), "{pci:?}");
+    assert!(matches!(f.mediated_devices, Facts::Read { .. }));
+    assert_eq!(
+        f.security_model.as_ref().map(|m| m.model.as_str()),
+        Ok("none")
+    );
+    match &f.logical_sources {
+        // Without LVM's tools on the host, libvirt says which one it could not run.
+        Facts::Unavailable(why) => assert!(why.contains("pvs"), "{why}"),
+        Facts::Read { .. } => {}
+    }
+    let name = unique("vksec");
+    let o = owner(&name);
+    let _leftovers = Leftovers::domain(&name);
+    e.domain_define(&tiny(&name, &o)).await.unwrap();
+    e.domain_start(&name, &o).await.unwrap();
+    let seen = e.domain_observe(&name).await.unwrap().unwrap();
+    // The DAC driver is always stacked: the guest runs as root:root (qemu.conf).
+    assert!(
+        seen.security_labels
+            .iter()
+            .any(|l| l.model == "dac" && l.label.as_deref() == Some("+0:+0")),
+        "{:?}",
+        seen.security_labels
+    );
+    cleanup(&e, &name, &o).await;
+    e.close().await.unwrap();
+}

@@ -597,3 +597,103 @@ async fn cpu_tune_round_trips_through_the_definition() {
     e.domain_undefine("t.tune", &o).await.unwrap();
     e.close().await.unwrap();
 }
+
+/// Host facts from the test driver: its one interface, no PCI device in its default host,
+/// and a security model (or the driver's reason); with a test-driver host file describing a
+/// PCI device, that device with vendor, product, class and IOMMU group.
+#[tokio::test]
+async fn host_facts_interfaces_devices_and_security() {
+    use virtkube_engine::node::{Facts, FactsLimits};
+    let e = engine().await;
+    let f = e.node_facts(FactsLimits::default()).await.unwrap();
+    let eth1 = f.interfaces.items().iter().find(|i| i.name == "eth1");
+    assert!(
+        eth1.is_some_and(|i| i.active && i.mac.as_deref() == Some("aa:bb:cc:dd:ee:ff")),
+        "{f:?}"
+    );
+    assert!(
+        matches!(f.pci_devices, Facts::Read { total: 0, .. }),
+        "{f:?}"
+    );
+    assert_eq!(
+        f.security_model.as_ref().map(|m| m.model.as_str()),
+        Ok("testSecurity")
+    );
+    // The driver's canned answer to virConnectFindStoragePoolSources("logical").
+    let vgs: Vec<_> = f
+        .logical_sources
+        .items()
+        .iter()
+        .map(|s| (s.name.as_deref(), s.devices.clone()))
+        .collect();
+    assert_eq!(
+        vgs,
+        [
+            (Some("testvg1"), vec!["/dev/sda20".to_string()]),
+            (Some("testvg2"), vec!["/dev/sda21".to_string()])
+        ]
+    );
+    e.close().await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let host = dir.path().join("host.xml");
+    std::fs::write(&host, PCI_HOST).unwrap();
+    let e = Engine::connect(
+        &format!("test://{}", host.display()),
+        EngineConfig::default(),
+    )
+    .await
+    .unwrap();
+    let f = e
+        .node_facts(FactsLimits {
+            pci_devices: 1,
+            ..FactsLimits::default()
+        })
+        .await
+        .unwrap();
+    let Facts::Read { items, total } = &f.pci_devices else {
+        panic!("{f:?}")
+    };
+    assert_eq!(*total, 2, "two PCI devices, one listed by the limit");
+    let nic = &items[0];
+    assert_eq!(nic.address, "0000:06:00.0");
+    assert_eq!(nic.vendor_id, "0x8086");
+    assert_eq!(nic.vendor.as_deref(), Some("Intel Corporation"));
+    assert_eq!(
+        nic.product.as_deref(),
+        Some("82576 Gigabit Network Connection")
+    );
+    assert_eq!(nic.class.as_deref(), Some("0x020000"));
+    assert_eq!(nic.iommu_group, Some(14));
+    e.close().await.unwrap();
+}
+
+/// A test-driver host with two PCI devices (the driver reads node devices from its host
+/// file; its default host has none).
+pub const PCI_HOST: &str = r#"<node>
+  <cpu><mhz>2000</mhz><model>x86_64</model><nodes>1</nodes><sockets>1</sockets><cores>4</cores><threads>1</threads><active>4</active></cpu>
+  <memory>8388608</memory>
+  <device>
+    <name>pci_0000_06_00_0</name>
+    <parent>computer</parent>
+    <capability type='pci'>
+      <class>0x020000</class>
+      <domain>0</domain><bus>6</bus><slot>0</slot><function>0</function>
+      <product id='0x10c9'>82576 Gigabit Network Connection</product>
+      <vendor id='0x8086'>Intel Corporation</vendor>
+      <iommuGroup number='14'><address domain='0x0000' bus='0x06' slot='0x00' function='0x0'/></iommuGroup>
+    </capability>
+  </device>
+  <device>
+    <name>pci_0000_07_00_0</name>
+    <parent>computer</parent>
+    <capability type='pci'>
+      <class>0x030000</class>
+      <domain>0</domain><bus>7</bus><slot>0</slot><function>0</function>
+      <product id='0x1eb8'>TU104GL [Tesla T4]</product>
+      <vendor id='0x10de'>NVIDIA Corporation</vendor>
+      <iommuGroup number='15'><address domain='0x0000' bus='0x07' slot='0x00' function='0x0'/></iommuGroup>
+    </capability>
+  </device>
+</node>
+"#;

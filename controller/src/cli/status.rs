@@ -412,6 +412,7 @@ pub fn domain_status(
             .collect(),
         emulator_cpuset: o.emulator_cpuset.clone(),
         cpu_scheduling: cpu_scheduling(&o.cpu_tune),
+        security_labels: o.security_labels.clone(),
         memory: Some(ByteQuantity::new(kib(o.memory_kib))),
         max_memory: Some(ByteQuantity::new(kib(o.max_memory_kib))),
         autostart: Some(o.autostart),

@@ -448,7 +448,24 @@ pub fn domain_from(d: &DomainObserved) -> ObservedDomain {
         persistent: d.persistent,
         pending_unplug: d.pending_unplug.clone(),
         cpu_tune: cpu_tune_from(&d.cpu_tune),
+        security_labels: security_labels(&d.security_labels),
     }
+}
+
+/// `status.securityLabels` from what libvirt reports (shared with the agent).
+pub fn security_labels(
+    labels: &[virtkube_engine::model::SecurityLabel],
+) -> Vec<virtkube_crds::domain::SecurityLabelStatus> {
+    labels
+        .iter()
+        .take(8)
+        .map(|l| virtkube_crds::domain::SecurityLabelStatus {
+            model: l.model.clone(),
+            type_: l.label_type.clone(),
+            label: l.label.clone(),
+            image_label: l.image_label.clone(),
+        })
+        .collect()
 }
 
 /// The planner's view of the CPU weight and bandwidth libvirt reports.

@@ -299,6 +299,8 @@ pub struct ObservedDomain {
     pub emulator_cpuset: Option<String>,
     /// CPU weight and bandwidth in force.
     pub cpu_tune: CpuTune,
+    /// Security labels as libvirt reports them (status only, never compared).
+    pub security_labels: Vec<virtkube_crds::domain::SecurityLabelStatus>,
     /// Current memory, KiB.
     pub memory_kib: u64,
     /// Maximum memory, KiB.

@@ -70,6 +70,7 @@ fn domain_from(
             .collect::<BTreeMap<_, _>>(),
         emulator_cpuset: d.emulator_cpuset.clone().or_else(|| Some("0-63".into())),
         cpu_tune: d.cpu_tune,
+        security_labels: Vec::new(),
         memory_kib: d.memory_kib,
         max_memory_kib: d.max_memory_kib,
         hugepage_kib: d.hugepage_kib,

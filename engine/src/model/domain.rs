@@ -795,6 +795,8 @@ pub struct DomainObserved {
     /// still plugged in until the guest lets go or restarts. Keys as
     /// [`crate::model::DeviceKey::as_key`] writes them.
     pub pending_unplug: Vec<String>,
+    /// Security labels (`<seclabel>`; the label a running guest got, when dynamic).
+    pub security_labels: Vec<super::host_facts::SecurityLabel>,
     /// For an active persistent domain with a memory balloon, the sizes in its persistent
     /// definition (filled by the engine; `None` otherwise: for an inactive domain the XML read
     /// is the definition itself, and without a balloon the live memory is the target). On
@@ -991,6 +993,7 @@ impl DomainObserved {
                 .find("metadata")
                 .map(pending_from_metadata)
                 .unwrap_or_default(),
+            security_labels: super::host_facts::SecurityLabel::all_from_domain(&root),
             state: DomainState::Unknown,
             reason: String::new(),
             autostart: false,

@@ -3,6 +3,7 @@
 
 pub mod device;
 pub mod domain;
+pub mod host_facts;
 pub mod network;
 pub mod node;
 pub mod owner;
@@ -15,6 +16,9 @@ pub use domain::{
     CpuDef, CpuMode, CpuTune, DiskDef, DiskObserved, DiskSource, DomainDef, DomainObserved,
     DomainSizes, DomainState, Firmware, InterfaceDef, InterfaceObserved, OsDef, Topology, VcpuPin,
     state_reason_name,
+};
+pub use host_facts::{
+    HostInterface, MediatedDevice, PciDevice, PoolSourceFound, SecurityLabel, SecurityModel,
 };
 pub use network::{DhcpRange, IpDef, NetworkDef, NetworkMode, NetworkObserved};
 pub use node::{Capabilities, NodeCpuMap, NodeObserved, NumaCell};
