@@ -229,6 +229,10 @@ fn build(w: &World) -> DesiredState {
                 .map(|(v, c)| (*v, c.to_string()))
                 .collect::<BTreeMap<_, _>>(),
             emulator_cpuset: p.emulator.map(|c| format!("0-{c}")),
+            cpu_tune: virtkube::plan::observed::CpuTune {
+                shares: (p.vcpus % 2 == 0).then_some(512),
+                ..Default::default()
+            },
             memory_kib: p.memory_mib * 256 * 1024,
             max_memory_kib: (p.memory_mib + p.extra_memory_mib) * 256 * 1024,
             hugepage_kib: None,

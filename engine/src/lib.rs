@@ -5,7 +5,8 @@
 //!   ([`Engine::stats`]) and streams domain lifecycle events ([`Engine::events`]).
 //! * [`model`] holds the typed desired/observed models and their XML (pure).
 //! * One module per libvirt object kind adds its verbs to [`Engine`]: [`domain`],
-//!   [`network`], [`pool`], [`volume`], [`node`], [`migrate`].
+//!   [`network`], [`pool`], [`volume`], [`node`], [`migrate`], [`hotplug`]; [`stats`] gathers
+//!   run-time statistics of virtkube's domains in one bulk call.
 //! * [`EngineError`] keeps libvirt's code, domain and message, and says whether a retry helps;
 //!   [`explain`] adds virtkube's explanation and next step to the errors users cause.
 //!
@@ -17,12 +18,15 @@ mod engine;
 pub mod error;
 pub mod events;
 pub mod explain;
+pub mod hotplug;
 pub mod migrate;
 pub mod model;
 pub mod network;
 pub mod node;
 mod object;
 pub mod pool;
+pub mod stats;
+pub mod typed_params;
 pub mod volume;
 
 pub use engine::{CallClass, CallStat, Engine, EngineConfig, EngineStats, ensure_event_loop};

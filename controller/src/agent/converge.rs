@@ -140,6 +140,9 @@ fn reason_of(op: &Op) -> &'static str {
         Op::SetVcpus(_) => "VcpusSet",
         Op::SetMemory(_) => "MemorySet",
         Op::PinVcpu { .. } | Op::PinEmulator(_) => "Pinned",
+        Op::SetCpuTune(_) => "CpuSchedulingSet",
+        Op::AttachDisk(_) | Op::AttachInterface(_) => "DevicePlugged",
+        Op::DetachDisk { .. } | Op::DetachInterface { .. } => "DeviceUnplugged",
         Op::RestartDomain { .. } => "Restarted",
         Op::MigrateDomain { .. } => "Migrated",
     }
@@ -284,6 +287,8 @@ fn empty_host(ctx: &Context) -> ObservedHost {
     ObservedHost {
         host_cpus: ctx.settings.host_cpus,
         online_cpus: ctx.settings.online_cpus.clone(),
+        device_hotplug: crate::host::supports_device_hotplug(ctx.engine.uri()),
+        cpu_tune_live: crate::host::supports_live_cpu_tune(ctx.engine.uri()),
         ..ObservedHost::default()
     }
 }

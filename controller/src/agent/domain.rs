@@ -865,6 +865,9 @@ pub fn status_for(
                 })
                 .collect();
             status.emulator_cpuset = o.emulator_cpuset.as_ref().map(ToString::to_string);
+            status.cpu_scheduling =
+                crate::cli::status::cpu_scheduling(&crate::host::cpu_tune_from(&o.cpu_tune));
+            status.security_labels = crate::host::security_labels(&o.security_labels);
             status.memory = Some(ByteQuantity::from_bytes(o.memory_kib * 1024));
             status.max_memory = Some(ByteQuantity::from_bytes(o.max_memory_kib * 1024));
             status.autostart = Some(o.autostart);

@@ -1,6 +1,6 @@
-//! The agent's HTTP endpoints: `/metrics` (OpenMetrics), `/healthz` (the process is alive)
-//! and `/readyz` (the Kubernetes API and libvirt answer, the controllers run; the body says
-//! why not).
+//! The agent's HTTP endpoints: `/metrics` (OpenMetrics: the agent's own metrics and its
+//! guests' statistics), `/healthz` (the process is alive) and `/readyz` (the Kubernetes API
+//! and libvirt answer, the controllers run; the body says why not).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,10 +10,12 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use prometheus_client::encoding::text;
 use prometheus_client::registry::Registry;
 use virtkube_engine::Engine;
 
 use super::error::Error;
+use super::guest_metrics::{self, GuestMetricsConfig};
 
 pub use super::readiness::Health;
 
@@ -22,10 +24,23 @@ struct AppState {
     registry: Arc<Registry>,
     health: Arc<Health>,
     engine: Option<Engine>,
+    guests: GuestMetricsConfig,
 }
 
-/// The router, separate from the listener so tests can call it directly.
+/// The router, separate from the listener so tests can call it directly; per-guest metrics
+/// with their defaults (see [`router_with_guest_metrics`]).
 pub fn router(registry: Arc<Registry>, health: Arc<Health>, engine: Option<Engine>) -> Router {
+    router_with_guest_metrics(registry, health, engine, GuestMetricsConfig::default())
+}
+
+/// The router; `/metrics` also gathers the guests' statistics (one libvirt call per scrape,
+/// see [`super::guest_metrics`]) when there is an engine and `guests.max_domains > 0`.
+pub fn router_with_guest_metrics(
+    registry: Arc<Registry>,
+    health: Arc<Health>,
+    engine: Option<Engine>,
+    guests: GuestMetricsConfig,
+) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -34,12 +49,25 @@ pub fn router(registry: Arc<Registry>, health: Arc<Health>, engine: Option<Engin
             registry,
             health,
             engine,
+            guests,
         })
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    let guests = match &state.engine {
+        Some(engine) if state.guests.max_domains > 0 => Some(guest_metrics::registry(
+            guest_metrics::scrape(engine, state.guests).await,
+        )),
+        _ => None,
+    };
     let mut body = String::new();
-    match prometheus_client::encoding::text::encode(&mut body, &state.registry) {
+    let encoded = text::encode_registry(&mut body, &state.registry)
+        .and_then(|()| match &guests {
+            Some(g) => text::encode_registry(&mut body, g),
+            None => Ok(()),
+        })
+        .and_then(|()| text::encode_eof(&mut body));
+    match encoded {
         Ok(()) => (
             StatusCode::OK,
             [(

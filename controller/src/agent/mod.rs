@@ -12,6 +12,7 @@
 //! | [`drift`] | libvirt events -> reconcile requests |
 //! | [`metrics`], [`http`], [`readiness`] | Prometheus metrics, `/healthz`, `/readyz` and why not ready |
 //! | [`api_health`], [`api_client`], [`watches`], [`backoff`] | surviving API server outages: the probe, client timeouts, watches that restart, retry backoffs |
+//! | [`guest_metrics`] | per-guest statistics on `/metrics`, one libvirt call per scrape |
 //! | [`pernode`] | per-node status entries of pools and networks |
 //! | [`reconcile`] | the skeleton every controller shares (finalizer, failure count, events) |
 //! | [`context`], [`error`] | what reconcilers share; the one error type |
@@ -33,6 +34,7 @@ pub mod converge;
 pub mod domain;
 pub mod drift;
 pub mod error;
+pub mod guest_metrics;
 pub mod http;
 pub mod local;
 pub mod metrics;
@@ -94,6 +96,14 @@ pub struct AgentArgs {
     /// Where `/metrics`, `/healthz` and `/readyz` listen.
     #[arg(long, env = "VIRTKUBE_METRICS_ADDR", default_value = "0.0.0.0:9090")]
     pub metrics_addr: SocketAddr,
+    /// Per-guest metrics on `/metrics` for at most this many virtkube-owned domains (the
+    /// first by namespace and name; 0 turns them off). Bounds their cardinality.
+    #[arg(
+        long,
+        env = "VIRTKUBE_GUEST_METRICS_MAX_DOMAINS",
+        default_value_t = 1000
+    )]
+    pub guest_metrics_max_domains: usize,
     /// Log format.
     #[arg(long, env = "VIRTKUBE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -314,7 +324,15 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     };
     let (addr, http_task) = http::serve(
         args.metrics_addr,
-        http::router(Arc::new(registry), health.clone(), Some(engine.clone())),
+        http::router_with_guest_metrics(
+            Arc::new(registry),
+            health.clone(),
+            Some(engine.clone()),
+            guest_metrics::GuestMetricsConfig {
+                max_domains: args.guest_metrics_max_domains,
+                ..Default::default()
+            },
+        ),
         shutdown.clone(),
     )
     .await?;

@@ -5,17 +5,20 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use virtkube_engine::domain::{Apply, ShutdownOutcome};
+use virtkube_engine::hotplug::DetachOutcome;
 use virtkube_engine::migrate::MigrateOptions;
 use virtkube_engine::model::{
-    CpuDef, CpuMode, DhcpRange, DiskDef, DiskSource, DomainDef, DomainObserved, DomainState,
-    Firmware, InterfaceDef, IpDef, NetworkDef, NetworkMode, NetworkObserved, OsDef, PoolDef,
-    PoolObserved, PoolType, Topology, VcpuPin, VolumeDef, VolumeFormat, VolumeObserved,
+    CpuDef, CpuMode, CpuTune, Device, DeviceKey, DhcpRange, DiskDef, DiskSource, DomainDef,
+    DomainObserved, DomainState, Firmware, InterfaceDef, IpDef, NetworkDef, NetworkMode,
+    NetworkObserved, OsDef, PoolDef, PoolObserved, PoolType, Topology, VcpuPin, VolumeDef,
+    VolumeFormat, VolumeObserved,
 };
 use virtkube_engine::{CpuSet, Engine, EngineConfig, EngineError, EngineStats, Owner};
 
 use crate::plan::desired::Nodes;
 use crate::plan::desired::{
-    DesiredDiskSource, DesiredDomain, DesiredNetwork, DesiredPool, VolumeOrigin,
+    DesiredDisk, DesiredDiskSource, DesiredDomain, DesiredNetwork, DesiredNic, DesiredPool,
+    VolumeOrigin,
 };
 use crate::plan::observed::{
     DiskRef, ObservedDisk, ObservedDomain, ObservedHost, ObservedNetwork, ObservedNic,
@@ -27,6 +30,24 @@ use tokio::sync::watch;
 
 /// How long a guest gets to shut down after an ACPI request before it is destroyed.
 pub const DEFAULT_SHUTDOWN_DEADLINE: Duration = Duration::from_secs(30);
+
+/// How long a running guest gets to release a device being unplugged (libvirt's own 5 s
+/// wait included) before the unplug is reported as refused and left for the next restart.
+pub const UNPLUG_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Whether the driver behind `uri` changes CPU weight and bandwidth of running domains
+/// (`virDomainSetSchedulerParameters`; the test driver has only a `weight`). On QEMU it also
+/// needs the cgroup `cpu` controller, which only the attempt tells: without it libvirt
+/// refuses with "cgroup CPU controller is not mounted".
+pub fn supports_live_cpu_tune(uri: &str) -> bool {
+    !uri.starts_with("test:")
+}
+
+/// Whether the driver behind `uri` plugs devices into running domains (the test driver
+/// does not: `virDomainAttachDeviceFlags` is unsupported there).
+pub fn supports_device_hotplug(uri: &str) -> bool {
+    !uri.starts_with("test:")
+}
 
 /// What can go wrong talking to the hosts.
 #[derive(Debug, thiserror::Error)]
@@ -297,6 +318,8 @@ async fn observe_host(h: &Host) -> Result<ObservedHost, HostError> {
     let mut host = ObservedHost {
         host_cpus: Some(info.cpus),
         online_cpus: info.cpu_map.map(|m| m.online.to_string()),
+        device_hotplug: supports_device_hotplug(&h.spec.uri),
+        cpu_tune_live: supports_live_cpu_tune(&h.spec.uri),
         ..ObservedHost::default()
     };
     for name in e.pool_list().await.map_err(&err)? {
@@ -482,10 +505,55 @@ pub fn domain_from(d: &DomainObserved) -> ObservedDomain {
                 network: i.network.clone(),
                 model: i.model.clone(),
                 mac: i.mac.clone(),
+                alias: i.alias.clone(),
             })
             .collect(),
         autostart: d.autostart,
         persistent: d.persistent,
+        pending_unplug: d.pending_unplug.clone(),
+        cpu_tune: cpu_tune_from(&d.cpu_tune),
+        security_labels: security_labels(&d.security_labels),
+    }
+}
+
+/// `status.securityLabels` from what libvirt reports (shared with the agent).
+pub fn security_labels(
+    labels: &[virtkube_engine::model::SecurityLabel],
+) -> Vec<virtkube_crds::domain::SecurityLabelStatus> {
+    labels
+        .iter()
+        .take(8)
+        .map(|l| virtkube_crds::domain::SecurityLabelStatus {
+            model: l.model.clone(),
+            type_: l.label_type.clone(),
+            label: l.label.clone(),
+            image_label: l.image_label.clone(),
+        })
+        .collect()
+}
+
+/// The planner's view of the CPU weight and bandwidth libvirt reports.
+pub fn cpu_tune_from(t: &CpuTune) -> crate::plan::observed::CpuTune {
+    crate::plan::observed::CpuTune {
+        shares: t.shares,
+        period: t.period,
+        quota: t.quota,
+        global_period: t.global_period,
+        global_quota: t.global_quota,
+        emulator_period: t.emulator_period,
+        emulator_quota: t.emulator_quota,
+    }
+}
+
+fn cpu_tune_def(t: &crate::plan::observed::CpuTune) -> CpuTune {
+    CpuTune {
+        shares: t.shares,
+        period: t.period,
+        quota: t.quota,
+        global_period: t.global_period,
+        global_quota: t.global_quota,
+        emulator_period: t.emulator_period,
+        emulator_quota: t.emulator_quota,
     }
 }
 
@@ -530,6 +598,7 @@ pub fn domain_def(
         })
         .collect::<Result<_, HostError>>()?;
     def.emulator_cpuset = d.emulator_cpuset.as_deref().map(cpuset).transpose()?;
+    def.cpu_tune = cpu_tune_def(&d.cpu_tune);
     def.memory_kib = d.memory_kib;
     def.max_memory_kib = d.max_memory_kib;
     def.hugepage_kib = d.hugepage_kib;
@@ -557,60 +626,72 @@ pub fn domain_def(
     def.disks = d
         .disks
         .iter()
-        .map(|disk| {
-            let (source, format) = match &disk.source {
-                DesiredDiskSource::Volume {
-                    volume,
-                    pool,
-                    format,
-                } => {
-                    let pool = pool
-                        .clone()
-                        .or_else(|| pools.get(volume).cloned())
-                        .ok_or_else(|| {
-                            HostError::Invalid(format!(
-                                "disk {}: volume {volume} is in no pool on node {}",
-                                disk.name, host.spec.node
-                            ))
-                        })?;
-                    (
-                        DiskSource::Volume {
-                            pool,
-                            volume: volume.clone(),
-                        },
-                        format.clone(),
-                    )
-                }
-                DesiredDiskSource::Path(p) => (DiskSource::File { path: p.clone() }, None),
-            };
-            Ok(DiskDef {
-                name: Some(disk.name.clone()),
-                target_dev: disk.target.clone(),
-                bus: Some(disk.bus.clone()),
-                source,
-                read_only: disk.read_only,
-                boot_order: disk.boot_order,
-                format,
-                device: Some(disk.device.clone()),
-            })
-        })
+        .map(|disk| disk_def(disk, host, pools))
         .collect::<Result<_, HostError>>()?;
     def.interfaces = d
         .interfaces
         .iter()
         .enumerate()
-        .map(|(i, nic)| InterfaceDef {
-            network: nic.network.clone(),
-            model: Some(nic.model.clone()),
-            mac: nic
-                .mac
-                .clone()
-                .or_else(|| preserve.macs.get(i).cloned().flatten()),
-        })
+        .map(|(i, nic)| interface_def(nic, preserve.macs.get(i).cloned().flatten()))
         .collect();
     // A balloon lets memory change live up to the maximum.
     def.memballoon = d.max_memory_kib > d.memory_kib || !host.spec.uri.starts_with("test:");
     Ok(def)
+}
+
+/// The engine's definition of one desired disk on `host` (`pools`: the pool of each volume,
+/// for disks whose pool the manifests do not say).
+fn disk_def(
+    disk: &DesiredDisk,
+    host: &Host,
+    pools: &BTreeMap<String, String>,
+) -> Result<DiskDef, HostError> {
+    let (source, format) = match &disk.source {
+        DesiredDiskSource::Volume {
+            volume,
+            pool,
+            format,
+        } => {
+            let pool = pool
+                .clone()
+                .or_else(|| pools.get(volume).cloned())
+                .ok_or_else(|| {
+                    HostError::Invalid(format!(
+                        "disk {}: volume {volume} is in no pool on node {}",
+                        disk.name, host.spec.node
+                    ))
+                })?;
+            (
+                DiskSource::Volume {
+                    pool,
+                    volume: volume.clone(),
+                },
+                format.clone(),
+            )
+        }
+        DesiredDiskSource::Path(p) => (DiskSource::File { path: p.clone() }, None),
+    };
+    Ok(DiskDef {
+        name: Some(disk.name.clone()),
+        target_dev: disk.target.clone(),
+        bus: Some(disk.bus.clone()),
+        source,
+        read_only: disk.read_only,
+        boot_order: disk.boot_order,
+        format,
+        device: Some(disk.device.clone()),
+    })
+}
+
+/// The engine's definition of one desired NIC (`generated`: the MAC libvirt generated for
+/// it before, kept when the user set none).
+fn interface_def(nic: &DesiredNic, generated: Option<String>) -> InterfaceDef {
+    InterfaceDef {
+        name: Some(nic.name.clone()),
+        network: nic.network.clone(),
+        model: Some(nic.model.clone()),
+        mac: nic.mac.clone().or(generated),
+    }
 }
 
 fn pool_def(p: &DesiredPool) -> Result<PoolDef, HostError> {
@@ -920,11 +1001,44 @@ async fn run_action(hosts: &Hosts, host: &Host, a: &Action) -> Result<String, Ho
                 .map_err(&err)?;
             done("pinned")
         }
+        Op::SetCpuTune(tune) => {
+            e.domain_set_cpu_tune(name, &owner, &cpu_tune_def(tune), host.apply)
+                .await
+                .map_err(&err)?;
+            done("CPU weight and bandwidth set")
+        }
         Op::SetDomainAutostart(on) => {
             e.domain_set_autostart(name, &owner, *on)
                 .await
                 .map_err(&err)?;
             done("autostart set")
+        }
+        Op::AttachDisk(disk) => {
+            let pools = match disk.source {
+                DesiredDiskSource::Volume { pool: None, .. } => volume_pools(host).await?,
+                _ => BTreeMap::new(),
+            };
+            let def = disk_def(disk, host, &pools)?;
+            e.domain_attach_device(name, &owner, &Device::Disk(def))
+                .await
+                .map_err(&err)?;
+            done("plugged in")
+        }
+        Op::AttachInterface(nic) => {
+            e.domain_attach_device(name, &owner, &Device::Interface(interface_def(nic, None)))
+                .await
+                .map_err(&err)?;
+            done("plugged in")
+        }
+        Op::DetachDisk { target } => {
+            let key = DeviceKey::Disk {
+                target: target.clone(),
+            };
+            unplug(e, name, &owner, &key).await.map_err(&err)
+        }
+        Op::DetachInterface { mac } => {
+            let key = DeviceKey::Interface { mac: mac.clone() };
+            unplug(e, name, &owner, &key).await.map_err(&err)
         }
         Op::RestartDomain { domain, preserve } => {
             hosts.report(a, Progress::Shutdown { deadline });
@@ -1004,6 +1118,32 @@ async fn adopt(
         Some(v) => Ok(format!("adopted the retained image at {}", v.path)),
         None => Err(exists),
     }
+}
+
+/// Unplugs a device and says how it went: a guest that does not release it within
+/// [`UNPLUG_DEADLINE`] keeps it until it restarts (the planner then reports the change as
+/// waiting for a restart, and `updatePolicy: Restart` restarts the guest).
+async fn unplug(
+    e: &Engine,
+    name: &str,
+    owner: &Owner,
+    key: &DeviceKey,
+) -> Result<String, EngineError> {
+    Ok(
+        match e
+            .domain_detach_device(name, owner, key, UNPLUG_DEADLINE)
+            .await?
+        {
+            DetachOutcome::Removed => "unplugged".into(),
+            DetachOutcome::NotPresent => "already unplugged".into(),
+            DetachOutcome::Refused { waited } => format!(
+                "the guest did not release the {key} within {:.0} s (no OS or no driver \
+                 answering the unplug request): removed from the definition, it stays in the \
+                 running guest until it restarts",
+                waited.as_secs_f64()
+            ),
+        },
+    )
 }
 
 /// Stops a guest gracefully within `deadline`, then by force (the engine resumes a paused

@@ -238,6 +238,9 @@ pub struct DesiredDomain {
     pub pinning: BTreeMap<u32, String>,
     /// Emulator pinning, canonical.
     pub emulator_cpuset: Option<String>,
+    /// CPU weight and bandwidth the manifest sets (`cpu.limit` as a whole-guest quota over
+    /// a 100 ms period).
+    pub cpu_tune: super::observed::CpuTune,
     /// Memory now, KiB.
     pub memory_kib: u64,
     /// Max memory, KiB.
@@ -496,6 +499,28 @@ fn kib(q: &virtkube_crds::quantity::ByteQuantity, field: &str) -> Result<u64, St
         .map_err(|e| format!("{field}: {e}"))
 }
 
+/// The `<cputune>` a Domain's `cpu` section asks for.
+fn cpu_tune_of(cpu: &virtkube_crds::domain::CpuSpec) -> Result<super::observed::CpuTune, String> {
+    use virtkube_crds::domain::{LIMIT_PERIOD_MICROS, parse_cpu_limit};
+    let global_quota = cpu
+        .limit
+        .as_deref()
+        .map(|l| parse_cpu_limit(l).map_err(|e| format!("spec.cpu.limit: {e}")))
+        .transpose()?
+        .map(|millis| i64::try_from(millis * LIMIT_PERIOD_MICROS / 1000).unwrap_or(i64::MAX));
+    Ok(super::observed::CpuTune {
+        shares: cpu.shares.map(u64::from),
+        period: cpu.period.map(u64::from),
+        quota: cpu.quota.map(|q| i64::try_from(q).unwrap_or(i64::MAX)),
+        global_period: global_quota.map(|_| LIMIT_PERIOD_MICROS),
+        global_quota,
+        emulator_period: cpu.emulator_period.map(u64::from),
+        emulator_quota: cpu
+            .emulator_quota
+            .map(|q| i64::try_from(q).unwrap_or(i64::MAX)),
+    })
+}
+
 fn domain_from_spec(
     d: &virtkube_crds::Domain,
     ns: &str,
@@ -602,6 +627,7 @@ fn domain_from_spec(
         topology: spec.cpu.topology.map(|t| (t.sockets, t.cores, t.threads)),
         pinning,
         emulator_cpuset,
+        cpu_tune: cpu_tune_of(&spec.cpu)?,
         memory_kib,
         max_memory_kib,
         hugepage_kib,

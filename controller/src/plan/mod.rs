@@ -242,8 +242,25 @@ pub enum Op {
     },
     /// Pin the emulator threads live.
     PinEmulator(String),
+    /// Set the CPU weight and bandwidth fields that are set, live and in the definition.
+    SetCpuTune(observed::CpuTune),
     /// Set the autostart flag.
     SetDomainAutostart(bool),
+    /// Plug a disk into the running domain and its definition (hotplug).
+    AttachDisk(Box<desired::DesiredDisk>),
+    /// Unplug a disk (by guest device) from the running domain and its definition; a guest
+    /// that does not release it keeps it until it restarts.
+    DetachDisk {
+        /// Guest device (`vdb`).
+        target: String,
+    },
+    /// Plug a NIC into the running domain and its definition (hotplug).
+    AttachInterface(Box<desired::DesiredNic>),
+    /// Unplug a NIC (by MAC) from the running domain and its definition.
+    DetachInterface {
+        /// Its MAC address.
+        mac: String,
+    },
     /// Shut down, redefine, start again (`updatePolicy: Restart`).
     RestartDomain {
         /// The new definition.
@@ -292,6 +309,11 @@ impl Op {
             Op::SetMemory(k) => format!("set memory to {}", render::kib(*k)),
             Op::PinVcpu { vcpu, cpuset } => format!("pin vCPU {vcpu} to {cpuset}"),
             Op::PinEmulator(c) => format!("pin emulator to {c}"),
+            Op::SetCpuTune(_) => "set CPU weight and bandwidth".into(),
+            Op::AttachDisk(d) => format!("plug in disk {} ({})", d.name, d.target),
+            Op::DetachDisk { target } => format!("unplug disk {target}"),
+            Op::AttachInterface(n) => format!("plug in NIC {} on {}", n.name, n.network),
+            Op::DetachInterface { mac } => format!("unplug NIC {mac}"),
             Op::RestartDomain { .. } => "restart with the new definition".into(),
             Op::DeleteDomain => "shut down, destroy, undefine".into(),
             Op::MigrateDomain { to, .. } => format!("live-migrate to {to}"),
