@@ -190,6 +190,7 @@ async fn a_missing_network_and_a_pinned_cpu_qemu_refuses_are_explained() {
     let o = owner(&name);
     let mut def = qemu_guest(&name, &o);
     def.interfaces.push(InterfaceDef {
+        name: None,
         network: "no-such-network".into(),
         model: Some("virtio".into()),
         mac: None,

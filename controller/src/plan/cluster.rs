@@ -187,6 +187,7 @@ pub fn plan_cluster(
             node: node.to_string(),
             message,
             changes: Vec::new(),
+            users: Vec::new(),
         });
     };
     for e in refused {

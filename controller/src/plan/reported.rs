@@ -274,6 +274,7 @@ fn domain_observed(
                 },
                 read_only: disk.read_only,
                 boot_order: disk.boot_order,
+                chain: Vec::new(),
             })
             .collect(),
         interfaces: d
@@ -286,10 +287,16 @@ fn domain_observed(
                     .get(nic.name.as_str())
                     .map(|m| m.to_ascii_lowercase())
                     .or_else(|| nic.mac.clone()),
+                alias: Some(nic.name.clone()),
             })
             .collect(),
         autostart: status.autostart.unwrap_or(d.autostart),
         persistent: true,
+        // What the status does not report is taken as the spec asks: the plan of a cluster
+        // shows what the agents would do from what they reported, not guesses.
+        cpu_tune: d.cpu_tune,
+        security_labels: Vec::new(),
+        pending_unplug: Vec::new(),
     }
 }
 
@@ -334,6 +341,7 @@ impl Notes {
             node: node.to_string(),
             message,
             changes: Vec::new(),
+            users: Vec::new(),
         });
     }
 
