@@ -145,8 +145,9 @@ async fn the_agent_process_uses_exactly_the_charts_agent_rules() {
                         "interfaces": [{"name": "eth0", "network": "rbacnet"}]}}),
     )
     .unwrap();
-    // Bound as the cluster controller binds it.
+    // Bound as the cluster controller binds them.
     agent_support::bind_domain(&admin, NS, "vm", NODE).await;
+    agent_support::bind_volume(&api, NS, "root", NODE).await;
 
     eventually(90, "pool, network, volume and domain Ready", &log, || {
         ready(&api.get("storagepools", "", "rbacpool"))
@@ -156,12 +157,22 @@ async fn the_agent_process_uses_exactly_the_charts_agent_rules() {
     })
     .await;
 
-    // Paused.
-    api.edit_spec("domains", NS, "vm", |s| s["state"] = json!("Paused"))
-        .unwrap();
-    eventually(30, "the domain Paused", &log, || {
-        let vm = api.get("domains", NS, "vm");
-        ready(&vm) && vm.is_some_and(|v| v["status"]["phase"] == "Paused")
+    // Paused, resumed and paused again: the second `Paused` event repeats the first, so
+    // the Recorder patches its series.
+    let agent = Role::Agent.identity();
+    for state in ["Paused", "Running", "Paused"] {
+        api.edit_spec("domains", NS, "vm", |s| s["state"] = json!(state))
+            .unwrap();
+        eventually(30, &format!("the domain {state}"), &log, || {
+            let vm = api.get("domains", NS, "vm");
+            ready(&vm) && vm.is_some_and(|v| v["status"]["phase"] == state)
+        })
+        .await;
+    }
+    eventually(30, "a repeated event (series patch)", &log, || {
+        api.authorizations()
+            .iter()
+            .any(|r| r.identity == agent && r.resource == "events" && r.verb == "patch")
     })
     .await;
 
@@ -184,20 +195,13 @@ async fn the_agent_process_uses_exactly_the_charts_agent_rules() {
     })
     .await;
 
-    // The network deleted while the domain uses it: the deletion waits, and says so again at
-    // each retry (the same event again: a patch of its series).
+    // The network deleted while the domain uses it: the deletion waits, and says so.
     api.delete("networks", "", "rbacnet").unwrap();
-    let agent = Role::Agent.identity();
-    eventually(
-        60,
-        "a repeated DeletionBlocked event (series patch)",
-        &log,
-        || {
-            api.authorizations()
-                .iter()
-                .any(|r| r.identity == agent && r.resource == "events" && r.verb == "patch")
-        },
-    )
+    eventually(60, "the network's deletion blocked", &log, || {
+        agent_support::events(&api)
+            .iter()
+            .any(|e| e.1 == "DeletionBlocked")
+    })
     .await;
 
     // Deleting the domain lets the network go; the volume (reclaimPolicy Delete) goes too.

@@ -213,6 +213,21 @@ async fn cluster_plan_from_real_agent_status_covers_every_kind_of_change() {
         .unwrap();
     let client = api.client(virtkube_testapi::ADMIN).await.unwrap();
     let domains: Api<Domain> = Api::namespaced(client, NS);
+    api.patch_labels(
+        "volumes",
+        NS,
+        "data",
+        &[("node.virtkube.io/node-a", Some("holder"))],
+    )
+    .unwrap();
+    Api::<virtkube_crds::Volume>::namespaced(domains.clone().into_client(), NS)
+        .patch_status(
+            "data",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"nodeName": "node-a"}})),
+        )
+        .await
+        .unwrap();
     for name in ["web", "api", "cold", "old", "db"] {
         api.patch_labels(
             "domains",
