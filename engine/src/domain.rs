@@ -810,8 +810,13 @@ impl Engine {
                 Err(e) => return Err(e),
             };
             let host = host_cpu_count(c, CALL)?;
-            let o = observe(&dom, host, CALL)?;
-            Ok(Some(o))
+            match observe(&dom, host, CALL) {
+                Ok(o) => Ok(Some(o)),
+                // Gone between the lookup and the reads (a migration's switch-over
+                // undefining the source, an undefine by hand): what libvirt shows now.
+                Err(e) if e.is_not_found() => Ok(None),
+                Err(e) => Err(e),
+            }
         })
         .await
     }

@@ -349,7 +349,7 @@ pub async fn plan_domain(
     let name = domain_host_name(dom);
     let ns = dom.namespace().unwrap_or_default();
     let mut host = empty_host(ctx);
-    let mut manifests = vec![manifest(Object::Domain(Box::new(dom.clone())))];
+    let mut manifests = vec![manifest(Object::Domain(Box::new(placed_here(dom))))];
     for disk in &dom.spec.disks {
         if disk.host_path.is_some() && !ctx.settings.allow_host_paths {
             return Err(Error::Unrealizable {
@@ -431,6 +431,19 @@ pub async fn plan_domain(
     })
 }
 
+/// `dom` as the planner must see it on this node: placed here. The agent acts on a domain
+/// only as the placement protocol allows (as its holder), and there `spec.nodeName` is a
+/// request the controller handles, not where the domain is: a request for another node
+/// (a move waiting for approval, or one that cannot be approved) must neither fail the
+/// holder's converge nor hide the domain from its removal. The planner, written for the
+/// CLI where `spec.nodeName` picks the host, refuses a node it does not know and leaves
+/// such a domain out of the desired state.
+fn placed_here(dom: &Domain) -> Domain {
+    let mut here = dom.clone();
+    here.spec.node_name = None;
+    here
+}
+
 /// Brings the domain held by this node to what `dom.spec` asks (moves between nodes are the
 /// placement protocol's business, not the planner's: this only ever touches this node).
 pub async fn domain(ctx: &Context, dom: &Domain) -> Result<Converged<DomainObserved>> {
@@ -468,7 +481,7 @@ pub async fn remove_domain(ctx: &Context, dom: &Domain) -> Result<Vec<Change>> {
         return Ok(Vec::new());
     };
     host.domains.insert(name.clone(), domain_from(&o));
-    let plan = plan_removal(ctx, Object::Domain(Box::new(dom.clone())), host);
+    let plan = plan_removal(ctx, Object::Domain(Box::new(placed_here(dom))), host);
     match execute(&ctx.hosts, &plan, ObjectKind::Domain, &name, false).await {
         Ok((changes, _)) => Ok(changes),
         // Not ours: never touched, and nothing of ours is left.

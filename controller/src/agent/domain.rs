@@ -212,6 +212,7 @@ async fn rounds(cached: &Domain, ctx: &Context, api: &Api<Domain>) -> Result<Act
         // (3) Decide, looking again after the read when asked.
         let step = decide(ctx, &dom, &before).await?;
         let fresh = round > 0;
+        tracing::debug!(round, ?step, here = ?before.local, "decided");
         // (4) Act.
         let next = match step {
             AgentStep::Idle => Next::Return(Action::requeue(ctx.settings.resync)),
