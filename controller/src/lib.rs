@@ -7,7 +7,9 @@
 //!   order; a failure stops only what depends on it.
 //! - [`placement`]: the placement protocol (who may run a domain, how it moves), pure.
 //! - [`agent`]: `virtkube agent`, the per-node Kubernetes operator process.
-//! - [`cluster`]: the cluster controller's decisions (orphaned per-node finalizers).
+//! - [`cluster`]: `virtkube controller`, the cluster-wide process (scheduling, moves, drain,
+//!   node liveness), one active replica by Lease.
+//! - [`progress`]: showing long actions' progress (bars on a terminal, lines otherwise).
 //! - [`cli`]: the `virtkube` subcommands.
 
 pub mod agent;
@@ -17,3 +19,4 @@ pub mod execute;
 pub mod host;
 pub mod placement;
 pub mod plan;
+pub mod progress;

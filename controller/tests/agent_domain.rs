@@ -1,257 +1,180 @@
-//! The Domain controller against kube's mock API server (the `ApiServerVerifier` pattern of
-//! kube-rs's controller-rs), with the real engine on libvirt's `test:///default` underneath.
+//! The Domain controller against the strict in-memory API server (`virtkube-testapi`), with
+//! the real engine on libvirt's `test:///default` underneath.
 //!
-//! Each scenario scripts exactly the API calls it expects; an unexpected call leaves the
-//! reconcile waiting for an answer that never comes, and the scenario fails on its timeout.
+//! Each scenario creates the Domain as a user would, binds or moves it the way the cluster
+//! controller does (claim written by compare-and-swap, routing label), runs the agent's
+//! reconcile on the object as the server stores it, and checks libvirt, the stored object,
+//! the events and the API calls the agent made.
+
+mod agent_support;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Method, Request, Response};
-use http_body_util::BodyExt;
-use kube::client::Body;
+use agent_support::{NODE, approve_move, bind_domain, hypervisor_node, testapi_context};
+use kube::ResourceExt;
+use kube::api::Api;
 use kube::runtime::controller::Action;
-use kube::{Client, Resource, ResourceExt};
-use prometheus_client::registry::Registry;
-use serde_json::{Value, json};
-use tower_test::mock::{self, Handle};
-use virtkube::agent::context::{Context, FINALIZER, Settings};
+use serde_json::json;
+use virtkube::agent::context::{Context, FINALIZER};
 use virtkube::agent::domain;
-use virtkube::agent::metrics::Metrics;
-use virtkube::host::{HostSpec, Hosts};
+use virtkube::placement::write::write_status;
 use virtkube_crds::Domain;
-use virtkube_crds::domain::DomainStatus;
-use virtkube_engine::{Engine, EngineConfig};
+use virtkube_crds::conditions;
+use virtkube_crds::domain::{DomainPhase, MigrationState};
+use virtkube_engine::Engine;
+use virtkube_testapi::TestApi;
 
-const NODE: &str = "node-a";
-
-/// Answers the agent's API calls in order, checking each.
-struct ApiServerVerifier(Handle<Request<Body>, Response<Body>>);
-
-/// One API call as the verifier saw it.
-struct Seen {
-    method: Method,
-    uri: String,
-    body: Value,
+/// One scenario's world: the server, the agent's context on `NODE`, its libvirt.
+struct World {
+    api: TestApi,
+    /// Acts as the user and the cluster controller (identity `admin`).
+    client: kube::Client,
+    ctx: Arc<Context>,
+    engine: Engine,
+    ns: String,
 }
 
-impl ApiServerVerifier {
-    async fn next(&mut self) -> (Seen, mock::SendResponse<Response<Body>>) {
-        let (request, send) = tokio::time::timeout(Duration::from_secs(10), self.0.next_request())
-            .await
-            .expect("the agent made no further API call")
-            .expect("service closed");
-        let method = request.method().clone();
-        let uri = request.uri().to_string();
-        let bytes = request.into_body().collect().await.unwrap().to_bytes();
-        let body = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes).unwrap()
-        };
-        (Seen { method, uri, body }, send)
-    }
-
-    /// Expects the JSON patch that adds the finalizer (with its `test` op) and answers with
-    /// `dom` carrying the finalizer.
-    async fn handle_finalizer_creation(&mut self, dom: &Domain) {
-        let (seen, send) = self.next().await;
-        assert_eq!(seen.method, Method::PATCH);
-        assert_eq!(
-            seen.uri,
-            format!(
-                "/apis/virtkube.io/v1alpha1/namespaces/{}/domains/{}?",
-                dom.namespace().unwrap(),
-                dom.name_any()
-            )
-        );
-        assert_eq!(
-            seen.body,
-            json!([
-                { "op": "test", "path": "/metadata/finalizers", "value": null },
-                { "op": "add", "path": "/metadata/finalizers", "value": [FINALIZER] }
-            ])
-        );
-        send.send_response(ok(&finalized(dom.clone())));
-    }
-
-    /// Expects an events.k8s.io event with `reason`; returns its note.
-    async fn handle_event(&mut self, ns: &str, reason: &str) -> String {
-        let (seen, send) = self.next().await;
-        assert_eq!(
-            seen.method,
-            Method::POST,
-            "expected event {reason}, got {} {}",
-            seen.uri,
-            seen.body
-        );
-        assert_eq!(
-            seen.uri,
-            format!("/apis/events.k8s.io/v1/namespaces/{ns}/events?")
-        );
-        assert_eq!(seen.body["reason"], reason, "event body: {}", seen.body);
-        assert_eq!(seen.body["reportingController"], "virtkube-agent");
-        send.send_response(ok(&seen.body));
-        format!(
-            "{} [action {}]",
-            seen.body["note"].as_str().unwrap_or_default(),
-            seen.body["action"].as_str().unwrap_or_default()
-        )
-    }
-
-    /// Expects a server-side-apply status patch under the agent's field manager; answers
-    /// with `dom` carrying that status and returns it.
-    async fn handle_status_patch(&mut self, dom: &Domain) -> Domain {
-        let (seen, send) = self.next().await;
-        assert_eq!(
-            seen.method,
-            Method::PATCH,
-            "expected a status patch, got {}",
-            seen.uri
-        );
-        let (path, query) = seen.uri.split_once('?').unwrap();
-        assert_eq!(
-            path,
-            format!(
-                "/apis/virtkube.io/v1alpha1/namespaces/{}/domains/{}/status",
-                dom.namespace().unwrap(),
-                dom.name_any()
-            )
-        );
-        assert!(query.contains("fieldManager=virtkube-agent"), "{query}");
-        assert!(query.contains("force=true"), "{query}");
-        assert_eq!(seen.body["apiVersion"], "virtkube.io/v1alpha1");
-        assert_eq!(seen.body["kind"], "Domain");
-        let status: DomainStatus = serde_json::from_value(seen.body["status"].clone()).unwrap();
-        let mut updated = dom.clone();
-        updated.status = Some(status);
-        send.send_response(ok(&updated));
-        updated
-    }
-
-    /// Expects the JSON patch that removes the finalizer (with its `test` op).
-    async fn handle_finalizer_removal(&mut self, dom: &Domain) {
-        let (seen, send) = self.next().await;
-        assert_eq!(seen.method, Method::PATCH);
-        assert_eq!(
-            seen.body,
-            json!([
-                { "op": "test", "path": "/metadata/finalizers/0", "value": FINALIZER },
-                { "op": "remove", "path": "/metadata/finalizers/0" }
-            ])
-        );
-        let mut gone = dom.clone();
-        gone.metadata.finalizers = None;
-        send.send_response(ok(&gone));
-    }
-}
-
-fn ok<T: serde::Serialize>(body: &T) -> Response<Body> {
-    Response::builder()
-        .body(Body::from(serde_json::to_vec(body).unwrap()))
-        .unwrap()
-}
-
-fn finalized(mut dom: Domain) -> Domain {
-    dom.finalizers_mut().push(FINALIZER.to_string());
-    dom
-}
-
-/// A small running domain on `NODE` with one pinned vCPU, in its own namespace (the test
-/// driver's state is shared by every test in this process).
-fn test_domain(ns: &str) -> Domain {
-    let mut dom: Domain = serde_json::from_value(json!({
-        "apiVersion": "virtkube.io/v1alpha1",
-        "kind": "Domain",
-        "metadata": { "name": "web", "namespace": ns, "uid": format!("uid-{ns}"), "generation": 1 },
-        "spec": {
-            "nodeName": NODE,
-            "runStrategy": "Always",
-            "autostart": true,
-            "cpu": { "vcpus": 2, "pinning": [ { "vcpu": 0, "cpuset": "1" } ] },
-            "memory": { "size": "128Mi" }
+impl World {
+    /// A server with namespace `ns` (the test driver's state is shared by every test in
+    /// this process, so each scenario has its own namespace and libvirt names).
+    async fn new(ns: &str) -> World {
+        let api = TestApi::start().await.unwrap();
+        api.create_namespace(ns).unwrap();
+        let (ctx, _, engine) = testapi_context(&api).await;
+        let client = api.client("admin").await.unwrap();
+        World {
+            api,
+            client,
+            ctx,
+            engine,
+            ns: ns.to_string(),
         }
-    }))
-    .unwrap();
-    dom.meta_mut().resource_version = Some("1".into());
-    dom
+    }
+
+    fn domains(&self) -> Api<Domain> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    /// Creates Domain `web` (2 vCPUs, vCPU 0 pinned to host CPU 1, autostart), with
+    /// `spec` merged over that.
+    fn create(&self, spec: serde_json::Value) {
+        let mut body = json!({
+            "apiVersion": "virtkube.io/v1alpha1",
+            "kind": "Domain",
+            "metadata": { "name": "web", "namespace": self.ns },
+            "spec": {
+                "runStrategy": "Always",
+                "autostart": true,
+                "cpu": { "vcpus": 2, "pinning": [ { "vcpu": 0, "cpuset": "1" } ] },
+                "memory": { "size": "128Mi" }
+            }
+        });
+        if let (Some(base), Some(extra)) = (body["spec"].as_object_mut(), spec.as_object()) {
+            for (k, v) in extra {
+                base.insert(k.clone(), v.clone());
+            }
+        }
+        self.api.create("domains", body).unwrap();
+    }
+
+    async fn stored(&self) -> Option<Domain> {
+        self.domains().get_opt("web").await.unwrap()
+    }
+
+    /// Runs one reconcile on the object as stored.
+    async fn reconcile(&self) -> Result<Action, virtkube::agent::error::Error> {
+        let dom = self.stored().await.expect("the Domain exists");
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            domain::reconcile(Arc::new(dom), self.ctx.clone()),
+        )
+        .await
+        .expect("the reconcile finished")
+    }
+
+    /// The writes the agent made to virtkube's kinds (not reads, not events).
+    fn agent_writes(&self) -> Vec<String> {
+        self.api
+            .requests()
+            .into_iter()
+            .filter(|r| r.identity == "agent")
+            .filter(|r| !["get", "list", "watch"].contains(&r.verb.as_str()))
+            .filter(|r| r.resource != "events")
+            .map(|r| {
+                format!(
+                    "{} {}{}",
+                    r.verb,
+                    r.resource,
+                    if r.subresource.is_empty() {
+                        String::new()
+                    } else {
+                        format!("/{}", r.subresource)
+                    }
+                )
+            })
+            .collect()
+    }
+
+    fn agent_requests(&self) -> usize {
+        self.api
+            .requests()
+            .iter()
+            .filter(|r| r.identity == "agent")
+            .count()
+    }
+
+    fn event_reasons(&self) -> Vec<String> {
+        agent_support::events(&self.api)
+            .into_iter()
+            .filter(|(name, ..)| name == "web")
+            .map(|(_, reason, ..)| reason)
+            .collect()
+    }
+
+    fn libvirt_name(&self) -> String {
+        format!("{}.web", self.ns)
+    }
+
+    async fn libvirt_state(&self) -> Option<String> {
+        match self.engine.domain_state(&self.libvirt_name()).await {
+            Ok((state, _)) => Some(state.as_str().to_string()),
+            Err(_) => None,
+        }
+    }
 }
 
-async fn context() -> (Arc<Context>, ApiServerVerifier, Engine) {
-    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
-    let client = Client::new(service, "default");
-    let mut hosts = Hosts::connect(
-        &[HostSpec {
-            node: NODE.into(),
-            uri: "test:///default".into(),
-            p2p_uri: None,
-            migration_uri: None,
-        }],
-        EngineConfig::default(),
-    )
-    .await
-    .unwrap();
-    hosts.shutdown_deadline = Duration::from_millis(200);
-    let engine = hosts.get(NODE).unwrap().engine.clone();
-    let mut settings = Settings::for_node(NODE);
-    settings.shutdown_timeout = Duration::from_millis(200);
-    settings.host_cpus = Some(engine.node_info().await.unwrap().cpus);
-    let metrics = Metrics::register(&mut Registry::default(), None);
-    let ctx = Context::new(client, hosts, metrics, settings).unwrap();
-    (Arc::new(ctx), ApiServerVerifier(handle), engine)
-}
-
-async fn reconcile(dom: &Domain, ctx: &Arc<Context>) -> Action {
-    tokio::time::timeout(
-        Duration::from_secs(20),
-        domain::reconcile(Arc::new(dom.clone()), ctx.clone()),
-    )
-    .await
-    .expect("reconcile waited for an API call nobody expected")
-    .expect("reconcile failed")
+fn ready(dom: &Domain) -> (String, String) {
+    let c = conditions::find(&dom.status.as_ref().unwrap().conditions, "Ready").unwrap();
+    (c.status.clone(), c.reason.clone())
 }
 
 #[tokio::test]
-async fn new_domain_gets_the_finalizer_and_nothing_else() {
-    let (ctx, mut api, engine) = context().await;
-    let dom = test_domain("fin");
-    let server = tokio::spawn(async move {
-        api.handle_finalizer_creation(&dom).await;
-        api
-    });
-    let action = reconcile(&test_domain("fin"), &ctx).await;
-    assert_eq!(action, Action::await_change());
-    server.await.unwrap();
-    assert!(
-        engine.domain_lookup("fin.web").await.unwrap().is_none(),
-        "nothing is defined before the finalizer is in place"
+async fn an_unbound_domain_is_never_started_even_when_its_spec_names_this_node() {
+    let w = World::new("unbound").await;
+    w.create(json!({ "nodeName": NODE }));
+    let action = w.reconcile().await.unwrap();
+    assert_eq!(action, Action::requeue(w.ctx.settings.resync));
+    assert_eq!(w.libvirt_state().await, None, "nothing defined");
+    assert!(w.agent_writes().is_empty(), "{:?}", w.agent_writes());
+}
+
+#[tokio::test]
+async fn the_holder_converges_in_one_reconcile_then_steady_state_is_silent() {
+    let w = World::new("apply").await;
+    w.create(json!({}));
+    bind_domain(&w.client, &w.ns, "web", NODE).await;
+    let action = w.reconcile().await.unwrap();
+    assert_eq!(action, Action::requeue(w.ctx.settings.resync));
+    assert_eq!(
+        w.agent_writes(),
+        vec!["patch domains", "patch domains/status"],
+        "the finalizer, then one status write"
     );
-}
-
-#[tokio::test]
-async fn apply_defines_starts_pins_and_reports_then_steady_state_is_silent() {
-    let (ctx, mut api, engine) = context().await;
-    let dom = finalized(test_domain("apply"));
-    let server = {
-        let dom = dom.clone();
-        tokio::spawn(async move {
-            assert!(
-                api.handle_event("apply", "Defined")
-                    .await
-                    .contains("apply.web")
-            );
-            api.handle_event("apply", "AutostartSet").await;
-            api.handle_event("apply", "Started").await;
-            let updated = api.handle_status_patch(&dom).await;
-            (api, updated)
-        })
-    };
-    let action = reconcile(&dom, &ctx).await;
-    assert_eq!(action, Action::requeue(ctx.settings.resync));
-    let (mut api, updated) = server.await.unwrap();
-
-    let status = updated.status.clone().unwrap();
-    assert_eq!(status.node_name.as_deref(), Some(NODE));
+    let dom = w.stored().await.unwrap();
+    assert!(dom.finalizers().contains(&FINALIZER.to_string()));
+    let status = dom.status.clone().unwrap();
+    assert_eq!(status.node_name.as_deref(), Some(NODE), "the claim is kept");
     assert_eq!(status.domain_name.as_deref(), Some("apply.web"));
     assert_eq!(status.observed_generation, Some(1));
     assert_eq!(status.autostart, Some(true));
@@ -263,142 +186,226 @@ async fn apply_defines_starts_pins_and_reports_then_steady_state_is_silent() {
             .iter()
             .find(|a| a.vcpu == 0)
             .map(|a| a.cpuset.as_str()),
-        Some("1"),
-        "affinity as libvirt reports it: {:?}",
-        status.vcpu_affinity
+        Some("1")
     );
-    let ready = virtkube_crds::conditions::find(&status.conditions, "Ready").unwrap();
-    assert_eq!(
-        (ready.status.as_str(), ready.reason.as_str()),
-        ("True", "Reconciled")
-    );
-    assert!(virtkube_crds::conditions::is_true(
-        &status.conditions,
-        "Running"
-    ));
-    let (state, _) = engine.domain_state("apply.web").await.unwrap();
-    assert_eq!(state.as_str(), "running");
+    assert_eq!(ready(&dom), ("True".into(), "Reconciled".into()));
+    assert_eq!(w.libvirt_state().await.as_deref(), Some("running"));
+    for reason in ["Defined", "AutostartSet", "Started"] {
+        assert!(w.event_reasons().contains(&reason.to_string()), "{reason}");
+    }
 
-    // Steady state: the same object again makes no API call at all (the reconcile would
-    // hang on an unanswered call) and no mutating libvirt call.
-    engine.reset_stats();
-    let action = reconcile(&updated, &ctx).await;
-    assert_eq!(action, Action::requeue(ctx.settings.resync));
-    assert_eq!(engine.stats().mutating_calls(), 0, "{:?}", engine.stats());
-    assert!(
-        tokio::time::timeout(Duration::from_millis(300), api.0.next_request())
-            .await
-            .is_err(),
-        "no API call in steady state"
+    // Steady state: no API call at all (the cache is enough) and no mutating libvirt call.
+    w.engine.reset_stats();
+    w.api.clear_requests();
+    let action = w.reconcile().await.unwrap();
+    assert_eq!(action, Action::requeue(w.ctx.settings.resync));
+    assert_eq!(
+        w.engine.stats().mutating_calls(),
+        0,
+        "{:?}",
+        w.engine.stats()
     );
+    assert_eq!(w.agent_requests(), 0, "{:?}", w.api.requests());
 }
 
 #[tokio::test]
-async fn out_of_band_destroy_is_repaired_with_an_event() {
-    let (ctx, mut api, engine) = context().await;
-    let dom = finalized(test_domain("drift"));
-    let server = {
-        let dom = dom.clone();
-        tokio::spawn(async move {
-            api.handle_event("drift", "Defined").await;
-            api.handle_event("drift", "AutostartSet").await;
-            api.handle_event("drift", "Started").await;
-            let updated = api.handle_status_patch(&dom).await;
-            (api, updated)
-        })
-    };
-    reconcile(&dom, &ctx).await;
-    let (mut api, updated) = server.await.unwrap();
-    // Someone runs `virsh destroy` behind the agent's back.
-    let owner = virtkube::agent::converge::owner_of(&updated).unwrap();
-    engine.domain_destroy("drift.web", &owner).await.unwrap();
-    let server = {
-        let updated = updated.clone();
-        tokio::spawn(async move {
-            let note = api.handle_event("drift", "Started").await;
-            assert!(
-                note.contains("destroyed"),
-                "libvirt's reason in the note: {note}"
-            );
-            assert!(note.contains("[action Repair"), "a repair of drift: {note}");
-            api.handle_status_patch(&updated).await
-        })
-    };
-    reconcile(&updated, &ctx).await;
-    let repaired = server.await.unwrap();
-    assert_eq!(
-        engine.domain_state("drift.web").await.unwrap().0.as_str(),
-        "running"
-    );
-    assert_ne!(
-        repaired.status.unwrap().id,
-        updated.status.unwrap().id,
-        "a new run"
-    );
+async fn out_of_band_destroy_is_repaired_with_a_repair_event() {
+    let w = World::new("drift").await;
+    w.create(json!({}));
+    bind_domain(&w.client, &w.ns, "web", NODE).await;
+    w.reconcile().await.unwrap();
+    let owner = virtkube::agent::converge::owner_of(&w.stored().await.unwrap()).unwrap();
+    w.engine
+        .domain_destroy(&w.libvirt_name(), &owner)
+        .await
+        .unwrap();
+    w.reconcile().await.unwrap();
+    assert_eq!(w.libvirt_state().await.as_deref(), Some("running"));
+    let actions: Vec<String> = agent_support::events(&w.api)
+        .into_iter()
+        .filter(|(name, reason, ..)| name == "web" && reason == "Started")
+        .map(|(_, _, action, _)| action)
+        .collect();
+    assert!(actions.contains(&"RepairStart".to_string()), "{actions:?}");
 }
 
 #[tokio::test]
 async fn delete_shuts_down_undefines_and_removes_the_finalizer() {
-    let (ctx, mut api, engine) = context().await;
-    let dom = finalized(test_domain("del"));
-    let server = {
-        let dom = dom.clone();
-        tokio::spawn(async move {
-            api.handle_event("del", "Defined").await;
-            api.handle_event("del", "AutostartSet").await;
-            api.handle_event("del", "Started").await;
-            let updated = api.handle_status_patch(&dom).await;
-            (api, updated)
-        })
-    };
-    reconcile(&dom, &ctx).await;
-    let (mut api, updated) = server.await.unwrap();
-    let mut deleting = updated.clone();
-    deleting.meta_mut().deletion_timestamp = Some(
-        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()),
-    );
-    let server = {
-        let deleting = deleting.clone();
-        tokio::spawn(async move {
-            let note = api.handle_event("del", "Deleted").await;
-            assert!(note.contains("undefined"), "{note}");
-            api.handle_finalizer_removal(&deleting).await;
-        })
-    };
-    reconcile(&deleting, &ctx).await;
-    server.await.unwrap();
-    assert!(engine.domain_lookup("del.web").await.unwrap().is_none());
-
-    // Deleting again when libvirt has nothing left completes at once (no event).
-    let (ctx2, mut api2, _) = context().await;
-    let server = {
-        let deleting = deleting.clone();
-        tokio::spawn(async move { api2.handle_finalizer_removal(&deleting).await })
-    };
-    reconcile(&deleting, &ctx2).await;
-    server.await.unwrap();
+    let w = World::new("delete").await;
+    w.create(json!({}));
+    bind_domain(&w.client, &w.ns, "web", NODE).await;
+    w.reconcile().await.unwrap();
+    w.api.delete("domains", &w.ns, "web").unwrap();
+    let action = w.reconcile().await.unwrap();
+    assert_eq!(action, Action::await_change());
+    assert_eq!(w.libvirt_state().await, None, "undefined");
+    assert!(w.stored().await.is_none(), "the finalizer was the last one");
+    assert!(w.event_reasons().contains(&"Deleted".to_string()));
 }
 
 #[tokio::test]
-async fn a_domain_of_another_node_is_not_touched() {
-    let (ctx, mut api, engine) = context().await;
-    let mut dom = test_domain("other");
-    dom.spec.node_name = Some("node-b".into());
-    let action = reconcile(&dom, &ctx).await;
-    assert_eq!(action, Action::await_change());
-    assert!(
-        tokio::time::timeout(Duration::from_millis(200), api.0.next_request())
+async fn a_domain_held_by_another_node_is_not_touched() {
+    let w = World::new("other").await;
+    w.create(json!({ "nodeName": NODE }));
+    bind_domain(&w.client, &w.ns, "web", "node-b").await;
+    w.api.clear_requests();
+    w.reconcile().await.unwrap();
+    assert_eq!(w.libvirt_state().await, None);
+    assert!(w.agent_writes().is_empty(), "{:?}", w.agent_writes());
+}
+
+#[tokio::test]
+async fn a_copy_here_that_another_node_holds_is_removed_with_an_event() {
+    let w = World::new("stale").await;
+    w.create(json!({}));
+    bind_domain(&w.client, &w.ns, "web", NODE).await;
+    w.reconcile().await.unwrap();
+    assert_eq!(w.libvirt_state().await.as_deref(), Some("running"));
+    // An administrator declared this node fenced and the controller gave the claim away
+    // (here: to node-b) while this node's copy survived.
+    let api = w.domains();
+    let dom = api.get("web").await.unwrap();
+    let mut status = dom.status.clone().unwrap();
+    status.node_name = Some("node-b".into());
+    write_status(&api, &dom, &status, "virtkube-controller")
+        .await
+        .unwrap();
+    w.reconcile().await.unwrap();
+    assert_eq!(w.libvirt_state().await, None, "the stale copy is gone");
+    assert!(w.event_reasons().contains(&"StaleCopyRemoved".to_string()));
+    assert_eq!(
+        w.stored()
             .await
-            .is_err()
+            .unwrap()
+            .status
+            .unwrap()
+            .node_name
+            .as_deref(),
+        Some("node-b"),
+        "the claim is not this node's to change"
     );
-    assert!(engine.domain_lookup("other.web").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn a_stopped_domain_moves_cold_undefined_here_then_handed_over() {
+    let w = World::new("cold").await;
+    w.create(json!({ "runStrategy": "Halted" }));
+    bind_domain(&w.client, &w.ns, "web", NODE).await;
+    w.reconcile().await.unwrap();
+    assert_eq!(w.libvirt_state().await.as_deref(), Some("shutoff"));
+    // node-b's libvirt, as its agent publishes it (the test driver's default instance is
+    // shared by the whole process, so node-b sees what this node sees).
+    hypervisor_node(&w.client, "node-b", "test:///default").await;
+    w.api
+        .edit_spec("domains", &w.ns, "web", |s| s["nodeName"] = json!("node-b"))
+        .unwrap();
+    approve_move(&w.client, &w.ns, "web", "node-b").await;
+    w.reconcile().await.unwrap();
+    let status = w.stored().await.unwrap().status.unwrap();
+    assert_eq!(status.node_name.as_deref(), Some("node-b"), "handed over");
+    let record = status.migration.unwrap();
+    assert_eq!(record.state, Some(MigrationState::Succeeded));
+    assert_eq!(
+        record.mode,
+        Some(virtkube_crds::domain::MigrationMode::Cold)
+    );
+    assert!(record.start_time.is_some() && record.end_time.is_some());
+    assert_eq!(w.libvirt_state().await, None, "undefined on the source");
+    assert!(w.event_reasons().contains(&"Migrated".to_string()));
+}
+
+#[tokio::test]
+async fn a_move_nobody_wants_any_more_is_aborted_and_the_guest_stays() {
+    let w = World::new("abort").await;
+    w.create(json!({}));
+    bind_domain(&w.client, &w.ns, "web", NODE).await;
+    w.reconcile().await.unwrap();
+    // Approved towards node-b, then the user changed their mind (spec.nodeName unset).
+    approve_move(&w.client, &w.ns, "web", "node-b").await;
+    w.reconcile().await.unwrap();
+    let status = w.stored().await.unwrap().status.unwrap();
+    assert_eq!(status.node_name.as_deref(), Some(NODE));
+    assert_eq!(
+        status.migration.unwrap().state,
+        Some(MigrationState::Aborted)
+    );
+    assert_eq!(w.libvirt_state().await.as_deref(), Some("running"));
+}
+
+/// A libvirt test-driver node file for "node-b" holding a running copy of the resource
+/// `uid` (test-driver URIs with a file are private instances loaded from it).
+fn node_b_with_copy(dir: &std::path::Path, ns: &str, uid: &str) -> String {
+    let xml = format!(
+        r#"<node>
+  <cpu><nodes>1</nodes><sockets>1</sockets><cores>2</cores><threads>1</threads><active>2</active><mhz>2000</mhz></cpu>
+  <memory>2097152</memory>
+  <domain type='test'>
+    <name>{ns}.web</name>
+    <memory>131072</memory>
+    <vcpu>1</vcpu>
+    <os><type>hvm</type></os>
+    <metadata><virtkube:owner xmlns:virtkube="https://virtkube.io/xmlns/owner/v1" kind="Domain" uid="{uid}" namespace="{ns}" name="web"/></metadata>
+  </domain>
+</node>"#
+    );
+    let path = dir.join("node-b.xml");
+    std::fs::write(&path, xml).unwrap();
+    format!("test://{}", path.display())
+}
+
+#[tokio::test]
+async fn deleting_after_a_lost_switch_over_write_finds_the_guest_on_the_target() {
+    // The reported bug: a migration completed in libvirt, but the source's write of the
+    // switch-over failed; the guest runs on the target while the claim still names the
+    // source. Deleting the Domain then must not conclude "gone" from an empty source.
+    let w = World::new("lost").await;
+    w.create(json!({ "nodeName": "node-b" }));
+    bind_domain(&w.client, &w.ns, "web", NODE).await;
+    let dom = w.stored().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let uri = node_b_with_copy(dir.path(), &w.ns, &dom.uid().unwrap());
+    hypervisor_node(&w.client, "node-b", &uri).await;
+    // The finalizer is in place and the move was running when the write was lost.
+    w.domains()
+        .patch(
+            "web",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"metadata": {"finalizers": [FINALIZER]}})),
+        )
+        .await
+        .unwrap();
+    approve_move(&w.client, &w.ns, "web", "node-b").await;
+    let api = w.domains();
+    let dom = api.get("web").await.unwrap();
+    let mut status = dom.status.clone().unwrap();
+    if let Some(m) = status.migration.as_mut() {
+        m.state = Some(MigrationState::Running);
+    }
+    write_status(&api, &dom, &status, "virtkube-agent")
+        .await
+        .unwrap();
+    w.api.delete("domains", &w.ns, "web").unwrap();
+
+    w.reconcile().await.unwrap();
+    let dom = w
+        .stored()
+        .await
+        .expect("the finalizer is kept: the guest still runs on node-b");
+    let status = dom.status.unwrap();
+    assert_eq!(
+        status.node_name.as_deref(),
+        Some("node-b"),
+        "the move is completed, so node-b's agent removes the guest"
+    );
+    assert_eq!(
+        status.migration.unwrap().state,
+        Some(MigrationState::Succeeded)
+    );
 }
 
 #[tokio::test]
 async fn a_foreign_domain_of_the_same_name_is_reported_never_overwritten() {
-    let (ctx, mut api, engine) = context().await;
-    // The test driver's own `test` domain, claimed by a resource named `test` in namespace…
-    // there is no dot in `test`, so make a foreign one with a namespaced name instead.
+    let w = World::new("clash").await;
     let foreign = virtkube_engine::model::DomainDef {
         virt_type: "test".into(),
         ..virtkube_engine::model::DomainDef::new(
@@ -406,83 +413,110 @@ async fn a_foreign_domain_of_the_same_name_is_reported_never_overwritten() {
             virtkube_engine::Owner::new("Domain", "someone-else", Some("clash"), "web"),
         )
     };
-    engine.domain_define(&foreign).await.unwrap();
-    let dom = finalized(test_domain("clash"));
-    let server = {
-        let dom = dom.clone();
-        tokio::spawn(async move {
-            let updated = api.handle_status_patch(&dom).await;
-            let note = api.handle_event("clash", "Failed").await;
-            (updated, note)
-        })
-    };
-    let result = tokio::time::timeout(
-        Duration::from_secs(20),
-        domain::reconcile(Arc::new(dom.clone()), ctx.clone()),
-    )
-    .await
-    .unwrap();
-    assert!(
-        result.is_err(),
-        "a conflict is an error (retried with backoff)"
-    );
-    let (updated, note) = server.await.unwrap();
-    assert!(note.starts_with("NameConflict"), "{note}");
-    let ready =
-        virtkube_crds::conditions::find(&updated.status.as_ref().unwrap().conditions, "Ready")
-            .unwrap()
-            .clone();
-    assert_eq!(
-        (ready.status.as_str(), ready.reason.as_str()),
-        ("False", "NameConflict")
-    );
-    let still = engine.domain_owner("clash.web").await.unwrap().unwrap();
+    w.engine.domain_define(&foreign).await.unwrap();
+    w.create(json!({}));
+    bind_domain(&w.client, &w.ns, "web", NODE).await;
+    assert!(w.reconcile().await.is_err(), "retried with backoff");
+    let dom = w.stored().await.unwrap();
+    assert_eq!(ready(&dom), ("False".into(), "NameConflict".into()));
+    assert!(w.event_reasons().contains(&"Failed".to_string()));
+    let still = w.engine.domain_owner("clash.web").await.unwrap().unwrap();
     assert_eq!(still.uid, "someone-else", "the foreign domain is untouched");
 }
 
 #[tokio::test]
 async fn libvirt_out_of_reach_makes_the_phase_unknown_not_failed() {
-    let (ctx, mut api, engine) = context().await;
-    let dom = finalized(test_domain("gone"));
-    let server = {
-        let dom = dom.clone();
-        tokio::spawn(async move {
-            api.handle_event("gone", "Defined").await;
-            api.handle_event("gone", "AutostartSet").await;
-            api.handle_event("gone", "Started").await;
-            let updated = api.handle_status_patch(&dom).await;
-            (api, updated)
-        })
-    };
-    reconcile(&dom, &ctx).await;
-    let (mut api, updated) = server.await.unwrap();
-    engine.close().await.unwrap();
-    let server = {
-        let updated = updated.clone();
-        tokio::spawn(async move {
-            let patched = api.handle_status_patch(&updated).await;
-            let note = api.handle_event("gone", "Failed").await;
-            (patched, note)
-        })
-    };
-    let result = tokio::time::timeout(
-        Duration::from_secs(20),
-        domain::reconcile(Arc::new(updated.clone()), ctx.clone()),
-    )
-    .await
-    .unwrap();
-    assert!(result.is_err(), "retried with backoff");
-    let (patched, note) = server.await.unwrap();
-    let status = patched.status.unwrap();
-    assert_eq!(
-        status.phase,
-        Some(virtkube_crds::domain::DomainPhase::Unknown)
-    );
-    assert_eq!(status.uuid, updated.status.unwrap().uuid, "last facts kept");
-    let ready = virtkube_crds::conditions::find(&status.conditions, "Ready").unwrap();
+    let w = World::new("gone").await;
+    w.create(json!({}));
+    bind_domain(&w.client, &w.ns, "web", NODE).await;
+    w.reconcile().await.unwrap();
+    let before = w.stored().await.unwrap().status.unwrap();
+    w.engine.close().await.unwrap();
+    assert!(w.reconcile().await.is_err(), "retried with backoff");
+    let status = w.stored().await.unwrap().status.unwrap();
+    assert_eq!(status.phase, Some(DomainPhase::Unknown));
+    assert_eq!(status.uuid, before.uuid, "the last facts are kept");
+    let ready = conditions::find(&status.conditions, "Ready").unwrap();
     assert_eq!(
         (ready.status.as_str(), ready.reason.as_str()),
         ("False", "LibvirtError")
     );
-    assert!(note.starts_with("LibvirtError"), "{note}");
+}
+
+#[tokio::test]
+async fn the_sweep_removes_copies_of_deleted_or_elsewhere_held_domains_only() {
+    let w = World::new("sweep").await;
+    w.create(json!({}));
+    bind_domain(&w.client, &w.ns, "web", NODE).await;
+    w.reconcile().await.unwrap();
+    assert_eq!(w.libvirt_state().await.as_deref(), Some("running"));
+    let (empty, _writer) = kube::runtime::reflector::store::<Domain>();
+
+    // Held here, merely not routed yet (the controller has not labelled it): left alone.
+    let swept = virtkube::agent::sweep::sweep(&w.ctx, &empty).await.unwrap();
+    assert!(swept.looked >= 1 && swept.removed.is_empty(), "{swept:?}");
+    assert_eq!(w.libvirt_state().await.as_deref(), Some("running"));
+
+    // Held by another node (this one was declared fenced and came back): removed.
+    let api = w.domains();
+    let dom = api.get("web").await.unwrap();
+    let mut status = dom.status.clone().unwrap();
+    status.node_name = Some("node-b".into());
+    write_status(&api, &dom, &status, "virtkube-controller")
+        .await
+        .unwrap();
+    let swept = virtkube::agent::sweep::sweep(&w.ctx, &empty).await.unwrap();
+    assert_eq!(swept.removed, vec!["sweep/web".to_string()]);
+    assert_eq!(w.libvirt_state().await, None);
+}
+
+/// `virtkube apply` on the same host (local manifests, no cluster) marks its guests with a
+/// `local:` identity: no Domain resource will ever exist for them, and the sweep must not
+/// read that as "deleted while away" (it destroyed such a guest before).
+#[tokio::test]
+async fn the_sweep_leaves_guests_of_virtkube_apply_alone() {
+    let w = World::new("local").await;
+    let def = virtkube_engine::model::DomainDef {
+        virt_type: "test".into(),
+        ..virtkube_engine::model::DomainDef::new(
+            "local.cli",
+            virtkube_engine::Owner::new("Domain", "local:local/cli", Some("local"), "cli"),
+        )
+    };
+    w.engine.domain_define(&def).await.unwrap();
+    let owner = w.engine.domain_owner("local.cli").await.unwrap().unwrap();
+    w.engine.domain_start("local.cli", &owner).await.unwrap();
+    let (empty, _writer) = kube::runtime::reflector::store::<Domain>();
+    let swept = virtkube::agent::sweep::sweep(&w.ctx, &empty).await.unwrap();
+    assert!(
+        !swept.removed.iter().any(|r| r == "local/cli"),
+        "{swept:?}"
+    );
+    assert!(
+        w.engine.domain_lookup("local.cli").await.unwrap().is_some(),
+        "the CLI's guest is still there"
+    );
+}
+
+#[tokio::test]
+async fn the_sweep_removes_the_copy_of_a_domain_deleted_while_the_node_was_away() {
+    let w = World::new("orphan").await;
+    w.create(json!({}));
+    bind_domain(&w.client, &w.ns, "web", NODE).await;
+    w.reconcile().await.unwrap();
+    // Deleted for good behind this node's back (its finalizer removed by hand).
+    w.domains()
+        .patch(
+            "web",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"metadata": {"finalizers": null}})),
+        )
+        .await
+        .unwrap();
+    w.api.delete("domains", &w.ns, "web").unwrap();
+    assert!(w.stored().await.is_none());
+    let (empty, _writer) = kube::runtime::reflector::store::<Domain>();
+    let swept = virtkube::agent::sweep::sweep(&w.ctx, &empty).await.unwrap();
+    assert_eq!(swept.removed, vec!["orphan/web".to_string()]);
+    assert_eq!(w.libvirt_state().await, None);
 }

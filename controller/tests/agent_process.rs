@@ -10,9 +10,7 @@ use serde_json::{Value, json};
 
 mod agent_support;
 
-use agent_support::fake_api::{
-    agent, fake_api, fake_api_with, free_port, http_get, kubeconfig, sigterm,
-};
+use agent_support::fake_api::{agent, fake_api, free_port, http_get, kubeconfig, sigterm};
 
 #[tokio::test]
 async fn agent_starts_gets_ready_publishes_its_node_and_stops_on_sigterm() {
@@ -121,44 +119,33 @@ async fn agent_without_crds_refuses_to_start_and_says_how_to_install_them() {
 
 #[tokio::test]
 async fn running_controllers_converge_listed_objects_in_dependency_order_then_go_quiet() {
-    let node_fin = "node.virtkube.io/proc-node";
-    let meta = |name: &str, ns: Option<&str>, fin: &str| {
-        let mut m = json!({"name": name, "uid": format!("uid-proc-{name}"), "generation": 1,
-                            "resourceVersion": "1", "finalizers": [fin]});
-        if let Some(ns) = ns {
-            m["namespace"] = json!(ns);
-        }
-        m
-    };
-    let bound = |mut m: Value| {
-        m["labels"] = json!({"node.virtkube.io/proc-node": "holder"});
-        m
-    };
+    let api = virtkube_testapi::TestApi::start().await.unwrap();
+    api.create_namespace("proc").unwrap();
+    let admin = api.client("admin").await.unwrap();
     let objects = vec![
         (
             "storagepools",
             json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "StoragePool",
-            "metadata": meta("procpool", None, node_fin),
+            "metadata": {"name": "procpool"},
             "spec": {"type": "dir", "target": {"path": "/var/lib/virtkube/pools/procpool"}}}),
         ),
         (
             "networks",
             json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "Network",
-            "metadata": meta("procnet", None, node_fin),
+            "metadata": {"name": "procnet"},
             "spec": {"mode": "isolated", "ip": {"address": "10.152.0.1", "prefix": 24}}}),
         ),
         (
             "volumes",
             // Bound to this node the way the cluster controller binds it.
             json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "Volume",
-            "metadata": bound(meta("root", Some("proc"), "virtkube.io/cleanup")),
-            "spec": {"pool": "procpool", "capacity": "1Gi", "nodeName": "proc-node"},
-            "status": {"nodeName": "proc-node"}}),
+            "metadata": {"name": "root", "namespace": "proc"},
+            "spec": {"pool": "procpool", "capacity": "1Gi", "nodeName": "proc-node"}}),
         ),
         (
             "domains",
             json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "Domain",
-            "metadata": meta("vm", Some("proc"), "virtkube.io/cleanup"),
+            "metadata": {"name": "vm", "namespace": "proc"},
             "spec": {"nodeName": "proc-node", "memory": {"size": "64Mi"},
                      "cpu": {"vcpus": 1, "pinning": [{"vcpu": 0, "cpuset": "0"}]},
                      "disks": [{"name": "root", "volume": "root"}],
@@ -168,127 +155,90 @@ async fn running_controllers_converge_listed_objects_in_dependency_order_then_go
         (
             "domains",
             json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "Domain",
-            "metadata": meta("other", Some("proc"), "virtkube.io/cleanup"),
+            "metadata": {"name": "other", "namespace": "proc"},
             "spec": {"nodeName": "node-z", "memory": {"size": "64Mi"}}}),
         ),
     ];
-    let (api, fake) = fake_api_with(objects).await;
+    // Listed in the reverse of their dependencies: the domain first.
+    for (plural, obj) in objects.into_iter().rev() {
+        api.create(plural, obj).unwrap();
+    }
+    // Bound as the cluster controller binds them.
+    agent_support::bind_domain(&admin, "proc", "vm", "proc-node").await;
+    agent_support::bind_domain(&admin, "proc", "other", "node-z").await;
+    agent_support::bind_volume(&api, "proc", "root", "proc-node").await;
     let dir = tempfile::tempdir().unwrap();
-    let config = kubeconfig(dir.path(), api);
-    let port = free_port();
-    let mut child = agent(&config, port, "test:///default");
+    let config = kubeconfig(dir.path(), api.addr());
+    let log = dir.path().join("agent.log");
+    let mut child = agent_support::fake_api::agent_with(
+        &config,
+        free_port(),
+        "test:///default",
+        &[],
+        Some(&log),
+    );
     let _kill_child = agent_support::fake_api::KillOnDrop(child.id());
+    let logs = || std::fs::read_to_string(&log).unwrap_or_default();
 
     // Converged when the domain reports Ready=True (the pool, volume and network first:
     // until they are, the domain is retried with backoff).
-    let ready = |body: &Value| {
-        body["status"]["conditions"].as_array().is_some_and(|cs| {
-            cs.iter()
-                .any(|c| c["type"] == "Ready" && c["status"] == "True")
-        })
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let done = fake
-            .lock()
-            .unwrap()
-            .status_patches
-            .iter()
-            .any(|(p, b)| p.ends_with("/domains/vm/status") && ready(b));
-        if done {
-            break;
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "agent exited ({status}): {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            let f = fake.lock().unwrap();
-            panic!(
-                "the domain never became Ready; patches {:?}\nlogs {}",
-                f.status_patches,
-                String::from_utf8_lossy(&out.stdout)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let (patches, events) = {
-        let f = fake.lock().unwrap();
-        (f.status_patches.clone(), f.events.clone())
-    };
-    let last = |suffix: &str| {
-        patches
-            .iter()
-            .rev()
-            .find(|(p, _)| p.ends_with(suffix))
-            .map(|(_, b)| b.clone())
-            .unwrap_or_else(|| panic!("no status patch for {suffix}: {patches:?}"))
-    };
-    let vm = last("/domains/vm/status");
-    assert_eq!(vm["status"]["phase"], "Running");
+    eventually(60, "the domain Ready", || {
+        ready(&api.get("domains", "proc", "vm"))
+    })
+    .await;
+    let vm = api.get("domains", "proc", "vm").unwrap();
+    assert_eq!(vm["status"]["phase"], "Running", "{}", logs());
     assert_eq!(vm["status"]["nodeName"], "proc-node");
     assert_eq!(vm["status"]["vcpuAffinity"][0]["cpuset"], "0");
-    assert_eq!(last("/volumes/root/status")["status"]["phase"], "Available");
     assert_eq!(
-        last("/storagepools/procpool/status")["status"]["nodes"][0]["state"],
+        api.get("volumes", "proc", "root").unwrap()["status"]["phase"],
+        "Available"
+    );
+    assert_eq!(
+        api.get("storagepools", "", "procpool").unwrap()["status"]["nodes"][0]["state"],
         "Running"
     );
     assert_eq!(
-        last("/networks/procnet/status")["status"]["nodes"][0]["active"],
+        api.get("networks", "", "procnet").unwrap()["status"]["nodes"][0]["active"],
         true
     );
+    let other = api.get("domains", "proc", "other").unwrap();
     assert!(
-        !patches.iter().any(|(p, _)| p.contains("/domains/other/")),
-        "another node's domain is never touched"
+        other["metadata"]["finalizers"].is_null()
+            && other["status"]["phase"].is_null()
+            && !api
+                .requests()
+                .iter()
+                .any(|r| r.identity != "admin" && r.resource == "domains" && r.name == "other"),
+        "another node's domain is never touched: {other}"
     );
+    let reasons: Vec<String> = agent_support::events(&api)
+        .iter()
+        .map(|e| e.1.clone())
+        .collect();
     for reason in ["Defined", "Started", "VolumeCreated"] {
         assert!(
-            events.iter().any(|e| e == reason),
-            "{reason} missing from {events:?}"
+            reasons.iter().any(|e| e == reason),
+            "{reason} missing from {reasons:?}"
         );
     }
 
     // Quiet once converged: no more writes.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let settled = fake.lock().unwrap().status_patches.len();
+    let rv = api.resource_version();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(
-        fake.lock().unwrap().status_patches.len(),
-        settled,
-        "writes in steady state"
-    );
+    let changes = agent_support::writes_since(&api, rv);
+    assert!(changes.is_empty(), "writes in steady state: {changes:?}");
 
     sigterm(child.id());
-    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+    let status = tokio::task::spawn_blocking(move || child.wait())
         .await
         .unwrap()
         .unwrap();
-    assert!(out.status.success());
+    assert!(status.success(), "{}", logs());
 }
 
 /// Waits until `check` holds, up to `secs`.
-/// Binds a Volume to `node` the way the cluster controller does: the node's routing label,
-/// and `status.nodeName` by a status write.
-async fn bind_volume(api: &virtkube_testapi::TestApi, ns: &str, name: &str, node: &str) {
-    let label = format!("node.virtkube.io/{node}");
-    api.patch_labels("volumes", ns, name, &[(label.as_str(), Some("holder"))])
-        .unwrap();
-    let client = api.client(virtkube_testapi::ADMIN).await.unwrap();
-    kube::Api::<virtkube_crds::Volume>::namespaced(client, ns)
-        .patch_status(
-            name,
-            &kube::api::PatchParams::default(),
-            &kube::api::Patch::Merge(json!({ "status": { "nodeName": node } })),
-        )
-        .await
-        .unwrap();
-}
-
 async fn eventually(secs: u64, what: &str, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(secs);
     while !check() {
@@ -341,7 +291,7 @@ async fn whole_lifecycle_through_watches_finalizers_spec_changes_and_deletes() {
     api.create("volumes", json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "Volume",
         "metadata": {"name": "root", "namespace": "life"},
         "spec": {"pool": "lifepool", "capacity": "1Gi", "nodeName": "proc-node", "reclaimPolicy": "Delete"}})).unwrap();
-    bind_volume(&api, "life", "root", "proc-node").await;
+    agent_support::bind_volume(&api, "life", "root", "proc-node").await;
     api.create(
         "networks",
         json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "Network",
@@ -356,6 +306,9 @@ async fn whole_lifecycle_through_watches_finalizers_spec_changes_and_deletes() {
         "spec": {"type": "dir", "target": {"path": "/var/lib/virtkube/pools/lifepool"}}}),
     )
     .unwrap();
+    // Bound as the cluster controller binds it.
+    let admin = api.client("admin").await.unwrap();
+    agent_support::bind_domain(&admin, "life", "vm", "proc-node").await;
 
     eventually(60, "everything Ready", || {
         ready(&api.get("domains", "life", "vm"))
@@ -605,169 +558,4 @@ async fn against_a_server_without_the_crds_the_agent_names_every_missing_one() {
         stderr.contains("missing: domains.virtkube.io, volumes.virtkube.io, networks.virtkube.io, storagepools.virtkube.io, hypervisornodes.virtkube.io"),
         "{stderr}"
     );
-}
-
-/// The agent's ClusterRole and its binding as the chart renders them for release `virtkube`
-/// in namespace `virtkube`: `templates/rbac.yaml` copies the rules of `rbac/agent.yaml`
-/// verbatim (`clusterRules`; the agent has no namespaced ones), bound to the agent's
-/// ServiceAccount.
-fn chart_rbac() -> String {
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../charts/virtkube/rbac/agent.yaml"
-    ))
-    .unwrap();
-    let rules: Value = serde_saphyr::from_str(&text).unwrap();
-    assert_eq!(
-        rules["namespaceRules"],
-        json!([]),
-        "the agent has no namespaced rules"
-    );
-    let role = json!({
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
-        "metadata": {"name": "virtkube-agent"},
-        "rules": rules["clusterRules"],
-    });
-    let binding = json!({
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-        "metadata": {"name": "virtkube-agent"},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "virtkube-agent"},
-        "subjects": [{"kind": "ServiceAccount", "name": "virtkube", "namespace": "virtkube"}],
-    });
-    format!("{role}\n---\n{binding}\n")
-}
-
-#[tokio::test]
-async fn with_exactly_the_charts_rbac_the_agent_converges_and_is_never_refused() {
-    let rbac = chart_rbac();
-    assert!(!rbac.contains("{{"), "unrendered template left:\n{rbac}");
-    let mut authorizer = virtkube_testapi::Authorizer::new(&[virtkube_testapi::ADMIN]);
-    let users = authorizer.load_yaml(&[rbac]).unwrap();
-    let agent_user = "system:serviceaccount:virtkube:virtkube";
-    assert_eq!(users, vec![agent_user.to_string()]);
-    let api = virtkube_testapi::TestApi::start_with(virtkube_testapi::Config {
-        authorizer: Some(authorizer),
-        ..virtkube_testapi::Config::default()
-    })
-    .await
-    .unwrap();
-    api.create_namespace("rbac").unwrap();
-    api.create(
-        "domains",
-        json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "Domain",
-               "metadata": {"name": "vm", "namespace": "rbac"},
-               "spec": {"nodeName": "proc-node", "memory": {"size": "64Mi"}}}),
-    )
-    .unwrap();
-    // A pool and a bound Volume: made, then deleted (the deletion reads what uses it).
-    api.create(
-        "storagepools",
-        json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "StoragePool",
-               "metadata": {"name": "rbacpool"},
-               "spec": {"type": "dir", "target": {"path": "/var/lib/virtkube/pools/rbacpool"}}}),
-    )
-    .unwrap();
-    api.create(
-        "volumes",
-        json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "Volume",
-               "metadata": {"name": "disk", "namespace": "rbac"},
-               "spec": {"pool": "rbacpool", "capacity": "1Gi", "reclaimPolicy": "Delete"}}),
-    )
-    .unwrap();
-    bind_volume(&api, "rbac", "disk", "proc-node").await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("kubeconfig");
-    api.write_kubeconfig(&config, &[agent_user]).unwrap();
-    let log = dir.path().join("agent.log");
-    let mut child = agent_support::fake_api::agent_with(
-        &config,
-        free_port(),
-        "test:///default",
-        &["--shutdown-timeout-seconds", "1"],
-        Some(&log),
-    );
-    let _kill_child = agent_support::fake_api::KillOnDrop(child.id());
-    let logs = || std::fs::read_to_string(&log).unwrap_or_default();
-    if tokio::time::timeout(
-        Duration::from_secs(60),
-        eventually(60, "the domain and the volume Ready", || {
-            ready(&api.get("domains", "rbac", "vm")) && ready(&api.get("volumes", "rbac", "disk"))
-        }),
-    )
-    .await
-    .is_err()
-    {
-        panic!("not Ready under the chart's RBAC:\n{}", logs());
-    }
-    api.delete("domains", "rbac", "vm").unwrap();
-    api.delete("volumes", "rbac", "disk").unwrap();
-    eventually(30, "the domain and the volume gone", || {
-        api.count("domains") == 0 && api.count("volumes") == 0
-    })
-    .await;
-    let refused: Vec<String> = api
-        .requests()
-        .iter()
-        .filter(|r| r.identity == agent_user)
-        .filter(|r| {
-            let sub = if r.subresource.is_empty() {
-                String::new()
-            } else {
-                format!("/{}", r.subresource)
-            };
-            !chart_allows(&r.verb, &r.group, &format!("{}{sub}", r.resource))
-        })
-        .map(|r| {
-            format!(
-                "{} {}/{}{}",
-                r.verb,
-                r.group,
-                r.resource,
-                if r.subresource.is_empty() {
-                    String::new()
-                } else {
-                    format!("/{}", r.subresource)
-                }
-            )
-        })
-        .collect();
-    let patched_status = api.requests().iter().any(|r| {
-        r.identity == agent_user
-            && r.verb == "patch"
-            && r.resource == "domains"
-            && r.subresource == "status"
-    });
-    assert!(
-        patched_status,
-        "the agent wrote the domain's status as its service account"
-    );
-    assert!(
-        refused.is_empty(),
-        "requests outside the chart's RBAC: {refused:?}\n{}",
-        logs()
-    );
-    sigterm(child.id());
-    let status = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(status.success(), "{}", logs());
-}
-
-/// Whether the chart's rules allow a request, judged by the server's own authorizer.
-fn chart_allows(verb: &str, group: &str, resource: &str) -> bool {
-    let mut authorizer = virtkube_testapi::Authorizer::new(&[]);
-    authorizer.load_yaml(&[chart_rbac()]).unwrap();
-    let (resource, sub) = resource.split_once('/').unwrap_or((resource, ""));
-    let info = virtkube_testapi::RequestInfo {
-        is_resource: !resource.is_empty(),
-        verb: verb.into(),
-        group: group.into(),
-        resource: resource.into(),
-        subresource: sub.into(),
-        namespace: "any".into(),
-        identity: "system:serviceaccount:virtkube:virtkube".into(),
-        ..Default::default()
-    };
-    authorizer.check(&info).is_none()
 }

@@ -109,13 +109,7 @@ async fn virsh_destroy_behind_the_agents_back_is_repaired_with_an_event() {
 
     let (tx, mut requests) = futures::channel::mpsc::unbounded();
     let (store, _writer) = kube::runtime::reflector::store::<Domain>();
-    tokio::spawn(drift::forward(
-        engine.events(),
-        store,
-        NODE.into(),
-        metrics,
-        tx,
-    ));
+    tokio::spawn(drift::forward(engine.events(), store, metrics, tx));
 
     // Converge: defined and running on the real daemon.
     let server = {

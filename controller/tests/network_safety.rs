@@ -96,6 +96,7 @@ async fn guest_on(engine: &Engine, name: &str, network: &str, start: bool) -> Ow
     let mut def = DomainDef::new(name, owner.clone());
     def.virt_type = "test".into();
     def.interfaces.push(InterfaceDef {
+        name: None,
         network: network.into(),
         model: None,
         mac: None,

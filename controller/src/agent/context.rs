@@ -5,9 +5,10 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use futures::channel::mpsc::UnboundedSender;
 use kube::Client;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::Store;
+use kube::runtime::reflector::{ObjectRef, Store};
 use virtkube_crds::{Domain, Volume};
 use virtkube_engine::Engine;
 
@@ -54,6 +55,8 @@ pub struct Settings {
     pub peer_uri: Option<String>,
     /// The migration data URI of this node (`tcp://ADDRESS`).
     pub migration_uri: Option<String>,
+    /// When a live migration from this node is aborted (the guest stays here).
+    pub migration_limits: super::moves::Limits,
 }
 
 impl Settings {
@@ -70,6 +73,7 @@ impl Settings {
             client_uri: None,
             peer_uri: None,
             migration_uri: None,
+            migration_limits: super::moves::Limits::default(),
         }
     }
 
@@ -129,6 +133,11 @@ pub struct Context {
     /// Domains as last seen (a network is not removed while a domain here uses it); `None`
     /// in tests without a reflector.
     pub domains: Option<Store<Domain>>,
+    /// The live migrations this node runs as the source.
+    pub migrations: super::moves::Migrations,
+    /// Asks the Domain controller for a reconcile (a migration task that ended); `None` in
+    /// tests without a controller.
+    pub requeue: Option<UnboundedSender<ObjectRef<Domain>>>,
 }
 
 impl Context {
@@ -165,6 +174,8 @@ impl Context {
             node_labels: RwLock::new(None),
             volumes: None,
             domains: None,
+            migrations: super::moves::Migrations::default(),
+            requeue: None,
         })
     }
 

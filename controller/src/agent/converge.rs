@@ -23,7 +23,7 @@ use virtkube_crds::{Domain, Network, StoragePool, Volume};
 use virtkube_engine::model::{
     DomainObserved, NetworkObserved, PoolObserved, PoolState, VolumeObserved,
 };
-use virtkube_engine::{Engine, EngineConfig, Owner};
+use virtkube_engine::{Engine, Owner};
 
 use super::context::Context;
 use super::error::{Error, Result};
@@ -140,6 +140,9 @@ fn reason_of(op: &Op) -> &'static str {
         Op::SetVcpus(_) => "VcpusSet",
         Op::SetMemory(_) => "MemorySet",
         Op::PinVcpu { .. } | Op::PinEmulator(_) => "Pinned",
+        Op::SetCpuTune(_) => "CpuSchedulingSet",
+        Op::AttachDisk(_) | Op::AttachInterface(_) => "DevicePlugged",
+        Op::DetachDisk { .. } | Op::DetachInterface { .. } => "DeviceUnplugged",
         Op::RestartDomain { .. } => "Restarted",
         Op::MigrateDomain { .. } => "Migrated",
     }
@@ -284,6 +287,8 @@ fn empty_host(ctx: &Context) -> ObservedHost {
     ObservedHost {
         host_cpus: ctx.settings.host_cpus,
         online_cpus: ctx.settings.online_cpus.clone(),
+        device_hotplug: crate::host::supports_device_hotplug(ctx.engine.uri()),
+        cpu_tune_live: crate::host::supports_live_cpu_tune(ctx.engine.uri()),
         ..ObservedHost::default()
     }
 }
@@ -302,22 +307,49 @@ async fn find_volume(ctx: &Context, namespace: &str, name: &str) -> Result<Optio
     })
 }
 
-/// Brings the domain on this node to what `dom.spec` asks.
-pub async fn domain(ctx: &Context, dom: &Domain) -> Result<Converged<DomainObserved>> {
+/// The plan for a domain on this node, with what it was planned against.
+#[derive(Debug)]
+pub struct PlannedDomain {
+    /// The planner's actions and notices.
+    pub plan: Plan,
+    /// The libvirt domain as observed before planning (`None`: absent).
+    pub observed: Option<DomainObserved>,
+    /// Spec changes that wait for the guest to stop (field paths).
+    pub pending: Vec<String>,
+    /// The libvirt name.
+    pub name: String,
+}
+
+impl PlannedDomain {
+    /// Whether carrying the plan out would change nothing and report no problem.
+    pub fn is_quiet(&self) -> bool {
+        let mine =
+            |n: &plan::Notice| n.object.kind == ObjectKind::Domain && n.object.name == self.name;
+        !self
+            .plan
+            .actions
+            .iter()
+            .any(|a| a.object.kind == ObjectKind::Domain && a.object.name == self.name)
+            && !self
+                .plan
+                .notices
+                .iter()
+                .any(|n| mine(n) && n.kind.is_error())
+    }
+}
+
+/// Plans the domain on this node against `observed` (what its libvirt has of the domain, as
+/// the caller looked at it; `None`: absent), reading the domain's volumes, pools and
+/// networks on this node.
+pub async fn plan_domain(
+    ctx: &Context,
+    dom: &Domain,
+    observed: Option<DomainObserved>,
+) -> Result<PlannedDomain> {
     let name = domain_host_name(dom);
     let ns = dom.namespace().unwrap_or_default();
-    if let Some(target) = dom
-        .spec
-        .node_name
-        .clone()
-        .filter(|n| *n != ctx.settings.node)
-    {
-        // Still here (status.nodeName) but asked to be elsewhere: this agent, the source,
-        // moves it (a live migration while it runs).
-        return migrate_domain(ctx, dom, &target).await;
-    }
     let mut host = empty_host(ctx);
-    let mut manifests = vec![manifest(Object::Domain(Box::new(dom.clone())))];
+    let mut manifests = vec![manifest(Object::Domain(Box::new(placed_here(dom))))];
     for disk in &dom.spec.disks {
         if disk.host_path.is_some() && !ctx.settings.allow_host_paths {
             return Err(Error::Unrealizable {
@@ -365,8 +397,7 @@ pub async fn domain(ctx: &Context, dom: &Domain) -> Result<Converged<DomainObser
             host.networks.insert(nic.network.clone(), network_from(&n));
         }
     }
-    let before = ctx.engine.domain_observe(&name).await?;
-    if let Some(o) = &before {
+    if let Some(o) = &observed {
         host.domains.insert(name.clone(), domain_from(o));
     }
     let (desired, notices) =
@@ -382,15 +413,53 @@ pub async fn domain(ctx: &Context, dom: &Domain) -> Result<Converged<DomainObser
         &observed_state(ctx, host),
         &PlanOptions::default(),
     );
+    let pending = plan
+        .notices
+        .iter()
+        .filter(|n| {
+            n.object.kind == ObjectKind::Domain
+                && n.object.name == name
+                && n.kind == NoticeKind::RestartPending
+        })
+        .flat_map(|n| n.changes.iter().map(|c| format!("spec.{}", c.field)))
+        .collect();
+    Ok(PlannedDomain {
+        plan,
+        observed,
+        pending,
+        name,
+    })
+}
+
+/// `dom` as the planner must see it on this node: placed here. The agent acts on a domain
+/// only as the placement protocol allows (as its holder), and there `spec.nodeName` is a
+/// request the controller handles, not where the domain is: a request for another node
+/// (a move waiting for approval, or one that cannot be approved) must neither fail the
+/// holder's converge nor hide the domain from its removal. The planner, written for the
+/// CLI where `spec.nodeName` picks the host, refuses a node it does not know and leaves
+/// such a domain out of the desired state.
+fn placed_here(dom: &Domain) -> Domain {
+    let mut here = dom.clone();
+    here.spec.node_name = None;
+    here
+}
+
+/// Brings the domain held by this node to what `dom.spec` asks (moves between nodes are the
+/// placement protocol's business, not the planner's: this only ever touches this node).
+pub async fn domain(ctx: &Context, dom: &Domain) -> Result<Converged<DomainObserved>> {
+    let name = domain_host_name(dom);
+    let before = ctx.engine.domain_observe(&name).await?;
+    let planned = plan_domain(ctx, dom, before).await?;
     let drift = dom
         .status
         .as_ref()
         .is_some_and(|s| converged_here(&s.conditions, dom.metadata.generation));
-    let (changes, pending) = execute(&ctx.hosts, &plan, ObjectKind::Domain, &name, drift).await?;
+    let (changes, pending) =
+        execute(&ctx.hosts, &planned.plan, ObjectKind::Domain, &name, drift).await?;
     // Nothing changed: what was read before planning is still what libvirt has (one call
     // per domain per resync).
     let observed = if changes.is_empty() {
-        before
+        planned.observed
     } else {
         ctx.engine.domain_observe(&name).await?
     };
@@ -412,7 +481,7 @@ pub async fn remove_domain(ctx: &Context, dom: &Domain) -> Result<Vec<Change>> {
         return Ok(Vec::new());
     };
     host.domains.insert(name.clone(), domain_from(&o));
-    let plan = plan_removal(ctx, Object::Domain(Box::new(dom.clone())), host);
+    let plan = plan_removal(ctx, Object::Domain(Box::new(placed_here(dom))), host);
     match execute(&ctx.hosts, &plan, ObjectKind::Domain, &name, false).await {
         Ok((changes, _)) => Ok(changes),
         // Not ours: never touched, and nothing of ours is left.
@@ -770,7 +839,7 @@ fn not_mine_is_done(result: Result<(Vec<Change>, Vec<String>)>) -> Result<Vec<Ch
 }
 
 /// How to reach `target` for a migration, from its `HypervisorNode` (published by its agent).
-async fn target_spec(ctx: &Context, target: &str) -> Result<HostSpec> {
+pub async fn target_spec(ctx: &Context, target: &str) -> Result<HostSpec> {
     let node = kube::Api::<virtkube_crds::HypervisorNode>::all(ctx.client.clone())
         .get_opt(target)
         .await?;
@@ -793,112 +862,6 @@ async fn target_spec(ctx: &Context, target: &str) -> Result<HostSpec> {
         p2p_uri: status.libvirt_peer_uri,
         migration_uri: status.migration_uri,
     })
-}
-
-/// Adds what `dom` references (its volumes' pools and volumes, its networks) and the domain
-/// itself, as `engine`'s node has them, to `host`.
-async fn observe_for_domain(
-    engine: &Engine,
-    host: &mut ObservedHost,
-    dom: &Domain,
-    volumes: &[Volume],
-) -> Result<()> {
-    for vol in volumes {
-        observe_pool_on(engine, host, &vol.spec.pool, &[volume_host_name(vol)]).await?;
-    }
-    for nic in &dom.spec.interfaces {
-        if let Some(n) = engine.network_observe(&nic.network).await? {
-            host.networks.insert(nic.network.clone(), network_from(&n));
-        }
-    }
-    let name = domain_host_name(dom);
-    if let Some(o) = engine.domain_observe(&name).await? {
-        host.domains.insert(name, domain_from(&o));
-    }
-    Ok(())
-}
-
-/// Moves the domain from this node to `target` through the planner: a live migration while
-/// it runs (peer to peer, from this node's libvirt to the target's), the definition
-/// otherwise. Reports what the target has afterwards.
-async fn migrate_domain(
-    ctx: &Context,
-    dom: &Domain,
-    target: &str,
-) -> Result<Converged<DomainObserved>> {
-    let name = domain_host_name(dom);
-    let ns = dom.namespace().unwrap_or_default();
-    let dest = target_spec(ctx, target).await?;
-    let mut volumes = Vec::new();
-    for disk in &dom.spec.disks {
-        if let Some(v) = &disk.volume
-            && let Some(vol) = find_volume(ctx, &ns, v).await?
-        {
-            volumes.push(vol);
-        }
-    }
-    let source = HostSpec {
-        node: ctx.settings.node.clone(),
-        uri: ctx.engine.uri().to_string(),
-        p2p_uri: ctx.settings.peer_uri.clone(),
-        migration_uri: ctx.settings.migration_uri.clone(),
-    };
-    // A short-lived pair of connections: migrations are rare, and the planner's executor
-    // needs both nodes to move a domain.
-    let mut pair = Hosts::connect(&[source, dest], EngineConfig::default())
-        .await
-        .map_err(host_error)?;
-    pair.shutdown_deadline = ctx.settings.shutdown_timeout;
-    let result = async {
-        let mut state = ObservedState::default();
-        for node in [ctx.settings.node.as_str(), target] {
-            let engine = pair.get(node).map_err(host_error)?.engine.clone();
-            let mut host = empty_host(ctx);
-            if let Ok(info) = engine.node_info().await {
-                host.host_cpus = Some(info.cpus);
-                host.online_cpus = info.cpu_map.map(|m| m.online.to_string());
-            }
-            observe_for_domain(&engine, &mut host, dom, &volumes).await?;
-            state.hosts.insert(node.to_string(), host);
-        }
-        let mut manifests = vec![manifest(Object::Domain(Box::new(dom.clone())))];
-        manifests.extend(
-            volumes
-                .iter()
-                .cloned()
-                .map(|v| manifest(Object::Volume(Box::new(v)))),
-        );
-        let nodes = Nodes {
-            default: ctx.settings.node.clone(),
-            all: vec![ctx.settings.node.clone(), target.to_string()],
-        };
-        let (desired, notices) = DesiredState::from_manifests(&manifests, &nodes);
-        if let Some(n) = notices.iter().find(|n| n.object.name == name) {
-            return Err(Error::Unrealizable {
-                reason: "InvalidSpec",
-                message: n.message.clone(),
-            });
-        }
-        let plan = plan::plan(&desired, &state, &PlanOptions::default());
-        let (changes, pending) = execute(&pair, &plan, ObjectKind::Domain, &name, false).await?;
-        let observed = pair
-            .get(target)
-            .map_err(host_error)?
-            .engine
-            .domain_observe(&name)
-            .await?;
-        Ok(Converged {
-            changes,
-            observed,
-            pending,
-            moved_to: Some(target.to_string()),
-        })
-    }
-    .await;
-    if let Err(e) = pair.close().await {
-        tracing::warn!(error = %e, "closing the migration connections failed");
-    }
-    result
 }
 
 #[cfg(test)]

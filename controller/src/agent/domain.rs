@@ -1,68 +1,106 @@
-//! The Domain controller: reconciles the domains placed on this node.
+//! The Domain controller: this node's side of the placement protocol
+//! ([`crate::placement`]) for every Domain routed to it (the controller labels a Domain
+//! `node.virtkube.io/<node>` for its holder and for the target of a move).
 //!
-//! Guarantees (as kube-runtime's finalizer states its own):
-//! - Only domains placed on this node are touched: `status.nodeName` is this node, or no
-//!   status names a node yet and `spec.nodeName` does (or, with `--claim-unscheduled`, neither
-//!   names one).
-//! - A domain never runs on two nodes: when `spec.nodeName` changes, the node in
-//!   `status.nodeName` (the source) moves it — a live migration while it runs — and records
-//!   the target there; only then does the target's agent take over.
+//! Each reconcile runs rounds of look → read → decide → act:
+//! 1. look at this node's libvirt ([`local::look`]);
+//! 2. read the Domain — the watch cache in the first round, a fresh GET in the next ones
+//!    (the cache can be older than this agent's own last write; only a steady-state
+//!    converge, which changes nothing in libvirt, may rest on it);
+//! 3. decide with [`agent_step`], looking at libvirt again after the read when the step
+//!    asks ([`AgentStep::LookAgain`], [`AgentStep::LookAtTarget`]);
+//! 4. act: converge as the holder (define, start, pin… through the planner), or one step
+//!    of a move, a deletion or a stale copy's removal; claim changes and status are written
+//!    with [`write_status`] (compare-and-swap), so a write decided on an old read fails and
+//!    the next round decides again.
+//!
+//! Guarantees, on top of the protocol's:
 //! - A libvirt domain without virtkube's mark for this very resource (kind and UID) is never
 //!   changed or removed: the clash is reported as `Ready=False`, reason `NameConflict`.
 //! - Deleting a Domain shuts its guest down (ACPI, then power-off after the timeout) and
-//!   undefines it before the finalizer is removed; a domain already gone counts as removed.
+//!   undefines it before the finalizer is removed; a move under way is ended first, and a
+//!   copy that is gone from this node is looked for on the move's target before anything is
+//!   concluded.
+//! - A live migration never holds a reconcile slot: it runs as a task ([`moves`]), and
+//!   reconciles in between publish its progress at most every few seconds and enforce its
+//!   time limits.
 //! - Stopping the agent never stops a guest.
 //! - Status is written only when it changed, so steady state makes no API call.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::finalizer::Event as Finalizer;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
+use tracing::Instrument;
+use virtkube_crds::Domain;
 use virtkube_crds::conditions::{self, status as cs};
 use virtkube_crds::domain::{
-    DomainPhase, DomainStatus, InterfaceStatus, MigrationState, MigrationStatus, PowerState,
-    VcpuAffinity,
+    DomainPhase, DomainStatus, InterfaceStatus, MigrationMode, MigrationProgress, MigrationState,
+    PowerState, VcpuAffinity,
 };
 use virtkube_crds::quantity::ByteQuantity;
 use virtkube_crds::validation::Validate;
-use virtkube_crds::{API_VERSION, Domain};
 use virtkube_engine::model::{DomainObserved, DomainState};
 
 use super::context::{Context, FIELD_MANAGER, FINALIZER};
 use super::converge::{self, Change, Converged};
 use super::error::{Error, Result};
+use super::local::{self, Copy};
+use super::moves::{self, Ended, TaskState};
 use super::reconcile;
+use crate::placement::write::{facts_of, write_status};
+use crate::placement::{AgentStep, Local, Look, MoveEnd, agent_step};
 
 /// The kind label of this controller's metrics.
 pub const KIND: &str = "Domain";
 
-/// Condition types the agent owns on a Domain (the cluster controller may add others).
-const AGENT_CONDITIONS: [&str; 7] = [
+/// Condition types the agent owns on a Domain (the cluster controller owns the others, such
+/// as `Scheduled` and `NodeUnreachable`, and the agent carries them over untouched).
+pub const AGENT_CONDITIONS: [&str; 6] = [
     conditions::READY,
     conditions::MIGRATING,
-    conditions::SCHEDULED,
     conditions::RUNNING,
     conditions::DEFINED,
     conditions::SPEC_VALID,
     conditions::RESTART_REQUIRED,
 ];
 
-/// Whether this node's agent is responsible for `dom`.
+/// Rounds of look → read → decide → act in one reconcile (a cold move takes four).
+const ROUNDS: usize = 8;
+
+/// How soon a reconcile comes back while a migration runs, or while another actor has to act.
+const WATCH_EVERY: Duration = Duration::from_secs(2);
+
+/// The least time between two progress writes of a running migration.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+/// Whether this node holds `dom` (its status names this node), or receives it in a move.
 pub fn concerns(dom: &Domain, ctx: &Context) -> bool {
-    let node = ctx.settings.node.as_str();
-    let status_node = dom.status.as_ref().and_then(|s| s.node_name.as_deref());
-    match (dom.spec.node_name.as_deref(), status_node) {
-        // Placed: the node the status names owns it, also while `spec.nodeName` asks for a
-        // move (that node is the migration's source). The target takes over only once the
-        // status names it, so a domain never runs on two nodes at once.
-        (_, Some(n)) => n == node,
-        (Some(n), None) => n == node,
-        (None, None) => ctx.settings.claim_unscheduled,
-    }
+    let facts = facts_of(dom);
+    let me = ctx.settings.node.as_str();
+    facts.claim.holder.as_deref() == Some(me)
+        || facts
+            .claim
+            .active_move()
+            .is_some_and(|m| m.target == me || m.source == me)
+}
+
+/// What a change of a Domain must touch for it to be reconciled: its spec (generation),
+/// labels (routing), finalizers, deletion, and the claim. The agent's own status writes
+/// change none of these, so they do not come back as reconciles.
+pub fn trigger_hash(dom: &Domain) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    dom.metadata.generation.hash(&mut h);
+    dom.metadata.labels.hash(&mut h);
+    dom.metadata.finalizers.hash(&mut h);
+    dom.metadata.deletion_timestamp.is_some().hash(&mut h);
+    facts_of(dom).claim.hash(&mut h);
+    Some(h.finish())
 }
 
 /// The Domains of `vol`'s namespace whose disks name it (to reconcile them when it changes).
@@ -99,11 +137,8 @@ pub fn users_of_network(
         .collect()
 }
 
-/// The reconciler the Controller runs for each Domain.
+/// The reconciler the Controller runs for each Domain routed to this node.
 pub async fn reconcile(dom: Arc<Domain>, ctx: Arc<Context>) -> Result<Action> {
-    if !concerns(&dom, &ctx) {
-        return Ok(Action::await_change());
-    }
     let _timer = ctx.metrics.reconcile_started(KIND);
     let ns = dom
         .namespace()
@@ -111,18 +146,166 @@ pub async fn reconcile(dom: Arc<Domain>, ctx: Arc<Context>) -> Result<Action> {
     let api: Api<Domain> = Api::namespaced(ctx.client.clone(), &ns);
     let span =
         tracing::info_span!("reconcile", kind = KIND, namespace = %ns, name = %dom.name_any());
-    let (ctx_ref, api_ref) = (&*ctx, &api);
-    reconcile::finalized(&ctx, KIND, &api, FINALIZER, dom, span, |event| async move {
-        match event {
-            Finalizer::Apply(dom) => apply(&dom, ctx_ref, api_ref).await,
-            Finalizer::Cleanup(dom) => cleanup(&dom, ctx_ref).await,
-        }
-    })
-    .await
+    let result = rounds(&dom, &ctx, &api).instrument(span.clone()).await;
+    if let Err(error) = &result
+        && is_unreachable(error)
+    {
+        unreachable(&dom, &ctx, &api, error).instrument(span).await;
+    }
+    reconcile::counted(&ctx, KIND, result)
 }
 
-/// Converges the domain, then writes status and events.
-async fn apply(dom: &Domain, ctx: &Context, api: &Api<Domain>) -> Result<Action> {
+/// Whether libvirt could not be asked at all.
+fn is_unreachable(error: &Error) -> bool {
+    matches!(
+        error,
+        Error::Engine(e) if e.is_connection_error()
+            || matches!(e, virtkube_engine::EngineError::Closed { .. })
+    )
+}
+
+/// libvirt cannot be asked: for a domain held here, what the guest does is unknown, not
+/// failed. The phase says `Unknown`, `Ready` says why, and the last facts stay (a status
+/// write, once per outage: it changes only when the failure does).
+async fn unreachable(dom: &Domain, ctx: &Context, api: &Api<Domain>, error: &Error) {
+    if facts_of(dom).claim.holder.as_deref() != Some(ctx.settings.node.as_str()) {
+        return;
+    }
+    let (reason, message) = error.reason_and_message();
+    let mut status = dom.status.clone().unwrap_or_default();
+    status.phase = Some(DomainPhase::Unknown);
+    set(
+        &mut status.conditions,
+        dom,
+        conditions::READY,
+        false,
+        reason,
+        message.clone(),
+    );
+    match write_if_changed(dom, ctx, api, status).await {
+        Ok(true) => reconcile::report_failure(ctx, dom, reason, &message).await,
+        Ok(false) => {}
+        Err(e) => tracing::debug!(error = %e, "recording that libvirt is unreachable"),
+    }
+}
+
+/// What one round ended with.
+enum Next {
+    /// Done for now.
+    Return(Action),
+    /// Look, read fresh and decide again.
+    Again,
+}
+
+async fn rounds(cached: &Domain, ctx: &Context, api: &Api<Domain>) -> Result<Action> {
+    let mut dom = cached.clone();
+    for round in 0..ROUNDS {
+        // (1) Look before the read.
+        let before = local::look(&ctx.engine, &dom).await?;
+        // (2) Read: the cache first, the API server afterwards.
+        if round > 0 {
+            match api.get_opt(&dom.name_any()).await? {
+                Some(d) => dom = d,
+                None => return Ok(Action::await_change()),
+            }
+        }
+        // (3) Decide, looking again after the read when asked.
+        let step = decide(ctx, &dom, &before).await?;
+        let fresh = round > 0;
+        tracing::debug!(round, ?step, here = ?before.local, "decided");
+        // (4) Act.
+        let next = match step {
+            AgentStep::Idle => Next::Return(Action::requeue(ctx.settings.resync)),
+            AgentStep::Wait { why } => {
+                tracing::debug!(why, "waiting");
+                Next::Return(Action::requeue(WATCH_EVERY * 5))
+            }
+            AgentStep::Converge if !fresh => match steady(&dom, &before, ctx, api).await? {
+                Some(action) => Next::Return(action),
+                None => Next::Again,
+            },
+            _ if !fresh => Next::Again,
+            AgentStep::Converge => Next::Return(converge(&dom, ctx, api).await?),
+            step => act(step, &dom, &before, ctx, api).await?,
+        };
+        match next {
+            Next::Return(action) => return Ok(action),
+            Next::Again => continue,
+        }
+    }
+    // Many rounds in a row that each changed something: come back soon rather than loop.
+    Ok(Action::requeue(WATCH_EVERY))
+}
+
+/// The protocol's step for `dom` as read, given the look before the read; further looks
+/// (this node again, or the move's target) are taken now, after the read.
+async fn decide(ctx: &Context, dom: &Domain, before: &Copy) -> Result<AgentStep> {
+    let me = ctx.settings.node.as_str();
+    let facts = facts_of(dom);
+    let mut look = Look::before(before.local);
+    loop {
+        match agent_step(me, &facts, &look) {
+            AgentStep::LookAgain => {
+                look.after = Some(local::look(&ctx.engine, dom).await?.local);
+            }
+            AgentStep::LookAtTarget { target } => {
+                look.target = Some(look_at(ctx, dom, &target).await?);
+            }
+            step => return Ok(step),
+        }
+    }
+}
+
+/// What `target`'s libvirt has of `dom`, through a short-lived connection to it.
+async fn look_at(ctx: &Context, dom: &Domain, target: &str) -> Result<Local> {
+    if target == ctx.settings.node {
+        return Ok(local::look(&ctx.engine, dom).await?.local);
+    }
+    let spec = converge::target_spec(ctx, target).await?;
+    let engine = virtkube_engine::Engine::connect(&spec.uri, Default::default()).await?;
+    let seen = local::look(&engine, dom).await;
+    if let Err(e) = engine.close().await {
+        tracing::debug!(error = %e, node = target, "closing the connection to the target failed");
+    }
+    Ok(seen?.local)
+}
+
+/// Steady state on the cached read: when the domain is converged here already (nothing to
+/// change in libvirt, the finalizer in place), write the status if it changed and finish;
+/// `None` when there is work, which needs a fresh read first.
+async fn steady(
+    dom: &Domain,
+    before: &Copy,
+    ctx: &Context,
+    api: &Api<Domain>,
+) -> Result<Option<Action>> {
+    if !has_finalizer(dom) || !dom.spec.validate().is_empty() {
+        return Ok(None);
+    }
+    let Ok(planned) = converge::plan_domain(ctx, dom, before.observed.clone()).await else {
+        return Ok(None);
+    };
+    if !planned.is_quiet() {
+        return Ok(None);
+    }
+    let status = status_for(
+        dom,
+        ctx,
+        planned.observed.as_ref(),
+        &planned.pending,
+        None,
+        true,
+    );
+    match write_if_changed(dom, ctx, api, status).await {
+        Ok(_) => Ok(Some(Action::requeue(ctx.settings.resync))),
+        Err(e) if e.is_conflict() => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Converges the domain held here (on a fresh read), then writes status and events.
+async fn converge(dom: &Domain, ctx: &Context, api: &Api<Domain>) -> Result<Action> {
+    let dom = &ensure_finalizer(dom, api).await?;
     let invalid = dom.spec.validate();
     if !invalid.is_empty() {
         let status = status_for(
@@ -133,132 +316,53 @@ async fn apply(dom: &Domain, ctx: &Context, api: &Api<Domain>) -> Result<Action>
             Some(("InvalidSpec", invalid.to_string())),
             false,
         );
-        if write_status(dom, ctx, api, status).await? {
+        if write_if_changed(dom, ctx, api, status).await? {
             reconcile::report_failure(ctx, dom, "InvalidSpec", &invalid.to_string()).await;
         }
         // Nothing to retry: only a new spec can fix it.
         return Ok(Action::await_change());
     }
-    let moving_to = dom
-        .spec
-        .node_name
-        .clone()
-        .filter(|n| *n != ctx.settings.node);
-    let started = match &moving_to {
-        Some(target) => Some(migration_started(dom, ctx, api, target).await?),
-        None => None,
-    };
     match converge::domain(ctx, dom).await {
         Ok(Converged {
             changes,
             observed,
             pending,
-            moved_to,
+            ..
         }) => {
             reconcile::report_changes(ctx, dom, &changes).await;
-            let mut status = status_for(dom, ctx, observed.as_ref(), &pending, None, true);
-            if let Some(target) = moved_to {
-                // The domain left: the target's agent takes over from here (spec.nodeName
-                // names it), and this status tells it where the domain came from.
-                let note = changes
-                    .iter()
-                    .find(|c| c.reason == "Migrated")
-                    .map(|c| c.note.clone());
-                status.node_name = Some(target.clone());
-                status.migration = Some(MigrationStatus {
-                    state: Some(MigrationState::Succeeded),
-                    source_node: Some(ctx.settings.node.clone()),
-                    target_node: Some(target.clone()),
-                    start_time: started.clone(),
-                    end_time: Some(now()),
-                    message: note,
-                    ..MigrationStatus::default()
-                });
-                conditions::set_condition(
-                    &mut status.conditions,
-                    conditions::condition(
-                        conditions::MIGRATING,
-                        cs::FALSE,
-                        "Migrated",
-                        format!("moved from node {} to node {target}", ctx.settings.node),
-                        dom.meta().generation,
-                        now(),
-                    ),
-                );
-                let message = format!("moved from node {} to node {target}", ctx.settings.node);
-                for c in &mut status.conditions {
-                    if c.type_ == conditions::SCHEDULED {
-                        c.message = format!("placed on node {target}");
-                    }
-                    if c.type_ == conditions::READY && c.status == cs::TRUE {
-                        c.message = message.clone();
-                    }
-                }
-            }
-            write_status(dom, ctx, api, status).await?;
+            let status = status_for(dom, ctx, observed.as_ref(), &pending, None, true);
+            write_if_changed(dom, ctx, api, status).await?;
             Ok(Action::requeue(ctx.settings.resync))
         }
         Err(error) => {
             let (reason, message) = error.reason_and_message();
-            let unreachable = matches!(
-                &error,
-                Error::Engine(e) if e.is_connection_error()
-                    || matches!(e, virtkube_engine::EngineError::Closed { .. })
-            );
-            let observed = if unreachable {
-                None
-            } else {
-                ctx.engine
-                    .domain_observe(&converge::domain_host_name(dom))
-                    .await
-                    .ok()
-                    .flatten()
-                    .filter(|o| {
-                        converge::owner_of(dom)
-                            .is_ok_and(|me| o.owner.as_ref().is_some_and(|m| m.same_resource(&me)))
-                    })
-            };
-            let mut status = status_for(
-                dom,
-                ctx,
-                observed.as_ref(),
-                &[],
-                Some((reason, message.clone())),
-                true,
-            );
-            if let Some(target) = &moving_to {
-                status.migration = Some(MigrationStatus {
-                    state: Some(MigrationState::Failed),
-                    source_node: Some(ctx.settings.node.clone()),
-                    target_node: Some(target.clone()),
-                    start_time: started.clone(),
-                    end_time: Some(now()),
-                    message: Some(message.clone()),
-                    ..MigrationStatus::default()
-                });
-                conditions::set_condition(
-                    &mut status.conditions,
-                    conditions::condition(
-                        conditions::MIGRATING,
-                        cs::FALSE,
-                        "MigrationFailed",
-                        message.clone(),
-                        dom.meta().generation,
-                        now(),
-                    ),
-                );
-            }
-            if unreachable {
+            let unreachable = is_unreachable(&error);
+            let mut status = if unreachable {
                 // libvirt cannot be asked: what the guest does is unknown, not failed; the
                 // last facts stay as they were.
-                let mut kept = dom.status.as_ref().map(agent_view).unwrap_or_default();
+                let mut kept = dom.status.clone().unwrap_or_default();
                 kept.phase = Some(DomainPhase::Unknown);
-                kept.conditions = status.conditions;
-                kept.observed_generation = status.observed_generation;
-                status = kept;
+                kept
+            } else {
+                let observed = local::look(&ctx.engine, dom)
+                    .await
+                    .ok()
+                    .and_then(|c| c.observed);
+                status_for(dom, ctx, observed.as_ref(), &[], None, true)
+            };
+            set(
+                &mut status.conditions,
+                dom,
+                conditions::READY,
+                false,
+                reason,
+                message.clone(),
+            );
+            if !unreachable && status.phase != Some(DomainPhase::Running) {
+                status.phase = Some(DomainPhase::Failed);
             }
             // One event per distinct failure: the status changes only when the failure does.
-            if write_status(dom, ctx, api, status).await? {
+            if write_if_changed(dom, ctx, api, status).await? {
                 reconcile::report_failure(ctx, dom, reason, &message).await;
             }
             Err(error)
@@ -266,102 +370,447 @@ async fn apply(dom: &Domain, ctx: &Context, api: &Api<Domain>) -> Result<Action>
     }
 }
 
-/// Records that a move to `target` starts (phase `Migrating`, condition `Migrating=True`,
-/// `status.migration` running), once per attempt; returns its start time.
-async fn migration_started(
+/// Carries out one step of a move, a deletion or a stale copy's removal (on a fresh read).
+async fn act(
+    step: AgentStep,
+    dom: &Domain,
+    before: &Copy,
+    ctx: &Context,
+    api: &Api<Domain>,
+) -> Result<Next> {
+    let name = converge::domain_host_name(dom);
+    let owner = converge::owner_of(dom)?;
+    let key = moves::key(dom);
+    match step {
+        AgentStep::BeginMove { target } => {
+            let mut status = dom.status.clone().unwrap_or_default();
+            let mut record = status.migration.clone().unwrap_or_default();
+            record.state = Some(MigrationState::Running);
+            record.start_time = Some(now());
+            record.mode = Some(match before.local {
+                Local::Stopped => MigrationMode::Cold,
+                _ => MigrationMode::Live,
+            });
+            record.progress = None;
+            record.message = None;
+            status.migration = Some(record);
+            status.phase = Some(DomainPhase::Migrating);
+            set(
+                &mut status.conditions,
+                dom,
+                conditions::MIGRATING,
+                true,
+                "Migrating",
+                format!("moving from node {} to node {target}", ctx.settings.node),
+            );
+            write(dom, ctx, api, status).await?;
+            Ok(Next::Again)
+        }
+        AgentStep::Migrate { target } => match ctx.migrations.state(&key) {
+            TaskState::Ended => {
+                let ended = ctx.migrations.take(&key);
+                let (end, message) = match ended {
+                    Some(Ended::Aborted(why)) => (MoveEnd::Aborted, why),
+                    Some(Ended::Failed(why)) => (MoveEnd::Failed, why),
+                    // libvirt said done, yet the guest still runs here without a job:
+                    // trust what libvirt shows now.
+                    Some(Ended::Completed(_)) | None => (
+                        MoveEnd::Failed,
+                        "libvirt reported the migration complete, yet the guest still runs here"
+                            .to_string(),
+                    ),
+                };
+                end_move(dom, ctx, api, end, message).await?;
+                Ok(Next::Again)
+            }
+            TaskState::Running => watch(dom, before, ctx, api).await,
+            TaskState::None => {
+                start_migration(dom, &target, ctx, &name, owner).await?;
+                Ok(Next::Return(Action::requeue(WATCH_EVERY)))
+            }
+        },
+        AgentStep::WatchMigration { .. } => watch(dom, before, ctx, api).await,
+        AgentStep::AbortMigration => {
+            ctx.migrations.aborting(
+                &key,
+                "the move is no longer wanted (spec.nodeName changed, or the domain is being deleted)"
+                    .into(),
+            );
+            if let Err(e) = ctx.engine.domain_abort_job(&name, &owner).await {
+                // No job any more (it just ended): the next round sees how.
+                tracing::debug!(error = %e, "aborting the migration job");
+            }
+            Ok(Next::Return(Action::requeue(WATCH_EVERY)))
+        }
+        AgentStep::Undefine => {
+            ctx.engine.domain_undefine(&name, &owner).await?;
+            Ok(Next::Again)
+        }
+        AgentStep::CompleteMove { target } => {
+            complete_move(dom, &target, ctx, api).await?;
+            Ok(Next::Again)
+        }
+        AgentStep::EndMove { end } => {
+            let message = match (ctx.migrations.take(&key), end) {
+                (Some(Ended::Failed(why) | Ended::Aborted(why)), _) => why,
+                (_, MoveEnd::Aborted) => {
+                    "the move is no longer wanted (spec.nodeName changed, or the domain is being deleted); the domain stays here".into()
+                }
+                (_, MoveEnd::Failed) => "the migration failed; the domain stays here".into(),
+            };
+            end_move(dom, ctx, api, end, message).await?;
+            Ok(Next::Again)
+        }
+        AgentStep::RemoveCopy => {
+            let changes: Vec<Change> = converge::remove_domain(ctx, dom).await?;
+            for change in changes {
+                ctx.event(dom, false, change.reason, "Delete", change.note)
+                    .await;
+            }
+            Ok(Next::Again)
+        }
+        AgentStep::Finalize => {
+            remove_finalizer(dom, api).await?;
+            Ok(Next::Return(Action::await_change()))
+        }
+        AgentStep::RemoveStaleCopy => {
+            remove_stale_copy(dom, before, ctx).await?;
+            Ok(Next::Again)
+        }
+        // Decided elsewhere; listed for completeness.
+        AgentStep::Idle
+        | AgentStep::Wait { .. }
+        | AgentStep::Converge
+        | AgentStep::LookAgain
+        | AgentStep::LookAtTarget { .. } => Ok(Next::Again),
+    }
+}
+
+/// Starts the live migration task towards `target`.
+async fn start_migration(
+    dom: &Domain,
+    target: &str,
+    ctx: &Context,
+    name: &str,
+    owner: virtkube_engine::Owner,
+) -> Result<()> {
+    let spec = converge::target_spec(ctx, target).await?;
+    let opts = moves::options(
+        dom.spec.migration.as_ref(),
+        spec.p2p_uri.clone().unwrap_or_else(|| spec.uri.clone()),
+        spec.uri.clone(),
+        spec.migration_uri.clone(),
+    );
+    let requeue = ctx.requeue.clone();
+    let me = kube::runtime::reflector::ObjectRef::from_obj(dom);
+    let engine =
+        virtkube_engine::Engine::connect(ctx.engine.uri(), ctx.engine.config().clone()).await?;
+    let task = moves::Task {
+        engine,
+        name: name.to_string(),
+        owner,
+        opts,
+    };
+    let unstarted = ctx
+        .migrations
+        .start(&moves::key(dom), target, task, move || {
+            if let Some(tx) = requeue {
+                let _ = tx.unbounded_send(me);
+            }
+        });
+    match unstarted {
+        None => tracing::info!(target, "live migration started"),
+        Some(task) => {
+            if let Err(e) = task.engine.close().await {
+                tracing::debug!(error = %e, "closing an unused migration connection failed");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A running migration: publishes its progress (at most every [`PROGRESS_EVERY`]) and
+/// aborts it when a time limit passed.
+async fn watch(dom: &Domain, before: &Copy, ctx: &Context, api: &Api<Domain>) -> Result<Next> {
+    let key = moves::key(dom);
+    let Some(job) = &before.job else {
+        return Ok(Next::Return(Action::requeue(WATCH_EVERY)));
+    };
+    let processed = job.data_processed.unwrap_or(0);
+    let memory = before
+        .observed
+        .as_ref()
+        .map_or(0, |o| o.max_memory_kib.saturating_mul(1024));
+    let seen = ctx.migrations.observe(&key, processed, PROGRESS_EVERY);
+    // Without a task (this agent restarted mid-migration), libvirt's own clock counts.
+    let (elapsed, stalled, report) = match &seen {
+        Some(s) => (s.elapsed, s.stalled, s.report),
+        None => (
+            Duration::from_millis(job.elapsed_ms.unwrap_or(0)),
+            Duration::ZERO,
+            true,
+        ),
+    };
+    if let Some(why) = moves::overdue(&ctx.settings.migration_limits, elapsed, stalled, memory) {
+        tracing::warn!(%why, "aborting the live migration");
+        ctx.migrations.aborting(&key, why.clone());
+        let owner = converge::owner_of(dom)?;
+        if let Err(e) = ctx
+            .engine
+            .domain_abort_job(&converge::domain_host_name(dom), &owner)
+            .await
+        {
+            tracing::debug!(error = %e, "aborting the migration job");
+        }
+        ctx.event(dom, true, "MigrationAborted", "AbortMigration", why)
+            .await;
+        return Ok(Next::Return(Action::requeue(WATCH_EVERY)));
+    }
+    if report {
+        let mut status = dom.status.clone().unwrap_or_default();
+        if let Some(record) = status.migration.as_mut() {
+            record.progress = Some(MigrationProgress {
+                total_bytes: job.data_total,
+                processed_bytes: job.data_processed,
+                remaining_bytes: job.data_remaining,
+                percent: job.percent(),
+                bytes_per_second: job.mem_bps,
+                iteration: job.iteration,
+                update_time: Some(now()),
+            });
+        }
+        // Progress is a courtesy: a conflict skips this update, the next one comes soon.
+        match write_if_changed(dom, ctx, api, status).await {
+            Err(e) if !e.is_conflict() => return Err(e),
+            _ => {}
+        }
+    }
+    Ok(Next::Return(Action::requeue(WATCH_EVERY)))
+}
+
+/// Hands the claim to `target` after the copy here is gone (claim write).
+async fn complete_move(dom: &Domain, target: &str, ctx: &Context, api: &Api<Domain>) -> Result<()> {
+    let me = ctx.settings.node.clone();
+    let outcome = match ctx.migrations.take(&moves::key(dom)) {
+        Some(Ended::Completed(o)) => Some(o),
+        _ => None,
+    };
+    let mut status = dom.status.clone().unwrap_or_default();
+    let mut record = status.migration.clone().unwrap_or_default();
+    let took = record
+        .start_time
+        .as_ref()
+        .map(|t| (k8s_openapi::jiff::Timestamp::now() - t.0).get_seconds());
+    record.state = Some(MigrationState::Succeeded);
+    record.end_time = Some(now());
+    if let Some(o) = &outcome {
+        record.downtime_millis = o.downtime_ms;
+        record.data_transferred_bytes = o.data_total;
+    }
+    record.progress = None;
+    let note = format!(
+        "moved from node {me} to node {target}{}{}",
+        took.map(|s| format!(" in {s}s")).unwrap_or_default(),
+        record
+            .downtime_millis
+            .map(|d| format!(", downtime {d} ms"))
+            .unwrap_or_default()
+    );
+    record.message = Some(note.clone());
+    status.migration = Some(record);
+    status.node_name = Some(target.to_string());
+    status.phase = Some(DomainPhase::Migrating);
+    set(
+        &mut status.conditions,
+        dom,
+        conditions::MIGRATING,
+        false,
+        "Migrated",
+        note.clone(),
+    );
+    write(dom, ctx, api, status).await?;
+    ctx.event(dom, false, "Migrated", "Migrate", note).await;
+    Ok(())
+}
+
+/// Ends a move without reaching its target (claim write); the guest stays here.
+async fn end_move(
     dom: &Domain,
     ctx: &Context,
     api: &Api<Domain>,
-    target: &str,
-) -> Result<Time> {
-    let current = dom.status.as_ref().map(agent_view).unwrap_or_default();
-    if let Some(m) = &current.migration
-        && m.state == Some(MigrationState::Running)
-        && m.target_node.as_deref() == Some(target)
-        && let Some(start) = &m.start_time
-    {
-        return Ok(start.clone());
-    }
-    let start = now();
-    let mut status = current;
-    status.phase = Some(DomainPhase::Migrating);
-    status.migration = Some(MigrationStatus {
-        state: Some(MigrationState::Running),
-        source_node: Some(ctx.settings.node.clone()),
-        target_node: Some(target.to_string()),
-        start_time: Some(start.clone()),
-        ..MigrationStatus::default()
-    });
-    conditions::set_condition(
+    end: MoveEnd,
+    message: String,
+) -> Result<()> {
+    let mut status = dom.status.clone().unwrap_or_default();
+    let mut record = status.migration.clone().unwrap_or_default();
+    record.state = Some(end.state());
+    record.end_time = Some(now());
+    record.message = Some(message.clone());
+    record.progress = None;
+    status.migration = Some(record);
+    let reason = match end {
+        MoveEnd::Failed => "MigrationFailed",
+        MoveEnd::Aborted => "MigrationAborted",
+    };
+    set(
         &mut status.conditions,
-        conditions::condition(
-            conditions::MIGRATING,
-            cs::TRUE,
-            "Migrating",
-            format!("moving from node {} to node {target}", ctx.settings.node),
-            dom.meta().generation,
-            start.clone(),
-        ),
+        dom,
+        conditions::MIGRATING,
+        false,
+        reason,
+        message.clone(),
     );
-    write_status(dom, ctx, api, status).await?;
-    Ok(start)
+    write(dom, ctx, api, status).await?;
+    ctx.event(dom, end == MoveEnd::Failed, reason, "Migrate", message)
+        .await;
+    Ok(())
 }
 
-/// Removes the libvirt domain before the resource goes away.
-async fn cleanup(dom: &Domain, ctx: &Context) -> Result<Action> {
-    let changes: Vec<Change> = converge::remove_domain(ctx, dom).await?;
-    for change in changes {
-        ctx.event(dom, false, change.reason, "Delete", change.note)
+/// Removes a copy this node does not hold: only the very copy observed before the read
+/// (the same runtime id while it runs), never one a migration job holds.
+pub(super) async fn remove_stale_copy(dom: &Domain, before: &Copy, ctx: &Context) -> Result<()> {
+    let name = converge::domain_host_name(dom);
+    let owner = converge::owner_of(dom)?;
+    let now = local::look(&ctx.engine, dom).await?;
+    let same = match (before.local, now.local) {
+        (Local::Running, Local::Running) => before.runtime_id() == now.runtime_id(),
+        (Local::Running | Local::Stopped, Local::Stopped) => true,
+        _ => false,
+    };
+    if !same {
+        tracing::info!(?before.local, ?now.local, "the copy changed since it was seen: left alone");
+        return Ok(());
+    }
+    if now.local == Local::Running {
+        ctx.engine.domain_destroy(&name, &owner).await?;
+    }
+    ctx.engine.domain_undefine(&name, &owner).await?;
+    let holder = facts_of(dom).claim.holder;
+    let note = format!(
+        "removed a copy of this domain from node {}: the domain is held by {}",
+        ctx.settings.node,
+        holder.map_or("no node".to_string(), |h| format!("node {h}"))
+    );
+    tracing::warn!(%note, "stale copy removed");
+    // A Domain that no longer exists gets no event, only the log line.
+    if dom.resource_version().is_some() {
+        ctx.event(dom, true, "StaleCopyRemoved", "RemoveStaleCopy", note)
             .await;
     }
-    Ok(Action::await_change())
+    Ok(())
 }
 
-/// Writes `status` with server-side apply when it differs from what the object carries
-/// (compared on the fields the agent owns). Returns whether a patch was sent.
-pub async fn write_status(
+fn has_finalizer(dom: &Domain) -> bool {
+    dom.finalizers().iter().any(|f| f == FINALIZER)
+}
+
+/// Adds the finalizer before anything is defined here (a JSON patch whose `test` makes a
+/// concurrent change of the list fail instead of being overwritten); returns the object as
+/// the API server stored it.
+async fn ensure_finalizer(dom: &Domain, api: &Api<Domain>) -> Result<Domain> {
+    if has_finalizer(dom) {
+        return Ok(dom.clone());
+    }
+    let ops = match dom.metadata.finalizers.as_ref().filter(|f| !f.is_empty()) {
+        None => json!([
+            {"op": "test", "path": "/metadata/finalizers", "value": null},
+            {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]},
+        ]),
+        Some(list) => json!([
+            {"op": "test", "path": "/metadata/finalizers", "value": list},
+            {"op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER},
+        ]),
+    };
+    json_patch(api, dom, ops).await
+}
+
+/// Removes the finalizer once nothing of the domain is left here.
+async fn remove_finalizer(dom: &Domain, api: &Api<Domain>) -> Result<()> {
+    let Some(i) = dom.finalizers().iter().position(|f| f == FINALIZER) else {
+        return Ok(());
+    };
+    let ops = json!([
+        {"op": "test", "path": format!("/metadata/finalizers/{i}"), "value": FINALIZER},
+        {"op": "remove", "path": format!("/metadata/finalizers/{i}")},
+    ]);
+    match json_patch(api, dom, ops).await {
+        Ok(_) => Ok(()),
+        // Gone already: the last finalizer was ours.
+        Err(Error::Kube(kube::Error::Api(e))) if e.code == 404 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+async fn json_patch(api: &Api<Domain>, dom: &Domain, ops: serde_json::Value) -> Result<Domain> {
+    let patch: json_patch::Patch = serde_json::from_value(ops).map_err(Error::Serialization)?;
+    let params = PatchParams {
+        field_manager: Some(FIELD_MANAGER.to_string()),
+        ..PatchParams::default()
+    };
+    match api
+        .patch(&dom.name_any(), &params, &Patch::Json::<()>(patch))
+        .await
+    {
+        Ok(d) => Ok(d),
+        // The list changed since it was read: decide again on a fresh read.
+        Err(kube::Error::Api(e)) if e.code == 422 || e.code == 409 => Err(Error::Write(
+            crate::placement::write::WriteError::Conflict {
+                kind: KIND.into(),
+                name: dom.name_any(),
+                rv: dom.resource_version().unwrap_or_default(),
+            },
+        )),
+        Err(e) => Err(Error::Kube(e)),
+    }
+}
+
+/// Writes `status` (compare-and-swap on the read `dom`), counting the patch.
+async fn write(dom: &Domain, ctx: &Context, api: &Api<Domain>, status: DomainStatus) -> Result<()> {
+    write_status(api, dom, &status, FIELD_MANAGER).await?;
+    ctx.metrics
+        .status_patches
+        .get_or_create(&super::metrics::KindLabels { kind: KIND.into() })
+        .inc();
+    Ok(())
+}
+
+/// Writes `status` when it differs from what `dom` carries; returns whether it wrote.
+pub async fn write_if_changed(
     dom: &Domain,
     ctx: &Context,
     api: &Api<Domain>,
     status: DomainStatus,
 ) -> Result<bool> {
-    let current = dom.status.as_ref().map(agent_view).unwrap_or_default();
-    if current == status {
+    if dom.status.as_ref() == Some(&status) {
         return Ok(false);
     }
-    let patch = json!({
-        "apiVersion": API_VERSION,
-        "kind": "Domain",
-        "status": status,
-    });
-    api.patch_status(
-        &dom.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
-    ctx.metrics
-        .status_patches
-        .get_or_create(&super::metrics::KindLabels { kind: KIND.into() })
-        .inc();
+    write(dom, ctx, api, status).await?;
     Ok(true)
-}
-
-/// The part of a status the agent writes (its conditions only; every other field is the
-/// agent's).
-fn agent_view(status: &DomainStatus) -> DomainStatus {
-    let mut s = status.clone();
-    s.conditions
-        .retain(|c| AGENT_CONDITIONS.contains(&c.type_.as_str()));
-    s
 }
 
 fn now() -> Time {
     Time(k8s_openapi::jiff::Timestamp::now())
 }
 
-/// The status that describes `observed` (or a failure), keeping condition transition times
-/// from the current status so an unchanged condition compares equal.
+/// Sets one condition of `dom`'s generation, keeping its transition time when its status
+/// does not change.
+fn set(conds: &mut Vec<Condition>, dom: &Domain, t: &str, ok: bool, reason: &str, msg: String) {
+    conditions::set_condition(
+        conds,
+        conditions::condition(
+            t,
+            if ok { cs::TRUE } else { cs::FALSE },
+            reason,
+            msg,
+            dom.meta().generation,
+            now(),
+        ),
+    );
+}
+
+/// The status describing `observed` (or a failure) on top of the current one: the fields
+/// the agent owns are replaced, the claim (`nodeName`, `migration`) and the controller's
+/// conditions are kept, and condition transition times stay when nothing changed.
 pub fn status_for(
     dom: &Domain,
     ctx: &Context,
@@ -370,42 +819,21 @@ pub fn status_for(
     problem: Option<(&str, String)>,
     spec_valid: bool,
 ) -> DomainStatus {
-    let generation = dom.meta().generation;
-    let current = dom.status.as_ref().map(agent_view).unwrap_or_default();
+    let current = dom.status.clone().unwrap_or_default();
     let mut conds: Vec<Condition> = current.conditions.clone();
-    let set = |conds: &mut Vec<Condition>, t: &str, ok: bool, reason: &str, msg: String| {
-        conditions::set_condition(
-            conds,
-            conditions::condition(
-                t,
-                if ok { cs::TRUE } else { cs::FALSE },
-                reason,
-                msg,
-                generation,
-                now(),
-            ),
-        );
-    };
     let node = ctx.settings.node.clone();
     let mut status = DomainStatus {
-        node_name: Some(node.clone()),
-        domain_name: Some(converge::domain_host_name(dom)),
-        observed_generation: generation,
-        pending_changes: pending.to_vec(),
-        // The record of the last migration stays until the next one.
+        node_name: current.node_name.clone(),
         migration: current.migration.clone(),
+        domain_name: Some(converge::domain_host_name(dom)),
+        observed_generation: dom.meta().generation,
+        pending_changes: pending.to_vec(),
         ..DomainStatus::default()
     };
-    set(
-        &mut conds,
-        conditions::SCHEDULED,
-        true,
-        "NodeAssigned",
-        format!("placed on node {node}"),
-    );
     if spec_valid {
         set(
             &mut conds,
+            dom,
             conditions::SPEC_VALID,
             true,
             "Valid",
@@ -414,6 +842,7 @@ pub fn status_for(
     } else if let Some((reason, msg)) = &problem {
         set(
             &mut conds,
+            dom,
             conditions::SPEC_VALID,
             false,
             reason,
@@ -437,6 +866,9 @@ pub fn status_for(
                 })
                 .collect();
             status.emulator_cpuset = o.emulator_cpuset.as_ref().map(ToString::to_string);
+            status.cpu_scheduling =
+                crate::cli::status::cpu_scheduling(&crate::host::cpu_tune_from(&o.cpu_tune));
+            status.security_labels = crate::host::security_labels(&o.security_labels);
             status.memory = Some(ByteQuantity::from_bytes(o.memory_kib * 1024));
             status.max_memory = Some(ByteQuantity::from_bytes(o.max_memory_kib * 1024));
             status.autostart = Some(o.autostart);
@@ -455,22 +887,24 @@ pub fn status_for(
             status.phase = Some(phase_of(o));
             set(
                 &mut conds,
+                dom,
                 conditions::DEFINED,
                 true,
                 "Defined",
                 format!("libvirt domain {} (uuid {})", o.name, o.uuid),
             );
-            let running = o.state.is_active();
             set(
                 &mut conds,
+                dom,
                 conditions::RUNNING,
-                running,
+                o.state.is_active(),
                 &camel(o.state.as_str()),
                 format!("libvirt state {}, reason {}", o.state.as_str(), o.reason),
             );
             if pending.is_empty() {
                 set(
                     &mut conds,
+                    dom,
                     conditions::RESTART_REQUIRED,
                     false,
                     "UpToDate",
@@ -479,6 +913,7 @@ pub fn status_for(
             } else {
                 set(
                     &mut conds,
+                    dom,
                     conditions::RESTART_REQUIRED,
                     true,
                     "PendingChanges",
@@ -490,6 +925,7 @@ pub fn status_for(
             status.phase = Some(DomainPhase::Pending);
             set(
                 &mut conds,
+                dom,
                 conditions::DEFINED,
                 false,
                 "NotDefined",
@@ -502,13 +938,14 @@ pub fn status_for(
             if observed.is_none() || !spec_valid {
                 status.phase = Some(DomainPhase::Failed);
             }
-            set(&mut conds, conditions::READY, false, reason, msg);
+            set(&mut conds, dom, conditions::READY, false, reason, msg);
         }
         None => {
             let reached = observed.is_some_and(|o| matches_power(o.state, desired));
             if reached {
                 set(
                     &mut conds,
+                    dom,
                     conditions::READY,
                     true,
                     "Reconciled",
@@ -518,6 +955,7 @@ pub fn status_for(
                 let state = observed.map_or("absent", |o| o.state.as_str());
                 set(
                     &mut conds,
+                    dom,
                     conditions::READY,
                     false,
                     "Converging",
@@ -526,6 +964,8 @@ pub fn status_for(
             }
         }
     }
+    // Conditions the agent does not own (AGENT_CONDITIONS) came along from the current
+    // status untouched.
     status.conditions = conds;
     status
 }

@@ -24,7 +24,6 @@ pub fn owner_ref(event: &DomainEvent) -> Option<ObjectRef<Domain>> {
 pub async fn forward(
     events: impl Stream<Item = EngineEvent>,
     domains: Store<Domain>,
-    node: String,
     metrics: std::sync::Arc<Metrics>,
     tx: UnboundedSender<ObjectRef<Domain>>,
 ) {
@@ -45,11 +44,9 @@ pub async fn forward(
                     ?event,
                     "libvirt events may have been missed: requeueing every domain of this node"
                 );
+                // The cache holds only the Domains routed to this node.
                 for dom in domains.state() {
-                    let on_node = dom.spec.node_name.as_deref() == Some(node.as_str())
-                        || dom.status.as_ref().and_then(|s| s.node_name.as_deref())
-                            == Some(node.as_str());
-                    if on_node && tx.unbounded_send(ObjectRef::from_obj(&*dom)).is_err() {
+                    if tx.unbounded_send(ObjectRef::from_obj(&*dom)).is_err() {
                         return;
                     }
                 }

@@ -10,6 +10,11 @@ pub enum Error {
     #[error("Kubernetes API call failed: {0}")]
     Kube(#[source] kube::Error),
 
+    /// A status written as a compare-and-swap did not happen (the object changed since it
+    /// was read, is gone, or the API failed).
+    #[error("{0}")]
+    Write(#[from] crate::placement::write::WriteError),
+
     /// A libvirt call made through the engine failed.
     #[error("libvirt: {0}")]
     Engine(#[source] EngineError),
@@ -84,6 +89,8 @@ impl Error {
     pub fn metric_label(&self) -> String {
         match self {
             Error::Kube(_) => "kube".into(),
+            Error::Write(e) if e.is_conflict() => "conflict".into(),
+            Error::Write(_) => "status_write".into(),
             Error::Engine(e) => format!("libvirt_{}", e.metric_label()),
             Error::Finalizer(inner) => match inner.as_ref() {
                 kube::runtime::finalizer::Error::ApplyFailed(e)
@@ -115,6 +122,12 @@ impl Error {
             },
             _ => ("ReconcileFailed", self.to_string()),
         }
+    }
+
+    /// Whether the object changed under the reconcile: reading it again (not waiting out a
+    /// backoff) is the answer.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, Error::Write(e) if e.is_conflict())
     }
 }
 

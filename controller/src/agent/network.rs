@@ -22,7 +22,7 @@ use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::Event as Finalizer;
 use virtkube_crds::Network;
-use virtkube_crds::network::NetworkNodeStatus;
+use virtkube_crds::network::{NetworkNodeStatus, NetworkStatus};
 use virtkube_crds::validation::Validate;
 
 use super::context::{Context, selection};
@@ -123,7 +123,7 @@ async fn apply(net: &Network, ctx: &Context, api: &Api<Network>) -> Result<Actio
                 autostart: observed.as_ref().map(|o| o.autostart),
                 message: None,
             };
-            pernode::write(ctx, api, net, &status.nodes, &status.conditions, mine).await?;
+            pernode::write(ctx, api, net, current(&status), mine).await?;
             Ok(Action::requeue(ctx.settings.resync))
         }
         Err(error) => {
@@ -135,7 +135,7 @@ async fn apply(net: &Network, ctx: &Context, api: &Api<Network>) -> Result<Actio
                 autostart: None,
                 message: Some(format!("{reason}: {message}")),
             };
-            if pernode::write(ctx, api, net, &status.nodes, &status.conditions, mine).await? {
+            if pernode::write(ctx, api, net, current(&status), mine).await? {
                 reconcile::report_failure(ctx, net, reason, &message).await;
             }
             if invalid.is_empty() {
@@ -213,7 +213,7 @@ async fn remove_here(
         autostart: None,
         message: Some(format!("NetworkInUse: {message}")),
     };
-    if pernode::write(ctx, api, net, &status.nodes, &status.conditions, mine).await? {
+    if pernode::write(ctx, api, net, current(&status), mine).await? {
         ctx.event(net, true, "DeletionBlocked", action, message.clone())
             .await;
     }
@@ -221,4 +221,13 @@ async fn remove_here(
         reason: "NetworkInUse",
         message,
     })
+}
+
+/// The status as read, for [`pernode::write`].
+fn current(status: &NetworkStatus) -> pernode::Current<'_, NetworkNodeStatus> {
+    pernode::Current {
+        entries: &status.nodes,
+        observed_generation: status.observed_generation,
+        conditions: &status.conditions,
+    }
 }

@@ -21,7 +21,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::finalizer::Event as Finalizer;
 use virtkube_crds::StoragePool;
 use virtkube_crds::quantity::ByteQuantity;
-use virtkube_crds::storage_pool::PoolNodeStatus;
+use virtkube_crds::storage_pool::{PoolNodeStatus, StoragePoolStatus};
 use virtkube_crds::validation::Validate;
 use virtkube_engine::model::PoolState;
 
@@ -135,7 +135,7 @@ async fn apply(pool: &StoragePool, ctx: &Context, api: &Api<StoragePool>) -> Res
                 autostart: observed.as_ref().map(|o| o.autostart),
                 message: None,
             };
-            pernode::write(ctx, api, pool, &status.nodes, &status.conditions, mine).await?;
+            pernode::write(ctx, api, pool, current(&status), mine).await?;
             Ok(Action::requeue(ctx.settings.resync))
         }
         Err(error) => {
@@ -146,7 +146,7 @@ async fn apply(pool: &StoragePool, ctx: &Context, api: &Api<StoragePool>) -> Res
                 message: Some(format!("{reason}: {message}")),
                 ..PoolNodeStatus::default()
             };
-            if pernode::write(ctx, api, pool, &status.nodes, &status.conditions, mine).await? {
+            if pernode::write(ctx, api, pool, current(&status), mine).await? {
                 reconcile::report_failure(ctx, pool, reason, &message).await;
             }
             if invalid.is_empty() {
@@ -216,7 +216,7 @@ async fn remove_here(
         message: Some(format!("PoolInUse: {message}")),
         ..PoolNodeStatus::default()
     };
-    if pernode::write(ctx, api, pool, &status.nodes, &status.conditions, mine).await? {
+    if pernode::write(ctx, api, pool, current(&status), mine).await? {
         ctx.event(pool, true, "DeletionBlocked", action, message.clone())
             .await;
     }
@@ -224,4 +224,13 @@ async fn remove_here(
         reason: "PoolInUse",
         message,
     })
+}
+
+/// The status as read, for [`pernode::write`].
+fn current(status: &StoragePoolStatus) -> pernode::Current<'_, PoolNodeStatus> {
+    pernode::Current {
+        entries: &status.nodes,
+        observed_generation: status.observed_generation,
+        conditions: &status.conditions,
+    }
 }

@@ -65,12 +65,27 @@ pub fn claim_of(status: Option<&DomainStatus>) -> Claim {
     }
 }
 
+/// The `status.migration.reason` of a move the controller approved to drain a node.
+pub const DRAIN: &str = "Drain";
+
 /// What the protocol decides on, read from `dom`.
+///
+/// The request is `spec.nodeName`; when that is empty, a drain's move under way is wanted
+/// too (its target is the request), so the agent does not abort a move that only the
+/// controller asked for. A drain never writes `spec.nodeName`: that would be drift for the
+/// GitOps tool that owns the spec.
 pub fn facts_of(dom: &Domain) -> Facts {
+    let claim = claim_of(dom.status.as_ref());
+    let drained_to = || {
+        let reason = dom.status.as_ref()?.migration.as_ref()?.reason.as_deref();
+        let target = claim.active_move()?.target.clone();
+        (reason == Some(DRAIN)).then_some(target)
+    };
+    let requested = dom.spec.node_name.clone().or_else(drained_to);
     Facts {
         deleting: dom.metadata.deletion_timestamp.is_some(),
-        requested: dom.spec.node_name.clone(),
-        claim: claim_of(dom.status.as_ref()),
+        requested,
+        claim,
     }
 }
 
@@ -172,6 +187,39 @@ where
 mod tests {
     use super::*;
     use virtkube_crds::domain::{MigrationState, MigrationStatus};
+
+    #[test]
+    fn a_drain_move_is_wanted_without_spec_node_name_a_requested_one_is_not() {
+        let mut dom = Domain::new(
+            "vm",
+            serde_json::from_value(serde_json::json!({
+                "memory": {"size": "64Mi"}
+            }))
+            .expect("spec"),
+        );
+        dom.status = Some(DomainStatus {
+            node_name: Some("a".into()),
+            migration: Some(MigrationStatus {
+                state: Some(MigrationState::Running),
+                source_node: Some("a".into()),
+                target_node: Some("b".into()),
+                reason: Some(DRAIN.into()),
+                ..MigrationStatus::default()
+            }),
+            ..DomainStatus::default()
+        });
+        assert_eq!(facts_of(&dom).requested.as_deref(), Some("b"));
+        if let Some(m) = dom.status.as_mut().and_then(|s| s.migration.as_mut()) {
+            m.reason = Some("Requested".into());
+        }
+        assert_eq!(
+            facts_of(&dom).requested,
+            None,
+            "the user withdrew the request"
+        );
+        dom.spec.node_name = Some("c".into());
+        assert_eq!(facts_of(&dom).requested.as_deref(), Some("c"));
+    }
 
     #[test]
     fn node_labels_stay_within_label_limits() {

@@ -14,11 +14,14 @@
 //! - **Data is kept**: a volume with `reclaimPolicy: Retain` (or whose policy is unknown) is
 //!   never deleted; a volume or network still used by a domain that stays is not deleted.
 
+pub mod cluster;
 pub mod dependents;
 pub mod desired;
 mod domain;
+pub mod json;
 pub mod observed;
 pub mod render;
+pub mod reported;
 pub mod simulate;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -239,8 +242,25 @@ pub enum Op {
     },
     /// Pin the emulator threads live.
     PinEmulator(String),
+    /// Set the CPU weight and bandwidth fields that are set, live and in the definition.
+    SetCpuTune(observed::CpuTune),
     /// Set the autostart flag.
     SetDomainAutostart(bool),
+    /// Plug a disk into the running domain and its definition (hotplug).
+    AttachDisk(Box<desired::DesiredDisk>),
+    /// Unplug a disk (by guest device) from the running domain and its definition; a guest
+    /// that does not release it keeps it until it restarts.
+    DetachDisk {
+        /// Guest device (`vdb`).
+        target: String,
+    },
+    /// Plug a NIC into the running domain and its definition (hotplug).
+    AttachInterface(Box<desired::DesiredNic>),
+    /// Unplug a NIC (by MAC) from the running domain and its definition.
+    DetachInterface {
+        /// Its MAC address.
+        mac: String,
+    },
     /// Shut down, redefine, start again (`updatePolicy: Restart`).
     RestartDomain {
         /// The new definition.
@@ -289,6 +309,11 @@ impl Op {
             Op::SetMemory(k) => format!("set memory to {}", render::kib(*k)),
             Op::PinVcpu { vcpu, cpuset } => format!("pin vCPU {vcpu} to {cpuset}"),
             Op::PinEmulator(c) => format!("pin emulator to {c}"),
+            Op::SetCpuTune(_) => "set CPU weight and bandwidth".into(),
+            Op::AttachDisk(d) => format!("plug in disk {} ({})", d.name, d.target),
+            Op::DetachDisk { target } => format!("unplug disk {target}"),
+            Op::AttachInterface(n) => format!("plug in NIC {} on {}", n.name, n.network),
+            Op::DetachInterface { mac } => format!("unplug NIC {mac}"),
             Op::RestartDomain { .. } => "restart with the new definition".into(),
             Op::DeleteDomain => "shut down, destroy, undefine".into(),
             Op::MigrateDomain { to, .. } => format!("live-migrate to {to}"),
@@ -334,6 +359,9 @@ pub enum NoticeKind {
     Retained,
     /// The manifests ask for something impossible (unknown node, missing reference).
     Invalid,
+    /// Something the reader should know that changes nothing (a preview against a cluster:
+    /// a status behind its spec, a move under way).
+    Note,
 }
 
 impl NoticeKind {
@@ -354,6 +382,7 @@ impl NoticeKind {
             NoticeKind::Blocked => "blocked",
             NoticeKind::Retained => "retained",
             NoticeKind::Invalid => "invalid",
+            NoticeKind::Note => "note",
         }
     }
 }
@@ -394,6 +423,20 @@ impl Plan {
     /// Whether any notice is an error.
     pub fn has_errors(&self) -> bool {
         self.notices.iter().any(|n| n.kind.is_error())
+    }
+
+    /// Appends `other`'s actions (after this plan's, their ids and dependencies renumbered)
+    /// and notices.
+    pub fn append(&mut self, other: Plan) {
+        let offset = self.actions.len();
+        self.actions.extend(other.actions.into_iter().map(|mut a| {
+            a.id += offset;
+            for d in &mut a.depends_on {
+                *d += offset;
+            }
+            a
+        }));
+        self.notices.extend(other.notices);
     }
 }
 
@@ -653,7 +696,7 @@ pub fn plan(desired: &DesiredState, observed: &ObservedState, options: &PlanOpti
     // Pools, on every node.
     for pool in &desired.pools {
         let object = ObjectRef::new(ObjectKind::StoragePool, &pool.name, &pool.name);
-        for node in &nodes {
+        for node in nodes.iter().filter(|n| pool.placed_on(n)) {
             let host = &observed.hosts[node];
             match host.pools.get(&pool.name) {
                 None => {
@@ -752,8 +795,11 @@ pub fn plan(desired: &DesiredState, observed: &ObservedState, options: &PlanOpti
             );
             continue;
         }
-        let pool_known =
-            desired.pools.iter().any(|p| p.name == vol.pool) || host.pools.contains_key(&vol.pool);
+        let pool_known = desired
+            .pools
+            .iter()
+            .any(|p| p.name == vol.pool && p.placed_on(node))
+            || host.pools.contains_key(&vol.pool);
         if !pool_known {
             b.notice(
                 NoticeKind::Invalid,
@@ -957,7 +1003,7 @@ pub fn plan(desired: &DesiredState, observed: &ObservedState, options: &PlanOpti
     // Networks, on every node.
     for net in &desired.networks {
         let object = ObjectRef::new(ObjectKind::Network, &net.name, &net.name);
-        for node in &nodes {
+        for node in nodes.iter().filter(|n| net.placed_on(n)) {
             let host = &observed.hosts[node];
             match host.networks.get(&net.name) {
                 None => {

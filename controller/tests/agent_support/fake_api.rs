@@ -204,21 +204,31 @@ pub fn agent_with(
         }
         None => (Stdio::piped(), Stdio::piped()),
     };
+    // A 1 s heartbeat unless the test asks for another.
+    let heartbeat: &[&str] = if extra.contains(&"--heartbeat-seconds") {
+        &[]
+    } else {
+        &["--heartbeat-seconds", "1"]
+    };
     Command::new(env!("CARGO_BIN_EXE_virtkube"))
         .args([
             "agent",
             "--metrics-addr",
             &format!("127.0.0.1:{metrics_port}"),
-            "--heartbeat-seconds",
-            "1",
             "--log-format",
             "json",
         ])
+        .args(heartbeat)
         .args(extra)
         .env("KUBECONFIG", kubeconfig)
         .env("VIRTKUBE_NODE_NAME", "proc-node")
         .env("VIRTKUBE_CONNECT", uri)
-        .env("RUST_LOG", "info")
+        // `VIRTKUBE_AGENT_RUST_LOG` turns on more (e.g. `info,kube_runtime=debug`) when
+        // a test needs to see where time goes.
+        .env(
+            "RUST_LOG",
+            std::env::var("VIRTKUBE_AGENT_RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .stdout(out)
         .stderr(err)
         .spawn()

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod fake_api;
+pub mod rbac;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -163,4 +164,149 @@ pub fn writes_since(api: &virtkube_testapi::TestApi, rv: u64) -> Vec<String> {
         })
         .map(|c| format!("{} {}/{}", c.kind.as_str(), c.key.plural, c.key.name))
         .collect()
+}
+
+/// An agent context for `NODE` on `test:///default` whose API is the in-memory server
+/// `api`, as identity `agent`.
+pub async fn testapi_context(
+    api: &virtkube_testapi::TestApi,
+) -> (Arc<Context>, kube::Client, Engine) {
+    testapi_context_for(api, NODE).await
+}
+
+/// An agent context for `node` on `test:///default` (whose default instance every
+/// connection of this process shares) whose API is the in-memory server `api`, as identity
+/// `agent`.
+pub async fn testapi_context_for(
+    api: &virtkube_testapi::TestApi,
+    node: &str,
+) -> (Arc<Context>, kube::Client, Engine) {
+    let client = api.client("agent").await.unwrap();
+    let mut hosts = Hosts::connect(
+        &[HostSpec {
+            node: node.into(),
+            uri: "test:///default".into(),
+            p2p_uri: None,
+            migration_uri: None,
+        }],
+        EngineConfig::default(),
+    )
+    .await
+    .unwrap();
+    hosts.shutdown_deadline = Duration::from_millis(200);
+    let engine = hosts.get(node).unwrap().engine.clone();
+    let mut settings = Settings::for_node(node);
+    settings.shutdown_timeout = Duration::from_millis(200);
+    settings.host_cpus = Some(engine.node_info().await.unwrap().cpus);
+    let metrics = Metrics::register(&mut Registry::default(), None);
+    let ctx = Context::new(client.clone(), hosts, metrics, settings).unwrap();
+    (Arc::new(ctx), client, engine)
+}
+
+/// Binds a Domain to `node` the way the cluster controller does: the claim
+/// (`status.nodeName`) written by compare-and-swap, then the routing label.
+pub async fn bind_domain(client: &kube::Client, ns: &str, name: &str, node: &str) {
+    use kube::api::Api;
+    use virtkube::placement::write::{HOLDER, node_label, write_status};
+    use virtkube_crds::Domain;
+    let api: Api<Domain> = Api::namespaced(client.clone(), ns);
+    let dom = api.get(name).await.unwrap();
+    let mut status = dom.status.clone().unwrap_or_default();
+    status.node_name = Some(node.to_string());
+    write_status(&api, &dom, &status, "virtkube-controller")
+        .await
+        .unwrap();
+    label_domain(client, ns, name, &[(&node_label(node), Some(HOLDER))]).await;
+}
+
+/// Sets (or, with `None`, removes) labels of a Domain, as the controller routes it.
+pub async fn label_domain(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    labels: &[(&str, Option<&str>)],
+) {
+    use kube::api::{Api, Patch, PatchParams};
+    use virtkube_crds::Domain;
+    let api: Api<Domain> = Api::namespaced(client.clone(), ns);
+    let map: serde_json::Map<String, Value> = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.map_or(Value::Null, Value::from)))
+        .collect();
+    api.patch(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"metadata": {"labels": map}})),
+    )
+    .await
+    .unwrap();
+}
+
+/// Records on a Domain what the controller writes when it approves a move: the claim's
+/// `status.migration` = Pending from the holder to `target`.
+pub async fn approve_move(client: &kube::Client, ns: &str, name: &str, target: &str) {
+    use kube::api::Api;
+    use virtkube::placement::write::write_status;
+    use virtkube_crds::Domain;
+    use virtkube_crds::domain::{MigrationState, MigrationStatus};
+    let api: Api<Domain> = Api::namespaced(client.clone(), ns);
+    let dom = api.get(name).await.unwrap();
+    let mut status = dom.status.clone().unwrap_or_default();
+    status.migration = Some(MigrationStatus {
+        state: Some(MigrationState::Pending),
+        source_node: status.node_name.clone(),
+        target_node: Some(target.to_string()),
+        reason: Some("Requested".into()),
+        ..MigrationStatus::default()
+    });
+    write_status(&api, &dom, &status, "virtkube-controller")
+        .await
+        .unwrap();
+}
+
+/// A HypervisorNode `name` whose agent publishes `libvirt_uri` (how other nodes reach it).
+pub async fn hypervisor_node(client: &kube::Client, name: &str, libvirt_uri: &str) {
+    use kube::api::{Api, Patch, PatchParams};
+    use virtkube_crds::HypervisorNode;
+    let api: Api<HypervisorNode> = Api::all(client.clone());
+    let body = serde_json::json!({
+        "apiVersion": "virtkube.io/v1alpha1", "kind": "HypervisorNode",
+        "metadata": {"name": name},
+        "spec": {},
+    });
+    api.patch(
+        name,
+        &PatchParams::apply("test").force(),
+        &Patch::Apply(&body),
+    )
+    .await
+    .unwrap();
+    let status = serde_json::json!({
+        "apiVersion": "virtkube.io/v1alpha1", "kind": "HypervisorNode",
+        "status": {"libvirtUri": libvirt_uri},
+    });
+    api.patch_status(
+        name,
+        &PatchParams::apply("test").force(),
+        &Patch::Apply(&status),
+    )
+    .await
+    .unwrap();
+}
+
+/// Binds a Volume to `node` the way the cluster controller does: the node's routing label,
+/// and `status.nodeName` by a status write.
+pub async fn bind_volume(api: &virtkube_testapi::TestApi, ns: &str, name: &str, node: &str) {
+    let label = format!("node.virtkube.io/{node}");
+    api.patch_labels("volumes", ns, name, &[(label.as_str(), Some("holder"))])
+        .unwrap();
+    let client = api.client(virtkube_testapi::ADMIN).await.unwrap();
+    kube::Api::<virtkube_crds::Volume>::namespaced(client, ns)
+        .patch_status(
+            name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(serde_json::json!({ "status": { "nodeName": node } })),
+        )
+        .await
+        .unwrap();
 }

@@ -1,0 +1,428 @@
+//! Moves: whether a requested move may be approved now (the target fits, the storage is
+//! shared, the migration limits and the backoff allow it), what the approval, cancellation
+//! and fencing write into `status.migration`, and the backoff after failed moves. Pure.
+//!
+//! The controller only approves (`Pending`), cancels (`Aborted`) and, for a fenced source,
+//! ends moves; the source's agent starts them (`Running`), carries them out and records how
+//! they ended (`Succeeded`, `Failed`, `Aborted`).
+
+use std::collections::HashMap;
+use std::fmt;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+use virtkube_crds::Domain;
+use virtkube_crds::domain::{
+    DomainPhase, DomainStatus, MigrationMode, MigrationState, MigrationStatus,
+};
+
+use super::scheduler::{self, Demand, Problem, Refusal};
+use super::settings::Settings;
+use super::usage::Usage;
+use super::view::{Cluster, after};
+
+/// `status.migration.reason` of a move the user asked for by changing `spec.nodeName`.
+pub const REQUESTED: &str = "Requested";
+
+/// `status.migration.reason` of a move a node drain asked for.
+pub const DRAIN: &str = crate::placement::write::DRAIN;
+
+/// Where a domain is wanted: `spec.nodeName`, or, while that is unset, the target of the
+/// move under way that a drain started (a drain asks for a move without touching the
+/// user's spec).
+///
+/// The source's agent must derive the request the same way, or it would see the drain's
+/// move as unwanted and abort it.
+pub fn requested_of(dom: &Domain) -> Option<String> {
+    // One rule for the controller and the agents.
+    crate::placement::write::facts_of(dom).requested
+}
+
+/// Whether the move recorded in `record` has been `Pending` (approved, not started by the
+/// source's agent) for longer than `settings.pending_timeout`.
+pub fn pending_expired(record: &MigrationStatus, settings: &Settings, now: Timestamp) -> bool {
+    record.state == Some(MigrationState::Pending)
+        && record
+            .start_time
+            .as_ref()
+            .is_some_and(|t| after(t.0, settings.pending_timeout) <= now)
+}
+
+/// The moment a `Pending` move runs out of time, if it is one.
+pub fn pending_deadline(record: &MigrationStatus, settings: &Settings) -> Option<Timestamp> {
+    (record.state == Some(MigrationState::Pending))
+        .then(|| {
+            record
+                .start_time
+                .as_ref()
+                .map(|t| after(t.0, settings.pending_timeout))
+        })
+        .flatten()
+}
+
+/// Why a requested move is not approved now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MoveWait {
+    /// The target has no HypervisorNode.
+    TargetNotFound(String),
+    /// The target is not Ready, silent or fenced.
+    TargetNotReady(String, Vec<Refusal>),
+    /// The target does not fit the domain.
+    TargetUnfit(String, Vec<Refusal>),
+    /// Disks are in node-local pools.
+    StorageNotShared(Vec<String>),
+    /// The domain's spec cannot be read, or it names what does not exist.
+    InvalidSpec(Vec<Problem>),
+    /// The source's agent is silent: it could not carry the move out.
+    SourceUnreachable(String),
+    /// The same move failed or was aborted recently.
+    Backoff(Timestamp),
+    /// `--max-migrations` moves are under way.
+    ClusterLimit(usize),
+    /// `--max-migrations-per-node` moves are under way out of the source.
+    NodeLimit(String, usize),
+}
+
+impl MoveWait {
+    /// The condition reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            MoveWait::TargetNotFound(_) => "TargetNotFound",
+            MoveWait::TargetNotReady(..) => "TargetNotReady",
+            MoveWait::TargetUnfit(..) => "TargetUnfit",
+            MoveWait::StorageNotShared(_) => "StorageNotShared",
+            MoveWait::InvalidSpec(_) => "InvalidSpec",
+            MoveWait::SourceUnreachable(_) => "SourceUnreachable",
+            MoveWait::Backoff(_) => "Backoff",
+            MoveWait::ClusterLimit(_) => "MigrationLimit",
+            MoveWait::NodeLimit(..) => "NodeMigrationLimit",
+        }
+    }
+
+    /// Whether waiting can end on its own without anyone changing a spec (a slot frees, a
+    /// backoff passes, a node returns); a drain counts the others as blocked.
+    pub fn transient(&self) -> bool {
+        matches!(
+            self,
+            MoveWait::TargetNotReady(..)
+                | MoveWait::SourceUnreachable(_)
+                | MoveWait::Backoff(_)
+                | MoveWait::ClusterLimit(_)
+                | MoveWait::NodeLimit(..)
+                | MoveWait::TargetUnfit(..)
+        )
+    }
+}
+
+fn joined<T: fmt::Display>(items: &[T]) -> String {
+    items
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl fmt::Display for MoveWait {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MoveWait::TargetNotFound(t) => {
+                write!(
+                    f,
+                    "node {t} has no HypervisorNode (no agent registered under that name)"
+                )
+            }
+            MoveWait::TargetNotReady(t, why) => write!(f, "node {t} is {}", joined(why)),
+            MoveWait::TargetUnfit(t, why) => write!(f, "node {t} cannot take it: {}", joined(why)),
+            MoveWait::StorageNotShared(volumes) => write!(
+                f,
+                "volumes {} are in node-local pools (a move needs every volume in a StoragePool with shared: true; copying disks is not supported yet)",
+                volumes.join(", ")
+            ),
+            MoveWait::InvalidSpec(problems) => write!(f, "{}", joined(problems)),
+            MoveWait::SourceUnreachable(s) => write!(
+                f,
+                "node {s}'s agent is not heard from, so it cannot hand the domain over; it moves when the agent returns, or is scheduled again once an administrator declares {s} fenced"
+            ),
+            MoveWait::Backoff(until) => write!(
+                f,
+                "the same move failed or was aborted recently; trying again after {until}"
+            ),
+            MoveWait::ClusterLimit(n) => write!(
+                f,
+                "{n} moves are under way in the cluster (--max-migrations)"
+            ),
+            MoveWait::NodeLimit(s, n) => write!(
+                f,
+                "{n} moves are under way out of node {s} (--max-migrations-per-node)"
+            ),
+        }
+    }
+}
+
+/// What deciding a move needs besides the domain.
+pub struct MoveInputs<'a> {
+    /// The cluster.
+    pub cluster: &'a Cluster,
+    /// Placed domains and moves under way.
+    pub usage: &'a Usage,
+    /// Limits.
+    pub settings: &'a Settings,
+    /// Failed moves.
+    pub backoff: &'a Backoff,
+    /// Now.
+    pub now: Timestamp,
+}
+
+/// Whether the move of `dom` from `source` to `target` may be approved now (`None`), or why
+/// it waits. `drain`: the target was chosen by the scheduler for a drain, so the domain's
+/// node selector applies (a node the user names ignores it, as binding does).
+pub fn check(
+    dom: &Domain,
+    demand: &Result<Demand, Vec<Problem>>,
+    source: &str,
+    target: &str,
+    drain: bool,
+    cx: &MoveInputs<'_>,
+) -> Option<MoveWait> {
+    let Some(node) = cx.cluster.node(target) else {
+        return Some(MoveWait::TargetNotFound(target.to_string()));
+    };
+    let unavailable = scheduler::availability(node);
+    if !unavailable.is_empty() {
+        return Some(MoveWait::TargetNotReady(target.to_string(), unavailable));
+    }
+    let demand = match demand {
+        Ok(d) => d,
+        Err(problems) => return Some(MoveWait::InvalidSpec(problems.clone())),
+    };
+    let local = local_volumes(dom, cx.cluster);
+    if !local.is_empty() {
+        return Some(MoveWait::StorageNotShared(local));
+    }
+    let unfit = scheduler::refusals(node, demand, cx.cluster, cx.usage, cx.settings, drain);
+    if !unfit.is_empty() {
+        return Some(MoveWait::TargetUnfit(target.to_string(), unfit));
+    }
+    if !cx.cluster.fresh(source) {
+        return Some(MoveWait::SourceUnreachable(source.to_string()));
+    }
+    if let Some(until) = cx.backoff.blocks(&backoff_key(dom), source, target, cx.now) {
+        return Some(MoveWait::Backoff(until));
+    }
+    if cx.usage.active_moves() >= cx.settings.max_migrations {
+        return Some(MoveWait::ClusterLimit(cx.usage.active_moves()));
+    }
+    let out = cx.usage.outbound(source);
+    if out >= cx.settings.max_migrations_per_node {
+        return Some(MoveWait::NodeLimit(source.to_string(), out));
+    }
+    None
+}
+
+/// The domain's volume disks whose pool is not shared (host-path disks are the
+/// administrator's business: they must exist on the target).
+pub fn local_volumes(dom: &Domain, cluster: &Cluster) -> Vec<String> {
+    let namespace = dom.namespace().unwrap_or_default();
+    dom.spec
+        .disks
+        .iter()
+        .filter_map(|d| d.volume.as_ref())
+        .filter(|v| {
+            cluster
+                .volumes
+                .get(&(namespace.clone(), (*v).clone()))
+                .is_none_or(|vol| cluster.pool_is_local(&vol.pool))
+        })
+        .cloned()
+        .collect()
+}
+
+/// How a move goes: live when the guest runs (or is paused), cold otherwise.
+pub fn mode_of(status: Option<&DomainStatus>) -> MigrationMode {
+    match status.and_then(|s| s.phase) {
+        Some(DomainPhase::Running | DomainPhase::Paused | DomainPhase::Migrating) => {
+            MigrationMode::Live
+        }
+        _ => MigrationMode::Cold,
+    }
+}
+
+/// `status` with the move approved: a fresh `Pending` record replaces the previous one.
+pub fn approved(
+    status: &mut DomainStatus,
+    source: &str,
+    target: &str,
+    reason: &str,
+    now: Timestamp,
+) {
+    let mode = mode_of(Some(status));
+    status.migration = Some(MigrationStatus {
+        state: Some(MigrationState::Pending),
+        source_node: Some(source.to_string()),
+        target_node: Some(target.to_string()),
+        start_time: Some(Time(now)),
+        mode: Some(mode),
+        reason: Some(reason.to_string()),
+        ..MigrationStatus::default()
+    });
+}
+
+/// `status` with the pending move ended as `Aborted`, saying why.
+pub fn cancelled(status: &mut DomainStatus, why: &str, now: Timestamp) {
+    if let Some(m) = status.migration.as_mut() {
+        m.state = Some(MigrationState::Aborted);
+        m.end_time = Some(Time(now));
+        m.message = Some(why.to_string());
+        m.progress = None;
+    }
+}
+
+/// `status` with the claim of fenced node `fenced` reset: `holder` is the new holder (the
+/// target of a running migration, which may have the guest) or nobody, and a move under way
+/// is recorded as `Aborted`.
+pub fn unfenced(status: &mut DomainStatus, fenced: &str, holder: Option<&str>, now: Timestamp) {
+    status.node_name = holder.map(str::to_string);
+    if let Some(m) = status.migration.as_mut()
+        && matches!(
+            m.state,
+            Some(MigrationState::Pending | MigrationState::Running)
+        )
+    {
+        m.state = Some(MigrationState::Aborted);
+        m.end_time = Some(Time(now));
+        m.message = Some(format!(
+            "node {fenced} was declared fenced while the move was under way"
+        ));
+        m.progress = None;
+    }
+    if holder.is_none() {
+        // Nothing runs anywhere now: what the fenced node's agent last wrote is history.
+        status.phase = Some(DomainPhase::Pending);
+        status.id = None;
+    }
+}
+
+/// The key of a domain in the backoff table: its uid (a domain deleted and created again
+/// under the same name starts afresh).
+pub fn backoff_key(dom: &Domain) -> String {
+    dom.uid().unwrap_or_else(|| super::usage::domain_key(dom))
+}
+
+/// How a move ended, as seen in status.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    /// `Succeeded`, `Failed` or `Aborted`.
+    pub state: MigrationState,
+    /// Seconds from start to end, when both are recorded.
+    pub seconds: Option<f64>,
+}
+
+/// One move that failed or was aborted, and how long to wait before approving it again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Entry {
+    source: String,
+    target: String,
+    failures: u32,
+    until: Timestamp,
+}
+
+/// The backoff after failed or aborted moves (in memory: a restarted controller waits
+/// `move_backoff` after the last recorded failure, then starts counting again), and the
+/// record of which ends were already seen (so each is counted once in the metrics).
+#[derive(Debug, Default)]
+pub struct Backoff {
+    entries: HashMap<String, Entry>,
+    /// The last terminal record seen per domain: (state, source, target, end time).
+    seen: HashMap<String, (MigrationState, String, String, Option<Timestamp>)>,
+}
+
+impl Backoff {
+    /// Looks at the domain's move record. A record not seen before that ended `Failed` or
+    /// `Aborted` starts (or, for the same move, doubles) the wait; `Succeeded` clears it.
+    /// Returns the outcome when the record is new, for the metrics.
+    pub fn observe(
+        &mut self,
+        key: &str,
+        record: Option<&MigrationStatus>,
+        settings: &Settings,
+    ) -> Option<Outcome> {
+        let record = record?;
+        let state = record.state?;
+        if matches!(state, MigrationState::Pending | MigrationState::Running) {
+            return None;
+        }
+        let source = record.source_node.clone().unwrap_or_default();
+        let target = record.target_node.clone().unwrap_or_default();
+        // Whole seconds: that is what a `Time` keeps once written (a record must not look
+        // new because someone wrote it back).
+        let end = record
+            .end_time
+            .as_ref()
+            .and_then(|t| Timestamp::from_second(t.0.as_second()).ok());
+        let id = (state, source.clone(), target.clone(), end);
+        if self.seen.get(key) == Some(&id) {
+            return None;
+        }
+        self.seen.insert(key.to_string(), id);
+        let seconds = match (&record.start_time, end) {
+            (Some(start), Some(end)) => {
+                let d = end.duration_since(start.0);
+                (!d.is_negative()).then(|| d.as_secs_f64())
+            }
+            _ => None,
+        };
+        if state == MigrationState::Succeeded {
+            self.entries.remove(key);
+        } else {
+            let failures = match self.entries.get(key) {
+                Some(e) if e.source == source && e.target == target => e.failures + 1,
+                _ => 1,
+            };
+            let wait = settings
+                .move_backoff
+                .saturating_mul(1 << (failures - 1).min(16))
+                .min(settings.move_backoff_max);
+            let from = end.unwrap_or_else(Timestamp::now);
+            self.entries.insert(
+                key.to_string(),
+                Entry {
+                    source,
+                    target,
+                    failures,
+                    until: after(from, wait),
+                },
+            );
+        }
+        Some(Outcome { state, seconds })
+    }
+
+    /// Until when the move `source` → `target` of domain `key` waits, if it does.
+    pub fn blocks(
+        &self,
+        key: &str,
+        source: &str,
+        target: &str,
+        now: Timestamp,
+    ) -> Option<Timestamp> {
+        self.entries
+            .get(key)
+            .filter(|e| e.source == source && e.target == target && e.until > now)
+            .map(|e| e.until)
+    }
+
+    /// The earliest moment a wait ends after `now`.
+    pub fn next_expiry(&self, now: Timestamp) -> Option<Timestamp> {
+        self.entries
+            .values()
+            .map(|e| e.until)
+            .filter(|u| *u > now)
+            .min()
+    }
+
+    /// Forgets domains that no longer exist.
+    pub fn retain(&mut self, keys: &std::collections::HashSet<String>) {
+        self.entries.retain(|k, _| keys.contains(k));
+        self.seen.retain(|k, _| keys.contains(k));
+    }
+}

@@ -1,0 +1,777 @@
+//! One pass over the cluster: the I/O shell around the pure decisions. From one read of
+//! every object it decides each Domain (in name order, so the migration limits and the
+//! nodes' memory are shared out deterministically), then each Volume, then the routing
+//! labels, then the HypervisorNodes' conditions, writing only what changed.
+//!
+//! Every status write is a compare-and-swap ([`write_status`]); a write refused because the
+//! object changed since it was read is followed by a fresh GET and a new decision. What the
+//! pass wrote is remembered until the watch caches catch up, so the next pass does not decide
+//! on a version older than its own write.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Client, Resource, ResourceExt};
+use serde_json::json;
+use virtkube_crds::conditions::READY;
+use virtkube_crds::domain::MigrationState;
+use virtkube_crds::{API_VERSION, Domain, HypervisorNode, Network, StoragePool, Volume};
+
+use crate::placement::ControllerStep;
+use crate::placement::write::{WriteError, write_status};
+
+use super::binding::finalizer_removal;
+use super::decide::{Decision, Inputs, Note, decide};
+use super::drain::{self, Progress};
+use super::labels;
+use super::liveness::{self, HEARTBEAT_STALE};
+use super::metrics::{DecisionLabels, Metrics, OutcomeLabels, ReasonLabels};
+use super::moves::{self, Backoff, backoff_key};
+use super::settings::{FIELD_MANAGER, Settings};
+use super::usage::{Usage, domain_key};
+use super::view::{Cluster, after};
+use super::volumes::{Consumers, decide_volume};
+
+/// How often a conflicting write is decided again within one pass before the next pass
+/// takes over.
+const ATTEMPTS: usize = 3;
+
+/// What a pass needs: the client, the knobs, the metrics and the event recorder.
+pub struct Ctx {
+    /// The Kubernetes client.
+    pub client: Client,
+    /// The knobs.
+    pub settings: Settings,
+    /// The metrics.
+    pub metrics: Arc<Metrics>,
+    /// Publishes events.
+    pub recorder: Recorder,
+}
+
+/// One read of every object the controller decides on.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// Domains.
+    pub domains: Vec<Domain>,
+    /// Volumes.
+    pub volumes: Vec<Volume>,
+    /// HypervisorNodes.
+    pub hypervisors: Vec<HypervisorNode>,
+    /// Kubernetes Nodes.
+    pub nodes: Vec<Node>,
+    /// Networks.
+    pub networks: Vec<Network>,
+    /// StoragePools.
+    pub pools: Vec<StoragePool>,
+}
+
+impl Snapshot {
+    /// Lists every object (the watch caches do this in the controller; tests call it
+    /// directly).
+    pub async fn list(client: &Client) -> Result<Snapshot, kube::Error> {
+        let lp = ListParams::default();
+        Ok(Snapshot {
+            domains: Api::<Domain>::all(client.clone()).list(&lp).await?.items,
+            volumes: Api::<Volume>::all(client.clone()).list(&lp).await?.items,
+            hypervisors: Api::<HypervisorNode>::all(client.clone())
+                .list(&lp)
+                .await?
+                .items,
+            nodes: Api::<Node>::all(client.clone()).list(&lp).await?.items,
+            networks: Api::<Network>::all(client.clone()).list(&lp).await?.items,
+            pools: Api::<StoragePool>::all(client.clone())
+                .list(&lp)
+                .await?
+                .items,
+        })
+    }
+}
+
+/// An object this controller wrote, until the caches show it: the versions it replaced and
+/// the latest.
+#[derive(Debug, Clone)]
+struct Written<K> {
+    replaced: Vec<String>,
+    latest: K,
+}
+
+/// What passes remember from one to the next.
+#[derive(Debug, Default)]
+pub struct PassState {
+    backoff: Backoff,
+    domains: HashMap<String, Written<Domain>>,
+    volumes: HashMap<String, Written<Volume>>,
+    /// Whether a pass has run (the first only notes which moves already ended).
+    started: bool,
+    /// Per drained node, the last progress reported as an event.
+    drain_reported: HashMap<String, String>,
+    /// Nodes annotated fenced while still heard from, already warned about.
+    fence_warned: HashSet<String>,
+}
+
+/// What a pass found, for the loop that runs passes.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Report {
+    /// When something time-based changes next (a heartbeat goes stale, a pending move runs
+    /// out of time, a backoff ends).
+    pub next_wake: Option<Timestamp>,
+    /// Writes made.
+    pub writes: usize,
+    /// Writes refused for a conflict.
+    pub conflicts: usize,
+}
+
+fn remember<K: Resource + Clone>(
+    map: &mut HashMap<String, Written<K>>,
+    key: String,
+    before: &K,
+    latest: K,
+) {
+    let entry = map.entry(key).or_insert_with(|| Written {
+        replaced: Vec::new(),
+        latest: latest.clone(),
+    });
+    entry
+        .replaced
+        .extend(before.meta().resource_version.clone());
+    entry.latest = latest;
+}
+
+/// Replaces cached objects older than this controller's own writes with what it wrote, and
+/// forgets writes the cache has caught up with.
+fn overlay<K: Resource + Clone>(
+    objects: &mut [K],
+    written: &mut HashMap<String, Written<K>>,
+    key: impl Fn(&K) -> String,
+) {
+    let mut live = HashSet::new();
+    for obj in objects.iter_mut() {
+        let k = key(obj);
+        let rv = obj.meta().resource_version.clone().unwrap_or_default();
+        if let Some(w) = written.get(&k)
+            && w.replaced.contains(&rv)
+        {
+            *obj = w.latest.clone();
+            live.insert(k);
+        }
+    }
+    written.retain(|k, _| live.contains(k));
+}
+
+fn volume_key(vol: &Volume) -> String {
+    format!("{}/{}", vol.namespace().unwrap_or_default(), vol.name_any())
+}
+
+/// Runs one pass over `snap` at `now`.
+pub async fn pass(ctx: &Ctx, state: &mut PassState, snap: Snapshot, now: Timestamp) -> Report {
+    let started = std::time::Instant::now();
+    let Snapshot {
+        mut domains,
+        mut volumes,
+        hypervisors,
+        nodes,
+        networks,
+        pools,
+    } = snap;
+    overlay(&mut domains, &mut state.domains, domain_key);
+    overlay(&mut volumes, &mut state.volumes, volume_key);
+    domains.sort_by_key(domain_key);
+    volumes.sort_by_key(volume_key);
+    let mut report = Report::default();
+    let settings = &ctx.settings;
+    let cluster = Cluster::build(
+        &hypervisors,
+        &nodes,
+        &networks,
+        &pools,
+        &volumes,
+        settings,
+        now,
+    );
+
+    // How moves ended, once per record (the first pass only notes what it finds).
+    let first = !state.started;
+    state.started = true;
+    for dom in &domains {
+        let record = dom.status.as_ref().and_then(|s| s.migration.as_ref());
+        if let Some(outcome) = state.backoff.observe(&backoff_key(dom), record, settings)
+            && !first
+        {
+            let labels = OutcomeLabels {
+                outcome: format!("{:?}", outcome.state),
+            };
+            ctx.metrics.migrations_finished.get_or_create(&labels).inc();
+            if let Some(seconds) = outcome.seconds
+                && outcome.state != MigrationState::Aborted
+            {
+                ctx.metrics
+                    .migration_duration
+                    .get_or_create(&labels)
+                    .observe(seconds);
+            }
+        }
+    }
+    let keys: HashSet<String> = domains.iter().map(backoff_key).collect();
+    state.backoff.retain(&keys);
+
+    // Domains.
+    let mut usage = Usage::of(&domains);
+    let mut progress: BTreeMap<String, Progress> = cluster
+        .nodes
+        .values()
+        .filter(|n| n.draining())
+        .map(|n| (n.name.clone(), Progress::default()))
+        .collect();
+    let mut waiting = 0i64;
+    let mut kept = Vec::with_capacity(domains.len());
+    for dom in domains {
+        let (dom, decision) =
+            reconcile_domain(ctx, state, &cluster, &mut usage, dom, now, &mut report).await;
+        if let Some(d) = &decision {
+            if d.step == ControllerStep::MoveWaits {
+                waiting += 1;
+            }
+            if let Some((node, role)) = &d.drain
+                && let Some(p) = progress.get_mut(node)
+            {
+                p.count(role);
+            }
+        }
+        kept.extend(dom);
+    }
+    let domains = kept;
+    for dom in &domains {
+        if let Some(from) = drain::moved_from(dom)
+            && let Some(p) = progress.get_mut(from)
+        {
+            p.moved += 1;
+        }
+    }
+
+    // Volumes (they follow the domains just bound).
+    let consumers = Consumers::of(&domains, &volumes);
+    let mut kept = Vec::with_capacity(volumes.len());
+    for vol in volumes {
+        kept.extend(
+            reconcile_volume(ctx, state, &cluster, &consumers, vol, now, &mut report).await,
+        );
+    }
+    let volumes = kept;
+
+    // Routing labels, from the claims as they are now.
+    let consumers = Consumers::of(&domains, &volumes);
+    for dom in &domains {
+        let desired = labels::domain_labels(dom);
+        relabel(ctx, state, dom, &desired, &mut report).await;
+    }
+    for vol in &volumes {
+        let ns = vol.namespace().unwrap_or_default();
+        let holder = vol.status.as_ref().and_then(|s| s.node_name.as_deref());
+        let desired = labels::volume_labels(holder, &consumers.users(&ns, &vol.name_any()));
+        relabel(ctx, state, vol, &desired, &mut report).await;
+    }
+
+    // HypervisorNodes: liveness and drain progress.
+    for hvn in &hypervisors {
+        let Some(view) = cluster.node(&hvn.name_any()) else {
+            continue;
+        };
+        reconcile_node(
+            ctx,
+            state,
+            hvn,
+            view,
+            progress.get(&view.name),
+            now,
+            &mut report,
+        )
+        .await;
+    }
+    state
+        .drain_reported
+        .retain(|node, _| progress.contains_key(node));
+
+    // Gauges and the next time-based change.
+    let m = &ctx.metrics;
+    m.pending_binds.set(
+        domains
+            .iter()
+            .filter(|d| d.metadata.deletion_timestamp.is_none())
+            .filter(|d| {
+                d.status
+                    .as_ref()
+                    .and_then(|s| s.node_name.as_ref())
+                    .is_none()
+            })
+            .count() as i64,
+    );
+    m.active_moves.set(usage.active_moves() as i64);
+    m.waiting_moves.set(waiting);
+    m.unreachable_nodes
+        .set(cluster.nodes.values().filter(|n| !n.fresh).count() as i64);
+    m.draining_nodes.set(progress.len() as i64);
+    m.passes.inc();
+    m.pass_duration.observe(started.elapsed().as_secs_f64());
+    report.next_wake = next_wake(&cluster, &domains, &state.backoff, settings, now);
+    report
+}
+
+/// Decides and writes one Domain; returns it as it is now (`None` when it is gone) and the
+/// decision carried out.
+async fn reconcile_domain(
+    ctx: &Ctx,
+    state: &mut PassState,
+    cluster: &Cluster,
+    usage: &mut Usage,
+    mut dom: Domain,
+    now: Timestamp,
+    report: &mut Report,
+) -> (Option<Domain>, Option<Decision>) {
+    let key = domain_key(&dom);
+    let api: Api<Domain> =
+        Api::namespaced(ctx.client.clone(), &dom.namespace().unwrap_or_default());
+    let name = dom.name_any();
+    for _ in 0..ATTEMPTS {
+        let decision = {
+            let inputs = Inputs {
+                cluster,
+                usage,
+                settings: &ctx.settings,
+                backoff: &state.backoff,
+                now,
+            };
+            decide(&dom, &inputs)
+        };
+        let result = if decision.step == ControllerStep::Finalize {
+            let Some(patch) = finalizer_removal(&dom) else {
+                return (Some(dom), Some(decision));
+            };
+            let params = PatchParams {
+                field_manager: Some(FIELD_MANAGER.into()),
+                ..PatchParams::default()
+            };
+            match api.patch(&name, &params, &Patch::Json::<()>(patch)).await {
+                Ok(new) => {
+                    ctx.metrics.finalized.inc();
+                    Ok(new)
+                }
+                Err(kube::Error::Api(e)) if e.code == 409 || e.code == 422 => {
+                    Err(WriteError::Conflict {
+                        kind: "Domain".into(),
+                        name: name.clone(),
+                        rv: dom.resource_version().unwrap_or_default(),
+                    })
+                }
+                Err(kube::Error::Api(e)) if e.code == 404 => Err(WriteError::Gone {
+                    kind: "Domain".into(),
+                    name: name.clone(),
+                }),
+                Err(e) => Err(WriteError::Kube(e)),
+            }
+        } else {
+            let unchanged = match &dom.status {
+                Some(s) => *s == decision.status,
+                None => decision.status == Default::default(),
+            };
+            if unchanged {
+                return (Some(dom), Some(decision));
+            }
+            write_status(&api, &dom, &decision.status, FIELD_MANAGER).await
+        };
+        match result {
+            Ok(new) => {
+                report.writes += 1;
+                ctx.metrics.wrote("Domain");
+                record_decision(&ctx.metrics, &decision);
+                tracing::info!(domain = %key, step = ?decision.step, "decided");
+                for note in &decision.notes {
+                    publish(&ctx.recorder, &new, note).await;
+                }
+                let gone = new.metadata.deletion_timestamp.is_some()
+                    && new.metadata.finalizers.as_ref().is_none_or(Vec::is_empty);
+                if gone {
+                    // The last finalizer is off: the API server deleted it.
+                    usage.remove(&key);
+                    return (None, Some(decision));
+                }
+                usage.replace(&new);
+                remember(&mut state.domains, key, &dom, new.clone());
+                return (Some(new), Some(decision));
+            }
+            Err(e) if e.is_conflict() => {
+                report.conflicts += 1;
+                ctx.metrics.conflict("Domain");
+                tracing::debug!(domain = %key, error = %e, "reading again");
+                match api.get_opt(&name).await {
+                    Ok(Some(fresh)) => {
+                        usage.replace(&fresh);
+                        dom = fresh;
+                    }
+                    Ok(None) => {
+                        usage.remove(&key);
+                        return (None, None);
+                    }
+                    Err(e) => {
+                        ctx.metrics.error("Domain");
+                        tracing::warn!(domain = %key, error = %e, "reading the domain again failed; next pass");
+                        return (Some(dom), None);
+                    }
+                }
+            }
+            Err(WriteError::Gone { .. }) => {
+                usage.remove(&key);
+                return (None, None);
+            }
+            Err(e) => {
+                ctx.metrics.error("Domain");
+                tracing::warn!(domain = %key, error = %e, "writing the decision failed; next pass");
+                return (Some(dom), None);
+            }
+        }
+    }
+    (Some(dom), None)
+}
+
+fn record_decision(m: &Metrics, d: &Decision) {
+    match &d.step {
+        ControllerStep::Bind { .. } | ControllerStep::Unschedulable => {
+            let scheduled =
+                virtkube_crds::conditions::find(&d.status.conditions, super::conditions::SCHEDULED);
+            let bound = matches!(d.step, ControllerStep::Bind { .. });
+            m.scheduling
+                .get_or_create(&DecisionLabels {
+                    decision: if bound { "bound" } else { "unschedulable" }.into(),
+                    reason: scheduled.map(|c| c.reason.clone()).unwrap_or_default(),
+                })
+                .inc();
+            for reason in d.refused.iter().flat_map(|r| r.reasons()) {
+                m.scheduling_failures
+                    .get_or_create(&ReasonLabels {
+                        reason: reason.into(),
+                    })
+                    .inc();
+            }
+        }
+        ControllerStep::Unfence { .. } => {
+            m.unfenced.inc();
+        }
+        _ => {}
+    }
+    if let Some(reason) = d.approved {
+        m.migrations_approved
+            .get_or_create(&ReasonLabels {
+                reason: reason.into(),
+            })
+            .inc();
+    }
+    if let Some(reason) = d.cancelled {
+        m.migrations_cancelled
+            .get_or_create(&ReasonLabels {
+                reason: reason.into(),
+            })
+            .inc();
+    }
+}
+
+/// Decides and writes one Volume; returns it as it is now (`None` when it is gone).
+async fn reconcile_volume(
+    ctx: &Ctx,
+    state: &mut PassState,
+    cluster: &Cluster,
+    consumers: &Consumers,
+    mut vol: Volume,
+    now: Timestamp,
+    report: &mut Report,
+) -> Option<Volume> {
+    let key = volume_key(&vol);
+    let api: Api<Volume> =
+        Api::namespaced(ctx.client.clone(), &vol.namespace().unwrap_or_default());
+    let name = vol.name_any();
+    for _ in 0..ATTEMPTS {
+        let unbound = vol
+            .status
+            .as_ref()
+            .and_then(|s| s.node_name.as_ref())
+            .is_none();
+        let result = if vol.metadata.deletion_timestamp.is_some() && unbound {
+            // Nobody holds it, so no image exists anywhere: nothing to clean up.
+            let patch = finalizer_removal(&vol)?;
+            let params = PatchParams {
+                field_manager: Some(FIELD_MANAGER.into()),
+                ..PatchParams::default()
+            };
+            api.patch(&name, &params, &Patch::Json::<()>(patch))
+                .await
+                .map_err(|e| match e {
+                    kube::Error::Api(ae) if ae.code == 409 || ae.code == 422 => {
+                        WriteError::Conflict {
+                            kind: "Volume".into(),
+                            name: name.clone(),
+                            rv: String::new(),
+                        }
+                    }
+                    kube::Error::Api(ae) if ae.code == 404 => WriteError::Gone {
+                        kind: "Volume".into(),
+                        name: name.clone(),
+                    },
+                    e => WriteError::Kube(e),
+                })
+                .map(|v| (v, Vec::new()))
+        } else {
+            let decision = decide_volume(&vol, cluster, consumers, now);
+            let unchanged = match &vol.status {
+                Some(s) => *s == decision.status,
+                None => decision.status == Default::default(),
+            };
+            if unchanged {
+                return Some(vol);
+            }
+            write_status(&api, &vol, &decision.status, FIELD_MANAGER)
+                .await
+                .map(|v| (v, decision.notes))
+        };
+        match result {
+            Ok((new, notes)) => {
+                report.writes += 1;
+                ctx.metrics.wrote("Volume");
+                if new.metadata.deletion_timestamp.is_some()
+                    && new.metadata.finalizers.as_ref().is_none_or(Vec::is_empty)
+                {
+                    return None;
+                }
+                for note in &notes {
+                    publish(&ctx.recorder, &new, note).await;
+                }
+                remember(&mut state.volumes, key, &vol, new.clone());
+                return Some(new);
+            }
+            Err(e) if e.is_conflict() => {
+                report.conflicts += 1;
+                ctx.metrics.conflict("Volume");
+                match api.get_opt(&name).await {
+                    Ok(fresh) => vol = fresh?,
+                    Err(e) => {
+                        ctx.metrics.error("Volume");
+                        tracing::warn!(volume = %key, error = %e, "reading the volume again failed; next pass");
+                        return Some(vol);
+                    }
+                }
+            }
+            Err(WriteError::Gone { .. }) => return None,
+            Err(e) => {
+                ctx.metrics.error("Volume");
+                tracing::warn!(volume = %key, error = %e, "writing the volume's status failed; next pass");
+                return Some(vol);
+            }
+        }
+    }
+    Some(vol)
+}
+
+/// Sets the node labels of a Domain or Volume to `desired` (a merge patch touching only
+/// `node.virtkube.io/*` keys).
+async fn relabel<K>(
+    ctx: &Ctx,
+    state: &mut PassState,
+    obj: &K,
+    desired: &BTreeMap<String, String>,
+    report: &mut Report,
+) where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Labelled,
+{
+    let Some(body) = labels::label_patch(obj.labels(), desired) else {
+        return;
+    };
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
+    let params = PatchParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..PatchParams::default()
+    };
+    let kind = K::kind(&());
+    match api
+        .patch(&obj.name_any(), &params, &Patch::Merge(&body))
+        .await
+    {
+        Ok(new) => {
+            report.writes += 1;
+            ctx.metrics.wrote(&kind);
+            K::remember(state, obj, new);
+        }
+        Err(kube::Error::Api(e)) if e.code == 404 => {}
+        Err(e) => {
+            ctx.metrics.error(&kind);
+            tracing::warn!(kind = %kind, object = %obj.name_any(), error = %e, "labelling failed; next pass");
+        }
+    }
+}
+
+/// The objects the controller labels, and where their writes are remembered.
+trait Labelled: Sized {
+    fn remember(state: &mut PassState, before: &Self, latest: Self);
+}
+
+impl Labelled for Domain {
+    fn remember(state: &mut PassState, before: &Self, latest: Self) {
+        remember(&mut state.domains, domain_key(before), before, latest);
+    }
+}
+
+impl Labelled for Volume {
+    fn remember(state: &mut PassState, before: &Self, latest: Self) {
+        remember(&mut state.volumes, volume_key(before), before, latest);
+    }
+}
+
+/// Applies the controller's conditions to a HypervisorNode and reports transitions.
+async fn reconcile_node(
+    ctx: &Ctx,
+    state: &mut PassState,
+    hvn: &HypervisorNode,
+    view: &super::view::NodeView,
+    progress: Option<&Progress>,
+    now: Timestamp,
+    report: &mut Report,
+) {
+    let name = hvn.name_any();
+    let desired = liveness::node_conditions(hvn, view, progress, &ctx.settings, now);
+    if liveness::needs_apply(hvn, &desired, FIELD_MANAGER) {
+        let status = if desired.is_empty() {
+            json!({})
+        } else {
+            json!({"conditions": desired})
+        };
+        let body = json!({"apiVersion": API_VERSION, "kind": "HypervisorNode", "status": status});
+        let api: Api<HypervisorNode> = Api::all(ctx.client.clone());
+        match api
+            .patch_status(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&body),
+            )
+            .await
+        {
+            Ok(_) => {
+                report.writes += 1;
+                ctx.metrics.wrote("HypervisorNode");
+            }
+            Err(e) => {
+                ctx.metrics.error("HypervisorNode");
+                tracing::warn!(node = %name, error = %e, "writing the node's conditions failed; next pass");
+            }
+        }
+        let was_stale = hvn
+            .status
+            .as_ref()
+            .and_then(|s| virtkube_crds::conditions::find(&s.conditions, READY))
+            .is_some_and(|c| c.reason == HEARTBEAT_STALE);
+        if !view.fresh && !was_stale {
+            let note = Note {
+                warning: true,
+                reason: "NodeUnreachable".into(),
+                action: "Watch",
+                message: desired
+                    .iter()
+                    .find(|c| c.type_ == READY)
+                    .map(|c| c.message.clone())
+                    .unwrap_or_default(),
+            };
+            publish(&ctx.recorder, hvn, &note).await;
+        }
+    }
+    if let Some(p) = progress {
+        let message = p.message();
+        if state.drain_reported.get(&name) != Some(&message) {
+            let note = Note {
+                warning: false,
+                reason: p.reason().into(),
+                action: "Drain",
+                message: message.clone(),
+            };
+            publish(&ctx.recorder, hvn, &note).await;
+            state.drain_reported.insert(name.clone(), message);
+        }
+    }
+    if view.fenced_annotation && view.fresh {
+        if state.fence_warned.insert(name.clone()) {
+            let note = Note {
+                warning: true,
+                reason: "FenceIgnored".into(),
+                action: "Unfence",
+                message: format!(
+                    "{name} is annotated {}=true but its agent still sends heartbeats: its guests may be running, so nothing is moved off it",
+                    super::view::FENCED_ANNOTATION
+                ),
+            };
+            publish(&ctx.recorder, hvn, &note).await;
+        }
+    } else {
+        state.fence_warned.remove(&name);
+    }
+}
+
+/// Publishes an event; a failure is logged, never fatal (the status is the record).
+async fn publish<K: Resource<DynamicType = ()>>(recorder: &Recorder, obj: &K, note: &Note) {
+    let mut message = note.message.clone();
+    // The API server refuses notes over 1 kB.
+    if message.len() > 1000 {
+        let mut end = 1000;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+    }
+    let event = Event {
+        type_: if note.warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: note.reason.clone(),
+        note: Some(message),
+        action: note.action.into(),
+        secondary: None,
+    };
+    if let Err(e) = recorder.publish(&event, &obj.object_ref(&())).await {
+        tracing::warn!(error = %e, reason = %note.reason, "publishing an event failed");
+    }
+}
+
+/// The earliest time-based change after `now`: a fresh heartbeat going stale, a pending
+/// move running out of time, a backoff ending.
+fn next_wake(
+    cluster: &Cluster,
+    domains: &[Domain],
+    backoff: &Backoff,
+    settings: &Settings,
+    now: Timestamp,
+) -> Option<Timestamp> {
+    let stale = cluster
+        .nodes
+        .values()
+        .filter(|n| n.fresh)
+        .filter_map(|n| n.heartbeat)
+        .map(|hb| {
+            after(
+                hb,
+                settings.heartbeat_grace + std::time::Duration::from_secs(1),
+            )
+        });
+    let pending = domains
+        .iter()
+        .filter_map(|d| d.status.as_ref()?.migration.as_ref())
+        .filter_map(|m| moves::pending_deadline(m, settings))
+        .map(|t| after(t, std::time::Duration::from_millis(10)));
+    stale
+        .chain(pending)
+        .chain(backoff.next_expiry(now))
+        .filter(|t| *t > now)
+        .min()
+}

@@ -1,0 +1,340 @@
+//! Volume binding: a Volume's `status.nodeName` is its holder, the one node that creates,
+//! grows and deletes its image. Pure.
+//!
+//! Rules, first match wins, for a Volume not bound yet:
+//! 1. `spec.nodeName` set: that node (once it has a HypervisorNode).
+//! 2. cloned from or layered on a volume of a node-local pool: the source's node (waiting,
+//!    `WaitingForSource`, until the source is tied to one).
+//! 3. in a `shared: true` pool: the node of the first Domain using it (directly, or through
+//!    a volume cloned from it) when the pool runs there, else the first Ready node (by name)
+//!    where the pool runs.
+//! 4. in a node-local pool: wait for the first consumer (`WaitingForConsumer`), then the
+//!    node of the first Domain using it once that domain is bound. The scheduler in turn
+//!    keeps every domain using a tied node-local volume on that node.
+//!
+//! A bound volume keeps its node, except in a shared pool whose holder was declared fenced:
+//! any other node running the pool takes it over.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+use virtkube_crds::conditions::status;
+use virtkube_crds::volume::VolumeStatus;
+use virtkube_crds::{Domain, Volume};
+
+use super::conditions::{SCHEDULED, set};
+use super::decide::Note;
+use super::usage::domain_key;
+use super::view::{Cluster, NodeView};
+
+type Key = (String, String);
+
+/// One domain's use of a volume: (domain key, its holder, the target of its move under way).
+type Use = (String, Option<String>, Option<String>);
+
+/// Who uses which volume.
+#[derive(Debug, Clone, Default)]
+pub struct Consumers {
+    /// (namespace, volume) → the domains using it: (domain key, holder, target of a move
+    /// under way), in domain-key order.
+    by_volume: BTreeMap<Key, Vec<Use>>,
+    /// (namespace, source volume) → volumes cloned from it or layered on it.
+    derived: BTreeMap<Key, Vec<String>>,
+    /// (namespace, volume) → its holder.
+    holders: BTreeMap<Key, Option<String>>,
+}
+
+impl Consumers {
+    /// The consumers among `domains` and `volumes`.
+    pub fn of<'a>(
+        domains: impl IntoIterator<Item = &'a Domain>,
+        volumes: impl IntoIterator<Item = &'a Volume>,
+    ) -> Consumers {
+        let mut c = Consumers::default();
+        for dom in domains {
+            let ns = dom.namespace().unwrap_or_default();
+            let facts = crate::placement::write::facts_of(dom);
+            let target = facts.claim.active_move().map(|m| m.target.clone());
+            for vol in dom.spec.disks.iter().filter_map(|d| d.volume.as_ref()) {
+                c.by_volume
+                    .entry((ns.clone(), vol.clone()))
+                    .or_default()
+                    .push((domain_key(dom), facts.claim.holder.clone(), target.clone()));
+            }
+        }
+        for list in c.by_volume.values_mut() {
+            list.sort();
+        }
+        for vol in volumes {
+            let ns = vol.namespace().unwrap_or_default();
+            c.holders.insert(
+                (ns.clone(), vol.name_any()),
+                vol.status.as_ref().and_then(|s| s.node_name.clone()),
+            );
+            if let Some(source) = vol.spec.source.as_ref().and_then(|s| s.referenced_volume()) {
+                c.derived
+                    .entry((ns, source.to_string()))
+                    .or_default()
+                    .push(vol.name_any());
+            }
+        }
+        for list in c.derived.values_mut() {
+            list.sort();
+        }
+        c
+    }
+
+    /// The volume and every volume cloned from or layered on it, transitively (bounded, so
+    /// a cycle ends).
+    fn family(&self, ns: &str, name: &str) -> Vec<String> {
+        let mut out = vec![name.to_string()];
+        let mut i = 0;
+        while i < out.len() && out.len() < 64 {
+            if let Some(children) = self.derived.get(&(ns.to_string(), out[i].clone())) {
+                for child in children {
+                    if !out.contains(child) {
+                        out.push(child.clone());
+                    }
+                }
+            }
+            i += 1;
+        }
+        out
+    }
+
+    /// The node of the first bound Domain using the volume, directly or through a volume
+    /// derived from it.
+    pub fn first_node(&self, ns: &str, name: &str) -> Option<String> {
+        self.family(ns, name).iter().find_map(|v| {
+            self.by_volume
+                .get(&(ns.to_string(), v.clone()))?
+                .iter()
+                .find_map(|(_, holder, _)| holder.clone())
+        })
+    }
+
+    /// Every node whose agent needs to see the volume: the nodes holding (or receiving in a
+    /// move) a Domain that uses it or a volume derived from it, and the holders of volumes
+    /// derived from it (which read it to create theirs).
+    pub fn users(&self, ns: &str, name: &str) -> BTreeSet<String> {
+        let mut nodes = BTreeSet::new();
+        for (i, v) in self.family(ns, name).iter().enumerate() {
+            let key = (ns.to_string(), v.clone());
+            if i > 0
+                && let Some(Some(h)) = self.holders.get(&key)
+            {
+                nodes.insert(h.clone());
+            }
+            for (_, holder, target) in self.by_volume.get(&key).into_iter().flatten() {
+                nodes.extend(holder.clone());
+                nodes.extend(target.clone());
+            }
+        }
+        nodes
+    }
+}
+
+/// What the controller does about one Volume.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VolumeDecision {
+    /// The status it should have (write it when it differs).
+    pub status: VolumeStatus,
+    /// Events to publish after the write.
+    pub notes: Vec<Note>,
+}
+
+/// The controller's decision about `vol`.
+pub fn decide_volume(
+    vol: &Volume,
+    cluster: &Cluster,
+    consumers: &Consumers,
+    now: Timestamp,
+) -> VolumeDecision {
+    let old = vol.status.clone().unwrap_or_default();
+    let mut st = old.clone();
+    let generation = vol.metadata.generation;
+    let mut notes = Vec::new();
+    if vol.metadata.deletion_timestamp.is_some() {
+        return VolumeDecision { status: st, notes };
+    }
+    let outcome = match old.node_name.as_deref() {
+        Some(h) if !cluster.pool_is_local(&vol.spec.pool) && cluster.fenced(h) => {
+            Some(match shared_pick(vol, cluster, consumers, Some(h)) {
+                Some((node, _, _)) => Ok((
+                    node.clone(),
+                    "NodeFenced",
+                    format!(
+                        "node {h} was declared fenced: {node}, where the shared pool {} runs too, holds the volume now",
+                        vol.spec.pool
+                    ),
+                )),
+                None => Err((
+                    "PoolNotRunning",
+                    format!(
+                        "node {h} was declared fenced and the shared pool {} runs on no other Ready node",
+                        vol.spec.pool
+                    ),
+                )),
+            })
+        }
+        Some(_) => None,
+        None => Some(placement(vol, cluster, consumers)),
+    };
+    match outcome {
+        Some(Ok((node, reason, message))) => {
+            st.node_name = Some(node);
+            set(
+                &mut st.conditions,
+                SCHEDULED,
+                status::TRUE,
+                reason,
+                message.clone(),
+                generation,
+                now,
+            );
+            notes.push(Note {
+                warning: false,
+                reason: "Scheduled".into(),
+                action: "Schedule",
+                message,
+            });
+        }
+        Some(Err((reason, message))) => {
+            st.node_name = None;
+            if set(
+                &mut st.conditions,
+                SCHEDULED,
+                status::FALSE,
+                reason,
+                message.clone(),
+                generation,
+                now,
+            ) {
+                notes.push(Note {
+                    warning: false,
+                    reason: reason.to_string(),
+                    action: "Schedule",
+                    message,
+                });
+            }
+        }
+        None => {}
+    }
+    VolumeDecision { status: st, notes }
+}
+
+type Placed = Result<(String, &'static str, String), (&'static str, String)>;
+
+fn placement(vol: &Volume, cluster: &Cluster, consumers: &Consumers) -> Placed {
+    let ns = vol.namespace().unwrap_or_default();
+    let name = vol.name_any();
+    let pool = &vol.spec.pool;
+    if let Some(node) = &vol.spec.node_name {
+        return if cluster.node(node).is_some() {
+            Ok((
+                node.clone(),
+                "Requested",
+                format!("on {node} as spec.nodeName requests"),
+            ))
+        } else {
+            Err((
+                "NodeNotFound",
+                format!(
+                    "spec.nodeName is {node}, which has no HypervisorNode (no agent registered under that name)"
+                ),
+            ))
+        };
+    }
+    let Some(pool_view) = cluster.pools.get(pool) else {
+        return Err(("PoolNotFound", format!("pool {pool} does not exist")));
+    };
+    if let Some(source) = vol.spec.source.as_ref().and_then(|s| s.referenced_volume()) {
+        match cluster.volumes.get(&(ns.clone(), source.to_string())) {
+            None => {
+                return Err((
+                    "WaitingForSource",
+                    format!("source volume {source} does not exist"),
+                ));
+            }
+            Some(src) if cluster.pool_is_local(&src.pool) => {
+                return match cluster.volume_node(&ns, source) {
+                    Some(node) => Ok((
+                        node.clone(),
+                        "FollowsSource",
+                        format!(
+                            "on {node} with its source volume {source} (node-local pool {})",
+                            src.pool
+                        ),
+                    )),
+                    None => Err((
+                        "WaitingForSource",
+                        format!(
+                            "waiting for its source volume {source} (node-local pool {}) to be placed on a node",
+                            src.pool
+                        ),
+                    )),
+                };
+            }
+            Some(_) => {}
+        }
+    }
+    if pool_view.shared {
+        return shared_pick(vol, cluster, consumers, None).ok_or_else(|| {
+            (
+                "PoolNotRunning",
+                format!("the shared pool {pool} runs on no Ready node yet"),
+            )
+        });
+    }
+    match consumers.first_node(&ns, &name) {
+        Some(node) => Ok((
+            node.clone(),
+            "FollowsConsumer",
+            format!("on {node}, the node of the first Domain using it (node-local pool {pool})"),
+        )),
+        None => Err((
+            "WaitingForConsumer",
+            format!(
+                "the node-local pool {pool} keeps a volume on one node: it is placed on the node of the first Domain using it, once that domain is scheduled"
+            ),
+        )),
+    }
+}
+
+/// A node for a volume of a shared pool: the first consumer's node when the pool runs there,
+/// else the first Ready node (by name) where it runs; never `exclude`.
+fn shared_pick(
+    vol: &Volume,
+    cluster: &Cluster,
+    consumers: &Consumers,
+    exclude: Option<&str>,
+) -> Option<(String, &'static str, String)> {
+    let pool = cluster.pools.get(&vol.spec.pool)?;
+    let candidates: Vec<&String> = pool
+        .running_on
+        .iter()
+        .filter(|n| cluster.node(n).is_some_and(NodeView::available))
+        .filter(|n| Some(n.as_str()) != exclude)
+        .collect();
+    let ns = vol.namespace().unwrap_or_default();
+    if let Some(node) = consumers.first_node(&ns, &vol.name_any())
+        && candidates.contains(&&node)
+    {
+        let message = format!(
+            "on {node}, the node of the first Domain using it (shared pool {})",
+            vol.spec.pool
+        );
+        return Some((node, "FollowsConsumer", message));
+    }
+    candidates.first().map(|node| {
+        (
+            (*node).clone(),
+            "NodeAssigned",
+            format!(
+                "on {node}, a Ready node where the shared pool {} runs",
+                vol.spec.pool
+            ),
+        )
+    })
+}

@@ -1,0 +1,1097 @@
+//! The controller's pure decisions, table-tested: the scheduler's filters, score and
+//! messages; binding; moves (storage, cancel, pending timeout, backoff); drain; liveness
+//! and fencing; volume binding; routing labels.
+
+mod controller_support;
+
+use std::collections::BTreeSet;
+
+use controller_support::*;
+use serde_json::json;
+use virtkube::cluster::decide::{Decision, Inputs, decide};
+use virtkube::cluster::drain::Role;
+use virtkube::cluster::labels::{domain_labels, label_patch, volume_labels};
+use virtkube::cluster::moves::{Backoff, MoveWait, backoff_key};
+use virtkube::cluster::scheduler::{self, Refusal, Refused, choose, demand};
+use virtkube::cluster::settings::Settings;
+use virtkube::cluster::usage::Usage;
+use virtkube::cluster::volumes::{Consumers, decide_volume};
+use virtkube::placement::ControllerStep;
+use virtkube_crds::conditions::find;
+use virtkube_crds::domain::MigrationState;
+use virtkube_crds::{Domain, Volume};
+
+fn settings() -> Settings {
+    Settings::default()
+}
+
+/// Decides `dom` in `world` (whose domains count as placed) at `t`.
+fn decide_at(
+    world: &World,
+    dom: &Domain,
+    backoff: &Backoff,
+    t: k8s_openapi::jiff::Timestamp,
+) -> Decision {
+    let s = settings();
+    let cluster = world.cluster_at(&s, t);
+    let domains = world.domains();
+    let usage = Usage::of(&domains);
+    decide(
+        dom,
+        &Inputs {
+            cluster: &cluster,
+            usage: &usage,
+            settings: &s,
+            backoff,
+            now: t,
+        },
+    )
+}
+
+fn decide_now(world: &World, dom: &Domain) -> Decision {
+    decide_at(world, dom, &Backoff::default(), now())
+}
+
+fn three_nodes() -> World {
+    World {
+        hvns: vec![
+            hvn("node-a", "2Gi", 8, 10),
+            hvn("node-b", "16Gi", 8, 10),
+            hvn("node-c", "16Gi", 8, 10),
+        ],
+        nodes: vec![
+            k8s_node("node-a", false, json!([])),
+            k8s_node("node-b", true, json!([])),
+            k8s_node("node-c", false, json!([])),
+        ],
+        networks: vec![network("vk-nat", &["node-a", "node-b"])],
+        ..World::default()
+    }
+}
+
+#[test]
+fn the_unschedulable_message_names_each_node_and_why_as_kubectl_does() {
+    let world = three_nodes();
+    let dom: Domain = obj(with(
+        domain("default", "web", "2Gi"),
+        json!({"spec": {"interfaces": [{"name": "nic0", "network": "vk-nat"}]}}),
+    ));
+    let s = settings();
+    let cluster = world.cluster(&s);
+    let d = demand(&dom, &cluster).unwrap();
+    let refused = choose(&d, &cluster, &Usage::default(), &s, None).unwrap_err();
+    assert_eq!(
+        refused.message(),
+        "0/3 nodes are available: node-a: insufficient memory (needs 2Gi, 1Gi left); node-b: cordoned; node-c: network vk-nat not active"
+    );
+    assert_eq!(
+        refused.reasons(),
+        BTreeSet::from(["cordoned", "insufficient_memory", "network_inactive"])
+    );
+}
+
+#[test]
+fn each_filter_refuses_in_its_own_words() {
+    // (what the node or the domain has, the refusal expected on node-a)
+    let base = || World {
+        hvns: vec![hvn("node-a", "8Gi", 4, 10)],
+        ..World::default()
+    };
+    let plain = domain("default", "vm", "1Gi");
+    let cases: Vec<(&str, World, serde_json::Value, &str)> = vec![
+        (
+            "drain taint, even with a toleration of everything",
+            World {
+                nodes: vec![k8s_node(
+                    "node-a",
+                    false,
+                    json!([{"key": "virtkube.io/drain", "effect": "NoSchedule"}]),
+                )],
+                ..base()
+            },
+            with(
+                plain.clone(),
+                json!({"spec": {"tolerations": [{"operator": "Exists"}]}}),
+            ),
+            "draining (virtkube.io/drain)",
+        ),
+        (
+            "a NoSchedule taint not tolerated",
+            World {
+                nodes: vec![k8s_node(
+                    "node-a",
+                    false,
+                    json!([{"key": "gpu", "value": "yes", "effect": "NoSchedule"}]),
+                )],
+                ..base()
+            },
+            plain.clone(),
+            "taint gpu=yes:NoSchedule not tolerated",
+        ),
+        (
+            "a node selector",
+            base(),
+            with(
+                plain.clone(),
+                json!({"spec": {"nodeSelector": {"zone": "b"}}}),
+            ),
+            "node selector zone=b not matched",
+        ),
+        (
+            "a pool not running there",
+            World {
+                pools: vec![pool("images", true, &["node-z"])],
+                volumes: vec![volume("default", "root", "images")],
+                ..base()
+            },
+            with(
+                plain.clone(),
+                json!({"spec": {"disks": [{"name": "root", "volume": "root"}]}}),
+            ),
+            "pool images not running",
+        ),
+        (
+            "a node-local volume on another node",
+            World {
+                pools: vec![pool("local", false, &["node-a", "node-z"])],
+                volumes: vec![with(
+                    volume("default", "data", "local"),
+                    json!({"status": {"nodeName": "node-z"}}),
+                )],
+                ..base()
+            },
+            with(
+                plain.clone(),
+                json!({"spec": {"disks": [{"name": "data", "volume": "data"}]}}),
+            ),
+            "volume data is on node node-z",
+        ),
+        (
+            "a pinned CPU the node lacks",
+            base(),
+            with(
+                plain.clone(),
+                json!({"spec": {"cpu": {"vcpus": 1, "pinning": [{"vcpu": 0, "cpuset": "6"}]}}}),
+            ),
+            "pinned CPU 6 missing (4 CPUs)",
+        ),
+        (
+            "a pinned CPU another domain holds",
+            World {
+                domains: vec![with(
+                    domain("default", "other", "1Gi"),
+                    json!({"spec": {"cpu": {"vcpus": 1, "pinning": [{"vcpu": 0, "cpuset": "2-3"}]}},
+                           "status": {"nodeName": "node-a"}}),
+                )],
+                ..base()
+            },
+            with(
+                plain.clone(),
+                json!({"spec": {"cpu": {"vcpus": 1, "pinning": [{"vcpu": 0, "cpuset": "3"}]}}}),
+            ),
+            "pinned CPU 3 taken by default/other",
+        ),
+        (
+            "more vCPUs than the node allows a guest",
+            base(),
+            with(plain.clone(), json!({"spec": {"cpu": {"vcpus": 80}}})),
+            "too many vCPUs (needs 80, at most 64)",
+        ),
+        (
+            "a stale heartbeat",
+            World {
+                hvns: vec![hvn("node-a", "8Gi", 4, 600)],
+                ..World::default()
+            },
+            plain.clone(),
+            "heartbeat stale",
+        ),
+        (
+            "fenced (annotated and silent)",
+            World {
+                hvns: vec![with(
+                    hvn("node-a", "8Gi", 4, 600),
+                    json!({"metadata": {"annotations": {"virtkube.io/fenced": "true"}}}),
+                )],
+                ..World::default()
+            },
+            plain.clone(),
+            "fenced",
+        ),
+        (
+            "not Ready",
+            World {
+                hvns: vec![with(
+                    hvn("node-a", "8Gi", 4, 10),
+                    json!({"status": {"conditions": [{"type": "Ready", "status": "False", "reason": "LibvirtUnreachable", "message": "", "lastTransitionTime": NOW}]}}),
+                )],
+                ..World::default()
+            },
+            plain.clone(),
+            "not Ready (False, LibvirtUnreachable)",
+        ),
+    ];
+    let s = settings();
+    for (what, world, dom, expected) in cases {
+        let dom: Domain = obj(dom);
+        let cluster = world.cluster(&s);
+        let usage = Usage::of(&world.domains());
+        let d = demand(&dom, &cluster).unwrap_or_else(|p| panic!("{what}: {p:?}"));
+        let refused = choose(&d, &cluster, &usage, &s, None).unwrap_err();
+        let why: Vec<String> = refused.nodes[0].1.iter().map(ToString::to_string).collect();
+        assert_eq!(why, vec![expected.to_string()], "{what}");
+    }
+}
+
+#[test]
+fn tolerations_match_as_kubernetes_matches_them() {
+    let taint = scheduler::tolerated;
+    let t = |key: &str, value: Option<&str>, effect: &str| virtkube::cluster::view::NodeTaint {
+        key: key.into(),
+        value: value.map(str::to_string),
+        effect: effect.into(),
+    };
+    let tol = |v: serde_json::Value| -> Vec<virtkube_crds::domain::Toleration> { obj(v) };
+    let gpu = t("gpu", Some("yes"), "NoSchedule");
+    // (tolerations, tolerated?)
+    let cases = [
+        (json!([{"key": "gpu", "value": "yes"}]), true),
+        (json!([{"key": "gpu", "value": "no"}]), false),
+        (json!([{"key": "gpu", "operator": "Exists"}]), true),
+        (json!([{"operator": "Exists"}]), true),
+        (
+            json!([{"key": "gpu", "operator": "Exists", "effect": "NoExecute"}]),
+            false,
+        ),
+        (
+            json!([{"key": "gpu", "value": "yes", "effect": "NoSchedule"}]),
+            true,
+        ),
+        (json!([]), false),
+    ];
+    for (tolerations, expected) in cases {
+        assert_eq!(
+            taint(&tol(tolerations.clone()), &gpu),
+            expected,
+            "{tolerations}"
+        );
+    }
+    assert!(!taint(
+        &tol(json!([{"operator": "Exists"}])),
+        &t("virtkube.io/drain", None, "NoSchedule")
+    ));
+}
+
+#[test]
+fn the_score_prefers_most_memory_left_then_the_name_and_avoids_prefer_no_schedule() {
+    let s = settings();
+    let dom: Domain = obj(domain("default", "vm", "1Gi"));
+    let pick = |world: &World| {
+        let cluster = world.cluster(&s);
+        let usage = Usage::of(&world.domains());
+        choose(&demand(&dom, &cluster).unwrap(), &cluster, &usage, &s, None)
+            .unwrap()
+            .node
+    };
+    let mut world = World {
+        hvns: vec![
+            hvn("node-b", "8Gi", 4, 1),
+            hvn("node-a", "8Gi", 4, 1),
+            hvn("node-c", "4Gi", 4, 1),
+        ],
+        ..World::default()
+    };
+    assert_eq!(pick(&world), "node-a", "equal memory: by name");
+    world.domains.push(with(
+        domain("default", "big", "2Gi"),
+        json!({"status": {"nodeName": "node-a"}}),
+    ));
+    assert_eq!(pick(&world), "node-b", "node-a has less left now");
+    // A domain moving to node-b counts there too.
+    world.domains.push(with(
+        domain("default", "moving", "3Gi"),
+        json!({"status": {"nodeName": "node-c", "migration": {"state": "Running", "sourceNode": "node-c", "targetNode": "node-b"}}}),
+    ));
+    assert_eq!(pick(&world), "node-a");
+    world.nodes.push(k8s_node(
+        "node-a",
+        false,
+        json!([{"key": "slow", "effect": "PreferNoSchedule"}]),
+    ));
+    assert_eq!(
+        pick(&world),
+        "node-b",
+        "PreferNoSchedule avoided while another fits"
+    );
+}
+
+#[test]
+fn a_message_names_sixteen_nodes_and_sums_up_the_rest() {
+    let s = settings();
+    let world = World {
+        hvns: (0..20)
+            .map(|i| hvn(&format!("n{i:02}"), "1Gi", 4, 1))
+            .collect(),
+        ..World::default()
+    };
+    let dom: Domain = obj(domain("default", "vm", "1Gi"));
+    let cluster = world.cluster(&s);
+    let refused = choose(
+        &demand(&dom, &cluster).unwrap(),
+        &cluster,
+        &Usage::default(),
+        &s,
+        None,
+    )
+    .unwrap_err();
+    let message = refused.message();
+    assert!(
+        message
+            .starts_with("0/20 nodes are available: n00: insufficient memory (needs 1Gi, 0 left)"),
+        "{message}"
+    );
+    assert!(message.contains("n15: insufficient memory"), "{message}");
+    assert!(!message.contains("n16:"), "{message}");
+    assert!(
+        message.ends_with("and 4 more nodes (4 insufficient memory)"),
+        "{message}"
+    );
+    let none = Refused {
+        total: 0,
+        ..Refused::default()
+    };
+    assert_eq!(
+        none.message(),
+        "0/0 nodes are available: no HypervisorNode exists yet (no node agent has registered)"
+    );
+}
+
+#[test]
+fn the_scheduler_binds_where_it_fits_and_says_why_when_nothing_does() {
+    let mut world = three_nodes();
+    let dom: Domain = obj(domain("default", "web", "2Gi"));
+    let d = decide_now(&world, &dom);
+    assert_eq!(
+        d.step,
+        ControllerStep::Bind {
+            node: "node-c".into()
+        }
+    );
+    assert_eq!(d.status.node_name.as_deref(), Some("node-c"));
+    let scheduled = find(&d.status.conditions, "Scheduled").unwrap();
+    assert_eq!(
+        (scheduled.status.as_str(), scheduled.reason.as_str()),
+        ("True", "NodeAssigned")
+    );
+    assert!(d.notes.iter().any(|n| n.reason == "Scheduled"));
+
+    world.hvns.truncate(1);
+    let d = decide_now(&world, &dom);
+    assert_eq!(d.step, ControllerStep::Unschedulable);
+    assert_eq!(d.status.node_name, None);
+    let scheduled = find(&d.status.conditions, "Scheduled").unwrap();
+    assert_eq!(scheduled.reason, "Unschedulable");
+    assert_eq!(
+        scheduled.message,
+        "0/1 nodes are available: node-a: insufficient memory (needs 2Gi, 1Gi left)"
+    );
+    assert!(
+        d.notes
+            .iter()
+            .any(|n| n.reason == "FailedScheduling" && n.warning)
+    );
+
+    let missing: Domain = obj(with(
+        domain("default", "db", "1Gi"),
+        json!({"spec": {"disks": [{"name": "d", "volume": "data"}]}}),
+    ));
+    let d = decide_now(&world, &missing);
+    assert_eq!(
+        find(&d.status.conditions, "Scheduled").unwrap().message,
+        "0/1 nodes are available: volume data does not exist"
+    );
+}
+
+#[test]
+fn spec_node_name_binds_to_a_ready_node_even_when_it_does_not_fit() {
+    let world = three_nodes();
+    let cases = [
+        (
+            "node-a",
+            Some("node-a"),
+            "Requested",
+            "bound to node-a as spec.nodeName requests, although the scheduler would refuse it: insufficient memory (needs 2Gi, 1Gi left)",
+        ),
+        (
+            "node-b",
+            Some("node-b"),
+            "Requested",
+            "bound to node-b as spec.nodeName requests, although the scheduler would refuse it: cordoned",
+        ),
+        (
+            "node-x",
+            None,
+            "RequestedNodeUnavailable",
+            "spec.nodeName is node-x, which has no HypervisorNode (no agent registered under that name)",
+        ),
+    ];
+    for (requested, bound, reason, message) in cases {
+        let dom: Domain = obj(with(
+            domain("default", "web", "2Gi"),
+            json!({"spec": {"nodeName": requested}}),
+        ));
+        let d = decide_now(&world, &dom);
+        assert_eq!(d.status.node_name.as_deref(), bound, "{requested}");
+        let c = find(&d.status.conditions, "Scheduled").unwrap();
+        assert_eq!((c.reason.as_str(), c.message.as_str()), (reason, message));
+    }
+    let mut stale = three_nodes();
+    stale.hvns[2] = hvn("node-c", "16Gi", 8, 600);
+    let dom: Domain = obj(with(
+        domain("default", "web", "2Gi"),
+        json!({"spec": {"nodeName": "node-c"}}),
+    ));
+    let d = decide_now(&stale, &dom);
+    assert_eq!(d.step, ControllerStep::Unschedulable);
+    assert_eq!(
+        find(&d.status.conditions, "Scheduled").unwrap().message,
+        "spec.nodeName is node-c, which is heartbeat stale"
+    );
+}
+
+fn two_ready() -> World {
+    World {
+        hvns: vec![hvn("node-a", "16Gi", 8, 1), hvn("node-b", "16Gi", 8, 1)],
+        pools: vec![
+            pool("shared", true, &["node-a", "node-b"]),
+            pool("local", false, &["node-a", "node-b"]),
+        ],
+        volumes: vec![
+            with(
+                volume("default", "root", "shared"),
+                json!({"status": {"nodeName": "node-a"}}),
+            ),
+            with(
+                volume("default", "scratch", "local"),
+                json!({"status": {"nodeName": "node-a"}}),
+            ),
+        ],
+        ..World::default()
+    }
+}
+
+fn held(
+    name: &str,
+    holder: &str,
+    requested: Option<&str>,
+    extra: serde_json::Value,
+) -> serde_json::Value {
+    let mut v = with(
+        domain("default", name, "1Gi"),
+        json!({"status": {"nodeName": holder, "phase": "Running"}}),
+    );
+    if let Some(r) = requested {
+        v = with(v, json!({"spec": {"nodeName": r}}));
+    }
+    with(v, extra)
+}
+
+#[test]
+fn a_requested_move_is_approved_live_on_shared_storage_and_waits_on_local_storage() {
+    let world = two_ready();
+    let dom: Domain = obj(held(
+        "web",
+        "node-a",
+        Some("node-b"),
+        json!({"spec": {"disks": [{"name": "root", "volume": "root"}]}}),
+    ));
+    let d = decide_now(&world, &dom);
+    assert_eq!(
+        d.step,
+        ControllerStep::ApproveMove {
+            source: "node-a".into(),
+            target: "node-b".into()
+        }
+    );
+    let m = d.status.migration.as_ref().unwrap();
+    assert_eq!(m.state, Some(MigrationState::Pending));
+    assert_eq!(m.mode, Some(virtkube_crds::domain::MigrationMode::Live));
+    assert_eq!(m.reason.as_deref(), Some("Requested"));
+    assert_eq!(m.start_time.as_ref().map(|t| t.0), Some(now()));
+    assert_eq!(d.approved, Some("Requested"));
+
+    let stopped: Domain = obj(held(
+        "cold",
+        "node-a",
+        Some("node-b"),
+        json!({"status": {"phase": "Stopped"}}),
+    ));
+    let d = decide_now(&world, &stopped);
+    assert_eq!(
+        d.status.migration.unwrap().mode,
+        Some(virtkube_crds::domain::MigrationMode::Cold)
+    );
+
+    let local: Domain = obj(held(
+        "db",
+        "node-a",
+        Some("node-b"),
+        json!({"spec": {"disks": [{"name": "s", "volume": "scratch"}, {"name": "h", "hostPath": "/srv/img"}]}}),
+    ));
+    let d = decide_now(&world, &local);
+    assert_eq!(d.step, ControllerStep::MoveWaits);
+    assert!(
+        matches!(d.wait, Some(MoveWait::StorageNotShared(ref v)) if v == &vec!["scratch".to_string()])
+    );
+    let c = find(&d.status.conditions, "MoveWaiting").unwrap();
+    assert_eq!(c.reason, "StorageNotShared");
+    assert!(
+        c.message
+            .starts_with("volumes scratch are in node-local pools"),
+        "{}",
+        c.message
+    );
+    assert_eq!(d.status.migration, None);
+}
+
+#[test]
+fn a_pending_move_nobody_wants_or_nobody_starts_is_cancelled() {
+    let world = two_ready();
+    let pending = json!({"status": {"migration": {"state": "Pending", "sourceNode": "node-a", "targetNode": "node-b", "startTime": ts(-10), "reason": "Requested"}}});
+    // The user changed their mind.
+    let dom: Domain = obj(held("web", "node-a", Some("node-a"), pending.clone()));
+    let d = decide_now(&world, &dom);
+    assert_eq!(d.step, ControllerStep::CancelMove);
+    let m = d.status.migration.as_ref().unwrap();
+    assert_eq!(m.state, Some(MigrationState::Aborted));
+    assert_eq!(
+        m.message.as_deref(),
+        Some("cancelled: spec.nodeName is now node-a")
+    );
+    assert_eq!(m.end_time.as_ref().map(|t| t.0), Some(now()));
+    assert_eq!(d.cancelled, Some("Unwanted"));
+    // Still wanted and fresh: left to the source's agent.
+    let dom: Domain = obj(held("web", "node-a", Some("node-b"), pending.clone()));
+    assert_eq!(decide_now(&world, &dom).step, ControllerStep::Idle);
+    // Still wanted, but the source's agent did not start it within 5 minutes.
+    assert_eq!(
+        decide_at(&world, &dom, &Backoff::default(), at(289)).step,
+        ControllerStep::Idle
+    );
+    let mut fresh = world.clone();
+    fresh.hvns = vec![
+        hvn("node-a", "16Gi", 8, -299),
+        hvn("node-b", "16Gi", 8, -299),
+    ];
+    let d = decide_at(&fresh, &dom, &Backoff::default(), at(300));
+    assert_eq!(d.step, ControllerStep::CancelMove);
+    assert_eq!(d.cancelled, Some("PendingTimeout"));
+    assert_eq!(
+        d.status.migration.unwrap().message.as_deref(),
+        Some("cancelled: the source node's agent did not start the move within 300s")
+    );
+}
+
+#[test]
+fn after_a_failed_move_the_same_move_waits_doubling_up_to_the_maximum() {
+    let mut world = two_ready();
+    world.hvns = vec![
+        hvn("node-a", "16Gi", 8, -10_000),
+        hvn("node-b", "16Gi", 8, -10_000),
+    ];
+    let s = settings();
+    let mut backoff = Backoff::default();
+    let failed_at = |end: i64| {
+        obj::<Domain>(held(
+            "web",
+            "node-a",
+            Some("node-b"),
+            json!({"status": {"migration": {"state": "Failed", "sourceNode": "node-a", "targetNode": "node-b", "startTime": ts(end - 5), "endTime": ts(end), "message": "libvirt: connection refused"}}}),
+        ))
+    };
+    // (failure ends at, decided at, approved?)
+    let steps: [(i64, i64, bool); 6] = [
+        (0, 29, false),
+        (0, 30, true),
+        (100, 159, false), // the second failure of the same move waits 60 s
+        (100, 160, true),
+        (200, 319, false), // the third 120 s
+        (200, 320, true),
+    ];
+    for (end, at_secs, approved) in steps {
+        let dom = failed_at(end);
+        let outcome = backoff.observe(
+            &backoff_key(&dom),
+            dom.status.as_ref().and_then(|s| s.migration.as_ref()),
+            &s,
+        );
+        let d = decide_at(&world, &dom, &backoff, at(at_secs));
+        if approved {
+            assert!(
+                matches!(d.step, ControllerStep::ApproveMove { .. }),
+                "end {end} at {at_secs}: {:?}",
+                d.step
+            );
+        } else {
+            assert_eq!(d.step, ControllerStep::MoveWaits, "end {end} at {at_secs}");
+            assert_eq!(
+                find(&d.status.conditions, "MoveWaiting").unwrap().reason,
+                "Backoff"
+            );
+        }
+        let _ = outcome;
+    }
+    // Each record is counted once.
+    let dom = failed_at(200);
+    assert!(
+        backoff
+            .observe(
+                &backoff_key(&dom),
+                dom.status.as_ref().and_then(|s| s.migration.as_ref()),
+                &s
+            )
+            .is_none()
+    );
+    // Another move of the same domain is not held back.
+    let other: Domain = obj(held("web", "node-a", Some("node-c"), json!({})));
+    let mut three = world.clone();
+    three.hvns.push(hvn("node-c", "16Gi", 8, -10_000));
+    let d = decide_at(&three, &other, &backoff, at(201));
+    assert!(
+        matches!(d.step, ControllerStep::ApproveMove { .. }),
+        "{:?}",
+        d.step
+    );
+}
+
+#[test]
+fn a_drained_node_moves_live_migratable_domains_and_reports_the_others() {
+    let mut world = two_ready();
+    world.hvns.push(hvn("node-c", "16Gi", 8, 1));
+    world.nodes.push(k8s_node("node-a", true, json!([])));
+    let shared = json!({"spec": {"disks": [{"name": "root", "volume": "root"}]}});
+    let cases: Vec<(&str, serde_json::Value, ControllerStep, Option<Role>)> = vec![
+        (
+            "LiveMigrate without nodeName: a move to the scheduler's choice",
+            held("a1", "node-a", None, shared.clone()),
+            ControllerStep::ApproveMove { source: "node-a".into(), target: "node-b".into() },
+            Some(Role::Moving),
+        ),
+        (
+            "pinned by spec.nodeName",
+            held("a2", "node-a", Some("node-a"), shared.clone()),
+            ControllerStep::Idle,
+            Some(Role::Blocked { reason: "PinnedToNode", message: "node node-a is drained, but spec.nodeName pins this domain to it: change spec.nodeName to another node, or clear it to let the scheduler pick one".into() }),
+        ),
+        (
+            "evictionStrategy None",
+            held("a3", "node-a", None, with(shared.clone(), json!({"spec": {"evictionStrategy": "None"}}))),
+            ControllerStep::Idle,
+            Some(Role::Left),
+        ),
+        (
+            "node-local storage",
+            held("a4", "node-a", None, json!({"spec": {"disks": [{"name": "s", "volume": "scratch"}]}})),
+            ControllerStep::Idle,
+            None,
+        ),
+        (
+            "Shutdown is not done yet",
+            held("a5", "node-a", None, with(shared.clone(), json!({"spec": {"evictionStrategy": "Shutdown"}}))),
+            ControllerStep::Idle,
+            Some(Role::Blocked { reason: "ShutdownNotSupported", message: "node node-a is drained; evictionStrategy Shutdown is not carried out yet: stop the domain (runStrategy Halted) or use LiveMigrate".into() }),
+        ),
+    ];
+    for (what, dom, step, role) in cases {
+        let dom: Domain = obj(dom);
+        let d = decide_now(&world, &dom);
+        if what == "node-local storage" {
+            // The scheduler cannot place it elsewhere (its volume is on node-a): blocked.
+            assert_eq!(d.step, ControllerStep::Idle, "{what}");
+            assert!(
+                matches!(
+                    d.drain,
+                    Some((
+                        _,
+                        Role::Blocked {
+                            reason: "NoTarget",
+                            ..
+                        }
+                    ))
+                ),
+                "{what}: {:?}",
+                d.drain
+            );
+            continue;
+        }
+        assert_eq!(d.step, step, "{what}");
+        assert_eq!(d.drain.clone().map(|(_, r)| r), role, "{what}");
+        match d.drain {
+            Some((_, Role::Blocked { reason, .. })) => {
+                assert_eq!(
+                    find(&d.status.conditions, "EvictionBlocked")
+                        .unwrap()
+                        .reason,
+                    reason
+                )
+            }
+            _ => assert!(
+                find(&d.status.conditions, "EvictionBlocked").is_none(),
+                "{what}"
+            ),
+        }
+    }
+    let dom: Domain = obj(held("a1", "node-a", None, shared.clone()));
+    let d = decide_now(&world, &dom);
+    assert_eq!(
+        d.status.migration.as_ref().unwrap().reason.as_deref(),
+        Some("Drain")
+    );
+    assert_eq!(d.approved, Some("Drain"));
+    // The drain's move stays wanted while spec.nodeName is unset (no cancel), even once the
+    // node is uncordoned.
+    let moving: Domain = obj(held(
+        "a1",
+        "node-a",
+        None,
+        with(
+            shared,
+            json!({"status": {"migration": {"state": "Pending", "sourceNode": "node-a", "targetNode": "node-b", "startTime": NOW, "reason": "Drain"}}}),
+        ),
+    ));
+    assert_eq!(decide_now(&world, &moving).step, ControllerStep::Idle);
+    world.nodes.clear();
+    assert_eq!(decide_now(&world, &moving).step, ControllerStep::Idle);
+}
+
+#[test]
+fn a_silent_node_marks_its_domains_and_only_fencing_releases_them() {
+    let mut world = two_ready();
+    world.hvns[0] = hvn("node-a", "16Gi", 8, 600);
+    let dom: Domain = obj(held("web", "node-a", None, json!({})));
+    let d = decide_now(&world, &dom);
+    assert_eq!(d.step, ControllerStep::Idle);
+    let c = find(&d.status.conditions, "NodeUnreachable").unwrap();
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("True", "HeartbeatStale")
+    );
+    assert!(
+        c.message
+            .contains("kubectl annotate hypervisornode node-a virtkube.io/fenced=true"),
+        "{}",
+        c.message
+    );
+    assert!(
+        d.notes
+            .iter()
+            .any(|n| n.reason == "NodeUnreachable" && n.warning)
+    );
+
+    // Fenced: runStrategy Always is released and scheduled again.
+    world.hvns[0] = with(
+        world.hvns[0].clone(),
+        json!({"metadata": {"annotations": {"virtkube.io/fenced": "true"}}}),
+    );
+    let d = decide_now(&world, &dom);
+    assert_eq!(d.step, ControllerStep::Unfence { holder: None });
+    assert_eq!(d.status.node_name, None);
+    assert_eq!(
+        find(&d.status.conditions, "Scheduled").unwrap().reason,
+        "NodeFenced"
+    );
+    assert!(find(&d.status.conditions, "NodeUnreachable").is_none());
+    let mut rebound = dom.clone();
+    rebound.status = Some(d.status.clone());
+    assert_eq!(
+        decide_now(&world, &rebound).step,
+        ControllerStep::Bind {
+            node: "node-b".into()
+        }
+    );
+
+    // Manual stays with the fenced node (the message says how to move it).
+    let manual: Domain = obj(held(
+        "man",
+        "node-a",
+        None,
+        json!({"spec": {"runStrategy": "Manual"}}),
+    ));
+    let d = decide_now(&world, &manual);
+    assert_eq!(d.step, ControllerStep::Idle);
+    assert!(
+        find(&d.status.conditions, "NodeUnreachable")
+            .unwrap()
+            .message
+            .contains("runStrategy is not Always")
+    );
+    // ... unless its spec.nodeName names another node.
+    let moved: Domain = obj(held(
+        "man",
+        "node-a",
+        Some("node-b"),
+        json!({"spec": {"runStrategy": "Manual"}}),
+    ));
+    assert_eq!(
+        decide_now(&world, &moved).step,
+        ControllerStep::Unfence { holder: None }
+    );
+
+    // A running migration's target may have the guest: it becomes the holder.
+    let migrating: Domain = obj(held(
+        "mig",
+        "node-a",
+        Some("node-b"),
+        json!({"status": {"migration": {"state": "Running", "sourceNode": "node-a", "targetNode": "node-b", "startTime": NOW}}}),
+    ));
+    let d = decide_now(&world, &migrating);
+    assert_eq!(
+        d.step,
+        ControllerStep::Unfence {
+            holder: Some("node-b".into())
+        }
+    );
+    assert_eq!(d.status.node_name.as_deref(), Some("node-b"));
+    assert_eq!(
+        d.status.migration.unwrap().state,
+        Some(MigrationState::Aborted)
+    );
+
+    // An annotation on a node that still beats is not believed.
+    let mut alive = two_ready();
+    alive.hvns[0] = with(
+        alive.hvns[0].clone(),
+        json!({"metadata": {"annotations": {"virtkube.io/fenced": "true"}}}),
+    );
+    assert_eq!(decide_now(&alive, &dom).step, ControllerStep::Idle);
+}
+
+#[test]
+fn an_unbound_domain_being_deleted_is_finalized_and_a_held_one_waits() {
+    let world = two_ready();
+    let deleting =
+        json!({"metadata": {"deletionTimestamp": NOW, "finalizers": ["virtkube.io/cleanup"]}});
+    let unbound: Domain = obj(with(domain("default", "gone", "1Gi"), deleting.clone()));
+    assert_eq!(decide_now(&world, &unbound).step, ControllerStep::Finalize);
+    let held_dom: Domain = obj(with(held("gone", "node-a", None, json!({})), deleting));
+    assert_eq!(decide_now(&world, &held_dom).step, ControllerStep::Idle);
+    let patch = virtkube::cluster::binding::finalizer_removal(&unbound).unwrap();
+    assert_eq!(
+        serde_json::to_value(&patch).unwrap(),
+        json!([
+            {"op": "test", "path": "/metadata/resourceVersion", "value": "1"},
+            {"op": "test", "path": "/metadata/finalizers/0", "value": "virtkube.io/cleanup"},
+            {"op": "remove", "path": "/metadata/finalizers/0"},
+        ])
+    );
+}
+
+#[test]
+fn volumes_bind_by_request_source_consumer_or_shared_pool() {
+    let world = World {
+        hvns: vec![hvn("node-a", "16Gi", 8, 1), hvn("node-b", "16Gi", 8, 1)],
+        pools: vec![
+            pool("shared", true, &["node-b"]),
+            pool("local", false, &["node-a", "node-b"]),
+        ],
+        volumes: vec![
+            volume("default", "base", "local"),
+            with(
+                volume("default", "clone", "local"),
+                json!({"spec": {"source": {"volume": "base"}}}),
+            ),
+            with(
+                volume("default", "pinned", "local"),
+                json!({"spec": {"nodeName": "node-a"}}),
+            ),
+            with(
+                volume("default", "child", "local"),
+                json!({"spec": {"source": {"backingVolume": "pinned"}}}),
+            ),
+            volume("default", "nfs", "shared"),
+        ],
+        domains: vec![],
+        ..World::default()
+    };
+    let s = settings();
+    let decide_all = |world: &World| -> Vec<(String, Option<String>, String)> {
+        let cluster = world.cluster(&s);
+        let volumes: Vec<Volume> = world.volumes.iter().cloned().map(obj).collect();
+        let domains = world.domains();
+        let consumers = Consumers::of(&domains, &volumes);
+        volumes
+            .iter()
+            .map(|v| {
+                let d = decide_volume(v, &cluster, &consumers, now());
+                let c = find(&d.status.conditions, "Scheduled").unwrap();
+                (
+                    v.metadata.name.clone().unwrap(),
+                    d.status.node_name.clone(),
+                    c.reason.clone(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        decide_all(&world),
+        vec![
+            ("base".into(), None, "WaitingForConsumer".into()),
+            ("clone".into(), None, "WaitingForSource".into()),
+            ("pinned".into(), Some("node-a".into()), "Requested".into()),
+            (
+                "child".into(),
+                Some("node-a".into()),
+                "FollowsSource".into()
+            ),
+            ("nfs".into(), Some("node-b".into()), "NodeAssigned".into()),
+        ]
+    );
+    // A domain using the clone is bound to node-b: base (the clone's source) follows it.
+    let mut used = world.clone();
+    used.domains.push(with(
+        held("vm", "node-b", None, json!({})),
+        json!({"spec": {"disks": [{"name": "d", "volume": "clone"}]}}),
+    ));
+    assert_eq!(
+        decide_all(&used)[0],
+        (
+            "base".into(),
+            Some("node-b".into()),
+            "FollowsConsumer".into()
+        )
+    );
+}
+
+#[test]
+fn a_shared_volume_leaves_a_fenced_holder_and_every_user_node_is_routed() {
+    let s = settings();
+    let fenced = with(
+        hvn("node-a", "16Gi", 8, 600),
+        json!({"metadata": {"annotations": {"virtkube.io/fenced": "true"}}}),
+    );
+    let world = World {
+        hvns: vec![
+            fenced,
+            hvn("node-b", "16Gi", 8, 1),
+            hvn("node-c", "16Gi", 8, 1),
+            hvn("node-d", "16Gi", 8, 1),
+        ],
+        pools: vec![
+            pool("shared", true, &["node-a", "node-b", "node-c"]),
+            pool("local", false, &["node-d"]),
+        ],
+        volumes: vec![
+            with(
+                volume("default", "base", "shared"),
+                json!({"status": {"nodeName": "node-a"}}),
+            ),
+            with(
+                volume("default", "overlay", "local"),
+                json!({"spec": {"source": {"backingVolume": "base"}}, "status": {"nodeName": "node-d"}}),
+            ),
+        ],
+        domains: vec![
+            with(
+                held(
+                    "vm",
+                    "node-b",
+                    Some("node-c"),
+                    json!({"spec": {"disks": [{"name": "b", "volume": "base"}]}}),
+                ),
+                json!({"status": {"migration": {"state": "Running", "sourceNode": "node-b", "targetNode": "node-c"}}}),
+            ),
+            held(
+                "other",
+                "node-d",
+                None,
+                json!({"spec": {"disks": [{"name": "o", "volume": "overlay"}]}}),
+            ),
+        ],
+        ..World::default()
+    };
+    let cluster = world.cluster(&s);
+    let volumes: Vec<Volume> = world.volumes.iter().cloned().map(obj).collect();
+    let consumers = Consumers::of(&world.domains(), &volumes);
+    let d = decide_volume(&volumes[0], &cluster, &consumers, now());
+    assert_eq!(
+        d.status.node_name.as_deref(),
+        Some("node-b"),
+        "the first consumer's node, where the pool runs"
+    );
+    assert_eq!(
+        find(&d.status.conditions, "Scheduled").unwrap().reason,
+        "NodeFenced"
+    );
+    // Users: the consumer's holder and its move's target, the derived volume's holder and
+    // that volume's consumer.
+    assert_eq!(
+        consumers.users("default", "base"),
+        BTreeSet::from([
+            "node-b".to_string(),
+            "node-c".to_string(),
+            "node-d".to_string()
+        ])
+    );
+    // A node-local volume stays on its fenced node (its data is there).
+    let local: Volume = obj(with(
+        volume("default", "l", "local"),
+        json!({"status": {"nodeName": "node-a"}}),
+    ));
+    let d = decide_volume(&local, &cluster, &consumers, now());
+    assert_eq!(d.status.node_name.as_deref(), Some("node-a"));
+}
+
+#[test]
+fn labels_route_each_object_to_its_holder_and_target_and_drop_stale_keys() {
+    let dom: Domain = obj(held(
+        "web",
+        "node-a",
+        Some("node-b"),
+        json!({"metadata": {"labels": {"app": "web", "node.virtkube.io/node-z": "holder"}},
+               "status": {"migration": {"state": "Running", "sourceNode": "node-a", "targetNode": "node-b"}}}),
+    ));
+    let desired = domain_labels(&dom);
+    assert_eq!(
+        desired,
+        [
+            ("node.virtkube.io/node-a", "holder"),
+            ("node.virtkube.io/node-b", "target")
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    );
+    assert_eq!(
+        label_patch(dom.metadata.labels.as_ref().unwrap(), &desired),
+        Some(json!({"metadata": {"labels": {
+            "node.virtkube.io/node-z": null,
+            "node.virtkube.io/node-a": "holder",
+            "node.virtkube.io/node-b": "target"}}}))
+    );
+    let users = BTreeSet::from(["node-a".to_string(), "node-c".to_string()]);
+    let v = volume_labels(Some("node-a"), &users);
+    assert_eq!(
+        v.get("node.virtkube.io/node-a").map(String::as_str),
+        Some("holder")
+    );
+    assert_eq!(
+        v.get("node.virtkube.io/node-c").map(String::as_str),
+        Some("user")
+    );
+    assert_eq!(label_patch(&v, &v), None);
+}
+
+#[test]
+fn refusal_labels_are_stable_metric_labels() {
+    for r in [
+        Refusal::Cordoned,
+        Refusal::Memory { need: 1, left: 0 },
+        Refusal::NetworkInactive("n".into()),
+    ] {
+        assert!(
+            r.metric_label()
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c == '_')
+        );
+    }
+}
