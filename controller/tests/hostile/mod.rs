@@ -56,6 +56,8 @@ pub struct Shape {
     pub bridge: bool,
     /// A copy-on-write overlay Volume on the first.
     pub overlay: bool,
+    /// CPU tuning: vCPU 0 and the emulator pinned, a CPU limit.
+    pub tuning: bool,
 }
 
 /// Network modes generated (bridge needs an existing host bridge: left out).
@@ -84,6 +86,10 @@ pub struct Strings {
     pub macs: Vec<String>,
     /// The bridge name.
     pub bridge: String,
+    /// The cpuset vCPU 0 and the emulator are pinned to.
+    pub cpuset: String,
+    /// The CPU limit.
+    pub cpu_limit: String,
 }
 
 /// One generated case: a shape and its two sets of strings.
@@ -122,6 +128,12 @@ pub const PAYLOADS: &[&str] = &[
     "${HOME} $(reboot) `id`",
     "%s%n%x",
     "\\",
+    "99999999999999999999",
+    "-1",
+    ",^0",
+    "-0",
+    ".0001",
+    "e9",
 ];
 
 /// A hostile value for a slot whose valid form is `valid`.
@@ -157,10 +169,10 @@ fn strings_of(shape: &Shape, pick: impl Fn(&'static str) -> BoxedStrategy<String
         ),
         proptest::collection::vec(pick("/var/lib/images/disk.img"), disks),
         proptest::collection::vec(pick("52:54:00:12:34:56"), nics),
-        pick("virbr-fz0"),
+        (pick("virbr-fz0"), pick("0"), pick("500m")),
     )
         .prop_map(
-            |((dom, pool, net, vol, pool_path), (kernel, initrd, cmdline, cpu_model, machine), host_paths, macs, bridge)| Strings {
+            |((dom, pool, net, vol, pool_path), (kernel, initrd, cmdline, cpu_model, machine), host_paths, macs, (bridge, cpuset, cpu_limit))| Strings {
                 names: [dom, pool, net, vol],
                 pool_path,
                 kernel,
@@ -171,6 +183,8 @@ fn strings_of(shape: &Shape, pick: impl Fn(&'static str) -> BoxedStrategy<String
                 host_paths,
                 macs,
                 bridge,
+                cpuset,
+                cpu_limit,
             },
         )
         .boxed()
@@ -193,6 +207,8 @@ fn benign_strings(shape: &Shape) -> Strings {
             .map(|i| format!("52:54:00:12:34:{i:02x}"))
             .collect(),
         bridge: "virbr-fz0".into(),
+        cpuset: "0".into(),
+        cpu_limit: "500m".into(),
     }
 }
 
@@ -212,10 +228,10 @@ pub fn shape() -> impl Strategy<Value = Shape> {
             0..4,
         ),
         proptest::collection::vec(any::<bool>(), 0..3),
-        (0usize..MODES.len(), any::<bool>(), any::<bool>()),
+        (0usize..MODES.len(), any::<bool>(), any::<bool>(), any::<bool>()),
     )
         .prop_map(
-            |((vcpus, memory_mib, kernel, cpu_model, machine), disks, nics, (mode, bridge, overlay))| Shape {
+            |((vcpus, memory_mib, kernel, cpu_model, machine), disks, nics, (mode, bridge, overlay, tuning))| Shape {
                 vcpus,
                 memory_mib,
                 kernel,
@@ -226,6 +242,7 @@ pub fn shape() -> impl Strategy<Value = Shape> {
                 mode,
                 bridge,
                 overlay,
+                tuning,
             },
         )
 }
@@ -242,6 +259,8 @@ impl Strings {
             &mut self.cpu_model,
             &mut self.machine,
             &mut self.bridge,
+            &mut self.cpuset,
+            &mut self.cpu_limit,
         ]);
         slots.extend(self.host_paths.iter_mut());
         slots.extend(self.macs.iter_mut());
@@ -383,6 +402,11 @@ pub fn render(shape: &Shape, s: &Strings, node: &str) -> String {
     if shape.cpu_model {
         spec["cpu"]["mode"] = json!("custom");
         spec["cpu"]["model"] = json!(s.cpu_model);
+    }
+    if shape.tuning {
+        spec["cpu"]["pinning"] = json!([{ "vcpu": 0, "cpuset": s.cpuset }]);
+        spec["cpu"]["emulatorCpuset"] = json!(s.cpuset);
+        spec["cpu"]["limit"] = json!(s.cpu_limit);
     }
     let mut os = json!({});
     if shape.machine {
