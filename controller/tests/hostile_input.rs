@@ -29,11 +29,11 @@ use virtkube::plan::{self, Op, PlanOptions, Preserve};
 use virtkube_crds::manifest::{Object, Reader};
 use virtkube_crds::validation::Validate;
 use virtkube_engine::model::xml::{self, Element};
-use virtkube_engine::{Engine, EngineConfig};
 use virtkube_engine::model::{
     BackingStore, DomainDef, DomainObserved, NetworkDef, NetworkObserved, Owner, PoolDef,
     PoolObserved, VolumeDef, VolumeFormat, VolumeObserved,
 };
+use virtkube_engine::{Engine, EngineConfig};
 
 const NODE: &str = "local";
 
@@ -88,10 +88,12 @@ impl Refusal {
     }
 
     /// Whether the refusal says where: a field path (`spec.…`, `metadata.…`), or, for text
-    /// that is not YAML at all, a line and column.
+    /// that is not YAML at all, a line and column; and whether it can be printed safely (no
+    /// control character from the input but line breaks between errors).
     fn says_where(&self) -> bool {
         let m = &self.message;
         matches!(self.at, "reader" | "validation")
+            && !m.chars().any(|c| c.is_control() && c != '\n')
             && (m.contains("spec.")
                 || m.contains("metadata.")
                 || (m.contains("not valid YAML") && m.contains("line ")))
@@ -233,7 +235,11 @@ fn same(what: &str, want: Option<&String>, got: Option<&String>) -> Result<(), S
 /// The owner mark (in `<metadata>`) reads back.
 fn owner_reads_back(want: &Owner, got: Option<&Owner>) -> Result<(), String> {
     match got {
-        Some(got) if got.uid == want.uid && got.name == want.name && got.namespace == want.namespace => Ok(()),
+        Some(got)
+            if got.uid == want.uid && got.name == want.name && got.namespace == want.namespace =>
+        {
+            Ok(())
+        }
         other => Err(format!("owner: wrote {want:?}, reads {other:?}")),
     }
 }
@@ -268,7 +274,10 @@ fn skeleton(el: &Element) -> String {
 
 /// The strings of `d` that the domain XML carries, read back through the engine's reader
 /// (which normalizes as XML 1.0 requires, as libvirt's does).
-fn domain_reads_back(xml_text: &str, d: &virtkube::plan::desired::DesiredDomain) -> Result<(), String> {
+fn domain_reads_back(
+    xml_text: &str,
+    d: &virtkube::plan::desired::DesiredDomain,
+) -> Result<(), String> {
     let o = DomainObserved::from_xml(xml_text).map_err(|e| e.to_string())?;
     same("domain name", Some(&d.name), Some(&o.name))?;
     owner_reads_back(&to_owner(&d.owner), o.owner.as_ref())?;
@@ -301,16 +310,25 @@ fn domain_reads_back(xml_text: &str, d: &virtkube::plan::desired::DesiredDomain)
             DesiredDiskSource::Volume { volume, .. } => Some(volume.clone()),
         };
         if got_source != want_source {
-            return Err(format!("disk {}: wrote {want_source:?}, reads {got_source:?}", want.name));
+            return Err(format!(
+                "disk {}: wrote {want_source:?}, reads {got_source:?}",
+                want.name
+            ));
         }
         alias_reads_back(&want.name, got.alias.as_deref())?;
     }
     for (want, got) in d.interfaces.iter().zip(&o.interfaces) {
-        if want.mac.is_some() && want.mac.as_ref().map(|m| m.to_ascii_lowercase()) != got.mac.as_ref().map(|m| m.to_ascii_lowercase()) {
+        if want.mac.is_some()
+            && want.mac.as_ref().map(|m| m.to_ascii_lowercase())
+                != got.mac.as_ref().map(|m| m.to_ascii_lowercase())
+        {
             return Err(format!("MAC: wrote {:?}, reads {:?}", want.mac, got.mac));
         }
         if Some(&want.network) != got.network.as_ref() {
-            return Err(format!("network: wrote {:?}, reads {:?}", want.network, got.network));
+            return Err(format!(
+                "network: wrote {:?}, reads {:?}",
+                want.network, got.network
+            ));
         }
         alias_reads_back(&want.name, got.alias.as_deref())?;
     }
@@ -332,7 +350,10 @@ fn well_formed(defined: &[Defined]) -> Result<Vec<Element>, String> {
         .iter()
         .map(|d| {
             if let Some(c) = d.xml.chars().find(|c| !xml_char(*c)) {
-                return Err(format!("{} XML holds {c:?}, which XML 1.0 forbids:\n{}", d.kind, d.xml));
+                return Err(format!(
+                    "{} XML holds {c:?}, which XML 1.0 forbids:\n{}",
+                    d.kind, d.xml
+                ));
             }
             xml::parse(&d.xml).map_err(|e| format!("{} XML does not parse: {e}\n{}", d.kind, d.xml))
         })
@@ -415,26 +436,55 @@ async fn in_libvirt(e: &Engine, defined: &[Defined]) -> Result<(), String> {
         };
         match &x.def {
             Def::Pool(def) => {
-                e.pool_define(def).await.map_err(|err| fail("define", &err))?;
-                e.pool_start(&def.name, &def.owner).await.map_err(|err| fail("start", &err))?;
-                let o = e.pool_observe(&def.name).await.map_err(|err| fail("read", &err))?;
-                same("pool path in libvirt", Some(&def.target_path), o.and_then(|o| o.target_path).as_ref())?;
+                e.pool_define(def)
+                    .await
+                    .map_err(|err| fail("define", &err))?;
+                e.pool_start(&def.name, &def.owner)
+                    .await
+                    .map_err(|err| fail("start", &err))?;
+                let o = e
+                    .pool_observe(&def.name)
+                    .await
+                    .map_err(|err| fail("read", &err))?;
+                same(
+                    "pool path in libvirt",
+                    Some(&def.target_path),
+                    o.and_then(|o| o.target_path).as_ref(),
+                )?;
             }
             Def::Network(def) => {
-                e.network_define(def).await.map_err(|err| fail("define", &err))?;
-                let o = e.network_observe(&def.name).await.map_err(|err| fail("read", &err))?;
-                same("bridge in libvirt", def.bridge.as_ref(), o.and_then(|o| o.bridge).as_ref())?;
+                e.network_define(def)
+                    .await
+                    .map_err(|err| fail("define", &err))?;
+                let o = e
+                    .network_observe(&def.name)
+                    .await
+                    .map_err(|err| fail("read", &err))?;
+                same(
+                    "bridge in libvirt",
+                    def.bridge.as_ref(),
+                    o.and_then(|o| o.bridge).as_ref(),
+                )?;
             }
             Def::Volume { pool, def } => {
-                let o = e.volume_create(pool, def).await.map_err(|err| fail("create", &err))?;
+                let o = e
+                    .volume_create(pool, def)
+                    .await
+                    .map_err(|err| fail("create", &err))?;
                 same("volume name in libvirt", Some(&def.name), Some(&o.name))?;
             }
             Def::Domain(def) => {
-                e.domain_define(def).await.map_err(|err| fail("define", &err))?;
-                let stored = e.domain_xml(&def.name, true).await.map_err(|err| fail("read", &err))?;
+                e.domain_define(def)
+                    .await
+                    .map_err(|err| fail("define", &err))?;
+                let stored = e
+                    .domain_xml(&def.name, true)
+                    .await
+                    .map_err(|err| fail("read", &err))?;
                 let mut stored =
                     DomainObserved::from_xml(&stored).map_err(|err| fail("parse", &err))?;
-                let written = DomainObserved::from_xml(&x.xml).map_err(|err| fail("parse", &err))?;
+                let written =
+                    DomainObserved::from_xml(&x.xml).map_err(|err| fail("parse", &err))?;
                 // libvirt generates the MACs not written.
                 for (s, w) in stored.interfaces.iter_mut().zip(&written.interfaces) {
                     if w.mac.is_none() {
@@ -481,7 +531,11 @@ async fn clean_libvirt(e: &Engine, defined: &[Defined]) {
 
 /// One case against libvirt: if the validation accepts the manifests, libvirt accepts their
 /// definitions and stores the strings as written.
-fn check_libvirt(rt: &tokio::runtime::Runtime, e: &Engine, text: &str) -> Result<(), TestCaseError> {
+fn check_libvirt(
+    rt: &tokio::runtime::Runtime,
+    e: &Engine,
+    text: &str,
+) -> Result<(), TestCaseError> {
     let defined = match through(text) {
         Outcome::Defined(defined) => defined,
         Outcome::Refused(_) => return Ok(()),
@@ -584,6 +638,10 @@ fn what_validation_accepts_libvirt_accepts() {
     eprintln!("{reached} of {total} cases reached libvirt");
 }
 
+/// The corpus (`hostile/corpus/*.yaml`): inputs found by the campaign or written against a
+/// known attack. Each file's first line says `# accepted` or `# refused`; an accepted one
+/// must give well-formed XML that reads back and that libvirt accepts, a refused one must be
+/// refused where the input is read or validated, naming the field.
 #[test]
 fn the_committed_corpus_is_refused_or_stays_text() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/hostile/corpus");
@@ -594,6 +652,7 @@ fn the_committed_corpus_is_refused_or_stays_text() {
         .collect();
     files.sort();
     assert!(files.len() >= 8, "{files:?}");
+    let (rt, e) = libvirt();
     for file in files {
         let text = std::fs::read_to_string(&file).unwrap();
         let started = std::time::Instant::now();
@@ -605,15 +664,42 @@ fn the_committed_corpus_is_refused_or_stays_text() {
             started.elapsed()
         );
         let expect_refused = text.starts_with("# refused");
+        let name = file.file_name().unwrap_or_default().to_string_lossy();
+        match &outcome {
+            Outcome::Refused(why) => {
+                eprintln!("{name}: {}", why.to_string().lines().next().unwrap_or(""))
+            }
+            Outcome::Defined(d) => eprintln!("{name}: {} definitions", d.len()),
+            Outcome::Broken(_) => eprintln!("{name}: broken"),
+        }
+        assert!(
+            expect_refused || text.starts_with("# accepted"),
+            "{}: the first line says neither `# accepted` nor `# refused`",
+            file.display()
+        );
         match outcome {
-            Outcome::Refused(why) => assert!(
-                expect_refused,
-                "{}: refused, but the corpus says it is accepted: {why}",
-                file.display()
-            ),
+            Outcome::Refused(why) => {
+                assert!(
+                    expect_refused,
+                    "{}: refused, but the corpus says it is accepted: {why}",
+                    file.display()
+                );
+                assert!(
+                    why.says_where(),
+                    "{}: refused late or without naming the field: {why}",
+                    file.display()
+                );
+            }
             Outcome::Defined(defined) => {
-                assert!(!expect_refused, "{}: accepted, but the corpus says refused", file.display());
+                assert!(
+                    !expect_refused,
+                    "{}: accepted, but the corpus says refused",
+                    file.display()
+                );
                 if let Err(e) = well_formed(&defined) {
+                    panic!("{}: {e}", file.display());
+                }
+                if let Err(e) = check_libvirt(&rt, &e, &text) {
                     panic!("{}: {e}", file.display());
                 }
             }
@@ -640,5 +726,7 @@ fn outcomes() {
         };
         *reasons.entry(key).or_default() += 1;
     }
-    for (k, v) in reasons { println!("{v:4} {k}"); }
+    for (k, v) in reasons {
+        println!("{v:4} {k}");
+    }
 }

@@ -58,8 +58,12 @@ impl Object {
 
 fn object_label(kind: &str, namespace: Option<&str>, name: &str) -> String {
     match namespace {
-        Some(ns) => format!("{kind} {ns}/{name}"),
-        None => format!("{kind} {name}"),
+        Some(ns) => format!(
+            "{kind} {}/{}",
+            crate::names::shown(ns, usize::MAX),
+            crate::names::shown(name, usize::MAX)
+        ),
+        None => format!("{kind} {}", crate::names::shown(name, usize::MAX)),
     }
 }
 
@@ -471,7 +475,7 @@ fn metadata_problems(document: &Value, namespaced: bool) -> Vec<(Option<String>,
         None | Some(Value::Null) => problems.push((field("metadata.name"), "required field is missing".to_string())),
         Some(Value::String(n)) if !crate::names::is_object_name(n) => problems.push((
             field("metadata.name"),
-            format!("`{n}` is not a valid name: lower-case letters, digits, `-` and `.`, starting and ending with a letter or digit"),
+            format!("`{}` is not a valid name: lower-case letters, digits, `-` and `.`, starting and ending with a letter or digit", crate::names::shown(n, 80)),
         )),
         Some(Value::String(_)) => {}
         Some(other) => problems.push((field("metadata.name"), format!("must be a string, found {other}: quote it"))),
@@ -488,7 +492,10 @@ fn metadata_problems(document: &Value, namespaced: bool) -> Vec<(Option<String>,
         )),
         (Some(ns), true) if !crate::names::is_dns_label(ns) => problems.push((
             field("metadata.namespace"),
-            format!("`{ns}` is not a valid namespace (a DNS label)"),
+            format!(
+                "`{}` is not a valid namespace (a DNS label)",
+                crate::names::shown(ns, 80)
+            ),
         )),
         _ => {}
     }

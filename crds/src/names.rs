@@ -31,17 +31,34 @@ pub const PLAIN_TEXT_PATTERN: &str = r"^[^\x00-\x1f\x7f]*$";
 /// and carriage returns in attributes to spaces: a path holding one would name another
 /// file once libvirt read it).
 pub fn is_plain_text(text: &str) -> bool {
-    text.chars().all(|c| {
-        !c.is_control() && !matches!(c, '\u{fffe}' | '\u{ffff}')
-    })
+    text.chars()
+        .all(|c| !c.is_control() && !matches!(c, '\u{fffe}' | '\u{ffff}'))
+}
+
+/// `text` as an error message may show it: control characters (which could move a
+/// terminal's cursor, clear its screen or forge a line of output) written as escapes, and
+/// text beyond `max` characters cut with `…` (a 4 KiB value repeated in a message helps
+/// nobody).
+pub fn shown(text: &str, max: usize) -> String {
+    let mut out = String::new();
+    for (i, c) in text.chars().enumerate() {
+        if i == max {
+            out.push('…');
+            break;
+        }
+        if c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}') {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Whether `path` is absolute, has no `.` or `..` component (so it cannot climb out of the
 /// directory it names) and is plain text ([`is_plain_text`]).
 pub fn is_clean_absolute_path(path: &str) -> bool {
-    path.starts_with('/')
-        && is_plain_text(path)
-        && path.split('/').all(|c| c != ".." && c != ".")
+    path.starts_with('/') && is_plain_text(path) && path.split('/').all(|c| c != ".." && c != ".")
 }
 
 /// Whether `text` is a DNS-1123 label ([`DNS_LABEL_PATTERN`], at most 63 characters).
@@ -77,6 +94,17 @@ pub fn split_host_name(host_name: &str) -> Option<(&str, &str)> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn shown_escapes_control_characters_and_cuts_long_text() {
+        assert_eq!(
+            super::shown("/boot/a\u{1b}[2J\n", 80),
+            "/boot/a\\u{1b}[2J\\u{a}"
+        );
+        assert_eq!(super::shown("\u{202e}gnp", 80), "\\u{202e}gnp");
+        assert_eq!(super::shown("abcdef", 3), "abc…");
+        assert_eq!(super::shown("vm-1", 80), "vm-1");
+    }
+
     use super::*;
 
     #[test]

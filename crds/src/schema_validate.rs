@@ -122,7 +122,10 @@ impl SchemaValidator {
                 {
                     out.push(SchemaError {
                         path: display_path(path),
-                        message: format!("`{text}` does not match the expected form {pattern}"),
+                        message: format!(
+                            "`{}` does not match the expected form {pattern}",
+                            crate::names::shown(text, 80)
+                        ),
                     });
                 }
             }

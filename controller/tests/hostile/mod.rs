@@ -149,7 +149,10 @@ pub fn hostile(valid: &'static str) -> impl Strategy<Value = String> {
     ]
 }
 
-fn strings_of(shape: &Shape, pick: impl Fn(&'static str) -> BoxedStrategy<String>) -> BoxedStrategy<Strings> {
+fn strings_of(
+    shape: &Shape,
+    pick: impl Fn(&'static str) -> BoxedStrategy<String>,
+) -> BoxedStrategy<Strings> {
     let disks = shape.disks.len();
     let nics = shape.nics.len();
     (
@@ -172,7 +175,13 @@ fn strings_of(shape: &Shape, pick: impl Fn(&'static str) -> BoxedStrategy<String
         (pick("virbr-fz0"), pick("0"), pick("500m")),
     )
         .prop_map(
-            |((dom, pool, net, vol, pool_path), (kernel, initrd, cmdline, cpu_model, machine), host_paths, macs, (bridge, cpuset, cpu_limit))| Strings {
+            |(
+                (dom, pool, net, vol, pool_path),
+                (kernel, initrd, cmdline, cpu_model, machine),
+                host_paths,
+                macs,
+                (bridge, cpuset, cpu_limit),
+            )| Strings {
                 names: [dom, pool, net, vol],
                 pool_path,
                 kernel,
@@ -215,23 +224,43 @@ fn benign_strings(shape: &Shape) -> Strings {
 /// Shapes: a domain with up to 4 disks and 3 NICs, a pool, a network, one or two volumes.
 pub fn shape() -> impl Strategy<Value = Shape> {
     (
-        (1u32..4, 64u64..512, any::<bool>(), any::<bool>(), any::<bool>()),
+        (
+            1u32..4,
+            64u64..512,
+            any::<bool>(),
+            any::<bool>(),
+            any::<bool>(),
+        ),
         proptest::collection::vec(
-            (any::<bool>(), 0usize..BUSES.len(), any::<bool>(), any::<bool>()).prop_map(
-                |(host_path, bus, cdrom, read_only)| DiskShape {
+            (
+                any::<bool>(),
+                0usize..BUSES.len(),
+                any::<bool>(),
+                any::<bool>(),
+            )
+                .prop_map(|(host_path, bus, cdrom, read_only)| DiskShape {
                     host_path,
                     bus,
                     cdrom,
                     read_only,
-                },
-            ),
+                }),
             0..4,
         ),
         proptest::collection::vec(any::<bool>(), 0..3),
-        (0usize..MODES.len(), any::<bool>(), any::<bool>(), any::<bool>()),
+        (
+            0usize..MODES.len(),
+            any::<bool>(),
+            any::<bool>(),
+            any::<bool>(),
+        ),
     )
         .prop_map(
-            |((vcpus, memory_mib, kernel, cpu_model, machine), disks, nics, (mode, bridge, overlay, tuning))| Shape {
+            |(
+                (vcpus, memory_mib, kernel, cpu_model, machine),
+                disks,
+                nics,
+                (mode, bridge, overlay, tuning),
+            )| Shape {
                 vcpus,
                 memory_mib,
                 kernel,
@@ -336,7 +365,8 @@ pub fn render(shape: &Shape, s: &Strings, node: &str) -> String {
         "metadata": { "name": pool },
         "spec": { "type": "dir", "target": { "path": s.pool_path } }
     }));
-    let mut net_spec = json!({ "mode": MODES[shape.mode], "ip": { "address": "10.170.0.1", "prefix": 24 } });
+    let mut net_spec =
+        json!({ "mode": MODES[shape.mode], "ip": { "address": "10.170.0.1", "prefix": 24 } });
     if shape.bridge {
         net_spec["bridge"] = json!(s.bridge);
     }
@@ -364,7 +394,13 @@ pub fn render(shape: &Shape, s: &Strings, node: &str) -> String {
         .enumerate()
         .map(|(i, d)| {
             let bus = BUSES[d.bus];
-            let prefix = if bus == "virtio" { "vd" } else if bus == "ide" { "hd" } else { "sd" };
+            let prefix = if bus == "virtio" {
+                "vd"
+            } else if bus == "ide" {
+                "hd"
+            } else {
+                "sd"
+            };
             let n = used_targets.entry(prefix).or_insert(0);
             let target = format!("{prefix}{}", (b'a' + *n) as char);
             *n += 1;
@@ -436,9 +472,32 @@ pub fn text_edits() -> impl Strategy<Value = Vec<(prop::sample::Index, &'static 
             any::<prop::sample::Index>(),
             prop::sample::select(
                 &[
-                    "&a ", "*a", "!!binary ", "!!python/object:os.system ", "<<: *a\n", "{", "}",
-                    "[", "]", "\t", "\n- ", ": ", "'", "\"", "#", "---\n", "...\n", "%YAML 1.1\n",
-                    "? ", "|\n", ">-\n", "\u{0}", "\u{feff}", "[[[[[[[[[[[[[[[[", "~", "!!",
+                    "&a ",
+                    "*a",
+                    "!!binary ",
+                    "!!python/object:os.system ",
+                    "<<: *a\n",
+                    "{",
+                    "}",
+                    "[",
+                    "]",
+                    "\t",
+                    "\n- ",
+                    ": ",
+                    "'",
+                    "\"",
+                    "#",
+                    "---\n",
+                    "...\n",
+                    "%YAML 1.1\n",
+                    "? ",
+                    "|\n",
+                    ">-\n",
+                    "\u{0}",
+                    "\u{feff}",
+                    "[[[[[[[[[[[[[[[[",
+                    "~",
+                    "!!",
                 ][..],
             ),
         ),
@@ -450,7 +509,9 @@ pub fn text_edits() -> impl Strategy<Value = Vec<(prop::sample::Index, &'static 
 pub fn apply_edits(text: &str, edits: &[(prop::sample::Index, &'static str)]) -> String {
     let mut out = text.to_string();
     for (at, insert) in edits {
-        let boundaries: Vec<usize> = (0..=out.len()).filter(|i| out.is_char_boundary(*i)).collect();
+        let boundaries: Vec<usize> = (0..=out.len())
+            .filter(|i| out.is_char_boundary(*i))
+            .collect();
         let pos = boundaries[at.index(boundaries.len())];
         out.insert_str(pos, insert);
     }
