@@ -1007,7 +1007,7 @@ impl Validate for DomainSpec {
                 }
                 (None, Some(p)) if !crate::names::is_clean_absolute_path(p) => errors.push(
                     format!("{path}.hostPath"),
-                    "must be an absolute path without `.` or `..` components or control characters",
+                    crate::names::CLEAN_ABSOLUTE_PATH,
                 ),
                 _ => {}
             }
@@ -1229,7 +1229,7 @@ fn validate_os(os: &OsSpec, errors: &mut FieldErrors) {
         {
             errors.push(
                 format!("spec.os.{field}"),
-                "must be an absolute path without `.` or `..` components or control characters",
+                crate::names::CLEAN_ABSOLUTE_PATH,
             );
         }
     }

@@ -19,9 +19,11 @@ pub const MAC_PATTERN: &str = r"^[0-9a-fA-F][02468aceACE](:[0-9a-fA-F]{2}){5}$";
 /// A guest device name libvirt accepts as a disk target (`vda`, `sdb`, `hdc`).
 pub const DISK_TARGET_PATTERN: &str = r"^(vd|sd|hd|xvd)[a-z]{1,2}$";
 
-/// An absolute path without control characters. `..` components are refused by
-/// [`is_clean_absolute_path`], not by the pattern, to keep the pattern readable.
-pub const ABSOLUTE_PATH_PATTERN: &str = r"^/[^\x00-\x1f\x7f]*$";
+/// An absolute path without control characters, empty components (`//`) or a trailing `/`
+/// (libvirt rewrites those, and the path it reports would then never match the one asked
+/// for). `.` and `..` components are refused by [`is_clean_absolute_path`], not by the
+/// pattern, to keep the pattern readable.
+pub const ABSOLUTE_PATH_PATTERN: &str = r"^/([^/\x00-\x1f\x7f]+(/[^/\x00-\x1f\x7f]+)*)?$";
 
 /// Text without control characters (a kernel command line).
 pub const PLAIN_TEXT_PATTERN: &str = r"^[^\x00-\x1f\x7f]*$";
@@ -55,10 +57,20 @@ pub fn shown(text: &str, max: usize) -> String {
     out
 }
 
+/// The rule [`is_clean_absolute_path`] checks, for field errors.
+pub const CLEAN_ABSOLUTE_PATH: &str = "must be an absolute path without `.` or `..` components, `//`, a trailing `/` or control characters";
+
 /// Whether `path` is absolute, has no `.` or `..` component (so it cannot climb out of the
-/// directory it names) and is plain text ([`is_plain_text`]).
+/// directory it names), no empty component and no trailing `/` (libvirt would report the
+/// path rewritten: `/a//b/` as `/a/b`), and is plain text ([`is_plain_text`]).
 pub fn is_clean_absolute_path(path: &str) -> bool {
-    path.starts_with('/') && is_plain_text(path) && path.split('/').all(|c| c != ".." && c != ".")
+    path.starts_with('/')
+        && is_plain_text(path)
+        && (path == "/"
+            || path
+                .split('/')
+                .skip(1)
+                .all(|c| !c.is_empty() && c != ".." && c != "."))
 }
 
 /// Whether `text` is a DNS-1123 label ([`DNS_LABEL_PATTERN`], at most 63 characters).
@@ -146,11 +158,18 @@ mod tests {
             path.is_match("/var/lib/virtkube/pools/default")
                 && path.is_match("/")
                 && !path.is_match("relative/path")
+                && !path.is_match("/var//lib")
+                && !path.is_match("/var/lib/")
+                && !path.is_match("/var/l\tib")
         );
         assert!(
             is_clean_absolute_path("/var/lib/x")
+                && is_clean_absolute_path("/")
                 && !is_clean_absolute_path("/var/../etc")
                 && !is_clean_absolute_path("x/y")
+                && !is_clean_absolute_path("/var//lib")
+                && !is_clean_absolute_path("/var/lib/")
+                && !is_clean_absolute_path("/var/l\nib")
         );
     }
 }

@@ -186,7 +186,7 @@ impl Validate for StoragePoolSpec {
             (_, Some(target)) if !crate::names::is_clean_absolute_path(&target.path) => errors
                 .push(
                     "spec.target.path",
-                    "must be an absolute path without `.` or `..` components or control characters",
+                    crate::names::CLEAN_ABSOLUTE_PATH,
                 ),
             _ => {}
         }
