@@ -79,14 +79,15 @@ impl std::fmt::Display for Refusal {
     }
 }
 
-impl Refusal {
-    fn new(at: &'static str, message: impl std::fmt::Display) -> Outcome {
-        Outcome::Refused(Refusal {
-            at,
-            message: message.to_string(),
-        })
-    }
+/// The outcome of an input refused at `at`.
+fn refused(at: &'static str, message: impl std::fmt::Display) -> Outcome {
+    Outcome::Refused(Refusal {
+        at,
+        message: message.to_string(),
+    })
+}
 
+impl Refusal {
     /// Whether the refusal says where: a field path (`spec.…`, `metadata.…`), or, for text
     /// that is not YAML at all, a line and column; and whether it can be printed safely (no
     /// control character from the input but line breaks between errors).
@@ -109,7 +110,7 @@ fn through(text: &str) -> Outcome {
     }
     let manifests = match READER.with(|r| r.borrow_mut().parse(Path::new("fuzz.yaml"), text)) {
         Ok(m) => m,
-        Err(e) => return Refusal::new("reader", e),
+        Err(e) => return refused("reader", e),
     };
     for m in &manifests {
         let errors = match &m.object {
@@ -119,18 +120,18 @@ fn through(text: &str) -> Outcome {
             Object::StoragePool(p) => p.spec.validate(),
         };
         if !errors.is_empty() {
-            return Refusal::new("validation", errors);
+            return refused("validation", errors);
         }
     }
     let (desired, notices) = DesiredState::from_manifests(&manifests, &Nodes::single(NODE));
     if let Some(n) = notices.first() {
-        return Refusal::new("desired state", &n.message);
+        return refused("desired state", &n.message);
     }
     let mut observed = ObservedState::default();
     observed.host_mut(NODE);
     let p = plan::plan(&desired, &observed, &PlanOptions::default());
     if p.has_errors() {
-        return Refusal::new("plan", p.render(false));
+        return refused("plan", p.render(false));
     }
     let pools: BTreeMap<String, String> = desired
         .volumes
@@ -148,14 +149,14 @@ fn through(text: &str) -> Outcome {
             Op::DefinePool(pool) => match pool_def(pool) {
                 Ok(def) => match def.validate() {
                     Ok(()) => ("pool", Def::Pool(def.clone()), def.to_xml()),
-                    Err(e) => return Refusal::new("definition", format!("pool: {e}")),
+                    Err(e) => return refused("definition", format!("pool: {e}")),
                 },
-                Err(e) => return Refusal::new("definition", format!("pool: {e}")),
+                Err(e) => return refused("definition", format!("pool: {e}")),
             },
             Op::DefineNetwork(net) => {
                 let def = network_def(net);
                 if let Err(e) = def.validate() {
-                    return Refusal::new("definition", format!("network: {e}"));
+                    return refused("definition", format!("network: {e}"));
                 }
                 ("network", Def::Network(def.clone()), def.to_xml())
             }
@@ -171,7 +172,7 @@ fn through(text: &str) -> Outcome {
                 };
                 let def = volume_def(&a.object.name, capacity.unwrap_or(1 << 20), format, backing);
                 if let Err(e) = def.validate() {
-                    return Refusal::new("definition", format!("volume: {e}"));
+                    return refused("definition", format!("volume: {e}"));
                 }
                 let store = backing.map(|b| BackingStore {
                     path: format!("/pools/images/{b}"),
@@ -188,9 +189,9 @@ fn through(text: &str) -> Outcome {
                 match domain_def(domain, &Preserve::default(), on, &pools) {
                     Ok(def) => match def.validate() {
                         Ok(()) => ("domain", Def::Domain(Box::new(def.clone())), def.to_xml()),
-                        Err(e) => return Refusal::new("definition", format!("domain: {e}")),
+                        Err(e) => return refused("definition", format!("domain: {e}")),
                     },
-                    Err(e) => return Refusal::new("definition", format!("domain: {e}")),
+                    Err(e) => return refused("definition", format!("domain: {e}")),
                 }
             }
             _ => continue,
@@ -550,10 +551,7 @@ fn check_libvirt(
     .map_err(|why| TestCaseError::fail(format!("{why}\nmanifests:\n{text}")))
 }
 
-/// One connection to `test:///default` for the whole test (its state lives as long as the
-/// process).
-static LIBVIRT: std::sync::OnceLock<(tokio::runtime::Runtime, Engine)> = std::sync::OnceLock::new();
-
+/// A connection to `test:///default` (its state lives as long as the process).
 fn libvirt() -> (tokio::runtime::Runtime, Engine) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

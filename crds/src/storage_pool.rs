@@ -183,11 +183,9 @@ impl Validate for StoragePoolSpec {
                 "spec.target.path",
                 format!("a {} pool needs target.path", self.type_.as_str()),
             ),
-            (_, Some(target)) if !crate::names::is_clean_absolute_path(&target.path) => errors
-                .push(
-                    "spec.target.path",
-                    crate::names::CLEAN_ABSOLUTE_PATH,
-                ),
+            (_, Some(target)) if !crate::names::is_clean_absolute_path(&target.path) => {
+                errors.push("spec.target.path", crate::names::CLEAN_ABSOLUTE_PATH)
+            }
             _ => {}
         }
         if self.type_ == PoolType::Netfs
