@@ -5,6 +5,9 @@
 //! Properties, for every input:
 //! - **No panic**, anywhere on the path (reading, validation, planning, building the
 //!   definitions, writing and reading back their XML).
+//! - **Refused where it is read, saying where**: a refusal comes from the reader (YAML,
+//!   schema) or the validation, names the field (or the YAML line), and holds no control
+//!   character from the input (it is printed to a terminal).
 //! - **Refused or well-formed**: what the validation accepts yields XML 1.0 whose every
 //!   character is allowed by the XML specification (libvirt's parser refuses the others).
 //! - **No injection**: markup in a string changes text, never structure — the XML of the
@@ -12,6 +15,9 @@
 //!   the same shape; and every string reads back from the XML exactly as it was written
 //!   (XML normalizes raw whitespace in attributes and raw carriage returns: a value that
 //!   reads back differently would name another file than the one validated).
+//! - **Libvirt accepts it**: the definitions are given to `test:///default` (pools defined
+//!   and started, networks defined, volumes created, domains defined), libvirt's stored XML
+//!   holds the same strings, and everything is removed again.
 //!
 //! The number of generated cases is bounded for CI (`PROPTEST_CASES` raises it); failures
 //! proptest found are kept in `hostile_input.proptest-regressions` and replayed first.

@@ -1,5 +1,5 @@
 //! Generated manifests for the hostile-input tests (`hostile_input.rs`: no panic, no XML
-//! injection; `hostile_libvirt.rs`: whatever validation accepts, libvirt accepts).
+//! injection, and whatever validation accepts, libvirt's `test:///default` accepts).
 //!
 //! A [`Case`] is a *shape* (which objects and fields are set, how many disks and NICs) and,
 //! for every string the user controls, two values: a benign one that is valid for its field,
