@@ -227,11 +227,10 @@ fn through(text: &str) -> Outcome {
     Outcome::Defined(defined)
 }
 
-/// Whether a string read back is the one written. Text is compared trimmed, and empty text
-/// as none (`<cmdline></cmdline>` is no command line), as libvirt reads them.
+/// Whether a string read back is the one written, exactly: the planner compares the
+/// desired strings with the ones read back from libvirt, so any difference (a space the
+/// reader trims, an empty text read as none) is a change planned on every reconcile.
 fn same(what: &str, want: Option<&String>, got: Option<&String>) -> Result<(), String> {
-    let want = want.map(|s| s.trim().to_string()).filter(|s| !s.is_empty());
-    let got = got.map(|s| s.trim().to_string()).filter(|s| !s.is_empty());
     if want == got {
         Ok(())
     } else {

@@ -1233,10 +1233,15 @@ fn validate_os(os: &OsSpec, errors: &mut FieldErrors) {
             );
         }
     }
-    if let Some(cmdline) = &os.cmdline
-        && !crate::names::is_plain_text(cmdline)
-    {
-        errors.push("spec.os.cmdline", "must hold no control characters");
+    if let Some(cmdline) = &os.cmdline {
+        if !crate::names::is_plain_text(cmdline) {
+            errors.push("spec.os.cmdline", "must hold no control characters");
+        } else if cmdline.is_empty() {
+            errors.push("spec.os.cmdline", "must not be empty: leave it out");
+        } else if cmdline.trim() != cmdline {
+            // libvirt's XML is read back trimmed: the definition would never match.
+            errors.push("spec.os.cmdline", "must not begin or end with whitespace");
+        }
     }
     let mut seen = std::collections::BTreeSet::new();
     for device in &os.boot {

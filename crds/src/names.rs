@@ -58,14 +58,16 @@ pub fn shown(text: &str, max: usize) -> String {
 }
 
 /// The rule [`is_clean_absolute_path`] checks, for field errors.
-pub const CLEAN_ABSOLUTE_PATH: &str = "must be an absolute path without `.` or `..` components, `//`, a trailing `/` or control characters";
+pub const CLEAN_ABSOLUTE_PATH: &str = "must be an absolute path without `.` or `..` components, `//`, a trailing `/`, trailing whitespace or control characters";
 
 /// Whether `path` is absolute, has no `.` or `..` component (so it cannot climb out of the
 /// directory it names), no empty component and no trailing `/` (libvirt would report the
-/// path rewritten: `/a//b/` as `/a/b`), and is plain text ([`is_plain_text`]).
+/// path rewritten: `/a//b/` as `/a/b`), no trailing whitespace (paths in element text are
+/// read back trimmed), and is plain text ([`is_plain_text`]).
 pub fn is_clean_absolute_path(path: &str) -> bool {
     path.starts_with('/')
         && is_plain_text(path)
+        && path.trim_end() == path
         && (path == "/"
             || path
                 .split('/')
@@ -170,6 +172,8 @@ mod tests {
                 && !is_clean_absolute_path("/var//lib")
                 && !is_clean_absolute_path("/var/lib/")
                 && !is_clean_absolute_path("/var/l\nib")
+                && !is_clean_absolute_path("/boot/vmlinuz ")
+                && !is_clean_absolute_path("/boot/vmlinuz\u{3000}")
         );
     }
 }

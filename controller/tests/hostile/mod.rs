@@ -134,6 +134,10 @@ pub const PAYLOADS: &[&str] = &[
     "-0",
     ".0001",
     "e9",
+    " ",
+    "\u{3000}",
+    "\u{a0}",
+    "",
 ];
 
 /// A hostile value for a slot whose valid form is `valid`.
@@ -335,7 +339,7 @@ pub fn plausible_case() -> impl Strategy<Value = Case> {
     let mild = |valid: &'static str| -> BoxedStrategy<String> {
         prop_oneof![
             3 => Just(valid.to_string()),
-            2 => prop::sample::select(&["<", ">", "&", "'", "\"", " x", "é", "漢字", "&amp;", "]]>"][..])
+            2 => prop::sample::select(&["<", ">", "&", "'", "\"", " x", "é", "漢字", "&amp;", "]]>", " ", "\u{a0}"][..])
                 .prop_map(move |p| format!("{valid}{p}")),
             1 => "[a-zA-Z0-9 ._=,:/<>&'\"-]{0,30}".prop_map(move |s| format!("{valid}{s}")),
         ]
