@@ -300,16 +300,47 @@ impl Strings {
         slots
     }
 
-    /// `benign` with the slots `attacked` picks taken from `attack`: a case attacks a few
-    /// slots at once, so the others pass validation and the attacked ones reach the XML.
-    fn mixed(benign: &Strings, attack: &Strings, attacked: &[prop::sample::Index]) -> Strings {
+    /// Whether each slot of [`Strings::slots_mut`] is written into the manifests of
+    /// `shape` (an attack on a slot the shape leaves out would test nothing).
+    fn live(shape: &Shape) -> Vec<bool> {
+        let mut live = vec![true; 5];
+        live.extend([
+            shape.kernel,
+            shape.kernel,
+            shape.kernel,
+            shape.cpu_model,
+            shape.machine,
+            shape.bridge,
+            shape.tuning,
+            shape.tuning,
+        ]);
+        live.extend(shape.disks.iter().map(|d| d.host_path));
+        live.extend(shape.nics.iter().copied());
+        live
+    }
+
+    /// `benign` with the slots `attacked` picks (among those `shape` writes) taken from
+    /// `attack`: a case attacks a few slots at once, so the others pass validation and the
+    /// attacked ones reach the XML.
+    fn mixed(
+        shape: &Shape,
+        benign: &Strings,
+        attack: &Strings,
+        attacked: &[prop::sample::Index],
+    ) -> Strings {
         let mut out = benign.clone();
         let mut attack = attack.clone();
         let from: Vec<String> = attack.slots_mut().into_iter().map(|s| s.clone()).collect();
+        let live: Vec<usize> = Self::live(shape)
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| **l)
+            .map(|(i, _)| i)
+            .collect();
         let mut slots = out.slots_mut();
-        let n = slots.len();
+        assert_eq!(slots.len(), Self::live(shape).len());
         for pick in attacked {
-            let i = pick.index(n);
+            let i = live[pick.index(live.len())];
             *slots[i] = from[i].clone();
         }
         out
@@ -327,7 +358,7 @@ pub fn case() -> impl Strategy<Value = Case> {
             .prop_map(move |(attack, attacked)| Case {
                 shape: shape.clone(),
                 benign: benign.clone(),
-                hostile: Strings::mixed(&benign, &attack, &attacked),
+                hostile: Strings::mixed(&shape, &benign, &attack, &attacked),
             })
     })
 }
@@ -354,7 +385,7 @@ pub fn plausible_case() -> impl Strategy<Value = Case> {
             .prop_map(move |(attack, attacked)| Case {
                 shape: shape.clone(),
                 benign: benign.clone(),
-                hostile: Strings::mixed(&benign, &attack, &attacked),
+                hostile: Strings::mixed(&shape, &benign, &attack, &attacked),
             })
     })
 }
