@@ -277,11 +277,21 @@ async fn sigterm_stops_the_agent_never_the_guest_and_a_new_agent_adopts_it() {
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(virsh(&uri, &["domid", &guest]), id_before, "same run");
-    let writes: Vec<String> = c
+    let requests: Vec<_> = c
         .api
         .requests()
         .into_iter()
         .filter(|r| r.identity == "agent-node-a")
+        .collect();
+    assert!(
+        requests
+            .iter()
+            .any(|r| r.resource == "domains" && r.verb == "watch"),
+        "the new agent watches Domains under this identity: {} requests",
+        requests.len()
+    );
+    let writes: Vec<String> = requests
+        .into_iter()
         .filter(|r| !["get", "list", "watch"].contains(&r.verb.as_str()))
         .filter(|r| ["domains", "events"].contains(&r.resource.as_str()))
         .map(|r| format!("{} {} {}/{}", r.verb, r.resource, r.subresource, r.name))
