@@ -88,10 +88,7 @@ fn make_slow(dom: &mut Value) {
 fn assert_only_on(c: &Cluster, ns: &str, name: &str, node: &str) {
     let guest = format!("{ns}.{name}");
     for n in &c.nodes {
-        let runs = running_on(&n.uri)
-            .expect("virsh list")
-            .iter()
-            .any(|g| *g == guest);
+        let runs = running_on(&n.uri).expect("virsh list").contains(&guest);
         assert_eq!(
             runs,
             n.name == node,

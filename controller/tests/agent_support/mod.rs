@@ -181,11 +181,21 @@ pub async fn testapi_context_for(
     api: &virtkube_testapi::TestApi,
     node: &str,
 ) -> (Arc<Context>, kube::Client, Engine) {
+    testapi_context_on(api, node, "test:///default").await
+}
+
+/// An agent context for `node` on libvirt `uri` whose API is the in-memory server `api`,
+/// as identity `agent` (shutdown grace and deadline 200 ms).
+pub async fn testapi_context_on(
+    api: &virtkube_testapi::TestApi,
+    node: &str,
+    uri: &str,
+) -> (Arc<Context>, kube::Client, Engine) {
     let client = api.client("agent").await.unwrap();
     let mut hosts = Hosts::connect(
         &[HostSpec {
             node: node.into(),
-            uri: "test:///default".into(),
+            uri: uri.into(),
             p2p_uri: None,
             migration_uri: None,
         }],
