@@ -1,0 +1,124 @@
+//! Crash anywhere, in-process, on libvirt's test driver: at least 100 runs of a mixed set of
+//! objects (pools, volumes with clones and overlays under both reclaim policies, networks,
+//! domains with pins, autostart and power states) through creates, spec updates and deletes,
+//! with the agent and the controller killed at points drawn from a printed seed, restarted,
+//! and the invariants checked after each phase and sampled during it.
+//!
+//! What a kill models and what it does not: see `crash_support/inprocess.rs`. Moves between
+//! nodes need live migration, which the test driver lacks: they run on the real daemons
+//! (`crash_real.rs`).
+//!
+//! Replay: `VIRTKUBE_CRASH_SEED=0x… cargo test -p virtkube --test crash_campaign -- --nocapture`;
+//! `VIRTKUBE_CRASH_RUNS=N` changes the number of runs, `VIRTKUBE_CRASH_ONLY=K` plays run K alone.
+
+mod crash_support;
+
+use std::time::Duration;
+
+use crash_support::campaign::{Counts, Timing, describe, play};
+use crash_support::check::Checker;
+use crash_support::inprocess::{AgentConfig, InProcessFleet};
+use crash_support::rng::{Rng, seed_from_env};
+use crash_support::scenario::{Options, generate};
+use virtkube::host::{HostSpec, Hosts};
+use virtkube_engine::EngineConfig;
+use virtkube_testapi::TestApi;
+
+const NODE: &str = "node-a";
+const URI: &str = "test:///default";
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_anywhere_in_process_on_the_test_driver() {
+    if std::env::var("VIRTKUBE_CRASH_LOG").is_ok() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(std::env::var("VIRTKUBE_CRASH_LOG").unwrap_or_default()))
+            .try_init();
+    }
+    let seed = seed_from_env();
+    let runs = env_u64("VIRTKUBE_CRASH_RUNS", 100);
+    let only = std::env::var("VIRTKUBE_CRASH_ONLY").ok().and_then(|v| v.parse::<u64>().ok());
+    println!("crash campaign (in-process, {URI}): seed {seed:#x}, {runs} runs");
+    // The harness's own connection: it keeps the test driver's state alive while agents
+    // come and go, and it is what the checks look through.
+    let spec = HostSpec {
+        node: NODE.into(),
+        uri: URI.into(),
+        p2p_uri: None,
+        migration_uri: None,
+    };
+    let observer = Hosts::connect(&[spec], EngineConfig::default()).await.unwrap();
+    let cpus = observer.get(NODE).unwrap().engine.node_info().await.unwrap().cpus.min(4);
+    let options = Options {
+        nodes: vec![NODE.into()],
+        pool_root: "/var/lib/virtkube/crash".into(),
+        moves: false,
+        live_moves: false,
+        cpus,
+        subnet: 201,
+    };
+    let timing = Timing {
+        converge: Duration::from_secs(20),
+        max_kills: 2,
+        max_point: 40,
+        max_downtime_ms: 30,
+        poll: Duration::from_millis(2),
+    };
+    // One API server and one fleet for the whole campaign, as a cluster lives on; each run
+    // has its own namespace and libvirt names. Several runs play at once (lanes), so the
+    // agent works on several runs' objects when it is killed.
+    let lanes = env_u64("VIRTKUBE_CRASH_LANES", 6).max(1);
+    let api = TestApi::start().await.unwrap();
+    let fleet = InProcessFleet::start(&api.url(), vec![AgentConfig::new(&api.url(), NODE, URI)]);
+    let lane = |lane: u64| {
+        let (api, fleet, observer, options, timing) = (&api, &fleet, &observer, &options, &timing);
+        async move {
+            let mut reports = Vec::new();
+            for run in (lane..runs).step_by(lanes as usize) {
+                if only.is_some_and(|k| k != run) {
+                    continue;
+                }
+                let run_seed = Rng::run_seed(seed, run);
+                let mut rng = Rng::new(run_seed);
+                let scenario = generate(&mut rng, run, options);
+                api.create_namespace(&scenario.names.ns).unwrap();
+                let mut checker = Checker::new(observer.clone(), scenario.names.clone());
+                let report =
+                    play(api, fleet, &mut checker, &scenario, &mut rng, timing, run, run_seed).await;
+                crash_support::cleanup::remove_run(URI, &scenario.names);
+                reports.push((report, scenario.phases.len()));
+            }
+            reports
+        }
+    };
+    let reports: Vec<_> = futures::future::join_all((0..lanes).map(lane))
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    fleet.stop();
+    api.stop().await;
+    let mut counts = Counts::default();
+    let mut failed = Vec::new();
+    for (report, phases) in reports {
+        counts.add(&report, phases);
+        if !report.violations.is_empty() {
+            println!("{}", describe(&report));
+            failed.push(report);
+        }
+    }
+    println!("{}", counts.table("in-process agent and controller on test:///default", seed));
+    assert!(
+        failed.is_empty(),
+        "{} of {} runs broke an invariant (seed {seed:#x}):\n{}",
+        failed.len(),
+        counts.runs,
+        failed.iter().map(describe).collect::<String>()
+    );
+}
