@@ -3,7 +3,11 @@
 # QEMU under TCG (no KVM needed), no systemd. Each daemon runs in its own network namespace
 # (A = 10.99.0.1, B = 10.99.0.2 on a veth pair) and mount namespace (its own /etc/libvirt,
 # /run/libvirt, /var/lib/libvirt, /var/log/libvirt, /var/cache/libvirt), with its own socket
-# and host_uuid, so the two can live-migrate guests to each other.
+# and host_uuid, so the two can live-migrate guests to each other. A third daemon, C (own
+# network namespace, no link to the others), runs with libvirt's cgroup v1 `cpu` and
+# `cpuacct` controllers enabled, for the tests of CPU scheduling (shares, quota, period);
+# A and B keep `cgroup_controllers = [ ]` so their guests never collide on cgroup names
+# while migrating.
 #
 # Usage (as root):
 #   scripts/libvirt-nodes.sh up   [DIR]   # installs packages if missing, starts A and B,
@@ -26,10 +30,11 @@ W=${2:-${VIRTKUBE_NODES_DIR:-/tmp/virtkube-libvirt-nodes}}
 # namespace prefix and /24: VIRTKUBE_NODES_NETNS=vkci VIRTKUBE_NODES_SUBNET=10.98.0.
 PREFIX=${VIRTKUBE_NODES_NETNS:-vk}
 SUBNET=${VIRTKUBE_NODES_SUBNET:-10.99.0}
-NS_A=${PREFIX}A NS_B=${PREFIX}B VETH_A=${PREFIX}vethA VETH_B=${PREFIX}vethB
+NS_A=${PREFIX}A NS_B=${PREFIX}B NS_C=${PREFIX}C VETH_A=${PREFIX}vethA VETH_B=${PREFIX}vethB
 ADDR_A=$SUBNET.1 ADDR_B=$SUBNET.2
 UUID_A=5a5a5a5a-0000-4000-8000-0000000000a1
 UUID_B=5a5a5a5a-0000-4000-8000-0000000000b1
+UUID_C=5a5a5a5a-0000-4000-8000-0000000000c1
 
 ms() { echo $(( ($(date +%s%N) - $1) / 1000000 )); }
 log() { echo "libvirt-nodes: $*" >&2; }
@@ -72,13 +77,14 @@ netns_up() {
     ip -n "$NS_A" addr add "$ADDR_A/24" dev "$VETH_A"
     ip -n "$NS_B" addr add "$ADDR_B/24" dev "$VETH_B"
   fi
-  for n in "$NS_A" "$NS_B"; do ip -n "$n" link set lo up; done
+  ip netns list | grep -qw "$NS_C" || ip netns add "$NS_C"
+  for n in "$NS_A" "$NS_B" "$NS_C"; do ip -n "$n" link set lo up; done
   ip -n "$NS_A" link set "$VETH_A" up
   ip -n "$NS_B" link set "$VETH_B" up
 }
 
-start_node() {  # NAME HOST_UUID NETNS ADDR
-  local N=$1 UUID=$2 NS=$3 ADDR=$4 D=$W/$1
+start_node() {  # NAME HOST_UUID NETNS ADDR [CGROUP_CONTROLLERS]
+  local N=$1 UUID=$2 NS=$3 ADDR=$4 CGROUPS=${5:-} D=$W/$1
   if [ -s "$D/libvirtd.pid" ] && kill -0 "$(cat "$D/libvirtd.pid")" 2>/dev/null; then
     log "node $N already running (pid $(cat "$D/libvirtd.pid"))"
     return 0
@@ -103,11 +109,15 @@ security_driver = "none"
 dynamic_ownership = 0
 remember_owner = 0
 namespaces = [ ]
-cgroup_controllers = [ ]
+cgroup_controllers = [ $CGROUPS ]
 stdio_handler = "file"
-migration_address = "$ADDR"
-migration_host = "$ADDR"
 EOC
+  # libvirt refuses a loopback migration_host: node C (no migration) has none.
+  if [ -n "$ADDR" ]; then
+    printf 'migration_address = "%s"\nmigration_host = "%s"\n' "$ADDR" "$ADDR" >> "$D/etc/qemu.conf"
+  fi
+  # The cgroup v1 hierarchies libvirt may use (read again by launch_daemon on restarts).
+  echo "$CGROUPS" | tr -d '",' > "$D/cgroups"
   # A pre-seeded QEMU capabilities cache saves the 7-8 s probe on first connect.
   [ -d "$W/capscache" ] && cp -a "$W/capscache" "$D/cache/qemu"
   launch_daemon "$N" "$NS"
@@ -121,7 +131,16 @@ launch_daemon() {  # NAME NETNS
   local N=$1 NS=$2 D=$W/$1
   rm -f "$D/libvirtd.pid" "$D/sock/libvirt-sock"
   local t0; t0=$(date +%s%N)
+  # `ip netns exec` mounts a fresh /sys for the namespace, without the host's cgroup
+  # hierarchies: a node with cgroup controllers gets them mounted again (v1 hierarchies are
+  # shared, so this is the host's own `cpu` hierarchy, not a copy).
+  local cg="" c
+  for c in $(cat "$D/cgroups" 2>/dev/null); do
+    cg="$cg mkdir -p /sys/fs/cgroup/$c && mount -t cgroup -o $c cgroup /sys/fs/cgroup/$c &&"
+  done
+  [ -n "$cg" ] && cg="mount -t tmpfs -o mode=755 cgroup_root /sys/fs/cgroup && $cg true"
   setsid ip netns exec "$NS" unshare -m --propagation private bash -c "
+    $cg
     mount --bind $D/etc   /etc/libvirt
     mount --bind $D/run   /run/libvirt
     mount --bind $D/lib   /var/lib/libvirt
@@ -168,6 +187,7 @@ write_env() {
 VIRTKUBE_TEST_NODES_DIR=$W
 VIRTKUBE_TEST_NODE_A_URI=$(uri_of A)
 VIRTKUBE_TEST_NODE_B_URI=$(uri_of B)
+VIRTKUBE_TEST_NODE_C_URI=$(uri_of C)
 VIRTKUBE_TEST_NODE_A_P2P_URI=qemu+unix:///system?socket=$W/A/sock/libvirt-sock
 VIRTKUBE_TEST_NODE_B_P2P_URI=qemu+unix:///system?socket=$W/B/sock/libvirt-sock
 VIRTKUBE_TEST_NODE_A_MIGRATION_URI=tcp://$ADDR_A
@@ -182,6 +202,7 @@ case "$CMD" in
     netns_up
     start_node A "$UUID_A" "$NS_A" "$ADDR_A"
     start_node B "$UUID_B" "$NS_B" "$ADDR_B"
+    start_node C "$UUID_C" "$NS_C" "" '"cpu", "cpuacct"'
     write_env
     log "ready; env in $W/env"
     cat "$W/env"
@@ -191,14 +212,16 @@ case "$CMD" in
     set +e
     stop_node A
     stop_node B
+    stop_node C
     ip netns del "$NS_A" 2>/dev/null
     ip netns del "$NS_B" 2>/dev/null
+    ip netns del "$NS_C" 2>/dev/null
     rm -f "$W/env"
     log "down"
     ;;
   restart-daemon)
     [ "$(id -u)" = 0 ] || { log "must run as root"; exit 1; }
-    case "$NODE" in A) NS=$NS_A ;; B) NS=$NS_B ;; *) log "node must be A or B"; exit 2 ;; esac
+    case "$NODE" in A) NS=$NS_A ;; B) NS=$NS_B ;; C) NS=$NS_C ;; *) log "node must be A, B or C"; exit 2 ;; esac
     D=$W/$NODE
     if [ -s "$D/libvirtd.pid" ]; then
       P=$(cat "$D/libvirtd.pid")
@@ -214,7 +237,7 @@ case "$CMD" in
     log "node $NODE: libvirtd restarted"
     ;;
   status)
-    for N in A B; do
+    for N in A B C; do
       if [ -s "$W/$N/libvirtd.pid" ] && kill -0 "$(cat "$W/$N/libvirtd.pid")" 2>/dev/null; then
         echo "node $N: running, pid $(cat "$W/$N/libvirtd.pid"), $(uri_of $N)"
         virsh -c "$(uri_of $N)" list --all 2>/dev/null | sed 's/^/  /'

@@ -42,6 +42,7 @@ fn domain(ns: &str, i: usize) -> DesiredDomain {
         topology: None,
         pinning: BTreeMap::new(),
         emulator_cpuset: None,
+        cpu_tune: Default::default(),
         memory_kib: 128 * 1024,
         max_memory_kib: 128 * 1024,
         hugepage_kib: None,

@@ -9,6 +9,7 @@
 //! - [`agent`]: `virtkube agent`, the per-node Kubernetes operator process.
 //! - [`cluster`]: `virtkube controller`, the cluster-wide process (scheduling, moves, drain,
 //!   node liveness), one active replica by Lease.
+//! - [`progress`]: showing long actions' progress (bars on a terminal, lines otherwise).
 //! - [`cli`]: the `virtkube` subcommands.
 
 pub mod agent;
@@ -18,3 +19,4 @@ pub mod execute;
 pub mod host;
 pub mod placement;
 pub mod plan;
+pub mod progress;

@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use virtkube::{agent, cli, cluster};
 
@@ -35,11 +35,12 @@ enum Command {
         after_help = "Examples:\n  virtkube controller --lease-namespace virtkube-system --identity \"$(hostname)\"\n  virtkube controller --max-migrations 5 --max-migrations-per-node 2 --memory-reserve 1Gi --log-format json"
     )]
     Controller(cluster::ControllerArgs),
-    /// Show what `apply` would change on the hosts: `+` create, `~` change live, `!` needs a
-    /// restart, `-` delete, with field-level before → after. Exit code 0: nothing to do,
+    /// Show what `apply` would change on the hosts, or what a cluster would do with the
+    /// manifests (`--kubeconfig`): `+` create, `~` change live, `!` needs a restart, `-`
+    /// delete, `x` forbidden, with field-level before → after. Exit code 0: nothing to do,
     /// 2: changes pending, 1: error.
     #[command(
-        after_help = "Examples:\n  virtkube plan -f examples/\n  virtkube plan -f vm.yaml --connect qemu:///system\n  virtkube plan -f examples/ --prune"
+        after_help = "Examples:\n  virtkube plan -f examples/\n  virtkube plan -f vm.yaml --connect qemu:///system\n  virtkube plan -f examples/ --prune\n  virtkube plan -f manifests/ --kubeconfig ~/.kube/prod --context prod -o json\n  kubectl virtkube plan -f manifests/      # as a kubectl plugin: kubectl-virtkube on PATH"
     )]
     Plan(cli::plan::PlanArgs),
     /// Apply manifests to libvirt hosts without a cluster: plan, apply with progress,
@@ -61,13 +62,36 @@ enum Command {
     Delete(cli::delete::DeleteArgs),
 }
 
+/// The executable name under which kubectl finds virtkube as a plugin (`kubectl virtkube …`
+/// runs `kubectl-virtkube …` from PATH): a symlink to, or copy of, `virtkube`.
+const KUBECTL_PLUGIN: &str = "kubectl-virtkube";
+
+/// Whether this process runs as the kubectl plugin (`argv[0]` is `kubectl-virtkube`).
+fn invoked_as_kubectl_plugin() -> bool {
+    std::env::args_os()
+        .next()
+        .map(std::path::PathBuf::from)
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .is_some_and(|name| name == KUBECTL_PLUGIN || name.starts_with("kubectl-virtkube."))
+}
+
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let kubectl = invoked_as_kubectl_plugin();
+    let command = if kubectl {
+        // Help and errors then read `kubectl virtkube plan …`, as the user typed it.
+        Args::command().bin_name("kubectl virtkube")
+    } else {
+        Args::command()
+    };
+    let args = match Args::from_arg_matches(&command.get_matches()) {
+        Ok(args) => args,
+        Err(e) => e.exit(),
+    };
     let result = match args.command {
         Command::Crd(crd) => cli::crd::run(&crd),
         Command::Agent(agent) => agent::run(&agent),
         Command::Controller(controller) => cluster::run(&controller),
-        Command::Plan(plan) => cli::plan::run(&plan),
+        Command::Plan(plan) => cli::plan::run(&plan, kubectl),
         Command::Apply(apply) => cli::apply::run(&apply),
         Command::Get(get) => cli::get::run(&get),
         Command::Delete(delete) => cli::delete::run(&delete),
@@ -75,8 +99,22 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", chain(&error));
             ExitCode::from(1)
         }
     }
+}
+
+/// The error and its causes, each once: a cause whose text the message already carries (an
+/// error that prints its source, as `HostError` does) is not repeated.
+fn chain(error: &anyhow::Error) -> String {
+    let mut out = error.to_string();
+    for cause in error.chain().skip(1) {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+    }
+    out
 }

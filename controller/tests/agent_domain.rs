@@ -470,6 +470,34 @@ async fn the_sweep_removes_copies_of_deleted_or_elsewhere_held_domains_only() {
     assert_eq!(w.libvirt_state().await, None);
 }
 
+/// `virtkube apply` on the same host (local manifests, no cluster) marks its guests with a
+/// `local:` identity: no Domain resource will ever exist for them, and the sweep must not
+/// read that as "deleted while away" (it destroyed such a guest before).
+#[tokio::test]
+async fn the_sweep_leaves_guests_of_virtkube_apply_alone() {
+    let w = World::new("local").await;
+    let def = virtkube_engine::model::DomainDef {
+        virt_type: "test".into(),
+        ..virtkube_engine::model::DomainDef::new(
+            "local.cli",
+            virtkube_engine::Owner::new("Domain", "local:local/cli", Some("local"), "cli"),
+        )
+    };
+    w.engine.domain_define(&def).await.unwrap();
+    let owner = w.engine.domain_owner("local.cli").await.unwrap().unwrap();
+    w.engine.domain_start("local.cli", &owner).await.unwrap();
+    let (empty, _writer) = kube::runtime::reflector::store::<Domain>();
+    let swept = virtkube::agent::sweep::sweep(&w.ctx, &empty).await.unwrap();
+    assert!(
+        !swept.removed.iter().any(|r| r == "local/cli"),
+        "{swept:?}"
+    );
+    assert!(
+        w.engine.domain_lookup("local.cli").await.unwrap().is_some(),
+        "the CLI's guest is still there"
+    );
+}
+
 #[tokio::test]
 async fn the_sweep_removes_the_copy_of_a_domain_deleted_while_the_node_was_away() {
     let w = World::new("orphan").await;

@@ -137,6 +137,7 @@ async fn running_controllers_converge_listed_objects_in_dependency_order_then_go
         ),
         (
             "volumes",
+            // Bound to this node the way the cluster controller binds it.
             json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "Volume",
             "metadata": {"name": "root", "namespace": "proc"},
             "spec": {"pool": "procpool", "capacity": "1Gi", "nodeName": "proc-node"}}),
@@ -165,6 +166,7 @@ async fn running_controllers_converge_listed_objects_in_dependency_order_then_go
     // Bound as the cluster controller binds them.
     agent_support::bind_domain(&admin, "proc", "vm", "proc-node").await;
     agent_support::bind_domain(&admin, "proc", "other", "node-z").await;
+    agent_support::bind_volume(&api, "proc", "root", "proc-node").await;
     let dir = tempfile::tempdir().unwrap();
     let config = kubeconfig(dir.path(), api.addr());
     let log = dir.path().join("agent.log");
@@ -289,6 +291,7 @@ async fn whole_lifecycle_through_watches_finalizers_spec_changes_and_deletes() {
     api.create("volumes", json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "Volume",
         "metadata": {"name": "root", "namespace": "life"},
         "spec": {"pool": "lifepool", "capacity": "1Gi", "nodeName": "proc-node", "reclaimPolicy": "Delete"}})).unwrap();
+    agent_support::bind_volume(&api, "life", "root", "proc-node").await;
     api.create(
         "networks",
         json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "Network",
@@ -555,144 +558,4 @@ async fn against_a_server_without_the_crds_the_agent_names_every_missing_one() {
         stderr.contains("missing: domains.virtkube.io, volumes.virtkube.io, networks.virtkube.io, storagepools.virtkube.io, hypervisornodes.virtkube.io"),
         "{stderr}"
     );
-}
-
-/// The chart's `templates/rbac.yaml` rendered for release `virtkube` in namespace
-/// `virtkube` (its only template expressions are the names and labels, replaced here as
-/// Helm would render them).
-fn chart_rbac() -> String {
-    let template = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../charts/virtkube/templates/rbac.yaml"
-    ))
-    .unwrap();
-    template
-        .lines()
-        .filter(|l| !l.contains("include \"virtkube.labels\""))
-        .map(|l| {
-            l.replace("{{ include \"virtkube.fullname\" . }}", "virtkube")
-                .replace(
-                    "{{ include \"virtkube.serviceAccountName\" . }}",
-                    "virtkube",
-                )
-                .replace("{{ .Release.Namespace }}", "virtkube")
-        })
-        .filter(|l| l.trim() != "labels:")
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-#[tokio::test]
-async fn with_exactly_the_charts_rbac_the_agent_converges_and_is_never_refused() {
-    let rbac = chart_rbac();
-    assert!(!rbac.contains("{{"), "unrendered template left:\n{rbac}");
-    let mut authorizer = virtkube_testapi::Authorizer::new(&[virtkube_testapi::ADMIN]);
-    let users = authorizer.load_yaml(&[rbac]).unwrap();
-    let agent_user = "system:serviceaccount:virtkube:virtkube";
-    assert_eq!(users, vec![agent_user.to_string()]);
-    let api = virtkube_testapi::TestApi::start_with(virtkube_testapi::Config {
-        authorizer: Some(authorizer),
-        ..virtkube_testapi::Config::default()
-    })
-    .await
-    .unwrap();
-    api.create_namespace("rbac").unwrap();
-    api.create(
-        "domains",
-        json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "Domain",
-               "metadata": {"name": "vm", "namespace": "rbac"},
-               "spec": {"nodeName": "proc-node", "memory": {"size": "64Mi"}}}),
-    )
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("kubeconfig");
-    api.write_kubeconfig(&config, &[agent_user]).unwrap();
-    let log = dir.path().join("agent.log");
-    let mut child = agent_support::fake_api::agent_with(
-        &config,
-        free_port(),
-        "test:///default",
-        &["--shutdown-timeout-seconds", "1"],
-        Some(&log),
-    );
-    let _kill_child = agent_support::fake_api::KillOnDrop(child.id());
-    let logs = || std::fs::read_to_string(&log).unwrap_or_default();
-    if tokio::time::timeout(
-        Duration::from_secs(60),
-        eventually(60, "the domain Ready", || {
-            ready(&api.get("domains", "rbac", "vm"))
-        }),
-    )
-    .await
-    .is_err()
-    {
-        panic!("not Ready under the chart's RBAC:\n{}", logs());
-    }
-    api.delete("domains", "rbac", "vm").unwrap();
-    eventually(30, "the domain gone", || api.count("domains") == 0).await;
-    let refused: Vec<String> = api
-        .requests()
-        .iter()
-        .filter(|r| r.identity == agent_user)
-        .filter(|r| {
-            let sub = if r.subresource.is_empty() {
-                String::new()
-            } else {
-                format!("/{}", r.subresource)
-            };
-            !chart_allows(&r.verb, &r.group, &format!("{}{sub}", r.resource))
-        })
-        .map(|r| {
-            format!(
-                "{} {}/{}{}",
-                r.verb,
-                r.group,
-                r.resource,
-                if r.subresource.is_empty() {
-                    String::new()
-                } else {
-                    format!("/{}", r.subresource)
-                }
-            )
-        })
-        .collect();
-    let patched_status = api.requests().iter().any(|r| {
-        r.identity == agent_user
-            && r.verb == "patch"
-            && r.resource == "domains"
-            && r.subresource == "status"
-    });
-    assert!(
-        patched_status,
-        "the agent wrote the domain's status as its service account"
-    );
-    assert!(
-        refused.is_empty(),
-        "requests outside the chart's RBAC: {refused:?}\n{}",
-        logs()
-    );
-    sigterm(child.id());
-    let status = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(status.success(), "{}", logs());
-}
-
-/// Whether the chart's rules allow a request, judged by the server's own authorizer.
-fn chart_allows(verb: &str, group: &str, resource: &str) -> bool {
-    let mut authorizer = virtkube_testapi::Authorizer::new(&[]);
-    authorizer.load_yaml(&[chart_rbac()]).unwrap();
-    let (resource, sub) = resource.split_once('/').unwrap_or((resource, ""));
-    let info = virtkube_testapi::RequestInfo {
-        is_resource: !resource.is_empty(),
-        verb: verb.into(),
-        group: group.into(),
-        resource: resource.into(),
-        subresource: sub.into(),
-        namespace: "any".into(),
-        identity: "system:serviceaccount:virtkube:virtkube".into(),
-        ..Default::default()
-    };
-    authorizer.check(&info).is_none()
 }

@@ -346,6 +346,11 @@ fn renamed_examples(tag: u8) -> Vec<(String, Value)> {
             } else {
                 "node.virtkube.io/proc-node"
             }]);
+            if plural == "volumes" {
+                // Bound to the agent's node the way the cluster controller binds it.
+                value["metadata"]["labels"] = json!({ "node.virtkube.io/proc-node": "holder" });
+                value["status"] = json!({ "nodeName": "proc-node" });
+            }
             objects.push((plural.to_string(), value));
         }
     }
@@ -571,8 +576,20 @@ async fn e2e_scenarios_on_real_qemu_with_an_in_memory_api_server() {
         if !ns.is_empty() {
             api.create_namespace(&ns).unwrap();
         }
-        names.push((plural.clone(), ns, name));
         api.create(&plural, obj).unwrap();
+        if plural == "volumes" {
+            // Bound as the cluster controller binds it: `status.nodeName` by a status write.
+            let client = api.client(virtkube_testapi::ADMIN).await.unwrap();
+            kube::Api::<virtkube_crds::Volume>::namespaced(client, &ns)
+                .patch_status(
+                    &name,
+                    &kube::api::PatchParams::default(),
+                    &kube::api::Patch::Merge(json!({ "status": { "nodeName": "proc-node" } })),
+                )
+                .await
+                .unwrap();
+        }
+        names.push((plural.clone(), ns, name));
     }
     let started = Instant::now();
     let all_ready = || names.iter().all(|(p, ns, n)| is_ready(&api.get(p, ns, n)));

@@ -1,4 +1,5 @@
-//! The Volume, StoragePool and Network controllers against kube's mock API server, with the
+//! The Volume, StoragePool and Network controllers against kube's mock API server (and, where
+//! a bound Domain or a stored object's history matters, the in-memory API server), with the
 //! real engine on `test:///default` underneath: per-node finalizers and status entries for
 //! pools and networks, reclaim policies for volumes, and silence in steady state.
 
@@ -37,14 +38,72 @@ fn test_pool(name: &str) -> StoragePool {
     .unwrap()
 }
 
+/// A Volume bound to this node the way the cluster controller binds it: `status.nodeName`
+/// (written by a status write) and the node's routing label.
 fn test_volume(ns: &str, pool: &str, policy: &str) -> Volume {
     serde_json::from_value(json!({
         "apiVersion": "virtkube.io/v1alpha1",
         "kind": "Volume",
-        "metadata": { "name": "disk", "namespace": ns, "uid": format!("uid-vol-{ns}"), "generation": 1, "resourceVersion": "1" },
-        "spec": { "pool": pool, "capacity": "1Gi", "format": "qcow2", "reclaimPolicy": policy, "nodeName": NODE }
+        "metadata": { "name": "disk", "namespace": ns, "uid": format!("uid-vol-{ns}"), "generation": 1,
+                      "resourceVersion": "1", "labels": { "node.virtkube.io/node-a": "holder" } },
+        "spec": { "pool": pool, "capacity": "1Gi", "format": "qcow2", "reclaimPolicy": policy },
+        "status": { "nodeName": NODE }
     }))
     .unwrap()
+}
+
+/// The status a compare-and-swap status write sets: a JSON patch that tests the
+/// resourceVersion it was decided on, then replaces `/status`.
+fn written_status(seen: &agent_support::Seen, rv: &str) -> serde_json::Value {
+    assert_eq!(
+        seen.body[0],
+        json!({ "op": "test", "path": "/metadata/resourceVersion", "value": rv }),
+        "{}",
+        seen.body
+    );
+    assert_eq!(seen.body[1]["path"], "/status", "{}", seen.body);
+    seen.body[1]["value"].clone()
+}
+
+/// `obj` as the API server stores it after a status write of `status`: a new resourceVersion.
+fn after_status_write<K: Resource + serde::Serialize + serde::de::DeserializeOwned>(
+    obj: &K,
+    status: &serde_json::Value,
+) -> K {
+    let mut v = serde_json::to_value(obj).unwrap();
+    let rv: u64 = v["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    v["metadata"]["resourceVersion"] = json!((rv + 1).to_string());
+    v["status"] = status.clone();
+    serde_json::from_value(v).unwrap()
+}
+
+/// An empty list of `kind` (what the cluster view of a deletion reads first).
+fn empty_list(kind: &str) -> serde_json::Value {
+    json!({ "apiVersion": "virtkube.io/v1alpha1", "kind": format!("{kind}List"),
+            "metadata": { "resourceVersion": "1" }, "items": [] })
+}
+
+/// Answers the deletion's reads of the namespace's Domains and Volumes with `domains` and
+/// `volumes`.
+async fn answer_cluster_reads(
+    api: &mut agent_support::ApiServerVerifier,
+    ns: &str,
+    domains: serde_json::Value,
+    volumes: serde_json::Value,
+) {
+    for (plural, answer) in [("domains", domains), ("volumes", volumes)] {
+        let (seen, send) = api.next().await;
+        assert_eq!(seen.method, Method::GET);
+        assert_eq!(
+            seen.path(),
+            format!("/apis/virtkube.io/v1alpha1/namespaces/{ns}/{plural}")
+        );
+        send.send_response(ok(&answer));
+    }
 }
 
 fn test_network(name: &str) -> Network {
@@ -226,6 +285,22 @@ async fn volume_is_created_reported_and_deleted_per_reclaim_policy() {
         let server = {
             let v = v.clone();
             tokio::spawn(async move {
+                // `Creating` is recorded before libvirt is asked for the image.
+                let (seen, send) = api.next().await;
+                assert_eq!(
+                    seen.path(),
+                    format!("/apis/virtkube.io/v1alpha1/namespaces/{ns}/volumes/disk/status")
+                );
+                assert!(
+                    seen.uri.contains("fieldManager=virtkube-agent"),
+                    "{}",
+                    seen.uri
+                );
+                let creating = written_status(&seen, "1");
+                assert_eq!(creating["phase"], "Creating");
+                assert_eq!(creating["nodeName"], NODE, "the holder is kept");
+                let v = after_status_write(&v, &creating);
+                send.send_response(ok(&v));
                 let (events, seen, send) = api.events_then().await;
                 assert_eq!(
                     events.iter().map(|(r, _)| r.as_str()).collect::<Vec<_>>(),
@@ -235,14 +310,8 @@ async fn volume_is_created_reported_and_deleted_per_reclaim_policy() {
                     seen.path(),
                     format!("/apis/virtkube.io/v1alpha1/namespaces/{ns}/volumes/disk/status")
                 );
-                assert!(
-                    seen.uri.contains("fieldManager=virtkube-agent&")
-                        || seen.uri.ends_with("fieldManager=virtkube-agent"),
-                    "{}",
-                    seen.uri
-                );
-                let mut updated = v.clone();
-                updated.status = Some(serde_json::from_value(seen.body["status"].clone()).unwrap());
+                let status = written_status(&seen, "2");
+                let updated = after_status_write(&v, &status);
                 send.send_response(ok(&updated));
                 (updated, api)
             })
@@ -279,6 +348,8 @@ async fn volume_is_created_reported_and_deleted_per_reclaim_policy() {
             let mut answer = gone.clone();
             answer.metadata.finalizers = None;
             tokio::spawn(async move {
+                answer_cluster_reads(&mut api, ns, empty_list("Domain"), empty_list("Volume"))
+                    .await;
                 let (events, seen, send) = api.events_then().await;
                 assert_eq!(seen.body[1]["op"], "remove", "{}", seen.body);
                 send.send_response(ok(&answer));
@@ -306,6 +377,38 @@ async fn volume_is_created_reported_and_deleted_per_reclaim_policy() {
 }
 
 #[tokio::test]
+async fn a_volume_not_bound_to_this_node_is_not_touched() {
+    let (ctx, mut api, engine) = agent_support::context().await;
+    let (_, a) = pool_up("unbound", &ctx, api).await;
+    api = a;
+    // spec.nodeName names this node, but no holder is bound yet: binding is the
+    // controller's job, and an agent never claims a Volume itself.
+    let mut v = test_volume("unbound", "unbound", "Delete");
+    v.spec.node_name = Some(NODE.into());
+    v.status = None;
+    let action = timed(volume::reconcile(Arc::new(v.clone()), ctx.clone()))
+        .await
+        .unwrap();
+    assert_eq!(action, Action::await_change());
+    // Bound to another node: not this agent's either.
+    v.status = Some(virtkube_crds::volume::VolumeStatus {
+        node_name: Some("node-b".into()),
+        ..Default::default()
+    });
+    timed(volume::reconcile(Arc::new(v), ctx.clone()))
+        .await
+        .unwrap();
+    api.assert_silent(Duration::from_millis(200)).await;
+    assert!(
+        engine
+            .volume_observe("unbound", "unbound.disk")
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+#[tokio::test]
 async fn volume_without_its_pool_is_not_ready_and_says_why_once() {
     let (ctx, mut api, _engine) = agent_support::context().await;
     let v = with_finalizer(test_volume("nopool", "missing-pool", "Delete"), FINALIZER);
@@ -314,8 +417,7 @@ async fn volume_without_its_pool_is_not_ready_and_says_why_once() {
         tokio::spawn(async move {
             let (seen, send) = api.next().await;
             assert!(seen.path().ends_with("/status"));
-            let mut updated = v.clone();
-            updated.status = Some(serde_json::from_value(seen.body["status"].clone()).unwrap());
+            let updated = after_status_write(&v, &written_status(&seen, "1"));
             send.send_response(ok(&updated));
             let (events, _, _) = (api.next().await, (), ());
             assert_eq!(events.0.body["reason"], "Failed");
@@ -392,86 +494,95 @@ async fn network_is_defined_started_and_reported_per_node() {
     assert_eq!(updated.name_any(), "agentnet");
 }
 
+/// On the in-memory API server, with the Domain bound as the cluster controller binds it.
 #[tokio::test]
 async fn a_volume_in_use_is_not_deleted_and_says_why() {
-    let (ctx, api, engine) = agent_support::context().await;
-    let (_, mut api) = pool_up("usepool", &ctx, api).await;
-    // The volume.
-    let v = with_finalizer(test_volume("inuse", "usepool", "Delete"), FINALIZER);
-    let server = {
-        let v = v.clone();
-        tokio::spawn(async move {
-            let (_, seen, send) = api.events_then().await;
-            let mut updated = v.clone();
-            updated.status = Some(serde_json::from_value(seen.body["status"].clone()).unwrap());
-            send.send_response(ok(&updated));
-            (updated, api)
-        })
-    };
-    timed(volume::reconcile(Arc::new(v), ctx.clone()))
+    let api = virtkube_testapi::TestApi::start().await.unwrap();
+    api.create_namespace("inuse").unwrap();
+    let (ctx, _, engine) = agent_support::testapi_context(&api).await;
+    let admin = api.client("admin").await.unwrap();
+    fn stored<K: serde::de::DeserializeOwned>(
+        api: &virtkube_testapi::TestApi,
+        plural: &str,
+        ns: &str,
+        name: &str,
+    ) -> Arc<K> {
+        Arc::new(serde_json::from_value(api.get(plural, ns, name).unwrap()).unwrap())
+    }
+    api.create(
+        "storagepools",
+        json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "StoragePool",
+               "metadata": {"name": "usepool"},
+               "spec": {"type": "dir", "target": {"path": "/var/lib/virtkube/pools/usepool"}}}),
+    )
+    .unwrap();
+    api.create(
+        "volumes",
+        json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "Volume",
+               "metadata": {"name": "disk", "namespace": "inuse"},
+               "spec": {"pool": "usepool", "capacity": "1Gi", "format": "qcow2",
+                        "reclaimPolicy": "Delete", "nodeName": NODE}}),
+    )
+    .unwrap();
+    agent_support::bind_volume(&api, "inuse", "disk", NODE).await;
+    // The finalizer first, then the object itself.
+    for _ in 0..2 {
+        timed(pool::reconcile(
+            stored(&api, "storagepools", "", "usepool"),
+            ctx.clone(),
+        ))
         .await
         .unwrap();
-    let (vol, mut api) = server.await.unwrap();
+    }
+    for _ in 0..2 {
+        timed(volume::reconcile(
+            stored(&api, "volumes", "inuse", "disk"),
+            ctx.clone(),
+        ))
+        .await
+        .unwrap();
+    }
     // A domain that uses it (the agent reads the Volume from the API: no reflector here).
-    let dom: virtkube_crds::Domain = serde_json::from_value(json!({
-        "apiVersion": "virtkube.io/v1alpha1", "kind": "Domain",
-        "metadata": { "name": "user", "namespace": "inuse", "uid": "uid-user", "generation": 1,
-                      "resourceVersion": "1", "finalizers": [FINALIZER] },
-        "spec": { "nodeName": NODE, "runStrategy": "Halted", "memory": { "size": "64Mi" },
-                  "disks": [ { "name": "root", "volume": "disk" } ] }
-    }))
+    api.create(
+        "domains",
+        json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "Domain",
+               "metadata": {"name": "user", "namespace": "inuse"},
+               "spec": {"runStrategy": "Halted", "memory": {"size": "64Mi"},
+                        "disks": [{"name": "root", "volume": "disk"}]}}),
+    )
     .unwrap();
-    let server = {
-        let (dom, vol) = (dom.clone(), vol.clone());
-        tokio::spawn(async move {
-            let (seen, send) = api.next().await;
-            assert_eq!(seen.method, Method::GET);
-            assert_eq!(
-                seen.path(),
-                "/apis/virtkube.io/v1alpha1/namespaces/inuse/volumes/disk"
-            );
-            send.send_response(ok(&vol));
-            let (events, seen, send) = api.events_then().await;
-            assert!(events.iter().any(|(r, _)| r == "Defined"), "{events:?}");
-            let mut updated = dom.clone();
-            updated.status = Some(serde_json::from_value(seen.body["status"].clone()).unwrap());
-            send.send_response(ok(&updated));
-            api
-        })
-    };
+    agent_support::bind_domain(&admin, "inuse", "user", NODE).await;
     timed(virtkube::agent::domain::reconcile(
-        Arc::new(dom),
+        stored(&api, "domains", "inuse", "user"),
         ctx.clone(),
     ))
     .await
     .unwrap();
-    let mut api = server.await.unwrap();
     assert!(engine.domain_lookup("inuse.user").await.unwrap().is_some());
 
-    // Deleting the volume waits while the domain uses it.
-    let gone = deleting(vol);
-    let answer = gone.clone();
-    let server = tokio::spawn(async move {
-        let (seen, send) = api.next().await;
-        assert!(seen.path().ends_with("/status"), "{}", seen.uri);
-        let ready = seen.body["status"]["conditions"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["type"] == "Ready")
-            .unwrap()
-            .clone();
-        assert_eq!(ready["status"], "False");
-        assert_eq!(ready["reason"], "VolumeInUse");
-        send.send_response(ok(&answer));
-        let (seen, send) = api.next().await;
-        assert_eq!(seen.body["reason"], "DeletionBlocked");
-        send.send_response(ok(&seen.body));
-        api
-    });
-    let result = timed(volume::reconcile(Arc::new(gone), ctx.clone())).await;
+    // Deleting the volume waits while the domain uses it, and says why.
+    api.delete("volumes", "inuse", "disk").unwrap();
+    let result = timed(volume::reconcile(
+        stored(&api, "volumes", "inuse", "disk"),
+        ctx.clone(),
+    ))
+    .await;
     assert!(result.is_err(), "the deletion is retried with backoff");
-    server.await.unwrap();
+    let vol: Arc<Volume> = stored(&api, "volumes", "inuse", "disk");
+    let ready = virtkube_crds::conditions::find(&vol.status.as_ref().unwrap().conditions, "Ready")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "VolumeInUse")
+    );
+    assert!(
+        agent_support::events(&api)
+            .iter()
+            .any(|(name, reason, ..)| name == "disk" && reason == "DeletionBlocked"),
+        "{:?}",
+        agent_support::events(&api)
+    );
     assert!(
         engine
             .volume_observe("usepool", "inuse.disk")
@@ -486,6 +597,8 @@ async fn a_volume_in_use_is_not_deleted_and_says_why() {
 async fn a_pool_no_longer_selected_is_removed_here_and_let_go() {
     let (ctx, api, engine) = agent_support::context().await;
     let (mut p, mut api) = pool_up("deselpool", &ctx, api).await;
+    // The agent has read its node's labels (none): a selector for zone b leaves it out.
+    ctx.set_labels(Default::default());
     p.spec.node_selector.insert("zone".into(), "b".into());
     let answer = p.clone();
     let server = tokio::spawn(async move {
@@ -514,4 +627,76 @@ async fn a_pool_no_longer_selected_is_removed_here_and_let_go() {
     assert_eq!(action, Action::await_change());
     server.await.unwrap();
     assert!(engine.pool_observe("deselpool").await.unwrap().is_none());
+}
+
+/// A pool's `status.observedGeneration` follows the generation the agent acted on (the
+/// in-memory API server underneath), so kstatus and `kubectl wait` see a spec edit as in
+/// progress until an agent has acted on it; another node's entry written for an older
+/// generation does not hold it back.
+#[tokio::test]
+async fn a_pools_observed_generation_follows_the_spec_the_agent_acted_on() {
+    let api = virtkube_testapi::TestApi::start().await.unwrap();
+    let (ctx, _, _engine) = agent_support::testapi_context(&api).await;
+    api.create(
+        "storagepools",
+        json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "StoragePool",
+               "metadata": {"name": "obsgen"},
+               "spec": {"type": "dir", "target": {"path": "/var/lib/virtkube/pools/obsgen"}}}),
+    )
+    .unwrap();
+    let stored = || -> StoragePool {
+        serde_json::from_value(api.get("storagepools", "", "obsgen").unwrap()).unwrap()
+    };
+    let observed = |p: &StoragePool| p.status.as_ref().and_then(|s| s.observed_generation);
+    // The finalizer first, then the pool and its status.
+    for _ in 0..2 {
+        timed(pool::reconcile(Arc::new(stored()), ctx.clone()))
+            .await
+            .unwrap();
+    }
+    assert_eq!(observed(&stored()), Some(1));
+
+    // node-b reports too, for generation 1, under its own manager.
+    let admin = api.client("admin").await.unwrap();
+    let pools: kube::Api<StoragePool> = kube::Api::all(admin);
+    pools
+        .patch_status(
+            "obsgen",
+            &kube::api::PatchParams::apply("virtkube-agent.node-b").force(),
+            &kube::api::Patch::Apply(json!({
+                "apiVersion": "virtkube.io/v1alpha1", "kind": "StoragePool",
+                "status": {"observedGeneration": 1,
+                           "nodes": [{"nodeName": "node-b", "state": "Running"}]}})),
+        )
+        .await
+        .unwrap();
+
+    api.edit_spec("storagepools", "", "obsgen", |s| {
+        s["autostart"] = json!(false)
+    })
+    .unwrap();
+    let edited = stored();
+    assert_eq!(edited.metadata.generation, Some(2));
+    assert_eq!(observed(&edited), Some(1), "not acted on yet");
+    timed(pool::reconcile(Arc::new(edited), ctx.clone()))
+        .await
+        .unwrap();
+    let acted = stored();
+    assert_eq!(observed(&acted), Some(2));
+    let status = acted.status.unwrap();
+    assert_eq!(
+        status.nodes.len(),
+        2,
+        "node-b's entry stays: {:?}",
+        status.nodes
+    );
+    let ready = virtkube_crds::conditions::find(&status.conditions, "Ready").unwrap();
+    assert_eq!(ready.observed_generation, Some(2));
+
+    // Steady state: nothing to write.
+    let rv = api.resource_version();
+    timed(pool::reconcile(Arc::new(stored()), ctx.clone()))
+        .await
+        .unwrap();
+    assert_eq!(api.resource_version(), rv, "no write in steady state");
 }

@@ -111,6 +111,10 @@ async fn hypervisor_node_is_created_and_its_status_published_with_a_heartbeat() 
     assert!(body["memory"]["total"].is_string());
     assert!(body["heartbeatTime"].is_string());
     assert_eq!(body["migrationUri"], "tcp://10.0.0.1");
+    // Host facts: the test driver's interface, security driver and volume groups.
+    assert_eq!(body["host"]["interfaces"][0]["name"], "eth1");
+    assert_eq!(body["host"]["securityModel"]["model"], "testSecurity");
+    assert_eq!(body["host"]["storagePoolSources"][0]["name"], "testvg1");
     assert_eq!(body["conditions"][0]["type"], "Ready");
     assert_eq!(body["conditions"][0]["status"], "True");
     assert!(

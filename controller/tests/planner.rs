@@ -873,7 +873,11 @@ fn delete_keeps_retained_volumes_and_waits_for_users() {
         .iter()
         .find(|n| n.kind == NoticeKind::Blocked)
         .unwrap();
-    assert!(blocked.message.contains("team.web"), "{}", blocked.message);
+    assert!(
+        blocked.message.contains("Domain team/web"),
+        "{}",
+        blocked.message
+    );
 }
 
 #[test]
@@ -965,4 +969,266 @@ fn verb_of(op: &Op) -> &'static str {
         Op::SetNetworkAutostart(_) => "autostart",
         _ => "other",
     }
+}
+
+/// On a host that plugs devices into running guests (QEMU), adding or removing a disk or a
+/// NIC of a running domain is planned live (`~`); what cannot change live (a SATA disk, a
+/// changed disk, a disk the guest has not released yet) waits for a restart (`!`), and the
+/// model re-plans to nothing after each plan.
+#[test]
+fn disks_and_nics_are_plugged_in_and_out_live_where_the_host_allows() {
+    let hotplug = |o: &mut ObservedState| {
+        for h in o.hosts.values_mut() {
+            h.device_hotplug = true;
+        }
+    };
+    let base = desired();
+    let mut converged_hot = converged(&base);
+    hotplug(&mut converged_hot);
+    let mac = web(&mut converged_hot).interfaces[0].mac.clone().unwrap();
+    let data_disk = |d: &mut DesiredState, bus: &str| {
+        let mut disk = dweb(d).disks[0].clone();
+        disk.name = "data".into();
+        disk.bus = bus.into();
+        disk.target = if bus == "sata" { "sda" } else { "vdb" }.into();
+        if let virtkube::plan::desired::DesiredDiskSource::Volume { volume, .. } = &mut disk.source
+        {
+            *volume = "team.data".into();
+        }
+        dweb(d).disks.push(disk);
+    };
+    type Check = (
+        &'static str,
+        Box<dyn Fn(&mut DesiredState, &mut ObservedState)>,
+        Box<dyn Fn(&Plan)>,
+    );
+    let cases: Vec<Check> = vec![
+        (
+            "a virtio disk added: plugged in live",
+            Box::new(move |d, _| data_disk(d, "virtio")),
+            Box::new(|p| {
+                assert!(matches!(&ops(p)[..], [Op::AttachDisk(disk)] if disk.target == "vdb"));
+                assert_eq!(p.actions[0].symbol, Symbol::Live);
+                assert!(p.notices.is_empty());
+            }),
+        ),
+        (
+            "a disk removed: unplugged live",
+            Box::new(|d, _| dweb(d).disks.clear()),
+            Box::new(|p| {
+                assert_eq!(
+                    ops(p),
+                    vec![Op::DetachDisk {
+                        target: "vda".into()
+                    }]
+                );
+            }),
+        ),
+        (
+            "a NIC added and the old one removed: plugged in and out",
+            Box::new(|d, _| dweb(d).interfaces[0].name = "eth1".into()),
+            Box::new(move |p| {
+                let got = ops(p);
+                assert!(
+                    matches!(&got[0], Op::AttachInterface(n) if n.name == "eth1"),
+                    "{got:?}"
+                );
+                assert_eq!(got[1], Op::DetachInterface { mac: mac.clone() });
+            }),
+        ),
+        (
+            "a SATA disk cannot be hotplugged: restart pending",
+            Box::new(move |d, _| data_disk(d, "sata")),
+            Box::new(|p| {
+                assert!(p.is_empty());
+                assert_eq!(p.notices[0].kind, NoticeKind::RestartPending);
+                assert_eq!(p.notices[0].changes[0].field, "disks[name=data]");
+            }),
+        ),
+        (
+            "a disk's properties cannot change live: restart pending",
+            Box::new(|d, _| dweb(d).disks[0].read_only = true),
+            Box::new(|p| {
+                assert!(p.is_empty());
+                assert_eq!(p.notices[0].kind, NoticeKind::RestartPending);
+            }),
+        ),
+        (
+            "an unplug the guest did not acknowledge waits for the restart, not asked again",
+            Box::new(|d, o| {
+                dweb(d).disks.clear();
+                web(o).pending_unplug = vec!["disk/vda".into()];
+            }),
+            Box::new(|p| {
+                assert!(p.is_empty(), "{}", p.render(true));
+                assert_eq!(p.notices[0].kind, NoticeKind::RestartPending);
+                assert!(
+                    p.notices[0].changes[0]
+                        .before
+                        .contains("has not released it")
+                );
+            }),
+        ),
+        (
+            "... and updatePolicy Restart restarts the guest for it",
+            Box::new(|d, o| {
+                dweb(d).disks.clear();
+                dweb(d).restart_now = true;
+                web(o).pending_unplug = vec!["disk/vda".into()];
+            }),
+            Box::new(|p| {
+                assert!(matches!(&ops(p)[..], [Op::RestartDomain { .. }]));
+                assert_eq!(p.actions[0].symbol, Symbol::Restart);
+            }),
+        ),
+        (
+            "NICs defined before aliases are matched by position: no difference",
+            Box::new(|_, o| web(o).interfaces[0].alias = None),
+            Box::new(|p| assert!(p.is_empty() && p.notices.is_empty())),
+        ),
+        (
+            "a stopped domain gets its definition rewritten instead",
+            Box::new(move |d, o| {
+                data_disk(d, "virtio");
+                dweb(d).run_strategy = virtkube_crds::domain::RunStrategy::Manual;
+                web(o).power = PowerObserved::Shutoff;
+            }),
+            Box::new(|p| assert!(matches!(&ops(p)[..], [Op::DefineDomain { .. }]))),
+        ),
+    ];
+    for (name, change, check) in cases {
+        let mut d = base.clone();
+        let mut observed = converged_hot.clone();
+        change(&mut d, &mut observed);
+        let p = plan::plan(&d, &observed, &PlanOptions::default());
+        eprintln!("{name}:\n{}", p.render(true));
+        check(&p);
+        let mut after = observed.clone();
+        simulate::apply(&mut after, &p).unwrap_or_else(|e| panic!("{name}: {e}"));
+        if !p
+            .notices
+            .iter()
+            .any(|n| n.kind == NoticeKind::RestartPending)
+        {
+            let again = plan::plan(&d, &after, &PlanOptions::default());
+            assert!(again.is_empty(), "{name}: re-plan\n{}", again.render(true));
+        }
+    }
+    // Without hotplug (the test driver) the same removal waits for a restart.
+    let mut d = base.clone();
+    dweb(&mut d).disks.clear();
+    let p = plan::plan(&d, &converged(&base), &PlanOptions::default());
+    assert!(p.is_empty());
+    assert_eq!(p.notices[0].kind, NoticeKind::RestartPending);
+}
+
+/// CPU weight and bandwidth: only the fields the manifest sets are compared; a weight or a
+/// quota removed from the manifest goes back to libvirt's default; changes are live where
+/// the host allows (QEMU), otherwise wait for a restart (the test driver).
+#[test]
+fn cpu_weight_and_bandwidth_are_compared_as_written_and_changed_live() {
+    use virtkube::plan::observed::CpuTune;
+    let live = |o: &mut ObservedState| {
+        for h in o.hosts.values_mut() {
+            h.cpu_tune_live = true;
+        }
+    };
+    let mut base = desired();
+    dweb(&mut base).cpu_tune = CpuTune {
+        shares: Some(512),
+        global_period: Some(100_000),
+        global_quota: Some(150_000),
+        ..CpuTune::default()
+    };
+    let mut converged_live = converged(&base);
+    live(&mut converged_live);
+    // What QEMU reports in force for that guest: every field, defaults included.
+    web(&mut converged_live).cpu_tune = CpuTune {
+        shares: Some(512),
+        period: Some(100_000),
+        quota: Some(-1),
+        global_period: Some(100_000),
+        global_quota: Some(150_000),
+        emulator_period: Some(100_000),
+        emulator_quota: Some(-1),
+    };
+    let p = plan::plan(&base, &converged_live, &PlanOptions::default());
+    assert!(
+        p.is_empty() && p.notices.is_empty(),
+        "defaults in force are no difference:\n{}",
+        p.render(true)
+    );
+
+    // Weight and limit changed: one live call, each field shown.
+    let mut d = base.clone();
+    dweb(&mut d).cpu_tune.shares = Some(2048);
+    dweb(&mut d).cpu_tune.global_quota = Some(250_000);
+    let p = plan::plan(&d, &converged_live, &PlanOptions::default());
+    let shown = p.render(true);
+    assert_eq!(p.actions.len(), 1, "{shown}");
+    assert_eq!(p.actions[0].symbol, Symbol::Live);
+    match &p.actions[0].op {
+        Op::SetCpuTune(t) => {
+            assert_eq!(t.shares, Some(2048));
+            assert_eq!(
+                (t.global_period, t.global_quota),
+                (Some(100_000), Some(250_000))
+            );
+            assert_eq!(t.quota, None, "untouched fields are not sent");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        shown.contains("1500m") && shown.contains("2500m"),
+        "{shown}"
+    );
+    let fields: Vec<&str> = p.actions[0]
+        .changes
+        .iter()
+        .map(|c| c.field.as_str())
+        .collect();
+    assert_eq!(fields, ["cpu.shares", "cpu.limit"]);
+    let mut after = converged_live.clone();
+    simulate::apply(&mut after, &p).unwrap();
+    assert!(plan::plan(&d, &after, &PlanOptions::default()).is_empty());
+
+    // Removed from the manifest: back to weight 1024 and no limit.
+    let mut d = base.clone();
+    dweb(&mut d).cpu_tune = CpuTune::default();
+    let p = plan::plan(&d, &converged_live, &PlanOptions::default());
+    match &ops(&p)[..] {
+        [Op::SetCpuTune(t)] => {
+            assert_eq!(t.shares, Some(1024));
+            assert_eq!(t.global_quota, Some(-1));
+        }
+        other => panic!("{other:?}\n{}", p.render(true)),
+    }
+
+    // A per-vCPU quota with its period.
+    let mut d = base.clone();
+    dweb(&mut d).cpu_tune.quota = Some(50_000);
+    dweb(&mut d).cpu_tune.period = Some(200_000);
+    let p = plan::plan(&d, &converged_live, &PlanOptions::default());
+    match &ops(&p)[..] {
+        [Op::SetCpuTune(t)] => assert_eq!((t.period, t.quota), (Some(200_000), Some(50_000))),
+        other => panic!("{other:?}"),
+    }
+
+    // The test driver cannot change them live: a restart, or a redefinition when stopped.
+    let on_test_driver = converged(&base);
+    let mut d = base.clone();
+    dweb(&mut d).cpu_tune.shares = Some(2048);
+    let p = plan::plan(&d, &on_test_driver, &PlanOptions::default());
+    assert!(p.is_empty());
+    assert_eq!(p.notices[0].kind, NoticeKind::RestartPending);
+    assert_eq!(p.notices[0].changes[0].field, "cpu.shares");
+    let mut stopped = on_test_driver.clone();
+    web(&mut stopped).power = PowerObserved::Shutoff;
+    dweb(&mut d).run_strategy = virtkube_crds::domain::RunStrategy::Manual;
+    let p = plan::plan(&d, &stopped, &PlanOptions::default());
+    assert!(
+        matches!(&ops(&p)[..], [Op::DefineDomain { .. }]),
+        "{}",
+        p.render(true)
+    );
 }

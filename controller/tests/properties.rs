@@ -120,6 +120,7 @@ fn build(w: &World) -> DesiredState {
             pool_type: "dir".into(),
             target_path: Some("/pools/images".into()),
             autostart: true,
+            only_on: None,
         }],
         ..DesiredState::default()
     };
@@ -134,6 +135,7 @@ fn build(w: &World) -> DesiredState {
             ip: Some((format!("10.{i}.0.1"), 24)),
             dhcp: vec![],
             autostart: *autostart,
+            only_on: None,
         });
     }
     for (i, (source, gib, retain, node)) in w.volumes.iter().enumerate() {
@@ -227,6 +229,10 @@ fn build(w: &World) -> DesiredState {
                 .map(|(v, c)| (*v, c.to_string()))
                 .collect::<BTreeMap<_, _>>(),
             emulator_cpuset: p.emulator.map(|c| format!("0-{c}")),
+            cpu_tune: virtkube::plan::observed::CpuTune {
+                shares: (p.vcpus % 2 == 0).then_some(512),
+                ..Default::default()
+            },
             memory_kib: p.memory_mib * 256 * 1024,
             max_memory_kib: (p.memory_mib + p.extra_memory_mib) * 256 * 1024,
             hugepage_kib: None,

@@ -1,16 +1,20 @@
 //! Status samples for the GitOps health checks, taken from the agent's own output: the
 //! scenarios of `agent_scenarios` run the real reconcilers (the real engine on
-//! `test:///default` underneath) against kube's mock API server, and the statuses they patch
-//! are kept with the objects they belong to. The Argo CD health checks (Lua), the kstatus
-//! rules and Flux's health expressions are tested against these samples by
-//! `tests/gitops/check.py`, so they judge what the agent really writes.
+//! `test:///default` underneath) against the strict in-memory API server, with Domains bound
+//! and moves approved as the cluster controller does it, and keep each object as the server
+//! stores it. The Argo CD health checks (Lua), the kstatus rules and Flux's health
+//! expressions are tested against these samples by `tests/gitops/check.py`, so they judge
+//! what the agent really writes. Samples whose claim or conditions the test wrote in the
+//! cluster controller's place say so in their `samples.virtkube.io/source` annotation.
 //!
 //! The samples are committed under `tests/gitops/samples/` and compared here after
-//! normalization (timestamps, UUIDs and libvirt ids that change per run); a change in what the
-//! agent writes fails this test until the samples are regenerated:
+//! normalization (timestamps, UUIDs, libvirt ids and the host name, which change per run or
+//! machine); a change in what the agent writes fails this test until the samples are
+//! regenerated:
 //!
 //! ```sh
 //! VIRTKUBE_UPDATE_SAMPLES=1 cargo nextest run -p virtkube --test status_samples
+//! scripts/check-gitops
 //! ```
 
 mod agent_scenarios;
@@ -33,9 +37,9 @@ fn normalize(value: &mut Value) {
         Value::Object(map) => {
             for (key, v) in map.iter_mut() {
                 match key.as_str() {
-                    "lastTransitionTime" | "heartbeatTime" | "startTime" | "endTime" => {
-                        *v = json!("2026-01-01T00:00:00Z")
-                    }
+                    "lastTransitionTime" | "heartbeatTime" | "startTime" | "endTime"
+                    | "updateTime" => *v = json!("2026-01-01T00:00:00Z"),
+                    "hostname" => *v = json!("node-host"),
                     "uuid" => *v = json!("00000000-0000-4000-8000-000000000000"),
                     "id" if v.is_number() => *v = json!(1),
                     _ => normalize(v),
@@ -76,14 +80,35 @@ fn without_uuids(text: &str) -> String {
     out
 }
 
-/// The object as a GitOps tool would read it: apiVersion, kind, metadata and the status
-/// the agent wrote last.
-fn sample(object: &Value, status: &Value) -> Value {
+/// The object as a GitOps tool reads it, without what the server fills in per run (uid,
+/// resourceVersion, creationTimestamp, managedFields): apiVersion, kind, the metadata the
+/// health checks and a reader need, the spec and the status, with `source` as an
+/// annotation.
+fn sample(object: &Value, source: &str) -> Value {
+    let meta = &object["metadata"];
+    let mut metadata = serde_json::Map::new();
+    for key in [
+        "name",
+        "namespace",
+        "generation",
+        "labels",
+        "finalizers",
+        "deletionTimestamp",
+    ] {
+        if !meta[key].is_null() {
+            metadata.insert(key.into(), meta[key].clone());
+        }
+    }
+    metadata.insert(
+        "annotations".into(),
+        json!({ agent_scenarios::SOURCE_ANNOTATION: source }),
+    );
     let mut s = json!({
         "apiVersion": object["apiVersion"],
         "kind": object["kind"],
-        "metadata": object["metadata"],
-        "status": status,
+        "metadata": metadata,
+        "spec": object["spec"],
+        "status": object["status"],
     });
     normalize(&mut s);
     s
@@ -109,17 +134,17 @@ fn check_sample(name: &str, sample: &Value) {
         committed, text,
         "the agent's status for sample {name} changed; if that is intended, regenerate with \
          VIRTKUBE_UPDATE_SAMPLES=1 cargo nextest run -p virtkube --test status_samples and check \
-         tests/gitops/check.py still passes"
+         that scripts/check-gitops still passes"
     );
 }
 
 #[tokio::test]
 async fn samples_match_what_the_agent_writes() {
-    let outputs = agent_scenarios::run().await;
+    let samples = agent_scenarios::run().await;
     let mut names = BTreeSet::new();
-    for s in &outputs.samples {
+    for s in &samples {
         assert!(names.insert(s.name), "sample {} recorded twice", s.name);
-        check_sample(s.name, &sample(&s.object, &s.status));
+        check_sample(s.name, &sample(&s.object, s.source));
     }
     // No stale sample: every committed file comes from a scenario.
     for entry in std::fs::read_dir(samples_dir()).unwrap() {

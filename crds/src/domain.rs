@@ -117,11 +117,21 @@ pub struct DomainSpec {
 
     /// Disks, each from a Volume in this namespace or, for admins, a host path. Keyed by
     /// `name` so GitOps merges edit one disk without replacing the list.
+    ///
+    /// On a running domain, adding or removing a `virtio`, `scsi` or `usb` hard disk
+    /// (without `bootOrder`) is applied live (hotplug); a removal waits up to 10 s for the
+    /// guest to release the disk, and one the guest does not release (no OS, no driver)
+    /// leaves at the next restart (`updatePolicy`). Other disks, and any change to an
+    /// existing disk, need a restart.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub disks: Vec<Disk>,
 
     /// Network interfaces, each on a cluster Network. Keyed by `name`.
+    ///
+    /// On a running domain, adding or removing an interface is applied live (hotplug); a
+    /// removal the guest does not acknowledge within 10 s leaves at the next restart
+    /// (`updatePolicy`). Changing an existing interface needs a restart.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub interfaces: Vec<Interface>,
@@ -136,9 +146,10 @@ pub struct DomainSpec {
     #[serde(default)]
     pub eviction_strategy: EvictionStrategy,
 
-    /// When changes that need a guest restart (machine type, firmware, boot order, disks and
-    /// NICs while running) take effect: `Deferred` (default: at the next stop, reported by the
-    /// `RestartRequired` condition) or `Restart` (virtkube restarts the guest now).
+    /// When changes that need a guest restart (machine type, firmware, boot order, changed
+    /// disks and NICs, devices the guest refused to release) take effect: `Deferred`
+    /// (default: at the next stop, reported by the `RestartRequired` condition) or `Restart`
+    /// (virtkube restarts the guest now).
     #[serde(default)]
     pub update_policy: UpdatePolicy,
 }
@@ -292,6 +303,90 @@ pub struct CpuSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 256), pattern(crate::cpuset::CPUSET_PATTERN))]
     pub emulator_cpuset: Option<String>,
+    /// This guest's CPU weight against the other guests of the node when the host's CPUs
+    /// are busy (libvirt `<cputune><shares>`, the cgroup's `cpu.shares`; 1024 when unset),
+    /// 2 to 10000 (the range both cgroup v1 and v2 accept). Changes live.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 2, max = 10000))]
+    pub shares: Option<u32>,
+
+    /// The most CPU time the whole guest (vCPUs and emulator threads) may use, in CPUs as
+    /// Kubernetes writes a CPU limit (`1500m`, `2`, `0.5`), at least `10m`: libvirt
+    /// `<global_quota>` over a 100 ms `<global_period>`. Changes live.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 16), pattern(CPU_LIMIT_PATTERN))]
+    pub limit: Option<String>,
+
+    /// The bandwidth period of each vCPU in microseconds (libvirt `<cputune><period>`),
+    /// 1000 to 1000000; libvirt's default is 100000. Changes live.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1000, max = 1000000))]
+    pub period: Option<u32>,
+
+    /// The run time each vCPU may use per period, in microseconds (libvirt `<quota>`), 1000
+    /// to 17592186044415; unset means unlimited. Changes live.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1000, max = 17592186044415u64))]
+    pub quota: Option<u64>,
+
+    /// The bandwidth period of QEMU's emulator threads in microseconds (libvirt
+    /// `<emulator_period>`), 1000 to 1000000. Changes live.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1000, max = 1000000))]
+    pub emulator_period: Option<u32>,
+
+    /// The run time QEMU's emulator threads may use per period, in microseconds (libvirt
+    /// `<emulator_quota>`), 1000 to 17592186044415; unset means unlimited. Changes live.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1000, max = 17592186044415u64))]
+    pub emulator_quota: Option<u64>,
+}
+
+/// A CPU limit as Kubernetes writes one: whole or decimal CPUs (`2`, `0.5`) or millicores
+/// (`1500m`).
+pub const CPU_LIMIT_PATTERN: &str = r"^([0-9]{1,7}m|[0-9]{1,5}(\.[0-9]{1,3})?)$";
+
+/// libvirt's range of a bandwidth quota, in microseconds (`QEMU_SCHED_MIN_QUOTA`,
+/// `QEMU_SCHED_MAX_QUOTA`).
+pub const QUOTA_RANGE: std::ops::RangeInclusive<u64> = 1000..=17_592_186_044_415;
+
+/// libvirt's range of a bandwidth period, in microseconds.
+pub const PERIOD_RANGE: std::ops::RangeInclusive<u32> = 1000..=1_000_000;
+
+/// The period virtkube uses for `cpu.limit` (libvirt's default).
+pub const LIMIT_PERIOD_MICROS: u64 = 100_000;
+
+/// A `cpu.limit` in millicores (`1500m` → 1500, `2` → 2000, `0.25` → 250).
+pub fn parse_cpu_limit(text: &str) -> Result<u64, String> {
+    let bad =
+        || format!("`{text}` is not a CPU limit: write CPUs (`2`, `0.5`) or millicores (`1500m`)");
+    if let Some(m) = text.strip_suffix('m') {
+        return m.parse().map_err(|_| bad());
+    }
+    let (whole, frac) = match text.split_once('.') {
+        Some((_, "")) => return Err(bad()),
+        Some(parts) => parts,
+        None => (text, ""),
+    };
+    if whole.is_empty() || frac.len() > 3 || !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let whole: u64 = whole.parse().map_err(|_| bad())?;
+    let frac: u64 = if frac.is_empty() {
+        0
+    } else {
+        format!("{frac:0<3}").parse().map_err(|_| bad())?
+    };
+    Ok(whole * 1000 + frac)
+}
+
+/// Millicores written back as Kubernetes would (`1500m`, `2`).
+pub fn format_cpu_limit(millis: u64) -> String {
+    if millis.is_multiple_of(1000) {
+        (millis / 1000).to_string()
+    } else {
+        format!("{millis}m")
+    }
 }
 
 fn one() -> u32 {
@@ -308,6 +403,12 @@ impl Default for CpuSpec {
             topology: None,
             pinning: Vec::new(),
             emulator_cpuset: None,
+            shares: None,
+            limit: None,
+            period: None,
+            quota: None,
+            emulator_period: None,
+            emulator_quota: None,
         }
     }
 }
@@ -645,6 +746,10 @@ pub struct DomainStatus {
     /// The emulator threads' host-CPU affinity.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub emulator_cpuset: Option<String>,
+    /// CPU weight and bandwidth in force (what the host's scheduler reports for a running
+    /// guest; the definition's for a stopped one), when any is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_scheduling: Option<CpuSchedulingStatus>,
     /// Memory the guest has now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<ByteQuantity>,
@@ -654,6 +759,11 @@ pub struct DomainStatus {
     /// libvirt's host autostart flag as set now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autostart: Option<bool>,
+    /// The guest's security labels (libvirt `<seclabel>`: the label a running guest got
+    /// from the node's security driver, when dynamic).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    pub security_labels: Vec<SecurityLabelStatus>,
     /// MAC addresses of the interfaces, including those libvirt generated. Keyed by `name`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
@@ -706,6 +816,47 @@ pub struct VcpuAffinity {
     pub vcpu: u32,
     /// Host CPUs it may run on.
     pub cpuset: String,
+}
+
+/// A guest's security label.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecurityLabelStatus {
+    /// The security driver (`selinux`, `apparmor`, `dac`, `none`).
+    pub model: String,
+    /// `dynamic`, `static` or `none`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// The guest process's label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    /// The label of the guest's images.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_label: Option<String>,
+}
+
+/// CPU weight and bandwidth as libvirt reports them.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CpuSchedulingStatus {
+    /// The CPU weight (`cpu.shares`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shares: Option<u64>,
+    /// The whole guest's CPU limit, in CPUs (`1500m`); unset when unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<String>,
+    /// Each vCPU's bandwidth period, microseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub period: Option<u64>,
+    /// Each vCPU's quota per period, microseconds; unset when unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<u64>,
+    /// The emulator threads' bandwidth period, microseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub emulator_period: Option<u64>,
+    /// The emulator threads' quota per period, microseconds; unset when unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub emulator_quota: Option<u64>,
 }
 
 /// An interface's observed addresses.
@@ -945,6 +1096,58 @@ fn validate_cpu(cpu: &CpuSpec, errors: &mut FieldErrors) {
         && let Err(e) = cpuset.parse::<CpuSet>()
     {
         errors.push("spec.cpu.emulatorCpuset", e.to_string());
+    }
+    validate_cpu_scheduling(cpu, errors);
+}
+
+/// libvirt's ranges for `<cputune>` (`virDomainSetSchedulerParameters` refuses anything
+/// outside them, and QEMU's cgroups would too).
+fn validate_cpu_scheduling(cpu: &CpuSpec, errors: &mut FieldErrors) {
+    if let Some(shares) = cpu.shares
+        && !(2..=10_000).contains(&shares)
+    {
+        errors.push(
+            "spec.cpu.shares",
+            format!("{shares} is outside 2-10000 (the weights cgroup v1 and v2 both accept)"),
+        );
+    }
+    for (field, period) in [
+        ("spec.cpu.period", cpu.period),
+        ("spec.cpu.emulatorPeriod", cpu.emulator_period),
+    ] {
+        if let Some(p) = period
+            && !PERIOD_RANGE.contains(&p)
+        {
+            errors.push(field, format!("{p} µs is outside libvirt's 1000-1000000"));
+        }
+    }
+    for (field, quota) in [
+        ("spec.cpu.quota", cpu.quota),
+        ("spec.cpu.emulatorQuota", cpu.emulator_quota),
+    ] {
+        if let Some(q) = quota
+            && !QUOTA_RANGE.contains(&q)
+        {
+            errors.push(
+                field,
+                format!("{q} µs is outside libvirt's 1000-17592186044415"),
+            );
+        }
+    }
+    if let Some(limit) = &cpu.limit {
+        match parse_cpu_limit(limit) {
+            // The quota is limit × 100 ms: libvirt's smallest quota, 1 ms, is 10m.
+            Ok(m) if m < 10 => errors.push(
+                "spec.cpu.limit",
+                format!("`{limit}` is below 10m (libvirt's smallest quota is 1 ms per 100 ms)"),
+            ),
+            Ok(m) if !QUOTA_RANGE.contains(&(m * LIMIT_PERIOD_MICROS / 1000)) => errors.push(
+                "spec.cpu.limit",
+                format!("`{limit}` is beyond libvirt's largest quota"),
+            ),
+            Ok(_) => {}
+            Err(e) => errors.push("spec.cpu.limit", e),
+        }
     }
 }
 

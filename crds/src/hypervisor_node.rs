@@ -90,6 +90,13 @@ pub struct HypervisorNodeStatus {
     /// when it differs from `libvirtUri`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub libvirt_peer_uri: Option<String>,
+    /// What else the host offers: network interfaces, PCI and mediated devices, the
+    /// security driver, LVM volume groups. Bounded so the object stays small (at most 32
+    /// interfaces, 128 PCI devices other than bridges, 32 mediated devices, 16 volume
+    /// groups of 8 devices: under 64 KiB of JSON); `truncated` says what was cut. Refreshed
+    /// every 5 minutes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<HostFacts>,
     /// The last time the agent refreshed this status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub heartbeat_time: Option<Time>,
@@ -159,4 +166,134 @@ pub struct DomainCounts {
     pub active: u32,
     /// Owned by virtkube.
     pub managed: u32,
+}
+
+/// Host facts beyond CPUs and memory (see `HypervisorNodeStatus.host`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HostFacts {
+    /// Host network interfaces (libvirt's `virConnectListAllInterfaces`, read-only: virtkube
+    /// never changes them). Keyed by `name`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub interfaces: Vec<HostInterface>,
+    /// PCI devices other than bridges (libvirt node devices): what
+    /// `Domain.spec.hostDevices` can pass through. Keyed by `address`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 128), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["address"]))]
+    pub pci_devices: Vec<PciDevice>,
+    /// Mediated devices (vGPUs and the like). Keyed by `name`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub mediated_devices: Vec<MediatedDevice>,
+    /// The security driver confining guests (`virNodeGetSecurityModel`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security_model: Option<SecurityModel>,
+    /// LVM volume groups a `logical` StoragePool could use (`virConnectFindStoragePoolSources`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub storage_pool_sources: Vec<StoragePoolSource>,
+    /// Lists cut at their bound, as `pciDevices: 300 found, 256 listed`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    pub truncated: Vec<String>,
+    /// Facts libvirt could not give, with its reason (`storagePoolSources: cannot execute
+    /// binary /sbin/pvs`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    pub unavailable: Vec<String>,
+}
+
+/// A host network interface.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HostInterface {
+    /// Its name (`eth0`).
+    pub name: String,
+    /// Its MAC address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac_address: Option<String>,
+    /// Whether it is up.
+    pub active: bool,
+}
+
+/// A PCI device of the host.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PciDevice {
+    /// Its PCI address, `domain:bus:slot.function` (`0000:06:00.0`): what
+    /// `Domain.spec.hostDevices[].address` names.
+    pub address: String,
+    /// libvirt's node device name (`pci_0000_06_00_0`).
+    pub name: String,
+    /// Vendor id (`0x8086`).
+    pub vendor_id: String,
+    /// Vendor name, when the host knows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vendor: Option<String>,
+    /// Product id (`0x10c9`).
+    pub product_id: String,
+    /// Product name, when the host knows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub product: Option<String>,
+    /// PCI class (`0x020000`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class: Option<String>,
+    /// The host driver bound to it (`vfio-pci` while passed through).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver: Option<String>,
+    /// Its IOMMU group; absent on hosts without an IOMMU, where no device can be passed
+    /// through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iommu_group: Option<u32>,
+}
+
+/// A mediated device.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MediatedDevice {
+    /// libvirt's node device name.
+    pub name: String,
+    /// The mdev type (`nvidia-63`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mdev_type: Option<String>,
+    /// The parent device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// Its UUID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
+    /// Its IOMMU group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iommu_group: Option<u32>,
+}
+
+/// The host's security driver.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecurityModel {
+    /// `selinux`, `apparmor`, `dac` or `none`.
+    pub model: String,
+    /// Its domain of interpretation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub doi: Option<String>,
+}
+
+/// Storage libvirt found on the node that a pool could use.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StoragePoolSource {
+    /// The pool type it suits (`logical`).
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// Its name (the LVM volume group), what `StoragePool.spec.source.name` names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Its devices (physical volumes), at most 8.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    pub devices: Vec<String>,
+    /// Its format (`lvm2`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
 }

@@ -175,7 +175,17 @@ pub fn yaml_files(path: &Path) -> Result<Vec<PathBuf>, ManifestError> {
 /// Reads every object under `paths` (files or directories). All refusals are returned
 /// together; no object is returned when any is refused, so nothing half-valid is applied.
 pub fn load(paths: &[PathBuf]) -> Result<Vec<Manifest>, ManifestErrors> {
-    let mut reader = Reader::new();
+    let (manifests, errors) = read_all(paths, Reader::new());
+    if errors.is_empty() {
+        Ok(manifests)
+    } else {
+        Err(ManifestErrors(errors))
+    }
+}
+
+/// Reads every manifest under `paths` with `reader`, keeping what passed beside what was
+/// refused (for a preview that reports each refusal at its object and still shows the rest).
+pub fn read_all(paths: &[PathBuf], mut reader: Reader) -> (Vec<Manifest>, Vec<ManifestError>) {
     let mut manifests = Vec::new();
     let mut errors = Vec::new();
     for path in paths {
@@ -208,11 +218,7 @@ pub fn load(paths: &[PathBuf]) -> Result<Vec<Manifest>, ManifestErrors> {
         }
     }
     check_duplicates(&manifests, &mut errors);
-    if errors.is_empty() {
-        Ok(manifests)
-    } else {
-        Err(ManifestErrors(errors))
-    }
+    (manifests, errors)
 }
 
 fn check_duplicates(manifests: &[Manifest], errors: &mut Vec<ManifestError>) {
@@ -242,6 +248,7 @@ pub struct Reader {
     schemas: Vec<(String, Value, bool)>,
     validator: SchemaValidator,
     cel: kube::core::cel::Validator,
+    spec_rules: bool,
 }
 
 impl Default for Reader {
@@ -275,7 +282,17 @@ impl Reader {
             schemas,
             validator: SchemaValidator::new(),
             cel: kube::core::cel::Validator::new(),
+            spec_rules: true,
         }
+    }
+
+    /// A reader that stops at the gates the API server itself applies (schema and CEL) and
+    /// leaves virtkube's own cross-field rules ([`Validate`]) to the caller: an object the
+    /// API server accepts but the agent would refuse is then read, so a preview can report
+    /// it the way the agent does.
+    pub fn without_spec_rules(mut self) -> Self {
+        self.spec_rules = false;
+        self
     }
 
     /// Parses every document of one file's text; `file` is only used in messages.
@@ -428,7 +445,7 @@ impl Reader {
                     .map(|o| (o.spec.validate(), Object::StoragePool(Box::new(o)))),
             };
         match typed {
-            Ok((errors, object)) if errors.is_empty() => Ok(object),
+            Ok((errors, object)) if errors.is_empty() || !self.spec_rules => Ok(object),
             Ok((errors, _)) => Err((
                 Some(label),
                 errors

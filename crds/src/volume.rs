@@ -8,6 +8,15 @@ use serde::{Deserialize, Serialize};
 use crate::quantity::ByteQuantity;
 use crate::validation::{FieldErrors, Validate};
 
+/// The annotation that asks the agent to adopt an image already in the pool under this
+/// Volume's libvirt name (`<namespace>.<name>`): one retained when an earlier Volume was
+/// deleted, or made outside virtkube. Its value is the image's libvirt key or its path, as
+/// the refusal to adopt it silently quotes them; any other value, or no image at all, is
+/// refused with `Ready=False` (reason `NameConflict`). Without it, an existing image is
+/// never taken over: a new Volume of the same namespace and name (a re-created namespace,
+/// another tenant) does not inherit an old one's data.
+pub const ADOPT_IMAGE_ANNOTATION: &str = "virtkube.io/adopt-image";
+
 /// The desired state of a disk image: its pool, size and format, and where its data comes from.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
@@ -66,8 +75,10 @@ pub struct VolumeSpec {
     ]))]
     pub source: Option<VolumeSource>,
     /// What happens to the data when this Volume is deleted: `Retain` (default: the image
-    /// stays on disk, and a new Volume with the same namespace and name adopts it again) or
-    /// `Delete`. A volume a Domain still uses is never deleted.
+    /// stays on disk; a later Volume takes it over only when asked to, with the annotation
+    /// `virtkube.io/adopt-image`) or `Delete`. An image a Domain or another volume still uses,
+    /// through any copy-on-write chain, is never deleted, and neither is an image in a pool
+    /// virtkube did not make.
     #[serde(default)]
     pub reclaim_policy: ReclaimPolicy,
     /// For pools that are not `shared`: the node whose pool holds this volume. Immutable.
@@ -133,7 +144,7 @@ pub enum ReclaimPolicy {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct VolumeStatus {
-    /// `Pending`, `Available`, `Failed` or `Released`.
+    /// `Pending`, `Creating`, `Available`, `Failed` or `Released`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<VolumePhase>,
     /// The node whose pool holds the volume (any node, for a shared pool).
@@ -145,7 +156,8 @@ pub struct VolumeStatus {
     /// The image's path on the node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
-    /// libvirt's unique key of the volume.
+    /// libvirt's unique key of the image this Volume made (or adopted): the record that the
+    /// image is this Volume's. Only an image with this key is ever grown or deleted for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
     /// Logical size.
@@ -171,6 +183,9 @@ pub struct VolumeStatus {
 pub enum VolumePhase {
     /// Not created yet (waiting for its pool or source).
     Pending,
+    /// The agent is making the image: recorded before libvirt is asked, so that an image
+    /// found under this Volume's name after a crash is known to be the one it made.
+    Creating,
     /// Created and usable.
     Available,
     /// virtkube cannot realize the spec; the `Ready` condition says why.

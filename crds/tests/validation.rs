@@ -126,6 +126,43 @@ fn domain_rules() {
             json!({"memory": m, "migration": {"bandwidth": "fast"}}),
             Some("spec.migration.bandwidth"),
         ),
+        (
+            json!({"memory": m, "cpu": {"shares": 512, "limit": "1500m", "period": 100000, "quota": 50000, "emulatorPeriod": 1000, "emulatorQuota": 1000}}),
+            None,
+        ),
+        (json!({"memory": m, "cpu": {"limit": "0.25"}}), None),
+        (
+            json!({"memory": m, "cpu": {"shares": 1}}),
+            Some("spec.cpu.shares"),
+        ),
+        (
+            json!({"memory": m, "cpu": {"shares": 20000}}),
+            Some("outside 2-10000"),
+        ),
+        (
+            json!({"memory": m, "cpu": {"period": 999}}),
+            Some("spec.cpu.period"),
+        ),
+        (
+            json!({"memory": m, "cpu": {"quota": 10}}),
+            Some("spec.cpu.quota"),
+        ),
+        (
+            json!({"memory": m, "cpu": {"emulatorQuota": 999}}),
+            Some("spec.cpu.emulatorQuota"),
+        ),
+        (
+            json!({"memory": m, "cpu": {"limit": "5m"}}),
+            Some("below 10m"),
+        ),
+        (
+            json!({"memory": m, "cpu": {"limit": "0"}}),
+            Some("below 10m"),
+        ),
+        (
+            json!({"memory": m, "cpu": {"limit": "lots"}}),
+            Some("not a CPU limit"),
+        ),
     ];
     for (spec, expected) in cases {
         assert_one::<DomainSpec>(spec, expected);
@@ -207,4 +244,23 @@ fn pool_rules() {
         json!({"type": "netfs", "target": {"path": "/mnt"}}),
         Some("needs source.host and source.dir"),
     );
+}
+
+#[test]
+fn cpu_limits_read_as_kubernetes_writes_them() {
+    use virtkube_crds::domain::{format_cpu_limit, parse_cpu_limit};
+    for (text, millis) in [
+        ("1500m", 1500),
+        ("2", 2000),
+        ("0.5", 500),
+        ("0.25", 250),
+        ("1.125", 1125),
+    ] {
+        assert_eq!(parse_cpu_limit(text), Ok(millis), "{text}");
+    }
+    for bad in ["", "1.", ".5", "1.2345", "2c", "-1"] {
+        assert!(parse_cpu_limit(bad).is_err(), "{bad}");
+    }
+    assert_eq!(format_cpu_limit(1500), "1500m");
+    assert_eq!(format_cpu_limit(2000), "2");
 }

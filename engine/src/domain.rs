@@ -8,7 +8,7 @@ use std::os::raw::{c_int, c_uchar, c_uint};
 use std::time::{Duration, Instant};
 
 use virt::connect::Connect;
-use virt::domain::Domain;
+use virt::domain::{Domain, SchedBandwidth, SchedulerInfo};
 use virt::sys;
 use virtkube_crds::cpuset::CpuSet;
 
@@ -16,7 +16,7 @@ use crate::engine::{CallClass, Engine, OwnedCache};
 use crate::error::{EngineError, ObjectKind, Result, growth, lv};
 use crate::model::xml;
 use crate::model::{
-    DomainDef, DomainObserved, DomainSizes, DomainState, OWNER_NS, Owner, VcpuPin,
+    CpuTune, DomainDef, DomainObserved, DomainSizes, DomainState, OWNER_NS, Owner, VcpuPin,
     state_reason_name,
 };
 use crate::object;
@@ -238,6 +238,17 @@ fn observe(dom: &Domain, host_cpus: u32, call: &'static str) -> Result<DomainObs
     };
     o.has_managed_save = o.persistent && dom.has_managed_save(0).unwrap_or(false);
     o.live_pinning = vcpu_pin_info(host_cpus, dom, call, 0)?;
+    // The live XML repeats the definition's `<cputune>` even where QEMU could not apply it
+    // (no cgroup `cpu` controller: shares are then silently ignored): what is in force is
+    // what the scheduler reports, nothing when it cannot report.
+    if s.is_active() && !o.cpu_tune.is_empty() {
+        match live_cpu_tune(dom) {
+            LiveCpuTune::InForce(tune) => o.cpu_tune = tune,
+            LiveCpuTune::Unavailable => o.cpu_tune = CpuTune::default(),
+            // Another scheduler (the test driver's `fair`): the XML is all there is.
+            LiveCpuTune::OtherScheduler => {}
+        }
+    }
     // Only a balloon makes the live memory differ from the target (see `config`); reading
     // the definition of every running domain would cost a third more per resync.
     if o.persistent && s.is_active() && o.memballoon {
@@ -247,6 +258,66 @@ fn observe(dom: &Domain, host_cpus: u32, call: &'static str) -> Result<DomainObs
         )?);
     }
     Ok(o)
+}
+
+/// What a running domain's scheduler says about its CPU weight and bandwidth.
+enum LiveCpuTune {
+    /// QEMU's `posix` scheduler: the values in force.
+    InForce(CpuTune),
+    /// The hypervisor cannot report them (QEMU without the cgroup `cpu` controller): none
+    /// is in force.
+    Unavailable,
+    /// A scheduler without these parameters (the test driver's `fair`).
+    OtherScheduler,
+}
+
+/// The CPU weight and bandwidth in force for a running domain
+/// (`virDomainGetSchedulerParametersFlags`, live).
+fn live_cpu_tune(dom: &Domain) -> LiveCpuTune {
+    let mut n: c_int = 0;
+    // SAFETY: valid domain; libvirt returns an allocated string, freed here.
+    let kind = unsafe { sys::virDomainGetSchedulerType(dom.as_ptr(), &mut n) };
+    if kind.is_null() {
+        return LiveCpuTune::Unavailable;
+    }
+    // SAFETY: NUL-terminated, allocated by libvirt with malloc and freed once.
+    let posix = unsafe { std::ffi::CStr::from_ptr(kind) }.to_bytes() == b"posix";
+    unsafe { libc::free(kind.cast()) };
+    if !posix {
+        return LiveCpuTune::OtherScheduler;
+    }
+    let mut params: Vec<sys::virTypedParameter> = Vec::with_capacity(n.max(0) as usize);
+    // SAFETY: the buffer holds `n` parameters; libvirt sets `n` to how many it filled.
+    let r = unsafe {
+        sys::virDomainGetSchedulerParametersFlags(
+            dom.as_ptr(),
+            params.as_mut_ptr(),
+            &mut n,
+            sys::VIR_DOMAIN_AFFECT_LIVE,
+        )
+    };
+    if r < 0 {
+        return LiveCpuTune::Unavailable;
+    }
+    // SAFETY: libvirt initialised `n` parameters.
+    let read = unsafe {
+        params.set_len(n.max(0) as usize);
+        crate::typed_params::read(params.as_ptr(), params.len())
+    };
+    // SAFETY: frees the strings libvirt may have put in the parameters (none for these).
+    unsafe { sys::virTypedParamsClear(params.as_mut_ptr(), n) };
+    let get = |name: &str| crate::typed_params::get(&read, name);
+    let u = |name: &str| get(name).and_then(crate::typed_params::ParamValue::as_u64);
+    let i = |name: &str| get(name).and_then(crate::typed_params::ParamValue::as_i64);
+    LiveCpuTune::InForce(CpuTune {
+        shares: u("cpu_shares"),
+        period: u("vcpu_period"),
+        quota: i("vcpu_quota"),
+        global_period: u("global_period"),
+        global_quota: i("global_quota"),
+        emulator_period: u("emulator_period"),
+        emulator_quota: i("emulator_quota"),
+    })
 }
 
 fn id_of(dom: &Domain, call: &'static str) -> Result<DomainId> {
@@ -504,6 +575,46 @@ impl Engine {
         .await
     }
 
+    /// Sets the CPU weight and bandwidth fields that are set in `tune`
+    /// (`virDomainSetSchedulerParametersFlags`: `cpu_shares`, `vcpu_period`/`vcpu_quota`,
+    /// `global_period`/`global_quota`, `emulator_period`/`emulator_quota`); the others keep
+    /// their values. On QEMU a live change needs the cgroup `cpu` controller.
+    pub async fn domain_set_cpu_tune(
+        &self,
+        name: &str,
+        owner: &Owner,
+        tune: &CpuTune,
+        apply: Apply,
+    ) -> Result<()> {
+        if tune.is_empty() {
+            return Ok(());
+        }
+        let info = SchedulerInfo {
+            cpu_shares: tune.shares,
+            vcpu_bw: SchedBandwidth {
+                period: tune.period,
+                quota: tune.quota,
+            },
+            global_bw: SchedBandwidth {
+                period: tune.global_period,
+                quota: tune.global_quota,
+            },
+            emulator_bw: SchedBandwidth {
+                period: tune.emulator_period,
+                quota: tune.emulator_quota,
+            },
+            ..SchedulerInfo::default()
+        };
+        self.owned_call::<Domain, _>(
+            CallClass::Mutate,
+            "domain_set_cpu_tune",
+            name,
+            owner,
+            move |dom| dom.set_scheduler_parameters_flags(&info, apply.flags()),
+        )
+        .await
+    }
+
     /// Pins one vCPU to a host cpuset.
     pub async fn domain_pin_vcpu(
         &self,
@@ -699,8 +810,13 @@ impl Engine {
                 Err(e) => return Err(e),
             };
             let host = host_cpu_count(c, CALL)?;
-            let o = observe(&dom, host, CALL)?;
-            Ok(Some(o))
+            match observe(&dom, host, CALL) {
+                Ok(o) => Ok(Some(o)),
+                // Gone between the lookup and the reads (a migration's switch-over
+                // undefining the source, an undefine by hand): what libvirt shows now.
+                Err(e) if e.is_not_found() => Ok(None),
+                Err(e) => Err(e),
+            }
         })
         .await
     }

@@ -282,6 +282,7 @@ impl OwnedCache {
 
 struct Inner {
     owned: OwnedCache,
+    owner_memo: crate::stats::OwnerMemo,
     uri: String,
     config: EngineConfig,
     current: Mutex<Option<Arc<ConnHandle>>>,
@@ -345,6 +346,7 @@ impl Engine {
         let (tx, _) = broadcast::channel(config.event_buffer.max(16));
         let inner = Arc::new(Inner {
             owned: OwnedCache::default(),
+            owner_memo: Default::default(),
             uri: uri.to_string(),
             permits: Arc::new(Semaphore::new(config.max_concurrent_calls.max(1))),
             migrate_permits: Arc::new(Semaphore::new(config.max_concurrent_migrations.max(1))),
@@ -423,6 +425,10 @@ impl Engine {
 
     pub(crate) fn owned_cache(&self) -> OwnedCache {
         self.inner.owned.clone()
+    }
+
+    pub(crate) fn owner_memo(&self) -> crate::stats::OwnerMemo {
+        self.inner.owner_memo.clone()
     }
 
     /// Whether the connection is currently believed healthy (no call made).

@@ -62,16 +62,26 @@ impl From<virt::error::Error> for LibvirtError {
 /// Everything that can go wrong in the engine.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum EngineError {
-    /// libvirt refused or failed a call.
-    #[error("{call}: libvirt error {}: {} (code {}, from {})", .error.code_name, .error.message, .error.code, .error.domain_name)]
+    /// libvirt refused or failed a call. The message ends with virtkube's explanation and
+    /// next step when [`crate::explain::explain`] has one.
+    #[error("{call}: libvirt error {}: {} (code {}, from {}){}", .error.code_name, .error.message, .error.code, .error.domain_name, crate::explain::beside(self))]
     Libvirt {
         /// The engine call that failed.
         call: &'static str,
         /// What libvirt said.
         error: LibvirtError,
     },
+    /// A live migration failed; `dest_uri` is the destination as the source libvirtd was
+    /// given it (after [`crate::explain::peer_uri_for`]).
+    #[error("migrating to {dest_uri}: {cause}")]
+    Migration {
+        /// The destination URI the source libvirtd was given.
+        dest_uri: String,
+        /// Why it failed.
+        cause: Box<EngineError>,
+    },
     /// The object does not exist.
-    #[error("{call}: {kind} `{name}` not found")]
+    #[error("{call}: {kind} `{name}` not found{}", crate::explain::beside(self))]
     NotFound {
         /// The engine call that failed.
         call: &'static str,
@@ -82,7 +92,7 @@ pub enum EngineError {
     },
     /// The object exists but does not carry virtkube's mark for the expected owner: the
     /// engine never changes or deletes it.
-    #[error("{kind} `{name}` is not owned by {expected}: {}", match .found { Some(o) => format!("it is marked as owned by {o}"), None => "it carries no virtkube ownership mark".to_string() })]
+    #[error("{kind} `{name}` is not owned by {expected}: {}{}", match .found { Some(o) => format!("it is marked as owned by {o}"), None => "it carries no virtkube ownership mark".to_string() }, crate::explain::beside(self))]
     NotOwned {
         /// Kind of object.
         kind: ObjectKind,
@@ -119,7 +129,7 @@ pub enum EngineError {
         after: Duration,
     },
     /// The connection to libvirt is gone and could not be re-established (yet).
-    #[error("connection to {uri} lost: {message}")]
+    #[error("connection to {uri} lost: {message}{}", crate::explain::beside(self))]
     ConnectionLost {
         /// The connection URI.
         uri: String,
@@ -133,7 +143,7 @@ pub enum EngineError {
         uri: String,
     },
     /// The request itself is invalid (e.g. pinning to no CPU, a vCPU count of zero).
-    #[error("invalid request: {0}")]
+    #[error("invalid request: {}{}", .0, crate::explain::beside(self))]
     InvalidSpec(String),
     /// A size change would make a volume or a guest's disk smaller than it is: refused,
     /// because it would cut the data at its end.
@@ -219,6 +229,7 @@ impl EngineError {
     /// libvirt's error code, when this error came from libvirt.
     pub fn libvirt_code(&self) -> Option<i32> {
         match self {
+            EngineError::Migration { cause, .. } => cause.libvirt_code(),
             EngineError::Libvirt { error, .. } => Some(error.code),
             _ => None,
         }
@@ -226,6 +237,9 @@ impl EngineError {
 
     /// The object does not exist (typed, or any of libvirt's "no such …" codes).
     pub fn is_not_found(&self) -> bool {
+        if let EngineError::Migration { cause, .. } = self {
+            return cause.is_not_found();
+        }
         match self {
             EngineError::NotFound { .. } => true,
             EngineError::Libvirt { error, .. } => code_in(
@@ -243,6 +257,9 @@ impl EngineError {
 
     /// The object is not virtkube's (for the expected owner or recorded key).
     pub fn is_not_owned(&self) -> bool {
+        if let EngineError::Migration { cause, .. } = self {
+            return cause.is_not_owned();
+        }
         matches!(
             self,
             EngineError::NotOwned { .. } | EngineError::VolumeKeyMismatch { .. }
@@ -251,6 +268,9 @@ impl EngineError {
 
     /// The object already exists (define/create of a name that is taken).
     pub fn is_already_exists(&self) -> bool {
+        if let EngineError::Migration { cause, .. } = self {
+            return cause.is_already_exists();
+        }
         matches!(self, EngineError::Libvirt { error, .. } if code_in(error.code, &[
             sys::VIR_ERR_DOM_EXIST,
             sys::VIR_ERR_NETWORK_EXIST,
@@ -260,6 +280,9 @@ impl EngineError {
 
     /// The connection itself failed (as opposed to the call): reconnecting may help.
     pub fn is_connection_error(&self) -> bool {
+        if let EngineError::Migration { cause, .. } = self {
+            return cause.is_connection_error();
+        }
         match self {
             EngineError::ConnectionLost { .. } => true,
             EngineError::Libvirt { error, .. } => {
@@ -286,6 +309,12 @@ impl EngineError {
     /// Permanent: not found, not owned, invalid arguments or XML, "operation invalid" (e.g.
     /// starting a running domain), unsupported operations.
     pub fn is_retryable(&self) -> bool {
+        if let EngineError::Migration { cause, .. } = self {
+            return cause.is_retryable();
+        }
+        if crate::explain::is_permanent(self) {
+            return false;
+        }
         match self {
             EngineError::Timeout { .. } | EngineError::ConnectionLost { .. } => true,
             EngineError::Libvirt { error, .. } => {
@@ -309,6 +338,7 @@ impl EngineError {
     /// A stable, low-cardinality label for metrics.
     pub fn metric_label(&self) -> &'static str {
         match self {
+            EngineError::Migration { cause, .. } => cause.metric_label(),
             EngineError::Libvirt { .. } if self.is_connection_error() => "connection",
             EngineError::Libvirt { .. } if self.is_not_found() => "not_found",
             EngineError::Libvirt { .. } => "libvirt",
@@ -409,6 +439,19 @@ mod tests {
         };
         assert!(t.is_retryable());
         assert_eq!(t.metric_label(), "timeout");
+        // libvirt words these as internal errors; retrying cannot help.
+        let same_host = lv(
+            sys::VIR_ERR_INTERNAL_ERROR,
+            sys::VIR_FROM_QEMU,
+            "Attempt to migrate guest to the same host 5a5a5a5a-0000-4000-8000-0000000000a1",
+        );
+        assert!(!same_host.is_retryable());
+        let no_lvm = lv(
+            sys::VIR_ERR_INTERNAL_ERROR,
+            sys::VIR_FROM_STORAGE,
+            "Child process (/sbin/vgcreate x) unexpected exit status 127",
+        );
+        assert!(no_lvm.is_retryable(), "outside a pool call it says nothing");
         let exists = lv(
             sys::VIR_ERR_STORAGE_VOL_EXIST,
             sys::VIR_FROM_STORAGE,

@@ -96,6 +96,11 @@ pub struct MigrationOutcome {
     pub autostart: bool,
     /// Whether the engine set autostart on the destination.
     pub autostart_restored: bool,
+    /// The destination URI the source libvirtd was given.
+    pub peer_uri: String,
+    /// Whether the engine derived `peer_uri` from a `qemu:///…?socket=` destination
+    /// ([`crate::explain::peer_uri_for`]), which inside a daemon would name the source itself.
+    pub peer_uri_derived: bool,
 }
 
 /// A running (or just completed) job's progress.
@@ -227,9 +232,18 @@ impl Engine {
                 bandwidth: opts.bandwidth_mib_s,
                 ..Default::default()
             };
+            // Inside the source daemon, `qemu:///…?socket=` names that daemon itself.
+            let derived = crate::explain::peer_uri_for(&opts.dest_uri);
+            let peer_uri = derived.clone().unwrap_or_else(|| opts.dest_uri.clone());
+            if derived.is_some() {
+                tracing::info!(given = %opts.dest_uri, used = %peer_uri, "peer URI derived for the source libvirtd");
+            }
             let t0 = Instant::now();
-            dom.migrate_to_uri3(Some(&opts.dest_uri), params, opts.flags())
-                .map_err(lv(CALL))?;
+            dom.migrate_to_uri3(Some(&peer_uri), params, opts.flags())
+                .map_err(|e| EngineError::Migration {
+                    dest_uri: peer_uri.clone(),
+                    cause: Box::new(EngineError::libvirt(CALL, e)),
+                })?;
             let elapsed = t0.elapsed();
             let mut outcome = MigrationOutcome {
                 elapsed,
@@ -237,6 +251,8 @@ impl Engine {
                 data_total: None,
                 autostart,
                 autostart_restored: false,
+                peer_uri,
+                peer_uri_derived: derived.is_some(),
             };
             let client_uri = opts.dest_client_uri.as_deref().unwrap_or(&opts.dest_uri);
             match Connect::open(Some(client_uri)) {
@@ -264,6 +280,52 @@ impl Engine {
             Ok(outcome)
         })
         .await
+    }
+
+    /// Live-migrates like [`Engine::domain_migrate`], and meanwhile reads the job's
+    /// statistics every `every` and sends each reading to `progress` (a watch channel: a slow
+    /// reader sees the latest only). The readings go through a second engine on the same URI:
+    /// on the connection that carries the migration, libvirt answers them only when the
+    /// migration ends (measured on the private daemons: 4.3 s for the first reading of a
+    /// 6.3 s migration, against 0.03–0.17 s on another connection). Readings that fail (the
+    /// job not started yet, or just ended) are skipped; without a second connection the
+    /// migration runs unobserved.
+    pub async fn domain_migrate_with_progress(
+        &self,
+        name: &str,
+        owner: &Owner,
+        opts: &MigrateOptions,
+        every: Duration,
+        progress: &tokio::sync::watch::Sender<Option<JobProgress>>,
+    ) -> Result<MigrationOutcome> {
+        let monitor = Engine::connect(self.uri(), self.config().clone()).await;
+        if let Err(e) = &monitor {
+            tracing::warn!(error = %e, "no second connection for migration progress");
+        }
+        let migration = self.domain_migrate(name, owner, opts);
+        let poll = async {
+            let Ok(monitor) = &monitor else {
+                return std::future::pending().await;
+            };
+            loop {
+                tokio::time::sleep(every).await;
+                if let Ok(Some(p)) = monitor.domain_job_progress(name).await
+                    && p.is_migration_out()
+                {
+                    progress.send_replace(Some(p));
+                }
+            }
+        };
+        let outcome = tokio::select! {
+            outcome = migration => outcome,
+            never = poll => never,
+        };
+        if let Ok(monitor) = monitor
+            && let Err(e) = monitor.close().await
+        {
+            tracing::debug!(error = %e, "closing the progress connection failed");
+        }
+        outcome
     }
 
     /// The progress of the domain's current job (`None` when there is none).

@@ -8,8 +8,175 @@ use virtkube_crds::cpuset::CpuSet;
 
 use crate::engine::{CallClass, Engine};
 use crate::error::{EngineError, Result, lv};
+use crate::model::host_facts::{
+    HostInterface, MediatedDevice, PciDevice, PoolSourceFound, SecurityModel,
+};
 use crate::model::node::version_string;
 use crate::model::{Capabilities, NodeCpuMap, NodeObserved};
+
+/// Bounds on the host facts one read returns (each list is cut there; its total is kept).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FactsLimits {
+    /// Host network interfaces.
+    pub interfaces: usize,
+    /// PCI devices.
+    pub pci_devices: usize,
+    /// Mediated devices.
+    pub mediated_devices: usize,
+    /// Storage pool sources.
+    pub pool_sources: usize,
+    /// Devices listed per pool source.
+    pub devices_per_source: usize,
+}
+
+impl Default for FactsLimits {
+    fn default() -> Self {
+        Self {
+            interfaces: 32,
+            pci_devices: 128,
+            mediated_devices: 32,
+            pool_sources: 16,
+            devices_per_source: 8,
+        }
+    }
+}
+
+/// One list of facts: what was read (cut at its limit) and how many there were, or why it
+/// could not be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Facts<T> {
+    /// Read.
+    Read {
+        /// The first ones, up to the limit.
+        items: Vec<T>,
+        /// How many libvirt reported.
+        total: usize,
+    },
+    /// libvirt could not say, in its words (a driver without the API, a tool missing on the
+    /// host).
+    Unavailable(String),
+}
+
+impl<T> Facts<T> {
+    fn cut(mut items: Vec<T>, limit: usize) -> Self {
+        let total = items.len();
+        items.truncate(limit);
+        Facts::Read { items, total }
+    }
+
+    /// The items read (none when unavailable).
+    pub fn items(&self) -> &[T] {
+        match self {
+            Facts::Read { items, .. } => items,
+            Facts::Unavailable(_) => &[],
+        }
+    }
+}
+
+/// A host's interfaces, devices, security driver and storage sources.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostFacts {
+    /// Network interfaces (`virConnectListAllInterfaces`, read-only).
+    pub interfaces: Facts<HostInterface>,
+    /// PCI devices (`virConnectListAllNodeDevices`, `pci` capability).
+    pub pci_devices: Facts<PciDevice>,
+    /// Mediated devices (`mdev` capability).
+    pub mediated_devices: Facts<MediatedDevice>,
+    /// The security driver (`virNodeGetSecurityModel`); `None` when unavailable.
+    pub security_model: Result<SecurityModel, String>,
+    /// LVM volume groups a `logical` pool could use (`virConnectFindStoragePoolSources`).
+    pub logical_sources: Facts<PoolSourceFound>,
+}
+
+fn security_model(c: &Connect) -> std::result::Result<SecurityModel, String> {
+    let mut m = sys::virSecurityModel {
+        model: [0; 257],
+        doi: [0; 257],
+    };
+    // SAFETY: valid connection; libvirt fills the fixed-size, NUL-terminated fields.
+    if unsafe { sys::virNodeGetSecurityModel(c.as_ptr(), &mut m) } < 0 {
+        return Err(virt::error::Error::last_error().message().to_string());
+    }
+    // SAFETY: NUL-terminated within their buffers.
+    let text = |f: &[std::os::raw::c_char]| {
+        unsafe { std::ffi::CStr::from_ptr(f.as_ptr()) }
+            .to_string_lossy()
+            .into_owned()
+    };
+    let model = text(&m.model);
+    Ok(SecurityModel {
+        // libvirt leaves the model empty when no security driver is loaded.
+        model: if model.is_empty() {
+            "none".into()
+        } else {
+            model
+        },
+        doi: text(&m.doi),
+    })
+}
+
+fn read_interfaces(c: &Connect, limit: usize) -> Facts<HostInterface> {
+    match c.list_all_interfaces(0) {
+        Ok(list) => {
+            let mut all: Vec<HostInterface> = list
+                .iter()
+                .filter_map(|i| {
+                    Some(HostInterface {
+                        name: i.name().ok()?,
+                        mac: i.mac_string().ok().filter(|m| !m.is_empty()),
+                        active: i.is_active().unwrap_or(false),
+                    })
+                })
+                .collect();
+            all.sort_by(|a, b| a.name.cmp(&b.name));
+            Facts::cut(all, limit)
+        }
+        Err(e) => Facts::Unavailable(e.message().to_string()),
+    }
+}
+
+/// Reads the XML of every node device with `cap`, keeping what `parse` makes of it, in
+/// name order (so the same devices are listed, and the status stays the same, whatever
+/// order libvirt answers in), cut at `limit`.
+fn read_devices<T>(
+    c: &Connect,
+    cap: u32,
+    limit: usize,
+    parse: fn(&str) -> std::result::Result<Option<T>, crate::model::XmlError>,
+) -> Facts<T> {
+    match c.list_all_node_devices(cap) {
+        Ok(list) => {
+            let mut named: Vec<(String, &virt::nodedev::NodeDevice)> = list
+                .iter()
+                .filter_map(|d| Some((d.name().ok()?, d)))
+                .collect();
+            named.sort_by(|a, b| a.0.cmp(&b.0));
+            let items: Vec<T> = named
+                .into_iter()
+                .filter_map(|(_, d)| parse(&d.xml_desc(0).ok()?).ok().flatten())
+                .collect();
+            Facts::cut(items, limit)
+        }
+        Err(e) => Facts::Unavailable(e.message().to_string()),
+    }
+}
+
+fn read_logical_sources(c: &Connect, limits: &FactsLimits) -> Facts<PoolSourceFound> {
+    match c.find_storage_pool_sources("logical", None, 0) {
+        Ok(text) => match PoolSourceFound::list_from_xml("logical", &text) {
+            Ok(mut list) => {
+                for s in &mut list {
+                    s.devices.truncate(limits.devices_per_source);
+                }
+                Facts::cut(list, limits.pool_sources)
+            }
+            Err(e) => Facts::Unavailable(e.to_string()),
+        },
+        // libvirt says "Failed to find any logical pool sources" when LVM has none.
+        Err(e) if e.message().contains("Failed to find any") => Facts::cut(Vec::new(), 0),
+        Err(e) => Facts::Unavailable(e.message().to_string()),
+    }
+}
 
 /// The host's present and online CPUs through `virNodeGetCPUMap` (the `virt` crate has no
 /// wrapper).
@@ -81,6 +248,34 @@ impl Engine {
                 hypervisor_version: version_string(c.hyp_version().map_err(lv(CALL))?),
                 libvirt_version: version_string(c.lib_version().map_err(lv(CALL))?),
                 capabilities: caps,
+            })
+        })
+        .await
+    }
+
+    /// The host's interfaces, PCI and mediated devices, security driver and LVM volume
+    /// groups, each list bounded by `limits`, in one pass on one blocking thread (one
+    /// libvirt call per list, plus one XML read per device). A list libvirt cannot give
+    /// (the driver lacks the API, LVM's tools are missing) is [`Facts::Unavailable`] with
+    /// libvirt's reason; the others still stand.
+    pub async fn node_facts(&self, limits: FactsLimits) -> Result<HostFacts> {
+        self.call(CallClass::Query, "node_facts", move |c| {
+            Ok(HostFacts {
+                interfaces: read_interfaces(c, limits.interfaces),
+                pci_devices: read_devices(
+                    c,
+                    sys::VIR_CONNECT_LIST_NODE_DEVICES_CAP_PCI_DEV,
+                    limits.pci_devices,
+                    PciDevice::from_xml,
+                ),
+                mediated_devices: read_devices(
+                    c,
+                    sys::VIR_CONNECT_LIST_NODE_DEVICES_CAP_MDEV,
+                    limits.mediated_devices,
+                    MediatedDevice::from_xml,
+                ),
+                security_model: security_model(c),
+                logical_sources: read_logical_sources(c, &limits),
             })
         })
         .await

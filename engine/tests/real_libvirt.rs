@@ -598,6 +598,7 @@ async fn isolated_network_with_a_guest() {
     let _leftovers = Leftovers::domain(&name);
     let mut d = tiny(&name, &o);
     d.interfaces.push(InterfaceDef {
+        name: None,
         network: net.clone(),
         model: Some("virtio".into()),
         mac: Some("52:54:00:12:34:56".into()),
@@ -954,4 +955,510 @@ async fn live_migration_with_copy_storage() {
     }
     a.close().await.unwrap();
     b.close().await.unwrap();
+}
+
+/// Statistics of a running QEMU guest from the one bulk call: CPU time grows while it runs;
+/// memory and vCPUs as defined; the disk was read (SeaBIOS reads its boot sector); the NIC
+/// carried iPXE's DHCP exchange (boot order hd, then network) in both directions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs private libvirtd: scripts/libvirt-nodes.sh up, then --run-ignored"]
+async fn domain_stats_grow_with_a_running_guest() {
+    use virtkube_engine::stats::StatsLimits;
+    let e = node("A").await;
+    let net = unique("vksn");
+    let no = Owner::new("Network", format!("uid-{net}"), None, &net);
+    let _net_leftovers = Leftovers(vec![]).network(&net);
+    let octet = 100 + (std::process::id() % 100);
+    e.network_define(&NetworkDef {
+        name: net.clone(),
+        mode: NetworkMode::Isolated,
+        bridge: Some(format!("vks{}", std::process::id() % 100_000)),
+        ip: Some(IpDef {
+            address: format!("10.{octet}.9.1"),
+            prefix: 24,
+            dhcp: vec![DhcpRange {
+                start: format!("10.{octet}.9.10"),
+                end: format!("10.{octet}.9.50"),
+            }],
+        }),
+        owner: no.clone(),
+    })
+    .await
+    .unwrap();
+    e.network_start(&net, &no).await.unwrap();
+
+    let dir = tempfile::Builder::new()
+        .prefix("vkstats")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let image = dir.path().join("disk.qcow2");
+    let made = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&image)
+        .arg("16M")
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let name = unique("vkstat");
+    let o = owner(&name);
+    let _leftovers = Leftovers::domain(&name);
+    let mut def = tiny(&name, &o);
+    def.os.boot = vec!["hd".into(), "network".into()];
+    def.disks.push(DiskDef {
+        name: Some("root".into()),
+        target_dev: "vda".into(),
+        bus: Some("virtio".into()),
+        source: DiskSource::File {
+            path: image.to_string_lossy().into_owned(),
+        },
+        read_only: false,
+        boot_order: None,
+        format: Some("qcow2".into()),
+        device: None,
+    });
+    def.interfaces.push(InterfaceDef {
+        name: Some("lan".into()),
+        network: net.clone(),
+        model: Some("virtio".into()),
+        mac: None,
+    });
+    e.domain_define(&def).await.unwrap();
+    e.domain_start(&name, &o).await.unwrap();
+
+    let ours = |batch: &virtkube_engine::stats::StatsBatch| {
+        batch
+            .domains
+            .iter()
+            .find(|d| d.name == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("{name} missing from {batch:?}"))
+    };
+    let first = ours(&e.domain_stats(StatsLimits::default()).await.unwrap());
+    let mut last = first.clone();
+    let until = Instant::now() + Duration::from_secs(40);
+    // iPXE runs once SeaBIOS gave up on the disk: wait for its DHCP exchange.
+    while Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        last = ours(&e.domain_stats(StatsLimits::default()).await.unwrap());
+        let net = &last.stats.nets[0];
+        if net.tx_packets.unwrap_or(0) > 0 && net.rx_packets.unwrap_or(0) > 0 {
+            break;
+        }
+    }
+    eprintln!("first: {first:?}\nlast: {last:?}");
+    let s = &last.stats;
+    assert_eq!(last.owner, o);
+    assert_eq!(s.state, Some(DomainState::Running));
+    assert!(
+        s.cpu_time_ns > first.stats.cpu_time_ns && first.stats.cpu_time_ns.is_some(),
+        "CPU time grows: {:?} then {:?}",
+        first.stats.cpu_time_ns,
+        s.cpu_time_ns
+    );
+    assert_eq!((s.vcpus, s.max_vcpus), (Some(1), Some(2)));
+    assert_eq!(s.memory_kib, Some(128 * 1024));
+    assert!(s.rss_kib.unwrap_or(0) > 0, "{s:?}");
+    assert_eq!(s.blocks.len(), 1);
+    assert_eq!(s.blocks[0].name, "vda");
+    assert!(s.blocks[0].read_requests.unwrap_or(0) > 0, "{s:?}");
+    assert!(s.blocks[0].read_bytes.unwrap_or(0) >= 512, "{s:?}");
+    assert_eq!(s.blocks[0].capacity_bytes, Some(16 << 20));
+    assert_eq!(s.nets.len(), 1);
+    assert!(s.nets[0].name.starts_with("vnet"), "{s:?}");
+    assert!(
+        s.nets[0].tx_bytes.unwrap_or(0) > 0,
+        "the guest sent DHCP: {s:?}"
+    );
+    assert!(
+        s.nets[0].rx_bytes.unwrap_or(0) > 0,
+        "dnsmasq answered: {s:?}"
+    );
+
+    cleanup(&e, &name, &o).await;
+    let gone = e.domain_stats(StatsLimits::default()).await.unwrap();
+    assert!(gone.domains.iter().all(|d| d.name != name));
+    e.network_stop(&net, &no).await.unwrap();
+    e.network_undefine(&net, &no).await.unwrap();
+    e.close().await.unwrap();
+}
+
+fn file_disk(dir: &Path, name: &str, target: &str, bus: &str) -> DiskDef {
+    let image = dir.join(format!("{name}.qcow2"));
+    let made = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&image)
+        .arg("8M")
+        .status()
+        .unwrap();
+    assert!(made.success());
+    DiskDef {
+        name: Some(name.into()),
+        target_dev: target.into(),
+        bus: Some(bus.into()),
+        source: DiskSource::File {
+            path: image.to_string_lossy().into_owned(),
+        },
+        read_only: false,
+        boot_order: None,
+        format: Some("qcow2".into()),
+        device: None,
+    }
+}
+
+/// Disks and a NIC plugged into a running QEMU guest and out of it. Plugging in is
+/// immediate (live and in the definition). A USB disk leaves at once; a virtio disk and a
+/// virtio NIC need the guest's ACPI acknowledgement, which a guest with no OS never gives:
+/// the unplug is refused at the deadline, the devices leave the definition but stay in the
+/// running guest, the refusal is noted in the live metadata (seen by `domain_observe`), a
+/// second request finds nothing more to do in the definition, and the note and the devices
+/// are gone after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs private libvirtd: scripts/libvirt-nodes.sh up, then --run-ignored"]
+async fn hotplug_disks_and_nics_and_a_guest_that_refuses_unplug() {
+    use virtkube_engine::hotplug::DetachOutcome;
+    use virtkube_engine::model::{Device, DeviceKey};
+    let e = node("A").await;
+    let net = unique("vkhn");
+    let no = Owner::new("Network", format!("uid-{net}"), None, &net);
+    let _net_leftovers = Leftovers(vec![]).network(&net);
+    e.network_define(&NetworkDef {
+        name: net.clone(),
+        mode: NetworkMode::Isolated,
+        bridge: Some(format!("vkh{}", std::process::id() % 100_000)),
+        ip: None,
+        owner: no.clone(),
+    })
+    .await
+    .unwrap();
+    e.network_start(&net, &no).await.unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("vkhot")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let name = unique("vkhot");
+    let o = owner(&name);
+    let _leftovers = Leftovers::domain(&name);
+    e.domain_define(&tiny(&name, &o)).await.unwrap();
+    e.domain_start(&name, &o).await.unwrap();
+
+    let virtio = file_disk(dir.path(), "data", "vdb", "virtio");
+    let usb = file_disk(dir.path(), "stick", "sda", "usb");
+    let nic = InterfaceDef {
+        name: Some("lan".into()),
+        network: net.clone(),
+        model: Some("virtio".into()),
+        mac: Some("52:54:00:ab:cd:01".into()),
+    };
+    for device in [
+        Device::Disk(virtio.clone()),
+        Device::Disk(usb.clone()),
+        Device::Interface(nic.clone()),
+    ] {
+        e.domain_attach_device(&name, &o, &device).await.unwrap();
+    }
+    let live = e.domain_observe(&name).await.unwrap().unwrap();
+    let targets: Vec<&str> = live.disks.iter().map(|d| d.target_dev.as_str()).collect();
+    assert_eq!(targets, ["vdb", "sda"], "plugged into the running guest");
+    assert_eq!(live.interfaces[0].alias.as_deref(), Some("lan"));
+    let config = e.domain_xml(&name, true).await.unwrap();
+    assert!(
+        config.contains("dev='vdb'")
+            && config.contains("dev='sda'")
+            && config.contains("52:54:00:ab:cd:01"),
+        "and into the definition: {config}"
+    );
+
+    let sda = DeviceKey::Disk {
+        target: "sda".into(),
+    };
+    let t = Instant::now();
+    assert_eq!(
+        e.domain_detach_device(&name, &o, &sda, Duration::from_secs(10))
+            .await
+            .unwrap(),
+        DetachOutcome::Removed,
+        "USB leaves without the guest"
+    );
+    eprintln!("USB disk unplugged in {:.0} ms", ms(t.elapsed()));
+
+    let vdb = DeviceKey::Disk {
+        target: "vdb".into(),
+    };
+    let mac = DeviceKey::Interface {
+        mac: "52:54:00:AB:CD:01".into(),
+    };
+    for key in [&vdb, &mac] {
+        let t = Instant::now();
+        let outcome = e
+            .domain_detach_device(&name, &o, key, Duration::from_secs(6))
+            .await
+            .unwrap();
+        assert!(
+            matches!(outcome, DetachOutcome::Refused { waited } if waited >= Duration::from_secs(6)),
+            "{key}: {outcome:?}"
+        );
+        eprintln!("{key}: refused after {:.1} s", t.elapsed().as_secs_f64());
+    }
+    let live = e.domain_observe(&name).await.unwrap().unwrap();
+    assert_eq!(live.disks.len(), 1, "vdb is still in the guest");
+    assert_eq!(live.interfaces.len(), 1, "so is the NIC");
+    assert_eq!(
+        live.pending_unplug,
+        ["disk/vdb", "interface/52:54:00:ab:cd:01"],
+        "the refusal is noted on the running domain"
+    );
+    let config = e.domain_xml(&name, true).await.unwrap();
+    assert!(
+        !config.contains("dev='vdb'") && !config.contains("52:54:00:ab:cd:01"),
+        "{config}"
+    );
+    // Nothing left to do in the definition; the guest still holds it.
+    assert!(matches!(
+        e.domain_detach_device(&name, &o, &sda, Duration::from_secs(1))
+            .await
+            .unwrap(),
+        DetachOutcome::NotPresent
+    ));
+    assert!(
+        e.domain_detach_device(&name, &owner("someone-else"), &vdb, Duration::from_secs(1))
+            .await
+            .unwrap_err()
+            .is_not_owned()
+    );
+
+    // A restart realises the definition: the devices and the note are gone.
+    e.domain_destroy(&name, &o).await.unwrap();
+    e.domain_start(&name, &o).await.unwrap();
+    let after = e.domain_observe(&name).await.unwrap().unwrap();
+    assert!(
+        after.disks.is_empty() && after.interfaces.is_empty(),
+        "{after:?}"
+    );
+    assert!(after.pending_unplug.is_empty());
+
+    // Plugging a noted device back in forgets its note.
+    e.domain_attach_device(&name, &o, &Device::Disk(virtio.clone()))
+        .await
+        .unwrap();
+    assert!(matches!(
+        e.domain_detach_device(&name, &o, &vdb, Duration::from_secs(1))
+            .await
+            .unwrap(),
+        DetachOutcome::Refused { .. }
+    ));
+    e.domain_attach_device(&name, &o, &Device::Disk(virtio.clone()))
+        .await
+        .unwrap_err();
+    cleanup(&e, &name, &o).await;
+    e.network_stop(&net, &no).await.unwrap();
+    e.network_undefine(&net, &no).await.unwrap();
+    e.close().await.unwrap();
+}
+
+/// The cgroup directory libvirt made for a running guest on node C (`machine/qemu-<id>-<name>.libvirt-qemu`
+/// under the host's cgroup v1 `cpu` hierarchy).
+fn cpu_cgroup(name: &str) -> std::path::PathBuf {
+    let root = Path::new("/sys/fs/cgroup/cpu/machine");
+    std::fs::read_dir(root)
+        .unwrap_or_else(|e| panic!("{}: {e}", root.display()))
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|f| f.to_str())
+                .is_some_and(|f| f.ends_with(&format!("-{name}.libvirt-qemu")))
+        })
+        .unwrap_or_else(|| panic!("no cgroup for {name} under {}", root.display()))
+}
+
+fn read_number(path: &Path) -> i64 {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// CPU weight and bandwidth on node C, whose libvirtd has the cgroup v1 `cpu` controller:
+/// the definition's `<cputune>` reaches the guest's cgroups at start, a live change reaches
+/// them at once and the definition too, and the live XML reports it. On node A, whose
+/// libvirtd runs without cgroup controllers, libvirt refuses to start such a guest, and says
+/// why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs private libvirtd: scripts/libvirt-nodes.sh up, then --run-ignored"]
+async fn cpu_tune_reaches_the_guests_cgroups_and_changes_live() {
+    use virtkube_engine::model::CpuTune;
+    let e = node("C").await;
+    let name = unique("vkcpu");
+    let o = owner(&name);
+    let _leftovers = Leftovers::domain(&name);
+    let mut def = tiny(&name, &o);
+    def.vcpus = 2;
+    def.cpu_tune = CpuTune {
+        shares: Some(512),
+        period: Some(100_000),
+        quota: Some(50_000),
+        global_period: Some(100_000),
+        global_quota: Some(150_000),
+        emulator_period: Some(100_000),
+        emulator_quota: Some(20_000),
+    };
+    e.domain_define(&def).await.unwrap();
+    e.domain_start(&name, &o).await.unwrap();
+    let cg = cpu_cgroup(&name);
+    assert_eq!(read_number(&cg.join("cpu.shares")), 512);
+    assert_eq!(
+        read_number(&cg.join("cpu.cfs_quota_us")),
+        150_000,
+        "the whole guest"
+    );
+    assert_eq!(read_number(&cg.join("vcpu0/cpu.cfs_quota_us")), 50_000);
+    assert_eq!(read_number(&cg.join("vcpu1/cpu.cfs_quota_us")), 50_000);
+    assert_eq!(read_number(&cg.join("emulator/cpu.cfs_quota_us")), 20_000);
+    let seen = e.domain_observe(&name).await.unwrap().unwrap();
+    assert_eq!(seen.cpu_tune, def.cpu_tune);
+
+    let change = CpuTune {
+        shares: Some(300),
+        global_quota: Some(250_000),
+        ..CpuTune::default()
+    };
+    e.domain_set_cpu_tune(&name, &o, &change, Apply::LiveAndConfig)
+        .await
+        .unwrap();
+    assert_eq!(read_number(&cg.join("cpu.shares")), 300, "live");
+    assert_eq!(read_number(&cg.join("cpu.cfs_quota_us")), 250_000);
+    assert_eq!(
+        read_number(&cg.join("vcpu0/cpu.cfs_quota_us")),
+        50_000,
+        "untouched"
+    );
+    let seen = e.domain_observe(&name).await.unwrap().unwrap();
+    assert_eq!(
+        (seen.cpu_tune.shares, seen.cpu_tune.global_quota),
+        (Some(300), Some(250_000))
+    );
+    let config = e.domain_xml(&name, true).await.unwrap();
+    assert!(
+        config.contains("<shares>300</shares>"),
+        "and in the definition: {config}"
+    );
+    // Out of libvirt's range: refused with its reason, nothing changed.
+    let err = e
+        .domain_set_cpu_tune(
+            &name,
+            &o,
+            &CpuTune {
+                period: Some(10),
+                ..CpuTune::default()
+            },
+            Apply::LiveAndConfig,
+        )
+        .await
+        .unwrap_err();
+    eprintln!("period 10: {err}");
+    assert_eq!(read_number(&cg.join("vcpu0/cpu.cfs_period_us")), 100_000);
+    cleanup(&e, &name, &o).await;
+    e.close().await.unwrap();
+
+    // Node A runs libvirtd with `cgroup_controllers = [ ]`: a bandwidth limit stops the guest
+    // from starting; shares alone are silently not applied at start (the live XML still
+    // shows them), so the engine reports what the scheduler has in force (nothing), and a
+    // live change is refused with libvirt's reason.
+    let a = node("A").await;
+    let name = unique("vknocg");
+    let o = owner(&name);
+    let _leftovers = Leftovers::domain(&name);
+    let mut def = tiny(&name, &o);
+    def.cpu_tune.quota = Some(50_000);
+    a.domain_define(&def).await.unwrap();
+    let refused = a.domain_start(&name, &o).await.unwrap_err();
+    assert!(
+        refused.to_string().contains("cgroup cpu is required"),
+        "{refused}"
+    );
+    def.cpu_tune = CpuTune {
+        shares: Some(512),
+        ..CpuTune::default()
+    };
+    a.domain_define(&def).await.unwrap();
+    a.domain_start(&name, &o).await.unwrap();
+    assert!(
+        a.domain_xml(&name, false)
+            .await
+            .unwrap()
+            .contains("<shares>512</shares>")
+    );
+    let seen = a.domain_observe(&name).await.unwrap().unwrap();
+    assert_eq!(seen.cpu_tune, CpuTune::default(), "not in force");
+    let refused = a
+        .domain_set_cpu_tune(&name, &o, &def.cpu_tune, Apply::LiveAndConfig)
+        .await
+        .unwrap_err();
+    assert!(
+        refused
+            .to_string()
+            .contains("cgroup CPU controller is not mounted"),
+        "{refused}"
+    );
+    cleanup(&a, &name, &o).await;
+    a.close().await.unwrap();
+}
+
+/// Host facts from a real daemon in its network namespace: the namespace's interfaces (its
+/// loopback and veth), the VM's PCI devices with vendor and product ids and the driver bound
+/// to them, the security driver the test daemons run with (`none`), and each domain's
+/// security label in its XML.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs private libvirtd: scripts/libvirt-nodes.sh up, then --run-ignored"]
+async fn host_facts_from_a_real_daemon() {
+    use virtkube_engine::node::{Facts, FactsLimits};
+    let e = node("A").await;
+    let f = e.node_facts(FactsLimits::default()).await.unwrap();
+    eprintln!("{f:#?}");
+    let names: Vec<&str> = f
+        .interfaces
+        .items()
+        .iter()
+        .map(|i| i.name.as_str())
+        .collect();
+    assert!(names.contains(&"lo"), "{names:?}");
+    assert!(
+        names.iter().any(|n| n.ends_with("vethA")),
+        "the node's veth, from its own network namespace: {names:?}"
+    );
+    let pci = f.pci_devices.items();
+    assert!(!pci.is_empty(), "{f:?}");
+    assert!(
+        pci.iter()
+            .all(|d| d.vendor_id.starts_with("0x") && d.address.len() == 12),
+        "{pci:?}"
+    );
+    assert!(pci.iter().any(|d| d.driver.is_some()), "{pci:?}");
+    assert!(matches!(f.mediated_devices, Facts::Read { .. }));
+    assert_eq!(
+        f.security_model.as_ref().map(|m| m.model.as_str()),
+        Ok("none")
+    );
+    match &f.logical_sources {
+        // Without LVM's tools on the host, libvirt says which one it could not run.
+        Facts::Unavailable(why) => assert!(why.contains("pvs"), "{why}"),
+        Facts::Read { .. } => {}
+    }
+    let name = unique("vksec");
+    let o = owner(&name);
+    let _leftovers = Leftovers::domain(&name);
+    e.domain_define(&tiny(&name, &o)).await.unwrap();
+    e.domain_start(&name, &o).await.unwrap();
+    let seen = e.domain_observe(&name).await.unwrap().unwrap();
+    // The DAC driver is always stacked: the guest runs as root:root (qemu.conf).
+    assert!(
+        seen.security_labels
+            .iter()
+            .any(|l| l.model == "dac" && l.label.as_deref() == Some("+0:+0")),
+        "{:?}",
+        seen.security_labels
+    );
+    cleanup(&e, &name, &o).await;
+    e.close().await.unwrap();
 }

@@ -493,3 +493,207 @@ async fn bad_uri_fails_fast() {
         .unwrap_err();
     assert!(matches!(err, EngineError::ConnectionLost { .. }), "{err}");
 }
+
+/// What the test driver returns from the bulk statistics call: the state group only (no
+/// CPU, memory, block or network counters). virtkube's domains come back with their owner;
+/// the driver's own `test` domain, which carries no mark, is left out; marks are read once
+/// per domain and the cap on domains holds.
+#[tokio::test]
+async fn domain_stats_in_one_bulk_call() {
+    use virtkube_engine::stats::StatsLimits;
+    let e = engine().await;
+    let (oa, ob) = (owner("Domain", "stats-a"), owner("Domain", "stats-b"));
+    e.domain_define(&tiny("t.stats-a", &oa)).await.unwrap();
+    e.domain_define(&tiny("t.stats-b", &ob)).await.unwrap();
+    e.domain_start("t.stats-a", &oa).await.unwrap();
+    e.reset_stats();
+
+    let first = e.domain_stats(StatsLimits::default()).await.unwrap();
+    let names: Vec<&str> = first
+        .domains
+        .iter()
+        .map(|d| d.owner.name.as_str())
+        .collect();
+    assert!(
+        names.contains(&"stats-a") && names.contains(&"stats-b"),
+        "{names:?}"
+    );
+    assert!(
+        first.unowned >= 1,
+        "the driver's `test` domain has no mark: {first:?}"
+    );
+    assert!(first.owner_reads >= 3, "{first:?}");
+    let a = first
+        .domains
+        .iter()
+        .find(|d| d.owner.name == "stats-a")
+        .unwrap();
+    assert_eq!(a.name, "t.stats-a");
+    assert_eq!(a.owner.namespace.as_deref(), Some("t"));
+    assert_eq!(a.stats.state, Some(DomainState::Running));
+    // The test driver has no CPU, balloon, block or interface groups.
+    assert_eq!(a.stats.cpu_time_ns, None);
+    assert!(a.stats.blocks.is_empty() && a.stats.nets.is_empty());
+    let b = first
+        .domains
+        .iter()
+        .find(|d| d.owner.name == "stats-b")
+        .unwrap();
+    assert_eq!(b.stats.state, Some(DomainState::Shutoff));
+
+    // Again: the same domains, no mark read, one libvirt call per gather.
+    let second = e.domain_stats(StatsLimits::default()).await.unwrap();
+    assert_eq!(second.owner_reads, 0);
+    assert_eq!(second.domains, first.domains);
+    let capped = e
+        .domain_stats(StatsLimits {
+            max_domains: 1,
+            max_devices: 64,
+        })
+        .await
+        .unwrap();
+    assert_eq!(capped.domains.len(), 1);
+    assert_eq!(capped.dropped, first.domains.len() - 1);
+    // Sorted by namespace and name: the cap keeps the first.
+    assert_eq!(capped.domains[0], first.domains[0]);
+    let stats = e.stats();
+    assert_eq!(stats.get("domain_stats").unwrap().count, 3);
+    assert_eq!(stats.total_calls(), 3, "{stats:?}");
+
+    // A domain that is gone is forgotten; a new one is read once.
+    e.domain_destroy("t.stats-a", &oa).await.unwrap();
+    e.domain_undefine("t.stats-a", &oa).await.unwrap();
+    let after = e.domain_stats(StatsLimits::default()).await.unwrap();
+    assert!(after.domains.iter().all(|d| d.owner.name != "stats-a"));
+    assert_eq!(after.owner_reads, 0);
+    e.domain_undefine("t.stats-b", &ob).await.unwrap();
+    e.close().await.unwrap();
+}
+
+/// The test driver keeps `<cputune>` in the definition and reports it back (its own
+/// scheduler, `fair`, has none of these parameters, so a live change is refused).
+#[tokio::test]
+async fn cpu_tune_round_trips_through_the_definition() {
+    use virtkube_engine::model::CpuTune;
+    let e = engine().await;
+    let o = owner("Domain", "tune");
+    let mut def = tiny("t.tune", &o);
+    def.cpu_tune = CpuTune {
+        shares: Some(512),
+        global_period: Some(100_000),
+        global_quota: Some(150_000),
+        ..CpuTune::default()
+    };
+    e.domain_define(&def).await.unwrap();
+    e.domain_start("t.tune", &o).await.unwrap();
+    let seen = e.domain_observe("t.tune").await.unwrap().unwrap();
+    assert_eq!(seen.cpu_tune, def.cpu_tune);
+    let refused = e
+        .domain_set_cpu_tune("t.tune", &o, &def.cpu_tune, Apply::Current)
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("cpu_shares"), "{refused}");
+    e.domain_destroy("t.tune", &o).await.unwrap();
+    e.domain_undefine("t.tune", &o).await.unwrap();
+    e.close().await.unwrap();
+}
+
+/// Host facts from the test driver: its one interface, no PCI device in its default host,
+/// and a security model (or the driver's reason); with a test-driver host file describing a
+/// PCI device, that device with vendor, product, class and IOMMU group.
+#[tokio::test]
+async fn host_facts_interfaces_devices_and_security() {
+    use virtkube_engine::node::{Facts, FactsLimits};
+    let e = engine().await;
+    let f = e.node_facts(FactsLimits::default()).await.unwrap();
+    let eth1 = f.interfaces.items().iter().find(|i| i.name == "eth1");
+    assert!(
+        eth1.is_some_and(|i| i.active && i.mac.as_deref() == Some("aa:bb:cc:dd:ee:ff")),
+        "{f:?}"
+    );
+    assert!(
+        matches!(f.pci_devices, Facts::Read { total: 0, .. }),
+        "{f:?}"
+    );
+    assert_eq!(
+        f.security_model.as_ref().map(|m| m.model.as_str()),
+        Ok("testSecurity")
+    );
+    // The driver's canned answer to virConnectFindStoragePoolSources("logical").
+    let vgs: Vec<_> = f
+        .logical_sources
+        .items()
+        .iter()
+        .map(|s| (s.name.as_deref(), s.devices.clone()))
+        .collect();
+    assert_eq!(
+        vgs,
+        [
+            (Some("testvg1"), vec!["/dev/sda20".to_string()]),
+            (Some("testvg2"), vec!["/dev/sda21".to_string()])
+        ]
+    );
+    e.close().await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let host = dir.path().join("host.xml");
+    std::fs::write(&host, PCI_HOST).unwrap();
+    let e = Engine::connect(
+        &format!("test://{}", host.display()),
+        EngineConfig::default(),
+    )
+    .await
+    .unwrap();
+    let f = e
+        .node_facts(FactsLimits {
+            pci_devices: 1,
+            ..FactsLimits::default()
+        })
+        .await
+        .unwrap();
+    let Facts::Read { items, total } = &f.pci_devices else {
+        panic!("{f:?}")
+    };
+    assert_eq!(*total, 2, "two PCI devices, one listed by the limit");
+    let nic = &items[0];
+    assert_eq!(nic.address, "0000:06:00.0");
+    assert_eq!(nic.vendor_id, "0x8086");
+    assert_eq!(nic.vendor.as_deref(), Some("Intel Corporation"));
+    assert_eq!(
+        nic.product.as_deref(),
+        Some("82576 Gigabit Network Connection")
+    );
+    assert_eq!(nic.class.as_deref(), Some("0x020000"));
+    assert_eq!(nic.iommu_group, Some(14));
+    e.close().await.unwrap();
+}
+
+/// A test-driver host with two PCI devices (the driver reads node devices from its host
+/// file; its default host has none).
+pub const PCI_HOST: &str = r#"<node>
+  <cpu><mhz>2000</mhz><model>x86_64</model><nodes>1</nodes><sockets>1</sockets><cores>4</cores><threads>1</threads><active>4</active></cpu>
+  <memory>8388608</memory>
+  <device>
+    <name>pci_0000_06_00_0</name>
+    <parent>computer</parent>
+    <capability type='pci'>
+      <class>0x020000</class>
+      <domain>0</domain><bus>6</bus><slot>0</slot><function>0</function>
+      <product id='0x10c9'>82576 Gigabit Network Connection</product>
+      <vendor id='0x8086'>Intel Corporation</vendor>
+      <iommuGroup number='14'><address domain='0x0000' bus='0x06' slot='0x00' function='0x0'/></iommuGroup>
+    </capability>
+  </device>
+  <device>
+    <name>pci_0000_07_00_0</name>
+    <parent>computer</parent>
+    <capability type='pci'>
+      <class>0x030000</class>
+      <domain>0</domain><bus>7</bus><slot>0</slot><function>0</function>
+      <product id='0x1eb8'>TU104GL [Tesla T4]</product>
+      <vendor id='0x10de'>NVIDIA Corporation</vendor>
+      <iommuGroup number='15'><address domain='0x0000' bus='0x07' slot='0x00' function='0x0'/></iommuGroup>
+    </capability>
+  </device>
+</node>
+"#;

@@ -3,10 +3,15 @@
 -- (Healthy, Progressing, Degraded) and hs.message. Plain Lua 5.1 (Argo CD's gopher-lua).
 --
 --   Healthy      Ready=True, and the agent has seen the current generation
---   Progressing  no status yet; the generation not observed yet; a live migration pending or
---                running; Ready=False (or Unknown) with a reason the agent retries on its own
---   Degraded     Ready=False with a reason only a human fixes (below); a HypervisorNode that is
---                not Ready (its agent cannot reach libvirt: nothing can be placed there)
+--   Progressing  no status yet; not placed on a node yet (the cluster controller's
+--                Scheduled=False says why); the generation not observed yet; a move pending
+--                or running (or handed over, the target not converged yet); Ready=False (or
+--                Unknown) with a reason the agent retries on its own
+--   Degraded     Ready=False with a reason only a human fixes (below); a Domain whose node
+--                went silent (the controller's NodeUnreachable=True: nothing is started
+--                elsewhere until the node returns or is fenced); a HypervisorNode that is
+--                not Ready (its agent cannot reach libvirt, or its heartbeat is stale:
+--                nothing can be placed there)
 --
 -- The terminal reasons are the ones the node agent writes for a spec that cannot be realized
 -- (controller/src/agent: InvalidSpec from validation; NameConflict, Forbidden,
@@ -47,10 +52,24 @@ if status == nil then
   return hs
 end
 
+-- Written by the cluster controller: the domain's node is silent. Whatever the agent last
+-- wrote may no longer be true.
+local unreachable = find_condition(status, "NodeUnreachable")
+if unreachable ~= nil and unreachable.status == "True" then
+  hs.status = "Degraded"
+  hs.message = "NodeUnreachable: " .. (unreachable.message or unreachable.reason or "")
+  return hs
+end
+
 local ready = find_condition(status, "Ready")
 if ready == nil then
   hs.status = "Progressing"
-  hs.message = "Waiting for the Ready condition"
+  local scheduled = find_condition(status, "Scheduled")
+  if scheduled ~= nil and scheduled.status == "False" then
+    hs.message = "Not placed on a node yet: " .. (scheduled.reason or "") .. ": " .. (scheduled.message or "")
+  else
+    hs.message = "Waiting for the Ready condition"
+  end
   return hs
 end
 

@@ -246,9 +246,19 @@ impl TestApi {
         self.shared.recorder.counts()
     }
 
-    /// Forgets the requests recorded so far.
+    /// Forgets the requests (and authorization checks) recorded so far.
     pub fn clear_requests(&self) {
         self.shared.recorder.clear();
+        self.shared.authorizations.clear();
+    }
+
+    /// Every authorization check so far, as (identity, verb, group, resource, subresource,
+    /// …): one per resource request, plus a `create` for each server-side apply that created
+    /// its object (the real server authorizes that as `create` as well as `patch`). Recorded
+    /// whether or not RBAC is enforced, so a test can compare the verbs a client needs with a
+    /// role's rules.
+    pub fn authorizations(&self) -> Vec<Recorded> {
+        self.shared.authorizations.all()
     }
 
     /// The last resourceVersion handed out.

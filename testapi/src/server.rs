@@ -47,6 +47,9 @@ pub struct Shared {
     pub faults: Faults,
     /// Requests seen.
     pub recorder: Recorder,
+    /// Authorization checks made: one per resource request, plus the `create` that an apply
+    /// creating its object needs (recorded whether or not RBAC is enforced).
+    pub authorizations: Recorder,
     /// RBAC, when enabled.
     pub authorizer: Option<Authorizer>,
     /// Settings.
@@ -69,6 +72,7 @@ impl Shared {
             registry,
             faults: Faults::default(),
             recorder: Recorder::default(),
+            authorizations: Recorder::default(),
             authorizer,
             config,
             addr,
@@ -190,17 +194,8 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
     if let Some(answer) = shared.faults.take(&info) {
         return Ok(error(&answer.error()));
     }
-    if let Some(authorizer) = &shared.authorizer
-        && let Some(why) = authorizer.check(&info)
-    {
-        let resource = match shared
-            .registry
-            .find(&info.group, &info.version, &info.resource)
-        {
-            Some(rt) => crate::status::group_resource(rt),
-            None => info.resource.clone(),
-        };
-        return Ok(error(&ApiError::forbidden(&resource, &info.name, &why)));
+    if let Err(e) = authorize(&shared, &info) {
+        return Ok(error(&e));
     }
     if !info.is_resource {
         return Ok(
@@ -234,6 +229,25 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         }
         Err(e) => error(&e),
     })
+}
+
+/// Records the authorization check of `info` (resource requests only) and, with RBAC
+/// enforced, refuses it with the real server's 403 when no rule allows it.
+fn authorize(shared: &Shared, info: &RequestInfo) -> Result<(), ApiError> {
+    if info.is_resource {
+        shared.authorizations.record(Recorded::from_info(info));
+    }
+    let Some(why) = shared.authorizer.as_ref().and_then(|a| a.check(info)) else {
+        return Ok(());
+    };
+    let resource = match shared
+        .registry
+        .find(&info.group, &info.version, &info.resource)
+    {
+        Some(rt) => crate::status::group_resource(rt),
+        None => info.resource.clone(),
+    };
+    Err(ApiError::forbidden(&resource, &info.name, &why))
 }
 
 struct Parsed {
@@ -417,6 +431,18 @@ fn serve(shared: Arc<Shared>, incoming: Parsed) -> Result<Served, ApiError> {
                 force: info.query.get("force").map(|f| f == "true"),
             };
             let mut store = shared.lock_store();
+            // An apply that creates its object is authorized as `create` too
+            // (`handlers/patch.go`: `createAuthorizerAttributes`).
+            if patch_type == PatchType::Apply
+                && info.subresource.is_empty()
+                && reads::get(&store, &rt, &namespace, &info.name).is_err()
+            {
+                let create = RequestInfo {
+                    verb: "create".into(),
+                    ..info.clone()
+                };
+                authorize(&shared, &create)?;
+            }
             let (code, object) = writes::patch(
                 &mut store,
                 &write,

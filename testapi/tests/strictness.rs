@@ -16,7 +16,8 @@ fn resource(plural: &str) -> ApiResource {
     let kind = match plural {
         "domains" => "Domain",
         "networks" => "Network",
-        _ => unreachable!("only domains and networks are used here"),
+        "hypervisornodes" => "HypervisorNode",
+        _ => unreachable!("only domains, networks and hypervisornodes are used here"),
     };
     ApiResource {
         group: "virtkube.io".into(),
@@ -795,4 +796,74 @@ subjects: [{kind: User, name: reader}]
             .iter()
             .any(|r| r.identity == "reader" && r.verb == "create" && r.resource == "domains")
     );
+}
+
+#[tokio::test]
+async fn an_apply_that_creates_needs_create_as_well_as_patch() {
+    // `handlers/patch.go`: an apply patch that finds no object is authorized a second time,
+    // as `create` (createAuthorizerAttributes); an apply to an existing object only as
+    // `patch`.
+    let mut authorizer = Authorizer::new(&[ADMIN]);
+    authorizer
+        .load_yaml(&[r#"
+kind: ClusterRole
+apiVersion: rbac.authorization.k8s.io/v1
+metadata: {name: patcher}
+rules: [{apiGroups: ["virtkube.io"], resources: ["hypervisornodes"], verbs: ["patch"]}]
+---
+kind: ClusterRoleBinding
+apiVersion: rbac.authorization.k8s.io/v1
+metadata: {name: patcher}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: patcher}
+subjects: [{kind: User, name: patcher}]
+"#
+        .to_string()])
+        .unwrap();
+    let api = TestApi::start_with(Config {
+        authorizer: Some(authorizer),
+        ..Config::default()
+    })
+    .await
+    .unwrap();
+    let nodes: Api<DynamicObject> = Api::all_with(
+        api.client("patcher").await.unwrap(),
+        &resource("hypervisornodes"),
+    );
+    let body = json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "HypervisorNode",
+                      "metadata": {"name": "n1"}, "spec": {}});
+    let (status, message) = code(
+        nodes
+            .patch("n1", &PatchParams::apply("agent"), &Patch::Apply(&body))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(status, 403);
+    assert!(
+        message.contains("cannot create resource \"hypervisornodes\""),
+        "{message}"
+    );
+    assert_eq!(api.count("hypervisornodes"), 0, "nothing created");
+    let checks: Vec<String> = api
+        .authorizations()
+        .iter()
+        .filter(|r| r.identity == "patcher")
+        .map(|r| r.verb.clone())
+        .collect();
+    assert_eq!(checks, ["patch", "create"]);
+    let requests: Vec<String> = api.requests().iter().map(|r| r.verb.clone()).collect();
+    assert_eq!(requests, ["patch"], "one request, two checks");
+
+    // Once the object exists, the same apply is only a patch.
+    api.create("hypervisornodes", body.clone()).unwrap();
+    api.clear_requests();
+    nodes
+        .patch("n1", &PatchParams::apply("agent"), &Patch::Apply(&body))
+        .await
+        .unwrap();
+    let checks: Vec<String> = api
+        .authorizations()
+        .iter()
+        .map(|r| r.verb.clone())
+        .collect();
+    assert_eq!(checks, ["patch"]);
 }

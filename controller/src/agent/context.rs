@@ -124,8 +124,9 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Knobs.
     pub settings: Settings,
-    /// This node's `HypervisorNode` labels, which pool and network node selectors match.
-    pub node_labels: RwLock<BTreeMap<String, String>>,
+    /// This node's `HypervisorNode` labels, which pool and network node selectors match;
+    /// `None` until they have been read (see [`Context::labels`]).
+    pub node_labels: RwLock<Option<BTreeMap<String, String>>>,
     /// Volumes as last seen (domains resolve their disks through it); `None` in tests that
     /// have no reflector, where volumes are read from the API.
     pub volumes: Option<Store<Volume>>,
@@ -170,7 +171,7 @@ impl Context {
             recorder,
             metrics,
             settings,
-            node_labels: RwLock::new(BTreeMap::new()),
+            node_labels: RwLock::new(None),
             volumes: None,
             domains: None,
             migrations: super::moves::Migrations::default(),
@@ -178,12 +179,25 @@ impl Context {
         })
     }
 
-    /// This node's labels (empty until the publisher read them).
-    pub fn labels(&self) -> BTreeMap<String, String> {
+    /// This node's labels; `None` until they have been read from its `HypervisorNode`. Not
+    /// knowing them is never the same as having none: an agent that has not read them cannot
+    /// tell whether a `nodeSelector` still selects its node, so it removes nothing on that
+    /// ground (see [`selection`]).
+    pub fn labels(&self) -> Option<BTreeMap<String, String>> {
+        self.node_labels.read().ok().and_then(|l| l.clone())
+    }
+
+    /// Records the labels just read from the node's `HypervisorNode`; returns whether they
+    /// changed (the first read always does).
+    pub fn set_labels(&self, labels: BTreeMap<String, String>) -> bool {
         self.node_labels
-            .read()
-            .map(|l| l.clone())
-            .unwrap_or_default()
+            .write()
+            .map(|mut l| {
+                let changed = l.as_ref() != Some(&labels);
+                *l = Some(labels);
+                changed
+            })
+            .unwrap_or(false)
     }
 
     /// Publishes an event about `obj`. A failure to publish is logged, never fatal: events
@@ -224,6 +238,19 @@ pub fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, St
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
+/// Whether `selector` selects a node whose labels are `labels`, when that can be told: an
+/// empty selector selects every node, known or not; any other needs the labels (`None`
+/// while they are unknown).
+pub fn selection(
+    selector: &BTreeMap<String, String>,
+    labels: Option<&BTreeMap<String, String>>,
+) -> Option<bool> {
+    if selector.is_empty() {
+        return Some(true);
+    }
+    labels.map(|l| selects(selector, l))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -242,6 +269,15 @@ mod tests {
             Settings::for_node(&format!("{}x", "n".repeat(199))).node_finalizer()
         );
         assert!(long.node_field_manager().len() <= 128);
+    }
+
+    #[test]
+    fn unknown_labels_select_only_with_an_empty_selector() {
+        let zone = BTreeMap::from([("zone".to_string(), "a".to_string())]);
+        assert_eq!(selection(&BTreeMap::new(), None), Some(true));
+        assert_eq!(selection(&zone, None), None);
+        assert_eq!(selection(&zone, Some(&zone)), Some(true));
+        assert_eq!(selection(&zone, Some(&BTreeMap::new())), Some(false));
     }
 
     #[test]

@@ -27,7 +27,10 @@ use virtkube_engine::{Engine, Owner};
 
 use super::context::Context;
 use super::error::{Error, Result};
-use crate::host::{HostError, HostSpec, Hosts, domain_from, network_from, pool_from};
+use super::ownership::{self, ImageClaim};
+use crate::host::{
+    HostError, HostSpec, Hosts, domain_from, network_from, observe_node, pool_from, volume_from,
+};
 use crate::plan::desired::{DesiredState, Nodes};
 use crate::plan::observed::{ObservedHost, ObservedState, ObservedVolume};
 use crate::plan::{self, NoticeKind, ObjectKind, Op, Plan, PlanOptions};
@@ -137,6 +140,9 @@ fn reason_of(op: &Op) -> &'static str {
         Op::SetVcpus(_) => "VcpusSet",
         Op::SetMemory(_) => "MemorySet",
         Op::PinVcpu { .. } | Op::PinEmulator(_) => "Pinned",
+        Op::SetCpuTune(_) => "CpuSchedulingSet",
+        Op::AttachDisk(_) | Op::AttachInterface(_) => "DevicePlugged",
+        Op::DetachDisk { .. } | Op::DetachInterface { .. } => "DeviceUnplugged",
         Op::RestartDomain { .. } => "Restarted",
         Op::MigrateDomain { .. } => "Migrated",
     }
@@ -154,6 +160,12 @@ fn host_error(e: HostError) -> Error {
         }
         HostError::Engine { source, .. } if source.is_not_owned() => Error::Unrealizable {
             reason: "NotOwned",
+            message: source.to_string(),
+        },
+        // Something of the same name appeared between the look and the creation: a clash,
+        // never taken over.
+        HostError::Engine { source, .. } if source.is_already_exists() => Error::Unrealizable {
+            reason: "NameConflict",
             message: source.to_string(),
         },
         HostError::Engine { source, .. } => Error::Unrealizable {
@@ -231,20 +243,6 @@ async fn execute(
     Ok((changes, pending))
 }
 
-fn volume_from(v: &VolumeObserved, pool_owned: bool) -> ObservedVolume {
-    ObservedVolume {
-        // libvirt keeps no mark on volumes: in a virtkube pool, a volume named
-        // `<namespace>.<name>` is one virtkube made (the planner's rule).
-        owned: pool_owned && v.name.contains('.'),
-        key: v.key.clone(),
-        path: v.path.clone(),
-        capacity: v.capacity,
-        allocation: v.allocation,
-        format: v.format.as_ref().map(|f| f.as_str().to_string()),
-        backing_path: v.backing.as_ref().map(|b| b.path.clone()),
-    }
-}
-
 /// Adds pool `pool` and, when it runs, its volumes named in `volumes` to `host`.
 async fn observe_pool(
     ctx: &Context,
@@ -289,6 +287,8 @@ fn empty_host(ctx: &Context) -> ObservedHost {
     ObservedHost {
         host_cpus: ctx.settings.host_cpus,
         online_cpus: ctx.settings.online_cpus.clone(),
+        device_hotplug: crate::host::supports_device_hotplug(ctx.engine.uri()),
+        cpu_tune_live: crate::host::supports_live_cpu_tune(ctx.engine.uri()),
         ..ObservedHost::default()
     }
 }
@@ -349,7 +349,7 @@ pub async fn plan_domain(
     let name = domain_host_name(dom);
     let ns = dom.namespace().unwrap_or_default();
     let mut host = empty_host(ctx);
-    let mut manifests = vec![manifest(Object::Domain(Box::new(dom.clone())))];
+    let mut manifests = vec![manifest(Object::Domain(Box::new(placed_here(dom))))];
     for disk in &dom.spec.disks {
         if disk.host_path.is_some() && !ctx.settings.allow_host_paths {
             return Err(Error::Unrealizable {
@@ -431,6 +431,19 @@ pub async fn plan_domain(
     })
 }
 
+/// `dom` as the planner must see it on this node: placed here. The agent acts on a domain
+/// only as the placement protocol allows (as its holder), and there `spec.nodeName` is a
+/// request the controller handles, not where the domain is: a request for another node
+/// (a move waiting for approval, or one that cannot be approved) must neither fail the
+/// holder's converge nor hide the domain from its removal. The planner, written for the
+/// CLI where `spec.nodeName` picks the host, refuses a node it does not know and leaves
+/// such a domain out of the desired state.
+fn placed_here(dom: &Domain) -> Domain {
+    let mut here = dom.clone();
+    here.spec.node_name = None;
+    here
+}
+
 /// Brings the domain held by this node to what `dom.spec` asks (moves between nodes are the
 /// placement protocol's business, not the planner's: this only ever touches this node).
 pub async fn domain(ctx: &Context, dom: &Domain) -> Result<Converged<DomainObserved>> {
@@ -468,7 +481,7 @@ pub async fn remove_domain(ctx: &Context, dom: &Domain) -> Result<Vec<Change>> {
         return Ok(Vec::new());
     };
     host.domains.insert(name.clone(), domain_from(&o));
-    let plan = plan_removal(ctx, Object::Domain(Box::new(dom.clone())), host);
+    let plan = plan_removal(ctx, Object::Domain(Box::new(placed_here(dom))), host);
     match execute(&ctx.hosts, &plan, ObjectKind::Domain, &name, false).await {
         Ok((changes, _)) => Ok(changes),
         // Not ours: never touched, and nothing of ours is left.
@@ -483,8 +496,17 @@ pub async fn remove_domain(ctx: &Context, dom: &Domain) -> Result<Vec<Change>> {
     }
 }
 
-/// Brings the volume on this node to what `vol.spec` asks.
-pub async fn volume(ctx: &Context, vol: &Volume) -> Result<Converged<VolumeObserved>> {
+/// What this node's libvirt has for a Volume: its pool (running), the volume it is made
+/// from (when it has a source) and its own image, if any.
+pub struct VolumeHere {
+    host: ObservedHost,
+    /// The image under the Volume's libvirt name in its pool.
+    pub image: Option<ObservedVolume>,
+}
+
+/// Looks at the Volume's pool, source and image on this node. A pool that is missing or not
+/// running is `Ready=False` (`PoolMissing`, `PoolNotRunning`).
+pub async fn observe_volume(ctx: &Context, vol: &Volume) -> Result<VolumeHere> {
     let name = volume_host_name(vol);
     let ns = vol.namespace().unwrap_or_default();
     let mut names = vec![name.clone()];
@@ -514,6 +536,24 @@ pub async fn volume(ctx: &Context, vol: &Volume) -> Result<Converged<VolumeObser
         }
         Some(_) => {}
     }
+    let image = host.volumes.get(&(vol.spec.pool.clone(), name)).cloned();
+    Ok(VolumeHere { host, image })
+}
+
+/// Brings the volume on this node to what `vol.spec` asks, from what [`observe_volume`]
+/// found. `ours`: the image found there is this Volume's (see [`ownership`]); an image that is
+/// not is never grown or otherwise changed.
+pub async fn volume(
+    ctx: &Context,
+    vol: &Volume,
+    here: VolumeHere,
+    ours: bool,
+) -> Result<Converged<VolumeObserved>> {
+    let name = volume_host_name(vol);
+    let mut host = here.host;
+    if let Some(image) = host.volumes.get_mut(&(vol.spec.pool.clone(), name.clone())) {
+        image.owned = ours;
+    }
     let plan = plan_alone(ctx, Object::Volume(Box::new(vol.clone())), host)?;
     let drift = vol
         .status
@@ -529,62 +569,104 @@ pub async fn volume(ctx: &Context, vol: &Volume) -> Result<Converged<VolumeObser
     })
 }
 
-/// Removes the volume per its reclaim policy through the planner's delete plan: `Retain`
-/// keeps the image; a volume a domain on this node still uses is not deleted (the planner
-/// reports it blocked, and the deletion waits). Returns the changes and, when the image is
-/// kept, why.
-pub async fn remove_volume(ctx: &Context, vol: &Volume) -> Result<(Vec<Change>, Option<String>)> {
+/// What the cluster says about a Volume being deleted: the resources that use it (already
+/// described for people), and the keys of the images the Volumes of its namespace recorded
+/// (the other images on the node are not virtkube's, whatever their names).
+#[derive(Debug, Clone, Default)]
+pub struct ClusterView {
+    /// `Domain ns/name`, `Volume ns/name`.
+    pub users: Vec<String>,
+    /// `status.key` of every Volume of the namespace.
+    pub recorded_keys: std::collections::BTreeSet<String>,
+}
+
+/// Removes the volume per its reclaim policy, decided against this node's whole observed
+/// state (every pool's volumes, every domain: [`crate::plan::dependents`]) through the
+/// planner's delete plan, and against `cluster` (the resources that use it). The image is deleted only if it is this Volume's ([`ownership`]), its policy
+/// is `Delete`, its pool is virtkube's, and nothing uses it — no domain whose disk reads it
+/// through any chain, no volume built on it, no resource in `cluster.users`; otherwise the
+/// deletion waits ([`Error::VolumeInUse`], naming every user) or keeps the image. Returns the
+/// changes and, when the image is kept, why.
+pub async fn remove_volume(
+    ctx: &Context,
+    vol: &Volume,
+    cluster: &ClusterView,
+) -> Result<(Vec<Change>, Option<String>)> {
     let name = volume_host_name(vol);
-    let mut host = empty_host(ctx);
-    match observe_pool(ctx, &mut host, &vol.spec.pool, std::slice::from_ref(&name)).await? {
+    let mut observed = observe_this_node(ctx).await?;
+    let Some(host) = observed.hosts.get_mut(&ctx.settings.node) else {
+        return Ok((Vec::new(), None));
+    };
+    match host.pools.get(&vol.spec.pool) {
         // No pool here: nothing of the volume can be left on this node.
         None => return Ok((Vec::new(), None)),
         // A stopped pool hides its volumes: deciding now could leak an image that
-        // `reclaimPolicy: Delete` says to remove. Wait for the pool.
+        // `reclaimPolicy: Delete` says to remove. Wait for the pool (unless it is not
+        // virtkube's: nothing is ever deleted from such a pool).
         Some(p)
-            if p.state != PoolState::Running
+            if !p.active
+                && p.owner.is_some()
                 && vol.spec.reclaim_policy == ReclaimPolicy::Delete =>
         {
             return Err(Error::Unrealizable {
                 reason: "PoolNotRunning",
                 message: format!(
-                    "pool {} is {:?} on node {}: the volume is deleted once the pool runs",
-                    vol.spec.pool, p.state, ctx.settings.node
+                    "pool {} is not running on node {}: the volume is deleted once the pool runs",
+                    vol.spec.pool, ctx.settings.node
                 ),
             });
         }
         Some(_) => {}
     }
-    if !host
-        .volumes
-        .contains_key(&(vol.spec.pool.clone(), name.clone()))
-    {
+    // Which images are virtkube's: those a Volume recorded (this only names the users).
+    for v in host.volumes.values_mut() {
+        v.owned = cluster.recorded_keys.contains(&v.key);
+    }
+    let key = (vol.spec.pool.clone(), name.clone());
+    let Some(image) = host.volumes.get_mut(&key) else {
         return Ok((Vec::new(), None));
+    };
+    match ownership::claim(vol, Some(image)) {
+        ImageClaim::Ours => image.owned = true,
+        _ => {
+            return Ok((
+                Vec::new(),
+                Some(format!(
+                    "the image {} in pool {} ({}) was not made for this Volume (no key of it recorded): left alone",
+                    name, vol.spec.pool, image.path
+                )),
+            ));
+        }
     }
-    // Whether a domain uses it is a question about every domain on the host.
-    for d in ctx.engine.domain_observe_all().await? {
-        host.domains.insert(d.name.clone(), domain_from(&d));
-    }
-    let plan = plan_removal(ctx, Object::Volume(Box::new(vol.clone())), host);
+    let plan = plan_removal_in(ctx, Object::Volume(Box::new(vol.clone())), &observed);
     let about_me = |n: &&plan::Notice| n.object.kind == ObjectKind::Volume && n.object.name == name;
-    if let Some(n) = plan
-        .notices
-        .iter()
-        .filter(about_me)
-        .find(|n| n.kind == NoticeKind::Blocked)
-    {
-        return Err(Error::VolumeInUse {
-            users: n.message.clone(),
-        });
-    }
     let kept = plan
         .notices
         .iter()
         .filter(about_me)
         .find(|n| n.kind == NoticeKind::Retained)
         .map(|n| n.message.clone());
+    if kept.is_some() {
+        return Ok((Vec::new(), kept));
+    }
+    let mut users: Vec<String> = cluster.users.clone();
+    if let Some(n) = plan
+        .notices
+        .iter()
+        .filter(about_me)
+        .find(|n| n.kind == NoticeKind::Blocked)
+    {
+        users.extend(n.users.iter().cloned());
+    }
+    if !users.is_empty() {
+        let mut seen = std::collections::BTreeSet::new();
+        users.retain(|u| seen.insert(u.clone()));
+        return Err(Error::VolumeInUse {
+            users: users.join(", "),
+        });
+    }
     let (changes, _) = execute(&ctx.hosts, &plan, ObjectKind::Volume, &name, false).await?;
-    Ok((changes, kept))
+    Ok((changes, None))
 }
 
 /// Brings this node's copy of the network to what `net.spec` asks.
@@ -612,16 +694,43 @@ pub async fn network(ctx: &Context, net: &Network) -> Result<Converged<NetworkOb
 }
 
 /// Removes this node's copy of the network (stop, undefine), if it is virtkube's for this
-/// resource.
+/// resource, unless a domain on this node has an interface on it — virtkube's or not,
+/// running or only defined (the whole node is observed: [`crate::plan::dependents`]); then
+/// nothing is touched and the error (`NetworkInUse`) names them.
 pub async fn remove_network(ctx: &Context, net: &Network) -> Result<Vec<Change>> {
     let name = net.name_any();
-    let mut host = empty_host(ctx);
-    let Some(n) = ctx.engine.network_observe(&name).await? else {
+    if ctx.engine.network_observe(&name).await?.is_none() {
         return Ok(Vec::new());
-    };
-    host.networks.insert(name.clone(), network_from(&n));
-    let plan = plan_removal(ctx, Object::Network(Box::new(net.clone())), host);
+    }
+    let observed = observe_this_node(ctx).await?;
+    let plan = plan_removal_in(ctx, Object::Network(Box::new(net.clone())), &observed);
+    if let Some(users) = blocked(&plan, ObjectKind::Network, &name) {
+        return Err(Error::Unrealizable {
+            reason: "NetworkInUse",
+            message: format!(
+                "network {name} is still used on node {} by {users}: it is removed once they are gone",
+                ctx.settings.node
+            ),
+        });
+    }
     not_mine_is_done(execute(&ctx.hosts, &plan, ObjectKind::Network, &name, false).await)
+}
+
+/// Everything this node's libvirt holds (every pool and its volumes, every network and
+/// domain): the view removals are decided against.
+async fn observe_this_node(ctx: &Context) -> Result<ObservedState> {
+    let host = observe_node(ctx.hosts.get(&ctx.settings.node).map_err(host_error)?)
+        .await
+        .map_err(host_error)?;
+    Ok(observed_state(ctx, host))
+}
+
+/// The users a blocked deletion of (`kind`, `name`) waits for, as one phrase.
+fn blocked(plan: &Plan, kind: ObjectKind, name: &str) -> Option<String> {
+    plan.notices
+        .iter()
+        .find(|n| n.kind == NoticeKind::Blocked && n.object.kind == kind && n.object.name == name)
+        .map(|n| n.users.join(", "))
 }
 
 /// Brings this node's copy of the pool to what `pool.spec` asks.
@@ -648,14 +757,25 @@ pub async fn pool(ctx: &Context, pool: &StoragePool) -> Result<Converged<PoolObs
 }
 
 /// Removes this node's copy of the pool (stop, undefine; files stay), if it is virtkube's
-/// for this resource.
+/// for this resource, unless a domain on this node has a disk on one of its volumes (libvirt
+/// needs the pool to start it); then nothing is touched and the error (`PoolInUse`) names
+/// them.
 pub async fn remove_pool(ctx: &Context, pool: &StoragePool) -> Result<Vec<Change>> {
     let name = pool.name_any();
-    let mut host = empty_host(ctx);
-    if observe_pool(ctx, &mut host, &name, &[]).await?.is_none() {
+    if ctx.engine.pool_observe(&name).await?.is_none() {
         return Ok(Vec::new());
     }
-    let plan = plan_removal(ctx, Object::StoragePool(Box::new(pool.clone())), host);
+    let observed = observe_this_node(ctx).await?;
+    let plan = plan_removal_in(ctx, Object::StoragePool(Box::new(pool.clone())), &observed);
+    if let Some(users) = blocked(&plan, ObjectKind::StoragePool, &name) {
+        return Err(Error::Unrealizable {
+            reason: "PoolInUse",
+            message: format!(
+                "pool {name} is still used on node {} by {users}: it is removed once they are gone",
+                ctx.settings.node
+            ),
+        });
+    }
     not_mine_is_done(execute(&ctx.hosts, &plan, ObjectKind::StoragePool, &name, false).await)
 }
 
@@ -680,9 +800,14 @@ fn plan_alone(ctx: &Context, object: Object, host: ObservedHost) -> Result<Plan>
 
 /// The plan that removes `object` from this node, against `host`.
 fn plan_removal(ctx: &Context, object: Object, host: ObservedHost) -> Plan {
+    plan_removal_in(ctx, object, &observed_state(ctx, host))
+}
+
+/// The plan that removes `object` from this node, against `observed`.
+fn plan_removal_in(ctx: &Context, object: Object, observed: &ObservedState) -> Plan {
     let manifests = vec![manifest(object)];
     let (desired, _) = DesiredState::from_manifests(&manifests, &Nodes::single(&ctx.settings.node));
-    plan::plan_delete(&desired, &observed_state(ctx, host))
+    plan::plan_delete(&desired, observed)
 }
 
 /// Whether the last reconcile of this very spec succeeded: `Ready=True` written for the

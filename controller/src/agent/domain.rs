@@ -212,6 +212,7 @@ async fn rounds(cached: &Domain, ctx: &Context, api: &Api<Domain>) -> Result<Act
         // (3) Decide, looking again after the read when asked.
         let step = decide(ctx, &dom, &before).await?;
         let fresh = round > 0;
+        tracing::debug!(round, ?step, here = ?before.local, "decided");
         // (4) Act.
         let next = match step {
             AgentStep::Idle => Next::Return(Action::requeue(ctx.settings.resync)),
@@ -502,21 +503,28 @@ async fn start_migration(
     );
     let requeue = ctx.requeue.clone();
     let me = kube::runtime::reflector::ObjectRef::from_obj(dom);
+    let engine =
+        virtkube_engine::Engine::connect(ctx.engine.uri(), ctx.engine.config().clone()).await?;
     let task = moves::Task {
-        engine: ctx.engine.clone(),
+        engine,
         name: name.to_string(),
         owner,
         opts,
     };
-    let started = ctx
+    let unstarted = ctx
         .migrations
         .start(&moves::key(dom), target, task, move || {
             if let Some(tx) = requeue {
                 let _ = tx.unbounded_send(me);
             }
         });
-    if started {
-        tracing::info!(target, "live migration started");
+    match unstarted {
+        None => tracing::info!(target, "live migration started"),
+        Some(task) => {
+            if let Err(e) = task.engine.close().await {
+                tracing::debug!(error = %e, "closing an unused migration connection failed");
+            }
+        }
     }
     Ok(())
 }
@@ -858,6 +866,9 @@ pub fn status_for(
                 })
                 .collect();
             status.emulator_cpuset = o.emulator_cpuset.as_ref().map(ToString::to_string);
+            status.cpu_scheduling =
+                crate::cli::status::cpu_scheduling(&crate::host::cpu_tune_from(&o.cpu_tune));
+            status.security_labels = crate::host::security_labels(&o.security_labels);
             status.memory = Some(ByteQuantity::from_bytes(o.memory_kib * 1024));
             status.max_memory = Some(ByteQuantity::from_bytes(o.max_memory_kib * 1024));
             status.autostart = Some(o.autostart);

@@ -34,10 +34,12 @@ pub enum Error {
         message: String,
     },
 
-    /// A volume cannot be deleted while a domain uses it.
-    #[error("volume is in use by {users}: deletion waits until no domain uses it")]
+    /// A volume cannot be deleted while anything uses it (a domain or another volume,
+    /// through any copy-on-write chain, on this node or as a resource).
+    #[error("volume is in use by {users}: its deletion waits until none of them uses it")]
     VolumeInUse {
-        /// The domains that use it, `namespace/name`, comma-separated.
+        /// What uses it, as people read them (`Domain team/web`, `Volume team/overlay`,
+        /// `libvirt domain legacy (not virtkube's)`), comma-separated.
         users: String,
     },
 

@@ -1,45 +1,46 @@
-//! The agent's HTTP endpoints: `/metrics` (OpenMetrics), `/healthz` (the process is alive)
-//! and `/readyz` (both the Kubernetes API and libvirt answer).
+//! The agent's HTTP endpoints: `/metrics` (OpenMetrics: the agent's own metrics and its
+//! guests' statistics), `/healthz` (the process is alive) and `/readyz` (the Kubernetes API
+//! and libvirt answer, the controllers run; the body says why not).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use prometheus_client::encoding::text;
 use prometheus_client::registry::Registry;
 use virtkube_engine::Engine;
 
 use super::error::Error;
+use super::guest_metrics::{self, GuestMetricsConfig};
 
-/// What the readiness probe looks at.
-#[derive(Debug, Default)]
-pub struct Health {
-    /// Set when the last call to the Kubernetes API (start-up check, heartbeat) succeeded.
-    pub api_ok: AtomicBool,
-    /// Set once the controllers run (cleared when they stop, at shutdown).
-    pub controllers_running: AtomicBool,
-}
-
-impl Health {
-    /// Records the outcome of a Kubernetes API call.
-    pub fn set_api(&self, ok: bool) {
-        self.api_ok.store(ok, Ordering::SeqCst);
-    }
-}
+pub use super::readiness::Health;
 
 #[derive(Clone)]
 struct AppState {
     registry: Arc<Registry>,
     health: Arc<Health>,
     engine: Option<Engine>,
+    guests: GuestMetricsConfig,
 }
 
-/// The router, separate from the listener so tests can call it directly.
+/// The router, separate from the listener so tests can call it directly; per-guest metrics
+/// with their defaults (see [`router_with_guest_metrics`]).
 pub fn router(registry: Arc<Registry>, health: Arc<Health>, engine: Option<Engine>) -> Router {
+    router_with_guest_metrics(registry, health, engine, GuestMetricsConfig::default())
+}
+
+/// The router; `/metrics` also gathers the guests' statistics (one libvirt call per scrape,
+/// see [`super::guest_metrics`]) when there is an engine and `guests.max_domains > 0`.
+pub fn router_with_guest_metrics(
+    registry: Arc<Registry>,
+    health: Arc<Health>,
+    engine: Option<Engine>,
+    guests: GuestMetricsConfig,
+) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -48,12 +49,25 @@ pub fn router(registry: Arc<Registry>, health: Arc<Health>, engine: Option<Engin
             registry,
             health,
             engine,
+            guests,
         })
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    let guests = match &state.engine {
+        Some(engine) if state.guests.max_domains > 0 => Some(guest_metrics::registry(
+            guest_metrics::scrape(engine, state.guests).await,
+        )),
+        _ => None,
+    };
     let mut body = String::new();
-    match prometheus_client::encoding::text::encode(&mut body, &state.registry) {
+    let encoded = text::encode_registry(&mut body, &state.registry)
+        .and_then(|()| match &guests {
+            Some(g) => text::encode_registry(&mut body, g),
+            None => Ok(()),
+        })
+        .and_then(|()| text::encode_eof(&mut body));
+    match encoded {
         Ok(()) => (
             StatusCode::OK,
             [(
@@ -71,16 +85,16 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
-    let api = state.health.api_ok.load(Ordering::SeqCst);
-    let controllers = state.health.controllers_running.load(Ordering::SeqCst);
-    // A cheap probe: the engine's own view (close callback, keepalive), no libvirt call.
+    // A cheap probe: the engine's own view (close callback, keepalive), no libvirt call;
+    // the API's state is the API health monitor's last verdict, no API call either.
     let libvirt = state.engine.as_ref().is_some_and(Engine::is_connected);
-    let body = format!("kubernetes-api: {api}\nlibvirt: {libvirt}\ncontrollers: {controllers}\n");
-    if api && libvirt && controllers {
-        (StatusCode::OK, body)
+    let readiness = state.health.readiness(libvirt);
+    let code = if readiness.ready() {
+        StatusCode::OK
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, body)
-    }
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, readiness.body())
 }
 
 /// Binds `addr` and serves until `shutdown` resolves. Returns the bound address (useful with

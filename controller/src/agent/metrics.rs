@@ -1,6 +1,7 @@
 //! Prometheus metrics (OpenMetrics text): reconciles, failures and durations per kind,
 //! libvirt call latency per call (read from the engine's own counters at scrape time),
-//! domains by state, and event-stream reconnects.
+//! domains by state, event-stream reconnects, the Kubernetes API's availability (outages,
+//! watch errors and restarts), and readiness with its reasons.
 
 use std::sync::Arc;
 
@@ -12,6 +13,8 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use virtkube_engine::Engine;
+
+use super::readiness::{Health, REASON_LABELS};
 
 /// Labels of the per-kind families.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -51,6 +54,19 @@ pub struct Metrics {
     pub event_stream_reconnects: Counter,
     /// Status patches written, per kind (zero in steady state).
     pub status_patches: Family<KindLabels, Counter>,
+    /// 1 while the Kubernetes API answers the health monitor's probe, 0 during an outage.
+    pub api_up: Gauge,
+    /// Outages of the Kubernetes API seen by the health monitor.
+    pub api_outages: Counter,
+    /// How long each outage lasted, in seconds (observed when the API is back).
+    pub api_outage_seconds: Histogram,
+    /// Errors of the API watches (list or watch failed), per watched kind.
+    pub watch_errors: Family<KindLabels, Counter>,
+    /// Watches restarted because the API server came back, per watched kind.
+    pub watch_restarts: Family<KindLabels, Counter>,
+    /// Objects reconciled again at once because the API server came back while they were
+    /// waiting out a failure backoff.
+    pub outage_requeues: Counter,
 }
 
 impl Default for Metrics {
@@ -64,6 +80,14 @@ impl Default for Metrics {
             domains: Family::default(),
             event_stream_reconnects: Counter::default(),
             status_patches: Family::default(),
+            api_up: Gauge::default(),
+            api_outages: Counter::default(),
+            api_outage_seconds: Histogram::new([
+                1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
+            ]),
+            watch_errors: Family::default(),
+            watch_restarts: Family::default(),
+            outage_requeues: Counter::default(),
         }
     }
 }
@@ -104,10 +128,67 @@ impl Metrics {
             "Status patches written, per kind",
             m.status_patches.clone(),
         );
+        sub.register(
+            "api_up",
+            "1 while the Kubernetes API answers the agent's probe, 0 during an outage",
+            m.api_up.clone(),
+        );
+        sub.register(
+            "api_outages",
+            "Outages of the Kubernetes API seen by the agent",
+            m.api_outages.clone(),
+        );
+        sub.register(
+            "api_outage_seconds",
+            "How long each Kubernetes API outage lasted",
+            m.api_outage_seconds.clone(),
+        );
+        sub.register(
+            "watch_errors",
+            "Errors of the agent's API watches, per watched kind",
+            m.watch_errors.clone(),
+        );
+        sub.register(
+            "watch_restarts",
+            "API watches restarted because the API server came back, per watched kind",
+            m.watch_restarts.clone(),
+        );
+        sub.register(
+            "outage_requeues",
+            "Objects reconciled again at once when the API server came back",
+            m.outage_requeues.clone(),
+        );
         if let Some(engine) = engine {
             sub.register_collector(Box::new(EngineCollector { engine }));
         }
         Arc::new(m)
+    }
+
+    /// Registers `virtkube_agent_ready` (1 or 0) and `virtkube_agent_unready{reason}` (1 for
+    /// each reason the agent is not ready now), read from `health` and the engine at scrape
+    /// time: the same verdict `/readyz` gives.
+    pub fn register_readiness(
+        registry: &mut Registry,
+        health: Arc<Health>,
+        engine: Option<Engine>,
+    ) {
+        registry
+            .sub_registry_with_prefix("virtkube_agent")
+            .register_collector(Box::new(ReadinessCollector { health, engine }));
+    }
+
+    /// Counts an error of a watch of `kind`.
+    pub fn watch_failed(&self, kind: &str) {
+        self.watch_errors
+            .get_or_create(&KindLabels { kind: kind.into() })
+            .inc();
+    }
+
+    /// Counts a restart of a watch of `kind`.
+    pub fn watch_restarted(&self, kind: &str) {
+        self.watch_restarts
+            .get_or_create(&KindLabels { kind: kind.into() })
+            .inc();
     }
 
     /// Starts timing one reconcile of `kind`; the returned guard records the duration and
@@ -161,6 +242,48 @@ impl Drop for ReconcileTimer {
                 kind: self.kind.clone(),
             })
             .observe(self.start.elapsed().as_secs_f64());
+    }
+}
+
+/// Labels of the unready family.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: String,
+}
+
+/// Readiness as `/readyz` judges it, at scrape time.
+#[derive(Debug)]
+struct ReadinessCollector {
+    health: Arc<Health>,
+    engine: Option<Engine>,
+}
+
+impl Collector for ReadinessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let libvirt = self.engine.as_ref().is_some_and(Engine::is_connected);
+        let readiness = self.health.readiness(libvirt);
+        let gauge = ConstGauge::new(0i64).metric_type();
+        let ready = encoder.encode_descriptor(
+            "ready",
+            "1 when the agent is ready (as /readyz says), 0 otherwise",
+            None,
+            gauge,
+        )?;
+        ConstGauge::new(i64::from(readiness.ready())).encode(ready)?;
+        let mut unready = encoder.encode_descriptor(
+            "unready",
+            "1 for each reason the agent is not ready now",
+            None,
+            gauge,
+        )?;
+        for label in REASON_LABELS {
+            let on = readiness.reasons.iter().any(|r| r.label == label);
+            let labels = ReasonLabels {
+                reason: label.to_string(),
+            };
+            ConstGauge::new(i64::from(on)).encode(unready.encode_family(&labels)?)?;
+        }
+        Ok(())
     }
 }
 

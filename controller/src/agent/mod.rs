@@ -7,33 +7,48 @@
 //! |---|---|
 //! | [`domain`], [`volume`], [`network`], [`pool`] | one controller per kind |
 //! | [`converge`] | the adapter to the reconcile core (observe, change, report) |
+//! | [`ownership`] | which image in a pool is a Volume's own |
 //! | [`node`] | the `HypervisorNode` publisher (facts and heartbeat) |
 //! | [`drift`] | libvirt events -> reconcile requests |
-//! | [`metrics`], [`http`] | Prometheus metrics, `/healthz`, `/readyz` |
+//! | [`metrics`], [`http`], [`readiness`] | Prometheus metrics, `/healthz`, `/readyz` and why not ready |
+//! | [`api_health`], [`api_client`], [`watches`], [`backoff`] | surviving API server outages: the probe, client timeouts, watches that restart, retry backoffs |
+//! | [`guest_metrics`] | per-guest statistics on `/metrics`, one libvirt call per scrape |
 //! | [`pernode`] | per-node status entries of pools and networks |
 //! | [`reconcile`] | the skeleton every controller shares (finalizer, failure count, events) |
 //! | [`context`], [`error`] | what reconcilers share; the one error type |
+//!
+//! When the API server goes away (stopped, hung, failing), the agent keeps its guests and
+//! its libvirt state as they are, says so in `/readyz` within seconds, and, once the server
+//! answers again, restarts every watch and retries every object whose reconcile failed
+//! meanwhile at once (see [`api_health`]).
 //!
 //! Stopping the agent (SIGTERM, SIGINT) stops taking new work, lets reconciles in flight
 //! finish (up to `--shutdown-deadline`), and exits. It never stops a guest: the next agent
 //! adopts what it finds.
 
+pub mod api_client;
+pub mod api_health;
+pub mod backoff;
 pub mod context;
 pub mod converge;
 pub mod domain;
 pub mod drift;
 pub mod error;
+pub mod guest_metrics;
 pub mod http;
 pub mod local;
 pub mod metrics;
 pub mod moves;
 pub mod network;
 pub mod node;
+pub mod ownership;
 pub mod pernode;
 pub mod pool;
+pub mod readiness;
 pub mod reconcile;
 pub mod sweep;
 pub mod volume;
+pub mod watches;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -41,10 +56,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use futures::channel::mpsc::UnboundedSender;
 use futures::{FutureExt, StreamExt};
 use kube::api::{Api, ListParams};
 use kube::runtime::controller::{self, Action, Controller};
-use kube::runtime::{WatchStreamExt, reflector, watcher};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::{WatchStreamExt, predicates, reflector, watcher};
 use kube::{Client, Resource};
 use prometheus_client::registry::Registry;
 use virtkube_crds::{Domain, HypervisorNode, Network, StoragePool, Volume};
@@ -79,6 +96,14 @@ pub struct AgentArgs {
     /// Where `/metrics`, `/healthz` and `/readyz` listen.
     #[arg(long, env = "VIRTKUBE_METRICS_ADDR", default_value = "0.0.0.0:9090")]
     pub metrics_addr: SocketAddr,
+    /// Per-guest metrics on `/metrics` for at most this many virtkube-owned domains (the
+    /// first by namespace and name; 0 turns them off). Bounds their cardinality.
+    #[arg(
+        long,
+        env = "VIRTKUBE_GUEST_METRICS_MAX_DOMAINS",
+        default_value_t = 1000
+    )]
+    pub guest_metrics_max_domains: usize,
     /// Log format.
     #[arg(long, env = "VIRTKUBE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -118,6 +143,33 @@ pub struct AgentArgs {
     /// Allow disks from host paths (administrators only).
     #[arg(long)]
     pub allow_host_paths: bool,
+    /// Seconds between two probes of the Kubernetes API (`GET /version`) while it answers;
+    /// an outage shows in `/readyz` within this plus the probe timeout.
+    #[arg(long, default_value_t = 2.0)]
+    pub api_probe_seconds: f64,
+    /// Seconds a probe of the Kubernetes API may wait for its answer.
+    #[arg(long, default_value_t = 2.0)]
+    pub api_probe_timeout_seconds: f64,
+}
+
+impl AgentArgs {
+    /// The API health monitor's settings from the flags (out-of-range values fall back to
+    /// the defaults).
+    pub fn probe_settings(&self) -> api_health::ProbeSettings {
+        let defaults = api_health::ProbeSettings::default();
+        let secs = |value: f64, default: Duration| {
+            Duration::try_from_secs_f64(value)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .unwrap_or(default)
+        };
+        let period = secs(self.api_probe_seconds, defaults.period);
+        api_health::ProbeSettings {
+            period,
+            period_while_down: defaults.period_while_down.min(period),
+            timeout: secs(self.api_probe_timeout_seconds, defaults.timeout),
+        }
+    }
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -184,43 +236,34 @@ pub async fn check_crds(client: &Client) -> Result<(), Error> {
     }
 }
 
-/// Exponential backoff per object after failures: 1 s, 2 s, 4 s … up to 5 minutes.
-pub fn backoff(failures: u32) -> Duration {
-    let secs = 1u64 << failures.min(9);
-    Duration::from_secs(secs.min(300))
+/// The objects of a trigger watch (one that reconciles another kind) that changed: a
+/// relist of unchanged objects (after an outage, or a 410) triggers nothing, while every
+/// change and observed deletion (each has a new resourceVersion) still does.
+fn only_changes<K, S>(objects: S) -> impl futures::Stream<Item = Result<K, watcher::Error>> + Send
+where
+    K: Resource + Send + 'static,
+    S: futures::Stream<Item = Result<K, watcher::Error>> + Send,
+{
+    objects.predicate_filter(predicates::resource_version, Default::default())
 }
 
-/// Counts consecutive failures per object, for [`backoff`].
-#[derive(Default)]
-pub struct Failures(std::sync::Mutex<std::collections::HashMap<String, u32>>);
-
-impl Failures {
-    /// Records a failure of `key` and returns how long to wait before the next attempt.
-    pub fn failed(&self, key: &str) -> Duration {
-        let n = self
-            .0
-            .lock()
-            .map(|mut m| {
-                let n = m.entry(key.to_string()).or_insert(0);
-                *n = n.saturating_add(1);
-                *n
-            })
-            .unwrap_or(1);
-        backoff(n - 1)
+/// How long to wait for libvirt at start-up after `attempt` failed tries: 1 s, 2 s, 4 s …
+/// up to 30 s, jittered.
+fn libvirt_wait(attempt: u32) -> Duration {
+    backoff::Policy {
+        initial: Duration::from_secs(1),
+        max: Duration::from_secs(30),
     }
-
-    /// Forgets the failures of `key` (after a success).
-    pub fn succeeded(&self, key: &str) {
-        if let Ok(mut m) = self.0.lock() {
-            m.remove(key);
-        }
-    }
+    .next(attempt.saturating_add(1))
 }
 
 async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
-    let client = Client::try_default()
+    let kube_config = kube::Config::infer()
         .await
         .context("no Kubernetes configuration: run inside a cluster or set KUBECONFIG")?;
+    let client = api_client::requests(&kube_config).context("building the Kubernetes client")?;
+    let watch_client =
+        api_client::watches(&kube_config).context("building the Kubernetes watch client")?;
     check_crds(&client).await?;
     // libvirtd may start after the agent (a node booting, a daemon upgrade): wait for it
     // with backoff rather than exiting into a crash loop; SIGTERM still stops the wait.
@@ -235,7 +278,7 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
         match Hosts::connect(std::slice::from_ref(&spec), EngineConfig::default()).await {
             Ok(hosts) => break hosts,
             Err(e) => {
-                let wait = backoff(attempt).min(Duration::from_secs(30));
+                let wait = libvirt_wait(attempt);
                 attempt += 1;
                 tracing::warn!(uri = %args.connect, error = %e, retry_in = ?wait, "libvirt is not reachable yet");
                 tokio::select! {
@@ -266,7 +309,9 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry, Some(engine.clone()));
     let health = Arc::new(Health::default());
-    health.set_api(true);
+    // The CRD check has just been answered.
+    health.api_up();
+    Metrics::register_readiness(&mut registry, health.clone(), Some(engine.clone()));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let shutdown = {
@@ -279,48 +324,85 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     };
     let (addr, http_task) = http::serve(
         args.metrics_addr,
-        http::router(Arc::new(registry), health.clone(), Some(engine.clone())),
+        http::router_with_guest_metrics(
+            Arc::new(registry),
+            health.clone(),
+            Some(engine.clone()),
+            guest_metrics::GuestMetricsConfig {
+                max_domains: args.guest_metrics_max_domains,
+                ..Default::default()
+            },
+        ),
         shutdown.clone(),
     )
     .await?;
     tracing::info!(%addr, "metrics and health endpoints listening");
 
+    // The API health monitor: `/readyz`, and the signal that restarts every watch and
+    // retries what failed when the API server is back after an outage.
+    let (recovered_tx, recovered_rx) = tokio::sync::watch::channel(api_health::Recovery::none());
+    let monitor = api_health::run(
+        client.clone(),
+        args.probe_settings(),
+        health.clone(),
+        metrics.clone(),
+        recovered_tx,
+        stop_rx.clone(),
+    );
+
     let config = controller::Config::default().concurrency(args.concurrency.max(1));
-    let watch = || watcher::Config::default().any_semantic();
+    let watch = watches::config;
+    let watches = watches::Watches::new(watch_client, recovered_rx.clone(), metrics.clone());
     // Domains: only those the controller routed here (this node holds them, or a move
     // targets it), and only changes that matter to the protocol or the spec: the agent's
     // own status writes do not come back as reconciles.
     let (domain_store, domain_writer) = reflector::store();
-    let domain_stream = watcher(
-        Api::<Domain>::all(client.clone()),
-        watch().labels(&placement::write::node_label(&args.node_name)),
-    )
-    .default_backoff()
-    .reflect(domain_writer)
-    .applied_objects()
-    .predicate_filter(domain::trigger_hash, Default::default());
+    let domain_stream = watches
+        .all::<Domain>(watch().labels(&placement::write::node_label(&args.node_name)))
+        .reflect(domain_writer)
+        .applied_objects()
+        .predicate_filter(domain::trigger_hash, Default::default());
     let domain_controller =
         Controller::for_stream(domain_stream, domain_store).with_config(config.clone());
-    let volume_controller =
-        Controller::new(Api::<Volume>::all(client.clone()), watch()).with_config(config.clone());
-    let network_controller =
-        Controller::new(Api::<Network>::all(client.clone()), watch()).with_config(config.clone());
-    let pool_controller = Controller::new(Api::<StoragePool>::all(client.clone()), watch())
-        .with_config(config.clone());
+    let (volume_store, volume_writer) = reflector::store();
+    let volume_controller = Controller::for_stream(
+        watches
+            .all::<Volume>(watch())
+            .reflect(volume_writer)
+            .applied_objects(),
+        volume_store,
+    )
+    .with_config(config.clone());
+    let (network_store, network_writer) = reflector::store();
+    let network_controller = Controller::for_stream(
+        watches
+            .all::<Network>(watch())
+            .reflect(network_writer)
+            .applied_objects(),
+        network_store,
+    )
+    .with_config(config.clone());
+    let (pool_store, pool_writer) = reflector::store();
+    let pool_controller = Controller::for_stream(
+        watches
+            .all::<StoragePool>(watch())
+            .reflect(pool_writer)
+            .applied_objects(),
+        pool_store,
+    )
+    .with_config(config.clone());
     let domain_store = domain_controller.store();
     // A domain waiting for its Volume (VolumeNotReady) is reconciled again as soon as the
     // Volume changes, instead of at its next backoff.
     let domain_controller = {
         let (by_volume, by_network) = (domain_store.clone(), domain_store.clone());
         domain_controller
-            .watches(
-                Api::<Volume>::all(client.clone()),
-                watch(),
+            .watches_stream(
+                only_changes(watches.all::<Volume>(watch()).touched_objects()),
                 move |vol: Volume| domain::users_of(&by_volume, &vol),
             )
-            .watches(
-                Api::<Network>::all(client.clone()),
-                watch(),
+            .watches_stream(
+                only_changes(watches.all::<Network>(watch()).touched_objects()),
                 move |net: Network| domain::users_of_network(&by_network, &net),
             )
     };
@@ -329,20 +411,17 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     let volume_controller = {
         let (by_pool, by_source) = (volume_store.clone(), volume_store.clone());
         volume_controller
-            .watches(
-                Api::<StoragePool>::all(client.clone()),
-                watch(),
+            .watches_stream(
+                only_changes(watches.all::<StoragePool>(watch()).touched_objects()),
                 move |pool: StoragePool| volume::in_pool(&by_pool, &pool),
             )
-            .watches(
-                Api::<Volume>::all(client.clone()),
-                watch(),
+            .watches_stream(
+                only_changes(watches.all::<Volume>(watch()).touched_objects()),
                 move |source: Volume| volume::copies_of(&by_source, &source),
             )
             // `usedBy` follows the Domains that name a volume.
-            .watches(
-                Api::<Domain>::all(client.clone()),
-                watch(),
+            .watches_stream(
+                only_changes(watches.all::<Domain>(watch()).touched_objects()),
                 |dom: Domain| volume::used_by_domain(&dom),
             )
     };
@@ -355,21 +434,19 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     ctx.domains = Some(domain_store.clone());
     // Migration tasks ask for a reconcile of their domain when libvirt returns.
     let (requeue_tx, requeue_rx) = futures::channel::mpsc::unbounded();
-    ctx.requeue = Some(requeue_tx);
+    ctx.requeue = Some(requeue_tx.clone());
     let ctx = Arc::new(ctx);
     // Pools and networks are selected by this node's labels: read them before the first
     // reconcile (the publisher keeps them current afterwards).
     match node::ensure_node_object(&ctx).await {
         Ok(labels) => {
-            if let Ok(mut l) = ctx.node_labels.write() {
-                *l = labels;
-            }
+            ctx.set_labels(labels);
         }
         Err(e) => {
             tracing::warn!(error = %e, "reading this node's HypervisorNode failed; pools and networks with a nodeSelector wait for the next heartbeat")
         }
     }
-    let failures = Arc::new(Failures::default());
+    let failures = Arc::new(backoff::Failures::default());
 
     // Domains, with libvirt events as an extra trigger.
     let (drift_tx, drift_rx) = futures::channel::mpsc::unbounded();
@@ -382,6 +459,20 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     // Pools and networks again when the node's labels change.
     let (net_tx, net_rx) = futures::channel::mpsc::unbounded();
     let (pool_tx, pool_rx) = futures::channel::mpsc::unbounded();
+    let (volume_tx, volume_rx) = futures::channel::mpsc::unbounded();
+    // What failed during an API outage is retried as soon as the server is back.
+    let retry_after_outage = retry_failed_on_recovery(
+        failures.clone(),
+        Requeues {
+            domains: requeue_tx,
+            volumes: volume_tx,
+            networks: net_tx.clone(),
+            pools: pool_tx.clone(),
+        },
+        metrics.clone(),
+        recovered_rx.clone(),
+        stop_rx.clone(),
+    );
     let on_labels = {
         let (network_store, pool_store) = (network_store.clone(), pool_store.clone());
         move || {
@@ -403,7 +494,9 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
         failures.clone(),
     );
     let volumes = drive(
-        volume_controller.graceful_shutdown_on(shutdown.clone()),
+        volume_controller
+            .reconcile_on(volume_rx)
+            .graceful_shutdown_on(shutdown.clone()),
         volume::reconcile,
         volume::KIND,
         ctx.clone(),
@@ -452,7 +545,7 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
         domain_store,
         args.migration_uri.clone(),
         Duration::from_secs(args.heartbeat_seconds.max(1)),
-        health.clone(),
+        recovered_rx,
         on_labels,
         stop_rx.clone(),
     );
@@ -461,7 +554,16 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
         .controllers_running
         .store(true, std::sync::atomic::Ordering::SeqCst);
     let work = async {
-        tokio::join!(domains, volumes, networks, pools, publisher, sweeper);
+        tokio::join!(
+            domains,
+            volumes,
+            networks,
+            pools,
+            publisher,
+            sweeper,
+            monitor,
+            retry_after_outage
+        );
     };
     let signals = wait_for_signal();
     tokio::pin!(work);
@@ -518,7 +620,7 @@ async fn drive<K, R, Fut>(
     reconcile: R,
     kind: &'static str,
     ctx: Arc<Context>,
-    failures: Arc<Failures>,
+    failures: Arc<backoff::Failures>,
 ) where
     K: Resource<DynamicType = ()>
         + Clone
@@ -535,7 +637,13 @@ async fn drive<K, R, Fut>(
         .run(
             reconcile,
             move |obj: Arc<K>, err: &Error, _ctx: Arc<Context>| {
-                error_policy(&f, kind, &key_of(&*obj), err)
+                let meta = obj.meta();
+                let key = backoff::ObjectKey {
+                    kind,
+                    namespace: meta.namespace.clone(),
+                    name: meta.name.clone().unwrap_or_default(),
+                };
+                error_policy(&f, &key, err)
             },
             ctx,
         )
@@ -546,7 +654,7 @@ async fn drive<K, R, Fut>(
         .await;
 }
 
-/// `namespace/name` (or `name`) of an object, for the backoff table and logs.
+/// `namespace/name` (or `name`) of an object, for logs.
 pub fn key_of<K: Resource>(obj: &K) -> String {
     let meta = obj.meta();
     match (&meta.namespace, &meta.name) {
@@ -557,15 +665,19 @@ pub fn key_of<K: Resource>(obj: &K) -> String {
 }
 
 /// Retry with exponential backoff per object; bad input never crash-loops the agent.
-pub fn error_policy(failures: &Failures, kind: &str, key: &str, error: &Error) -> Action {
-    let wait = failures.failed(&format!("{kind}/{key}"));
-    tracing::warn!(kind, object = key, error = %error, retry_in = ?wait, "reconcile failed");
+pub fn error_policy(
+    failures: &backoff::Failures,
+    key: &backoff::ObjectKey,
+    error: &Error,
+) -> Action {
+    let wait = failures.failed(key);
+    tracing::warn!(object = %key, error = %error, retry_in = ?wait, "reconcile failed");
     Action::requeue(wait)
 }
 
 /// Logs one reconcile outcome and resets the backoff of an object that succeeded.
 fn note_result<K, E1, E2>(
-    failures: &Failures,
+    failures: &backoff::Failures,
     kind: &'static str,
     result: Result<(kube::runtime::reflector::ObjectRef<K>, Action), controller::Error<E1, E2>>,
 ) where
@@ -574,15 +686,87 @@ fn note_result<K, E1, E2>(
     E2: std::error::Error,
 {
     match result {
-        Ok((obj, _)) => {
-            let key = match &obj.namespace {
-                Some(ns) => format!("{kind}/{ns}/{}", obj.name),
-                None => format!("{kind}/{}", obj.name),
-            };
-            failures.succeeded(&key);
-        }
+        Ok((obj, _)) => failures.succeeded(&backoff::ObjectKey {
+            kind,
+            namespace: obj.namespace.clone(),
+            name: obj.name.clone(),
+        }),
         // Already logged by the error policy.
         Err(controller::Error::ReconcilerFailed(_, _)) => {}
         Err(e) => tracing::debug!(kind, error = %e, "controller"),
+    }
+}
+
+/// Where each controller takes extra reconcile requests.
+struct Requeues {
+    domains: UnboundedSender<ObjectRef<Domain>>,
+    volumes: UnboundedSender<ObjectRef<Volume>>,
+    networks: UnboundedSender<ObjectRef<Network>>,
+    pools: UnboundedSender<ObjectRef<StoragePool>>,
+}
+
+impl Requeues {
+    /// Asks `key`'s controller to reconcile it now; `false` for a kind without one.
+    fn send(&self, key: &backoff::ObjectKey) -> bool {
+        fn reference<K: Resource<DynamicType = ()>>(key: &backoff::ObjectKey) -> ObjectRef<K> {
+            let reference = ObjectRef::new(&key.name);
+            match &key.namespace {
+                Some(ns) => reference.within(ns),
+                None => reference,
+            }
+        }
+        // A closed channel means that controller has stopped: nothing left to retry.
+        match key.kind {
+            domain::KIND => {
+                let _ = self.domains.unbounded_send(reference(key));
+            }
+            volume::KIND => {
+                let _ = self.volumes.unbounded_send(reference(key));
+            }
+            network::KIND => {
+                let _ = self.networks.unbounded_send(reference(key));
+            }
+            pool::KIND => {
+                let _ = self.pools.unbounded_send(reference(key));
+            }
+            _ => return false,
+        }
+        true
+    }
+}
+
+/// Each time the API server is back after an outage (`recovered` changes), forgets every
+/// object's failure backoff and reconciles those objects now: their failures came from the
+/// outage (a status write, a finalizer, a read that could not reach the server), and their
+/// backoff, grown meanwhile, could otherwise keep them waiting for minutes. Runs until
+/// `stop`.
+async fn retry_failed_on_recovery(
+    failures: Arc<backoff::Failures>,
+    requeues: Requeues,
+    metrics: Arc<Metrics>,
+    mut recovered: tokio::sync::watch::Receiver<api_health::Recovery>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            changed = recovered.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let failed = failures.drain();
+        for key in &failed {
+            if requeues.send(key) {
+                metrics.outage_requeues.inc();
+            }
+        }
+        if !failed.is_empty() {
+            tracing::info!(
+                objects = failed.len(),
+                "retrying now what failed during the API outage"
+            );
+        }
     }
 }

@@ -97,7 +97,10 @@ pub fn options(
 /// `opts`.
 #[derive(Debug, Clone)]
 pub struct Task {
-    /// This node's engine.
+    /// A connection of its own to this node's libvirt, closed when the task ends: libvirt
+    /// answers other calls on the connection that runs a migration only when the migration
+    /// ends (measured: a job-statistics call waited 4.3 s of a 6.3 s migration, 0.03-0.17 s on
+    /// another connection), and the agent's reconciles must go on meanwhile.
     pub engine: Engine,
     /// The libvirt name.
     pub name: String,
@@ -181,19 +184,19 @@ impl Migrations {
         })
     }
 
-    /// Starts `task` for `key` towards `target`, unless a task for `key` runs; `done` is
-    /// called when libvirt returns. Returns whether it started one.
+    /// Starts `task` for `key` towards `target`, unless a task for `key` runs (then the
+    /// task comes back, unstarted); `done` is called when libvirt returns.
     pub fn start(
         &self,
         key: &str,
         target: &str,
         task: Task,
         done: impl FnOnce() + Send + 'static,
-    ) -> bool {
+    ) -> Option<Task> {
         {
             let mut jobs = self.lock();
             if jobs.get(key).is_some_and(|j| j.outcome.is_none()) {
-                return false;
+                return Some(task);
             }
             let now = Instant::now();
             jobs.insert(
@@ -215,12 +218,16 @@ impl Migrations {
                 .domain_migrate(&task.name, &task.owner, &task.opts)
                 .await
                 .map_err(|e| e.to_string());
+            // The task's own connection (see `Task::engine`).
+            if let Err(e) = task.engine.close().await {
+                tracing::debug!(error = %e, "closing the migration's connection failed");
+            }
             if let Some(job) = lock(&jobs).get_mut(&key) {
                 job.outcome = Some(result);
             }
             done();
         });
-        true
+        None
     }
 
     /// Notes the bytes moved so far; returns how long since they last grew and since the

@@ -6,6 +6,14 @@
 //!   when every node that made it has removed its libvirt network.
 //! - Only this node's entry of `status.nodes` is written (see [`super::pernode`]).
 //! - A libvirt network of the same name that is not virtkube's is never touched.
+//! - A network a guest is attached to is never removed from under it: while any domain on
+//!   this node has an interface on it — virtkube's or not, running or only defined — or a
+//!   Domain placed here names it, removing it (the Network deleted, or no longer selecting
+//!   this node) waits: a `DeletionBlocked` event and this node's status entry
+//!   (`NetworkInUse: …`) name them, and the removal is retried until they are gone.
+//! - Not knowing this node's labels is not "not selected": until the agent has read them,
+//!   a Network with a `nodeSelector` is neither made nor removed here on that ground (only a
+//!   deletion proceeds).
 
 use std::sync::Arc;
 
@@ -14,10 +22,10 @@ use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::Event as Finalizer;
 use virtkube_crds::Network;
-use virtkube_crds::network::NetworkNodeStatus;
+use virtkube_crds::network::{NetworkNodeStatus, NetworkStatus};
 use virtkube_crds::validation::Validate;
 
-use super::context::{Context, selects};
+use super::context::{Context, selection};
 use super::converge::{self, Converged};
 use super::error::{Error, Result};
 use super::pernode::{self, NodeEntry};
@@ -39,14 +47,20 @@ impl NodeEntry for NetworkNodeStatus {
     }
 }
 
+/// How long a Network with a `nodeSelector` waits for this node's labels to be read (the
+/// publisher also reconciles every Network again once it has read them).
+const LABELS_UNKNOWN_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Whether this node should hold the network: selected by labels, or holding the node's
 /// finalizer (so a deletion is finished here).
 pub fn concerns(net: &Network, ctx: &Context) -> bool {
-    selected(net, ctx) || net.finalizers().contains(&ctx.settings.node_finalizer())
+    selected(net, ctx) == Some(true) || net.finalizers().contains(&ctx.settings.node_finalizer())
 }
 
-fn selected(net: &Network, ctx: &Context) -> bool {
-    selects(&net.spec.node_selector, &ctx.labels())
+/// Whether the network's `nodeSelector` selects this node; `None` while that cannot be told
+/// (a selector, and this node's labels not read yet).
+fn selected(net: &Network, ctx: &Context) -> Option<bool> {
+    selection(&net.spec.node_selector, ctx.labels().as_ref())
 }
 
 /// The reconciler the Controller runs for each Network.
@@ -59,9 +73,14 @@ pub async fn reconcile(net: Arc<Network>, ctx: Arc<Context>) -> Result<Action> {
     let span = tracing::info_span!("reconcile", kind = KIND, name = %net.name_any());
     let (ctx_ref, api_ref) = (&*ctx, &api);
     let finalizer_name = ctx.settings.node_finalizer();
-    if pernode::deselected(&*net, selected(&net, &ctx), &finalizer_name) {
-        // No longer this node's: remove it here, then let go of it.
-        let remove = converge::remove_network(&ctx, &net);
+    let deleting = net.metadata.deletion_timestamp.is_some();
+    let Some(selected) = selected(&net, &ctx).or(deleting.then_some(true)) else {
+        tracing::debug!(network = %net.name_any(), "this node's labels are not read yet: waiting before deciding whether it is selected");
+        return Ok(Action::requeue(LABELS_UNKNOWN_RETRY));
+    };
+    if pernode::deselected(&*net, selected, &finalizer_name) {
+        // No longer this node's: remove it here (once no guest uses it), then let go of it.
+        let remove = remove_here(&ctx, &api, &net, "Deselect");
         return pernode::deselect(&ctx, KIND, &api, &*net, remove, span).await;
     }
     reconcile::finalized(
@@ -74,7 +93,7 @@ pub async fn reconcile(net: Arc<Network>, ctx: Arc<Context>) -> Result<Action> {
         |event| async move {
             match event {
                 Finalizer::Apply(net) => apply(&net, ctx_ref, api_ref).await,
-                Finalizer::Cleanup(net) => cleanup(&net, ctx_ref).await,
+                Finalizer::Cleanup(net) => cleanup(&net, ctx_ref, api_ref).await,
             }
         },
     )
@@ -104,7 +123,7 @@ async fn apply(net: &Network, ctx: &Context, api: &Api<Network>) -> Result<Actio
                 autostart: observed.as_ref().map(|o| o.autostart),
                 message: None,
             };
-            pernode::write(ctx, api, net, &status.nodes, &status.conditions, mine).await?;
+            pernode::write(ctx, api, net, current(&status), mine).await?;
             Ok(Action::requeue(ctx.settings.resync))
         }
         Err(error) => {
@@ -116,7 +135,7 @@ async fn apply(net: &Network, ctx: &Context, api: &Api<Network>) -> Result<Actio
                 autostart: None,
                 message: Some(format!("{reason}: {message}")),
             };
-            if pernode::write(ctx, api, net, &status.nodes, &status.conditions, mine).await? {
+            if pernode::write(ctx, api, net, current(&status), mine).await? {
                 reconcile::report_failure(ctx, net, reason, &message).await;
             }
             if invalid.is_empty() {
@@ -128,36 +147,87 @@ async fn apply(net: &Network, ctx: &Context, api: &Api<Network>) -> Result<Actio
     }
 }
 
-async fn cleanup(net: &Network, ctx: &Context) -> Result<Action> {
-    // Domains first: their NICs would lose the network under them.
-    let name = net.name_any();
-    if let Some(store) = &ctx.domains {
-        let users: Vec<String> = store
-            .state()
-            .iter()
-            .filter(|d| {
-                d.spec.interfaces.iter().any(|i| i.network == name)
-                    && super::domain::concerns(d, ctx)
-            })
-            .map(|d| super::key_of(&**d))
-            .collect();
-        if !users.is_empty() {
-            let message = format!(
-                "Domains {} still use network {name} on node {}: the network is removed after them",
-                users.join(", "),
-                ctx.settings.node
-            );
-            ctx.event(net, true, "DeletionBlocked", "Delete", message.clone())
-                .await;
-            return Err(Error::Unrealizable {
-                reason: "NetworkInUse",
-                message,
-            });
-        }
-    }
-    for change in converge::remove_network(ctx, net).await? {
+async fn cleanup(net: &Network, ctx: &Context, api: &Api<Network>) -> Result<Action> {
+    for change in remove_here(ctx, api, net, "Delete").await? {
         ctx.event(net, false, change.reason, "Delete", change.note)
             .await;
     }
     Ok(Action::await_change())
+}
+
+/// Removes this node's copy of the network unless something here uses it: a domain on this
+/// node with an interface on it (libvirt's view, whoever made it), or a Domain placed on this
+/// node that names it. Then nothing is touched; this node's status entry says why
+/// (`NetworkInUse`), a `DeletionBlocked` event (with `action`) names them when that changed,
+/// and the error makes the removal retried.
+async fn remove_here(
+    ctx: &Context,
+    api: &Api<Network>,
+    net: &Network,
+    action: &str,
+) -> Result<Vec<super::converge::Change>> {
+    let name = net.name_any();
+    let resources: Vec<String> = ctx
+        .domains
+        .as_ref()
+        .map(|store| {
+            store
+                .state()
+                .iter()
+                .filter(|d| {
+                    d.spec.interfaces.iter().any(|i| i.network == name)
+                        && super::domain::concerns(d, ctx)
+                })
+                .map(|d| format!("Domain {}", super::key_of(&**d)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let outcome = if resources.is_empty() {
+        converge::remove_network(ctx, net).await
+    } else {
+        Err(Error::Unrealizable {
+            reason: "NetworkInUse",
+            message: format!(
+                "network {name} is still used on node {} by {}: it is removed once they are gone",
+                ctx.settings.node,
+                resources.join(", ")
+            ),
+        })
+    };
+    let Err(Error::Unrealizable {
+        reason: "NetworkInUse",
+        message,
+    }) = outcome
+    else {
+        return outcome;
+    };
+    let status = net.status.clone().unwrap_or_default();
+    let mine = NetworkNodeStatus {
+        node_name: ctx.settings.node.clone(),
+        active: true,
+        bridge: status
+            .nodes
+            .iter()
+            .find(|n| n.node_name == ctx.settings.node)
+            .and_then(|n| n.bridge.clone()),
+        autostart: None,
+        message: Some(format!("NetworkInUse: {message}")),
+    };
+    if pernode::write(ctx, api, net, current(&status), mine).await? {
+        ctx.event(net, true, "DeletionBlocked", action, message.clone())
+            .await;
+    }
+    Err(Error::Unrealizable {
+        reason: "NetworkInUse",
+        message,
+    })
+}
+
+/// The status as read, for [`pernode::write`].
+fn current(status: &NetworkStatus) -> pernode::Current<'_, NetworkNodeStatus> {
+    pernode::Current {
+        entries: &status.nodes,
+        observed_generation: status.observed_generation,
+        conditions: &status.conditions,
+    }
 }

@@ -73,14 +73,28 @@ pub fn ready_over<E: NodeEntry>(
     conds
 }
 
-/// Applies this node's entry and the summary condition when either changed. Returns
-/// whether a patch was sent.
+/// What a per-node kind's status holds now, as the writer read it.
+pub struct Current<'a, E> {
+    /// `status.nodes`.
+    pub entries: &'a [E],
+    /// `status.observedGeneration`.
+    pub observed_generation: Option<i64>,
+    /// `status.conditions`.
+    pub conditions: &'a [Condition],
+}
+
+/// Applies this node's entry, the summary condition and `status.observedGeneration` when any
+/// of them changed. Returns whether a patch was sent.
+///
+/// `observedGeneration` is the generation this node acted on. Every node applies it under
+/// its own field manager: while all agree the field is shared, and an agent that acts on a
+/// newer generation takes it over (`force`), so kstatus and `kubectl wait` see a spec edit
+/// as in progress until an agent has acted on it.
 pub async fn write<K, E>(
     ctx: &Context,
     api: &Api<K>,
     obj: &K,
-    entries: &[E],
-    current_conditions: &[Condition],
+    current: Current<'_, E>,
     mine: E,
 ) -> Result<bool>
 where
@@ -88,9 +102,10 @@ where
     E: NodeEntry,
 {
     let generation = obj.meta().generation;
-    let conds = ready_over(entries, &mine, current_conditions, generation);
-    let unchanged = entries.contains(&mine)
-        && conditions::find(current_conditions, conditions::READY)
+    let conds = ready_over(current.entries, &mine, current.conditions, generation);
+    let unchanged = current.entries.contains(&mine)
+        && current.observed_generation == generation
+        && conditions::find(current.conditions, conditions::READY)
             == conditions::find(&conds, conditions::READY);
     if unchanged {
         return Ok(false);
@@ -100,6 +115,7 @@ where
         "kind": K::kind(&()),
         "status": {
             "nodes": [mine],
+            "observedGeneration": generation,
             "conditions": conds,
         },
     });
@@ -134,14 +150,17 @@ where
         "kind": K::kind(&()),
         "status": {},
     });
-    api.patch_status(
-        &name,
-        &PatchParams::apply(&ctx.settings.node_field_manager()).force(),
-        &Patch::Apply(&release),
-    )
-    .await?;
+    // The finalizer patch is guarded by the resourceVersion this release produced: the
+    // status write above changed it when it removed anything.
+    let released = api
+        .patch_status(
+            &name,
+            &PatchParams::apply(&ctx.settings.node_field_manager()).force(),
+            &Patch::Apply(&release),
+        )
+        .await?;
     let mine = ctx.settings.node_finalizer();
-    let remaining: Vec<String> = obj
+    let remaining: Vec<String> = released
         .finalizers()
         .iter()
         .filter(|f| **f != mine)
@@ -149,7 +168,7 @@ where
         .collect();
     let patch = json!({
         "metadata": {
-            "resourceVersion": obj.resource_version(),
+            "resourceVersion": released.resource_version(),
             "finalizers": remaining,
         }
     });

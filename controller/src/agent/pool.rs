@@ -7,6 +7,11 @@
 //!   files in the pool's directory stay).
 //! - Only this node's entry of `status.nodes` is written (see [`super::pernode`]).
 //! - A libvirt pool of the same name that is not virtkube's is never touched.
+//! - A pool is not removed from under what uses it: while a Volume held by this node is in
+//!   it, or a domain on this node has a disk on one of its volumes (libvirt's view, whoever
+//!   made it), removing it (deleted, or no longer selecting this node) waits, says why (a
+//!   `DeletionBlocked` event and this node's status entry, `PoolInUse: …`) and retries.
+//! - Not knowing this node's labels is not "not selected" (see the Network controller).
 
 use std::sync::Arc;
 
@@ -16,11 +21,11 @@ use kube::runtime::controller::Action;
 use kube::runtime::finalizer::Event as Finalizer;
 use virtkube_crds::StoragePool;
 use virtkube_crds::quantity::ByteQuantity;
-use virtkube_crds::storage_pool::PoolNodeStatus;
+use virtkube_crds::storage_pool::{PoolNodeStatus, StoragePoolStatus};
 use virtkube_crds::validation::Validate;
 use virtkube_engine::model::PoolState;
 
-use super::context::{Context, selects};
+use super::context::{Context, selection};
 use super::converge::{self, Converged};
 use super::error::{Error, Result};
 use super::pernode::{self, NodeEntry};
@@ -42,14 +47,18 @@ impl NodeEntry for PoolNodeStatus {
     }
 }
 
+/// How long a StoragePool with a `nodeSelector` waits for this node's labels to be read.
+const LABELS_UNKNOWN_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Whether this node should hold the pool: selected by labels, or holding the node's
 /// finalizer (so a deletion is finished here).
 pub fn concerns(pool: &StoragePool, ctx: &Context) -> bool {
-    selected(pool, ctx) || pool.finalizers().contains(&ctx.settings.node_finalizer())
+    selected(pool, ctx) == Some(true) || pool.finalizers().contains(&ctx.settings.node_finalizer())
 }
 
-fn selected(pool: &StoragePool, ctx: &Context) -> bool {
-    selects(&pool.spec.node_selector, &ctx.labels())
+/// Whether the pool's `nodeSelector` selects this node; `None` while that cannot be told.
+fn selected(pool: &StoragePool, ctx: &Context) -> Option<bool> {
+    selection(&pool.spec.node_selector, ctx.labels().as_ref())
 }
 
 /// The reconciler the Controller runs for each StoragePool.
@@ -62,9 +71,14 @@ pub async fn reconcile(pool: Arc<StoragePool>, ctx: Arc<Context>) -> Result<Acti
     let span = tracing::info_span!("reconcile", kind = KIND, name = %pool.name_any());
     let (ctx_ref, api_ref) = (&*ctx, &api);
     let finalizer_name = ctx.settings.node_finalizer();
-    if pernode::deselected(&*pool, selected(&pool, &ctx), &finalizer_name) {
-        // No longer this node's: remove it here, then let go of it.
-        let remove = converge::remove_pool(&ctx, &pool);
+    let deleting = pool.metadata.deletion_timestamp.is_some();
+    let Some(selected) = selected(&pool, &ctx).or(deleting.then_some(true)) else {
+        tracing::debug!(pool = %pool.name_any(), "this node's labels are not read yet: waiting before deciding whether it is selected");
+        return Ok(Action::requeue(LABELS_UNKNOWN_RETRY));
+    };
+    if pernode::deselected(&*pool, selected, &finalizer_name) {
+        // No longer this node's: remove it here (once nothing here uses it), then let go.
+        let remove = remove_here(&ctx, &api, &pool, "Deselect");
         return pernode::deselect(&ctx, KIND, &api, &*pool, remove, span).await;
     }
     reconcile::finalized(
@@ -77,7 +91,7 @@ pub async fn reconcile(pool: Arc<StoragePool>, ctx: Arc<Context>) -> Result<Acti
         |event| async move {
             match event {
                 Finalizer::Apply(pool) => apply(&pool, ctx_ref, api_ref).await,
-                Finalizer::Cleanup(pool) => cleanup(&pool, ctx_ref).await,
+                Finalizer::Cleanup(pool) => cleanup(&pool, ctx_ref, api_ref).await,
             }
         },
     )
@@ -121,7 +135,7 @@ async fn apply(pool: &StoragePool, ctx: &Context, api: &Api<StoragePool>) -> Res
                 autostart: observed.as_ref().map(|o| o.autostart),
                 message: None,
             };
-            pernode::write(ctx, api, pool, &status.nodes, &status.conditions, mine).await?;
+            pernode::write(ctx, api, pool, current(&status), mine).await?;
             Ok(Action::requeue(ctx.settings.resync))
         }
         Err(error) => {
@@ -132,7 +146,7 @@ async fn apply(pool: &StoragePool, ctx: &Context, api: &Api<StoragePool>) -> Res
                 message: Some(format!("{reason}: {message}")),
                 ..PoolNodeStatus::default()
             };
-            if pernode::write(ctx, api, pool, &status.nodes, &status.conditions, mine).await? {
+            if pernode::write(ctx, api, pool, current(&status), mine).await? {
                 reconcile::report_failure(ctx, pool, reason, &message).await;
             }
             if invalid.is_empty() {
@@ -144,33 +158,79 @@ async fn apply(pool: &StoragePool, ctx: &Context, api: &Api<StoragePool>) -> Res
     }
 }
 
-async fn cleanup(pool: &StoragePool, ctx: &Context) -> Result<Action> {
-    // Volumes first: undefining the pool under them would leave their images behind.
-    let name = pool.name_any();
-    if let Some(store) = &ctx.volumes {
-        let users: Vec<String> = store
-            .state()
-            .iter()
-            .filter(|v| v.spec.pool == name && super::volume::concerns(v, ctx))
-            .map(|v| super::key_of(&**v))
-            .collect();
-        if !users.is_empty() {
-            let message = format!(
-                "Volumes {} are still in pool {name} on node {}: the pool is removed after them",
-                users.join(", "),
-                ctx.settings.node
-            );
-            ctx.event(pool, true, "DeletionBlocked", "Delete", message.clone())
-                .await;
-            return Err(Error::Unrealizable {
-                reason: "PoolInUse",
-                message,
-            });
-        }
-    }
-    for change in converge::remove_pool(ctx, pool).await? {
+async fn cleanup(pool: &StoragePool, ctx: &Context, api: &Api<StoragePool>) -> Result<Action> {
+    for change in remove_here(ctx, api, pool, "Delete").await? {
         ctx.event(pool, false, change.reason, "Delete", change.note)
             .await;
     }
     Ok(Action::await_change())
+}
+
+/// Removes this node's copy of the pool unless something here uses it: a Volume this node
+/// holds in it (undefining the pool under it would leave its image unmanaged), or a domain on
+/// this node with a disk on one of its volumes. Then nothing is touched; this node's status
+/// entry says why (`PoolInUse`), a `DeletionBlocked` event (with `action`) names them when
+/// that changed, and the error makes the removal retried.
+async fn remove_here(
+    ctx: &Context,
+    api: &Api<StoragePool>,
+    pool: &StoragePool,
+    action: &str,
+) -> Result<Vec<super::converge::Change>> {
+    let name = pool.name_any();
+    let volumes: Vec<String> = ctx
+        .volumes
+        .as_ref()
+        .map(|store| {
+            store
+                .state()
+                .iter()
+                .filter(|v| v.spec.pool == name && super::volume::concerns(v, ctx))
+                .map(|v| format!("Volume {}", super::key_of(&**v)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let outcome = if volumes.is_empty() {
+        converge::remove_pool(ctx, pool).await
+    } else {
+        Err(Error::Unrealizable {
+            reason: "PoolInUse",
+            message: format!(
+                "pool {name} still holds {} on node {}: it is removed after them",
+                volumes.join(", "),
+                ctx.settings.node
+            ),
+        })
+    };
+    let Err(Error::Unrealizable {
+        reason: "PoolInUse",
+        message,
+    }) = outcome
+    else {
+        return outcome;
+    };
+    let status = pool.status.clone().unwrap_or_default();
+    let mine = PoolNodeStatus {
+        node_name: ctx.settings.node.clone(),
+        state: "Running".into(),
+        message: Some(format!("PoolInUse: {message}")),
+        ..PoolNodeStatus::default()
+    };
+    if pernode::write(ctx, api, pool, current(&status), mine).await? {
+        ctx.event(pool, true, "DeletionBlocked", action, message.clone())
+            .await;
+    }
+    Err(Error::Unrealizable {
+        reason: "PoolInUse",
+        message,
+    })
+}
+
+/// The status as read, for [`pernode::write`].
+fn current(status: &StoragePoolStatus) -> pernode::Current<'_, PoolNodeStatus> {
+    pernode::Current {
+        entries: &status.nodes,
+        observed_generation: status.observed_generation,
+        conditions: &status.conditions,
+    }
 }

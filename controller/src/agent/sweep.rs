@@ -18,6 +18,7 @@ use super::context::Context;
 use super::error::Result;
 use super::local;
 use crate::placement::write::facts_of;
+use crate::plan::observed::LOCAL_UID_PREFIX;
 use crate::placement::{AgentStep, Local, Look, agent_step};
 
 /// What one sweep found.
@@ -45,7 +46,9 @@ pub async fn sweep(ctx: &Arc<Context>, routed: &Store<Domain>) -> Result<Swept> 
         let Some(ns) = owner.namespace.clone() else {
             continue;
         };
-        if owner.kind != Domain::kind(&()) {
+        // A guest `virtkube apply` made from local manifests (no cluster, no Domain resource
+        // ever) is that tool's, not this agent's: its missing resource means nothing here.
+        if owner.kind != Domain::kind(&()) || owner.uid.starts_with(LOCAL_UID_PREFIX) {
             continue;
         }
         let key = ObjectRef::<Domain>::new(&owner.name).within(&ns);

@@ -1,47 +1,65 @@
-//! The Volume controller: reconciles the volumes placed on this node.
+//! The Volume controller: reconciles the volumes this node holds.
 //!
 //! Guarantees:
-//! - Only volumes whose `spec.nodeName` or `status.nodeName` is this node are touched (and,
-//!   with `--claim-unscheduled`, volumes not placed anywhere yet).
+//! - Only a Volume whose holder is this node is touched: its `status.nodeName`, which the
+//!   cluster controller writes when it binds the Volume (with the label
+//!   `node.virtkube.io/<node>: holder`). The holder's agent is the only one that creates,
+//!   grows or deletes the image; an unbound Volume waits for the controller.
+//! - The status is written by compare-and-swap ([`crate::placement::write::write_status`]):
+//!   read, compute the whole status keeping the fields others own (`nodeName`, the
+//!   controller's `Scheduled` condition), write; on a conflict, read again and recompute.
+//! - An image is this Volume's only when its key is the one recorded in the status (or the
+//!   status says the agent was making it): an image retained by an earlier Volume of the
+//!   same name, or made outside virtkube, is taken over only when the annotation
+//!   `virtkube.io/adopt-image` names it ([`super::ownership`]); otherwise `Ready=False`,
+//!   reason `NameConflict`, with how to adopt it.
 //! - Deleting a Volume follows its `reclaimPolicy`: `Retain` (the default) keeps the image;
-//!   `Delete` removes it, but never while a domain on this node still uses it — the deletion
-//!   waits, says why (a `DeletionBlocked` event and the `Ready` condition), and retries.
+//!   `Delete` removes it, but never while anything uses it — a domain on this node whose disk
+//!   reads it through any copy-on-write chain (virtkube's or not, running or defined), a
+//!   volume built on it, or a Domain or Volume resource that names it or builds on it. The
+//!   deletion waits, says who (a `DeletionBlocked` event and `Ready=False`, reason
+//!   `VolumeInUse`), and retries. An image in a pool without virtkube's mark, or that is not
+//!   this Volume's, is never deleted: the deletion completes and a `Retained` event says so.
 //! - A pool that is missing or not running, a shrink, a clone of a missing source: the
 //!   volume stays `Ready=False` with the reason, and nothing half-made is left behind.
 
 use std::sync::Arc;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, ListParams};
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::Event as Finalizer;
 use kube::{Resource, ResourceExt};
-use serde_json::json;
 use virtkube_crds::conditions::{self, status as cs};
 use virtkube_crds::quantity::ByteQuantity;
 use virtkube_crds::validation::Validate;
 use virtkube_crds::volume::{VolumePhase, VolumeStatus};
-use virtkube_crds::{API_VERSION, Volume};
+use virtkube_crds::{Domain, Volume};
 use virtkube_engine::model::VolumeObserved;
 
 use super::context::{Context, FIELD_MANAGER, FINALIZER};
 use super::converge::{self, Converged};
 use super::error::{Error, Result};
+use super::ownership::{self, ImageClaim};
 use super::reconcile;
+use crate::placement::write::{WriteError, write_status};
+use crate::plan::dependents::{self, DomainRefs, ResourceUser, VolumeRefs};
 
 /// The kind label of this controller's metrics.
 pub const KIND: &str = "Volume";
 
-/// Whether this node's agent is responsible for `vol`.
+/// How often a status write is decided again after losing a compare-and-swap before the
+/// reconcile gives up (and is retried with backoff).
+const WRITE_ATTEMPTS: usize = 5;
+
+/// The node that holds `vol`: its `status.nodeName`, written by the cluster controller.
+pub fn holder(vol: &Volume) -> Option<&str> {
+    vol.status.as_ref().and_then(|s| s.node_name.as_deref())
+}
+
+/// Whether this node's agent is responsible for `vol`: it holds it.
 pub fn concerns(vol: &Volume, ctx: &Context) -> bool {
-    let node = ctx.settings.node.as_str();
-    let status_node = vol.status.as_ref().and_then(|s| s.node_name.as_deref());
-    match (vol.spec.node_name.as_deref(), status_node) {
-        // Placed: the node the status names owns it (spec.nodeName is immutable).
-        (_, Some(n)) => n == node,
-        (Some(n), None) => n == node,
-        (None, None) => ctx.settings.claim_unscheduled,
-    }
+    holder(vol) == Some(ctx.settings.node.as_str())
 }
 
 /// The Volumes in `pool` (to reconcile them when it changes).
@@ -97,43 +115,163 @@ pub async fn reconcile(vol: Arc<Volume>, ctx: Arc<Context>) -> Result<Action> {
     .await
 }
 
+/// Why a reconcile did not reach `Available`: the condition's reason and message, and
+/// whether the spec itself is at fault.
+struct Problem {
+    reason: &'static str,
+    message: String,
+    spec_valid: bool,
+}
+
+impl Problem {
+    fn of(error: &Error) -> Self {
+        let (reason, message) = error.reason_and_message();
+        Problem {
+            reason,
+            message,
+            spec_valid: true,
+        }
+    }
+}
+
 async fn apply(vol: &Volume, ctx: &Context, api: &Api<Volume>) -> Result<Action> {
     let invalid = vol.spec.validate();
     if !invalid.is_empty() {
-        let status = status_for(
-            vol,
-            ctx,
-            None,
-            Some(("InvalidSpec", invalid.to_string())),
-            false,
-        );
-        if write_status(vol, ctx, api, status).await? {
-            reconcile::report_failure(ctx, vol, "InvalidSpec", &invalid.to_string()).await;
+        let problem = Problem {
+            reason: "InvalidSpec",
+            message: invalid.to_string(),
+            spec_valid: false,
+        };
+        if write(ctx, api, vol, |v| status_for(v, ctx, None, Some(&problem))).await? {
+            reconcile::report_failure(ctx, vol, problem.reason, &problem.message).await;
         }
         return Ok(Action::await_change());
     }
-    match converge::volume(ctx, vol).await {
-        Ok(Converged {
-            changes, observed, ..
-        }) => {
-            reconcile::report_changes(ctx, vol, &changes).await;
-            let status = status_for(vol, ctx, observed.as_ref(), None, true);
-            write_status(vol, ctx, api, status).await?;
+    match converge_here(vol, ctx, api).await {
+        Ok((
+            read,
+            Converged {
+                changes, observed, ..
+            },
+        )) => {
+            reconcile::report_changes(ctx, &read, &changes).await;
+            write(ctx, api, &read, |v| {
+                status_for(v, ctx, observed.as_ref(), None)
+            })
+            .await?;
             Ok(Action::requeue(ctx.settings.resync))
         }
-        Err(error) => {
-            let (reason, message) = error.reason_and_message();
-            let status = status_for(vol, ctx, None, Some((reason, message.clone())), true);
-            if write_status(vol, ctx, api, status).await? {
-                reconcile::report_failure(ctx, vol, reason, &message).await;
+        Err((read, error)) => {
+            let problem = Problem::of(&error);
+            if write(ctx, api, &read, |v| {
+                status_for(v, ctx, None, Some(&problem))
+            })
+            .await?
+            {
+                reconcile::report_failure(ctx, &read, problem.reason, &problem.message).await;
             }
             Err(error)
         }
     }
 }
 
+/// Observes the pool and the image, decides whose the image is, records `Creating` before
+/// asking libvirt for a new image, and converges. Returns the Volume as last read (a status
+/// write in between changes it) with the outcome.
+async fn converge_here(
+    vol: &Volume,
+    ctx: &Context,
+    api: &Api<Volume>,
+) -> std::result::Result<(Volume, Converged<VolumeObserved>), (Volume, Error)> {
+    let here = match converge::observe_volume(ctx, vol).await {
+        Ok(here) => here,
+        Err(e) => return Err((vol.clone(), e)),
+    };
+    let mut read = vol.clone();
+    let ours = match ownership::claim(vol, here.image.as_ref()) {
+        ImageClaim::Ours => true,
+        ImageClaim::Adopt => {
+            if let Some(image) = &here.image {
+                let note = format!(
+                    "adopted the existing image {} ({}) as annotation {} asks",
+                    converge::volume_host_name(vol),
+                    image.path,
+                    virtkube_crds::volume::ADOPT_IMAGE_ANNOTATION
+                );
+                ctx.event(vol, false, "Adopted", "Adopt", note).await;
+            }
+            true
+        }
+        ImageClaim::Absent => {
+            // Recorded before libvirt is asked: an image found under this name after a crash
+            // is then known to be the one this Volume made.
+            let creating = vol.status.as_ref().and_then(|s| s.phase) == Some(VolumePhase::Creating);
+            if !creating {
+                match write_creating(ctx, api, vol).await {
+                    Ok(Some(written)) => read = written,
+                    // Not ours any more, or gone: nothing to make.
+                    Ok(None) => {
+                        return Err((
+                            vol.clone(),
+                            Error::Unrealizable {
+                                reason: "Converging",
+                                message:
+                                    "the Volume changed while it was being created: deciding again"
+                                        .into(),
+                            },
+                        ));
+                    }
+                    Err(e) => return Err((vol.clone(), e)),
+                }
+            }
+            false
+        }
+        ImageClaim::Refused(message) => {
+            return Err((
+                read,
+                Error::Unrealizable {
+                    reason: "NameConflict",
+                    message,
+                },
+            ));
+        }
+    };
+    match converge::volume(ctx, &read, here, ours).await {
+        Ok(done) => Ok((read, done)),
+        Err(e) => Err((read, e)),
+    }
+}
+
+/// Records `phase: Creating` (keeping everything else) and returns the Volume as written;
+/// `None` when this node no longer holds it.
+async fn write_creating(ctx: &Context, api: &Api<Volume>, vol: &Volume) -> Result<Option<Volume>> {
+    let mut read = vol.clone();
+    for _ in 0..WRITE_ATTEMPTS {
+        if !concerns(&read, ctx) || read.meta().deletion_timestamp.is_some() {
+            return Ok(None);
+        }
+        let mut status = read.status.clone().unwrap_or_default();
+        status.phase = Some(VolumePhase::Creating);
+        status.volume_name = Some(converge::volume_host_name(&read));
+        match write_status(api, &read, &status, FIELD_MANAGER).await {
+            Ok(written) => {
+                count_write(ctx);
+                return Ok(Some(written));
+            }
+            Err(e) if e.is_conflict() => match api.get_opt(&read.name_any()).await? {
+                Some(fresh) => read = fresh,
+                None => return Ok(None),
+            },
+            Err(WriteError::Gone { .. }) => return Ok(None),
+            Err(e) => return Err(write_error(e)),
+        }
+    }
+    Err(exhausted(&read))
+}
+
 async fn cleanup(vol: &Volume, ctx: &Context, api: &Api<Volume>) -> Result<Action> {
-    match converge::remove_volume(ctx, vol).await {
+    let cluster = cluster_view(vol, ctx).await?;
+    match converge::remove_volume(ctx, vol, &cluster).await {
         Ok((changes, kept)) => {
             for change in changes {
                 ctx.event(vol, false, change.reason, "Delete", change.note)
@@ -145,11 +283,14 @@ async fn cleanup(vol: &Volume, ctx: &Context, api: &Api<Volume>) -> Result<Actio
             Ok(Action::await_change())
         }
         Err(error @ Error::VolumeInUse { .. }) => {
-            let (reason, message) = error.reason_and_message();
-            let mut status = status_for(vol, ctx, None, Some((reason, message.clone())), true);
-            status.phase = vol.status.as_ref().and_then(|s| s.phase);
-            if write_status(vol, ctx, api, status).await? {
-                ctx.event(vol, true, "DeletionBlocked", "Delete", message)
+            let problem = Problem::of(&error);
+            let blocked = |v: &Volume| {
+                let mut status = status_for(v, ctx, None, Some(&problem));
+                status.phase = Some(VolumePhase::Released);
+                status
+            };
+            if write(ctx, api, vol, blocked).await? {
+                ctx.event(vol, true, "DeletionBlocked", "Delete", problem.message)
                     .await;
             }
             Err(error)
@@ -158,28 +299,105 @@ async fn cleanup(vol: &Volume, ctx: &Context, api: &Api<Volume>) -> Result<Actio
     }
 }
 
-/// Writes `status` with server-side apply when it differs from the current one.
-async fn write_status(
-    vol: &Volume,
+/// The resources that use `vol` (see [`dependents::volume_resource_users`]) and the image
+/// keys its namespace's Volumes recorded, read fresh from the API — every Domain and Volume
+/// of its namespace, since disks and sources name Volumes of their own namespace only.
+async fn cluster_view(vol: &Volume, ctx: &Context) -> Result<converge::ClusterView> {
+    let ns = vol
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let domains: Vec<DomainRefs> = Api::<Domain>::namespaced(ctx.client.clone(), &ns)
+        .list(&ListParams::default())
+        .await?
+        .items
+        .iter()
+        .map(DomainRefs::of)
+        .collect();
+    let listed = Api::<Volume>::namespaced(ctx.client.clone(), &ns)
+        .list(&ListParams::default())
+        .await?
+        .items;
+    let volumes: Vec<VolumeRefs> = listed.iter().map(VolumeRefs::of).collect();
+    Ok(converge::ClusterView {
+        users: dependents::volume_resource_users(&domains, &volumes, &vol.name_any())
+            .into_iter()
+            .map(|u| match u {
+                ResourceUser::Domain(name) => format!("Domain {ns}/{name}"),
+                ResourceUser::Volume(name) => format!("Volume {ns}/{name}"),
+            })
+            .collect(),
+        recorded_keys: listed
+            .iter()
+            .filter_map(|v| v.status.as_ref().and_then(|s| s.key.clone()))
+            .collect(),
+    })
+}
+
+/// Writes the status `build` computes from the Volume as read, by compare-and-swap, when it
+/// differs from the current one: on a conflict the Volume is read again and the status
+/// computed again from it, so fields others wrote in between (`nodeName`, the controller's
+/// `Scheduled` condition) are kept. Returns whether a write happened; nothing is written once
+/// this node no longer holds the Volume.
+async fn write(
     ctx: &Context,
     api: &Api<Volume>,
-    status: VolumeStatus,
+    vol: &Volume,
+    build: impl Fn(&Volume) -> VolumeStatus,
 ) -> Result<bool> {
-    if vol.status.as_ref() == Some(&status) {
-        return Ok(false);
+    let mut read = vol.clone();
+    for _ in 0..WRITE_ATTEMPTS {
+        if !concerns(&read, ctx) {
+            return Ok(false);
+        }
+        let status = build(&read);
+        if read.status.as_ref() == Some(&status) {
+            return Ok(false);
+        }
+        match write_status(api, &read, &status, FIELD_MANAGER).await {
+            Ok(_) => {
+                count_write(ctx);
+                return Ok(true);
+            }
+            Err(e) if e.is_conflict() => match api.get_opt(&read.name_any()).await? {
+                Some(fresh) => read = fresh,
+                None => return Ok(false),
+            },
+            Err(WriteError::Gone { .. }) => return Ok(false),
+            Err(e) => return Err(write_error(e)),
+        }
     }
-    let patch = json!({ "apiVersion": API_VERSION, "kind": KIND, "status": status });
-    api.patch_status(
-        &vol.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
+    Err(exhausted(&read))
+}
+
+fn count_write(ctx: &Context) {
     ctx.metrics
         .status_patches
         .get_or_create(&super::metrics::KindLabels { kind: KIND.into() })
         .inc();
-    Ok(true)
+}
+
+/// A status write that failed for another reason than a conflict, as the agent's error.
+fn write_error(e: WriteError) -> Error {
+    match e {
+        WriteError::Kube(e) => Error::Kube(e),
+        WriteError::Encode(e) => Error::Serialization(e),
+        WriteError::NoVersion { .. } => Error::MissingField("metadata.resourceVersion"),
+        other => Error::Unrealizable {
+            reason: "Converging",
+            message: other.to_string(),
+        },
+    }
+}
+
+/// Every attempt lost a compare-and-swap: retried with backoff.
+fn exhausted(vol: &Volume) -> Error {
+    Error::Unrealizable {
+        reason: "Converging",
+        message: format!(
+            "Volume {} changed under every one of {WRITE_ATTEMPTS} status writes: retried",
+            super::key_of(vol)
+        ),
+    }
 }
 
 /// The Domains of the volume's namespace whose disks name it, sorted (from the Domain
@@ -216,13 +434,14 @@ pub fn used_by_domain(
         .collect()
 }
 
-/// The status describing `observed` (or a failure), keeping transition times.
+/// The status describing `observed` (or a failure) for `vol` as read: the agent's fields
+/// computed, every other field (`nodeName`, conditions it does not own such as the
+/// controller's `Scheduled`) kept, transition times kept.
 fn status_for(
     vol: &Volume,
     ctx: &Context,
     observed: Option<&VolumeObserved>,
-    problem: Option<(&str, String)>,
-    spec_valid: bool,
+    problem: Option<&Problem>,
 ) -> VolumeStatus {
     let generation = vol.meta().generation;
     let current = vol.status.clone().unwrap_or_default();
@@ -242,11 +461,11 @@ fn status_for(
         );
     };
     let mut status = VolumeStatus {
-        node_name: Some(ctx.settings.node.clone()),
+        node_name: current.node_name.clone(),
         volume_name: Some(converge::volume_host_name(vol)),
         observed_generation: generation,
         // Keep what the last successful reconcile recorded while a problem lasts: the key
-        // is the proof of ownership the engine asks for.
+        // is the record that the image is this Volume's.
         path: current.path.clone(),
         key: current.key.clone(),
         capacity: current.capacity.clone(),
@@ -254,10 +473,8 @@ fn status_for(
         used_by: users(vol, ctx).unwrap_or_else(|| current.used_by.clone()),
         ..VolumeStatus::default()
     };
-    match &problem {
-        Some((reason, msg)) if !spec_valid => {
-            set(conditions::SPEC_VALID, false, reason, msg.clone())
-        }
+    match problem {
+        Some(p) if !p.spec_valid => set(conditions::SPEC_VALID, false, p.reason, p.message.clone()),
         _ => set(conditions::SPEC_VALID, true, "Valid", String::new()),
     }
     match (observed, problem) {
@@ -286,13 +503,21 @@ fn status_for(
                 "the libvirt volume does not exist".into(),
             );
         }
-        (_, Some((reason, msg))) => {
-            status.phase = Some(if spec_valid {
-                VolumePhase::Pending
-            } else {
+        (_, Some(p)) => {
+            // While the image is being made and its key not recorded yet, `Creating` stays:
+            // it is what makes the image found after a failure this Volume's. A name clash
+            // (an image that appeared meanwhile) clears it: that image is not ours.
+            let creating = current.phase == Some(VolumePhase::Creating)
+                && current.key.is_none()
+                && p.reason != "NameConflict";
+            status.phase = Some(if !p.spec_valid {
                 VolumePhase::Failed
+            } else if creating {
+                VolumePhase::Creating
+            } else {
+                VolumePhase::Pending
             });
-            set(conditions::READY, false, reason, msg);
+            set(conditions::READY, false, p.reason, p.message.clone());
         }
     }
     status.conditions = conds;

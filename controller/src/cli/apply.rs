@@ -1,15 +1,17 @@
 //! `virtkube apply -f PATH`: plan, apply with progress, re-plan to confirm convergence, print
 //! a status table.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use crate::execute::{self, ExecOptions, Outcome};
+use crate::execute::{ExecOptions, Outcome};
 use crate::host::{HostError, Hosts};
 use crate::plan::desired::DesiredState;
 use crate::plan::observed::ObservedState;
 use crate::plan::{self, Notice, Plan, PlanOptions};
+use crate::progress::run::execute_showing;
+use crate::progress::{Display, Plain, live::Live};
 
 use super::common::{FileArgs, HostArgs, runtime};
 use super::status;
@@ -35,6 +37,37 @@ pub struct ApplyArgs {
     /// Print only the final table.
     #[arg(long, short = 'q')]
     quiet: bool,
+    /// How to show long actions (migrations, copies, shutdowns): `auto` draws progress bars
+    /// on a terminal and prints a line every few seconds otherwise.
+    #[arg(long, value_enum, default_value_t = ProgressStyle::Auto)]
+    progress: ProgressStyle,
+}
+
+/// How `apply` shows long actions.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProgressStyle {
+    /// Bars on a terminal, lines otherwise.
+    Auto,
+    /// Progress bars.
+    Bars,
+    /// A line per long action every few seconds.
+    Lines,
+    /// Nothing until each action ends.
+    None,
+}
+
+/// The least time between two progress lines of one action (plain output).
+pub const LINE_EVERY: Duration = Duration::from_secs(2);
+
+impl ProgressStyle {
+    /// `Auto` resolved: bars when standard output is a terminal, lines otherwise.
+    pub fn resolved(self) -> ProgressStyle {
+        match self {
+            ProgressStyle::Auto if std::io::stdout().is_terminal() => ProgressStyle::Bars,
+            ProgressStyle::Auto => ProgressStyle::Lines,
+            other => other,
+        }
+    }
 }
 
 /// How a convergence ran.
@@ -118,6 +151,19 @@ pub async fn converge(
     options: &ConvergeOptions,
     out: &mut dyn Write,
 ) -> Result<Converged, HostError> {
+    converge_showing(hosts, desired, notices, options, out, None).await
+}
+
+/// [`converge`], showing the progress of long actions on `display` (its lines printed to
+/// `out` among the others).
+pub async fn converge_showing(
+    hosts: &Hosts,
+    desired: &DesiredState,
+    notices: &[Notice],
+    options: &ConvergeOptions,
+    out: &mut dyn Write,
+    mut display: Option<&mut dyn Display>,
+) -> Result<Converged, HostError> {
     let multi = hosts.iter().count() > 1;
     let mut observed = hosts.observe().await?;
     let first_plan = plan_with(desired, &observed, notices, options);
@@ -142,38 +188,48 @@ pub async fn converge(
                 }
             );
         }
-        let report = execute::execute(&current, hosts, options.exec, |action, result| {
-            if !options.verbose {
-                return;
-            }
-            let node = if multi {
-                format!(" [{}]", action.node)
+        let report = execute_showing(
+            &current,
+            hosts,
+            options.exec,
+            if options.verbose {
+                display.as_deref_mut()
             } else {
-                String::new()
-            };
-            let line = match &result.outcome {
-                Outcome::Done(note) => format!(
-                    "  ok   {} {}{node}: {} — {note} ({} ms)",
-                    action.symbol.mark(),
-                    action.object,
-                    action.op.verb(),
-                    result.elapsed.as_millis()
-                ),
-                Outcome::Failed(e) => format!(
-                    "  FAIL {} {}{node}: {}: {e}",
-                    action.symbol.mark(),
-                    action.object,
-                    action.op.verb()
-                ),
-                Outcome::Skipped { because } => format!(
-                    "  skip {} {}{node}: {}: waits for failed step #{because}",
-                    action.symbol.mark(),
-                    action.object,
-                    action.op.verb()
-                ),
-            };
-            let _ = writeln!(out, "{line}");
-        })
+                None
+            },
+            out,
+            |action, result| {
+                if !options.verbose {
+                    return None;
+                }
+                let node = if multi {
+                    format!(" [{}]", action.node)
+                } else {
+                    String::new()
+                };
+                Some(match &result.outcome {
+                    Outcome::Done(note) => format!(
+                        "  ok   {} {}{node}: {} — {note} ({} ms)",
+                        action.symbol.mark(),
+                        action.object,
+                        action.op.verb(),
+                        result.elapsed.as_millis()
+                    ),
+                    Outcome::Failed(e) => format!(
+                        "  FAIL {} {}{node}: {}: {e}",
+                        action.symbol.mark(),
+                        action.object,
+                        action.op.verb()
+                    ),
+                    Outcome::Skipped { because } => format!(
+                        "  skip {} {}{node}: {}: waits for failed step #{because}",
+                        action.symbol.mark(),
+                        action.object,
+                        action.op.verb()
+                    ),
+                })
+            },
+        )
         .await;
         actions_run += report.results.len();
         for r in report.failed() {
@@ -222,8 +278,45 @@ pub fn run(args: &ApplyArgs) -> anyhow::Result<ExitCode> {
             verbose: !args.quiet,
         };
         let started = Instant::now();
-        let mut stdout = std::io::stdout();
-        let result = converge(&hosts, &desired, &notices, &options, &mut stdout).await;
+        let style = args.progress.resolved();
+        let result = match style {
+            _ if args.quiet => {
+                let mut stdout = std::io::stdout();
+                converge(&hosts, &desired, &notices, &options, &mut stdout).await
+            }
+            ProgressStyle::Bars => {
+                let mut bars = Live::new();
+                let mut above = bars.lines();
+                let done = converge_showing(
+                    &hosts,
+                    &desired,
+                    &notices,
+                    &options,
+                    &mut above,
+                    Some(&mut bars),
+                )
+                .await;
+                let _ = above.flush();
+                done
+            }
+            ProgressStyle::Lines => {
+                let mut lines = Plain::new(LINE_EVERY);
+                let mut stdout = std::io::stdout();
+                converge_showing(
+                    &hosts,
+                    &desired,
+                    &notices,
+                    &options,
+                    &mut stdout,
+                    Some(&mut lines),
+                )
+                .await
+            }
+            _ => {
+                let mut stdout = std::io::stdout();
+                converge(&hosts, &desired, &notices, &options, &mut stdout).await
+            }
+        };
         let code = match result {
             Ok(done) => {
                 let elapsed = started.elapsed();

@@ -1,12 +1,16 @@
 //! `virtkube delete -f PATH`: remove what the manifests describe (keeping retained and
 //! still-used volumes).
 
+use std::io::Write;
 use std::process::ExitCode;
 
-use crate::execute::{self, ExecOptions, Outcome};
+use crate::execute::{ExecOptions, Outcome};
 use crate::plan::desired::DesiredState;
 use crate::plan::{self};
+use crate::progress::run::execute_showing;
+use crate::progress::{Display, Plain, live::Live};
 
+use super::apply::{LINE_EVERY, ProgressStyle};
 use super::common::{FileArgs, HostArgs, runtime};
 
 /// Arguments of `virtkube delete`.
@@ -19,6 +23,10 @@ pub struct DeleteArgs {
     /// Show what would be deleted, delete nothing.
     #[arg(long)]
     dry_run: bool,
+    /// How to show long actions (a guest's graceful shutdown): `auto` draws a countdown bar
+    /// on a terminal and prints a line every few seconds otherwise.
+    #[arg(long, value_enum, default_value_t = ProgressStyle::Auto)]
+    progress: ProgressStyle,
 }
 
 /// Runs `virtkube delete`.
@@ -40,16 +48,32 @@ pub fn run(args: &DeleteArgs) -> anyhow::Result<ExitCode> {
             });
         }
         println!("\nDeleting:");
-        let report = execute::execute(&p, &hosts, ExecOptions::default(), |a, r| {
-            match &r.outcome {
-                Outcome::Done(note) => println!("  ok   - {}: {} — {note}", a.object, a.op.verb()),
-                Outcome::Failed(e) => println!("  FAIL - {}: {}: {e}", a.object, a.op.verb()),
+        let line = |a: &crate::plan::Action, r: &crate::execute::ActionResult| {
+            Some(match &r.outcome {
+                Outcome::Done(note) => format!("  ok   - {}: {} — {note}", a.object, a.op.verb()),
+                Outcome::Failed(e) => format!("  FAIL - {}: {}: {e}", a.object, a.op.verb()),
                 Outcome::Skipped { because } => {
-                    println!("  skip - {}: waits for failed step #{because}", a.object)
+                    format!("  skip - {}: waits for failed step #{because}", a.object)
                 }
+            })
+        };
+        let exec = ExecOptions::default();
+        let report = match args.progress.resolved() {
+            ProgressStyle::Bars => {
+                let mut bars = Live::new();
+                let mut above = bars.lines();
+                let shown: &mut dyn Display = &mut bars;
+                let report = execute_showing(&p, &hosts, exec, Some(shown), &mut above, line).await;
+                let _ = above.flush();
+                report
             }
-        })
-        .await;
+            ProgressStyle::Lines => {
+                let mut lines = Plain::new(LINE_EVERY);
+                let shown: &mut dyn Display = &mut lines;
+                execute_showing(&p, &hosts, exec, Some(shown), &mut std::io::stdout(), line).await
+            }
+            _ => execute_showing(&p, &hosts, exec, None, &mut std::io::stdout(), line).await,
+        };
         hosts.close().await?;
         Ok(if report.is_success() && !p.has_errors() {
             ExitCode::SUCCESS

@@ -1,6 +1,7 @@
 //! The command-line front ends, one module per subcommand.
 
 pub mod apply;
+pub mod cluster;
 pub mod common;
 pub mod crd;
 pub mod delete;

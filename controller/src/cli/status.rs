@@ -4,7 +4,8 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use virtkube_crds::conditions::{self, set_condition, status as cstatus};
 use virtkube_crds::domain::{
-    CpuSpec, DomainPhase, DomainStatus, InterfaceStatus, MemorySpec, VcpuAffinity, VcpuPin,
+    CpuSchedulingStatus, CpuSpec, DomainPhase, DomainStatus, InterfaceStatus, MemorySpec,
+    VcpuAffinity, VcpuPin,
 };
 use virtkube_crds::network::{NetworkNodeStatus, NetworkStatus};
 use virtkube_crds::quantity::ByteQuantity;
@@ -56,6 +57,17 @@ fn domain_details(d: &ObservedDomain) -> String {
     }
     if let Some(e) = &d.emulator_cpuset {
         parts.push(format!("emulator {e}"));
+    }
+    if let Some(c) = cpu_scheduling(&d.cpu_tune) {
+        if let Some(s) = c.shares.filter(|s| *s != 1024) {
+            parts.push(format!("shares {s}"));
+        }
+        if let Some(l) = c.limit {
+            parts.push(format!("limit {l} CPUs"));
+        }
+        if let (Some(q), Some(p)) = (c.quota, c.period) {
+            parts.push(format!("vCPU quota {q}/{p} µs"));
+        }
     }
     if d.autostart {
         parts.push("autostart".into());
@@ -399,6 +411,8 @@ pub fn domain_status(
             })
             .collect(),
         emulator_cpuset: o.emulator_cpuset.clone(),
+        cpu_scheduling: cpu_scheduling(&o.cpu_tune),
+        security_labels: o.security_labels.clone(),
         memory: Some(ByteQuantity::new(kib(o.memory_kib))),
         max_memory: Some(ByteQuantity::new(kib(o.max_memory_kib))),
         autostart: Some(o.autostart),
@@ -421,6 +435,29 @@ pub fn domain_status(
         observed_generation: generation,
         conditions: conds,
     }
+}
+
+/// `status.cpuScheduling` from the CPU weight and bandwidth in force (`None` when libvirt
+/// reports none); unlimited quotas are left out, the whole-guest quota is written as a
+/// limit in CPUs. Shared by the CLI and the agent.
+pub fn cpu_scheduling(t: &crate::plan::observed::CpuTune) -> Option<CpuSchedulingStatus> {
+    if t.is_empty() {
+        return None;
+    }
+    let positive = |q: Option<i64>| q.and_then(|q| u64::try_from(q).ok()).filter(|q| *q > 0);
+    Some(CpuSchedulingStatus {
+        shares: t.shares,
+        limit: match (positive(t.global_quota), t.global_period) {
+            (Some(q), Some(p)) if p > 0 => {
+                Some(virtkube_crds::domain::format_cpu_limit(q * 1000 / p))
+            }
+            _ => None,
+        },
+        period: t.period,
+        quota: positive(t.quota),
+        emulator_period: t.emulator_period,
+        emulator_quota: positive(t.emulator_quota),
+    })
 }
 
 /// A volume's status.

@@ -9,6 +9,7 @@
 //! | [`decide`] | one domain's decision through `controller_step` (pure) |
 //! | [`binding`], [`moves`], [`drain`], [`liveness`] | what each decision writes, and why (pure) |
 //! | [`volumes`], [`labels`] | volume binding and the per-node routing labels (pure) |
+//! | [`orphans`] | per-node finalizers and status entries of nodes that left the cluster |
 //! | [`pass`] | one pass over the cluster: decide, write (compare-and-swap), label, report |
 //! | [`work`] | the leader's watch caches and the loop of passes |
 //! | [`leader`] | Lease election: one replica works, a lost lease stops it at once |
@@ -29,6 +30,7 @@ pub mod leader;
 pub mod liveness;
 pub mod metrics;
 pub mod moves;
+pub mod orphans;
 pub mod pass;
 pub mod scheduler;
 pub mod settings;

@@ -5,26 +5,49 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use virtkube_engine::domain::{Apply, ShutdownOutcome};
+use virtkube_engine::hotplug::DetachOutcome;
 use virtkube_engine::migrate::MigrateOptions;
 use virtkube_engine::model::{
-    CpuDef, CpuMode, DhcpRange, DiskDef, DiskSource, DomainDef, DomainObserved, DomainState,
-    Firmware, InterfaceDef, IpDef, NetworkDef, NetworkMode, NetworkObserved, OsDef, PoolDef,
-    PoolObserved, PoolType, Topology, VcpuPin, VolumeDef, VolumeFormat,
+    CpuDef, CpuMode, CpuTune, Device, DeviceKey, DhcpRange, DiskDef, DiskSource, DomainDef,
+    DomainObserved, DomainState, Firmware, InterfaceDef, IpDef, NetworkDef, NetworkMode,
+    NetworkObserved, OsDef, PoolDef, PoolObserved, PoolType, Topology, VcpuPin, VolumeDef,
+    VolumeFormat, VolumeObserved,
 };
 use virtkube_engine::{CpuSet, Engine, EngineConfig, EngineError, EngineStats, Owner};
 
 use crate::plan::desired::Nodes;
 use crate::plan::desired::{
-    DesiredDiskSource, DesiredDomain, DesiredNetwork, DesiredPool, VolumeOrigin,
+    DesiredDisk, DesiredDiskSource, DesiredDomain, DesiredNetwork, DesiredNic, DesiredPool,
+    VolumeOrigin,
 };
 use crate::plan::observed::{
     DiskRef, ObservedDisk, ObservedDomain, ObservedHost, ObservedNetwork, ObservedNic,
     ObservedPool, ObservedState, ObservedVolume, OwnerMark, PowerObserved,
 };
 use crate::plan::{Action, Op, Preserve};
+use crate::progress::{POLL_EVERY, Progress, ProgressEvent};
+use tokio::sync::watch;
 
 /// How long a guest gets to shut down after an ACPI request before it is destroyed.
 pub const DEFAULT_SHUTDOWN_DEADLINE: Duration = Duration::from_secs(30);
+
+/// How long a running guest gets to release a device being unplugged (libvirt's own 5 s
+/// wait included) before the unplug is reported as refused and left for the next restart.
+pub const UNPLUG_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Whether the driver behind `uri` changes CPU weight and bandwidth of running domains
+/// (`virDomainSetSchedulerParameters`; the test driver has only a `weight`). On QEMU it also
+/// needs the cgroup `cpu` controller, which only the attempt tells: without it libvirt
+/// refuses with "cgroup CPU controller is not mounted".
+pub fn supports_live_cpu_tune(uri: &str) -> bool {
+    !uri.starts_with("test:")
+}
+
+/// Whether the driver behind `uri` plugs devices into running domains (the test driver
+/// does not: `virDomainAttachDeviceFlags` is unsupported there).
+pub fn supports_device_hotplug(uri: &str) -> bool {
+    !uri.starts_with("test:")
+}
 
 /// What can go wrong talking to the hosts.
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +114,9 @@ pub struct Hosts {
     default: String,
     /// Graceful shutdown deadline for stops, restarts and deletions.
     pub shutdown_deadline: Duration,
+    /// Where long actions report their progress (migrations, volume copies, shutdowns);
+    /// `None`: nowhere.
+    pub progress: Option<crate::progress::Sink>,
 }
 
 fn engine_err(node: &str) -> impl Fn(EngineError) -> HostError + '_ {
@@ -144,6 +170,7 @@ impl Hosts {
             hosts,
             default,
             shutdown_deadline: DEFAULT_SHUTDOWN_DEADLINE,
+            progress: None,
         })
     }
 
@@ -224,6 +251,48 @@ impl Hosts {
         let host = self.get(&action.node)?;
         run_action(self, host, action).await
     }
+
+    /// Sends one progress report about `a`, when someone listens.
+    fn report(&self, a: &Action, progress: Progress) {
+        if let Some(sink) = &self.progress {
+            let node = if self.hosts.len() > 1 {
+                format!(" [{}]", a.node)
+            } else {
+                String::new()
+            };
+            let label = format!("{} {}{node}: {}", a.symbol.mark(), a.object, a.op.verb());
+            let _ = sink.send(ProgressEvent {
+                action: a.id,
+                label,
+                progress,
+            });
+        }
+    }
+
+    /// Runs `work` with a watch channel whose readings are reported as progress of `a`
+    /// (through `wrap`) while it runs.
+    async fn reporting<T, R, Fut>(
+        &self,
+        a: &Action,
+        wrap: fn(T) -> Progress,
+        work: impl FnOnce(watch::Sender<Option<T>>) -> Fut,
+    ) -> R
+    where
+        T: Clone,
+        Fut: std::future::Future<Output = R>,
+    {
+        let (tx, mut rx) = watch::channel(None);
+        let forward = async {
+            while rx.changed().await.is_ok() {
+                let reading = rx.borrow_and_update().clone();
+                if let Some(reading) = reading {
+                    self.report(a, wrap(reading));
+                }
+            }
+        };
+        let (result, ()) = futures::join!(work(tx), forward);
+        result
+    }
 }
 
 /// The ownership mark as the engine writes it.
@@ -249,6 +318,8 @@ async fn observe_host(h: &Host) -> Result<ObservedHost, HostError> {
     let mut host = ObservedHost {
         host_cpus: Some(info.cpus),
         online_cpus: info.cpu_map.map(|m| m.online.to_string()),
+        device_hotplug: supports_device_hotplug(&h.spec.uri),
+        cpu_tune_live: supports_live_cpu_tune(&h.spec.uri),
         ..ObservedHost::default()
     };
     for name in e.pool_list().await.map_err(&err)? {
@@ -261,24 +332,15 @@ async fn observe_host(h: &Host) -> Result<ObservedHost, HostError> {
         if !active {
             continue;
         }
-        for vol in e.volume_list(&name).await.map_err(&err)? {
-            let Some(v) = e.volume_observe(&name, &vol).await.map_err(&err)? else {
-                continue;
-            };
-            host.volumes.insert(
-                (name.clone(), vol.clone()),
-                ObservedVolume {
-                    // libvirt keeps no mark on volumes: in a virtkube pool, a volume named
-                    // `<namespace>.<name>` is one virtkube made.
-                    owned: owned && vol.contains('.'),
-                    key: v.key,
-                    path: v.path,
-                    capacity: v.capacity,
-                    allocation: v.allocation,
-                    format: v.format.map(|f| f.as_str().to_string()),
-                    backing_path: v.backing.map(|b| b.path),
-                },
-            );
+        // A pool undefined since it was listed has no volumes to show.
+        let volumes = match e.volume_observe_all(&name).await {
+            Ok(volumes) => volumes,
+            Err(gone) if gone.is_not_found() => continue,
+            Err(other) => return Err(err(other)),
+        };
+        for v in volumes {
+            host.volumes
+                .insert((name.clone(), v.name.clone()), volume_from(&v, owned));
         }
     }
     for name in e.network_list().await.map_err(&err)? {
@@ -292,6 +354,30 @@ async fn observe_host(h: &Host) -> Result<ObservedHost, HostError> {
         host.domains.insert(d.name.clone(), domain_from(&d));
     }
     Ok(host)
+}
+
+/// The planner's view of a volume libvirt reports, in a pool that carries virtkube's mark
+/// (`pool_owned`) or not (shared with the agent). libvirt keeps no mark on volumes: in a
+/// virtkube pool, a volume named `<namespace>.<name>` counts as one virtkube made — the rule
+/// of local manifests, which have no other record; the agent decides from the Volume's
+/// recorded key instead (`agent::ownership`).
+pub fn volume_from(v: &VolumeObserved, pool_owned: bool) -> ObservedVolume {
+    ObservedVolume {
+        owned: pool_owned && v.name.contains('.'),
+        key: v.key.clone(),
+        path: v.path.clone(),
+        capacity: v.capacity,
+        allocation: v.allocation,
+        format: v.format.as_ref().map(|f| f.as_str().to_string()),
+        backing_path: v.backing.as_ref().map(|b| b.path.clone()),
+    }
+}
+
+/// Everything one node's libvirt holds, as the planner models it: every pool, every volume
+/// of every running pool, every network and every domain (the whole-node view removals are
+/// decided against).
+pub async fn observe_node(h: &Host) -> Result<ObservedHost, HostError> {
+    observe_host(h).await
 }
 
 /// The planner's view of a storage pool libvirt reports (shared with the agent).
@@ -409,6 +495,7 @@ pub fn domain_from(d: &DomainObserved) -> ObservedDomain {
                 },
                 read_only: x.read_only,
                 boot_order: x.boot_order,
+                chain: x.backing_chain.clone(),
             })
             .collect(),
         interfaces: d
@@ -418,10 +505,55 @@ pub fn domain_from(d: &DomainObserved) -> ObservedDomain {
                 network: i.network.clone(),
                 model: i.model.clone(),
                 mac: i.mac.clone(),
+                alias: i.alias.clone(),
             })
             .collect(),
         autostart: d.autostart,
         persistent: d.persistent,
+        pending_unplug: d.pending_unplug.clone(),
+        cpu_tune: cpu_tune_from(&d.cpu_tune),
+        security_labels: security_labels(&d.security_labels),
+    }
+}
+
+/// `status.securityLabels` from what libvirt reports (shared with the agent).
+pub fn security_labels(
+    labels: &[virtkube_engine::model::SecurityLabel],
+) -> Vec<virtkube_crds::domain::SecurityLabelStatus> {
+    labels
+        .iter()
+        .take(8)
+        .map(|l| virtkube_crds::domain::SecurityLabelStatus {
+            model: l.model.clone(),
+            type_: l.label_type.clone(),
+            label: l.label.clone(),
+            image_label: l.image_label.clone(),
+        })
+        .collect()
+}
+
+/// The planner's view of the CPU weight and bandwidth libvirt reports.
+pub fn cpu_tune_from(t: &CpuTune) -> crate::plan::observed::CpuTune {
+    crate::plan::observed::CpuTune {
+        shares: t.shares,
+        period: t.period,
+        quota: t.quota,
+        global_period: t.global_period,
+        global_quota: t.global_quota,
+        emulator_period: t.emulator_period,
+        emulator_quota: t.emulator_quota,
+    }
+}
+
+fn cpu_tune_def(t: &crate::plan::observed::CpuTune) -> CpuTune {
+    CpuTune {
+        shares: t.shares,
+        period: t.period,
+        quota: t.quota,
+        global_period: t.global_period,
+        global_quota: t.global_quota,
+        emulator_period: t.emulator_period,
+        emulator_quota: t.emulator_quota,
     }
 }
 
@@ -466,6 +598,7 @@ pub fn domain_def(
         })
         .collect::<Result<_, HostError>>()?;
     def.emulator_cpuset = d.emulator_cpuset.as_deref().map(cpuset).transpose()?;
+    def.cpu_tune = cpu_tune_def(&d.cpu_tune);
     def.memory_kib = d.memory_kib;
     def.max_memory_kib = d.max_memory_kib;
     def.hugepage_kib = d.hugepage_kib;
@@ -493,60 +626,72 @@ pub fn domain_def(
     def.disks = d
         .disks
         .iter()
-        .map(|disk| {
-            let (source, format) = match &disk.source {
-                DesiredDiskSource::Volume {
-                    volume,
-                    pool,
-                    format,
-                } => {
-                    let pool = pool
-                        .clone()
-                        .or_else(|| pools.get(volume).cloned())
-                        .ok_or_else(|| {
-                            HostError::Invalid(format!(
-                                "disk {}: volume {volume} is in no pool on node {}",
-                                disk.name, host.spec.node
-                            ))
-                        })?;
-                    (
-                        DiskSource::Volume {
-                            pool,
-                            volume: volume.clone(),
-                        },
-                        format.clone(),
-                    )
-                }
-                DesiredDiskSource::Path(p) => (DiskSource::File { path: p.clone() }, None),
-            };
-            Ok(DiskDef {
-                name: Some(disk.name.clone()),
-                target_dev: disk.target.clone(),
-                bus: Some(disk.bus.clone()),
-                source,
-                read_only: disk.read_only,
-                boot_order: disk.boot_order,
-                format,
-                device: Some(disk.device.clone()),
-            })
-        })
+        .map(|disk| disk_def(disk, host, pools))
         .collect::<Result<_, HostError>>()?;
     def.interfaces = d
         .interfaces
         .iter()
         .enumerate()
-        .map(|(i, nic)| InterfaceDef {
-            network: nic.network.clone(),
-            model: Some(nic.model.clone()),
-            mac: nic
-                .mac
-                .clone()
-                .or_else(|| preserve.macs.get(i).cloned().flatten()),
-        })
+        .map(|(i, nic)| interface_def(nic, preserve.macs.get(i).cloned().flatten()))
         .collect();
     // A balloon lets memory change live up to the maximum.
     def.memballoon = d.max_memory_kib > d.memory_kib || !host.spec.uri.starts_with("test:");
     Ok(def)
+}
+
+/// The engine's definition of one desired disk on `host` (`pools`: the pool of each volume,
+/// for disks whose pool the manifests do not say).
+fn disk_def(
+    disk: &DesiredDisk,
+    host: &Host,
+    pools: &BTreeMap<String, String>,
+) -> Result<DiskDef, HostError> {
+    let (source, format) = match &disk.source {
+        DesiredDiskSource::Volume {
+            volume,
+            pool,
+            format,
+        } => {
+            let pool = pool
+                .clone()
+                .or_else(|| pools.get(volume).cloned())
+                .ok_or_else(|| {
+                    HostError::Invalid(format!(
+                        "disk {}: volume {volume} is in no pool on node {}",
+                        disk.name, host.spec.node
+                    ))
+                })?;
+            (
+                DiskSource::Volume {
+                    pool,
+                    volume: volume.clone(),
+                },
+                format.clone(),
+            )
+        }
+        DesiredDiskSource::Path(p) => (DiskSource::File { path: p.clone() }, None),
+    };
+    Ok(DiskDef {
+        name: Some(disk.name.clone()),
+        target_dev: disk.target.clone(),
+        bus: Some(disk.bus.clone()),
+        source,
+        read_only: disk.read_only,
+        boot_order: disk.boot_order,
+        format,
+        device: Some(disk.device.clone()),
+    })
+}
+
+/// The engine's definition of one desired NIC (`generated`: the MAC libvirt generated for
+/// it before, kept when the user set none).
+fn interface_def(nic: &DesiredNic, generated: Option<String>) -> InterfaceDef {
+    InterfaceDef {
+        name: Some(nic.name.clone()),
+        network: nic.network.clone(),
+        model: Some(nic.model.clone()),
+        mac: nic.mac.clone().or(generated),
+    }
 }
 
 fn pool_def(p: &DesiredPool) -> Result<PoolDef, HostError> {
@@ -715,7 +860,13 @@ async fn run_action(hosts: &Hosts, host: &Host, a: &Action) -> Result<String, Ho
                         format,
                         backing_volume: None,
                     };
-                    match e.volume_clone(pool, &def, src).await {
+                    let cloned = hosts
+                        .reporting(a, Progress::Copy, |tx| async move {
+                            e.volume_clone_with_progress(pool, &def, src, POLL_EVERY, &tx)
+                                .await
+                        })
+                        .await;
+                    match cloned {
                         Ok(v) => Ok(format!(
                             "cloned to {} ({})",
                             v.path,
@@ -812,6 +963,7 @@ async fn run_action(hosts: &Hosts, host: &Host, a: &Action) -> Result<String, Ho
             done("started")
         }
         Op::StopDomain => {
+            hosts.report(a, Progress::Shutdown { deadline });
             let outcome = graceful_stop(e, name, &owner, deadline)
                 .await
                 .map_err(&err)?;
@@ -849,13 +1001,47 @@ async fn run_action(hosts: &Hosts, host: &Host, a: &Action) -> Result<String, Ho
                 .map_err(&err)?;
             done("pinned")
         }
+        Op::SetCpuTune(tune) => {
+            e.domain_set_cpu_tune(name, &owner, &cpu_tune_def(tune), host.apply)
+                .await
+                .map_err(&err)?;
+            done("CPU weight and bandwidth set")
+        }
         Op::SetDomainAutostart(on) => {
             e.domain_set_autostart(name, &owner, *on)
                 .await
                 .map_err(&err)?;
             done("autostart set")
         }
+        Op::AttachDisk(disk) => {
+            let pools = match disk.source {
+                DesiredDiskSource::Volume { pool: None, .. } => volume_pools(host).await?,
+                _ => BTreeMap::new(),
+            };
+            let def = disk_def(disk, host, &pools)?;
+            e.domain_attach_device(name, &owner, &Device::Disk(def))
+                .await
+                .map_err(&err)?;
+            done("plugged in")
+        }
+        Op::AttachInterface(nic) => {
+            e.domain_attach_device(name, &owner, &Device::Interface(interface_def(nic, None)))
+                .await
+                .map_err(&err)?;
+            done("plugged in")
+        }
+        Op::DetachDisk { target } => {
+            let key = DeviceKey::Disk {
+                target: target.clone(),
+            };
+            unplug(e, name, &owner, &key).await.map_err(&err)
+        }
+        Op::DetachInterface { mac } => {
+            let key = DeviceKey::Interface { mac: mac.clone() };
+            unplug(e, name, &owner, &key).await.map_err(&err)
+        }
         Op::RestartDomain { domain, preserve } => {
+            hosts.report(a, Progress::Shutdown { deadline });
             let outcome = graceful_stop(e, name, &owner, deadline)
                 .await
                 .map_err(&err)?;
@@ -867,6 +1053,7 @@ async fn run_action(hosts: &Hosts, host: &Host, a: &Action) -> Result<String, Ho
             Ok(format!("shut down ({outcome}), redefined, started"))
         }
         Op::DeleteDomain => {
+            hosts.report(a, Progress::Shutdown { deadline });
             let outcome = graceful_stop(e, name, &owner, deadline)
                 .await
                 .map_err(&err)?;
@@ -888,14 +1075,31 @@ async fn run_action(hosts: &Hosts, host: &Host, a: &Action) -> Result<String, Ho
             opts.copy_storage = migration.copy_storage;
             opts.max_downtime_ms = migration.max_downtime_ms;
             opts.bandwidth_mib_s = migration.bandwidth_mib_s;
-            let outcome = e.domain_migrate(name, &owner, &opts).await.map_err(&err)?;
+            let outcome = hosts
+                .reporting(a, Progress::Migration, |tx| {
+                    let (owner, opts) = (&owner, &opts);
+                    async move {
+                        e.domain_migrate_with_progress(name, owner, opts, POLL_EVERY, &tx)
+                            .await
+                    }
+                })
+                .await
+                .map_err(&err)?;
             Ok(format!(
-                "migrated in {:.1}s{}",
+                "migrated in {:.1}s{}{}",
                 outcome.elapsed.as_secs_f64(),
                 outcome
                     .downtime_ms
                     .map(|d| format!(", downtime {d} ms"))
-                    .unwrap_or_default()
+                    .unwrap_or_default(),
+                if outcome.peer_uri_derived {
+                    format!(
+                        "; the source libvirtd reached node {to} through {} (derived: inside a daemon, a qemu:/// URI names that daemon itself)",
+                        outcome.peer_uri
+                    )
+                } else {
+                    String::new()
+                }
             ))
         }
     }
@@ -914,6 +1118,32 @@ async fn adopt(
         Some(v) => Ok(format!("adopted the retained image at {}", v.path)),
         None => Err(exists),
     }
+}
+
+/// Unplugs a device and says how it went: a guest that does not release it within
+/// [`UNPLUG_DEADLINE`] keeps it until it restarts (the planner then reports the change as
+/// waiting for a restart, and `updatePolicy: Restart` restarts the guest).
+async fn unplug(
+    e: &Engine,
+    name: &str,
+    owner: &Owner,
+    key: &DeviceKey,
+) -> Result<String, EngineError> {
+    Ok(
+        match e
+            .domain_detach_device(name, owner, key, UNPLUG_DEADLINE)
+            .await?
+        {
+            DetachOutcome::Removed => "unplugged".into(),
+            DetachOutcome::NotPresent => "already unplugged".into(),
+            DetachOutcome::Refused { waited } => format!(
+                "the guest did not release the {key} within {:.0} s (no OS or no driver \
+                 answering the unplug request): removed from the definition, it stays in the \
+                 running guest until it restarts",
+                waited.as_secs_f64()
+            ),
+        },
+    )
 }
 
 /// Stops a guest gracefully within `deadline`, then by force (the engine resumes a paused

@@ -61,6 +61,16 @@ pub struct DesiredPool {
     pub target_path: Option<String>,
     /// Autostart flag.
     pub autostart: bool,
+    /// The nodes it belongs on (its `nodeSelector` matched against the cluster's nodes);
+    /// `None`: every node planned (the local CLI's hosts).
+    pub only_on: Option<BTreeSet<String>>,
+}
+
+impl DesiredPool {
+    /// Whether the pool belongs on `node`.
+    pub fn placed_on(&self, node: &str) -> bool {
+        self.only_on.as_ref().is_none_or(|n| n.contains(node))
+    }
 }
 
 /// A network.
@@ -82,6 +92,16 @@ pub struct DesiredNetwork {
     pub dhcp: Vec<(String, String)>,
     /// Autostart flag.
     pub autostart: bool,
+    /// The nodes it belongs on (its `nodeSelector` matched against the cluster's nodes);
+    /// `None`: every node planned (the local CLI's hosts).
+    pub only_on: Option<BTreeSet<String>>,
+}
+
+impl DesiredNetwork {
+    /// Whether the network belongs on `node`.
+    pub fn placed_on(&self, node: &str) -> bool {
+        self.only_on.as_ref().is_none_or(|n| n.contains(node))
+    }
 }
 
 /// Where a volume's initial data comes from (libvirt names).
@@ -218,6 +238,9 @@ pub struct DesiredDomain {
     pub pinning: BTreeMap<u32, String>,
     /// Emulator pinning, canonical.
     pub emulator_cpuset: Option<String>,
+    /// CPU weight and bandwidth the manifest sets (`cpu.limit` as a whole-guest quota over
+    /// a 100 ms period).
+    pub cpu_tune: super::observed::CpuTune,
     /// Memory now, KiB.
     pub memory_kib: u64,
     /// Max memory, KiB.
@@ -334,6 +357,7 @@ impl DesiredState {
                 node: node.to_string(),
                 message: format!("{}: {msg}", origin_of(m)),
                 changes: Vec::new(),
+                users: Vec::new(),
             })
         };
         let check_node = |node: Option<&String>| -> Result<String, String> {
@@ -362,6 +386,7 @@ impl DesiredState {
                         pool_type: p.spec.type_.as_str().to_string(),
                         target_path: p.spec.target.as_ref().map(|t| t.path.clone()),
                         autostart: p.spec.autostart,
+                        only_on: None,
                     });
                 }
                 Object::Network(n) => {
@@ -389,6 +414,7 @@ impl DesiredState {
                             })
                             .unwrap_or_default(),
                         autostart: n.spec.autostart,
+                        only_on: None,
                     });
                 }
                 Object::Volume(v) => {
@@ -471,6 +497,28 @@ fn kib(q: &virtkube_crds::quantity::ByteQuantity, field: &str) -> Result<u64, St
     q.bytes()
         .map(|b| b / 1024)
         .map_err(|e| format!("{field}: {e}"))
+}
+
+/// The `<cputune>` a Domain's `cpu` section asks for.
+fn cpu_tune_of(cpu: &virtkube_crds::domain::CpuSpec) -> Result<super::observed::CpuTune, String> {
+    use virtkube_crds::domain::{LIMIT_PERIOD_MICROS, parse_cpu_limit};
+    let global_quota = cpu
+        .limit
+        .as_deref()
+        .map(|l| parse_cpu_limit(l).map_err(|e| format!("spec.cpu.limit: {e}")))
+        .transpose()?
+        .map(|millis| i64::try_from(millis * LIMIT_PERIOD_MICROS / 1000).unwrap_or(i64::MAX));
+    Ok(super::observed::CpuTune {
+        shares: cpu.shares.map(u64::from),
+        period: cpu.period.map(u64::from),
+        quota: cpu.quota.map(|q| i64::try_from(q).unwrap_or(i64::MAX)),
+        global_period: global_quota.map(|_| LIMIT_PERIOD_MICROS),
+        global_quota,
+        emulator_period: cpu.emulator_period.map(u64::from),
+        emulator_quota: cpu
+            .emulator_quota
+            .map(|q| i64::try_from(q).unwrap_or(i64::MAX)),
+    })
 }
 
 fn domain_from_spec(
@@ -579,6 +627,7 @@ fn domain_from_spec(
         topology: spec.cpu.topology.map(|t| (t.sockets, t.cores, t.threads)),
         pinning,
         emulator_cpuset,
+        cpu_tune: cpu_tune_of(&spec.cpu)?,
         memory_kib,
         max_memory_kib,
         hugepage_kib,

@@ -5,7 +5,9 @@ use virtkube_crds::cpuset::CpuSet;
 use virtkube_crds::domain::{PowerState, RunStrategy};
 
 use super::desired::{DesiredDiskSource, DesiredDomain, DesiredState};
-use super::observed::{DiskRef, ObservedDomain, ObservedHost, ObservedState, PowerObserved};
+use super::observed::{
+    CpuTune, DiskRef, ObservedDomain, ObservedHost, ObservedState, PowerObserved,
+};
 use super::render::kib;
 use super::{
     Builder, Change, NoticeKind, ObjKey, ObjectKind, ObjectRef, Op, Preserve, Step, Symbol,
@@ -88,13 +90,323 @@ fn floats(affinity: &str, online: &str) -> bool {
     }
 }
 
+/// Whether a disk can be plugged into (or out of) a running guest: a hard disk on a bus
+/// QEMU hotplugs (virtio, SCSI, USB); SATA, IDE and CD-ROM drives cannot, and a boot order
+/// only matters at boot.
+fn disk_hotpluggable(bus: Option<&str>, device: &str) -> bool {
+    device == "disk" && matches!(bus, Some("virtio" | "scsi" | "usb"))
+}
+
+/// The key of a device in the live unplug note (as the engine writes it).
+fn disk_key(target: &str) -> String {
+    format!("disk/{target}")
+}
+
+fn nic_key(mac: &str) -> String {
+    format!("interface/{}", mac.to_ascii_lowercase())
+}
+
+/// For each desired NIC, the observed NIC that is it: the one carrying its name as libvirt
+/// alias, or (for NICs defined before virtkube wrote aliases) the one at its place when
+/// that one has no alias.
+pub(crate) fn match_nics(d: &DesiredDomain, o: &ObservedDomain) -> Vec<Option<usize>> {
+    let mut taken = vec![false; o.interfaces.len()];
+    let mut out: Vec<Option<usize>> = d
+        .interfaces
+        .iter()
+        .map(|nic| {
+            let j = o
+                .interfaces
+                .iter()
+                .position(|x| x.alias.as_deref() == Some(nic.name.as_str()))?;
+            taken[j] = true;
+            Some(j)
+        })
+        .collect();
+    for (i, m) in out.iter_mut().enumerate() {
+        if m.is_none() && o.interfaces.get(i).is_some_and(|x| x.alias.is_none()) && !taken[i] {
+            taken[i] = true;
+            *m = Some(i);
+        }
+    }
+    out
+}
+
+fn describe_nic(on: &super::observed::ObservedNic) -> String {
+    format!(
+        "{} ({}){}",
+        on.network.as_deref().unwrap_or("?"),
+        on.model.as_deref().unwrap_or("default"),
+        on.mac.as_ref().map(|m| format!(" {m}")).unwrap_or_default()
+    )
+}
+
+const UNPLUG_PENDING: &str =
+    "unplug requested, the guest has not released it: it leaves at the next restart";
+
+/// Disks: plugged in or out live where the host and the bus allow, otherwise (and for any
+/// change of an existing disk) at the next restart.
+fn diff_disks(d: &DesiredDomain, o: &ObservedDomain, host: &ObservedHost, diff: &mut Diff) {
+    let live = host.device_hotplug && o.power.is_active();
+    let pending = |target: &str| o.pending_unplug.contains(&disk_key(target));
+    for disk in &d.disks {
+        let field = format!("disks[name={}]", disk.name);
+        let want = format!(
+            "{} {} on {}",
+            disk.target,
+            describe_disk_source(&disk.source),
+            disk.bus
+        );
+        let Some(od) = o.disks.iter().find(|x| x.target == disk.target) else {
+            let change = Change::new(&field, "(none)", want);
+            if live && disk_hotpluggable(Some(&disk.bus), &disk.device) && disk.boot_order.is_none()
+            {
+                diff.live
+                    .push((Op::AttachDisk(Box::new(disk.clone())), vec![change]));
+            } else {
+                diff.restart.push(change);
+            }
+            continue;
+        };
+        if pending(&od.target) {
+            // Asked back while its unplug is pending: the definition has it again after the
+            // restart that completes the unplug.
+            diff.restart.push(Change::new(
+                &field,
+                format!("{} ({UNPLUG_PENDING})", describe_observed_disk(od)),
+                want,
+            ));
+            continue;
+        }
+        let source_ok = match (&disk.source, &od.source) {
+            (DesiredDiskSource::Volume { volume, .. }, DiskRef::Volume { pool, volume: ov }) => {
+                volume == ov && disk_pool(&disk.source, host).is_none_or(|p| &p == pool)
+            }
+            (DesiredDiskSource::Path(p), DiskRef::Path(op)) => p == op,
+            _ => false,
+        };
+        let same = source_ok
+            && od.bus.as_ref().is_none_or(|b| b == &disk.bus)
+            && od.device == disk.device
+            && od.read_only == disk.read_only
+            && od.boot_order == disk.boot_order;
+        if !same {
+            diff.restart
+                .push(Change::new(&field, describe_observed_disk(od), want));
+        }
+    }
+    for od in &o.disks {
+        if d.disks.iter().any(|x| x.target == od.target) {
+            continue;
+        }
+        let field = format!("disks[target={}]", od.target);
+        if pending(&od.target) {
+            diff.restart.push(Change::new(
+                &field,
+                format!("{} ({UNPLUG_PENDING})", describe_observed_disk(od)),
+                "(none)",
+            ));
+        } else if live && disk_hotpluggable(od.bus.as_deref(), &od.device) {
+            diff.push_live((
+                Op::DetachDisk {
+                    target: od.target.clone(),
+                },
+                Change::new(&field, describe_observed_disk(od), "(none)"),
+            ));
+        } else {
+            diff.restart
+                .push(Change::new(&field, describe_observed_disk(od), "(none)"));
+        }
+    }
+}
+
+/// NICs: plugged in or out live where the host allows; a changed NIC waits for a restart.
+fn diff_nics(d: &DesiredDomain, o: &ObservedDomain, host: &ObservedHost, diff: &mut Diff) {
+    let live = host.device_hotplug && o.power.is_active();
+    let pending =
+        |mac: Option<&String>| mac.is_some_and(|m| o.pending_unplug.contains(&nic_key(m)));
+    let matched = match_nics(d, o);
+    for (nic, m) in d.interfaces.iter().zip(&matched) {
+        let field = format!("interfaces[name={}]", nic.name);
+        let want = format!(
+            "{} ({}){}",
+            nic.network,
+            nic.model,
+            nic.mac
+                .as_ref()
+                .map(|m| format!(" {m}"))
+                .unwrap_or_default()
+        );
+        let Some(on) = m.map(|j| &o.interfaces[j]) else {
+            let change = Change::new(&field, "(none)", want);
+            if live {
+                diff.live
+                    .push((Op::AttachInterface(Box::new(nic.clone())), vec![change]));
+            } else {
+                diff.restart.push(change);
+            }
+            continue;
+        };
+        if pending(on.mac.as_ref()) {
+            diff.restart.push(Change::new(
+                &field,
+                format!("{} ({UNPLUG_PENDING})", describe_nic(on)),
+                want,
+            ));
+            continue;
+        }
+        let same = on.network.as_deref() == Some(nic.network.as_str())
+            && on.model.as_ref().is_none_or(|m| m == &nic.model)
+            && nic
+                .mac
+                .as_ref()
+                .is_none_or(|m| on.mac.as_ref().is_some_and(|om| om.eq_ignore_ascii_case(m)));
+        if !same {
+            diff.restart
+                .push(Change::new(&field, describe_nic(on), want));
+        }
+    }
+    for (j, on) in o.interfaces.iter().enumerate() {
+        if matched.contains(&Some(j)) {
+            continue;
+        }
+        let field = match (&on.alias, &on.mac) {
+            (Some(name), _) => format!("interfaces[name={name}]"),
+            (None, Some(mac)) => format!("interfaces[mac={mac}]"),
+            (None, None) => format!("interfaces[{j}]"),
+        };
+        match &on.mac {
+            _ if pending(on.mac.as_ref()) => diff.restart.push(Change::new(
+                &field,
+                format!("{} ({UNPLUG_PENDING})", describe_nic(on)),
+                "(none)",
+            )),
+            Some(mac) if live => diff.push_live((
+                Op::DetachInterface { mac: mac.clone() },
+                Change::new(&field, describe_nic(on), "(none)"),
+            )),
+            _ => diff
+                .restart
+                .push(Change::new(&field, describe_nic(on), "(none)")),
+        }
+    }
+}
+
+/// A whole-guest limit as users write it (`1500m`) from a quota and period.
+fn show_limit(quota: Option<i64>, period: Option<u64>) -> String {
+    match (quota, period) {
+        (Some(q), Some(p)) if q > 0 && p > 0 => {
+            virtkube_crds::domain::format_cpu_limit(q.unsigned_abs() * 1000 / p)
+        }
+        _ => "(unlimited)".into(),
+    }
+}
+
+/// CPU weight and bandwidth: the fields the manifest sets are compared; a weight or a
+/// quota removed from the manifest goes back to libvirt's default (weight 1024, no limit),
+/// as a removed pin floats again; periods without a quota are not compared. Live where the
+/// host allows (QEMU), otherwise at the next restart.
+fn diff_cpu_tune(d: &DesiredDomain, o: &ObservedDomain, host: &ObservedHost, diff: &mut Diff) {
+    let (want, have) = (&d.cpu_tune, &o.cpu_tune);
+    let mut set = CpuTune::default();
+    let mut changes = Vec::new();
+    match want.shares {
+        Some(w) if have.shares != Some(w) => {
+            set.shares = Some(w);
+            changes.push(Change::new("cpu.shares", opt(&have.shares), w));
+        }
+        None if have.shares.is_some_and(|h| h != CpuTune::DEFAULT_SHARES) => {
+            set.shares = Some(CpuTune::DEFAULT_SHARES);
+            changes.push(Change::new(
+                "cpu.shares",
+                opt(&have.shares),
+                format!("{} (libvirt's default)", CpuTune::DEFAULT_SHARES),
+            ));
+        }
+        _ => {}
+    }
+    let limited = |q: Option<i64>| q.is_some_and(|q| q > 0);
+    // The whole-guest limit: period and quota together.
+    if want.global_quota.is_some()
+        && (have.global_quota != want.global_quota || have.global_period != want.global_period)
+    {
+        set.global_period = want.global_period;
+        set.global_quota = want.global_quota;
+        changes.push(Change::new(
+            "cpu.limit",
+            show_limit(have.global_quota, have.global_period),
+            show_limit(want.global_quota, want.global_period),
+        ));
+    } else if want.global_quota.is_none() && limited(have.global_quota) {
+        set.global_quota = Some(-1);
+        changes.push(Change::new(
+            "cpu.limit",
+            show_limit(have.global_quota, have.global_period),
+            "(unlimited)",
+        ));
+    }
+    for (field, w, h, slot) in [
+        ("cpu.period", want.period, have.period, &mut set.period),
+        (
+            "cpu.emulatorPeriod",
+            want.emulator_period,
+            have.emulator_period,
+            &mut set.emulator_period,
+        ),
+    ] {
+        if let Some(w) = w
+            && h != Some(w)
+        {
+            *slot = Some(w);
+            changes.push(Change::new(field, opt(&h), w));
+        }
+    }
+    for (field, w, h, slot) in [
+        ("cpu.quota", want.quota, have.quota, &mut set.quota),
+        (
+            "cpu.emulatorQuota",
+            want.emulator_quota,
+            have.emulator_quota,
+            &mut set.emulator_quota,
+        ),
+    ] {
+        match w {
+            Some(w) if h != Some(w) => {
+                *slot = Some(w);
+                changes.push(Change::new(field, opt(&h), w));
+            }
+            None if limited(h) => {
+                *slot = Some(-1);
+                changes.push(Change::new(field, opt(&h), "(unlimited)"));
+            }
+            _ => {}
+        }
+    }
+    if changes.is_empty() {
+        return;
+    }
+    if host.cpu_tune_live || !o.power.is_active() {
+        // One libvirt call sets every field; the plan shows each change.
+        diff.live.push((Op::SetCpuTune(set), changes));
+    } else {
+        diff.restart.extend(changes);
+    }
+}
+
 /// Differences split by how they can be applied.
 #[derive(Default)]
 pub(crate) struct Diff {
-    /// Applied live on a running domain.
-    pub live: Vec<(Op, Change)>,
+    /// Applied live on a running domain: each operation with the field changes it makes.
+    pub live: Vec<(Op, Vec<Change>)>,
     /// Need a restart (or a redefinition while stopped).
     pub restart: Vec<Change>,
+}
+
+impl Diff {
+    /// A live operation changing one field.
+    fn push_live(&mut self, (op, change): (Op, Change)) {
+        self.live.push((op, vec![change]));
+    }
 }
 
 /// Compares what the user set with what libvirt reports.
@@ -108,7 +420,7 @@ pub(crate) fn diff_domain(d: &DesiredDomain, o: &ObservedDomain, host: &Observed
     if d.vcpus != o.vcpus {
         let change = Change::new("cpu.vcpus", o.vcpus, d.vcpus);
         if !max_changes && d.vcpus <= o.max_vcpus {
-            diff.live.push((Op::SetVcpus(d.vcpus), change));
+            diff.push_live((Op::SetVcpus(d.vcpus), change));
         } else {
             diff.restart.push(change);
         }
@@ -124,7 +436,7 @@ pub(crate) fn diff_domain(d: &DesiredDomain, o: &ObservedDomain, host: &Observed
     if d.memory_kib != o.memory_kib {
         let change = Change::new("memory.size", kib(o.memory_kib), kib(d.memory_kib));
         if !max_mem_changes && d.memory_kib <= o.max_memory_kib {
-            diff.live.push((Op::SetMemory(d.memory_kib), change));
+            diff.push_live((Op::SetMemory(d.memory_kib), change));
         } else {
             diff.restart.push(change);
         }
@@ -137,7 +449,7 @@ pub(crate) fn diff_domain(d: &DesiredDomain, o: &ObservedDomain, host: &Observed
                 cpuset,
             );
             if *vcpu < o.max_vcpus {
-                diff.live.push((
+                diff.push_live((
                     Op::PinVcpu {
                         vcpu: *vcpu,
                         cpuset: cpuset.clone(),
@@ -152,7 +464,7 @@ pub(crate) fn diff_domain(d: &DesiredDomain, o: &ObservedDomain, host: &Observed
     if let Some(e) = &d.emulator_cpuset
         && o.emulator_cpuset.as_ref() != Some(e)
     {
-        diff.live.push((
+        diff.push_live((
             Op::PinEmulator(e.clone()),
             Change::new("cpu.emulatorCpuset", opt(&o.emulator_cpuset), e),
         ));
@@ -164,7 +476,7 @@ pub(crate) fn diff_domain(d: &DesiredDomain, o: &ObservedDomain, host: &Observed
         let unpinned = format!("{online} (every online CPU)");
         for (vcpu, have) in &o.pinning {
             if !d.pinning.contains_key(vcpu) && *vcpu < o.max_vcpus && !floats(have, online) {
-                diff.live.push((
+                diff.push_live((
                     Op::PinVcpu {
                         vcpu: *vcpu,
                         cpuset: online.clone(),
@@ -177,7 +489,7 @@ pub(crate) fn diff_domain(d: &DesiredDomain, o: &ObservedDomain, host: &Observed
             && let Some(have) = &o.emulator_cpuset
             && !floats(have, online)
         {
-            diff.live.push((
+            diff.push_live((
                 Op::PinEmulator(online.clone()),
                 Change::new("cpu.emulatorCpuset", have, &unpinned),
             ));
@@ -243,100 +555,29 @@ pub(crate) fn diff_domain(d: &DesiredDomain, o: &ObservedDomain, host: &Observed
             diff.restart.push(Change::new(field, opt(have), opt(want)));
         }
     }
-    for disk in &d.disks {
-        let field = format!("disks[name={}]", disk.name);
-        let want = format!(
-            "{} {} on {}",
-            disk.target,
-            describe_disk_source(&disk.source),
-            disk.bus
-        );
-        let Some(od) = o.disks.iter().find(|x| x.target == disk.target) else {
-            diff.restart.push(Change::new(&field, "(none)", want));
-            continue;
-        };
-        let source_ok = match (&disk.source, &od.source) {
-            (DesiredDiskSource::Volume { volume, .. }, DiskRef::Volume { pool, volume: ov }) => {
-                volume == ov && disk_pool(&disk.source, host).is_none_or(|p| &p == pool)
-            }
-            (DesiredDiskSource::Path(p), DiskRef::Path(op)) => p == op,
-            _ => false,
-        };
-        let same = source_ok
-            && od.bus.as_ref().is_none_or(|b| b == &disk.bus)
-            && od.device == disk.device
-            && od.read_only == disk.read_only
-            && od.boot_order == disk.boot_order;
-        if !same {
-            diff.restart
-                .push(Change::new(&field, describe_observed_disk(od), want));
-        }
-    }
-    for od in &o.disks {
-        if !d.disks.iter().any(|x| x.target == od.target) {
-            diff.restart.push(Change::new(
-                &format!("disks[target={}]", od.target),
-                describe_observed_disk(od),
-                "(none)",
-            ));
-        }
-    }
-    for (i, nic) in d.interfaces.iter().enumerate() {
-        let field = format!("interfaces[name={}]", nic.name);
-        let want = format!("{} ({})", nic.network, nic.model);
-        let Some(on) = o.interfaces.get(i) else {
-            diff.restart.push(Change::new(&field, "(none)", want));
-            continue;
-        };
-        let same = on.network.as_deref() == Some(nic.network.as_str())
-            && on.model.as_ref().is_none_or(|m| m == &nic.model)
-            && nic
-                .mac
-                .as_ref()
-                .is_none_or(|m| on.mac.as_ref().is_some_and(|om| om.eq_ignore_ascii_case(m)));
-        if !same {
-            let have = format!(
-                "{} ({}){}",
-                on.network.as_deref().unwrap_or("?"),
-                on.model.as_deref().unwrap_or("default"),
-                on.mac.as_ref().map(|m| format!(" {m}")).unwrap_or_default()
-            );
-            let want = format!(
-                "{want}{}",
-                nic.mac
-                    .as_ref()
-                    .map(|m| format!(" {m}"))
-                    .unwrap_or_default()
-            );
-            diff.restart.push(Change::new(&field, have, want));
-        }
-    }
-    if o.interfaces.len() > d.interfaces.len() {
-        diff.restart.push(Change::new(
-            "interfaces",
-            format!("{} NICs", o.interfaces.len()),
-            format!("{} NICs", d.interfaces.len()),
-        ));
-    }
+    diff_cpu_tune(d, o, host, &mut diff);
+    diff_disks(d, o, host, &mut diff);
+    diff_nics(d, o, host, &mut diff);
     diff
 }
 
 /// What to keep from an existing definition: its UUID, and the MACs libvirt generated for
 /// NICs whose MAC the user did not set.
 pub(crate) fn preserve(d: &DesiredDomain, o: &ObservedDomain) -> Preserve {
+    let matched = match_nics(d, o);
     Preserve {
         uuid: Some(o.uuid.clone()),
         macs: d
             .interfaces
             .iter()
-            .enumerate()
-            .map(|(i, nic)| match &nic.mac {
+            .zip(&matched)
+            .map(|(nic, m)| match &nic.mac {
                 Some(_) => None,
-                // Keep a generated MAC only for the same NIC (same place, same network), so
-                // inserting a NIC does not hand the guest's old address to another network.
-                None => o
-                    .interfaces
-                    .get(i)
+                // Keep a generated MAC only for the same NIC (same name or place, same
+                // network), so inserting a NIC does not hand the guest's old address to
+                // another network.
+                None => m
+                    .map(|j| &o.interfaces[j])
                     .filter(|x| x.network.as_deref() == Some(nic.network.as_str()))
                     .and_then(|x| x.mac.clone()),
             })
@@ -526,7 +767,10 @@ pub(crate) fn plan_domain(
         }
     }
     for nic in &d.interfaces {
-        let known = desired.networks.iter().any(|n| n.name == nic.network)
+        let known = desired
+            .networks
+            .iter()
+            .any(|n| n.name == nic.network && n.placed_on(&d.node))
             || host.networks.contains_key(&nic.network);
         if !known {
             b.notice(NoticeKind::Invalid, &object, &d.node, format!("{}: spec.interfaces[name={}].network: Network {} is neither in the manifests nor on node {}", d.origin, nic.name, nic.network, d.node), vec![]);
@@ -648,7 +892,7 @@ pub(crate) fn plan_domain(
             let diff = diff_domain(d, o, host);
             let mut power = o.power;
             if !o.power.is_active() {
-                let mut changes: Vec<Change> = diff.live.into_iter().map(|(_, c)| c).collect();
+                let mut changes: Vec<Change> = diff.live.into_iter().flat_map(|(_, c)| c).collect();
                 changes.extend(diff.restart);
                 if !changes.is_empty() {
                     b.push(
@@ -672,7 +916,7 @@ pub(crate) fn plan_domain(
                 }
                 if restart_now {
                     let mut changes = diff.restart.clone();
-                    changes.extend(diff.live.iter().map(|(_, c)| c.clone()));
+                    changes.extend(diff.live.iter().flat_map(|(_, c)| c.clone()));
                     b.push(
                         &d.node,
                         &object,
@@ -688,11 +932,26 @@ pub(crate) fn plan_domain(
                     );
                     power = PowerObserved::Running;
                 } else {
-                    let steps = diff
-                        .live
-                        .into_iter()
-                        .map(|(op, change)| step(op, "applied live", vec![change]));
-                    b.chain(&d.node, &object, &d.owner, Symbol::Live, steps);
+                    for (op, changes) in diff.live {
+                        let why = match op {
+                            Op::AttachDisk(_) | Op::AttachInterface(_) => "plugged in live",
+                            Op::DetachDisk { .. } | Op::DetachInterface { .. } => {
+                                "unplugged live (the guest must release it)"
+                            }
+                            _ => "applied live",
+                        };
+                        // A plugged-in disk may use a volume this plan creates.
+                        b.push(
+                            &d.node,
+                            &object,
+                            &d.owner,
+                            op,
+                            Symbol::Live,
+                            why,
+                            changes,
+                            &deps,
+                        );
+                    }
                 }
             }
             let steps = autostart_step(Op::SetDomainAutostart, o.autostart, d.autostart)

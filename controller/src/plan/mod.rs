@@ -14,10 +14,14 @@
 //! - **Data is kept**: a volume with `reclaimPolicy: Retain` (or whose policy is unknown) is
 //!   never deleted; a volume or network still used by a domain that stays is not deleted.
 
+pub mod cluster;
+pub mod dependents;
 pub mod desired;
 mod domain;
+pub mod json;
 pub mod observed;
 pub mod render;
+pub mod reported;
 pub mod simulate;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -238,8 +242,25 @@ pub enum Op {
     },
     /// Pin the emulator threads live.
     PinEmulator(String),
+    /// Set the CPU weight and bandwidth fields that are set, live and in the definition.
+    SetCpuTune(observed::CpuTune),
     /// Set the autostart flag.
     SetDomainAutostart(bool),
+    /// Plug a disk into the running domain and its definition (hotplug).
+    AttachDisk(Box<desired::DesiredDisk>),
+    /// Unplug a disk (by guest device) from the running domain and its definition; a guest
+    /// that does not release it keeps it until it restarts.
+    DetachDisk {
+        /// Guest device (`vdb`).
+        target: String,
+    },
+    /// Plug a NIC into the running domain and its definition (hotplug).
+    AttachInterface(Box<desired::DesiredNic>),
+    /// Unplug a NIC (by MAC) from the running domain and its definition.
+    DetachInterface {
+        /// Its MAC address.
+        mac: String,
+    },
     /// Shut down, redefine, start again (`updatePolicy: Restart`).
     RestartDomain {
         /// The new definition.
@@ -288,6 +309,11 @@ impl Op {
             Op::SetMemory(k) => format!("set memory to {}", render::kib(*k)),
             Op::PinVcpu { vcpu, cpuset } => format!("pin vCPU {vcpu} to {cpuset}"),
             Op::PinEmulator(c) => format!("pin emulator to {c}"),
+            Op::SetCpuTune(_) => "set CPU weight and bandwidth".into(),
+            Op::AttachDisk(d) => format!("plug in disk {} ({})", d.name, d.target),
+            Op::DetachDisk { target } => format!("unplug disk {target}"),
+            Op::AttachInterface(n) => format!("plug in NIC {} on {}", n.name, n.network),
+            Op::DetachInterface { mac } => format!("unplug NIC {mac}"),
             Op::RestartDomain { .. } => "restart with the new definition".into(),
             Op::DeleteDomain => "shut down, destroy, undefine".into(),
             Op::MigrateDomain { to, .. } => format!("live-migrate to {to}"),
@@ -333,6 +359,9 @@ pub enum NoticeKind {
     Retained,
     /// The manifests ask for something impossible (unknown node, missing reference).
     Invalid,
+    /// Something the reader should know that changes nothing (a preview against a cluster:
+    /// a status behind its spec, a move under way).
+    Note,
 }
 
 impl NoticeKind {
@@ -353,6 +382,7 @@ impl NoticeKind {
             NoticeKind::Blocked => "blocked",
             NoticeKind::Retained => "retained",
             NoticeKind::Invalid => "invalid",
+            NoticeKind::Note => "note",
         }
     }
 }
@@ -370,6 +400,9 @@ pub struct Notice {
     pub message: String,
     /// Field-level before → after, when it is about changes.
     pub changes: Vec<Change>,
+    /// For a [`NoticeKind::Blocked`] deletion: what still uses the object, as people read
+    /// them (`Domain team/web`, `libvirt domain legacy (not virtkube's)`).
+    pub users: Vec<String>,
 }
 
 /// An ordered list of actions, and what the planner reports without acting.
@@ -390,6 +423,20 @@ impl Plan {
     /// Whether any notice is an error.
     pub fn has_errors(&self) -> bool {
         self.notices.iter().any(|n| n.kind.is_error())
+    }
+
+    /// Appends `other`'s actions (after this plan's, their ids and dependencies renumbered)
+    /// and notices.
+    pub fn append(&mut self, other: Plan) {
+        let offset = self.actions.len();
+        self.actions.extend(other.actions.into_iter().map(|mut a| {
+            a.id += offset;
+            for d in &mut a.depends_on {
+                *d += offset;
+            }
+            a
+        }));
+        self.notices.extend(other.notices);
     }
 }
 
@@ -475,6 +522,7 @@ impl Builder {
             node: node.to_string(),
             message: message.into(),
             changes,
+            users: Vec::new(),
         });
     }
 
@@ -648,7 +696,7 @@ pub fn plan(desired: &DesiredState, observed: &ObservedState, options: &PlanOpti
     // Pools, on every node.
     for pool in &desired.pools {
         let object = ObjectRef::new(ObjectKind::StoragePool, &pool.name, &pool.name);
-        for node in &nodes {
+        for node in nodes.iter().filter(|n| pool.placed_on(n)) {
             let host = &observed.hosts[node];
             match host.pools.get(&pool.name) {
                 None => {
@@ -747,8 +795,11 @@ pub fn plan(desired: &DesiredState, observed: &ObservedState, options: &PlanOpti
             );
             continue;
         }
-        let pool_known =
-            desired.pools.iter().any(|p| p.name == vol.pool) || host.pools.contains_key(&vol.pool);
+        let pool_known = desired
+            .pools
+            .iter()
+            .any(|p| p.name == vol.pool && p.placed_on(node))
+            || host.pools.contains_key(&vol.pool);
         if !pool_known {
             b.notice(
                 NoticeKind::Invalid,
@@ -952,7 +1003,7 @@ pub fn plan(desired: &DesiredState, observed: &ObservedState, options: &PlanOpti
     // Networks, on every node.
     for net in &desired.networks {
         let object = ObjectRef::new(ObjectKind::Network, &net.name, &net.name);
-        for node in &nodes {
+        for node in nodes.iter().filter(|n| net.placed_on(n)) {
             let host = &observed.hosts[node];
             match host.networks.get(&net.name) {
                 None => {
@@ -1151,7 +1202,11 @@ pub fn plan_delete(desired: &DesiredState, observed: &ObservedState) -> Plan {
         }
         for v in desired.volumes.iter().filter(|v| &v.node == node) {
             if let Some(o) = host.volumes.get(&(v.pool.clone(), v.name.clone())) {
-                if o.owned {
+                let foreign_pool = host.pools.get(&v.pool).is_some_and(|p| p.owner.is_none());
+                if foreign_pool {
+                    let object = ObjectRef::new(ObjectKind::Volume, &v.name, &v.display);
+                    found.b.notice(NoticeKind::Retained, &object, node, format!("pool {} is not virtkube's: virtkube never deletes an image from a pool it did not make, whatever the reclaimPolicy; the image stays ({})", v.pool, o.path), vec![]);
+                } else if o.owned {
                     found.targets.push(DeleteTarget::volume(
                         node,
                         &v.pool,
@@ -1279,7 +1334,7 @@ fn released_by_plan(
     b: &Builder,
     node: &str,
     domain: &str,
-    still_uses: impl Fn(&DesiredDomain) -> bool,
+    still_uses: &dyn Fn(&DesiredDomain) -> bool,
 ) -> bool {
     b.actions
         .iter()
@@ -1297,60 +1352,112 @@ fn released_by_plan(
         .unwrap_or(false)
 }
 
-/// Whether domains on `node` keep using an object a deletion would remove: users that are
-/// neither deleted by this plan nor redefined by it into a definition without the object
-/// (`still_uses`). If so, the deletion waits (reported as blocked, retried at the next apply).
-fn blocked_by_users(
+/// What a deletion on one node may rely on going away first, in this very plan.
+struct Going<'a> {
+    /// Every deletion target, by (kind, node, name).
+    targets: &'a BTreeSet<ObjKey>,
+    /// Volumes this plan deletes (policy `Delete`): (node, pool, name).
+    volumes: &'a BTreeSet<(String, String, String)>,
+}
+
+impl Going<'_> {
+    fn domain(&self, node: &str, name: &str) -> bool {
+        self.targets
+            .contains(&(ObjectKind::Domain, node.to_string(), name.to_string()))
+    }
+}
+
+/// The users of an object a deletion would remove that stay: neither deleted by this plan
+/// nor redefined by it into a definition without the object (`still_uses`). When any stay,
+/// the deletion waits: a [`NoticeKind::Blocked`] notice names them (the CLI retries at the
+/// next apply, the agent at its next reconcile). Otherwise returns the dependency keys the
+/// deletion runs after (the users' own deletions).
+fn wait_for_users(
     b: &mut Builder,
     object: &ObjectRef,
     node: &str,
-    users: &[&String],
-    doomed: &dyn Fn(&str, &str) -> bool,
-    still_uses: impl Fn(&DesiredDomain) -> bool,
-) -> bool {
-    let staying: Vec<&str> = users
+    users: &[dependents::User],
+    going: &Going<'_>,
+    still_uses: &dyn Fn(&DesiredDomain) -> bool,
+) -> Option<Vec<ObjKey>> {
+    let staying: Vec<&dependents::User> = users
         .iter()
-        .map(|n| n.as_str())
-        .filter(|n| !doomed(node, n))
-        .filter(|n| !released_by_plan(b, node, n, &still_uses))
+        .filter(|u| match u {
+            dependents::User::Domain { name, .. } => {
+                !going.domain(node, name) && !released_by_plan(b, node, name, still_uses)
+            }
+            dependents::User::Volume { pool, name, .. } => {
+                !going
+                    .volumes
+                    .contains(&(node.to_string(), pool.clone(), name.clone()))
+            }
+        })
         .collect();
-    if staying.is_empty() {
-        return false;
+    if !staying.is_empty() {
+        b.notice(
+            NoticeKind::Blocked,
+            object,
+            node,
+            format!(
+                "not deleted: still used by {}; deleted once they are gone",
+                dependents::describe(&staying)
+            ),
+            vec![],
+        );
+        if let Some(n) = b.notices.last_mut() {
+            n.users = staying.iter().map(ToString::to_string).collect();
+        }
+        return None;
     }
-    b.notice(
-        NoticeKind::Blocked,
-        object,
-        node,
-        format!(
-            "not deleted: still used by domain {}; retried at the next apply",
-            staying.join(", ")
-        ),
-        vec![],
-    );
-    true
+    Some(
+        users
+            .iter()
+            .map(|u| match u {
+                dependents::User::Domain { name, .. } => {
+                    (ObjectKind::Domain, node.to_string(), name.clone())
+                }
+                dependents::User::Volume { name, .. } => {
+                    (ObjectKind::Volume, node.to_string(), name.clone())
+                }
+            })
+            .collect(),
+    )
 }
 
-/// The dependency keys of domains on `node`.
-fn domain_keys(node: &str, domains: &[&String]) -> Vec<ObjKey> {
-    domains
-        .iter()
-        .map(|n| (ObjectKind::Domain, node.to_string(), (*n).clone()))
-        .collect()
-}
-
+/// Plans the deletion of `targets`, each decided against its node's whole dependency view
+/// ([`dependents::NodeView`]): domains first, then networks, volumes (overlays before the
+/// images under them) and pools, each after the deletions of its users in this plan.
 fn plan_deletions(
     b: &mut Builder,
-    targets: Vec<DeleteTarget>,
+    mut targets: Vec<DeleteTarget>,
     observed: &ObservedState,
     reason: &str,
 ) {
-    let deleting: BTreeSet<(ObjectKind, String, String)> = targets
+    let views: BTreeMap<&String, dependents::NodeView<'_>> = observed
+        .hosts
+        .iter()
+        .map(|(node, host)| (node, dependents::NodeView::new(host)))
+        .collect();
+    let all: BTreeSet<ObjKey> = targets
         .iter()
         .map(|t| (t.kind, t.node.clone(), t.name.clone()))
         .collect();
-    let doomed_domain = |node: &str, name: &str| {
-        deleting.contains(&(ObjectKind::Domain, node.to_string(), name.to_string()))
+    let deleted: BTreeSet<(String, String, String)> = targets
+        .iter()
+        .filter(|t| t.kind == ObjectKind::Volume && t.retain == Some(false))
+        .map(|t| (t.node.clone(), t.pool.clone(), t.name.clone()))
+        .collect();
+    let going = Going {
+        targets: &all,
+        volumes: &deleted,
     };
+    // Overlays before what they are built on: the deepest chain first.
+    let depth = |t: &DeleteTarget| {
+        views
+            .get(&t.node)
+            .map_or(0, |v| v.volume_chain(&t.pool, &t.name).len())
+    };
+    targets.sort_by_key(|t| std::cmp::Reverse(depth(t)));
     // Deleted-volume keys, so pools wait for them.
     let mut deleted_volumes: Vec<(String, String, String)> = Vec::new();
     for kind in [
@@ -1360,7 +1467,7 @@ fn plan_deletions(
         ObjectKind::StoragePool,
     ] {
         for t in targets.iter().filter(|t| t.kind == kind) {
-            let Some(host) = observed.hosts.get(&t.node) else {
+            let (Some(host), Some(view)) = (observed.hosts.get(&t.node), views.get(&t.node)) else {
                 continue;
             };
             let object = ObjectRef::new(kind, &t.name, &display_of(kind, &t.name, &t.owner));
@@ -1380,22 +1487,14 @@ fn plan_deletions(
                 }
                 ObjectKind::Network => {
                     let Some(owner) = &t.owner else { continue };
-                    let users: Vec<&String> = host
-                        .domains
-                        .iter()
-                        .filter(|(_, d)| {
-                            d.interfaces
-                                .iter()
-                                .any(|i| i.network.as_deref() == Some(t.name.as_str()))
-                        })
-                        .map(|(n, _)| n)
-                        .collect();
-                    if blocked_by_users(b, &object, &t.node, &users, &doomed_domain, |d| {
-                        d.interfaces.iter().any(|i| i.network == t.name)
-                    }) {
+                    let users = view.network_users(&t.name);
+                    let still_uses =
+                        |d: &DesiredDomain| d.interfaces.iter().any(|i| i.network == t.name);
+                    let Some(deps) =
+                        wait_for_users(b, &object, &t.node, &users, &going, &still_uses)
+                    else {
                         continue;
-                    }
-                    let deps = domain_keys(&t.node, &users);
+                    };
                     b.push(
                         &t.node,
                         &object,
@@ -1431,64 +1530,25 @@ fn plan_deletions(
                             continue;
                         }
                     }
-                    let users: Vec<&String> = host
-                        .domains
-                        .iter()
-                        .filter(|(_, d)| {
-                            d.disks.iter().any(|disk| match &disk.source {
-                                observed::DiskRef::Volume { pool, volume } => {
-                                    pool == &t.pool && volume == &t.name
-                                }
-                                observed::DiskRef::Path(p) => p == &v.path,
-                                observed::DiskRef::Other => false,
-                            })
-                        })
-                        .map(|(n, _)| n)
+                    let users = view.volume_users(&t.pool, &t.name);
+                    // A domain redefined by this plan lets go of the chain only if none of
+                    // its disks names the volume or a volume built on it.
+                    let chain_names: BTreeSet<&str> = std::iter::once(t.name.as_str())
+                        .chain(users.iter().filter_map(|u| match u {
+                            dependents::User::Volume { name, .. } => Some(name.as_str()),
+                            dependents::User::Domain { .. } => None,
+                        }))
                         .collect();
-                    if blocked_by_users(b, &object, &t.node, &users, &doomed_domain, |d| {
+                    let still_uses = |d: &DesiredDomain| {
                         d.disks.iter().any(|disk| {
-                            matches!(&disk.source, desired::DesiredDiskSource::Volume { volume, .. } if *volume == t.name)
+                            matches!(&disk.source, desired::DesiredDiskSource::Volume { volume, .. } if chain_names.contains(volume.as_str()))
                         })
-                    }) {
+                    };
+                    let Some(deps) =
+                        wait_for_users(b, &object, &t.node, &users, &going, &still_uses)
+                    else {
                         continue;
-                    }
-                    let overlays: Vec<&String> = host
-                        .volumes
-                        .iter()
-                        .filter(|(k, o)| {
-                            o.backing_path.as_deref() == Some(v.path.as_str())
-                                && !deleting.contains(&(
-                                    ObjectKind::Volume,
-                                    t.node.clone(),
-                                    k.1.clone(),
-                                ))
-                        })
-                        .map(|(k, _)| &k.1)
-                        .collect();
-                    if !overlays.is_empty() {
-                        b.notice(
-                            NoticeKind::Blocked,
-                            &object,
-                            &t.node,
-                            format!(
-                                "not deleted: it is the backing store of volume {}",
-                                overlays
-                                    .iter()
-                                    .map(|s| s.as_str())
-                                    .collect::<Vec<_>>()
-                                    .join(", ")
-                            ),
-                            vec![],
-                        );
-                        continue;
-                    }
-                    let mut deps = domain_keys(&t.node, &users);
-                    deps.extend(
-                        host.volumes
-                            .iter()
-                            .filter(|(_, o)| o.backing_path.as_deref() == Some(v.path.as_str()))
-                            .map(|(k, _)| (ObjectKind::Volume, t.node.clone(), k.1.clone())),
-                    );
+                    };
                     let op = Op::DeleteVolume {
                         pool: t.pool.clone(),
                         key: v.key.clone(),
@@ -1507,24 +1567,13 @@ fn plan_deletions(
                 }
                 ObjectKind::StoragePool => {
                     let Some(owner) = &t.owner else { continue };
-                    let in_use: Vec<&String> = host.domains.iter().filter(|(n, d)| !doomed_domain(&t.node, n) && d.disks.iter().any(|disk| matches!(&disk.source, observed::DiskRef::Volume { pool, .. } if pool == &t.name))).map(|(n, _)| n).collect();
-                    if !in_use.is_empty() {
-                        b.notice(
-                            NoticeKind::Blocked,
-                            &object,
-                            &t.node,
-                            format!(
-                                "not deleted: domain {} still uses its volumes",
-                                in_use
-                                    .iter()
-                                    .map(|s| s.as_str())
-                                    .collect::<Vec<_>>()
-                                    .join(", ")
-                            ),
-                            vec![],
-                        );
+                    let users = view.pool_users(&t.name);
+                    // A pool's volumes are named by the domains' disks: only their removal
+                    // releases it (a redefinition elsewhere in this plan does not count).
+                    let Some(_) = wait_for_users(b, &object, &t.node, &users, &going, &|_| true)
+                    else {
                         continue;
-                    }
+                    };
                     let deps: Vec<ObjKey> = deleted_volumes
                         .iter()
                         .filter(|(n, p, _)| n == &t.node && p == &t.name)

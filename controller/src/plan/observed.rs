@@ -85,6 +85,13 @@ pub struct ObservedHost {
     /// The host's online CPUs, canonical cpuset (`0-7`): what a vCPU whose pin was removed
     /// floats over again. `None` when unknown: a removed pin is then left as it is.
     pub online_cpus: Option<String>,
+    /// Whether the driver plugs disks and NICs into running domains and out of them (QEMU:
+    /// yes; the test driver: no, so such changes wait for a restart there).
+    pub device_hotplug: bool,
+    /// Whether the driver changes CPU weight and bandwidth of a running domain
+    /// (`virDomainSetSchedulerParameters`: QEMU with the cgroup `cpu` controller; the test
+    /// driver does not, so such changes wait for a restart there).
+    pub cpu_tune_live: bool,
     /// Storage pools by libvirt name.
     pub pools: BTreeMap<String, ObservedPool>,
     /// Networks by libvirt name.
@@ -153,6 +160,36 @@ pub struct ObservedVolume {
     pub backing_path: Option<String>,
 }
 
+/// CPU weight and bandwidth (libvirt `<cputune>`): what a manifest asks (unset fields are
+/// not compared) and what libvirt has in force.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CpuTune {
+    /// Weight (`cpu.shares`).
+    pub shares: Option<u64>,
+    /// vCPU period, µs.
+    pub period: Option<u64>,
+    /// vCPU quota, µs (`-1`: unlimited).
+    pub quota: Option<i64>,
+    /// Whole-guest period, µs.
+    pub global_period: Option<u64>,
+    /// Whole-guest quota, µs (`-1`: unlimited).
+    pub global_quota: Option<i64>,
+    /// Emulator threads' period, µs.
+    pub emulator_period: Option<u64>,
+    /// Emulator threads' quota, µs (`-1`: unlimited).
+    pub emulator_quota: Option<i64>,
+}
+
+impl CpuTune {
+    /// libvirt's weight when none is set.
+    pub const DEFAULT_SHARES: u64 = 1024;
+
+    /// Whether nothing is set.
+    pub fn is_empty(&self) -> bool {
+        *self == CpuTune::default()
+    }
+}
+
 /// A domain's power state as the planner distinguishes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PowerObserved {
@@ -217,6 +254,10 @@ pub struct ObservedDisk {
     pub read_only: bool,
     /// Boot order.
     pub boot_order: Option<u32>,
+    /// The images under the disk's own, nearest first, as libvirt reports them for the
+    /// domain (filled in for running guests; the chains of pool volumes come from the
+    /// volumes themselves).
+    pub chain: Vec<String>,
 }
 
 /// A NIC.
@@ -228,6 +269,9 @@ pub struct ObservedNic {
     pub model: Option<String>,
     /// MAC (libvirt generates one when the definition has none).
     pub mac: Option<String>,
+    /// The spec's NIC name, from libvirt's user alias (`None` on NICs defined before
+    /// virtkube wrote aliases: those are matched by position).
+    pub alias: Option<String>,
 }
 
 /// A domain.
@@ -257,6 +301,10 @@ pub struct ObservedDomain {
     pub pinning: BTreeMap<u32, String>,
     /// Emulator affinity, canonical, when reported.
     pub emulator_cpuset: Option<String>,
+    /// CPU weight and bandwidth in force.
+    pub cpu_tune: CpuTune,
+    /// Security labels as libvirt reports them (status only, never compared).
+    pub security_labels: Vec<virtkube_crds::domain::SecurityLabelStatus>,
     /// Current memory, KiB.
     pub memory_kib: u64,
     /// Maximum memory, KiB.
@@ -285,4 +333,8 @@ pub struct ObservedDomain {
     pub autostart: bool,
     /// Whether the domain is persistent (defined).
     pub persistent: bool,
+    /// Devices whose unplug the guest has not acknowledged (`disk/vdb`,
+    /// `interface/<mac>`): gone from the definition, still in the running guest until it
+    /// restarts.
+    pub pending_unplug: Vec<String>,
 }

@@ -130,7 +130,11 @@ impl Plan {
             .filter(|n| n.kind == super::NoticeKind::RestartPending)
             .count();
         let errors = self.notices.iter().filter(|n| n.kind.is_error()).count();
-        if self.actions.is_empty() && self.notices.is_empty() {
+        let notes_only = self
+            .notices
+            .iter()
+            .all(|n| n.kind == super::NoticeKind::Note);
+        if self.actions.is_empty() && notes_only {
             out.push_str("No changes: the hosts match the manifests.\n");
         } else {
             let _ = writeln!(

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use super::desired::{DesiredDiskSource, DesiredDomain, VolumeOrigin};
+use super::desired::{DesiredDisk, DesiredDiskSource, DesiredDomain, VolumeOrigin};
 use super::observed::{
     DiskRef, ObservedDisk, ObservedDomain, ObservedHost, ObservedNetwork, ObservedNic,
     ObservedPool, ObservedState, ObservedVolume, PowerObserved,
@@ -25,28 +25,7 @@ fn domain_from(
     let disks = d
         .disks
         .iter()
-        .map(|disk| ObservedDisk {
-            target: disk.target.clone(),
-            bus: Some(disk.bus.clone()),
-            device: disk.device.clone(),
-            source: match &disk.source {
-                DesiredDiskSource::Volume { volume, pool, .. } => DiskRef::Volume {
-                    pool: pool
-                        .clone()
-                        .or_else(|| {
-                            host.volumes
-                                .keys()
-                                .find(|(_, v)| v == volume)
-                                .map(|(p, _)| p.clone())
-                        })
-                        .unwrap_or_default(),
-                    volume: volume.clone(),
-                },
-                DesiredDiskSource::Path(p) => DiskRef::Path(p.clone()),
-            },
-            read_only: disk.read_only,
-            boot_order: disk.boot_order,
-        })
+        .map(|disk| observed_disk(disk, host))
         .collect();
     let interfaces = d
         .interfaces
@@ -60,6 +39,7 @@ fn domain_from(
                 .clone()
                 .or_else(|| preserve.macs.get(i).cloned().flatten())
                 .or_else(|| Some(format!("52:54:00:00:00:{i:02x}"))),
+            alias: Some(nic.name.clone()),
         })
         .collect();
     let disk_boot = d.disks.iter().any(|x| x.boot_order.is_some());
@@ -89,6 +69,8 @@ fn domain_from(
             })
             .collect::<BTreeMap<_, _>>(),
         emulator_cpuset: d.emulator_cpuset.clone().or_else(|| Some("0-63".into())),
+        cpu_tune: d.cpu_tune,
+        security_labels: Vec::new(),
         memory_kib: d.memory_kib,
         max_memory_kib: d.max_memory_kib,
         hugepage_kib: d.hugepage_kib,
@@ -115,6 +97,34 @@ fn domain_from(
         interfaces,
         autostart: previous.is_some_and(|p| p.autostart),
         persistent: true,
+        pending_unplug: Vec::new(),
+    }
+}
+
+/// A disk as libvirt reports it once defined or plugged in.
+fn observed_disk(disk: &DesiredDisk, host: &ObservedHost) -> ObservedDisk {
+    ObservedDisk {
+        target: disk.target.clone(),
+        bus: Some(disk.bus.clone()),
+        device: disk.device.clone(),
+        source: match &disk.source {
+            DesiredDiskSource::Volume { volume, pool, .. } => DiskRef::Volume {
+                pool: pool
+                    .clone()
+                    .or_else(|| {
+                        host.volumes
+                            .keys()
+                            .find(|(_, v)| v == volume)
+                            .map(|(p, _)| p.clone())
+                    })
+                    .unwrap_or_default(),
+                volume: volume.clone(),
+            },
+            DesiredDiskSource::Path(p) => DiskRef::Path(p.clone()),
+        },
+        read_only: disk.read_only,
+        boot_order: disk.boot_order,
+        chain: Vec::new(),
     }
 }
 
@@ -293,7 +303,58 @@ pub fn apply_action(state: &mut ObservedState, a: &Action) -> Result<(), SimErro
             domain_mut(state, a)?.pinning.insert(*vcpu, cpuset.clone());
         }
         Op::PinEmulator(c) => domain_mut(state, a)?.emulator_cpuset = Some(c.clone()),
+        Op::SetCpuTune(set) => {
+            let t = &mut domain_mut(state, a)?.cpu_tune;
+            let keep = |new: Option<i64>, old: Option<i64>| new.or(old);
+            t.shares = set.shares.or(t.shares);
+            t.period = set.period.or(t.period);
+            t.quota = keep(set.quota, t.quota);
+            t.global_period = set.global_period.or(t.global_period);
+            t.global_quota = keep(set.global_quota, t.global_quota);
+            t.emulator_period = set.emulator_period.or(t.emulator_period);
+            t.emulator_quota = keep(set.emulator_quota, t.emulator_quota);
+        }
         Op::SetDomainAutostart(on) => domain_mut(state, a)?.autostart = *on,
+        // The model's guests acknowledge every unplug.
+        Op::AttachDisk(disk) => {
+            let host = state.host_mut(&a.node);
+            let new = observed_disk(disk, host);
+            let d = domain_mut(state, a)?;
+            if d.disks.iter().any(|x| x.target == new.target) {
+                return Err(SimError(format!("target {} already exists", new.target)));
+            }
+            d.disks.push(new);
+        }
+        Op::DetachDisk { target } => {
+            let d = domain_mut(state, a)?;
+            let before = d.disks.len();
+            d.disks.retain(|x| &x.target != target);
+            if d.disks.len() == before {
+                return Err(SimError(format!("no disk {target}")));
+            }
+        }
+        Op::AttachInterface(nic) => {
+            let d = domain_mut(state, a)?;
+            let i = d.interfaces.len();
+            d.interfaces.push(ObservedNic {
+                network: Some(nic.network.clone()),
+                model: Some(nic.model.clone()),
+                mac: nic
+                    .mac
+                    .clone()
+                    .or_else(|| Some(format!("52:54:00:00:01:{i:02x}"))),
+                alias: Some(nic.name.clone()),
+            });
+        }
+        Op::DetachInterface { mac } => {
+            let d = domain_mut(state, a)?;
+            let before = d.interfaces.len();
+            d.interfaces
+                .retain(|x| !x.mac.as_ref().is_some_and(|m| m.eq_ignore_ascii_case(mac)));
+            if d.interfaces.len() == before {
+                return Err(SimError(format!("no NIC {mac}")));
+            }
+        }
         Op::RestartDomain { domain, preserve } => {
             let host = state.host_mut(&a.node);
             let previous = host.domains.get(&name).cloned();

@@ -99,14 +99,24 @@ async fn handle(State(fake): State<Shared>, method: Method, uri: Uri, body: Byte
             .next()
             .unwrap_or_default()
             .to_string();
+        let status = match &body {
+            // A compare-and-swap write (a JSON patch replacing `/status`).
+            Value::Array(ops) => ops
+                .iter()
+                .find(|op| op["path"] == "/status")
+                .map(|op| op["value"].clone())
+                .unwrap_or(Value::Null),
+            _ => body["status"].clone(),
+        };
         let mut f = fake.lock().unwrap();
-        f.status_patches.push((path.clone(), body.clone()));
+        f.status_patches
+            .push((path.clone(), json!({ "status": status.clone() })));
         let stored = plural
             .and_then(|p| f.objects.get(p))
             .and_then(|objs| objs.iter().find(|o| o["metadata"]["name"] == name.as_str()))
             .cloned();
         if let Some(mut obj) = stored {
-            obj["status"] = body["status"].clone();
+            obj["status"] = status;
             return json_response(StatusCode::OK, obj);
         }
     }
@@ -194,21 +204,31 @@ pub fn agent_with(
         }
         None => (Stdio::piped(), Stdio::piped()),
     };
+    // A 1 s heartbeat unless the test asks for another.
+    let heartbeat: &[&str] = if extra.contains(&"--heartbeat-seconds") {
+        &[]
+    } else {
+        &["--heartbeat-seconds", "1"]
+    };
     Command::new(env!("CARGO_BIN_EXE_virtkube"))
         .args([
             "agent",
             "--metrics-addr",
             &format!("127.0.0.1:{metrics_port}"),
-            "--heartbeat-seconds",
-            "1",
             "--log-format",
             "json",
         ])
+        .args(heartbeat)
         .args(extra)
         .env("KUBECONFIG", kubeconfig)
         .env("VIRTKUBE_NODE_NAME", "proc-node")
         .env("VIRTKUBE_CONNECT", uri)
-        .env("RUST_LOG", "info")
+        // `VIRTKUBE_AGENT_RUST_LOG` turns on more (e.g. `info,kube_runtime=debug`) when
+        // a test needs to see where time goes.
+        .env(
+            "RUST_LOG",
+            std::env::var("VIRTKUBE_AGENT_RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .stdout(out)
         .stderr(err)
         .spawn()

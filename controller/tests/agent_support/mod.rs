@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod fake_api;
+pub mod rbac;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -170,10 +171,20 @@ pub fn writes_since(api: &virtkube_testapi::TestApi, rv: u64) -> Vec<String> {
 pub async fn testapi_context(
     api: &virtkube_testapi::TestApi,
 ) -> (Arc<Context>, kube::Client, Engine) {
+    testapi_context_for(api, NODE).await
+}
+
+/// An agent context for `node` on `test:///default` (whose default instance every
+/// connection of this process shares) whose API is the in-memory server `api`, as identity
+/// `agent`.
+pub async fn testapi_context_for(
+    api: &virtkube_testapi::TestApi,
+    node: &str,
+) -> (Arc<Context>, kube::Client, Engine) {
     let client = api.client("agent").await.unwrap();
     let mut hosts = Hosts::connect(
         &[HostSpec {
-            node: NODE.into(),
+            node: node.into(),
             uri: "test:///default".into(),
             p2p_uri: None,
             migration_uri: None,
@@ -183,8 +194,8 @@ pub async fn testapi_context(
     .await
     .unwrap();
     hosts.shutdown_deadline = Duration::from_millis(200);
-    let engine = hosts.get(NODE).unwrap().engine.clone();
-    let mut settings = Settings::for_node(NODE);
+    let engine = hosts.get(node).unwrap().engine.clone();
+    let mut settings = Settings::for_node(node);
     settings.shutdown_timeout = Duration::from_millis(200);
     settings.host_cpus = Some(engine.node_info().await.unwrap().cpus);
     let metrics = Metrics::register(&mut Registry::default(), None);
@@ -281,4 +292,21 @@ pub async fn hypervisor_node(client: &kube::Client, name: &str, libvirt_uri: &st
     )
     .await
     .unwrap();
+}
+
+/// Binds a Volume to `node` the way the cluster controller does: the node's routing label,
+/// and `status.nodeName` by a status write.
+pub async fn bind_volume(api: &virtkube_testapi::TestApi, ns: &str, name: &str, node: &str) {
+    let label = format!("node.virtkube.io/{node}");
+    api.patch_labels("volumes", ns, name, &[(label.as_str(), Some("holder"))])
+        .unwrap();
+    let client = api.client(virtkube_testapi::ADMIN).await.unwrap();
+    kube::Api::<virtkube_crds::Volume>::namespaced(client, ns)
+        .patch_status(
+            name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(serde_json::json!({ "status": { "nodeName": node } })),
+        )
+        .await
+        .unwrap();
 }

@@ -4,6 +4,7 @@
 
 use virtkube_crds::cpuset::CpuSet;
 
+use super::device::pending_from_metadata;
 use super::owner::Owner;
 use super::xml::{self, Element, XmlError};
 
@@ -72,6 +73,71 @@ pub struct VcpuPin {
     pub vcpu: u32,
     /// Host CPUs it may run on.
     pub cpuset: CpuSet,
+}
+
+/// CPU bandwidth and weight (`<cputune>`: `<shares>`, `<period>`/`<quota>` per vCPU,
+/// `<global_period>`/`<global_quota>` for the whole guest, `<emulator_period>`/
+/// `<emulator_quota>`); unset fields are left to libvirt (weight 1024, no limit). QEMU needs
+/// the cgroup `cpu` controller for any of them (libvirt refuses to start the guest
+/// otherwise: "cgroup cpu is required for scheduler tuning").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CpuTune {
+    /// Relative weight (cgroup `cpu.shares`).
+    pub shares: Option<u64>,
+    /// Bandwidth period of each vCPU, µs.
+    pub period: Option<u64>,
+    /// Run time of each vCPU per period, µs (`-1`: unlimited).
+    pub quota: Option<i64>,
+    /// Bandwidth period of the whole guest, µs.
+    pub global_period: Option<u64>,
+    /// Run time of the whole guest per period, µs (`-1`: unlimited).
+    pub global_quota: Option<i64>,
+    /// Bandwidth period of the emulator threads, µs.
+    pub emulator_period: Option<u64>,
+    /// Run time of the emulator threads per period, µs (`-1`: unlimited).
+    pub emulator_quota: Option<i64>,
+}
+
+impl CpuTune {
+    /// Whether nothing is set.
+    pub fn is_empty(&self) -> bool {
+        *self == CpuTune::default()
+    }
+
+    /// The `<cputune>` children for the set fields, in libvirt's order.
+    fn elements(&self) -> Vec<Element> {
+        let fields: [(&str, Option<String>); 7] = [
+            ("shares", self.shares.map(|v| v.to_string())),
+            ("period", self.period.map(|v| v.to_string())),
+            ("quota", self.quota.map(|v| v.to_string())),
+            ("global_period", self.global_period.map(|v| v.to_string())),
+            ("global_quota", self.global_quota.map(|v| v.to_string())),
+            (
+                "emulator_period",
+                self.emulator_period.map(|v| v.to_string()),
+            ),
+            ("emulator_quota", self.emulator_quota.map(|v| v.to_string())),
+        ];
+        fields
+            .into_iter()
+            .filter_map(|(name, v)| v.map(|v| Element::new(name).text(v)))
+            .collect()
+    }
+
+    /// Reads `<cputune>`.
+    fn from_element(tune: &Element) -> Self {
+        let u = |n: &str| tune.path_text(n).and_then(|t| t.parse().ok());
+        let i = |n: &str| tune.path_text(n).and_then(|t| t.parse().ok());
+        CpuTune {
+            shares: u("shares"),
+            period: u("period"),
+            quota: i("quota"),
+            global_period: u("global_period"),
+            global_quota: i("global_quota"),
+            emulator_period: u("emulator_period"),
+            emulator_quota: i("emulator_quota"),
+        }
+    }
 }
 
 /// `<os firmware=…>`.
@@ -152,6 +218,9 @@ pub struct DiskDef {
 /// One network interface on a libvirt network.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InterfaceDef {
+    /// User name of the NIC, written as libvirt user alias `ua-<name>` when it is made of
+    /// `[A-Za-z0-9_-]` (how the planner tells NICs apart once one is plugged in or out).
+    pub name: Option<String>,
     /// libvirt network name.
     pub network: String,
     /// NIC model (`virtio`, `e1000`).
@@ -179,6 +248,8 @@ pub struct DomainDef {
     pub pinning: Vec<VcpuPin>,
     /// Emulator thread pinning.
     pub emulator_cpuset: Option<CpuSet>,
+    /// CPU weight and bandwidth.
+    pub cpu_tune: CpuTune,
     /// Memory now (`<currentMemory>`), KiB.
     pub memory_kib: u64,
     /// Memory at boot / ceiling (`<memory>`), KiB.
@@ -211,6 +282,7 @@ impl DomainDef {
             cpu: None,
             pinning: Vec::new(),
             emulator_cpuset: None,
+            cpu_tune: CpuTune::default(),
             memory_kib: 128 * 1024,
             max_memory_kib: 128 * 1024,
             hugepage_kib: None,
@@ -299,8 +371,11 @@ impl DomainDef {
                 .attr("current", self.vcpus)
                 .text(self.max_vcpus),
         );
-        if !self.pinning.is_empty() || self.emulator_cpuset.is_some() {
+        if !self.pinning.is_empty() || self.emulator_cpuset.is_some() || !self.cpu_tune.is_empty() {
             let mut tune = Element::new("cputune");
+            for el in self.cpu_tune.elements() {
+                tune = tune.child(el);
+            }
             let mut pins = self.pinning.clone();
             pins.sort_by_key(|p| p.vcpu);
             for p in pins {
@@ -380,21 +455,7 @@ impl DomainDef {
             devices = devices.child(disk_element(d));
         }
         for i in &self.interfaces {
-            devices = devices.child(
-                Element::new("interface")
-                    .attr("type", "network")
-                    .child_opt(
-                        i.mac
-                            .as_ref()
-                            .map(|m| Element::new("mac").attr("address", m)),
-                    )
-                    .child(Element::new("source").attr("network", &i.network))
-                    .child_opt(
-                        i.model
-                            .as_ref()
-                            .map(|m| Element::new("model").attr("type", m)),
-                    ),
-            );
+            devices = devices.child(interface_element(i));
         }
         if !self.memballoon {
             devices = devices.child(Element::new("memballoon").attr("model", "none"));
@@ -410,7 +471,31 @@ fn valid_alias(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
-fn disk_element(d: &DiskDef) -> Element {
+/// The `<interface>` element of one NIC (also the device XML of a hotplug).
+pub fn interface_element(i: &InterfaceDef) -> Element {
+    Element::new("interface")
+        .attr("type", "network")
+        .child_opt(
+            i.mac
+                .as_ref()
+                .map(|m| Element::new("mac").attr("address", m)),
+        )
+        .child(Element::new("source").attr("network", &i.network))
+        .child_opt(
+            i.model
+                .as_ref()
+                .map(|m| Element::new("model").attr("type", m)),
+        )
+        .child_opt(
+            i.name
+                .as_ref()
+                .filter(|n| valid_alias(n))
+                .map(|n| Element::new("alias").attr("name", format!("ua-{n}"))),
+        )
+}
+
+/// The `<disk>` element of one disk (also the device XML of a hotplug).
+pub fn disk_element(d: &DiskDef) -> Element {
     let (ty, source) = match &d.source {
         DiskSource::Volume { pool, volume } => (
             "volume",
@@ -592,6 +677,37 @@ pub struct DiskObserved {
     pub boot_order: Option<u32>,
     /// Driver format.
     pub format: Option<String>,
+    /// The images under the disk's own, nearest first: the paths of libvirt's nested
+    /// `<backingStore>` elements (a qcow2 overlay's backing file, its backing file, …). libvirt
+    /// fills the chain in when it starts the guest, so a stopped domain usually reports none;
+    /// the images of pool volumes are followed through the volumes' own XML instead.
+    pub backing_chain: Vec<String>,
+}
+
+/// The deepest `<backingStore>` nesting read: deeper chains are cut there (QEMU itself
+/// refuses chains far shorter).
+pub const MAX_BACKING_DEPTH: usize = 64;
+
+/// The paths of a disk's nested `<backingStore>` elements, nearest first (entries without a
+/// local file or device, such as network images, are skipped but followed).
+fn backing_chain(disk: &Element) -> Vec<String> {
+    let mut chain = Vec::new();
+    let mut next = disk.find("backingStore");
+    let mut depth = 0;
+    while let Some(store) = next {
+        depth += 1;
+        if depth > MAX_BACKING_DEPTH {
+            break;
+        }
+        if let Some(path) = store
+            .find("source")
+            .and_then(|s| s.get("file").or_else(|| s.get("dev")))
+        {
+            chain.push(path.to_string());
+        }
+        next = store.find("backingStore");
+    }
+    chain
 }
 
 /// A NIC as libvirt reports it.
@@ -609,6 +725,8 @@ pub struct InterfaceObserved {
     pub model: Option<String>,
     /// Host-side device (`vnet0`) on a running domain.
     pub target_dev: Option<String>,
+    /// The user alias without its `ua-` prefix (the spec's NIC name), when set.
+    pub alias: Option<String>,
 }
 
 /// The vCPU and memory sizes of one domain definition.
@@ -670,6 +788,8 @@ pub struct DomainObserved {
     pub pinning: Vec<VcpuPin>,
     /// Emulator pinning from `<cputune>`.
     pub emulator_cpuset: Option<CpuSet>,
+    /// CPU weight and bandwidth from `<cputune>` (live values on a running domain).
+    pub cpu_tune: CpuTune,
     /// Current memory, KiB.
     pub memory_kib: u64,
     /// Max memory, KiB.
@@ -701,6 +821,13 @@ pub struct DomainObserved {
     /// Affinity of every vCPU as libvirt reports it through `virDomainGetVcpuPinInfo` (filled
     /// by the engine; for a running domain these are the live affinities, one per max vCPU).
     pub live_pinning: Vec<VcpuPin>,
+    /// Devices whose unplug virtkube requested and the guest did not acknowledge in time
+    /// ([`crate::model::PENDING_NS`] in the live `<metadata>`): gone from the definition,
+    /// still plugged in until the guest lets go or restarts. Keys as
+    /// [`crate::model::DeviceKey::as_key`] writes them.
+    pub pending_unplug: Vec<String>,
+    /// Security labels (`<seclabel>`; the label a running guest got, when dynamic).
+    pub security_labels: Vec<super::host_facts::SecurityLabel>,
     /// For an active persistent domain with a memory balloon, the sizes in its persistent
     /// definition (filled by the engine; `None` otherwise: for an inactive domain the XML read
     /// is the definition itself, and without a balloon the live memory is the target). On
@@ -740,7 +867,9 @@ impl DomainObserved {
         let sizes = DomainSizes::from_root(&root);
         let mut pinning = Vec::new();
         let mut emulator_cpuset = None;
+        let mut cpu_tune = CpuTune::default();
         if let Some(tune) = root.find("cputune") {
+            cpu_tune = CpuTune::from_element(tune);
             for p in tune.find_all("vcpupin") {
                 if let (Some(vcpu), Some(cpuset)) = (
                     p.get_parsed::<u32>("vcpu"),
@@ -840,6 +969,7 @@ impl DomainObserved {
                         .find("driver")
                         .and_then(|b| b.get("type"))
                         .map(str::to_string),
+                    backing_chain: backing_chain(d),
                 });
             }
             for i in devs.find_all("interface") {
@@ -860,6 +990,11 @@ impl DomainObserved {
                         .find("target")
                         .and_then(|m| m.get("dev"))
                         .map(str::to_string),
+                    alias: i
+                        .find("alias")
+                        .and_then(|a| a.get("name"))
+                        .and_then(|a| a.strip_prefix("ua-"))
+                        .map(str::to_string),
                 });
             }
         }
@@ -874,6 +1009,7 @@ impl DomainObserved {
             cpu,
             pinning,
             emulator_cpuset,
+            cpu_tune,
             memory_kib: sizes.memory_kib,
             max_memory_kib: sizes.max_memory_kib,
             hugepage_kib: root
@@ -885,6 +1021,11 @@ impl DomainObserved {
             interfaces,
             memballoon,
             owner: root.find("metadata").and_then(Owner::from_metadata),
+            pending_unplug: root
+                .find("metadata")
+                .map(pending_from_metadata)
+                .unwrap_or_default(),
+            security_labels: super::host_facts::SecurityLabel::all_from_domain(&root),
             state: DomainState::Unknown,
             reason: String::new(),
             autostart: false,
@@ -933,6 +1074,12 @@ mod tests {
             cpuset: "1".parse().unwrap(),
         }];
         d.emulator_cpuset = Some("0-1".parse().unwrap());
+        d.cpu_tune = CpuTune {
+            shares: Some(512),
+            global_period: Some(100_000),
+            global_quota: Some(150_000),
+            ..CpuTune::default()
+        };
         d.os.machine = Some("pc".into());
         d.os.cmdline = Some("console=ttyS0 x=\"<&>\"".into());
         d.disks.push(DiskDef {
@@ -949,6 +1096,7 @@ mod tests {
             device: None,
         });
         d.interfaces.push(InterfaceDef {
+            name: Some("lan".into()),
             network: "lan".into(),
             model: Some("virtio".into()),
             mac: Some("52:54:00:00:00:01".into()),
@@ -987,12 +1135,14 @@ mod tests {
         assert_eq!(o.max_vcpus, 2);
         assert_eq!(o.pinning, d.pinning);
         assert_eq!(o.emulator_cpuset, d.emulator_cpuset);
+        assert_eq!(o.cpu_tune, d.cpu_tune);
         assert_eq!(o.memory_kib, 131072);
         assert_eq!(o.owner, Some(owner()));
         assert_eq!(o.os.cmdline, d.os.cmdline);
         assert_eq!(o.disks[0].alias.as_deref(), Some("root"));
         assert_eq!(o.disks[0].boot_order, Some(1));
         assert_eq!(o.interfaces[0].network.as_deref(), Some("lan"));
+        assert_eq!(o.interfaces[0].alias.as_deref(), Some("lan"));
         assert!(!o.memballoon);
     }
 
@@ -1084,5 +1234,63 @@ mod tests {
                 volume: "v".into()
             }
         );
+    }
+
+    /// A running guest's disk on a qcow2 overlay, as libvirt 9.0 reports it (the chain is
+    /// nested `<backingStore>` elements ending in an empty one).
+    #[test]
+    fn reads_a_disks_backing_chain() {
+        let xml = r#"<domain type='qemu' id='3'>
+  <name>chain</name>
+  <uuid>8a0b7a7e-2a55-4a34-9a0e-0a4e1c2f2b12</uuid>
+  <memory unit='KiB'>65536</memory>
+  <vcpu placement='static'>1</vcpu>
+  <os><type arch='x86_64' machine='pc-i440fx-7.2'>hvm</type></os>
+  <devices>
+    <disk type='volume' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source pool='probe' volume='ov2' index='1'/>
+      <backingStore type='file' index='2'>
+        <format type='qcow2'/>
+        <source file='/var/lib/libvirt/images/probe/ov'/>
+        <backingStore type='network' index='3'>
+          <format type='raw'/>
+          <source protocol='nbd' name='x'/>
+          <backingStore type='block' index='4'>
+            <format type='raw'/>
+            <source dev='/dev/vg/base'/>
+            <backingStore/>
+          </backingStore>
+        </backingStore>
+      </backingStore>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <disk type='file' device='cdrom'>
+      <target dev='hdc' bus='ide'/>
+    </disk>
+  </devices>
+</domain>"#;
+        let o = DomainObserved::from_xml(xml).unwrap();
+        assert_eq!(
+            o.disks[0].backing_chain,
+            ["/var/lib/libvirt/images/probe/ov", "/dev/vg/base"]
+        );
+        assert!(o.disks[1].backing_chain.is_empty());
+    }
+
+    #[test]
+    fn a_backing_chain_deeper_than_the_limit_is_cut() {
+        let mut disk = Element::new("disk");
+        let mut inner: Option<Element> = None;
+        for i in 0..(MAX_BACKING_DEPTH + 10) {
+            let mut store = Element::new("backingStore")
+                .child(Element::new("source").attr("file", format!("/i/{i}")));
+            if let Some(deeper) = inner.take() {
+                store = store.child(deeper);
+            }
+            inner = Some(store);
+        }
+        disk = disk.child_opt(inner);
+        assert_eq!(backing_chain(&disk).len(), MAX_BACKING_DEPTH);
     }
 }

@@ -1,21 +1,29 @@
 //! Typed desired and observed models of libvirt objects, with XML out and in. Pure: no
 //! libvirt calls here.
 
+pub mod device;
 pub mod domain;
+pub mod host_facts;
 pub mod network;
 pub mod node;
 pub mod owner;
+pub mod stats;
 pub mod storage;
 pub mod xml;
 
+pub use device::{Device, DeviceKey, PENDING_NS};
 pub use domain::{
-    CpuDef, CpuMode, DiskDef, DiskObserved, DiskSource, DomainDef, DomainObserved, DomainSizes,
-    DomainState, Firmware, InterfaceDef, InterfaceObserved, OsDef, Topology, VcpuPin,
+    CpuDef, CpuMode, CpuTune, DiskDef, DiskObserved, DiskSource, DomainDef, DomainObserved,
+    DomainSizes, DomainState, Firmware, InterfaceDef, InterfaceObserved, OsDef, Topology, VcpuPin,
     state_reason_name,
+};
+pub use host_facts::{
+    HostInterface, MediatedDevice, PciDevice, PoolSourceFound, SecurityLabel, SecurityModel,
 };
 pub use network::{DhcpRange, IpDef, NetworkDef, NetworkMode, NetworkObserved};
 pub use node::{Capabilities, NodeCpuMap, NodeObserved, NumaCell};
 pub use owner::{OWNER_NS, Owner};
+pub use stats::{BlockStats, DomainStatsRecord, NetStats};
 pub use storage::{
     BackingStore, PoolDef, PoolObserved, PoolSource, PoolState, PoolType, VolumeDef, VolumeFormat,
     VolumeObserved,

@@ -1,0 +1,294 @@
+//! virtkube's explanation of errors a user can cause through virtkube and that libvirt words
+//! obscurely: what the error means in virtkube's terms and what to do next, printed beside
+//! libvirt's own text (never instead of it) wherever an [`EngineError`] is shown: the
+//! command line, and the conditions and events the agent writes.
+//!
+//! Each explanation is recognised from libvirt's error code and the stable part of its
+//! message (libvirt's messages are part of its user interface and rarely change; a message
+//! that changes only loses the explanation, never libvirt's text). Every one of them is
+//! triggered for real in `engine/tests/explain.rs` or `controller/tests/explain_cli.rs`.
+
+use std::fmt;
+
+use virt::sys;
+
+use crate::error::{EngineError, LibvirtError, ObjectKind};
+
+/// What an error means and what to do about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Explanation {
+    /// A stable name for the situation (`SameHostMigration`), for documentation and tests.
+    pub id: &'static str,
+    /// What happened, in virtkube's terms.
+    pub meaning: String,
+    /// The next step.
+    pub next: String,
+}
+
+impl fmt::Display for Explanation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "virtkube: {} Next: {}", self.meaning, self.next)
+    }
+}
+
+fn explanation(
+    id: &'static str,
+    meaning: impl Into<String>,
+    next: impl Into<String>,
+) -> Explanation {
+    Explanation {
+        id,
+        meaning: meaning.into(),
+        next: next.into(),
+    }
+}
+
+/// The first `'…'`-quoted part of a libvirt message (a socket path, an object name).
+fn quoted(message: &str) -> Option<&str> {
+    let start = message.find('\'')? + 1;
+    let len = message[start..].find('\'')?;
+    Some(&message[start..start + len])
+}
+
+/// The peer-to-peer URI a *libvirtd* must be given to reach the daemon behind `uri`, when it
+/// differs from `uri` and can be derived safely: a `qemu:///…?socket=PATH` URI (no
+/// transport) names, inside a daemon, that daemon itself whatever its socket, so the source
+/// daemon of a migration needs the explicit UNIX transport, `qemu+unix:///…?socket=PATH`, to
+/// reach the other daemon's socket. `None` for every other URI (remote transports already
+/// name their host; a local URI without a socket cannot be told apart from the source).
+pub fn peer_uri_for(uri: &str) -> Option<String> {
+    let rest = uri.strip_prefix("qemu:///")?;
+    let (_, query) = rest.split_once('?')?;
+    query
+        .split('&')
+        .any(|p| p.starts_with("socket="))
+        .then(|| format!("qemu+unix:///{rest}"))
+}
+
+fn connect_failure(uri: Option<&str>, message: &str) -> Option<Explanation> {
+    let at = uri.map(|u| format!(" ({u})")).unwrap_or_default();
+    if message.contains("Failed to connect socket to") {
+        let path = quoted(message).unwrap_or("the socket");
+        if message.contains("Permission denied") {
+            return Some(explanation(
+                "SocketPermissionDenied",
+                format!("libvirt's socket {path}{at} exists but refuses this user."),
+                format!(
+                    "run virtkube as a user the socket lets in: root, or a member of the socket's group (`ls -l {path}`; libvirtd.conf unix_sock_group and unix_sock_rw_perms); in a pod, mount the host's /run/libvirt and run as UID 0, as the chart's agent does."
+                ),
+            ));
+        }
+        if message.contains("No such file or directory") || message.contains("Connection refused") {
+            return Some(explanation(
+                "LibvirtNotRunning",
+                format!("no libvirt daemon listens on {path}{at}."),
+                "start it (`systemctl start libvirtd`, or virtqemud where libvirt runs modular daemons), or fix the socket path in the URI; `virsh -c URI list` checks a URI by hand.",
+            ));
+        }
+    }
+    let remote = [
+        "unable to connect to server",
+        "No route to host",
+        "Name or service not known",
+        "Connection timed out",
+        "Temporary failure in name resolution",
+    ];
+    if remote.iter().any(|m| message.contains(m)) {
+        return Some(explanation(
+            "LibvirtUnreachable",
+            format!("the libvirt URI{at} names a host or port where nothing answers."),
+            "check the host name and port in the URI, that the remote libvirtd listens there (listen_tcp or listen_tls in libvirtd.conf, or virtproxyd's sockets), and that no firewall drops the connection; `virsh -c URI list` checks a URI by hand.",
+        ));
+    }
+    None
+}
+
+fn libvirt(call: &str, error: &LibvirtError) -> Option<Explanation> {
+    let message = error.message.as_str();
+    let code = |c: u32| error.code == c as i32;
+    if message.contains("migrate guest to the same host") {
+        return Some(explanation(
+            "SameHostMigration",
+            "the destination of the migration answered as the source's own libvirtd (the same host UUID): from inside a daemon, `qemu:///…` names that daemon itself, whatever its `?socket=`; two daemons on one machine also need their own host_uuid.",
+            "give the destination as the source *daemon* reaches it: locally `--p2p-uri NODE=qemu+unix:///system?socket=PATH` (or qemu+tcp/qemu+tls for another machine), in a cluster the target HypervisorNode's libvirtPeerUri (the agent's --libvirt-peer-uri, chart value agent.migration.libvirtPeerUri); virtkube derives `qemu+unix://` itself for a `qemu:///…?socket=` destination. On cloned machines, set a distinct host_uuid in libvirtd.conf.",
+        ));
+    }
+    if let Some(e) = connect_failure(None, message) {
+        return Some(e);
+    }
+    if code(sys::VIR_ERR_NO_NETWORK) || message.contains("Network not found") {
+        let name = quoted(message).unwrap_or("it");
+        return Some(explanation(
+            "NetworkMissing",
+            format!(
+                "the guest's interface names network {name}, which does not exist on this node."
+            ),
+            "create a Network of that name selected for this node (its nodeSelector matches the node's HypervisorNode labels), or correct spec.interfaces[].network.",
+        ));
+    }
+    if message.contains("network") && message.contains("is not active") {
+        let name = quoted(message).unwrap_or("it");
+        return Some(explanation(
+            "NetworkInactive",
+            format!("network {name} exists on this node but is stopped."),
+            format!(
+                "start it (`virsh net-start {name}`, and `virsh net-autostart {name}` to keep it), or let virtkube manage it through a Network resource."
+            ),
+        ));
+    }
+    if code(sys::VIR_ERR_NO_STORAGE_POOL) || message.contains("Storage pool not found") {
+        let name = quoted(message).unwrap_or("it");
+        return Some(explanation(
+            "PoolMissing",
+            format!("storage pool {name} does not exist on this node."),
+            "create a StoragePool of that name selected for this node (its nodeSelector matches the node's HypervisorNode labels), or correct the Volume's spec.pool.",
+        ));
+    }
+    let pool_call = call.starts_with("pool_");
+    let lvm = [
+        "/sbin/vgcreate",
+        "/sbin/pvs",
+        "/sbin/pvcreate",
+        "/sbin/vgchange",
+        "/sbin/lvs",
+    ];
+    if message.contains("missing backend for pool type")
+        || (pool_call && lvm.iter().any(|b| message.contains(b)))
+        || (pool_call && message.contains("missing storage pool source"))
+    {
+        return Some(explanation(
+            "PoolTypeUnsupported",
+            "virtkube carries out `dir` pools; `netfs`, `logical`, `iscsi` and `rbd` are accepted by the API but not carried out yet (their source is not passed to libvirt, a logical pool also needs LVM on the node, and a missing backend means libvirt's storage driver for that type is not installed).",
+            "use spec.type dir; for a network share, mount it on every node and point a dir pool at the mount (with spec.shared true).",
+        ));
+    }
+    if message.contains("cannot set CPU affinity")
+        || message.contains("exceed the maxcpu")
+        || (message.contains("cpuset.cpus") && message.contains("Invalid"))
+    {
+        return Some(explanation(
+            "PinnedCpuMissing",
+            "a pin (spec.cpu.pinning or emulatorCpuset) names a host CPU this node does not have online.",
+            "pin only to the node's CPUs: HypervisorNode status.cpu.count or `virsh nodeinfo` says how many, `lscpu -e` which are online.",
+        ));
+    }
+    if code(sys::VIR_ERR_DOM_EXIST)
+        || code(sys::VIR_ERR_NETWORK_EXIST)
+        || code(sys::VIR_ERR_STORAGE_VOL_EXIST)
+        || message.contains("already exists")
+        || message.contains("exists already")
+    {
+        return Some(name_clash(quoted(message).unwrap_or("the object")));
+    }
+    None
+}
+
+fn name_clash(name: &str) -> Explanation {
+    explanation(
+        "NameClash",
+        format!(
+            "libvirt already has {name}, and it is not this resource's: virtkube never adopts or overwrites what it did not create (namespaced resources are named <namespace>.<name> in libvirt)."
+        ),
+        "rename the resource, or remove the other libvirt object if it is left over (`virsh undefine`, `net-undefine`, `pool-undefine` or `vol-delete` with its name).",
+    )
+}
+
+/// virtkube's explanation of `error`, when it is one a user causes and libvirt words
+/// obscurely (or virtkube's own refusal needs a next step).
+pub fn explain(error: &EngineError) -> Option<Explanation> {
+    match error {
+        EngineError::Libvirt { call, error } => libvirt(call, error),
+        EngineError::Migration { cause, .. } => explain(cause),
+        EngineError::ConnectionLost { uri, message } => connect_failure(Some(uri), message),
+        EngineError::NotFound {
+            kind: ObjectKind::Pool,
+            name,
+            ..
+        } => libvirt(
+            "",
+            &LibvirtError {
+                code: sys::VIR_ERR_NO_STORAGE_POOL as i32,
+                domain: 0,
+                message: format!("Storage pool not found: '{name}'"),
+                code_name: String::new(),
+                domain_name: String::new(),
+            },
+        ),
+        EngineError::NotFound {
+            kind: ObjectKind::Network,
+            name,
+            ..
+        } => libvirt(
+            "",
+            &LibvirtError {
+                code: sys::VIR_ERR_NO_NETWORK as i32,
+                domain: 0,
+                message: format!("Network not found: '{name}'"),
+                code_name: String::new(),
+                domain_name: String::new(),
+            },
+        ),
+        EngineError::NotOwned { name, .. } => Some(name_clash(name)),
+        EngineError::InvalidSpec(text) if text.contains("but the host has") => Some(explanation(
+            "PinnedCpuMissing",
+            "a pin (spec.cpu.pinning or emulatorCpuset) names a host CPU this node does not have.",
+            "pin only to the node's CPUs: HypervisorNode status.cpu.count or `virsh nodeinfo` says how many, `lscpu -e` which are online.",
+        )),
+        EngineError::InvalidSpec(text) if text.contains("pool type") => Some(explanation(
+            "PoolTypeUnsupported",
+            "virtkube carries out `dir` pools only for now.",
+            "use spec.type dir; for a network share, mount it on every node and point a dir pool at the mount (with spec.shared true).",
+        )),
+        _ => None,
+    }
+}
+
+/// Whether `error` is one of the explained situations no retry can fix (libvirt reports some
+/// of them as internal errors, which would otherwise count as retryable): a migration to the
+/// source itself, a pool type virtkube does not carry out.
+pub(crate) fn is_permanent(error: &EngineError) -> bool {
+    explain(error).is_some_and(|e| matches!(e.id, "SameHostMigration" | "PoolTypeUnsupported"))
+}
+
+/// ` — virtkube: … Next: …` when `error` has an explanation, else nothing: what the
+/// engine's error messages end with.
+pub(crate) fn beside(error: &EngineError) -> String {
+    explain(error)
+        .map(|e| format!(" — {e}"))
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_peer_uri_is_derived_only_for_local_socket_uris() {
+        assert_eq!(
+            peer_uri_for("qemu:///system?socket=/tmp/B/sock/libvirt-sock").as_deref(),
+            Some("qemu+unix:///system?socket=/tmp/B/sock/libvirt-sock")
+        );
+        assert_eq!(
+            peer_uri_for("qemu:///session?mode=legacy&socket=/s").as_deref(),
+            Some("qemu+unix:///session?mode=legacy&socket=/s")
+        );
+        for uri in [
+            "qemu:///system",
+            "qemu+unix:///system?socket=/s",
+            "qemu+tcp://node-b/system",
+            "qemu:///embed?root=/tmp/x",
+            "test:///default",
+        ] {
+            assert_eq!(peer_uri_for(uri), None, "{uri}");
+        }
+    }
+
+    #[test]
+    fn quoted_parts_are_read_from_libvirt_messages() {
+        assert_eq!(
+            quoted("Failed to connect socket to '/x/sock': Permission denied"),
+            Some("/x/sock")
+        );
+        assert_eq!(quoted("no quotes"), None);
+    }
+}
