@@ -33,9 +33,9 @@ use kube::{Client, Resource};
 use prometheus_client::registry::Registry;
 use virtkube::agent::context::{Context, Settings};
 use virtkube::agent::error::Error;
-use virtkube::agent::http::Health;
 use virtkube::agent::metrics::Metrics;
-use virtkube::agent::{Failures, domain, drift, error_policy, key_of, network, node, pool};
+use virtkube::agent::backoff::{Failures, ObjectKey};
+use virtkube::agent::{domain, drift, error_policy, network, node, pool};
 use virtkube::agent::{sweep, volume};
 use virtkube::host::{HostSpec, Hosts};
 use virtkube::placement;
@@ -180,8 +180,9 @@ async fn run_agent(config: AgentConfig, engine_out: Arc<Mutex<Option<Engine>>>) 
     settings.host_cpus = Some(info.cpus);
     settings.online_cpus = info.cpu_map.map(|m| m.online.to_string());
     let metrics = Metrics::register(&mut Registry::default(), Some(engine.clone()));
-    let health = Arc::new(Health::default());
-    health.set_api(true);
+    // No API outage is modelled here: the recovery signal never fires.
+    let (_recovered_tx, recovered_rx) =
+        tokio::sync::watch::channel(virtkube::agent::api_health::Recovery::none());
     let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
 
     let config_c = controller::Config::default().concurrency(4);
@@ -239,10 +240,8 @@ async fn run_agent(config: AgentConfig, engine_out: Arc<Mutex<Option<Engine>>>) 
     let (requeue_tx, requeue_rx) = futures::channel::mpsc::unbounded();
     ctx.requeue = Some(requeue_tx);
     let ctx = Arc::new(ctx);
-    if let Ok(labels) = node::ensure_node_object(&ctx).await
-        && let Ok(mut l) = ctx.node_labels.write()
-    {
-        *l = labels;
+    if let Ok(labels) = node::ensure_node_object(&ctx).await {
+        ctx.set_labels(labels);
     }
     let failures = Arc::new(Failures::default());
     let (drift_tx, drift_rx) = futures::channel::mpsc::unbounded();
@@ -300,7 +299,7 @@ async fn run_agent(config: AgentConfig, engine_out: Arc<Mutex<Option<Engine>>>) 
         domain_store,
         config.migration_uri.clone(),
         config.heartbeat,
-        health,
+        recovered_rx,
         on_labels,
         stop_rx,
     );
@@ -344,17 +343,23 @@ async fn drive<K, R, Fut>(
         .run(
             reconcile,
             move |obj: Arc<K>, err: &Error, _ctx: Arc<Context>| {
-                error_policy(&f, kind, &key_of(&*obj), err)
+                let meta = obj.meta();
+                let key = ObjectKey {
+                    kind,
+                    namespace: meta.namespace.clone(),
+                    name: meta.name.clone().unwrap_or_default(),
+                };
+                error_policy(&f, &key, err)
             },
             ctx,
         )
         .for_each(|result| {
             if let Ok((obj, _)) = &result {
-                let key = match &obj.namespace {
-                    Some(ns) => format!("{kind}/{ns}/{}", obj.name),
-                    None => format!("{kind}/{}", obj.name),
-                };
-                failures.succeeded(&key);
+                failures.succeeded(&ObjectKey {
+                    kind,
+                    namespace: obj.namespace.clone(),
+                    name: obj.name.clone(),
+                });
             }
             futures::future::ready(())
         })
