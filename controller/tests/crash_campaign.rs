@@ -65,15 +65,15 @@ async fn crash_anywhere_in_process_on_the_test_driver() {
     };
     let timing = Timing {
         converge: Duration::from_secs(20),
-        max_kills: 2,
+        max_kills: env_u64("VIRTKUBE_CRASH_MAX_KILLS", 2),
         max_point: 40,
         max_downtime_ms: 30,
-        poll: Duration::from_millis(2),
+        poll: Duration::from_millis(env_u64("VIRTKUBE_CRASH_POLL_MS", 25)),
     };
     // One API server and one fleet for the whole campaign, as a cluster lives on; each run
     // has its own namespace and libvirt names. Several runs play at once (lanes), so the
     // agent works on several runs' objects when it is killed.
-    let lanes = env_u64("VIRTKUBE_CRASH_LANES", 6).max(1);
+    let lanes = env_u64("VIRTKUBE_CRASH_LANES", 10).max(1);
     let api = TestApi::start().await.unwrap();
     let fleet = InProcessFleet::start(&api.url(), vec![AgentConfig::new(&api.url(), NODE, URI)]);
     let lane = |lane: u64| {
@@ -111,6 +111,8 @@ async fn crash_anywhere_in_process_on_the_test_driver() {
         if !report.violations.is_empty() {
             println!("{}", describe(&report));
             failed.push(report);
+        } else if std::env::var("VIRTKUBE_CRASH_VERBOSE").is_ok() {
+            println!("{}", describe(&report));
         }
     }
     println!("{}", counts.table("in-process agent and controller on test:///default", seed));
