@@ -38,12 +38,16 @@ fn env_u64(name: &str, default: u64) -> u64 {
 async fn crash_anywhere_in_process_on_the_test_driver() {
     if std::env::var("VIRTKUBE_CRASH_LOG").is_ok() {
         let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new(std::env::var("VIRTKUBE_CRASH_LOG").unwrap_or_default()))
+            .with_env_filter(tracing_subscriber::EnvFilter::new(
+                std::env::var("VIRTKUBE_CRASH_LOG").unwrap_or_default(),
+            ))
             .try_init();
     }
     let seed = seed_from_env();
     let runs = env_u64("VIRTKUBE_CRASH_RUNS", 100);
-    let only = std::env::var("VIRTKUBE_CRASH_ONLY").ok().and_then(|v| v.parse::<u64>().ok());
+    let only = std::env::var("VIRTKUBE_CRASH_ONLY")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok());
     println!("crash campaign (in-process, {URI}): seed {seed:#x}, {runs} runs");
     // The harness's own connection: it keeps the test driver's state alive while agents
     // come and go, and it is what the checks look through.
@@ -53,8 +57,18 @@ async fn crash_anywhere_in_process_on_the_test_driver() {
         p2p_uri: None,
         migration_uri: None,
     };
-    let observer = Hosts::connect(&[spec], EngineConfig::default()).await.unwrap();
-    let cpus = observer.get(NODE).unwrap().engine.node_info().await.unwrap().cpus.min(4);
+    let observer = Hosts::connect(&[spec], EngineConfig::default())
+        .await
+        .unwrap();
+    let cpus = observer
+        .get(NODE)
+        .unwrap()
+        .engine
+        .node_info()
+        .await
+        .unwrap()
+        .cpus
+        .min(4);
     let options = Options {
         nodes: vec![NODE.into()],
         pool_root: "/var/lib/virtkube/crash".into(),
@@ -65,10 +79,10 @@ async fn crash_anywhere_in_process_on_the_test_driver() {
     };
     let timing = Timing {
         converge: Duration::from_secs(20),
-        max_kills: env_u64("VIRTKUBE_CRASH_MAX_KILLS", 2),
+        max_kills: env_u64("VIRTKUBE_CRASH_MAX_KILLS", 1),
         max_point: 40,
         max_downtime_ms: 30,
-        poll: Duration::from_millis(env_u64("VIRTKUBE_CRASH_POLL_MS", 25)),
+        poll: Duration::from_millis(env_u64("VIRTKUBE_CRASH_POLL_MS", 50)),
     };
     // One API server and one fleet for the whole campaign, as a cluster lives on; each run
     // has its own namespace and libvirt names. Several runs play at once (lanes), so the
@@ -89,14 +103,23 @@ async fn crash_anywhere_in_process_on_the_test_driver() {
                 let scenario = generate(&mut rng, run, options);
                 api.create_namespace(&scenario.names.ns).unwrap();
                 let mut checker = Checker::new(observer.clone(), scenario.names.clone());
-                let report =
-                    play(api, fleet, &mut checker, &scenario, &mut rng, timing, run, run_seed).await;
+                let report = play(
+                    api,
+                    fleet,
+                    &mut checker,
+                    &scenario,
+                    &mut rng,
+                    timing,
+                    (run, run_seed),
+                )
+                .await;
                 crash_support::cleanup::remove_run(URI, &scenario.names);
                 reports.push((report, scenario.phases.len()));
             }
             reports
         }
     };
+    let started = std::time::Instant::now();
     let reports: Vec<_> = futures::future::join_all((0..lanes).map(lane))
         .await
         .into_iter()
@@ -104,7 +127,12 @@ async fn crash_anywhere_in_process_on_the_test_driver() {
         .collect();
     fleet.stop();
     api.stop().await;
-    let mut counts = Counts::default();
+    let mut counts = Counts {
+        wall: started.elapsed().as_secs_f64(),
+        lanes,
+        nodes: options.nodes.len() as u64,
+        ..Counts::default()
+    };
     let mut failed = Vec::new();
     for (report, phases) in reports {
         counts.add(&report, phases);
@@ -115,7 +143,10 @@ async fn crash_anywhere_in_process_on_the_test_driver() {
             println!("{}", describe(&report));
         }
     }
-    println!("{}", counts.table("in-process agent and controller on test:///default", seed));
+    println!(
+        "{}",
+        counts.table("in-process agent and controller on test:///default", seed)
+    );
     assert!(
         failed.is_empty(),
         "{} of {} runs broke an invariant (seed {seed:#x}):\n{}",
@@ -123,4 +154,122 @@ async fn crash_anywhere_in_process_on_the_test_driver() {
         counts.runs,
         failed.iter().map(describe).collect::<String>()
     );
+}
+
+/// The checks themselves can fail: a Domain, Volume and pool the API asks for and libvirt
+/// lacks are lost, a guest nobody asked for is leaked, and a `Retain` image deleted behind
+/// virtkube's back is reported both by the convergence check and by the sampler. No agent
+/// runs here, so nothing repairs what the test breaks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checks_catch_lost_leaked_and_deleted_retained_objects() {
+    use crash_support::check::{Kind, Names};
+    use serde_json::json;
+    let names = Names {
+        ns: "crash-self".into(),
+        pool: "crash-self".into(),
+        network: "crash-self-net".into(),
+    };
+    let api = TestApi::start().await.unwrap();
+    api.create_namespace(&names.ns).unwrap();
+    let spec = HostSpec {
+        node: NODE.into(),
+        uri: URI.into(),
+        p2p_uri: None,
+        migration_uri: None,
+    };
+    let observer = Hosts::connect(&[spec], EngineConfig::default())
+        .await
+        .unwrap();
+    api.create(
+        "storagepools",
+        json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "StoragePool",
+            "metadata": {"name": names.pool},
+            "spec": {"type": "dir", "target": {"path": "/var/lib/virtkube/crash/crash-self"}}}),
+    )
+    .unwrap();
+    api.create(
+        "volumes",
+        json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "Volume",
+            "metadata": {"name": "base", "namespace": names.ns},
+            "spec": {"pool": names.pool, "capacity": "64Mi", "format": "qcow2",
+                     "reclaimPolicy": "Retain", "nodeName": NODE}}),
+    )
+    .unwrap();
+    api.create(
+        "domains",
+        json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "Domain",
+            "metadata": {"name": "vm0", "namespace": names.ns},
+            "spec": {"nodeName": NODE, "runStrategy": "Always",
+                     "cpu": {"vcpus": 1}, "memory": {"size": "64Mi"}}}),
+    )
+    .unwrap();
+    let mut checker = Checker::new(observer, names.clone());
+    let found = |all: &[crash_support::check::Violation], kind: Kind, text: &str| {
+        all.iter()
+            .any(|v| v.kind == kind && v.detail.contains(text))
+    };
+
+    let seen = checker.discrepancies(&api).await;
+    for what in ["Domain vm0", "Volume base", "StoragePool crash-self"] {
+        assert!(
+            found(&seen, Kind::Lost, what),
+            "{what} not reported lost: {seen:?}"
+        );
+    }
+
+    // libvirt gets the pool and the retained image (as the agent would make them) and a
+    // guest of this run's namespace that no Domain asks for.
+    let conn = virt::connect::Connect::open(Some(URI)).unwrap();
+    let pool = conn
+        .define_storage_pool_xml(
+            "<pool type='dir'><name>crash-self</name><target><path>/var/lib/virtkube/crash/crash-self</path></target></pool>",
+            0,
+        )
+        .unwrap();
+    pool.create(0).unwrap();
+    let image = virt::storage_vol::StorageVol::create_xml(
+        &pool,
+        "<volume><name>crash-self.base</name><capacity>67108864</capacity><target><format type='qcow2'/></target></volume>",
+        0,
+    )
+    .unwrap();
+    let ghost = conn
+        .define_domain_xml(
+            "<domain type='test'><name>crash-self.ghost</name><memory>65536</memory><os><type>hvm</type></os></domain>",
+        )
+        .unwrap();
+    let seen = checker.discrepancies(&api).await;
+    assert!(
+        found(&seen, Kind::Leaked, "crash-self.ghost"),
+        "ghost not reported leaked: {seen:?}"
+    );
+    assert!(
+        !found(&seen, Kind::Lost, "Volume base"),
+        "the image is there: {seen:?}"
+    );
+    assert!(
+        !found(&seen, Kind::RetainedImageDeleted, ""),
+        "nothing deleted yet: {seen:?}"
+    );
+
+    // The retained image is deleted behind virtkube's back.
+    image.delete(0).unwrap();
+    let seen = checker.discrepancies(&api).await;
+    assert!(
+        found(&seen, Kind::RetainedImageDeleted, "crash-self.base"),
+        "deleted retained image not reported: {seen:?}"
+    );
+    checker.sample(&api).await;
+    assert!(
+        checker
+            .sampled
+            .iter()
+            .any(|v| v.kind == Kind::RetainedImageDeleted),
+        "the sampler missed the deleted retained image: {:?}",
+        checker.sampled
+    );
+    let _ = ghost.undefine();
+    drop(conn);
+    crash_support::cleanup::remove_run(URI, &names);
+    api.stop().await;
 }

@@ -170,11 +170,20 @@ pub fn expected_power(dom: &Domain) -> PowerObserved {
     }
 }
 
-fn ready_now<K: kube::Resource>(obj: &K, conds: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition], observed: Option<i64>) -> Option<String> {
+fn ready_now<K: kube::Resource>(
+    obj: &K,
+    conds: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    observed: Option<i64>,
+) -> Option<String> {
     let generation = obj.meta().generation;
     let ready = conditions::find(conds, conditions::READY);
     match ready {
-        Some(c) if c.status == "True" && (observed == generation || c.observed_generation == generation) => None,
+        Some(c)
+            if c.status == "True"
+                && (observed == generation || c.observed_generation == generation) =>
+        {
+            None
+        }
         Some(c) => Some(format!(
             "Ready={} ({}: {}) for generation {:?}, observedGeneration {:?}",
             c.status, c.reason, c.message, generation, observed
@@ -245,56 +254,100 @@ impl Checker {
                     .iter()
                     .find(|r| format!("{}.{}", self.names.ns, r.name_any()) == *name);
                 let uid = d.owner.as_ref().map(|o| o.uid.clone()).unwrap_or_default();
-                copies.entry(uid.clone()).or_default().push((node.clone(), name.clone()));
+                copies
+                    .entry(uid.clone())
+                    .or_default()
+                    .push((node.clone(), name.clone()));
                 match resource {
-                    None => out.push(v(Kind::Leaked, format!("domain {name} on {node}: its Domain is gone"))),
+                    None => out.push(v(
+                        Kind::Leaked,
+                        format!("domain {name} on {node}: its Domain is gone"),
+                    )),
                     Some(r) if r.uid().as_deref() != Some(uid.as_str()) => out.push(v(
                         Kind::Leaked,
                         format!("domain {name} on {node} belongs to an older Domain (uid {uid})"),
                     )),
                     Some(r) if deleting(r) => out.push(v(
                         Kind::StuckDeletion,
-                        format!("Domain {}: being deleted, still defined on {node}", r.name_any()),
+                        format!(
+                            "Domain {}: being deleted, still defined on {node}",
+                            r.name_any()
+                        ),
                     )),
                     Some(_) => {}
                 }
             }
         }
+        // A Domain being deleted whose guest is gone everywhere must go too: a finalizer
+        // kept after the guest was removed (a kill between the two) is a stuck deletion.
+        for dom in cluster.domains.iter().filter(|d| deleting(*d)) {
+            let name = format!("{}.{}", self.names.ns, dom.name_any());
+            if !observed
+                .hosts
+                .values()
+                .any(|h| h.domains.contains_key(&name))
+            {
+                out.push(v(
+                    Kind::StuckDeletion,
+                    format!(
+                        "Domain {}: being deleted, its guest is gone, the resource stays",
+                        dom.name_any()
+                    ),
+                ));
+            }
+        }
         for (uid, places) in &copies {
             if places.len() > 1 {
-                out.push(v(Kind::Duplicate, format!("one Domain (uid {uid}) has copies {places:?}")));
+                out.push(v(
+                    Kind::Duplicate,
+                    format!("one Domain (uid {uid}) has copies {places:?}"),
+                ));
             }
         }
         for dom in cluster.domains.iter().filter(|d| !deleting(*d)) {
             let name = format!("{}.{}", self.names.ns, dom.name_any());
             let want_node = dom.spec.node_name.clone().unwrap_or_default();
             let Some(host) = observed.hosts.get(&want_node) else {
-                out.push(v(Kind::Lost, format!("Domain {}: node {want_node} unknown", dom.name_any())));
+                out.push(v(
+                    Kind::Lost,
+                    format!("Domain {}: node {want_node} unknown", dom.name_any()),
+                ));
                 continue;
             };
             let Some(d) = host.domains.get(&name) else {
-                out.push(v(Kind::Lost, format!("Domain {}: not defined on {want_node}", dom.name_any())));
+                out.push(v(
+                    Kind::Lost,
+                    format!("Domain {}: not defined on {want_node}", dom.name_any()),
+                ));
                 continue;
             };
             let mut wrong = Vec::new();
             let power = expected_power(dom);
             if d.power != power {
-                wrong.push(format!("power {} (want {})", d.power.as_str(), power.as_str()));
+                wrong.push(format!(
+                    "power {} (want {})",
+                    d.power.as_str(),
+                    power.as_str()
+                ));
             }
             if d.autostart != dom.spec.autostart {
-                wrong.push(format!("autostart {} (want {})", d.autostart, dom.spec.autostart));
+                wrong.push(format!(
+                    "autostart {} (want {})",
+                    d.autostart, dom.spec.autostart
+                ));
             }
             let vcpus = dom.spec.cpu.vcpus;
-            if d.vcpus != vcpus
-                && d.power != PowerObserved::Shutoff
-            {
+            if d.vcpus != vcpus && d.power != PowerObserved::Shutoff {
                 wrong.push(format!("{} vCPUs (want {vcpus})", d.vcpus));
             }
             for pin in &dom.spec.cpu.pinning {
                 let want = pin.cpuset.clone();
                 match d.pinning.get(&pin.vcpu) {
                     Some(have) if *have == want => {}
-                    have => wrong.push(format!("vCPU {} pinned to {have:?} (want {want})", pin.vcpu)),
+                    have => wrong.push(format!(
+                        "vCPU {} pinned to {have:?} (want {want})",
+                        pin.vcpu
+                    )),
                 }
             }
             let disks = disk_volumes(host, d);
@@ -307,7 +360,14 @@ impl Checker {
                 }
             }
             if !wrong.is_empty() {
-                out.push(v(Kind::WrongState, format!("Domain {} on {want_node}: {}", dom.name_any(), wrong.join(", "))));
+                out.push(v(
+                    Kind::WrongState,
+                    format!(
+                        "Domain {} on {want_node}: {}",
+                        dom.name_any(),
+                        wrong.join(", ")
+                    ),
+                ));
             }
             let status = dom.status.clone().unwrap_or_default();
             // A Domain naming a Volume the user deleted says so (VolumeMissing) and keeps
@@ -320,17 +380,28 @@ impl Checker {
                 .filter(|n| !cluster.volumes.iter().any(|vol| vol.name_any() == **n))
                 .collect();
             if !missing.is_empty() {
-                let reason = conditions::find(&status.conditions, conditions::READY).map(|c| c.reason.clone());
+                let reason = conditions::find(&status.conditions, conditions::READY)
+                    .map(|c| c.reason.clone());
                 if reason.as_deref() != Some("VolumeMissing") {
                     out.push(v(Kind::StatusStale, format!("Domain {}: Volumes {missing:?} are gone, Ready reason {reason:?} (want VolumeMissing)", dom.name_any())));
                 }
                 continue;
             }
             if status.node_name.as_deref() != Some(want_node.as_str()) {
-                out.push(v(Kind::StatusStale, format!("Domain {}: status.nodeName {:?}, guest on {want_node}", dom.name_any(), status.node_name)));
+                out.push(v(
+                    Kind::StatusStale,
+                    format!(
+                        "Domain {}: status.nodeName {:?}, guest on {want_node}",
+                        dom.name_any(),
+                        status.node_name
+                    ),
+                ));
             }
             if let Some(why) = ready_now(dom, &status.conditions, status.observed_generation) {
-                out.push(v(Kind::StatusStale, format!("Domain {}: {why}", dom.name_any())));
+                out.push(v(
+                    Kind::StatusStale,
+                    format!("Domain {}: {why}", dom.name_any()),
+                ));
             }
         }
     }
@@ -338,13 +409,24 @@ impl Checker {
     fn check_volumes(&self, cluster: &Cluster, observed: &ObservedState, out: &mut Vec<Violation>) {
         let pool = &self.names.pool;
         for (node, host) in &observed.hosts {
-            for ((p, name), image) in host.volumes.iter().filter(|((p, n), _)| p == pool && self.mine_domain(n)) {
+            for ((p, name), image) in host
+                .volumes
+                .iter()
+                .filter(|((p, n), _)| p == pool && self.mine_domain(n))
+            {
                 let short = &name[self.names.ns.len() + 1..];
                 let resource = cluster.volumes.iter().find(|r| r.name_any() == short);
-                let retained = self.retained.contains_key(&(node.clone(), p.clone(), name.clone()));
+                let retained = self
+                    .retained
+                    .contains_key(&(node.clone(), p.clone(), name.clone()));
                 match resource {
                     None if retained => {}
-                    None => out.push(v(Kind::Leaked, format!("image {name} on {node}: its Volume (reclaimPolicy Delete) is gone"))),
+                    None => out.push(v(
+                        Kind::Leaked,
+                        format!(
+                            "image {name} on {node}: its Volume (reclaimPolicy Delete) is gone"
+                        ),
+                    )),
                     Some(r) if deleting(r) => {
                         let users = self.volume_users(cluster, host, &image.path, short);
                         if users.is_empty() && r.spec.reclaim_policy == ReclaimPolicy::Delete {
@@ -368,39 +450,82 @@ impl Checker {
                     _ => Vec::new(),
                 };
                 if users.is_empty() {
-                    out.push(v(Kind::StuckDeletion, format!("Volume {}: being deleted, nothing uses it", vol.name_any())));
+                    out.push(v(
+                        Kind::StuckDeletion,
+                        format!("Volume {}: being deleted, nothing uses it", vol.name_any()),
+                    ));
                 }
                 continue;
             }
             let Some(image) = image else {
-                out.push(v(Kind::Lost, format!("Volume {}: no image {name} on {node}", vol.name_any())));
+                out.push(v(
+                    Kind::Lost,
+                    format!("Volume {}: no image {name} on {node}", vol.name_any()),
+                ));
                 continue;
             };
-            let want = vol.spec.capacity.as_ref().and_then(|c| c.bytes().ok()).unwrap_or(0);
+            let want = vol
+                .spec
+                .capacity
+                .as_ref()
+                .and_then(|c| c.bytes().ok())
+                .unwrap_or(0);
             if image.capacity < want {
-                out.push(v(Kind::WrongState, format!("Volume {}: capacity {} < {want}", vol.name_any(), image.capacity)));
+                out.push(v(
+                    Kind::WrongState,
+                    format!(
+                        "Volume {}: capacity {} < {want}",
+                        vol.name_any(),
+                        image.capacity
+                    ),
+                ));
             }
-            if let Some(VolumeSource { backing_volume: Some(base), .. }) = &vol.spec.source {
-                let base_path = host.and_then(|h| h.volumes.get(&(pool.clone(), format!("{}.{base}", self.names.ns)))).map(|b| b.path.clone());
+            if let Some(VolumeSource {
+                backing_volume: Some(base),
+                ..
+            }) = &vol.spec.source
+            {
+                let base_path = host
+                    .and_then(|h| {
+                        h.volumes
+                            .get(&(pool.clone(), format!("{}.{base}", self.names.ns)))
+                    })
+                    .map(|b| b.path.clone());
                 match (&base_path, &image.backing_path) {
                     (Some(b), Some(i)) if b == i => {}
                     (None, Some(i)) if !host.is_some_and(|h| has_path(h, i)) => out.push(v(
                         Kind::InUseImageDeleted,
                         format!("Volume {}: its base image {i} is gone", vol.name_any()),
                     )),
-                    _ => out.push(v(Kind::WrongState, format!("Volume {}: backing {:?}, base image at {base_path:?}", vol.name_any(), image.backing_path))),
+                    _ => out.push(v(
+                        Kind::WrongState,
+                        format!(
+                            "Volume {}: backing {:?}, base image at {base_path:?}",
+                            vol.name_any(),
+                            image.backing_path
+                        ),
+                    )),
                 }
             }
             let status = vol.status.clone().unwrap_or_default();
             if let Some(why) = ready_now(vol, &status.conditions, status.observed_generation) {
-                out.push(v(Kind::StatusStale, format!("Volume {}: {why}", vol.name_any())));
+                out.push(v(
+                    Kind::StatusStale,
+                    format!("Volume {}: {why}", vol.name_any()),
+                ));
             }
         }
     }
 
     /// Who reads the image at `path` on `host`: domains defined there whose disk is it, overlays on
     /// it, and Domain resources that name the Volume `short`.
-    fn volume_users(&self, cluster: &Cluster, host: &ObservedHost, path: &str, short: &str) -> Vec<String> {
+    fn volume_users(
+        &self,
+        cluster: &Cluster,
+        host: &ObservedHost,
+        path: &str,
+        short: &str,
+    ) -> Vec<String> {
         let mut users: Vec<String> = host
             .domains
             .iter()
@@ -417,47 +542,85 @@ impl Checker {
             cluster
                 .domains
                 .iter()
-                .filter(|d| d.spec.disks.iter().any(|k| k.volume.as_deref() == Some(short)))
+                .filter(|d| {
+                    d.spec
+                        .disks
+                        .iter()
+                        .any(|k| k.volume.as_deref() == Some(short))
+                })
                 .map(|d| format!("Domain {}", d.name_any())),
         );
         users
     }
 
-    fn check_networks(&self, cluster: &Cluster, observed: &ObservedState, out: &mut Vec<Violation>) {
+    fn check_networks(
+        &self,
+        cluster: &Cluster,
+        observed: &ObservedState,
+        out: &mut Vec<Violation>,
+    ) {
         let name = &self.names.network;
         let resource = cluster.networks.first();
         for (node, host) in &observed.hosts {
             let net = host.networks.get(name);
             match (resource, net) {
-                (None, Some(_)) => out.push(v(Kind::Leaked, format!("network {name} on {node}: its Network is gone"))),
+                (None, Some(_)) => out.push(v(
+                    Kind::Leaked,
+                    format!("network {name} on {node}: its Network is gone"),
+                )),
                 (Some(r), Some(_)) if deleting(r) => {
                     let users: Vec<&String> = host
                         .domains
                         .iter()
-                        .filter(|(_, d)| d.interfaces.iter().any(|i| i.network.as_deref() == Some(name)))
+                        .filter(|(_, d)| {
+                            d.interfaces
+                                .iter()
+                                .any(|i| i.network.as_deref() == Some(name))
+                        })
                         .map(|(n, _)| n)
                         .collect();
                     if users.is_empty() {
-                        out.push(v(Kind::StuckDeletion, format!("Network {name}: being deleted, no guest on {node} uses it")));
+                        out.push(v(
+                            Kind::StuckDeletion,
+                            format!("Network {name}: being deleted, no guest on {node} uses it"),
+                        ));
                     }
                 }
                 (Some(r), Some(n)) => {
                     if n.owner.as_ref().map(|o| o.uid.as_str()) != r.uid().as_deref() {
-                        out.push(v(Kind::Leaked, format!("network {name} on {node}: owned by {:?}, not the Network's uid", n.owner)));
+                        out.push(v(
+                            Kind::Leaked,
+                            format!(
+                                "network {name} on {node}: owned by {:?}, not the Network's uid",
+                                n.owner
+                            ),
+                        ));
                     }
                     let mut wrong = Vec::new();
                     if !n.active {
                         wrong.push("inactive".to_string());
                     }
                     if n.autostart != r.spec.autostart {
-                        wrong.push(format!("autostart {} (want {})", n.autostart, r.spec.autostart));
+                        wrong.push(format!(
+                            "autostart {} (want {})",
+                            n.autostart, r.spec.autostart
+                        ));
                     }
                     if !wrong.is_empty() {
-                        out.push(v(Kind::WrongState, format!("Network {name} on {node}: {}", wrong.join(", "))));
+                        out.push(v(
+                            Kind::WrongState,
+                            format!("Network {name} on {node}: {}", wrong.join(", ")),
+                        ));
                     }
                 }
-                (Some(r), None) if !deleting(r) => out.push(v(Kind::Lost, format!("Network {name}: not defined on {node}"))),
-                (Some(_), None) => out.push(v(Kind::StuckDeletion, format!("Network {name}: gone from {node}, resource still there"))),
+                (Some(r), None) if !deleting(r) => out.push(v(
+                    Kind::Lost,
+                    format!("Network {name}: not defined on {node}"),
+                )),
+                (Some(_), None) => out.push(v(
+                    Kind::StuckDeletion,
+                    format!("Network {name}: gone from {node}, resource still there"),
+                )),
                 (None, None) => {}
             }
         }
@@ -469,22 +632,42 @@ impl Checker {
         for (node, host) in &observed.hosts {
             let pool = host.pools.get(name);
             match (resource, pool) {
-                (None, Some(_)) => out.push(v(Kind::Leaked, format!("pool {name} on {node}: its StoragePool is gone"))),
+                (None, Some(_)) => out.push(v(
+                    Kind::Leaked,
+                    format!("pool {name} on {node}: its StoragePool is gone"),
+                )),
                 (Some(r), Some(_)) if deleting(r) => {
                     if cluster.volumes.is_empty() {
-                        out.push(v(Kind::StuckDeletion, format!("StoragePool {name}: being deleted, no Volume left, still on {node}")));
+                        out.push(v(
+                            Kind::StuckDeletion,
+                            format!(
+                                "StoragePool {name}: being deleted, no Volume left, still on {node}"
+                            ),
+                        ));
                     }
                 }
                 (Some(r), Some(p)) => {
                     if p.owner.as_ref().map(|o| o.uid.as_str()) != r.uid().as_deref() {
-                        out.push(v(Kind::Leaked, format!("pool {name} on {node}: owned by {:?}", p.owner)));
+                        out.push(v(
+                            Kind::Leaked,
+                            format!("pool {name} on {node}: owned by {:?}", p.owner),
+                        ));
                     }
                     if !p.active {
-                        out.push(v(Kind::WrongState, format!("StoragePool {name} on {node}: inactive")));
+                        out.push(v(
+                            Kind::WrongState,
+                            format!("StoragePool {name} on {node}: inactive"),
+                        ));
                     }
                 }
-                (Some(r), None) if !deleting(r) => out.push(v(Kind::Lost, format!("StoragePool {name}: not defined on {node}"))),
-                (Some(_), None) => out.push(v(Kind::StuckDeletion, format!("StoragePool {name}: gone from {node}, resource still there"))),
+                (Some(r), None) if !deleting(r) => out.push(v(
+                    Kind::Lost,
+                    format!("StoragePool {name}: not defined on {node}"),
+                )),
+                (Some(_), None) => out.push(v(
+                    Kind::StuckDeletion,
+                    format!("StoragePool {name}: gone from {node}, resource still there"),
+                )),
                 (None, None) => {}
             }
         }
@@ -492,12 +675,18 @@ impl Checker {
 
     /// Remembers the images of `Retain` volumes.
     fn note_retained(&mut self, cluster: &Cluster, observed: &ObservedState) {
-        for vol in cluster.volumes.iter().filter(|v| v.spec.reclaim_policy == ReclaimPolicy::Retain) {
+        for vol in cluster
+            .volumes
+            .iter()
+            .filter(|v| v.spec.reclaim_policy == ReclaimPolicy::Retain)
+        {
             let name = format!("{}.{}", self.names.ns, vol.name_any());
             for (node, host) in &observed.hosts {
                 if let Some(image) = host.volumes.get(&(self.names.pool.clone(), name.clone())) {
-                    self.retained
-                        .insert((node.clone(), self.names.pool.clone(), name.clone()), image.path.clone());
+                    self.retained.insert(
+                        (node.clone(), self.names.pool.clone(), name.clone()),
+                        image.path.clone(),
+                    );
                 }
             }
         }
@@ -517,7 +706,10 @@ impl Checker {
                 })
             })
             .map(|((node, _, name), path)| {
-                v(Kind::RetainedImageDeleted, format!("image {name} ({path}) on {node}: gone from its pool"))
+                v(
+                    Kind::RetainedImageDeleted,
+                    format!("image {name} ({path}) on {node}: gone from its pool"),
+                )
             })
             .collect()
     }
@@ -527,10 +719,19 @@ impl Checker {
     /// violation is reported only when it held at one instant.
     pub async fn sample(&mut self, api: &TestApi) {
         let ns = self.names.ns.clone();
-        let mine = |n: &str| n.strip_prefix(ns.as_str()).is_some_and(|r| r.starts_with('.'));
-        let Some(before) = self.observe().await else { return };
-        let Some(middle) = self.observe().await else { return };
-        let Some(after) = self.observe().await else { return };
+        let mine = |n: &str| {
+            n.strip_prefix(ns.as_str())
+                .is_some_and(|r| r.starts_with('.'))
+        };
+        let Some(before) = self.observe().await else {
+            return;
+        };
+        let Some(middle) = self.observe().await else {
+            return;
+        };
+        let Some(after) = self.observe().await else {
+            return;
+        };
         let cluster = Cluster::read(api, &self.names);
         self.note_retained(&cluster, &before);
         for violation in self.retained_missing(&middle) {
@@ -558,7 +759,9 @@ impl Checker {
                         if gone {
                             self.sampled.insert(v(
                                 Kind::InUseImageDeleted,
-                                format!("image {link} deleted on {node} while domain {name} used it"),
+                                format!(
+                                    "image {link} deleted on {node} while domain {name} used it"
+                                ),
                             ));
                         }
                     }
@@ -566,13 +769,17 @@ impl Checker {
             }
             // An overlay present throughout needs its base.
             for ((pool, name), image) in b.volumes.iter().filter(|((_, n), _)| mine(n)) {
-                let Some(base) = &image.backing_path else { continue };
+                let Some(base) = &image.backing_path else {
+                    continue;
+                };
                 let overlay_throughout = a.volumes.contains_key(&(pool.clone(), name.clone()))
                     && host.volumes.contains_key(&(pool.clone(), name.clone()));
                 if overlay_throughout && !has_path(host, base) && !has_path(a, base) {
                     self.sampled.insert(v(
                         Kind::InUseImageDeleted,
-                        format!("image {base} deleted on {node} while overlay {name} was built on it"),
+                        format!(
+                            "image {base} deleted on {node} while overlay {name} was built on it"
+                        ),
                     ));
                 }
             }
@@ -584,14 +791,21 @@ impl Checker {
                 if d.power != PowerObserved::Running {
                     continue;
                 }
-                let still = after.hosts.get(node).and_then(|h| h.domains.get(name)).is_some_and(|x| {
-                    x.power == PowerObserved::Running && x.id == d.id && x.uuid == d.uuid
-                });
+                let still = after
+                    .hosts
+                    .get(node)
+                    .and_then(|h| h.domains.get(name))
+                    .is_some_and(|x| {
+                        x.power == PowerObserved::Running && x.id == d.id && x.uuid == d.uuid
+                    });
                 if !still {
                     continue;
                 }
                 for (other, h) in middle.hosts.iter().filter(|(o, _)| *o != node) {
-                    if h.domains.get(name).is_some_and(|x| x.power == PowerObserved::Running) {
+                    if h.domains
+                        .get(name)
+                        .is_some_and(|x| x.power == PowerObserved::Running)
+                    {
                         self.sampled.insert(v(
                             Kind::TwoHosts,
                             format!("domain {name} running on {node} and {other} at once"),
@@ -644,7 +858,12 @@ fn chain(host: &ObservedHost, path: &str) -> Vec<String> {
     let mut out = vec![path.to_string()];
     let mut at = path.to_string();
     for _ in 0..16 {
-        let Some(next) = host.volumes.values().find(|i| i.path == at).and_then(|i| i.backing_path.clone()) else {
+        let Some(next) = host
+            .volumes
+            .values()
+            .find(|i| i.path == at)
+            .and_then(|i| i.backing_path.clone())
+        else {
             break;
         };
         out.push(next.clone());

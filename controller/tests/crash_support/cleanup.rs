@@ -21,7 +21,10 @@ pub fn remove_run(uri: &str, names: &Names) {
         }
     }
     let pools = conn.list_all_storage_pools(0).unwrap_or_default();
-    for pool in pools.into_iter().filter(|p| p.name().is_ok_and(|n| n == names.pool)) {
+    for pool in pools
+        .into_iter()
+        .filter(|p| p.name().is_ok_and(|n| n == names.pool))
+    {
         if let Ok(vols) = pool.list_all_volumes(0) {
             for vol in vols {
                 let _ = vol.delete(0);
@@ -32,7 +35,10 @@ pub fn remove_run(uri: &str, names: &Names) {
         let _ = pool.undefine();
     }
     let nets = conn.list_all_networks(0).unwrap_or_default();
-    for net in nets.into_iter().filter(|n| n.name().is_ok_and(|n| n == names.network)) {
+    for net in nets
+        .into_iter()
+        .filter(|n| n.name().is_ok_and(|n| n == names.network))
+    {
         let _ = net.destroy();
         let _ = net.undefine();
     }

@@ -31,10 +31,10 @@ use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Client, Resource};
 use prometheus_client::registry::Registry;
+use virtkube::agent::backoff::{Failures, ObjectKey};
 use virtkube::agent::context::{Context, Settings};
 use virtkube::agent::error::Error;
 use virtkube::agent::metrics::Metrics;
-use virtkube::agent::backoff::{Failures, ObjectKey};
 use virtkube::agent::{domain, drift, error_policy, network, node, pool};
 use virtkube::agent::{sweep, volume};
 use virtkube::host::{HostSpec, Hosts};
@@ -150,7 +150,10 @@ pub fn start_agent(config: AgentConfig) -> Instance {
     }
 }
 
-async fn run_agent(config: AgentConfig, engine_out: Arc<Mutex<Option<Engine>>>) -> Result<(), String> {
+async fn run_agent(
+    config: AgentConfig,
+    engine_out: Arc<Mutex<Option<Engine>>>,
+) -> Result<(), String> {
     let client = kube_client(&config.api_url, &config.identity).await?;
     let spec = HostSpec {
         node: config.node.clone(),
@@ -166,7 +169,11 @@ async fn run_agent(config: AgentConfig, engine_out: Arc<Mutex<Option<Engine>>>) 
         }
     };
     hosts.shutdown_deadline = config.shutdown_timeout;
-    let engine = hosts.get(&config.node).map_err(|e| e.to_string())?.engine.clone();
+    let engine = hosts
+        .get(&config.node)
+        .map_err(|e| e.to_string())?
+        .engine
+        .clone();
     if let Ok(mut out) = engine_out.lock() {
         *out = Some(engine.clone());
     }
@@ -200,20 +207,24 @@ async fn run_agent(config: AgentConfig, engine_out: Arc<Mutex<Option<Engine>>>) 
         Controller::for_stream(domain_stream, domain_store).with_config(config_c.clone());
     let volume_controller =
         Controller::new(Api::<Volume>::all(client.clone()), watch()).with_config(config_c.clone());
-    let network_controller = Controller::new(Api::<Network>::all(client.clone()), watch())
-        .with_config(config_c.clone());
+    let network_controller =
+        Controller::new(Api::<Network>::all(client.clone()), watch()).with_config(config_c.clone());
     let pool_controller = Controller::new(Api::<StoragePool>::all(client.clone()), watch())
         .with_config(config_c.clone());
     let domain_store = domain_controller.store();
     let domain_controller = {
         let (by_volume, by_network) = (domain_store.clone(), domain_store.clone());
         domain_controller
-            .watches(Api::<Volume>::all(client.clone()), watch(), move |v: Volume| {
-                domain::users_of(&by_volume, &v)
-            })
-            .watches(Api::<Network>::all(client.clone()), watch(), move |n: Network| {
-                domain::users_of_network(&by_network, &n)
-            })
+            .watches(
+                Api::<Volume>::all(client.clone()),
+                watch(),
+                move |v: Volume| domain::users_of(&by_volume, &v),
+            )
+            .watches(
+                Api::<Network>::all(client.clone()),
+                watch(),
+                move |n: Network| domain::users_of_network(&by_network, &n),
+            )
     };
     let volume_store = volume_controller.store();
     let volume_controller = {
@@ -224,17 +235,19 @@ async fn run_agent(config: AgentConfig, engine_out: Arc<Mutex<Option<Engine>>>) 
                 watch(),
                 move |p: StoragePool| volume::in_pool(&by_pool, &p),
             )
-            .watches(Api::<Volume>::all(client.clone()), watch(), move |s: Volume| {
-                volume::copies_of(&by_source, &s)
-            })
+            .watches(
+                Api::<Volume>::all(client.clone()),
+                watch(),
+                move |s: Volume| volume::copies_of(&by_source, &s),
+            )
             .watches(Api::<Domain>::all(client.clone()), watch(), |d: Domain| {
                 volume::used_by_domain(&d)
             })
     };
     let network_store = network_controller.store();
     let pool_store = pool_controller.store();
-    let mut ctx =
-        Context::new(client.clone(), hosts, metrics.clone(), settings).map_err(|e| e.to_string())?;
+    let mut ctx = Context::new(client.clone(), hosts, metrics.clone(), settings)
+        .map_err(|e| e.to_string())?;
     ctx.volumes = Some(volume_store.clone());
     ctx.domains = Some(domain_store.clone());
     let (requeue_tx, requeue_rx) = futures::channel::mpsc::unbounded();
@@ -245,7 +258,12 @@ async fn run_agent(config: AgentConfig, engine_out: Arc<Mutex<Option<Engine>>>) 
     }
     let failures = Arc::new(Failures::default());
     let (drift_tx, drift_rx) = futures::channel::mpsc::unbounded();
-    let drift = drift::forward(engine.events(), domain_store.clone(), metrics.clone(), drift_tx);
+    let drift = drift::forward(
+        engine.events(),
+        domain_store.clone(),
+        metrics.clone(),
+        drift_tx,
+    );
     let (net_tx, net_rx) = futures::channel::mpsc::unbounded();
     let (pool_tx, pool_rx) = futures::channel::mpsc::unbounded();
     let on_labels = {
@@ -266,7 +284,13 @@ async fn run_agent(config: AgentConfig, engine_out: Arc<Mutex<Option<Engine>>>) 
         ctx.clone(),
         failures.clone(),
     );
-    let volumes = drive(volume_controller, volume::reconcile, volume::KIND, ctx.clone(), failures.clone());
+    let volumes = drive(
+        volume_controller,
+        volume::reconcile,
+        volume::KIND,
+        ctx.clone(),
+        failures.clone(),
+    );
     let networks = drive(
         network_controller.reconcile_on(net_rx),
         network::reconcile,
@@ -430,7 +454,12 @@ impl InProcessFleet {
         quiet_killed_runtimes();
         InProcessFleet {
             api_url: api_url.to_string(),
-            agents: Mutex::new(agents.iter().map(|c| Some(start_agent(c.clone()))).collect()),
+            agents: Mutex::new(
+                agents
+                    .iter()
+                    .map(|c| Some(start_agent(c.clone())))
+                    .collect(),
+            ),
             configs: agents,
             controller: Mutex::new(Some(start_controller(api_url, "ctl"))),
             dead_mutations: std::sync::atomic::AtomicU64::new(0),
@@ -481,7 +510,10 @@ impl super::campaign::Fleet for InProcessFleet {
             .lock()
             .map(|a| a.iter().flatten().map(Instance::mutations).sum())
             .unwrap_or(0);
-        self.dead_mutations.load(std::sync::atomic::Ordering::SeqCst) + live + api.resource_version()
+        self.dead_mutations
+            .load(std::sync::atomic::Ordering::SeqCst)
+            + live
+            + api.resource_version()
     }
 
     fn kill(&self, victim: super::campaign::Victim) {

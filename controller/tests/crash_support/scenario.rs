@@ -68,7 +68,10 @@ impl Edit {
     pub fn label(&self) -> String {
         match self {
             Edit::Create { resource, body } => {
-                format!("create {resource} {}", body["metadata"]["name"].as_str().unwrap_or("?"))
+                format!(
+                    "create {resource} {}",
+                    body["metadata"]["name"].as_str().unwrap_or("?")
+                )
             }
             Edit::Update {
                 resource,
@@ -214,7 +217,11 @@ pub fn generate(rng: &mut Rng, run: u64, options: &Options) -> Scenario {
         ));
     }
     // Domains: each disk volume is used by one domain at most; base only through its copies.
-    let mut free: Vec<String> = volumes.iter().map(|(n, _)| n.clone()).filter(|n| n != "base").collect();
+    let mut free: Vec<String> = volumes
+        .iter()
+        .map(|(n, _)| n.clone())
+        .filter(|n| n != "base")
+        .collect();
     let count = 1 + rng.below(3);
     let mut doms = Vec::new();
     for i in 0..count {
@@ -230,7 +237,9 @@ pub fn generate(rng: &mut Rng, run: u64, options: &Options) -> Scenario {
             power: rng.below(POWERS.len() as u64) as usize,
             autostart: rng.chance(50),
             vcpus: 1 + rng.below(2) as u32,
-            pin: rng.chance(60).then(|| rng.below(u64::from(options.cpus)) as u32),
+            pin: rng
+                .chance(60)
+                .then(|| rng.below(u64::from(options.cpus)) as u32),
             disk,
             nic: !mover && rng.chance(60),
         });
@@ -273,7 +282,11 @@ pub fn generate(rng: &mut Rng, run: u64, options: &Options) -> Scenario {
         if rng.chance(50) {
             // A stopped domain turned Manual stays stopped while its status says it
             // converges (reported apart: not a crash matter), so Halted goes to Always only.
-            let choices: &[usize] = if POWERS[d.power].0 == "Halted" { &[0, 3] } else { &[0, 1, 2, 3] };
+            let choices: &[usize] = if POWERS[d.power].0 == "Halted" {
+                &[0, 3]
+            } else {
+                &[0, 1, 2, 3]
+            };
             let next = *rng.pick(choices);
             d.power = next;
             let (strategy, state) = POWERS[next];
@@ -288,7 +301,9 @@ pub fn generate(rng: &mut Rng, run: u64, options: &Options) -> Scenario {
             d.vcpus = 3 - d.vcpus;
             let mut cpu = json!({"vcpus": d.vcpus});
             if rng.chance(50) {
-                d.pin = rng.chance(70).then(|| rng.below(u64::from(options.cpus)) as u32);
+                d.pin = rng
+                    .chance(70)
+                    .then(|| rng.below(u64::from(options.cpus)) as u32);
                 cpu["pinning"] = match d.pin {
                     Some(c) => json!([{"vcpu": 0, "cpuset": c.to_string()}]),
                     None => Value::Null,
@@ -361,10 +376,22 @@ pub fn generate(rng: &mut Rng, run: u64, options: &Options) -> Scenario {
     Scenario {
         names,
         phases: vec![
-            Phase { name: "create", edits: create },
-            Phase { name: "update", edits: update },
-            Phase { name: "delete some", edits: some },
-            Phase { name: "delete all", edits: all },
+            Phase {
+                name: "create",
+                edits: create,
+            },
+            Phase {
+                name: "update",
+                edits: update,
+            },
+            Phase {
+                name: "delete some",
+                edits: some,
+            },
+            Phase {
+                name: "delete all",
+                edits: all,
+            },
         ],
     }
 }
@@ -373,7 +400,11 @@ fn delete(resource: &'static str, names: &Names, name: &str) -> Edit {
     let namespaced = matches!(resource, "domains" | "volumes");
     Edit::Delete {
         resource,
-        namespace: if namespaced { names.ns.clone() } else { String::new() },
+        namespace: if namespaced {
+            names.ns.clone()
+        } else {
+            String::new()
+        },
         name: name.to_string(),
     }
 }
