@@ -20,7 +20,10 @@ use crash_support::check::Checker;
 use crash_support::inprocess::{AgentConfig, InProcessFleet};
 use crash_support::rng::{Rng, seed_from_env};
 use crash_support::scenario::{Options, generate};
+use virtkube::cli::apply::{ConvergeOptions, converge};
 use virtkube::host::{HostSpec, Hosts};
+use virtkube::plan::desired::DesiredState;
+use virtkube::plan::{self, PlanOptions};
 use virtkube_engine::EngineConfig;
 use virtkube_testapi::TestApi;
 
@@ -272,4 +275,258 @@ async fn the_checks_catch_lost_leaked_and_deleted_retained_objects() {
     drop(conn);
     crash_support::cleanup::remove_run(URI, &names);
     api.stop().await;
+}
+
+/// One `virtkube apply` killed at a point drawn from `point` (mutating libvirt calls made so
+/// far), on a thread and runtime of its own, as SIGKILL would stop the process: its future is
+/// dropped at its next await point (a libvirt call already running completes, its answer is
+/// lost), and its connection is never closed. True when it was killed before it finished.
+async fn apply_killed_at(desired: DesiredState, point: u64) -> bool {
+    use std::sync::{Arc, Mutex};
+    let engine: Arc<Mutex<Option<virtkube_engine::Engine>>> = Arc::new(Mutex::new(None));
+    let (kill, killed_rx) = tokio::sync::oneshot::channel::<()>();
+    let out = engine.clone();
+    // `virtkube apply` runs on a current-thread runtime (its converge is not Send).
+    let thread = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let killed = runtime.block_on(async move {
+            let hosts = Hosts::connect(&[host_spec()], EngineConfig::default())
+                .await
+                .unwrap();
+            if let Ok(mut e) = out.lock() {
+                *e = Some(hosts.get(NODE).unwrap().engine.clone());
+            }
+            let options = ConvergeOptions {
+                prune: true,
+                verbose: false,
+                ..ConvergeOptions::default()
+            };
+            let mut sink = Vec::new();
+            let killed = tokio::select! {
+                _ = converge(&hosts, &desired, &[], &options, &mut sink) => false,
+                _ = killed_rx => true,
+            };
+            std::mem::forget(hosts);
+            killed
+        });
+        runtime.shutdown_background();
+        killed
+    });
+    let mut kill = Some(kill);
+    while !thread.is_finished() {
+        let made = engine
+            .lock()
+            .ok()
+            .and_then(|e| e.as_ref().map(|e| e.stats().mutating_calls()))
+            .unwrap_or(0);
+        if made >= point
+            && let Some(k) = kill.take()
+        {
+            let _ = k.send(());
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    thread.join().unwrap()
+}
+
+fn host_spec() -> HostSpec {
+    HostSpec {
+        node: NODE.into(),
+        uri: URI.into(),
+        p2p_uri: None,
+        migration_uri: None,
+    }
+}
+
+/// `virtkube apply --prune` killed at a point drawn from a printed seed during the create,
+/// update and delete phases of a mixed set (the same generator as the agent's campaign), then
+/// run again to the end: libvirt must then match the manifests (a fresh plan is empty), no
+/// guest or network the manifests no longer name may remain, and no image may go (`apply`
+/// never deletes a volume: once a manifest is gone its reclaim policy is unknown, so Volume
+/// deletions are not played here, nor pool deletions, which would need the pool empty).
+/// Replay: `VIRTKUBE_CRASH_SEED=…`; `VIRTKUBE_CRASH_APPLY_RUNS=N` changes the number of runs.
+/// Runs are played one after another: `--prune` sees every object apply owns on the node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn virtkube_apply_killed_anywhere_on_the_test_driver() {
+    use crash_support::scenario::Edit;
+    use std::collections::{BTreeMap, BTreeSet};
+    let seed = seed_from_env();
+    let runs = env_u64("VIRTKUBE_CRASH_APPLY_RUNS", 100);
+    println!("virtkube apply crash series ({URI}): seed {seed:#x}, {runs} runs");
+    let observer = Hosts::connect(&[host_spec()], EngineConfig::default())
+        .await
+        .unwrap();
+    let cpus = observer
+        .get(NODE)
+        .unwrap()
+        .engine
+        .node_info()
+        .await
+        .unwrap()
+        .cpus
+        .min(4);
+    let options = Options {
+        nodes: vec![NODE.into()],
+        pool_root: "/var/lib/virtkube/crash-apply".into(),
+        moves: false,
+        live_moves: false,
+        cpus,
+        subnet: 202,
+    };
+    let started = std::time::Instant::now();
+    let (mut kills, mut not_reached, mut checks) = (BTreeMap::<&str, u64>::new(), 0u64, 0u64);
+    let mut failures: Vec<String> = Vec::new();
+    for run in 0..runs {
+        let run_seed = Rng::run_seed(seed ^ 0xA991_u64, run);
+        let mut rng = Rng::new(run_seed);
+        // Names of their own (crash-r1000…): apply's runs never meet the agent's.
+        let scenario = generate(&mut rng, 1000 + run, &options);
+        let names = scenario.names.clone();
+        let mut model: BTreeMap<(&'static str, String), serde_json::Value> = BTreeMap::new();
+        let mut images: BTreeSet<(String, String)> = BTreeSet::new();
+        for phase in &scenario.phases {
+            for edit in &phase.edits {
+                match edit {
+                    Edit::Create { resource, body } => {
+                        let name = body["metadata"]["name"].as_str().unwrap().to_string();
+                        model.insert((resource, name), body.clone());
+                    }
+                    Edit::Update {
+                        resource,
+                        name,
+                        patch,
+                        ..
+                    } => {
+                        if let Some(body) = model.get_mut(&(*resource, name.clone())) {
+                            crash_support::scenario::merge(&mut body["spec"], patch);
+                        }
+                    }
+                    Edit::Delete { resource, name, .. } => {
+                        if !matches!(*resource, "volumes" | "storagepools") {
+                            model.remove(&(*resource, name.clone()));
+                        }
+                    }
+                }
+            }
+            let text = model
+                .values()
+                .map(|b| serde_json::to_string(b).unwrap())
+                .collect::<Vec<_>>()
+                .join("\n---\n");
+            let manifests = virtkube_crds::manifest::Reader::new()
+                .parse(std::path::Path::new("crash.yaml"), &text)
+                .unwrap_or_else(|e| panic!("run {run}: manifests refused: {e:?}\n{text}"));
+            let (desired, _) = DesiredState::from_manifests(&manifests, &observer.nodes());
+            // Creating makes a dozen libvirt calls or so, the other phases a few.
+            let point = rng.below(if phase.name == "create" { 12 } else { 4 });
+            if apply_killed_at(desired.clone(), point).await {
+                *kills.entry(phase.name).or_default() += 1;
+            } else {
+                not_reached += 1;
+            }
+            // The next `virtkube apply`, to the end.
+            let hosts = Hosts::connect(&[host_spec()], EngineConfig::default())
+                .await
+                .unwrap();
+            let quiet = ConvergeOptions {
+                prune: true,
+                verbose: false,
+                ..ConvergeOptions::default()
+            };
+            let done = converge(&hosts, &desired, &[], &quiet, &mut Vec::new()).await;
+            let _ = hosts.close().await;
+            let mut broke = Vec::new();
+            match &done {
+                Ok(d) if d.is_clean() => {}
+                Ok(d) => broke.push(format!(
+                    "apply after the kill did not converge: {:?}\n{}",
+                    d.failures,
+                    d.last_plan.render(false)
+                )),
+                Err(e) => broke.push(format!("apply after the kill failed: {e}")),
+            }
+            checks += 1;
+            let observed = observer.observe().await.unwrap();
+            let again = plan::plan(&desired, &observed, &PlanOptions { prune: true });
+            if !again.is_empty() {
+                broke.push(format!(
+                    "libvirt differs from the manifests:\n{}",
+                    again.render(false)
+                ));
+            }
+            let host = &observed.hosts[NODE];
+            let prefix = format!("{}.", names.ns);
+            for name in host.domains.keys().filter(|n| n.starts_with(&prefix)) {
+                let short = name[prefix.len()..].to_string();
+                if !model.contains_key(&("domains", short)) {
+                    broke.push(format!("leaked: domain {name} no manifest names"));
+                }
+            }
+            // A network a remaining guest uses is kept (apply reports it blocked).
+            let used = model.iter().any(|((kind, _), body)| {
+                *kind == "domains"
+                    && body["spec"]["interfaces"]
+                        .as_array()
+                        .is_some_and(|i| i.iter().any(|n| n["network"] == names.network.as_str()))
+            });
+            if host.networks.contains_key(&names.network)
+                && !used
+                && !model.contains_key(&("networks", names.network.clone()))
+            {
+                broke.push(format!("leaked: network {}", names.network));
+            }
+            let now: BTreeSet<(String, String)> = host
+                .volumes
+                .keys()
+                .filter(|(p, n)| *p == names.pool && n.starts_with(&prefix))
+                .cloned()
+                .collect();
+            for gone in images.difference(&now) {
+                broke.push(format!("image deleted: {gone:?}"));
+            }
+            images.extend(now);
+            for b in broke {
+                failures.push(format!(
+                    "run {run} (seed {run_seed:#x}), phase {} (kill at {point}): {b}",
+                    phase.name
+                ));
+            }
+        }
+        crash_support::cleanup::remove_run(URI, &names);
+    }
+    let killed: u64 = kills.values().sum();
+    let mut t = String::new();
+    t.push_str(&format!("virtkube apply --prune killed in-process on {URI}; seed {seed:#x} (replay: VIRTKUBE_CRASH_SEED={seed:#x})\n"));
+    t.push_str("| Measure | Count |\n|---|---|\n");
+    t.push_str(&format!(
+        "| runs | {runs} |\n| kill points reached | {killed} |\n"
+    ));
+    for (phase, n) in &kills {
+        t.push_str(&format!("| … apply killed during {phase} | {n} |\n"));
+    }
+    t.push_str(&format!(
+        "| kill points not reached (apply finished first) | {not_reached} |\n"
+    ));
+    t.push_str(&format!(
+        "| invariant checks (after each rerun) | {checks} |\n"
+    ));
+    t.push_str(&format!("| failures | {} |\n", failures.len()));
+    t.push_str(&format!(
+        "| wall time | {:.1} s |\n",
+        started.elapsed().as_secs_f64()
+    ));
+    println!("{t}");
+    assert!(
+        killed > 0,
+        "no apply was ever killed: the series tested nothing"
+    );
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }

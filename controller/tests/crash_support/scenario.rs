@@ -84,7 +84,8 @@ impl Edit {
     }
 }
 
-fn merge(into: &mut Value, patch: &Value) {
+/// Merges `patch` into `into` (`null` removes a field), as a merge patch does.
+pub fn merge(into: &mut Value, patch: &Value) {
     match (into, patch) {
         (Value::Object(into), Value::Object(patch)) => {
             for (k, v) in patch {
