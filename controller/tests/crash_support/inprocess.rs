@@ -79,10 +79,21 @@ impl AgentConfig {
             peer_uri: None,
             migration_uri: None,
             shutdown_timeout: Duration::from_millis(300),
-            resync: Duration::from_secs(5),
+            resync: resync(),
             heartbeat: Duration::from_secs(2),
         }
     }
+}
+
+/// The agent's and the controller's resync period (and the agent's sweep): 300 s as in
+/// production, or `VIRTKUBE_CRASH_RESYNC_SECONDS`. Longer than a phase's 20 s to converge, so
+/// recovery from a kill must not rest on the periodic resync.
+pub fn resync() -> Duration {
+    let seconds = std::env::var("VIRTKUBE_CRASH_RESYNC_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
+    Duration::from_secs(seconds)
 }
 
 /// One running instance: its own runtime and, once connected, its engine (for counting the
@@ -422,7 +433,7 @@ pub fn start_controller(api_url: &str, identity: &str) -> Instance {
                 renew_deadline: Duration::from_millis(1500),
                 retry_period: Duration::from_millis(200),
             },
-            resync: Duration::from_secs(5),
+            resync: resync(),
         };
         let metrics = virtkube::cluster::metrics::Metrics::register(&mut Registry::default());
         let instance = virtkube::cluster::spawn(client, config, metrics);
