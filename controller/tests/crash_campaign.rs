@@ -17,11 +17,11 @@
 //! `process_support`'s libvirtd pair, not written yet).
 //!
 //! Run (the tables are printed; nextest shows them with `--no-capture`):
-//! `cargo nextest run -p virtkube --test crash_campaign --no-capture`. About 2.5 minutes in a
+//! `cargo nextest run -p virtkube --test crash_campaign --no-capture`. About 2 minutes in a
 //! debug build on a loaded 2-core machine. Knobs: `VIRTKUBE_CRASH_SEED=0x…` replays a
 //! campaign (the seed is printed; a failed run prints its own seed too);
 //! `VIRTKUBE_CRASH_RUNS=N` and `VIRTKUBE_CRASH_APPLY_RUNS=N` set the number of runs (time
-//! grows linearly: about 1.6 s per agent run and 0.4 s per apply run here);
+//! grows linearly: about 0.9 s per agent run and 0.4 s per apply run here);
 //! `VIRTKUBE_CRASH_ONLY=K` with the campaign's seed plays its run K alone;
 //! `VIRTKUBE_CRASH_LANES` (runs at once, 10), `VIRTKUBE_CRASH_MAX_KILLS` (per phase, 1),
 //! `VIRTKUBE_CRASH_POLL_MS` (50), `VIRTKUBE_CRASH_VERBOSE=1` (every run's phases and kills),
