@@ -22,7 +22,10 @@
 //! campaign (the seed is printed; a failed run prints its own seed too);
 //! `VIRTKUBE_CRASH_RUNS=N` and `VIRTKUBE_CRASH_APPLY_RUNS=N` set the number of runs (time
 //! grows linearly: about 0.9 s per agent run and 0.4 s per apply run here);
+//! nextest ends a test after 5 minutes, so run long series with
+//! `cargo test -p virtkube --test crash_campaign -- --nocapture --test-threads 1`);
 //! `VIRTKUBE_CRASH_ONLY=K` with the campaign's seed plays its run K alone;
+//! `VIRTKUBE_CRASH_RESYNC_SECONDS` (the agent's and controller's resync, 300);
 //! `VIRTKUBE_CRASH_LANES` (runs at once, 10), `VIRTKUBE_CRASH_MAX_KILLS` (per phase, 1),
 //! `VIRTKUBE_CRASH_POLL_MS` (50), `VIRTKUBE_CRASH_VERBOSE=1` (every run's phases and kills),
 //! `VIRTKUBE_CRASH_LOG=virtkube=info` (the agent's and controller's logs).
