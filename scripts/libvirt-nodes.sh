@@ -192,6 +192,9 @@ VIRTKUBE_TEST_NODE_A_P2P_URI=qemu+unix:///system?socket=$W/A/sock/libvirt-sock
 VIRTKUBE_TEST_NODE_B_P2P_URI=qemu+unix:///system?socket=$W/B/sock/libvirt-sock
 VIRTKUBE_TEST_NODE_A_MIGRATION_URI=tcp://$ADDR_A
 VIRTKUBE_TEST_NODE_B_MIGRATION_URI=tcp://$ADDR_B
+# So that a test restarting a daemon (restart-daemon) finds the same namespaces.
+VIRTKUBE_NODES_NETNS=$PREFIX
+VIRTKUBE_NODES_SUBNET=$SUBNET
 EOE
 }
 

@@ -488,10 +488,7 @@ async fn the_sweep_leaves_guests_of_virtkube_apply_alone() {
     w.engine.domain_start("local.cli", &owner).await.unwrap();
     let (empty, _writer) = kube::runtime::reflector::store::<Domain>();
     let swept = virtkube::agent::sweep::sweep(&w.ctx, &empty).await.unwrap();
-    assert!(
-        !swept.removed.iter().any(|r| r == "local/cli"),
-        "{swept:?}"
-    );
+    assert!(!swept.removed.iter().any(|r| r == "local/cli"), "{swept:?}");
     assert!(
         w.engine.domain_lookup("local.cli").await.unwrap().is_some(),
         "the CLI's guest is still there"

@@ -488,6 +488,11 @@ async fn rss_of_the_agent_process_with_1000_domains() {
                             "memory": {"size": "64Mi"}}}),
         ).unwrap();
     }
+    // Bound as the cluster controller binds them.
+    let admin = api.client("admin").await.unwrap();
+    for i in 0..count {
+        agent_support::bind_domain(&admin, "rss", &format!("vm{i:04}"), "proc-node").await;
+    }
     let dir = tempfile::tempdir().unwrap();
     let config = kubeconfig(dir.path(), api.addr());
     let log = dir.path().join("agent.log");

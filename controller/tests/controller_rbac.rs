@@ -126,9 +126,22 @@ async fn the_chart_grants_the_controller_exactly_what_it_calls() {
     }
     api.create("nodes", k8s_node("node-b", true, json!([])))
         .unwrap();
-    api.create("networks", json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "Network", "metadata": {"name": "vk-nat"}, "spec": {"mode": "isolated"}})).unwrap();
+    // node-gone left the cluster (no Node, no HypervisorNode) with its finalizer and status
+    // entry on a Network and a StoragePool: the controller releases them on its behalf.
+    api.create("networks", json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "Network", "metadata": {"name": "vk-nat", "finalizers": ["node.virtkube.io/node-gone"]}, "spec": {"mode": "isolated"}})).unwrap();
+    Api::<virtkube_crds::Network>::all(admin.clone())
+        .patch_status(
+            "vk-nat",
+            &PatchParams::apply("virtkube-agent.node-gone").force(),
+            &Patch::Apply(
+                &json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "Network",
+                "status": {"nodes": [{"nodeName": "node-gone", "active": true}]}}),
+            ),
+        )
+        .await
+        .unwrap();
     for (name, shared) in [("local", false), ("shared", true)] {
-        api.create("storagepools", json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "StoragePool", "metadata": {"name": name}, "spec": {"type": "dir", "target": {"path": "/p"}, "shared": shared}})).unwrap();
+        api.create("storagepools", json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "StoragePool", "metadata": {"name": name, "finalizers": ["node.virtkube.io/node-gone", "node.virtkube.io/node-a"]}, "spec": {"type": "dir", "target": {"path": "/p"}, "shared": shared}})).unwrap();
         let status = pool(name, shared, &["node-a", "node-b"])["status"].clone();
         Api::<virtkube_crds::StoragePool>::all(admin.clone())
             .patch_status(
@@ -139,6 +152,17 @@ async fn the_chart_grants_the_controller_exactly_what_it_calls() {
             .await
             .unwrap();
     }
+    Api::<virtkube_crds::StoragePool>::all(admin.clone())
+        .patch_status(
+            "local",
+            &PatchParams::apply("virtkube-agent.node-gone").force(),
+            &Patch::Apply(
+                &json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "StoragePool",
+                "status": {"nodes": [{"nodeName": "node-gone", "state": "Running"}]}}),
+            ),
+        )
+        .await
+        .unwrap();
     api.create("volumes", volume("default", "data", "local"))
         .unwrap();
     api.create("volumes", volume("default", "root", "shared"))
@@ -229,6 +253,20 @@ async fn the_chart_grants_the_controller_exactly_what_it_calls() {
             && api
                 .get("hypervisornodes", "", "node-b")
                 .is_some_and(|n| condition(&n, "Draining").is_some())
+            && api.get("networks", "", "vk-nat").is_some_and(|n| {
+                n["metadata"]["finalizers"]
+                    .as_array()
+                    .is_none_or(|f| f.is_empty())
+                    && n["status"]["nodes"]
+                        .as_array()
+                        .is_none_or(|e| e.iter().all(|e| e["nodeName"] != "node-gone"))
+            })
+            && api.get("storagepools", "", "local").is_some_and(|p| {
+                p["metadata"]["finalizers"] == json!(["node.virtkube.io/node-a"])
+                    && p["status"]["nodes"]
+                        .as_array()
+                        .is_some_and(|e| e.iter().all(|e| e["nodeName"] != "node-gone"))
+            })
     })
     .await;
     controller.stop().await;

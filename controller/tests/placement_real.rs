@@ -25,7 +25,9 @@ use serde_json::{Value, json};
 
 /// One line per scenario: what the sampler saw, how long it took to settle, the downtime.
 fn report(scenario: &str, samples: &Samples, settle: Duration, dom: Option<&Value>) {
-    let migration = dom.map(|d| d["status"]["migration"].clone()).unwrap_or(Value::Null);
+    let migration = dom
+        .map(|d| d["status"]["migration"].clone())
+        .unwrap_or(Value::Null);
     println!(
         "scenario {scenario}: {} samples, {} on both nodes, settled in {:.1}s, migration {} downtime {} ms, {} bytes; timeline: {}",
         samples.samples.len(),
@@ -86,13 +88,19 @@ fn make_slow(dom: &mut Value) {
 fn assert_only_on(c: &Cluster, ns: &str, name: &str, node: &str) {
     let guest = format!("{ns}.{name}");
     for n in &c.nodes {
-        let runs = running_on(&n.uri)
-            .expect("virsh list")
-            .iter()
-            .any(|g| *g == guest);
-        assert_eq!(runs, n.name == node, "{guest} running on {}: {runs}", n.name);
+        let runs = running_on(&n.uri).expect("virsh list").contains(&guest);
+        assert_eq!(
+            runs,
+            n.name == node,
+            "{guest} running on {}: {runs}",
+            n.name
+        );
         if n.name != node {
-            assert!(!defined_on(&n.uri, &guest), "{guest} left defined on {}", n.name);
+            assert!(
+                !defined_on(&n.uri, &guest),
+                "{guest} left defined on {}",
+                n.name
+            );
         }
     }
     let dom = c.domain(ns, name).unwrap();
@@ -118,7 +126,8 @@ async fn a_move_right_after_creation_runs_the_guest_on_one_node() {
         .edit_spec("domains", &ns, "vm", |s| s["nodeName"] = json!("node-b"))
         .unwrap();
     c.until(120, "settled on node-b", || {
-        c.domain(&ns, "vm").is_some_and(|d| settled_on(&d, "node-b"))
+        c.domain(&ns, "vm")
+            .is_some_and(|d| settled_on(&d, "node-b"))
     })
     .await;
     let settle = started.elapsed();
@@ -153,13 +162,12 @@ async fn a_move_while_the_source_agent_is_down_waits_for_it() {
     // Past the heartbeat grace: the node is unreachable, the domain says so.
     let grace = c.controller_flags.heartbeat_grace;
     c.until(grace + 10, "node-a unreachable", || {
-        c.api
-            .get("hypervisornodes", "", "node-a")
-            .is_some_and(|n| {
-                n["status"]["conditions"]
-                    .as_array()
-                    .is_some_and(|cs| cs.iter().any(|c| c["type"] == "Ready" && c["status"] == "Unknown"))
+        c.api.get("hypervisornodes", "", "node-a").is_some_and(|n| {
+            n["status"]["conditions"].as_array().is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c["type"] == "Ready" && c["status"] == "Unknown")
             })
+        })
     })
     .await;
     c.until(10, "NodeUnreachable on the domain", || {
@@ -189,14 +197,20 @@ async fn a_move_while_the_source_agent_is_down_waits_for_it() {
     let back = Instant::now();
     c.start_agent("node-a");
     c.until(120, "settled on node-b", || {
-        c.domain(&ns, "vm").is_some_and(|d| settled_on(&d, "node-b"))
+        c.domain(&ns, "vm")
+            .is_some_and(|d| settled_on(&d, "node-b"))
     })
     .await;
     let settle = back.elapsed();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let samples = sampler.finish();
     let dom = c.domain(&ns, "vm");
-    report("move-while-source-agent-down", &samples, settle, dom.as_ref());
+    report(
+        "move-while-source-agent-down",
+        &samples,
+        settle,
+        dom.as_ref(),
+    );
     samples.assert_never_on_both("move while the source agent is down");
     assert_eq!(samples.last_running(), vec!["node-b".to_string()]);
     assert_only_on(&c, &ns, "vm", "node-b");
@@ -242,14 +256,20 @@ async fn the_source_agent_killed_mid_migration_is_picked_up_from_libvirt() {
     let restarted = Instant::now();
     c.start_agent("node-a");
     c.until(180, "settled on node-b", || {
-        c.domain(&ns, "vm").is_some_and(|d| settled_on(&d, "node-b"))
+        c.domain(&ns, "vm")
+            .is_some_and(|d| settled_on(&d, "node-b"))
     })
     .await;
     let settle = restarted.elapsed();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let samples = sampler.finish();
     let dom = c.domain(&ns, "vm");
-    report("source-agent-killed-mid-migration", &samples, settle, dom.as_ref());
+    report(
+        "source-agent-killed-mid-migration",
+        &samples,
+        settle,
+        dom.as_ref(),
+    );
     samples.assert_never_on_both("source agent killed mid-migration");
     assert_eq!(samples.last_running(), vec!["node-b".to_string()]);
     assert_only_on(&c, &ns, "vm", "node-b");
@@ -276,7 +296,8 @@ async fn the_controller_restarted_mid_migration_leaves_the_move_to_complete() {
     c.take_controller("c1").kill().await;
     c.start_controller("c2", "virtkube-controller");
     c.until(180, "settled on node-b", || {
-        c.domain(&ns, "vm").is_some_and(|d| settled_on(&d, "node-b"))
+        c.domain(&ns, "vm")
+            .is_some_and(|d| settled_on(&d, "node-b"))
     })
     .await;
     let settle = asked.elapsed();
@@ -292,7 +313,12 @@ async fn the_controller_restarted_mid_migration_leaves_the_move_to_complete() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let samples = sampler.finish();
     let dom = c.domain(&ns, "vm");
-    report("controller-restarted-mid-migration", &samples, settle, dom.as_ref());
+    report(
+        "controller-restarted-mid-migration",
+        &samples,
+        settle,
+        dom.as_ref(),
+    );
     samples.assert_never_on_both("controller restarted mid-migration");
     assert_eq!(samples.last_running(), vec!["node-b".to_string()]);
     assert_only_on(&c, &ns, "vm", "node-b");
@@ -321,7 +347,10 @@ async fn two_controllers_at_once_bind_and_move_a_domain_once() {
     let mut first = String::new();
     c.until(120, "bound and running", || {
         c.domain(&ns, "vm").is_some_and(|d| {
-            let node = d["status"]["nodeName"].as_str().unwrap_or_default().to_string();
+            let node = d["status"]["nodeName"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
             let ok = !node.is_empty() && settled_on(&d, &node);
             if ok {
                 first = node;
@@ -331,10 +360,19 @@ async fn two_controllers_at_once_bind_and_move_a_domain_once() {
     })
     .await;
     let bound = started.elapsed();
-    let other = if first == "node-a" { "node-b" } else { "node-a" }.to_string();
+    let other = if first == "node-a" {
+        "node-b"
+    } else {
+        "node-a"
+    }
+    .to_string();
     let mut settles = vec![bound];
     for target in [other.clone(), first.clone()] {
-        let source = if target == "node-a" { "node-b" } else { "node-a" };
+        let source = if target == "node-a" {
+            "node-b"
+        } else {
+            "node-a"
+        };
         let sampler = Sampler::start(&guest, c.node(&target), c.node(source));
         let asked = Instant::now();
         request(&c, &ns, "vm", &target);
@@ -397,7 +435,12 @@ async fn deleting_right_after_a_migration_leaves_nothing_on_either_node() {
     let settle = deleted.elapsed();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let samples = sampler.finish();
-    report("delete-right-after-migration", &samples, settle, Some(&migrated));
+    report(
+        "delete-right-after-migration",
+        &samples,
+        settle,
+        Some(&migrated),
+    );
     samples.assert_never_on_both("delete right after a migration");
     assert!(samples.last_running().is_empty(), "{}", samples.timeline());
     for n in &c.nodes {
@@ -533,7 +576,9 @@ async fn a_long_migration_does_not_stall_the_source_agent() {
     let repair_event = || {
         c.api.events().iter().any(|e| {
             e["regarding"]["name"] == "other"
-                && e["action"].as_str().is_some_and(|a| a.starts_with("Repair"))
+                && e["action"]
+                    .as_str()
+                    .is_some_and(|a| a.starts_with("Repair"))
         })
     };
     let (mut repaired, mut progress, mut beats) = (None, None, Vec::new());
@@ -576,7 +621,8 @@ async fn a_long_migration_does_not_stall_the_source_agent() {
         beats.len()
     );
     c.until(120, "mover settled on node-b", || {
-        c.domain(&ns, "mover").is_some_and(|d| settled_on(&d, "node-b"))
+        c.domain(&ns, "mover")
+            .is_some_and(|d| settled_on(&d, "node-b"))
     })
     .await;
     let samples = sampler.finish();
@@ -592,8 +638,14 @@ async fn a_long_migration_does_not_stall_the_source_agent() {
         "the repair of another domain waited for the migration to end\n{}",
         c.logs()
     );
-    assert!(progress.is_some(), "no progress published during the migration");
-    assert!(beats.len() >= 2, "the heartbeat stopped during the migration: {beats:?}");
+    assert!(
+        progress.is_some(),
+        "no progress published during the migration"
+    );
+    assert!(
+        beats.len() >= 2,
+        "the heartbeat stopped during the migration: {beats:?}"
+    );
     assert_only_on(&c, &ns, "other", "node-a");
     c.shutdown().await;
 }

@@ -738,7 +738,12 @@ async fn migration_progress_and_cancel() {
     let name = unique("vkabort");
     let o = owner(&name);
     let _leftovers = Leftovers::domain(&name);
-    a.domain_define(&tiny(&name, &o)).await.unwrap();
+    // 2 GiB of guest memory makes the copy last about 10 s (measured with the placement
+    // tests): with the 128 MiB default it ended in 2-3 s and the abort often lost the race.
+    let mut def = tiny(&name, &o);
+    def.memory_kib = 2 * 1024 * 1024;
+    def.max_memory_kib = def.memory_kib;
+    a.domain_define(&def).await.unwrap();
     a.domain_start(&name, &o).await.unwrap();
 
     let mut opts = MigrateOptions::live_to(env("VIRTKUBE_TEST_NODE_B_P2P_URI"));

@@ -16,7 +16,9 @@
 -- The terminal reasons are the ones the node agent writes for a spec that cannot be realized
 -- (controller/src/agent: InvalidSpec from validation; NameConflict, Forbidden,
 -- InvalidReference from the planner's notices; HostPathRefused, NotOwned, LibvirtRefused,
--- Invalid, MigrationTargetUnknown from converging). Networks and StoragePools summarize
+-- Invalid, MigrationTargetUnknown from converging; MigrationFailed for a Domain whose
+-- requested move failed: it runs, but not where spec.nodeName asks, until the
+-- controller's retry succeeds or someone looks). Networks and StoragePools summarize
 -- their nodes as NotActiveEverywhere: the reason of each node is the first word of its
 -- status.nodes[].message.
 local terminal = {
@@ -29,6 +31,7 @@ local terminal = {
   LibvirtRefused = true,
   Invalid = true,
   MigrationTargetUnknown = true,
+  MigrationFailed = true,
 }
 
 local hs = {}

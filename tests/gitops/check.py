@@ -108,7 +108,7 @@ def agent_reasons():
         reasons |= set(re.findall(r'_ => "([A-Za-z]+)",\n\s*\};\n\s*return Err\(Error::Unrealizable', text))
         reasons |= set(re.findall(r'Some\(\("([A-Za-z]+)"', text))
         # Ready=False reasons passed to the status builders' `set` as literals.
-        for word in ("Converging", "NotCreated", "NotActiveEverywhere", "LibvirtUnreachable"):
+        for word in ("Converging", "NotCreated", "NotActiveEverywhere", "LibvirtUnreachable", "MigrationFailed"):
             if f'"{word}"' in text:
                 reasons.add(word)
     return reasons

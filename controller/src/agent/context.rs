@@ -33,10 +33,6 @@ pub const REPORTER: &str = "virtkube-agent";
 pub struct Settings {
     /// This node's name (the `HypervisorNode` name and what `spec.nodeName` is compared with).
     pub node: String,
-    /// Also reconcile domains and volumes that name no node and have not been placed yet,
-    /// recording this node as their placement. Only safe when one agent runs (a single-node
-    /// cluster, or tests): with several, two agents could claim the same domain.
-    pub claim_unscheduled: bool,
     /// How often a converged object is looked at again (the safety net behind libvirt events).
     pub resync: Duration,
     /// How long a deleted domain's guest gets to shut down (ACPI) before it is destroyed.
@@ -64,7 +60,6 @@ impl Settings {
     pub fn for_node(node: &str) -> Self {
         Self {
             node: node.to_string(),
-            claim_unscheduled: false,
             resync: Duration::from_secs(300),
             shutdown_timeout: Duration::from_secs(30),
             allow_host_paths: false,

@@ -942,7 +942,28 @@ pub fn status_for(
         }
         None => {
             let reached = observed.is_some_and(|o| matches_power(o.state, desired));
-            if reached {
+            // The spec asks for another node and the last move there failed: the guest is
+            // fine here, but not where it was asked to be. GitOps tools must not call that
+            // done (the controller tries the move again after its backoff).
+            let failed_move = status.migration.as_ref().filter(|m| {
+                m.state == Some(virtkube_crds::domain::MigrationState::Failed)
+                    && m.target_node.is_some()
+                    && m.target_node == dom.spec.node_name
+            });
+            let requested = dom.spec.node_name.as_deref().filter(|n| *n != node);
+            if let (true, Some(m), Some(requested)) = (reached, failed_move, requested) {
+                set(
+                    &mut conds,
+                    dom,
+                    conditions::READY,
+                    false,
+                    "MigrationFailed",
+                    format!(
+                        "{desired:?} on node {node}, but spec.nodeName asks for {requested} and the move failed: {}; retried after the cluster controller's backoff",
+                        m.message.as_deref().unwrap_or("no reason recorded")
+                    ),
+                );
+            } else if reached {
                 set(
                     &mut conds,
                     dom,

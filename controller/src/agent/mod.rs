@@ -136,10 +136,6 @@ pub struct AgentArgs {
     /// (defaults to the client URI).
     #[arg(long, env = "VIRTKUBE_LIBVIRT_PEER_URI")]
     pub libvirt_peer_uri: Option<String>,
-    /// Also reconcile domains and volumes that name no node, placing them here. Only for a
-    /// single agent (one-node clusters, tests): two agents would both claim them.
-    #[arg(long, env = "VIRTKUBE_CLAIM_UNSCHEDULED")]
-    pub claim_unscheduled: bool,
     /// Allow disks from host paths (administrators only).
     #[arg(long)]
     pub allow_host_paths: bool,
@@ -294,7 +290,6 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     hosts.shutdown_deadline = Duration::from_secs(args.shutdown_timeout_seconds);
     let engine = hosts.get(&args.node_name)?.engine.clone();
     let mut settings = Settings::for_node(&args.node_name);
-    settings.claim_unscheduled = args.claim_unscheduled;
     settings.resync = Duration::from_secs(args.resync_seconds.max(1));
     settings.shutdown_timeout = Duration::from_secs(args.shutdown_timeout_seconds);
     settings.allow_host_paths = args.allow_host_paths;

@@ -18,8 +18,8 @@ use super::context::Context;
 use super::error::Result;
 use super::local;
 use crate::placement::write::facts_of;
-use crate::plan::observed::LOCAL_UID_PREFIX;
 use crate::placement::{AgentStep, Local, Look, agent_step};
+use crate::plan::observed::LOCAL_UID_PREFIX;
 
 /// What one sweep found.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]

@@ -31,6 +31,7 @@ use super::labels;
 use super::liveness::{self, HEARTBEAT_STALE};
 use super::metrics::{DecisionLabels, Metrics, OutcomeLabels, ReasonLabels};
 use super::moves::{self, Backoff, backoff_key};
+use super::orphans::{self, Membership};
 use super::settings::{FIELD_MANAGER, Settings};
 use super::usage::{Usage, domain_key};
 use super::view::{Cluster, after};
@@ -295,6 +296,18 @@ pub async fn pass(ctx: &Ctx, state: &mut PassState, snap: Snapshot, now: Timesta
         .drain_reported
         .retain(|node, _| progress.contains_key(node));
 
+    // Per-node finalizers and status entries of nodes that left the cluster.
+    release_orphans(
+        ctx,
+        &hypervisors,
+        &nodes,
+        &networks,
+        &pools,
+        now,
+        &mut report,
+    )
+    .await;
+
     // Gauges and the next time-based change.
     let m = &ctx.metrics;
     m.pending_binds.set(
@@ -318,6 +331,130 @@ pub async fn pass(ctx: &Ctx, state: &mut PassState, snap: Snapshot, now: Timesta
     m.pass_duration.observe(started.elapsed().as_secs_f64());
     report.next_wake = next_wake(&cluster, &domains, &state.backoff, settings, now);
     report
+}
+
+/// Lets go, on behalf of nodes that left the cluster, of their finalizers and `status.nodes`
+/// entries on Networks and StoragePools ([`orphans`]). The watch caches only nominate
+/// candidates; the decision is taken again on a fresh read of the membership (a lagging
+/// cache must never make a live node look gone), and the finalizer removal is guarded by a
+/// JSON-patch `test` of the list it was decided on.
+async fn release_orphans(
+    ctx: &Ctx,
+    hypervisors: &[HypervisorNode],
+    nodes: &[Node],
+    networks: &[Network],
+    pools: &[StoragePool],
+    now: Timestamp,
+    report: &mut Report,
+) {
+    let cached = Membership {
+        kube_nodes: nodes.iter().map(|n| n.name_any()).collect(),
+        hypervisor_nodes: hypervisors
+            .iter()
+            .map(|h| {
+                let beat = h
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.heartbeat_time.as_ref())
+                    .map(|t| t.0);
+                (h.name_any(), beat)
+            })
+            .collect(),
+        now,
+        grace: orphans::DEFAULT_GRACE,
+    };
+    let net_entries = |n: &Network| -> Vec<String> {
+        n.status
+            .iter()
+            .flat_map(|s| s.nodes.iter().map(|e| e.node_name.clone()))
+            .collect()
+    };
+    let pool_entries = |p: &StoragePool| -> Vec<String> {
+        p.status
+            .iter()
+            .flat_map(|s| s.nodes.iter().map(|e| e.node_name.clone()))
+            .collect()
+    };
+    let nets: Vec<&Network> = networks
+        .iter()
+        .filter(|n| !orphans::orphans(n.finalizers(), &net_entries(n), &cached).is_empty())
+        .collect();
+    let pls: Vec<&StoragePool> = pools
+        .iter()
+        .filter(|p| !orphans::orphans(p.finalizers(), &pool_entries(p), &cached).is_empty())
+        .collect();
+    if nets.is_empty() && pls.is_empty() {
+        return;
+    }
+    let fresh = match orphans::read_membership(&ctx.client, orphans::DEFAULT_GRACE).await {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!(error = %e, "not releasing the finalizers of nodes that left: the membership could not be read");
+            ctx.metrics.error("membership");
+            return;
+        }
+    };
+    for net in nets {
+        let api: Api<Network> = Api::all(ctx.client.clone());
+        released(ctx, &api, net, &net_entries(net), &fresh, report).await;
+    }
+    for pool in pls {
+        let api: Api<StoragePool> = Api::all(ctx.client.clone());
+        released(ctx, &api, pool, &pool_entries(pool), &fresh, report).await;
+    }
+}
+
+/// Releases what `obj` still holds for nodes that left, and says so (log, event, metrics).
+async fn released<K>(
+    ctx: &Ctx,
+    api: &Api<K>,
+    obj: &K,
+    entries: &[String],
+    members: &Membership,
+    report: &mut Report,
+) where
+    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let kind = K::kind(&()).to_string();
+    match orphans::release(api, obj, entries, members).await {
+        Ok(done) if done.is_empty() => {}
+        Ok(done) => {
+            report.writes += 1;
+            ctx.metrics.wrote(&kind.to_lowercase());
+            let nodes: Vec<&str> = done
+                .entries
+                .iter()
+                .map(String::as_str)
+                .chain(
+                    done.finalizers
+                        .iter()
+                        .filter_map(|f| f.strip_prefix(orphans::NODE_FINALIZER_PREFIX)),
+                )
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            let note = format!(
+                "released on behalf of node(s) {} that left the cluster (no Node, no heartbeat for {} min): their libvirt objects, if any, stay on those machines",
+                nodes.join(", "),
+                orphans::DEFAULT_GRACE.as_secs() / 60
+            );
+            tracing::info!(object = %obj.name_any(), kind, %note, "per-node finalizers released");
+            let event = Event {
+                type_: EventType::Normal,
+                reason: "NodeLeft".into(),
+                note: Some(note),
+                action: "ReleaseNodeFinalizers".into(),
+                secondary: None,
+            };
+            if let Err(e) = ctx.recorder.publish(&event, &obj.object_ref(&())).await {
+                tracing::debug!(error = %e, "event not published");
+            }
+        }
+        Err(e) => {
+            ctx.metrics.error(&kind.to_lowercase());
+            tracing::warn!(object = %obj.name_any(), error = %e, "releasing the finalizers of nodes that left failed; retried at the next pass");
+        }
+    }
 }
 
 /// Decides and writes one Domain; returns it as it is now (`None` when it is gone) and the

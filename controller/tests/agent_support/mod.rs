@@ -181,11 +181,21 @@ pub async fn testapi_context_for(
     api: &virtkube_testapi::TestApi,
     node: &str,
 ) -> (Arc<Context>, kube::Client, Engine) {
+    testapi_context_on(api, node, "test:///default").await
+}
+
+/// An agent context for `node` on libvirt `uri` whose API is the in-memory server `api`,
+/// as identity `agent` (shutdown grace and deadline 200 ms).
+pub async fn testapi_context_on(
+    api: &virtkube_testapi::TestApi,
+    node: &str,
+    uri: &str,
+) -> (Arc<Context>, kube::Client, Engine) {
     let client = api.client("agent").await.unwrap();
     let mut hosts = Hosts::connect(
         &[HostSpec {
             node: node.into(),
-            uri: "test:///default".into(),
+            uri: uri.into(),
             p2p_uri: None,
             migration_uri: None,
         }],
@@ -210,12 +220,24 @@ pub async fn bind_domain(client: &kube::Client, ns: &str, name: &str, node: &str
     use virtkube::placement::write::{HOLDER, node_label, write_status};
     use virtkube_crds::Domain;
     let api: Api<Domain> = Api::namespaced(client.clone(), ns);
-    let dom = api.get(name).await.unwrap();
-    let mut status = dom.status.clone().unwrap_or_default();
-    status.node_name = Some(node.to_string());
-    write_status(&api, &dom, &status, "virtkube-controller")
-        .await
-        .unwrap();
+    // A write that lost the compare-and-swap (an agent wrote meanwhile) reads again.
+    let mut bound = false;
+    for _ in 0..20 {
+        let dom = api.get(name).await.unwrap();
+        let mut status = dom.status.clone().unwrap_or_default();
+        status.node_name = Some(node.to_string());
+        match write_status(&api, &dom, &status, "virtkube-controller").await {
+            Ok(_) => {
+                bound = true;
+                break;
+            }
+            Err(virtkube::placement::write::WriteError::Conflict { .. }) => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("binding {ns}/{name}: {e}"),
+        }
+    }
+    assert!(bound, "binding {ns}/{name}: 20 conflicts in a row");
     label_domain(client, ns, name, &[(&node_label(node), Some(HOLDER))]).await;
 }
 
@@ -250,18 +272,27 @@ pub async fn approve_move(client: &kube::Client, ns: &str, name: &str, target: &
     use virtkube_crds::Domain;
     use virtkube_crds::domain::{MigrationState, MigrationStatus};
     let api: Api<Domain> = Api::namespaced(client.clone(), ns);
-    let dom = api.get(name).await.unwrap();
-    let mut status = dom.status.clone().unwrap_or_default();
-    status.migration = Some(MigrationStatus {
-        state: Some(MigrationState::Pending),
-        source_node: status.node_name.clone(),
-        target_node: Some(target.to_string()),
-        reason: Some("Requested".into()),
-        ..MigrationStatus::default()
-    });
-    write_status(&api, &dom, &status, "virtkube-controller")
-        .await
-        .unwrap();
+    // As the controller does: a write that lost the compare-and-swap to the agent's own
+    // status write reads again and decides again.
+    for _ in 0..20 {
+        let dom = api.get(name).await.unwrap();
+        let mut status = dom.status.clone().unwrap_or_default();
+        status.migration = Some(MigrationStatus {
+            state: Some(MigrationState::Pending),
+            source_node: status.node_name.clone(),
+            target_node: Some(target.to_string()),
+            reason: Some("Requested".into()),
+            ..MigrationStatus::default()
+        });
+        match write_status(&api, &dom, &status, "virtkube-controller").await {
+            Ok(_) => return,
+            Err(virtkube::placement::write::WriteError::Conflict { .. }) => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("approving the move of {ns}/{name}: {e}"),
+        }
+    }
+    panic!("approving the move of {ns}/{name}: 20 conflicts in a row");
 }
 
 /// A HypervisorNode `name` whose agent publishes `libvirt_uri` (how other nodes reach it).

@@ -316,7 +316,9 @@ impl Cluster {
 
     fn log_path(&mut self, what: &str) -> PathBuf {
         self.starts += 1;
-        self.dir.path().join(format!("{:02}-{what}.log", self.starts))
+        self.dir
+            .path()
+            .join(format!("{:02}-{what}.log", self.starts))
     }
 
     /// Starts `virtkube agent` for node `name` (heartbeat every second, ACPI grace 2 s),
@@ -375,7 +377,10 @@ impl Cluster {
             ])
             .args(["--move-backoff-seconds", &f.move_backoff.to_string()])
             .args(["--resync-seconds", "30"])
-            .env("KUBECONFIG", self.kubeconfig(&format!("controller-{identity}")))
+            .env(
+                "KUBECONFIG",
+                self.kubeconfig(&format!("controller-{identity}")),
+            )
             .env("RUST_LOG", log_filter());
         self.controllers
             .insert(identity.to_string(), Proc::spawn(cmd, log, port));
@@ -555,9 +560,10 @@ pub fn clean_guests(nodes: &[Node], ns: &str) {
 
 /// Whether condition `type_` of an object (as JSON) is `True`.
 pub fn condition_true(obj: &Value, type_: &str) -> bool {
-    obj["status"]["conditions"]
-        .as_array()
-        .is_some_and(|cs| cs.iter().any(|c| c["type"] == type_ && c["status"] == "True"))
+    obj["status"]["conditions"].as_array().is_some_and(|cs| {
+        cs.iter()
+            .any(|c| c["type"] == type_ && c["status"] == "True")
+    })
 }
 
 /// Whether the object's `Ready` is `True` for its current generation.
@@ -627,10 +633,7 @@ impl Sampler {
     /// Starts sampling libvirt domain `guest` on `first` (the move's target), then `second`.
     pub fn start(guest: &str, first: &Node, second: &Node) -> Sampler {
         let stop = Arc::new(AtomicBool::new(false));
-        let (uris, guest) = (
-            [first.uri.clone(), second.uri.clone()],
-            guest.to_string(),
-        );
+        let (uris, guest) = ([first.uri.clone(), second.uri.clone()], guest.to_string());
         let flag = stop.clone();
         let started = Instant::now();
         let handle = std::thread::spawn(move || {
@@ -650,10 +653,7 @@ impl Sampler {
                     running[i] = conn
                         .list_all_domains(virt::sys::VIR_CONNECT_LIST_DOMAINS_RUNNING)
                         .ok()
-                        .map(|doms| {
-                            doms.iter()
-                                .any(|d| d.name().is_ok_and(|n| n == guest))
-                        });
+                        .map(|doms| doms.iter().any(|d| d.name().is_ok_and(|n| n == guest)));
                 }
                 samples.push(Sample { at, running });
                 next += Duration::from_millis(100);
@@ -746,14 +746,22 @@ impl Samples {
                 Some((l, _)) if *l == label => {}
                 _ => {
                     if let Some((l, from)) = last.take() {
-                        out.push(format!("{l} {:.1}-{:.1}s", from.as_secs_f64(), s.at.as_secs_f64()));
+                        out.push(format!(
+                            "{l} {:.1}-{:.1}s",
+                            from.as_secs_f64(),
+                            s.at.as_secs_f64()
+                        ));
                     }
                     last = Some((label, s.at));
                 }
             }
         }
         if let (Some((l, from)), Some(end)) = (last, self.samples.last()) {
-            out.push(format!("{l} {:.1}-{:.1}s", from.as_secs_f64(), end.at.as_secs_f64()));
+            out.push(format!(
+                "{l} {:.1}-{:.1}s",
+                from.as_secs_f64(),
+                end.at.as_secs_f64()
+            ));
         }
         out.join(", ")
     }
