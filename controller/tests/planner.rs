@@ -319,6 +319,28 @@ fn cases() -> Vec<Case> {
             Expect::Nothing,
         ),
         (
+            "Manual starts a domain whose first start was lost (the definition still owes it)",
+            |d| dweb(d).run_strategy = virtkube_crds::domain::RunStrategy::Manual,
+            |o| {
+                web(o).power = PowerObserved::Shutoff;
+                web(o).reason = "unknown".into();
+                web(o).start_owed = true
+            },
+            Expect::Ops(vec![Op::StartDomain { recover: false }], Symbol::Live),
+        ),
+        (
+            "Halted never starts, even a domain whose first start is owed",
+            |d| {
+                dweb(d).run_strategy = virtkube_crds::domain::RunStrategy::Halted;
+                dweb(d).state = virtkube_crds::domain::PowerState::Stopped
+            },
+            |o| {
+                web(o).power = PowerObserved::Shutoff;
+                web(o).start_owed = true
+            },
+            Expect::Nothing,
+        ),
+        (
             "Halted stops a running domain",
             |d| {
                 dweb(d).run_strategy = virtkube_crds::domain::RunStrategy::Halted;

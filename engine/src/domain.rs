@@ -380,10 +380,33 @@ impl Engine {
         .await
     }
 
-    /// Starts a defined domain (from its managed-save image when one exists).
+    /// Starts a defined domain (from its managed-save image when one exists), and removes
+    /// the "first start owed" note ([`crate::model::START_NS`]) from its definition and
+    /// the running guest: from now on, a shut-off domain has stopped, not "never started".
     pub async fn domain_start(&self, name: &str, owner: &Owner) -> Result<()> {
-        self.owned_call::<Domain, _>(CallClass::Lifecycle, "domain_start", name, owner, |dom| {
-            dom.create().map(|_| ())
+        self.owned::<Domain, _, _>(CallClass::Lifecycle, "domain_start", name, owner, |dom| {
+            const CALL: &str = "domain_start";
+            dom.create().map_err(lv(CALL))?;
+            let noted = dom
+                .xml_desc(sys::VIR_DOMAIN_XML_INACTIVE)
+                .map(|x| x.contains(crate::model::START_NS))
+                .unwrap_or(false);
+            if noted {
+                // The start happened; a note left behind would only make a later stop of a
+                // `Manual` guest look like a start still owed, so a failure is logged, not
+                // returned (returning it would have the caller start a running guest).
+                let flags = sys::VIR_DOMAIN_AFFECT_LIVE | sys::VIR_DOMAIN_AFFECT_CONFIG;
+                if let Err(e) = dom.set_metadata(
+                    sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
+                    None,
+                    None,
+                    Some(crate::model::START_NS),
+                    flags,
+                ) {
+                    tracing::warn!(domain = %dom.name().unwrap_or_default(), error = %e, "the first-start note could not be removed");
+                }
+            }
+            Ok(())
         })
         .await
     }

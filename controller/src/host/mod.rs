@@ -511,6 +511,7 @@ pub fn domain_from(d: &DomainObserved) -> ObservedDomain {
         autostart: d.autostart,
         persistent: d.persistent,
         pending_unplug: d.pending_unplug.clone(),
+        start_owed: d.start_owed,
         cpu_tune: cpu_tune_from(&d.cpu_tune),
         security_labels: security_labels(&d.security_labels),
     }
@@ -594,6 +595,7 @@ pub fn domain_def(
 ) -> Result<DomainDef, HostError> {
     let mut def = DomainDef::new(&d.name, to_owner(&d.owner));
     def.uuid = preserve.uuid.clone();
+    def.start_owed = preserve.start_owed;
     def.virt_type = on.virt_type.to_string();
     def.vcpus = d.vcpus;
     def.max_vcpus = d.max_vcpus;

@@ -582,11 +582,12 @@ pub(crate) fn preserve(d: &DesiredDomain, o: &ObservedDomain) -> Preserve {
                     .and_then(|x| x.mac.clone()),
             })
             .collect(),
+        start_owed: o.start_owed,
     }
 }
 
 /// Power actions for a domain that exists, by run strategy and desired state.
-fn power_ops(d: &DesiredDomain, power: PowerObserved, reason: &str) -> Vec<Step> {
+fn power_ops(d: &DesiredDomain, power: PowerObserved, reason: &str, start_owed: bool) -> Vec<Step> {
     let mut ops = Vec::new();
     let mut change = |op: Op, why: &str, after: &str| {
         ops.push(step(
@@ -611,6 +612,20 @@ fn power_ops(d: &DesiredDomain, power: PowerObserved, reason: &str) -> Vec<Step>
         }
         _ => {}
     };
+    // Defined to be started and never started: the start after the definition was lost
+    // (a crash between the two). Owed whatever the strategy, as at creation.
+    if start_owed
+        && power == PowerObserved::Shutoff
+        && d.state != PowerState::Stopped
+        && d.run_strategy != RunStrategy::Halted
+    {
+        start_then(
+            &mut change,
+            false,
+            "its first start after the definition never happened (interrupted): started now",
+        );
+        return ops;
+    }
     match d.run_strategy {
         RunStrategy::Halted => {
             if power.is_active() {
@@ -850,7 +865,12 @@ pub(crate) fn plan_domain(
                 );
                 let steps = autostart_step(Op::SetDomainAutostart, false, d.autostart)
                     .into_iter()
-                    .chain(power_ops(d, PowerObserved::Shutoff, &o.reason));
+                    .chain(power_ops(
+                        d,
+                        PowerObserved::Shutoff,
+                        &o.reason,
+                        o.start_owed,
+                    ));
                 b.chain(&d.node, &object, &d.owner, Symbol::Live, steps);
                 return;
             }
@@ -860,7 +880,12 @@ pub(crate) fn plan_domain(
                 &d.owner,
                 Op::DefineDomain {
                     domain: Box::new(d.clone()),
-                    preserve: Preserve::default(),
+                    // Noted in the definition until the start below happens, so a crash
+                    // between the two is not taken for a guest that stopped on its own.
+                    preserve: Preserve {
+                        start_owed: d.state != PowerState::Stopped,
+                        ..Preserve::default()
+                    },
                 },
                 Symbol::Create,
                 "not on the host",
@@ -956,7 +981,7 @@ pub(crate) fn plan_domain(
             }
             let steps = autostart_step(Op::SetDomainAutostart, o.autostart, d.autostart)
                 .into_iter()
-                .chain(power_ops(d, power, &o.reason));
+                .chain(power_ops(d, power, &o.reason, o.start_owed));
             b.chain(&d.node, &object, &d.owner, Symbol::Live, steps);
         }
     }

@@ -145,6 +145,9 @@ pub struct Preserve {
     pub uuid: Option<String>,
     /// Generated MACs, per desired interface index, for interfaces without a user MAC.
     pub macs: Vec<Option<String>>,
+    /// Whether the definition carries the "first start owed" note: set for a domain defined
+    /// to be started right after, kept by redefinitions until the start happens.
+    pub start_owed: bool,
 }
 
 /// A running guest's disk, through which a volume it holds open is grown.

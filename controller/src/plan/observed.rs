@@ -337,4 +337,7 @@ pub struct ObservedDomain {
     /// `interface/<mac>`): gone from the definition, still in the running guest until it
     /// restarts.
     pub pending_unplug: Vec<String>,
+    /// Defined to be started and never started yet (the engine's "first start owed" note):
+    /// a start lost to a crash, owed whatever the run strategy.
+    pub start_owed: bool,
 }

@@ -297,6 +297,7 @@ fn domain_observed(
         cpu_tune: d.cpu_tune,
         security_labels: Vec::new(),
         pending_unplug: Vec::new(),
+        start_owed: false,
     }
 }
 

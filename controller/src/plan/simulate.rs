@@ -98,6 +98,7 @@ fn domain_from(
         autostart: previous.is_some_and(|p| p.autostart),
         persistent: true,
         pending_unplug: Vec::new(),
+        start_owed: false,
     }
 }
 

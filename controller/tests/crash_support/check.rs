@@ -80,7 +80,7 @@ impl Kind {
             Kind::InUseImageDeleted => "in-use image deleted",
             Kind::TwoHosts => "guest on two hosts",
             Kind::ManualFirstStartLost => {
-                "KNOWN BUG, not fixed: Manual guest's first start lost to a kill (not counted as a failure)"
+                "a Manual guest's first start lost to a kill (fixed: the note in its definition makes the next run start it)"
             }
         }
     }

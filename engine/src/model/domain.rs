@@ -268,6 +268,25 @@ pub struct DomainDef {
     pub memballoon: bool,
     /// The ownership mark.
     pub owner: Owner,
+    /// Whether the definition carries the "first start owed" note ([`START_NS`]): set when a
+    /// domain is defined to be started right after; the engine removes it when it starts
+    /// the domain. A domain found shut off with the note was never started (the start was
+    /// lost to a crash between the definition and the start), which is not the same as a
+    /// guest that stopped on its own.
+    pub start_owed: bool,
+}
+
+/// XML namespace of the "first start owed" note in a domain's `<metadata>`.
+pub const START_NS: &str = "https://virtkube.io/xmlns/first-start/v1";
+/// The prefix virtkube writes for [`START_NS`].
+pub const START_PREFIX: &str = "vkstart";
+
+/// Whether a domain's `<metadata>` holds the "first start owed" note.
+pub fn start_owed_in(metadata: &Element) -> bool {
+    metadata
+        .children
+        .iter()
+        .any(|c| c.local_name() == "owed" && c.declared_namespace() == Some(START_NS))
 }
 
 impl DomainDef {
@@ -292,6 +311,7 @@ impl DomainDef {
             interfaces: Vec::new(),
             memballoon: false,
             owner,
+            start_owed: false,
         }
     }
 
@@ -354,7 +374,14 @@ impl DomainDef {
             .attr("type", &self.virt_type)
             .child(Element::new("name").text(&self.name))
             .child_opt(self.uuid.as_ref().map(|u| Element::new("uuid").text(u)))
-            .child(Element::new("metadata").child(self.owner.to_element()))
+            .child(
+                Element::new("metadata")
+                    .child(self.owner.to_element())
+                    .child_opt(self.start_owed.then(|| {
+                        Element::new(format!("{START_PREFIX}:owed"))
+                            .attr(&format!("xmlns:{START_PREFIX}"), START_NS)
+                    })),
+            )
             .child(kib("memory", self.max_memory_kib))
             .child(kib("currentMemory", self.memory_kib));
         if let Some(size) = self.hugepage_kib {
@@ -826,6 +853,9 @@ pub struct DomainObserved {
     /// still plugged in until the guest lets go or restarts. Keys as
     /// [`crate::model::DeviceKey::as_key`] writes them.
     pub pending_unplug: Vec<String>,
+    /// Whether the "first start owed" note ([`START_NS`]) is in the `<metadata>`: defined to
+    /// be started, and never started yet.
+    pub start_owed: bool,
     /// Security labels (`<seclabel>`; the label a running guest got, when dynamic).
     pub security_labels: Vec<super::host_facts::SecurityLabel>,
     /// For an active persistent domain with a memory balloon, the sizes in its persistent
@@ -1025,6 +1055,7 @@ impl DomainObserved {
                 .find("metadata")
                 .map(pending_from_metadata)
                 .unwrap_or_default(),
+            start_owed: root.find("metadata").is_some_and(start_owed_in),
             security_labels: super::host_facts::SecurityLabel::all_from_domain(&root),
             state: DomainState::Unknown,
             reason: String::new(),
@@ -1062,6 +1093,21 @@ mod tests {
 
     fn owner() -> Owner {
         Owner::new("Domain", "uid-1", Some("team"), "vm")
+    }
+
+    #[test]
+    fn the_first_start_note_is_written_and_read_back_beside_the_owner() {
+        let mut d = sample();
+        d.start_owed = true;
+        let o = DomainObserved::from_xml(&d.to_xml()).unwrap();
+        assert!(o.start_owed, "{}", d.to_xml());
+        assert_eq!(
+            o.owner,
+            Some(owner()),
+            "the owner mark is unchanged by the note"
+        );
+        d.start_owed = false;
+        assert!(!DomainObserved::from_xml(&d.to_xml()).unwrap().start_owed);
     }
 
     fn sample() -> DomainDef {

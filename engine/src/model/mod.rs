@@ -14,8 +14,8 @@ pub mod xml;
 pub use device::{Device, DeviceKey, PENDING_NS};
 pub use domain::{
     CpuDef, CpuMode, CpuTune, DiskDef, DiskObserved, DiskSource, DomainDef, DomainObserved,
-    DomainSizes, DomainState, Firmware, InterfaceDef, InterfaceObserved, OsDef, Topology, VcpuPin,
-    state_reason_name,
+    DomainSizes, DomainState, Firmware, InterfaceDef, InterfaceObserved, OsDef, START_NS, Topology,
+    VcpuPin, state_reason_name,
 };
 pub use host_facts::{
     HostInterface, MediatedDevice, PciDevice, PoolSourceFound, SecurityLabel, SecurityModel,
