@@ -609,8 +609,9 @@ async fn wait_for_signal() -> &'static str {
 }
 
 /// Runs one controller to its end: per-object exponential backoff on failures, reset on
-/// success.
-async fn drive<K, R, Fut>(
+/// success. Public so test harnesses that assemble an agent in-process drive its
+/// controllers exactly as the process does.
+pub async fn drive<K, R, Fut>(
     controller: Controller<K>,
     reconcile: R,
     kind: &'static str,

@@ -24,18 +24,16 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt;
+use kube::Client;
 use kube::api::Api;
-use kube::runtime::controller::{self, Action, Controller};
+use kube::runtime::controller::{self, Controller};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
-use kube::{Client, Resource};
 use prometheus_client::registry::Registry;
-use virtkube::agent::backoff::{Failures, ObjectKey};
+use virtkube::agent::backoff::Failures;
 use virtkube::agent::context::{Context, Settings};
-use virtkube::agent::error::Error;
 use virtkube::agent::metrics::Metrics;
-use virtkube::agent::{domain, drift, error_policy, network, node, pool};
+use virtkube::agent::{domain, drift, drive, network, node, pool};
 use virtkube::agent::{sweep, volume};
 use virtkube::host::{HostSpec, Hosts};
 use virtkube::placement;
@@ -354,51 +352,6 @@ async fn kube_client(url: &str, identity: &str) -> Result<Client, String> {
     virtkube_testapi::kubeconfig::client(url, identity)
         .await
         .map_err(|e| e.to_string())
-}
-
-async fn drive<K, R, Fut>(
-    controller: Controller<K>,
-    reconcile: R,
-    kind: &'static str,
-    ctx: Arc<Context>,
-    failures: Arc<Failures>,
-) where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-    R: FnMut(Arc<K>, Arc<Context>) -> Fut,
-    Fut: std::future::Future<Output = Result<Action, Error>> + Send + 'static,
-{
-    let f = failures.clone();
-    controller
-        .run(
-            reconcile,
-            move |obj: Arc<K>, err: &Error, _ctx: Arc<Context>| {
-                let meta = obj.meta();
-                let key = ObjectKey {
-                    kind,
-                    namespace: meta.namespace.clone(),
-                    name: meta.name.clone().unwrap_or_default(),
-                };
-                error_policy(&f, &key, err)
-            },
-            ctx,
-        )
-        .for_each(|result| {
-            if let Ok((obj, _)) = &result {
-                failures.succeeded(&ObjectKey {
-                    kind,
-                    namespace: obj.namespace.clone(),
-                    name: obj.name.clone(),
-                });
-            }
-            futures::future::ready(())
-        })
-        .await;
 }
 
 /// Starts a controller replica (identity `identity`) with short lease timings.
