@@ -63,6 +63,32 @@ pub struct Membership {
 }
 
 impl Membership {
+    /// The membership the `Node` names and the `HypervisorNode`s describe (with their last
+    /// heartbeats), as of `now`.
+    pub fn of<'a>(
+        kube_nodes: impl IntoIterator<Item = String>,
+        hypervisors: impl IntoIterator<Item = &'a virtkube_crds::HypervisorNode>,
+        now: Timestamp,
+        grace: Duration,
+    ) -> Membership {
+        Membership {
+            kube_nodes: kube_nodes.into_iter().collect(),
+            hypervisor_nodes: hypervisors
+                .into_iter()
+                .map(|h| {
+                    let beat = h
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.heartbeat_time.as_ref())
+                        .map(|t| t.0);
+                    (h.name_any(), beat)
+                })
+                .collect(),
+            now,
+            grace,
+        }
+    }
+
     /// Whether `node` has left the cluster: no Kubernetes `Node` of that name, and no
     /// `HypervisorNode` either or one whose last heartbeat is older than the grace. A
     /// `HypervisorNode` that never published a heartbeat counts as present (its agent may be
@@ -162,23 +188,12 @@ pub async fn read_membership(
         .list(&ListParams::default())
         .await
         .map_err(ReleaseError::Membership)?;
-    Ok(Membership {
-        kube_nodes: nodes.items.iter().map(|n| n.name_any()).collect(),
-        hypervisor_nodes: hypervisors
-            .items
-            .iter()
-            .map(|h| {
-                let beat = h
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.heartbeat_time.as_ref())
-                    .map(|t| t.0);
-                (h.name_any(), beat)
-            })
-            .collect(),
-        now: Timestamp::now(),
+    Ok(Membership::of(
+        nodes.items.iter().map(|n| n.name_any()),
+        &hypervisors.items,
+        Timestamp::now(),
         grace,
-    })
+    ))
 }
 
 /// Releases, on `obj` (a Network or StoragePool as just read), what nodes that have left

@@ -347,22 +347,12 @@ async fn release_orphans(
     now: Timestamp,
     report: &mut Report,
 ) {
-    let cached = Membership {
-        kube_nodes: nodes.iter().map(|n| n.name_any()).collect(),
-        hypervisor_nodes: hypervisors
-            .iter()
-            .map(|h| {
-                let beat = h
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.heartbeat_time.as_ref())
-                    .map(|t| t.0);
-                (h.name_any(), beat)
-            })
-            .collect(),
+    let cached = Membership::of(
+        nodes.iter().map(|n| n.name_any()),
+        hypervisors,
         now,
-        grace: orphans::DEFAULT_GRACE,
-    };
+        orphans::DEFAULT_GRACE,
+    );
     let net_entries = |n: &Network| -> Vec<String> {
         n.status
             .iter()
