@@ -213,31 +213,42 @@ pub async fn testapi_context_on(
     (Arc::new(ctx), client, engine)
 }
 
-/// Binds a Domain to `node` the way the cluster controller does: the claim
-/// (`status.nodeName`) written by compare-and-swap, then the routing label.
-pub async fn bind_domain(client: &kube::Client, ns: &str, name: &str, node: &str) {
+/// Writes a Domain's status as the cluster controller does: `change` applied to the status
+/// as read, by compare-and-swap, reading again after a write lost to the agent's own.
+async fn write_as_controller(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    what: &str,
+    change: impl Fn(&mut virtkube_crds::domain::DomainStatus),
+) {
     use kube::api::Api;
-    use virtkube::placement::write::{HOLDER, node_label, write_status};
+    use virtkube::placement::write::{WriteError, write_status};
     use virtkube_crds::Domain;
     let api: Api<Domain> = Api::namespaced(client.clone(), ns);
-    // A write that lost the compare-and-swap (an agent wrote meanwhile) reads again.
-    let mut bound = false;
     for _ in 0..20 {
         let dom = api.get(name).await.unwrap();
         let mut status = dom.status.clone().unwrap_or_default();
-        status.node_name = Some(node.to_string());
+        change(&mut status);
         match write_status(&api, &dom, &status, "virtkube-controller").await {
-            Ok(_) => {
-                bound = true;
-                break;
-            }
-            Err(virtkube::placement::write::WriteError::Conflict { .. }) => {
+            Ok(_) => return,
+            Err(WriteError::Conflict { .. }) => {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            Err(e) => panic!("binding {ns}/{name}: {e}"),
+            Err(e) => panic!("{what} {ns}/{name}: {e}"),
         }
     }
-    assert!(bound, "binding {ns}/{name}: 20 conflicts in a row");
+    panic!("{what} {ns}/{name}: 20 conflicts in a row");
+}
+
+/// Binds a Domain to `node` the way the cluster controller does: the claim
+/// (`status.nodeName`) written by compare-and-swap, then the routing label.
+pub async fn bind_domain(client: &kube::Client, ns: &str, name: &str, node: &str) {
+    use virtkube::placement::write::{HOLDER, node_label};
+    write_as_controller(client, ns, name, "binding", |status| {
+        status.node_name = Some(node.to_string())
+    })
+    .await;
     label_domain(client, ns, name, &[(&node_label(node), Some(HOLDER))]).await;
 }
 
@@ -267,16 +278,8 @@ pub async fn label_domain(
 /// Records on a Domain what the controller writes when it approves a move: the claim's
 /// `status.migration` = Pending from the holder to `target`.
 pub async fn approve_move(client: &kube::Client, ns: &str, name: &str, target: &str) {
-    use kube::api::Api;
-    use virtkube::placement::write::write_status;
-    use virtkube_crds::Domain;
     use virtkube_crds::domain::{MigrationState, MigrationStatus};
-    let api: Api<Domain> = Api::namespaced(client.clone(), ns);
-    // As the controller does: a write that lost the compare-and-swap to the agent's own
-    // status write reads again and decides again.
-    for _ in 0..20 {
-        let dom = api.get(name).await.unwrap();
-        let mut status = dom.status.clone().unwrap_or_default();
+    write_as_controller(client, ns, name, "approving the move of", |status| {
         status.migration = Some(MigrationStatus {
             state: Some(MigrationState::Pending),
             source_node: status.node_name.clone(),
@@ -284,15 +287,8 @@ pub async fn approve_move(client: &kube::Client, ns: &str, name: &str, target: &
             reason: Some("Requested".into()),
             ..MigrationStatus::default()
         });
-        match write_status(&api, &dom, &status, "virtkube-controller").await {
-            Ok(_) => return,
-            Err(virtkube::placement::write::WriteError::Conflict { .. }) => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(e) => panic!("approving the move of {ns}/{name}: {e}"),
-        }
-    }
-    panic!("approving the move of {ns}/{name}: 20 conflicts in a row");
+    })
+    .await;
 }
 
 /// A HypervisorNode `name` whose agent publishes `libvirt_uri` (how other nodes reach it).
