@@ -466,18 +466,30 @@ async fn a_status_write_that_failed_before_and_during_an_outage_is_written_right
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     agent.api.stop().await;
-    tokio::time::sleep(Duration::from_secs(20)).await;
+    // The server stays away until the write has failed during the stop too (a third
+    // failure: the two injected ones came before), and at least 20 s: waiting for it,
+    // rather than sleeping a fixed time, keeps the test's premise true on a loaded machine.
+    let stopped = Instant::now();
+    while agent.log_entries("reconcile failed").len() < 3
+        || stopped.elapsed() < Duration::from_secs(20)
+    {
+        assert!(
+            stopped.elapsed() < Duration::from_secs(60),
+            "no failed retry during the stop:\n{}",
+            agent.tail(40)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     agent.api.restart().await.unwrap();
     let written = agent
         .wait_phase("vm", "Paused", Duration::from_secs(60))
         .await;
     println!("status written {written:?} after the restart");
-    // The two injected failures at least (whether a retry also fell inside the stop
-    // depends on the backoff's jitter against a loaded machine's clock); that the write was
-    // still waiting on a failure backoff at the return is what the outage requeue below
-    // shows.
     let failures = agent.log_entries("reconcile failed").len();
-    assert!(failures >= 2, "failed before the outage: {failures}");
+    assert!(
+        failures >= 3,
+        "failed before and during the outage: {failures}"
+    );
     // Its backoff had grown past 4 s (third failure or later); the server's return
     // retried it at once.
     assert!(
