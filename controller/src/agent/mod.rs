@@ -766,3 +766,69 @@ async fn retry_failed_on_recovery(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::channel::mpsc;
+
+    fn key(kind: &'static str, name: &str) -> backoff::ObjectKey {
+        backoff::ObjectKey {
+            kind,
+            namespace: (kind != network::KIND && kind != pool::KIND).then(|| "ns".to_string()),
+            name: name.to_string(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_recovery_requeues_every_failed_object_once_and_forgets_its_backoff() {
+        let failures = Arc::new(backoff::Failures::default());
+        let (domains, mut domain_requests) = mpsc::unbounded();
+        let (volumes, mut volume_requests) = mpsc::unbounded();
+        let (networks, _network_requests) = mpsc::unbounded();
+        let (pools, _pool_requests) = mpsc::unbounded();
+        let metrics = Arc::new(Metrics::default());
+        let (recovered, recovered_rx) = tokio::sync::watch::channel(api_health::Recovery::none());
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let retrier = tokio::spawn(retry_failed_on_recovery(
+            failures.clone(),
+            Requeues {
+                domains,
+                volumes,
+                networks,
+                pools,
+            },
+            metrics.clone(),
+            recovered_rx,
+            stop_rx,
+        ));
+        failures.failed(&key(domain::KIND, "vm"));
+        failures.failed(&key(domain::KIND, "vm"));
+        failures.failed(&key(volume::KIND, "disk"));
+        let mut recovery = api_health::Recovery::none();
+        recovery.epoch = 1;
+        recovered.send_replace(recovery);
+
+        let vm = domain_requests.next().await.expect("a domain request");
+        assert_eq!(
+            (vm.name.as_str(), vm.namespace.as_deref()),
+            ("vm", Some("ns"))
+        );
+        let disk = volume_requests.next().await.expect("a volume request");
+        assert_eq!(disk.name, "disk");
+        assert_eq!(metrics.outage_requeues.get(), 2);
+        assert_eq!(failures.failures(&key(domain::KIND, "vm")), 0);
+
+        // Nothing failed since: the next recovery requeues nothing.
+        recovery.epoch = 2;
+        recovered.send_replace(recovery);
+        stop.send_replace(true);
+        retrier.await.expect("the retrier ends at stop");
+        // The retrier has ended: the channel is closed and holds no second request.
+        assert!(
+            matches!(domain_requests.try_next(), Ok(None)),
+            "no second request"
+        );
+        assert_eq!(metrics.outage_requeues.get(), 2);
+    }
+}
