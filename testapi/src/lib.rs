@@ -25,6 +25,7 @@ pub mod discovery;
 pub mod faults;
 pub mod fieldset;
 pub mod kubeconfig;
+pub mod openapi;
 pub mod rbac;
 pub mod reads;
 pub mod record;

@@ -141,15 +141,59 @@ fn parse_term(term: &str) -> Result<Requirement, String> {
     }
 }
 
-/// A field selector over `metadata.name` and `metadata.namespace` (what every resource
-/// supports; kind-specific fields are not modelled).
+/// A field selector: `metadata.name` and `metadata.namespace` (what every resource
+/// supports) and the field labels the kind declares ([`field_labels`]). Each term is the
+/// field's JSON pointer, whether it must equal (`=`, `==`) or differ (`!=`), and the value.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FieldSelector(pub Vec<(String, bool, String)>);
 
+/// The field labels a kind supports beyond `metadata.name` and `metadata.namespace`, with
+/// the JSON pointer each selects on. As in the real server: core Events
+/// (`pkg/registry/core/event/strategy.go` `ToSelectableFields`), events.k8s.io Events (the
+/// same fields under their events.k8s.io names, `pkg/apis/events/v1/conversion.go`
+/// `AddFieldLabelConversionsForEvent`) and Nodes (`spec.unschedulable`,
+/// `pkg/registry/core/node/strategy.go`). Custom resources have none (no
+/// `selectableFields` in virtkube's CRDs).
+pub fn field_labels(api_version: &str, kind: &str) -> &'static [(&'static str, &'static str)] {
+    match (api_version, kind) {
+        ("v1", "Event") => &[
+            ("involvedObject.kind", "/involvedObject/kind"),
+            ("involvedObject.namespace", "/involvedObject/namespace"),
+            ("involvedObject.name", "/involvedObject/name"),
+            ("involvedObject.uid", "/involvedObject/uid"),
+            ("involvedObject.apiVersion", "/involvedObject/apiVersion"),
+            (
+                "involvedObject.resourceVersion",
+                "/involvedObject/resourceVersion",
+            ),
+            ("involvedObject.fieldPath", "/involvedObject/fieldPath"),
+            ("reason", "/reason"),
+            ("reportingComponent", "/reportingComponent"),
+            ("source", "/source/component"),
+            ("type", "/type"),
+        ],
+        ("events.k8s.io/v1", "Event") => &[
+            ("regarding.kind", "/regarding/kind"),
+            ("regarding.namespace", "/regarding/namespace"),
+            ("regarding.name", "/regarding/name"),
+            ("regarding.uid", "/regarding/uid"),
+            ("regarding.apiVersion", "/regarding/apiVersion"),
+            ("regarding.resourceVersion", "/regarding/resourceVersion"),
+            ("regarding.fieldPath", "/regarding/fieldPath"),
+            ("reason", "/reason"),
+            ("reportingController", "/reportingController"),
+            ("type", "/type"),
+        ],
+        ("v1", "Node") => &[("spec.unschedulable", "/spec/unschedulable")],
+        _ => &[],
+    }
+}
+
 impl FieldSelector {
-    /// Parses the `fieldSelector` query value; other fields are refused as the real server
-    /// refuses a field label it does not support.
-    pub fn parse(text: &str) -> Result<Self, String> {
+    /// Parses the `fieldSelector` query value for a kind with the extra field labels
+    /// `labels` ([`field_labels`]); other fields are refused as the real server refuses a
+    /// field label it does not support.
+    pub fn parse(text: &str, labels: &[(&str, &str)]) -> Result<Self, String> {
         let mut out = Vec::new();
         for term in text.split(',').map(str::trim).filter(|t| !t.is_empty()) {
             let (field, equal, value) = if let Some((f, v)) = term.split_once("!=") {
@@ -162,24 +206,32 @@ impl FieldSelector {
                 return Err(format!("invalid selector: '{term}'"));
             };
             let field = field.trim();
-            if field != "metadata.name" && field != "metadata.namespace" {
-                return Err(format!("field label not supported: {field}"));
-            }
-            out.push((field.to_string(), equal, value.trim().to_string()));
+            let pointer = match field {
+                "metadata.name" => "/metadata/name",
+                "metadata.namespace" => "/metadata/namespace",
+                other => labels
+                    .iter()
+                    .find(|(label, _)| *label == other)
+                    .map(|(_, pointer)| *pointer)
+                    .ok_or_else(|| format!("field label not supported: {field}"))?,
+            };
+            out.push((pointer.to_string(), equal, value.trim().to_string()));
         }
         Ok(FieldSelector(out))
     }
 
-    /// Whether `object` is selected.
+    /// Whether `object` is selected. A missing field reads as the empty string, and
+    /// booleans as `true`/`false`, as the real server's `fields.Set` holds them.
     pub fn matches(&self, object: &Value) -> bool {
-        self.0.iter().all(|(field, equal, value)| {
-            let actual = match field.as_str() {
-                "metadata.name" => object.pointer("/metadata/name"),
-                _ => object.pointer("/metadata/namespace"),
-            }
-            .and_then(Value::as_str)
-            .unwrap_or_default();
-            (actual == value) == *equal
+        self.0.iter().all(|(pointer, equal, value)| {
+            let actual = match object.pointer(pointer) {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Bool(b)) => b.to_string(),
+                Some(Value::Null) | None if pointer == "/spec/unschedulable" => "false".into(),
+                Some(Value::Null) | None => String::new(),
+                Some(other) => other.to_string(),
+            };
+            (actual == *value) == *equal
         })
     }
 }
@@ -252,26 +304,56 @@ mod tests {
     fn malformed_selectors_are_refused() {
         assert!(LabelSelector::parse("app in web").is_err());
         assert!(LabelSelector::parse("a b c").is_err());
-        assert!(FieldSelector::parse("spec.nodeName=x").is_err());
+        assert!(FieldSelector::parse("spec.nodeName=x", &[]).is_err());
+        assert!(FieldSelector::parse("regarding.name=x", field_labels("v1", "Event")).is_err());
     }
 
     #[test]
     fn field_selectors_on_name_and_namespace() {
         let obj = serde_json::json!({"metadata": {"name": "a", "namespace": "n"}});
         assert!(
-            FieldSelector::parse("metadata.name=a")
+            FieldSelector::parse("metadata.name=a", &[])
                 .unwrap()
                 .matches(&obj)
         );
         assert!(
-            !FieldSelector::parse("metadata.name!=a")
+            !FieldSelector::parse("metadata.name!=a", &[])
                 .unwrap()
                 .matches(&obj)
         );
         assert!(
-            FieldSelector::parse("metadata.namespace==n,metadata.name=a")
+            FieldSelector::parse("metadata.namespace==n,metadata.name=a", &[])
                 .unwrap()
                 .matches(&obj)
+        );
+    }
+
+    #[test]
+    fn field_selectors_on_the_kinds_own_fields() {
+        let event = serde_json::json!({"metadata": {"name": "e", "namespace": "n"},
+            "regarding": {"kind": "Domain", "name": "web"}, "reason": "Started"});
+        let labels = field_labels("events.k8s.io/v1", "Event");
+        let sel = |t: &str| FieldSelector::parse(t, labels).unwrap().matches(&event);
+        assert!(sel("regarding.name=web"));
+        assert!(sel(
+            "regarding.name=web,regarding.kind=Domain,reason=Started"
+        ));
+        assert!(!sel("regarding.name=db"));
+        assert!(sel("regarding.name!=db"));
+        assert!(sel("regarding.namespace="));
+        let node = serde_json::json!({"metadata": {"name": "a"}});
+        let nodes = field_labels("v1", "Node");
+        assert!(
+            FieldSelector::parse("spec.unschedulable=false", nodes)
+                .unwrap()
+                .matches(&node)
+        );
+        let cordoned =
+            serde_json::json!({"metadata": {"name": "a"}, "spec": {"unschedulable": true}});
+        assert!(
+            FieldSelector::parse("spec.unschedulable=true", nodes)
+                .unwrap()
+                .matches(&cordoned)
         );
     }
 }

@@ -199,7 +199,9 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
     }
     if !info.is_resource {
         return Ok(
-            match crate::discovery::document(&shared.registry, &path, &shared.addr.to_string()) {
+            match crate::discovery::document(&shared.registry, &path, &shared.addr.to_string())
+                .or_else(|| crate::openapi::document(&shared.registry, &path))
+            {
                 Some(doc) => full(200, &doc),
                 None => error(&ApiError::no_route()),
             },
@@ -263,7 +265,7 @@ enum Served {
     Stream(tokio::sync::mpsc::Receiver<Bytes>),
 }
 
-fn selector_of(info: &RequestInfo) -> Result<Selector, ApiError> {
+fn selector_of(info: &RequestInfo, rt: &ResourceType) -> Result<Selector, ApiError> {
     let labels = LabelSelector::parse(
         info.query
             .get("labelSelector")
@@ -276,6 +278,7 @@ fn selector_of(info: &RequestInfo) -> Result<Selector, ApiError> {
             .get("fieldSelector")
             .map(String::as_str)
             .unwrap_or_default(),
+        crate::selector::field_labels(&rt.api_version(), &rt.kind),
     )
     .map_err(ApiError::bad_request)?;
     Ok(Selector { labels, fields })
@@ -357,7 +360,7 @@ fn serve(shared: Arc<Shared>, incoming: Parsed) -> Result<Served, ApiError> {
         "list" => {
             let request = ListRequest {
                 namespace: namespace.clone(),
-                selector: selector_of(info)?,
+                selector: selector_of(info, &rt)?,
                 limit: info
                     .query
                     .get("limit")
@@ -390,7 +393,7 @@ fn serve(shared: Arc<Shared>, incoming: Parsed) -> Result<Served, ApiError> {
             let request = WatchRequest {
                 rt: rt.clone(),
                 namespace: namespace.clone(),
-                selector: selector_of(info)?,
+                selector: selector_of(info, &rt)?,
                 resource_version: info.query.get("resourceVersion").cloned(),
                 bookmarks: info
                     .query
@@ -462,7 +465,7 @@ fn serve(shared: Arc<Shared>, incoming: Parsed) -> Result<Served, ApiError> {
         "deletecollection" => {
             let request = ListRequest {
                 namespace: namespace.clone(),
-                selector: selector_of(info)?,
+                selector: selector_of(info, &rt)?,
                 ..ListRequest::default()
             };
             let mut store = shared.lock_store();
