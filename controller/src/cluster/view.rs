@@ -157,7 +157,7 @@ impl Cluster {
                     .status
                     .iter()
                     .flat_map(|s| &s.nodes)
-                    .filter(|n| n.state == "running")
+                    .filter(|n| pool_running(&n.state))
                     .map(|n| n.node_name.clone())
                     .collect();
                 (
@@ -310,4 +310,26 @@ pub fn after(then: Timestamp, d: std::time::Duration) -> Timestamp {
         .ok()
         .and_then(|d| then.checked_add(d).ok())
         .unwrap_or(Timestamp::MAX)
+}
+
+/// Whether a pool's per-node `state` says it runs. The agent writes libvirt's state as its
+/// `PoolState` variant (`Running`); the CRD's description and `virtkube status` use
+/// libvirt's lower-case word (`running`). Both mean the same.
+fn pool_running(state: &str) -> bool {
+    state.eq_ignore_ascii_case("running")
+}
+
+#[cfg(test)]
+mod pool_state_tests {
+    use super::pool_running;
+
+    /// The state as the agent writes it (`Running`, found by the e2e suite: the controller
+    /// compared with `running` only and left every domain with a volume unschedulable).
+    #[test]
+    fn a_pool_runs_whichever_way_the_state_is_spelled() {
+        assert!(pool_running("Running"));
+        assert!(pool_running("running"));
+        assert!(!pool_running("Inactive"));
+        assert!(!pool_running("Failed"));
+    }
 }

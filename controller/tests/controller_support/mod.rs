@@ -77,12 +77,12 @@ pub fn network(name: &str, nodes: &[&str]) -> Value {
            "status": {"nodes": nodes.iter().map(|n| json!({"nodeName": n, "active": true})).collect::<Vec<_>>()}})
 }
 
-/// A dir StoragePool running on `nodes`.
+/// A dir StoragePool running on `nodes` (the state as the agent writes it).
 pub fn pool(name: &str, shared: bool, nodes: &[&str]) -> Value {
     json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "StoragePool",
            "metadata": {"name": name},
            "spec": {"type": "dir", "target": {"path": format!("/var/lib/virtkube/{name}")}, "shared": shared},
-           "status": {"nodes": nodes.iter().map(|n| json!({"nodeName": n, "state": "running"})).collect::<Vec<_>>()}})
+           "status": {"nodes": nodes.iter().map(|n| json!({"nodeName": n, "state": "Running"})).collect::<Vec<_>>()}})
 }
 
 /// A 1Gi qcow2 Volume in `pool`.
