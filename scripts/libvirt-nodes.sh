@@ -18,6 +18,11 @@
 #   scripts/libvirt-nodes.sh restart-daemon A|B [DIR]   # restarts one libvirtd, guests keep
 #                                                        # running (tests reconnects)
 # DIR defaults to ${VIRTKUBE_NODES_DIR:-/tmp/virtkube-libvirt-nodes}.
+# VIRTKUBE_NODES_PRIVATE_DATA=1 (read by `up`) gives each daemon its own /var/lib/virtkube
+# (DIR/NODE/virtkube, empty at every `up`), as two machines have: images in pools under
+# /var/lib/virtkube (the examples' `images` pool) are then neither shared between A and B nor
+# with other runs on this host. Off by default: tests that read pool files from the host rely
+# on the shared path.
 set -euo pipefail
 
 CMD=${1:-}
@@ -118,6 +123,8 @@ EOC
   fi
   # The cgroup v1 hierarchies libvirt may use (read again by launch_daemon on restarts).
   echo "$CGROUPS" | tr -d '",' > "$D/cgroups"
+  # A private /var/lib/virtkube (read again by launch_daemon on restarts).
+  if [ "${VIRTKUBE_NODES_PRIVATE_DATA:-0}" = 1 ]; then mkdir -p "$D/virtkube"; fi
   # A pre-seeded QEMU capabilities cache saves the 7-8 s probe on first connect.
   [ -d "$W/capscache" ] && cp -a "$W/capscache" "$D/cache/qemu"
   launch_daemon "$N" "$NS"
@@ -139,6 +146,8 @@ launch_daemon() {  # NAME NETNS
     cg="$cg mkdir -p /sys/fs/cgroup/$c && mount -t cgroup -o $c cgroup /sys/fs/cgroup/$c &&"
   done
   [ -n "$cg" ] && cg="mount -t tmpfs -o mode=755 cgroup_root /sys/fs/cgroup && $cg true"
+  local data=""
+  [ -d "$D/virtkube" ] && data="mkdir -p /var/lib/virtkube && mount --bind $D/virtkube /var/lib/virtkube || exit 1"
   setsid ip netns exec "$NS" unshare -m --propagation private bash -c "
     $cg
     mount --bind $D/etc   /etc/libvirt
@@ -146,6 +155,7 @@ launch_daemon() {  # NAME NETNS
     mount --bind $D/lib   /var/lib/libvirt
     mount --bind $D/log   /var/log/libvirt
     mount --bind $D/cache /var/cache/libvirt
+    $data
     exec libvirtd -f $D/etc/libvirtd.conf -p $D/libvirtd.pid" > "$D/stdout.log" 2>&1 < /dev/null &
   disown || true
   for _ in $(seq 400); do
