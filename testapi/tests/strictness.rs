@@ -867,3 +867,89 @@ subjects: [{kind: User, name: patcher}]
         .collect();
     assert_eq!(checks, ["patch"]);
 }
+
+/// Events are selected by the fields of the object they regard, as kubectl asks
+/// (`kubectl get events.events.k8s.io --field-selector regarding.name=web`); a field label
+/// the kind does not have is refused with 400, as the real server refuses it.
+#[tokio::test]
+async fn events_are_selected_by_their_regarding_fields() {
+    let api = TestApi::start().await.unwrap();
+    api.create_namespace("ns").unwrap();
+    let client = api.client(ADMIN).await.unwrap();
+    let events: Api<DynamicObject> = Api::namespaced_with(
+        client,
+        "ns",
+        &ApiResource {
+            group: "events.k8s.io".into(),
+            version: "v1".into(),
+            api_version: "events.k8s.io/v1".into(),
+            kind: "Event".into(),
+            plural: "events".into(),
+        },
+    );
+    for (name, regarding, reason) in [("e1", "web", "Started"), ("e2", "db", "Started"), ("e3", "web", "Defined")] {
+        let event: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "events.k8s.io/v1", "kind": "Event",
+            "metadata": {"name": name, "namespace": "ns"},
+            "eventTime": "2026-01-01T00:00:00.000000Z", "reportingController": "virtkube",
+            "reportingInstance": "x", "action": "Start", "reason": reason, "type": "Normal",
+            "regarding": {"apiVersion": "virtkube.io/v1alpha1", "kind": "Domain", "namespace": "ns", "name": regarding},
+        }))
+        .unwrap();
+        events.create(&PostParams::default(), &event).await.unwrap();
+    }
+    let names = |list: kube::core::ObjectList<DynamicObject>| -> Vec<String> {
+        list.items.into_iter().filter_map(|e| e.metadata.name).collect()
+    };
+    let web = events
+        .list(&ListParams::default().fields("regarding.name=web"))
+        .await
+        .unwrap();
+    assert_eq!(names(web), ["e1", "e3"]);
+    let started = events
+        .list(&ListParams::default().fields("regarding.kind=Domain,reason=Started,regarding.name!=db"))
+        .await
+        .unwrap();
+    assert_eq!(names(started), ["e1"]);
+    let (status, message) = code(
+        events
+            .list(&ListParams::default().fields("involvedObject.name=web"))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(status, 400, "{message}");
+    assert!(message.contains("field label not supported: involvedObject.name"), "{message}");
+}
+
+/// kubectl's validation reads the OpenAPI v3 index and the document of the object's
+/// group-version before it creates or applies (otherwise: "failed to download openapi").
+#[tokio::test]
+async fn openapi_v3_documents_are_served() {
+    let api = TestApi::start().await.unwrap();
+    let client = api.client(ADMIN).await.unwrap();
+    let get = |path: &str| {
+        http::Request::get(path.to_string())
+            .body(Vec::new())
+            .unwrap()
+    };
+    let index: Value = client.request(get("/openapi/v3")).await.unwrap();
+    let url = index["paths"]["apis/virtkube.io/v1alpha1"]["serverRelativeURL"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let doc: Value = client.request(get(&url)).await.unwrap();
+    let patch = &doc["paths"]["/apis/virtkube.io/v1alpha1/namespaces/{namespace}/domains/{name}"]["patch"];
+    assert_eq!(patch["x-kubernetes-group-version-kind"]["kind"], "Domain");
+    assert!(
+        patch["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "fieldValidation" && p["in"] == "query")
+    );
+    let missing = client
+        .request::<Value>(get("/openapi/v3/apis/nothing.example/v1"))
+        .await
+        .unwrap_err();
+    assert_eq!(code(missing).0, 404);
+}
