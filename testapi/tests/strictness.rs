@@ -887,7 +887,11 @@ async fn events_are_selected_by_their_regarding_fields() {
             plural: "events".into(),
         },
     );
-    for (name, regarding, reason) in [("e1", "web", "Started"), ("e2", "db", "Started"), ("e3", "web", "Defined")] {
+    for (name, regarding, reason) in [
+        ("e1", "web", "Started"),
+        ("e2", "db", "Started"),
+        ("e3", "web", "Defined"),
+    ] {
         let event: DynamicObject = serde_json::from_value(json!({
             "apiVersion": "events.k8s.io/v1", "kind": "Event",
             "metadata": {"name": name, "namespace": "ns"},
@@ -899,7 +903,10 @@ async fn events_are_selected_by_their_regarding_fields() {
         events.create(&PostParams::default(), &event).await.unwrap();
     }
     let names = |list: kube::core::ObjectList<DynamicObject>| -> Vec<String> {
-        list.items.into_iter().filter_map(|e| e.metadata.name).collect()
+        list.items
+            .into_iter()
+            .filter_map(|e| e.metadata.name)
+            .collect()
     };
     let web = events
         .list(&ListParams::default().fields("regarding.name=web"))
@@ -907,7 +914,10 @@ async fn events_are_selected_by_their_regarding_fields() {
         .unwrap();
     assert_eq!(names(web), ["e1", "e3"]);
     let started = events
-        .list(&ListParams::default().fields("regarding.kind=Domain,reason=Started,regarding.name!=db"))
+        .list(
+            &ListParams::default()
+                .fields("regarding.kind=Domain,reason=Started,regarding.name!=db"),
+        )
         .await
         .unwrap();
     assert_eq!(names(started), ["e1"]);
@@ -918,7 +928,10 @@ async fn events_are_selected_by_their_regarding_fields() {
             .unwrap_err(),
     );
     assert_eq!(status, 400, "{message}");
-    assert!(message.contains("field label not supported: involvedObject.name"), "{message}");
+    assert!(
+        message.contains("field label not supported: involvedObject.name"),
+        "{message}"
+    );
 }
 
 /// kubectl's validation reads the OpenAPI v3 index and the document of the object's
@@ -938,7 +951,8 @@ async fn openapi_v3_documents_are_served() {
         .unwrap()
         .to_string();
     let doc: Value = client.request(get(&url)).await.unwrap();
-    let patch = &doc["paths"]["/apis/virtkube.io/v1alpha1/namespaces/{namespace}/domains/{name}"]["patch"];
+    let patch =
+        &doc["paths"]["/apis/virtkube.io/v1alpha1/namespaces/{namespace}/domains/{name}"]["patch"];
     assert_eq!(patch["x-kubernetes-group-version-kind"]["kind"], "Domain");
     assert!(
         patch["parameters"]
