@@ -284,6 +284,67 @@ fn selector_of(info: &RequestInfo, rt: &ResourceType) -> Result<Selector, ApiErr
     Ok(Selector { labels, fields })
 }
 
+/// A watch's `sendInitialEvents` (a "watch-list", what client-go's reflector asks for with
+/// its `WatchListClient` feature, e.g. `kubectl wait` from 1.35 on), checked as the real
+/// server checks it (`apimachinery/pkg/apis/meta/internalversion/validation`
+/// `ValidateListOptions`): it needs `resourceVersionMatch=NotOlderThan` and
+/// `allowWatchBookmarks=true`, and `resourceVersionMatch` on a watch needs it. A list with
+/// `sendInitialEvents` or `resourceVersionMatch` is not checked here (lists ignore them).
+fn watch_list_options(info: &RequestInfo) -> Result<bool, ApiError> {
+    let send = match info.query.get("sendInitialEvents").map(String::as_str) {
+        None => None,
+        Some("true") => Some(true),
+        Some("false") => Some(false),
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "sendInitialEvents: invalid boolean value {other:?}"
+            )));
+        }
+    };
+    let matching = info
+        .query
+        .get("resourceVersionMatch")
+        .filter(|m| !m.is_empty());
+    let bookmarks = info
+        .query
+        .get("allowWatchBookmarks")
+        .is_some_and(|b| b == "true");
+    let forbidden = |field: &str, message: &str| {
+        ApiError::invalid(
+            "ListOptions",
+            "meta.k8s.io",
+            "",
+            vec![crate::status::Cause {
+                kind: "FieldValueForbidden".into(),
+                message: format!("Forbidden: {message}"),
+                field: field.into(),
+            }],
+        )
+    };
+    match send {
+        None if matching.is_some() => Err(forbidden(
+            "resourceVersionMatch",
+            "resourceVersionMatch is forbidden for watch unless sendInitialEvents is provided",
+        )),
+        None => Ok(false),
+        Some(send) => {
+            if matching.map(String::as_str) != Some("NotOlderThan") {
+                return Err(forbidden(
+                    "resourceVersionMatch",
+                    "sendInitialEvents requires setting resourceVersionMatch to NotOlderThan",
+                ));
+            }
+            if send && !bookmarks {
+                return Err(forbidden(
+                    "allowWatchBookmarks",
+                    "sendInitialEvents requires setting allowWatchBookmarks to true",
+                ));
+            }
+            Ok(send)
+        }
+    }
+}
+
 fn resolve<'r>(registry: &'r Registry, info: &RequestInfo) -> Result<&'r ResourceType, ApiError> {
     let rt = registry
         .find(&info.group, &info.version, &info.resource)
@@ -384,6 +445,7 @@ fn serve(shared: Arc<Shared>, incoming: Parsed) -> Result<Served, ApiError> {
             ))
         }
         "watch" => {
+            let send_initial_events = watch_list_options(info)?;
             let timeout = info
                 .query
                 .get("timeoutSeconds")
@@ -401,6 +463,7 @@ fn serve(shared: Arc<Shared>, incoming: Parsed) -> Result<Served, ApiError> {
                     .is_some_and(|b| b == "true"),
                 timeout,
                 metadata_only,
+                send_initial_events,
             };
             Ok(Served::Stream(watch::start(shared.clone(), request)?))
         }

@@ -8,6 +8,11 @@
 //!   the selection is `ADDED`, leaving it is `DELETED` (the previous state, with the new
 //!   resourceVersion);
 //! - `allowWatchBookmarks=true`: periodic `BOOKMARK` events with the progress made;
+//! - `sendInitialEvents=true` (a watch-list; `resourceVersionMatch=NotOlderThan` and bookmarks
+//!   required, checked by the server): synthetic `ADDED` events for the current objects
+//!   (whatever `resourceVersion` says: the store is always at least that new), then one
+//!   `BOOKMARK` annotated `k8s.io/initial-events-end: "true"` carrying the version they
+//!   reflect, then changes;
 //! - `timeoutSeconds`: the server ends the stream after it; a watcher that falls too far
 //!   behind is ended as well (the cacher drops slow watchers).
 
@@ -42,7 +47,12 @@ pub struct WatchRequest {
     pub timeout: Duration,
     /// Only `PartialObjectMetadata`.
     pub metadata_only: bool,
+    /// `sendInitialEvents=true`: the current objects, then the bookmark that ends them.
+    pub send_initial_events: bool,
 }
+
+/// The annotation of the bookmark that ends a watch-list's initial events.
+pub const INITIAL_EVENTS_END: &str = "k8s.io/initial-events-end";
 
 fn line(kind: &str, object: &Value) -> Bytes {
     Bytes::from(format!("{}\n", json!({"type": kind, "object": object})))
@@ -99,10 +109,10 @@ pub fn start(
         let from = request
             .resource_version
             .as_deref()
-            .filter(|rv| !rv.is_empty() && *rv != "0");
+            .filter(|rv| !rv.is_empty() && *rv != "0" && !request.send_initial_events);
         match from {
             None => {
-                let items: Vec<Bytes> = store
+                let mut items: Vec<Bytes> = store
                     .objects
                     .iter()
                     .filter(|(k, _)| {
@@ -113,6 +123,12 @@ pub fn start(
                     .filter(|(_, o)| request.selector.matches(o))
                     .map(|(_, o)| line("ADDED", &render(o)))
                     .collect();
+                if request.send_initial_events {
+                    let mark = json!({"kind": request.rt.kind, "apiVersion": request.rt.api_version(),
+                                      "metadata": {"resourceVersion": store.rv.to_string(),
+                                                   "annotations": {INITIAL_EVENTS_END: "true"}}});
+                    items.push(line("BOOKMARK", &mark));
+                }
                 (items, Ok(store.subscribe()), store.rv)
             }
             Some(text) => {
@@ -206,6 +222,7 @@ mod tests {
             bookmarks: false,
             timeout: Duration::from_secs(1),
             metadata_only: false,
+            send_initial_events: false,
         }
     }
 

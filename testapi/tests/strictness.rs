@@ -967,3 +967,75 @@ async fn openapi_v3_documents_are_served() {
         .unwrap_err();
     assert_eq!(code(missing).0, 404);
 }
+
+/// A watch-list (`sendInitialEvents=true`, what kube's `streaming_lists()` and client-go's
+/// reflector with `WatchListClient` ask, e.g. `kubectl wait` from 1.35 on): the current
+/// objects, then the bookmark annotated `k8s.io/initial-events-end`, then changes. The
+/// options it needs are checked as the real server checks them (422 on ListOptions).
+#[tokio::test]
+async fn a_watch_list_sends_the_current_objects_then_the_initial_events_end_bookmark() {
+    let (api, domains, _) = setup().await;
+    domains
+        .create(&PostParams::default(), &domain("one"))
+        .await
+        .unwrap();
+    let mut events = watcher(
+        domains.clone(),
+        watcher::Config::default().streaming_lists().timeout(5),
+    )
+    .boxed();
+    let mut init_done = false;
+    let mut initial = Vec::new();
+    while !init_done {
+        match tokio::time::timeout(Duration::from_secs(5), events.try_next())
+            .await
+            .expect("the initial events end within 5 s")
+            .unwrap()
+        {
+            Some(watcher::Event::InitApply(o)) => initial.push(o.metadata.name.unwrap()),
+            Some(watcher::Event::InitDone) => init_done = true,
+            Some(_) => {}
+            None => panic!("the stream ended before InitDone"),
+        }
+    }
+    assert_eq!(initial, ["one"]);
+    domains
+        .create(&PostParams::default(), &domain("two"))
+        .await
+        .unwrap();
+    match tokio::time::timeout(Duration::from_secs(5), events.try_next())
+        .await
+        .expect("the change arrives")
+        .unwrap()
+    {
+        Some(watcher::Event::Apply(o)) => assert_eq!(o.metadata.name.as_deref(), Some("two")),
+        other => panic!("expected the new object, got {other:?}"),
+    }
+    let client = api.client(ADMIN).await.unwrap();
+    for (query, field) in [
+        (
+            "watch=true&sendInitialEvents=true&allowWatchBookmarks=true",
+            "resourceVersionMatch",
+        ),
+        (
+            "watch=true&sendInitialEvents=true&resourceVersionMatch=NotOlderThan",
+            "allowWatchBookmarks",
+        ),
+        (
+            "watch=true&resourceVersionMatch=NotOlderThan",
+            "resourceVersionMatch",
+        ),
+    ] {
+        let request = http::Request::get(format!("/apis/virtkube.io/v1alpha1/domains?{query}"))
+            .body(Vec::new())
+            .unwrap();
+        let (status, message) = code(client.request::<Value>(request).await.unwrap_err());
+        assert_eq!(status, 422, "{query}: {message}");
+        assert!(
+            message.starts_with(&format!(
+                "ListOptions.meta.k8s.io \"\" is invalid: {field}: Forbidden"
+            )),
+            "{query}: {message}"
+        );
+    }
+}
