@@ -79,6 +79,8 @@ pub struct Store {
     uids: u64,
     /// Schema and CEL checks, with compiled patterns cached.
     pub checker: Checker,
+    /// The ValidatingAdmissionPolicies every write by a client goes through.
+    pub admission: std::sync::Arc<crate::admission::Policies>,
 }
 
 impl Store {
@@ -94,6 +96,7 @@ impl Store {
             tx,
             uids: 0,
             checker: Checker::default(),
+            admission: Default::default(),
         }
     }
 
