@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use agent_support::fake_api::{KillOnDrop, agent_with, free_port, sigterm};
 use agent_support::rbac::{self, Role};
 use serde_json::{Value, json};
+use virtkube_testapi::admission::token_on_node;
 use virtkube_testapi::{Config, TestApi};
 
 /// The node the agent process runs as (`agent_with` sets it).
@@ -79,8 +80,11 @@ fn ready(obj: &Option<Value>) -> bool {
 
 #[tokio::test]
 async fn the_agent_process_uses_exactly_the_charts_agent_rules() {
+    // The chart's RBAC and, as on a 1.30+ cluster, its node policy; the agent's token is
+    // bound to its node, as a pod's is there.
     let api = TestApi::start_with(Config {
         authorizer: Some(rbac::enforcing()),
+        admission: rbac::node_policy(),
         ..Config::default()
     })
     .await
@@ -89,7 +93,7 @@ async fn the_agent_process_uses_exactly_the_charts_agent_rules() {
     let admin = api.client("admin").await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("kubeconfig");
-    api.write_kubeconfig(&config, &[&Role::Agent.identity()])
+    api.write_kubeconfig(&config, &[&token_on_node(&Role::Agent.identity(), NODE)])
         .unwrap();
     let log = dir.path().join("agent.log");
     let mut child = agent_with(
@@ -233,6 +237,24 @@ async fn the_agent_process_uses_exactly_the_charts_agent_rules() {
 
     let report = rbac::check_role(&api, Role::Agent);
     report.assert_exact();
+    // Every write of the honest agent passed the node policy, which was in force for its
+    // credentials: the same token cannot write another node's HypervisorNode.
+    assert_eq!(api.admission_denials(), vec![], "the node policy refused the agent");
+    let as_agent = api
+        .client(&token_on_node(&Role::Agent.identity(), NODE))
+        .await
+        .unwrap();
+    let other = kube::Api::<virtkube_crds::HypervisorNode>::all(as_agent)
+        .patch_status(
+            "node-b",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"status": {"libvirtUri": "qemu:///elsewhere"}})),
+        )
+        .await;
+    assert!(
+        matches!(&other, Err(kube::Error::Api(s)) if s.code == 403 && s.message.contains("ValidatingAdmissionPolicy")),
+        "the policy applies to the agent's token: {other:?}"
+    );
 }
 
 /// The controller's rules as rendered by the chart are the rules of `rbac/controller.yaml`

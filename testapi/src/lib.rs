@@ -266,6 +266,12 @@ impl TestApi {
         self.shared.authorizations.all()
     }
 
+    /// Every write a ValidatingAdmissionPolicy denied: (user, `resource[/subresource]
+    /// namespace/name`, the server's message).
+    pub fn admission_denials(&self) -> Vec<(String, String, String)> {
+        self.shared.lock_store().admission_denials.clone()
+    }
+
     /// The last resourceVersion handed out.
     pub fn resource_version(&self) -> u64 {
         self.shared.lock_store().rv

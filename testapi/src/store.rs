@@ -81,6 +81,8 @@ pub struct Store {
     pub checker: Checker,
     /// The ValidatingAdmissionPolicies every write by a client goes through.
     pub admission: std::sync::Arc<crate::admission::Policies>,
+    /// Every write they denied: (user, `resource[/subresource] namespace/name`, message).
+    pub admission_denials: Vec<(String, String, String)>,
 }
 
 impl Store {
@@ -97,6 +99,7 @@ impl Store {
             uids: 0,
             checker: Checker::default(),
             admission: Default::default(),
+            admission_denials: Vec::new(),
         }
     }
 

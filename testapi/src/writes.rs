@@ -233,7 +233,19 @@ fn admit(
         object: Some(object),
         old_object: old,
     };
-    store.admission.check(&attributes).map_err(|denial| {
+    let verdict = store.admission.check(&attributes);
+    if let Err(denial) = &verdict {
+        let what = format!(
+            "{}{} {}/{name}",
+            req.rt.plural,
+            req.subresource.map(|s| format!("/{s}")).unwrap_or_default(),
+            req.namespace
+        );
+        store
+            .admission_denials
+            .push((user.username.clone(), what, denial.to_string()));
+    }
+    verdict.map_err(|denial| {
         ApiError::forbidden(
             &crate::status::group_resource(req.rt),
             &name,

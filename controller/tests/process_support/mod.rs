@@ -268,11 +268,37 @@ pub struct Cluster {
     namespaces: Vec<String>,
 }
 
+/// The agent's ServiceAccount as the chart renders it (release `virtkube` in
+/// `virtkube-system`): the user the node policy matches.
+pub const AGENT_USER: &str = "system:serviceaccount:virtkube-system:virtkube-agent";
+
+/// The chart's node policy as rendered for a 1.30+ cluster (`ci/snapshots/node-policy.yaml`,
+/// kept equal to `helm template` by `scripts/check-chart`).
+fn node_policy() -> std::sync::Arc<virtkube_testapi::admission::Policies> {
+    let path = format!(
+        "{}/../charts/virtkube/ci/snapshots/node-policy.yaml",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let docs: Vec<serde_json::Value> = serde_saphyr::from_str_multiple(&text).unwrap();
+    let policies = virtkube_testapi::admission::Policies::from_documents(&docs)
+        .unwrap_or_else(|e| panic!("{path}: {e}"));
+    assert!(!policies.names().is_empty(), "{path} has no bound policy");
+    std::sync::Arc::new(policies)
+}
+
 impl Cluster {
-    /// The API server and nothing else yet; fails when the daemons are not there.
+    /// The API server and nothing else yet; fails when the daemons are not there. The server
+    /// enforces the chart's node policy (as a 1.30+ cluster does), and each agent's token is
+    /// bound to its node: every write of the agents must pass it.
     pub async fn new() -> Cluster {
         let nodes = nodes();
-        let api = TestApi::start().await.unwrap();
+        let api = TestApi::start_with(virtkube_testapi::Config {
+            admission: node_policy(),
+            ..virtkube_testapi::Config::default()
+        })
+        .await
+        .unwrap();
         let client = api.client("admin").await.unwrap();
         Cluster {
             api,
@@ -306,12 +332,17 @@ impl Cluster {
         ns
     }
 
-    fn kubeconfig(&self, identity: &str) -> PathBuf {
-        let path = self.dir.path().join(format!("{identity}.kubeconfig"));
+    fn kubeconfig(&self, file: &str, token: &str) -> PathBuf {
+        let path = self.dir.path().join(format!("{file}.kubeconfig"));
         if !path.exists() {
-            self.api.write_kubeconfig(&path, &[identity]).unwrap();
+            self.api.write_kubeconfig(&path, &[token]).unwrap();
         }
         path
+    }
+
+    /// Writes the node policy refused so far (none, when every agent kept to its node).
+    pub fn admission_denials(&self) -> Vec<(String, String, String)> {
+        self.api.admission_denials()
     }
 
     fn log_path(&mut self, what: &str) -> PathBuf {
@@ -344,7 +375,13 @@ impl Cluster {
             .args(["--shutdown-deadline-seconds", "5"])
             .args(["--log-format", "json"])
             .args(extra)
-            .env("KUBECONFIG", self.kubeconfig(&format!("agent-{name}")))
+            .env(
+                "KUBECONFIG",
+                self.kubeconfig(
+                    &format!("agent-{name}"),
+                    &virtkube_testapi::admission::token_on_node(AGENT_USER, name),
+                ),
+            )
             .env("RUST_LOG", log_filter())
             .env_remove("VIRTKUBE_NODE_NAME")
             .env_remove("VIRTKUBE_CONNECT");
@@ -379,7 +416,7 @@ impl Cluster {
             .args(["--resync-seconds", "30"])
             .env(
                 "KUBECONFIG",
-                self.kubeconfig(&format!("controller-{identity}")),
+                self.kubeconfig(&format!("controller-{identity}"), &format!("controller-{identity}")),
             )
             .env("RUST_LOG", log_filter());
         self.controllers
@@ -519,6 +556,14 @@ impl Drop for Cluster {
         self.controllers.clear();
         for ns in &self.namespaces {
             clean_guests(&self.nodes, ns);
+        }
+        // Every scenario is also a check of the node policy: no agent write was refused.
+        let denials = self.api.admission_denials();
+        if !std::thread::panicking() {
+            assert!(
+                denials.is_empty(),
+                "the chart's node policy refused agent writes: {denials:#?}"
+            );
         }
         if std::env::var("VIRTKUBE_TEST_KEEP_LOGS").is_ok_and(|v| v == "1") {
             let kept = self.dir.path().to_path_buf();
