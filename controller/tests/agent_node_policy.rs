@@ -22,7 +22,10 @@ use virtkube_testapi::{ADMIN, Config, TestApi};
 const NS: &str = "tenant";
 
 fn resource(kind: &str, plural: &str) -> ApiResource {
-    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("virtkube.io", "v1alpha1", kind), plural)
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("virtkube.io", "v1alpha1", kind),
+        plural,
+    )
 }
 
 /// The API of `plural` for `client` (namespaced kinds in [`NS`]).
@@ -144,22 +147,54 @@ async fn another_nodes_agent_cannot_touch_node_a_objects() {
         .unwrap();
 
     refused(
-        patch(&b, "Domain", "domains", "vm", true, json!({"status": {"nodeName": "node-b"}})).await,
+        patch(
+            &b,
+            "Domain",
+            "domains",
+            "vm",
+            true,
+            json!({"status": {"nodeName": "node-b"}}),
+        )
+        .await,
         "only the domains and volumes its node holds",
         "node-b takes node-a's domain claim",
     );
     refused(
-        patch(&b, "Domain", "domains", "vm", true, json!({"status": {"phase": "Failed"}})).await,
+        patch(
+            &b,
+            "Domain",
+            "domains",
+            "vm",
+            true,
+            json!({"status": {"phase": "Failed"}}),
+        )
+        .await,
         "only the domains and volumes its node holds",
         "node-b rewrites node-a's domain status",
     );
     refused(
-        patch(&b, "Domain", "domains", "vm", false, json!({"metadata": {"finalizers": null}})).await,
+        patch(
+            &b,
+            "Domain",
+            "domains",
+            "vm",
+            false,
+            json!({"metadata": {"finalizers": null}}),
+        )
+        .await,
         "only the domains and volumes its node holds",
         "node-b drops the finalizer of node-a's domain",
     );
     refused(
-        patch(&b, "Volume", "volumes", "disk", true, json!({"status": {"phase": "Failed"}})).await,
+        patch(
+            &b,
+            "Volume",
+            "volumes",
+            "disk",
+            true,
+            json!({"status": {"phase": "Failed"}}),
+        )
+        .await,
         "only the domains and volumes its node holds",
         "node-b rewrites node-a's volume status",
     );
@@ -250,11 +285,26 @@ async fn the_holders_agent_moves_a_claim_only_as_the_protocol_allows() {
         .await
         .unwrap();
 
-    patch(&a, "Domain", "domains", "vm", true, json!({"status": {"phase": "Running"}}))
-        .await
-        .expect("the holder writes its domain's status");
+    patch(
+        &a,
+        "Domain",
+        "domains",
+        "vm",
+        true,
+        json!({"status": {"phase": "Running"}}),
+    )
+    .await
+    .expect("the holder writes its domain's status");
     refused(
-        patch(&a, "Domain", "domains", "vm", true, json!({"status": {"nodeName": "node-b"}})).await,
+        patch(
+            &a,
+            "Domain",
+            "domains",
+            "vm",
+            true,
+            json!({"status": {"nodeName": "node-b"}}),
+        )
+        .await,
         "only to the target of a move from its node",
         "the holder gives its claim away without an approved move",
     );
@@ -272,12 +322,28 @@ async fn the_holders_agent_moves_a_claim_only_as_the_protocol_allows() {
         "the holder approves its own move",
     );
     refused(
-        patch(&a, "Domain", "domains", "vm", false, json!({"spec": {"nodeName": "node-b"}})).await,
+        patch(
+            &a,
+            "Domain",
+            "domains",
+            "vm",
+            false,
+            json!({"spec": {"nodeName": "node-b"}}),
+        )
+        .await,
         "never changes a spec",
         "the holder edits the spec",
     );
     refused(
-        patch(&a, "Volume", "volumes", "disk", true, json!({"status": {"nodeName": "node-b"}})).await,
+        patch(
+            &a,
+            "Volume",
+            "volumes",
+            "disk",
+            true,
+            json!({"status": {"nodeName": "node-b"}}),
+        )
+        .await,
         "only the controller binds a volume to a node",
         "the holder rebinds its volume",
     );
@@ -285,11 +351,26 @@ async fn the_holders_agent_moves_a_claim_only_as_the_protocol_allows() {
     // The controller approves a move to node-b: the holder runs it and hands the claim over
     // (BeginMove, then CompleteMove, as the agent writes them).
     agent_support::approve_move(&admin, NS, "vm", "node-b").await;
-    patch(&a, "Domain", "domains", "vm", true, json!({"status": {"migration": {"state": "Running"}}}))
-        .await
-        .expect("the source starts the approved move");
+    patch(
+        &a,
+        "Domain",
+        "domains",
+        "vm",
+        true,
+        json!({"status": {"migration": {"state": "Running"}}}),
+    )
+    .await
+    .expect("the source starts the approved move");
     refused(
-        patch(&a, "Domain", "domains", "vm", true, json!({"status": {"nodeName": "node-c"}})).await,
+        patch(
+            &a,
+            "Domain",
+            "domains",
+            "vm",
+            true,
+            json!({"status": {"nodeName": "node-c"}}),
+        )
+        .await,
         "only to the target of a move from its node",
         "the source hands the claim to a node the move does not name",
     );
@@ -305,7 +386,15 @@ async fn the_holders_agent_moves_a_claim_only_as_the_protocol_allows() {
     .expect("the source hands the claim to the move's target");
     // node-a holds it no more: its credentials cannot touch it now.
     refused(
-        patch(&a, "Domain", "domains", "vm", true, json!({"status": {"nodeName": "node-a"}})).await,
+        patch(
+            &a,
+            "Domain",
+            "domains",
+            "vm",
+            true,
+            json!({"status": {"nodeName": "node-a"}}),
+        )
+        .await,
         "only the domains and volumes its node holds",
         "the former holder takes the claim back",
     );
@@ -317,9 +406,19 @@ async fn a_token_without_the_node_binding_is_not_matched() {
     // agent's RBAC alone lets it rewrite another node's claim (the README says so).
     let (api, _admin) = cluster().await;
     let unbound = api.client(&Role::Agent.identity()).await.unwrap();
-    patch(&unbound, "Domain", "domains", "vm", true, json!({"status": {"nodeName": "node-b"}}))
-        .await
-        .expect("without the node binding the policy does not apply");
-    assert_eq!(api.get("domains", NS, "vm").unwrap()["status"]["nodeName"], "node-b");
+    patch(
+        &unbound,
+        "Domain",
+        "domains",
+        "vm",
+        true,
+        json!({"status": {"nodeName": "node-b"}}),
+    )
+    .await
+    .expect("without the node binding the policy does not apply");
+    assert_eq!(
+        api.get("domains", NS, "vm").unwrap()["status"]["nodeName"],
+        "node-b"
+    );
     assert_eq!(api.admission_denials(), vec![]);
 }

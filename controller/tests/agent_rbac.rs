@@ -239,7 +239,11 @@ async fn the_agent_process_uses_exactly_the_charts_agent_rules() {
     report.assert_exact();
     // Every write of the honest agent passed the node policy, which was in force for its
     // credentials: the same token cannot write another node's HypervisorNode.
-    assert_eq!(api.admission_denials(), vec![], "the node policy refused the agent");
+    assert_eq!(
+        api.admission_denials(),
+        vec![],
+        "the node policy refused the agent"
+    );
     let as_agent = api
         .client(&token_on_node(&Role::Agent.identity(), NODE))
         .await

@@ -649,3 +649,81 @@ async fn a_long_migration_does_not_stall_the_source_agent() {
     assert_only_on(&c, &ns, "other", "node-a");
     c.shutdown().await;
 }
+
+/// Agents started with `--migration-tls`: a move is a live migration over TLS. Without the
+/// target's server certificate libvirt refuses it (the flag reaches libvirt), the move is
+/// `Failed` and the guest stays on the source; with the certificate back, the controller's
+/// retry carries it out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs private libvirtd: scripts/libvirt-nodes.sh up, then --run-ignored"]
+async fn a_move_over_tls_needs_the_certificates_and_keeps_the_guest_without_them() {
+    let tls_dir = std::path::PathBuf::from(
+        std::env::var("VIRTKUBE_TEST_TLS_DIR")
+            .expect("VIRTKUBE_TEST_TLS_DIR (libvirt-nodes.sh env)"),
+    );
+    /// Puts the certificate back when dropped, also when the test fails.
+    struct Hidden(std::path::PathBuf);
+    impl Drop for Hidden {
+        fn drop(&mut self) {
+            let _ = std::fs::rename(self.0.with_extension("hidden"), &self.0);
+        }
+    }
+    let server_cert = tls_dir.join("server-cert.pem");
+    let mut c = Cluster::new().await;
+    c.start_agent_with("node-a", &["--migration-tls"]);
+    c.start_agent_with("node-b", &["--migration-tls"]);
+    c.start_controller("c1", "virtkube-controller");
+    c.wait_ready().await;
+    let ns = c.namespace("pltls");
+    running_on_node(&c, &ns, "vm", "node-a", false).await;
+    let guest = format!("{ns}.vm");
+    let sampler = Sampler::start(&guest, c.node("node-b"), c.node("node-a"));
+
+    std::fs::rename(&server_cert, server_cert.with_extension("hidden")).unwrap();
+    let hidden = Hidden(server_cert);
+    c.api
+        .edit_spec("domains", &ns, "vm", |s| s["nodeName"] = json!("node-b"))
+        .unwrap();
+    c.until(60, "the move failed for want of the certificate", || {
+        c.domain(&ns, "vm").is_some_and(|d| {
+            d["status"]["migration"]["state"] == "Failed"
+                && d["status"]["migration"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("credentials"))
+        })
+    })
+    .await;
+    // The guest runs on, on node-a only, and says so (before the controller's retry, 5 s
+    // after the failure).
+    c.until(4, "running on node-a again after the failed move", || {
+        c.domain(&ns, "vm").is_some_and(|d| {
+            d["status"]["phase"] == "Running" && d["status"]["nodeName"] == "node-a"
+        })
+    })
+    .await;
+    for n in &c.nodes {
+        let runs = running_on(&n.uri).expect("virsh list").contains(&guest);
+        assert_eq!(
+            runs,
+            n.name == "node-a",
+            "{guest} running on {}: {runs}",
+            n.name
+        );
+    }
+    drop(hidden);
+
+    c.until(120, "settled on node-b after the retry", || {
+        c.domain(&ns, "vm")
+            .is_some_and(|d| settled_on(&d, "node-b"))
+    })
+    .await;
+    let samples = sampler.finish();
+    let dom = c.domain(&ns, "vm");
+    report("move-over-tls", &samples, Duration::ZERO, dom.as_ref());
+    samples.assert_never_on_both("move over TLS");
+    let dom = dom.unwrap();
+    assert_eq!(dom["status"]["migration"]["state"], "Succeeded");
+    assert_eq!(dom["status"]["migration"]["mode"], "Live");
+    assert_only_on(&c, &ns, "vm", "node-b");
+    c.shutdown().await;
+}

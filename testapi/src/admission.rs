@@ -310,9 +310,7 @@ impl Policies {
             if !policy.rules.iter().any(|r| r.matches(a)) {
                 continue;
             }
-            if let Err(denial) = policy.check(a) {
-                return Err(denial);
-            }
+            policy.check(a)?;
         }
         Ok(())
     }
@@ -554,9 +552,7 @@ mod tests {
 
     #[test]
     fn an_expression_that_does_not_compile_is_refused_at_load() {
-        let err = Policies::from_documents(&policy("object.(", true))
-            .err()
-            .expect("refused");
+        let err = Policies::from_documents(&policy("object.(", true)).expect_err("refused");
         assert!(matches!(err, PolicyError::Compile { .. }), "{err}");
     }
 }

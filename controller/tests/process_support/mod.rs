@@ -416,7 +416,10 @@ impl Cluster {
             .args(["--resync-seconds", "30"])
             .env(
                 "KUBECONFIG",
-                self.kubeconfig(&format!("controller-{identity}"), &format!("controller-{identity}")),
+                self.kubeconfig(
+                    &format!("controller-{identity}"),
+                    &format!("controller-{identity}"),
+                ),
             )
             .env("RUST_LOG", log_filter());
         self.controllers
