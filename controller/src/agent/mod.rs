@@ -355,7 +355,8 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
 
     let config = controller::Config::default().concurrency(args.concurrency.max(1));
     let watch = watches::config;
-    let watches = watches::Watches::new(watch_client, recovered_rx.clone(), metrics.clone());
+    let watches = watches::Watches::new(watch_client, recovered_rx.clone(), metrics.clone())
+        .reporting_to(health.clone());
     // Domains: only those the controller routed here (this node holds them, or a move
     // targets it), and only changes that matter to the protocol or the spec: the agent's
     // own status writes do not come back as reconciles.
