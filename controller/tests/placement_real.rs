@@ -727,3 +727,74 @@ async fn a_move_over_tls_needs_the_certificates_and_keeps_the_guest_without_them
     assert_only_on(&c, &ns, "vm", "node-b");
     c.shutdown().await;
 }
+
+/// The source's libvirtd is restarted while it migrates the guest (a libvirt upgrade, a
+/// crash): libvirt cancels the outgoing migration when it comes back, the guest stays on
+/// the source, the agent reconnects, records the failed move, and the controller's retry
+/// moves the guest; at no sample did it run on both nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs private libvirtd: scripts/libvirt-nodes.sh up, then --run-ignored"]
+async fn libvirtd_restarted_mid_migration_leaves_the_guest_on_one_node() {
+    let dir = std::env::var("VIRTKUBE_TEST_NODES_DIR").expect("VIRTKUBE_TEST_NODES_DIR");
+    let mut c = cluster().await;
+    let ns = c.namespace("plrestart");
+    let guest = format!("{ns}.vm");
+    running_on_node(&c, &ns, "vm", "node-a", true).await;
+    let sampler = Sampler::start(&guest, c.node("node-b"), c.node("node-a"));
+    request(&c, &ns, "vm", "node-b");
+    let job = wait_for_job(c.node("node-a"), &guest, 60).await;
+    assert!(job.is_some(), "no migration job on node-a\n{}", c.logs());
+
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/libvirt-nodes.sh");
+    let restart = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(script)
+            .args(["restart-daemon", "A", &dir])
+            .status()
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(restart.success(), "restart-daemon A failed");
+    let restarted = Instant::now();
+    let after_restart = (
+        running_on(&c.node("node-a").uri).unwrap().contains(&guest),
+        running_on(&c.node("node-b").uri).unwrap().contains(&guest),
+    );
+    println!("right after libvirtd A restarted: running on a, b = {after_restart:?}");
+    assert_eq!(
+        after_restart,
+        (true, false),
+        "the interrupted migration leaves the guest on the source"
+    );
+
+    c.until(180, "settled on node-b", || {
+        c.domain(&ns, "vm")
+            .is_some_and(|d| settled_on(&d, "node-b"))
+    })
+    .await;
+    let settle = restarted.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let samples = sampler.finish();
+    let dom = c.domain(&ns, "vm");
+    report(
+        "libvirtd-restarted-mid-migration",
+        &samples,
+        settle,
+        dom.as_ref(),
+    );
+    // The daemon is away while it stops and starts again: about 5 s here (stopping waits
+    // for the migration job to end); 15 s (150 samples) bounds it on a loaded machine.
+    samples.assert_never_on_both_with_a_restart("libvirtd restarted mid-migration", 150);
+    assert_eq!(samples.last_running(), vec!["node-b".to_string()]);
+    let failed: Vec<_> = warnings(&c.api, "vm")
+        .into_iter()
+        .filter(|(reason, _)| reason == "MigrationFailed")
+        .collect();
+    println!("warnings: {failed:?}");
+    assert!(
+        !failed.is_empty(),
+        "the interrupted move was recorded as failed"
+    );
+    assert_only_on(&c, &ns, "vm", "node-b");
+    c.shutdown().await;
+}

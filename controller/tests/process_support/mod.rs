@@ -685,11 +685,13 @@ impl Sampler {
         let flag = stop.clone();
         let started = Instant::now();
         let handle = std::thread::spawn(move || {
-            let conns: Vec<virt::connect::Connect> = uris
+            let mut conns: Vec<Option<virt::connect::Connect>> = uris
                 .iter()
                 .map(|u| {
-                    virt::connect::Connect::open_read_only(Some(u))
-                        .unwrap_or_else(|e| panic!("the sampler cannot open {u}: {e}"))
+                    Some(
+                        virt::connect::Connect::open_read_only(Some(u))
+                            .unwrap_or_else(|e| panic!("the sampler cannot open {u}: {e}")),
+                    )
                 })
                 .collect();
             let mut samples = Vec::new();
@@ -697,11 +699,24 @@ impl Sampler {
             while !flag.load(Ordering::SeqCst) {
                 let at = started.elapsed();
                 let mut running = [None, None];
-                for (i, conn) in conns.iter().enumerate() {
+                for (i, conn) in conns.iter_mut().enumerate() {
+                    // A daemon restarted under a test: open it again (the sample is unknown
+                    // until then).
+                    if conn.is_none() {
+                        *conn = virt::connect::Connect::open_read_only(Some(&uris[i])).ok();
+                    }
                     running[i] = conn
-                        .list_all_domains(virt::sys::VIR_CONNECT_LIST_DOMAINS_RUNNING)
-                        .ok()
+                        .as_ref()
+                        .and_then(|c| {
+                            c.list_all_domains(virt::sys::VIR_CONNECT_LIST_DOMAINS_RUNNING)
+                                .ok()
+                        })
                         .map(|doms| doms.iter().any(|d| d.name().is_ok_and(|n| n == guest)));
+                    if running[i].is_none() {
+                        // Closing a connection whose daemon went away can fail, and `virt`
+                        // panics on that in `Drop`: let it go instead.
+                        std::mem::forget(conn.take());
+                    }
                 }
                 samples.push(Sample { at, running });
                 next += Duration::from_millis(100);
@@ -829,6 +844,25 @@ impl Samples {
             self.failed(),
             0,
             "{scenario}: virsh failed in some samples; timeline: {}",
+            self.timeline()
+        );
+    }
+
+    /// [`Samples::assert_never_on_both`] for a scenario that restarts a daemon: at most
+    /// `unknown` samples may have failed (the daemon away), and no known pair ran both.
+    pub fn assert_never_on_both_with_a_restart(&self, scenario: &str, unknown: usize) {
+        let both = self.on_both();
+        assert!(
+            both.is_empty(),
+            "{scenario}: the guest ran on both nodes in {} of {} samples; timeline: {}",
+            both.len(),
+            self.samples.len(),
+            self.timeline()
+        );
+        assert!(
+            self.failed() <= unknown,
+            "{scenario}: {} samples failed (at most {unknown} while the daemon restarts); timeline: {}",
+            self.failed(),
             self.timeline()
         );
     }
