@@ -636,8 +636,11 @@ fn what_validation_accepts_libvirt_accepts() {
         panic!("{e}");
     }
     let reached = reached.load(Ordering::Relaxed);
+    // About a third reach libvirt (31 to 48 of 128 seen over runs: the seed is random); an
+    // eighth is five standard deviations below that, so only a generator gone vacuous
+    // fails here.
     assert!(
-        reached * 4 >= total,
+        reached * 8 >= total,
         "only {reached} of {total} cases reached libvirt"
     );
     eprintln!("{reached} of {total} cases reached libvirt");
