@@ -88,6 +88,35 @@ netns_up() {
   ip -n "$NS_B" link set "$VETH_B" up
 }
 
+# x509 certificates for TLS migrations (VIR_MIGRATE_TLS) between A and B: one test CA, a
+# server certificate for both nodes' addresses and a client certificate, in the file names
+# QEMU expects (qemu.conf migrate_tls_x509_cert_dir). Made once per DIR; only migrations asking
+# for TLS use them.
+make_tls() {
+  local T=$W/tls
+  [ -s "$T/client-cert.pem" ] && return 0
+  command -v openssl >/dev/null || apt-get install -y -q openssl >/dev/null
+  mkdir -p "$T"
+  (
+    cd "$T"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=virtkube test CA" \
+      -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+      -keyout ca-key.pem -out ca-cert.pem 2>/dev/null
+    for role in server client; do
+      local usage=serverAuth
+      [ "$role" = client ] && usage=clientAuth
+      openssl req -newkey rsa:2048 -nodes -subj "/CN=virtkube test $role" \
+        -keyout "$role-key.pem" -out "$role.csr" 2>/dev/null
+      openssl x509 -req -in "$role.csr" -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial \
+        -days 3650 -out "$role-cert.pem" -extfile <(printf '%s\n' \
+          "subjectAltName=IP:$ADDR_A,IP:$ADDR_B" "extendedKeyUsage=$usage" \
+          "keyUsage=critical,digitalSignature,keyEncipherment") 2>/dev/null
+      rm -f "$role.csr"
+    done
+  )
+  log "TLS: test CA and migration certificates in $T"
+}
+
 start_node() {  # NAME HOST_UUID NETNS ADDR [CGROUP_CONTROLLERS]
   local N=$1 UUID=$2 NS=$3 ADDR=$4 CGROUPS=${5:-} D=$W/$1
   if [ -s "$D/libvirtd.pid" ] && kill -0 "$(cat "$D/libvirtd.pid")" 2>/dev/null; then
@@ -120,6 +149,7 @@ EOC
   # libvirt refuses a loopback migration_host: node C (no migration) has none.
   if [ -n "$ADDR" ]; then
     printf 'migration_address = "%s"\nmigration_host = "%s"\n' "$ADDR" "$ADDR" >> "$D/etc/qemu.conf"
+    printf 'migrate_tls_x509_cert_dir = "%s"\nmigrate_tls_x509_verify = 1\n' "$W/tls" >> "$D/etc/qemu.conf"
   fi
   # The cgroup v1 hierarchies libvirt may use (read again by launch_daemon on restarts).
   echo "$CGROUPS" | tr -d '",' > "$D/cgroups"
@@ -202,6 +232,8 @@ VIRTKUBE_TEST_NODE_A_P2P_URI=qemu+unix:///system?socket=$W/A/sock/libvirt-sock
 VIRTKUBE_TEST_NODE_B_P2P_URI=qemu+unix:///system?socket=$W/B/sock/libvirt-sock
 VIRTKUBE_TEST_NODE_A_MIGRATION_URI=tcp://$ADDR_A
 VIRTKUBE_TEST_NODE_B_MIGRATION_URI=tcp://$ADDR_B
+# QEMU's x509 certificates for TLS migrations between A and B.
+VIRTKUBE_TEST_TLS_DIR=$W/tls
 # So that a test restarting a daemon (restart-daemon) finds the same namespaces.
 VIRTKUBE_NODES_NETNS=$PREFIX
 VIRTKUBE_NODES_SUBNET=$SUBNET
@@ -213,6 +245,7 @@ case "$CMD" in
     host_prereqs
     mkdir -p "$W"
     netns_up
+    make_tls
     start_node A "$UUID_A" "$NS_A" "$ADDR_A"
     start_node B "$UUID_B" "$NS_B" "$ADDR_B"
     start_node C "$UUID_C" "$NS_C" "" '"cpu", "cpuacct"'

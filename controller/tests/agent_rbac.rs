@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use agent_support::fake_api::{KillOnDrop, agent_with, free_port, sigterm};
 use agent_support::rbac::{self, Role};
 use serde_json::{Value, json};
+use virtkube_testapi::admission::token_on_node;
 use virtkube_testapi::{Config, TestApi};
 
 /// The node the agent process runs as (`agent_with` sets it).
@@ -79,8 +80,11 @@ fn ready(obj: &Option<Value>) -> bool {
 
 #[tokio::test]
 async fn the_agent_process_uses_exactly_the_charts_agent_rules() {
+    // The chart's RBAC and, as on a 1.30+ cluster, its node policy; the agent's token is
+    // bound to its node, as a pod's is there.
     let api = TestApi::start_with(Config {
         authorizer: Some(rbac::enforcing()),
+        admission: rbac::node_policy(),
         ..Config::default()
     })
     .await
@@ -89,7 +93,7 @@ async fn the_agent_process_uses_exactly_the_charts_agent_rules() {
     let admin = api.client("admin").await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("kubeconfig");
-    api.write_kubeconfig(&config, &[&Role::Agent.identity()])
+    api.write_kubeconfig(&config, &[&token_on_node(&Role::Agent.identity(), NODE)])
         .unwrap();
     let log = dir.path().join("agent.log");
     let mut child = agent_with(
@@ -233,6 +237,28 @@ async fn the_agent_process_uses_exactly_the_charts_agent_rules() {
 
     let report = rbac::check_role(&api, Role::Agent);
     report.assert_exact();
+    // Every write of the honest agent passed the node policy, which was in force for its
+    // credentials: the same token cannot write another node's HypervisorNode.
+    assert_eq!(
+        api.admission_denials(),
+        vec![],
+        "the node policy refused the agent"
+    );
+    let as_agent = api
+        .client(&token_on_node(&Role::Agent.identity(), NODE))
+        .await
+        .unwrap();
+    let other = kube::Api::<virtkube_crds::HypervisorNode>::all(as_agent)
+        .patch_status(
+            "node-b",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"status": {"libvirtUri": "qemu:///elsewhere"}})),
+        )
+        .await;
+    assert!(
+        matches!(&other, Err(kube::Error::Api(s)) if s.code == 403 && s.message.contains("ValidatingAdmissionPolicy")),
+        "the policy applies to the agent's token: {other:?}"
+    );
 }
 
 /// The controller's rules as rendered by the chart are the rules of `rbac/controller.yaml`
@@ -240,4 +266,112 @@ async fn the_agent_process_uses_exactly_the_charts_agent_rules() {
 #[test]
 fn the_controllers_role_renders_as_written() {
     rbac::assert_rendered_as_written(Role::Controller);
+}
+
+/// The agent's RBAC without `watch` on networks (a hand-edited role, an old chart): the
+/// refusal is an error in the log and a reason on `/readyz`, not a debug line while the
+/// agent claims to be ready.
+#[tokio::test]
+async fn a_watch_the_rbac_refuses_is_an_error_and_fails_readyz() {
+    let mut docs = rbac::rendered_rbac();
+    for doc in &mut docs {
+        let Some(rules) = doc["rules"].as_array_mut() else {
+            continue;
+        };
+        for rule in rules.iter_mut() {
+            let names_networks = rule["resources"]
+                .as_array()
+                .is_some_and(|r| r.iter().any(|x| x == "networks"));
+            if names_networks
+                && rule["verbs"]
+                    .as_array()
+                    .is_some_and(|v| v.iter().any(|x| x == "watch"))
+            {
+                rule["resources"] = json!(["networks"]);
+                rule["verbs"] = json!(["list", "patch"]);
+            }
+        }
+        // The rule above also granted volumes and storagepools: keep their verbs.
+        if doc["kind"] == "ClusterRole" && doc["metadata"]["name"] == "virtkube-agent" {
+            rules_push(
+                doc,
+                json!({"apiGroups": ["virtkube.io"],
+                                   "resources": ["volumes", "storagepools"],
+                                   "verbs": ["list", "watch", "patch"]}),
+            );
+        }
+    }
+    let texts: Vec<String> = docs
+        .iter()
+        .map(|d| serde_json::to_string(d).unwrap())
+        .collect();
+    let mut authorizer = virtkube_testapi::Authorizer::new(&[virtkube_testapi::ADMIN]);
+    authorizer.load_yaml(&texts).unwrap();
+    let api = TestApi::start_with(Config {
+        authorizer: Some(authorizer),
+        ..Config::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&config, &[&Role::Agent.identity()])
+        .unwrap();
+    let log = dir.path().join("agent.log");
+    let port = free_port();
+    let mut child = agent_with(
+        &config,
+        port,
+        "test:///default",
+        &["--shutdown-timeout-seconds", "1"],
+        Some(&log),
+    );
+    let _kill = KillOnDrop(child.id());
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let body = loop {
+        if let Some((503, body)) = agent_support::fake_api::http_get(port, "/readyz").await
+            && body.contains("watch_forbidden")
+        {
+            break body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz never named the forbidden watch; log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    println!("{body}");
+    assert!(body.contains("watch of Network"), "{body}");
+    assert!(body.contains("charts/virtkube/rbac/agent.yaml"), "{body}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.lines().any(|l| l.contains("ERROR")
+            && l.contains("refuses this watch")
+            && l.contains("Network")),
+        "no error line for the refused watch:\n{text}"
+    );
+    let metrics = agent_support::fake_api::http_get(port, "/metrics")
+        .await
+        .unwrap()
+        .1;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.contains("reason=\"watch_forbidden\"") && l.ends_with(" 1")),
+        "the unready reason is in the metrics"
+    );
+    sigterm(child.id());
+    let stopped = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(stopped.success(), "the agent stopped cleanly");
+}
+
+fn rules_push(doc: &mut Value, rule: Value) {
+    if let Some(rules) = doc["rules"].as_array_mut() {
+        rules.push(rule);
+    }
 }

@@ -281,7 +281,7 @@ async fn sigterm_stops_the_agent_never_the_guest_and_a_new_agent_adopts_it() {
         .api
         .requests()
         .into_iter()
-        .filter(|r| r.identity == "agent-node-a")
+        .filter(|r| r.identity == process_support::AGENT_USER)
         .collect();
     assert!(
         requests

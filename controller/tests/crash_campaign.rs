@@ -13,8 +13,8 @@
 //! What a kill models and what it does not: see `crash_support/inprocess.rs`. Not covered
 //! here: moves between nodes (migration). Two nodes cannot share `test:///default` (it is one
 //! state per process) and the test driver cannot migrate, so with one node the "guest on two
-//! hosts" row is vacuous; moves need the real daemons (a `crash_real.rs` series on
-//! `process_support`'s libvirtd pair, not written yet).
+//! hosts" row is vacuous; moves are covered on the real daemons by `crash_real.rs` (a
+//! shorter series on `process_support`'s libvirtd pair, with the real processes).
 //!
 //! Run (the tables are printed; nextest shows them with `--no-capture`):
 //! `cargo nextest run -p virtkube --test crash_campaign --no-capture`. About 2 minutes in a

@@ -730,6 +730,79 @@ async fn live_migration_keeps_the_guest_running_pinned_and_autostarted() {
     b.close().await.unwrap();
 }
 
+/// Puts a file of the TLS directory back when dropped (also when the test fails).
+struct Hidden(std::path::PathBuf);
+
+impl Hidden {
+    fn file(path: std::path::PathBuf) -> Hidden {
+        std::fs::rename(&path, path.with_extension("hidden")).unwrap();
+        Hidden(path)
+    }
+}
+
+impl Drop for Hidden {
+    fn drop(&mut self) {
+        let _ = std::fs::rename(self.0.with_extension("hidden"), &self.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs private libvirtd: scripts/libvirt-nodes.sh up, then --run-ignored"]
+async fn live_migration_over_tls_and_refused_without_certificates() {
+    let a = node("A").await;
+    let b = node("B").await;
+    let name = unique("vktls");
+    let o = owner(&name);
+    let _leftovers = Leftovers::domain(&name);
+    a.domain_define(&tiny(&name, &o)).await.unwrap();
+    a.domain_start(&name, &o).await.unwrap();
+    let pid_a = qemu_pid(&name).unwrap();
+    let mut opts = MigrateOptions::live_to(env("VIRTKUBE_TEST_NODE_B_P2P_URI"));
+    opts.migrate_uri = Some(env("VIRTKUBE_TEST_NODE_B_MIGRATION_URI"));
+    opts.dest_client_uri = Some(env("VIRTKUBE_TEST_NODE_B_URI"));
+    opts.tls = true;
+
+    // The flag reaches libvirt: without the destination's server certificate the migration
+    // is refused before anything moves, and the guest keeps running on the source.
+    let tls_dir = std::path::PathBuf::from(env("VIRTKUBE_TEST_TLS_DIR"));
+    {
+        let _hidden = Hidden::file(tls_dir.join("server-cert.pem"));
+        let refused = a.domain_migrate(&name, &o, &opts).await;
+        let error = refused.expect_err("a TLS migration without certificates must fail");
+        eprintln!("TLS migration without the server certificate: {error}");
+        assert_eq!(
+            a.domain_state(&name).await.unwrap().0,
+            DomainState::Running,
+            "the guest stays on the source"
+        );
+        assert_eq!(qemu_pid(&name), Some(pid_a), "the same QEMU still runs it");
+        assert_eq!(b.domain_lookup(&name).await.unwrap(), None, "nothing on B");
+    }
+
+    // With the certificates, QEMU streams the guest over TLS.
+    let t = Instant::now();
+    let out = a.domain_migrate(&name, &o, &opts).await.unwrap();
+    eprintln!(
+        "real daemon: TLS migrate A->B {:.1} ms (downtime {:?} ms, {:?} bytes)",
+        ms(t.elapsed()),
+        out.downtime_ms,
+        out.data_total
+    );
+    assert_eq!(
+        b.domain_state(&name).await.unwrap(),
+        (DomainState::Running, "migrated")
+    );
+    assert_eq!(
+        a.domain_lookup(&name).await.unwrap(),
+        None,
+        "undefined on the source"
+    );
+
+    cleanup(&b, &name, &o).await;
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs private libvirtd: scripts/libvirt-nodes.sh up, then --run-ignored"]
 async fn migration_progress_and_cancel() {

@@ -21,6 +21,7 @@
 //!
 //! See README.md for what is modelled and, as important, what is not.
 
+pub mod admission;
 pub mod discovery;
 pub mod faults;
 pub mod fieldset;
@@ -110,6 +111,8 @@ pub struct Config {
     pub default_watch_timeout: Duration,
     /// RBAC; `None` lets every identity do everything.
     pub authorizer: Option<Authorizer>,
+    /// ValidatingAdmissionPolicies in force (none by default).
+    pub admission: std::sync::Arc<admission::Policies>,
 }
 
 impl Default for Config {
@@ -121,6 +124,7 @@ impl Default for Config {
             bookmark_interval: Duration::from_secs(5),
             default_watch_timeout: Duration::from_secs(1800),
             authorizer: None,
+            admission: Default::default(),
         }
     }
 }
@@ -152,6 +156,7 @@ impl TestApi {
         })?;
         let registry = resources::Registry::new(config.with_crds);
         let mut store = Store::new(config.history_window);
+        store.admission = config.admission.clone();
         seed(&mut store, &registry, config.with_crds);
         let settings = Settings {
             bookmark_interval: config.bookmark_interval,
@@ -262,6 +267,12 @@ impl TestApi {
         self.shared.authorizations.all()
     }
 
+    /// Every write a ValidatingAdmissionPolicy denied: (user, `resource[/subresource]
+    /// namespace/name`, the server's message).
+    pub fn admission_denials(&self) -> Vec<(String, String, String)> {
+        self.shared.lock_store().admission_denials.clone()
+    }
+
     /// The last resourceVersion handed out.
     pub fn resource_version(&self) -> u64 {
         self.shared.lock_store().rv
@@ -298,6 +309,7 @@ impl TestApi {
             subresource: None,
             manager: USER_MANAGER.to_string(),
             field_validation: FieldValidation::Strict,
+            user: None,
         }
     }
 

@@ -23,7 +23,12 @@ struct Args {
     /// rendered Helm chart). `admin` may do everything.
     #[arg(long)]
     rbac: Vec<PathBuf>,
-    /// The kubeconfig's current user.
+    /// Enforce the ValidatingAdmissionPolicies (with their bindings) in these YAML files
+    /// (e.g. the rendered Helm chart; other kinds in them are ignored).
+    #[arg(long)]
+    admission_policies: Vec<PathBuf>,
+    /// The kubeconfig's current user (a bearer token: `USER` or `USER|EXTRA-KEY=VALUE`,
+    /// e.g. a service account bound to a node).
     #[arg(long)]
     user: Option<String>,
     /// Start without virtkube's CRDs.
@@ -55,7 +60,17 @@ async fn main() -> anyhow::Result<()> {
         identities.retain(|i| i != user);
         identities.insert(0, user.clone());
     }
+    let mut policy_docs = Vec::new();
+    for path in &args.admission_policies {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let docs: Vec<serde_json::Value> = serde_saphyr::from_str_multiple(&text)
+            .with_context(|| format!("{} is not YAML", path.display()))?;
+        policy_docs.extend(docs);
+    }
+    let admission = virtkube_testapi::admission::Policies::from_documents(&policy_docs)?;
     let config = Config {
+        admission: std::sync::Arc::new(admission),
         addr: args.addr,
         with_crds: !args.without_crds,
         bookmark_interval: std::time::Duration::from_secs(args.bookmark_seconds.max(1)),

@@ -166,7 +166,8 @@ fn identity_of(req: &Request<Incoming>) -> String {
 }
 
 async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
-    let identity = identity_of(&req);
+    let user = crate::admission::UserInfo::from_token(&identity_of(&req));
+    let identity = user.username.clone();
     let method = req.method().as_str().to_string();
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or_default().to_string();
@@ -209,6 +210,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
     }
     let incoming = Parsed {
         info,
+        user,
         body,
         content_type,
         accept,
@@ -254,6 +256,7 @@ fn authorize(shared: &Shared, info: &RequestInfo) -> Result<(), ApiError> {
 
 struct Parsed {
     info: RequestInfo,
+    user: crate::admission::UserInfo,
     body: Bytes,
     content_type: String,
     accept: String,
@@ -409,6 +412,7 @@ fn serve(shared: Arc<Shared>, incoming: Parsed) -> Result<Served, ApiError> {
         subresource: (!info.subresource.is_empty()).then_some(info.subresource.as_str()),
         manager: manager_of(info, &incoming.user_agent),
         field_validation,
+        user: Some(&incoming.user),
     };
     match info.verb.as_str() {
         "get" => {

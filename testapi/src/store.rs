@@ -79,6 +79,10 @@ pub struct Store {
     uids: u64,
     /// Schema and CEL checks, with compiled patterns cached.
     pub checker: Checker,
+    /// The ValidatingAdmissionPolicies every write by a client goes through.
+    pub admission: std::sync::Arc<crate::admission::Policies>,
+    /// Every write they denied: (user, `resource[/subresource] namespace/name`, message).
+    pub admission_denials: Vec<(String, String, String)>,
 }
 
 impl Store {
@@ -94,6 +98,8 @@ impl Store {
             tx,
             uids: 0,
             checker: Checker::default(),
+            admission: Default::default(),
+            admission_denials: Vec::new(),
         }
     }
 

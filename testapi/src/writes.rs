@@ -50,6 +50,9 @@ pub struct WriteRequest<'a> {
     pub manager: String,
     /// Unknown-field handling.
     pub field_validation: FieldValidation,
+    /// Who writes (`None`: the test harness writing behind the server, which no admission
+    /// policy sees).
+    pub user: Option<&'a crate::admission::UserInfo>,
 }
 
 impl WriteRequest<'_> {
@@ -205,16 +208,50 @@ fn admit(
         }));
     }
     causes.extend(store.checker.check(schema, object, old));
-    if causes.is_empty() {
-        Ok(())
-    } else {
-        Err(ApiError::invalid(
+    if !causes.is_empty() {
+        return Err(ApiError::invalid(
             &req.rt.kind,
             &req.rt.group,
             &name,
             causes,
-        ))
+        ));
     }
+    // Validating admission runs after the object is defaulted and validated, as in the
+    // real server's handler chain.
+    let Some(user) = req.user else {
+        return Ok(());
+    };
+    let attributes = crate::admission::Attributes {
+        operation: if old.is_some() { "UPDATE" } else { "CREATE" },
+        group: &req.rt.group,
+        version: &req.rt.version,
+        resource: &req.rt.plural,
+        subresource: req.subresource.unwrap_or_default(),
+        namespace: req.namespace,
+        name: &name,
+        user,
+        object: Some(object),
+        old_object: old,
+    };
+    let verdict = store.admission.check(&attributes);
+    if let Err(denial) = &verdict {
+        let what = format!(
+            "{}{} {}/{name}",
+            req.rt.plural,
+            req.subresource.map(|s| format!("/{s}")).unwrap_or_default(),
+            req.namespace
+        );
+        store
+            .admission_denials
+            .push((user.username.clone(), what, denial.to_string()));
+    }
+    verdict.map_err(|denial| {
+        ApiError::forbidden(
+            &crate::status::group_resource(req.rt),
+            &name,
+            &denial.to_string(),
+        )
+    })
 }
 
 fn owned_root(rt: &ResourceType) -> Value {

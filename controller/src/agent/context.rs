@@ -51,6 +51,8 @@ pub struct Settings {
     pub peer_uri: Option<String>,
     /// The migration data URI of this node (`tcp://ADDRESS`).
     pub migration_uri: Option<String>,
+    /// Encrypt migrations from this node with TLS (`VIR_MIGRATE_TLS`).
+    pub migration_tls: bool,
     /// When a live migration from this node is aborted (the guest stays here).
     pub migration_limits: super::moves::Limits,
 }
@@ -68,6 +70,7 @@ impl Settings {
             client_uri: None,
             peer_uri: None,
             migration_uri: None,
+            migration_tls: false,
             migration_limits: super::moves::Limits::default(),
         }
     }

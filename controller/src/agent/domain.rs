@@ -500,6 +500,7 @@ async fn start_migration(
         spec.p2p_uri.clone().unwrap_or_else(|| spec.uri.clone()),
         spec.uri.clone(),
         spec.migration_uri.clone(),
+        ctx.settings.migration_tls,
     );
     let requeue = ctx.requeue.clone();
     let me = kube::runtime::reflector::ObjectRef::from_obj(dom);

@@ -136,6 +136,13 @@ pub struct AgentArgs {
     /// (defaults to the client URI).
     #[arg(long, env = "VIRTKUBE_LIBVIRT_PEER_URI")]
     pub libvirt_peer_uri: Option<String>,
+    /// Encrypt live migrations from this node with TLS (libvirt's `VIR_MIGRATE_TLS`): QEMU
+    /// streams guest memory (and copied disks) over TLS instead of plain TCP. Every node's
+    /// libvirtd needs QEMU's x509 certificates (`migrate_tls_x509_cert_dir` or
+    /// `default_tls_x509_cert_dir` in qemu.conf); without them the migration fails and the
+    /// guest stays on the source.
+    #[arg(long, env = "VIRTKUBE_MIGRATION_TLS")]
+    pub migration_tls: bool,
     /// Allow disks from host paths (administrators only).
     #[arg(long)]
     pub allow_host_paths: bool,
@@ -296,6 +303,7 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     settings.client_uri = args.libvirt_client_uri.clone();
     settings.peer_uri = args.libvirt_peer_uri.clone();
     settings.migration_uri = args.migration_uri.clone();
+    settings.migration_tls = args.migration_tls;
     let node_info = engine.node_info().await?;
     settings.host_cpus = Some(node_info.cpus);
     settings.online_cpus = node_info.cpu_map.map(|m| m.online.to_string());
@@ -347,7 +355,8 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
 
     let config = controller::Config::default().concurrency(args.concurrency.max(1));
     let watch = watches::config;
-    let watches = watches::Watches::new(watch_client, recovered_rx.clone(), metrics.clone());
+    let watches = watches::Watches::new(watch_client, recovered_rx.clone(), metrics.clone())
+        .reporting_to(health.clone());
     // Domains: only those the controller routed here (this node holds them, or a move
     // targets it), and only changes that matter to the protocol or the spec: the agent's
     // own status writes do not come back as reconciles.

@@ -69,16 +69,19 @@ pub fn overdue(
 }
 
 /// The libvirt migration options for a domain with `spec`, to a target reached through
-/// `peer_uri` (by the source libvirtd), `client_uri` (by this process) and `data_uri`.
+/// `peer_uri` (by the source libvirtd), `client_uri` (by this process) and `data_uri`,
+/// encrypted when `tls`.
 pub fn options(
     spec: Option<&MigrationSpec>,
     peer_uri: String,
     client_uri: String,
     data_uri: Option<String>,
+    tls: bool,
 ) -> MigrateOptions {
     let mut opts = MigrateOptions::live_to(peer_uri);
     opts.dest_client_uri = Some(client_uri);
     opts.migrate_uri = data_uri;
+    opts.tls = tls;
     if let Some(m) = spec {
         opts.live = m.live;
         opts.auto_converge = m.auto_converge;
@@ -337,8 +340,9 @@ mod tests {
             "qemu+tcp://b/system".into(),
             "qemu+tls://b/system".into(),
             Some("tcp://10.0.0.2".into()),
+            true,
         );
-        assert!(!o.live && o.auto_converge && !o.copy_storage);
+        assert!(!o.live && o.auto_converge && !o.copy_storage && o.tls);
         assert_eq!(o.max_downtime_ms, Some(300));
         assert_eq!(o.bandwidth_mib_s, Some(100));
         assert_eq!(o.dest_uri, "qemu+tcp://b/system");

@@ -2,6 +2,7 @@
 //! API health monitor, `api_health`), libvirt is connected (the engine's own view), and
 //! the controllers run. `/readyz` and the `virtkube_agent_ready` metrics both read it here.
 
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -26,6 +27,8 @@ pub struct Health {
     /// Set once the controllers run (cleared when they stop, at shutdown).
     pub controllers_running: AtomicBool,
     api_problem: Mutex<Option<ApiProblem>>,
+    /// Watches the API server refuses (403), by kind: the server's message.
+    forbidden: Mutex<BTreeMap<String, String>>,
 }
 
 impl Health {
@@ -59,12 +62,35 @@ impl Health {
         self.problem().clone()
     }
 
+    /// The API server refuses the watch of `kind` (RBAC): `message` is its answer.
+    pub fn watch_forbidden(&self, kind: &str, message: String) {
+        self.forbidden_watches().insert(kind.to_string(), message);
+    }
+
+    /// The watch of `kind` works (again).
+    pub fn watch_allowed(&self, kind: &str) {
+        self.forbidden_watches().remove(kind);
+    }
+
     /// Readiness now, given whether libvirt is connected.
     pub fn readiness(&self, libvirt: bool) -> Readiness {
         let api = self.api_ok.load(Ordering::SeqCst);
         let controllers = self.controllers_running.load(Ordering::SeqCst);
         let problem = if api { None } else { self.api_problem() };
-        readiness(api, problem.as_ref(), libvirt, controllers)
+        let mut r = readiness(api, problem.as_ref(), libvirt, controllers);
+        for (kind, message) in self.forbidden_watches().iter() {
+            r.reasons.push(Reason {
+                label: "watch_forbidden",
+                message: format!(
+                    "the API server refuses the agent's watch of {kind} ({message}): give the agent's ServiceAccount the chart's rules (charts/virtkube/rbac/agent.yaml)"
+                ),
+            });
+        }
+        r
+    }
+
+    fn forbidden_watches(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, String>> {
+        self.forbidden.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn problem(&self) -> std::sync::MutexGuard<'_, Option<ApiProblem>> {
@@ -121,12 +147,13 @@ impl Readiness {
 }
 
 /// Every label a [`Reason`] can carry (the metric exports each, 0 or 1).
-pub const REASON_LABELS: [&str; 5] = [
+pub const REASON_LABELS: [&str; 6] = [
     "api_unreachable",
     "api_not_answering",
     "api_failing",
     "libvirt_unreachable",
     "controllers_stopped",
+    "watch_forbidden",
 ];
 
 /// Readiness from its three inputs (pure).
@@ -235,5 +262,25 @@ mod tests {
         health.set_api(true);
         assert!(health.readiness(true).ready());
         assert!(health.api_problem().is_none());
+    }
+
+    #[test]
+    fn a_forbidden_watch_makes_the_agent_unready_until_it_works() {
+        let health = Health::default();
+        health.controllers_running.store(true, Ordering::SeqCst);
+        health.api_up();
+        health.watch_forbidden("Network", "networks is forbidden: no rule".into());
+        let r = health.readiness(true);
+        assert!(!r.ready());
+        assert_eq!(r.reasons[0].label, "watch_forbidden");
+        assert!(REASON_LABELS.contains(&r.reasons[0].label));
+        assert!(
+            r.body()
+                .contains("refuses the agent's watch of Network (networks is forbidden: no rule)"),
+            "{}",
+            r.body()
+        );
+        health.watch_allowed("Network");
+        assert!(health.readiness(true).ready());
     }
 }

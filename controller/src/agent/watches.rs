@@ -33,6 +33,7 @@ use tokio::sync::watch;
 use super::api_health::Recovery;
 use super::backoff::{Policy, Streak};
 use super::metrics::Metrics;
+use super::readiness::Health;
 
 /// The server-side length of one watch request (`timeoutSeconds`), after which the watch
 /// resumes from the last resourceVersion (no relist). kube-runtime gives up on a watch
@@ -85,6 +86,7 @@ pub struct Watches {
     client: Client,
     restarts: Restarts,
     metrics: Arc<Metrics>,
+    health: Option<Arc<Health>>,
 }
 
 impl Watches {
@@ -95,7 +97,14 @@ impl Watches {
             client,
             restarts,
             metrics,
+            health: None,
         }
+    }
+
+    /// Reports watches the API server refuses (403) in `health` (readiness).
+    pub fn reporting_to(mut self, health: Arc<Health>) -> Self {
+        self.health = Some(health);
+        self
     }
 
     /// A [`resilient`] watch of every `K` (all namespaces) selected by `config`.
@@ -112,8 +121,21 @@ impl Watches {
             K::kind(&()).to_string(),
             self.restarts.clone(),
             self.metrics.clone(),
+            self.health.clone(),
         )
     }
+}
+
+/// The API server's refusal (403) in a watch error: its message.
+pub fn forbidden(error: &watcher::Error) -> Option<String> {
+    let status = match error {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.as_ref(),
+        watcher::Error::WatchError(s) => s.as_ref(),
+        _ => return None,
+    };
+    (status.code == 403).then(|| status.message.clone())
 }
 
 struct State<K: Resource + Clone + 'static> {
@@ -125,6 +147,9 @@ struct State<K: Resource + Clone + 'static> {
     restarts: Option<Restarts>,
     kind: String,
     metrics: Arc<Metrics>,
+    health: Option<Arc<Health>>,
+    /// The API server refuses this watch (403) at the moment.
+    forbidden: bool,
 }
 
 impl<K> State<K>
@@ -181,13 +206,16 @@ enum Woken<T> {
 }
 
 /// A watch of `api` that never yields an error, backs off on its own and resumes when the
-/// API server is back (`restarts`). `kind` names it in logs and metrics.
+/// API server is back (`restarts`). `kind` names it in logs and metrics. A watch the API
+/// server refuses (403: the agent's RBAC lacks it) is an error in the log, each time, and a
+/// reason in `health` (so `/readyz` fails) until it works.
 pub fn resilient<K>(
     api: Api<K>,
     config: watcher::Config,
     kind: String,
     restarts: Restarts,
     metrics: Arc<Metrics>,
+    health: Option<Arc<Health>>,
 ) -> impl Stream<Item = watcher::Result<watcher::Event<K>>> + Send + 'static
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
@@ -204,6 +232,8 @@ where
         restarts: Some(restarts),
         kind,
         metrics,
+        health,
+        forbidden: false,
     };
     futures::stream::unfold(state, |mut s| async move {
         loop {
@@ -222,12 +252,25 @@ where
                     }
                     s.streak.reset();
                     s.last_item = Some(Instant::now());
+                    if std::mem::take(&mut s.forbidden) {
+                        tracing::info!(kind = %s.kind, "the API server allows the watch again");
+                        if let Some(h) = &s.health {
+                            h.watch_allowed(&s.kind);
+                        }
+                    }
                     return Some((Ok(event), s));
                 }
                 Woken::Item(Some(Err(error))) => {
                     s.metrics.watch_failed(&s.kind);
                     let wait = s.streak.failed();
-                    if s.streak.failures() == 1 {
+                    if let Some(message) = forbidden(&error) {
+                        // Not an outage: nothing gets better until someone fixes the RBAC.
+                        tracing::error!(kind = %s.kind, %message, retry_in = ?wait, "the API server refuses this watch: the agent's ServiceAccount lacks the chart's rules (charts/virtkube/rbac/agent.yaml); not ready until it may watch");
+                        s.forbidden = true;
+                        if let Some(h) = &s.health {
+                            h.watch_forbidden(&s.kind, message);
+                        }
+                    } else if s.streak.failures() == 1 {
                         tracing::warn!(kind = %s.kind, %error, retry_in = ?wait, "watch failed; retrying with backoff");
                     } else {
                         tracing::debug!(kind = %s.kind, %error, retry_in = ?wait, failures = s.streak.failures(), "watch failed again");

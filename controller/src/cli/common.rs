@@ -38,6 +38,10 @@ pub struct HostArgs {
     /// Seconds a guest gets to shut down gracefully before it is destroyed.
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
     pub shutdown_timeout: u64,
+    /// Encrypt live migrations with TLS (libvirt's `VIR_MIGRATE_TLS`; both daemons need
+    /// QEMU's x509 certificates in qemu.conf).
+    #[arg(long)]
+    pub migration_tls: bool,
 }
 
 fn split_pair(text: &str, flag: &str) -> anyhow::Result<(String, String)> {
@@ -102,6 +106,7 @@ impl HostArgs {
             .await
             .context("connecting to libvirt")?;
         hosts.shutdown_deadline = Duration::from_secs(self.shutdown_timeout);
+        hosts.migration_tls = self.migration_tls;
         Ok(hosts)
     }
 }

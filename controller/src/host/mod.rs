@@ -117,6 +117,8 @@ pub struct Hosts {
     /// Where long actions report their progress (migrations, volume copies, shutdowns);
     /// `None`: nowhere.
     pub progress: Option<crate::progress::Sink>,
+    /// Encrypt live migrations with TLS (`VIR_MIGRATE_TLS`).
+    pub migration_tls: bool,
 }
 
 fn engine_err(node: &str) -> impl Fn(EngineError) -> HostError + '_ {
@@ -170,6 +172,7 @@ impl Hosts {
             hosts,
             default,
             shutdown_deadline: DEFAULT_SHUTDOWN_DEADLINE,
+            migration_tls: false,
             progress: None,
         })
     }
@@ -1103,6 +1106,7 @@ async fn run_action(hosts: &Hosts, host: &Host, a: &Action) -> Result<String, Ho
             opts.copy_storage = migration.copy_storage;
             opts.max_downtime_ms = migration.max_downtime_ms;
             opts.bandwidth_mib_s = migration.bandwidth_mib_s;
+            opts.tls = hosts.migration_tls;
             let outcome = hosts
                 .reporting(a, Progress::Migration, |tx| {
                     let (owner, opts) = (&owner, &opts);

@@ -294,3 +294,20 @@ pub fn check_role(api: &TestApi, role: Role) -> RoleCheck {
         extra,
     }
 }
+
+/// The agent's node policy (a ValidatingAdmissionPolicy and its binding) as Helm renders it
+/// for a Kubernetes 1.30+ cluster (`charts/virtkube/ci/snapshots/node-policy.yaml`, kept
+/// equal to `helm template` by `scripts/check-chart`), ready for the in-memory API server.
+pub fn node_policy() -> std::sync::Arc<virtkube_testapi::admission::Policies> {
+    let path = chart_path("ci/snapshots/node-policy.yaml");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let docs: Vec<Value> = serde_saphyr::from_str_multiple(&text).unwrap();
+    let policies = virtkube_testapi::admission::Policies::from_documents(&docs)
+        .unwrap_or_else(|e| panic!("{path}: {e}"));
+    assert_eq!(
+        policies.names(),
+        vec!["virtkube-agent-node".to_string()],
+        "{path} renders one bound policy"
+    );
+    std::sync::Arc::new(policies)
+}

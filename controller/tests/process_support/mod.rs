@@ -268,11 +268,37 @@ pub struct Cluster {
     namespaces: Vec<String>,
 }
 
+/// The agent's ServiceAccount as the chart renders it (release `virtkube` in
+/// `virtkube-system`): the user the node policy matches.
+pub const AGENT_USER: &str = "system:serviceaccount:virtkube-system:virtkube-agent";
+
+/// The chart's node policy as rendered for a 1.30+ cluster (`ci/snapshots/node-policy.yaml`,
+/// kept equal to `helm template` by `scripts/check-chart`).
+fn node_policy() -> std::sync::Arc<virtkube_testapi::admission::Policies> {
+    let path = format!(
+        "{}/../charts/virtkube/ci/snapshots/node-policy.yaml",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let docs: Vec<serde_json::Value> = serde_saphyr::from_str_multiple(&text).unwrap();
+    let policies = virtkube_testapi::admission::Policies::from_documents(&docs)
+        .unwrap_or_else(|e| panic!("{path}: {e}"));
+    assert!(!policies.names().is_empty(), "{path} has no bound policy");
+    std::sync::Arc::new(policies)
+}
+
 impl Cluster {
-    /// The API server and nothing else yet; fails when the daemons are not there.
+    /// The API server and nothing else yet; fails when the daemons are not there. The server
+    /// enforces the chart's node policy (as a 1.30+ cluster does), and each agent's token is
+    /// bound to its node: every write of the agents must pass it.
     pub async fn new() -> Cluster {
         let nodes = nodes();
-        let api = TestApi::start().await.unwrap();
+        let api = TestApi::start_with(virtkube_testapi::Config {
+            admission: node_policy(),
+            ..virtkube_testapi::Config::default()
+        })
+        .await
+        .unwrap();
         let client = api.client("admin").await.unwrap();
         Cluster {
             api,
@@ -306,12 +332,17 @@ impl Cluster {
         ns
     }
 
-    fn kubeconfig(&self, identity: &str) -> PathBuf {
-        let path = self.dir.path().join(format!("{identity}.kubeconfig"));
+    fn kubeconfig(&self, file: &str, token: &str) -> PathBuf {
+        let path = self.dir.path().join(format!("{file}.kubeconfig"));
         if !path.exists() {
-            self.api.write_kubeconfig(&path, &[identity]).unwrap();
+            self.api.write_kubeconfig(&path, &[token]).unwrap();
         }
         path
+    }
+
+    /// Writes the node policy refused so far (none, when every agent kept to its node).
+    pub fn admission_denials(&self) -> Vec<(String, String, String)> {
+        self.api.admission_denials()
     }
 
     fn log_path(&mut self, what: &str) -> PathBuf {
@@ -344,7 +375,13 @@ impl Cluster {
             .args(["--shutdown-deadline-seconds", "5"])
             .args(["--log-format", "json"])
             .args(extra)
-            .env("KUBECONFIG", self.kubeconfig(&format!("agent-{name}")))
+            .env(
+                "KUBECONFIG",
+                self.kubeconfig(
+                    &format!("agent-{name}"),
+                    &virtkube_testapi::admission::token_on_node(AGENT_USER, name),
+                ),
+            )
             .env("RUST_LOG", log_filter())
             .env_remove("VIRTKUBE_NODE_NAME")
             .env_remove("VIRTKUBE_CONNECT");
@@ -379,7 +416,10 @@ impl Cluster {
             .args(["--resync-seconds", "30"])
             .env(
                 "KUBECONFIG",
-                self.kubeconfig(&format!("controller-{identity}")),
+                self.kubeconfig(
+                    &format!("controller-{identity}"),
+                    &format!("controller-{identity}"),
+                ),
             )
             .env("RUST_LOG", log_filter());
         self.controllers
@@ -520,6 +560,14 @@ impl Drop for Cluster {
         for ns in &self.namespaces {
             clean_guests(&self.nodes, ns);
         }
+        // Every scenario is also a check of the node policy: no agent write was refused.
+        let denials = self.api.admission_denials();
+        if !std::thread::panicking() {
+            assert!(
+                denials.is_empty(),
+                "the chart's node policy refused agent writes: {denials:#?}"
+            );
+        }
         if std::env::var("VIRTKUBE_TEST_KEEP_LOGS").is_ok_and(|v| v == "1") {
             let kept = self.dir.path().to_path_buf();
             eprintln!("logs kept in {}", kept.display());
@@ -637,11 +685,13 @@ impl Sampler {
         let flag = stop.clone();
         let started = Instant::now();
         let handle = std::thread::spawn(move || {
-            let conns: Vec<virt::connect::Connect> = uris
+            let mut conns: Vec<Option<virt::connect::Connect>> = uris
                 .iter()
                 .map(|u| {
-                    virt::connect::Connect::open_read_only(Some(u))
-                        .unwrap_or_else(|e| panic!("the sampler cannot open {u}: {e}"))
+                    Some(
+                        virt::connect::Connect::open_read_only(Some(u))
+                            .unwrap_or_else(|e| panic!("the sampler cannot open {u}: {e}")),
+                    )
                 })
                 .collect();
             let mut samples = Vec::new();
@@ -649,11 +699,24 @@ impl Sampler {
             while !flag.load(Ordering::SeqCst) {
                 let at = started.elapsed();
                 let mut running = [None, None];
-                for (i, conn) in conns.iter().enumerate() {
+                for (i, conn) in conns.iter_mut().enumerate() {
+                    // A daemon restarted under a test: open it again (the sample is unknown
+                    // until then).
+                    if conn.is_none() {
+                        *conn = virt::connect::Connect::open_read_only(Some(&uris[i])).ok();
+                    }
                     running[i] = conn
-                        .list_all_domains(virt::sys::VIR_CONNECT_LIST_DOMAINS_RUNNING)
-                        .ok()
+                        .as_ref()
+                        .and_then(|c| {
+                            c.list_all_domains(virt::sys::VIR_CONNECT_LIST_DOMAINS_RUNNING)
+                                .ok()
+                        })
                         .map(|doms| doms.iter().any(|d| d.name().is_ok_and(|n| n == guest)));
+                    if running[i].is_none() {
+                        // Closing a connection whose daemon went away can fail, and `virt`
+                        // panics on that in `Drop`: let it go instead.
+                        std::mem::forget(conn.take());
+                    }
                 }
                 samples.push(Sample { at, running });
                 next += Duration::from_millis(100);
@@ -781,6 +844,25 @@ impl Samples {
             self.failed(),
             0,
             "{scenario}: virsh failed in some samples; timeline: {}",
+            self.timeline()
+        );
+    }
+
+    /// [`Samples::assert_never_on_both`] for a scenario that restarts a daemon: at most
+    /// `unknown` samples may have failed (the daemon away), and no known pair ran both.
+    pub fn assert_never_on_both_with_a_restart(&self, scenario: &str, unknown: usize) {
+        let both = self.on_both();
+        assert!(
+            both.is_empty(),
+            "{scenario}: the guest ran on both nodes in {} of {} samples; timeline: {}",
+            both.len(),
+            self.samples.len(),
+            self.timeline()
+        );
+        assert!(
+            self.failed() <= unknown,
+            "{scenario}: {} samples failed (at most {unknown} while the daemon restarts); timeline: {}",
+            self.failed(),
             self.timeline()
         );
     }
