@@ -326,7 +326,9 @@ async fn networks() {
             address: "10.97.0.1".into(),
             prefix: 24,
             dhcp: vec![],
+            hosts: vec![],
         }),
+        dns_hosts: vec![],
         owner: o.clone(),
     };
     e.network_define(&def).await.unwrap();
