@@ -1044,7 +1044,7 @@ fn dhcp_and_dns_hosts_change_live_under_running_guests() {
     assert!(p.actions.iter().all(|a| a.symbol == Symbol::Live));
     let text = p.render(true);
     assert!(
-        text.contains("add DHCP host 52:54:00:00:00:03 -> 10.1.0.6 live"),
+        text.contains("add DHCP host 52:54:00:00:00:03 -> 10.1.0.6"),
         "{text}"
     );
     assert!(

@@ -309,11 +309,11 @@ impl Op {
             Op::BuildPool => "build".into(),
             Op::StartPool | Op::StartNetwork => "start".into(),
             Op::UpdateNetwork(u) => match u {
-                NetworkUpdate::AddDhcpHost(h) => format!("add DHCP host {h} live"),
-                NetworkUpdate::ModifyDhcpHost(h) => format!("change DHCP host {h} live"),
-                NetworkUpdate::DeleteDhcpHost(h) => format!("remove DHCP host {} live", h.mac),
-                NetworkUpdate::AddDnsHost(h) => format!("add DNS host {h} live"),
-                NetworkUpdate::DeleteDnsHost(h) => format!("remove DNS host {} live", h.ip),
+                NetworkUpdate::AddDhcpHost(h) => format!("add DHCP host {h}"),
+                NetworkUpdate::ModifyDhcpHost(h) => format!("change DHCP host {h}"),
+                NetworkUpdate::DeleteDhcpHost(h) => format!("remove DHCP host {}", h.mac),
+                NetworkUpdate::AddDnsHost(h) => format!("add DNS host {h}"),
+                NetworkUpdate::DeleteDnsHost(h) => format!("remove DNS host {}", h.ip),
             },
             Op::SetPoolAutostart(on) | Op::SetNetworkAutostart(on) | Op::SetDomainAutostart(on) => {
                 format!("autostart {}", if *on { "on" } else { "off" })
@@ -573,7 +573,7 @@ fn step(op: Op, why: &str, changes: Vec<Change>) -> Step {
 /// The live updates that bring a network's DHCP leases and DNS entries to the spec: removals
 /// first (so an address or name can move between entries), then changes, then additions.
 fn network_updates(o: &ObservedNetwork, net: &DesiredNetwork) -> Vec<Step> {
-    const WHY: &str = "changed live: libvirt updates dnsmasq without restarting the network";
+    const WHY: &str = "virNetworkUpdate: dnsmasq rereads its files, the network keeps running";
     let mut deletes = Vec::new();
     let mut modifies = Vec::new();
     let mut adds = Vec::new();
