@@ -425,6 +425,9 @@ mod tests {
             (cmd, section),
             (UpdateCommand::Delete, UpdateSection::IpDhcpHost)
         );
-        assert_eq!(xml.trim(), "<host mac='52:54:00:00:00:01' ip='10.0.0.2'/>");
+        assert_eq!(
+            xml.trim(),
+            r#"<host mac="52:54:00:00:00:01" ip="10.0.0.2"/>"#
+        );
     }
 }
