@@ -97,6 +97,26 @@ struct Kill {
     after: Duration,
 }
 
+/// The kill of `phase`: a victim drawn from `rng`, SIGKILLed within `within_ms` of now and
+/// restarted within 1.5 s; recorded in `kills`.
+async fn kill_during(
+    c: &mut Cluster,
+    rng: &mut Rng,
+    kills: &mut Vec<Kill>,
+    phase: &'static str,
+    within_ms: u64,
+) {
+    let victim = Victim::draw(rng);
+    let after = Duration::from_millis(rng.below(within_ms));
+    let pause = Duration::from_millis(rng.below(1500));
+    kill_and_restart(c, victim, after, pause).await;
+    kills.push(Kill {
+        phase,
+        victim,
+        after,
+    });
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "needs private libvirtd: scripts/libvirt-nodes.sh up, then --run-ignored"]
 async fn crash_anywhere_on_the_real_daemons() {
@@ -134,20 +154,7 @@ async fn crash_anywhere_on_the_real_daemons() {
         c.api
             .create("domains", small_domain(&ns, "vm", Some(source)))
             .unwrap();
-        let victim = Victim::draw(&mut rng);
-        let after = Duration::from_millis(rng.below(1500));
-        kill_and_restart(
-            &mut c,
-            victim,
-            after,
-            Duration::from_millis(rng.below(1500)),
-        )
-        .await;
-        kills.push(Kill {
-            phase: "create",
-            victim,
-            after,
-        });
+        kill_during(&mut c, &mut rng, &mut kills, "create", 1500).await;
         c.until(180, &context(&format!("running on {source}")), || {
             c.domain(&ns, "vm").is_some_and(|d| settled_on(&d, source))
         })
@@ -159,20 +166,7 @@ async fn crash_anywhere_on_the_real_daemons() {
                 s["nodeName"] = serde_json::json!(target)
             })
             .unwrap();
-        let victim = Victim::draw(&mut rng);
-        let after = Duration::from_millis(rng.below(2500));
-        kill_and_restart(
-            &mut c,
-            victim,
-            after,
-            Duration::from_millis(rng.below(1500)),
-        )
-        .await;
-        kills.push(Kill {
-            phase: "move",
-            victim,
-            after,
-        });
+        kill_during(&mut c, &mut rng, &mut kills, "move", 2500).await;
         c.until(180, &context(&format!("moved to {target}")), || {
             c.domain(&ns, "vm").is_some_and(|d| settled_on(&d, target))
         })
@@ -180,20 +174,7 @@ async fn crash_anywhere_on_the_real_daemons() {
 
         // Delete, with a kill.
         c.api.delete("domains", &ns, "vm").unwrap();
-        let victim = Victim::draw(&mut rng);
-        let after = Duration::from_millis(rng.below(1000));
-        kill_and_restart(
-            &mut c,
-            victim,
-            after,
-            Duration::from_millis(rng.below(1500)),
-        )
-        .await;
-        kills.push(Kill {
-            phase: "delete",
-            victim,
-            after,
-        });
+        kill_during(&mut c, &mut rng, &mut kills, "delete", 1000).await;
         c.until(180, &context("deleted everywhere"), || {
             c.domain(&ns, "vm").is_none() && c.nodes.iter().all(|n| !defined_on(&n.uri, &guest))
         })

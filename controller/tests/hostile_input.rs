@@ -371,9 +371,47 @@ fn well_formed(defined: &[Defined]) -> Result<Vec<Element>, String> {
                     d.kind, d.xml
                 ));
             }
-            xml::parse(&d.xml).map_err(|e| format!("{} XML does not parse: {e}\n{}", d.kind, d.xml))
+            let tree = xml::parse(&d.xml)
+                .map_err(|e| format!("{} XML does not parse: {e}\n{}", d.kind, d.xml))?;
+            if let Def::Domain(def) = &d.def {
+                hotplug_matches_definition(def, &tree)?;
+            }
+            Ok(tree)
         })
         .collect()
+}
+
+/// The device XML a hotplug sends (`virDomainAttachDevice`) is, for every disk and NIC,
+/// exactly the element of the full definition: the same escaping, so what the definitions'
+/// properties prove holds for hotplug too.
+fn hotplug_matches_definition(def: &DomainDef, tree: &Element) -> Result<(), String> {
+    use virtkube_engine::model::Device;
+    let devices = tree
+        .find("devices")
+        .ok_or_else(|| "domain XML without <devices>".to_string())?;
+    let pairs = def
+        .disks
+        .iter()
+        .map(|d| Device::Disk(d.clone()))
+        .zip(devices.find_all("disk"))
+        .chain(
+            def.interfaces
+                .iter()
+                .map(|i| Device::Interface(i.clone()))
+                .zip(devices.find_all("interface")),
+        );
+    for (device, element) in pairs {
+        let hotplug = device.to_xml();
+        let parsed = xml::parse(&hotplug)
+            .map_err(|e| format!("hotplug XML does not parse: {e}\n{hotplug}"))?;
+        if &parsed != element {
+            return Err(format!(
+                "hotplug XML differs from the definition's element:\n{hotplug}\nvs\n{}",
+                element.to_xml()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The properties for one generated case.
@@ -646,8 +684,11 @@ fn what_validation_accepts_libvirt_accepts() {
         panic!("{e}");
     }
     let reached = reached.load(Ordering::Relaxed);
+    // About a third reach libvirt (31 to 48 of 128 seen over runs: the seed is random); an
+    // eighth is five standard deviations below that, so only a generator gone vacuous
+    // fails here.
     assert!(
-        reached * 4 >= total,
+        reached * 8 >= total,
         "only {reached} of {total} cases reached libvirt"
     );
     eprintln!("{reached} of {total} cases reached libvirt");

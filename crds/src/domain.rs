@@ -523,9 +523,9 @@ pub struct OsSpec {
     )]
     pub initrd: Option<String>,
     /// Direct kernel boot: the kernel command line (needs `kernel`), without control
-    /// characters.
+    /// characters or leading or trailing whitespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 4096), pattern(crate::names::PLAIN_TEXT_PATTERN))]
+    #[schemars(length(min = 1, max = 4096), pattern(crate::names::CMDLINE_PATTERN))]
     pub cmdline: Option<String>,
 }
 

@@ -19,14 +19,21 @@ pub const MAC_PATTERN: &str = r"^[0-9a-fA-F][02468aceACE](:[0-9a-fA-F]{2}){5}$";
 /// A guest device name libvirt accepts as a disk target (`vda`, `sdb`, `hdc`).
 pub const DISK_TARGET_PATTERN: &str = r"^(vd|sd|hd|xvd)[a-z]{1,2}$";
 
-/// An absolute path without control characters, empty components (`//`) or a trailing `/`
-/// (libvirt rewrites those, and the path it reports would then never match the one asked
-/// for). `.` and `..` components are refused by [`is_clean_absolute_path`], not by the
-/// pattern, to keep the pattern readable.
-pub const ABSOLUTE_PATH_PATTERN: &str = r"^/([^/\x00-\x1f\x7f]+(/[^/\x00-\x1f\x7f]+)*)?$";
+/// An absolute path without control characters, empty components (`//`), a trailing `/` or
+/// trailing whitespace (libvirt rewrites the first ones and reads element text back trimmed,
+/// and the path it reports would then never match the one asked for). `.` and `..`
+/// components are refused by [`is_clean_absolute_path`], not by the pattern, to keep the
+/// pattern readable.
+pub const ABSOLUTE_PATH_PATTERN: &str =
+    r"^/(([^/\x00-\x1f\x7f]+/)*[^/\x00-\x1f\x7f]*[^/\s\x00-\x1f\x7f])?$";
 
-/// Text without control characters (a kernel command line).
+/// Text without control characters.
 pub const PLAIN_TEXT_PATTERN: &str = r"^[^\x00-\x1f\x7f]*$";
+
+/// A kernel command line: plain text ([`PLAIN_TEXT_PATTERN`]), not empty, not beginning or
+/// ending with whitespace (libvirt reads it back trimmed: the planner would see a change on
+/// every reconcile).
+pub const CMDLINE_PATTERN: &str = r"^[^\s\x00-\x1f\x7f]([^\x00-\x1f\x7f]*[^\s\x00-\x1f\x7f])?$";
 
 /// Whether `text` can be carried in libvirt's XML and read back the same: only characters
 /// XML 1.0 allows, and no control character (XML refuses most, and rewrites tabs, line feeds
@@ -163,6 +170,18 @@ mod tests {
                 && !path.is_match("/var//lib")
                 && !path.is_match("/var/lib/")
                 && !path.is_match("/var/l\tib")
+                && !path.is_match("/boot/vmlinuz ")
+                && path.is_match("/boot/my kernel")
+                && path.is_match("/a")
+        );
+        let cmdline = re(CMDLINE_PATTERN);
+        assert!(
+            cmdline.is_match("console=ttyS0 root=/dev/vda1")
+                && cmdline.is_match("q")
+                && !cmdline.is_match("")
+                && !cmdline.is_match(" quiet")
+                && !cmdline.is_match("quiet ")
+                && !cmdline.is_match("a\nb")
         );
         assert!(
             is_clean_absolute_path("/var/lib/x")
