@@ -28,6 +28,16 @@ fn domain_mut<'a>(manifests: &'a mut [Manifest], name: &str) -> &'a mut virtkube
         .expect("domain in examples")
 }
 
+fn network_mut<'a>(manifests: &'a mut [Manifest], name: &str) -> &'a mut virtkube_crds::Network {
+    manifests
+        .iter_mut()
+        .find_map(|m| match &mut m.object {
+            Object::Network(n) if n.metadata.name.as_deref() == Some(name) => Some(&mut **n),
+            _ => None,
+        })
+        .expect("network in examples")
+}
+
 async fn hosts() -> Hosts {
     Hosts::connect(
         &[HostSpec {
@@ -175,6 +185,84 @@ async fn examples_converge_reapply_is_a_no_op_changes_apply_live_prune_and_delet
     let web = &done.observed.hosts["local"].domains["default.web"];
     assert_eq!(web.pinning.get(&1).map(String::as_str), Some("0,2,4"));
     assert_eq!(web.pinning.get(&0).map(String::as_str), Some("0"));
+
+    // 3c. A DHCP lease and a DNS entry on the network the running web uses: changed live
+    //     (`virNetworkUpdate`), never a recreation; then changed and removed the same way.
+    let set_entries = |manifests: &mut [Manifest], lease: Option<(&str, &str)>, names: &[&str]| {
+        let net = network_mut(manifests, "vk-nat");
+        let dhcp = net.spec.ip.as_mut().unwrap().dhcp.as_mut().unwrap();
+        dhcp.hosts = lease
+            .map(|(mac, ip)| virtkube_crds::network::DhcpHost {
+                mac: mac.into(),
+                ip: ip.into(),
+                name: Some("web".into()),
+            })
+            .into_iter()
+            .collect();
+        net.spec.dns = (!names.is_empty()).then(|| virtkube_crds::network::NetworkDns {
+            hosts: vec![virtkube_crds::network::DnsHost {
+                ip: "192.168.150.10".into(),
+                hostnames: names
+                    .iter()
+                    .map(|n| virtkube_crds::network::DnsName(n.to_string()))
+                    .collect(),
+            }],
+        });
+    };
+    for (lease, names, expected) in [
+        (
+            Some(("52:54:00:00:15:01", "192.168.150.11")),
+            &["files"][..],
+            &["add DHCP host", "add DNS host"][..],
+        ),
+        (
+            Some(("52:54:00:00:15:01", "192.168.150.12")),
+            &["files", "files.lab"][..],
+            &["remove DNS host", "change DHCP host", "add DNS host"][..],
+        ),
+        (None, &[][..], &["remove DHCP host", "remove DNS host"][..]),
+    ] {
+        set_entries(&mut manifests, lease, names);
+        let (desired, _) = DesiredState::from_manifests(&manifests, &hosts.nodes());
+        let observed = hosts.observe().await.unwrap();
+        let p = plan::plan(&desired, &observed, &PlanOptions::default());
+        let verbs: Vec<String> = p.actions.iter().map(|a| a.op.verb()).collect();
+        assert_eq!(verbs.len(), expected.len(), "{}", p.render(false));
+        for (verb, want) in verbs.iter().zip(expected) {
+            assert!(
+                verb.starts_with(want),
+                "{verb} / {want}\n{}",
+                p.render(false)
+            );
+        }
+        assert!(p.notices.is_empty(), "{}", p.render(false));
+        assert!(
+            p.actions
+                .iter()
+                .all(|a| a.symbol == plan::Symbol::Live && matches!(a.op, Op::UpdateNetwork(_)))
+        );
+        let done = converge(&hosts, &desired, &[], &quiet, &mut out)
+            .await
+            .unwrap();
+        assert!(
+            done.is_clean() && done.last_plan.is_empty(),
+            "{:?} {}",
+            done.failures,
+            done.last_plan.render(false)
+        );
+        let host = &done.observed.hosts["local"];
+        let net = &host.networks["vk-nat"];
+        assert!(net.active);
+        assert_eq!(net.dhcp_hosts.len(), usize::from(lease.is_some()));
+        assert_eq!(
+            net.dns_hosts
+                .iter()
+                .map(|h| h.hostnames.len())
+                .sum::<usize>(),
+            names.len()
+        );
+        assert_eq!(host.domains["default.web"].power, PowerObserved::Running);
+    }
 
     // 4. A restart-required change on a running domain waits (Deferred): reported, no action.
     domain_mut(&mut manifests, "web").spec.cpu.max_vcpus = Some(8);

@@ -261,6 +261,16 @@ fn network_reads_back(xml_text: &str, def: &NetworkDef) -> Result<(), String> {
     let o = NetworkObserved::from_xml(xml_text).map_err(|e| e.to_string())?;
     same("network name", Some(&def.name), Some(&o.name))?;
     same("bridge", def.bridge.as_ref(), o.bridge.as_ref())?;
+    let leases = |ip: Option<&virtkube_engine::model::IpDef>| ip.map(|ip| ip.hosts.clone());
+    if leases(def.ip.as_ref()) != leases(o.ip.as_ref()) || def.dns_hosts != o.dns_hosts {
+        return Err(format!(
+            "DHCP and DNS hosts: wrote {:?} {:?}, reads {:?} {:?}",
+            leases(def.ip.as_ref()),
+            def.dns_hosts,
+            leases(o.ip.as_ref()),
+            o.dns_hosts
+        ));
+    }
     owner_reads_back(&def.owner, o.owner.as_ref())
 }
 

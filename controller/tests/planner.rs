@@ -983,6 +983,113 @@ fn a_network_change_recreates_it_unless_a_running_guest_uses_it() {
     assert!(plan::plan(&d, &observed, &PlanOptions::default()).is_empty());
 }
 
+/// DHCP leases and DNS entries change live (`~`, `virNetworkUpdate`) even while a running
+/// guest uses the network: removals first, a changed lease modified in place, a changed DNS
+/// entry removed and added (libvirt cannot modify one); the model re-plans to nothing.
+#[test]
+fn dhcp_and_dns_hosts_change_live_under_running_guests() {
+    use virtkube::plan::NetworkUpdate;
+    use virtkube::plan::observed::{DhcpLease, DnsEntry};
+    let lease = |mac: &str, ip: &str, name: Option<&str>| DhcpLease {
+        mac: mac.into(),
+        ip: ip.into(),
+        name: name.map(str::to_string),
+    };
+    let entry = |ip: &str, names: &[&str]| DnsEntry {
+        ip: ip.into(),
+        hostnames: names.iter().map(|n| n.to_string()).collect(),
+    };
+    let mut base = desired();
+    base.networks[0].dhcp_hosts = vec![
+        lease("52:54:00:00:00:01", "10.1.0.5", Some("db")),
+        lease("52:54:00:00:00:02", "10.1.0.6", None),
+    ];
+    base.networks[0].dns_hosts = vec![entry("10.1.0.7", &["web"]), entry("10.1.0.8", &["old"])];
+    let mut observed = converged(&base);
+    assert!(plan::plan(&base, &observed, &PlanOptions::default()).is_empty());
+    let mut d = base.clone();
+    d.networks[0].dhcp_hosts = vec![
+        lease("52:54:00:00:00:01", "10.1.0.9", Some("db")),
+        lease("52:54:00:00:00:03", "10.1.0.6", None),
+    ];
+    d.networks[0].dns_hosts = vec![
+        entry("10.1.0.7", &["web", "www"]),
+        entry("10.1.0.10", &["new"]),
+    ];
+    let p = plan::plan(&d, &observed, &PlanOptions::default());
+    assert!(p.notices.is_empty(), "{}", p.render(true));
+    let on_a: Vec<NetworkUpdate> = p
+        .actions
+        .iter()
+        .filter(|a| a.node == "a")
+        .map(|a| match &a.op {
+            Op::UpdateNetwork(u) => u.clone(),
+            other => panic!("not a live update: {other:?}\n{}", p.render(true)),
+        })
+        .collect();
+    assert_eq!(
+        on_a,
+        [
+            NetworkUpdate::DeleteDhcpHost(lease("52:54:00:00:00:02", "10.1.0.6", None)),
+            NetworkUpdate::DeleteDnsHost(entry("10.1.0.7", &["web"])),
+            NetworkUpdate::DeleteDnsHost(entry("10.1.0.8", &["old"])),
+            NetworkUpdate::ModifyDhcpHost(lease("52:54:00:00:00:01", "10.1.0.9", Some("db"))),
+            NetworkUpdate::AddDhcpHost(lease("52:54:00:00:00:03", "10.1.0.6", None)),
+            NetworkUpdate::AddDnsHost(entry("10.1.0.7", &["web", "www"])),
+            NetworkUpdate::AddDnsHost(entry("10.1.0.10", &["new"])),
+        ],
+        "{}",
+        p.render(true)
+    );
+    assert!(p.actions.iter().all(|a| a.symbol == Symbol::Live));
+    let text = p.render(true);
+    assert!(
+        text.contains("add DHCP host 52:54:00:00:00:03 -> 10.1.0.6"),
+        "{text}"
+    );
+    assert!(
+        text.contains("ip.dhcp.hosts[mac=52:54:00:00:00:01]"),
+        "{text}"
+    );
+    simulate::apply(&mut observed, &p).unwrap();
+    assert!(plan::plan(&d, &observed, &PlanOptions::default()).is_empty());
+}
+
+/// Without DHCP ranges, the first lease turns DHCP on: dnsmasq reads that only at start, so
+/// the network is recreated (and waits for its running guests), never updated live.
+#[test]
+fn the_first_lease_without_ranges_recreates_the_network() {
+    let mut base = desired();
+    base.networks[0].dhcp = vec![];
+    let observed = converged(&base);
+    let mut d = base.clone();
+    d.networks[0].dhcp_hosts = vec![virtkube::plan::observed::DhcpLease {
+        mac: "52:54:00:00:00:01".into(),
+        ip: "10.1.0.5".into(),
+        name: None,
+    }];
+    let p = plan::plan(&d, &observed, &PlanOptions::default());
+    let on_b: Vec<&str> = p
+        .actions
+        .iter()
+        .filter(|a| a.node == "b")
+        .map(|a| verb_of(&a.op))
+        .collect();
+    assert_eq!(
+        on_b,
+        ["delete", "define", "start", "autostart"],
+        "{}",
+        p.render(true)
+    );
+    assert!(
+        p.notices
+            .iter()
+            .any(|n| n.kind == NoticeKind::RestartPending && n.node == "a"),
+        "{}",
+        p.render(true)
+    );
+}
+
 fn verb_of(op: &Op) -> &'static str {
     match op {
         Op::DeleteNetwork => "delete",

@@ -134,6 +134,8 @@ fn build(w: &World) -> DesiredState {
             bridge: None,
             ip: Some((format!("10.{i}.0.1"), 24)),
             dhcp: vec![],
+            dhcp_hosts: vec![],
+            dns_hosts: vec![],
             autostart: *autostart,
             only_on: None,
         });

@@ -45,7 +45,8 @@ pub const IFNAME_PATTERN: &str = r"^[A-Za-z0-9_.-]{1,15}$";
 #[schemars(extend("x-kubernetes-validations" = [
     {"rule": "self.mode != 'bridge' || has(self.bridge)", "message": "mode bridge attaches to an existing host bridge: set bridge"},
     {"rule": "self.mode != 'bridge' || !has(self.ip)", "message": "mode bridge has no libvirt-managed addresses: remove ip"},
-    {"rule": "self.mode == 'bridge' || self.mode == 'isolated' || has(self.ip)", "message": "modes nat, route and open need ip (the host's address on the network)"}
+    {"rule": "self.mode == 'bridge' || self.mode == 'isolated' || has(self.ip)", "message": "modes nat, route and open need ip (the host's address on the network)"},
+    {"rule": "!has(self.dns) || has(self.ip)", "message": "dns needs ip: libvirt's DNS server listens on the host's address"}
 ]))]
 pub struct NetworkSpec {
     /// How the network reaches the outside (libvirt `<forward mode=…>`): `nat` (default),
@@ -62,6 +63,10 @@ pub struct NetworkSpec {
     /// The host's IPv4 address on the network, with optional DHCP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip: Option<NetworkIp>,
+    /// Static DNS entries served by libvirt's dnsmasq on this network (libvirt `<dns>`);
+    /// needs `ip` (not for mode `bridge`). Changed live (`virNetworkUpdate`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<NetworkDns>,
     /// The MTU of the network's bridge; libvirt's default (1500) when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 68, max = 65535))]
@@ -114,11 +119,67 @@ pub struct NetworkIp {
 /// DHCP on a network.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "(has(self.ranges) && size(self.ranges) > 0) || (has(self.hosts) && size(self.hosts) > 0)", "message": "dhcp needs ranges or hosts"}
+]))]
 pub struct Dhcp {
-    /// Address ranges to lease from, keyed by `start`.
-    #[schemars(length(min = 1, max = 16), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["start"]))]
+    /// Address ranges to lease from, keyed by `start`. Changed live (`virNetworkUpdate`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["start"]))]
     pub ranges: Vec<DhcpRange>,
+    /// Fixed addresses by MAC address (libvirt `<dhcp><host>`), keyed by `mac`. Changed live
+    /// (`virNetworkUpdate`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["mac"]))]
+    pub hosts: Vec<DhcpHost>,
 }
+
+/// A fixed DHCP lease.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DhcpHost {
+    /// The guest NIC's MAC address (a Domain's `interfaces[].macAddress`); compared without
+    /// regard to case, as libvirt does.
+    #[schemars(length(max = 17), pattern(crate::names::MAC_PATTERN))]
+    pub mac: String,
+    /// The address it always gets, inside the network and not the host's own.
+    #[schemars(length(max = 15), pattern(IPV4_PATTERN))]
+    pub ip: String,
+    /// A host name handed out with the lease (and resolved by libvirt's DNS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63), pattern(crate::names::DNS_LABEL_PATTERN))]
+    pub name: Option<String>,
+}
+
+/// Static DNS entries (libvirt `<dns><host>`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkDns {
+    /// Host names for addresses, keyed by `ip`. Changed live (`virNetworkUpdate`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["ip"]))]
+    pub hosts: Vec<DnsHost>,
+}
+
+/// The names of one address.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DnsHost {
+    /// The address (IPv4).
+    #[schemars(length(max = 15), pattern(IPV4_PATTERN))]
+    pub ip: String,
+    /// Its names (`db`, `db.lab.example`).
+    #[schemars(length(min = 1, max = 8))]
+    pub hostnames: Vec<DnsName>,
+}
+
+/// A DNS name: labels of letters, digits and `-`, joined by dots.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(transparent)]
+pub struct DnsName(#[schemars(length(min = 1, max = 253), pattern(DNS_NAME_PATTERN))] pub String);
+
+/// A DNS name (RFC 1123 labels, lower or upper case, joined by dots).
+pub const DNS_NAME_PATTERN: &str = r"^[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?)*$";
 
 /// An inclusive DHCP address range.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
@@ -197,8 +258,61 @@ impl Validate for NetworkSpec {
         if let Some(ip) = &self.ip {
             validate_ip(ip, &mut errors);
         }
+        if let Some(dns) = &self.dns {
+            validate_dns(dns, self.ip.is_some(), &mut errors);
+        }
         errors
     }
+}
+
+fn validate_dns(dns: &NetworkDns, has_ip: bool, errors: &mut FieldErrors) {
+    if !has_ip {
+        errors.push(
+            "spec.dns",
+            "dns needs ip: libvirt's DNS server listens on the host's address",
+        );
+    }
+    crate::validation::check_unique(
+        errors,
+        "spec.dns.hosts",
+        "ip",
+        dns.hosts.iter().map(|h| h.ip.as_str()),
+    );
+    for host in &dns.hosts {
+        let path = format!("spec.dns.hosts[ip={}]", host.ip);
+        if host.ip.parse::<Ipv4Addr>().is_err() {
+            errors.push(&path, format!("`{}` is not an IPv4 address", host.ip));
+        }
+        if host.hostnames.is_empty() {
+            errors.push(
+                format!("{path}.hostnames"),
+                "name the address at least once",
+            );
+        }
+        for name in &host.hostnames {
+            if !is_dns_name(&name.0) {
+                errors.push(
+                    format!("{path}.hostnames"),
+                    format!("`{}` is not a DNS name", name.0),
+                );
+            }
+        }
+    }
+}
+
+/// Whether `text` is a DNS name ([`DNS_NAME_PATTERN`]).
+pub fn is_dns_name(text: &str) -> bool {
+    !text.is_empty()
+        && text.len() <= 253
+        && text.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
 }
 
 fn validate_ip(ip: &NetworkIp, errors: &mut FieldErrors) {
@@ -226,6 +340,54 @@ fn validate_ip(ip: &NetworkIp, errors: &mut FieldErrors) {
         );
     }
     let Some(dhcp) = &ip.dhcp else { return };
+    if dhcp.ranges.is_empty() && dhcp.hosts.is_empty() {
+        errors.push("spec.ip.dhcp", "dhcp needs ranges or hosts");
+    }
+    let macs: Vec<String> = dhcp
+        .hosts
+        .iter()
+        .map(|h| h.mac.to_ascii_lowercase())
+        .collect();
+    crate::validation::check_unique(
+        errors,
+        "spec.ip.dhcp.hosts",
+        "mac",
+        macs.iter().map(String::as_str),
+    );
+    crate::validation::check_unique(
+        errors,
+        "spec.ip.dhcp.hosts",
+        "ip",
+        dhcp.hosts.iter().map(|h| h.ip.as_str()),
+    );
+    for host in &dhcp.hosts {
+        let path = format!("spec.ip.dhcp.hosts[mac={}]", host.mac);
+        match host.ip.parse::<Ipv4Addr>() {
+            Ok(a) if u32::from(a) == u32::from(address) => errors.push(
+                format!("{path}.ip"),
+                format!("{a} is the host's own address"),
+            ),
+            Ok(a)
+                if u32::from(a) & mask != network
+                    || u32::from(a) == network
+                    || u32::from(a) == broadcast =>
+            {
+                errors.push(
+                    format!("{path}.ip"),
+                    format!(
+                        "{a} is outside {}/{}'s host addresses",
+                        Ipv4Addr::from(network),
+                        ip.prefix
+                    ),
+                )
+            }
+            Ok(_) => {}
+            Err(_) => errors.push(
+                format!("{path}.ip"),
+                format!("`{}` is not an IPv4 address", host.ip),
+            ),
+        }
+    }
     for range in &dhcp.ranges {
         let path = format!("spec.ip.dhcp.ranges[start={}]", range.start);
         let (Ok(start), Ok(end)) = (

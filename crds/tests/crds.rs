@@ -250,9 +250,22 @@ fn validation_markers_reach_the_schema() {
     let network = schema_of("Network");
     assert_eq!(
         rule_count(&network, "/properties/spec/x-kubernetes-validations"),
-        3
+        4
     );
     assert_eq!(network.pointer("/properties/spec/properties/ip/properties/dhcp/properties/ranges/x-kubernetes-list-map-keys"), Some(&json!(["start"])));
+    assert_eq!(network.pointer("/properties/spec/properties/ip/properties/dhcp/properties/hosts/x-kubernetes-list-map-keys"), Some(&json!(["mac"])));
+    assert_eq!(
+        network
+            .pointer("/properties/spec/properties/dns/properties/hosts/x-kubernetes-list-map-keys"),
+        Some(&json!(["ip"]))
+    );
+    assert_eq!(
+        rule_count(
+            &network,
+            "/properties/spec/properties/ip/properties/dhcp/x-kubernetes-validations"
+        ),
+        1
+    );
     let pool = schema_of("StoragePool");
     assert_eq!(
         rule_count(&pool, "/properties/spec/x-kubernetes-validations"),
@@ -576,6 +589,26 @@ fn network_and_pool_cel_rules() {
     assert_cel(
         "Network",
         network(json!({"mode": "bridge", "bridge": "br0"})),
+        None,
+        None,
+    );
+    assert_cel(
+        "Network",
+        network(json!({"mode": "isolated", "dns": {"hosts": []}})),
+        None,
+        Some("dns needs ip"),
+    );
+    assert_cel(
+        "Network",
+        network(json!({"mode": "nat", "ip": {"address": "10.0.0.1", "prefix": 24, "dhcp": {}}})),
+        None,
+        Some("dhcp needs ranges or hosts"),
+    );
+    assert_cel(
+        "Network",
+        network(
+            json!({"mode": "nat", "ip": {"address": "10.0.0.1", "prefix": 24, "dhcp": {"hosts": [{"mac": "52:54:00:00:00:01", "ip": "10.0.0.5"}]}}}),
+        ),
         None,
         None,
     );

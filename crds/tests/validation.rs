@@ -227,6 +227,53 @@ fn network_rules() {
         ),
         Some("includes the host's own address"),
     );
+    let lease = |mac: &str, ip: &str| json!({"mac": mac, "ip": ip, "name": "db"});
+    let with_hosts = |hosts: Value| {
+        nat(json!({"address": "192.168.150.1", "prefix": 24, "dhcp": {"hosts": hosts}}))
+    };
+    assert_one::<NetworkSpec>(
+        with_hosts(json!([lease("52:54:00:00:00:01", "192.168.150.5")])),
+        None,
+    );
+    assert_one::<NetworkSpec>(
+        nat(json!({"address": "192.168.150.1", "prefix": 24, "dhcp": {}})),
+        Some("dhcp needs ranges or hosts"),
+    );
+    assert_one::<NetworkSpec>(
+        with_hosts(json!([lease("52:54:00:00:00:01", "192.168.151.5")])),
+        Some("is outside 192.168.150.0/24"),
+    );
+    assert_one::<NetworkSpec>(
+        with_hosts(json!([lease("52:54:00:00:00:01", "192.168.150.1")])),
+        Some("is the host's own address"),
+    );
+    assert_one::<NetworkSpec>(
+        with_hosts(json!([
+            lease("52:54:00:00:00:01", "192.168.150.5"),
+            lease("52:54:00:00:00:02", "192.168.150.5")
+        ])),
+        Some("duplicate ip `192.168.150.5`"),
+    );
+    assert_one::<NetworkSpec>(
+        with_hosts(json!([
+            lease("52:54:00:00:00:0a", "192.168.150.5"),
+            lease("52:54:00:00:00:0A", "192.168.150.6")
+        ])),
+        Some("duplicate mac `52:54:00:00:00:0a`"),
+    );
+    let dns = |hosts: Value| json!({"mode": "isolated", "ip": {"address": "10.9.0.1", "prefix": 24}, "dns": {"hosts": hosts}});
+    assert_one::<NetworkSpec>(
+        dns(json!([{"ip": "10.9.0.7", "hostnames": ["web", "web.lab.example"]}])),
+        None,
+    );
+    assert_one::<NetworkSpec>(
+        json!({"mode": "isolated", "dns": {"hosts": [{"ip": "10.9.0.7", "hostnames": ["web"]}]}}),
+        Some("dns needs ip"),
+    );
+    assert_one::<NetworkSpec>(
+        dns(json!([{"ip": "10.9.0.7", "hostnames": ["-bad"]}])),
+        Some("-bad"),
+    );
 }
 
 #[test]

@@ -5,7 +5,7 @@ use virt::network::Network;
 
 use crate::engine::{CallClass, Engine};
 use crate::error::{EngineError, ObjectKind, Result, lv};
-use crate::model::{NetworkDef, NetworkObserved, Owner};
+use crate::model::{NetworkDef, NetworkEdit, NetworkObserved, Owner, UpdateCommand, UpdateSection};
 use crate::object;
 
 fn lookup(c: &Connect, call: &'static str, name: &str) -> Result<Network> {
@@ -57,6 +57,39 @@ impl Engine {
     pub async fn network_undefine(&self, name: &str, owner: &Owner) -> Result<()> {
         self.owned_call::<Network, _>(CallClass::Mutate, "network_undefine", name, owner, |n| {
             n.undefine()
+        })
+        .await
+    }
+
+    /// Changes one DHCP or DNS entry with `virNetworkUpdate`: on an active network live and
+    /// in its persistent definition (`LIVE|CONFIG`; libvirt rewrites dnsmasq's files and
+    /// signals it, the bridge and its guests stay), on an inactive one in the definition only.
+    pub async fn network_update(
+        &self,
+        name: &str,
+        owner: &Owner,
+        edit: &NetworkEdit,
+    ) -> Result<()> {
+        let (command, section, xml) = edit.to_update();
+        let command = match command {
+            UpdateCommand::AddLast => virt::sys::VIR_NETWORK_UPDATE_COMMAND_ADD_LAST,
+            UpdateCommand::Modify => virt::sys::VIR_NETWORK_UPDATE_COMMAND_MODIFY,
+            UpdateCommand::Delete => virt::sys::VIR_NETWORK_UPDATE_COMMAND_DELETE,
+        };
+        let section = match section {
+            UpdateSection::IpDhcpHost => virt::sys::VIR_NETWORK_SECTION_IP_DHCP_HOST,
+            UpdateSection::IpDhcpRange => virt::sys::VIR_NETWORK_SECTION_IP_DHCP_RANGE,
+            UpdateSection::DnsHost => virt::sys::VIR_NETWORK_SECTION_DNS_HOST,
+        };
+        self.owned_call::<Network, _>(CallClass::Mutate, "network_update", name, owner, move |n| {
+            let flags = if n.is_active()? {
+                virt::sys::VIR_NETWORK_UPDATE_AFFECT_LIVE
+                    | virt::sys::VIR_NETWORK_UPDATE_AFFECT_CONFIG
+            } else {
+                virt::sys::VIR_NETWORK_UPDATE_AFFECT_CONFIG
+            };
+            // index -1: the first `<ip>` with DHCP (virtkube defines one).
+            n.update(command, section, -1, &xml, flags)
         })
         .await
     }

@@ -577,7 +577,9 @@ async fn isolated_network_with_a_guest() {
                 start: format!("10.{octet}.7.10"),
                 end: format!("10.{octet}.7.50"),
             }],
+            hosts: vec![],
         }),
+        dns_hosts: vec![],
         owner: no.clone(),
     };
     e.network_define(&def).await.unwrap();
@@ -1058,7 +1060,9 @@ async fn domain_stats_grow_with_a_running_guest() {
                 start: format!("10.{octet}.9.10"),
                 end: format!("10.{octet}.9.50"),
             }],
+            hosts: vec![],
         }),
+        dns_hosts: vec![],
         owner: no.clone(),
     })
     .await
@@ -1204,6 +1208,7 @@ async fn hotplug_disks_and_nics_and_a_guest_that_refuses_unplug() {
         mode: NetworkMode::Isolated,
         bridge: Some(format!("vkh{}", std::process::id() % 100_000)),
         ip: None,
+        dns_hosts: vec![],
         owner: no.clone(),
     })
     .await

@@ -49,6 +49,7 @@ async fn survives_a_libvirtd_restart() {
         mode: NetworkMode::Isolated,
         bridge: None,
         ip: None,
+        dns_hosts: vec![],
         owner: no.clone(),
     })
     .await

@@ -138,6 +138,7 @@ fn reason_of(op: &Op) -> &'static str {
         Op::SuspendDomain => "Paused",
         Op::ResumeDomain => "Resumed",
         Op::SetVcpus(_) => "VcpusSet",
+        Op::UpdateNetwork(_) => "NetworkUpdated",
         Op::SetMemory(_) => "MemorySet",
         Op::PinVcpu { .. } | Op::PinEmulator(_) => "Pinned",
         Op::SetCpuTune(_) => "CpuSchedulingSet",

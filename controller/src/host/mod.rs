@@ -8,10 +8,10 @@ use virtkube_engine::domain::{Apply, ShutdownOutcome};
 use virtkube_engine::hotplug::DetachOutcome;
 use virtkube_engine::migrate::MigrateOptions;
 use virtkube_engine::model::{
-    CpuDef, CpuMode, CpuTune, Device, DeviceKey, DhcpRange, DiskDef, DiskSource, DomainDef,
-    DomainObserved, DomainState, Firmware, InterfaceDef, IpDef, NetworkDef, NetworkMode,
-    NetworkObserved, OsDef, PoolDef, PoolObserved, PoolType, Topology, VcpuPin, VolumeDef,
-    VolumeFormat, VolumeObserved,
+    CpuDef, CpuMode, CpuTune, Device, DeviceKey, DhcpHost, DhcpRange, DiskDef, DiskSource, DnsHost,
+    DomainDef, DomainObserved, DomainState, Firmware, InterfaceDef, IpDef, NetworkDef, NetworkEdit,
+    NetworkMode, NetworkObserved, OsDef, PoolDef, PoolObserved, PoolType, Topology, VcpuPin,
+    VolumeDef, VolumeFormat, VolumeObserved,
 };
 use virtkube_engine::{CpuSet, Engine, EngineConfig, EngineError, EngineStats, Owner};
 
@@ -21,10 +21,10 @@ use crate::plan::desired::{
     VolumeOrigin,
 };
 use crate::plan::observed::{
-    DiskRef, ObservedDisk, ObservedDomain, ObservedHost, ObservedNetwork, ObservedNic,
-    ObservedPool, ObservedState, ObservedVolume, OwnerMark, PowerObserved,
+    DhcpLease, DiskRef, DnsEntry, ObservedDisk, ObservedDomain, ObservedHost, ObservedNetwork,
+    ObservedNic, ObservedPool, ObservedState, ObservedVolume, OwnerMark, PowerObserved,
 };
-use crate::plan::{Action, Op, Preserve};
+use crate::plan::{Action, NetworkUpdate, Op, Preserve};
 use crate::progress::{POLL_EVERY, Progress, ProgressEvent};
 use tokio::sync::watch;
 
@@ -404,6 +404,28 @@ pub fn network_from(n: &NetworkObserved) -> ObservedNetwork {
         mode: n.mode.as_str().to_string(),
         bridge: n.bridge.clone(),
         ip: n.ip.as_ref().map(|ip| (ip.address.clone(), ip.prefix)),
+        dhcp_hosts: n
+            .ip
+            .as_ref()
+            .map(|ip| {
+                ip.hosts
+                    .iter()
+                    .map(|h| DhcpLease {
+                        mac: h.mac.to_ascii_lowercase(),
+                        ip: h.ip.clone(),
+                        name: h.name.clone(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        dns_hosts: n
+            .dns_hosts
+            .iter()
+            .map(|h| DnsEntry {
+                ip: h.ip.clone(),
+                hostnames: h.hostnames.clone(),
+            })
+            .collect(),
         dhcp: n
             .ip
             .as_ref()
@@ -738,6 +760,32 @@ pub fn pool_def(p: &DesiredPool) -> Result<PoolDef, HostError> {
     Ok(def)
 }
 
+fn dhcp_host_def(h: &DhcpLease) -> DhcpHost {
+    DhcpHost {
+        mac: h.mac.clone(),
+        ip: h.ip.clone(),
+        name: h.name.clone(),
+    }
+}
+
+fn dns_host_def(h: &DnsEntry) -> DnsHost {
+    DnsHost {
+        ip: h.ip.clone(),
+        hostnames: h.hostnames.clone(),
+    }
+}
+
+/// The engine's edit for a planned live network update.
+pub fn network_edit(u: &NetworkUpdate) -> NetworkEdit {
+    match u {
+        NetworkUpdate::AddDhcpHost(h) => NetworkEdit::AddDhcpHost(dhcp_host_def(h)),
+        NetworkUpdate::ModifyDhcpHost(h) => NetworkEdit::ModifyDhcpHost(dhcp_host_def(h)),
+        NetworkUpdate::DeleteDhcpHost(h) => NetworkEdit::DeleteDhcpHost(dhcp_host_def(h)),
+        NetworkUpdate::AddDnsHost(h) => NetworkEdit::AddDnsHost(dns_host_def(h)),
+        NetworkUpdate::DeleteDnsHost(h) => NetworkEdit::DeleteDnsHost(dns_host_def(h)),
+    }
+}
+
 /// The engine's definition of a desired network.
 pub fn network_def(n: &DesiredNetwork) -> NetworkDef {
     NetworkDef {
@@ -761,7 +809,9 @@ pub fn network_def(n: &DesiredNetwork) -> NetworkDef {
                     end: end.clone(),
                 })
                 .collect(),
+            hosts: n.dhcp_hosts.iter().map(dhcp_host_def).collect(),
         }),
+        dns_hosts: n.dns_hosts.iter().map(dns_host_def).collect(),
         owner: to_owner(&n.owner),
     }
 }
@@ -837,6 +887,12 @@ async fn run_action(hosts: &Hosts, host: &Host, a: &Action) -> Result<String, Ho
         Op::StartNetwork => {
             e.network_start(name, &owner).await.map_err(&err)?;
             done("started")
+        }
+        Op::UpdateNetwork(u) => {
+            e.network_update(name, &owner, &network_edit(u))
+                .await
+                .map_err(&err)?;
+            done("updated live")
         }
         Op::SetNetworkAutostart(on) => {
             e.network_set_autostart(name, &owner, *on)

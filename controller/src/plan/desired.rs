@@ -11,7 +11,7 @@ use virtkube_crds::names::host_name;
 use virtkube_crds::network::NetworkMode;
 use virtkube_crds::volume::ReclaimPolicy;
 
-use super::observed::OwnerMark;
+use super::observed::{DhcpLease, DnsEntry, OwnerMark};
 use super::{Notice, NoticeKind, ObjectKind, ObjectRef};
 
 /// The hosts a plan covers: node names, and the one that takes objects without `nodeName`.
@@ -90,6 +90,10 @@ pub struct DesiredNetwork {
     pub ip: Option<(String, u8)>,
     /// DHCP ranges as (start, end).
     pub dhcp: Vec<(String, String)>,
+    /// Fixed DHCP leases (MAC addresses in lower case).
+    pub dhcp_hosts: Vec<DhcpLease>,
+    /// Static DNS entries.
+    pub dns_hosts: Vec<DnsEntry>,
     /// Autostart flag.
     pub autostart: bool,
     /// The nodes it belongs on (its `nodeSelector` matched against the cluster's nodes);
@@ -410,6 +414,37 @@ impl DesiredState {
                                 d.ranges
                                     .iter()
                                     .map(|r| (r.start.clone(), r.end.clone()))
+                                    .collect()
+                            })
+                            .unwrap_or_default(),
+                        dhcp_hosts: ip
+                            .and_then(|ip| ip.dhcp.as_ref())
+                            .map(|d| {
+                                d.hosts
+                                    .iter()
+                                    .map(|h| DhcpLease {
+                                        mac: h.mac.to_ascii_lowercase(),
+                                        ip: h.ip.clone(),
+                                        name: h.name.clone(),
+                                    })
+                                    .collect()
+                            })
+                            .unwrap_or_default(),
+                        dns_hosts: n
+                            .spec
+                            .dns
+                            .as_ref()
+                            .map(|d| {
+                                d.hosts
+                                    .iter()
+                                    .map(|h| DnsEntry {
+                                        ip: h.ip.clone(),
+                                        hostnames: h
+                                            .hostnames
+                                            .iter()
+                                            .map(|n| n.0.clone())
+                                            .collect(),
+                                    })
                                     .collect()
                             })
                             .unwrap_or_default(),

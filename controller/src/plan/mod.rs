@@ -30,7 +30,7 @@ use std::fmt;
 use desired::{
     DesiredDomain, DesiredMigration, DesiredNetwork, DesiredPool, DesiredState, VolumeOrigin,
 };
-use observed::{ObservedState, OwnerMark};
+use observed::{DhcpLease, DnsEntry, ObservedNetwork, ObservedState, OwnerMark};
 
 /// The kinds of host objects, in dependency order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -162,6 +162,22 @@ pub struct LiveDisk {
     pub target: String,
 }
 
+/// One live change of a network's DHCP leases or DNS entries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetworkUpdate {
+    /// Add a fixed lease.
+    AddDhcpHost(DhcpLease),
+    /// Replace the lease of this MAC address.
+    ModifyDhcpHost(DhcpLease),
+    /// Remove a lease (as observed: libvirt matches every attribute).
+    DeleteDhcpHost(DhcpLease),
+    /// Add DNS names for an address.
+    AddDnsHost(DnsEntry),
+    /// Remove an address's DNS names (libvirt cannot modify them: a change is a delete and
+    /// an add).
+    DeleteDnsHost(DnsEntry),
+}
+
 /// What an action does.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Op {
@@ -181,6 +197,9 @@ pub enum Op {
     StartNetwork,
     /// Set its autostart flag.
     SetNetworkAutostart(bool),
+    /// Change one DHCP lease or DNS entry live (`virNetworkUpdate`; the network keeps
+    /// running, its guests stay attached).
+    UpdateNetwork(NetworkUpdate),
     /// Stop and undefine it.
     DeleteNetwork,
     /// Create a volume.
@@ -289,6 +308,13 @@ impl Op {
             Op::DefinePool(_) | Op::DefineNetwork(_) => "define".into(),
             Op::BuildPool => "build".into(),
             Op::StartPool | Op::StartNetwork => "start".into(),
+            Op::UpdateNetwork(u) => match u {
+                NetworkUpdate::AddDhcpHost(h) => format!("add DHCP host {h}"),
+                NetworkUpdate::ModifyDhcpHost(h) => format!("change DHCP host {h}"),
+                NetworkUpdate::DeleteDhcpHost(h) => format!("remove DHCP host {}", h.mac),
+                NetworkUpdate::AddDnsHost(h) => format!("add DNS host {h}"),
+                NetworkUpdate::DeleteDnsHost(h) => format!("remove DNS host {}", h.ip),
+            },
             Op::SetPoolAutostart(on) | Op::SetNetworkAutostart(on) | Op::SetDomainAutostart(on) => {
                 format!("autostart {}", if *on { "on" } else { "off" })
             }
@@ -542,6 +568,79 @@ type Step = (Op, String, Vec<Change>);
 
 fn step(op: Op, why: &str, changes: Vec<Change>) -> Step {
     (op, why.to_string(), changes)
+}
+
+/// The live updates that bring a network's DHCP leases and DNS entries to the spec: removals
+/// first (so an address or name can move between entries), then changes, then additions.
+fn network_updates(o: &ObservedNetwork, net: &DesiredNetwork) -> Vec<Step> {
+    const WHY: &str = "virNetworkUpdate: dnsmasq rereads its files, the network keeps running";
+    let mut deletes = Vec::new();
+    let mut modifies = Vec::new();
+    let mut adds = Vec::new();
+    let want_lease = |mac: &str| net.dhcp_hosts.iter().find(|h| h.mac == mac);
+    for have in &o.dhcp_hosts {
+        let field = format!("ip.dhcp.hosts[mac={}]", have.mac);
+        match want_lease(&have.mac) {
+            None => deletes.push(step(
+                Op::UpdateNetwork(NetworkUpdate::DeleteDhcpHost(have.clone())),
+                WHY,
+                vec![Change::new(&field, have, "(none)")],
+            )),
+            Some(want) if want != have => modifies.push(step(
+                Op::UpdateNetwork(NetworkUpdate::ModifyDhcpHost(want.clone())),
+                WHY,
+                vec![Change::new(&field, have, want)],
+            )),
+            Some(_) => {}
+        }
+    }
+    for want in &net.dhcp_hosts {
+        if !o.dhcp_hosts.iter().any(|h| h.mac == want.mac) {
+            adds.push(step(
+                Op::UpdateNetwork(NetworkUpdate::AddDhcpHost(want.clone())),
+                WHY,
+                vec![Change::new(
+                    &format!("ip.dhcp.hosts[mac={}]", want.mac),
+                    "(none)",
+                    want,
+                )],
+            ));
+        }
+    }
+    for have in &o.dns_hosts {
+        let want = net.dns_hosts.iter().find(|h| h.ip == have.ip);
+        if want == Some(have) {
+            continue;
+        }
+        let field = format!("dns.hosts[ip={}]", have.ip);
+        let after = want.map_or("(none)".to_string(), |w| w.hostnames.join(" "));
+        deletes.push(step(
+            Op::UpdateNetwork(NetworkUpdate::DeleteDnsHost(have.clone())),
+            WHY,
+            vec![Change::new(&field, have.hostnames.join(" "), after)],
+        ));
+    }
+    for want in &net.dns_hosts {
+        if !o.dns_hosts.contains(want) {
+            let changed = o.dns_hosts.iter().any(|h| h.ip == want.ip);
+            adds.push(step(
+                Op::UpdateNetwork(NetworkUpdate::AddDnsHost(want.clone())),
+                WHY,
+                if changed {
+                    vec![]
+                } else {
+                    vec![Change::new(
+                        &format!("dns.hosts[ip={}]", want.ip),
+                        "(none)",
+                        want.hostnames.join(" "),
+                    )]
+                },
+            ));
+        }
+    }
+    deletes.extend(modifies);
+    deletes.extend(adds);
+    deletes
 }
 
 /// The step that sets an autostart flag as the spec asks, when it differs.
@@ -1070,8 +1169,19 @@ pub fn plan(desired: &DesiredState, observed: &ObservedState, options: &PlanOpti
                             o.dhcp.join(","),
                             want_dhcp.join(","),
                         ));
+                    } else if want_dhcp.is_empty()
+                        && o.dhcp_hosts.is_empty() != net.dhcp_hosts.is_empty()
+                    {
+                        // Without ranges, the first or last lease turns DHCP itself on or off:
+                        // dnsmasq reads that only when it starts.
+                        redefine.push(Change::new(
+                            "ip.dhcp.hosts",
+                            o.dhcp_hosts.len(),
+                            net.dhcp_hosts.len(),
+                        ));
                     }
-                    if !redefine.is_empty() {
+                    let recreating = !redefine.is_empty();
+                    if recreating {
                         // libvirt applies a network's bridge and addresses only when it starts:
                         // recreate it, but never under a running guest (it would lose its link).
                         let users: Vec<&str> = host
@@ -1110,13 +1220,19 @@ pub fn plan(desired: &DesiredState, observed: &ObservedState, options: &PlanOpti
                             redefine,
                         );
                     }
-                    let steps = keep_usable(
+                    let mut steps = if !recreating {
+                        network_updates(o, net)
+                    } else {
+                        // Pending recreation brings the new entries with it.
+                        vec![]
+                    };
+                    steps.extend(keep_usable(
                         "network",
                         Op::StartNetwork,
                         o.active,
                         Op::SetNetworkAutostart,
                         (o.autostart, net.autostart),
-                    );
+                    ));
                     b.chain(node, &object, &net.owner, Symbol::Live, steps);
                 }
             }

@@ -121,6 +121,43 @@ pub struct ObservedPool {
     pub available: u64,
 }
 
+/// A fixed DHCP lease as the planner compares it (libvirt `<dhcp><host>`); the MAC address
+/// in lower case, as libvirt reports it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct DhcpLease {
+    /// MAC address, lower case.
+    pub mac: String,
+    /// The address it always gets.
+    pub ip: String,
+    /// The host name handed out with it.
+    pub name: Option<String>,
+}
+
+impl std::fmt::Display for DhcpLease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} -> {}", self.mac, self.ip)?;
+        match &self.name {
+            Some(n) => write!(f, " ({n})"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Static DNS names of one address (libvirt `<dns><host>`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct DnsEntry {
+    /// The address.
+    pub ip: String,
+    /// Its names, in the manifest's order.
+    pub hostnames: Vec<String>,
+}
+
+impl std::fmt::Display for DnsEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} = {}", self.ip, self.hostnames.join(" "))
+    }
+}
+
 /// A network.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObservedNetwork {
@@ -134,6 +171,10 @@ pub struct ObservedNetwork {
     pub ip: Option<(String, u8)>,
     /// DHCP ranges as `start-end`.
     pub dhcp: Vec<String>,
+    /// Fixed DHCP leases.
+    pub dhcp_hosts: Vec<DhcpLease>,
+    /// Static DNS entries.
+    pub dns_hosts: Vec<DnsEntry>,
     /// Whether the network is active.
     pub active: bool,
     /// Autostart flag.

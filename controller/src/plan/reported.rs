@@ -314,6 +314,8 @@ pub fn network_observed(
         bridge: bridge.or_else(|| n.bridge.clone()),
         ip: n.ip.clone(),
         dhcp: n.dhcp.iter().map(|(s, e)| format!("{s}-{e}")).collect(),
+        dhcp_hosts: n.dhcp_hosts.clone(),
+        dns_hosts: n.dns_hosts.clone(),
         active,
         autostart,
     }

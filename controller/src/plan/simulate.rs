@@ -9,7 +9,7 @@ use super::observed::{
     DiskRef, ObservedDisk, ObservedDomain, ObservedHost, ObservedNetwork, ObservedNic,
     ObservedPool, ObservedState, ObservedVolume, PowerObserved,
 };
-use super::{Action, Op, Preserve};
+use super::{Action, NetworkUpdate, Op, Preserve};
 
 /// Why the model refused an action (what libvirt would say).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -176,12 +176,28 @@ pub fn apply_action(state: &mut ObservedState, a: &Action) -> Result<(), SimErro
                     bridge: n.bridge.clone().or_else(|| Some("virbr9".into())),
                     ip: n.ip.clone(),
                     dhcp: n.dhcp.iter().map(|(s, e)| format!("{s}-{e}")).collect(),
+                    dhcp_hosts: n.dhcp_hosts.clone(),
+                    dns_hosts: n.dns_hosts.clone(),
                     active: false,
                     autostart: false,
                 },
             );
         }
         Op::StartNetwork => net_mut(state, a)?.active = true,
+        Op::UpdateNetwork(edit) => {
+            let n = net_mut(state, a)?;
+            match edit {
+                NetworkUpdate::AddDhcpHost(h) => n.dhcp_hosts.push(h.clone()),
+                NetworkUpdate::ModifyDhcpHost(h) => {
+                    for have in n.dhcp_hosts.iter_mut().filter(|o| o.mac == h.mac) {
+                        *have = h.clone();
+                    }
+                }
+                NetworkUpdate::DeleteDhcpHost(h) => n.dhcp_hosts.retain(|o| o != h),
+                NetworkUpdate::AddDnsHost(h) => n.dns_hosts.push(h.clone()),
+                NetworkUpdate::DeleteDnsHost(h) => n.dns_hosts.retain(|o| o != h),
+            }
+        }
         Op::SetNetworkAutostart(on) => net_mut(state, a)?.autostart = *on,
         Op::DeleteNetwork => {
             state.host_mut(&a.node).networks.remove(&name);

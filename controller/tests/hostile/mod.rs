@@ -90,6 +90,12 @@ pub struct Strings {
     pub cpuset: String,
     /// The CPU limit.
     pub cpu_limit: String,
+    /// The network's DHCP lease: its MAC and host name.
+    pub lease_mac: String,
+    /// The lease's host name.
+    pub lease_name: String,
+    /// The network's static DNS name.
+    pub dns_name: String,
 }
 
 /// One generated case: a shape and its two sets of strings.
@@ -177,6 +183,11 @@ fn strings_of(
         proptest::collection::vec(pick("/var/lib/images/disk.img"), disks),
         proptest::collection::vec(pick("52:54:00:12:34:56"), nics),
         (pick("virbr-fz0"), pick("0"), pick("500m")),
+        (
+            pick("52:54:00:aa:bb:01"),
+            pick("db"),
+            pick("files.lab.example"),
+        ),
     )
         .prop_map(
             |(
@@ -185,6 +196,7 @@ fn strings_of(
                 host_paths,
                 macs,
                 (bridge, cpuset, cpu_limit),
+                (lease_mac, lease_name, dns_name),
             )| Strings {
                 names: [dom, pool, net, vol],
                 pool_path,
@@ -198,6 +210,9 @@ fn strings_of(
                 bridge,
                 cpuset,
                 cpu_limit,
+                lease_mac,
+                lease_name,
+                dns_name,
             },
         )
         .boxed()
@@ -222,6 +237,9 @@ fn benign_strings(shape: &Shape) -> Strings {
         bridge: "virbr-fz0".into(),
         cpuset: "0".into(),
         cpu_limit: "500m".into(),
+        lease_mac: "52:54:00:aa:bb:01".into(),
+        lease_name: "db".into(),
+        dns_name: "files.lab.example".into(),
     }
 }
 
@@ -294,6 +312,9 @@ impl Strings {
             &mut self.bridge,
             &mut self.cpuset,
             &mut self.cpu_limit,
+            &mut self.lease_mac,
+            &mut self.lease_name,
+            &mut self.dns_name,
         ]);
         slots.extend(self.host_paths.iter_mut());
         slots.extend(self.macs.iter_mut());
@@ -313,6 +334,9 @@ impl Strings {
             shape.bridge,
             shape.tuning,
             shape.tuning,
+            true,
+            true,
+            true,
         ]);
         live.extend(shape.disks.iter().map(|d| d.host_path));
         live.extend(shape.nics.iter().copied());
@@ -400,8 +424,13 @@ pub fn render(shape: &Shape, s: &Strings, node: &str) -> String {
         "metadata": { "name": pool },
         "spec": { "type": "dir", "target": { "path": s.pool_path } }
     }));
-    let mut net_spec =
-        json!({ "mode": MODES[shape.mode], "ip": { "address": "10.170.0.1", "prefix": 24 } });
+    let mut net_spec = json!({
+        "mode": MODES[shape.mode],
+        "ip": { "address": "10.170.0.1", "prefix": 24, "dhcp": { "hosts": [
+            { "mac": s.lease_mac, "ip": "10.170.0.5", "name": s.lease_name }
+        ] } },
+        "dns": { "hosts": [{ "ip": "10.170.0.6", "hostnames": [s.dns_name] }] }
+    });
     if shape.bridge {
         net_spec["bridge"] = json!(s.bridge);
     }

@@ -20,7 +20,10 @@ pub use domain::{
 pub use host_facts::{
     HostInterface, MediatedDevice, PciDevice, PoolSourceFound, SecurityLabel, SecurityModel,
 };
-pub use network::{DhcpRange, IpDef, NetworkDef, NetworkMode, NetworkObserved};
+pub use network::{
+    DhcpHost, DhcpRange, DnsHost, IpDef, NetworkDef, NetworkEdit, NetworkMode, NetworkObserved,
+    UpdateCommand, UpdateSection,
+};
 pub use node::{Capabilities, NodeCpuMap, NodeObserved, NumaCell};
 pub use owner::{OWNER_NS, Owner};
 pub use stats::{BlockStats, DomainStatsRecord, NetStats};
