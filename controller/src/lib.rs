@@ -17,6 +17,7 @@ pub mod cli;
 pub mod cluster;
 pub mod execute;
 pub mod host;
+pub mod http_server;
 pub mod placement;
 pub mod plan;
 pub mod progress;

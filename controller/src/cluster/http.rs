@@ -81,19 +81,7 @@ pub async fn serve(
     app: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), Error> {
-    let listener = tokio::net::TcpListener::bind(addr)
+    crate::http_server::serve(addr, app, shutdown)
         .await
-        .map_err(|source| Error::MetricsServer { addr, source })?;
-    let bound = listener
-        .local_addr()
-        .map_err(|source| Error::MetricsServer { addr, source })?;
-    let task = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-        {
-            tracing::warn!(error = %e, "metrics server stopped");
-        }
-    });
-    Ok((bound, task))
+        .map_err(|source| Error::MetricsServer { addr, source })
 }
