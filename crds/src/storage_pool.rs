@@ -156,7 +156,9 @@ pub struct StoragePoolStatus {
 pub struct PoolNodeStatus {
     /// The node.
     pub node_name: String,
-    /// libvirt's pool state there: `running`, `inactive`, `building`, `degraded`, `inaccessible`.
+    /// libvirt's pool state there: `Running`, `Inactive`, `Building`, `Degraded`,
+    /// `Inaccessible` or `Unknown`; `Absent` when the node has no such pool yet, `Failed` when
+    /// the agent could not make it.
     pub state: String,
     /// Total size.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -541,7 +541,8 @@ pub fn pool_status(
         .filter_map(|(node, h)| {
             h.pools.get(name).map(|p| PoolNodeStatus {
                 node_name: node.clone(),
-                state: if p.active { "running" } else { "inactive" }.into(),
+                // The agent's words (libvirt's states), so both writers agree.
+                state: if p.active { "Running" } else { "Inactive" }.into(),
                 capacity: Some(ByteQuantity::new(bytes(p.capacity))),
                 allocation: Some(ByteQuantity::new(bytes(
                     p.capacity.saturating_sub(p.available),
@@ -552,7 +553,7 @@ pub fn pool_status(
             })
         })
         .collect();
-    let ok = !nodes.is_empty() && nodes.iter().all(|n| n.state == "running");
+    let ok = !nodes.is_empty() && nodes.iter().all(|n| n.state == "Running");
     let mut conds = Vec::new();
     ready(
         &mut conds,
