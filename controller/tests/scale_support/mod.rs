@@ -78,7 +78,12 @@ impl Options {
             resync_seconds: 20 + (n as u64) / 200,
             parallel: 32,
             client: UserClient::Kube,
-            timeout: Duration::from_secs(120 + n as u64 / 10),
+            timeout: Duration::from_secs(
+                std::env::var("VIRTKUBE_BENCH_TIMEOUT")
+                    .ok()
+                    .and_then(|t| t.parse().ok())
+                    .unwrap_or(120 + n as u64 / 10),
+            ),
         }
     }
 }
@@ -338,11 +343,13 @@ pub fn ready(o: &Value) -> bool {
     })
 }
 
-/// The manifest of Domain `i`: small, unpinned, running, placed by the controller.
+/// The manifest of Domain `i`: unpinned, running, placed by the controller. 128 KiB of memory:
+/// `test:///default` reports a 3 GiB host with about 2 GiB free, and the controller places
+/// by memory, so 10,000 Domains must fit in it.
 pub fn manifest(i: usize) -> Value {
     json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "Domain",
            "metadata": {"name": format!("vm{i:05}"), "namespace": NS},
-           "spec": {"runStrategy": "Always", "cpu": {"vcpus": 1}, "memory": {"size": "64Mi"}}})
+           "spec": {"runStrategy": "Always", "cpu": {"vcpus": 1}, "memory": {"size": "128Ki"}}})
 }
 
 /// Runs one measurement.
@@ -353,9 +360,20 @@ pub async fn measure(opts: &Options) -> anyhow::Result<Measurement> {
     };
     let api = TestApi::start().await?;
     api.create_namespace(NS)?;
-    let dir = tempfile::tempdir()?;
+    let tmp = tempfile::tempdir()?;
+    // VIRTKUBE_BENCH_KEEP=1 keeps the processes' logs (VIRTKUBE_BENCH_RUST_LOG sets their
+    // filter, `warn` by default) to see where time goes.
+    let log_filter = std::env::var("VIRTKUBE_BENCH_RUST_LOG").unwrap_or_else(|_| "warn".into());
+    let (_cleanup, dir) = if std::env::var("VIRTKUBE_BENCH_KEEP").is_ok_and(|v| v == "1") {
+        let kept = tmp.keep();
+        eprintln!("logs in {}", kept.display());
+        (None, kept)
+    } else {
+        let path = tmp.path().to_path_buf();
+        (Some(tmp), path)
+    };
     let kubeconfig = |who: &str| -> anyhow::Result<PathBuf> {
-        let path = dir.path().join(format!("{who}.kubeconfig"));
+        let path = dir.join(format!("{who}.kubeconfig"));
         api.write_kubeconfig(&path, &[who])?;
         Ok(path)
     };
@@ -367,10 +385,10 @@ pub async fn measure(opts: &Options) -> anyhow::Result<Measurement> {
             .args(["--resync-seconds", &opts.resync_seconds.to_string()])
             .args(["--heartbeat-seconds", "10", "--log-format", "json"])
             .env("KUBECONFIG", kubeconfig(AGENT)?)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", &log_filter)
             .env_remove("VIRTKUBE_NODE_NAME")
             .env_remove("VIRTKUBE_CONNECT");
-        Proc::spawn(cmd, dir.path().join("agent.log"), agent_port)?
+        Proc::spawn(cmd, dir.join("agent.log"), agent_port)?
     };
     let controller_port = free_port();
     let mut controller = {
@@ -380,8 +398,8 @@ pub async fn measure(opts: &Options) -> anyhow::Result<Measurement> {
             .args(["--lease-namespace", "default", "--lease-name", "bench"])
             .args(["--identity", CONTROLLER])
             .env("KUBECONFIG", kubeconfig(CONTROLLER)?)
-            .env("RUST_LOG", "warn");
-        Proc::spawn(cmd, dir.path().join("controller.log"), controller_port)?
+            .env("RUST_LOG", &log_filter);
+        Proc::spawn(cmd, dir.join("controller.log"), controller_port)?
     };
     // Both up: the agent ready and its node published, the controller leading.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -434,7 +452,7 @@ pub async fn measure(opts: &Options) -> anyhow::Result<Measurement> {
             }
         }
         UserClient::Kubectl => {
-            let file = dir.path().join("domains.yaml");
+            let file = dir.join("domains.yaml");
             let docs: Vec<String> = (0..opts.n)
                 .map(|i| serde_json::to_string(&manifest(i)))
                 .collect::<Result<_, _>>()?;
@@ -456,17 +474,20 @@ pub async fn measure(opts: &Options) -> anyhow::Result<Measurement> {
     let deadline = Instant::now() + opts.timeout;
     let poll = Duration::from_millis(if opts.n > 1000 { 250 } else { 50 });
     loop {
-        let ready_count = api.list("domains").iter().filter(|o| ready(o)).count();
+        let listed = api.list("domains");
+        let ready_count = listed.iter().filter(|o| ready(o)).count();
         if ready_count == opts.n {
             break;
         }
         agent.alive()?;
         controller.alive()?;
         if Instant::now() > deadline {
+            let stuck = listed.iter().find(|o| !ready(o));
             bail!(
-                "{ready_count} of {} Ready after {:?}:\n{}",
+                "{ready_count} of {} Ready after {:?}; one not Ready: {}\n{}",
                 opts.n,
                 started.elapsed(),
+                stuck.map(Value::to_string).unwrap_or_default(),
                 agent.tail()
             );
         }
@@ -602,7 +623,7 @@ pub fn floor(n: usize) -> anyhow::Result<(f64, f64)> {
     let create = started.elapsed().as_secs_f64();
     let started = Instant::now();
     for i in 0..n {
-        let dom = virt::domain::Domain::lookup_by_name(&conn, &format!("floor.vm{i:05}"))?;
+        let dom = conn.lookup_domain_by_name(&format!("floor.vm{i:05}"))?;
         dom.destroy()?;
         dom.undefine()?;
     }
