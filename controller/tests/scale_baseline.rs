@@ -39,7 +39,10 @@ fn guarded(p: &Phase) -> BTreeMap<String, f64> {
     let n = N as f64;
     let mut out = BTreeMap::new();
     out.insert("agent reconciles".into(), p.agent_reconciles as f64 / n);
-    out.insert("agent status writes".into(), p.agent_status_writes as f64 / n);
+    out.insert(
+        "agent status writes".into(),
+        p.agent_status_writes as f64 / n,
+    );
     out.insert(
         "controller status writes".into(),
         p.controller_status_writes as f64 / n,
@@ -50,7 +53,10 @@ fn guarded(p: &Phase) -> BTreeMap<String, f64> {
     );
     out.insert("events".into(), p.events as f64 / n);
     out.insert("libvirt calls".into(), p.libvirt_calls as f64 / n);
-    out.insert("libvirt mutating calls".into(), p.libvirt_mutating as f64 / n);
+    out.insert(
+        "libvirt mutating calls".into(),
+        p.libvirt_mutating as f64 / n,
+    );
     for (key, count) in &p.api {
         // Writes and reads of single objects only: list/watch restarts, heartbeats
         // (hypervisornodes) and leader election (leases) depend on timing.
@@ -102,10 +108,14 @@ async fn counts_per_domain_stay_within_the_committed_baseline() {
         println!("baseline written to {}", path.display());
         return;
     }
-    let baseline: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap_or_else(
-        |e| panic!("{}: {e}; create it with VIRTKUBE_UPDATE_BASELINE=1", path.display()),
-    ))
-    .unwrap();
+    let baseline: Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap_or_else(|e| {
+            panic!(
+                "{}: {e}; create it with VIRTKUBE_UPDATE_BASELINE=1",
+                path.display()
+            )
+        }))
+        .unwrap();
     let mut grown = Vec::new();
     let mut shrunk = Vec::new();
     for phase in ["create_per_domain", "delete_per_domain"] {

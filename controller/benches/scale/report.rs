@@ -128,7 +128,8 @@ pub fn write(results: &Results, md: &Path, plots: &Path) -> anyhow::Result<()> {
             fmt_spread(per(runs, |m| m.floor_create_seconds), 3),
             fmt_spread(per(runs, |m| m.floor_delete_seconds), 3),
             fmt_spread(
-                per(runs, |m| m.create.seconds / m.floor_create_seconds.max(1e-6)),
+                per(runs, |m| m.create.seconds
+                    / m.floor_create_seconds.max(1e-6)),
                 0
             ),
             fmt_spread(per(runs, |m| m.delete.seconds / m.create.seconds), 2),
@@ -155,7 +156,11 @@ pub fn write(results: &Results, md: &Path, plots: &Path) -> anyhow::Result<()> {
             fmt_spread(per(runs, |m| mib(m.controller_peak_rss_kib)), 1),
         )?;
     }
-    writeln!(s, "\n![memory against N]({}/memory.svg)\n", plot_rel.display())?;
+    writeln!(
+        s,
+        "\n![memory against N]({}/memory.svg)\n",
+        plot_rel.display()
+    )?;
 
     writeln!(s, "## Work per Domain, creation to Ready\n")?;
     writeln!(
@@ -304,8 +309,16 @@ fn medians(
 
 fn plot(groups: &BTreeMap<usize, Vec<&Measurement>>, dir: &Path) -> anyhow::Result<()> {
     let time: Vec<Series> = vec![
-        ("create → all Ready", RED, medians(groups, |m| m.create.seconds)),
-        ("delete → all gone", BLUE, medians(groups, |m| m.delete.seconds)),
+        (
+            "create → all Ready",
+            RED,
+            medians(groups, |m| m.create.seconds),
+        ),
+        (
+            "delete → all gone",
+            BLUE,
+            medians(groups, |m| m.delete.seconds),
+        ),
         (
             "floor: define+start",
             GREEN,
@@ -317,7 +330,12 @@ fn plot(groups: &BTreeMap<usize, Vec<&Measurement>>, dir: &Path) -> anyhow::Resu
             medians(groups, |m| m.floor_delete_seconds),
         ),
     ];
-    log_log(&dir.join("time.svg"), "Time against N (median)", "seconds", &time)?;
+    log_log(
+        &dir.join("time.svg"),
+        "Time against N (median)",
+        "seconds",
+        &time,
+    )?;
     let ratio: Vec<Series> = vec![
         (
             "create → Ready / floor define+start",
@@ -352,7 +370,12 @@ fn plot(groups: &BTreeMap<usize, Vec<&Measurement>>, dir: &Path) -> anyhow::Resu
             medians(groups, |m| mib(m.controller_peak_rss_kib)),
         ),
     ];
-    log_log(&dir.join("memory.svg"), "Peak RSS against N (median)", "MiB", &memory)?;
+    log_log(
+        &dir.join("memory.svg"),
+        "Peak RSS against N (median)",
+        "MiB",
+        &memory,
+    )?;
     Ok(())
 }
 
@@ -392,10 +415,7 @@ fn log_log(path: &Path, title: &str, y: &str, series: &[Series]) -> anyhow::Resu
             .draw_series(LineSeries::new(data.iter().copied(), color.stroke_width(2)))?
             .label(*label)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color));
-        chart.draw_series(
-            data.iter()
-                .map(|p| Circle::new(*p, 3, color.filled())),
-        )?;
+        chart.draw_series(data.iter().map(|p| Circle::new(*p, 3, color.filled())))?;
     }
     chart
         .configure_series_labels()

@@ -270,15 +270,14 @@ fn libvirt_call(key: &str) -> Option<(&str, &str)> {
     Some((call, class))
 }
 
-fn phase(
-    seconds: f64,
-    before: &Scrape,
-    after: &Scrape,
-    requests: &[Recorded],
-) -> Phase {
+fn phase(seconds: f64, before: &Scrape, after: &Scrape, requests: &[Recorded]) -> Phase {
     let mut p = Phase {
         seconds,
-        agent_reconciles: delta(after, before, "virtkube_agent_reconciles_total{kind=\"Domain\"}"),
+        agent_reconciles: delta(
+            after,
+            before,
+            "virtkube_agent_reconciles_total{kind=\"Domain\"}",
+        ),
         agent_status_writes: delta(
             after,
             before,
@@ -384,6 +383,12 @@ pub async fn measure(opts: &Options) -> anyhow::Result<Measurement> {
             .args(["--metrics-addr", &format!("127.0.0.1:{agent_port}")])
             .args(["--resync-seconds", &opts.resync_seconds.to_string()])
             .args(["--heartbeat-seconds", "10", "--log-format", "json"])
+            // VIRTKUBE_BENCH_AGENT_ARGS: extra flags, to try settings (e.g. --concurrency).
+            .args(
+                std::env::var("VIRTKUBE_BENCH_AGENT_ARGS")
+                    .unwrap_or_default()
+                    .split_whitespace(),
+            )
             .env("KUBECONFIG", kubeconfig(AGENT)?)
             .env("RUST_LOG", &log_filter)
             .env_remove("VIRTKUBE_NODE_NAME")
