@@ -7,12 +7,17 @@
 //!
 //! The counts are compared with `docs/performance-baseline.json` and fail when one grows
 //! beyond it. Why this does not flake: creation and deletion are counted as per-Domain
-//! averages over 50 Domains, with a slack of 0.1 per Domain on top of the baseline, so a few
-//! extra reconciles or conflict retries that scheduling can cause (two writers racing on
-//! one object, a watch event arriving before or after a reconcile ends) stay inside it, while
-//! a real regression — one more write or reconcile for every Domain — is 1.0 per Domain.
-//! Reads that depend on timing (list/watch restarts, heartbeats, leases) are not compared.
-//! Fewer calls than the baseline pass and the message says to lower it.
+//! averages over 50 Domains, with slack on top of the baseline. Counts that only the code
+//! decides (successful status writes, the controller's writes, the user's, events, mutating
+//! libvirt calls) get 0.1 per Domain. Counts that also depend on timing get 0.5: the agent's
+//! reconciles (a libvirt event arriving during or after a reconcile), its GETs and status
+//! patch attempts (a reconcile reading a watch cache that has not yet seen the agent's own
+//! last write tries a compare-and-swap that fails with 409, then reads fresh — 0.3 to 0.45
+//! per Domain depending on the machine) and all libvirt calls (each such retry looks
+//! again). A real regression — one more write or reconcile for every Domain — is 1.0 per
+//! Domain, beyond either slack. Requests that depend on timing only (non-resource probes,
+//! list/watch restarts, heartbeats, leases) are not compared. Fewer calls than the baseline
+//! pass and the message says to lower it.
 //!
 //! To change the baseline on purpose (after a change that adds or saves work):
 //!
@@ -31,8 +36,20 @@ use serde_json::{Value, json};
 /// Domains of the guard's run.
 const N: usize = 50;
 
-/// Slack per Domain on top of the baseline.
+/// Slack per Domain on top of the baseline for counts the code alone decides.
 const SLACK: f64 = 0.1;
+
+/// Slack per Domain for counts that also depend on timing (see the module's comment).
+const TIMING_SLACK: f64 = 0.5;
+
+/// Whether a guarded count depends on timing.
+fn timing_dependent(key: &str) -> bool {
+    key == "agent reconciles"
+        || key == "libvirt calls"
+        || key == "domain writes"
+        || key == "api agent get domains"
+        || key == "api agent patch domains/status"
+}
 
 /// The per-Domain counts guarded for one phase.
 fn guarded(p: &Phase) -> BTreeMap<String, f64> {
@@ -61,7 +78,7 @@ fn guarded(p: &Phase) -> BTreeMap<String, f64> {
         // Writes and reads of single objects only: list/watch restarts, heartbeats
         // (hypervisornodes) and leader election (leases) depend on timing.
         let verb = key.split(' ').nth(1).unwrap_or_default();
-        let timed = key.contains("hypervisornodes") || key.contains("leases");
+        let timed = key.contains("hypervisornodes") || key.contains("leases") || key.ends_with(' ');
         if !timed && matches!(verb, "get" | "create" | "update" | "patch" | "delete") {
             out.insert(format!("api {key}"), *count as f64 / n);
         }
@@ -125,9 +142,14 @@ async fn counts_per_domain_stay_within_the_committed_baseline() {
         for (key, value) in measured {
             let value = value.as_f64().unwrap_or(0.0);
             let base = baseline[phase][key].as_f64().unwrap_or(0.0);
-            if value > base + SLACK {
+            let slack = if timing_dependent(key) {
+                TIMING_SLACK
+            } else {
+                SLACK
+            };
+            if value > base + slack {
                 grown.push(format!("{phase} {key}: {value:.2} (baseline {base:.2})"));
-            } else if value + SLACK < base {
+            } else if value + slack < base {
                 shrunk.push(format!("{phase} {key}: {value:.2} (baseline {base:.2})"));
             }
         }
@@ -140,7 +162,8 @@ async fn counts_per_domain_stay_within_the_committed_baseline() {
     }
     assert!(
         grown.is_empty(),
-        "counts per Domain grew beyond docs/performance-baseline.json (+{SLACK} slack):\n{}\n\
+        "counts per Domain grew beyond docs/performance-baseline.json (+{SLACK}, or \
+         +{TIMING_SLACK} for timing-dependent counts):\n{}\n\
          If the extra work is intended, update the baseline: \
          VIRTKUBE_UPDATE_BASELINE=1 cargo nextest run -p virtkube --test scale_baseline",
         grown.join("\n")

@@ -34,6 +34,9 @@ enum Cmd {
         /// The results file.
         #[arg(long)]
         out: PathBuf,
+        /// Add to the runs already in the results file instead of starting afresh.
+        #[arg(long)]
+        append: bool,
     },
     /// Writes the report and plots from a results file.
     Report {
@@ -122,20 +125,26 @@ fn main() -> anyhow::Result<()> {
             reps,
             kubectl_n,
             out,
+            append,
         } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
             let load_before = loadavg();
             let bin = env!("CARGO_BIN_EXE_virtkube");
-            let mut runs = Vec::new();
+            let mut runs = if append && out.exists() {
+                serde_json::from_str::<Results>(&std::fs::read_to_string(&out)?)?.runs
+            } else {
+                Vec::new()
+            };
             let mut plan: Vec<(usize, UserClient)> = Vec::new();
             for &count in &n {
                 let reps = if count >= 10_000 { 1 } else { reps };
                 plan.extend(std::iter::repeat_n((count, UserClient::Kube), reps));
-            }
-            if kubectl_n > 0 {
-                plan.push((kubectl_n, UserClient::Kubectl));
+                // Beside the runs of the same N, before any longer one.
+                if count == kubectl_n {
+                    plan.push((kubectl_n, UserClient::Kubectl));
+                }
             }
             for (count, client) in plan {
                 let mut opts = Options::new(count, bin);

@@ -458,11 +458,10 @@ pub async fn measure(opts: &Options) -> anyhow::Result<Measurement> {
         }
         UserClient::Kubectl => {
             let file = dir.join("domains.yaml");
-            let docs: Vec<String> = (0..opts.n)
-                .map(|i| serde_json::to_string(&manifest(i)))
-                .collect::<Result<_, _>>()?;
-            // JSON documents are YAML documents.
-            std::fs::write(&file, docs.join("\n---\n"))?;
+            // One List: kubectl reads a file starting with `{` as JSON, one document.
+            let list = json!({"apiVersion": "v1", "kind": "List",
+                              "items": (0..opts.n).map(manifest).collect::<Vec<_>>()});
+            std::fs::write(&file, serde_json::to_vec(&list)?)?;
             let config = kubeconfig(USER)?;
             let out = tokio::process::Command::new("kubectl")
                 .args(["apply", "--server-side", "--validate=false", "-f"])
