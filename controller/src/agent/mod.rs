@@ -236,8 +236,8 @@ pub async fn check_crds(client: &Client) -> Result<(), Error> {
 /// relist of unchanged objects (after an outage, or a 410) triggers nothing, while every
 /// change and observed deletion (each has a new resourceVersion) still does.
 /// Clears an object's `managedFields` before it enters a watch cache: the agent never reads
-/// them, and they are the larger part of a small object (a third of the agent's memory with
-/// 1,000 Domains went to them).
+/// them, and they are a large part of a small object (with 1,000 Domains the agent's peak RSS
+/// fell from 98.5 to 79.7 MiB without them; docs/performance.md).
 fn drop_managed_fields<K: kube::Resource>(object: &mut K) {
     object.meta_mut().managed_fields = None;
 }
