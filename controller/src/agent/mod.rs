@@ -242,6 +242,13 @@ pub async fn check_crds(client: &Client) -> Result<(), Error> {
 /// The objects of a trigger watch (one that reconciles another kind) that changed: a
 /// relist of unchanged objects (after an outage, or a 410) triggers nothing, while every
 /// change and observed deletion (each has a new resourceVersion) still does.
+/// Clears an object's `managedFields` before it enters a watch cache: the agent never reads
+/// them, and they are a large part of a small object (with 1,000 Domains the agent's peak RSS
+/// fell from 98.5 to 79.7 MiB without them; docs/performance.md).
+fn drop_managed_fields<K: kube::Resource>(object: &mut K) {
+    object.meta_mut().managed_fields = None;
+}
+
 fn only_changes<K, S>(objects: S) -> impl futures::Stream<Item = Result<K, watcher::Error>> + Send
 where
     K: Resource + Send + 'static,
@@ -363,6 +370,7 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     let (domain_store, domain_writer) = reflector::store();
     let domain_stream = watches
         .all::<Domain>(watch().labels(&placement::write::node_label(&args.node_name)))
+        .modify(drop_managed_fields)
         .reflect(domain_writer)
         .applied_objects()
         .predicate_filter(domain::trigger_hash, Default::default());
@@ -372,6 +380,7 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     let volume_controller = Controller::for_stream(
         watches
             .all::<Volume>(watch())
+            .modify(drop_managed_fields)
             .reflect(volume_writer)
             .applied_objects(),
         volume_store,
@@ -381,6 +390,7 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     let network_controller = Controller::for_stream(
         watches
             .all::<Network>(watch())
+            .modify(drop_managed_fields)
             .reflect(network_writer)
             .applied_objects(),
         network_store,
@@ -390,6 +400,7 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     let pool_controller = Controller::for_stream(
         watches
             .all::<StoragePool>(watch())
+            .modify(drop_managed_fields)
             .reflect(pool_writer)
             .applied_objects(),
         pool_store,

@@ -1,0 +1,170 @@
+//! The scale bench: `virtkube controller` and `virtkube agent` (release processes) on
+//! `test:///default` through the in-memory API server, for N Domains, repeated; then the
+//! report (`docs/performance.md` and its SVG plots). `scripts/bench` runs both:
+//!
+//! ```sh
+//! cargo bench -p virtkube --bench scale -- measure --n 10,100,1000 --reps 3 --out results.json
+//! cargo bench -p virtkube --bench scale -- report --results results.json
+//! ```
+
+#[path = "../../tests/scale_support/mod.rs"]
+mod scale_support;
+
+mod report;
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use scale_support::{Measurement, Options, UserClient};
+use serde::{Deserialize, Serialize};
+
+#[derive(Parser)]
+enum Cmd {
+    /// Measures and writes the results as JSON.
+    Measure {
+        /// Domain counts.
+        #[arg(long, value_delimiter = ',', default_value = "10,100,1000")]
+        n: Vec<usize>,
+        /// Repetitions per N (N ≥ 10,000: one, said so in the report).
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// Also create and delete this many with kubectl (0: not).
+        #[arg(long, default_value_t = 0)]
+        kubectl_n: usize,
+        /// The results file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Add to the runs already in the results file instead of starting afresh.
+        #[arg(long)]
+        append: bool,
+    },
+    /// Writes the report and plots from a results file.
+    Report {
+        /// The results file.
+        #[arg(long)]
+        results: PathBuf,
+        /// The Markdown report.
+        #[arg(long, default_value = "docs/performance.md")]
+        md: PathBuf,
+        /// The directory of the plots (linked relative to the report).
+        #[arg(long, default_value = "docs/performance")]
+        plots: PathBuf,
+    },
+}
+
+/// Everything a report is made from.
+#[derive(Serialize, Deserialize)]
+pub struct Results {
+    /// Where it ran.
+    pub machine: Machine,
+    /// Every run, in order.
+    pub runs: Vec<Measurement>,
+}
+
+/// The machine, and how busy it was.
+#[derive(Serialize, Deserialize)]
+pub struct Machine {
+    /// CPU model.
+    pub cpu: String,
+    /// Online CPUs.
+    pub cpus: usize,
+    /// Memory, MiB.
+    pub memory_mib: u64,
+    /// Load averages (1, 5, 15 min) before and after.
+    pub load_before: String,
+    /// See `load_before`.
+    pub load_after: String,
+    /// Kernel.
+    pub kernel: String,
+    /// When.
+    pub date: String,
+}
+
+fn machine(load_before: String) -> Machine {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let cpuinfo = read("/proc/cpuinfo");
+    Machine {
+        cpu: cpuinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("model name"))
+            .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
+            .unwrap_or_default(),
+        cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        memory_mib: read("/proc/meminfo")
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+            / 1024,
+        load_before,
+        load_after: loadavg(),
+        kernel: read("/proc/sys/kernel/osrelease").trim().to_string(),
+        date: std::process::Command::new("date")
+            .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default(),
+    }
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn main() -> anyhow::Result<()> {
+    // `cargo bench` passes `--bench`; the commands do not take it.
+    let args = std::env::args().filter(|a| a != "--bench");
+    match Cmd::parse_from(args) {
+        Cmd::Measure {
+            n,
+            reps,
+            kubectl_n,
+            out,
+            append,
+        } => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            let load_before = loadavg();
+            let bin = env!("CARGO_BIN_EXE_virtkube");
+            let mut runs = if append && out.exists() {
+                serde_json::from_str::<Results>(&std::fs::read_to_string(&out)?)?.runs
+            } else {
+                Vec::new()
+            };
+            let mut plan: Vec<(usize, UserClient)> = Vec::new();
+            for &count in &n {
+                let reps = if count >= 10_000 { 1 } else { reps };
+                plan.extend(std::iter::repeat_n((count, UserClient::Kube), reps));
+                // Beside the runs of the same N, before any longer one.
+                if count == kubectl_n {
+                    plan.push((kubectl_n, UserClient::Kubectl));
+                }
+            }
+            for (count, client) in plan {
+                let mut opts = Options::new(count, bin);
+                opts.client = client;
+                eprintln!("measuring N={count} through {client:?}…");
+                let m = rt.block_on(scale_support::measure(&opts))?;
+                eprintln!("{}", report::summary_line(&m));
+                runs.push(m);
+                // Written after every run: a long series cut short keeps what it measured.
+                let results = Results {
+                    machine: machine(load_before.clone()),
+                    runs: runs.clone(),
+                };
+                std::fs::write(&out, serde_json::to_string_pretty(&results)?)?;
+            }
+            Ok(())
+        }
+        Cmd::Report { results, md, plots } => {
+            let results: Results = serde_json::from_str(&std::fs::read_to_string(&results)?)?;
+            report::write(&results, &md, &plots)
+        }
+    }
+}
