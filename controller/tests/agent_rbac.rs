@@ -131,6 +131,16 @@ async fn the_agent_process_uses_exactly_the_charts_agent_rules() {
                         "nodeSelector": {"zone": "a"}}}),
     )
     .unwrap();
+    // The Volume's first status write loses its compare-and-swap (a 409, as when another
+    // write came first): the agent reads the Volume again (`get volumes`). Without this the
+    // grant's use would depend on a race (it did: a run without a lost write failed here).
+    let agent_user = Role::Agent.identity();
+    api.inject(1, virtkube_testapi::Answer::Conflict, move |r| {
+        r.identity == agent_user
+            && r.resource == "volumes"
+            && r.subresource == "status"
+            && r.verb == "patch"
+    });
     api.create(
         "volumes",
         json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "Volume",
