@@ -14,26 +14,9 @@ use k8s_openapi::jiff::Timestamp;
 use serde_json::Value;
 use virtkube_testapi::TestApi;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).await.ok()?;
-    Some((text.get(9..12)?.parse().ok()?, text))
-}
+#[path = "local_http/mod.rs"]
+mod local_http;
+use local_http::{free_port, http_get};
 
 /// Kills the process when a test ends early.
 struct KillOnDrop(u32);

@@ -17,6 +17,13 @@ use axum::http::{Method, StatusCode, Uri};
 use axum::response::Response;
 use serde_json::{Value, json};
 
+// A test binary may include this support module and another that loads the same file.
+#[allow(clippy::duplicate_mod)]
+#[path = "../local_http/mod.rs"]
+mod local_http;
+#[allow(unused_imports)] // each test binary uses some of the shared helpers
+pub use local_http::{free_port, http_get};
+
 #[derive(Default)]
 pub struct Fake {
     /// Plurals the server answers 404 for (CRD not installed).
@@ -175,14 +182,6 @@ pub fn kubeconfig(dir: &std::path::Path, api: SocketAddr) -> std::path::PathBuf 
     path
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 pub fn agent(kubeconfig: &std::path::Path, metrics_port: u16, uri: &str) -> Child {
     agent_with(kubeconfig, metrics_port, uri, &[], None)
 }
@@ -233,19 +232,6 @@ pub fn agent_with(
         .stderr(err)
         .spawn()
         .expect("the virtkube binary runs")
-}
-
-pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).await.ok()?;
-    Some((text.get(9..12)?.parse().ok()?, text))
 }
 
 pub fn sigterm(pid: u32) {

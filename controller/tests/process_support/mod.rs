@@ -19,6 +19,13 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use virtkube_testapi::TestApi;
 
+// A test binary may include this support module and another that loads the same file.
+#[allow(clippy::duplicate_mod)]
+#[path = "../local_http/mod.rs"]
+mod local_http;
+#[allow(unused_imports)] // each test binary uses some of the shared helpers
+pub use local_http::{free_port, http_get};
+
 /// Says how to get the daemons.
 pub const NEEDS: &str = "needs the private libvirtd daemons: `scripts/libvirt-nodes.sh up DIR`, \
      then `set -a; . DIR/env; set +a` (scripts/test does both)";
@@ -113,29 +120,6 @@ pub fn defined_on(uri: &str, name: &str) -> bool {
     virsh(uri, &["list", "--all", "--name"])
         .lines()
         .any(|l| l.trim() == name)
-}
-
-/// A loopback port nobody listens on now.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// `GET path` on a local port: (status code, whole response).
-pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).await.ok()?;
-    Some((text.get(9..12)?.parse().ok()?, text))
 }
 
 /// A child process with its log file; killed (SIGKILL) when dropped, so nothing outlives

@@ -30,6 +30,10 @@ use serde_json::{Value, json};
 use virtkube_crds::Domain;
 use virtkube_testapi::{Recorded, TestApi};
 
+#[path = "../local_http/mod.rs"]
+mod local_http;
+use local_http::{free_port, http_get};
+
 /// The namespace the Domains live in.
 pub const NS: &str = "bench";
 /// The agent's node.
@@ -214,26 +218,6 @@ pub fn proc_status_kib(pid: u32, key: &str) -> u64 {
         .find_map(|l| l.strip_prefix(key))
         .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(0)
-}
-
-async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).await.ok()?;
-    Some((text.get(9..12)?.parse().ok()?, text))
 }
 
 /// The agent's counters: `name{labels}` → value.
