@@ -422,3 +422,74 @@ async fn a_token_without_the_node_binding_is_not_matched() {
     );
     assert_eq!(api.admission_denials(), vec![]);
 }
+
+#[tokio::test]
+async fn a_volume_handover_advances_only_as_the_protocol_allows() {
+    let (api, admin) = cluster().await;
+    let agent = |node: &'static str| {
+        let api = &api;
+        async move {
+            api.client(&token_on_node(&Role::Agent.identity(), node))
+                .await
+                .unwrap()
+        }
+    };
+    let (a, b) = (agent("node-a").await, agent("node-b").await);
+    let transfer = |state: &str| json!({"status": {"transfer": {"domain": "vm", "sourceNode": "node-a", "targetNode": "node-b", "state": state}}});
+    let vol = |client, body| patch(client, "Volume", "volumes", "disk", true, body);
+    refused(
+        vol(&a, transfer("Copying")).await,
+        "only the controller starts a volume's handover",
+        "the holder starts a handover",
+    );
+    refused(
+        patch(
+            &a,
+            "Domain",
+            "domains",
+            "vm",
+            true,
+            json!({"status": {"migration": {"copiedVolumes": ["disk"]}}}),
+        )
+        .await,
+        "only the controller chooses the volumes a move copies",
+        "the holder chooses volumes to copy",
+    );
+    vol(&admin, transfer("Copying"))
+        .await
+        .expect("the controller starts it");
+    refused(
+        vol(&a, transfer("SourceRemoved")).await,
+        "only from Copied to SourceRemoved",
+        "the source skips the copy's completion",
+    );
+    refused(
+        vol(&a, json!({"status": {"transfer": null}})).await,
+        "its new holder ends it",
+        "the source drops a handover under way",
+    );
+    vol(&admin, transfer("Copied"))
+        .await
+        .expect("the controller records the copy");
+    vol(&a, transfer("SourceRemoved"))
+        .await
+        .expect("the source removed its stale image");
+    refused(
+        vol(&a, json!({"status": {"nodeName": "node-b"}})).await,
+        "only the controller binds a volume to a node",
+        "the source binds the volume to the target",
+    );
+    vol(&admin, json!({"status": {"nodeName": "node-b"}}))
+        .await
+        .expect("the controller binds it to the target");
+    vol(
+        &b,
+        json!({"status": {"transfer": null, "key": "/pools/pool/ns.disk"}}),
+    )
+    .await
+    .expect("the new holder takes the copy over and ends the handover");
+    assert_eq!(
+        api.get("volumes", NS, "disk").unwrap()["status"]["transfer"],
+        serde_json::Value::Null
+    );
+}

@@ -554,6 +554,156 @@ fn a_requested_move_is_approved_live_on_shared_storage_and_waits_on_local_storag
     assert_eq!(d.status.migration, None);
 }
 
+/// A domain that allows copying its disks, using the node-local volume `scratch` (held by
+/// node-a in [`two_ready`]).
+fn copying(name: &str, extra: serde_json::Value) -> serde_json::Value {
+    with(
+        held(
+            name,
+            "node-a",
+            Some("node-b"),
+            json!({"spec": {"migration": {"allowCopyStorage": true},
+                            "disks": [{"name": "s", "volume": "scratch"}, {"name": "h", "hostPath": "/srv/img"}]}}),
+        ),
+        extra,
+    )
+}
+
+#[test]
+fn a_move_copies_a_node_local_volume_only_when_allowed_live_and_alone() {
+    let world = two_ready();
+    // Allowed, running, the volume used by this domain alone: approved, the volume listed
+    // as copied, and its node no reason to stay.
+    let d = decide_now(&world, &obj(copying("db", json!({}))));
+    assert_eq!(
+        d.step,
+        ControllerStep::ApproveMove {
+            source: "node-a".into(),
+            target: "node-b".into()
+        },
+        "{:?}",
+        d.wait
+    );
+    let m = d.status.migration.as_ref().unwrap();
+    assert_eq!(m.copied_volumes, vec!["scratch".to_string()]);
+    assert_eq!(m.mode, Some(virtkube_crds::domain::MigrationMode::Live));
+
+    // Each reason a volume cannot travel, as the MoveWaiting condition says it.
+    let refused = |world: &World, dom: serde_json::Value, why: &str| {
+        let d = decide_now(world, &obj(dom));
+        assert_eq!(d.step, ControllerStep::MoveWaits, "{why}");
+        let c = find(&d.status.conditions, "MoveWaiting").unwrap();
+        assert_eq!(c.reason, "StorageNotCopyable", "{why}");
+        assert!(c.message.contains(why), "{why}: {}", c.message);
+        assert_eq!(d.status.migration, None);
+    };
+    refused(
+        &world,
+        copying("db", json!({"status": {"phase": "Stopped"}})),
+        "scratch belongs to a stopped domain: libvirt copies disks only while it live-migrates",
+    );
+    let pinned = |w: &mut World| {
+        w.volumes[1] = with(
+            w.volumes[1].clone(),
+            json!({"spec": {"nodeName": "node-a"}}),
+        )
+    };
+    let mut w = two_ready();
+    pinned(&mut w);
+    refused(
+        &w,
+        copying("db", json!({})),
+        "scratch is pinned to node node-a by its spec.nodeName",
+    );
+    let mut w = two_ready();
+    w.volumes.push(with(
+        volume("default", "base", "local"),
+        json!({"status": {"nodeName": "node-a"}}),
+    ));
+    w.volumes[1] = with(
+        w.volumes[1].clone(),
+        json!({"spec": {"source": {"backingVolume": "base"}}}),
+    );
+    refused(
+        &w,
+        copying("db", json!({})),
+        "scratch is a copy-on-write overlay on volume base",
+    );
+    let mut w = two_ready();
+    w.volumes.push(with(
+        volume("default", "snap", "local"),
+        json!({"spec": {"source": {"backingVolume": "scratch"}}, "status": {"nodeName": "node-a"}}),
+    ));
+    refused(
+        &w,
+        copying("db", json!({})),
+        "scratch has volumes built on it: snap",
+    );
+    let mut w = two_ready();
+    w.domains.push(held(
+        "other",
+        "node-a",
+        None,
+        json!({"spec": {"disks": [{"name": "s", "volume": "scratch"}]}}),
+    ));
+    refused(
+        &w,
+        copying("db", json!({})),
+        "scratch is also used by Domain other",
+    );
+    let mut w = two_ready();
+    w.volumes[1] = with(
+        w.volumes[1].clone(),
+        json!({"status": {"transfer": {"domain": "db", "sourceNode": "node-b", "targetNode": "node-a", "state": "Copied"}}}),
+    );
+    refused(
+        &w,
+        copying("db", json!({})),
+        "scratch is still being handed over from node node-b to node node-a",
+    );
+}
+
+#[test]
+fn a_drain_picks_another_node_for_a_domain_whose_local_volume_it_may_copy() {
+    let mut world = two_ready();
+    world.nodes = vec![
+        k8s_node("node-a", true, json!([])),
+        k8s_node("node-b", false, json!([])),
+    ];
+    let drained = |copy: bool| {
+        obj::<Domain>(held(
+            "db",
+            "node-a",
+            None,
+            json!({"spec": {"migration": {"allowCopyStorage": copy},
+                            "disks": [{"name": "s", "volume": "scratch"}]}}),
+        ))
+    };
+    let d = decide_now(&world, &drained(true));
+    assert_eq!(
+        d.step,
+        ControllerStep::ApproveMove {
+            source: "node-a".into(),
+            target: "node-b".into()
+        },
+        "{:?}",
+        d.status.conditions
+    );
+    assert_eq!(
+        d.status.migration.unwrap().copied_volumes,
+        vec!["scratch".to_string()]
+    );
+    // Without the permission its volume keeps it: no target.
+    let d = decide_now(&world, &drained(false));
+    assert_ne!(
+        d.step,
+        ControllerStep::ApproveMove {
+            source: "node-a".into(),
+            target: "node-b".into()
+        }
+    );
+}
+
 #[test]
 fn a_pending_move_nobody_wants_or_nobody_starts_is_cancelled() {
     let world = two_ready();
@@ -1039,6 +1189,166 @@ fn a_shared_volume_leaves_a_fenced_holder_and_every_user_node_is_routed() {
     ));
     let d = decide_volume(&local, &cluster, &consumers, now());
     assert_eq!(d.status.node_name.as_deref(), Some("node-a"));
+}
+
+/// The controller's steps of a volume's handover (Copying → Copied → the source's agent's
+/// SourceRemoved → bound to the target), for each state of the Domain's move record.
+#[test]
+fn a_volume_copied_with_its_domain_is_handed_over_step_by_step() {
+    use virtkube::cluster::volumes::{Handover, handover};
+    use virtkube_crds::volume::TransferState;
+    let s = settings();
+    let transfer = |state: &str| json!({"transfer": {"domain": "db", "sourceNode": "node-a", "targetNode": "node-b", "state": state}});
+    let record = |state: &str, holder: &str| {
+        held(
+            "db",
+            holder,
+            Some("node-b"),
+            json!({"spec": {"disks": [{"name": "s", "volume": "scratch"}]},
+                   "status": {"migration": {"state": state, "sourceNode": "node-a", "targetNode": "node-b", "copiedVolumes": ["scratch"]}}}),
+        )
+    };
+    let scratch = |holder: &str, transfer: Option<serde_json::Value>| {
+        let mut status = json!({"nodeName": holder, "key": "/k/a"});
+        if let Some(t) = transfer {
+            json_patch::merge(&mut status, &t);
+        }
+        with(
+            volume("default", "scratch", "local"),
+            json!({"status": status}),
+        )
+    };
+    // (volume, domain record, the controller's next step)
+    let cases: Vec<(serde_json::Value, serde_json::Value, Option<Handover>)> = vec![
+        (
+            scratch("node-a", None),
+            record("Pending", "node-a"),
+            Some(Handover::Begin {
+                domain: "db".into(),
+                source: "node-a".into(),
+                target: "node-b".into(),
+            }),
+        ),
+        (
+            scratch("node-a", None),
+            record("Running", "node-a"),
+            Some(Handover::Begin {
+                domain: "db".into(),
+                source: "node-a".into(),
+                target: "node-b".into(),
+            }),
+        ),
+        // Succeeded before the controller saw it: the transfer is recorded, Copied follows.
+        (
+            scratch("node-a", None),
+            record("Succeeded", "node-b"),
+            Some(Handover::Begin {
+                domain: "db".into(),
+                source: "node-a".into(),
+                target: "node-b".into(),
+            }),
+        ),
+        (scratch("node-a", None), record("Failed", "node-a"), None),
+        (
+            scratch("node-a", Some(transfer("Copying"))),
+            record("Running", "node-a"),
+            None,
+        ),
+        // Succeeded but the claim not handed over yet: not the copy's turn.
+        (
+            scratch("node-a", Some(transfer("Copying"))),
+            record("Succeeded", "node-a"),
+            None,
+        ),
+        (
+            scratch("node-a", Some(transfer("Copying"))),
+            record("Succeeded", "node-b"),
+            Some(Handover::Copied),
+        ),
+        (
+            scratch("node-a", Some(transfer("Copying"))),
+            record("Failed", "node-a"),
+            Some(Handover::Drop {
+                ended: MigrationState::Failed,
+            }),
+        ),
+        (
+            scratch("node-a", Some(transfer("Copying"))),
+            record("Aborted", "node-a"),
+            Some(Handover::Drop {
+                ended: MigrationState::Aborted,
+            }),
+        ),
+        // Copied: the source's agent acts, not the controller.
+        (
+            scratch("node-a", Some(transfer("Copied"))),
+            record("Succeeded", "node-b"),
+            None,
+        ),
+        (
+            scratch("node-a", Some(transfer("SourceRemoved"))),
+            record("Succeeded", "node-b"),
+            Some(Handover::Bind {
+                target: "node-b".into(),
+            }),
+        ),
+        // Bound: the target's agent takes the copy over.
+        (
+            scratch("node-b", Some(transfer("SourceRemoved"))),
+            record("Succeeded", "node-b"),
+            None,
+        ),
+        // Done: the old record does not start a handover away from the new holder.
+        (scratch("node-b", None), record("Succeeded", "node-b"), None),
+    ];
+    for (i, (vol, dom, want)) in cases.into_iter().enumerate() {
+        let world = World {
+            volumes: vec![vol.clone()],
+            domains: vec![dom],
+            ..two_ready()
+        };
+        let volumes: Vec<Volume> = world.volumes.iter().cloned().map(obj).collect();
+        let consumers = Consumers::of(&world.domains(), &volumes);
+        assert_eq!(handover(&volumes[0], &consumers), want, "case {i}");
+        // The decision writes the step.
+        let cluster = world.cluster(&s);
+        let d = decide_volume(&volumes[0], &cluster, &consumers, now());
+        let st = d.status;
+        match want {
+            Some(Handover::Begin { .. }) => {
+                assert_eq!(
+                    st.transfer.unwrap().state,
+                    TransferState::Copying,
+                    "case {i}"
+                )
+            }
+            Some(Handover::Copied) => {
+                assert_eq!(
+                    st.transfer.unwrap().state,
+                    TransferState::Copied,
+                    "case {i}"
+                )
+            }
+            Some(Handover::Drop { .. }) => assert_eq!(st.transfer, None, "case {i}"),
+            Some(Handover::Bind { .. }) => {
+                assert_eq!(st.node_name.as_deref(), Some("node-b"), "case {i}");
+                assert_eq!(
+                    find(&st.conditions, "Scheduled").unwrap().reason,
+                    "MovedWithDomain"
+                );
+                assert_eq!(
+                    st.transfer.unwrap().state,
+                    TransferState::SourceRemoved,
+                    "the target's agent ends it"
+                );
+            }
+            None => assert_eq!(
+                Some(st),
+                obj::<Volume>(vol).status,
+                "case {i}: nothing changes"
+            ),
+        }
+    }
 }
 
 #[test]

@@ -913,6 +913,13 @@ pub struct MigrationStatus {
     /// Progress of a running live migration, updated every few seconds at most.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<MigrationProgress>,
+    /// The Volumes of node-local pools whose disks libvirt copies to the target during this
+    /// live migration (`migration.allowCopyStorage`): they move to the target with the
+    /// domain. Chosen by the controller when it approves the move; empty when every disk is
+    /// on shared storage.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub copied_volumes: Vec<String>,
 }
 
 /// How a domain moves.

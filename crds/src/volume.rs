@@ -176,6 +176,43 @@ pub struct VolumeStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+    /// The handover of this volume to another node, under way: its Domain is live-migrated
+    /// with its disks copied (`migration.allowCopyStorage`). Written by the controller
+    /// (`Copying`, `Copied`) and by the holder's agent (`SourceRemoved`); removed by the new
+    /// holder once it has taken the copy over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transfer: Option<VolumeTransfer>,
+}
+
+/// A node-local volume moving to another node with the Domain that uses it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeTransfer {
+    /// The Domain (same namespace) whose live migration copies the volume's disk.
+    #[schemars(length(max = 253))]
+    pub domain: String,
+    /// The node the volume leaves (its holder until the handover).
+    #[schemars(length(max = 253))]
+    pub source_node: String,
+    /// The node the volume goes to.
+    #[schemars(length(max = 253))]
+    pub target_node: String,
+    /// How far the handover is.
+    pub state: TransferState,
+}
+
+/// How far a volume's handover is.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum TransferState {
+    /// The Domain's migration is approved or running; libvirt copies the disk to a volume of
+    /// the same name in the target's pool of the same name. The source's image is the data.
+    Copying,
+    /// libvirt completed the migration: the guest runs on the target, on the copy; the
+    /// source's image is stale and its agent removes it.
+    Copied,
+    /// The source's agent removed its stale image; the controller binds the volume to the
+    /// target, whose agent records the copy as the volume's image.
+    SourceRemoved,
 }
 
 /// Where a volume is in its life.

@@ -29,8 +29,14 @@ pub struct MigrateOptions {
     pub undefine_source: bool,
     /// Throttle vCPUs if memory is dirtied faster than it is copied.
     pub auto_converge: bool,
-    /// Copy non-shared disks too (storage not shared between the hosts).
+    /// Copy disks too (storage not shared between the hosts): libvirt creates a volume of
+    /// the same name in the destination's pool of the same name and QEMU mirrors the disk
+    /// into it during the migration.
     pub copy_storage: bool,
+    /// With `copy_storage`: the guest devices (`vda`, …) to copy, libvirt's `migrate_disks`.
+    /// Empty copies every writable disk libvirt does not consider shared, including a file
+    /// that both hosts see at the same path (a network mount): name the disks.
+    pub copy_disks: Vec<String>,
     /// Max downtime in ms at switch-over.
     pub max_downtime_ms: Option<u64>,
     /// Bandwidth cap in MiB/s.
@@ -59,6 +65,7 @@ impl MigrateOptions {
             undefine_source: true,
             auto_converge: false,
             copy_storage: false,
+            copy_disks: Vec::new(),
             max_downtime_ms: None,
             bandwidth_mib_s: None,
             restore_autostart: true,
@@ -239,6 +246,11 @@ impl Engine {
             let params = MigrateParameters {
                 uri: opts.migrate_uri.clone(),
                 bandwidth: opts.bandwidth_mib_s,
+                migrate_disks: if opts.copy_storage {
+                    opts.copy_disks.clone()
+                } else {
+                    Vec::new()
+                },
                 ..Default::default()
             };
             // Inside the source daemon, `qemu:///…?socket=` names that daemon itself.

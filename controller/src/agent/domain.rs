@@ -425,8 +425,41 @@ async fn act(
             }
             TaskState::Running => watch(dom, before, ctx, api).await,
             TaskState::None => {
-                start_migration(dom, &target, ctx, &name, owner).await?;
-                Ok(Next::Return(Action::requeue(WATCH_EVERY)))
+                let copied: Vec<String> = dom
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.migration.as_ref())
+                    .map(|m| {
+                        let ns = dom.namespace().unwrap_or_default();
+                        m.copied_volumes
+                            .iter()
+                            .map(|v| virtkube_crds::names::host_name(Some(&ns), v))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let disks = if copied.is_empty() {
+                    Vec::new()
+                } else {
+                    ctx.engine
+                        .domain_observe(&name)
+                        .await?
+                        .map(|d| d.disks)
+                        .unwrap_or_default()
+                };
+                match moves::copied_devices(&disks, &copied) {
+                    Ok(devices) => {
+                        start_migration(dom, &target, ctx, &name, owner, devices).await?;
+                        Ok(Next::Return(Action::requeue(WATCH_EVERY)))
+                    }
+                    Err(volume) => {
+                        let message = format!(
+                            "no disk of the running guest reads volume {volume}, which the move was to copy: not migrated, the guest stays on {}",
+                            ctx.settings.node
+                        );
+                        end_move(dom, ctx, api, MoveEnd::Failed, message).await?;
+                        Ok(Next::Again)
+                    }
+                }
             }
         },
         AgentStep::WatchMigration { .. } => watch(dom, before, ctx, api).await,
@@ -486,13 +519,14 @@ async fn act(
     }
 }
 
-/// Starts the live migration task towards `target`.
+/// Starts the live migration task towards `target`, copying the guest devices `copy_disks`.
 async fn start_migration(
     dom: &Domain,
     target: &str,
     ctx: &Context,
     name: &str,
     owner: virtkube_engine::Owner,
+    copy_disks: Vec<String>,
 ) -> Result<()> {
     let spec = converge::target_spec(ctx, target).await?;
     let opts = moves::options(
@@ -501,6 +535,7 @@ async fn start_migration(
         spec.uri.clone(),
         spec.migration_uri.clone(),
         ctx.settings.migration_tls,
+        copy_disks,
     );
     let requeue = ctx.requeue.clone();
     let me = kube::runtime::reflector::ObjectRef::from_obj(dom);

@@ -70,13 +70,17 @@ pub fn overdue(
 
 /// The libvirt migration options for a domain with `spec`, to a target reached through
 /// `peer_uri` (by the source libvirtd), `client_uri` (by this process) and `data_uri`,
-/// encrypted when `tls`.
+/// encrypted when `tls`, copying the guest devices `copy_disks` (the disks of the volumes
+/// the controller chose to copy: [`copied_devices`]). Disks are copied only when named: with
+/// `allowCopyStorage` alone libvirt would copy every disk it does not know to be shared,
+/// including an image on shared storage onto itself.
 pub fn options(
     spec: Option<&MigrationSpec>,
     peer_uri: String,
     client_uri: String,
     data_uri: Option<String>,
     tls: bool,
+    copy_disks: Vec<String>,
 ) -> MigrateOptions {
     let mut opts = MigrateOptions::live_to(peer_uri);
     opts.dest_client_uri = Some(client_uri);
@@ -85,7 +89,10 @@ pub fn options(
     if let Some(m) = spec {
         opts.live = m.live;
         opts.auto_converge = m.auto_converge;
-        opts.copy_storage = m.allow_copy_storage;
+        opts.copy_storage = m.allow_copy_storage && !copy_disks.is_empty();
+        if opts.copy_storage {
+            opts.copy_disks = copy_disks;
+        }
         opts.max_downtime_ms = m.max_downtime_millis.map(u64::from);
         opts.bandwidth_mib_s = m
             .bandwidth
@@ -94,6 +101,30 @@ pub fn options(
             .map(|b| b.div_ceil(1024 * 1024));
     }
     opts
+}
+
+/// The guest devices of `disks` (the domain as libvirt runs it) whose source is one of the
+/// pool volumes `copied` (libvirt names, `<namespace>.<name>`), or the first copied volume no
+/// disk reads (a spec changed under the move: the move must not go without it).
+pub fn copied_devices(
+    disks: &[virtkube_engine::model::DiskObserved],
+    copied: &[String],
+) -> Result<Vec<String>, String> {
+    let mut out = Vec::new();
+    for volume in copied {
+        let devs: Vec<String> = disks
+            .iter()
+            .filter(|d| {
+                matches!(&d.source, virtkube_engine::model::DiskSource::Volume { volume: v, .. } if v == volume)
+            })
+            .map(|d| d.target_dev.clone())
+            .collect();
+        if devs.is_empty() {
+            return Err(volume.clone());
+        }
+        out.extend(devs);
+    }
+    Ok(out)
 }
 
 /// What a migration task migrates: libvirt domain `name` of `owner`, through `engine`, with
@@ -341,6 +372,7 @@ mod tests {
             "qemu+tls://b/system".into(),
             Some("tcp://10.0.0.2".into()),
             true,
+            Vec::new(),
         );
         assert!(!o.live && o.auto_converge && !o.copy_storage && o.tls);
         assert_eq!(o.max_downtime_ms, Some(300));
@@ -349,5 +381,70 @@ mod tests {
         assert_eq!(o.dest_client_uri.as_deref(), Some("qemu+tls://b/system"));
         assert_eq!(o.migrate_uri.as_deref(), Some("tcp://10.0.0.2"));
         assert!(o.persistent && o.undefine_source);
+    }
+
+    #[test]
+    fn disks_are_copied_only_when_named_and_allowed() {
+        let mut spec = MigrationSpec {
+            allow_copy_storage: true,
+            ..MigrationSpec::default()
+        };
+        let opts = |spec: &MigrationSpec, disks: Vec<String>| {
+            options(Some(spec), "p".into(), "c".into(), None, false, disks)
+        };
+        // Allowed, but nothing chosen to copy (shared storage): nothing copied.
+        let o = opts(&spec, Vec::new());
+        assert!(!o.copy_storage && o.copy_disks.is_empty());
+        let o = opts(&spec, vec!["vda".into()]);
+        assert!(o.copy_storage);
+        assert_eq!(o.copy_disks, vec!["vda".to_string()]);
+        spec.allow_copy_storage = false;
+        assert!(!opts(&spec, vec!["vda".into()]).copy_storage);
+    }
+
+    #[test]
+    fn copied_devices_are_the_disks_reading_the_copied_volumes() {
+        use virtkube_engine::model::{DiskObserved, DiskSource};
+        let disk = |dev: &str, source: DiskSource| DiskObserved {
+            alias: None,
+            target_dev: dev.into(),
+            bus: None,
+            device: "disk".into(),
+            source,
+            read_only: false,
+            boot_order: None,
+            format: None,
+            backing_chain: Vec::new(),
+        };
+        let disks = vec![
+            disk(
+                "vda",
+                DiskSource::Volume {
+                    pool: "local".into(),
+                    volume: "ns.root".into(),
+                },
+            ),
+            disk(
+                "vdb",
+                DiskSource::File {
+                    path: "/shared/data.img".into(),
+                },
+            ),
+            disk(
+                "vdc",
+                DiskSource::Volume {
+                    pool: "nfs".into(),
+                    volume: "ns.shared".into(),
+                },
+            ),
+        ];
+        assert_eq!(
+            copied_devices(&disks, &["ns.root".into()]),
+            Ok(vec!["vda".to_string()])
+        );
+        assert_eq!(
+            copied_devices(&disks, &["ns.gone".into()]),
+            Err("ns.gone".to_string())
+        );
     }
 }

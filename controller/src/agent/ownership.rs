@@ -13,7 +13,7 @@
 //! explicit act, the annotation [`ADOPT_IMAGE_ANNOTATION`] naming the image's key or path.
 
 use virtkube_crds::Volume;
-use virtkube_crds::volume::{ADOPT_IMAGE_ANNOTATION, VolumePhase};
+use virtkube_crds::volume::{ADOPT_IMAGE_ANNOTATION, TransferState, VolumePhase};
 
 use crate::plan::observed::ObservedVolume;
 
@@ -26,6 +26,9 @@ pub enum ImageClaim {
     Ours,
     /// Not its own yet, but the annotation names exactly this image: adopt it (record its key).
     Adopt,
+    /// The copy libvirt made on this node when the Volume's Domain live-migrated here with
+    /// its disk copied, now that the Volume was handed over to this node: record its key.
+    MovedHere,
     /// Not the Volume's, and not to be taken: the reason, with how to proceed.
     Refused(String),
 }
@@ -41,6 +44,24 @@ pub fn claim(vol: &Volume, image: Option<&ObservedVolume>) -> ImageClaim {
         .as_ref()
         .and_then(|a| a.get(ADOPT_IMAGE_ANNOTATION))
         .map(String::as_str);
+    // A handover to this node: the source removed its image and its key, and the controller
+    // bound the Volume here. The image under the Volume's name is the one libvirt created and
+    // QEMU mirrored during the migration (libvirt reuses an existing one and overwrites it).
+    let moved_here = status
+        .and_then(|s| s.transfer.as_ref().map(|t| (t, s.node_name.as_deref())))
+        .is_some_and(|(t, holder)| {
+            t.state == TransferState::SourceRemoved && holder == Some(t.target_node.as_str())
+        });
+    if moved_here && recorded.is_none() {
+        return match image {
+            Some(_) => ImageClaim::MovedHere,
+            None => ImageClaim::Refused(format!(
+                "the volume was handed over to this node with its Domain's live migration, but pool {} holds no image named {}: the copy is missing, and virtkube does not make an empty one in its place",
+                vol.spec.pool,
+                image_name(vol)
+            )),
+        };
+    }
     let Some(image) = image else {
         return match (adopt, recorded) {
             (Some(wanted), None) => ImageClaim::Refused(format!(
@@ -129,6 +150,40 @@ mod tests {
             phase,
             ..VolumeStatus::default()
         })
+    }
+
+    #[test]
+    fn a_volume_handed_over_takes_the_copy_and_never_makes_an_empty_one() {
+        use virtkube_crds::volume::{TransferState, VolumeTransfer};
+        let handed = |state, holder: &str| {
+            Some(VolumeStatus {
+                node_name: Some(holder.into()),
+                transfer: Some(VolumeTransfer {
+                    domain: "vm".into(),
+                    source_node: "a".into(),
+                    target_node: "b".into(),
+                    state,
+                }),
+                ..VolumeStatus::default()
+            })
+        };
+        let v = volume(handed(TransferState::SourceRemoved, "b"), None);
+        assert_eq!(claim(&v, Some(&image())), ImageClaim::MovedHere);
+        assert!(
+            matches!(claim(&v, None), ImageClaim::Refused(m) if m.contains("the copy is missing"))
+        );
+        // Not bound here yet, or not that far: an image of the name is not taken.
+        for (state, holder) in [
+            (TransferState::SourceRemoved, "a"),
+            (TransferState::Copying, "a"),
+            (TransferState::Copied, "a"),
+        ] {
+            let v = volume(handed(state, holder), None);
+            assert!(
+                matches!(claim(&v, Some(&image())), ImageClaim::Refused(_)),
+                "{state:?}"
+            );
+        }
     }
 
     #[test]

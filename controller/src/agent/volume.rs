@@ -33,7 +33,7 @@ use kube::{Resource, ResourceExt};
 use virtkube_crds::conditions::{self, status as cs};
 use virtkube_crds::quantity::ByteQuantity;
 use virtkube_crds::validation::Validate;
-use virtkube_crds::volume::{VolumePhase, VolumeStatus};
+use virtkube_crds::volume::{TransferState, VolumePhase, VolumeStatus};
 use virtkube_crds::{Domain, Volume};
 use virtkube_engine::model::VolumeObserved;
 
@@ -147,6 +147,9 @@ async fn apply(vol: &Volume, ctx: &Context, api: &Api<Volume>) -> Result<Action>
         }
         return Ok(Action::await_change());
     }
+    if let Some(action) = hand_over(vol, ctx, api).await? {
+        return Ok(action);
+    }
     match converge_here(vol, ctx, api).await {
         Ok((
             read,
@@ -201,6 +204,30 @@ async fn converge_here(
                 ctx.event(vol, false, "Adopted", "Adopt", note).await;
             }
             true
+        }
+        ImageClaim::MovedHere => {
+            if let Some(image) = &here.image {
+                let note = format!(
+                    "took over the copy {} ({}) made on this node by its Domain's live migration",
+                    converge::volume_host_name(vol),
+                    image.path
+                );
+                ctx.event(vol, false, "MovedHere", "Move", note).await;
+            }
+            true
+        }
+        ImageClaim::Absent if vol.status.as_ref().is_some_and(|s| s.transfer.is_some()) => {
+            return Err((
+                read,
+                Error::Unrealizable {
+                    reason: "ImageMissing",
+                    message: format!(
+                        "the image {} is missing from pool {} while the volume is handed over to another node: nothing is made in its place",
+                        converge::volume_host_name(vol),
+                        vol.spec.pool
+                    ),
+                },
+            ));
         }
         ImageClaim::Absent => {
             // Recorded before libvirt is asked: an image found under this name after a crash
@@ -267,6 +294,82 @@ async fn write_creating(ctx: &Context, api: &Api<Volume>, vol: &Volume) -> Resul
         }
     }
     Err(exhausted(&read))
+}
+
+/// The source's part of a handover ([`crate::cluster::volumes::Handover`]): once the
+/// controller says the copy on the target is the data (`Copied`), remove this node's stale
+/// image — only if it is this Volume's (its recorded key) and nothing on this node reads it —
+/// then record `SourceRemoved` without the key. While the disk is being copied, or the
+/// controller has the next step, nothing here changes. `None`: no handover concerns this
+/// node now, reconcile as usual.
+async fn hand_over(vol: &Volume, ctx: &Context, api: &Api<Volume>) -> Result<Option<Action>> {
+    let Some(t) = vol.status.as_ref().and_then(|s| s.transfer.clone()) else {
+        return Ok(None);
+    };
+    if t.source_node != ctx.settings.node {
+        return Ok(None);
+    }
+    match t.state {
+        // The image here is the data until libvirt completes the migration: keep it as is.
+        TransferState::Copying => Ok(None),
+        TransferState::SourceRemoved => Ok(Some(Action::await_change())),
+        TransferState::Copied => {
+            // Deleting data never rests on the watch cache: decide on a fresh read.
+            let Some(vol) = api.get_opt(&vol.name_any()).await? else {
+                return Ok(Some(Action::await_change()));
+            };
+            let vol = &vol;
+            let fresh = vol.status.as_ref().and_then(|s| s.transfer.as_ref());
+            if !concerns(vol, ctx) || fresh != Some(&t) {
+                return Ok(Some(Action::requeue(std::time::Duration::from_secs(1))));
+            }
+            // The Domain runs on the target, on the copy: no resource uses this image.
+            let mut stale = vol.clone();
+            stale.spec.reclaim_policy = virtkube_crds::volume::ReclaimPolicy::Delete;
+            let mut cluster = cluster_view(vol, ctx).await?;
+            cluster.users.clear();
+            match converge::remove_volume(ctx, &stale, &cluster).await {
+                Ok((changes, kept)) => {
+                    let note = match kept {
+                        Some(why) => format!(
+                            "the disk was copied to node {} with Domain {}; the image here is kept: {why}",
+                            t.target_node, t.domain
+                        ),
+                        None if changes.is_empty() => format!(
+                            "the disk was copied to node {} with Domain {}; no image was left here",
+                            t.target_node, t.domain
+                        ),
+                        None => format!(
+                            "the disk was copied to node {} with Domain {}: the stale image here was removed",
+                            t.target_node, t.domain
+                        ),
+                    };
+                    let moved = |v: &Volume| {
+                        let mut status = v.status.clone().unwrap_or_default();
+                        if let Some(now) = status.transfer.as_mut()
+                            && *now == t
+                        {
+                            now.state = TransferState::SourceRemoved;
+                            status.key = None;
+                            status.path = None;
+                        }
+                        status
+                    };
+                    if write(ctx, api, vol, moved).await? {
+                        ctx.event(vol, false, "SourceRemoved", "Move", note).await;
+                    }
+                    Ok(Some(Action::await_change()))
+                }
+                // Something here still reads it (libvirt has not undefined the source copy
+                // yet, or another domain uses it): try again shortly.
+                Err(Error::VolumeInUse { users }) => {
+                    tracing::info!(%users, "stale image of a moved volume still in use here: waiting");
+                    Ok(Some(Action::requeue(std::time::Duration::from_secs(2))))
+                }
+                Err(e) => Err(e),
+            }
+        }
+    }
 }
 
 async fn cleanup(vol: &Volume, ctx: &Context, api: &Api<Volume>) -> Result<Action> {
@@ -471,8 +574,19 @@ fn status_for(
         capacity: current.capacity.clone(),
         allocation: current.allocation.clone(),
         used_by: users(vol, ctx).unwrap_or_else(|| current.used_by.clone()),
+        transfer: current.transfer.clone(),
         ..VolumeStatus::default()
     };
+    // The copy handed over to this node is recorded as the volume's own below: the handover
+    // is over.
+    if observed.is_some()
+        && problem.is_none()
+        && current.transfer.as_ref().is_some_and(|t| {
+            t.state == TransferState::SourceRemoved && t.target_node == ctx.settings.node
+        })
+    {
+        status.transfer = None;
+    }
     match problem {
         Some(p) if !p.spec_valid => set(conditions::SPEC_VALID, false, p.reason, p.message.clone()),
         _ => set(conditions::SPEC_VALID, true, "Valid", String::new()),

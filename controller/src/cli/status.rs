@@ -487,6 +487,7 @@ pub fn volume_status(
         used_by,
         observed_generation: generation,
         conditions: conds,
+        transfer: None,
     }
 }
 

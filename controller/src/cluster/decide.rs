@@ -172,8 +172,13 @@ pub fn decide(dom: &Domain, cx: &Inputs<'_>) -> Decision {
             Some(_) => {}
             None => match drain::ask(dom, h) {
                 Ask::Move => match &demand {
-                    Ok(d) => match scheduler::choose(d, cx.cluster, cx.usage, cx.settings, Some(h))
-                    {
+                    Ok(d) => match scheduler::choose(
+                        &moves::demand_leaving(dom, d, cx.cluster, h),
+                        cx.cluster,
+                        cx.usage,
+                        cx.settings,
+                        Some(h),
+                    ) {
                         Ok(choice) => {
                             facts.requested = Some(choice.node);
                             intent = Intent::Drain;
@@ -276,7 +281,8 @@ pub fn decide(dom: &Domain, cx: &Inputs<'_>) -> Decision {
             } else {
                 moves::REQUESTED
             };
-            moves::approved(&mut status, source, target, reason, now);
+            let copied = moves::volumes_to_copy(dom, cx.cluster, source).unwrap_or_default();
+            moves::approved(&mut status, source, target, reason, copied, now);
             approved = Some(reason);
             notes.push(Note {
                 warning: false,

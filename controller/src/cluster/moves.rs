@@ -70,8 +70,11 @@ pub enum MoveWait {
     TargetNotReady(String, Vec<Refusal>),
     /// The target does not fit the domain.
     TargetUnfit(String, Vec<Refusal>),
-    /// Disks are in node-local pools.
+    /// Disks are in node-local pools and the domain does not allow copying them.
     StorageNotShared(Vec<String>),
+    /// Disks are in node-local pools and copying them is allowed, but some cannot be
+    /// copied: (volume, why).
+    StorageNotCopyable(Vec<(String, String)>),
     /// The domain's spec cannot be read, or it names what does not exist.
     InvalidSpec(Vec<Problem>),
     /// The source's agent is silent: it could not carry the move out.
@@ -92,6 +95,7 @@ impl MoveWait {
             MoveWait::TargetNotReady(..) => "TargetNotReady",
             MoveWait::TargetUnfit(..) => "TargetUnfit",
             MoveWait::StorageNotShared(_) => "StorageNotShared",
+            MoveWait::StorageNotCopyable(_) => "StorageNotCopyable",
             MoveWait::InvalidSpec(_) => "InvalidSpec",
             MoveWait::SourceUnreachable(_) => "SourceUnreachable",
             MoveWait::Backoff(_) => "Backoff",
@@ -136,8 +140,17 @@ impl fmt::Display for MoveWait {
             MoveWait::TargetUnfit(t, why) => write!(f, "node {t} cannot take it: {}", joined(why)),
             MoveWait::StorageNotShared(volumes) => write!(
                 f,
-                "volumes {} are in node-local pools (a move needs every volume in a StoragePool with shared: true; copying disks is not supported yet)",
+                "volumes {} are in node-local pools: a move needs every volume in a StoragePool with shared: true, or spec.migration.allowCopyStorage: true to copy them to the target during a live migration",
                 volumes.join(", ")
+            ),
+            MoveWait::StorageNotCopyable(volumes) => write!(
+                f,
+                "node-local volumes cannot be copied to the target: {}",
+                volumes
+                    .iter()
+                    .map(|(v, why)| format!("{v} {why}"))
+                    .collect::<Vec<_>>()
+                    .join("; ")
             ),
             MoveWait::InvalidSpec(problems) => write!(f, "{}", joined(problems)),
             MoveWait::SourceUnreachable(s) => write!(
@@ -196,11 +209,15 @@ pub fn check(
         Ok(d) => d,
         Err(problems) => return Some(MoveWait::InvalidSpec(problems.clone())),
     };
-    let local = local_volumes(dom, cx.cluster);
-    if !local.is_empty() {
-        return Some(MoveWait::StorageNotShared(local));
-    }
-    let unfit = scheduler::refusals(node, demand, cx.cluster, cx.usage, cx.settings, drain);
+    let copied = match volumes_to_copy(dom, cx.cluster, source) {
+        Ok(copied) => copied,
+        Err(wait) => return Some(wait),
+    };
+    let mut unfit = scheduler::refusals(node, demand, cx.cluster, cx.usage, cx.settings, drain);
+    // The volumes copied go with the domain: their node is no reason to stay.
+    unfit.retain(
+        |r| !matches!(r, Refusal::VolumeElsewhere { volume, .. } if copied.contains(volume)),
+    );
     if !unfit.is_empty() {
         return Some(MoveWait::TargetUnfit(target.to_string(), unfit));
     }
@@ -238,6 +255,112 @@ pub fn local_volumes(dom: &Domain, cluster: &Cluster) -> Vec<String> {
         .collect()
 }
 
+/// The node-local volumes a move of `dom` away from `source` copies to its target (empty
+/// when all its volumes are on shared storage), or why the move cannot go.
+///
+/// Copying is libvirt's: during a live migration with `VIR_MIGRATE_NON_SHARED_DISK` and the
+/// disks listed in `migrate_disks`, the target's libvirt creates a volume of the same name in
+/// its pool of the same name and QEMU mirrors the disk into it. So only a running (or
+/// paused) domain's disks can be copied, only when `migration.allowCopyStorage` says so, and
+/// only a volume that can travel alone: in a node-local pool, held by the source, not pinned
+/// by `spec.nodeName`, not a copy-on-write overlay (its base would have to travel too, and
+/// libvirt would flatten it), no volume built on it, no other Domain using it, and no
+/// earlier handover still under way.
+pub fn volumes_to_copy(
+    dom: &Domain,
+    cluster: &Cluster,
+    source: &str,
+) -> Result<Vec<String>, MoveWait> {
+    let local = local_volumes(dom, cluster);
+    if local.is_empty() {
+        return Ok(local);
+    }
+    let allowed = dom
+        .spec
+        .migration
+        .as_ref()
+        .is_some_and(|m| m.allow_copy_storage);
+    if !allowed {
+        return Err(MoveWait::StorageNotShared(local));
+    }
+    let refusals = copy_refusals(dom, cluster, source, &local);
+    if refusals.is_empty() {
+        Ok(local)
+    } else {
+        Err(MoveWait::StorageNotCopyable(refusals))
+    }
+}
+
+/// `demand` for choosing where `dom` goes when it leaves `source`: the volumes it would
+/// copy there no longer tie it to `source`.
+pub fn demand_leaving(dom: &Domain, demand: &Demand, cluster: &Cluster, source: &str) -> Demand {
+    let mut out = demand.clone();
+    if let Ok(copied) = volumes_to_copy(dom, cluster, source) {
+        out.volume_nodes.retain(|(v, _)| !copied.contains(v));
+    }
+    out
+}
+
+/// Why each of `local` (volumes of `dom` in node-local pools) cannot be copied away from
+/// `source` (see [`volumes_to_copy`]).
+fn copy_refusals(
+    dom: &Domain,
+    cluster: &Cluster,
+    source: &str,
+    local: &[String],
+) -> Vec<(String, String)> {
+    let namespace = dom.namespace().unwrap_or_default();
+    let me = dom.name_any();
+    let live = mode_of(dom.status.as_ref()) == MigrationMode::Live;
+    let mut out = Vec::new();
+    for name in local {
+        let why = match cluster.volumes.get(&(namespace.clone(), name.clone())) {
+            None => Some("does not exist".to_string()),
+            Some(_) if !live => Some(
+                "belongs to a stopped domain: libvirt copies disks only while it live-migrates a running guest (start it, or move it while it runs)".to_string(),
+            ),
+            Some(v) => {
+                let others: Vec<&String> = v.users.iter().filter(|u| **u != me).collect();
+                if let Some(node) = &v.requested {
+                    Some(format!("is pinned to node {node} by its spec.nodeName"))
+                } else if v.overlay {
+                    Some(format!(
+                        "is a copy-on-write overlay on volume {}: its base would have to move too",
+                        v.source.as_deref().unwrap_or("?")
+                    ))
+                } else if !v.derived.is_empty() {
+                    Some(format!("has volumes built on it: {}", v.derived.join(", ")))
+                } else if !others.is_empty() {
+                    Some(format!(
+                        "is also used by Domain {}",
+                        others
+                            .iter()
+                            .map(|s| s.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ))
+                } else if let Some(t) = &v.transfer {
+                    Some(format!(
+                        "is still being handed over from node {} to node {} ({:?})",
+                        t.source_node, t.target_node, t.state
+                    ))
+                } else if v.holder.as_deref() != Some(source) {
+                    Some(format!(
+                        "is held by {}, not by the domain's node {source}",
+                        v.holder.as_deref().unwrap_or("no node yet")
+                    ))
+                } else {
+                    None
+                }
+            }
+        };
+        if let Some(why) = why {
+            out.push((name.clone(), why));
+        }
+    }
+    out
+}
+
 /// How a move goes: live when the guest runs (or is paused), cold otherwise.
 pub fn mode_of(status: Option<&DomainStatus>) -> MigrationMode {
     match status.and_then(|s| s.phase) {
@@ -249,11 +372,13 @@ pub fn mode_of(status: Option<&DomainStatus>) -> MigrationMode {
 }
 
 /// `status` with the move approved: a fresh `Pending` record replaces the previous one.
+/// `copied`: the node-local volumes the move copies ([`volumes_to_copy`]).
 pub fn approved(
     status: &mut DomainStatus,
     source: &str,
     target: &str,
     reason: &str,
+    copied: Vec<String>,
     now: Timestamp,
 ) {
     let mode = mode_of(Some(status));
@@ -264,6 +389,7 @@ pub fn approved(
         start_time: Some(Time(now)),
         mode: Some(mode),
         reason: Some(reason.to_string()),
+        copied_volumes: copied,
         ..MigrationStatus::default()
     });
 }

@@ -184,7 +184,7 @@ pub async fn pass(ctx: &Ctx, state: &mut PassState, snap: Snapshot, now: Timesta
     volumes.sort_by_key(volume_key);
     let mut report = Report::default();
     let settings = &ctx.settings;
-    let cluster = Cluster::build(
+    let mut cluster = Cluster::build(
         &hypervisors,
         &nodes,
         &networks,
@@ -193,6 +193,7 @@ pub async fn pass(ctx: &Ctx, state: &mut PassState, snap: Snapshot, now: Timesta
         settings,
         now,
     );
+    cluster.note_users(&domains);
 
     // How moves ended, once per record (the first pass only notes what it finds).
     let first = !state.started;

@@ -8,7 +8,8 @@ use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use virtkube_crds::conditions::{self, READY};
-use virtkube_crds::{HypervisorNode, Network, StoragePool, Volume};
+use virtkube_crds::volume::VolumeTransfer;
+use virtkube_crds::{Domain, HypervisorNode, Network, StoragePool, Volume};
 
 use super::settings::Settings;
 
@@ -116,6 +117,14 @@ pub struct VolumeView {
     pub holder: Option<String>,
     /// The volume it is cloned from or layered on, if any.
     pub source: Option<String>,
+    /// Whether it is a copy-on-write overlay on `source` (rather than a full clone).
+    pub overlay: bool,
+    /// Its handover to another node, while one is under way.
+    pub transfer: Option<VolumeTransfer>,
+    /// The Domains (of its namespace) whose disks name it.
+    pub users: Vec<String>,
+    /// The Volumes (of its namespace) cloned from it or layered on it.
+    pub derived: Vec<String>,
 }
 
 /// Everything placement needs to know that is not a Domain.
@@ -197,15 +206,48 @@ impl Cluster {
                             .as_ref()
                             .and_then(|s| s.referenced_volume())
                             .map(str::to_string),
+                        overlay: v
+                            .spec
+                            .source
+                            .as_ref()
+                            .is_some_and(|s| s.backing_volume.is_some()),
+                        transfer: v.status.as_ref().and_then(|s| s.transfer.clone()),
+                        users: Vec::new(),
+                        derived: Vec::new(),
                     },
                 )
             })
+            .collect::<BTreeMap<_, _>>();
+        let mut volumes = volumes;
+        let derived: Vec<((String, String), String)> = volumes
+            .iter()
+            .filter_map(|((ns, name), v)| Some(((ns.clone(), v.source.clone()?), name.clone())))
             .collect();
+        for (source, name) in derived {
+            if let Some(v) = volumes.get_mut(&source) {
+                v.derived.push(name);
+            }
+        }
         Cluster {
             nodes,
             pools,
             networks,
             volumes,
+        }
+    }
+
+    /// Records which of `domains` use which volume (a disk naming it), for the moves that
+    /// copy volumes ([`super::moves::copy_refusals`]).
+    pub fn note_users(&mut self, domains: &[Domain]) {
+        for dom in domains {
+            let ns = dom.namespace().unwrap_or_default();
+            for vol in dom.spec.disks.iter().filter_map(|d| d.volume.as_ref()) {
+                if let Some(v) = self.volumes.get_mut(&(ns.clone(), vol.clone()))
+                    && !v.users.contains(&dom.name_any())
+                {
+                    v.users.push(dom.name_any());
+                }
+            }
         }
     }
 

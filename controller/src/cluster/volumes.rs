@@ -20,7 +20,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use virtkube_crds::conditions::status;
-use virtkube_crds::volume::VolumeStatus;
+use virtkube_crds::domain::MigrationState;
+use virtkube_crds::volume::{TransferState, VolumeStatus, VolumeTransfer};
 use virtkube_crds::{Domain, Volume};
 
 use super::conditions::{SCHEDULED, set};
@@ -43,6 +44,23 @@ pub struct Consumers {
     derived: BTreeMap<Key, Vec<String>>,
     /// (namespace, volume) → its holder.
     holders: BTreeMap<Key, Option<String>>,
+    /// (namespace, domain) → its move record, for the moves that copy volumes.
+    copying_moves: BTreeMap<Key, CopyingMove>,
+}
+
+/// A move record that copies volumes, as the volumes' handover needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyingMove {
+    /// The record's state.
+    pub state: MigrationState,
+    /// Where the domain leaves from.
+    pub source: String,
+    /// Where it goes.
+    pub target: String,
+    /// The volumes copied.
+    pub copied: Vec<String>,
+    /// The domain's holder now.
+    pub holder: Option<String>,
 }
 
 impl Consumers {
@@ -56,6 +74,22 @@ impl Consumers {
             let ns = dom.namespace().unwrap_or_default();
             let facts = crate::placement::write::facts_of(dom);
             let target = facts.claim.active_move().map(|m| m.target.clone());
+            if let Some(m) = dom.status.as_ref().and_then(|s| s.migration.as_ref())
+                && !m.copied_volumes.is_empty()
+                && let (Some(state), Some(source), Some(target)) =
+                    (m.state, m.source_node.clone(), m.target_node.clone())
+            {
+                c.copying_moves.insert(
+                    (ns.clone(), dom.name_any()),
+                    CopyingMove {
+                        state,
+                        source,
+                        target,
+                        copied: m.copied_volumes.clone(),
+                        holder: facts.claim.holder.clone(),
+                    },
+                );
+            }
             for vol in dom.spec.disks.iter().filter_map(|d| d.volume.as_ref()) {
                 c.by_volume
                     .entry((ns.clone(), vol.clone()))
@@ -114,6 +148,23 @@ impl Consumers {
         })
     }
 
+    /// The move record of Domain `ns/domain`, when it copies volumes.
+    pub fn copying_move(&self, ns: &str, domain: &str) -> Option<&CopyingMove> {
+        self.copying_moves
+            .get(&(ns.to_string(), domain.to_string()))
+    }
+
+    /// The Domains using volume `ns/name` whose move copies it away from `holder`.
+    fn moves_copying(&self, ns: &str, name: &str, holder: &str) -> Vec<(String, &CopyingMove)> {
+        self.copying_moves
+            .iter()
+            .filter(|((dns, _), m)| {
+                dns == ns && m.source == holder && m.copied.iter().any(|v| v == name)
+            })
+            .map(|((_, d), m)| (d.clone(), m))
+            .collect()
+    }
+
     /// Every node whose agent needs to see the volume: the nodes holding (or receiving in a
     /// move) a Domain that uses it or a volume derived from it, and the holders of volumes
     /// derived from it (which read it to create theirs).
@@ -155,6 +206,12 @@ pub fn decide_volume(
     let mut st = old.clone();
     let generation = vol.metadata.generation;
     let mut notes = Vec::new();
+    // A handover goes on even while the Volume is being deleted: its data is wherever the
+    // handover says, and the deletion waits for the domain using it anyway.
+    if let Some(step) = handover(vol, consumers) {
+        apply_handover(&mut st, step, generation, now, &mut notes);
+        return VolumeDecision { status: st, notes };
+    }
     if vol.metadata.deletion_timestamp.is_some() {
         return VolumeDecision { status: st, notes };
     }
@@ -337,4 +394,169 @@ fn shared_pick(
             ),
         )
     })
+}
+
+/// What the controller does next in a volume's handover to another node (a live migration of
+/// its Domain that copies its disk). The handover's steps, each written by one party with a
+/// compare-and-swap:
+///
+/// 1. controller: the Domain's move that copies the volume is approved or running (a record
+///    naming it in `copiedVolumes`, from the volume's holder) → `transfer: Copying`;
+/// 2. controller: the move `Succeeded` and the Domain's claim names the target → `Copied`
+///    (the guest runs on the target's copy; the source's image is stale); `Failed` or
+///    `Aborted` → the transfer is dropped (the guest runs on the source's image, which stays
+///    the volume's);
+/// 3. the source's agent (still the holder) removes its stale image and its key →
+///    `SourceRemoved`;
+/// 4. controller: binds the volume to the target (`status.nodeName`);
+/// 5. the target's agent, now the holder, records the copy's key and drops the transfer.
+///
+/// The volume always has exactly one holder, and its data is never deleted: the source's
+/// image goes only after libvirt completed the migration onto the copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Handover {
+    /// Step 1: record the transfer.
+    Begin {
+        /// The Domain.
+        domain: String,
+        /// The volume's holder.
+        source: String,
+        /// Where it goes.
+        target: String,
+    },
+    /// Step 2: the copy is the data now.
+    Copied,
+    /// Step 2: the move failed; the source keeps the volume.
+    Drop {
+        /// How the move ended.
+        ended: MigrationState,
+    },
+    /// Step 4: bind the volume to the target.
+    Bind {
+        /// The target.
+        target: String,
+    },
+}
+
+/// The next step of `vol`'s handover that is the controller's to take, if any (pure).
+pub fn handover(vol: &Volume, consumers: &Consumers) -> Option<Handover> {
+    let ns = vol.namespace().unwrap_or_default();
+    let name = vol.name_any();
+    let status = vol.status.as_ref()?;
+    let holder = status.node_name.as_deref()?;
+    match &status.transfer {
+        None => {
+            let (domain, m) = consumers
+                .moves_copying(&ns, &name, holder)
+                .into_iter()
+                .find(|(_, m)| {
+                    matches!(
+                        m.state,
+                        MigrationState::Pending
+                            | MigrationState::Running
+                            | MigrationState::Succeeded
+                    )
+                })?;
+            // A record that succeeded before the controller saw it running: the copy is
+            // the data already (step 2 follows on the next decision).
+            if m.state == MigrationState::Succeeded && m.holder.as_deref() != Some(&m.target) {
+                return None;
+            }
+            Some(Handover::Begin {
+                domain,
+                source: holder.to_string(),
+                target: m.target.clone(),
+            })
+        }
+        Some(t) if t.state == TransferState::Copying => {
+            let m = consumers.copying_move(&ns, &t.domain)?;
+            if m.source != t.source_node || m.target != t.target_node || !m.copied.contains(&name) {
+                return None;
+            }
+            match m.state {
+                MigrationState::Succeeded if m.holder.as_deref() == Some(&t.target_node) => {
+                    Some(Handover::Copied)
+                }
+                MigrationState::Failed | MigrationState::Aborted => {
+                    Some(Handover::Drop { ended: m.state })
+                }
+                _ => None,
+            }
+        }
+        Some(t) if t.state == TransferState::SourceRemoved && holder == t.source_node => {
+            Some(Handover::Bind {
+                target: t.target_node.clone(),
+            })
+        }
+        Some(_) => None,
+    }
+}
+
+fn apply_handover(
+    st: &mut VolumeStatus,
+    step: Handover,
+    generation: Option<i64>,
+    now: Timestamp,
+    notes: &mut Vec<Note>,
+) {
+    match step {
+        Handover::Begin {
+            domain,
+            source,
+            target,
+        } => {
+            notes.push(Note {
+                warning: false,
+                reason: "HandoverStarted".into(),
+                action: "Move",
+                message: format!(
+                    "Domain {domain} moves from {source} to {target} with this volume's disk copied: the volume goes with it"
+                ),
+            });
+            st.transfer = Some(VolumeTransfer {
+                domain,
+                source_node: source,
+                target_node: target,
+                state: TransferState::Copying,
+            });
+        }
+        Handover::Copied => {
+            if let Some(t) = st.transfer.as_mut() {
+                t.state = TransferState::Copied;
+            }
+        }
+        Handover::Drop { ended } => {
+            if let Some(t) = st.transfer.take() {
+                notes.push(Note {
+                    warning: false,
+                    reason: "HandoverCancelled".into(),
+                    action: "Move",
+                    message: format!(
+                        "the move of Domain {} ended {ended:?}: the volume stays on {}",
+                        t.domain, t.source_node
+                    ),
+                });
+            }
+        }
+        Handover::Bind { target } => {
+            let message =
+                format!("on {target}: its disk was copied there with its Domain's live migration");
+            st.node_name = Some(target);
+            set(
+                &mut st.conditions,
+                SCHEDULED,
+                status::TRUE,
+                "MovedWithDomain",
+                message.clone(),
+                generation,
+                now,
+            );
+            notes.push(Note {
+                warning: false,
+                reason: "MovedWithDomain".into(),
+                action: "Schedule",
+                message,
+            });
+        }
+    }
 }

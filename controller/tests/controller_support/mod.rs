@@ -137,7 +137,9 @@ impl World {
         let networks: Vec<Network> = self.networks.iter().cloned().map(obj).collect();
         let pools: Vec<StoragePool> = self.pools.iter().cloned().map(obj).collect();
         let volumes: Vec<Volume> = self.volumes.iter().cloned().map(obj).collect();
-        Cluster::build(&hvns, &nodes, &networks, &pools, &volumes, settings, t)
+        let mut cluster = Cluster::build(&hvns, &nodes, &networks, &pools, &volumes, settings, t);
+        cluster.note_users(&self.domains());
+        cluster
     }
 
     /// The domains, typed.
