@@ -798,3 +798,135 @@ async fn libvirtd_restarted_mid_migration_leaves_the_guest_on_one_node() {
     assert_only_on(&c, &ns, "vm", "node-b");
     c.shutdown().await;
 }
+
+/// A running domain whose disk is a volume of a node-local pool moves with
+/// `allowCopyStorage`: libvirt copies the disk during the live migration, the volume is
+/// handed over to the target (its copy recorded there, the stale image on the source
+/// removed), the data written before the move is on the target, and at no sample did the
+/// guest run on both nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs private libvirtd: scripts/libvirt-nodes.sh up, then --run-ignored"]
+async fn a_move_copies_a_node_local_volume_with_the_guest() {
+    let mut c = cluster().await;
+    let ns = c.namespace("plcopy");
+    let pool = format!("{ns}-local");
+    let image = format!("{ns}.disk");
+    // Each daemon has its own /var/lib/libvirt (a mount namespace per node): the pool is
+    // node-local for real.
+    c.api
+        .create(
+            "storagepools",
+            json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "StoragePool",
+                   "metadata": {"name": pool},
+                   "spec": {"type": "dir", "target": {"path": format!("/var/lib/libvirt/{pool}")}}}),
+        )
+        .unwrap();
+    c.api
+        .create(
+            "volumes",
+            json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "Volume",
+                   "metadata": {"name": "disk", "namespace": ns},
+                   "spec": {"pool": pool, "capacity": "8Mi", "format": "raw", "reclaimPolicy": "Delete"}}),
+        )
+        .unwrap();
+    let mut dom = small_domain(&ns, "vm", Some("node-a"));
+    dom["spec"]["disks"] = json!([{"name": "data", "volume": "disk"}]);
+    dom["spec"]["migration"] = json!({"allowCopyStorage": true});
+    c.api.create("domains", dom).unwrap();
+    c.until(120, "running on node-a with its volume", || {
+        c.domain(&ns, "vm")
+            .is_some_and(|d| settled_on(&d, "node-a"))
+    })
+    .await;
+    let uri_a = c.node("node-a").uri.clone();
+    let uri_b = c.node("node-b").uri.clone();
+
+    // Data the guest's disk holds before the move.
+    let dir = tempfile::tempdir().unwrap();
+    let marker: Vec<u8> = (0..1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let upload = dir.path().join("marker");
+    std::fs::write(&upload, &marker).unwrap();
+    virsh(
+        &uri_a,
+        &[
+            "vol-upload",
+            "--pool",
+            &pool,
+            &image,
+            upload.to_str().unwrap(),
+        ],
+    );
+
+    let guest = format!("{ns}.vm");
+    let sampler = Sampler::start(&guest, c.node("node-b"), c.node("node-a"));
+    let started = Instant::now();
+    request(&c, &ns, "vm", "node-b");
+    c.until(120, "settled on node-b", || {
+        c.domain(&ns, "vm")
+            .is_some_and(|d| settled_on(&d, "node-b"))
+    })
+    .await;
+    let settle = started.elapsed();
+    let volume = || c.api.get("volumes", &ns, "disk").unwrap();
+    c.until(60, "the volume handed over to node-b", || {
+        let v = volume();
+        v["status"]["nodeName"] == "node-b"
+            && v["status"]["transfer"].is_null()
+            && v["status"]["key"].is_string()
+            && v["status"]["phase"] == "Available"
+    })
+    .await;
+    let handed = started.elapsed();
+    let samples = sampler.finish();
+    let dom = c.domain(&ns, "vm").unwrap();
+    report("move-copying-storage", &samples, settle, Some(&dom));
+    println!(
+        "move-copying-storage: volume handed over {:.1}s after the request",
+        handed.as_secs_f64()
+    );
+    samples.assert_never_on_both("move copying storage");
+    assert_only_on(&c, &ns, "vm", "node-b");
+    assert_eq!(dom["status"]["migration"]["state"], "Succeeded");
+    assert_eq!(dom["status"]["migration"]["copiedVolumes"], json!(["disk"]));
+    // The stale image left node-a; the copy on node-b holds the data.
+    let listed_on = |uri: &str| virsh(uri, &["vol-list", "--pool", &pool]);
+    assert!(!listed_on(&uri_a).contains(&image), "{}", listed_on(&uri_a));
+    assert!(listed_on(&uri_b).contains(&image), "{}", listed_on(&uri_b));
+    let download = dir.path().join("copy");
+    virsh(
+        &uri_b,
+        &[
+            "vol-download",
+            "--pool",
+            &pool,
+            &image,
+            download.to_str().unwrap(),
+        ],
+    );
+    let copy = std::fs::read(&download).unwrap();
+    assert_eq!(copy.len(), 8 << 20);
+    assert!(
+        copy[..marker.len()] == marker[..],
+        "the data moved with the disk"
+    );
+    assert_eq!(event_count(&c.api, "disk", "SourceRemoved"), 1);
+    assert_eq!(event_count(&c.api, "disk", "MovedHere"), 1);
+    assert_eq!(warnings(&c.api, "disk"), Vec::<(String, String)>::new());
+
+    // Everything goes: the guest, the volume (reclaimPolicy Delete) on node-b, the pool.
+    c.api.delete("domains", &ns, "vm").unwrap();
+    c.until(60, "the Domain gone", || c.domain(&ns, "vm").is_none())
+        .await;
+    c.api.delete("volumes", &ns, "disk").unwrap();
+    c.until(60, "the Volume gone", || {
+        c.api.get("volumes", &ns, "disk").is_none()
+    })
+    .await;
+    assert!(!listed_on(&uri_b).contains(&image));
+    c.api.delete("storagepools", "", &pool).unwrap();
+    c.until(60, "the pool gone", || {
+        c.api.get("storagepools", "", &pool).is_none()
+    })
+    .await;
+    c.shutdown().await;
+}
