@@ -804,11 +804,11 @@ async fn libvirtd_restarted_mid_migration_leaves_the_guest_on_one_node() {
 /// handed over to the target (its copy recorded there, the stale image on the source
 /// removed), the data written before the move is on the target, and at no sample did the
 /// guest run on both nodes.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs private libvirtd: scripts/libvirt-nodes.sh up, then --run-ignored"]
-async fn a_move_copies_a_node_local_volume_with_the_guest() {
-    let mut c = cluster().await;
-    let ns = c.namespace("plcopy");
+/// A namespace with a node-local dir pool (`<ns>-local`, on both nodes), a raw Volume `disk`
+/// in it (reclaimPolicy Delete), and Domain `vm` using it with `allowCopyStorage`, running
+/// on node-a; returns the namespace, the pool and the image's libvirt name.
+async fn running_with_a_local_volume(c: &mut Cluster, prefix: &str) -> (String, String, String) {
+    let ns = c.namespace(prefix);
     let pool = format!("{ns}-local");
     let image = format!("{ns}.disk");
     // Each daemon has its own /var/lib/libvirt (a mount namespace per node): the pool is
@@ -838,6 +838,14 @@ async fn a_move_copies_a_node_local_volume_with_the_guest() {
             .is_some_and(|d| settled_on(&d, "node-a"))
     })
     .await;
+    (ns, pool, image)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs private libvirtd: scripts/libvirt-nodes.sh up, then --run-ignored"]
+async fn a_move_copies_a_node_local_volume_with_the_guest() {
+    let mut c = cluster().await;
+    let (ns, pool, image) = running_with_a_local_volume(&mut c, "plcopy").await;
     let uri_a = c.node("node-a").uri.clone();
     let uri_b = c.node("node-b").uri.clone();
 
@@ -923,6 +931,55 @@ async fn a_move_copies_a_node_local_volume_with_the_guest() {
     })
     .await;
     assert!(!listed_on(&uri_b).contains(&image));
+    c.api.delete("storagepools", "", &pool).unwrap();
+    c.until(60, "the pool gone", || {
+        c.api.get("storagepools", "", &pool).is_none()
+    })
+    .await;
+    c.shutdown().await;
+}
+
+/// The Domain and its copied Volume deleted as soon as the copying move succeeded: the
+/// Domain's deletion waits for the volume's handover, the Volume's for the Domain, and then
+/// both go, with the image gone from both nodes (reclaimPolicy Delete): nothing stuck,
+/// nothing left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs private libvirtd: scripts/libvirt-nodes.sh up, then --run-ignored"]
+async fn deleting_right_after_a_copying_move_waits_for_the_handover_and_leaves_nothing() {
+    let mut c = cluster().await;
+    let (ns, pool, image) = running_with_a_local_volume(&mut c, "plcopydel").await;
+    request(&c, &ns, "vm", "node-b");
+    c.until(120, "the copying move succeeded", || {
+        c.domain(&ns, "vm")
+            .is_some_and(|d| d["status"]["migration"]["state"] == "Succeeded")
+    })
+    .await;
+    let transfer = c.api.get("volumes", &ns, "disk").unwrap()["status"]["transfer"].clone();
+    c.api.delete("domains", &ns, "vm").unwrap();
+    c.api.delete("volumes", &ns, "disk").unwrap();
+    let started = Instant::now();
+    c.until(90, "the Domain and the Volume gone", || {
+        c.domain(&ns, "vm").is_none() && c.api.get("volumes", &ns, "disk").is_none()
+    })
+    .await;
+    println!(
+        "deleted right after a copying move (handover then {}): both gone in {:.1}s",
+        transfer["state"].as_str().unwrap_or("not begun"),
+        started.elapsed().as_secs_f64()
+    );
+    for n in &c.nodes {
+        let listed = virsh(&n.uri, &["vol-list", "--pool", &pool]);
+        assert!(
+            !listed.contains(&image),
+            "{image} left on {}: {listed}",
+            n.name
+        );
+        assert!(
+            !defined_on(&n.uri, &format!("{ns}.vm")),
+            "guest left on {}",
+            n.name
+        );
+    }
     c.api.delete("storagepools", "", &pool).unwrap();
     c.until(60, "the pool gone", || {
         c.api.get("storagepools", "", &pool).is_none()

@@ -628,7 +628,7 @@ pub async fn remove_volume(
         return Ok((Vec::new(), None));
     };
     match ownership::claim(vol, Some(image)) {
-        ImageClaim::Ours => image.owned = true,
+        ImageClaim::Ours | ImageClaim::MovedHere => image.owned = true,
         _ => {
             return Ok((
                 Vec::new(),

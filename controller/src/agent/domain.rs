@@ -503,6 +503,13 @@ async fn act(
             Ok(Next::Again)
         }
         AgentStep::Finalize => {
+            if let Some(volume) = handover_unfinished(dom, ctx).await? {
+                tracing::info!(
+                    volume,
+                    "deletion waits for the handover of a volume its last move copied"
+                );
+                return Ok(Next::Return(Action::requeue(Duration::from_secs(2))));
+            }
             remove_finalizer(dom, api).await?;
             Ok(Next::Return(Action::await_change()))
         }
@@ -761,6 +768,31 @@ async fn ensure_finalizer(dom: &Domain, api: &Api<Domain>) -> Result<Domain> {
 }
 
 /// Removes the finalizer once nothing of the domain is left here.
+/// A volume the domain's last move copied whose handover still depends on this domain (its
+/// `status.transfer` names it, `Copying`). The deletion waits for it: the controller learns
+/// from the domain's move record that the copy is the data (`Copied`), and without the record
+/// a volume whose data was copied would stay bound to the node with the stale image. The
+/// later steps need no domain.
+async fn handover_unfinished(dom: &Domain, ctx: &Context) -> Result<Option<String>> {
+    let Some(m) = dom.status.as_ref().and_then(|s| s.migration.as_ref()) else {
+        return Ok(None);
+    };
+    let ns = dom.namespace().unwrap_or_default();
+    let volumes: Api<virtkube_crds::Volume> = Api::namespaced(ctx.client.clone(), &ns);
+    for name in &m.copied_volumes {
+        let transfer = volumes
+            .get_opt(name)
+            .await?
+            .and_then(|v| v.status.and_then(|s| s.transfer));
+        if transfer.is_some_and(|t| {
+            t.domain == dom.name_any() && t.state == virtkube_crds::volume::TransferState::Copying
+        }) {
+            return Ok(Some(name.clone()));
+        }
+    }
+    Ok(None)
+}
+
 async fn remove_finalizer(dom: &Domain, api: &Api<Domain>) -> Result<()> {
     let Some(i) = dom.finalizers().iter().position(|f| f == FINALIZER) else {
         return Ok(());

@@ -373,6 +373,15 @@ async fn hand_over(vol: &Volume, ctx: &Context, api: &Api<Volume>) -> Result<Opt
 }
 
 async fn cleanup(vol: &Volume, ctx: &Context, api: &Api<Volume>) -> Result<Action> {
+    // A handover under way goes on, and the finalizer stays meanwhile (an `Ok` here would
+    // let the Volume go): the Domain it moved with waits for the handover before it may go,
+    // and this deletion waits for that Domain.
+    if hand_over(vol, ctx, api).await?.is_some() {
+        return Err(Error::Unrealizable {
+            reason: "HandoverUnderway",
+            message: "the volume is being handed over to another node with its Domain: deleted once that is done".into(),
+        });
+    }
     let cluster = cluster_view(vol, ctx).await?;
     match converge::remove_volume(ctx, vol, &cluster).await {
         Ok((changes, kept)) => {
