@@ -202,7 +202,7 @@ pub struct VolumeTransfer {
 }
 
 /// How far a volume's handover is.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
 pub enum TransferState {
     /// The Domain's migration is approved or running; libvirt copies the disk to a volume of
     /// the same name in the target's pool of the same name. The source's image is the data.

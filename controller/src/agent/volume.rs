@@ -42,6 +42,7 @@ use super::converge::{self, Converged};
 use super::error::{Error, Result};
 use super::ownership::{self, ImageClaim};
 use super::reconcile;
+use crate::cluster::volumes::{SourceStep, source_step};
 use crate::placement::write::{WriteError, write_status};
 use crate::plan::dependents::{self, DomainRefs, ResourceUser, VolumeRefs};
 
@@ -303,17 +304,16 @@ async fn write_creating(ctx: &Context, api: &Api<Volume>, vol: &Volume) -> Resul
 /// controller has the next step, nothing here changes. `None`: no handover concerns this
 /// node now, reconcile as usual.
 async fn hand_over(vol: &Volume, ctx: &Context, api: &Api<Volume>) -> Result<Option<Action>> {
-    let Some(t) = vol.status.as_ref().and_then(|s| s.transfer.clone()) else {
-        return Ok(None);
-    };
-    if t.source_node != ctx.settings.node {
-        return Ok(None);
-    }
-    match t.state {
-        // The image here is the data until libvirt completes the migration: keep it as is.
-        TransferState::Copying => Ok(None),
-        TransferState::SourceRemoved => Ok(Some(Action::await_change())),
-        TransferState::Copied => {
+    let transfer = vol.status.as_ref().and_then(|s| s.transfer.clone());
+    match source_step(transfer.as_ref(), &ctx.settings.node) {
+        // The image here is the data until libvirt completes the migration: reconcile as
+        // usual (an image missing meanwhile is never made again: see `converge_here`).
+        SourceStep::None | SourceStep::Keep => Ok(None),
+        SourceStep::Wait => Ok(Some(Action::await_change())),
+        SourceStep::RemoveStale => {
+            let Some(t) = transfer else {
+                return Ok(None);
+            };
             // Deleting data never rests on the watch cache: decide on a fresh read.
             let Some(vol) = api.get_opt(&vol.name_any()).await? else {
                 return Ok(Some(Action::await_change()));

@@ -560,3 +560,31 @@ fn apply_handover(
         }
     }
 }
+
+/// What the agent of `node` does in a handover it is the source of (step 3 of [`Handover`]),
+/// decided on a fresh read of the Volume it holds. Pure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceStep {
+    /// No handover from this node: reconcile as usual.
+    None,
+    /// The disk is being copied: the image here is the data; change nothing that would make,
+    /// grow or delete it, and never make one in its place.
+    Keep,
+    /// The copy is the data: delete the stale image here (if it is the volume's own and
+    /// nothing here reads it), then record `SourceRemoved` without its key.
+    RemoveStale,
+    /// Done here; the controller has the next step.
+    Wait,
+}
+
+/// The source's step for a Volume with `transfer`, on `node` (see [`SourceStep`]).
+pub fn source_step(transfer: Option<&VolumeTransfer>, node: &str) -> SourceStep {
+    match transfer {
+        Some(t) if t.source_node == node => match t.state {
+            TransferState::Copying => SourceStep::Keep,
+            TransferState::Copied => SourceStep::RemoveStale,
+            TransferState::SourceRemoved => SourceStep::Wait,
+        },
+        _ => SourceStep::None,
+    }
+}
