@@ -16,6 +16,7 @@
 //! The processes and the API server come from the tests' `process_support` (the same
 //! `Cluster` the placement tests use). Nothing here is random: no seeds to fix.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -28,7 +29,7 @@ use virt::connect::Connect;
 use virtkube_crds::Domain;
 
 use super::Machine;
-use super::process_support::{Cluster, Node, settled_on};
+use super::process_support::{Cluster, Node, http_get, settled_on};
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -87,6 +88,22 @@ pub struct CreationRun {
     pub api_loop: f64,
     /// Load average when the repetition started.
     pub load: String,
+    /// What node A's agent spent its time on during the virtkube run (its metrics).
+    #[serde(default)]
+    pub agent: Option<AgentTime>,
+}
+
+/// Node A's agent's time during a virtkube creation run, from the first apply until all are
+/// Ready (the deletion after it not included): differences of its metrics.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct AgentTime {
+    /// Domain reconciles.
+    pub reconciles: u64,
+    /// Their summed duration, seconds.
+    pub reconcile_seconds: f64,
+    /// libvirt calls by engine call: (calls, summed seconds, the engine's pool wait
+    /// included).
+    pub libvirt: BTreeMap<String, (u64, f64)>,
 }
 
 impl CreationRun {
@@ -156,6 +173,10 @@ pub async fn run(opts: &Options) -> anyhow::Result<QemuResults> {
     c.start_agent("node-b");
     c.start_controller("c1", "virtkube-controller");
     c.wait_ready().await;
+    let ports: BTreeMap<String, u16> = ["node-a", "node-b"]
+        .into_iter()
+        .map(|n| (n.to_string(), c.agent(n).port))
+        .collect();
     let a = c.node("node-a").clone();
     // Guests of the loops that an interrupted run left (the Domains' guests are removed by
     // the cluster itself).
@@ -186,7 +207,12 @@ pub async fn run(opts: &Options) -> anyhow::Result<QemuResults> {
             match way {
                 Way::Virtkube => {
                     let ns = c.namespace(&format!("qc{rep}-"));
-                    vk = Some(create_through_virtkube(&c, &ns, opts.n, &memory, &a).await?);
+                    let before = agent_metrics(ports["node-a"]).await?;
+                    let mut run = create_through_virtkube(&c, &ns, opts.n, &memory, &a).await?;
+                    let after = agent_metrics(ports["node-a"]).await?;
+                    run.agent = Some(agent_time(&before, &after));
+                    vk = Some(run);
+                    delete_all(&c, &ns, &guest_names(opts.n), &a).await?;
                 }
                 Way::Virsh => {
                     let names = loop_names("virsh", rep, opts.n);
@@ -228,6 +254,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<QemuResults> {
             api_running,
             api_loop,
             load,
+            agent: vk.agent,
         };
         eprintln!(
             "  virtkube {:.2}s (Ready {:.2}s), virsh {:.2}s, API {:.2}s: ratio {:.2}",
@@ -292,11 +319,17 @@ async fn apply_all(
     Ok(())
 }
 
+/// The Domains of a creation run.
+fn guest_names(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("vm{i:02}")).collect()
+}
+
 /// What one virtkube creation run measured.
 struct VirtkubeCreation {
     running: Vec<f64>,
     applied: f64,
     ready: f64,
+    agent: Option<AgentTime>,
 }
 
 async fn create_through_virtkube(
@@ -306,7 +339,7 @@ async fn create_through_virtkube(
     memory: &str,
     node: &Node,
 ) -> anyhow::Result<VirtkubeCreation> {
-    let names: Vec<String> = (0..n).map(|i| format!("vm{i:02}")).collect();
+    let names = guest_names(n);
     let guests: Vec<String> = names.iter().map(|m| format!("{ns}.{m}")).collect();
     let started = Instant::now();
     // The watcher reads libvirt on its own thread while the applies go out.
@@ -330,11 +363,11 @@ async fn create_through_virtkube(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let ready = started.elapsed().as_secs_f64();
-    delete_all(c, ns, &names, node).await?;
     Ok(VirtkubeCreation {
         running,
         applied,
         ready,
+        agent: None,
     })
 }
 
@@ -627,7 +660,8 @@ async fn migrate_virtkube(
         let (from, to, guest) = (from.clone(), to.clone(), guest.to_string());
         tokio::task::spawn_blocking(move || wait_moved(&from, &to, &guest, started, 120)).await??
     };
-    let settled = wait_settled(c, ns, "vm", &to.name, 120).await?;
+    wait_settled(c, ns, "vm", &to.name, 120).await?;
+    let settled = started.elapsed();
     let dom = c.domain(ns, "vm").context("the Domain")?;
     Ok(MigrationRun {
         tool: Way::Virtkube,
@@ -744,4 +778,55 @@ async fn drift(c: &mut Cluster, trials: usize, memory: &str) -> anyhow::Result<V
     }
     delete_all(c, &ns, &["vm".to_string()], &node).await?;
     Ok(out)
+}
+
+/// An agent's counters: `name{labels}` → value.
+type Metrics = BTreeMap<String, f64>;
+
+/// The agent's `/metrics` on `port`.
+async fn agent_metrics(port: u16) -> anyhow::Result<Metrics> {
+    let (code, text) = http_get(port, "/metrics")
+        .await
+        .context("scraping the agent")?;
+    if code != 200 {
+        bail!("the agent's /metrics answered {code}");
+    }
+    let body = text.split_once("\r\n\r\n").map_or(text.as_str(), |s| s.1);
+    Ok(body
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (key, value) = l.rsplit_once(' ')?;
+            Some((key.to_string(), value.parse().ok()?))
+        })
+        .collect())
+}
+
+/// The `call` label of a metric key.
+fn call_label(key: &str) -> Option<&str> {
+    key.split("call=\"").nth(1)?.split('"').next()
+}
+
+/// What the agent did between two scrapes.
+fn agent_time(before: &Metrics, after: &Metrics) -> AgentTime {
+    let d = |key: &str| {
+        after.get(key).copied().unwrap_or(0.0) - before.get(key).copied().unwrap_or(0.0)
+    };
+    let mut t = AgentTime {
+        reconciles: d("virtkube_agent_reconcile_duration_seconds_count{kind=\"Domain\"}") as u64,
+        reconcile_seconds: d("virtkube_agent_reconcile_duration_seconds_sum{kind=\"Domain\"}"),
+        libvirt: BTreeMap::new(),
+    };
+    for key in after.keys() {
+        let Some(call) = call_label(key) else {
+            continue;
+        };
+        if key.starts_with("virtkube_agent_libvirt_calls_total{") {
+            t.libvirt.entry(call.to_string()).or_default().0 = d(key) as u64;
+        } else if key.starts_with("virtkube_agent_libvirt_call_seconds_total{") {
+            t.libvirt.entry(call.to_string()).or_default().1 = d(key);
+        }
+    }
+    t.libvirt.retain(|_, (n, _)| *n > 0);
+    t
 }

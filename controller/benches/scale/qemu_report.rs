@@ -127,6 +127,44 @@ fn creation(s: &mut String, runs: &[CreationRun]) -> anyhow::Result<()> {
             2
         ),
     )?;
+    agent_time(s, runs)?;
+    Ok(())
+}
+
+/// Where node A's agent spent its time in each virtkube run (its metrics), beside the
+/// virsh loop's time per guest.
+fn agent_time(s: &mut String, runs: &[CreationRun]) -> anyhow::Result<()> {
+    if runs.iter().all(|r| r.agent.is_none()) {
+        return Ok(());
+    }
+    writeln!(
+        s,
+        "Node A's agent during the virtkube runs (differences of its metrics; libvirt call \
+         times include the wait for the engine's thread pool), beside the virsh loop's time \
+         per guest:\n"
+    )?;
+    writeln!(
+        s,
+        "| run | `domain_define` mean (s) | `domain_start` calls | `domain_start` mean (s) | virsh loop / guest (s) |\n|---|---|---|---|---|"
+    )?;
+    for (i, r) in runs.iter().enumerate() {
+        let Some(t) = &r.agent else { continue };
+        let mean = |call: &str| {
+            t.libvirt.get(call).map_or("-".to_string(), |(n, secs)| {
+                format!("{:.3}", secs / (*n).max(1) as f64)
+            })
+        };
+        writeln!(
+            s,
+            "| {} | {} | {} | {} | {:.2} |",
+            i + 1,
+            mean("domain_define"),
+            t.libvirt.get("domain_start").map_or(0, |(n, _)| *n),
+            mean("domain_start"),
+            r.virsh_loop / r.n.max(1) as f64,
+        )?;
+    }
+    writeln!(s)?;
     Ok(())
 }
 
@@ -151,7 +189,7 @@ fn migration(s: &mut String, runs: &[MigrationRun]) -> anyhow::Result<()> {
     )?;
     writeln!(
         s,
-        "| # | tool | from → to | moved (s) | done (s) | downtime (ms) | libvirt job (ms) |"
+        "| # | tool | from → to | moved (s) | done (s) | downtime (ms) | libvirt job, virsh (ms) |"
     )?;
     writeln!(s, "|---|---|---|---|---|---|---|")?;
     for (i, m) in runs.iter().enumerate() {
