@@ -6,10 +6,19 @@
 //! cargo bench -p virtkube --bench scale -- measure --n 10,100,1000 --reps 3 --out results.json
 //! cargo bench -p virtkube --bench scale -- report --results results.json
 //! ```
+//!
+//! `qemu` measures the real-QEMU parts (creation, live migration and drift against `virsh`
+//! on the private libvirtd daemons of `scripts/libvirt-nodes.sh`, see `qemu.rs`); `report`
+//! renders them as the report's "Real QEMU" section from `docs/performance/qemu-results.json`.
 
 #[path = "../../tests/scale_support/mod.rs"]
 mod scale_support;
 
+#[path = "../../tests/process_support/mod.rs"]
+mod process_support;
+
+mod qemu;
+mod qemu_report;
 mod report;
 
 use std::path::PathBuf;
@@ -38,6 +47,28 @@ enum Cmd {
         #[arg(long)]
         append: bool,
     },
+    /// Measures the real-QEMU parts on the private daemons (their environment from
+    /// `scripts/libvirt-nodes.sh up DIR`: `set -a; . DIR/env; set +a`) and writes them as JSON.
+    Qemu {
+        /// Guests per creation run.
+        #[arg(long, default_value_t = 20)]
+        n: usize,
+        /// Creation repetitions.
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// Live migrations per tool (virtkube, virsh), alternating directions.
+        #[arg(long, default_value_t = 6)]
+        migrations: usize,
+        /// `virsh destroy` → running again trials.
+        #[arg(long, default_value_t = 50)]
+        drift_trials: usize,
+        /// Guest memory, MiB.
+        #[arg(long, default_value_t = 64)]
+        memory_mib: u64,
+        /// The results file.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Writes the report and plots from a results file.
     Report {
         /// The results file.
@@ -62,7 +93,7 @@ pub struct Results {
 }
 
 /// The machine, and how busy it was.
-#[derive(Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Machine {
     /// CPU model.
     pub cpu: String,
@@ -160,6 +191,28 @@ fn main() -> anyhow::Result<()> {
                 };
                 std::fs::write(&out, serde_json::to_string_pretty(&results)?)?;
             }
+            Ok(())
+        }
+        Cmd::Qemu {
+            n,
+            reps,
+            migrations,
+            drift_trials,
+            memory_mib,
+            out,
+        } => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            let opts = qemu::Options {
+                n,
+                reps,
+                migrations,
+                drift_trials,
+                memory_mib,
+                out,
+            };
+            rt.block_on(qemu::run(&opts))?;
             Ok(())
         }
         Cmd::Report { results, md, plots } => {

@@ -40,7 +40,7 @@ pub fn summary_line(m: &Measurement) -> String {
 }
 
 /// min, median, max.
-fn spread(mut v: Vec<f64>) -> (f64, f64, f64) {
+pub(crate) fn spread(mut v: Vec<f64>) -> (f64, f64, f64) {
     v.sort_by(f64::total_cmp);
     if v.is_empty() {
         return (0.0, 0.0, 0.0);
@@ -48,7 +48,8 @@ fn spread(mut v: Vec<f64>) -> (f64, f64, f64) {
     (v[0], v[v.len() / 2], v[v.len() - 1])
 }
 
-fn fmt_spread(v: Vec<f64>, digits: usize) -> String {
+/// `median (min–max)`, or `value (1 run)`.
+pub(crate) fn fmt_spread(v: Vec<f64>, digits: usize) -> String {
     let reps = v.len();
     let (lo, mid, hi) = spread(v);
     if reps == 1 {
@@ -237,6 +238,9 @@ pub fn write(results: &Results, md: &Path, plots: &Path) -> anyhow::Result<()> {
     }
     writeln!(s, "\n### API calls per Domain while deleting\n")?;
     api_table(&mut s, &groups, |m| &m.delete)?;
+    // The real-QEMU runs are measured apart (`scripts/bench --qemu`) and kept in their own
+    // results file beside the plots.
+    super::qemu_report::section(&mut s, plots, &plot_rel)?;
     writeln!(s, "\n{NOTES}")?;
     std::fs::write(md, s)?;
     plot(&groups, plots)?;
