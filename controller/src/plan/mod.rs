@@ -18,6 +18,7 @@ pub mod cluster;
 pub mod dependents;
 pub mod desired;
 mod domain;
+pub mod host_devices;
 pub mod json;
 pub mod observed;
 pub mod render;
@@ -283,6 +284,13 @@ pub enum Op {
         /// Its MAC address.
         mac: String,
     },
+    /// Pass a host PCI device through to the running domain and its definition (hotplug).
+    AttachHostDevice(Box<desired::DesiredHostDevice>),
+    /// Unplug a host PCI device (by address) from the running domain and its definition.
+    DetachHostDevice {
+        /// Its PCI address on the host.
+        address: String,
+    },
     /// Shut down, redefine, start again (`updatePolicy: Restart`).
     RestartDomain {
         /// The new definition.
@@ -343,6 +351,8 @@ impl Op {
             Op::DetachDisk { target } => format!("unplug disk {target}"),
             Op::AttachInterface(n) => format!("plug in NIC {} on {}", n.name, n.network),
             Op::DetachInterface { mac } => format!("unplug NIC {mac}"),
+            Op::AttachHostDevice(h) => format!("plug in host device {} ({})", h.name, h.address),
+            Op::DetachHostDevice { address } => format!("unplug host device {address}"),
             Op::RestartDomain { .. } => "restart with the new definition".into(),
             Op::DeleteDomain => "shut down, destroy, undefine".into(),
             Op::MigrateDomain { to, .. } => format!("live-migrate to {to}"),
