@@ -1349,3 +1349,30 @@ fn validate_os(os: &OsSpec, errors: &mut FieldErrors) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The planner's check and the CRD's pattern must say the same (the API server enforces
+    /// the pattern; the agent and the CLI the function).
+    #[test]
+    fn the_pci_address_check_agrees_with_the_crd_pattern() {
+        let pattern = regex::Regex::new(PCI_ADDRESS_PATTERN).unwrap();
+        for text in [
+            "0000:06:00.0",
+            "ffff:ff:1f.7",
+            "0000:06:20.0",
+            "0000:06:00.8",
+            "0000:0A:00.0",
+            "06:00.0",
+            "0000:06:00.0\n",
+            "0000-06-00.0",
+            "",
+        ] {
+            assert_eq!(is_pci_address(text), pattern.is_match(text), "{text:?}");
+        }
+        assert!(is_pci_address("0000:06:00.0"));
+        assert!(!is_pci_address("0000:06:20.0"));
+    }
+}
