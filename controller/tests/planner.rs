@@ -1055,6 +1055,87 @@ fn dhcp_and_dns_hosts_change_live_under_running_guests() {
     assert!(plan::plan(&d, &observed, &PlanOptions::default()).is_empty());
 }
 
+/// DHCP ranges change live while DHCP stays on (`virNetworkUpdate`, libvirt restarts the
+/// network's dnsmasq, the bridge and the guests' links stay): removals, then additions;
+/// their order is no difference; removing the last range turns DHCP off, a recreation.
+#[test]
+fn dhcp_ranges_change_live_while_dhcp_stays_on() {
+    use virtkube::plan::{DhcpRangeUpdate, NetworkUpdate};
+    let range = |s: &str, e: &str| (s.to_string(), e.to_string());
+    let update = |s: &str, e: &str| DhcpRangeUpdate {
+        start: s.into(),
+        end: e.into(),
+    };
+    let mut base = desired();
+    base.networks[0].dhcp = vec![range("10.1.0.100", "10.1.0.150")];
+    let mut observed = converged(&base);
+    assert!(plan::plan(&base, &observed, &PlanOptions::default()).is_empty());
+    let mut d = base.clone();
+    d.networks[0].dhcp = vec![
+        range("10.1.0.160", "10.1.0.200"),
+        range("10.1.0.100", "10.1.0.120"),
+    ];
+    let p = plan::plan(&d, &observed, &PlanOptions::default());
+    assert!(p.notices.is_empty(), "{}", p.render(true));
+    let on_a: Vec<NetworkUpdate> = p
+        .actions
+        .iter()
+        .filter(|a| a.node == "a")
+        .map(|a| match &a.op {
+            Op::UpdateNetwork(u) => u.clone(),
+            other => panic!("not a live update: {other:?}\n{}", p.render(true)),
+        })
+        .collect();
+    assert_eq!(
+        on_a,
+        [
+            NetworkUpdate::DeleteDhcpRange(update("10.1.0.100", "10.1.0.150")),
+            NetworkUpdate::AddDhcpRange(update("10.1.0.100", "10.1.0.120")),
+            NetworkUpdate::AddDhcpRange(update("10.1.0.160", "10.1.0.200")),
+        ],
+        "{}",
+        p.render(true)
+    );
+    assert!(p.actions.iter().all(|a| a.symbol == Symbol::Live));
+    assert!(
+        p.render(true)
+            .contains("add DHCP range 10.1.0.160-10.1.0.200"),
+        "{}",
+        p.render(true)
+    );
+    simulate::apply(&mut observed, &p).unwrap();
+    assert!(plan::plan(&d, &observed, &PlanOptions::default()).is_empty());
+    // The same ranges in another order: nothing to do.
+    let mut reordered = d.clone();
+    reordered.networks[0].dhcp.reverse();
+    assert!(plan::plan(&reordered, &observed, &PlanOptions::default()).is_empty());
+    // No range left: DHCP off, a recreation (waiting on node a for its running guest).
+    let mut off = d.clone();
+    off.networks[0].dhcp.clear();
+    let p = plan::plan(&off, &observed, &PlanOptions::default());
+    assert!(
+        !p.actions
+            .iter()
+            .any(|a| matches!(a.op, Op::UpdateNetwork(_))),
+        "{}",
+        p.render(true)
+    );
+    let on_b: Vec<&str> = p
+        .actions
+        .iter()
+        .filter(|a| a.node == "b")
+        .map(|a| verb_of(&a.op))
+        .collect();
+    assert_eq!(on_b, ["delete", "define", "start", "autostart"]);
+    assert!(
+        p.notices
+            .iter()
+            .any(|n| n.kind == NoticeKind::RestartPending && n.node == "a"),
+        "{}",
+        p.render(true)
+    );
+}
+
 /// Without DHCP ranges, the first lease turns DHCP on: dnsmasq reads that only at start, so
 /// the network is recreated (and waits for its running guests), never updated live.
 #[test]

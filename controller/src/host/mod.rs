@@ -819,6 +819,14 @@ pub fn network_edit(u: &NetworkUpdate) -> NetworkEdit {
         NetworkUpdate::DeleteDhcpHost(h) => NetworkEdit::DeleteDhcpHost(dhcp_host_def(h)),
         NetworkUpdate::AddDnsHost(h) => NetworkEdit::AddDnsHost(dns_host_def(h)),
         NetworkUpdate::DeleteDnsHost(h) => NetworkEdit::DeleteDnsHost(dns_host_def(h)),
+        NetworkUpdate::AddDhcpRange(r) => NetworkEdit::AddDhcpRange(DhcpRange {
+            start: r.start.clone(),
+            end: r.end.clone(),
+        }),
+        NetworkUpdate::DeleteDhcpRange(r) => NetworkEdit::DeleteDhcpRange(DhcpRange {
+            start: r.start.clone(),
+            end: r.end.clone(),
+        }),
     }
 }
 

@@ -177,6 +177,25 @@ pub enum NetworkUpdate {
     /// Remove an address's DNS names (libvirt cannot modify them: a change is a delete and
     /// an add).
     DeleteDnsHost(DnsEntry),
+    /// Add a DHCP range.
+    AddDhcpRange(DhcpRangeUpdate),
+    /// Remove a DHCP range (libvirt matches start and end).
+    DeleteDhcpRange(DhcpRangeUpdate),
+}
+
+/// A DHCP range changed live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DhcpRangeUpdate {
+    /// First address.
+    pub start: String,
+    /// Last address.
+    pub end: String,
+}
+
+impl std::fmt::Display for DhcpRangeUpdate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.start, self.end)
+    }
 }
 
 /// What an action does.
@@ -322,6 +341,8 @@ impl Op {
                 NetworkUpdate::DeleteDhcpHost(h) => format!("remove DHCP host {}", h.mac),
                 NetworkUpdate::AddDnsHost(h) => format!("add DNS host {h}"),
                 NetworkUpdate::DeleteDnsHost(h) => format!("remove DNS host {}", h.ip),
+                NetworkUpdate::AddDhcpRange(r) => format!("add DHCP range {r}"),
+                NetworkUpdate::DeleteDhcpRange(r) => format!("remove DHCP range {r}"),
             },
             Op::SetPoolAutostart(on) | Op::SetNetworkAutostart(on) | Op::SetDomainAutostart(on) => {
                 format!("autostart {}", if *on { "on" } else { "off" })
@@ -580,13 +601,56 @@ fn step(op: Op, why: &str, changes: Vec<Change>) -> Step {
     (op, why.to_string(), changes)
 }
 
-/// The live updates that bring a network's DHCP leases and DNS entries to the spec: removals
-/// first (so an address or name can move between entries), then changes, then additions.
+/// A network's DHCP ranges as `start-end`, in no particular order (dnsmasq reads them as a
+/// set, and libvirt appends a range added live at the end).
+fn range_set<'a>(ranges: impl IntoIterator<Item = &'a String>) -> BTreeSet<&'a str> {
+    ranges.into_iter().map(String::as_str).collect()
+}
+
+/// The live updates that bring a network's DHCP ranges, leases and DNS entries to the spec:
+/// removals first (so an address or name can move between entries), then changes, then
+/// additions. Ranges are only changed here while DHCP stays on (some range before and
+/// after): turning DHCP on or off recreates the network.
 fn network_updates(o: &ObservedNetwork, net: &DesiredNetwork) -> Vec<Step> {
     const WHY: &str = "virNetworkUpdate: dnsmasq rereads its files, the network keeps running";
+    const RANGE_WHY: &str =
+        "virNetworkUpdate: libvirt restarts the network's dnsmasq, the network keeps running";
     let mut deletes = Vec::new();
     let mut modifies = Vec::new();
     let mut adds = Vec::new();
+    let want_ranges: Vec<String> = net.dhcp.iter().map(|(s, e)| format!("{s}-{e}")).collect();
+    if !want_ranges.is_empty() && !o.dhcp.is_empty() {
+        let (want, have) = (range_set(&want_ranges), range_set(&o.dhcp));
+        let update = |text: &str| {
+            let (start, end) = text.split_once('-').unwrap_or((text, text));
+            DhcpRangeUpdate {
+                start: start.to_string(),
+                end: end.to_string(),
+            }
+        };
+        for gone in have.difference(&want) {
+            deletes.push(step(
+                Op::UpdateNetwork(NetworkUpdate::DeleteDhcpRange(update(gone))),
+                RANGE_WHY,
+                vec![Change::new(
+                    &format!("ip.dhcp.ranges[{gone}]"),
+                    *gone,
+                    "(none)",
+                )],
+            ));
+        }
+        for new in want.difference(&have) {
+            adds.push(step(
+                Op::UpdateNetwork(NetworkUpdate::AddDhcpRange(update(new))),
+                RANGE_WHY,
+                vec![Change::new(
+                    &format!("ip.dhcp.ranges[{new}]"),
+                    "(none)",
+                    *new,
+                )],
+            ));
+        }
+    }
     let want_lease = |mac: &str| net.dhcp_hosts.iter().find(|h| h.mac == mac);
     for have in &o.dhcp_hosts {
         let field = format!("ip.dhcp.hosts[mac={}]", have.mac);
@@ -1173,7 +1237,10 @@ pub fn plan(desired: &DesiredState, observed: &ObservedState, options: &PlanOpti
                     }
                     let want_dhcp: Vec<String> =
                         net.dhcp.iter().map(|(s, e)| format!("{s}-{e}")).collect();
-                    if want_dhcp != o.dhcp {
+                    // Ranges change live while DHCP stays on (network_updates); the first
+                    // range or the last one turns DHCP on or off, which dnsmasq reads only
+                    // when the network starts.
+                    if want_dhcp.is_empty() != o.dhcp.is_empty() {
                         redefine.push(Change::new(
                             "ip.dhcp.ranges",
                             o.dhcp.join(","),

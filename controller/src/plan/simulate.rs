@@ -208,6 +208,15 @@ pub fn apply_action(state: &mut ObservedState, a: &Action) -> Result<(), SimErro
                 NetworkUpdate::DeleteDhcpHost(h) => n.dhcp_hosts.retain(|o| o != h),
                 NetworkUpdate::AddDnsHost(h) => n.dns_hosts.push(h.clone()),
                 NetworkUpdate::DeleteDnsHost(h) => n.dns_hosts.retain(|o| o != h),
+                NetworkUpdate::AddDhcpRange(r) => n.dhcp.push(r.to_string()),
+                NetworkUpdate::DeleteDhcpRange(r) => {
+                    let text = r.to_string();
+                    let before = n.dhcp.len();
+                    n.dhcp.retain(|o| *o != text);
+                    if n.dhcp.len() == before {
+                        return Err(SimError(format!("no DHCP range {text}")));
+                    }
+                }
             }
         }
         Op::SetNetworkAutostart(on) => net_mut(state, a)?.autostart = *on,
