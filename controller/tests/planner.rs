@@ -1055,11 +1055,12 @@ fn dhcp_and_dns_hosts_change_live_under_running_guests() {
     assert!(plan::plan(&d, &observed, &PlanOptions::default()).is_empty());
 }
 
-/// DHCP ranges change live while DHCP stays on (`virNetworkUpdate`, libvirt restarts the
-/// network's dnsmasq, the bridge and the guests' links stay): removals, then additions;
-/// their order is no difference; removing the last range turns DHCP off, a recreation.
+/// DHCP ranges change live (`virNetworkUpdate`: libvirt restarts the network's dnsmasq, the
+/// bridge and the guests' links stay): removals, then additions, after the lease and DNS
+/// changes; their order is no difference; the last range removed or the first added (DHCP
+/// off or on) is live too.
 #[test]
-fn dhcp_ranges_change_live_while_dhcp_stays_on() {
+fn dhcp_ranges_change_live_even_turning_dhcp_on_or_off() {
     use virtkube::plan::{DhcpRangeUpdate, NetworkUpdate};
     let range = |s: &str, e: &str| (s.to_string(), e.to_string());
     let update = |s: &str, e: &str| DhcpRangeUpdate {
@@ -1109,30 +1110,44 @@ fn dhcp_ranges_change_live_while_dhcp_stays_on() {
     let mut reordered = d.clone();
     reordered.networks[0].dhcp.reverse();
     assert!(plan::plan(&reordered, &observed, &PlanOptions::default()).is_empty());
-    // No range left: DHCP off, a recreation (waiting on node a for its running guest).
+    // No range left: DHCP off, live too (libvirt restarts dnsmasq without DHCP); the range
+    // changes come after the lease changes, so that restart sees the leases too.
     let mut off = d.clone();
     off.networks[0].dhcp.clear();
+    off.networks[0].dhcp_hosts = vec![virtkube::plan::observed::DhcpLease {
+        mac: "52:54:00:00:00:01".into(),
+        ip: "10.1.0.5".into(),
+        name: None,
+    }];
     let p = plan::plan(&off, &observed, &PlanOptions::default());
+    assert!(p.notices.is_empty(), "{}", p.render(true));
+    let on_a: Vec<&Op> = p
+        .actions
+        .iter()
+        .filter(|a| a.node == "a")
+        .map(|a| &a.op)
+        .collect();
     assert!(
-        !p.actions
-            .iter()
-            .any(|a| matches!(a.op, Op::UpdateNetwork(_))),
+        matches!(
+            on_a[..],
+            [
+                Op::UpdateNetwork(NetworkUpdate::AddDhcpHost(_)),
+                Op::UpdateNetwork(NetworkUpdate::DeleteDhcpRange(_)),
+                Op::UpdateNetwork(NetworkUpdate::DeleteDhcpRange(_)),
+            ]
+        ),
         "{}",
         p.render(true)
     );
-    let on_b: Vec<&str> = p
-        .actions
-        .iter()
-        .filter(|a| a.node == "b")
-        .map(|a| verb_of(&a.op))
-        .collect();
-    assert_eq!(on_b, ["delete", "define", "start", "autostart"]);
+    simulate::apply(&mut observed, &p).unwrap();
+    assert!(plan::plan(&off, &observed, &PlanOptions::default()).is_empty());
+    // And back on: live.
+    let p = plan::plan(&base, &observed, &PlanOptions::default());
+    assert!(p.notices.is_empty(), "{}", p.render(true));
     assert!(
-        p.notices
+        p.actions
             .iter()
-            .any(|n| n.kind == NoticeKind::RestartPending && n.node == "a"),
-        "{}",
-        p.render(true)
+            .all(|a| a.symbol == Symbol::Live && matches!(a.op, Op::UpdateNetwork(_)))
     );
 }
 

@@ -607,10 +607,12 @@ fn range_set<'a>(ranges: impl IntoIterator<Item = &'a String>) -> BTreeSet<&'a s
     ranges.into_iter().map(String::as_str).collect()
 }
 
-/// The live updates that bring a network's DHCP ranges, leases and DNS entries to the spec:
-/// removals first (so an address or name can move between entries), then changes, then
-/// additions. Ranges are only changed here while DHCP stays on (some range before and
-/// after): turning DHCP on or off recreates the network.
+/// The live updates that bring a network's DHCP leases, DNS entries and DHCP ranges to the
+/// spec: removals first (so an address or name can move between entries), then changes,
+/// then additions; range changes last. A lease or DNS change only makes dnsmasq reread its
+/// files (SIGHUP), while a range change makes libvirt restart dnsmasq with a configuration
+/// written from the whole new definition (seen on libvirt 9.0): last, that restart also
+/// picks up whether DHCP is on at all (the first range, or the last one going).
 fn network_updates(o: &ObservedNetwork, net: &DesiredNetwork) -> Vec<Step> {
     const WHY: &str = "virNetworkUpdate: dnsmasq rereads its files, the network keeps running";
     const RANGE_WHY: &str =
@@ -618,8 +620,9 @@ fn network_updates(o: &ObservedNetwork, net: &DesiredNetwork) -> Vec<Step> {
     let mut deletes = Vec::new();
     let mut modifies = Vec::new();
     let mut adds = Vec::new();
+    let mut ranges = Vec::new();
     let want_ranges: Vec<String> = net.dhcp.iter().map(|(s, e)| format!("{s}-{e}")).collect();
-    if !want_ranges.is_empty() && !o.dhcp.is_empty() {
+    {
         let (want, have) = (range_set(&want_ranges), range_set(&o.dhcp));
         let update = |text: &str| {
             let (start, end) = text.split_once('-').unwrap_or((text, text));
@@ -629,7 +632,7 @@ fn network_updates(o: &ObservedNetwork, net: &DesiredNetwork) -> Vec<Step> {
             }
         };
         for gone in have.difference(&want) {
-            deletes.push(step(
+            ranges.push(step(
                 Op::UpdateNetwork(NetworkUpdate::DeleteDhcpRange(update(gone))),
                 RANGE_WHY,
                 vec![Change::new(
@@ -640,7 +643,7 @@ fn network_updates(o: &ObservedNetwork, net: &DesiredNetwork) -> Vec<Step> {
             ));
         }
         for new in want.difference(&have) {
-            adds.push(step(
+            ranges.push(step(
                 Op::UpdateNetwork(NetworkUpdate::AddDhcpRange(update(new))),
                 RANGE_WHY,
                 vec![Change::new(
@@ -714,6 +717,7 @@ fn network_updates(o: &ObservedNetwork, net: &DesiredNetwork) -> Vec<Step> {
     }
     deletes.extend(modifies);
     deletes.extend(adds);
+    deletes.extend(ranges);
     deletes
 }
 
@@ -1235,18 +1239,10 @@ pub fn plan(desired: &DesiredState, observed: &ObservedState, options: &PlanOpti
                     if want_ip != have_ip {
                         redefine.push(Change::new("ip", opt(&have_ip), opt(&want_ip)));
                     }
-                    let want_dhcp: Vec<String> =
-                        net.dhcp.iter().map(|(s, e)| format!("{s}-{e}")).collect();
-                    // Ranges change live while DHCP stays on (network_updates); the first
-                    // range or the last one turns DHCP on or off, which dnsmasq reads only
-                    // when the network starts.
-                    if want_dhcp.is_empty() != o.dhcp.is_empty() {
-                        redefine.push(Change::new(
-                            "ip.dhcp.ranges",
-                            o.dhcp.join(","),
-                            want_dhcp.join(","),
-                        ));
-                    } else if want_dhcp.is_empty()
+                    // Ranges change live (network_updates): libvirt restarts dnsmasq with
+                    // the new configuration, DHCP turned on or off included.
+                    if net.dhcp.is_empty()
+                        && o.dhcp.is_empty()
                         && o.dhcp_hosts.is_empty() != net.dhcp_hosts.is_empty()
                     {
                         // Without ranges, the first or last lease turns DHCP itself on or off:
