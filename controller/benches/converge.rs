@@ -55,6 +55,7 @@ fn domain(ns: &str, i: usize) -> DesiredDomain {
         cmdline: None,
         disks: vec![],
         interfaces: vec![],
+        host_devices: vec![],
         restart_now: false,
         migration: DesiredMigration::default(),
     }

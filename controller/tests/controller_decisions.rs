@@ -192,6 +192,32 @@ fn each_filter_refuses_in_its_own_words() {
             "pinned CPU 3 taken by default/other",
         ),
         (
+            "a PCI device the node does not list",
+            base(),
+            with(
+                plain.clone(),
+                json!({"spec": {"hostDevices": [{"name": "gpu", "address": "0000:07:00.0"}]}}),
+            ),
+            "no PCI device 0000:07:00.0",
+        ),
+        (
+            "a PCI device another domain of the node has",
+            World {
+                hvns: vec![with_pci(hvn("node-a", "8Gi", 4, 10), &["0000:07:00.0"])],
+                domains: vec![with(
+                    domain("default", "other", "1Gi"),
+                    json!({"spec": {"hostDevices": [{"name": "t4", "address": "0000:07:00.0"}]},
+                           "status": {"nodeName": "node-a"}}),
+                )],
+                ..base()
+            },
+            with(
+                plain.clone(),
+                json!({"spec": {"hostDevices": [{"name": "gpu", "address": "0000:07:00.0"}]}}),
+            ),
+            "PCI device 0000:07:00.0 taken by default/other",
+        ),
+        (
             "more vCPUs than the node allows a guest",
             base(),
             with(plain.clone(), json!({"spec": {"cpu": {"vcpus": 80}}})),
@@ -456,6 +482,136 @@ fn spec_node_name_binds_to_a_ready_node_even_when_it_does_not_fit() {
     assert_eq!(
         find(&d.status.conditions, "Scheduled").unwrap().message,
         "spec.nodeName is node-c, which is heartbeat stale"
+    );
+}
+
+/// `hvn` with PCI devices at `addresses` in its host facts.
+fn with_pci(hvn: serde_json::Value, addresses: &[&str]) -> serde_json::Value {
+    let devices: Vec<serde_json::Value> = addresses
+        .iter()
+        .map(|a| json!({"address": a, "name": format!("pci_{}", a.replace([':', '.'], "_")), "vendorId": "0x10de", "productId": "0x1eb8"}))
+        .collect();
+    with(hvn, json!({"status": {"host": {"pciDevices": devices}}}))
+}
+
+#[test]
+fn host_devices_place_a_domain_only_where_listed_and_it_moves_only_cold() {
+    let gpu = json!({"spec": {"hostDevices": [{"name": "gpu", "address": "0000:07:00.0"}]}});
+    // node-b has the device but less memory: without it node-a would win on the score.
+    let world = World {
+        hvns: vec![
+            hvn("node-a", "16Gi", 8, 1),
+            with_pci(
+                hvn("node-b", "4Gi", 8, 1),
+                &["0000:07:00.0", "0000:08:00.0"],
+            ),
+        ],
+        ..World::default()
+    };
+    let s = settings();
+    let cluster = world.cluster(&s);
+    let dom: Domain = obj(with(domain("default", "ml", "1Gi"), gpu.clone()));
+    let d = demand(&dom, &cluster).unwrap();
+    let choice = choose(&d, &cluster, &Usage::default(), &s, None).unwrap();
+    assert_eq!(choice.node, "node-b");
+
+    // A second domain with the same device finds no node: node-b's is taken.
+    let placed: Domain = obj(with(
+        domain("default", "ml", "1Gi"),
+        with(gpu.clone(), json!({"status": {"nodeName": "node-b"}})),
+    ));
+    let usage = Usage::of([&placed]);
+    let second: Domain = obj(with(domain("default", "ml2", "1Gi"), gpu.clone()));
+    let refused = choose(
+        &demand(&second, &cluster).unwrap(),
+        &cluster,
+        &usage,
+        &s,
+        None,
+    )
+    .unwrap_err();
+    assert_eq!(
+        refused.message(),
+        "0/2 nodes are available: node-a: no PCI device 0000:07:00.0; node-b: PCI device 0000:07:00.0 taken by default/ml"
+    );
+    assert_eq!(
+        refused.reasons(),
+        BTreeSet::from(["host_device_missing", "host_device_taken"])
+    );
+    let taken = World {
+        domains: vec![with(
+            domain("default", "ml", "1Gi"),
+            with(gpu.clone(), json!({"status": {"nodeName": "node-b"}})),
+        )],
+        ..world.clone()
+    };
+    let d = decide_now(&taken, &second);
+    assert_eq!(d.step, ControllerStep::Unschedulable);
+    let c = find(&d.status.conditions, "Scheduled").unwrap();
+    assert_eq!(c.status, "False");
+    assert!(
+        c.message.contains("no PCI device 0000:07:00.0"),
+        "{}",
+        c.message
+    );
+
+    // Running on node-a with the device, asked to node-b: libvirt cannot live-migrate it.
+    let both = World {
+        hvns: vec![
+            with_pci(hvn("node-a", "16Gi", 8, 1), &["0000:07:00.0"]),
+            with_pci(hvn("node-b", "16Gi", 8, 1), &["0000:07:00.0"]),
+        ],
+        ..World::default()
+    };
+    let running: Domain = obj(held("ml", "node-a", Some("node-b"), gpu.clone()));
+    let d = decide_now(&both, &running);
+    assert_eq!(d.step, ControllerStep::MoveWaits);
+    assert!(
+        matches!(d.wait, Some(MoveWait::HostDevices(ref names)) if names == &vec!["gpu".to_string()]),
+        "{:?}",
+        d.wait
+    );
+    let c = find(&d.status.conditions, "MoveWaiting").unwrap();
+    assert_eq!(c.reason, "HostDevicesAttached");
+    assert!(c.message.contains("cannot live-migrate"), "{}", c.message);
+
+    // Stopped, it moves cold to a node that has the device.
+    let stopped: Domain = obj(held(
+        "ml",
+        "node-a",
+        Some("node-b"),
+        with(gpu.clone(), json!({"status": {"phase": "Stopped"}})),
+    ));
+    let d = decide_now(&both, &stopped);
+    assert_eq!(
+        d.step,
+        ControllerStep::ApproveMove {
+            source: "node-a".into(),
+            target: "node-b".into()
+        }
+    );
+    assert_eq!(
+        d.status.migration.unwrap().mode,
+        Some(virtkube_crds::domain::MigrationMode::Cold)
+    );
+
+    // A drain of node-a cannot take the running one away: blocked, saying why.
+    let mut drained = both.clone();
+    drained.nodes.push(k8s_node("node-a", true, json!([])));
+    let d = decide_now(&drained, &obj(held("ml", "node-a", None, gpu)));
+    assert!(
+        matches!(
+            d.drain,
+            Some((
+                _,
+                Role::Blocked {
+                    reason: "HostDevicesAttached",
+                    ..
+                }
+            ))
+        ),
+        "{:?}",
+        d.drain
     );
 }
 

@@ -5,7 +5,10 @@
 //!   namespace) converges in one round, each active with its bridge present;
 //! * a DHCP lease and a DNS entry added to the running isolated network are planned as live
 //!   `~` updates only and carried out without restarting it (same bridge device, dnsmasq's
-//!   files hold them); removing them is live too; then everything is deleted by plan.
+//!   files hold them); removing them is live too;
+//! * its DHCP ranges changed, all removed, and added back are live `~` updates too: libvirt
+//!   restarts its dnsmasq with the new ranges, the bridge stays; then everything is deleted
+//!   by plan.
 //!
 //! ```sh
 //! scripts/libvirt-nodes.sh up DIR; set -a; . DIR/env; set +a
@@ -76,7 +79,15 @@ impl Drop for Cleanup {
     }
 }
 
-fn manifests(tag: &str, octet: u32, host_bridge: &str, entries: bool) -> String {
+/// The Networks of the test; `iso_ranges` replaces the isolated network's DHCP ranges (a
+/// YAML flow list, the `{octet}` and `{third}` of its addresses filled in; `[]`: no DHCP).
+fn manifests(
+    tag: &str,
+    octet: u32,
+    host_bridge: &str,
+    entries: bool,
+    iso_ranges: Option<&str>,
+) -> String {
     let mut text = String::new();
     for (i, (short, mode)) in [
         ("nat", "nat"),
@@ -96,11 +107,22 @@ fn manifests(tag: &str, octet: u32, host_bridge: &str, entries: bool) -> String 
         } else {
             String::new()
         };
+        let ranges = match iso_ranges {
+            Some(r) if *mode == "isolated" => r
+                .replace("{octet}", &octet.to_string())
+                .replace("{third}", &third.to_string()),
+            _ => format!("[{{start: 10.{octet}.{third}.100, end: 10.{octet}.{third}.150}}]"),
+        };
+        // No range at all: no `dhcp` (the API wants ranges or hosts in it).
+        let dhcp = if ranges == "[]" {
+            String::new()
+        } else {
+            format!("\n    dhcp:\n      ranges: {ranges}")
+        };
         text.push_str(&format!(
             "apiVersion: virtkube.io/v1alpha1\nkind: Network\nmetadata: {{name: vkp{short}{tag}}}\n\
              spec:\n  mode: {mode}\n  bridge: vkp{short}{tag}b\n  autostart: false\n\
-             \x20 ip:\n    address: 10.{octet}.{third}.1\n    prefix: 24\n    dhcp:\n\
-             \x20     ranges: [{{start: 10.{octet}.{third}.100, end: 10.{octet}.{third}.150}}]{extra}\n---\n"
+             \x20 ip:\n    address: 10.{octet}.{third}.1\n    prefix: 24{dhcp}{extra}\n---\n"
         ));
     }
     text.push_str(&format!(
@@ -149,7 +171,7 @@ async fn every_mode_converges_and_leases_change_live_through_the_planner() {
     let mut out = Vec::new();
 
     // 1. Every mode, in one round.
-    let first = desired(&manifests(&tag, octet, &host_bridge, false), &hosts);
+    let first = desired(&manifests(&tag, octet, &host_bridge, false, None), &hosts);
     let done = converge(&hosts, &first, &[], &options, &mut out)
         .await
         .unwrap();
@@ -168,7 +190,7 @@ async fn every_mode_converges_and_leases_change_live_through_the_planner() {
     let index = ifindex(&iso_bridge).unwrap();
 
     // 2. A lease and a DNS entry on the running isolated network: live updates only.
-    let second = desired(&manifests(&tag, octet, &host_bridge, true), &hosts);
+    let second = desired(&manifests(&tag, octet, &host_bridge, true, None), &hosts);
     let p = plan::plan(
         &second,
         &hosts.observe().await.unwrap(),
@@ -207,7 +229,84 @@ async fn every_mode_converges_and_leases_change_live_through_the_planner() {
     assert!(!dnsmasq_file(&iso, "addnhosts").contains("named"));
     assert_eq!(ifindex(&iso_bridge), Some(index), "not restarted");
 
-    // 4. Deleted by plan; libvirt's bridges go, the host's bridge stays.
+    // 4. DHCP ranges changed on the running network: live updates only (libvirt restarts
+    //    dnsmasq with a new configuration; the bridge stays), then every range removed
+    //    (DHCP off) and the first one back (DHCP on), live as well.
+    let dnsmasq_pid = || {
+        let dir = env("VIRTKUBE_TEST_NODES_DIR");
+        std::fs::read_to_string(format!("{dir}/A/run/network/{iso}.pid")).unwrap_or_default()
+    };
+    let steps: [(&str, &[&str], &[&str]); 3] = [
+        (
+            "[{start: 10.{octet}.{third}.160, end: 10.{octet}.{third}.200}, {start: 10.{octet}.{third}.100, end: 10.{octet}.{third}.120}]",
+            &[".160,", ".100,10."],
+            &[".150,"],
+        ),
+        // No range line left at all (every range line names the 10.x network).
+        ("[]", &[], &["10."]),
+        (
+            "[{start: 10.{octet}.{third}.100, end: 10.{octet}.{third}.150}]",
+            &[".100,10."],
+            &[".160,"],
+        ),
+    ];
+    for (ranges, present, absent) in steps {
+        let want = desired(
+            &manifests(&tag, octet, &host_bridge, false, Some(ranges)),
+            &hosts,
+        );
+        let p = plan::plan(
+            &want,
+            &hosts.observe().await.unwrap(),
+            &PlanOptions::default(),
+        );
+        println!("{}", p.render(false));
+        assert!(
+            !p.actions.is_empty() && p.notices.is_empty(),
+            "{ranges}: {}",
+            p.render(false)
+        );
+        assert!(
+            p.actions.iter().all(|a| a.symbol == Symbol::Live
+                && a.object.name == iso
+                && matches!(a.op, Op::UpdateNetwork(_))),
+            "{ranges}: {}",
+            p.render(false)
+        );
+        let pid_before = dnsmasq_pid();
+        let done = converge(&hosts, &want, &[], &options, &mut out)
+            .await
+            .unwrap();
+        assert!(
+            done.is_clean() && done.last_plan.is_empty(),
+            "{ranges}: {:?}",
+            done.failures
+        );
+        let conf = dnsmasq_file(&iso, "conf");
+        for text in present {
+            assert!(
+                conf.lines()
+                    .any(|l| l.starts_with("dhcp-range=") && l.contains(text)),
+                "{ranges}: `{text}` not in\n{conf}"
+            );
+        }
+        for text in absent {
+            assert!(
+                !conf
+                    .lines()
+                    .any(|l| l.starts_with("dhcp-range=") && l.contains(text)),
+                "{ranges}: `{text}` still in\n{conf}"
+            );
+        }
+        assert_ne!(
+            dnsmasq_pid(),
+            pid_before,
+            "{ranges}: dnsmasq was not restarted"
+        );
+        assert_eq!(ifindex(&iso_bridge), Some(index), "{ranges}: not restarted");
+    }
+
+    // 5. Deleted by plan; libvirt's bridges go, the host's bridge stays.
     let gone = plan::plan_delete(&first, &hosts.observe().await.unwrap());
     let report = execute::execute(&gone, &hosts, ExecOptions::default(), |_, _| {}).await;
     assert!(report.is_success(), "{:?}", report.results);

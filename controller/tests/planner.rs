@@ -1055,6 +1055,102 @@ fn dhcp_and_dns_hosts_change_live_under_running_guests() {
     assert!(plan::plan(&d, &observed, &PlanOptions::default()).is_empty());
 }
 
+/// DHCP ranges change live (`virNetworkUpdate`: libvirt restarts the network's dnsmasq, the
+/// bridge and the guests' links stay): removals, then additions, after the lease and DNS
+/// changes; their order is no difference; the last range removed or the first added (DHCP
+/// off or on) is live too.
+#[test]
+fn dhcp_ranges_change_live_even_turning_dhcp_on_or_off() {
+    use virtkube::plan::{DhcpRangeUpdate, NetworkUpdate};
+    let range = |s: &str, e: &str| (s.to_string(), e.to_string());
+    let update = |s: &str, e: &str| DhcpRangeUpdate {
+        start: s.into(),
+        end: e.into(),
+    };
+    let mut base = desired();
+    base.networks[0].dhcp = vec![range("10.1.0.100", "10.1.0.150")];
+    let mut observed = converged(&base);
+    assert!(plan::plan(&base, &observed, &PlanOptions::default()).is_empty());
+    let mut d = base.clone();
+    d.networks[0].dhcp = vec![
+        range("10.1.0.160", "10.1.0.200"),
+        range("10.1.0.100", "10.1.0.120"),
+    ];
+    let p = plan::plan(&d, &observed, &PlanOptions::default());
+    assert!(p.notices.is_empty(), "{}", p.render(true));
+    let on_a: Vec<NetworkUpdate> = p
+        .actions
+        .iter()
+        .filter(|a| a.node == "a")
+        .map(|a| match &a.op {
+            Op::UpdateNetwork(u) => u.clone(),
+            other => panic!("not a live update: {other:?}\n{}", p.render(true)),
+        })
+        .collect();
+    assert_eq!(
+        on_a,
+        [
+            NetworkUpdate::DeleteDhcpRange(update("10.1.0.100", "10.1.0.150")),
+            NetworkUpdate::AddDhcpRange(update("10.1.0.100", "10.1.0.120")),
+            NetworkUpdate::AddDhcpRange(update("10.1.0.160", "10.1.0.200")),
+        ],
+        "{}",
+        p.render(true)
+    );
+    assert!(p.actions.iter().all(|a| a.symbol == Symbol::Live));
+    assert!(
+        p.render(true)
+            .contains("add DHCP range 10.1.0.160-10.1.0.200"),
+        "{}",
+        p.render(true)
+    );
+    simulate::apply(&mut observed, &p).unwrap();
+    assert!(plan::plan(&d, &observed, &PlanOptions::default()).is_empty());
+    // The same ranges in another order: nothing to do.
+    let mut reordered = d.clone();
+    reordered.networks[0].dhcp.reverse();
+    assert!(plan::plan(&reordered, &observed, &PlanOptions::default()).is_empty());
+    // No range left: DHCP off, live too (libvirt restarts dnsmasq without DHCP); the range
+    // changes come after the lease changes, so that restart sees the leases too.
+    let mut off = d.clone();
+    off.networks[0].dhcp.clear();
+    off.networks[0].dhcp_hosts = vec![virtkube::plan::observed::DhcpLease {
+        mac: "52:54:00:00:00:01".into(),
+        ip: "10.1.0.5".into(),
+        name: None,
+    }];
+    let p = plan::plan(&off, &observed, &PlanOptions::default());
+    assert!(p.notices.is_empty(), "{}", p.render(true));
+    let on_a: Vec<&Op> = p
+        .actions
+        .iter()
+        .filter(|a| a.node == "a")
+        .map(|a| &a.op)
+        .collect();
+    assert!(
+        matches!(
+            on_a[..],
+            [
+                Op::UpdateNetwork(NetworkUpdate::AddDhcpHost(_)),
+                Op::UpdateNetwork(NetworkUpdate::DeleteDhcpRange(_)),
+                Op::UpdateNetwork(NetworkUpdate::DeleteDhcpRange(_)),
+            ]
+        ),
+        "{}",
+        p.render(true)
+    );
+    simulate::apply(&mut observed, &p).unwrap();
+    assert!(plan::plan(&off, &observed, &PlanOptions::default()).is_empty());
+    // And back on: live.
+    let p = plan::plan(&base, &observed, &PlanOptions::default());
+    assert!(p.notices.is_empty(), "{}", p.render(true));
+    assert!(
+        p.actions
+            .iter()
+            .all(|a| a.symbol == Symbol::Live && matches!(a.op, Op::UpdateNetwork(_)))
+    );
+}
+
 /// Without DHCP ranges, the first lease turns DHCP on: dnsmasq reads that only at start, so
 /// the network is recreated (and waits for its running guests), never updated live.
 #[test]
@@ -1249,6 +1345,203 @@ fn disks_and_nics_are_plugged_in_and_out_live_where_the_host_allows() {
     let p = plan::plan(&d, &converged(&base), &PlanOptions::default());
     assert!(p.is_empty());
     assert_eq!(p.notices[0].kind, NoticeKind::RestartPending);
+}
+
+/// Host PCI devices: added or removed live on a running domain where the host hotplugs,
+/// otherwise at the next restart; a changed `managed` waits for a restart; a device the
+/// node lacks is invalid, one another domain of the node lists is a conflict; a running
+/// domain with host devices is never live-migrated. Each plan re-plans to nothing.
+#[test]
+fn host_devices_are_plugged_in_and_out_and_checked_against_the_node() {
+    use virtkube::plan::desired::DesiredHostDevice;
+    let gpu = |address: &str| DesiredHostDevice {
+        name: "gpu".into(),
+        address: address.into(),
+        managed: true,
+    };
+    let devices = |o: &mut ObservedState, hotplug: bool| {
+        for h in o.hosts.values_mut() {
+            h.device_hotplug = hotplug;
+            h.pci_devices = Some(["0000:06:00.0", "0000:07:00.0"].map(String::from).into());
+        }
+    };
+    let mut with_gpu = desired();
+    dweb(&mut with_gpu).host_devices.push(gpu("0000:07:00.0"));
+
+    // Created with the device: defined with it, and re-planned to nothing.
+    let mut fresh = empty();
+    devices(&mut fresh, true);
+    let p = plan::plan(&with_gpu, &fresh, &PlanOptions::default());
+    let define = p
+        .actions
+        .iter()
+        .find(|a| matches!(a.op, Op::DefineDomain { .. }))
+        .unwrap();
+    assert!(
+        define
+            .changes
+            .iter()
+            .any(|c| c.field == "hostDevices[name=gpu]" && c.after == "0000:07:00.0"),
+        "{}",
+        p.render(true)
+    );
+    simulate::apply(&mut fresh, &p).unwrap();
+    assert!(plan::plan(&with_gpu, &fresh, &PlanOptions::default()).is_empty());
+
+    let base = desired();
+    let mut hot = converged(&base);
+    devices(&mut hot, true);
+    type Check = (
+        &'static str,
+        Box<dyn Fn(&mut DesiredState, &mut ObservedState)>,
+        Box<dyn Fn(&Plan)>,
+    );
+    let cases: Vec<Check> = vec![
+        (
+            "a device added to a running domain: plugged in live",
+            Box::new(move |d, _| dweb(d).host_devices.push(gpu("0000:07:00.0"))),
+            Box::new(|p| {
+                assert!(
+                    matches!(&ops(p)[..], [Op::AttachHostDevice(h)] if h.address == "0000:07:00.0"),
+                    "{}",
+                    p.render(true)
+                );
+                assert_eq!(p.actions[0].symbol, Symbol::Live);
+                assert_eq!(p.actions[0].reason, "plugged in live");
+            }),
+        ),
+        (
+            "a device removed: unplugged live",
+            Box::new(move |_, o| {
+                web(o)
+                    .host_devices
+                    .push(virtkube::plan::observed::ObservedHostDevice {
+                        address: "0000:06:00.0".into(),
+                        managed: true,
+                        alias: Some("nic".into()),
+                    })
+            }),
+            Box::new(|p| {
+                assert_eq!(
+                    ops(p),
+                    vec![Op::DetachHostDevice {
+                        address: "0000:06:00.0".into()
+                    }]
+                );
+                assert_eq!(p.actions[0].changes[0].field, "hostDevices[name=nic]");
+            }),
+        ),
+        (
+            "managed changed: restart pending",
+            Box::new(move |d, o| {
+                dweb(d).host_devices.push(gpu("0000:07:00.0"));
+                web(o)
+                    .host_devices
+                    .push(virtkube::plan::observed::ObservedHostDevice {
+                        address: "0000:07:00.0".into(),
+                        managed: false,
+                        alias: Some("gpu".into()),
+                    });
+            }),
+            Box::new(|p| {
+                assert!(p.is_empty());
+                assert_eq!(p.notices[0].kind, NoticeKind::RestartPending);
+                assert_eq!(p.notices[0].changes[0].before, "0000:07:00.0 (not managed)");
+            }),
+        ),
+        (
+            "a device the node lacks: invalid, nothing done",
+            Box::new(move |d, _| dweb(d).host_devices.push(gpu("0000:09:00.0"))),
+            Box::new(|p| {
+                assert!(p.is_empty());
+                assert_eq!(p.notices[0].kind, NoticeKind::Invalid);
+                assert!(
+                    p.notices[0]
+                        .message
+                        .contains("node a has no PCI device 0000:09:00.0"),
+                    "{}",
+                    p.notices[0].message
+                );
+            }),
+        ),
+        (
+            "a device another domain of the node lists: a conflict",
+            Box::new(move |d, o| {
+                dweb(d).host_devices.push(gpu("0000:07:00.0"));
+                let mut other = web(o).clone();
+                other.owner = None;
+                other
+                    .host_devices
+                    .push(virtkube::plan::observed::ObservedHostDevice {
+                        address: "0000:07:00.0".into(),
+                        managed: true,
+                        alias: None,
+                    });
+                o.host_mut("a").domains.insert("foreign".into(), other);
+            }),
+            Box::new(|p| {
+                assert!(p.is_empty());
+                assert_eq!(p.notices[0].kind, NoticeKind::Conflict);
+                assert!(
+                    p.notices[0]
+                        .message
+                        .contains("already given to domain foreign on node a"),
+                    "{}",
+                    p.notices[0].message
+                );
+            }),
+        ),
+        (
+            "a running domain with a device asked to another node: no live migration",
+            Box::new(move |d, o| {
+                dweb(d).host_devices.push(gpu("0000:07:00.0"));
+                web(o)
+                    .host_devices
+                    .push(virtkube::plan::observed::ObservedHostDevice {
+                        address: "0000:07:00.0".into(),
+                        managed: true,
+                        alias: Some("gpu".into()),
+                    });
+                dweb(d).node = "b".into();
+            }),
+            Box::new(|p| {
+                assert!(
+                    !ops(p)
+                        .iter()
+                        .any(|op| matches!(op, Op::MigrateDomain { .. })),
+                    "{}",
+                    p.render(true)
+                );
+                let n = p
+                    .notices
+                    .iter()
+                    .find(|n| n.kind == NoticeKind::Forbidden)
+                    .unwrap();
+                assert!(n.message.contains("cannot live-migrate"), "{}", n.message);
+            }),
+        ),
+    ];
+    for (name, change, check) in cases {
+        let mut d = base.clone();
+        let mut observed = hot.clone();
+        change(&mut d, &mut observed);
+        let p = plan::plan(&d, &observed, &PlanOptions::default());
+        eprintln!("{name}:\n{}", p.render(true));
+        check(&p);
+        if p.notices.is_empty() {
+            let mut after = observed.clone();
+            simulate::apply(&mut after, &p).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let again = plan::plan(&d, &after, &PlanOptions::default());
+            assert!(again.is_empty(), "{name}: re-plan\n{}", again.render(true));
+        }
+    }
+    // Without hotplug (the test driver) the same addition waits for a restart.
+    let mut cold = converged(&base);
+    devices(&mut cold, false);
+    let p = plan::plan(&with_gpu, &cold, &PlanOptions::default());
+    assert!(p.is_empty());
+    assert_eq!(p.notices[0].kind, NoticeKind::RestartPending);
+    assert_eq!(p.notices[0].changes[0].field, "hostDevices[name=gpu]");
 }
 
 /// CPU weight and bandwidth: only the fields the manifest sets are compared; a weight or a

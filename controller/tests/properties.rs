@@ -249,6 +249,7 @@ fn build(w: &World) -> DesiredState {
             cmdline: None,
             disks,
             interfaces: nics,
+            host_devices: vec![],
             restart_now: p.restart_now,
             migration: DesiredMigration {
                 live: true,

@@ -136,6 +136,28 @@ pub struct DomainSpec {
     #[schemars(length(max = 32), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub interfaces: Vec<Interface>,
 
+    /// Host PCI devices passed through to the guest (libvirt `<hostdev mode='subsystem'
+    /// type='pci'>`), each named by its address on the node, as the node's
+    /// `HypervisorNode.status.host.pciDevices` lists them. Keyed by `name`.
+    ///
+    /// The controller places the domain only on a node that lists every address, never
+    /// beside another domain holding one of them; the agent refuses a device its node does
+    /// not have or another domain there uses. On a running domain, adding or removing a
+    /// device is applied live (hotplug); changing one needs a restart. A domain with host
+    /// devices cannot live-migrate (libvirt refuses): stopped, it moves cold.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 16),
+        extend(
+            "x-kubernetes-list-type" = "map",
+            "x-kubernetes-list-map-keys" = ["name"],
+            "x-kubernetes-validations" = [
+                {"rule": "self.all(a, self.exists_one(b, b.address == a.address))", "message": "each host device needs its own address: a PCI device can be passed through once"}
+            ]
+        )
+    )]
+    pub host_devices: Vec<HostDevice>,
+
     /// How this domain live-migrates when its `nodeName` changes or its node is drained.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration: Option<MigrationSpec>,
@@ -670,6 +692,45 @@ pub enum NicModel {
     Rtl8139,
 }
 
+/// A host PCI device passed through to the guest (libvirt `<hostdev mode='subsystem'
+/// type='pci'>`, KubeVirt's `hostDevices`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HostDevice {
+    /// The device's name in this list (a DNS label); the key for GitOps merges.
+    #[schemars(length(min = 1, max = 63), pattern(crate::names::DNS_LABEL_PATTERN))]
+    pub name: String,
+    /// The device's PCI address on the node, `domain:bus:slot.function` in lower-case hex
+    /// as `lspci -D` prints it (`0000:06:00.0`).
+    #[schemars(length(min = 12, max = 12), pattern(PCI_ADDRESS_PATTERN))]
+    pub address: String,
+    /// Whether libvirt detaches the device from its host driver when the guest starts (or
+    /// the device is plugged in) and gives it back when the guest stops (libvirt's
+    /// `managed='yes'`, the default). With `false` an administrator binds it to `vfio-pci`
+    /// beforehand.
+    #[serde(default = "yes")]
+    pub managed: bool,
+}
+
+/// A PCI address as libvirt and `lspci -D` write it: `dddd:bb:ss.f`, lower-case hex, slot
+/// below `0x20`, function below 8.
+pub const PCI_ADDRESS_PATTERN: &str = r"^[0-9a-f]{4}:[0-9a-f]{2}:[01][0-9a-f]\.[0-7]$";
+
+/// Whether `text` is a PCI address as [`PCI_ADDRESS_PATTERN`] says.
+pub fn is_pci_address(text: &str) -> bool {
+    let b = text.as_bytes();
+    let hex = |c: &u8| c.is_ascii_digit() || (b'a'..=b'f').contains(c);
+    b.len() == 12
+        && b[..4].iter().all(hex)
+        && b[4] == b':'
+        && b[5..7].iter().all(hex)
+        && b[7] == b':'
+        && matches!(b[8], b'0' | b'1')
+        && hex(&b[9])
+        && b[10] == b'.'
+        && (b'0'..=b'7').contains(&b[11])
+}
+
 /// Live-migration settings (libvirt `virDomainMigrate` flags and parameters).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -769,6 +830,11 @@ pub struct DomainStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub interfaces: Vec<InterfaceStatus>,
+    /// The host devices the domain has (its running guest's, or its definition's while
+    /// stopped). Keyed by `name`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub host_devices: Vec<HostDeviceStatus>,
     /// Spec changes waiting for a restart (`os.machine`, `os.firmware`, …).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pending_changes: Vec<String>,
@@ -868,6 +934,16 @@ pub struct InterfaceStatus {
     pub name: String,
     /// Its MAC address.
     pub mac_address: String,
+}
+
+/// A host device as the domain has it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HostDeviceStatus {
+    /// The device's name from the spec.
+    pub name: String,
+    /// Its PCI address on the node.
+    pub address: String,
 }
 
 /// The record of a move between nodes: a live migration of a running domain, or the
@@ -1051,6 +1127,29 @@ impl Validate for DomainSpec {
                 .iter()
                 .filter_map(|i| i.mac_address.as_deref()),
         );
+        check_unique(
+            &mut errors,
+            "spec.hostDevices",
+            "name",
+            self.host_devices.iter().map(|h| h.name.as_str()),
+        );
+        check_unique(
+            &mut errors,
+            "spec.hostDevices",
+            "address",
+            self.host_devices.iter().map(|h| h.address.as_str()),
+        );
+        for dev in &self.host_devices {
+            if !is_pci_address(&dev.address) {
+                errors.push(
+                    format!("spec.hostDevices[name={}].address", dev.name),
+                    format!(
+                        "`{}` is not a PCI address: write `domain:bus:slot.function` in lower-case hex, as `lspci -D` prints it (`0000:06:00.0`)",
+                        dev.address
+                    ),
+                );
+            }
+        }
         if let Some(bandwidth) = self.migration.as_ref().and_then(|m| m.bandwidth.as_ref())
             && let Err(e) = bandwidth.bytes()
         {
@@ -1255,5 +1354,32 @@ fn validate_os(os: &OsSpec, errors: &mut FieldErrors) {
         if !seen.insert(format!("{device:?}")) {
             errors.push("spec.os.boot", format!("{device:?} is listed twice"));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The planner's check and the CRD's pattern must say the same (the API server enforces
+    /// the pattern; the agent and the CLI the function).
+    #[test]
+    fn the_pci_address_check_agrees_with_the_crd_pattern() {
+        let pattern = regex::Regex::new(PCI_ADDRESS_PATTERN).unwrap();
+        for text in [
+            "0000:06:00.0",
+            "ffff:ff:1f.7",
+            "0000:06:20.0",
+            "0000:06:00.8",
+            "0000:0A:00.0",
+            "06:00.0",
+            "0000:06:00.0\n",
+            "0000-06-00.0",
+            "",
+        ] {
+            assert_eq!(is_pci_address(text), pattern.is_match(text), "{text:?}");
+        }
+        assert!(is_pci_address("0000:06:00.0"));
+        assert!(!is_pci_address("0000:06:20.0"));
     }
 }

@@ -159,6 +159,17 @@ fn validation_markers_reach_the_schema() {
         ),
         (
             &domain,
+            format!("{spec}/hostDevices/items/properties/address/pattern"),
+            json!(virtkube_crds::domain::PCI_ADDRESS_PATTERN),
+        ),
+        (
+            &domain,
+            format!("{spec}/hostDevices/x-kubernetes-list-map-keys"),
+            json!(["name"]),
+        ),
+        (&domain, format!("{spec}/hostDevices/maxItems"), json!(16)),
+        (
+            &domain,
             format!("{spec}/disks/x-kubernetes-list-map-keys"),
             json!(["name"]),
         ),
@@ -495,6 +506,14 @@ fn domain_cel_rules() {
         (
             json!({"memory": memory, "os": {"boot": ["hd"]}, "disks": [{"name": "root", "volume": "v"}]}),
             None,
+        ),
+        (
+            json!({"memory": memory, "hostDevices": [{"name": "a", "address": "0000:07:00.0"}, {"name": "b", "address": "0000:08:00.0"}]}),
+            None,
+        ),
+        (
+            json!({"memory": memory, "hostDevices": [{"name": "a", "address": "0000:07:00.0"}, {"name": "b", "address": "0000:07:00.0"}]}),
+            Some("each host device needs its own address"),
         ),
     ];
     for (spec, expected) in cases {

@@ -163,6 +163,30 @@ fn domain_rules() {
             json!({"memory": m, "cpu": {"limit": "lots"}}),
             Some("not a CPU limit"),
         ),
+        (
+            json!({"memory": m, "hostDevices": [{"name": "gpu", "address": "0000:07:1f.7"}, {"name": "nic", "address": "0001:06:00.0", "managed": false}]}),
+            None,
+        ),
+        (
+            json!({"memory": m, "hostDevices": [{"name": "gpu", "address": "07:00.0"}]}),
+            Some("spec.hostDevices[name=gpu].address: `07:00.0` is not a PCI address"),
+        ),
+        (
+            json!({"memory": m, "hostDevices": [{"name": "gpu", "address": "0000:0A:00.0"}]}),
+            Some("lower-case hex"),
+        ),
+        (
+            json!({"memory": m, "hostDevices": [{"name": "gpu", "address": "0000:07:20.0"}]}),
+            Some("is not a PCI address"),
+        ),
+        (
+            json!({"memory": m, "hostDevices": [{"name": "a", "address": "0000:07:00.0"}, {"name": "b", "address": "0000:07:00.0"}]}),
+            Some("spec.hostDevices[address=0000:07:00.0]: duplicate address"),
+        ),
+        (
+            json!({"memory": m, "hostDevices": [{"name": "a", "address": "0000:07:00.0"}, {"name": "a", "address": "0000:08:00.0"}]}),
+            Some("duplicate name `a`"),
+        ),
     ];
     for (spec, expected) in cases {
         assert_one::<DomainSpec>(spec, expected);

@@ -1,5 +1,6 @@
 //! Node verbs: host facts for scheduling and the `HypervisorNode` status.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::raw::{c_uchar, c_uint};
 
 use virt::connect::Connect;
@@ -11,6 +12,7 @@ use crate::error::{EngineError, Result, lv};
 use crate::model::host_facts::{
     HostInterface, MediatedDevice, PciDevice, PoolSourceFound, SecurityModel,
 };
+use crate::model::hostdev::{HostdevObserved, PciAddress};
 use crate::model::node::version_string;
 use crate::model::{Capabilities, NodeCpuMap, NodeObserved};
 
@@ -277,6 +279,46 @@ impl Engine {
                 security_model: security_model(c),
                 logical_sources: read_logical_sources(c, &limits),
             })
+        })
+        .await
+    }
+
+    /// The addresses of the host's PCI devices, from their node device names (one libvirt
+    /// call, no XML read): what a domain's host devices are checked against. Unlike
+    /// [`Engine::node_facts`] the list is not cut.
+    pub async fn node_pci_addresses(&self) -> Result<BTreeSet<PciAddress>> {
+        self.call(CallClass::Query, "node_pci_addresses", |c| {
+            let devices = c
+                .list_all_node_devices(sys::VIR_CONNECT_LIST_NODE_DEVICES_CAP_PCI_DEV)
+                .map_err(lv("node_pci_addresses"))?;
+            Ok(devices
+                .iter()
+                .filter_map(|d| PciAddress::from_node_device_name(&d.name().ok()?))
+                .collect())
+        })
+        .await
+    }
+
+    /// Which domain of the host (any domain, virtkube's or not, running or only defined)
+    /// lists each host PCI device, by address: a device is passed through to one guest at
+    /// a time. One XML read per domain.
+    pub async fn node_host_devices_in_use(&self) -> Result<BTreeMap<PciAddress, String>> {
+        self.call(CallClass::Query, "node_host_devices_in_use", |c| {
+            const CALL: &str = "node_host_devices_in_use";
+            let mut used = BTreeMap::new();
+            for dom in c.list_all_domains(0).map_err(lv(CALL))? {
+                // A domain undefined since the listing holds nothing.
+                let (Ok(name), Ok(text)) = (dom.name(), dom.xml_desc(0)) else {
+                    continue;
+                };
+                let root = crate::model::xml::parse(&text)?;
+                if let Some(devices) = root.find("devices") {
+                    for h in HostdevObserved::all_from(devices) {
+                        used.entry(h.address).or_insert_with(|| name.clone());
+                    }
+                }
+            }
+            Ok(used)
         })
         .await
     }

@@ -759,32 +759,73 @@ async fn host_facts_interfaces_devices_and_security() {
     e.close().await.unwrap();
 }
 
+/// Host PCI devices on the test driver, with a host file describing two: the node's
+/// addresses, a domain defined and started with one (the driver passes nothing through but
+/// keeps and reports the device), which domain lists which device, and the driver's refusal
+/// to plug a device into a running domain (it has no hotplug: virtkube plans such changes
+/// for the next restart there).
+#[tokio::test]
+async fn host_devices_are_defined_reported_and_accounted_on_the_test_driver() {
+    use virtkube_engine::model::{Device, HostdevDef, HostdevObserved, PciAddress};
+    let dir = tempfile::tempdir().unwrap();
+    let host = dir.path().join("host.xml");
+    std::fs::write(&host, PCI_HOST).unwrap();
+    let e = Engine::connect(
+        &format!("test://{}", host.display()),
+        EngineConfig::default(),
+    )
+    .await
+    .unwrap();
+    let addresses: Vec<String> = e
+        .node_pci_addresses()
+        .await
+        .unwrap()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(addresses, ["0000:06:00.0", "0000:07:00.0"]);
+    assert!(e.node_host_devices_in_use().await.unwrap().is_empty());
+
+    let o = owner("Domain", "pt");
+    let gpu = PciAddress::parse("0000:07:00.0").unwrap();
+    let mut def = tiny("t.pt", &o);
+    def.hostdevs.push(HostdevDef {
+        name: Some("gpu".into()),
+        address: gpu,
+        managed: true,
+    });
+    e.domain_define(&def).await.unwrap();
+    e.domain_start("t.pt", &o).await.unwrap();
+    let seen = e.domain_observe("t.pt").await.unwrap().unwrap();
+    assert!(seen.state.is_active());
+    assert_eq!(
+        seen.hostdevs,
+        [HostdevObserved {
+            alias: Some("gpu".into()),
+            address: gpu,
+            managed: true
+        }]
+    );
+    let used = e.node_host_devices_in_use().await.unwrap();
+    assert_eq!(used.len(), 1);
+    assert_eq!(used.get(&gpu).map(String::as_str), Some("t.pt"));
+
+    let nic = HostdevDef {
+        name: Some("nic".into()),
+        address: PciAddress::parse("0000:06:00.0").unwrap(),
+        managed: true,
+    };
+    let refused = e
+        .domain_attach_device("t.pt", &o, &Device::HostDevice(nic))
+        .await
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("not supported"),
+        "the test driver has no hotplug: {refused}"
+    );
+    e.close().await.unwrap();
+}
+
 /// A test-driver host with two PCI devices (the driver reads node devices from its host
 /// file; its default host has none).
-pub const PCI_HOST: &str = r#"<node>
-  <cpu><mhz>2000</mhz><model>x86_64</model><nodes>1</nodes><sockets>1</sockets><cores>4</cores><threads>1</threads><active>4</active></cpu>
-  <memory>8388608</memory>
-  <device>
-    <name>pci_0000_06_00_0</name>
-    <parent>computer</parent>
-    <capability type='pci'>
-      <class>0x020000</class>
-      <domain>0</domain><bus>6</bus><slot>0</slot><function>0</function>
-      <product id='0x10c9'>82576 Gigabit Network Connection</product>
-      <vendor id='0x8086'>Intel Corporation</vendor>
-      <iommuGroup number='14'><address domain='0x0000' bus='0x06' slot='0x00' function='0x0'/></iommuGroup>
-    </capability>
-  </device>
-  <device>
-    <name>pci_0000_07_00_0</name>
-    <parent>computer</parent>
-    <capability type='pci'>
-      <class>0x030000</class>
-      <domain>0</domain><bus>7</bus><slot>0</slot><function>0</function>
-      <product id='0x1eb8'>TU104GL [Tesla T4]</product>
-      <vendor id='0x10de'>NVIDIA Corporation</vendor>
-      <iommuGroup number='15'><address domain='0x0000' bus='0x07' slot='0x00' function='0x0'/></iommuGroup>
-    </capability>
-  </device>
-</node>
-"#;
+pub const PCI_HOST: &str = include_str!("fixtures/pci-host.xml");

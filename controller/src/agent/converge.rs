@@ -142,8 +142,10 @@ fn reason_of(op: &Op) -> &'static str {
         Op::SetMemory(_) => "MemorySet",
         Op::PinVcpu { .. } | Op::PinEmulator(_) => "Pinned",
         Op::SetCpuTune(_) => "CpuSchedulingSet",
-        Op::AttachDisk(_) | Op::AttachInterface(_) => "DevicePlugged",
-        Op::DetachDisk { .. } | Op::DetachInterface { .. } => "DeviceUnplugged",
+        Op::AttachDisk(_) | Op::AttachInterface(_) | Op::AttachHostDevice(_) => "DevicePlugged",
+        Op::DetachDisk { .. } | Op::DetachInterface { .. } | Op::DetachHostDevice { .. } => {
+            "DeviceUnplugged"
+        }
         Op::RestartDomain { .. } => "Restarted",
         Op::MigrateDomain { .. } => "Migrated",
     }
@@ -409,6 +411,9 @@ pub async fn plan_domain(
             message: n.message.clone(),
         });
     }
+    if let Some(want) = desired.domains.iter().find(|d| d.name == name) {
+        check_host_devices(ctx, want).await?;
+    }
     let plan = plan::plan(
         &desired,
         &observed_state(ctx, host),
@@ -430,6 +435,38 @@ pub async fn plan_domain(
         pending,
         name,
     })
+}
+
+/// Refuses a domain whose host devices this node does not have, or another domain of the
+/// node lists (the agent plans one domain at a time, so the node's devices and the other
+/// domains' are read here, and only for domains with host devices).
+async fn check_host_devices(ctx: &Context, want: &plan::desired::DesiredDomain) -> Result<()> {
+    if want.host_devices.is_empty() {
+        return Ok(());
+    }
+    // A driver without node devices cannot say: libvirt judges at the start.
+    let present = ctx.engine.node_pci_addresses().await.ok().map(|all| {
+        all.iter()
+            .map(ToString::to_string)
+            .collect::<std::collections::BTreeSet<_>>()
+    });
+    let used = ctx
+        .engine
+        .node_host_devices_in_use()
+        .await?
+        .into_iter()
+        .map(|(address, domain)| (address.to_string(), domain))
+        .collect();
+    match plan::host_devices::check(want, &ctx.settings.node, present.as_ref(), &used)
+        .into_iter()
+        .next()
+    {
+        Some(problem) => Err(Error::Unrealizable {
+            reason: problem.reason(),
+            message: problem.to_string(),
+        }),
+        None => Ok(()),
+    }
 }
 
 /// `dom` as the planner must see it on this node: placed here. The agent acts on a domain

@@ -952,6 +952,17 @@ pub fn status_for(
                     })
                 })
                 .collect();
+            status.host_devices = crate::cli::status::host_device_status(
+                &dom.spec
+                    .host_devices
+                    .iter()
+                    .map(|h| (h.name.as_str(), h.address.as_str()))
+                    .collect::<Vec<_>>(),
+                &o.hostdevs
+                    .iter()
+                    .map(|h| (h.address.to_string(), h.alias.clone()))
+                    .collect::<Vec<_>>(),
+            );
             status.phase = Some(phase_of(o));
             set(
                 &mut conds,

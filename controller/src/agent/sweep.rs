@@ -105,6 +105,7 @@ fn orphan(ns: &str, name: &str, uid: &str) -> Domain {
             os: None,
             disks: Vec::new(),
             interfaces: Vec::new(),
+            host_devices: Vec::new(),
             migration: None,
             eviction_strategy: Default::default(),
             update_policy: Default::default(),

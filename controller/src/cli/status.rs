@@ -4,8 +4,8 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use virtkube_crds::conditions::{self, set_condition, status as cstatus};
 use virtkube_crds::domain::{
-    CpuSchedulingStatus, CpuSpec, DomainPhase, DomainStatus, InterfaceStatus, MemorySpec,
-    VcpuAffinity, VcpuPin,
+    CpuSchedulingStatus, CpuSpec, DomainPhase, DomainStatus, HostDeviceStatus, InterfaceStatus,
+    MemorySpec, VcpuAffinity, VcpuPin,
 };
 use virtkube_crds::network::{NetworkNodeStatus, NetworkStatus};
 use virtkube_crds::quantity::ByteQuantity;
@@ -430,11 +430,45 @@ pub fn domain_status(
                     .collect()
             })
             .unwrap_or_default(),
+        host_devices: host_device_status(
+            &desired
+                .map(|d| {
+                    d.host_devices
+                        .iter()
+                        .map(|h| (h.name.as_str(), h.address.as_str()))
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default(),
+            &o.host_devices
+                .iter()
+                .map(|h| (h.address.clone(), h.alias.clone()))
+                .collect::<Vec<_>>(),
+        ),
         pending_changes: pending.to_vec(),
         migration: None,
         observed_generation: generation,
         conditions: conds,
     }
+}
+
+/// `status.hostDevices`: each host device the domain has (`have`: address and libvirt user
+/// alias), named as the spec names its address (`spec`: name and address), else by its
+/// alias, else by the address itself. Shared by the CLI and the agent.
+pub fn host_device_status(
+    spec: &[(&str, &str)],
+    have: &[(String, Option<String>)],
+) -> Vec<HostDeviceStatus> {
+    have.iter()
+        .map(|(address, alias)| HostDeviceStatus {
+            name: spec
+                .iter()
+                .find(|(_, a)| a.eq_ignore_ascii_case(address))
+                .map(|(n, _)| (*n).to_string())
+                .or_else(|| alias.clone())
+                .unwrap_or_else(|| address.clone()),
+            address: address.clone(),
+        })
+        .collect()
 }
 
 /// `status.cpuScheduling` from the CPU weight and bandwidth in force (`None` when libvirt
@@ -721,6 +755,7 @@ fn fallback_domain_spec() -> DomainSpec {
         os: None,
         disks: Vec::new(),
         interfaces: Vec::new(),
+        host_devices: Vec::new(),
         migration: None,
         eviction_strategy: Default::default(),
         update_policy: Default::default(),

@@ -85,6 +85,8 @@ pub enum MoveWait {
     ClusterLimit(usize),
     /// `--max-migrations-per-node` moves are under way out of the source.
     NodeLimit(String, usize),
+    /// The domain runs with host PCI devices (named): libvirt cannot live-migrate it.
+    HostDevices(Vec<String>),
 }
 
 impl MoveWait {
@@ -101,6 +103,7 @@ impl MoveWait {
             MoveWait::Backoff(_) => "Backoff",
             MoveWait::ClusterLimit(_) => "MigrationLimit",
             MoveWait::NodeLimit(..) => "NodeMigrationLimit",
+            MoveWait::HostDevices(_) => "HostDevicesAttached",
         }
     }
 
@@ -169,6 +172,11 @@ impl fmt::Display for MoveWait {
                 f,
                 "{n} moves are under way out of node {s} (--max-migrations-per-node)"
             ),
+            MoveWait::HostDevices(names) => write!(
+                f,
+                "it runs with host devices {} passed through, and libvirt cannot live-migrate a domain with PCI passthrough: stop it (it then moves cold) or remove spec.hostDevices",
+                names.join(", ")
+            ),
         }
     }
 }
@@ -209,6 +217,9 @@ pub fn check(
         Ok(d) => d,
         Err(problems) => return Some(MoveWait::InvalidSpec(problems.clone())),
     };
+    if let Some(wait) = scheduler::live_move_blocked_by_host_devices(dom) {
+        return Some(wait);
+    }
     let copied = match volumes_to_copy(dom, cx.cluster, source) {
         Ok(copied) => copied,
         Err(wait) => return Some(wait),

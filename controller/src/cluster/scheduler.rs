@@ -13,7 +13,9 @@
 //! 5. memory: what the domains held by or moving to the node reserve (`memory.max`, else
 //!    `memory.size`), plus this domain's, fits in the node's total memory minus the reserve;
 //! 6. pinned vCPUs: every host CPU named by `cpu.pinning` exists there and is not pinned by
-//!    another domain on the node; `cpu.maxVcpus` is within the node's maximum.
+//!    another domain on the node; `cpu.maxVcpus` is within the node's maximum;
+//! 7. host devices: the HypervisorNode lists every PCI address of `hostDevices`, and no
+//!    other domain held by or moving to the node has one of them.
 //!
 //! **Score**: among candidates, the fewest untolerated `PreferNoSchedule` taints, then the
 //! most memory left after placing the domain, then the node name (so equal nodes fill in a
@@ -27,7 +29,7 @@ use virtkube_crds::Domain;
 use virtkube_crds::domain::{TaintEffect, Toleration, TolerationOperator};
 
 use super::settings::Settings;
-use super::usage::{Usage, domain_key, memory_need, pinned_cpus};
+use super::usage::{Usage, domain_key, host_device_addresses, memory_need, pinned_cpus};
 use super::view::{Cluster, DRAIN_TAINT, NodeTaint, NodeView};
 
 /// What a domain asks of a node, read once from its spec.
@@ -51,6 +53,8 @@ pub struct Demand {
     pub pools: BTreeSet<String>,
     /// Volumes of node-local pools already tied to a node: (volume, node).
     pub volume_nodes: Vec<(String, String)>,
+    /// PCI addresses of its host devices.
+    pub host_devices: BTreeSet<String>,
 }
 
 /// Something wrong with the domain itself, whatever the node.
@@ -146,6 +150,7 @@ pub fn demand(dom: &Domain, cluster: &Cluster) -> Result<Demand, Vec<Problem>> {
         networks,
         pools,
         volume_nodes,
+        host_devices: host_device_addresses(&dom.spec),
     })
 }
 
@@ -208,6 +213,15 @@ pub enum Refusal {
         /// The domain holding it (`namespace/name`).
         by: String,
     },
+    /// The HypervisorNode does not list a PCI device of `hostDevices`.
+    HostDeviceMissing(String),
+    /// A PCI device of `hostDevices` is another domain's there.
+    HostDeviceTaken {
+        /// Its address.
+        address: String,
+        /// The domain that has it (`namespace/name`).
+        by: String,
+    },
     /// More vCPUs than a guest may have there.
     TooManyVcpus {
         /// What the domain has at most.
@@ -250,6 +264,10 @@ impl fmt::Display for Refusal {
                 write!(f, "pinned CPU {cpu} missing ({count} CPUs)")
             }
             Refusal::CpuTaken { cpu, by } => write!(f, "pinned CPU {cpu} taken by {by}"),
+            Refusal::HostDeviceMissing(address) => write!(f, "no PCI device {address}"),
+            Refusal::HostDeviceTaken { address, by } => {
+                write!(f, "PCI device {address} taken by {by}")
+            }
             Refusal::TooManyVcpus { need, max } => {
                 write!(f, "too many vCPUs (needs {need}, at most {max})")
             }
@@ -276,6 +294,8 @@ impl Refusal {
             Refusal::MemoryUnknown => "memory_unknown",
             Refusal::CpuMissing { .. } => "cpu_missing",
             Refusal::CpuTaken { .. } => "cpu_taken",
+            Refusal::HostDeviceMissing(_) => "host_device_missing",
+            Refusal::HostDeviceTaken { .. } => "host_device_taken",
             Refusal::TooManyVcpus { .. } => "too_many_vcpus",
             Refusal::Leaving => "leaving",
         }
@@ -383,6 +403,16 @@ pub fn refusals(
                     by: by.to_string(),
                 });
             }
+        }
+    }
+    for address in &demand.host_devices {
+        if !node.pci_devices.contains(address) {
+            out.push(Refusal::HostDeviceMissing(address.clone()));
+        } else if let Some(by) = usage.host_device_taken(&node.name, address, &demand.key) {
+            out.push(Refusal::HostDeviceTaken {
+                address: address.clone(),
+                by: by.to_string(),
+            });
         }
     }
     if let Some(max) = node.max_vcpus
@@ -566,6 +596,23 @@ pub fn choose(
             nodes: refused,
         }),
     }
+}
+
+/// Why a domain cannot move now because of its host devices: it runs (a move would be a
+/// live migration) with PCI devices passed through, which libvirt refuses to migrate. A
+/// stopped domain moves cold, to a node that has the devices.
+pub fn live_move_blocked_by_host_devices(dom: &Domain) -> Option<super::moves::MoveWait> {
+    let live =
+        super::moves::mode_of(dom.status.as_ref()) == virtkube_crds::domain::MigrationMode::Live;
+    (live && !dom.spec.host_devices.is_empty()).then(|| {
+        super::moves::MoveWait::HostDevices(
+            dom.spec
+                .host_devices
+                .iter()
+                .map(|h| h.name.clone())
+                .collect(),
+        )
+    })
 }
 
 /// A byte count in binary units, as users write them (`2Gi`, `1.5Gi`, `512Mi`).

@@ -37,11 +37,20 @@ pub fn pinned_cpus(spec: &DomainSpec) -> Result<BTreeSet<u32>, String> {
     Ok(cpus)
 }
 
+/// The PCI addresses of a domain's host devices, lower case.
+pub fn host_device_addresses(spec: &DomainSpec) -> BTreeSet<String> {
+    spec.host_devices
+        .iter()
+        .map(|h| h.address.to_ascii_lowercase())
+        .collect()
+}
+
 /// One domain's share of one node.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 struct Share {
     memory: u64,
     cpus: BTreeSet<u32>,
+    host_devices: BTreeSet<String>,
 }
 
 /// Placed domains' shares of the nodes, and the moves under way.
@@ -72,6 +81,7 @@ impl Usage {
         let share = Share {
             memory: memory_need(&dom.spec).unwrap_or(0),
             cpus: pinned_cpus(&dom.spec).unwrap_or_default(),
+            host_devices: host_device_addresses(&dom.spec),
         };
         if let Some(holder) = &facts.claim.holder {
             self.nodes
@@ -119,6 +129,17 @@ impl Usage {
             shares
                 .iter()
                 .find(|(k, s)| k.as_str() != except && s.cpus.contains(&cpu))
+                .map(|(k, _)| k.as_str())
+        })
+    }
+
+    /// The domain (other than `except`) that has the host PCI device `address` on `node`,
+    /// if any.
+    pub fn host_device_taken(&self, node: &str, address: &str, except: &str) -> Option<&str> {
+        self.nodes.get(node).and_then(|shares| {
+            shares
+                .iter()
+                .find(|(k, s)| k.as_str() != except && s.host_devices.contains(address))
                 .map(|(k, _)| k.as_str())
         })
     }

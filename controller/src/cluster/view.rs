@@ -61,6 +61,9 @@ pub struct NodeView {
     pub cpus: Option<u32>,
     /// The most vCPUs one guest can have there.
     pub max_vcpus: Option<u32>,
+    /// The addresses of the PCI devices its HypervisorNode lists (`status.host.pciDevices`,
+    /// lower case).
+    pub pci_devices: BTreeSet<String>,
 }
 
 impl NodeView {
@@ -336,6 +339,15 @@ fn node_view(
             .and_then(|m| m.total.bytes().ok()),
         cpus: status.and_then(|s| s.cpu.as_ref()).map(|c| c.count),
         max_vcpus: status.and_then(|s| s.max_vcpus),
+        pci_devices: status
+            .and_then(|s| s.host.as_ref())
+            .map(|h| {
+                h.pci_devices
+                    .iter()
+                    .map(|d| d.address.to_ascii_lowercase())
+                    .collect()
+            })
+            .unwrap_or_default(),
     }
 }
 

@@ -9,20 +9,21 @@ use virtkube_engine::hotplug::DetachOutcome;
 use virtkube_engine::migrate::MigrateOptions;
 use virtkube_engine::model::{
     CpuDef, CpuMode, CpuTune, Device, DeviceKey, DhcpHost, DhcpRange, DiskDef, DiskSource, DnsHost,
-    DomainDef, DomainObserved, DomainState, Firmware, InterfaceDef, IpDef, NetworkDef, NetworkEdit,
-    NetworkMode, NetworkObserved, OsDef, PoolDef, PoolObserved, PoolType, Topology, VcpuPin,
-    VolumeDef, VolumeFormat, VolumeObserved,
+    DomainDef, DomainObserved, DomainState, Firmware, HostdevDef, InterfaceDef, IpDef, NetworkDef,
+    NetworkEdit, NetworkMode, NetworkObserved, OsDef, PciAddress, PoolDef, PoolObserved, PoolType,
+    Topology, VcpuPin, VolumeDef, VolumeFormat, VolumeObserved,
 };
 use virtkube_engine::{CpuSet, Engine, EngineConfig, EngineError, EngineStats, Owner};
 
 use crate::plan::desired::Nodes;
 use crate::plan::desired::{
-    DesiredDisk, DesiredDiskSource, DesiredDomain, DesiredNetwork, DesiredNic, DesiredPool,
-    VolumeOrigin,
+    DesiredDisk, DesiredDiskSource, DesiredDomain, DesiredHostDevice, DesiredNetwork, DesiredNic,
+    DesiredPool, VolumeOrigin,
 };
 use crate::plan::observed::{
-    DhcpLease, DiskRef, DnsEntry, ObservedDisk, ObservedDomain, ObservedHost, ObservedNetwork,
-    ObservedNic, ObservedPool, ObservedState, ObservedVolume, OwnerMark, PowerObserved,
+    DhcpLease, DiskRef, DnsEntry, ObservedDisk, ObservedDomain, ObservedHost, ObservedHostDevice,
+    ObservedNetwork, ObservedNic, ObservedPool, ObservedState, ObservedVolume, OwnerMark,
+    PowerObserved,
 };
 use crate::plan::{Action, NetworkUpdate, Op, Preserve};
 use crate::progress::{POLL_EVERY, Progress, ProgressEvent};
@@ -323,6 +324,13 @@ async fn observe_host(h: &Host) -> Result<ObservedHost, HostError> {
         online_cpus: info.cpu_map.map(|m| m.online.to_string()),
         device_hotplug: supports_device_hotplug(&h.spec.uri),
         cpu_tune_live: supports_live_cpu_tune(&h.spec.uri),
+        // A driver without node devices leaves host devices unchecked (libvirt then says
+        // what it thinks of them when the guest starts).
+        pci_devices: e
+            .node_pci_addresses()
+            .await
+            .ok()
+            .map(|all| all.iter().map(ToString::to_string).collect()),
         ..ObservedHost::default()
     };
     for name in e.pool_list().await.map_err(&err)? {
@@ -533,6 +541,15 @@ pub fn domain_from(d: &DomainObserved) -> ObservedDomain {
                 alias: i.alias.clone(),
             })
             .collect(),
+        host_devices: d
+            .hostdevs
+            .iter()
+            .map(|h| ObservedHostDevice {
+                address: h.address.to_string(),
+                managed: h.managed,
+                alias: h.alias.clone(),
+            })
+            .collect(),
         autostart: d.autostart,
         persistent: d.persistent,
         pending_unplug: d.pending_unplug.clone(),
@@ -684,6 +701,11 @@ pub fn domain_def(
         .enumerate()
         .map(|(i, nic)| interface_def(nic, preserve.macs.get(i).cloned().flatten()))
         .collect();
+    def.hostdevs = d
+        .host_devices
+        .iter()
+        .map(hostdev_def)
+        .collect::<Result<_, HostError>>()?;
     // A balloon lets memory change live up to the maximum.
     def.memballoon = d.max_memory_kib > d.memory_kib || !on.test_driver;
     Ok(def)
@@ -744,6 +766,20 @@ fn interface_def(nic: &DesiredNic, generated: Option<String>) -> InterfaceDef {
     }
 }
 
+/// The engine's definition of one desired host device.
+fn hostdev_def(dev: &DesiredHostDevice) -> Result<HostdevDef, HostError> {
+    Ok(HostdevDef {
+        name: Some(dev.name.clone()),
+        address: PciAddress::parse(&dev.address).ok_or_else(|| {
+            HostError::Invalid(format!(
+                "host device {}: `{}` is not a PCI address",
+                dev.name, dev.address
+            ))
+        })?,
+        managed: dev.managed,
+    })
+}
+
 /// The engine's definition of a desired storage pool.
 pub fn pool_def(p: &DesiredPool) -> Result<PoolDef, HostError> {
     let path = p
@@ -783,6 +819,14 @@ pub fn network_edit(u: &NetworkUpdate) -> NetworkEdit {
         NetworkUpdate::DeleteDhcpHost(h) => NetworkEdit::DeleteDhcpHost(dhcp_host_def(h)),
         NetworkUpdate::AddDnsHost(h) => NetworkEdit::AddDnsHost(dns_host_def(h)),
         NetworkUpdate::DeleteDnsHost(h) => NetworkEdit::DeleteDnsHost(dns_host_def(h)),
+        NetworkUpdate::AddDhcpRange(r) => NetworkEdit::AddDhcpRange(DhcpRange {
+            start: r.start.clone(),
+            end: r.end.clone(),
+        }),
+        NetworkUpdate::DeleteDhcpRange(r) => NetworkEdit::DeleteDhcpRange(DhcpRange {
+            start: r.start.clone(),
+            end: r.end.clone(),
+        }),
     }
 }
 
@@ -1125,6 +1169,20 @@ async fn run_action(hosts: &Hosts, host: &Host, a: &Action) -> Result<String, Ho
         }
         Op::DetachInterface { mac } => {
             let key = DeviceKey::Interface { mac: mac.clone() };
+            unplug(e, name, &owner, &key).await.map_err(&err)
+        }
+        Op::AttachHostDevice(dev) => {
+            e.domain_attach_device(name, &owner, &Device::HostDevice(hostdev_def(dev)?))
+                .await
+                .map_err(&err)?;
+            done("plugged in")
+        }
+        Op::DetachHostDevice { address } => {
+            let key = DeviceKey::HostDevice {
+                address: PciAddress::parse(address).ok_or_else(|| {
+                    HostError::Invalid(format!("`{address}` is not a PCI address"))
+                })?,
+            };
             unplug(e, name, &owner, &key).await.map_err(&err)
         }
         Op::RestartDomain { domain, preserve } => {

@@ -192,6 +192,17 @@ pub struct DesiredNic {
     pub mac: Option<String>,
 }
 
+/// A host PCI device passed through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DesiredHostDevice {
+    /// Name in the spec.
+    pub name: String,
+    /// PCI address on the node, `0000:06:00.0` (lower case, as libvirt reports it).
+    pub address: String,
+    /// libvirt detaches it from the host driver and reattaches it.
+    pub managed: bool,
+}
+
 /// Live-migration settings.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct DesiredMigration {
@@ -269,6 +280,8 @@ pub struct DesiredDomain {
     pub disks: Vec<DesiredDisk>,
     /// NICs.
     pub interfaces: Vec<DesiredNic>,
+    /// Host PCI devices.
+    pub host_devices: Vec<DesiredHostDevice>,
     /// `updatePolicy: Restart`.
     pub restart_now: bool,
     /// Migration settings.
@@ -694,6 +707,15 @@ fn domain_from_spec(
                 network: i.network.clone(),
                 model: nic_word(i.model).to_string(),
                 mac: i.mac_address.as_ref().map(|m| m.to_ascii_lowercase()),
+            })
+            .collect(),
+        host_devices: spec
+            .host_devices
+            .iter()
+            .map(|h| DesiredHostDevice {
+                name: h.name.clone(),
+                address: h.address.to_ascii_lowercase(),
+                managed: h.managed,
             })
             .collect(),
         restart_now: spec.update_policy == virtkube_crds::domain::UpdatePolicy::Restart,

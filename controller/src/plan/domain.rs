@@ -141,7 +141,7 @@ fn describe_nic(on: &super::observed::ObservedNic) -> String {
     )
 }
 
-const UNPLUG_PENDING: &str =
+pub(crate) const UNPLUG_PENDING: &str =
     "unplug requested, the guest has not released it: it leaves at the next restart";
 
 /// Disks: plugged in or out live where the host and the bus allow, otherwise (and for any
@@ -558,6 +558,7 @@ pub(crate) fn diff_domain(d: &DesiredDomain, o: &ObservedDomain, host: &Observed
     diff_cpu_tune(d, o, host, &mut diff);
     diff_disks(d, o, host, &mut diff);
     diff_nics(d, o, host, &mut diff);
+    super::host_devices::diff_host_devices(d, o, host, &mut diff);
     diff
 }
 
@@ -740,6 +741,13 @@ fn definition_changes(d: &DesiredDomain) -> Vec<Change> {
             &nic.network,
         ));
     }
+    for dev in &d.host_devices {
+        changes.push(Change::new(
+            &format!("hostDevices[name={}]", dev.name),
+            "(none)",
+            &dev.address,
+        ));
+    }
     changes
 }
 
@@ -792,6 +800,18 @@ pub(crate) fn plan_domain(
             return;
         }
     }
+    if !d.host_devices.is_empty() {
+        let used = super::host_devices::in_use(host);
+        let problems = super::host_devices::check(d, &d.node, host.pci_devices.as_ref(), &used);
+        if let Some(p) = problems.first() {
+            let kind = match p {
+                super::host_devices::HostDeviceProblem::Missing { .. } => NoticeKind::Invalid,
+                super::host_devices::HostDeviceProblem::InUse { .. } => NoticeKind::Conflict,
+            };
+            b.notice(kind, &object, &d.node, format!("{}: {p}", d.origin), vec![]);
+            return;
+        }
+    }
     let deps = dependencies(d);
     let here = host.domains.get(&d.name);
     // The same resource elsewhere: a move (live migration when it runs).
@@ -819,6 +839,11 @@ pub(crate) fn plan_domain(
     match here {
         None => {
             if let Some((src, o)) = elsewhere.first() {
+                if o.power.is_active() && !(d.host_devices.is_empty() && o.host_devices.is_empty())
+                {
+                    b.notice(NoticeKind::Forbidden, &object, src, format!("{}: spec.nodeName changed while it runs, but a domain with host devices cannot live-migrate (libvirt refuses): stop it to move it, or remove spec.hostDevices", d.origin), vec![]);
+                    return;
+                }
                 if o.power.is_active() {
                     let op = Op::MigrateDomain {
                         to: d.node.clone(),
@@ -959,8 +984,12 @@ pub(crate) fn plan_domain(
                 } else {
                     for (op, changes) in diff.live {
                         let why = match op {
-                            Op::AttachDisk(_) | Op::AttachInterface(_) => "plugged in live",
-                            Op::DetachDisk { .. } | Op::DetachInterface { .. } => {
+                            Op::AttachDisk(_)
+                            | Op::AttachInterface(_)
+                            | Op::AttachHostDevice(_) => "plugged in live",
+                            Op::DetachDisk { .. }
+                            | Op::DetachInterface { .. }
+                            | Op::DetachHostDevice { .. } => {
                                 "unplugged live (the guest must release it)"
                             }
                             _ => "applied live",

@@ -18,6 +18,7 @@ pub mod cluster;
 pub mod dependents;
 pub mod desired;
 mod domain;
+pub mod host_devices;
 pub mod json;
 pub mod observed;
 pub mod render;
@@ -176,6 +177,25 @@ pub enum NetworkUpdate {
     /// Remove an address's DNS names (libvirt cannot modify them: a change is a delete and
     /// an add).
     DeleteDnsHost(DnsEntry),
+    /// Add a DHCP range.
+    AddDhcpRange(DhcpRangeUpdate),
+    /// Remove a DHCP range (libvirt matches start and end).
+    DeleteDhcpRange(DhcpRangeUpdate),
+}
+
+/// A DHCP range changed live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DhcpRangeUpdate {
+    /// First address.
+    pub start: String,
+    /// Last address.
+    pub end: String,
+}
+
+impl std::fmt::Display for DhcpRangeUpdate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.start, self.end)
+    }
 }
 
 /// What an action does.
@@ -283,6 +303,13 @@ pub enum Op {
         /// Its MAC address.
         mac: String,
     },
+    /// Pass a host PCI device through to the running domain and its definition (hotplug).
+    AttachHostDevice(Box<desired::DesiredHostDevice>),
+    /// Unplug a host PCI device (by address) from the running domain and its definition.
+    DetachHostDevice {
+        /// Its PCI address on the host.
+        address: String,
+    },
     /// Shut down, redefine, start again (`updatePolicy: Restart`).
     RestartDomain {
         /// The new definition.
@@ -314,6 +341,8 @@ impl Op {
                 NetworkUpdate::DeleteDhcpHost(h) => format!("remove DHCP host {}", h.mac),
                 NetworkUpdate::AddDnsHost(h) => format!("add DNS host {h}"),
                 NetworkUpdate::DeleteDnsHost(h) => format!("remove DNS host {}", h.ip),
+                NetworkUpdate::AddDhcpRange(r) => format!("add DHCP range {r}"),
+                NetworkUpdate::DeleteDhcpRange(r) => format!("remove DHCP range {r}"),
             },
             Op::SetPoolAutostart(on) | Op::SetNetworkAutostart(on) | Op::SetDomainAutostart(on) => {
                 format!("autostart {}", if *on { "on" } else { "off" })
@@ -343,6 +372,8 @@ impl Op {
             Op::DetachDisk { target } => format!("unplug disk {target}"),
             Op::AttachInterface(n) => format!("plug in NIC {} on {}", n.name, n.network),
             Op::DetachInterface { mac } => format!("unplug NIC {mac}"),
+            Op::AttachHostDevice(h) => format!("plug in host device {} ({})", h.name, h.address),
+            Op::DetachHostDevice { address } => format!("unplug host device {address}"),
             Op::RestartDomain { .. } => "restart with the new definition".into(),
             Op::DeleteDomain => "shut down, destroy, undefine".into(),
             Op::MigrateDomain { to, .. } => format!("live-migrate to {to}"),
@@ -570,13 +601,59 @@ fn step(op: Op, why: &str, changes: Vec<Change>) -> Step {
     (op, why.to_string(), changes)
 }
 
-/// The live updates that bring a network's DHCP leases and DNS entries to the spec: removals
-/// first (so an address or name can move between entries), then changes, then additions.
+/// A network's DHCP ranges as `start-end`, in no particular order (dnsmasq reads them as a
+/// set, and libvirt appends a range added live at the end).
+fn range_set<'a>(ranges: impl IntoIterator<Item = &'a String>) -> BTreeSet<&'a str> {
+    ranges.into_iter().map(String::as_str).collect()
+}
+
+/// The live updates that bring a network's DHCP leases, DNS entries and DHCP ranges to the
+/// spec: removals first (so an address or name can move between entries), then changes,
+/// then additions; range changes last. A lease or DNS change only makes dnsmasq reread its
+/// files (SIGHUP), while a range change makes libvirt restart dnsmasq with a configuration
+/// written from the whole new definition (seen on libvirt 9.0): last, that restart also
+/// picks up whether DHCP is on at all (the first range, or the last one going).
 fn network_updates(o: &ObservedNetwork, net: &DesiredNetwork) -> Vec<Step> {
     const WHY: &str = "virNetworkUpdate: dnsmasq rereads its files, the network keeps running";
+    const RANGE_WHY: &str =
+        "virNetworkUpdate: libvirt restarts the network's dnsmasq, the network keeps running";
     let mut deletes = Vec::new();
     let mut modifies = Vec::new();
     let mut adds = Vec::new();
+    let mut ranges = Vec::new();
+    let want_ranges: Vec<String> = net.dhcp.iter().map(|(s, e)| format!("{s}-{e}")).collect();
+    {
+        let (want, have) = (range_set(&want_ranges), range_set(&o.dhcp));
+        let update = |text: &str| {
+            let (start, end) = text.split_once('-').unwrap_or((text, text));
+            DhcpRangeUpdate {
+                start: start.to_string(),
+                end: end.to_string(),
+            }
+        };
+        for gone in have.difference(&want) {
+            ranges.push(step(
+                Op::UpdateNetwork(NetworkUpdate::DeleteDhcpRange(update(gone))),
+                RANGE_WHY,
+                vec![Change::new(
+                    &format!("ip.dhcp.ranges[{gone}]"),
+                    *gone,
+                    "(none)",
+                )],
+            ));
+        }
+        for new in want.difference(&have) {
+            ranges.push(step(
+                Op::UpdateNetwork(NetworkUpdate::AddDhcpRange(update(new))),
+                RANGE_WHY,
+                vec![Change::new(
+                    &format!("ip.dhcp.ranges[{new}]"),
+                    "(none)",
+                    *new,
+                )],
+            ));
+        }
+    }
     let want_lease = |mac: &str| net.dhcp_hosts.iter().find(|h| h.mac == mac);
     for have in &o.dhcp_hosts {
         let field = format!("ip.dhcp.hosts[mac={}]", have.mac);
@@ -640,6 +717,7 @@ fn network_updates(o: &ObservedNetwork, net: &DesiredNetwork) -> Vec<Step> {
     }
     deletes.extend(modifies);
     deletes.extend(adds);
+    deletes.extend(ranges);
     deletes
 }
 
@@ -1161,15 +1239,10 @@ pub fn plan(desired: &DesiredState, observed: &ObservedState, options: &PlanOpti
                     if want_ip != have_ip {
                         redefine.push(Change::new("ip", opt(&have_ip), opt(&want_ip)));
                     }
-                    let want_dhcp: Vec<String> =
-                        net.dhcp.iter().map(|(s, e)| format!("{s}-{e}")).collect();
-                    if want_dhcp != o.dhcp {
-                        redefine.push(Change::new(
-                            "ip.dhcp.ranges",
-                            o.dhcp.join(","),
-                            want_dhcp.join(","),
-                        ));
-                    } else if want_dhcp.is_empty()
+                    // Ranges change live (network_updates): libvirt restarts dnsmasq with
+                    // the new configuration, DHCP turned on or off included.
+                    if net.dhcp.is_empty()
+                        && o.dhcp.is_empty()
                         && o.dhcp_hosts.is_empty() != net.dhcp_hosts.is_empty()
                     {
                         // Without ranges, the first or last lease turns DHCP itself on or off:

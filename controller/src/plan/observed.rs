@@ -100,6 +100,9 @@ pub struct ObservedHost {
     pub volumes: BTreeMap<(String, String), ObservedVolume>,
     /// Domains by libvirt name.
     pub domains: BTreeMap<String, ObservedDomain>,
+    /// The addresses of the host's PCI devices (`0000:06:00.0`); `None` when not read (the
+    /// host devices of domains are then not checked against them).
+    pub pci_devices: Option<std::collections::BTreeSet<String>>,
 }
 
 /// A storage pool.
@@ -315,6 +318,17 @@ pub struct ObservedNic {
     pub alias: Option<String>,
 }
 
+/// A host PCI device passed through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObservedHostDevice {
+    /// PCI address on the host, lower case.
+    pub address: String,
+    /// `managed='yes'`.
+    pub managed: bool,
+    /// The spec's name, from libvirt's user alias, when set.
+    pub alias: Option<String>,
+}
+
 /// A domain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObservedDomain {
@@ -370,6 +384,8 @@ pub struct ObservedDomain {
     pub disks: Vec<ObservedDisk>,
     /// NICs.
     pub interfaces: Vec<ObservedNic>,
+    /// Host PCI devices.
+    pub host_devices: Vec<ObservedHostDevice>,
     /// Autostart flag.
     pub autostart: bool,
     /// Whether the domain is persistent (defined).

@@ -290,6 +290,15 @@ fn domain_observed(
                 alias: Some(nic.name.clone()),
             })
             .collect(),
+        host_devices: d
+            .host_devices
+            .iter()
+            .map(|dev| super::observed::ObservedHostDevice {
+                address: dev.address.clone(),
+                managed: dev.managed,
+                alias: Some(dev.name.clone()),
+            })
+            .collect(),
         autostart: status.autostart.unwrap_or(d.autostart),
         persistent: true,
         // What the status does not report is taken as the spec asks: the plan of a cluster

@@ -4,10 +4,12 @@
 
 use std::collections::BTreeMap;
 
-use super::desired::{DesiredDisk, DesiredDiskSource, DesiredDomain, VolumeOrigin};
+use super::desired::{
+    DesiredDisk, DesiredDiskSource, DesiredDomain, DesiredHostDevice, VolumeOrigin,
+};
 use super::observed::{
-    DiskRef, ObservedDisk, ObservedDomain, ObservedHost, ObservedNetwork, ObservedNic,
-    ObservedPool, ObservedState, ObservedVolume, PowerObserved,
+    DiskRef, ObservedDisk, ObservedDomain, ObservedHost, ObservedHostDevice, ObservedNetwork,
+    ObservedNic, ObservedPool, ObservedState, ObservedVolume, PowerObserved,
 };
 use super::{Action, NetworkUpdate, Op, Preserve};
 
@@ -95,10 +97,20 @@ fn domain_from(
         cmdline: d.cmdline.clone(),
         disks,
         interfaces,
+        host_devices: d.host_devices.iter().map(observed_host_device).collect(),
         autostart: previous.is_some_and(|p| p.autostart),
         persistent: true,
         pending_unplug: Vec::new(),
         start_owed: false,
+    }
+}
+
+/// A host device as libvirt reports it once defined or plugged in.
+fn observed_host_device(dev: &DesiredHostDevice) -> ObservedHostDevice {
+    ObservedHostDevice {
+        address: dev.address.clone(),
+        managed: dev.managed,
+        alias: Some(dev.name.clone()),
     }
 }
 
@@ -196,6 +208,15 @@ pub fn apply_action(state: &mut ObservedState, a: &Action) -> Result<(), SimErro
                 NetworkUpdate::DeleteDhcpHost(h) => n.dhcp_hosts.retain(|o| o != h),
                 NetworkUpdate::AddDnsHost(h) => n.dns_hosts.push(h.clone()),
                 NetworkUpdate::DeleteDnsHost(h) => n.dns_hosts.retain(|o| o != h),
+                NetworkUpdate::AddDhcpRange(r) => n.dhcp.push(r.to_string()),
+                NetworkUpdate::DeleteDhcpRange(r) => {
+                    let text = r.to_string();
+                    let before = n.dhcp.len();
+                    n.dhcp.retain(|o| *o != text);
+                    if n.dhcp.len() == before {
+                        return Err(SimError(format!("no DHCP range {text}")));
+                    }
+                }
             }
         }
         Op::SetNetworkAutostart(on) => net_mut(state, a)?.autostart = *on,
@@ -370,6 +391,24 @@ pub fn apply_action(state: &mut ObservedState, a: &Action) -> Result<(), SimErro
                 .retain(|x| !x.mac.as_ref().is_some_and(|m| m.eq_ignore_ascii_case(mac)));
             if d.interfaces.len() == before {
                 return Err(SimError(format!("no NIC {mac}")));
+            }
+        }
+        Op::AttachHostDevice(dev) => {
+            let d = domain_mut(state, a)?;
+            if d.host_devices.iter().any(|x| x.address == dev.address) {
+                return Err(SimError(format!(
+                    "host device {} already plugged in",
+                    dev.address
+                )));
+            }
+            d.host_devices.push(observed_host_device(dev));
+        }
+        Op::DetachHostDevice { address } => {
+            let d = domain_mut(state, a)?;
+            let before = d.host_devices.len();
+            d.host_devices.retain(|x| &x.address != address);
+            if d.host_devices.len() == before {
+                return Err(SimError(format!("no host device {address}")));
             }
         }
         Op::RestartDomain { domain, preserve } => {

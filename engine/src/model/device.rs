@@ -10,6 +10,7 @@
 //! the planner then knows the change waits for a restart instead of asking again.
 
 use super::domain::{DiskDef, InterfaceDef, disk_element, interface_element};
+use super::hostdev::{HostdevDef, PciAddress, hostdev_element};
 use super::xml::Element;
 
 /// XML namespace of virtkube's note of unacknowledged unplugs in a live domain's metadata.
@@ -25,6 +26,8 @@ pub enum Device {
     Disk(DiskDef),
     /// A NIC on a libvirt network.
     Interface(InterfaceDef),
+    /// A host PCI device passed through.
+    HostDevice(HostdevDef),
 }
 
 impl Device {
@@ -33,6 +36,7 @@ impl Device {
         match self {
             Device::Disk(d) => disk_element(d).to_xml(),
             Device::Interface(i) => interface_element(i).to_xml(),
+            Device::HostDevice(h) => hostdev_element(h).to_xml(),
         }
     }
 
@@ -47,6 +51,7 @@ impl Device {
                 .mac
                 .as_ref()
                 .map(|mac| DeviceKey::Interface { mac: mac.clone() }),
+            Device::HostDevice(h) => Some(DeviceKey::HostDevice { address: h.address }),
         }
     }
 }
@@ -65,6 +70,11 @@ pub enum DeviceKey {
         /// MAC, any case.
         mac: String,
     },
+    /// A host PCI device by its address on the host.
+    HostDevice {
+        /// The host address.
+        address: PciAddress,
+    },
 }
 
 impl DeviceKey {
@@ -73,6 +83,7 @@ impl DeviceKey {
         match self {
             DeviceKey::Disk { target } => format!("disk/{target}"),
             DeviceKey::Interface { mac } => format!("interface/{}", mac.to_ascii_lowercase()),
+            DeviceKey::HostDevice { address } => format!("hostdev/{address}"),
         }
     }
 
@@ -90,6 +101,13 @@ impl DeviceKey {
                     .and_then(|m| m.get("address"))
                     .is_some_and(|a| a.eq_ignore_ascii_case(mac))
             }),
+            DeviceKey::HostDevice { address } => devices.find_all("hostdev").find(|h| {
+                h.get("type") == Some("pci")
+                    && h.find("source")
+                        .and_then(|s| s.find("address"))
+                        .and_then(PciAddress::from_element)
+                        == Some(*address)
+            }),
         }
     }
 }
@@ -99,6 +117,7 @@ impl std::fmt::Display for DeviceKey {
         match self {
             DeviceKey::Disk { target } => write!(f, "disk {target}"),
             DeviceKey::Interface { mac } => write!(f, "NIC {mac}"),
+            DeviceKey::HostDevice { address } => write!(f, "host device {address}"),
         }
     }
 }
@@ -168,6 +187,25 @@ mod tests {
             .find(&dom)
             .is_none()
         );
+    }
+
+    #[test]
+    fn finds_host_devices_by_address_whatever_the_case() {
+        let dom = xml::parse(
+            "<domain><devices><hostdev mode='subsystem' type='pci' managed='yes'>\
+             <source><address domain='0x0000' bus='0x0A' slot='0x00' function='0x1'/></source>\
+             </hostdev></devices></domain>",
+        )
+        .unwrap();
+        let key = DeviceKey::HostDevice {
+            address: PciAddress::parse("0000:0a:00.1").unwrap(),
+        };
+        assert!(key.find(&dom).is_some());
+        assert_eq!(key.as_key(), "hostdev/0000:0a:00.1");
+        let other = DeviceKey::HostDevice {
+            address: PciAddress::parse("0000:0a:00.0").unwrap(),
+        };
+        assert!(other.find(&dom).is_none());
     }
 
     #[test]

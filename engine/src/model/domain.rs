@@ -5,6 +5,7 @@
 use virtkube_crds::cpuset::CpuSet;
 
 use super::device::pending_from_metadata;
+use super::hostdev::{HostdevDef, HostdevObserved, hostdev_element};
 use super::owner::Owner;
 use super::xml::{self, Element, XmlError};
 
@@ -264,6 +265,8 @@ pub struct DomainDef {
     pub disks: Vec<DiskDef>,
     /// NICs.
     pub interfaces: Vec<InterfaceDef>,
+    /// Host PCI devices passed through.
+    pub hostdevs: Vec<HostdevDef>,
     /// Keep a virtio memory balloon (off by default: `<memballoon model='none'/>`).
     pub memballoon: bool,
     /// The ownership mark.
@@ -309,6 +312,7 @@ impl DomainDef {
             emulator: None,
             disks: Vec::new(),
             interfaces: Vec::new(),
+            hostdevs: Vec::new(),
             memballoon: false,
             owner,
             start_owed: false,
@@ -484,6 +488,9 @@ impl DomainDef {
         for i in &self.interfaces {
             devices = devices.child(interface_element(i));
         }
+        for h in &self.hostdevs {
+            devices = devices.child(hostdev_element(h));
+        }
         if !self.memballoon {
             devices = devices.child(Element::new("memballoon").attr("model", "none"));
         }
@@ -491,7 +498,8 @@ impl DomainDef {
     }
 }
 
-fn valid_alias(name: &str) -> bool {
+/// Whether libvirt accepts `ua-<name>` as a user alias.
+pub(crate) fn valid_alias(name: &str) -> bool {
     !name.is_empty()
         && name
             .chars()
@@ -831,6 +839,8 @@ pub struct DomainObserved {
     pub disks: Vec<DiskObserved>,
     /// NICs.
     pub interfaces: Vec<InterfaceObserved>,
+    /// Host PCI devices passed through.
+    pub hostdevs: Vec<HostdevObserved>,
     /// Whether a memballoon other than `none` is present.
     pub memballoon: bool,
     /// virtkube's mark, if present.
@@ -954,10 +964,12 @@ impl DomainObserved {
         let devices = root.find("devices");
         let mut disks = Vec::new();
         let mut interfaces = Vec::new();
+        let mut hostdevs = Vec::new();
         let mut memballoon = false;
         let mut emulator = None;
         if let Some(devs) = devices {
             emulator = devs.path_text("emulator");
+            hostdevs = HostdevObserved::all_from(devs);
             memballoon = devs
                 .find("memballoon")
                 .is_some_and(|m| m.get("model") != Some("none"));
@@ -1049,6 +1061,7 @@ impl DomainObserved {
             emulator,
             disks,
             interfaces,
+            hostdevs,
             memballoon,
             owner: root.find("metadata").and_then(Owner::from_metadata),
             pending_unplug: root
@@ -1147,6 +1160,11 @@ mod tests {
             model: Some("virtio".into()),
             mac: Some("52:54:00:00:00:01".into()),
         });
+        d.hostdevs.push(super::super::hostdev::HostdevDef {
+            name: Some("gpu".into()),
+            address: super::super::hostdev::PciAddress::parse("0000:07:00.0").unwrap(),
+            managed: true,
+        });
         d
     }
 
@@ -1189,6 +1207,9 @@ mod tests {
         assert_eq!(o.disks[0].boot_order, Some(1));
         assert_eq!(o.interfaces[0].network.as_deref(), Some("lan"));
         assert_eq!(o.interfaces[0].alias.as_deref(), Some("lan"));
+        assert_eq!(o.hostdevs[0].address.to_string(), "0000:07:00.0");
+        assert_eq!(o.hostdevs[0].alias.as_deref(), Some("gpu"));
+        assert!(o.hostdevs[0].managed);
         assert!(!o.memballoon);
     }
 

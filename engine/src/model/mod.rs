@@ -4,6 +4,7 @@
 pub mod device;
 pub mod domain;
 pub mod host_facts;
+pub mod hostdev;
 pub mod network;
 pub mod node;
 pub mod owner;
@@ -20,6 +21,7 @@ pub use domain::{
 pub use host_facts::{
     HostInterface, MediatedDevice, PciDevice, PoolSourceFound, SecurityLabel, SecurityModel,
 };
+pub use hostdev::{HostdevDef, HostdevObserved, PciAddress};
 pub use network::{
     DhcpHost, DhcpRange, DnsHost, IpDef, NetworkDef, NetworkEdit, NetworkMode, NetworkObserved,
     UpdateCommand, UpdateSection,
