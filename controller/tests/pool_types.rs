@@ -83,7 +83,10 @@ fn each_pool_type_is_built_as_its_source_says_and_the_plan_settles() {
     };
     // Built on its devices (vgcreate), then started.
     assert!(ops_of(&p, "vg").contains(&built(true)));
-    assert_eq!(kinds("vg"), ["define", "build storage", "start", "autostart on"]);
+    assert_eq!(
+        kinds("vg"),
+        ["define", "build storage", "start", "autostart on"]
+    );
     // An existing volume group: nothing to build.
     assert_eq!(kinds("existing"), ["define", "start", "autostart on"]);
     // mkfs on the device; without build only the mount point is made.
@@ -121,7 +124,8 @@ fn each_pool_type_is_built_as_its_source_says_and_the_plan_settles() {
 fn a_pool_source_is_immutable() {
     let d = desired(POOLS);
     let mut o = empty();
-    simulate::apply(&mut o, &plan::plan(&d, &o, &PlanOptions::default())).unwrap();
+    let first = plan::plan(&d, &o, &PlanOptions::default());
+    simulate::apply(&mut o, &first).unwrap();
     let host = o.hosts.get_mut("a").unwrap();
     host.pools.get_mut("vg").unwrap().source.devices = vec!["/dev/sdb".into()];
     host.pools.get_mut("nas").unwrap().source.dir = Some("/other".into());
@@ -178,7 +182,7 @@ fn a_logical_pool_refuses_qcow2_overlays_and_growth_and_takes_extents_as_asked()
 
     // An overlay: an LVM snapshot is not a qcow2 overlay.
     let d = desired(&with_volume(
-        "apiVersion: virtkube.io/v1alpha1\nkind: Volume\nmetadata: {name: cow, namespace: t}\nspec: {pool: vg, format: qcow2, source: {backingVolume: disk}}\n",
+        "apiVersion: virtkube.io/v1alpha1\nkind: Volume\nmetadata: {name: cow, namespace: t}\nspec: {pool: vg, format: qcow2, capacity: 16Mi, source: {backingVolume: disk}}\n",
     ));
     let p = plan::plan(&d, &o, &PlanOptions::default());
     let n = notice(&p, "t.cow").unwrap();
@@ -188,7 +192,8 @@ fn a_logical_pool_refuses_qcow2_overlays_and_growth_and_takes_extents_as_asked()
     // Made: LVM rounds 10 MB up to three 4 MiB extents. That is the size asked.
     let d = desired(LOGICAL);
     let mut o = empty();
-    simulate::apply(&mut o, &plan::plan(&d, &o, &PlanOptions::default())).unwrap();
+    let first = plan::plan(&d, &o, &PlanOptions::default());
+    simulate::apply(&mut o, &first).unwrap();
     let lv = o
         .hosts
         .get_mut("a")
@@ -222,7 +227,11 @@ fn a_logical_pool_refuses_qcow2_overlays_and_growth_and_takes_extents_as_asked()
     let p = plan::plan(&d, &o, &PlanOptions::default());
     let n = notice(&p, "t.big").unwrap();
     assert_eq!(n.kind, NoticeKind::Unsupported);
-    assert!(n.message.contains("leave spec.capacity out"), "{}", n.message);
+    assert!(
+        n.message.contains("leave spec.capacity out"),
+        "{}",
+        n.message
+    );
     // Without a capacity it has the source's size.
     let d = desired(&with_volume(
         "apiVersion: virtkube.io/v1alpha1\nkind: Volume\nmetadata: {name: copy, namespace: t}\nspec: {pool: vg, format: raw, source: {volume: disk}}\n",
