@@ -46,7 +46,8 @@ log() { echo "libvirt-nodes: $*" >&2; }
 uri_of() { echo "qemu:///system?socket=$W/$1/sock/libvirt-sock"; }
 
 install_packages() {
-  local need="libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev qemu-system-x86 iptables dnsmasq-base iproute2 util-linux"
+  # lvm2 and e2fsprogs: the logical and fs pool tests (libvirtd runs vgcreate, mkfs).
+  local need="libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev qemu-system-x86 iptables dnsmasq-base iproute2 util-linux lvm2 e2fsprogs"
   local missing=""
   for p in $need; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

@@ -119,6 +119,8 @@ fn build(w: &World) -> DesiredState {
             origin: "gen".into(),
             pool_type: "dir".into(),
             target_path: Some("/pools/images".into()),
+            source: Default::default(),
+            build: false,
             autostart: true,
             only_on: None,
         }],

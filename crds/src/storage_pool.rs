@@ -38,12 +38,18 @@ use crate::validation::{FieldErrors, Validate};
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
     {"rule": "self.type != 'dir' || has(self.target)", "message": "a dir pool needs target.path"},
-    {"rule": "self.type != 'netfs' || (has(self.source) && has(self.source.host) && has(self.source.dir))", "message": "a netfs pool needs source.host and source.dir"}
+    {"rule": "self.type != 'netfs' || (has(self.source) && has(self.source.host) && has(self.source.dir))", "message": "a netfs pool needs source.host and source.dir"},
+    {"rule": "self.type != 'fs' || (has(self.target) && has(self.source) && has(self.source.devices) && size(self.source.devices) == 1)", "message": "an fs pool needs target.path and exactly one source.devices entry"},
+    {"rule": "self.type != 'logical' || (has(self.source) && has(self.source.name))", "message": "a logical pool needs source.name (the LVM volume group)"},
+    {"rule": "!has(self.source) || !has(self.source.build) || !self.source.build || self.type == 'logical' || self.type == 'fs'", "message": "source.build applies to logical and fs pools only"},
+    {"rule": "self.type != 'logical' || !has(self.source) || !has(self.source.build) || !self.source.build || has(self.source.devices)", "message": "building a logical pool (source.build) needs source.devices"}
 ]))]
 pub struct StoragePoolSpec {
-    /// The pool's backend (libvirt `<pool type=…>`): `dir` (a directory of image files) is
-    /// supported now; `netfs`, `logical`, `iscsi` and `rbd` are accepted and reported as not
-    /// yet supported. Immutable.
+    /// The pool's backend (libvirt `<pool type=…>`): `dir` (a directory of image files),
+    /// `fs` (a block device holding a filesystem, mounted by libvirt at `target.path`),
+    /// `netfs` (an NFS export mounted at `target.path`) and `logical` (an LVM volume group;
+    /// volumes are raw logical volumes) are carried out; `iscsi` and `rbd` are accepted and
+    /// reported as not supported. Immutable.
     #[serde(rename = "type", default)]
     #[schemars(extend("x-kubernetes-validations" = [{"rule": "self == oldSelf", "message": "type is immutable: create a new StoragePool"}]))]
     pub type_: PoolType,
@@ -76,8 +82,10 @@ pub enum PoolType {
     /// A directory of image files.
     #[default]
     Dir,
-    /// A network filesystem mounted at the target path.
+    /// A network filesystem (NFS) mounted at the target path.
     Netfs,
+    /// A block device holding a filesystem, mounted at the target path.
+    Fs,
     /// An LVM volume group.
     Logical,
     /// An iSCSI target.
@@ -92,6 +100,7 @@ impl PoolType {
         match self {
             PoolType::Dir => "dir",
             PoolType::Netfs => "netfs",
+            PoolType::Fs => "fs",
             PoolType::Logical => "logical",
             PoolType::Iscsi => "iscsi",
             PoolType::Rbd => "rbd",
@@ -103,7 +112,9 @@ impl PoolType {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PoolTarget {
-    /// An absolute directory path (`/var/lib/virtkube/pools/default`), created when missing.
+    /// An absolute directory path (`/var/lib/virtkube/pools/default`), created when missing;
+    /// for `fs` and `netfs` the mount point. A `logical` pool's is always `/dev/<source.name>`
+    /// (libvirt sets it): leave it out, or write exactly that.
     #[schemars(
         length(min = 1, max = 4096),
         pattern(crate::names::ABSOLUTE_PATH_PATTERN)
@@ -123,14 +134,101 @@ pub struct PoolSource {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 4096))]
     pub dir: Option<String>,
-    /// Block devices (`logical`).
+    /// Block devices, absolute paths: the physical volumes of a `logical` pool (needed to
+    /// build it), the one device of an `fs` pool.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64))]
+    #[schemars(
+        length(max = 64),
+        inner(
+            length(min = 1, max = 4096),
+            pattern(crate::names::ABSOLUTE_PATH_PATTERN)
+        )
+    )]
     pub devices: Vec<String>,
-    /// The volume group, iSCSI IQN or RBD pool name.
+    /// The LVM volume group (`logical`; required), iSCSI IQN or RBD pool name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     pub name: Option<String>,
+    /// The filesystem: for `fs`, `ext2`, `ext3`, `ext4`, `xfs` or `vfat` (`auto`, the
+    /// default, lets `mount` probe it, and cannot be built); for `netfs`, `nfs` (the default).
+    /// Not used by `logical` (always LVM2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<SourceFormat>,
+    /// Make the storage when the pool is created on a node: `logical` runs `pvcreate` and
+    /// `vgcreate` on `devices`, `fs` runs `mkfs` of `format` on its device. libvirt refuses a
+    /// device that already holds a filesystem, a partition table or an LVM label, so nothing
+    /// is ever overwritten. Without it the volume group or filesystem must already exist.
+    /// Only for `logical` and `fs`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub build: bool,
+}
+
+/// A pool source's filesystem (libvirt `<source><format type=…>`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceFormat {
+    /// Let `mount` probe the filesystem (`fs`; cannot be built).
+    Auto,
+    /// ext2 (`fs`).
+    Ext2,
+    /// ext3 (`fs`).
+    Ext3,
+    /// ext4 (`fs`).
+    Ext4,
+    /// XFS (`fs`; `mkfs.xfs` needs a device of at least 300 MiB).
+    Xfs,
+    /// FAT (`fs`).
+    Vfat,
+    /// NFS (`netfs`).
+    Nfs,
+}
+
+impl SourceFormat {
+    /// libvirt's name of the format.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SourceFormat::Auto => "auto",
+            SourceFormat::Ext2 => "ext2",
+            SourceFormat::Ext3 => "ext3",
+            SourceFormat::Ext4 => "ext4",
+            SourceFormat::Xfs => "xfs",
+            SourceFormat::Vfat => "vfat",
+            SourceFormat::Nfs => "nfs",
+        }
+    }
+
+    /// Whether it is a local filesystem (`fs`), as opposed to a network one (`netfs`).
+    pub fn is_local(self) -> bool {
+        self != SourceFormat::Nfs
+    }
+}
+
+/// Whether `name` is a volume group name LVM accepts: letters, digits, `+ _ . -`, not
+/// starting with `-`, not `.` or `..`, at most 127 characters.
+pub fn is_volume_group_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 127
+        && !name.starts_with('-')
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'_' | b'.' | b'-'))
+}
+
+impl StoragePoolSpec {
+    /// The target path libvirt gives the pool: a `logical` pool's is `/dev/<volume group>`
+    /// whatever the definition says; the others' is `target.path`.
+    pub fn effective_target_path(&self) -> Option<String> {
+        match self.type_ {
+            PoolType::Logical => self
+                .source
+                .as_ref()
+                .and_then(|s| s.name.as_ref())
+                .map(|vg| format!("/dev/{vg}")),
+            _ => self.target.as_ref().map(|t| t.path.clone()),
+        }
+    }
 }
 
 /// What virtkube observed of a pool, per node.
@@ -180,27 +278,121 @@ pub struct PoolNodeStatus {
 impl Validate for StoragePoolSpec {
     fn validate(&self) -> FieldErrors {
         let mut errors = FieldErrors::default();
+        let kind = self.type_.as_str();
         match (&self.type_, &self.target) {
-            (PoolType::Dir | PoolType::Netfs | PoolType::Logical, None) => errors.push(
+            (PoolType::Dir | PoolType::Netfs | PoolType::Fs, None) => errors.push(
                 "spec.target.path",
-                format!("a {} pool needs target.path", self.type_.as_str()),
+                format!("{} {kind} pool needs target.path", article(kind)),
             ),
             (_, Some(target)) if !crate::names::is_clean_absolute_path(&target.path) => {
                 errors.push("spec.target.path", crate::names::CLEAN_ABSOLUTE_PATH)
             }
             _ => {}
         }
-        if self.type_ == PoolType::Netfs
-            && !self
-                .source
-                .as_ref()
-                .is_some_and(|s| s.host.is_some() && s.dir.is_some())
-        {
+        let empty = PoolSource::default();
+        let source = self.source.as_ref().unwrap_or(&empty);
+        for (i, device) in source.devices.iter().enumerate() {
+            if !crate::names::is_clean_absolute_path(device) {
+                errors.push(
+                    format!("spec.source.devices[{i}]"),
+                    crate::names::CLEAN_ABSOLUTE_PATH,
+                );
+            }
+        }
+        if source.build && !matches!(self.type_, PoolType::Logical | PoolType::Fs) {
             errors.push(
-                "spec.source",
-                "a netfs pool needs source.host and source.dir",
+                "spec.source.build",
+                format!("source.build applies to logical and fs pools only, not {kind}"),
             );
         }
+        match self.type_ {
+            PoolType::Dir => {
+                if source.format.is_some() {
+                    errors.push("spec.source.format", "a dir pool has no source format");
+                }
+            }
+            PoolType::Netfs => {
+                if source.host.is_none() || source.dir.is_none() {
+                    errors.push(
+                        "spec.source",
+                        "a netfs pool needs source.host and source.dir",
+                    );
+                }
+                if source.format.is_some_and(SourceFormat::is_local) {
+                    errors.push(
+                        "spec.source.format",
+                        "a netfs pool's format is nfs (the default)",
+                    );
+                }
+            }
+            PoolType::Fs => self.validate_fs(source, &mut errors),
+            PoolType::Logical => self.validate_logical(source, &mut errors),
+            PoolType::Iscsi | PoolType::Rbd => {}
+        }
         errors
+    }
+}
+
+/// "an fs pool", "a dir pool".
+fn article(kind: &str) -> &'static str {
+    if kind == "fs" { "an" } else { "a" }
+}
+
+impl StoragePoolSpec {
+    fn validate_fs(&self, source: &PoolSource, errors: &mut FieldErrors) {
+        if source.devices.len() != 1 {
+            errors.push(
+                "spec.source.devices",
+                format!(
+                    "an fs pool needs exactly one device (libvirt mounts one), {} given",
+                    source.devices.len()
+                ),
+            );
+        }
+        match source.format {
+            Some(SourceFormat::Nfs) => errors.push(
+                "spec.source.format",
+                "nfs is a netfs pool's format: use type netfs",
+            ),
+            Some(SourceFormat::Auto) | None if source.build => errors.push(
+                "spec.source.format",
+                "building an fs pool (source.build) needs the filesystem to make: ext2, ext3, ext4, xfs or vfat",
+            ),
+            _ => {}
+        }
+    }
+
+    fn validate_logical(&self, source: &PoolSource, errors: &mut FieldErrors) {
+        match &source.name {
+            None => errors.push(
+                "spec.source.name",
+                "a logical pool needs source.name (the LVM volume group)",
+            ),
+            Some(vg) if !is_volume_group_name(vg) => errors.push(
+                "spec.source.name",
+                format!("`{vg}` is not an LVM volume group name: letters, digits, `+ _ . -`, not starting with `-`, at most 127 characters"),
+            ),
+            Some(_) => {}
+        }
+        if let (Some(target), Some(wanted)) = (&self.target, self.effective_target_path())
+            && target.path != wanted
+        {
+            errors.push(
+                "spec.target.path",
+                format!("a logical pool's target is always {wanted} (libvirt sets it from source.name): leave target out or write {wanted}"),
+            );
+        }
+        if source.build && source.devices.is_empty() {
+            errors.push(
+                "spec.source.devices",
+                "building a logical pool (source.build) needs the devices to make physical volumes of",
+            );
+        }
+        if source.format.is_some() {
+            errors.push(
+                "spec.source.format",
+                "a logical pool's format is always LVM2: leave source.format out",
+            );
+        }
     }
 }

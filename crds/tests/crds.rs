@@ -280,7 +280,15 @@ fn validation_markers_reach_the_schema() {
     let pool = schema_of("StoragePool");
     assert_eq!(
         rule_count(&pool, "/properties/spec/x-kubernetes-validations"),
-        2
+        6
+    );
+    assert_eq!(
+        pool.pointer("/properties/spec/properties/source/properties/devices/items/maxLength"),
+        Some(&json!(4096))
+    );
+    assert!(
+        pool.pointer("/properties/spec/properties/source/properties/devices/items/pattern")
+            .is_some()
     );
     assert_eq!(
         pool.pointer("/properties/status/properties/nodes/x-kubernetes-list-map-keys"),

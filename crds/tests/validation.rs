@@ -318,6 +318,98 @@ fn pool_rules() {
 }
 
 #[test]
+fn logical_pool_rules() {
+    let vg = |source: Value| json!({"type": "logical", "source": source});
+    assert_one::<StoragePoolSpec>(vg(json!({"name": "vg0"})), None);
+    assert_one::<StoragePoolSpec>(
+        vg(json!({"name": "vg0", "devices": ["/dev/sdb"], "build": true})),
+        None,
+    );
+    assert_one::<StoragePoolSpec>(
+        json!({"type": "logical", "source": {"name": "vg0"}, "target": {"path": "/dev/vg0"}}),
+        None,
+    );
+    assert_one::<StoragePoolSpec>(
+        json!({"type": "logical", "source": {"name": "vg0"}, "target": {"path": "/srv/vg0"}}),
+        Some("a logical pool's target is always /dev/vg0"),
+    );
+    assert_one::<StoragePoolSpec>(
+        json!({"type": "logical", "source": {"devices": ["/dev/sdb"]}}),
+        Some("needs source.name (the LVM volume group)"),
+    );
+    assert_one::<StoragePoolSpec>(
+        vg(json!({"name": "-vg"})),
+        Some("not an LVM volume group name"),
+    );
+    assert_one::<StoragePoolSpec>(
+        vg(json!({"name": "vg/0"})),
+        Some("not an LVM volume group name"),
+    );
+    assert_one::<StoragePoolSpec>(
+        vg(json!({"name": "vg0", "build": true})),
+        Some("needs the devices to make physical volumes of"),
+    );
+    assert_one::<StoragePoolSpec>(
+        vg(json!({"name": "vg0", "format": "ext4"})),
+        Some("always LVM2"),
+    );
+    assert_one::<StoragePoolSpec>(
+        vg(json!({"name": "vg0", "devices": ["/dev/../etc/passwd"]})),
+        Some("spec.source.devices[0]"),
+    );
+}
+
+#[test]
+fn fs_and_netfs_pool_rules() {
+    let fs = |source: Value| json!({"type": "fs", "target": {"path": "/srv/fs"}, "source": source});
+    assert_one::<StoragePoolSpec>(fs(json!({"devices": ["/dev/loop3"]})), None);
+    assert_one::<StoragePoolSpec>(
+        fs(json!({"devices": ["/dev/loop3"], "format": "ext4", "build": true})),
+        None,
+    );
+    assert_one::<StoragePoolSpec>(
+        fs(json!({"devices": ["/dev/loop3"], "build": true})),
+        Some("needs the filesystem to make"),
+    );
+    assert_one::<StoragePoolSpec>(
+        fs(json!({"devices": ["/dev/loop3"], "format": "auto", "build": true})),
+        Some("needs the filesystem to make"),
+    );
+    assert_one::<StoragePoolSpec>(
+        fs(json!({"devices": ["/dev/a", "/dev/b"]})),
+        Some("exactly one device"),
+    );
+    assert_one::<StoragePoolSpec>(fs(json!({})), Some("exactly one device"));
+    assert_one::<StoragePoolSpec>(
+        fs(json!({"devices": ["/dev/a"], "format": "nfs"})),
+        Some("use type netfs"),
+    );
+    assert_one::<StoragePoolSpec>(
+        json!({"type": "fs", "source": {"devices": ["/dev/a"]}}),
+        Some("an fs pool needs target.path"),
+    );
+    let nfs =
+        |source: Value| json!({"type": "netfs", "target": {"path": "/mnt/n"}, "source": source});
+    assert_one::<StoragePoolSpec>(nfs(json!({"host": "nas", "dir": "/export"})), None);
+    assert_one::<StoragePoolSpec>(
+        nfs(json!({"host": "nas", "dir": "/export", "format": "nfs"})),
+        None,
+    );
+    assert_one::<StoragePoolSpec>(
+        nfs(json!({"host": "nas", "dir": "/export", "format": "ext4"})),
+        Some("format is nfs"),
+    );
+    assert_one::<StoragePoolSpec>(
+        nfs(json!({"host": "nas", "dir": "/export", "build": true})),
+        Some("logical and fs pools only, not netfs"),
+    );
+    assert_one::<StoragePoolSpec>(
+        json!({"type": "dir", "target": {"path": "/x"}, "source": {"build": true}}),
+        Some("logical and fs pools only, not dir"),
+    );
+}
+
+#[test]
 fn cpu_limits_read_as_kubernetes_writes_them() {
     use virtkube_crds::domain::{format_cpu_limit, parse_cpu_limit};
     for (text, millis) in [

@@ -144,23 +144,8 @@ fn libvirt(call: &str, error: &LibvirtError) -> Option<Explanation> {
             "create a StoragePool of that name selected for this node (its nodeSelector matches the node's HypervisorNode labels), or correct the Volume's spec.pool.",
         ));
     }
-    let pool_call = call.starts_with("pool_");
-    let lvm = [
-        "/sbin/vgcreate",
-        "/sbin/pvs",
-        "/sbin/pvcreate",
-        "/sbin/vgchange",
-        "/sbin/lvs",
-    ];
-    if message.contains("missing backend for pool type")
-        || (pool_call && lvm.iter().any(|b| message.contains(b)))
-        || (pool_call && message.contains("missing storage pool source"))
-    {
-        return Some(explanation(
-            "PoolTypeUnsupported",
-            "virtkube carries out `dir` pools; `netfs`, `logical`, `iscsi` and `rbd` are accepted by the API but not carried out yet (their source is not passed to libvirt, a logical pool also needs LVM on the node, and a missing backend means libvirt's storage driver for that type is not installed).",
-            "use spec.type dir; for a network share, mount it on every node and point a dir pool at the mount (with spec.shared true).",
-        ));
+    if let Some(e) = storage_backend(call, message) {
+        return Some(e);
     }
     if message.contains("cannot set CPU affinity")
         || message.contains("exceed the maxcpu")
@@ -179,6 +164,78 @@ fn libvirt(call: &str, error: &LibvirtError) -> Option<Explanation> {
         || message.contains("exists already")
     {
         return Some(name_clash(quoted(message).unwrap_or("the object")));
+    }
+    None
+}
+
+/// What the node lacks (or refuses) for a pool type beyond `dir`: LVM's tools, the kernel's
+/// device-mapper, the NFS client, a device free of data to build on, a libvirt backend.
+fn storage_backend(call: &str, message: &str) -> Option<Explanation> {
+    let pool_call = call.starts_with("pool_");
+    let lvm_tool = [
+        "/sbin/vgcreate",
+        "/sbin/pvs",
+        "/sbin/pvcreate",
+        "/sbin/vgchange",
+        "/sbin/lvs",
+        "/sbin/lvcreate",
+        "/sbin/vgs",
+    ];
+    if message.contains("cannot execute binary") && lvm_tool.iter().any(|b| message.contains(b)) {
+        return Some(explanation(
+            "LvmMissing",
+            "a logical pool needs LVM's tools (pvcreate, vgcreate, lvcreate, …) on the node, and they are not installed.",
+            "install them on every node the StoragePool selects (Debian and Ubuntu: `apt-get install lvm2`); the agent's image needs them too when libvirtd runs in it.",
+        ));
+    }
+    if message.contains("device-mapper") || message.contains("/dev/mapper/control") {
+        return Some(explanation(
+            "DeviceMapperMissing",
+            "the node's kernel has no device-mapper (CONFIG_BLK_DEV_DM), so LVM can make and start the volume group but cannot create or activate any logical volume: no volume can live in a logical pool on this node.",
+            "load it (`modprobe dm_mod`) or boot a kernel with device-mapper; until then keep volumes in a dir or fs pool on this node.",
+        ));
+    }
+    if message.contains("unknown filesystem type 'nfs") || message.contains("mount.nfs") {
+        return Some(explanation(
+            "NfsClientMissing",
+            "the node cannot mount NFS: its kernel has no NFS client (`nfs` is not in /proc/filesystems) or the mount.nfs helper is missing.",
+            "on every node the StoragePool selects, install the NFS client (`apt-get install nfs-common`) and load the kernel module (`modprobe nfs`); then the pool starts at the next reconcile.",
+        ));
+    }
+    if pool_call && message.contains("unknown filesystem type") {
+        return Some(explanation(
+            "FilesystemUnsupported",
+            format!(
+                "the node's kernel cannot mount the fs pool's filesystem ({}): it is not in /proc/filesystems and no module provides it.",
+                quoted(message).unwrap_or("spec.source.format")
+            ),
+            "use a filesystem the node's kernel has (`cat /proc/filesystems`; ext4 and xfs almost everywhere), or load its module on every node the StoragePool selects.",
+        ));
+    }
+    if pool_call && message.contains("wrong fs type, bad option, bad superblock") {
+        return Some(explanation(
+            "FilesystemMismatch",
+            "libvirt could not mount the fs pool's device: it holds no filesystem of spec.source.format (or none at all).",
+            "set spec.source.format to the filesystem on the device (`blkid DEVICE` says which), or auto; for an empty device, spec.source.build true makes one.",
+        ));
+    }
+    if message.contains("already formatted")
+        || (message.contains("Storage pool already built") && pool_call)
+    {
+        return Some(explanation(
+            "DeviceNotEmpty",
+            "source.build makes a volume group or filesystem only on an empty device, and this one already holds data (a filesystem, a partition table or an LVM label); virtkube never overwrites a device.",
+            "if what is on the device is the volume group or filesystem the pool should use, set source.build false (the pool then uses it as it is); otherwise clear the device yourself (`wipefs`) after making sure its data is not needed.",
+        ));
+    }
+    if message.contains("missing backend for pool type")
+        || (pool_call && message.contains("missing storage pool source"))
+    {
+        return Some(explanation(
+            "PoolTypeUnsupported",
+            "virtkube carries out `dir`, `fs`, `netfs` and `logical` pools; `iscsi` and `rbd` are accepted by the API but not carried out (a missing backend means libvirt's storage driver for that type is not installed on the node).",
+            "use one of the supported types; for a network share, a netfs pool or a dir pool on a mount present on every node (with spec.shared true).",
+        ));
     }
     None
 }
@@ -236,8 +293,8 @@ pub fn explain(error: &EngineError) -> Option<Explanation> {
         )),
         EngineError::InvalidSpec(text) if text.contains("pool type") => Some(explanation(
             "PoolTypeUnsupported",
-            "virtkube carries out `dir` pools only for now.",
-            "use spec.type dir; for a network share, mount it on every node and point a dir pool at the mount (with spec.shared true).",
+            "virtkube carries out `dir`, `fs`, `netfs` and `logical` pools; `iscsi` and `rbd` are accepted by the API but not carried out.",
+            "use one of the supported types; for a network share, a netfs pool or a dir pool on a mount present on every node (with spec.shared true).",
         )),
         _ => None,
     }
@@ -245,9 +302,23 @@ pub fn explain(error: &EngineError) -> Option<Explanation> {
 
 /// Whether `error` is one of the explained situations no retry can fix (libvirt reports some
 /// of them as internal errors, which would otherwise count as retryable): a migration to the
-/// source itself, a pool type virtkube does not carry out.
+/// source itself, a pool type virtkube does not carry out, what the node lacks for a pool
+/// type (LVM, device-mapper, the NFS client), a device holding data that a build would
+/// overwrite.
 pub(crate) fn is_permanent(error: &EngineError) -> bool {
-    explain(error).is_some_and(|e| matches!(e.id, "SameHostMigration" | "PoolTypeUnsupported"))
+    explain(error).is_some_and(|e| {
+        matches!(
+            e.id,
+            "SameHostMigration"
+                | "PoolTypeUnsupported"
+                | "LvmMissing"
+                | "DeviceMapperMissing"
+                | "NfsClientMissing"
+                | "FilesystemUnsupported"
+                | "FilesystemMismatch"
+                | "DeviceNotEmpty"
+        )
+    })
 }
 
 /// ` — virtkube: … Next: …` when `error` has an explanation, else nothing: what the

@@ -6,7 +6,7 @@ use virt::storage_pool::StoragePool;
 
 use crate::engine::{CallClass, Engine};
 use crate::error::{EngineError, ObjectKind, Result, lv};
-use crate::model::{Owner, PoolDef, PoolObserved, PoolState};
+use crate::model::{BuildMode, Owner, PoolDef, PoolObserved, PoolState};
 use crate::object;
 
 pub(crate) fn lookup(c: &Connect, call: &'static str, name: &str) -> Result<StoragePool> {
@@ -41,10 +41,17 @@ impl Engine {
         .await
     }
 
-    /// Builds the pool's storage (for `dir`: creates the target directory).
-    pub async fn pool_build(&self, name: &str, owner: &Owner) -> Result<()> {
-        self.owned_call::<StoragePool, _>(CallClass::Mutate, "pool_build", name, owner, |p| {
-            p.build(0)
+    /// Builds the pool: [`BuildMode::TargetOnly`] creates the target directory (a `dir`
+    /// pool's storage, an `fs` or `netfs` pool's mount point); [`BuildMode::MakeStorage`]
+    /// also makes a `logical` pool's volume group or an `fs` pool's filesystem on its
+    /// devices, never over a device that holds data (libvirt checks, `NO_OVERWRITE`).
+    pub async fn pool_build(&self, name: &str, owner: &Owner, mode: BuildMode) -> Result<()> {
+        let flags = match mode {
+            BuildMode::TargetOnly => 0,
+            BuildMode::MakeStorage => virt::sys::VIR_STORAGE_POOL_BUILD_NO_OVERWRITE,
+        };
+        self.owned_call::<StoragePool, _>(CallClass::Mutate, "pool_build", name, owner, move |p| {
+            p.build(flags)
         })
         .await
     }
@@ -73,8 +80,10 @@ impl Engine {
         .await
     }
 
-    /// Deletes the pool's underlying storage (for `dir`: removes the empty directory). The
-    /// pool must be inactive.
+    /// Deletes the pool's underlying storage (for `dir`: removes the empty directory; for
+    /// `logical`: vgremove and pvremove; for `fs`: nothing on the device). The pool must be
+    /// inactive. virtkube's planner never asks for it (a pool's storage outlives the
+    /// StoragePool); tests clean up with it.
     pub async fn pool_delete(&self, name: &str, owner: &Owner) -> Result<()> {
         self.owned_call::<StoragePool, _>(CallClass::Mutate, "pool_delete", name, owner, |p| {
             p.delete(0)

@@ -22,8 +22,8 @@ use futures::{Stream, StreamExt};
 use virtkube_engine::domain::{Apply, ShutdownOutcome};
 use virtkube_engine::migrate::MigrateOptions;
 use virtkube_engine::model::{
-    DhcpRange, DiskDef, DiskSource, DomainDef, DomainState, InterfaceDef, IpDef, NetworkDef,
-    NetworkMode, PoolDef, PoolState, VcpuPin, VolumeDef, VolumeFormat,
+    BuildMode, DhcpRange, DiskDef, DiskSource, DomainDef, DomainState, InterfaceDef, IpDef,
+    NetworkDef, NetworkMode, PoolDef, PoolState, VcpuPin, VolumeDef, VolumeFormat,
 };
 use virtkube_engine::{
     CpuSet, DomainEvent, DomainEventKind, Engine, EngineConfig, EngineError, EngineEvent, Owner,
@@ -421,7 +421,9 @@ async fn dir_pool_with_qcow2_volumes_attached_to_a_domain() {
     e.pool_define(&PoolDef::dir(&pool, target.to_str().unwrap(), po.clone()))
         .await
         .unwrap();
-    e.pool_build(&pool, &po).await.unwrap();
+    e.pool_build(&pool, &po, BuildMode::TargetOnly)
+        .await
+        .unwrap();
     assert!(target.is_dir(), "build creates the directory");
     e.pool_start(&pool, &po).await.unwrap();
     let p = e.pool_observe(&pool).await.unwrap().unwrap();
@@ -960,7 +962,9 @@ async fn live_migration_with_copy_storage() {
         e.pool_define(&PoolDef::dir(&pool, path.to_str().unwrap(), po.clone()))
             .await
             .unwrap();
-        e.pool_build(&pool, &po).await.unwrap();
+        e.pool_build(&pool, &po, BuildMode::TargetOnly)
+            .await
+            .unwrap();
         e.pool_start(&pool, &po).await.unwrap();
     }
     let vol = a

@@ -8,8 +8,8 @@ use std::time::Duration;
 use futures::StreamExt;
 use virtkube_engine::domain::{Apply, ShutdownOutcome};
 use virtkube_engine::model::{
-    DhcpHost, DhcpRange, DiskDef, DiskSource, DnsHost, DomainDef, DomainState, IpDef, NetworkDef,
-    NetworkEdit, NetworkMode, PoolDef, PoolState, VcpuPin, VolumeDef, VolumeFormat,
+    BuildMode, DhcpHost, DhcpRange, DiskDef, DiskSource, DnsHost, DomainDef, DomainState, IpDef,
+    NetworkDef, NetworkEdit, NetworkMode, PoolDef, PoolState, VcpuPin, VolumeDef, VolumeFormat,
 };
 use virtkube_engine::{
     CpuSet, DomainEventKind, Engine, EngineConfig, EngineError, EngineEvent, ObjectKind, Owner,
@@ -461,7 +461,9 @@ async fn pools_and_volumes() {
             .as_ref(),
         Some(&o)
     );
-    e.pool_build("t-pool", &o).await.unwrap();
+    e.pool_build("t-pool", &o, BuildMode::TargetOnly)
+        .await
+        .unwrap();
     e.pool_start("t-pool", &o).await.unwrap();
     e.pool_set_autostart("t-pool", &o, true).await.unwrap();
     let p = e.pool_observe("t-pool").await.unwrap().unwrap();

@@ -125,7 +125,7 @@ pub fn action_of(verb: &str, drift: bool) -> String {
 fn reason_of(op: &Op) -> &'static str {
     match op {
         Op::DefinePool(_) | Op::DefineNetwork(_) | Op::DefineDomain { .. } => "Defined",
-        Op::BuildPool => "Built",
+        Op::BuildPool { .. } => "Built",
         Op::StartPool | Op::StartNetwork | Op::StartDomain { .. } => "Started",
         Op::SetPoolAutostart(_) | Op::SetNetworkAutostart(_) | Op::SetDomainAutostart(_) => {
             "AutostartSet"
@@ -203,6 +203,7 @@ async fn execute(
         let reason = match n.kind {
             NoticeKind::Conflict => "NameConflict",
             NoticeKind::Forbidden => "Forbidden",
+            NoticeKind::Unsupported => "Unsupported",
             _ => "InvalidReference",
         };
         return Err(Error::Unrealizable {

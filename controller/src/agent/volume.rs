@@ -130,7 +130,9 @@ impl Problem {
         Problem {
             reason,
             message,
-            spec_valid: true,
+            // What the pool's type cannot hold (a qcow2 image in an LVM pool): only a
+            // change of the spec helps.
+            spec_valid: reason != "Unsupported",
         }
     }
 }

@@ -777,9 +777,12 @@ fn notice_conditions(
         .iter()
         .filter(|n| n.object.kind.as_str() == kind && n.object.name == name && n.kind.is_error())
         .collect();
-    let spec_problem = mine
-        .iter()
-        .find(|n| matches!(n.kind, NoticeKind::Forbidden | NoticeKind::Invalid));
+    let spec_problem = mine.iter().find(|n| {
+        matches!(
+            n.kind,
+            NoticeKind::Forbidden | NoticeKind::Invalid | NoticeKind::Unsupported
+        )
+    });
     set_condition(
         conds,
         conditions::condition(
@@ -791,6 +794,7 @@ fn notice_conditions(
             },
             match spec_problem.map(|n| n.kind) {
                 Some(NoticeKind::Forbidden) => "ChangeForbidden",
+                Some(NoticeKind::Unsupported) => "Unsupported",
                 Some(_) => "InvalidReference",
                 None => "Valid",
             },
@@ -803,6 +807,7 @@ fn notice_conditions(
         let reason = match n.kind {
             NoticeKind::Conflict => "NameConflict",
             NoticeKind::Forbidden => "ChangeForbidden",
+            NoticeKind::Unsupported => "Unsupported",
             _ => "InvalidSpec",
         };
         ready(conds, false, reason, n.message.clone(), generation);

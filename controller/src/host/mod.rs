@@ -8,10 +8,11 @@ use virtkube_engine::domain::{Apply, ShutdownOutcome};
 use virtkube_engine::hotplug::DetachOutcome;
 use virtkube_engine::migrate::MigrateOptions;
 use virtkube_engine::model::{
-    CpuDef, CpuMode, CpuTune, Device, DeviceKey, DhcpHost, DhcpRange, DiskDef, DiskSource, DnsHost,
-    DomainDef, DomainObserved, DomainState, Firmware, HostdevDef, InterfaceDef, IpDef, NetworkDef,
-    NetworkEdit, NetworkMode, NetworkObserved, OsDef, PciAddress, PoolDef, PoolObserved, PoolType,
-    Topology, VcpuPin, VolumeDef, VolumeFormat, VolumeObserved,
+    BuildMode, CpuDef, CpuMode, CpuTune, Device, DeviceKey, DhcpHost, DhcpRange, DiskDef,
+    DiskSource, DnsHost, DomainDef, DomainObserved, DomainState, Firmware, HostdevDef,
+    InterfaceDef, IpDef, NetworkDef, NetworkEdit, NetworkMode, NetworkObserved, OsDef, PciAddress,
+    PoolDef, PoolObserved, PoolSource, PoolType, Topology, VcpuPin, VolumeDef, VolumeFormat,
+    VolumeObserved,
 };
 use virtkube_engine::{CpuSet, Engine, EngineConfig, EngineError, EngineStats, Owner};
 
@@ -23,7 +24,7 @@ use crate::plan::desired::{
 use crate::plan::observed::{
     DhcpLease, DiskRef, DnsEntry, ObservedDisk, ObservedDomain, ObservedHost, ObservedHostDevice,
     ObservedNetwork, ObservedNic, ObservedPool, ObservedState, ObservedVolume, OwnerMark,
-    PowerObserved,
+    PoolSourceView, PowerObserved,
 };
 use crate::plan::{Action, NetworkUpdate, Op, Preserve};
 use crate::progress::{POLL_EVERY, Progress, ProgressEvent};
@@ -397,6 +398,13 @@ pub fn pool_from(p: &PoolObserved) -> ObservedPool {
         owner: p.owner.as_ref().map(from_owner),
         pool_type: p.pool_type.as_str().to_string(),
         target_path: p.target_path.clone(),
+        source: PoolSourceView {
+            host: p.source.host.clone(),
+            dir: p.source.dir.clone(),
+            devices: p.source.devices.clone(),
+            name: p.source.name.clone(),
+            format: p.source.format.clone(),
+        },
         active: p.state == virtkube_engine::model::PoolState::Running,
         autostart: p.autostart,
         capacity: p.capacity,
@@ -786,14 +794,20 @@ pub fn pool_def(p: &DesiredPool) -> Result<PoolDef, HostError> {
         .target_path
         .clone()
         .ok_or_else(|| HostError::Invalid(format!("pool {} has no target.path", p.name)))?;
-    let mut def = PoolDef::dir(&p.name, path, to_owner(&p.owner));
-    def.pool_type = match p.pool_type.as_str() {
-        "dir" => PoolType::Dir,
-        "netfs" => PoolType::Netfs,
-        "logical" => PoolType::Logical,
-        other => PoolType::Other(other.to_string()),
-    };
-    Ok(def)
+    let s = &p.source;
+    Ok(PoolDef {
+        name: p.name.clone(),
+        pool_type: PoolType::parse(&p.pool_type),
+        target_path: path,
+        source: PoolSource {
+            host: s.host.clone(),
+            dir: s.dir.clone(),
+            devices: s.devices.clone(),
+            name: s.name.clone(),
+            format: s.format.clone(),
+        },
+        owner: to_owner(&p.owner),
+    })
 }
 
 fn dhcp_host_def(h: &DhcpLease) -> DhcpHost {
@@ -901,9 +915,18 @@ async fn run_action(hosts: &Hosts, host: &Host, a: &Action) -> Result<String, Ho
             e.pool_define(&pool_def(p)?).await.map_err(&err)?;
             done("defined")
         }
-        Op::BuildPool => {
-            e.pool_build(name, &owner).await.map_err(&err)?;
-            done("built")
+        Op::BuildPool { make_storage } => {
+            let mode = if *make_storage {
+                BuildMode::MakeStorage
+            } else {
+                BuildMode::TargetOnly
+            };
+            e.pool_build(name, &owner, mode).await.map_err(&err)?;
+            done(if *make_storage {
+                "built (storage made on its devices)"
+            } else {
+                "built"
+            })
         }
         Op::StartPool => {
             e.pool_start(name, &owner).await.map_err(&err)?;

@@ -11,7 +11,7 @@ use virtkube_crds::names::host_name;
 use virtkube_crds::network::NetworkMode;
 use virtkube_crds::volume::ReclaimPolicy;
 
-use super::observed::{DhcpLease, DnsEntry, OwnerMark};
+use super::observed::{DhcpLease, DnsEntry, OwnerMark, PoolSourceView};
 use super::{Notice, NoticeKind, ObjectKind, ObjectRef};
 
 /// The hosts a plan covers: node names, and the one that takes objects without `nodeName`.
@@ -57,8 +57,13 @@ pub struct DesiredPool {
     pub origin: String,
     /// libvirt pool type.
     pub pool_type: String,
-    /// Target path.
+    /// Target path (a `logical` pool's: `/dev/<volume group>`, as libvirt sets it).
     pub target_path: Option<String>,
+    /// Source, as the manifest sets it.
+    pub source: PoolSourceView,
+    /// Make the volume group or filesystem on the source devices when the pool is created
+    /// (`spec.source.build`).
+    pub build: bool,
     /// Autostart flag.
     pub autostart: bool,
     /// The nodes it belongs on (its `nodeSelector` matched against the cluster's nodes);
@@ -67,9 +72,38 @@ pub struct DesiredPool {
 }
 
 impl DesiredPool {
+    /// The build step a new pool needs, if any: `Some(true)` also makes the storage on its
+    /// devices (a logical pool's volume group, an fs pool's filesystem); `Some(false)` only
+    /// its target directory (`dir`, `fs`, `netfs`). A logical pool that is not built uses a
+    /// volume group that exists already: nothing to build.
+    pub fn build_step(&self) -> Option<bool> {
+        match self.pool_type.as_str() {
+            "logical" => self.build.then_some(true),
+            "fs" => Some(self.build),
+            _ => Some(false),
+        }
+    }
+
     /// Whether the pool belongs on `node`.
     pub fn placed_on(&self, node: &str) -> bool {
         self.only_on.as_ref().is_none_or(|n| n.contains(node))
+    }
+}
+
+/// The source fields a StoragePool's manifest sets, as the planner compares them with
+/// libvirt's.
+pub fn pool_source_view(
+    source: Option<&virtkube_crds::storage_pool::PoolSource>,
+) -> PoolSourceView {
+    let Some(s) = source else {
+        return PoolSourceView::default();
+    };
+    PoolSourceView {
+        host: s.host.clone(),
+        dir: s.dir.clone(),
+        devices: s.devices.clone(),
+        name: s.name.clone(),
+        format: s.format.map(|f| f.as_str().to_string()),
     }
 }
 
@@ -401,7 +435,9 @@ impl DesiredState {
                         name,
                         origin: origin_of(m),
                         pool_type: p.spec.type_.as_str().to_string(),
-                        target_path: p.spec.target.as_ref().map(|t| t.path.clone()),
+                        target_path: p.spec.effective_target_path(),
+                        source: pool_source_view(p.spec.source.as_ref()),
+                        build: p.spec.source.as_ref().is_some_and(|s| s.build),
                         autostart: p.spec.autostart,
                         only_on: None,
                     });

@@ -216,6 +216,7 @@ fn notice_type(kind: NoticeKind) -> &'static str {
         NoticeKind::Blocked => "blocked",
         NoticeKind::Retained => "retained",
         NoticeKind::Invalid => "invalid",
+        NoticeKind::Unsupported => "unsupported",
         NoticeKind::Note => "note",
     }
 }

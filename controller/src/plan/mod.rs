@@ -14,6 +14,7 @@
 //! - **Data is kept**: a volume with `reclaimPolicy: Retain` (or whose policy is unknown) is
 //!   never deleted; a volume or network still used by a domain that stays is not deleted.
 
+pub mod backend;
 pub mod cluster;
 pub mod dependents;
 pub mod desired;
@@ -31,7 +32,7 @@ use std::fmt;
 use desired::{
     DesiredDomain, DesiredMigration, DesiredNetwork, DesiredPool, DesiredState, VolumeOrigin,
 };
-use observed::{DhcpLease, DnsEntry, ObservedNetwork, ObservedState, OwnerMark};
+use observed::{DhcpLease, DnsEntry, ObservedNetwork, ObservedState, OwnerMark, PoolSourceView};
 
 /// The kinds of host objects, in dependency order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -203,8 +204,13 @@ impl std::fmt::Display for DhcpRangeUpdate {
 pub enum Op {
     /// Define a storage pool.
     DefinePool(Box<DesiredPool>),
-    /// Build its storage (a `dir` pool: create the directory).
-    BuildPool,
+    /// Build it: create its target directory and, with `make_storage`, the volume group
+    /// (`logical`) or filesystem (`fs`) on its source devices, never over a device holding
+    /// data.
+    BuildPool {
+        /// Also make the storage on the devices (`spec.source.build`).
+        make_storage: bool,
+    },
     /// Start it.
     StartPool,
     /// Set its autostart flag.
@@ -333,7 +339,10 @@ impl Op {
     pub fn verb(&self) -> String {
         match self {
             Op::DefinePool(_) | Op::DefineNetwork(_) => "define".into(),
-            Op::BuildPool => "build".into(),
+            Op::BuildPool {
+                make_storage: false,
+            } => "build".into(),
+            Op::BuildPool { make_storage: true } => "build storage".into(),
             Op::StartPool | Op::StartNetwork => "start".into(),
             Op::UpdateNetwork(u) => match u {
                 NetworkUpdate::AddDhcpHost(h) => format!("add DHCP host {h}"),
@@ -419,6 +428,9 @@ pub enum NoticeKind {
     Retained,
     /// The manifests ask for something impossible (unknown node, missing reference).
     Invalid,
+    /// The manifests ask for something the pool's type cannot hold or do (a qcow2 image or
+    /// an overlay in an LVM pool, growing a logical volume): the spec must change.
+    Unsupported,
     /// Something the reader should know that changes nothing (a preview against a cluster:
     /// a status behind its spec, a move under way).
     Note,
@@ -429,7 +441,10 @@ impl NoticeKind {
     pub fn is_error(self) -> bool {
         matches!(
             self,
-            NoticeKind::Forbidden | NoticeKind::Conflict | NoticeKind::Invalid
+            NoticeKind::Forbidden
+                | NoticeKind::Conflict
+                | NoticeKind::Invalid
+                | NoticeKind::Unsupported
         )
     }
 
@@ -442,6 +457,7 @@ impl NoticeKind {
             NoticeKind::Blocked => "blocked",
             NoticeKind::Retained => "retained",
             NoticeKind::Invalid => "invalid",
+            NoticeKind::Unsupported => "unsupported",
             NoticeKind::Note => "note",
         }
     }
@@ -780,6 +796,35 @@ fn clash_message(
     )
 }
 
+/// The source fields `wanted` sets (a manifest's) that `have` does not match, as changes.
+fn source_changes(have: &PoolSourceView, wanted: &PoolSourceView) -> Vec<Change> {
+    let mut changes = Vec::new();
+    let mut field = |name: &str, have: &Option<String>, want: &Option<String>| {
+        if want.is_some() && have != want {
+            changes.push(Change::new(name, opt(have), opt(want)));
+        }
+    };
+    field("source.host", &have.host, &wanted.host);
+    field("source.dir", &have.dir, &wanted.dir);
+    field("source.name", &have.name, &wanted.name);
+    field("source.format", &have.format, &wanted.format);
+    if !wanted.devices.is_empty() && have.devices != wanted.devices {
+        let list = |d: &[String]| {
+            if d.is_empty() {
+                "(none)".to_string()
+            } else {
+                d.join(", ")
+            }
+        };
+        changes.push(Change::new(
+            "source.devices",
+            list(&have.devices),
+            list(&wanted.devices),
+        ));
+    }
+    changes
+}
+
 /// A volume on a node: (node, volume name).
 type NodeVolume = (String, String);
 
@@ -880,19 +925,32 @@ pub fn plan(desired: &DesiredState, observed: &ObservedState, options: &PlanOpti
             let host = &observed.hosts[node];
             match host.pools.get(&pool.name) {
                 None => {
-                    let changes = vec![
+                    let mut changes = vec![
                         Change::new("type", "(none)", &pool.pool_type),
                         Change::new("target.path", "(none)", opt(&pool.target_path)),
                     ];
-                    let mut steps = vec![
-                        step(
-                            Op::DefinePool(Box::new(pool.clone())),
-                            "not on the host",
-                            changes,
-                        ),
-                        step(Op::BuildPool, "create its storage", vec![]),
-                        step(Op::StartPool, "make it usable", vec![]),
-                    ];
+                    changes.extend(source_changes(&PoolSourceView::default(), &pool.source));
+                    let mut steps = vec![step(
+                        Op::DefinePool(Box::new(pool.clone())),
+                        "not on the host",
+                        changes,
+                    )];
+                    match pool.build_step() {
+                        Some(true) => steps.push(step(
+                            Op::BuildPool { make_storage: true },
+                            "spec.source.build: make its storage on spec.source.devices (never over a device holding data)",
+                            vec![],
+                        )),
+                        Some(false) => steps.push(step(
+                            Op::BuildPool {
+                                make_storage: false,
+                            },
+                            "create its directory",
+                            vec![],
+                        )),
+                        None => {}
+                    }
+                    steps.push(step(Op::StartPool, "make it usable", vec![]));
                     steps.extend(autostart_step(Op::SetPoolAutostart, false, pool.autostart));
                     b.chain(node, &object, &pool.owner, Symbol::Create, steps);
                 }
@@ -929,8 +987,9 @@ pub fn plan(desired: &DesiredState, observed: &ObservedState, options: &PlanOpti
                             opt(&pool.target_path),
                         ));
                     }
+                    forbidden.extend(source_changes(&o.source, &pool.source));
                     if !forbidden.is_empty() {
-                        b.notice(NoticeKind::Forbidden, &object, node, "a pool's type and target path are immutable: create a new pool and move the volumes", forbidden);
+                        b.notice(NoticeKind::Forbidden, &object, node, "a pool's type, target path and source are immutable: create a new pool and move the volumes", forbidden);
                     }
                     let steps = keep_usable(
                         "pool",
@@ -993,6 +1052,24 @@ pub fn plan(desired: &DesiredState, observed: &ObservedState, options: &PlanOpti
             );
             continue;
         }
+        // What the pool's type can hold: the manifests' word for it, else the host's.
+        let pool_type = desired
+            .pools
+            .iter()
+            .find(|p| p.name == vol.pool && p.placed_on(node))
+            .map(|p| p.pool_type.clone())
+            .or_else(|| host.pools.get(&vol.pool).map(|p| p.pool_type.clone()))
+            .unwrap_or_default();
+        if let Some(why) = backend::refuse_volume(&pool_type, &vol.format, &vol.source) {
+            b.notice(
+                NoticeKind::Unsupported,
+                &object,
+                node,
+                format!("{}: pool {}: {why}", vol.origin, vol.pool),
+                vec![],
+            );
+            continue;
+        }
         let pool_key = (ObjectKind::StoragePool, node.clone(), vol.pool.clone());
         // The same Volume already in another pool: `spec.pool` changed, which is immutable
         // (creating a second image would silently leave the data behind).
@@ -1049,6 +1126,18 @@ pub fn plan(desired: &DesiredState, observed: &ObservedState, options: &PlanOpti
                         }
                         if without_source.contains(&key) {
                             b.notice(NoticeKind::Blocked, &object, node, format!("waits for its source Volume {src}, which cannot be created (see its notice)"), vec![]);
+                            continue;
+                        }
+                        // A copy larger than its source is grown after the copy: not in a
+                        // pool that cannot grow a volume.
+                        if let (Some(why), Some(capacity), Some(source)) = (
+                            backend::refuse_growth(&pool_type),
+                            vol.capacity,
+                            planned_size(desired, observed, node, &vol.pool, src, 0),
+                        ) && backend::check_size(&pool_type, capacity, source)
+                            == backend::SizeCheck::Below
+                        {
+                            b.notice(NoticeKind::Unsupported, &object, node, format!("{}: a clone larger than its source Volume {src}: {why}; leave spec.capacity out for the source's size", vol.origin), vec![Change::new("capacity", render::bytes(source), render::bytes(capacity))]);
                             continue;
                         }
                         deps.push((ObjectKind::Volume, node.clone(), src.clone()));
@@ -1139,9 +1228,24 @@ pub fn plan(desired: &DesiredState, observed: &ObservedState, options: &PlanOpti
                         render::bytes(o.capacity),
                         render::bytes(capacity),
                     );
-                    if capacity > o.capacity && through.is_none() && !users.is_empty() {
+                    let size = backend::check_size(&pool_type, capacity, o.capacity);
+                    let growth_refused = backend::refuse_growth(&pool_type);
+                    if size == backend::SizeCheck::Below
+                        && let Some(why) = growth_refused
+                    {
+                        b.notice(
+                            NoticeKind::Unsupported,
+                            &object,
+                            node,
+                            format!("{}: {why}", vol.origin),
+                            vec![grow],
+                        );
+                    } else if size == backend::SizeCheck::Below
+                        && through.is_none()
+                        && !users.is_empty()
+                    {
                         b.notice(NoticeKind::Blocked, &object, node, format!("grows when domain {} runs again or stops: a crashed guest holds the image", users.iter().map(|(n, _, _)| n.as_str()).collect::<Vec<_>>().join(", ")), vec![grow]);
-                    } else if capacity > o.capacity {
+                    } else if size == backend::SizeCheck::Below {
                         let live = through.and_then(|(n, d, target)| {
                             d.owner.as_ref().map(|owner| LiveDisk {
                                 domain: (*n).clone(),
@@ -1172,7 +1276,7 @@ pub fn plan(desired: &DesiredState, observed: &ObservedState, options: &PlanOpti
                             vec![grow],
                             &[pool_key],
                         );
-                    } else if capacity < o.capacity {
+                    } else if size == backend::SizeCheck::Above {
                         b.notice(NoticeKind::Forbidden, &object, node, "shrinking a volume would cut the guest's data: virtkube only grows volumes", vec![Change::new("capacity", render::bytes(o.capacity), render::bytes(capacity))]);
                     }
                 }

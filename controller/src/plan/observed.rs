@@ -105,6 +105,22 @@ pub struct ObservedHost {
     pub pci_devices: Option<std::collections::BTreeSet<String>>,
 }
 
+/// Where a pool's storage comes from (libvirt `<source>`), as the planner compares it: the
+/// manifest's fields (what is not set is `None` or empty) or what libvirt reports.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PoolSourceView {
+    /// NFS server (`netfs`).
+    pub host: Option<String>,
+    /// Exported directory (`netfs`).
+    pub dir: Option<String>,
+    /// Block devices (`logical`, `fs`).
+    pub devices: Vec<String>,
+    /// Volume group (`logical`).
+    pub name: Option<String>,
+    /// Filesystem (`fs`, `netfs`).
+    pub format: Option<String>,
+}
+
 /// A storage pool.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObservedPool {
@@ -114,6 +130,8 @@ pub struct ObservedPool {
     pub pool_type: String,
     /// Target path.
     pub target_path: Option<String>,
+    /// Source.
+    pub source: PoolSourceView,
     /// Whether the pool is active.
     pub active: bool,
     /// Autostart flag.

@@ -336,6 +336,7 @@ pub fn pool_observed(p: &DesiredPool, active: bool, autostart: bool) -> Observed
         owner: Some(p.owner.clone()),
         pool_type: p.pool_type.clone(),
         target_path: p.target_path.clone(),
+        source: p.source.clone(),
         active,
         autostart,
         capacity: 0,

@@ -163,6 +163,7 @@ pub fn apply_action(state: &mut ObservedState, a: &Action) -> Result<(), SimErro
                     owner: Some(p.owner.clone()),
                     pool_type: p.pool_type.clone(),
                     target_path: p.target_path.clone(),
+                    source: p.source.clone(),
                     active: false,
                     autostart: false,
                     capacity: 0,
@@ -170,7 +171,7 @@ pub fn apply_action(state: &mut ObservedState, a: &Action) -> Result<(), SimErro
                 },
             );
         }
-        Op::BuildPool => {}
+        Op::BuildPool { .. } => {}
         Op::StartPool => pool_mut(state, a)?.active = true,
         Op::SetPoolAutostart(on) => pool_mut(state, a)?.autostart = *on,
         Op::DeletePool => {

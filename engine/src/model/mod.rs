@@ -30,7 +30,7 @@ pub use node::{Capabilities, NodeCpuMap, NodeObserved, NumaCell};
 pub use owner::{OWNER_NS, Owner};
 pub use stats::{BlockStats, DomainStatsRecord, NetStats};
 pub use storage::{
-    BackingStore, PoolDef, PoolObserved, PoolSource, PoolState, PoolType, VolumeDef, VolumeFormat,
-    VolumeObserved,
+    BackingStore, BuildMode, PoolDef, PoolObserved, PoolSource, PoolState, PoolType, VolumeDef,
+    VolumeFormat, VolumeObserved,
 };
 pub use xml::XmlError;

@@ -3,13 +3,15 @@
 use super::owner::{Owner, POOL_MARK_VENDOR};
 use super::xml::{self, Element, XmlError};
 
-/// Pool types the engine models (`dir` first).
+/// Pool types the engine models.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PoolType {
     /// A host directory.
     Dir,
     /// An NFS export mounted by libvirt.
     Netfs,
+    /// A block device holding a filesystem, mounted by libvirt.
+    Fs,
     /// An LVM volume group.
     Logical,
     /// Any other type, by libvirt's name (read-only support).
@@ -22,15 +24,18 @@ impl PoolType {
         match self {
             PoolType::Dir => "dir",
             PoolType::Netfs => "netfs",
+            PoolType::Fs => "fs",
             PoolType::Logical => "logical",
             PoolType::Other(s) => s,
         }
     }
 
-    fn parse(s: &str) -> Self {
+    /// Parses libvirt's name.
+    pub fn parse(s: &str) -> Self {
         match s {
             "dir" => PoolType::Dir,
             "netfs" => PoolType::Netfs,
+            "fs" => PoolType::Fs,
             "logical" => PoolType::Logical,
             o => PoolType::Other(o.to_string()),
         }
@@ -44,10 +49,12 @@ pub struct PoolSource {
     pub host: Option<String>,
     /// Remote directory (netfs).
     pub dir: Option<String>,
-    /// Block device (logical).
-    pub device: Option<String>,
+    /// Block devices (logical: the physical volumes; fs: the one device).
+    pub devices: Vec<String>,
     /// Source name (logical: the volume group).
     pub name: Option<String>,
+    /// Filesystem (`fs`: ext4, xfs, …; `netfs`: nfs; `logical`: lvm2, which libvirt adds).
+    pub format: Option<String>,
 }
 
 /// The desired definition of a storage pool.
@@ -91,31 +98,62 @@ impl PoolDef {
                 self.target_path
             ));
         }
-        if matches!(self.pool_type, PoolType::Other(_)) {
-            return Err(format!(
-                "pool type {} is not supported yet",
-                self.pool_type.as_str()
-            ));
+        let s = &self.source;
+        match &self.pool_type {
+            PoolType::Other(t) => return Err(format!("pool type {t} is not supported yet")),
+            PoolType::Dir => {}
+            PoolType::Netfs if s.host.is_none() || s.dir.is_none() => {
+                return Err("a netfs pool needs a source host and directory".into());
+            }
+            PoolType::Netfs => {}
+            PoolType::Fs if s.devices.len() != 1 => {
+                return Err(format!(
+                    "an fs pool needs exactly one source device, {} given",
+                    s.devices.len()
+                ));
+            }
+            PoolType::Fs => {}
+            PoolType::Logical => match &s.name {
+                None => return Err("a logical pool needs a volume group name".into()),
+                Some(vg) if self.target_path != format!("/dev/{vg}") => {
+                    return Err(format!(
+                        "a logical pool's target is /dev/{vg}, not {}",
+                        self.target_path
+                    ));
+                }
+                Some(_) => {}
+            },
         }
         Ok(())
+    }
+
+    /// Whether building the pool with [`BuildMode::MakeStorage`] makes something on its
+    /// source devices (a volume group, a filesystem); for the others building only creates the
+    /// target directory.
+    pub fn builds_on_devices(&self) -> bool {
+        matches!(self.pool_type, PoolType::Logical | PoolType::Fs)
     }
 
     /// libvirt pool XML.
     pub fn to_xml(&self) -> String {
         let s = &self.source;
-        let source = Element::new("source")
-            .child_opt(
-                s.host
-                    .as_ref()
-                    .map(|h| Element::new("host").attr("name", h)),
-            )
-            .child_opt(s.dir.as_ref().map(|d| Element::new("dir").attr("path", d)))
-            .child_opt(
-                s.device
-                    .as_ref()
-                    .map(|d| Element::new("device").attr("path", d)),
-            )
+        let source = s.devices.iter().fold(
+            Element::new("source")
+                .child_opt(
+                    s.host
+                        .as_ref()
+                        .map(|h| Element::new("host").attr("name", h)),
+                )
+                .child_opt(s.dir.as_ref().map(|d| Element::new("dir").attr("path", d))),
+            |el, d| el.child(Element::new("device").attr("path", d)),
+        );
+        let source = source
             .child_opt(s.name.as_ref().map(|n| Element::new("name").text(n)))
+            .child_opt(
+                s.format
+                    .as_ref()
+                    .map(|f| Element::new("format").attr("type", f)),
+            )
             .child(Element::new("vendor").attr("name", POOL_MARK_VENDOR))
             .child(Element::new("product").attr("name", self.owner.to_pool_product()));
         Element::new("pool")
@@ -125,6 +163,17 @@ impl PoolDef {
             .child(Element::new("target").child(Element::new("path").text(&self.target_path)))
             .to_xml()
     }
+}
+
+/// How a pool is built (`virStoragePoolBuild`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BuildMode {
+    /// Only what needs no data on a device: the target directory (`dir`, `fs`, `netfs`).
+    TargetOnly,
+    /// Also the storage on the source devices (`logical`: pvcreate and vgcreate; `fs`:
+    /// mkfs), with `VIR_STORAGE_POOL_BUILD_NO_OVERWRITE`: libvirt refuses a device that
+    /// already holds a filesystem, a partition table or an LVM label.
+    MakeStorage,
 }
 
 /// `virStoragePoolState`.
@@ -226,8 +275,17 @@ impl PoolObserved {
             source: PoolSource {
                 host: attr("host", "name"),
                 dir: attr("dir", "path"),
-                device: attr("device", "path"),
+                devices: src
+                    .map(|s| {
+                        s.children
+                            .iter()
+                            .filter(|c| c.name == "device")
+                            .filter_map(|c| c.get("path").map(str::to_string))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
                 name: src.and_then(|s| s.path_text("name")),
+                format: attr("format", "type"),
             },
             owner,
             state: PoolState::Unknown,
@@ -412,6 +470,80 @@ mod tests {
         assert_eq!(o.owner, Some(def.owner));
         assert_eq!(o.target_path.as_deref(), Some("/var/lib/vk/images"));
         assert_eq!(o.pool_type, PoolType::Dir);
+    }
+
+    #[test]
+    fn source_of_every_carried_out_type_survives_xml() {
+        let owner = Owner::new("StoragePool", "u-2", None, "p");
+        let defs = [
+            PoolDef {
+                pool_type: PoolType::Logical,
+                target_path: "/dev/vg0".into(),
+                source: PoolSource {
+                    devices: vec!["/dev/sdb".into(), "/dev/sdc".into()],
+                    name: Some("vg0".into()),
+                    ..PoolSource::default()
+                },
+                ..PoolDef::dir("p", "/unused", owner.clone())
+            },
+            PoolDef {
+                pool_type: PoolType::Fs,
+                source: PoolSource {
+                    devices: vec!["/dev/loop3".into()],
+                    format: Some("ext4".into()),
+                    ..PoolSource::default()
+                },
+                ..PoolDef::dir("p", "/srv/fs", owner.clone())
+            },
+            PoolDef {
+                pool_type: PoolType::Netfs,
+                source: PoolSource {
+                    host: Some("nas".into()),
+                    dir: Some("/export".into()),
+                    format: Some("nfs".into()),
+                    ..PoolSource::default()
+                },
+                ..PoolDef::dir("p", "/mnt/nas", owner.clone())
+            },
+        ];
+        for def in defs {
+            def.validate().unwrap();
+            let o = PoolObserved::from_xml(&def.to_xml()).unwrap();
+            assert_eq!(o.pool_type, def.pool_type);
+            assert_eq!(o.source, def.source);
+            assert_eq!(o.owner.as_ref(), Some(&owner));
+            assert_eq!(o.target_path.as_deref(), Some(def.target_path.as_str()));
+        }
+    }
+
+    #[test]
+    fn definitions_libvirt_would_rewrite_or_refuse_are_refused() {
+        let owner = Owner::new("StoragePool", "u-3", None, "p");
+        let logical = |target: &str, name: Option<&str>| PoolDef {
+            pool_type: PoolType::Logical,
+            target_path: target.into(),
+            source: PoolSource {
+                name: name.map(str::to_string),
+                ..PoolSource::default()
+            },
+            ..PoolDef::dir("p", "/x", owner.clone())
+        };
+        assert!(logical("/dev/vg0", Some("vg0")).validate().is_ok());
+        let e = logical("/srv/vg0", Some("vg0")).validate().unwrap_err();
+        assert!(e.contains("target is /dev/vg0"), "{e}");
+        let e = logical("/dev/vg0", None).validate().unwrap_err();
+        assert!(e.contains("volume group name"), "{e}");
+        let fs = PoolDef {
+            pool_type: PoolType::Fs,
+            ..PoolDef::dir("p", "/srv/fs", owner.clone())
+        };
+        let e = fs.validate().unwrap_err();
+        assert!(e.contains("exactly one source device, 0 given"), "{e}");
+        let nfs = PoolDef {
+            pool_type: PoolType::Netfs,
+            ..PoolDef::dir("p", "/mnt/n", owner.clone())
+        };
+        assert!(nfs.validate().unwrap_err().contains("source host"));
     }
 
     #[test]

@@ -1,0 +1,105 @@
+//! What a volume can be in each pool type, as libvirt's storage backends carry it out. Pure:
+//! the planner asks before it plans a volume's creation or growth.
+//!
+//! - `dir`, `fs`, `netfs`: image files (qcow2 or raw) on a filesystem; overlays, clones and
+//!   growth as libvirt's filesystem backend does them (qemu-img).
+//! - `logical`: each volume is an LVM logical volume, always raw: libvirt's logical backend
+//!   ignores a volume's format (asked for qcow2, it makes a raw LV without a word), turns a
+//!   backing store into an LVM snapshot (`lvcreate -s`, a copy-on-write area of fixed size
+//!   that becomes invalid once full, unlike a qcow2 overlay) and has no resize at all
+//!   ("storage pool does not support changing of volume capacity"). LVM sizes a volume in
+//!   whole extents (4 MiB in a volume group libvirt builds), so it can come out larger than
+//!   asked.
+
+use super::desired::VolumeOrigin;
+
+/// Why a volume cannot be made as the manifest asks in a pool of `pool_type`; `None`: it can.
+pub fn refuse_volume(pool_type: &str, format: &str, source: &VolumeOrigin) -> Option<String> {
+    if pool_type != "logical" {
+        return None;
+    }
+    if matches!(source, VolumeOrigin::Backing(_)) {
+        return Some("a logical (LVM) pool cannot hold a copy-on-write overlay: libvirt would make an LVM snapshot of fixed size, which becomes unreadable once its copy-on-write area fills; use a full clone (spec.source.volume), or a dir or fs pool for qcow2 overlays".into());
+    }
+    if format != "raw" {
+        return Some(format!(
+            "a logical (LVM) pool holds raw logical volumes only (libvirt's LVM backend would silently make a raw volume for format {format}): set spec.format: raw, or use a dir or fs pool for qcow2"
+        ));
+    }
+    None
+}
+
+/// Why a volume in a pool of `pool_type` cannot grow; `None`: it can.
+pub fn refuse_growth(pool_type: &str) -> Option<&'static str> {
+    (pool_type == "logical").then_some(
+        "libvirt cannot grow a logical volume (its LVM backend has no resize: \"storage pool does not support changing of volume capacity\"): grow it on the node with `lvextend`, and the Volume's status follows",
+    )
+}
+
+/// How a volume's observed size compares with the size its manifest asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SizeCheck {
+    /// As asked (for `logical`: as LVM rounds what was asked).
+    Met,
+    /// Smaller than asked.
+    Below,
+    /// Larger than asked: meeting it would mean shrinking.
+    Above,
+}
+
+/// Compares `observed` with `wanted` bytes for a volume in a pool of `pool_type`. A logical
+/// volume is a whole number of extents: one up to an extent larger than asked is the size
+/// asked. The extent size is not reported by libvirt; the largest power of two dividing the
+/// observed size bounds it (4 MiB for a volume group libvirt builds, so a 10 MB request seen
+/// as 12 MiB is met).
+pub fn check_size(pool_type: &str, wanted: u64, observed: u64) -> SizeCheck {
+    if observed < wanted {
+        return SizeCheck::Below;
+    }
+    let slack = if pool_type == "logical" && observed > 0 {
+        1u64 << observed.trailing_zeros()
+    } else {
+        1
+    };
+    if observed - wanted < slack {
+        SizeCheck::Met
+    } else {
+        SizeCheck::Above
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn a_logical_pool_holds_raw_volumes_without_overlays() {
+        let empty = VolumeOrigin::Empty;
+        assert!(refuse_volume("logical", "raw", &empty).is_none());
+        assert!(refuse_volume("logical", "raw", &VolumeOrigin::Clone("a".into())).is_none());
+        let qcow2 = refuse_volume("logical", "qcow2", &empty).unwrap();
+        assert!(qcow2.contains("set spec.format: raw"), "{qcow2}");
+        let overlay = refuse_volume("logical", "qcow2", &VolumeOrigin::Backing("a".into()));
+        assert!(overlay.unwrap().contains("copy-on-write overlay"));
+        for other in ["dir", "fs", "netfs"] {
+            assert!(refuse_volume(other, "qcow2", &VolumeOrigin::Backing("a".into())).is_none());
+            assert!(refuse_growth(other).is_none());
+        }
+        assert!(refuse_growth("logical").unwrap().contains("lvextend"));
+    }
+
+    #[test]
+    fn lvm_extents_round_up_what_was_asked() {
+        // 10 MB asked, 12 MiB made (three 4 MiB extents).
+        assert_eq!(check_size("logical", 10_000_000, 12 * MIB), SizeCheck::Met);
+        assert_eq!(check_size("logical", 12 * MIB, 12 * MIB), SizeCheck::Met);
+        assert_eq!(check_size("logical", 13 * MIB, 12 * MIB), SizeCheck::Below);
+        assert_eq!(check_size("logical", 4 * MIB, 12 * MIB), SizeCheck::Above);
+        // The same sizes in a file pool are exact.
+        assert_eq!(check_size("dir", 10_000_000, 12 * MIB), SizeCheck::Above);
+        assert_eq!(check_size("dir", 12 * MIB, 12 * MIB), SizeCheck::Met);
+        assert_eq!(check_size("fs", 13 * MIB, 12 * MIB), SizeCheck::Below);
+    }
+}

@@ -1,0 +1,248 @@
+//! The agent's StoragePool and Volume reconcilers for pool types beyond `dir`, against a real
+//! private libvirtd (node A) and the in-memory API server: an `fs` pool and a `logical` pool,
+//! each built on a loop device the test makes and removes, reach `Running` with their
+//! capacity in `status.nodes` and `Defined`/`Built`/`Started` events; a Volume asking for
+//! qcow2 in the logical pool is `SpecValid=False` (`Unsupported`, phase `Failed`) without
+//! libvirt being asked; deleting the pools leaves their storage.
+//!
+//! ```sh
+//! scripts/libvirt-nodes.sh up /tmp/nodes; set -a; . /tmp/nodes/env; set +a
+//! cargo nextest run -p virtkube --test agent_pools_real --run-ignored all
+//! ```
+
+mod agent_support;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::api::Api;
+use serde_json::{Value, json};
+use virtkube::agent::{pool, volume};
+use virtkube_crds::{StoragePool, Volume};
+use virtkube_testapi::{ADMIN, TestApi};
+
+use agent_support::{NODE, bind_volume};
+
+fn run(program: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("{program} does not run ({e}): install it (scripts/install-deps)")
+        });
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// A loop device over a sparse file; dropped: the pool left on node A, the volume group,
+/// the LVM label and the device go.
+struct LoopDevice {
+    device: String,
+    image: PathBuf,
+    volume_group: Option<String>,
+    pool: String,
+}
+
+impl LoopDevice {
+    fn new(pool: &str) -> Self {
+        let image = std::env::temp_dir().join(format!("{pool}.img"));
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+        let (ok, out) = run("losetup", &["--find", "--show", image.to_str().unwrap()]);
+        assert!(ok, "losetup: {out}");
+        Self {
+            device: out.trim().to_string(),
+            image,
+            volume_group: None,
+            pool: pool.to_string(),
+        }
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        if let Ok(uri) = std::env::var("VIRTKUBE_TEST_NODE_A_URI") {
+            for verb in ["pool-destroy", "pool-undefine"] {
+                let _ = run("virsh", &["-c", &uri, verb, &self.pool]);
+            }
+        }
+        if let Some(vg) = &self.volume_group {
+            let _ = run("vgremove", &["--force", "--yes", vg]);
+        }
+        let _ = run("pvremove", &["--force", "--force", "--yes", &self.device]);
+        let _ = run("losetup", &["--detach", &self.device]);
+        let _ = std::fs::remove_file(&self.image);
+    }
+}
+
+fn node_a_uri() -> String {
+    std::env::var("VIRTKUBE_TEST_NODE_A_URI").unwrap_or_else(|_| {
+        panic!("VIRTKUBE_TEST_NODE_A_URI is not set: run scripts/libvirt-nodes.sh up and source its env")
+    })
+}
+
+/// Reconciles the stored pool until this node's entry is `Running` (the first pass adds
+/// the node's finalizer); returns the stored object.
+async fn pool_running(
+    api: &TestApi,
+    pools: &Api<StoragePool>,
+    ctx: &Arc<virtkube::agent::context::Context>,
+    name: &str,
+) -> Value {
+    for _ in 0..3 {
+        let p = pools.get(name).await.unwrap();
+        let _ = tokio::time::timeout(
+            Duration::from_secs(60),
+            pool::reconcile(Arc::new(p), ctx.clone()),
+        )
+        .await
+        .expect("the reconcile finished within a minute");
+        let stored = api.get("storagepools", "", name).unwrap();
+        if stored["status"]["nodes"][0]["state"] == "Running" {
+            return stored;
+        }
+    }
+    panic!(
+        "{name} is not Running: {}",
+        api.get("storagepools", "", name).unwrap()["status"]
+    );
+}
+
+fn reasons_for(api: &TestApi, name: &str) -> Vec<String> {
+    api.events()
+        .iter()
+        .filter(|e| e["regarding"]["name"] == name || e["involvedObject"]["name"] == name)
+        .map(|e| e["reason"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs private libvirtd: scripts/libvirt-nodes.sh up, then --run-ignored"]
+async fn fs_and_logical_pools_through_the_agent_with_status_events_and_refusals() {
+    let uri = node_a_uri();
+    let tag = std::process::id() % 100_000;
+    let (fs, lvm) = (format!("vkafs{tag}"), format!("vkalv{tag}"));
+    let fs_disk = LoopDevice::new(&fs);
+    let mut lvm_disk = LoopDevice::new(&lvm);
+    lvm_disk.volume_group = Some(lvm.clone());
+    let mnt = tempfile::Builder::new()
+        .prefix("vkafs")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let api = TestApi::start().await.unwrap();
+    let admin = api.client(ADMIN).await.unwrap();
+    let (ctx, _, engine) = agent_support::testapi_context_on(&api, NODE, &uri).await;
+    let pools: Api<StoragePool> = Api::all(admin.clone());
+
+    api.create(
+        "storagepools",
+        json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "StoragePool",
+               "metadata": {"name": fs},
+               "spec": {"type": "fs", "autostart": false,
+                        "target": {"path": mnt.path().join("m").to_str().unwrap()},
+                        "source": {"devices": [fs_disk.device], "format": "ext4", "build": true}}}),
+    )
+    .unwrap();
+    api.create(
+        "storagepools",
+        json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "StoragePool",
+               "metadata": {"name": lvm},
+               "spec": {"type": "logical", "autostart": false,
+                        "source": {"name": lvm, "devices": [lvm_disk.device], "build": true}}}),
+    )
+    .unwrap();
+
+    for name in [&fs, &lvm] {
+        let stored = pool_running(&api, &pools, &ctx, name).await;
+        let entry = &stored["status"]["nodes"][0];
+        assert_eq!(entry["nodeName"], NODE);
+        let capacity = entry["capacity"].as_str().unwrap_or_default();
+        assert!(!capacity.is_empty() && capacity != "0", "{entry}");
+        let ready = stored["status"]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == "Ready")
+            .unwrap();
+        assert_eq!(ready["status"], "True", "{ready}");
+        let reasons = reasons_for(&api, name);
+        for reason in ["Defined", "Built", "Started"] {
+            assert!(reasons.iter().any(|r| r == reason), "{name}: {reasons:?}");
+        }
+        println!("{name}: {entry}");
+    }
+
+    // A qcow2 Volume (the default format) in the LVM pool: refused by the plan.
+    let ns = format!("pools{tag}");
+    api.create_namespace(&ns).unwrap();
+    api.create(
+        "volumes",
+        json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "Volume",
+               "metadata": {"name": "disk", "namespace": ns},
+               "spec": {"pool": lvm, "capacity": "8Mi", "nodeName": NODE}}),
+    )
+    .unwrap();
+    bind_volume(&api, &ns, "disk", NODE).await;
+    let volumes: Api<Volume> = Api::namespaced(admin.clone(), &ns);
+    for _ in 0..2 {
+        let v = volumes.get("disk").await.unwrap();
+        let _ = tokio::time::timeout(
+            Duration::from_secs(60),
+            volume::reconcile(Arc::new(v), ctx.clone()),
+        )
+        .await
+        .expect("the reconcile finished within a minute");
+    }
+    let stored = api.get("volumes", &ns, "disk").unwrap();
+    let spec_valid = stored["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "SpecValid")
+        .unwrap()
+        .clone();
+    assert_eq!(spec_valid["status"], "False", "{}", stored["status"]);
+    assert_eq!(spec_valid["reason"], "Unsupported");
+    assert!(
+        spec_valid["message"]
+            .as_str()
+            .unwrap()
+            .contains("set spec.format: raw"),
+        "{spec_valid}"
+    );
+    assert_eq!(stored["status"]["phase"], "Failed");
+    assert!(
+        engine.volume_list(&lvm).await.unwrap().is_empty(),
+        "libvirt was not asked"
+    );
+    api.delete("volumes", &ns, "disk").unwrap();
+    let v = volumes.get("disk").await.unwrap();
+    let _ = volume::reconcile(Arc::new(v), ctx.clone()).await;
+
+    // Deleted: each node stops and undefines its pool; the storage stays.
+    for name in [&fs, &lvm] {
+        api.delete("storagepools", "", name).unwrap();
+        let p = pools.get(name).await.unwrap();
+        pool::reconcile(Arc::new(p), ctx.clone()).await.unwrap();
+        assert!(
+            api.get("storagepools", "", name).is_none(),
+            "finalizer removed"
+        );
+        assert!(engine.pool_observe(name).await.unwrap().is_none());
+        assert!(reasons_for(&api, name).iter().any(|r| r == "Deleted"));
+    }
+    assert!(
+        run("vgs", &["--noheadings", "-o", "vg_name", &lvm]).0,
+        "the volume group stays"
+    );
+    let (_, kind) = run("blkid", &["-o", "value", "-s", "TYPE", &fs_disk.device]);
+    assert_eq!(kind.trim(), "ext4", "the filesystem stays");
+}
