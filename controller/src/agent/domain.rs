@@ -305,7 +305,7 @@ async fn steady(
 
 /// Converges the domain held here (on a fresh read), then writes status and events.
 async fn converge(dom: &Domain, ctx: &Context, api: &Api<Domain>) -> Result<Action> {
-    let dom = &ensure_finalizer(dom, api).await?;
+    let dom = &ensure_finalizer(dom, ctx, api).await?;
     let invalid = dom.spec.validate();
     if !invalid.is_empty() {
         let status = status_for(
@@ -708,7 +708,7 @@ fn has_finalizer(dom: &Domain) -> bool {
 /// Adds the finalizer before anything is defined here (a JSON patch whose `test` makes a
 /// concurrent change of the list fail instead of being overwritten); returns the object as
 /// the API server stored it.
-async fn ensure_finalizer(dom: &Domain, api: &Api<Domain>) -> Result<Domain> {
+async fn ensure_finalizer(dom: &Domain, ctx: &Context, api: &Api<Domain>) -> Result<Domain> {
     if has_finalizer(dom) {
         return Ok(dom.clone());
     }
@@ -722,7 +722,13 @@ async fn ensure_finalizer(dom: &Domain, api: &Api<Domain>) -> Result<Domain> {
             {"op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER},
         ]),
     };
-    json_patch(api, dom, ops).await
+    let patched = json_patch(api, dom, ops).await?;
+    // Its echo through the watch changes the finalizers (a trigger) yet needs no reconcile:
+    // this one goes on from the patched object.
+    if let (Some(uid), Some(rv)) = (patched.uid(), patched.resource_version()) {
+        ctx.echoes.wrote(&uid, &rv);
+    }
+    Ok(patched)
 }
 
 /// Removes the finalizer once nothing of the domain is left here.
