@@ -282,6 +282,14 @@ async fn steady(
     if !has_finalizer(dom) || !dom.spec.validate().is_empty() {
         return Ok(None);
     }
+    // The cache has not seen this agent's last status write yet: whatever it would write
+    // now is decided on the version that write replaced, and would fail.
+    if ctx.echoes.is_replaced(
+        dom.metadata.uid.as_deref(),
+        dom.metadata.resource_version.as_deref(),
+    ) {
+        return Ok(None);
+    }
     let Ok(planned) = converge::plan_domain(ctx, dom, before.observed.clone()).await else {
         return Ok(None);
     };
@@ -774,6 +782,9 @@ async fn json_patch(api: &Api<Domain>, dom: &Domain, ops: serde_json::Value) -> 
 /// Writes `status` (compare-and-swap on the read `dom`), counting the patch.
 async fn write(dom: &Domain, ctx: &Context, api: &Api<Domain>, status: DomainStatus) -> Result<()> {
     write_status(api, dom, &status, FIELD_MANAGER).await?;
+    if let (Some(uid), Some(rv)) = (dom.uid(), dom.resource_version()) {
+        ctx.echoes.replaced(&uid, &rv);
+    }
     ctx.metrics
         .status_patches
         .get_or_create(&super::metrics::KindLabels { kind: KIND.into() })

@@ -1,6 +1,7 @@
 //! The agent's own acts coming back to it, recognised so they do not start another
 //! reconcile: its finalizer patch returning through the Domain watch, and the libvirt
-//! lifecycle events of its own define and start.
+//! lifecycle events of its own define and start; and a watch cache not yet showing the
+//! agent's own last status write, recognised so no write is tried on it that must fail.
 //!
 //! Each echo is recognised exactly, and only once:
 //! - a watch event is the echo of the agent's write when it carries the very
@@ -96,6 +97,8 @@ pub struct Echoes {
     writes: Mutex<HashMap<String, String>>,
     /// Per libvirt domain name, the events the agent's calls are about to cause.
     events: Mutex<HashMap<String, Vec<Token>>>,
+    /// Per Domain UID, the resourceVersion the agent's last status write replaced.
+    replaced: Mutex<HashMap<String, String>>,
 }
 
 impl Echoes {
@@ -118,6 +121,27 @@ impl Echoes {
             return false;
         };
         writes.remove(uid).is_some_and(|recorded| recorded == rv)
+    }
+
+    /// Records that the agent's status write replaced version `resource_version` of `uid`.
+    pub fn replaced(&self, uid: &str, resource_version: &str) {
+        if let Ok(mut replaced) = self.replaced.lock() {
+            replaced.insert(uid.to_string(), resource_version.to_string());
+        }
+    }
+
+    /// Whether the cached version (`uid`, `resource_version`) is the one the agent's last
+    /// status write replaced: a compare-and-swap decided on it is bound to fail (409), so
+    /// read fresh instead. Consumes the record: once asked, the cache has either caught up
+    /// (it never goes back) or is about to be bypassed by a fresh read.
+    pub fn is_replaced(&self, uid: Option<&str>, resource_version: Option<&str>) -> bool {
+        let (Some(uid), Some(rv)) = (uid, resource_version) else {
+            return false;
+        };
+        let Ok(mut replaced) = self.replaced.lock() else {
+            return false;
+        };
+        replaced.remove(uid).is_some_and(|old| old == rv)
     }
 
     /// Sets a token for each event `ops` on the libvirt domain `name` are about to cause,
@@ -328,5 +352,35 @@ mod tests {
             "another object"
         );
         assert!(echoes.is_own_write(Some("uid-1"), Some("7")));
+    }
+
+    #[test]
+    fn a_cached_copy_is_stale_only_when_it_is_the_version_the_agent_wrote_over() {
+        // (replaced, cached, is the cached copy known stale?)
+        let table: &[(Option<&str>, Option<&str>, bool)] = &[
+            (Some("7"), Some("7"), true),
+            // The cache caught up with the write (or went past it).
+            (Some("7"), Some("8"), false),
+            (None, Some("7"), false),
+            (Some("7"), None, false),
+        ];
+        for &(replaced, cached, stale) in table {
+            let echoes = Echoes::default();
+            if let Some(rv) = replaced {
+                echoes.replaced("uid-1", rv);
+            }
+            assert_eq!(
+                echoes.is_replaced(Some("uid-1"), cached),
+                stale,
+                "{replaced:?} {cached:?}"
+            );
+            assert!(!echoes.is_replaced(Some("uid-1"), cached), "asked once");
+        }
+        let echoes = Echoes::default();
+        echoes.replaced("uid-1", "7");
+        assert!(
+            !echoes.is_replaced(Some("uid-2"), Some("7")),
+            "another object"
+        );
     }
 }
