@@ -229,6 +229,134 @@ async fn out_of_band_destroy_is_repaired_with_a_repair_event() {
     assert!(actions.contains(&"RepairStart".to_string()), "{actions:?}");
 }
 
+/// The agent's own acts come back to it (its finalizer patch through the watch, its define
+/// and start as libvirt events) and ask for no reconcile; the same kinds of change made by
+/// someone else (the finalizer removed, the guest destroyed) still do.
+#[tokio::test]
+async fn the_agents_own_acts_trigger_nothing_the_same_changes_by_others_do() {
+    use futures::StreamExt;
+    use kube::runtime::{WatchStreamExt, reflector, watcher};
+    use virtkube::agent::{drift, echoes};
+    let w = World::new("echoes").await;
+    w.create(json!({}));
+    // The agent's Domain watch as the agent builds it: the trigger filter, then its echoes
+    // taken out.
+    let watched = watcher(w.domains(), watcher::Config::default())
+        .applied_objects()
+        .predicate_filter(domain::trigger_hash, Default::default());
+    let mut triggers = Box::pin(echoes::without_own_writes(watched, w.ctx.echoes.clone()));
+    let (tx, mut requests) = futures::channel::mpsc::unbounded();
+    let (store, _writer) = reflector::store::<Domain>();
+    tokio::spawn(drift::forward_unexpected(
+        w.engine.events(),
+        w.ctx.echoes.clone(),
+        store,
+        w.ctx.metrics.clone(),
+        tx,
+    ));
+    /// The next trigger within `wait_ms`.
+    async fn next<S>(triggers: &mut S, wait_ms: u64) -> Option<Domain>
+    where
+        S: futures::Stream<Item = Result<Domain, watcher::Error>> + Unpin,
+    {
+        tokio::time::timeout(Duration::from_millis(wait_ms), triggers.next())
+            .await
+            .ok()
+            .flatten()
+            .map(|d| d.expect("the watch works"))
+    }
+    bind_domain(&w.client, &w.ns, "web", NODE).await;
+    // Up to the routing label, every version is a trigger.
+    let label = virtkube::placement::write::node_label(NODE);
+    while !next(&mut triggers, 5_000)
+        .await
+        .expect("the bound Domain comes through the watch")
+        .labels()
+        .contains_key(&label)
+    {}
+
+    w.reconcile().await.unwrap();
+    assert_eq!(w.libvirt_state().await.as_deref(), Some("running"));
+    assert!(
+        w.stored()
+            .await
+            .unwrap()
+            .finalizers()
+            .contains(&FINALIZER.to_string())
+    );
+    // The finalizer's echo is taken out (the status write changes no trigger field).
+    if let Some(d) = next(&mut triggers, 500).await {
+        panic!(
+            "the agent's own finalizer patch came back as a trigger: {:?}",
+            d.metadata
+        );
+    }
+    // libvirt's events of the define and start are taken out.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mine = |r: &kube::runtime::reflector::ObjectRef<Domain>| {
+        r.namespace.as_deref() == Some(w.ns.as_str())
+    };
+    let mut asked = Vec::new();
+    while let Ok(r) = requests.try_recv() {
+        asked.extend(Some(r).filter(mine));
+    }
+    assert!(
+        asked.is_empty(),
+        "libvirt events of the agent's own calls: {asked:?}"
+    );
+
+    // Someone else removes the finalizer: a trigger (the agent puts it back).
+    w.domains()
+        .patch(
+            "web",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"metadata": {"finalizers": null}})),
+        )
+        .await
+        .unwrap();
+    let seen = next(&mut triggers, 5_000)
+        .await
+        .expect("the removed finalizer is a trigger");
+    assert!(seen.finalizers().is_empty());
+
+    // Someone else destroys the guest: libvirt's event asks for a reconcile.
+    let owner = virtkube::agent::converge::owner_of(&w.stored().await.unwrap()).unwrap();
+    w.engine
+        .domain_destroy(&w.libvirt_name(), &owner)
+        .await
+        .unwrap();
+    let request = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            let r = requests.next().await.expect("the forwarder runs");
+            if mine(&r) {
+                return r;
+            }
+        }
+    })
+    .await
+    .expect("a `virsh destroy` asks for a reconcile");
+    assert_eq!(request.name, "web");
+    // The repair puts both back, and its own start is again no trigger.
+    w.reconcile().await.unwrap();
+    assert_eq!(w.libvirt_state().await.as_deref(), Some("running"));
+    assert!(
+        w.stored()
+            .await
+            .unwrap()
+            .finalizers()
+            .contains(&FINALIZER.to_string())
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut asked = Vec::new();
+    while let Ok(r) = requests.try_recv() {
+        asked.extend(Some(r).filter(mine));
+    }
+    assert!(
+        asked.is_empty(),
+        "libvirt events of the repair's start: {asked:?}"
+    );
+}
+
 #[tokio::test]
 async fn delete_shuts_down_undefines_and_removes_the_finalizer() {
     let w = World::new("delete").await;

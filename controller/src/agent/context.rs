@@ -136,6 +136,9 @@ pub struct Context {
     /// Asks the Domain controller for a reconcile (a migration task that ended); `None` in
     /// tests without a controller.
     pub requeue: Option<UnboundedSender<ObjectRef<Domain>>>,
+    /// What the agent expects back from its own writes and libvirt calls (shared with the
+    /// Domain watch and the libvirt event forwarder, which skip those echoes).
+    pub echoes: Arc<super::echoes::Echoes>,
 }
 
 impl Context {
@@ -174,6 +177,7 @@ impl Context {
             domains: None,
             migrations: super::moves::Migrations::default(),
             requeue: None,
+            echoes: Arc::default(),
         })
     }
 

@@ -493,8 +493,20 @@ pub async fn domain(ctx: &Context, dom: &Domain) -> Result<Converged<DomainObser
         .status
         .as_ref()
         .is_some_and(|s| converged_here(&s.conditions, dom.metadata.generation));
-    let (changes, pending) =
-        execute(&ctx.hosts, &planned.plan, ObjectKind::Domain, &name, drift).await?;
+    // The libvirt events of the agent's own define and start are expected, not drift.
+    let ops = planned
+        .plan
+        .actions
+        .iter()
+        .filter(|a| a.object.kind == ObjectKind::Domain && a.object.name == name)
+        .map(|a| &a.op);
+    ctx.echoes.expect(&name, ops, std::time::Instant::now());
+    let executed = execute(&ctx.hosts, &planned.plan, ObjectKind::Domain, &name, drift).await;
+    if executed.is_err() {
+        // Which of the expected events will come is unknown: take every one as news.
+        ctx.echoes.forget(&name);
+    }
+    let (changes, pending) = executed?;
     // Nothing changed: what was read before planning is still what libvirt has (one call
     // per domain per resync).
     let observed = if changes.is_empty() {

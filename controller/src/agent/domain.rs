@@ -282,6 +282,14 @@ async fn steady(
     if !has_finalizer(dom) || !dom.spec.validate().is_empty() {
         return Ok(None);
     }
+    // The cache has not seen this agent's last status write yet: whatever it would write
+    // now is decided on the version that write replaced, and would fail.
+    if ctx.echoes.is_replaced(
+        dom.metadata.uid.as_deref(),
+        dom.metadata.resource_version.as_deref(),
+    ) {
+        return Ok(None);
+    }
     let Ok(planned) = converge::plan_domain(ctx, dom, before.observed.clone()).await else {
         return Ok(None);
     };
@@ -305,7 +313,7 @@ async fn steady(
 
 /// Converges the domain held here (on a fresh read), then writes status and events.
 async fn converge(dom: &Domain, ctx: &Context, api: &Api<Domain>) -> Result<Action> {
-    let dom = &ensure_finalizer(dom, api).await?;
+    let dom = &ensure_finalizer(dom, ctx, api).await?;
     let invalid = dom.spec.validate();
     if !invalid.is_empty() {
         let status = status_for(
@@ -750,7 +758,7 @@ fn has_finalizer(dom: &Domain) -> bool {
 /// Adds the finalizer before anything is defined here (a JSON patch whose `test` makes a
 /// concurrent change of the list fail instead of being overwritten); returns the object as
 /// the API server stored it.
-async fn ensure_finalizer(dom: &Domain, api: &Api<Domain>) -> Result<Domain> {
+async fn ensure_finalizer(dom: &Domain, ctx: &Context, api: &Api<Domain>) -> Result<Domain> {
     if has_finalizer(dom) {
         return Ok(dom.clone());
     }
@@ -764,7 +772,13 @@ async fn ensure_finalizer(dom: &Domain, api: &Api<Domain>) -> Result<Domain> {
             {"op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER},
         ]),
     };
-    json_patch(api, dom, ops).await
+    let patched = json_patch(api, dom, ops).await?;
+    // Its echo through the watch changes the finalizers (a trigger) yet needs no reconcile:
+    // this one goes on from the patched object.
+    if let (Some(uid), Some(rv)) = (patched.uid(), patched.resource_version()) {
+        ctx.echoes.wrote(&uid, &rv);
+    }
+    Ok(patched)
 }
 
 /// Removes the finalizer once nothing of the domain is left here.
@@ -835,6 +849,9 @@ async fn json_patch(api: &Api<Domain>, dom: &Domain, ops: serde_json::Value) -> 
 /// Writes `status` (compare-and-swap on the read `dom`), counting the patch.
 async fn write(dom: &Domain, ctx: &Context, api: &Api<Domain>, status: DomainStatus) -> Result<()> {
     write_status(api, dom, &status, FIELD_MANAGER).await?;
+    if let (Some(uid), Some(rv)) = (dom.uid(), dom.resource_version()) {
+        ctx.echoes.replaced(&uid, &rv);
+    }
     ctx.metrics
         .status_patches
         .get_or_create(&super::metrics::KindLabels { kind: KIND.into() })

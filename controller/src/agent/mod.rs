@@ -10,6 +10,7 @@
 //! | [`ownership`] | which image in a pool is a Volume's own |
 //! | [`node`] | the `HypervisorNode` publisher (facts and heartbeat) |
 //! | [`drift`] | libvirt events -> reconcile requests |
+//! | [`echoes`] | the agent's own writes and libvirt calls coming back, recognised so they trigger nothing |
 //! | [`metrics`], [`http`], [`readiness`] | Prometheus metrics, `/healthz`, `/readyz` and why not ready |
 //! | [`api_health`], [`api_client`], [`watches`], [`backoff`] | surviving API server outages: the probe, client timeouts, watches that restart, retry backoffs |
 //! | [`guest_metrics`] | per-guest statistics on `/metrics`, one libvirt call per scrape |
@@ -33,6 +34,7 @@ pub mod context;
 pub mod converge;
 pub mod domain;
 pub mod drift;
+pub mod echoes;
 pub mod error;
 pub mod guest_metrics;
 pub mod http;
@@ -239,9 +241,6 @@ pub async fn check_crds(client: &Client) -> Result<(), Error> {
     }
 }
 
-/// The objects of a trigger watch (one that reconciles another kind) that changed: a
-/// relist of unchanged objects (after an outage, or a 410) triggers nothing, while every
-/// change and observed deletion (each has a new resourceVersion) still does.
 /// Clears an object's `managedFields` before it enters a watch cache: the agent never reads
 /// them, and they are a large part of a small object (with 1,000 Domains the agent's peak RSS
 /// fell from 98.5 to 79.7 MiB without them; docs/performance.md).
@@ -249,6 +248,9 @@ fn drop_managed_fields<K: kube::Resource>(object: &mut K) {
     object.meta_mut().managed_fields = None;
 }
 
+/// The objects of a trigger watch (one that reconciles another kind) that changed: a
+/// relist of unchanged objects (after an outage, or a 410) triggers nothing, while every
+/// change and observed deletion (each has a new resourceVersion) still does.
 fn only_changes<K, S>(objects: S) -> impl futures::Stream<Item = Result<K, watcher::Error>> + Send
 where
     K: Resource + Send + 'static,
@@ -374,6 +376,10 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
         .reflect(domain_writer)
         .applied_objects()
         .predicate_filter(domain::trigger_hash, Default::default());
+    // After the trigger filter, which must see every version (a finalizer someone else
+    // removes after the agent's echo is a change to that echo, and a trigger).
+    let echoes = Arc::new(echoes::Echoes::default());
+    let domain_stream = echoes::without_own_writes(domain_stream, echoes.clone());
     let domain_controller =
         Controller::for_stream(domain_stream, domain_store).with_config(config.clone());
     let (volume_store, volume_writer) = reflector::store();
@@ -447,6 +453,7 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     // Domains resolve their disks through the Volume controller's cache.
     ctx.volumes = Some(volume_store.clone());
     ctx.domains = Some(domain_store.clone());
+    ctx.echoes = echoes.clone();
     // Migration tasks ask for a reconcile of their domain when libvirt returns.
     let (requeue_tx, requeue_rx) = futures::channel::mpsc::unbounded();
     ctx.requeue = Some(requeue_tx.clone());
@@ -465,8 +472,9 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
 
     // Domains, with libvirt events as an extra trigger.
     let (drift_tx, drift_rx) = futures::channel::mpsc::unbounded();
-    let drift = drift::forward(
+    let drift = drift::forward_unexpected(
         engine.events(),
+        echoes,
         domain_store.clone(),
         metrics.clone(),
         drift_tx,
