@@ -16,7 +16,8 @@
 -- The terminal reasons are the ones the node agent writes for a spec that cannot be realized
 -- (controller/src/agent: InvalidSpec from validation; NameConflict, Forbidden,
 -- InvalidReference from the planner's notices; HostPathRefused, NotOwned, LibvirtRefused,
--- Invalid, MigrationTargetUnknown from converging; MigrationFailed for a Domain whose
+-- Invalid, MigrationTargetUnknown from converging; Unsupported for a volume its pool's
+-- backend cannot hold; ImageMissing for a volume handed over without its copy; MigrationFailed for a Domain whose
 -- requested move failed: it runs, but not where spec.nodeName asks, until the
 -- controller's retry succeeds or someone looks). Networks and StoragePools summarize
 -- their nodes as NotActiveEverywhere: the reason of each node is the first word of its
@@ -32,6 +33,8 @@ local terminal = {
   Invalid = true,
   MigrationTargetUnknown = true,
   MigrationFailed = true,
+  ImageMissing = true,
+  Unsupported = true,
 }
 
 local hs = {}

@@ -91,7 +91,7 @@ TRANSIENT = {
     "Converging", "NotCreated", "NotActiveEverywhere", "LibvirtUnreachable",
     "VolumeMissing", "VolumeNotReady", "PoolMissing", "PoolNotRunning",
     "VolumeInUse", "NetworkInUse", "PoolInUse", "NodeNotConnected",
-    "LibvirtError", "ReconcileFailed", "FinalizerFailed",
+    "LibvirtError", "ReconcileFailed", "FinalizerFailed", "HandoverUnderway",
 }
 AGENT = os.path.join(ROOT, "controller", "src", "agent")
 
