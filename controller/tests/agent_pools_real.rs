@@ -11,9 +11,9 @@
 //! ```
 
 mod agent_support;
+#[path = "../../engine/tests/loop_device/mod.rs"]
+mod loop_device;
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,64 +24,7 @@ use virtkube_crds::{StoragePool, Volume};
 use virtkube_testapi::{ADMIN, TestApi};
 
 use agent_support::{NODE, bind_volume};
-
-fn run(program: &str, args: &[&str]) -> (bool, String) {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("{program} does not run ({e}): install it (scripts/install-deps)")
-        });
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
-
-/// A loop device over a sparse file; dropped: the pool left on node A, the volume group,
-/// the LVM label and the device go.
-struct LoopDevice {
-    device: String,
-    image: PathBuf,
-    volume_group: Option<String>,
-    pool: String,
-}
-
-impl LoopDevice {
-    fn new(pool: &str) -> Self {
-        let image = std::env::temp_dir().join(format!("{pool}.img"));
-        std::fs::File::create(&image)
-            .unwrap()
-            .set_len(64 << 20)
-            .unwrap();
-        let (ok, out) = run("losetup", &["--find", "--show", image.to_str().unwrap()]);
-        assert!(ok, "losetup: {out}");
-        Self {
-            device: out.trim().to_string(),
-            image,
-            volume_group: None,
-            pool: pool.to_string(),
-        }
-    }
-}
-
-impl Drop for LoopDevice {
-    fn drop(&mut self) {
-        if let Ok(uri) = std::env::var("VIRTKUBE_TEST_NODE_A_URI") {
-            for verb in ["pool-destroy", "pool-undefine"] {
-                let _ = run("virsh", &["-c", &uri, verb, &self.pool]);
-            }
-        }
-        if let Some(vg) = &self.volume_group {
-            let _ = run("vgremove", &["--force", "--yes", vg]);
-        }
-        let _ = run("pvremove", &["--force", "--force", "--yes", &self.device]);
-        let _ = run("losetup", &["--detach", &self.device]);
-        let _ = std::fs::remove_file(&self.image);
-    }
-}
+use loop_device::{LoopDevice, run};
 
 fn node_a_uri() -> String {
     std::env::var("VIRTKUBE_TEST_NODE_A_URI").unwrap_or_else(|_| {
@@ -130,9 +73,9 @@ async fn fs_and_logical_pools_through_the_agent_with_status_events_and_refusals(
     let uri = node_a_uri();
     let tag = std::process::id() % 100_000;
     let (fs, lvm) = (format!("vkafs{tag}"), format!("vkalv{tag}"));
-    let fs_disk = LoopDevice::new(&fs);
-    let mut lvm_disk = LoopDevice::new(&lvm);
-    lvm_disk.volume_group = Some(lvm.clone());
+    let fs_disk = LoopDevice::for_pool(64, &fs);
+    let mut lvm_disk = LoopDevice::for_pool(64, &lvm);
+    lvm_disk.volume_groups.push(lvm.clone());
     let mnt = tempfile::Builder::new()
         .prefix("vkafs")
         .tempdir_in("/tmp")

@@ -16,8 +16,10 @@
 //! cargo nextest run -p virtkube --test pools_real --run-ignored all
 //! ```
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+#[path = "../../engine/tests/loop_device/mod.rs"]
+mod loop_device;
+
+use std::path::Path;
 
 use virtkube::cli::apply::{ConvergeOptions, converge};
 use virtkube::execute::{self, ExecOptions};
@@ -27,68 +29,14 @@ use virtkube::plan::{self, NoticeKind, Op, PlanOptions, Symbol};
 use virtkube_crds::manifest;
 use virtkube_engine::EngineConfig;
 
+use loop_device::{LoopDevice, run, volume_group_exists};
+
 const MIB: u64 = 1 << 20;
 
 fn env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| {
         panic!("{name} is not set: run `scripts/libvirt-nodes.sh up DIR` and source DIR/env")
     })
-}
-
-fn run(program: &str, args: &[&str]) -> (bool, String) {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("{program} does not run ({e}): install it (scripts/install-deps)")
-        });
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
-
-/// A loop device over a sparse file; dropped: its volume group, its LVM label and the device
-/// go, and any pool the test left on node A.
-struct LoopDevice {
-    device: String,
-    image: PathBuf,
-    volume_group: Option<String>,
-    pool: String,
-}
-
-impl LoopDevice {
-    fn new(mib: u64, pool: &str) -> Self {
-        let image = std::env::temp_dir().join(format!("{pool}.img"));
-        let file = std::fs::File::create(&image).unwrap();
-        file.set_len(mib * MIB).unwrap();
-        let (ok, out) = run("losetup", &["--find", "--show", image.to_str().unwrap()]);
-        assert!(ok, "losetup: {out}");
-        Self {
-            device: out.trim().to_string(),
-            image,
-            volume_group: None,
-            pool: pool.to_string(),
-        }
-    }
-}
-
-impl Drop for LoopDevice {
-    fn drop(&mut self) {
-        if let Ok(uri) = std::env::var("VIRTKUBE_TEST_NODE_A_URI") {
-            for verb in ["pool-destroy", "pool-undefine"] {
-                let _ = run("virsh", &["-c", &uri, verb, &self.pool]);
-            }
-        }
-        if let Some(vg) = &self.volume_group {
-            let _ = run("vgremove", &["--force", "--yes", vg]);
-        }
-        let _ = run("pvremove", &["--force", "--force", "--yes", &self.device]);
-        let _ = run("losetup", &["--detach", &self.device]);
-        let _ = std::fs::remove_file(&self.image);
-    }
 }
 
 fn desired(text: &str, hosts: &Hosts) -> DesiredState {
@@ -118,19 +66,15 @@ fn volume(name: &str, pool: &str, rest: &str) -> String {
     )
 }
 
-fn volume_group_exists(vg: &str) -> bool {
-    run("vgs", &["--noheadings", "-o", "vg_name", vg]).0
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs private libvirtd"]
 async fn logical_and_fs_pools_converge_with_their_volumes_through_the_planner() {
     let tag = std::process::id() % 100_000;
     let (lvm, fs) = (format!("vkplv{tag}"), format!("vkpfs{tag}"));
     let vg = lvm.clone();
-    let mut lvm_disk = LoopDevice::new(64, &lvm);
-    lvm_disk.volume_group = Some(vg.clone());
-    let fs_disk = LoopDevice::new(64, &fs);
+    let mut lvm_disk = LoopDevice::for_pool(64, &lvm);
+    lvm_disk.volume_groups.push(vg.clone());
+    let fs_disk = LoopDevice::for_pool(64, &fs);
     let dir = tempfile::Builder::new()
         .prefix("vkpfs")
         .tempdir_in("/tmp")

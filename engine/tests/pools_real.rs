@@ -17,8 +17,9 @@
 //! device-mapper (so LVM makes and starts a volume group but no logical volume) and no NFS
 //! client. Only a host without loop devices at all skips, saying so.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod loop_device;
+
+use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use virtkube_engine::explain::explain;
@@ -26,6 +27,8 @@ use virtkube_engine::model::{
     BuildMode, PoolDef, PoolSource, PoolState, PoolType, VolumeDef, VolumeFormat,
 };
 use virtkube_engine::{Engine, EngineConfig, EngineError, Owner};
+
+use loop_device::{LoopDevice, run, volume_group_exists};
 
 const MIB: u64 = 1 << 20;
 
@@ -54,63 +57,6 @@ fn unique(prefix: &str) -> String {
     )
 }
 
-fn run(program: &str, args: &[&str]) -> (bool, String) {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("{program} does not run ({e}): install it (scripts/install-deps)")
-        });
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
-
-/// A loop device over a sparse file, with whatever the test made on it (a volume group)
-/// removed when dropped, failure or not.
-struct LoopDevice {
-    device: String,
-    image: PathBuf,
-    volume_groups: Vec<String>,
-}
-
-impl LoopDevice {
-    /// `None` (said loudly) only when the host has no loop devices at all.
-    fn new(mib: u64) -> Option<Self> {
-        if !Path::new("/dev/loop-control").exists() {
-            eprintln!(
-                "SKIPPED: this host has no loop devices (/dev/loop-control is missing): \
-                 the logical and fs pool tests need one"
-            );
-            return None;
-        }
-        let image = std::env::temp_dir().join(format!("{}.img", unique("vkloop")));
-        let file = std::fs::File::create(&image).unwrap();
-        file.set_len(mib * MIB).unwrap();
-        let (ok, out) = run("losetup", &["--find", "--show", image.to_str().unwrap()]);
-        assert!(ok, "losetup: {out}");
-        Some(Self {
-            device: out.trim().to_string(),
-            image,
-            volume_groups: Vec::new(),
-        })
-    }
-}
-
-impl Drop for LoopDevice {
-    fn drop(&mut self) {
-        for vg in &self.volume_groups {
-            let _ = run("vgremove", &["--force", "--yes", vg]);
-        }
-        let _ = run("pvremove", &["--force", "--force", "--yes", &self.device]);
-        let _ = run("losetup", &["--detach", &self.device]);
-        let _ = std::fs::remove_file(&self.image);
-    }
-}
-
 /// Stops and undefines a pool on node A when dropped (on failure; on success the test
 /// removes it itself and checks how).
 struct PoolLeftover(String);
@@ -133,10 +79,6 @@ fn assert_explained(error: &EngineError, id: &str, libvirt: &str) {
     assert_eq!(found.id, id, "{text}");
     assert!(text.contains(" Next: "), "{text}");
     assert!(!error.is_retryable(), "retrying cannot help: {text}");
-}
-
-fn volume_group_exists(vg: &str) -> bool {
-    run("vgs", &["--noheadings", "-o", "vg_name", vg]).0
 }
 
 /// Whether the kernel has device-mapper (LVM needs it for any logical volume).
