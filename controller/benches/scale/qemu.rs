@@ -29,7 +29,8 @@ use virt::connect::Connect;
 use virtkube_crds::Domain;
 
 use super::Machine;
-use super::process_support::{Cluster, Node, http_get, settled_on};
+use super::process_support::{Cluster, Node, settled_on};
+use super::scale_support::{Scrape, scrape};
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -207,9 +208,9 @@ pub async fn run(opts: &Options) -> anyhow::Result<QemuResults> {
             match way {
                 Way::Virtkube => {
                     let ns = c.namespace(&format!("qc{rep}-"));
-                    let before = agent_metrics(ports["node-a"]).await?;
+                    let before = scrape(ports["node-a"]).await?;
                     let mut run = create_through_virtkube(&c, &ns, opts.n, &memory, &a).await?;
-                    let after = agent_metrics(ports["node-a"]).await?;
+                    let after = scrape(ports["node-a"]).await?;
                     run.agent = Some(agent_time(&before, &after));
                     vk = Some(run);
                     delete_all(&c, &ns, &guest_names(opts.n), &a).await?;
@@ -780,35 +781,13 @@ async fn drift(c: &mut Cluster, trials: usize, memory: &str) -> anyhow::Result<V
     Ok(out)
 }
 
-/// An agent's counters: `name{labels}` → value.
-type Metrics = BTreeMap<String, f64>;
-
-/// The agent's `/metrics` on `port`.
-async fn agent_metrics(port: u16) -> anyhow::Result<Metrics> {
-    let (code, text) = http_get(port, "/metrics")
-        .await
-        .context("scraping the agent")?;
-    if code != 200 {
-        bail!("the agent's /metrics answered {code}");
-    }
-    let body = text.split_once("\r\n\r\n").map_or(text.as_str(), |s| s.1);
-    Ok(body
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (key, value) = l.rsplit_once(' ')?;
-            Some((key.to_string(), value.parse().ok()?))
-        })
-        .collect())
-}
-
 /// The `call` label of a metric key.
 fn call_label(key: &str) -> Option<&str> {
     key.split("call=\"").nth(1)?.split('"').next()
 }
 
 /// What the agent did between two scrapes.
-fn agent_time(before: &Metrics, after: &Metrics) -> AgentTime {
+fn agent_time(before: &Scrape, after: &Scrape) -> AgentTime {
     let d = |key: &str| {
         after.get(key).copied().unwrap_or(0.0) - before.get(key).copied().unwrap_or(0.0)
     };

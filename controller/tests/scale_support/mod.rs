@@ -221,9 +221,10 @@ pub fn proc_status_kib(pid: u32, key: &str) -> u64 {
 }
 
 /// The agent's counters: `name{labels}` → value.
-type Scrape = BTreeMap<String, f64>;
+pub type Scrape = BTreeMap<String, f64>;
 
-async fn scrape(port: u16) -> anyhow::Result<Scrape> {
+/// The agent's `/metrics` on `port`, as counters.
+pub async fn scrape(port: u16) -> anyhow::Result<Scrape> {
     let (code, text) = http_get(port, "/metrics")
         .await
         .context("scraping the agent")?;
