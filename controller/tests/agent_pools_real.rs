@@ -170,6 +170,18 @@ async fn fs_and_logical_pools_through_the_agent_with_status_events_and_refusals(
     let v = volumes.get("disk").await.unwrap();
     let _ = volume::reconcile(Arc::new(v), ctx.clone()).await;
 
+    // A raw Volume in the LVM pool, where the kernel has device-mapper (scripts/kernel-vm-tests
+    // runs this test in a VM that has it): made, reported in whole extents, growth refused
+    // by the plan (libvirt's LVM backend cannot), deleted with the Volume.
+    if std::fs::read_to_string("/proc/misc").is_ok_and(|m| m.contains("device-mapper")) {
+        logical_volume_through_the_agent(&api, &volumes, &ctx, &engine, &ns, &lvm).await;
+    } else {
+        eprintln!(
+            "NOT TESTED HERE: a logical volume through the agent (this kernel has no \
+             device-mapper; scripts/kernel-vm-tests runs this test where it has)"
+        );
+    }
+
     // Deleted: each node stops and undefines its pool; the storage stays.
     for name in [&fs, &lvm] {
         api.delete("storagepools", "", name).unwrap();
@@ -188,4 +200,113 @@ async fn fs_and_logical_pools_through_the_agent_with_status_events_and_refusals(
     );
     let (_, kind) = run("blkid", &["-o", "value", "-s", "TYPE", &fs_disk.device]);
     assert_eq!(kind.trim(), "ext4", "the filesystem stays");
+}
+
+/// Reconciles Volume `name` `times` times; returns the stored object.
+async fn reconcile_volume(
+    api: &TestApi,
+    volumes: &Api<Volume>,
+    ctx: &Arc<virtkube::agent::context::Context>,
+    ns: &str,
+    name: &str,
+    times: usize,
+) -> Option<Value> {
+    for _ in 0..times {
+        let Ok(v) = volumes.get(name).await else {
+            break;
+        };
+        let _ = tokio::time::timeout(
+            Duration::from_secs(60),
+            volume::reconcile(Arc::new(v), ctx.clone()),
+        )
+        .await
+        .expect("the reconcile finished within a minute");
+    }
+    api.get("volumes", ns, name)
+}
+
+fn condition(stored: &Value, kind: &str) -> Value {
+    stored["status"]["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == kind))
+        .cloned()
+        .unwrap_or_else(|| panic!("no {kind} condition: {}", stored["status"]))
+}
+
+async fn logical_volume_through_the_agent(
+    api: &TestApi,
+    volumes: &Api<Volume>,
+    ctx: &Arc<virtkube::agent::context::Context>,
+    engine: &virtkube_engine::Engine,
+    ns: &str,
+    lvm: &str,
+) {
+    const MIB: u64 = 1 << 20;
+    api.create(
+        "volumes",
+        json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "Volume",
+               "metadata": {"name": "lv", "namespace": ns},
+               "spec": {"pool": lvm, "capacity": "10M", "format": "raw",
+                        "reclaimPolicy": "Delete", "nodeName": NODE}}),
+    )
+    .unwrap();
+    bind_volume(api, ns, "lv", NODE).await;
+    let stored = reconcile_volume(api, volumes, ctx, ns, "lv", 3)
+        .await
+        .unwrap();
+    assert_eq!(
+        stored["status"]["phase"], "Available",
+        "{}",
+        stored["status"]
+    );
+    let libvirt_name = stored["status"]["volumeName"].as_str().unwrap().to_string();
+    let lv = engine
+        .volume_observe(lvm, &libvirt_name)
+        .await
+        .unwrap()
+        .expect("the logical volume exists");
+    assert_eq!(lv.capacity, 12 * MIB, "10 MB in whole 4 MiB extents");
+    assert_eq!(lv.allocation, lv.capacity);
+    assert_eq!(lv.path, format!("/dev/{lvm}/{libvirt_name}"));
+    assert_eq!(stored["status"]["path"], lv.path.as_str());
+    assert_eq!(stored["status"]["capacity"], "12Mi", "{}", stored["status"]);
+
+    // Growth: refused by the plan, pointing at lvextend; the volume is left as it is.
+    volumes
+        .patch(
+            "lv",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"spec": {"capacity": "20Mi"}})),
+        )
+        .await
+        .unwrap();
+    let stored = reconcile_volume(api, volumes, ctx, ns, "lv", 2)
+        .await
+        .unwrap();
+    let spec_valid = condition(&stored, "SpecValid");
+    assert_eq!(spec_valid["status"], "False", "{}", stored["status"]);
+    assert_eq!(spec_valid["reason"], "Unsupported");
+    assert!(
+        spec_valid["message"].as_str().unwrap().contains("lvextend"),
+        "{spec_valid}"
+    );
+    let lv = engine
+        .volume_observe(lvm, &libvirt_name)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(lv.capacity, 12 * MIB, "not resized");
+
+    // Deleted with reclaimPolicy Delete: the logical volume goes, the finalizer too.
+    api.delete("volumes", ns, "lv").unwrap();
+    let gone = reconcile_volume(api, volumes, ctx, ns, "lv", 3).await;
+    assert!(gone.is_none(), "finalizer removed: {gone:?}");
+    assert!(
+        engine
+            .volume_observe(lvm, &libvirt_name)
+            .await
+            .unwrap()
+            .is_none(),
+        "lvremove ran"
+    );
 }

@@ -195,6 +195,13 @@ fn storage_backend(call: &str, message: &str) -> Option<Explanation> {
             "load it (`modprobe dm_mod`) or boot a kernel with device-mapper; until then keep volumes in a dir or fs pool on this node.",
         ));
     }
+    if message.contains("lvcreate") && message.contains("insufficient free space") {
+        return Some(explanation(
+            "VolumeGroupFull",
+            "the logical pool's volume group has not enough free extents for the volume (LVM allocates a logical volume whole, whatever is written to it).",
+            "make the Volume smaller, free space in the pool (delete a Volume), or add a device to the volume group on the node (`vgextend`); the volume is made at the next reconcile once it fits.",
+        ));
+    }
     if message.contains("unknown filesystem type 'nfs") || message.contains("mount.nfs") {
         return Some(explanation(
             "NfsClientMissing",
