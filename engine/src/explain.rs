@@ -202,7 +202,12 @@ fn storage_backend(call: &str, message: &str) -> Option<Explanation> {
             "make the Volume smaller, free space in the pool (delete a Volume), or add a device to the volume group on the node (`vgextend`); the volume is made at the next reconcile once it fits.",
         ));
     }
-    if message.contains("unknown filesystem type 'nfs") || message.contains("mount.nfs") {
+    // Only a kernel without the NFS client, as `mount` says it without nfs-common and
+    // `mount.nfs` with it. Any other `mount.nfs:` failure (a server that refuses the export
+    // or does not answer) is not this, and must stay retryable.
+    let nfs_client_missing = message.contains("unknown filesystem type 'nfs")
+        || (message.contains("mount.nfs") && message.contains("No such device"));
+    if nfs_client_missing {
         return Some(explanation(
             "NfsClientMissing",
             "the node cannot mount NFS: its kernel has no NFS client (`nfs` is not in /proc/filesystems) or the mount.nfs helper is missing.",
