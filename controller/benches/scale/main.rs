@@ -7,6 +7,11 @@
 //! cargo bench -p virtkube --bench scale -- report --results results.json
 //! ```
 //!
+//! `measure --libvirt daemon` runs the test driver in a private libvirtd instead of inside the
+//! agent (as libvirtd holds the domains on a real node), so the agent's RSS is its own;
+//! `VIRTKUBE_BENCH_AGENT_WRAPPER` runs the agent under a command that execs it (a heap
+//! profiler's preload, see `notes.md`).
+//!
 //! `qemu` measures the real-QEMU parts (creation, live migration and drift against `virsh`
 //! on the private libvirtd daemons of `scripts/libvirt-nodes.sh`, see `qemu.rs`); `report`
 //! renders them as the report's "Real QEMU" section from `docs/performance/qemu-results.json`.
