@@ -9,12 +9,14 @@
 //! - [`agent`]: `virtkube agent`, the per-node Kubernetes operator process.
 //! - [`cluster`]: `virtkube controller`, the cluster-wide process (scheduling, moves, drain,
 //!   node liveness), one active replica by Lease.
+//! - [`events`]: Kubernetes Events with repeats folded into series, for both processes.
 //! - [`progress`]: showing long actions' progress (bars on a terminal, lines otherwise).
 //! - [`cli`]: the `virtkube` subcommands.
 
 pub mod agent;
 pub mod cli;
 pub mod cluster;
+pub mod events;
 pub mod execute;
 pub mod host;
 pub mod http_server;

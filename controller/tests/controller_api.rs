@@ -13,13 +13,13 @@ use controller_support::*;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::events::{Recorder, Reporter};
 use serde_json::{Value, json};
 use virtkube::cluster::leader::LeaseConfig;
 use virtkube::cluster::metrics::{Metrics, ReasonLabels};
 use virtkube::cluster::pass::{Ctx, PassState, Report, Snapshot, pass};
 use virtkube::cluster::settings::Settings;
 use virtkube::cluster::{Config, spawn};
+use virtkube::events::{Recorder, Reporter};
 use virtkube_crds::HypervisorNode;
 use virtkube_testapi::TestApi;
 

@@ -7,6 +7,11 @@
 //! cargo bench -p virtkube --bench scale -- report --results results.json
 //! ```
 //!
+//! `measure --libvirt daemon` runs the test driver in a private libvirtd instead of inside the
+//! agent (as libvirtd holds the domains on a real node), so the agent's RSS is its own;
+//! `VIRTKUBE_BENCH_AGENT_WRAPPER` runs the agent under a command that execs it (a heap
+//! profiler's preload, see `notes.md`).
+//!
 //! `qemu` measures the real-QEMU parts (creation, live migration and drift against `virsh`
 //! on the private libvirtd daemons of `scripts/libvirt-nodes.sh`, see `qemu.rs`); `report`
 //! renders them as the report's "Real QEMU" section from `docs/performance/qemu-results.json`.
@@ -24,7 +29,7 @@ mod report;
 use std::path::PathBuf;
 
 use clap::Parser;
-use scale_support::{Measurement, Options, UserClient};
+use scale_support::{Libvirt, Measurement, Options, UserClient};
 use serde::{Deserialize, Serialize};
 
 #[derive(Parser)]
@@ -46,6 +51,11 @@ enum Cmd {
         /// Add to the runs already in the results file instead of starting afresh.
         #[arg(long)]
         append: bool,
+        /// Where libvirt's test driver runs: `in-process` (in the agent, the report's
+        /// numbers), `daemon` (a private libvirtd, as on a real node), or both, each N
+        /// measured in both.
+        #[arg(long, value_enum, value_delimiter = ',', default_value = "in-process")]
+        libvirt: Vec<Libvirt>,
     },
     /// Measures the real-QEMU parts on the private daemons (their environment from
     /// `scripts/libvirt-nodes.sh up DIR`: `set -a; . DIR/env; set +a`) and writes them as JSON.
@@ -157,6 +167,7 @@ fn main() -> anyhow::Result<()> {
             kubectl_n,
             out,
             append,
+            libvirt,
         } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -168,19 +179,22 @@ fn main() -> anyhow::Result<()> {
             } else {
                 Vec::new()
             };
-            let mut plan: Vec<(usize, UserClient)> = Vec::new();
+            let mut plan: Vec<(usize, UserClient, Libvirt)> = Vec::new();
             for &count in &n {
                 let reps = if count >= 10_000 { 1 } else { reps };
-                plan.extend(std::iter::repeat_n((count, UserClient::Kube), reps));
+                for &driver in &libvirt {
+                    plan.extend(std::iter::repeat_n((count, UserClient::Kube, driver), reps));
+                }
                 // Beside the runs of the same N, before any longer one.
                 if count == kubectl_n {
-                    plan.push((kubectl_n, UserClient::Kubectl));
+                    plan.push((kubectl_n, UserClient::Kubectl, Libvirt::InProcess));
                 }
             }
-            for (count, client) in plan {
+            for (count, client, driver) in plan {
                 let mut opts = Options::new(count, bin);
                 opts.client = client;
-                eprintln!("measuring N={count} through {client:?}…");
+                opts.libvirt = driver;
+                eprintln!("measuring N={count} through {client:?}, libvirt {driver:?}…");
                 let m = rt.block_on(scale_support::measure(&opts))?;
                 eprintln!("{}", report::summary_line(&m));
                 runs.push(m);

@@ -9,7 +9,7 @@ use std::path::Path;
 use plotters::prelude::*;
 
 use super::Results;
-use super::scale_support::{Measurement, Phase, UserClient};
+use super::scale_support::{Libvirt, Measurement, Phase, UserClient};
 
 /// The hand-written analysis, appended to the generated tables.
 const NOTES: &str = include_str!("notes.md");
@@ -21,7 +21,7 @@ pub fn summary_line(m: &Measurement) -> String {
         "N={} {:?}: ready {:.2}s ({:.2}s after the last create was accepted), delete {:.2}s, \
          floor {:.2}s/{:.2}s; per Domain {:.2} reconciles, {:.2} agent + {:.2} controller \
          status writes; resync {} writes {} events {} mutating libvirt calls; agent peak RSS \
-         {:.1} MiB",
+         {:.1} MiB (libvirt {:?}, libvirtd {:.1} MiB), controller {:.1} MiB",
         m.n,
         m.client,
         m.create.seconds,
@@ -36,6 +36,9 @@ pub fn summary_line(m: &Measurement) -> String {
         m.resync.events,
         m.resync.libvirt_mutating,
         m.agent_peak_rss_kib as f64 / 1024.0,
+        m.libvirt,
+        m.libvirtd_peak_rss_kib as f64 / 1024.0,
+        m.controller_peak_rss_kib as f64 / 1024.0,
     )
 }
 
@@ -59,10 +62,19 @@ pub(crate) fn fmt_spread(v: Vec<f64>, digits: usize) -> String {
     }
 }
 
-/// The runs through kube's client, by N.
+/// The runs through kube's client with the test driver in the agent, by N.
 fn by_n(results: &Results) -> BTreeMap<usize, Vec<&Measurement>> {
+    runs_by_n(results, Libvirt::InProcess)
+}
+
+/// The runs through kube's client with the test driver in `libvirt`, by N.
+fn runs_by_n(results: &Results, libvirt: Libvirt) -> BTreeMap<usize, Vec<&Measurement>> {
     let mut out: BTreeMap<usize, Vec<&Measurement>> = BTreeMap::new();
-    for m in results.runs.iter().filter(|m| m.client == UserClient::Kube) {
+    for m in results
+        .runs
+        .iter()
+        .filter(|m| m.client == UserClient::Kube && m.libvirt == libvirt)
+    {
         out.entry(m.n).or_default().push(m);
     }
     out
@@ -162,6 +174,30 @@ pub fn write(results: &Results, md: &Path, plots: &Path) -> anyhow::Result<()> {
         "\n![memory against N]({}/memory.svg)\n",
         plot_rel.display()
     )?;
+    let daemon = runs_by_n(results, Libvirt::Daemon);
+    if !daemon.is_empty() {
+        writeln!(
+            s,
+            "With the test driver in a private libvirtd (`test+unix:///default`, as on a real \
+             node, where libvirtd holds the domains), the agent's memory is its own:\n"
+        )?;
+        writeln!(
+            s,
+            "| N | runs | agent peak RSS (MiB) | agent RSS converged (MiB) | libvirtd peak RSS (MiB) |"
+        )?;
+        writeln!(s, "|---|---|---|---|---|")?;
+        for (n, runs) in &daemon {
+            writeln!(
+                s,
+                "| {n} | {} | {} | {} | {} |",
+                runs.len(),
+                fmt_spread(per(runs, |m| mib(m.agent_peak_rss_kib)), 1),
+                fmt_spread(per(runs, |m| mib(m.agent_rss_kib)), 1),
+                fmt_spread(per(runs, |m| mib(m.libvirtd_peak_rss_kib)), 1),
+            )?;
+        }
+        writeln!(s)?;
+    }
 
     writeln!(s, "## Work per Domain, creation to Ready\n")?;
     writeln!(
@@ -221,7 +257,11 @@ pub fn write(results: &Results, md: &Path, plots: &Path) -> anyhow::Result<()> {
         "| N | client | create → all Ready (s) | deletes accepted (s) | delete → all gone (s) | agent reconciles / Domain | agent Domain writes / Domain | events / Domain |"
     )?;
     writeln!(s, "|---|---|---|---|---|---|---|---|")?;
-    for m in &results.runs {
+    for m in results
+        .runs
+        .iter()
+        .filter(|m| m.libvirt == Libvirt::InProcess)
+    {
         let nf = m.n as f64;
         writeln!(
             s,

@@ -5,9 +5,9 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use crate::events::{Event, EventType, Recorder, Reporter};
 use futures::channel::mpsc::UnboundedSender;
 use kube::Client;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 use virtkube_crds::{Domain, Volume};
 use virtkube_engine::Engine;

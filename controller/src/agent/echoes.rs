@@ -178,6 +178,40 @@ impl Echoes {
         }
     }
 
+    /// Forgets what was recorded of objects no longer routed here (`routed` says which UIDs
+    /// are) and tokens expired at `now`. A record is consumed only by a later version or
+    /// reconcile of its object, so without this the records of deleted or moved-away Domains
+    /// (the version their last status write replaced, a finalizer patch whose echo came
+    /// first, the expired tokens of a define whose event never came) would stay for the
+    /// agent's lifetime. Run at every resync.
+    pub fn prune(&self, routed: impl Fn(&str) -> bool, now: Instant) {
+        if let Ok(mut writes) = self.writes.lock() {
+            writes.retain(|uid, _| routed(uid));
+            writes.shrink_to_fit();
+        }
+        if let Ok(mut replaced) = self.replaced.lock() {
+            replaced.retain(|uid, _| routed(uid));
+            replaced.shrink_to_fit();
+        }
+        if let Ok(mut events) = self.events.lock() {
+            events.retain(|_, tokens| {
+                tokens.retain(|t| t.until > now);
+                !tokens.is_empty()
+            });
+            events.shrink_to_fit();
+        }
+    }
+
+    /// Records held: (finalizer writes, replaced versions, domains with tokens).
+    pub fn held(&self) -> (usize, usize, usize) {
+        let len = |m: &Mutex<HashMap<String, String>>| m.lock().map_or(0, |m| m.len());
+        (
+            len(&self.writes),
+            len(&self.replaced),
+            self.events.lock().map_or(0, |e| e.len()),
+        )
+    }
+
     /// Whether the libvirt event (`name`, `kind`, `detail`) at `now` is the echo of the
     /// agent's own call; consumes its token.
     pub fn is_own_event(
@@ -352,6 +386,39 @@ mod tests {
             "another object"
         );
         assert!(echoes.is_own_write(Some("uid-1"), Some("7")));
+    }
+
+    #[test]
+    fn the_records_of_domains_no_longer_routed_here_and_expired_tokens_are_forgotten() {
+        let t0 = Instant::now();
+        let echoes = Echoes::default();
+        // Left behind by objects since deleted: an echo that came before its record, the
+        // version a last status write replaced, a define whose event never came.
+        echoes.wrote("gone-1", "7");
+        echoes.replaced("gone-2", "8");
+        echoes.expect("ns.gone", &[define()], t0);
+        // Still routed here, tokens still waiting.
+        echoes.wrote("kept", "9");
+        echoes.replaced("kept", "10");
+        echoes.expect("ns.kept", &[start()], t0 + EXPECT_FOR);
+        assert_eq!(echoes.held(), (2, 2, 2));
+        echoes.prune(
+            |uid| uid == "kept",
+            t0 + EXPECT_FOR + Duration::from_millis(1),
+        );
+        assert_eq!(echoes.held(), (1, 1, 1));
+        assert!(echoes.is_own_write(Some("kept"), Some("9")));
+        assert!(echoes.is_replaced(Some("kept"), Some("10")));
+        assert!(echoes.is_own_event(
+            "ns.kept",
+            Started,
+            "booted",
+            t0 + EXPECT_FOR + Duration::from_millis(2)
+        ));
+        assert!(!echoes.is_own_write(Some("gone-1"), Some("7")));
+        assert!(!echoes.is_replaced(Some("gone-2"), Some("8")));
+        assert!(!echoes.is_own_event("ns.gone", Defined, "added", t0));
+        assert_eq!(echoes.held(), (0, 0, 0));
     }
 
     #[test]

@@ -556,6 +556,13 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
                     Ok(swept) => tracing::debug!(?swept, "sweep of copies not routed here"),
                     Err(e) => tracing::warn!(error = %e, "sweep of copies not routed here failed"),
                 }
+                let routed: std::collections::HashSet<String> = store
+                    .state()
+                    .iter()
+                    .filter_map(|d| d.metadata.uid.clone())
+                    .collect();
+                ctx.echoes
+                    .prune(|uid| routed.contains(uid), std::time::Instant::now());
                 tokio::select! {
                     _ = tokio::time::sleep(every) => {}
                     _ = stop.wait_for(|s| *s) => return,

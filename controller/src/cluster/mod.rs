@@ -45,10 +45,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use crate::events::{Recorder, Reporter};
 use anyhow::Context as _;
 use futures::FutureExt;
 use kube::Client;
-use kube::runtime::events::{Recorder, Reporter};
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use virtkube_crds::quantity::parse_bytes;

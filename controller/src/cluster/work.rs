@@ -22,7 +22,21 @@ use super::pass::{Ctx, PassState, Snapshot, pass};
 /// of edits is decided together).
 const DEBOUNCE: Duration = Duration::from_millis(50);
 
-fn watch_into<K>(api: Api<K>, writer: reflector::store::Writer<K>) -> BoxStream<'static, ()>
+/// Whether a kind's watch cache keeps `managedFields`. Only HypervisorNodes' are read (the
+/// liveness pass checks which status conditions this controller still owns); the other
+/// kinds' are never read, and they were the larger part of each cached object (with 10,000
+/// Domains the controller peaked at 892 MiB with them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ManagedFields {
+    Keep,
+    Drop,
+}
+
+fn watch_into<K>(
+    api: Api<K>,
+    writer: reflector::store::Writer<K>,
+    managed_fields: ManagedFields,
+) -> BoxStream<'static, ()>
 where
     K: Resource<DynamicType = ()>
         + Clone
@@ -34,6 +48,11 @@ where
 {
     watcher(api, watcher::Config::default().any_semantic())
         .default_backoff()
+        .modify(move |obj: &mut K| {
+            if managed_fields == ManagedFields::Drop {
+                obj.meta_mut().managed_fields = None;
+            }
+        })
         .reflect(writer)
         .map(|event| {
             if let Err(e) = event {
@@ -61,12 +80,24 @@ pub async fn lead(ctx: Arc<Ctx>, resync: Duration) -> Result<(), Error> {
     let (networks, netw) = reflector::store::<Network>();
     let (pools, pw) = reflector::store::<StoragePool>();
     let streams: Vec<BoxStream<'static, ()>> = vec![
-        watch_into(Api::<Domain>::all(client.clone()), dw),
-        watch_into(Api::<Volume>::all(client.clone()), vw),
-        watch_into(Api::<HypervisorNode>::all(client.clone()), hw),
-        watch_into(Api::<Node>::all(client.clone()), nw),
-        watch_into(Api::<Network>::all(client.clone()), netw),
-        watch_into(Api::<StoragePool>::all(client.clone()), pw),
+        watch_into(Api::<Domain>::all(client.clone()), dw, ManagedFields::Drop),
+        watch_into(Api::<Volume>::all(client.clone()), vw, ManagedFields::Drop),
+        watch_into(
+            Api::<HypervisorNode>::all(client.clone()),
+            hw,
+            ManagedFields::Keep,
+        ),
+        watch_into(Api::<Node>::all(client.clone()), nw, ManagedFields::Drop),
+        watch_into(
+            Api::<Network>::all(client.clone()),
+            netw,
+            ManagedFields::Drop,
+        ),
+        watch_into(
+            Api::<StoragePool>::all(client.clone()),
+            pw,
+            ManagedFields::Drop,
+        ),
     ];
     let notify = Arc::new(Notify::new());
     let watchers = {

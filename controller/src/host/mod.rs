@@ -37,18 +37,26 @@ pub const DEFAULT_SHUTDOWN_DEADLINE: Duration = Duration::from_secs(30);
 /// wait included) before the unplug is reported as refused and left for the next restart.
 pub const UNPLUG_DEADLINE: Duration = Duration::from_secs(10);
 
+/// Whether `uri` names libvirt's test driver, in this process (`test:///default`) or held by
+/// a daemon (`test+unix:///default?socket=…`, as the scale bench runs it to keep the
+/// driver's domains out of the agent's memory): the URI scheme's driver part is `test`.
+pub fn is_test_driver(uri: &str) -> bool {
+    uri.split_once(':')
+        .is_some_and(|(scheme, _)| scheme.split('+').next() == Some("test"))
+}
+
 /// Whether the driver behind `uri` changes CPU weight and bandwidth of running domains
 /// (`virDomainSetSchedulerParameters`; the test driver has only a `weight`). On QEMU it also
 /// needs the cgroup `cpu` controller, which only the attempt tells: without it libvirt
 /// refuses with "cgroup CPU controller is not mounted".
 pub fn supports_live_cpu_tune(uri: &str) -> bool {
-    !uri.starts_with("test:")
+    !is_test_driver(uri)
 }
 
 /// Whether the driver behind `uri` plugs devices into running domains (the test driver
 /// does not: `virDomainAttachDeviceFlags` is unsupported there).
 pub fn supports_device_hotplug(uri: &str) -> bool {
-    !uri.starts_with("test:")
+    !is_test_driver(uri)
 }
 
 /// What can go wrong talking to the hosts.
@@ -142,7 +150,7 @@ impl Hosts {
             let engine = Engine::connect(&spec.uri, config.clone())
                 .await
                 .map_err(engine_err(&spec.node))?;
-            let test_driver = spec.uri.starts_with("test:");
+            let test_driver = is_test_driver(&spec.uri);
             let virt_type = if test_driver {
                 "test".to_string()
             } else {
@@ -630,7 +638,7 @@ impl Host {
         DefTarget {
             node: &self.spec.node,
             virt_type: &self.virt_type,
-            test_driver: self.spec.uri.starts_with("test:"),
+            test_driver: is_test_driver(&self.spec.uri),
         }
     }
 }
@@ -1332,4 +1340,23 @@ async fn graceful_stop(
 /// libvirt's "not active" refusal when stopping an already stopped object.
 fn is_inactive_error(e: &EngineError) -> bool {
     e.to_string().contains("not active") || e.to_string().contains("OPERATION_INVALID")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_test_driver_is_known_in_process_and_through_a_daemon() {
+        assert!(is_test_driver("test:///default"));
+        assert!(is_test_driver(
+            "test+unix:///default?socket=/tmp/x/libvirt-sock"
+        ));
+        assert!(is_test_driver("test+tcp://host/default"));
+        assert!(!is_test_driver("qemu:///system"));
+        assert!(!is_test_driver("qemu+ssh://root@a/system"));
+        assert!(!is_test_driver("qemu:///system?socket=/tmp/test:/sock"));
+        assert!(!is_test_driver("testing:///x"));
+        assert!(!is_test_driver(""));
+    }
 }

@@ -55,6 +55,20 @@ pub enum UserClient {
     Kubectl,
 }
 
+/// Where libvirt's test driver keeps the Domains' guests during a run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Libvirt {
+    /// `test:///default` inside the agent's own process: the driver's domains count in the
+    /// agent's RSS.
+    #[default]
+    InProcess,
+    /// `test+unix:///default` served by a private libvirtd started for the run, as on a real
+    /// node where libvirtd holds the domains: the agent's RSS is its own, the daemon's is
+    /// measured beside it.
+    Daemon,
+}
+
 /// What to measure.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -71,6 +85,8 @@ pub struct Options {
     pub client: UserClient,
     /// Longest wait for a phase.
     pub timeout: Duration,
+    /// Where the test driver runs.
+    pub libvirt: Libvirt,
 }
 
 impl Options {
@@ -88,6 +104,7 @@ impl Options {
                     .and_then(|t| t.parse().ok())
                     .unwrap_or(120 + n as u64 / 10),
             ),
+            libvirt: Libvirt::InProcess,
         }
     }
 }
@@ -129,6 +146,9 @@ pub struct Measurement {
     pub n: usize,
     /// How the user talked to the API server.
     pub client: UserClient,
+    /// Where the test driver ran (results written before this field existed: in the agent).
+    #[serde(default)]
+    pub libvirt: Libvirt,
     /// Seconds from the first create to the last create accepted.
     pub create_accept_seconds: f64,
     /// Seconds from the last create accepted to all Ready.
@@ -147,6 +167,10 @@ pub struct Measurement {
     pub agent_rss_kib: u64,
     /// Peak RSS of the controller, KiB.
     pub controller_peak_rss_kib: u64,
+    /// Peak RSS of the libvirtd holding the test driver ([`Libvirt::Daemon`]; 0 otherwise),
+    /// KiB.
+    #[serde(default)]
+    pub libvirtd_peak_rss_kib: u64,
     /// define+start of N straight through libvirt, seconds.
     pub floor_create_seconds: f64,
     /// destroy+undefine of N straight through libvirt, seconds.
@@ -218,6 +242,77 @@ pub fn proc_status_kib(pid: u32, key: &str) -> u64 {
         .find_map(|l| l.strip_prefix(key))
         .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
+}
+
+/// A private libvirtd serving the test driver for one run, in session mode (libvirtd runs
+/// privileged as root, with the system's sockets and state: as root it runs as `nobody`),
+/// its sockets, configuration and state in a directory of its own.
+struct TestDaemon {
+    proc: Proc,
+    socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl TestDaemon {
+    fn start() -> anyhow::Result<TestDaemon> {
+        use std::os::unix::fs::MetadataExt as _;
+        let dir = tempfile::Builder::new()
+            .prefix("virtkube-bench-libvirtd")
+            .tempdir()?;
+        for sub in ["run", "config", "cache", "data"] {
+            std::fs::create_dir(dir.path().join(sub))?;
+        }
+        let as_root = std::fs::metadata("/proc/self")?.uid() == 0;
+        let mut cmd = if as_root {
+            let chown = Command::new("chown")
+                .args(["-R", "nobody:nogroup"])
+                .arg(dir.path())
+                .status()
+                .context("running chown")?;
+            if !chown.success() {
+                bail!("chown -R nobody:nogroup {:?}: {chown}", dir.path());
+            }
+            let mut cmd = Command::new("setpriv");
+            cmd.args([
+                "--reuid=nobody",
+                "--regid=nogroup",
+                "--clear-groups",
+                "libvirtd",
+            ]);
+            cmd
+        } else {
+            Command::new("libvirtd")
+        };
+        let path = |sub: &str| dir.path().join(sub);
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", dir.path())
+            .env("XDG_RUNTIME_DIR", path("run"))
+            .env("XDG_CONFIG_HOME", path("config"))
+            .env("XDG_CACHE_HOME", path("cache"))
+            .env("XDG_DATA_HOME", path("data"));
+        let proc = Proc::spawn(cmd, path("libvirtd.log"), 0)?;
+        let socket = path("run/libvirt/libvirt-sock");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut daemon = TestDaemon {
+            proc,
+            socket,
+            _dir: dir,
+        };
+        while !daemon.socket.exists() {
+            daemon.proc.alive()?;
+            if Instant::now() > deadline {
+                bail!("libvirtd made no socket in 30 s:\n{}", daemon.proc.tail());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(daemon)
+    }
+
+    /// The agent's URI of the daemon's test driver.
+    fn uri(&self) -> String {
+        format!("test+unix:///default?socket={}", self.socket.display())
+    }
 }
 
 /// The agent's counters: `name{labels}` → value.
@@ -361,10 +456,29 @@ pub async fn measure(opts: &Options) -> anyhow::Result<Measurement> {
         api.write_kubeconfig(&path, &[who])?;
         Ok(path)
     };
+    let daemon = match opts.libvirt {
+        Libvirt::InProcess => None,
+        Libvirt::Daemon => Some(TestDaemon::start()?),
+    };
+    let uri = daemon
+        .as_ref()
+        .map_or_else(|| "test:///default".to_string(), TestDaemon::uri);
     let agent_port = free_port();
     let mut agent = {
-        let mut cmd = Command::new(&opts.bin);
-        cmd.args(["agent", "--node-name", NODE, "--connect", "test:///default"])
+        // VIRTKUBE_BENCH_AGENT_WRAPPER: a command the agent runs under, which must exec it
+        // (so that its PID, RSS and signals stay the agent's), e.g. a script that sets
+        // LD_PRELOAD for heaptrack's preload library to profile the agent's heap.
+        let wrapper = std::env::var("VIRTKUBE_BENCH_AGENT_WRAPPER").unwrap_or_default();
+        let mut words = wrapper.split_whitespace();
+        let mut cmd = match words.next() {
+            Some(program) => {
+                let mut cmd = Command::new(program);
+                cmd.args(words).arg(&opts.bin);
+                cmd
+            }
+            None => Command::new(&opts.bin),
+        };
+        cmd.args(["agent", "--node-name", NODE, "--connect", &uri])
             .args(["--metrics-addr", &format!("127.0.0.1:{agent_port}")])
             .args(["--resync-seconds", &opts.resync_seconds.to_string()])
             .args(["--heartbeat-seconds", "10", "--log-format", "json"])
@@ -574,12 +688,17 @@ pub async fn measure(opts: &Options) -> anyhow::Result<Measurement> {
 
     let agent_peak_rss_kib = agent.status_kib("VmHWM:");
     let controller_peak_rss_kib = controller.status_kib("VmHWM:");
+    let libvirtd_peak_rss_kib = daemon.as_ref().map_or(0, |d| d.proc.status_kib("VmHWM:"));
     agent.terminate().await;
     controller.terminate().await;
+    if let Some(d) = daemon {
+        d.proc.terminate().await;
+    }
     api.stop().await;
     Ok(Measurement {
         n: opts.n,
         client: opts.client,
+        libvirt: opts.libvirt,
         create_accept_seconds: accepted.as_secs_f64(),
         ready_after_accept_seconds: (all_ready - accepted).as_secs_f64(),
         create,
@@ -589,6 +708,7 @@ pub async fn measure(opts: &Options) -> anyhow::Result<Measurement> {
         agent_peak_rss_kib,
         agent_rss_kib,
         controller_peak_rss_kib,
+        libvirtd_peak_rss_kib,
         floor_create_seconds,
         floor_delete_seconds,
     })
