@@ -15,6 +15,7 @@
 pub mod agent;
 pub mod cli;
 pub mod cluster;
+pub mod event_queue;
 pub mod execute;
 pub mod host;
 pub mod http_server;

@@ -450,6 +450,7 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     let pool_store = pool_controller.store();
 
     let mut ctx = Context::new(client.clone(), hosts, metrics.clone(), settings)?;
+    ctx.queue_events();
     // Domains resolve their disks through the Volume controller's cache.
     ctx.volumes = Some(volume_store.clone());
     ctx.domains = Some(domain_store.clone());
@@ -606,6 +607,14 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
         }
     }
     let _ = stop_tx.send(true);
+    // The events of the last reconciles, while the API server still answers.
+    if let Some(queue) = &ctx.event_queue
+        && tokio::time::timeout(Duration::from_secs(2), queue.flush())
+            .await
+            .is_err()
+    {
+        tracing::info!("events still queued at the deadline: not published");
+    }
     let _ = tokio::time::timeout(Duration::from_secs(2), http_task).await;
     if let Err(e) = engine.close().await {
         tracing::warn!(error = %e, "closing the libvirt connection failed");
