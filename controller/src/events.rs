@@ -11,7 +11,7 @@
 //! and publishes the same Events (same names, reasons, notes, series).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::ObjectReference;
@@ -115,11 +115,13 @@ impl Seen {
     }
 }
 
-/// Publishes Events for one reporter (a controller and its instance).
+/// Publishes Events for one reporter (a controller and its instance). Clones share their
+/// records, so a series is folded the same whichever clone publishes its repeats.
+#[derive(Clone)]
 pub struct Recorder {
     client: Client,
     reporter: Reporter,
-    seen: Mutex<Seen>,
+    seen: Arc<Mutex<Seen>>,
 }
 
 impl Recorder {
@@ -128,7 +130,7 @@ impl Recorder {
         Self {
             client,
             reporter,
-            seen: Mutex::new(Seen::new(Instant::now())),
+            seen: Arc::new(Mutex::new(Seen::new(Instant::now()))),
         }
     }
 

@@ -16,6 +16,7 @@
 pub mod agent;
 pub mod cli;
 pub mod cluster;
+pub mod event_queue;
 pub mod events;
 pub mod execute;
 pub mod host;

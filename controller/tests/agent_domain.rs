@@ -116,6 +116,15 @@ impl World {
             .collect()
     }
 
+    /// GETs of Domains by the agent.
+    fn agent_gets(&self) -> usize {
+        self.api
+            .requests()
+            .iter()
+            .filter(|r| r.identity == "agent" && r.verb == "get" && r.resource == "domains")
+            .count()
+    }
+
     fn agent_requests(&self) -> usize {
         self.api
             .requests()
@@ -171,6 +180,8 @@ async fn the_holder_converges_in_one_reconcile_then_steady_state_is_silent() {
         vec!["patch domains", "patch domains/status"],
         "the finalizer, then one status write"
     );
+    // The finalizer patch, bound to the cached resourceVersion, was the fresh read.
+    assert_eq!(w.agent_gets(), 0, "{:?}", w.api.requests());
     let dom = w.stored().await.unwrap();
     assert!(dom.finalizers().contains(&FINALIZER.to_string()));
     let status = dom.status.clone().unwrap();
@@ -206,6 +217,77 @@ async fn the_holder_converges_in_one_reconcile_then_steady_state_is_silent() {
         w.engine.stats()
     );
     assert_eq!(w.agent_requests(), 0, "{:?}", w.api.requests());
+}
+
+/// A cached copy that is no longer the stored version: the finalizer patch bound to its
+/// resourceVersion is refused (422), and the reconcile goes on from a fresh read.
+#[tokio::test]
+async fn a_cached_copy_whose_claim_was_reset_starts_nothing() {
+    let w = World::new("stale-claim").await;
+    w.create(json!({}));
+    bind_domain(&w.client, &w.ns, "web", NODE).await;
+    // What the agent's watch cache holds: bound here.
+    let cached = w.stored().await.unwrap();
+    // Then the claim is reset (the controller unfencing this node) before the reconcile.
+    let mut status = cached.status.clone().unwrap();
+    status.node_name = None;
+    write_status(&w.domains(), &cached, &status, "virtkube-controller")
+        .await
+        .unwrap();
+    w.api.clear_requests();
+    let action = tokio::time::timeout(
+        Duration::from_secs(30),
+        domain::reconcile(Arc::new(cached), w.ctx.clone()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(action, Action::requeue(w.ctx.settings.resync));
+    assert_eq!(
+        w.libvirt_state().await,
+        None,
+        "nothing defined on a stale claim"
+    );
+    assert_eq!(
+        w.agent_writes(),
+        vec!["patch domains"],
+        "only the refused finalizer patch"
+    );
+    assert_eq!(w.agent_gets(), 1, "then a fresh read");
+    let stored = w.stored().await.unwrap();
+    assert!(stored.finalizers().is_empty(), "{:?}", stored.finalizers());
+}
+
+/// The same with a spec changed after the cached read: the domain is defined from the
+/// stored spec, not the cached one.
+#[tokio::test]
+async fn a_cached_copy_older_than_the_spec_is_converged_from_a_fresh_read() {
+    let w = World::new("stale-spec").await;
+    w.create(json!({}));
+    bind_domain(&w.client, &w.ns, "web", NODE).await;
+    let cached = w.stored().await.unwrap();
+    w.api
+        .edit_spec("domains", &w.ns, "web", |s| s["cpu"]["vcpus"] = json!(3))
+        .unwrap();
+    w.api.clear_requests();
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        domain::reconcile(Arc::new(cached), w.ctx.clone()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(
+        w.agent_writes(),
+        vec!["patch domains", "patch domains", "patch domains/status"],
+        "the refused finalizer patch, the finalizer on the fresh read, the status"
+    );
+    assert_eq!(w.agent_gets(), 1);
+    let dom = w.stored().await.unwrap();
+    let status = dom.status.clone().unwrap();
+    assert_eq!(status.vcpus, Some(3), "defined from the stored spec");
+    assert_eq!(status.observed_generation, Some(2));
+    assert_eq!(ready(&dom), ("True".into(), "Reconciled".into()));
 }
 
 #[tokio::test]

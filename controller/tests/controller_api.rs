@@ -44,6 +44,8 @@ async fn ctx(api: &TestApi, identity: &str) -> Ctx {
         client,
         settings: Settings::default(),
         metrics: Arc::new(Metrics::default()),
+        // Published before the pass goes on: the tests read them right after.
+        events: None,
     }
 }
 
@@ -214,6 +216,55 @@ async fn binds_by_scheduler_and_by_node_name_labels_them_and_explains_the_rest()
             .all(|c| !c.key.plural.starts_with("domain")),
         "no domain changed"
     );
+}
+
+/// A pass writes several domains at once: the memory is still shared out in name order as
+/// when writing one by one, and each claim is followed by its label in the same pass.
+#[tokio::test]
+async fn many_domains_bound_in_one_pass_share_the_memory_out_in_name_order() {
+    let (api, client) = server().await;
+    // 4Gi less the 1Gi reserve: room for six of 512Mi.
+    add_node(&api, &client, "node-a", "4Gi").await;
+    let names: Vec<String> = (0..12).map(|i| format!("vm{i:02}")).collect();
+    for name in &names {
+        add_domain(&api, domain(NS, name, "512Mi")).await;
+    }
+    let ctx = ctx(&api, "ctl").await;
+    let mut state = PassState::default();
+    api.clear_requests();
+    let report = pass_now(&ctx, &mut state).await;
+    assert_eq!(report.conflicts, 0);
+    // 12 status writes (six claims, six Unschedulable), six labels.
+    assert_eq!(report.writes, 18);
+    for (i, name) in names.iter().enumerate() {
+        let d = dom(&api, name);
+        if i < 6 {
+            assert_eq!(holder(&api, name).as_deref(), Some("node-a"), "{name}");
+            assert_eq!(d["metadata"]["labels"]["node.virtkube.io/node-a"], "holder");
+        } else {
+            assert_eq!(holder(&api, name), None, "{name}");
+            assert_eq!(condition(&d, "Scheduled").unwrap()["status"], "False");
+        }
+    }
+    // Each label came after its claim, and within the pass.
+    let requests = api.requests();
+    for name in &names[..6] {
+        let at = |sub: &str| {
+            requests
+                .iter()
+                .position(|r| {
+                    r.identity == "ctl"
+                        && r.verb == "patch"
+                        && &r.name == name
+                        && r.subresource == sub
+                })
+                .unwrap_or_else(|| panic!("{name}: no patch of {sub:?}"))
+        };
+        assert!(at("status") < at(""), "{name}");
+    }
+    // The next pass writes nothing.
+    let report = pass_now(&ctx, &mut state).await;
+    assert_eq!((report.writes, report.conflicts), (0, 0));
 }
 
 #[tokio::test]

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
+use std::time::Instant;
 
 use crate::request::RequestInfo;
 
@@ -29,6 +30,9 @@ pub struct Recorded {
     pub field_manager: String,
     /// The path, for non-resource requests.
     pub path: String,
+    /// When it arrived (its body read, before it was answered): benchmarks put the requests
+    /// about one object on a timeline.
+    pub at: Instant,
 }
 
 impl Recorded {
@@ -44,6 +48,7 @@ impl Recorded {
             name: info.name.clone(),
             field_manager: info.field_manager.clone().unwrap_or_default(),
             path: info.path.clone(),
+            at: Instant::now(),
         }
     }
 }

@@ -197,6 +197,7 @@ fn main() -> anyhow::Result<()> {
                 eprintln!("measuring N={count} through {client:?}, libvirt {driver:?}…");
                 let m = rt.block_on(scale_support::measure(&opts))?;
                 eprintln!("{}", report::summary_line(&m));
+                eprintln!("{}", report::timeline_lines(&m));
                 runs.push(m);
                 // Written after every run: a long series cut short keeps what it measured.
                 let results = Results {

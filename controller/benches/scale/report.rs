@@ -9,7 +9,7 @@ use std::path::Path;
 use plotters::prelude::*;
 
 use super::Results;
-use super::scale_support::{Libvirt, Measurement, Phase, UserClient};
+use super::scale_support::{Libvirt, Measurement, Phase, Spread, UserClient};
 
 /// The hand-written analysis, appended to the generated tables.
 const NOTES: &str = include_str!("notes.md");
@@ -40,6 +40,29 @@ pub fn summary_line(m: &Measurement) -> String {
         m.libvirtd_peak_rss_kib as f64 / 1024.0,
         m.controller_peak_rss_kib as f64 / 1024.0,
     )
+}
+
+/// Where creation's time went (one line per gap: median, p90, max; then when the last of
+/// each step came after the last create was accepted).
+pub fn timeline_lines(m: &Measurement) -> String {
+    let Some(t) = &m.timeline else {
+        return String::new();
+    };
+    let gap = |what: &str, s: &Spread| {
+        format!(
+            "  {what}: median {:.2}s, p90 {:.2}s, max {:.2}s\n",
+            s.median, s.p90, s.max
+        )
+    };
+    let l = &t.last_after_accept;
+    gap("create → claim", &t.create_to_claim)
+        + &gap("claim → label", &t.claim_to_label)
+        + &gap("label → agent's first request", &t.label_to_agent)
+        + &gap("agent's first request → status", &t.agent_to_status)
+        + &format!(
+            "  last after the last create accepted: claim {:.2}s, label {:.2}s, agent {:.2}s, status {:.2}s",
+            l.claim, l.label, l.agent, l.status
+        )
 }
 
 /// min, median, max.

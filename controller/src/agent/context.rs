@@ -13,6 +13,7 @@ use virtkube_crds::{Domain, Volume};
 use virtkube_engine::Engine;
 
 use super::error::Error;
+use crate::event_queue::{self, EventQueue};
 use crate::host::Hosts;
 
 use super::metrics::Metrics;
@@ -118,6 +119,9 @@ pub struct Context {
     pub hosts: Hosts,
     /// Publishes events (and aggregates repeats into series).
     pub recorder: Recorder,
+    /// When set, events go through this queue instead of being published by the reconcile
+    /// itself ([`Context::queue_events`]).
+    pub event_queue: Option<EventQueue>,
     /// The agent's metrics.
     pub metrics: Arc<Metrics>,
     /// Knobs.
@@ -170,6 +174,7 @@ impl Context {
             engine,
             hosts,
             recorder,
+            event_queue: None,
             metrics,
             settings,
             node_labels: RwLock::new(None),
@@ -179,6 +184,19 @@ impl Context {
             requeue: None,
             echoes: Arc::default(),
         })
+    }
+
+    /// Sends events from now on through a bounded queue that background tasks publish
+    /// (spawned on the current runtime), so no reconcile waits on an event's round trip;
+    /// without it (tests that script the API server's calls in order), each event is
+    /// published before [`Context::event`] returns.
+    pub fn queue_events(&mut self) {
+        self.event_queue = Some(EventQueue::spawn(
+            self.recorder.clone(),
+            event_queue::CAPACITY,
+            event_queue::LANES,
+            self.metrics.events.clone(),
+        ));
     }
 
     /// This node's labels; `None` until they have been read from its `HypervisorNode`. Not
@@ -202,8 +220,9 @@ impl Context {
             .unwrap_or(false)
     }
 
-    /// Publishes an event about `obj`. A failure to publish is logged, never fatal: events
-    /// are a courtesy, the status is the record.
+    /// Publishes an event about `obj`, or hands it to the event queue when there is one
+    /// (then it returns at once). A failure to publish is logged, never fatal: events are a
+    /// courtesy, the status is the record.
     pub async fn event<K>(&self, obj: &K, warning: bool, reason: &str, action: &str, note: String)
     where
         K: kube::Resource<DynamicType = ()>,
@@ -228,7 +247,10 @@ impl Context {
             action: action.into(),
             secondary: None,
         };
-        if let Err(e) = self.recorder.publish(&event, &obj.object_ref(&())).await {
+        let regarding = obj.object_ref(&());
+        if let Some(queue) = &self.event_queue {
+            queue.send(event, regarding);
+        } else if let Err(e) = self.recorder.publish(&event, &regarding).await {
             tracing::warn!(error = %e, reason, "publishing an event failed");
         }
     }

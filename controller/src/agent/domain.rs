@@ -6,7 +6,10 @@
 //! 1. look at this node's libvirt ([`local::look`]);
 //! 2. read the Domain — the watch cache in the first round, a fresh GET in the next ones
 //!    (the cache can be older than this agent's own last write; only a steady-state
-//!    converge, which changes nothing in libvirt, may rest on it);
+//!    converge, which changes nothing in libvirt, may rest on it). A Domain new here needs
+//!    the finalizer first anyway: that patch, bound to the cached resourceVersion, is the
+//!    fresh read when it applies ([`confirm_adding_finalizer`]), one round trip instead of
+//!    two;
 //! 3. decide with [`agent_step`], looking at libvirt again after the read when the step
 //!    asks ([`AgentStep::LookAgain`], [`AgentStep::LookAtTarget`]);
 //! 4. act: converge as the holder (define, start, pin… through the planner), or one step
@@ -210,8 +213,17 @@ async fn rounds(cached: &Domain, ctx: &Context, api: &Api<Domain>) -> Result<Act
             }
         }
         // (3) Decide, looking again after the read when asked.
-        let step = decide(ctx, &dom, &before).await?;
-        let fresh = round > 0;
+        let mut step = decide(ctx, &dom, &before).await?;
+        let mut fresh = round > 0;
+        // The first act of a Domain new here, the finalizer, doubles as the fresh read.
+        if !fresh
+            && step == AgentStep::Converge
+            && let Some(current) = confirm_adding_finalizer(&dom, ctx, api).await?
+        {
+            dom = current;
+            fresh = true;
+            step = decide(ctx, &dom, &before).await?;
+        }
         tracing::debug!(round, ?step, here = ?before.local, "decided");
         // (4) Act.
         let next = match step {
@@ -755,23 +767,45 @@ fn has_finalizer(dom: &Domain) -> bool {
     dom.finalizers().iter().any(|f| f == FINALIZER)
 }
 
-/// Adds the finalizer before anything is defined here (a JSON patch whose `test` makes a
-/// concurrent change of the list fail instead of being overwritten); returns the object as
-/// the API server stored it.
+/// The JSON patch adding the finalizer to `finalizers` (a `test` of the list first, so a
+/// concurrent change of it fails instead of being overwritten); with `version`, a `test`
+/// of `metadata.resourceVersion` before everything, so the patch applies only to that very
+/// version of the object (pure).
+pub fn finalizer_patch(finalizers: Option<&[String]>, version: Option<&str>) -> serde_json::Value {
+    let mut ops = Vec::new();
+    if let Some(rv) = version {
+        ops.push(json!({"op": "test", "path": "/metadata/resourceVersion", "value": rv}));
+    }
+    match finalizers.filter(|f| !f.is_empty()) {
+        None => ops.extend([
+            json!({"op": "test", "path": "/metadata/finalizers", "value": null}),
+            json!({"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]}),
+        ]),
+        Some(list) => ops.extend([
+            json!({"op": "test", "path": "/metadata/finalizers", "value": list}),
+            json!({"op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER}),
+        ]),
+    }
+    serde_json::Value::Array(ops)
+}
+
+/// Adds the finalizer before anything is defined here; returns the object as the API
+/// server stored it.
 async fn ensure_finalizer(dom: &Domain, ctx: &Context, api: &Api<Domain>) -> Result<Domain> {
     if has_finalizer(dom) {
         return Ok(dom.clone());
     }
-    let ops = match dom.metadata.finalizers.as_ref().filter(|f| !f.is_empty()) {
-        None => json!([
-            {"op": "test", "path": "/metadata/finalizers", "value": null},
-            {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]},
-        ]),
-        Some(list) => json!([
-            {"op": "test", "path": "/metadata/finalizers", "value": list},
-            {"op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER},
-        ]),
-    };
+    add_finalizer(dom, ctx, api, None).await
+}
+
+/// Adds the finalizer to `dom` with [`finalizer_patch`] (bound to `version` when given).
+async fn add_finalizer(
+    dom: &Domain,
+    ctx: &Context,
+    api: &Api<Domain>,
+    version: Option<&str>,
+) -> Result<Domain> {
+    let ops = finalizer_patch(dom.metadata.finalizers.as_deref(), version);
     let patched = json_patch(api, dom, ops).await?;
     // Its echo through the watch changes the finalizers (a trigger) yet needs no reconcile:
     // this one goes on from the patched object.
@@ -779,6 +813,43 @@ async fn ensure_finalizer(dom: &Domain, ctx: &Context, api: &Api<Domain>) -> Res
         ctx.echoes.wrote(&uid, &rv);
     }
     Ok(patched)
+}
+
+/// The fresh read and the finalizer in one round trip, for a cached `dom` without the
+/// finalizer: the finalizer patch, bound to the cached copy's resourceVersion. `Some` with
+/// the object as stored when the API server applied it; `None` when the cached copy is not
+/// the current version (or the Domain is gone, or it needs no finalizer): read fresh then.
+///
+/// Why an applied patch is a fresh read (the protocol's rule 4, "nothing that can start a
+/// guest rests on the watch cache"): the API server applies a JSON patch to the object as
+/// it is stored at that moment, all operations or none, and the `test` of
+/// `metadata.resourceVersion` passes only if that stored object is the very version cached
+/// here. So the cached copy was current when the patch was applied, which is after this
+/// round's look at libvirt, exactly what a GET at that moment would have shown; the answer
+/// is that object plus the finalizer. A cached copy older than the agent's own last write
+/// fails the `test` like any other stale copy (422), and so does one the server moved on
+/// from in any way, so the claim it shows can be acted on only when it is still the claim.
+async fn confirm_adding_finalizer(
+    dom: &Domain,
+    ctx: &Context,
+    api: &Api<Domain>,
+) -> Result<Option<Domain>> {
+    let version = dom.resource_version();
+    let stale = ctx
+        .echoes
+        .is_replaced(dom.metadata.uid.as_deref(), version.as_deref());
+    let Some(version) = version.filter(|_| !has_finalizer(dom) && !stale) else {
+        return Ok(None);
+    };
+    match add_finalizer(dom, ctx, api, Some(&version)).await {
+        Ok(current) => Ok(Some(current)),
+        Err(e) if e.is_conflict() => {
+            tracing::debug!("the cached copy is not the current version: reading it fresh");
+            Ok(None)
+        }
+        Err(Error::Kube(kube::Error::Api(e))) if e.code == 404 => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// Removes the finalizer once nothing of the domain is left here.

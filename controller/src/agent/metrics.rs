@@ -67,6 +67,9 @@ pub struct Metrics {
     /// Objects reconciled again at once because the API server came back while they were
     /// waiting out a failure backoff.
     pub outage_requeues: Counter,
+    /// Kubernetes Events dropped because the event queue was full, and events the API
+    /// server refused (see [`crate::event_queue`]).
+    pub events: crate::event_queue::QueueMetrics,
 }
 
 impl Default for Metrics {
@@ -88,6 +91,7 @@ impl Default for Metrics {
             watch_errors: Family::default(),
             watch_restarts: Family::default(),
             outage_requeues: Counter::default(),
+            events: Default::default(),
         }
     }
 }
@@ -122,6 +126,16 @@ impl Metrics {
             "libvirt_event_stream_reconnects",
             "Times the libvirt event stream was re-established or fell behind",
             m.event_stream_reconnects.clone(),
+        );
+        sub.register(
+            "events_dropped",
+            "Kubernetes Events dropped because the event queue was full",
+            m.events.dropped.clone(),
+        );
+        sub.register(
+            "events_failed",
+            "Kubernetes Events the API server refused or did not answer",
+            m.events.failed.clone(),
         );
         sub.register(
             "status_patches",

@@ -82,6 +82,9 @@ pub struct Metrics {
     pub conflicts: Family<KindLabels, Counter>,
     /// API calls that failed otherwise, by kind.
     pub errors: Family<KindLabels, Counter>,
+    /// Kubernetes Events dropped because the event queue was full, and events the API
+    /// server refused (see [`crate::event_queue`]).
+    pub events: crate::event_queue::QueueMetrics,
 }
 
 impl Default for Metrics {
@@ -108,6 +111,7 @@ impl Default for Metrics {
             writes: Family::default(),
             conflicts: Family::default(),
             errors: Family::default(),
+            events: Default::default(),
         }
     }
 }
@@ -203,6 +207,16 @@ impl Metrics {
             "api_errors",
             "API calls that failed otherwise, by kind",
             m.errors.clone(),
+        );
+        r.register(
+            "events_dropped",
+            "Kubernetes Events dropped because the event queue was full",
+            m.events.dropped.clone(),
+        );
+        r.register(
+            "events_failed",
+            "Kubernetes Events the API server refused or did not answer",
+            m.events.failed.clone(),
         );
         Arc::new(m)
     }

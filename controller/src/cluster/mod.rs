@@ -217,11 +217,18 @@ pub fn spawn(client: Client, config: Config, metrics: Arc<Metrics>) -> Instance 
             instance: Some(config.lease.identity.clone()),
         },
     );
+    let events = crate::event_queue::EventQueue::spawn(
+        recorder.clone(),
+        crate::event_queue::CAPACITY,
+        crate::event_queue::LANES,
+        metrics.events.clone(),
+    );
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         settings: config.settings.clone(),
         metrics: metrics.clone(),
         recorder,
+        events: Some(events),
     });
     let elector = Elector::new(client, config.lease.clone());
     let election = leader::run(elector, leading_tx, stop_rx.clone());

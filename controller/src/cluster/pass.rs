@@ -4,7 +4,9 @@
 //! labels, then the HypervisorNodes' conditions, writing only what changed.
 //!
 //! Every status write is a compare-and-swap ([`write_status`]); a write refused because the
-//! object changed since it was read is followed by a fresh GET and a new decision. What the
+//! object changed since it was read is followed by a fresh GET and a new decision. Domains
+//! are decided one by one and written a few at a time, each claim followed at once by its
+//! routing label ([`reconcile_domains`]). What the
 //! pass wrote is remembered until the watch caches catch up, so the next pass does not decide
 //! on a version older than its own write.
 
@@ -12,6 +14,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::events::{Event, EventType, Recorder};
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams};
@@ -21,6 +24,7 @@ use virtkube_crds::conditions::READY;
 use virtkube_crds::domain::MigrationState;
 use virtkube_crds::{API_VERSION, Domain, HypervisorNode, Network, StoragePool, Volume};
 
+use crate::event_queue::EventQueue;
 use crate::placement::ControllerStep;
 use crate::placement::write::{WriteError, write_status};
 
@@ -41,6 +45,9 @@ use super::volumes::{Consumers, decide_volume};
 /// takes over.
 const ATTEMPTS: usize = 3;
 
+/// Domain writes (a claim and its routing label) in flight at once in a pass.
+const WRITERS: usize = 8;
+
 /// What a pass needs: the client, the knobs, the metrics and the event recorder.
 pub struct Ctx {
     /// The Kubernetes client.
@@ -51,6 +58,9 @@ pub struct Ctx {
     pub metrics: Arc<Metrics>,
     /// Publishes events.
     pub recorder: Recorder,
+    /// When set, events go through this queue instead of being published before the pass
+    /// goes on (tests that read the events right after a pass leave it out).
+    pub events: Option<EventQueue>,
 }
 
 /// One read of every object the controller decides on.
@@ -230,9 +240,9 @@ pub async fn pass(ctx: &Ctx, state: &mut PassState, snap: Snapshot, now: Timesta
         .collect();
     let mut waiting = 0i64;
     let mut kept = Vec::with_capacity(domains.len());
-    for dom in domains {
-        let (dom, decision) =
-            reconcile_domain(ctx, state, &cluster, &mut usage, dom, now, &mut report).await;
+    for (dom, decision) in
+        reconcile_domains(ctx, state, &cluster, &mut usage, domains, now, &mut report).await
+    {
         if let Some(d) = &decision {
             if d.step == ControllerStep::MoveWaits {
                 waiting += 1;
@@ -448,8 +458,247 @@ async fn released<K>(
     }
 }
 
-/// Decides and writes one Domain; returns it as it is now (`None` when it is gone) and the
-/// decision carried out.
+/// Decides and writes every Domain; returns each as it is now (`None` when it is gone) with
+/// the decision carried out, in name order.
+///
+/// The decisions are taken one by one in name order, each as if the writes before it
+/// succeeded (so the nodes' memory and the migration limits are shared out exactly as when
+/// writing one by one); then up to [`WRITERS`] writes are in flight at once, each claim
+/// followed at once by its routing label, so an agent starts on a domain while the pass
+/// goes on. Every write is still a compare-and-swap on the read it was decided on; one
+/// refused is decided again on a fresh read, one by one, as before.
+async fn reconcile_domains(
+    ctx: &Ctx,
+    state: &mut PassState,
+    cluster: &Cluster,
+    usage: &mut Usage,
+    domains: Vec<Domain>,
+    now: Timestamp,
+    report: &mut Report,
+) -> Vec<(Option<Domain>, Option<Decision>)> {
+    let mut settled = Vec::with_capacity(domains.len());
+    let mut to_write = Vec::new();
+    for dom in domains {
+        let decision = decide_domain(ctx, state, cluster, usage, &dom, now);
+        if !needs_write(&dom, &decision) {
+            settled.push((Some(dom), Some(decision)));
+            continue;
+        }
+        // Counted as written, for the decisions that follow.
+        let mut planned = dom.clone();
+        planned.status = Some(decision.status.clone());
+        usage.replace(&planned);
+        to_write.push((dom, decision));
+    }
+    let written: Vec<_> = futures::stream::iter(to_write)
+        .map(|(dom, decision)| async move {
+            let result = write_decision(ctx, &dom, &decision).await;
+            let labelled = match &result {
+                Ok(new) if !is_gone(new) => {
+                    write_labels(ctx, new, &labels::domain_labels(new)).await
+                }
+                _ => None,
+            };
+            (dom, decision, result, labelled)
+        })
+        .buffer_unordered(WRITERS)
+        .collect()
+        .await;
+    for (dom, decision, result, labelled) in written {
+        let key = domain_key(&dom);
+        match result {
+            Ok(new) => {
+                let mut new = wrote_domain(ctx, state, usage, report, &dom, new, &decision).await;
+                if let (Some(claimed), Some(labelled)) = (new.as_ref(), labelled) {
+                    report.writes += 1;
+                    ctx.metrics.wrote("Domain");
+                    remember(&mut state.domains, key, claimed, labelled.clone());
+                    new = Some(labelled);
+                }
+                settled.push((new, Some(decision)));
+            }
+            Err(e) => {
+                // Counted again as it is, until it is decided again.
+                usage.replace(&dom);
+                let Some(fresh) = read_again(ctx, usage, report, dom, e).await else {
+                    settled.push((None, None));
+                    continue;
+                };
+                let fresh = match fresh {
+                    Ok(fresh) => fresh,
+                    Err(kept) => {
+                        settled.push((Some(kept), None));
+                        continue;
+                    }
+                };
+                let (mut dom, decision) =
+                    reconcile_domain(ctx, state, cluster, usage, fresh, now, report).await;
+                if let Some(d) = dom.as_mut() {
+                    let desired = labels::domain_labels(d);
+                    if let Some(labelled) = relabel(ctx, state, &*d, &desired, report).await {
+                        *d = labelled;
+                    }
+                }
+                settled.push((dom, decision));
+            }
+        }
+    }
+    settled.sort_by_key(|(dom, _)| dom.as_ref().map(domain_key));
+    settled
+}
+
+/// The decision for `dom` (pure).
+fn decide_domain(
+    ctx: &Ctx,
+    state: &PassState,
+    cluster: &Cluster,
+    usage: &Usage,
+    dom: &Domain,
+    now: Timestamp,
+) -> Decision {
+    let inputs = Inputs {
+        cluster,
+        usage,
+        settings: &ctx.settings,
+        backoff: &state.backoff,
+        now,
+    };
+    decide(dom, &inputs)
+}
+
+/// Whether carrying out `decision` writes anything (pure).
+fn needs_write(dom: &Domain, decision: &Decision) -> bool {
+    if decision.step == ControllerStep::Finalize {
+        return finalizer_removal(dom).is_some();
+    }
+    match &dom.status {
+        Some(s) => *s != decision.status,
+        None => decision.status != Default::default(),
+    }
+}
+
+/// Whether the API server deleted `dom` (deleting, its last finalizer off).
+fn is_gone(dom: &Domain) -> bool {
+    dom.metadata.deletion_timestamp.is_some()
+        && dom.metadata.finalizers.as_ref().is_none_or(Vec::is_empty)
+}
+
+/// Writes `decision` about `dom` (compare-and-swap on `dom` as read): the finalizer's
+/// removal, or the status.
+async fn write_decision(
+    ctx: &Ctx,
+    dom: &Domain,
+    decision: &Decision,
+) -> Result<Domain, WriteError> {
+    let api: Api<Domain> =
+        Api::namespaced(ctx.client.clone(), &dom.namespace().unwrap_or_default());
+    let name = dom.name_any();
+    if decision.step != ControllerStep::Finalize {
+        return write_status(&api, dom, &decision.status, FIELD_MANAGER).await;
+    }
+    let Some(patch) = finalizer_removal(dom) else {
+        return Ok(dom.clone());
+    };
+    let params = PatchParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..PatchParams::default()
+    };
+    match api.patch(&name, &params, &Patch::Json::<()>(patch)).await {
+        Ok(new) => {
+            ctx.metrics.finalized.inc();
+            Ok(new)
+        }
+        Err(kube::Error::Api(e)) if e.code == 409 || e.code == 422 => Err(WriteError::Conflict {
+            kind: "Domain".into(),
+            name,
+            rv: dom.resource_version().unwrap_or_default(),
+        }),
+        Err(kube::Error::Api(e)) if e.code == 404 => Err(WriteError::Gone {
+            kind: "Domain".into(),
+            name,
+        }),
+        Err(e) => Err(WriteError::Kube(e)),
+    }
+}
+
+/// Records a successful write of `decision` (`before` as read, `new` as written): counts,
+/// events, what it takes on the nodes, and the write itself until the cache shows it.
+/// Returns the domain as it is now, `None` when the write deleted it.
+async fn wrote_domain(
+    ctx: &Ctx,
+    state: &mut PassState,
+    usage: &mut Usage,
+    report: &mut Report,
+    before: &Domain,
+    new: Domain,
+    decision: &Decision,
+) -> Option<Domain> {
+    let key = domain_key(before);
+    report.writes += 1;
+    ctx.metrics.wrote("Domain");
+    record_decision(&ctx.metrics, decision);
+    tracing::info!(domain = %key, step = ?decision.step, "decided");
+    for note in &decision.notes {
+        publish(ctx, &new, note).await;
+    }
+    if is_gone(&new) {
+        // The last finalizer is off: the API server deleted it.
+        usage.remove(&key);
+        return None;
+    }
+    usage.replace(&new);
+    remember(&mut state.domains, key, before, new.clone());
+    Some(new)
+}
+
+/// After a refused or failed write of `dom`: `Some(Ok(fresh))` to decide again on, `None`
+/// when it is gone, `Some(Err(dom))` to leave it to the next pass.
+async fn read_again(
+    ctx: &Ctx,
+    usage: &mut Usage,
+    report: &mut Report,
+    dom: Domain,
+    error: WriteError,
+) -> Option<Result<Domain, Domain>> {
+    let key = domain_key(&dom);
+    match error {
+        e if e.is_conflict() => {
+            report.conflicts += 1;
+            ctx.metrics.conflict("Domain");
+            tracing::debug!(domain = %key, error = %e, "reading again");
+            let api: Api<Domain> =
+                Api::namespaced(ctx.client.clone(), &dom.namespace().unwrap_or_default());
+            match api.get_opt(&dom.name_any()).await {
+                Ok(Some(fresh)) => {
+                    usage.replace(&fresh);
+                    Some(Ok(fresh))
+                }
+                Ok(None) => {
+                    usage.remove(&key);
+                    None
+                }
+                Err(e) => {
+                    ctx.metrics.error("Domain");
+                    tracing::warn!(domain = %key, error = %e, "reading the domain again failed; next pass");
+                    Some(Err(dom))
+                }
+            }
+        }
+        WriteError::Gone { .. } => {
+            usage.remove(&key);
+            None
+        }
+        e => {
+            ctx.metrics.error("Domain");
+            tracing::warn!(domain = %key, error = %e, "writing the decision failed; next pass");
+            Some(Err(dom))
+        }
+    }
+}
+
+/// Decides and writes one Domain, deciding again on a fresh read after a conflict (at most
+/// [`ATTEMPTS`] times); returns it as it is now (`None` when it is gone) and the decision
+/// carried out.
 async fn reconcile_domain(
     ctx: &Ctx,
     state: &mut PassState,
@@ -459,106 +708,21 @@ async fn reconcile_domain(
     now: Timestamp,
     report: &mut Report,
 ) -> (Option<Domain>, Option<Decision>) {
-    let key = domain_key(&dom);
-    let api: Api<Domain> =
-        Api::namespaced(ctx.client.clone(), &dom.namespace().unwrap_or_default());
-    let name = dom.name_any();
     for _ in 0..ATTEMPTS {
-        let decision = {
-            let inputs = Inputs {
-                cluster,
-                usage,
-                settings: &ctx.settings,
-                backoff: &state.backoff,
-                now,
-            };
-            decide(&dom, &inputs)
-        };
-        let result = if decision.step == ControllerStep::Finalize {
-            let Some(patch) = finalizer_removal(&dom) else {
-                return (Some(dom), Some(decision));
-            };
-            let params = PatchParams {
-                field_manager: Some(FIELD_MANAGER.into()),
-                ..PatchParams::default()
-            };
-            match api.patch(&name, &params, &Patch::Json::<()>(patch)).await {
-                Ok(new) => {
-                    ctx.metrics.finalized.inc();
-                    Ok(new)
-                }
-                Err(kube::Error::Api(e)) if e.code == 409 || e.code == 422 => {
-                    Err(WriteError::Conflict {
-                        kind: "Domain".into(),
-                        name: name.clone(),
-                        rv: dom.resource_version().unwrap_or_default(),
-                    })
-                }
-                Err(kube::Error::Api(e)) if e.code == 404 => Err(WriteError::Gone {
-                    kind: "Domain".into(),
-                    name: name.clone(),
-                }),
-                Err(e) => Err(WriteError::Kube(e)),
-            }
-        } else {
-            let unchanged = match &dom.status {
-                Some(s) => *s == decision.status,
-                None => decision.status == Default::default(),
-            };
-            if unchanged {
-                return (Some(dom), Some(decision));
-            }
-            write_status(&api, &dom, &decision.status, FIELD_MANAGER).await
-        };
-        match result {
+        let decision = decide_domain(ctx, state, cluster, usage, &dom, now);
+        if !needs_write(&dom, &decision) {
+            return (Some(dom), Some(decision));
+        }
+        match write_decision(ctx, &dom, &decision).await {
             Ok(new) => {
-                report.writes += 1;
-                ctx.metrics.wrote("Domain");
-                record_decision(&ctx.metrics, &decision);
-                tracing::info!(domain = %key, step = ?decision.step, "decided");
-                for note in &decision.notes {
-                    publish(&ctx.recorder, &new, note).await;
-                }
-                let gone = new.metadata.deletion_timestamp.is_some()
-                    && new.metadata.finalizers.as_ref().is_none_or(Vec::is_empty);
-                if gone {
-                    // The last finalizer is off: the API server deleted it.
-                    usage.remove(&key);
-                    return (None, Some(decision));
-                }
-                usage.replace(&new);
-                remember(&mut state.domains, key, &dom, new.clone());
-                return (Some(new), Some(decision));
+                let new = wrote_domain(ctx, state, usage, report, &dom, new, &decision).await;
+                return (new, Some(decision));
             }
-            Err(e) if e.is_conflict() => {
-                report.conflicts += 1;
-                ctx.metrics.conflict("Domain");
-                tracing::debug!(domain = %key, error = %e, "reading again");
-                match api.get_opt(&name).await {
-                    Ok(Some(fresh)) => {
-                        usage.replace(&fresh);
-                        dom = fresh;
-                    }
-                    Ok(None) => {
-                        usage.remove(&key);
-                        return (None, None);
-                    }
-                    Err(e) => {
-                        ctx.metrics.error("Domain");
-                        tracing::warn!(domain = %key, error = %e, "reading the domain again failed; next pass");
-                        return (Some(dom), None);
-                    }
-                }
-            }
-            Err(WriteError::Gone { .. }) => {
-                usage.remove(&key);
-                return (None, None);
-            }
-            Err(e) => {
-                ctx.metrics.error("Domain");
-                tracing::warn!(domain = %key, error = %e, "writing the decision failed; next pass");
-                return (Some(dom), None);
-            }
+            Err(e) => match read_again(ctx, usage, report, dom, e).await {
+                Some(Ok(fresh)) => dom = fresh,
+                Some(Err(kept)) => return (Some(kept), None),
+                None => return (None, None),
+            },
         }
     }
     (Some(dom), None)
@@ -672,7 +836,7 @@ async fn reconcile_volume(
                     return None;
                 }
                 for note in &notes {
-                    publish(&ctx.recorder, &new, note).await;
+                    publish(ctx, &new, note).await;
                 }
                 remember(&mut state.volumes, key, &vol, new.clone());
                 return Some(new);
@@ -701,23 +865,39 @@ async fn reconcile_volume(
 }
 
 /// Sets the node labels of a Domain or Volume to `desired` (a merge patch touching only
-/// `node.virtkube.io/*` keys).
+/// `node.virtkube.io/*` keys); returns the object as labelled, `None` when nothing was
+/// written.
 async fn relabel<K>(
     ctx: &Ctx,
     state: &mut PassState,
     obj: &K,
     desired: &BTreeMap<String, String>,
     report: &mut Report,
-) where
+) -> Option<K>
+where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
         + Clone
         + serde::de::DeserializeOwned
         + std::fmt::Debug
         + Labelled,
 {
-    let Some(body) = labels::label_patch(obj.labels(), desired) else {
-        return;
-    };
+    let new = write_labels(ctx, obj, desired).await?;
+    report.writes += 1;
+    ctx.metrics.wrote(&K::kind(&()));
+    K::remember(state, obj, new.clone());
+    Some(new)
+}
+
+/// The write of [`relabel`] alone: the object as labelled, `None` when nothing needed
+/// writing or the write failed (counted and logged; the next pass tries again).
+async fn write_labels<K>(ctx: &Ctx, obj: &K, desired: &BTreeMap<String, String>) -> Option<K>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let body = labels::label_patch(obj.labels(), desired)?;
     let api: Api<K> = Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
     let params = PatchParams {
         field_manager: Some(FIELD_MANAGER.into()),
@@ -728,15 +908,12 @@ async fn relabel<K>(
         .patch(&obj.name_any(), &params, &Patch::Merge(&body))
         .await
     {
-        Ok(new) => {
-            report.writes += 1;
-            ctx.metrics.wrote(&kind);
-            K::remember(state, obj, new);
-        }
-        Err(kube::Error::Api(e)) if e.code == 404 => {}
+        Ok(new) => Some(new),
+        Err(kube::Error::Api(e)) if e.code == 404 => None,
         Err(e) => {
             ctx.metrics.error(&kind);
             tracing::warn!(kind = %kind, object = %obj.name_any(), error = %e, "labelling failed; next pass");
+            None
         }
     }
 }
@@ -811,7 +988,7 @@ async fn reconcile_node(
                     .map(|c| c.message.clone())
                     .unwrap_or_default(),
             };
-            publish(&ctx.recorder, hvn, &note).await;
+            publish(ctx, hvn, &note).await;
         }
     }
     if let Some(p) = progress {
@@ -823,7 +1000,7 @@ async fn reconcile_node(
                 action: "Drain",
                 message: message.clone(),
             };
-            publish(&ctx.recorder, hvn, &note).await;
+            publish(ctx, hvn, &note).await;
             state.drain_reported.insert(name.clone(), message);
         }
     }
@@ -838,15 +1015,16 @@ async fn reconcile_node(
                     super::view::FENCED_ANNOTATION
                 ),
             };
-            publish(&ctx.recorder, hvn, &note).await;
+            publish(ctx, hvn, &note).await;
         }
     } else {
         state.fence_warned.remove(&name);
     }
 }
 
-/// Publishes an event; a failure is logged, never fatal (the status is the record).
-async fn publish<K: Resource<DynamicType = ()>>(recorder: &Recorder, obj: &K, note: &Note) {
+/// Publishes an event, or hands it to the event queue; a failure is logged, never fatal
+/// (the status is the record).
+async fn publish<K: Resource<DynamicType = ()>>(ctx: &Ctx, obj: &K, note: &Note) {
     let mut message = note.message.clone();
     // The API server refuses notes over 1 kB.
     if message.len() > 1000 {
@@ -867,7 +1045,10 @@ async fn publish<K: Resource<DynamicType = ()>>(recorder: &Recorder, obj: &K, no
         action: note.action.into(),
         secondary: None,
     };
-    if let Err(e) = recorder.publish(&event, &obj.object_ref(&())).await {
+    let regarding = obj.object_ref(&());
+    if let Some(queue) = &ctx.events {
+        queue.send(event, regarding);
+    } else if let Err(e) = ctx.recorder.publish(&event, &regarding).await {
         tracing::warn!(error = %e, reason = %note.reason, "publishing an event failed");
     }
 }

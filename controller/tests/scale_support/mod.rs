@@ -175,6 +175,133 @@ pub struct Measurement {
     pub floor_create_seconds: f64,
     /// destroy+undefine of N straight through libvirt, seconds.
     pub floor_delete_seconds: f64,
+    /// Where creation's time went, per Domain (absent in results measured before it was
+    /// recorded).
+    #[serde(default)]
+    pub timeline: Option<Timeline>,
+}
+
+/// Where the time from creation to Ready goes, from the API server's request log: per
+/// Domain, the time between the requests that move it along (seconds).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Timeline {
+    /// The user's create → the controller's claim (`status.nodeName` written).
+    pub create_to_claim: Spread,
+    /// The claim → the controller's routing label (the agent's watch selects on it).
+    pub claim_to_label: Spread,
+    /// The label → the agent's first request about the Domain: its watch delivering the
+    /// Domain, and the wait for a reconcile slot.
+    pub label_to_agent: Spread,
+    /// The agent's first request → its first status write (the reconcile that makes it
+    /// Ready).
+    pub agent_to_status: Spread,
+    /// After the last create was accepted: when the last claim, label, agent's first request
+    /// and agent's first status write came.
+    pub last_after_accept: LastAfterAccept,
+}
+
+/// min, median, 90th percentile and max of one gap over the Domains (seconds).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Spread {
+    /// Smallest.
+    pub min: f64,
+    /// Median.
+    pub median: f64,
+    /// 90th percentile (nearest rank).
+    pub p90: f64,
+    /// Largest.
+    pub max: f64,
+}
+
+impl Spread {
+    fn of(mut v: Vec<f64>) -> Spread {
+        v.sort_by(f64::total_cmp);
+        let at = |q: f64| {
+            v.get(((v.len() as f64 * q).ceil() as usize).saturating_sub(1))
+                .copied()
+                .unwrap_or(0.0)
+        };
+        Spread {
+            min: v.first().copied().unwrap_or(0.0),
+            median: at(0.5),
+            p90: at(0.9),
+            max: v.last().copied().unwrap_or(0.0),
+        }
+    }
+}
+
+/// See [`Timeline::last_after_accept`] (seconds; negative: before the last create).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct LastAfterAccept {
+    /// The last claim.
+    pub claim: f64,
+    /// The last routing label.
+    pub label: f64,
+    /// The last agent's first request.
+    pub agent: f64,
+    /// The last agent's first status write.
+    pub status: f64,
+}
+
+/// The creation timeline of the Domains in `requests`; `accepted` is when the last create
+/// was accepted.
+pub fn timeline(requests: &[Recorded], accepted: Instant) -> Timeline {
+    #[derive(Default)]
+    struct Seen {
+        create: Option<Instant>,
+        claim: Option<Instant>,
+        label: Option<Instant>,
+        agent: Option<Instant>,
+        status: Option<Instant>,
+    }
+    let mut by_name: BTreeMap<&str, Seen> = BTreeMap::new();
+    for r in requests
+        .iter()
+        .filter(|r| r.resource == "domains" && !r.name.is_empty())
+    {
+        let seen = by_name.entry(r.name.as_str()).or_default();
+        let slot = match (r.identity.as_str(), r.verb.as_str(), r.subresource.as_str()) {
+            (AGENT, "patch", "status") => {
+                seen.agent.get_or_insert(r.at);
+                &mut seen.status
+            }
+            (AGENT, _, _) => &mut seen.agent,
+            (CONTROLLER, "patch", "status") => &mut seen.claim,
+            (CONTROLLER, "patch", "") => &mut seen.label,
+            (USER, "patch", "") => &mut seen.create,
+            _ => continue,
+        };
+        slot.get_or_insert(r.at);
+    }
+    let gap = |from: fn(&Seen) -> Option<Instant>, to: fn(&Seen) -> Option<Instant>| {
+        Spread::of(
+            by_name
+                .values()
+                .filter_map(|s| Some(to(s)?.saturating_duration_since(from(s)?).as_secs_f64()))
+                .collect(),
+        )
+    };
+    let last = |at: fn(&Seen) -> Option<Instant>| {
+        by_name.values().filter_map(at).max().map_or(0.0, |t| {
+            if t >= accepted {
+                (t - accepted).as_secs_f64()
+            } else {
+                -(accepted - t).as_secs_f64()
+            }
+        })
+    };
+    Timeline {
+        create_to_claim: gap(|s| s.create, |s| s.claim),
+        claim_to_label: gap(|s| s.claim, |s| s.label),
+        label_to_agent: gap(|s| s.label, |s| s.agent),
+        agent_to_status: gap(|s| s.agent, |s| s.status),
+        last_after_accept: LastAfterAccept {
+            claim: last(|s| s.claim),
+            label: last(|s| s.label),
+            agent: last(|s| s.agent),
+            status: last(|s| s.status),
+        },
+    }
 }
 
 /// A child process killed when dropped.
@@ -600,7 +727,10 @@ pub async fn measure(opts: &Options) -> anyhow::Result<Measurement> {
     // Writes that come after Ready (a second status write, an event) belong to creation.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let m1 = scrape(agent_port).await?;
-    let create = phase(all_ready.as_secs_f64(), &m0, &m1, &api.requests());
+    let requests = api.requests();
+    let create = phase(all_ready.as_secs_f64(), &m0, &m1, &requests);
+    let timeline = timeline(&requests, started + accepted);
+    drop(requests);
     api.clear_requests();
     let agent_rss_kib = agent.status_kib("VmRSS:");
 
@@ -711,6 +841,7 @@ pub async fn measure(opts: &Options) -> anyhow::Result<Measurement> {
         libvirtd_peak_rss_kib,
         floor_create_seconds,
         floor_delete_seconds,
+        timeline: Some(timeline),
     })
 }
 
