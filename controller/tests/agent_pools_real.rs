@@ -3,7 +3,10 @@
 //! each built on a loop device the test makes and removes, reach `Running` with their
 //! capacity in `status.nodes` and `Defined`/`Built`/`Started` events; a Volume asking for
 //! qcow2 in the logical pool is `SpecValid=False` (`Unsupported`, phase `Failed`) without
-//! libvirt being asked; deleting the pools leaves their storage.
+//! libvirt being asked; deleting the pools leaves their storage. The `netfs_real_*` test
+//! does the same for a `netfs` pool on the NFS export scripts/kernel-vm-tests serves in its
+//! VM (`VIRTKUBE_TEST_NFS_EXPORT`), with a raw Volume made and deleted on the share; it
+//! fails anywhere that variable is unset.
 //!
 //! ```sh
 //! scripts/libvirt-nodes.sh up /tmp/nodes; set -a; . /tmp/nodes/env; set +a
