@@ -3,7 +3,10 @@
 //! each built on a loop device the test makes and removes, reach `Running` with their
 //! capacity in `status.nodes` and `Defined`/`Built`/`Started` events; a Volume asking for
 //! qcow2 in the logical pool is `SpecValid=False` (`Unsupported`, phase `Failed`) without
-//! libvirt being asked; deleting the pools leaves their storage.
+//! libvirt being asked; deleting the pools leaves their storage. The `netfs_real_*` test
+//! does the same for a `netfs` pool on the NFS export scripts/kernel-vm-tests serves in its
+//! VM (`VIRTKUBE_TEST_NFS_EXPORT`), with a raw Volume made and deleted on the share; it
+//! fails anywhere that variable is unset.
 //!
 //! ```sh
 //! scripts/libvirt-nodes.sh up /tmp/nodes; set -a; . /tmp/nodes/env; set +a
@@ -309,4 +312,127 @@ async fn logical_volume_through_the_agent(
             .is_none(),
         "lvremove ran"
     );
+}
+
+/// The server-side directory of the NFS export that scripts/kernel-vm-tests serves on
+/// 127.0.0.1 inside the kernel VM. No host of these tests serves NFS, so the runners leave
+/// the netfs_real_* tests out there (by name); run anyway, they fail rather than pass untested.
+fn nfs_export() -> std::path::PathBuf {
+    std::env::var_os("VIRTKUBE_TEST_NFS_EXPORT")
+        .map(Into::into)
+        .unwrap_or_else(|| {
+            panic!(
+                "VIRTKUBE_TEST_NFS_EXPORT is not set: this test needs an NFS server exporting \
+                 that directory to 127.0.0.1; scripts/kernel-vm-tests serves one in its VM \
+                 and runs it there"
+            )
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs an NFS server on 127.0.0.1: run by scripts/kernel-vm-tests in its VM"]
+async fn netfs_real_pool_and_raw_volume_through_the_agent_leave_the_share_data() {
+    const MIB: u64 = 1 << 20;
+    let export = nfs_export();
+    let uri = node_a_uri();
+    let tag = std::process::id() % 100_000;
+    let name = format!("vkanfs{tag}");
+    let mnt = tempfile::Builder::new()
+        .prefix("vkanfs")
+        .tempdir_in("/tmp")
+        .unwrap();
+    // Someone else's file on the share: the pool's deletion leaves it.
+    let foreign = export.join(format!("{name}.foreign"));
+    std::fs::write(&foreign, b"not virtkube's").unwrap();
+    let api = TestApi::start().await.unwrap();
+    let admin = api.client(ADMIN).await.unwrap();
+    let (ctx, _, engine) = agent_support::testapi_context_on(&api, NODE, &uri).await;
+    let pools: Api<StoragePool> = Api::all(admin.clone());
+
+    api.create(
+        "storagepools",
+        json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "StoragePool",
+               "metadata": {"name": name},
+               "spec": {"type": "netfs", "autostart": false,
+                        "target": {"path": mnt.path().join("m").to_str().unwrap()},
+                        "source": {"host": "127.0.0.1", "dir": export.to_str().unwrap(),
+                                   "format": "nfs"}}}),
+    )
+    .unwrap();
+    let stored = pool_running(&api, &pools, &ctx, &name).await;
+    let entry = &stored["status"]["nodes"][0];
+    assert_eq!(entry["nodeName"], NODE);
+    // The export is a 64 MiB tmpfs: the pool reports the server's filesystem.
+    let observed = engine.pool_observe(&name).await.unwrap().unwrap();
+    assert!(
+        observed.capacity > 32 * MIB && observed.capacity <= 64 * MIB,
+        "capacity {}",
+        observed.capacity
+    );
+    let capacity = entry["capacity"].as_str().unwrap_or_default();
+    assert!(!capacity.is_empty() && capacity != "0", "{entry}");
+    assert_eq!(condition(&stored, "Ready")["status"], "True");
+    let reasons = reasons_for(&api, &name);
+    for reason in ["Defined", "Started"] {
+        assert!(reasons.iter().any(|r| r == reason), "{reasons:?}");
+    }
+    println!("{name}: {entry}");
+
+    // A raw Volume on the share: made by the agent, its file on the server's directory.
+    let ns = format!("nfs{tag}");
+    api.create_namespace(&ns).unwrap();
+    api.create(
+        "volumes",
+        json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "Volume",
+               "metadata": {"name": "disk", "namespace": ns},
+               "spec": {"pool": name, "capacity": "4Mi", "format": "raw",
+                        "reclaimPolicy": "Delete", "nodeName": NODE}}),
+    )
+    .unwrap();
+    bind_volume(&api, &ns, "disk", NODE).await;
+    let volumes: Api<Volume> = Api::namespaced(admin.clone(), &ns);
+    let stored = reconcile_volume(&api, &volumes, &ctx, &ns, "disk", 3)
+        .await
+        .unwrap();
+    assert_eq!(
+        stored["status"]["phase"], "Available",
+        "{}",
+        stored["status"]
+    );
+    assert_eq!(stored["status"]["capacity"], "4Mi", "{}", stored["status"]);
+    let file = stored["status"]["volumeName"].as_str().unwrap().to_string();
+    let path = stored["status"]["path"].as_str().unwrap().to_string();
+    assert!(path.starts_with(mnt.path().to_str().unwrap()), "{path}");
+    let on_server = export.join(&file);
+    assert_eq!(std::fs::metadata(&on_server).unwrap().len(), 4 * MIB);
+    // Written through the pool's mount, read on the server's directory.
+    let block: Vec<u8> = (0..=255u8).cycle().take(64 * 1024).collect();
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.seek(SeekFrom::Start(MIB)).unwrap();
+        f.write_all(&block).unwrap();
+        f.sync_all().unwrap();
+    }
+    let data = std::fs::read(&on_server).unwrap();
+    assert_eq!(&data[MIB as usize..MIB as usize + block.len()], &block[..]);
+
+    // Deleted with reclaimPolicy Delete: the file goes from the server, the finalizer too.
+    api.delete("volumes", &ns, "disk").unwrap();
+    let gone = reconcile_volume(&api, &volumes, &ctx, &ns, "disk", 3).await;
+    assert!(gone.is_none(), "finalizer removed: {gone:?}");
+    assert!(!on_server.exists(), "{} removed", on_server.display());
+
+    // The pool deleted: stopped (unmounted) and undefined; the share's other data stays.
+    api.delete("storagepools", "", &name).unwrap();
+    let p = pools.get(&name).await.unwrap();
+    pool::reconcile(Arc::new(p), ctx.clone()).await.unwrap();
+    assert!(
+        api.get("storagepools", "", &name).is_none(),
+        "finalizer removed"
+    );
+    assert!(engine.pool_observe(&name).await.unwrap().is_none());
+    assert!(reasons_for(&api, &name).iter().any(|r| r == "Deleted"));
+    assert_eq!(std::fs::read(&foreign).unwrap(), b"not virtkube's");
+    std::fs::remove_file(&foreign).unwrap();
 }
