@@ -428,8 +428,7 @@ async fn act(
         }
         AgentStep::Migrate { target } => match ctx.migrations.state(&key) {
             TaskState::Ended => {
-                let ended = ctx.migrations.take(&key);
-                let (end, message) = match ended {
+                let (end, message) = match ctx.migrations.outcome(&key) {
                     Some(Ended::Aborted(why)) => (MoveEnd::Aborted, why),
                     Some(Ended::Failed(why)) => (MoveEnd::Failed, why),
                     // libvirt said done, yet the guest still runs here without a job:
@@ -441,6 +440,7 @@ async fn act(
                     ),
                 };
                 end_move(dom, ctx, api, end, message).await?;
+                ctx.migrations.forget(&key);
                 Ok(Next::Again)
             }
             TaskState::Running => watch(dom, before, ctx, api).await,
@@ -501,10 +501,11 @@ async fn act(
         }
         AgentStep::CompleteMove { target } => {
             complete_move(dom, &target, ctx, api).await?;
+            ctx.migrations.forget(&key);
             Ok(Next::Again)
         }
         AgentStep::EndMove { end } => {
-            let message = match (ctx.migrations.take(&key), end) {
+            let message = match (ctx.migrations.outcome(&key), end) {
                 (Some(Ended::Failed(why) | Ended::Aborted(why)), _) => why,
                 (_, MoveEnd::Aborted) => {
                     "the move is no longer wanted (spec.nodeName changed, or the domain is being deleted); the domain stays here".into()
@@ -512,6 +513,7 @@ async fn act(
                 (_, MoveEnd::Failed) => "the migration failed; the domain stays here".into(),
             };
             end_move(dom, ctx, api, end, message).await?;
+            ctx.migrations.forget(&key);
             Ok(Next::Again)
         }
         AgentStep::RemoveCopy => {
@@ -654,7 +656,8 @@ async fn watch(dom: &Domain, before: &Copy, ctx: &Context, api: &Api<Domain>) ->
 /// Hands the claim to `target` after the copy here is gone (claim write).
 async fn complete_move(dom: &Domain, target: &str, ctx: &Context, api: &Api<Domain>) -> Result<()> {
     let me = ctx.settings.node.clone();
-    let outcome = match ctx.migrations.take(&moves::key(dom)) {
+    // Forgotten by the caller once this write succeeded.
+    let outcome = match ctx.migrations.outcome(&moves::key(dom)) {
         Some(Ended::Completed(o)) => Some(o),
         _ => None,
     };

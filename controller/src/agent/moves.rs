@@ -202,20 +202,28 @@ impl Migrations {
         }
     }
 
-    /// Takes the outcome of an ended task (and forgets the task).
-    pub fn take(&self, key: &str) -> Option<Ended> {
-        let mut jobs = self.lock();
-        let ended = jobs.get(key).is_some_and(|j| j.outcome.is_some());
-        if !ended {
-            return None;
-        }
-        let job = jobs.remove(key)?;
-        Some(match (job.outcome, job.aborted) {
-            (Some(Ok(o)), _) => Ended::Completed(o),
-            (Some(Err(_)), Some(why)) => Ended::Aborted(why),
-            (Some(Err(e)), None) => Ended::Failed(e),
-            (None, _) => return None,
+    /// The outcome of an ended task, left in place: the reconcile records it in the status
+    /// first and [`Migrations::forget`]s the task only once that write succeeded, so a
+    /// refused write (a stale copy: 409) does not lose it. Lost, the next reconcile would
+    /// find no task and migrate again at once, with no `Failed` record, no event, and none
+    /// of the controller's backoff.
+    pub fn outcome(&self, key: &str) -> Option<Ended> {
+        let jobs = self.lock();
+        let job = jobs.get(key)?;
+        Some(match (job.outcome.as_ref()?, &job.aborted) {
+            (Ok(o), _) => Ended::Completed(o.clone()),
+            (Err(_), Some(why)) => Ended::Aborted(why.clone()),
+            (Err(e), None) => Ended::Failed(e.clone()),
         })
+    }
+
+    /// Forgets the task for `key` once it has ended and its outcome is recorded (a running
+    /// task is kept).
+    pub fn forget(&self, key: &str) {
+        let mut jobs = self.lock();
+        if jobs.get(key).is_some_and(|j| j.outcome.is_some()) {
+            jobs.remove(key);
+        }
     }
 
     /// Starts `task` for `key` towards `target`, unless a task for `key` runs (then the
@@ -321,6 +329,48 @@ pub fn key(dom: &Domain) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn job(outcome: Option<Result<MigrationOutcome, String>>) -> Job {
+        let now = Instant::now();
+        Job {
+            target: "node-b".into(),
+            started: now,
+            progress: (0, now),
+            reported: None,
+            aborted: None,
+            outcome,
+        }
+    }
+
+    #[test]
+    fn an_ended_migrations_outcome_stays_until_it_is_recorded_and_forgotten() {
+        let m = Migrations::default();
+        m.lock()
+            .insert("ns/vm".into(), job(Some(Err("libvirtd went away".into()))));
+        m.lock().insert("ns/running".into(), job(None));
+        // Read twice: a status write refused in between must not lose it.
+        for _ in 0..2 {
+            assert!(
+                matches!(m.outcome("ns/vm"), Some(Ended::Failed(w)) if w == "libvirtd went away")
+            );
+            assert_eq!(m.state("ns/vm"), TaskState::Ended);
+        }
+        m.forget("ns/vm");
+        assert_eq!(m.state("ns/vm"), TaskState::None);
+        assert!(m.outcome("ns/vm").is_none());
+        // A running task has no outcome and is not forgotten.
+        assert!(m.outcome("ns/running").is_none());
+        m.forget("ns/running");
+        assert_eq!(m.state("ns/running"), TaskState::Running);
+        // An aborted one says why the agent aborted it.
+        m.aborting("ns/running", "no longer wanted".into());
+        if let Some(j) = m.lock().get_mut("ns/running") {
+            j.outcome = Some(Err("operation aborted".into()));
+        }
+        assert!(
+            matches!(m.outcome("ns/running"), Some(Ended::Aborted(w)) if w == "no longer wanted")
+        );
+    }
 
     #[test]
     fn time_limits_abort_with_the_reason() {
