@@ -188,6 +188,17 @@ pub(crate) fn lv(call: &'static str) -> impl Fn(virt::error::Error) -> EngineErr
     move |e| EngineError::libvirt(call, e)
 }
 
+/// The reads of an object found a moment ago, with "not found" meaning it is gone: another
+/// client undefined it between the lookup and the reads (a host observation lists first and
+/// reads each object after, and must not fail because one vanished in between).
+pub(crate) fn gone_is_none<T>(read: Result<T>) -> Result<Option<T>> {
+    match read {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if e.is_not_found() => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// Whether a size change from `current` to `requested` bytes is a growth to make: `false`
 /// for the same size, [`EngineError::ShrinkRefused`] (naming `what()`) for a smaller one.
 pub(crate) fn growth(what: impl FnOnce() -> String, current: u64, requested: u64) -> Result<bool> {
@@ -398,6 +409,19 @@ mod tests {
                 domain_name: String::new(),
             },
         }
+    }
+
+    #[test]
+    fn an_object_undefined_between_lookup_and_read_is_gone_not_an_error() {
+        let gone = lv(
+            sys::VIR_ERR_NO_NETWORK,
+            sys::VIR_FROM_NETWORK,
+            "Network not found: no network with matching uuid",
+        );
+        assert!(matches!(gone_is_none::<u8>(Err(gone)), Ok(None)));
+        assert!(matches!(gone_is_none(Ok(7u8)), Ok(Some(7))));
+        let other = lv(sys::VIR_ERR_INTERNAL_ERROR, sys::VIR_FROM_NETWORK, "boom");
+        assert!(gone_is_none::<u8>(Err(other)).is_err());
     }
 
     #[test]

@@ -4,7 +4,7 @@ use virt::connect::Connect;
 use virt::network::Network;
 
 use crate::engine::{CallClass, Engine};
-use crate::error::{EngineError, ObjectKind, Result, lv};
+use crate::error::{EngineError, ObjectKind, Result, gone_is_none, lv};
 use crate::model::{NetworkDef, NetworkEdit, NetworkObserved, Owner, UpdateCommand, UpdateSection};
 use crate::object;
 
@@ -106,7 +106,8 @@ impl Engine {
         .await
     }
 
-    /// Everything observed about a network; `None` when there is none.
+    /// Everything observed about a network; `None` when there is none (or it was undefined
+    /// while being read).
     pub async fn network_observe(&self, name: &str) -> Result<Option<NetworkObserved>> {
         let name = name.to_string();
         self.call(CallClass::Query, "network_observe", move |c| {
@@ -116,16 +117,7 @@ impl Engine {
                 Err(e) if e.is_not_found() => return Ok(None),
                 Err(e) => return Err(e),
             };
-            let mut o = NetworkObserved::from_xml(&net.xml_desc(0).map_err(lv(CALL))?)?;
-            o.active = net.is_active().map_err(lv(CALL))?;
-            o.persistent = net.is_persistent().map_err(lv(CALL))?;
-            o.autostart = net.autostart().map_err(lv(CALL))?;
-            if o.active
-                && let Ok(b) = net.bridge_name()
-            {
-                o.bridge = Some(b);
-            }
-            Ok(Some(o))
+            gone_is_none(read_network(&net))
         })
         .await
     }
@@ -150,4 +142,19 @@ impl Engine {
         })
         .await
     }
+}
+
+/// What libvirt says about network `net`.
+fn read_network(net: &Network) -> Result<NetworkObserved> {
+    const CALL: &str = "network_observe";
+    let mut o = NetworkObserved::from_xml(&net.xml_desc(0).map_err(lv(CALL))?)?;
+    o.active = net.is_active().map_err(lv(CALL))?;
+    o.persistent = net.is_persistent().map_err(lv(CALL))?;
+    o.autostart = net.autostart().map_err(lv(CALL))?;
+    if o.active
+        && let Ok(b) = net.bridge_name()
+    {
+        o.bridge = Some(b);
+    }
+    Ok(o)
 }

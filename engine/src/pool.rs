@@ -5,7 +5,7 @@ use virt::connect::Connect;
 use virt::storage_pool::StoragePool;
 
 use crate::engine::{CallClass, Engine};
-use crate::error::{EngineError, ObjectKind, Result, lv};
+use crate::error::{EngineError, ObjectKind, Result, gone_is_none, lv};
 use crate::model::{BuildMode, Owner, PoolDef, PoolObserved, PoolState};
 use crate::object;
 
@@ -122,15 +122,7 @@ impl Engine {
                 Err(e) if e.is_not_found() => return Ok(None),
                 Err(e) => return Err(e),
             };
-            let mut o = PoolObserved::from_xml(&pool.xml_desc(0).map_err(lv(CALL))?)?;
-            let info = pool.info().map_err(lv(CALL))?;
-            o.state = PoolState::from_raw(info.state);
-            o.capacity = info.capacity;
-            o.allocation = info.allocation;
-            o.available = info.available;
-            o.persistent = pool.is_persistent().map_err(lv(CALL))?;
-            o.autostart = pool.autostart().map_err(lv(CALL))?;
-            Ok(Some(o))
+            gone_is_none(read_pool(&pool))
         })
         .await
     }
@@ -155,4 +147,18 @@ impl Engine {
         })
         .await
     }
+}
+
+/// What libvirt says about pool `pool`.
+fn read_pool(pool: &StoragePool) -> Result<PoolObserved> {
+    const CALL: &str = "pool_observe";
+    let mut o = PoolObserved::from_xml(&pool.xml_desc(0).map_err(lv(CALL))?)?;
+    let info = pool.info().map_err(lv(CALL))?;
+    o.state = PoolState::from_raw(info.state);
+    o.capacity = info.capacity;
+    o.allocation = info.allocation;
+    o.available = info.available;
+    o.persistent = pool.is_persistent().map_err(lv(CALL))?;
+    o.autostart = pool.autostart().map_err(lv(CALL))?;
+    Ok(o)
 }
