@@ -16,6 +16,9 @@
 mod agent_support;
 #[path = "../../engine/tests/loop_device/mod.rs"]
 mod loop_device;
+#[path = "../../engine/tests/nfs_export/mod.rs"]
+mod nfs_export;
+use nfs_export::nfs_export;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -312,21 +315,6 @@ async fn logical_volume_through_the_agent(
             .is_none(),
         "lvremove ran"
     );
-}
-
-/// The server-side directory of the NFS export that scripts/kernel-vm-tests serves on
-/// 127.0.0.1 inside the kernel VM. No host of these tests serves NFS, so the runners leave
-/// the netfs_real_* tests out there (by name); run anyway, they fail rather than pass untested.
-fn nfs_export() -> std::path::PathBuf {
-    std::env::var_os("VIRTKUBE_TEST_NFS_EXPORT")
-        .map(Into::into)
-        .unwrap_or_else(|| {
-            panic!(
-                "VIRTKUBE_TEST_NFS_EXPORT is not set: this test needs an NFS server exporting \
-                 that directory to 127.0.0.1; scripts/kernel-vm-tests serves one in its VM \
-                 and runs it there"
-            )
-        })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

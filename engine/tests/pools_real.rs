@@ -21,6 +21,8 @@
 //! host without loop devices at all skips, saying so.
 
 mod loop_device;
+mod nfs_export;
+use nfs_export::nfs_export;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -541,22 +543,6 @@ async fn netfs_pool_is_defined_and_its_mount_explained() {
     assert_eq!(p.state, PoolState::Inactive);
     e.pool_undefine(&name, &owner).await.unwrap();
     e.close().await.unwrap();
-}
-
-/// The server-side directory of the NFS export that scripts/kernel-vm-tests serves on
-/// 127.0.0.1 inside the kernel VM. No host of these tests serves NFS (this machine's kernel
-/// has neither client nor server), so the runners skip the netfs_real_* tests loudly
-/// there; run anyway, they fail here rather than pass untested.
-fn nfs_export() -> std::path::PathBuf {
-    std::env::var_os("VIRTKUBE_TEST_NFS_EXPORT")
-        .map(Into::into)
-        .unwrap_or_else(|| {
-            panic!(
-                "VIRTKUBE_TEST_NFS_EXPORT is not set: this test needs an NFS server exporting \
-                 that directory to 127.0.0.1; scripts/kernel-vm-tests serves one in its VM \
-                 and runs it there"
-            )
-        })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
