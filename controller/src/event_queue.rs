@@ -47,6 +47,23 @@ pub struct QueueMetrics {
     pub failed: Counter,
 }
 
+impl QueueMetrics {
+    /// Registers `events_dropped` and `events_failed` in `registry` (the agent's and the
+    /// controller's prefixed sub-registries).
+    pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register(
+            "events_dropped",
+            "Kubernetes Events dropped because the event queue was full",
+            self.dropped.clone(),
+        );
+        registry.register(
+            "events_failed",
+            "Kubernetes Events the API server refused or did not answer",
+            self.failed.clone(),
+        );
+    }
+}
+
 /// The reconciles' end of the queue (cheap to clone).
 #[derive(Clone)]
 pub struct EventQueue {

@@ -127,16 +127,7 @@ impl Metrics {
             "Times the libvirt event stream was re-established or fell behind",
             m.event_stream_reconnects.clone(),
         );
-        sub.register(
-            "events_dropped",
-            "Kubernetes Events dropped because the event queue was full",
-            m.events.dropped.clone(),
-        );
-        sub.register(
-            "events_failed",
-            "Kubernetes Events the API server refused or did not answer",
-            m.events.failed.clone(),
-        );
+        m.events.register(sub);
         sub.register(
             "status_patches",
             "Status patches written, per kind",

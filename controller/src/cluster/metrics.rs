@@ -208,16 +208,7 @@ impl Metrics {
             "API calls that failed otherwise, by kind",
             m.errors.clone(),
         );
-        r.register(
-            "events_dropped",
-            "Kubernetes Events dropped because the event queue was full",
-            m.events.dropped.clone(),
-        );
-        r.register(
-            "events_failed",
-            "Kubernetes Events the API server refused or did not answer",
-            m.events.failed.clone(),
-        );
+        m.events.register(r);
         Arc::new(m)
     }
 
