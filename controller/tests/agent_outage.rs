@@ -738,3 +738,67 @@ async fn recovery_table() {
     }
     agent.stop().await;
 }
+
+/// The agent's status for `name` reports `field` as `want`, for the current generation.
+fn reports(api: &TestApi, name: &str, field: &str, want: &Value) -> bool {
+    let dom = api.get("domains", NS, name);
+    ready(&dom) && dom.is_some_and(|d| &d["status"][field] == want)
+}
+
+/// Spec edits in quick succession, alternating between two Domains on the node (the e2e
+/// suite's order: one Domain's pinning, the other's state twice, the first's autostart),
+/// each made while the agent may still be writing the status of the edit before. Every edit
+/// must reach libvirt: a lost trigger, a stale cache taken as converged, or an echo filter
+/// that swallows someone else's change would leave one unapplied (the status reports what
+/// libvirt has, for the edit's generation).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rapid_spec_edits_on_two_domains_all_reach_libvirt() {
+    let agent = Agent::start().await;
+    agent.running_domain("web").await;
+    agent.running_domain("worker").await;
+    let within = Duration::from_secs(30);
+    let wait = |name: &'static str, field: &'static str, want: Value, round: usize| {
+        let agent = &agent;
+        async move {
+            let started = Instant::now();
+            while !reports(&agent.api, name, field, &want) {
+                assert!(
+                    started.elapsed() < within,
+                    "round {round}: {name}'s status.{field} not {want} within {within:?}: {:?}\n{}",
+                    agent
+                        .api
+                        .get("domains", NS, name)
+                        .map(|d| d["status"].clone()),
+                    agent.tail(40)
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    for round in 0..20 {
+        let autostart = round % 2 == 1;
+        agent
+            .api
+            .edit_spec("domains", NS, "worker", |spec| {
+                spec["state"] = json!("Paused")
+            })
+            .unwrap();
+        wait("worker", "phase", json!("Paused"), round).await;
+        agent
+            .api
+            .edit_spec("domains", NS, "worker", |spec| {
+                spec["state"] = json!("Running")
+            })
+            .unwrap();
+        // No wait: the next edit lands while the agent works on this one.
+        agent
+            .api
+            .edit_spec("domains", NS, "web", |spec| {
+                spec["autostart"] = json!(autostart)
+            })
+            .unwrap();
+        wait("web", "autostart", json!(autostart), round).await;
+        wait("worker", "phase", json!("Running"), round).await;
+    }
+    agent.stop().await;
+}
