@@ -74,8 +74,8 @@ host_prereqs() {
 }
 
 netns_up() {
-  ip netns list | grep -qw "$NS_A" || ip netns add "$NS_A"
-  ip netns list | grep -qw "$NS_B" || ip netns add "$NS_B"
+  grep -qw "$NS_A" <<<"$(ip netns list)" || ip netns add "$NS_A"
+  grep -qw "$NS_B" <<<"$(ip netns list)" || ip netns add "$NS_B"
   if ! ip -n "$NS_A" link show "$VETH_A" >/dev/null 2>&1; then
     ip link add "$VETH_A" type veth peer name "$VETH_B"
     ip link set "$VETH_A" netns "$NS_A"
@@ -83,7 +83,7 @@ netns_up() {
     ip -n "$NS_A" addr add "$ADDR_A/24" dev "$VETH_A"
     ip -n "$NS_B" addr add "$ADDR_B/24" dev "$VETH_B"
   fi
-  ip netns list | grep -qw "$NS_C" || ip netns add "$NS_C"
+  grep -qw "$NS_C" <<<"$(ip netns list)" || ip netns add "$NS_C"
   for n in "$NS_A" "$NS_B" "$NS_C"; do ip -n "$n" link set lo up; done
   ip -n "$NS_A" link set "$VETH_A" up
   ip -n "$NS_B" link set "$VETH_B" up
