@@ -271,10 +271,8 @@ async fn observe_pool_on(
     if p.state == PoolState::Running {
         for v in volumes {
             if let Some(o) = engine.volume_observe(pool, v).await? {
-                host.volumes.insert(
-                    (pool.to_string(), v.clone()),
-                    volume_from(&o, p.owner.is_some()),
-                );
+                host.volumes
+                    .insert((pool.to_string(), v.clone()), volume_from(&o, &p));
             }
         }
     }
