@@ -12,7 +12,8 @@
 //!   asked.
 //! - `disk`: each volume is a partition of the pool's one disk, raw data (libvirt's disk
 //!   backend takes a partition type where others take an image format, and refuses `raw`),
-//!   made by `parted mkpart` in whole sectors (10 MB asked: 10,000,384 bytes), never resized
+//!   made by `parted mkpart` in whole sectors on a gpt label (10 MB asked: 10,000,384
+//!   bytes) and whole cylinders on a dos one (5 MiB asked: 5,483,520 bytes), never resized
 //!   ("storage pool does not support changing of volume capacity"), cloned by copying into
 //!   a new partition as large as asked. libvirt names each partition itself (`sdb2`), so
 //!   only the node agent, which records the partition in the Volume's status, can keep a
@@ -86,6 +87,11 @@ pub fn refuse_larger_clone(pool_type: &str) -> Option<&'static str> {
     refuse_growth(pool_type)
 }
 
+/// How much larger than asked a partition may come out and still be the size asked: two
+/// cylinders of the usual dos geometry (libvirt aligns a dos partition's start and end to
+/// them), more than any gpt rounding.
+const DISK_SLACK: u64 = 16 << 20;
+
 /// How a volume's observed size compares with the size its manifest asks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SizeCheck {
@@ -101,15 +107,19 @@ pub enum SizeCheck {
 /// volume is a whole number of extents: one up to an extent larger than asked is the size
 /// asked. The extent size is not reported by libvirt; the largest power of two dividing the
 /// observed size bounds it (4 MiB for a volume group libvirt builds, so a 10 MB request seen
-/// as 12 MiB is met). A partition is a whole number of sectors: up to 4 KiB over is met.
+/// as 12 MiB is met). A partition is a whole number of sectors (gpt) or cylinders (dos): up
+/// to [`DISK_SLACK`] over is met.
 pub fn check_size(pool_type: &str, wanted: u64, observed: u64) -> SizeCheck {
     if observed < wanted {
         return SizeCheck::Below;
     }
     let slack = match pool_type {
         "logical" if observed > 0 => 1u64 << observed.trailing_zeros(),
-        // parted rounds a partition up to whole sectors (4 KiB on the largest ones).
-        "disk" => 4096,
+        // A partition is rounded up to whole sectors on a gpt label (10 MB asked: 10,000,384
+        // bytes) and to whole cylinders on a dos one (255 KiB on scsi_debug's geometry,
+        // 7.8 MiB on the usual 255 heads x 63 sectors). It can neither grow nor shrink, so
+        // the slack only decides whether a smaller spec.capacity is reported as a shrink.
+        "disk" => DISK_SLACK,
         _ => 1,
     };
     if observed - wanted < slack {
@@ -165,8 +175,10 @@ mod tests {
         // 10 MB asked, 10,000,384 bytes made (whole 512-byte sectors), measured.
         assert_eq!(check_size("disk", 10_000_000, 10_000_384), SizeCheck::Met);
         assert_eq!(check_size("disk", 10 * MIB, 10 * MIB), SizeCheck::Met);
+        // 5 MiB asked on a dos label, 5,483,520 bytes made (whole cylinders), measured.
+        assert_eq!(check_size("disk", 5 * MIB, 5_483_520), SizeCheck::Met);
         assert_eq!(check_size("disk", 11 * MIB, 10 * MIB), SizeCheck::Below);
-        assert_eq!(check_size("disk", 4 * MIB, 10 * MIB), SizeCheck::Above);
+        assert_eq!(check_size("disk", 4 * MIB, 40 * MIB), SizeCheck::Above);
     }
 
     #[test]
