@@ -633,10 +633,24 @@ async fn image_names(
     let partitions = ctx.engine.volume_observe_all(&vol.spec.pool).await?;
     let device = pool.source.devices.first().map_or("", String::as_str);
     let format = pool.source.format.as_deref().unwrap_or("gpt");
-    let name = partition::choose(vol, &vol.spec.pool, device, format, &partitions)
-        .map_err(refused)?
-        .name()
-        .to_string();
+    let chosen =
+        partition::choose(vol, &vol.spec.pool, device, format, &partitions).map_err(refused)?;
+    let others = other_records(ctx, vol).await?;
+    let key = vol.status.as_ref().and_then(|s| s.key.as_deref());
+    if let Some(r) =
+        partition::conflict(&chosen, key.or(adopted_key(&chosen, &partitions)), &others)
+    {
+        return Err(refused(r));
+    }
+    if let partition::Partition::Next(next) = &chosen {
+        let mut recorded: Vec<&str> = others.iter().map(|o| o.key.as_str()).collect();
+        recorded.extend(key);
+        let left = partition::unrecorded(&partitions, &recorded);
+        if !left.is_empty() {
+            tracing::warn!(pool = %vol.spec.pool, partitions = %left.join(", "), next = %next, "disk pool holds partitions no Volume recorded: left alone");
+        }
+    }
+    let name = chosen.name().to_string();
     let ns = vol.namespace().unwrap_or_default();
     let source = match vol.spec.source.as_ref().and_then(|s| s.volume.as_deref()) {
         None => None,
@@ -655,6 +669,48 @@ async fn image_names(
         }
     };
     Ok((name, source))
+}
+
+/// The key of the partition an adoption names (to check no other Volume records it).
+fn adopted_key<'a>(
+    chosen: &partition::Partition,
+    partitions: &'a [VolumeObserved],
+) -> Option<&'a str> {
+    match chosen {
+        partition::Partition::Adopt(name) => partitions
+            .iter()
+            .find(|p| &p.name == name)
+            .map(|p| p.key.as_str()),
+        _ => None,
+    }
+}
+
+/// What the other Volumes held by this node recorded in `vol`'s pool (from the reflector,
+/// or the API without one).
+async fn other_records(ctx: &Context, vol: &Volume) -> Result<Vec<partition::OtherRecord>> {
+    let all: Vec<Volume> = match &ctx.volumes {
+        Some(store) => store.state().iter().map(|v| (**v).clone()).collect(),
+        None => {
+            kube::Api::<Volume>::all(ctx.client.clone())
+                .list(&kube::api::ListParams::default())
+                .await?
+                .items
+        }
+    };
+    let node = ctx.settings.node.as_str();
+    Ok(all
+        .into_iter()
+        .filter(|v| v.spec.pool == vol.spec.pool && v.metadata.uid != vol.metadata.uid)
+        .filter_map(|v| {
+            let status = v.status.as_ref()?;
+            (status.node_name.as_deref() == Some(node)).then_some(())?;
+            Some(partition::OtherRecord {
+                volume: format!("{}/{}", v.namespace().unwrap_or_default(), v.name_any()),
+                key: status.key.clone()?,
+                name: status.volume_name.clone(),
+            })
+        })
+        .collect())
 }
 
 /// The libvirt name a deletion of `vol` works on: the partition it recorded in a `disk`

@@ -17,7 +17,9 @@
 //!   another number), which is retried with the next number; the executor never adopts an
 //!   existing partition ([`crate::host`]).
 //! - A recorded partition that is gone (removed outside virtkube) is reported, never replaced
-//!   by a new, empty one under the Volume's name.
+//!   by a new, empty one under the Volume's name; while such a record stands, its number is
+//!   never made again for another Volume, and a partition two Volumes record is touched for
+//!   neither ([`conflict`]).
 //! - A clone copies the partition its source Volume recorded, and waits while it has none.
 
 use virtkube_crds::Volume;
@@ -47,7 +49,8 @@ impl Partition {
 /// Why there is no partition to work on: the Volume condition's reason and message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
-    /// `PartitionMissing`, `AdoptMissing`, `PartitionTableFull`, `SourceNotReady`.
+    /// `PartitionMissing`, `AdoptMissing`, `PartitionTableFull`, `PartitionRecordedTwice`,
+    /// `PartitionNumberRecorded`, `SourceNotReady`.
     pub reason: &'static str,
     /// What happened and what to do.
     pub message: String,
@@ -107,6 +110,59 @@ pub fn choose(
             )
         })
         .map_err(refusal("PartitionTableFull"))
+}
+
+/// What other Volumes on this node recorded in the same disk pool: `namespace/name`, the
+/// partition's key and name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OtherRecord {
+    /// `namespace/name` of the Volume.
+    pub volume: String,
+    /// Its `status.key`.
+    pub key: String,
+    /// Its `status.volumeName`.
+    pub name: Option<String>,
+}
+
+/// Checks `chosen` against the other Volumes' records: a partition two Volumes record (the
+/// path of one removed outside virtkube, reused by a new partition) is touched for neither,
+/// and the next partition is never made while another Volume records its name (its own
+/// partition gone), so that no Volume could take a partition made for another. `None`: no
+/// conflict.
+pub fn conflict(chosen: &Partition, key: Option<&str>, others: &[OtherRecord]) -> Option<Refusal> {
+    match chosen {
+        Partition::Recorded(_) | Partition::Adopt(_) => {
+            let key = key?;
+            let other = others.iter().find(|o| o.key == key)?;
+            Some(Refusal {
+                reason: "PartitionRecordedTwice",
+                message: format!(
+                    "the partition with key {key} is recorded by Volume {} too (a partition removed outside virtkube and its number reused): virtkube touches it for neither; remove the Volume whose data it is not",
+                    other.volume
+                ),
+            })
+        }
+        Partition::Next(name) => {
+            let other = others.iter().find(|o| o.name.as_deref() == Some(name))?;
+            Some(Refusal {
+                reason: "PartitionNumberRecorded",
+                message: format!(
+                    "the next partition libvirt would make, {name}, is recorded by Volume {}, whose partition is gone: virtkube makes no partition that another Volume's record names; delete that Volume (its data is already gone)",
+                    other.volume
+                ),
+            })
+        }
+    }
+}
+
+/// The partitions no Volume recorded (`recorded`: every key recorded in the pool on this
+/// node): left alone, listed so that someone can look.
+pub fn unrecorded(partitions: &[VolumeObserved], recorded: &[&str]) -> Vec<String> {
+    partitions
+        .iter()
+        .filter(|p| !recorded.contains(&p.key.as_str()))
+        .map(|p| p.name.clone())
+        .collect()
 }
 
 /// The partition a clone in a disk pool copies: the one its source Volume (`source`,
@@ -240,6 +296,46 @@ mod tests {
         let why = choose(&missing, "disk", "/dev/sdb", "gpt", &parts).unwrap_err();
         assert_eq!(why.reason, "AdoptMissing");
         assert!(why.message.contains("nothing adopted"), "{why:?}");
+    }
+
+    #[test]
+    fn a_partition_is_never_taken_for_two_volumes() {
+        let other = |key: &str, name: &str| OtherRecord {
+            volume: "team/other".into(),
+            key: key.into(),
+            name: Some(name.into()),
+        };
+        // sdb2 removed outside virtkube, a new sdb2 made for team/other: this Volume's
+        // record names the same key, and neither touches it.
+        let twice = conflict(
+            &Partition::Recorded("sdb2".into()),
+            Some("/dev/sdb2"),
+            &[other("/dev/sdb2", "sdb2")],
+        )
+        .unwrap();
+        assert_eq!(twice.reason, "PartitionRecordedTwice");
+        assert!(twice.message.contains("team/other"), "{twice:?}");
+        // The next number is one another Volume still records: nothing is made.
+        let next = conflict(
+            &Partition::Next("sdb3".into()),
+            None,
+            &[other("/dev/sdb3", "sdb3")],
+        )
+        .unwrap();
+        assert_eq!(next.reason, "PartitionNumberRecorded");
+        assert_eq!(
+            conflict(
+                &Partition::Next("sdb4".into()),
+                None,
+                &[other("/dev/sdb3", "sdb3")]
+            ),
+            None
+        );
+        let parts = [part(1), part(2), part(3)];
+        assert_eq!(
+            unrecorded(&parts, &["/dev/sdb1", "/dev/sdb3"]),
+            ["sdb2".to_string()]
+        );
     }
 
     #[test]
