@@ -8,8 +8,9 @@
 //! VM (`VIRTKUBE_TEST_NFS_EXPORT`), with a raw Volume made and deleted on the share; it
 //! fails anywhere that variable is unset. The `disk_real_*` test partitions a whole SCSI
 //! disk of the VM's (`VIRTKUBE_TEST_DISKS`) through a `disk` pool: Volumes made at once, an
-//! interrupted creation, a clone of a recorded partition, growth refused, deletion by
-//! recorded partition only.
+//! interrupted creation, a clone of a recorded partition, a partition removed outside
+//! virtkube (its number not reused while recorded), growth refused, deletion by recorded
+//! partition only.
 //!
 //! ```sh
 //! scripts/libvirt-nodes.sh up /tmp/nodes; set -a; . /tmp/nodes/env; set +a
@@ -594,6 +595,56 @@ async fn disk_real_partitions_are_volumes_recorded_by_the_agent() {
     };
     assert_eq!(&copied, b"b's data");
 
+    // c's partition removed outside virtkube: c says so and nothing is made in its place;
+    // a new Volume is not given that number while c's record names it (libvirt would make
+    // exactly that one next); once c is deleted, it is.
+    let c_key = c["status"]["key"].as_str().unwrap().to_string();
+    engine
+        .volume_delete(&name, &format!("{base}4"), &c_key)
+        .await
+        .unwrap();
+    let c = reconcile_volume(&api, &volumes, &ctx, ns, "c", 1)
+        .await
+        .unwrap();
+    assert_eq!(
+        condition(&c, "Ready")["reason"],
+        "PartitionMissing",
+        "{}",
+        c["status"]
+    );
+    api.create("volumes", raw_volume(ns, "e", &name, "4Mi", "Delete"))
+        .unwrap();
+    bind_volume(&api, ns, "e", NODE).await;
+    // Two passes: the first adds the finalizer.
+    let e = reconcile_volume(&api, &volumes, &ctx, ns, "e", 2)
+        .await
+        .unwrap();
+    assert_eq!(
+        condition(&e, "Ready")["reason"],
+        "PartitionNumberRecorded",
+        "{}",
+        e["status"]
+    );
+    assert!(
+        engine
+            .volume_observe(&name, &format!("{base}4"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    api.delete("volumes", ns, "c").unwrap();
+    let gone = reconcile_volume(&api, &volumes, &ctx, ns, "c", 2).await;
+    assert!(gone.is_none(), "c: finalizer removed: {gone:?}");
+    let e = reconcile_volume(&api, &volumes, &ctx, ns, "e", 2)
+        .await
+        .unwrap();
+    assert_eq!(
+        e["status"]["volumeName"],
+        format!("{base}4"),
+        "{}",
+        e["status"]
+    );
+
     // Growth: libvirt's disk backend has no resize; refused before libvirt is asked.
     volumes
         .patch(
@@ -631,9 +682,9 @@ async fn disk_real_partitions_are_volumes_recorded_by_the_agent() {
         q["status"]
     );
 
-    // Deleted: a's, c's and d's partitions (Delete) go, b's (Retain) stays; the unrecorded
+    // Deleted: a's, d's and e's partitions (Delete) go, b's (Retain) stays; the unrecorded
     // one stays: no Volume recorded it.
-    for v in ["a", "b", "c", "d", "q"] {
+    for v in ["a", "b", "d", "e", "q"] {
         api.delete("volumes", ns, v).unwrap();
         let gone = reconcile_volume(&api, &volumes, &ctx, ns, v, 3).await;
         assert!(gone.is_none(), "{v}: finalizer removed: {gone:?}");

@@ -560,9 +560,9 @@ pub struct VolumeHere {
 }
 
 /// Looks at the Volume's pool, source and image on this node. A pool that is missing or not
-/// running is `Ready=False` (`PoolMissing`, `PoolNotRunning`); in a `disk` pool, a recorded
-/// partition that is gone, or a label with no free partition number, is `Ready=False` too
-/// (`PartitionMissing`, `PartitionTableFull`).
+/// running is `Ready=False` (`PoolMissing`, `PoolNotRunning`); in a `disk` pool so is a
+/// Volume with no partition to work on ([`partition::Refusal`]: `PartitionMissing`,
+/// `PartitionTableFull`, `PartitionRecordedTwice`, `PartitionNumberRecorded`, …).
 pub async fn observe_volume(ctx: &Context, vol: &Volume) -> Result<VolumeHere> {
     let ns = vol.namespace().unwrap_or_default();
     let mut host = empty_host(ctx);
