@@ -6,7 +6,11 @@
 //! libvirt being asked; deleting the pools leaves their storage. The `netfs_real_*` test
 //! does the same for a `netfs` pool on the NFS export scripts/kernel-vm-tests serves in its
 //! VM (`VIRTKUBE_TEST_NFS_EXPORT`), with a raw Volume made and deleted on the share; it
-//! fails anywhere that variable is unset.
+//! fails anywhere that variable is unset. The `disk_real_*` test partitions a whole SCSI
+//! disk of the VM's (`VIRTKUBE_TEST_DISKS`) through a `disk` pool: Volumes made at once, an
+//! interrupted creation, a clone of a recorded partition, a partition removed outside
+//! virtkube (its number not reused while recorded), growth refused, deletion by recorded
+//! partition only.
 //!
 //! ```sh
 //! scripts/libvirt-nodes.sh up /tmp/nodes; set -a; . /tmp/nodes/env; set +a
@@ -18,7 +22,10 @@ mod agent_support;
 mod loop_device;
 #[path = "../../engine/tests/nfs_export/mod.rs"]
 mod nfs_export;
+#[path = "../../engine/tests/test_disk/mod.rs"]
+mod test_disk;
 use nfs_export::nfs_export;
+use test_disk::{DiskFor, test_disk};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -423,4 +430,290 @@ async fn netfs_real_pool_and_raw_volume_through_the_agent_leave_the_share_data()
     assert!(reasons_for(&api, &name).iter().any(|r| r == "Deleted"));
     assert_eq!(std::fs::read(&foreign).unwrap(), b"not virtkube's");
     std::fs::remove_file(&foreign).unwrap();
+}
+
+async fn set_volume_status(api: &TestApi, ns: &str, name: &str, status: Value) {
+    let client = api.client(ADMIN).await.unwrap();
+    Api::<Volume>::namespaced(client, ns)
+        .patch_status(
+            name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({ "status": status })),
+        )
+        .await
+        .unwrap();
+}
+
+fn raw_volume(ns: &str, name: &str, pool: &str, capacity: &str, policy: &str) -> Value {
+    json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "Volume",
+           "metadata": {"name": name, "namespace": ns},
+           "spec": {"pool": pool, "capacity": capacity, "format": "raw",
+                    "reclaimPolicy": policy, "nodeName": NODE}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a blank SCSI disk: run by scripts/kernel-vm-tests in its VM"]
+async fn disk_real_partitions_are_volumes_recorded_by_the_agent() {
+    const MIB: u64 = 1 << 20;
+    let device = test_disk(DiskFor::Agent);
+    let base = device.rsplit('/').next().unwrap().to_string();
+    let uri = node_a_uri();
+    let name = format!("vkadisk{}", std::process::id() % 100_000);
+    let api = TestApi::start().await.unwrap();
+    let admin = api.client(ADMIN).await.unwrap();
+    let (ctx, _, engine) = agent_support::testapi_context_on(&api, NODE, &uri).await;
+    let pools: Api<StoragePool> = Api::all(admin.clone());
+    let ns = "team";
+    api.create_namespace(ns).unwrap();
+    let volumes: Api<Volume> = Api::namespaced(admin.clone(), ns);
+    api.create(
+        "storagepools",
+        json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "StoragePool",
+               "metadata": {"name": name},
+               "spec": {"type": "disk", "autostart": false,
+                        "source": {"devices": [device], "build": true}}}),
+    )
+    .unwrap();
+    let stored = pool_running(&api, &pools, &ctx, &name).await;
+    let entry = &stored["status"]["nodes"][0];
+    assert!(
+        entry["capacity"].as_str().is_some_and(|c| c != "0"),
+        "{entry}"
+    );
+    assert!(reasons_for(&api, &name).iter().any(|r| r == "Built"));
+    let (_, label) = run("parted", &["-s", &device, "print"]);
+    assert!(label.contains("Partition Table: gpt"), "{label}");
+
+    // Two Volumes made at once in the same pool: each gets its own partition, never the
+    // other's (one of them may be refused by libvirt first and take the next number).
+    for (v, policy) in [("a", "Delete"), ("b", "Retain")] {
+        api.create("volumes", raw_volume(ns, v, &name, "10M", policy))
+            .unwrap();
+        bind_volume(&api, ns, v, NODE).await;
+    }
+    let (a, b) = tokio::join!(
+        reconcile_volume(&api, &volumes, &ctx, ns, "a", 4),
+        reconcile_volume(&api, &volumes, &ctx, ns, "b", 4)
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    for v in [&a, &b] {
+        assert_eq!(v["status"]["phase"], "Available", "{}", v["status"]);
+        assert_eq!(v["status"]["key"], v["status"]["path"], "{}", v["status"]);
+    }
+    let (a_part, b_part) = (
+        a["status"]["volumeName"].as_str().unwrap().to_string(),
+        b["status"]["volumeName"].as_str().unwrap().to_string(),
+    );
+    assert_ne!(a_part, b_part);
+    let mut both = [a_part.clone(), b_part.clone()];
+    both.sort();
+    assert_eq!(both, [format!("{base}1"), format!("{base}2")]);
+    let a_vol = engine
+        .volume_observe(&name, &a_part)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(a["status"]["key"], a_vol.key.as_str());
+    assert_eq!(a_vol.capacity, 10_000_384, "whole sectors");
+    assert_eq!(
+        a["status"]["capacity"], "9766Ki",
+        "10,000,384 bytes: {}",
+        a["status"]
+    );
+
+    // An interrupted creation: the agent recorded `Creating` for the next partition, libvirt
+    // made it, and the agent stopped before recording its key. That partition is left alone
+    // (nobody's); the Volume gets the one after it.
+    let orphan = format!("{base}3");
+    let made = engine
+        .volume_create(
+            &name,
+            &virtkube_engine::model::VolumeDef {
+                name: orphan.clone(),
+                capacity_bytes: 4 * MIB,
+                format: virtkube_engine::model::VolumeFormat::Raw,
+                backing_volume: None,
+            },
+        )
+        .await
+        .unwrap();
+    api.create("volumes", raw_volume(ns, "c", &name, "6Mi", "Delete"))
+        .unwrap();
+    bind_volume(&api, ns, "c", NODE).await;
+    set_volume_status(
+        &api,
+        ns,
+        "c",
+        json!({"phase": "Creating", "volumeName": orphan}),
+    )
+    .await;
+    let c = reconcile_volume(&api, &volumes, &ctx, ns, "c", 3)
+        .await
+        .unwrap();
+    assert_eq!(c["status"]["phase"], "Available", "{}", c["status"]);
+    assert_eq!(
+        c["status"]["volumeName"],
+        format!("{base}4"),
+        "{}",
+        c["status"]
+    );
+    assert_eq!(c["status"]["capacity"], "6Mi");
+
+    // A clone copies the partition its source recorded into a new one, as large as asked.
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(format!("/dev/{b_part}"))
+            .unwrap();
+        f.write_all(b"b's data").unwrap();
+        f.sync_all().unwrap();
+    }
+    let mut d = raw_volume(ns, "d", &name, "12Mi", "Delete");
+    d["spec"]["source"] = json!({"volume": "b"});
+    api.create("volumes", d).unwrap();
+    bind_volume(&api, ns, "d", NODE).await;
+    let d = reconcile_volume(&api, &volumes, &ctx, ns, "d", 3)
+        .await
+        .unwrap();
+    assert_eq!(d["status"]["phase"], "Available", "{}", d["status"]);
+    assert_eq!(
+        d["status"]["volumeName"],
+        format!("{base}5"),
+        "{}",
+        d["status"]
+    );
+    assert_eq!(d["status"]["capacity"], "12Mi");
+    let copied = {
+        use std::io::Read;
+        let mut buf = [0u8; 8];
+        std::fs::File::open(format!("/dev/{base}5"))
+            .unwrap()
+            .read_exact(&mut buf)
+            .unwrap();
+        buf
+    };
+    assert_eq!(&copied, b"b's data");
+
+    // c's partition removed outside virtkube: c says so and nothing is made in its place;
+    // a new Volume is not given that number while c's record names it (libvirt would make
+    // exactly that one next); once c is deleted, it is.
+    let c_key = c["status"]["key"].as_str().unwrap().to_string();
+    engine
+        .volume_delete(&name, &format!("{base}4"), &c_key)
+        .await
+        .unwrap();
+    let c = reconcile_volume(&api, &volumes, &ctx, ns, "c", 1)
+        .await
+        .unwrap();
+    assert_eq!(
+        condition(&c, "Ready")["reason"],
+        "PartitionMissing",
+        "{}",
+        c["status"]
+    );
+    api.create("volumes", raw_volume(ns, "e", &name, "4Mi", "Delete"))
+        .unwrap();
+    bind_volume(&api, ns, "e", NODE).await;
+    // Two passes: the first adds the finalizer.
+    let e = reconcile_volume(&api, &volumes, &ctx, ns, "e", 2)
+        .await
+        .unwrap();
+    assert_eq!(
+        condition(&e, "Ready")["reason"],
+        "PartitionNumberRecorded",
+        "{}",
+        e["status"]
+    );
+    assert!(
+        engine
+            .volume_observe(&name, &format!("{base}4"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    api.delete("volumes", ns, "c").unwrap();
+    let gone = reconcile_volume(&api, &volumes, &ctx, ns, "c", 2).await;
+    assert!(gone.is_none(), "c: finalizer removed: {gone:?}");
+    let e = reconcile_volume(&api, &volumes, &ctx, ns, "e", 2)
+        .await
+        .unwrap();
+    assert_eq!(
+        e["status"]["volumeName"],
+        format!("{base}4"),
+        "{}",
+        e["status"]
+    );
+
+    // Growth: libvirt's disk backend has no resize; refused before libvirt is asked.
+    volumes
+        .patch(
+            "a",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"spec": {"capacity": "20Mi"}})),
+        )
+        .await
+        .unwrap();
+    let grown = reconcile_volume(&api, &volumes, &ctx, ns, "a", 2)
+        .await
+        .unwrap();
+    let spec_valid = condition(&grown, "SpecValid");
+    assert_eq!(spec_valid["status"], "False", "{}", grown["status"]);
+    assert_eq!(spec_valid["reason"], "Unsupported");
+    assert!(
+        spec_valid["message"]
+            .as_str()
+            .unwrap()
+            .contains("cannot resize a partition"),
+        "{spec_valid}"
+    );
+    // qcow2 cannot be a partition.
+    let mut q = raw_volume(ns, "q", &name, "4Mi", "Delete");
+    q["spec"]["format"] = json!("qcow2");
+    api.create("volumes", q).unwrap();
+    bind_volume(&api, ns, "q", NODE).await;
+    let q = reconcile_volume(&api, &volumes, &ctx, ns, "q", 2)
+        .await
+        .unwrap();
+    assert_eq!(
+        condition(&q, "SpecValid")["reason"],
+        "Unsupported",
+        "{}",
+        q["status"]
+    );
+
+    // Deleted: a's, d's and e's partitions (Delete) go, b's (Retain) stays; the unrecorded
+    // one stays: no Volume recorded it.
+    for v in ["a", "b", "d", "e", "q"] {
+        api.delete("volumes", ns, v).unwrap();
+        let gone = reconcile_volume(&api, &volumes, &ctx, ns, v, 3).await;
+        assert!(gone.is_none(), "{v}: finalizer removed: {gone:?}");
+    }
+    let mut left: Vec<String> = engine
+        .volume_observe_all(&name)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|v| v.name)
+        .collect();
+    left.sort();
+    let mut kept = [b_part.clone(), orphan.clone()];
+    kept.sort();
+    assert_eq!(left, kept, "libvirt lists partitions in its own order");
+    assert_eq!(made.key, format!("/dev/{orphan}"));
+
+    // The pool deleted: undefined, its partitions stay on the disk.
+    api.delete("storagepools", "", &name).unwrap();
+    let p = pools.get(&name).await.unwrap();
+    pool::reconcile(Arc::new(p), ctx.clone()).await.unwrap();
+    assert!(engine.pool_observe(&name).await.unwrap().is_none());
+    let (_, table) = run("parted", &["-s", &device, "print"]);
+    assert_eq!(
+        table
+            .lines()
+            .filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()))
+            .count(),
+        2,
+        "{table}"
+    );
 }

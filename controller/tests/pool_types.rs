@@ -244,3 +244,108 @@ fn a_logical_pool_refuses_qcow2_overlays_and_growth_and_takes_extents_as_asked()
         "{p:?}"
     );
 }
+
+const DISKS: &str = r#"
+apiVersion: virtkube.io/v1alpha1
+kind: StoragePool
+metadata: {name: blank}
+spec: {type: disk, source: {devices: [/dev/sdb], build: true}}
+---
+apiVersion: virtkube.io/v1alpha1
+kind: StoragePool
+metadata: {name: labelled}
+spec: {type: disk, source: {devices: [/dev/sdc], format: dos}}
+"#;
+
+#[test]
+fn a_disk_pool_is_labelled_only_when_asked_and_keeps_no_volume_of_the_cli() {
+    let d = desired(DISKS);
+    let mut o = empty();
+    let p = plan::plan(&d, &o, &PlanOptions::default());
+    let verbs = |name| -> Vec<String> {
+        ops_of(&p, name)
+            .iter()
+            .map(|op| match op {
+                Op::DefinePool(_) => "define".to_string(),
+                other => other.verb(),
+            })
+            .collect()
+    };
+    // build: a new partition table (parted mklabel, refused by libvirt over any label).
+    assert_eq!(
+        verbs("blank"),
+        ["define", "build storage", "start", "autostart on"]
+    );
+    // Without build, libvirt's build would still write a label: no build step at all.
+    assert_eq!(verbs("labelled"), ["define", "start", "autostart on"]);
+    let Some(Op::DefinePool(blank)) = ops_of(&p, "blank").into_iter().next() else {
+        panic!("blank is defined first");
+    };
+    // The label is always said (libvirt's own default would be dos), the target is /dev.
+    assert_eq!(blank.source.format.as_deref(), Some("gpt"));
+    assert_eq!(blank.target_path.as_deref(), Some("/dev"));
+    simulate::apply(&mut o, &p).unwrap();
+    let again = plan::plan(&d, &o, &PlanOptions::default());
+    assert!(
+        again.actions.is_empty() && again.notices.is_empty(),
+        "{again:?}"
+    );
+
+    // A Volume there through the CLI: libvirt would name its partition, which nothing
+    // records here. qcow2 and overlays are refused for what partitions are.
+    let volumes = format!(
+        "{DISKS}---\n{}---\n{}---\n{}",
+        "apiVersion: virtkube.io/v1alpha1\nkind: Volume\nmetadata: {name: data, namespace: t}\nspec: {pool: blank, capacity: 10M, format: raw}\n",
+        "apiVersion: virtkube.io/v1alpha1\nkind: Volume\nmetadata: {name: q, namespace: t}\nspec: {pool: blank, capacity: 10M}\n",
+        "apiVersion: virtkube.io/v1alpha1\nkind: Volume\nmetadata: {name: cow, namespace: t}\nspec: {pool: blank, capacity: 10M, format: qcow2, source: {backingVolume: data}}\n",
+    );
+    let p = plan::plan(&desired(&volumes), &o, &PlanOptions::default());
+    for (name, words) in [
+        ("t.data", "only the node agent"),
+        ("t.q", "set spec.format: raw"),
+        ("t.cow", "copy-on-write"),
+    ] {
+        let n = notice(&p, name).unwrap_or_else(|| panic!("no notice for {name}"));
+        assert_eq!(n.kind, NoticeKind::Unsupported, "{name}");
+        assert!(n.message.contains(words), "{name}: {}", n.message);
+        assert!(ops_of(&p, name).is_empty(), "{name}");
+    }
+}
+
+#[test]
+fn a_partition_named_by_the_agent_is_made_and_never_resized() {
+    let mut d = desired(&format!(
+        "{DISKS}---\napiVersion: virtkube.io/v1alpha1\nkind: Volume\nmetadata: {{name: data, namespace: t}}\nspec: {{pool: blank, capacity: 10M, format: raw}}\n"
+    ));
+    // What the agent does: the partition's name, recorded or the next one libvirt makes.
+    d.volumes[0].name = "sdb1".into();
+    let mut o = empty();
+    let first = plan::plan(&d, &o, &PlanOptions::default());
+    assert!(matches!(
+        ops_of(&first, "sdb1").as_slice(),
+        [Op::CreateVolume { format, capacity: Some(10_000_000), .. }] if format == "raw"
+    ));
+    simulate::apply(&mut o, &first).unwrap();
+    // parted made whole sectors: 10,000,384 bytes is the size asked.
+    let part = o
+        .hosts
+        .get_mut("a")
+        .unwrap()
+        .volumes
+        .get_mut(&("blank".to_string(), "sdb1".to_string()))
+        .unwrap();
+    part.capacity = 10_000_384;
+    let p = plan::plan(&d, &o, &PlanOptions::default());
+    assert!(p.actions.is_empty() && p.notices.is_empty(), "{p:?}");
+    let mut grown = d.clone();
+    grown.volumes[0].capacity = Some(20_000_000);
+    let p = plan::plan(&grown, &o, &PlanOptions::default());
+    let n = notice(&p, "sdb1").unwrap();
+    assert_eq!(n.kind, NoticeKind::Unsupported);
+    assert!(
+        n.message.contains("cannot resize a partition"),
+        "{}",
+        n.message
+    );
+    assert!(p.actions.is_empty());
+}

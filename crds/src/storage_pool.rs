@@ -41,15 +41,19 @@ use crate::validation::{FieldErrors, Validate};
     {"rule": "self.type != 'netfs' || (has(self.source) && has(self.source.host) && has(self.source.dir))", "message": "a netfs pool needs source.host and source.dir"},
     {"rule": "self.type != 'fs' || (has(self.target) && has(self.source) && has(self.source.devices) && size(self.source.devices) == 1)", "message": "an fs pool needs target.path and exactly one source.devices entry"},
     {"rule": "self.type != 'logical' || (has(self.source) && has(self.source.name))", "message": "a logical pool needs source.name (the LVM volume group)"},
-    {"rule": "!has(self.source) || !has(self.source.build) || !self.source.build || self.type == 'logical' || self.type == 'fs'", "message": "source.build applies to logical and fs pools only"},
+    {"rule": "self.type != 'disk' || (has(self.source) && has(self.source.devices) && size(self.source.devices) == 1)", "message": "a disk pool needs exactly one source.devices entry (the whole disk)"},
+    {"rule": "self.type != 'disk' || !has(self.source) || !has(self.source.format) || self.source.format == 'gpt' || self.source.format == 'dos'", "message": "a disk pool's source.format is its partition table: gpt (the default) or dos"},
+    {"rule": "self.type == 'disk' || !has(self.source) || !has(self.source.format) || (self.source.format != 'gpt' && self.source.format != 'dos')", "message": "gpt and dos are partition tables: only a disk pool has one"},
+    {"rule": "!has(self.source) || !has(self.source.build) || !self.source.build || self.type == 'logical' || self.type == 'fs' || self.type == 'disk'", "message": "source.build applies to logical, fs and disk pools only"},
     {"rule": "self.type != 'logical' || !has(self.source) || !has(self.source.build) || !self.source.build || has(self.source.devices)", "message": "building a logical pool (source.build) needs source.devices"}
 ]))]
 pub struct StoragePoolSpec {
     /// The pool's backend (libvirt `<pool type=…>`): `dir` (a directory of image files),
     /// `fs` (a block device holding a filesystem, mounted by libvirt at `target.path`),
-    /// `netfs` (an NFS export mounted at `target.path`) and `logical` (an LVM volume group;
-    /// volumes are raw logical volumes) are carried out; `iscsi` and `rbd` are accepted and
-    /// reported as not supported. Immutable.
+    /// `netfs` (an NFS export mounted at `target.path`), `logical` (an LVM volume group;
+    /// volumes are raw logical volumes) and `disk` (one whole disk; volumes are its
+    /// partitions) are carried out; `iscsi` and `rbd` are accepted and reported as not
+    /// supported. Immutable.
     #[serde(rename = "type", default)]
     #[schemars(extend("x-kubernetes-validations" = [{"rule": "self == oldSelf", "message": "type is immutable: create a new StoragePool"}]))]
     pub type_: PoolType,
@@ -88,6 +92,8 @@ pub enum PoolType {
     Fs,
     /// An LVM volume group.
     Logical,
+    /// A whole disk whose partitions are the volumes.
+    Disk,
     /// An iSCSI target.
     Iscsi,
     /// A Ceph RBD pool.
@@ -102,6 +108,7 @@ impl PoolType {
             PoolType::Netfs => "netfs",
             PoolType::Fs => "fs",
             PoolType::Logical => "logical",
+            PoolType::Disk => "disk",
             PoolType::Iscsi => "iscsi",
             PoolType::Rbd => "rbd",
         }
@@ -114,7 +121,9 @@ impl PoolType {
 pub struct PoolTarget {
     /// An absolute directory path (`/var/lib/virtkube/pools/default`), created when missing;
     /// for `fs` and `netfs` the mount point. A `logical` pool's is always `/dev/<source.name>`
-    /// (libvirt sets it): leave it out, or write exactly that.
+    /// (libvirt sets it): leave it out, or write exactly that. A `disk` pool's is the
+    /// directory its partitions' paths are given in: `/dev` (the default) or a directory of
+    /// stable names such as `/dev/disk/by-path`.
     #[schemars(
         length(min = 1, max = 4096),
         pattern(crate::names::ABSOLUTE_PATH_PATTERN)
@@ -135,7 +144,7 @@ pub struct PoolSource {
     #[schemars(length(min = 1, max = 4096))]
     pub dir: Option<String>,
     /// Block devices, absolute paths: the physical volumes of a `logical` pool (needed to
-    /// build it), the one device of an `fs` pool.
+    /// build it), the one device of an `fs` pool, the one whole disk of a `disk` pool.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(
         length(max = 64),
@@ -151,14 +160,16 @@ pub struct PoolSource {
     pub name: Option<String>,
     /// The filesystem: for `fs`, `ext2`, `ext3`, `ext4`, `xfs` or `vfat` (`auto`, the
     /// default, lets `mount` probe it, and cannot be built); for `netfs`, `nfs` (the default).
-    /// Not used by `logical` (always LVM2).
+    /// For `disk`, the partition table: `gpt` (the default) or `dos`. Not used by `logical`
+    /// (always LVM2).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub format: Option<SourceFormat>,
     /// Make the storage when the pool is created on a node: `logical` runs `pvcreate` and
-    /// `vgcreate` on `devices`, `fs` runs `mkfs` of `format` on its device. libvirt refuses a
-    /// device that already holds a filesystem, a partition table or an LVM label, so nothing
-    /// is ever overwritten. Without it the volume group or filesystem must already exist.
-    /// Only for `logical` and `fs`.
+    /// `vgcreate` on `devices`, `fs` runs `mkfs` of `format` on its device, `disk` writes a
+    /// new partition table of `format` (`parted mklabel`). libvirt refuses a device that
+    /// already holds a filesystem, a partition table or an LVM label, so nothing is ever
+    /// overwritten. Without it the volume group, filesystem or partition table must already
+    /// exist. Only for `logical`, `fs` and `disk`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub build: bool,
 }
@@ -181,6 +192,10 @@ pub enum SourceFormat {
     Vfat,
     /// NFS (`netfs`).
     Nfs,
+    /// A GUID partition table (`disk`; the default).
+    Gpt,
+    /// An MS-DOS (MBR) partition table (`disk`): at most four partitions here.
+    Dos,
 }
 
 impl SourceFormat {
@@ -194,12 +209,23 @@ impl SourceFormat {
             SourceFormat::Xfs => "xfs",
             SourceFormat::Vfat => "vfat",
             SourceFormat::Nfs => "nfs",
+            SourceFormat::Gpt => "gpt",
+            SourceFormat::Dos => "dos",
         }
     }
 
-    /// Whether it is a local filesystem (`fs`), as opposed to a network one (`netfs`).
+    /// Whether it is a local filesystem (`fs`), as opposed to a network one (`netfs`) or a
+    /// partition table (`disk`).
     pub fn is_local(self) -> bool {
-        self != SourceFormat::Nfs
+        !matches!(
+            self,
+            SourceFormat::Nfs | SourceFormat::Gpt | SourceFormat::Dos
+        )
+    }
+
+    /// Whether it is a partition table (`disk`).
+    pub fn is_partition_table(self) -> bool {
+        matches!(self, SourceFormat::Gpt | SourceFormat::Dos)
     }
 }
 
@@ -218,7 +244,8 @@ pub fn is_volume_group_name(name: &str) -> bool {
 
 impl StoragePoolSpec {
     /// The target path libvirt gives the pool: a `logical` pool's is `/dev/<volume group>`
-    /// whatever the definition says; the others' is `target.path`.
+    /// whatever the definition says; a `disk` pool's `target.path`, `/dev` when left out;
+    /// the others' is `target.path`.
     pub fn effective_target_path(&self) -> Option<String> {
         match self.type_ {
             PoolType::Logical => self
@@ -226,6 +253,11 @@ impl StoragePoolSpec {
                 .as_ref()
                 .and_then(|s| s.name.as_ref())
                 .map(|vg| format!("/dev/{vg}")),
+            PoolType::Disk => Some(
+                self.target
+                    .as_ref()
+                    .map_or_else(|| "/dev".to_string(), |t| t.path.clone()),
+            ),
             _ => self.target.as_ref().map(|t| t.path.clone()),
         }
     }
@@ -299,10 +331,23 @@ impl Validate for StoragePoolSpec {
                 );
             }
         }
-        if source.build && !matches!(self.type_, PoolType::Logical | PoolType::Fs) {
+        if source.build
+            && !matches!(
+                self.type_,
+                PoolType::Logical | PoolType::Fs | PoolType::Disk
+            )
+        {
             errors.push(
                 "spec.source.build",
-                format!("source.build applies to logical and fs pools only, not {kind}"),
+                format!("source.build applies to logical, fs and disk pools only, not {kind}"),
+            );
+        }
+        if source.format.is_some_and(SourceFormat::is_partition_table)
+            && self.type_ != PoolType::Disk
+        {
+            errors.push(
+                "spec.source.format",
+                "gpt and dos are partition tables: only a disk pool has one",
             );
         }
         match self.type_ {
@@ -327,6 +372,7 @@ impl Validate for StoragePoolSpec {
             }
             PoolType::Fs => self.validate_fs(source, &mut errors),
             PoolType::Logical => self.validate_logical(source, &mut errors),
+            PoolType::Disk => validate_disk(source, &mut errors),
             PoolType::Iscsi | PoolType::Rbd => {}
         }
         errors
@@ -354,6 +400,8 @@ impl StoragePoolSpec {
                 "spec.source.format",
                 "nfs is a netfs pool's format: use type netfs",
             ),
+            // Refused for every type but disk above.
+            Some(SourceFormat::Gpt | SourceFormat::Dos) => {}
             Some(SourceFormat::Auto) | None if source.build => errors.push(
                 "spec.source.format",
                 "building an fs pool (source.build) needs the filesystem to make: ext2, ext3, ext4, xfs or vfat",
@@ -394,5 +442,42 @@ impl StoragePoolSpec {
                 "a logical pool's format is always LVM2: leave source.format out",
             );
         }
+    }
+}
+
+/// A `disk` pool: one whole disk, its partition table `gpt` or `dos` (libvirt's disk backend
+/// also knows `dvh`, `mac`, `bsd`, `pc98`, `sun` and `lvm2` labels, which virtkube does not
+/// carry out).
+fn validate_disk(source: &PoolSource, errors: &mut FieldErrors) {
+    if source.devices.len() != 1 {
+        errors.push(
+            "spec.source.devices",
+            format!(
+                "a disk pool needs exactly one device, the whole disk whose partitions are its volumes ({} given)",
+                source.devices.len()
+            ),
+        );
+    }
+    if let Some(device) = source.devices.first()
+        && device
+            .rsplit('/')
+            .next()
+            .is_some_and(|name| name.contains('.'))
+    {
+        errors.push(
+            "spec.source.devices[0]",
+            "a disk pool's device name must not contain `.`: libvirt names each partition after it (sdb2), and names with a dot are virtkube's Volumes' (namespace.name)",
+        );
+    }
+    if let Some(format) = source.format
+        && !format.is_partition_table()
+    {
+        errors.push(
+            "spec.source.format",
+            format!(
+                "a disk pool's format is its partition table, gpt (the default) or dos, not {}",
+                format.as_str()
+            ),
+        );
     }
 }

@@ -280,7 +280,7 @@ fn validation_markers_reach_the_schema() {
     let pool = schema_of("StoragePool");
     assert_eq!(
         rule_count(&pool, "/properties/spec/x-kubernetes-validations"),
-        6
+        9
     );
     assert_eq!(
         pool.pointer("/properties/spec/properties/source/properties/devices/items/maxLength"),
@@ -679,6 +679,34 @@ fn network_and_pool_cel_rules() {
         pool(json!({"type": "netfs", "target": {"path": "/x"}})),
         None,
         Some("a netfs pool needs source.host and source.dir"),
+    );
+    assert_cel(
+        "StoragePool",
+        pool(
+            json!({"type": "disk", "source": {"devices": ["/dev/sdb"], "format": "dos", "build": true}}),
+        ),
+        None,
+        None,
+    );
+    assert_cel(
+        "StoragePool",
+        pool(json!({"type": "disk", "source": {"devices": ["/dev/sdb", "/dev/sdc"]}})),
+        None,
+        Some("a disk pool needs exactly one source.devices entry"),
+    );
+    assert_cel(
+        "StoragePool",
+        pool(json!({"type": "disk", "source": {"devices": ["/dev/sdb"], "format": "ext4"}})),
+        None,
+        Some("a disk pool's source.format is its partition table"),
+    );
+    assert_cel(
+        "StoragePool",
+        pool(
+            json!({"type": "fs", "target": {"path": "/x"}, "source": {"devices": ["/dev/sdb"], "format": "gpt"}}),
+        ),
+        None,
+        Some("gpt and dos are partition tables"),
     );
     let old = pool(json!({"type": "dir", "target": {"path": "/x"}}));
     assert_cel(

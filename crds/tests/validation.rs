@@ -360,6 +360,40 @@ fn logical_pool_rules() {
 }
 
 #[test]
+fn disk_pool_rules() {
+    let disk = |source: Value| json!({"type": "disk", "source": source});
+    assert_one::<StoragePoolSpec>(disk(json!({"devices": ["/dev/sdb"]})), None);
+    assert_one::<StoragePoolSpec>(
+        disk(json!({"devices": ["/dev/sdb"], "format": "dos", "build": true})),
+        None,
+    );
+    assert_one::<StoragePoolSpec>(
+        json!({"type": "disk", "target": {"path": "/dev/disk/by-id"}, "source": {"devices": ["/dev/sdb"], "format": "gpt"}}),
+        None,
+    );
+    assert_one::<StoragePoolSpec>(disk(json!({})), Some("exactly one device"));
+    assert_one::<StoragePoolSpec>(
+        disk(json!({"devices": ["/dev/sdb", "/dev/sdc"]})),
+        Some("exactly one device"),
+    );
+    assert_one::<StoragePoolSpec>(
+        disk(json!({"devices": ["/dev/sdb"], "format": "ext4"})),
+        Some("gpt (the default) or dos, not ext4"),
+    );
+    assert_one::<StoragePoolSpec>(
+        disk(json!({"devices": ["/dev/disk/by-id/wwn-0x5000.c500"]})),
+        Some("must not contain `.`"),
+    );
+    assert_one::<StoragePoolSpec>(
+        json!({"type": "fs", "target": {"path": "/srv/fs"}, "source": {"devices": ["/dev/sdb"], "format": "gpt"}}),
+        Some("only a disk pool has one"),
+    );
+    let spec: StoragePoolSpec =
+        serde_json::from_value(disk(json!({"devices": ["/dev/sdb"]}))).unwrap();
+    assert_eq!(spec.effective_target_path().as_deref(), Some("/dev"));
+}
+
+#[test]
 fn fs_and_netfs_pool_rules() {
     let fs = |source: Value| json!({"type": "fs", "target": {"path": "/srv/fs"}, "source": source});
     assert_one::<StoragePoolSpec>(fs(json!({"devices": ["/dev/loop3"]})), None);
@@ -401,11 +435,11 @@ fn fs_and_netfs_pool_rules() {
     );
     assert_one::<StoragePoolSpec>(
         nfs(json!({"host": "nas", "dir": "/export", "build": true})),
-        Some("logical and fs pools only, not netfs"),
+        Some("logical, fs and disk pools only, not netfs"),
     );
     assert_one::<StoragePoolSpec>(
         json!({"type": "dir", "target": {"path": "/x"}, "source": {"build": true}}),
-        Some("logical and fs pools only, not dir"),
+        Some("logical, fs and disk pools only, not dir"),
     );
 }
 

@@ -231,6 +231,35 @@ fn storage_backend(call: &str, message: &str) -> Option<Explanation> {
             "set spec.source.format to the filesystem on the device (`blkid DEVICE` says which), or auto; for an empty device, spec.source.build true makes one.",
         ));
     }
+    if message.contains("cannot execute binary") && message.contains("/parted") {
+        return Some(explanation(
+            "PartedMissing",
+            "a disk pool needs GNU parted on the node (libvirt writes the partition table and each partition with it), and it is not installed.",
+            "install it on every node the StoragePool selects (Debian and Ubuntu: `apt-get install parted`); the agent's image needs it too when libvirtd runs in it.",
+        ));
+    }
+    if message.contains("does not match the expected format") && !message.contains("already built")
+    {
+        return Some(explanation(
+            "DiskLabelMismatch",
+            "the disk pool's device has another partition table than spec.source.format, or none: libvirt starts a disk pool only on the label it was told.",
+            "set spec.source.format to the disk's label (`parted DEVICE print` says which: `gpt`, or `msdos` for dos); for an empty disk, spec.source.build true writes one.",
+        ));
+    }
+    if message.contains("no large enough free extent") {
+        return Some(explanation(
+            "DiskFull",
+            "the disk pool's disk has no free stretch large enough for the volume: a partition is one contiguous extent, so space freed between partitions counts only when it is that large.",
+            "make the Volume smaller, or delete Volumes in the pool (their partitions' space is free again); the volume is made at the next reconcile once it fits.",
+        ));
+    }
+    if message.contains("Storage source conflict with pool") {
+        return Some(explanation(
+            "PoolSourceInUse",
+            "another libvirt pool on the node already uses this source (the same device, volume group or export); libvirt allows one pool per source.",
+            "use the existing pool, or point this StoragePool at another device (`virsh pool-list --all` and `pool-dumpxml` show which pool has it).",
+        ));
+    }
     if message.contains("already formatted")
         || (message.contains("Storage pool already built") && pool_call)
     {
@@ -245,7 +274,7 @@ fn storage_backend(call: &str, message: &str) -> Option<Explanation> {
     {
         return Some(explanation(
             "PoolTypeUnsupported",
-            "virtkube carries out `dir`, `fs`, `netfs` and `logical` pools; `iscsi` and `rbd` are accepted by the API but not carried out (a missing backend means libvirt's storage driver for that type is not installed on the node).",
+            "virtkube carries out `dir`, `fs`, `netfs`, `logical` and `disk` pools; `iscsi` and `rbd` are accepted by the API but not carried out (a missing backend means libvirt's storage driver for that type is not installed on the node).",
             "use one of the supported types; for a network share, a netfs pool or a dir pool on a mount present on every node (with spec.shared true).",
         ));
     }
@@ -305,7 +334,7 @@ pub fn explain(error: &EngineError) -> Option<Explanation> {
         )),
         EngineError::InvalidSpec(text) if text.contains("pool type") => Some(explanation(
             "PoolTypeUnsupported",
-            "virtkube carries out `dir`, `fs`, `netfs` and `logical` pools; `iscsi` and `rbd` are accepted by the API but not carried out.",
+            "virtkube carries out `dir`, `fs`, `netfs`, `logical` and `disk` pools; `iscsi` and `rbd` are accepted by the API but not carried out.",
             "use one of the supported types; for a network share, a netfs pool or a dir pool on a mount present on every node (with spec.shared true).",
         )),
         _ => None,
@@ -329,6 +358,9 @@ pub(crate) fn is_permanent(error: &EngineError) -> bool {
                 | "FilesystemUnsupported"
                 | "FilesystemMismatch"
                 | "DeviceNotEmpty"
+                | "PartedMissing"
+                | "DiskLabelMismatch"
+                | "PoolSourceInUse"
         )
     })
 }
@@ -364,6 +396,62 @@ mod tests {
         ] {
             assert_eq!(peer_uri_for(uri), None, "{uri}");
         }
+    }
+
+    fn libvirt_said(call: &'static str, message: &str) -> EngineError {
+        EngineError::Libvirt {
+            call,
+            error: LibvirtError {
+                code: 1,
+                domain: 18,
+                message: message.into(),
+                code_name: String::new(),
+                domain_name: String::new(),
+            },
+        }
+    }
+
+    #[test]
+    fn disk_pool_failures_seen_on_libvirt_9_are_explained() {
+        // libvirt 9.0's words, seen in the kernel VM on a scsi_debug disk.
+        for (call, message, id) in [
+            (
+                "pool_start",
+                "Requested operation is not valid: Format of device '/dev/sdb' does not match the expected format 'dos'",
+                "DiskLabelMismatch",
+            ),
+            (
+                "pool_build",
+                "Storage pool already built: Format of device '/dev/sdb' does not match the expected format 'dos', forced overwrite is necessary",
+                "DeviceNotEmpty",
+            ),
+            (
+                "pool_build",
+                "Storage pool already built: Device '/dev/sda' already formatted using 'gpt'",
+                "DeviceNotEmpty",
+            ),
+            (
+                "volume_create",
+                "internal error: no large enough free extent",
+                "DiskFull",
+            ),
+            (
+                "pool_define",
+                "operation failed: Storage source conflict with pool: 'dq'",
+                "PoolSourceInUse",
+            ),
+        ] {
+            let error = libvirt_said(call, message);
+            assert_eq!(explain(&error).map(|e| e.id), Some(id), "{message}");
+        }
+        assert!(!is_permanent(&libvirt_said(
+            "volume_create",
+            "internal error: no large enough free extent"
+        )));
+        assert!(is_permanent(&libvirt_said(
+            "pool_start",
+            "Requested operation is not valid: Format of device '/dev/sdb' does not match the expected format 'dos'"
+        )));
     }
 
     #[test]

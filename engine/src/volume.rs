@@ -13,7 +13,7 @@ use virt::storage_vol::StorageVol;
 
 use crate::engine::{CallClass, Engine};
 use crate::error::{EngineError, ObjectKind, Result, growth, lv};
-use crate::model::{BackingStore, VolumeDef, VolumeFormat, VolumeObserved};
+use crate::model::{BackingStore, PoolObserved, PoolType, VolumeDef, VolumeFormat, VolumeObserved};
 
 /// How far a volume copy is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +72,13 @@ fn lookup_recorded(
     Ok(vol)
 }
 
+/// Whether `pool` is a `disk` pool, whose volumes are partitions (named by libvirt after
+/// the disk, and asked for without a format).
+fn is_disk_pool(pool: &StoragePool, call: &'static str) -> Result<bool> {
+    let xml = pool.xml_desc(0).map_err(lv(call))?;
+    Ok(PoolObserved::from_xml(&xml)?.pool_type == PoolType::Disk)
+}
+
 fn not_found_as_none<T>(r: Result<T>) -> Result<Option<T>> {
     match r {
         Ok(v) => Ok(Some(v)),
@@ -99,8 +106,12 @@ impl Engine {
                 }
                 None => None,
             };
-            let vol = StorageVol::create_xml(&pool, &def.to_xml(backing.as_ref()), 0)
-                .map_err(lv(CALL))?;
+            let xml = if is_disk_pool(&pool, CALL)? {
+                def.to_partition_xml()
+            } else {
+                def.to_xml(backing.as_ref())
+            };
+            let vol = StorageVol::create_xml(&pool, &xml, 0).map_err(lv(CALL))?;
             observe(&vol, CALL)
         })
         .await
@@ -138,8 +149,12 @@ impl Engine {
                 source_capacity,
                 def.capacity_bytes,
             )?;
-            let vol =
-                StorageVol::create_xml_from(&pool, &def.to_xml(None), &src, 0).map_err(lv(CALL))?;
+            let xml = if is_disk_pool(&pool, CALL)? {
+                def.to_partition_xml()
+            } else {
+                def.to_xml(None)
+            };
+            let vol = StorageVol::create_xml_from(&pool, &xml, &src, 0).map_err(lv(CALL))?;
             if vol.info().map_err(lv(CALL))?.capacity < def.capacity_bytes {
                 vol.resize(def.capacity_bytes, 0).map_err(lv(CALL))?;
             }

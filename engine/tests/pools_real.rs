@@ -22,14 +22,17 @@
 
 mod loop_device;
 mod nfs_export;
+mod test_disk;
 use nfs_export::nfs_export;
+use test_disk::{DiskFor, test_disk};
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use virtkube_engine::explain::explain;
 use virtkube_engine::model::{
-    BuildMode, PoolDef, PoolSource, PoolState, PoolType, VolumeDef, VolumeFormat,
+    BuildMode, PoolDef, PoolSource, PoolState, PoolType, VolumeDef, VolumeFormat, max_partitions,
+    next_partition_name,
 };
 use virtkube_engine::{Engine, EngineConfig, EngineError, Owner};
 
@@ -671,4 +674,244 @@ async fn netfs_real_pool_mounts_an_export_whose_data_outlives_it() {
     std::fs::remove_file(export.join("it.kept")).unwrap();
     std::fs::remove_file(&foreign).unwrap();
     e.close().await.unwrap();
+}
+
+fn disk_def(name: &str, device: &str, format: &str, owner: &Owner) -> PoolDef {
+    PoolDef {
+        name: name.to_string(),
+        pool_type: PoolType::Disk,
+        target_path: "/dev".into(),
+        source: PoolSource {
+            devices: vec![device.to_string()],
+            format: Some(format.to_string()),
+            ..PoolSource::default()
+        },
+        owner: owner.clone(),
+    }
+}
+
+/// The partition name libvirt expects next in pool `name` on `device`.
+async fn next_partition(e: &Engine, name: &str, device: &str, format: &str) -> Option<String> {
+    let existing: Vec<String> = e
+        .volume_observe_all(name)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|v| v.name)
+        .collect();
+    next_partition_name(device, &existing, max_partitions(format))
+}
+
+fn write_marker(path: &str, marker: &[u8]) {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all(marker).unwrap();
+    f.sync_all().unwrap();
+}
+
+fn read_start(path: &str, len: usize) -> Vec<u8> {
+    use std::io::Read;
+    let mut buf = vec![0; len];
+    std::fs::File::open(path)
+        .unwrap()
+        .read_exact(&mut buf)
+        .unwrap();
+    buf
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a blank SCSI disk: run by scripts/kernel-vm-tests in its VM"]
+async fn disk_real_pool_partitions_a_whole_disk_and_never_relabels_it() {
+    let device = test_disk(DiskFor::EngineGpt);
+    let base = device.rsplit('/').next().unwrap().to_string();
+    let e = node_a().await;
+    let name = unique("vkdisk");
+    let owner = Owner::new("StoragePool", format!("uid-{name}"), None, &name);
+    let _leftover = PoolLeftover(name.clone());
+    let def = disk_def(&name, &device, "gpt", &owner);
+    e.pool_define(&def).await.unwrap();
+    e.pool_build(&name, &owner, BuildMode::MakeStorage)
+        .await
+        .unwrap();
+    e.pool_start(&name, &owner).await.unwrap();
+    let p = e.pool_observe(&name).await.unwrap().unwrap();
+    assert_eq!(p.state, PoolState::Running);
+    assert_eq!(p.pool_type, PoolType::Disk);
+    assert_eq!(p.source.format.as_deref(), Some("gpt"));
+    // libvirt keeps the mark in a disk pool's <source> too.
+    assert_eq!(p.owner.as_ref(), Some(&owner));
+    eprintln!(
+        "disk pool {name} on {device}: capacity {} allocation {} available {}",
+        p.capacity, p.allocation, p.available
+    );
+    assert!(
+        p.capacity > 60 * MIB && p.capacity <= 64 * MIB,
+        "{}",
+        p.capacity
+    );
+    assert_eq!(p.allocation, 0);
+
+    // Partitions are volumes named by libvirt: sda1 first, sized up to whole sectors.
+    let first = next_partition(&e, &name, &device, "gpt").await.unwrap();
+    assert_eq!(first, format!("{base}1"));
+    let v1 = e
+        .volume_create(&name, &raw(&first, 10_000_000))
+        .await
+        .unwrap();
+    assert_eq!(v1.name, first);
+    assert_eq!(v1.path, format!("/dev/{first}"));
+    assert_eq!(v1.key, v1.path, "a partition's key is its path");
+    assert_eq!(
+        v1.capacity, 10_000_384,
+        "10 MB asked: whole 512-byte sectors"
+    );
+    assert_eq!(v1.allocation, v1.capacity);
+    assert_eq!(v1.format.as_ref().map(VolumeFormat::as_str), Some("none"));
+    // Any other name is refused, and libvirt removes the partition it made meanwhile.
+    let wrong = e
+        .volume_create(&name, &raw("team.disk", 4 * MIB))
+        .await
+        .unwrap_err();
+    assert!(
+        wrong.to_string().contains(&format!(
+            "invalid partition name 'team.disk', expected '{base}2'"
+        )),
+        "{wrong}"
+    );
+    assert_eq!(e.volume_observe_all(&name).await.unwrap().len(), 1);
+
+    let second = next_partition(&e, &name, &device, "gpt").await.unwrap();
+    assert_eq!(second, format!("{base}2"));
+    let v2 = e
+        .volume_create(&name, &raw(&second, 10 * MIB))
+        .await
+        .unwrap();
+    assert_eq!(v2.capacity, 10 * MIB);
+    write_marker(&v2.path, b"virtkube disk pool data");
+
+    // A clone copies the partition's data into a new one, as large as asked.
+    let third = next_partition(&e, &name, &device, "gpt").await.unwrap();
+    let v3 = e
+        .volume_clone(&name, &raw(&third, 12 * MIB), &second)
+        .await
+        .unwrap();
+    assert_eq!(v3.name, format!("{base}3"));
+    assert_eq!(v3.capacity, 12 * MIB);
+    assert_eq!(read_start(&v3.path, 23), b"virtkube disk pool data");
+    let smaller = e
+        .volume_clone(&name, &raw("x", 4 * MIB), &second)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(smaller, EngineError::ShrinkRefused { .. }),
+        "{smaller}"
+    );
+
+    // No resize at all in libvirt's disk backend.
+    let grow = e
+        .volume_resize(&name, &v2.name, &v2.key, 20 * MIB)
+        .await
+        .unwrap_err();
+    assert!(
+        grow.to_string()
+            .contains("storage pool does not support changing of volume capacity"),
+        "{grow}"
+    );
+    let p = e.pool_observe(&name).await.unwrap().unwrap();
+    assert_eq!(p.allocation, v1.capacity + v2.capacity + v3.capacity);
+
+    // Deleting needs the recorded key; the partition's number is then free again (GPT
+    // numbers never shift: sda3 keeps its data).
+    let refused = e
+        .volume_delete(&name, &second, "/dev/not-its-key")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(refused, EngineError::VolumeKeyMismatch { .. }),
+        "{refused}"
+    );
+    e.volume_delete(&name, &second, &v2.key).await.unwrap();
+    assert!(e.volume_observe(&name, &second).await.unwrap().is_none());
+    assert_eq!(
+        next_partition(&e, &name, &device, "gpt").await.as_deref(),
+        Some(second.as_str())
+    );
+    assert_eq!(read_start(&v3.path, 23), b"virtkube disk pool data");
+
+    // More than any free extent holds.
+    let full = e
+        .volume_create(&name, &raw(&second, 100 * MIB))
+        .await
+        .unwrap_err();
+    assert_explained_retryable(&full, "DiskFull", "no large enough free extent");
+
+    // Stopped and undefined, the partitions stay on the disk; a second build is refused
+    // (the disk has a label now), and a pool told another label does not start.
+    e.pool_stop(&name, &owner).await.unwrap();
+    let again = e
+        .pool_build(&name, &owner, BuildMode::MakeStorage)
+        .await
+        .unwrap_err();
+    assert_explained(&again, "DeviceNotEmpty", "already formatted using 'gpt'");
+    e.pool_undefine(&name, &owner).await.unwrap();
+    let (_, table) = run("parted", &["-s", &device, "unit", "B", "print"]);
+    assert!(table.contains("10000384B"), "{table}");
+    assert!(table.contains("12582912B"), "{table}");
+    let dos = unique("vkdos");
+    let dos_owner = Owner::new("StoragePool", format!("uid-{dos}"), None, &dos);
+    let _dos_leftover = PoolLeftover(dos.clone());
+    e.pool_define(&disk_def(&dos, &device, "dos", &dos_owner))
+        .await
+        .unwrap();
+    let mismatch = e.pool_start(&dos, &dos_owner).await.unwrap_err();
+    assert_explained(
+        &mismatch,
+        "DiskLabelMismatch",
+        "does not match the expected format 'dos'",
+    );
+    e.pool_undefine(&dos, &dos_owner).await.unwrap();
+}
+
+fn assert_explained_retryable(error: &EngineError, id: &str, libvirt: &str) {
+    let text = error.to_string();
+    assert!(text.contains(libvirt), "libvirt's text missing: {text}");
+    let found = explain(error).unwrap_or_else(|| panic!("no explanation for: {text}"));
+    assert_eq!(found.id, id, "{text}");
+    assert!(text.contains(" Next: "), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a blank SCSI disk: run by scripts/kernel-vm-tests in its VM"]
+async fn disk_real_dos_label_holds_four_primary_partitions() {
+    let device = test_disk(DiskFor::EngineDos);
+    let base = device.rsplit('/').next().unwrap().to_string();
+    let e = node_a().await;
+    let name = unique("vkdos");
+    let owner = Owner::new("StoragePool", format!("uid-{name}"), None, &name);
+    let _leftover = PoolLeftover(name.clone());
+    e.pool_define(&disk_def(&name, &device, "dos", &owner))
+        .await
+        .unwrap();
+    e.pool_build(&name, &owner, BuildMode::MakeStorage)
+        .await
+        .unwrap();
+    e.pool_start(&name, &owner).await.unwrap();
+    let p = e.pool_observe(&name).await.unwrap().unwrap();
+    assert_eq!(p.source.format.as_deref(), Some("dos"));
+    eprintln!(
+        "dos disk pool {name} on {device}: capacity {} available {}",
+        p.capacity, p.available
+    );
+    for (n, asked) in [(1, 5_000_000), (2, 5 * MIB), (3, 1), (4, 5 * MIB)] {
+        let next = next_partition(&e, &name, &device, "dos").await.unwrap();
+        assert_eq!(next, format!("{base}{n}"));
+        let v = e.volume_create(&name, &raw(&next, asked)).await.unwrap();
+        eprintln!("dos partition {next}: asked {asked}, made {}", v.capacity);
+        assert!(v.capacity >= asked, "{next}: {} < {asked}", v.capacity);
+    }
+    // Four primaries: virtkube asks for no fifth (libvirt would want an extended partition,
+    // whose logical partitions renumber when one is deleted).
+    assert_eq!(next_partition(&e, &name, &device, "dos").await, None);
+    e.pool_stop(&name, &owner).await.unwrap();
+    e.pool_undefine(&name, &owner).await.unwrap();
 }

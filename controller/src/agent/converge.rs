@@ -28,6 +28,7 @@ use virtkube_engine::{Engine, Owner};
 use super::context::Context;
 use super::error::{Error, Result};
 use super::ownership::{self, ImageClaim};
+use super::partition;
 use crate::host::{
     HostError, HostSpec, Hosts, domain_from, network_from, observe_node, pool_from, volume_from,
 };
@@ -271,10 +272,8 @@ async fn observe_pool_on(
     if p.state == PoolState::Running {
         for v in volumes {
             if let Some(o) = engine.volume_observe(pool, v).await? {
-                host.volumes.insert(
-                    (pool.to_string(), v.clone()),
-                    volume_from(&o, p.owner.is_some()),
-                );
+                host.volumes
+                    .insert((pool.to_string(), v.clone()), volume_from(&o, &p));
             }
         }
     }
@@ -551,22 +550,24 @@ pub async fn remove_domain(ctx: &Context, dom: &Domain) -> Result<Vec<Change>> {
 /// from (when it has a source) and its own image, if any.
 pub struct VolumeHere {
     host: ObservedHost,
-    /// The image under the Volume's libvirt name in its pool.
+    /// The libvirt name of the Volume's image: `<namespace>.<name>`, or in a `disk` pool the
+    /// partition [`partition::choose`] gives.
+    pub name: String,
+    /// In a `disk` pool, the partition a clone copies (its source Volume's recorded one).
+    pub source_name: Option<String>,
+    /// The image under that name in its pool.
     pub image: Option<ObservedVolume>,
 }
 
 /// Looks at the Volume's pool, source and image on this node. A pool that is missing or not
-/// running is `Ready=False` (`PoolMissing`, `PoolNotRunning`).
+/// running is `Ready=False` (`PoolMissing`, `PoolNotRunning`); in a `disk` pool so is a
+/// Volume with no partition to work on ([`partition::Refusal`]: `PartitionMissing`,
+/// `PartitionTableFull`, `PartitionRecordedTwice`, `PartitionNumberRecorded`, …).
 pub async fn observe_volume(ctx: &Context, vol: &Volume) -> Result<VolumeHere> {
-    let name = volume_host_name(vol);
     let ns = vol.namespace().unwrap_or_default();
-    let mut names = vec![name.clone()];
-    if let Some(src) = vol.spec.source.as_ref().and_then(|s| s.referenced_volume()) {
-        names.push(host_name(Some(&ns), src));
-    }
     let mut host = empty_host(ctx);
-    let pool = observe_pool(ctx, &mut host, &vol.spec.pool, &names).await?;
-    match &pool {
+    let pool = observe_pool(ctx, &mut host, &vol.spec.pool, &[]).await?;
+    let pool = match pool {
         None => {
             return Err(Error::Unrealizable {
                 reason: "PoolMissing",
@@ -585,10 +586,142 @@ pub async fn observe_volume(ctx: &Context, vol: &Volume) -> Result<VolumeHere> {
                 ),
             });
         }
-        Some(_) => {}
+        Some(p) => p,
+    };
+    let (name, source_name) = image_names(ctx, vol, &pool).await?;
+    let mut names = vec![name.clone()];
+    if let Some(src) = vol.spec.source.as_ref().and_then(|s| s.referenced_volume()) {
+        names.push(
+            source_name
+                .clone()
+                .unwrap_or_else(|| host_name(Some(&ns), src)),
+        );
     }
-    let image = host.volumes.get(&(vol.spec.pool.clone(), name)).cloned();
-    Ok(VolumeHere { host, image })
+    for v in &names {
+        if let Some(o) = ctx.engine.volume_observe(&vol.spec.pool, v).await? {
+            host.volumes
+                .insert((vol.spec.pool.clone(), v.clone()), volume_from(&o, &pool));
+        }
+    }
+    let image = host
+        .volumes
+        .get(&(vol.spec.pool.clone(), name.clone()))
+        .cloned();
+    Ok(VolumeHere {
+        host,
+        name,
+        source_name,
+        image,
+    })
+}
+
+/// The libvirt names of `vol`'s image in `pool` and, for a clone in a `disk` pool, of the
+/// partition it copies: `<namespace>.<name>` (and no source name: the manifest's), except
+/// in a `disk` pool, where libvirt names partitions itself ([`partition`]).
+async fn image_names(
+    ctx: &Context,
+    vol: &Volume,
+    pool: &PoolObserved,
+) -> Result<(String, Option<String>)> {
+    if pool.pool_type != virtkube_engine::model::PoolType::Disk {
+        return Ok((volume_host_name(vol), None));
+    }
+    let refused = |r: partition::Refusal| Error::Unrealizable {
+        reason: r.reason,
+        message: r.message,
+    };
+    let partitions = ctx.engine.volume_observe_all(&vol.spec.pool).await?;
+    let device = pool.source.devices.first().map_or("", String::as_str);
+    let format = pool.source.format.as_deref().unwrap_or("gpt");
+    let chosen =
+        partition::choose(vol, &vol.spec.pool, device, format, &partitions).map_err(refused)?;
+    let others = other_records(ctx, vol).await?;
+    let key = vol.status.as_ref().and_then(|s| s.key.as_deref());
+    if let Some(r) =
+        partition::conflict(&chosen, key.or(adopted_key(&chosen, &partitions)), &others)
+    {
+        return Err(refused(r));
+    }
+    if let partition::Partition::Next(next) = &chosen {
+        let mut recorded: Vec<&str> = others.iter().map(|o| o.key.as_str()).collect();
+        recorded.extend(key);
+        let left = partition::unrecorded(&partitions, &recorded);
+        if !left.is_empty() {
+            tracing::warn!(pool = %vol.spec.pool, partitions = %left.join(", "), next = %next, "disk pool holds partitions no Volume recorded: left alone");
+        }
+    }
+    let name = chosen.name().to_string();
+    let ns = vol.namespace().unwrap_or_default();
+    let source = match vol.spec.source.as_ref().and_then(|s| s.volume.as_deref()) {
+        None => None,
+        Some(src) => {
+            let display = format!("{ns}/{src}");
+            let Some(source) = find_volume(ctx, &ns, src).await? else {
+                return Err(Error::Unrealizable {
+                    reason: "SourceNotReady",
+                    message: format!("spec.source.volume: Volume {display} does not exist"),
+                });
+            };
+            Some(
+                partition::source_of(&source, &display, &vol.spec.pool, &partitions)
+                    .map_err(refused)?,
+            )
+        }
+    };
+    Ok((name, source))
+}
+
+/// The key of the partition an adoption names (to check no other Volume records it).
+fn adopted_key<'a>(
+    chosen: &partition::Partition,
+    partitions: &'a [VolumeObserved],
+) -> Option<&'a str> {
+    match chosen {
+        partition::Partition::Adopt(name) => partitions
+            .iter()
+            .find(|p| &p.name == name)
+            .map(|p| p.key.as_str()),
+        _ => None,
+    }
+}
+
+/// What the other Volumes held by this node recorded in `vol`'s pool (from the reflector,
+/// or the API without one).
+async fn other_records(ctx: &Context, vol: &Volume) -> Result<Vec<partition::OtherRecord>> {
+    let all: Vec<Volume> = match &ctx.volumes {
+        Some(store) => store.state().iter().map(|v| (**v).clone()).collect(),
+        None => {
+            kube::Api::<Volume>::all(ctx.client.clone())
+                .list(&kube::api::ListParams::default())
+                .await?
+                .items
+        }
+    };
+    let node = ctx.settings.node.as_str();
+    Ok(all
+        .into_iter()
+        .filter(|v| v.spec.pool == vol.spec.pool && v.metadata.uid != vol.metadata.uid)
+        .filter_map(|v| {
+            let status = v.status.as_ref()?;
+            (status.node_name.as_deref() == Some(node)).then_some(())?;
+            Some(partition::OtherRecord {
+                volume: format!("{}/{}", v.namespace().unwrap_or_default(), v.name_any()),
+                key: status.key.clone()?,
+                name: status.volume_name.clone(),
+            })
+        })
+        .collect())
+}
+
+/// The libvirt name a deletion of `vol` works on: the partition it recorded in a `disk`
+/// pool (`None`: it recorded none, so none is its), else `<namespace>.<name>`.
+fn recorded_image_name(vol: &Volume, pool_type: &str) -> Option<String> {
+    if pool_type != "disk" {
+        return Some(volume_host_name(vol));
+    }
+    let status = vol.status.as_ref()?;
+    status.key.as_ref()?;
+    status.volume_name.clone()
 }
 
 /// Brings the volume on this node to what `vol.spec` asks, from what [`observe_volume`]
@@ -600,12 +733,21 @@ pub async fn volume(
     here: VolumeHere,
     ours: bool,
 ) -> Result<Converged<VolumeObserved>> {
-    let name = volume_host_name(vol);
+    let name = here.name;
     let mut host = here.host;
     if let Some(image) = host.volumes.get_mut(&(vol.spec.pool.clone(), name.clone())) {
         image.owned = ours;
     }
-    let plan = plan_alone(ctx, Object::Volume(Box::new(vol.clone())), host)?;
+    let named = VolumeNames {
+        image: &name,
+        clone_source: here.source_name.as_deref(),
+    };
+    let plan = plan_with(
+        ctx,
+        Object::Volume(Box::new(vol.clone())),
+        host,
+        Some(named),
+    )?;
     let drift = vol
         .status
         .as_ref()
@@ -643,9 +785,17 @@ pub async fn remove_volume(
     vol: &Volume,
     cluster: &ClusterView,
 ) -> Result<(Vec<Change>, Option<String>)> {
-    let name = volume_host_name(vol);
     let mut observed = observe_this_node(ctx).await?;
     let Some(host) = observed.hosts.get_mut(&ctx.settings.node) else {
+        return Ok((Vec::new(), None));
+    };
+    let pool_type = host
+        .pools
+        .get(&vol.spec.pool)
+        .map(|p| p.pool_type.clone())
+        .unwrap_or_default();
+    // A Volume that recorded no partition of a disk pool has none there.
+    let Some(name) = recorded_image_name(vol, &pool_type) else {
         return Ok((Vec::new(), None));
     };
     match host.pools.get(&vol.spec.pool) {
@@ -689,7 +839,12 @@ pub async fn remove_volume(
             ));
         }
     }
-    let plan = plan_removal_in(ctx, Object::Volume(Box::new(vol.clone())), &observed);
+    let plan = plan_removal_named(
+        ctx,
+        Object::Volume(Box::new(vol.clone())),
+        &observed,
+        Some(&name),
+    );
     let about_me = |n: &&plan::Notice| n.object.kind == ObjectKind::Volume && n.object.name == name;
     let kept = plan
         .notices
@@ -833,14 +988,45 @@ pub async fn remove_pool(ctx: &Context, pool: &StoragePool) -> Result<Vec<Change
 /// The plan for `object` alone on this node, against `host`; a manifest the planner
 /// cannot take is `InvalidSpec`.
 fn plan_alone(ctx: &Context, object: Object, host: ObservedHost) -> Result<Plan> {
+    plan_with(ctx, object, host, None)
+}
+
+/// The libvirt names a Volume's plan works on when they are not the manifest's (a `disk`
+/// pool's partitions).
+#[derive(Debug, Clone, Copy)]
+struct VolumeNames<'a> {
+    /// The Volume's own image.
+    image: &'a str,
+    /// The partition a clone copies.
+    clone_source: Option<&'a str>,
+}
+
+/// [`plan_alone`], for a Volume whose images libvirt names as `volume_names` says when given
+/// (a `disk` pool's partitions; otherwise the manifest's `<namespace>.<name>` anyway).
+fn plan_with(
+    ctx: &Context,
+    object: Object,
+    host: ObservedHost,
+    volume_names: Option<VolumeNames>,
+) -> Result<Plan> {
     let manifests = vec![manifest(object)];
-    let (desired, notices) =
+    let (mut desired, notices) =
         DesiredState::from_manifests(&manifests, &Nodes::single(&ctx.settings.node));
     if let Some(n) = notices.first() {
         return Err(Error::Unrealizable {
             reason: "InvalidSpec",
             message: n.message.clone(),
         });
+    }
+    if let Some(names) = volume_names {
+        for v in &mut desired.volumes {
+            v.name = names.image.to_string();
+            if let (Some(src), plan::desired::VolumeOrigin::Clone(_)) =
+                (names.clone_source, &v.source)
+            {
+                v.source = plan::desired::VolumeOrigin::Clone(src.to_string());
+            }
+        }
     }
     Ok(plan::plan(
         &desired,
@@ -856,8 +1042,24 @@ fn plan_removal(ctx: &Context, object: Object, host: ObservedHost) -> Plan {
 
 /// The plan that removes `object` from this node, against `observed`.
 fn plan_removal_in(ctx: &Context, object: Object, observed: &ObservedState) -> Plan {
+    plan_removal_named(ctx, object, observed, None)
+}
+
+/// [`plan_removal_in`], for a Volume whose image libvirt names `volume_name` when given.
+fn plan_removal_named(
+    ctx: &Context,
+    object: Object,
+    observed: &ObservedState,
+    volume_name: Option<&str>,
+) -> Plan {
     let manifests = vec![manifest(object)];
-    let (desired, _) = DesiredState::from_manifests(&manifests, &Nodes::single(&ctx.settings.node));
+    let (mut desired, _) =
+        DesiredState::from_manifests(&manifests, &Nodes::single(&ctx.settings.node));
+    if let Some(name) = volume_name {
+        for v in &mut desired.volumes {
+            v.name = name.to_string();
+        }
+    }
     plan::plan_delete(&desired, observed)
 }
 

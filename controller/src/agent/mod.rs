@@ -8,6 +8,7 @@
 //! | [`domain`], [`volume`], [`network`], [`pool`] | one controller per kind |
 //! | [`converge`] | the adapter to the reconcile core (observe, change, report) |
 //! | [`ownership`] | which image in a pool is a Volume's own |
+//! | [`partition`] | which partition of a `disk` pool is a Volume's |
 //! | [`node`] | the `HypervisorNode` publisher (facts and heartbeat) |
 //! | [`drift`] | libvirt events -> reconcile requests |
 //! | [`echoes`] | the agent's own writes and libvirt calls coming back, recognised so they trigger nothing |
@@ -44,6 +45,7 @@ pub mod moves;
 pub mod network;
 pub mod node;
 pub mod ownership;
+pub mod partition;
 pub mod pernode;
 pub mod pool;
 pub mod readiness;

@@ -200,7 +200,7 @@ async fn converge_here(
             if let Some(image) = &here.image {
                 let note = format!(
                     "adopted the existing image {} ({}) as annotation {} asks",
-                    converge::volume_host_name(vol),
+                    here.name,
                     image.path,
                     virtkube_crds::volume::ADOPT_IMAGE_ANNOTATION
                 );
@@ -212,8 +212,7 @@ async fn converge_here(
             if let Some(image) = &here.image {
                 let note = format!(
                     "took over the copy {} ({}) made on this node by its Domain's live migration",
-                    converge::volume_host_name(vol),
-                    image.path
+                    here.name, image.path
                 );
                 ctx.event(vol, false, "MovedHere", "Move", note).await;
             }
@@ -237,7 +236,7 @@ async fn converge_here(
             // is then known to be the one this Volume made.
             let creating = vol.status.as_ref().and_then(|s| s.phase) == Some(VolumePhase::Creating);
             if !creating {
-                match write_creating(ctx, api, vol).await {
+                match write_creating(ctx, api, vol, &here.name).await {
                     Ok(Some(written)) => read = written,
                     // Not ours any more, or gone: nothing to make.
                     Ok(None) => {
@@ -272,9 +271,14 @@ async fn converge_here(
     }
 }
 
-/// Records `phase: Creating` (keeping everything else) and returns the Volume as written;
-/// `None` when this node no longer holds it.
-async fn write_creating(ctx: &Context, api: &Api<Volume>, vol: &Volume) -> Result<Option<Volume>> {
+/// Records `phase: Creating` and the libvirt name `name` about to be made (keeping everything
+/// else) and returns the Volume as written; `None` when this node no longer holds it.
+async fn write_creating(
+    ctx: &Context,
+    api: &Api<Volume>,
+    vol: &Volume,
+    name: &str,
+) -> Result<Option<Volume>> {
     let mut read = vol.clone();
     for _ in 0..WRITE_ATTEMPTS {
         if !concerns(&read, ctx) || read.meta().deletion_timestamp.is_some() {
@@ -282,7 +286,7 @@ async fn write_creating(ctx: &Context, api: &Api<Volume>, vol: &Volume) -> Resul
         }
         let mut status = read.status.clone().unwrap_or_default();
         status.phase = Some(VolumePhase::Creating);
-        status.volume_name = Some(converge::volume_host_name(&read));
+        status.volume_name = Some(name.to_string());
         match write_status(api, &read, &status, FIELD_MANAGER).await {
             Ok(written) => {
                 count_write(ctx);
@@ -576,7 +580,11 @@ fn status_for(
     };
     let mut status = VolumeStatus {
         node_name: current.node_name.clone(),
-        volume_name: Some(converge::volume_host_name(vol)),
+        // A disk pool's partition is named by libvirt (`sdb2`): what was made, or recorded.
+        volume_name: observed
+            .map(|o| o.name.clone())
+            .or_else(|| current.volume_name.clone())
+            .or_else(|| Some(converge::volume_host_name(vol))),
         observed_generation: generation,
         // Keep what the last successful reconcile recorded while a problem lasts: the key
         // is the record that the image is this Volume's.

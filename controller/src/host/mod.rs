@@ -346,7 +346,6 @@ async fn observe_host(h: &Host) -> Result<ObservedHost, HostError> {
         let Some(p) = e.pool_observe(&name).await.map_err(&err)? else {
             continue;
         };
-        let owned = p.owner.is_some();
         let active = p.state == virtkube_engine::model::PoolState::Running;
         host.pools.insert(name.clone(), pool_from(&p));
         if !active {
@@ -360,7 +359,7 @@ async fn observe_host(h: &Host) -> Result<ObservedHost, HostError> {
         };
         for v in volumes {
             host.volumes
-                .insert((name.clone(), v.name.clone()), volume_from(&v, owned));
+                .insert((name.clone(), v.name.clone()), volume_from(&v, &p));
         }
     }
     for name in e.network_list().await.map_err(&err)? {
@@ -376,19 +375,29 @@ async fn observe_host(h: &Host) -> Result<ObservedHost, HostError> {
     Ok(host)
 }
 
-/// The planner's view of a volume libvirt reports, in a pool that carries virtkube's mark
-/// (`pool_owned`) or not (shared with the agent). libvirt keeps no mark on volumes: in a
-/// virtkube pool, a volume named `<namespace>.<name>` counts as one virtkube made — the rule
-/// of local manifests, which have no other record; the agent decides from the Volume's
-/// recorded key instead (`agent::ownership`).
-pub fn volume_from(v: &VolumeObserved, pool_owned: bool) -> ObservedVolume {
+/// The planner's view of a volume libvirt reports, in `pool` (which carries virtkube's mark
+/// or not). libvirt keeps no mark on volumes: in a virtkube pool, a volume named
+/// `<namespace>.<name>` counts as one virtkube made — the rule of local manifests, which
+/// have no other record; the agent decides from the Volume's recorded key instead
+/// (`agent::ownership`). A partition of a `disk` pool is never counted so (libvirt names it
+/// after the disk), and its format there is its partition type, not an image format: a
+/// partition holds raw data.
+pub fn volume_from(
+    v: &VolumeObserved,
+    pool: &virtkube_engine::model::PoolObserved,
+) -> ObservedVolume {
+    let partition = pool.pool_type == PoolType::Disk;
     ObservedVolume {
-        owned: pool_owned && v.name.contains('.'),
+        owned: pool.owner.is_some() && !partition && v.name.contains('.'),
         key: v.key.clone(),
         path: v.path.clone(),
         capacity: v.capacity,
         allocation: v.allocation,
-        format: v.format.as_ref().map(|f| f.as_str().to_string()),
+        format: if partition {
+            Some("raw".to_string())
+        } else {
+            v.format.as_ref().map(|f| f.as_str().to_string())
+        },
         backing_path: v.backing.as_ref().map(|b| b.path.clone()),
     }
 }
@@ -1284,13 +1293,23 @@ async fn run_action(hosts: &Hosts, host: &Host, a: &Action) -> Result<String, Ho
 
 /// A retained image (its Volume was deleted with `reclaimPolicy: Retain`, or its pool
 /// undefined) is adopted again by a Volume of the same namespace and name in virtkube's pool,
-/// as the Volume API promises, instead of failing on "exists already".
+/// as the Volume API promises, instead of failing on "exists already". Never a partition of
+/// a `disk` pool: its name is libvirt's (`sdb2`), not the Volume's, so one that exists
+/// already was made for another Volume (two made at once both expect the next number), or
+/// outside virtkube.
 async fn adopt(
     e: &Engine,
     pool: &str,
     name: &str,
     exists: EngineError,
 ) -> Result<String, EngineError> {
+    let partition = e
+        .pool_observe(pool)
+        .await?
+        .is_some_and(|p| p.pool_type == PoolType::Disk);
+    if partition {
+        return Err(exists);
+    }
     match e.volume_observe(pool, name).await? {
         Some(v) => Ok(format!("adopted the retained image at {}", v.path)),
         None => Err(exists),

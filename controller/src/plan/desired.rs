@@ -73,12 +73,15 @@ pub struct DesiredPool {
 
 impl DesiredPool {
     /// The build step a new pool needs, if any: `Some(true)` also makes the storage on its
-    /// devices (a logical pool's volume group, an fs pool's filesystem); `Some(false)` only
-    /// its target directory (`dir`, `fs`, `netfs`). A logical pool that is not built uses a
-    /// volume group that exists already: nothing to build.
+    /// devices (a logical pool's volume group, an fs pool's filesystem, a disk pool's
+    /// partition table); `Some(false)` only its target directory (`dir`, `fs`, `netfs`). A
+    /// logical or disk pool that is not built uses a volume group or partition table that
+    /// exists already: nothing to build.
     pub fn build_step(&self) -> Option<bool> {
         match self.pool_type.as_str() {
-            "logical" => self.build.then_some(true),
+            // libvirt builds a disk pool by writing a partition table (refusing a disk that
+            // has one): never without source.build.
+            "logical" | "disk" => self.build.then_some(true),
             "fs" => Some(self.build),
             _ => Some(false),
         }
@@ -91,19 +94,23 @@ impl DesiredPool {
 }
 
 /// The source fields a StoragePool's manifest sets, as the planner compares them with
-/// libvirt's.
-pub fn pool_source_view(
-    source: Option<&virtkube_crds::storage_pool::PoolSource>,
-) -> PoolSourceView {
-    let Some(s) = source else {
-        return PoolSourceView::default();
+/// libvirt's. A `disk` pool's partition table is always written (`gpt` when left out):
+/// libvirt's own default for a disk pool is `dos`.
+pub fn pool_source_view(spec: &virtkube_crds::storage_pool::StoragePoolSpec) -> PoolSourceView {
+    let disk = spec.type_ == virtkube_crds::storage_pool::PoolType::Disk;
+    let default_format = disk.then(|| "gpt".to_string());
+    let Some(s) = spec.source.as_ref() else {
+        return PoolSourceView {
+            format: default_format,
+            ..PoolSourceView::default()
+        };
     };
     PoolSourceView {
         host: s.host.clone(),
         dir: s.dir.clone(),
         devices: s.devices.clone(),
         name: s.name.clone(),
-        format: s.format.map(|f| f.as_str().to_string()),
+        format: s.format.map(|f| f.as_str().to_string()).or(default_format),
     }
 }
 
@@ -436,7 +443,7 @@ impl DesiredState {
                         origin: origin_of(m),
                         pool_type: p.spec.type_.as_str().to_string(),
                         target_path: p.spec.effective_target_path(),
-                        source: pool_source_view(p.spec.source.as_ref()),
+                        source: pool_source_view(&p.spec),
                         build: p.spec.source.as_ref().is_some_and(|s| s.build),
                         autostart: p.spec.autostart,
                         only_on: None,

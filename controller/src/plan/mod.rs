@@ -1060,7 +1060,9 @@ pub fn plan(desired: &DesiredState, observed: &ObservedState, options: &PlanOpti
             .map(|p| p.pool_type.clone())
             .or_else(|| host.pools.get(&vol.pool).map(|p| p.pool_type.clone()))
             .unwrap_or_default();
-        if let Some(why) = backend::refuse_volume(&pool_type, &vol.format, &vol.source) {
+        if let Some(why) = backend::refuse_volume(&pool_type, &vol.format, &vol.source)
+            .or_else(|| backend::refuse_volume_name(&pool_type, &vol.name).map(Into::into))
+        {
             b.notice(
                 NoticeKind::Unsupported,
                 &object,
@@ -1131,7 +1133,7 @@ pub fn plan(desired: &DesiredState, observed: &ObservedState, options: &PlanOpti
                         // A copy larger than its source is grown after the copy: not in a
                         // pool that cannot grow a volume.
                         if let (Some(why), Some(capacity), Some(source)) = (
-                            backend::refuse_growth(&pool_type),
+                            backend::refuse_larger_clone(&pool_type),
                             vol.capacity,
                             planned_size(desired, observed, node, &vol.pool, src, 0),
                         ) && backend::check_size(&pool_type, capacity, source)

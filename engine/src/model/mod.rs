@@ -31,6 +31,6 @@ pub use owner::{OWNER_NS, Owner};
 pub use stats::{BlockStats, DomainStatsRecord, NetStats};
 pub use storage::{
     BackingStore, BuildMode, PoolDef, PoolObserved, PoolSource, PoolState, PoolType, VolumeDef,
-    VolumeFormat, VolumeObserved,
+    VolumeFormat, VolumeObserved, max_partitions, next_partition_name,
 };
 pub use xml::XmlError;

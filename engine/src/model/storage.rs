@@ -14,6 +14,8 @@ pub enum PoolType {
     Fs,
     /// An LVM volume group.
     Logical,
+    /// One whole disk; its partitions are the volumes.
+    Disk,
     /// Any other type, by libvirt's name (read-only support).
     Other(String),
 }
@@ -26,6 +28,7 @@ impl PoolType {
             PoolType::Netfs => "netfs",
             PoolType::Fs => "fs",
             PoolType::Logical => "logical",
+            PoolType::Disk => "disk",
             PoolType::Other(s) => s,
         }
     }
@@ -37,6 +40,7 @@ impl PoolType {
             "netfs" => PoolType::Netfs,
             "fs" => PoolType::Fs,
             "logical" => PoolType::Logical,
+            "disk" => PoolType::Disk,
             o => PoolType::Other(o.to_string()),
         }
     }
@@ -49,11 +53,13 @@ pub struct PoolSource {
     pub host: Option<String>,
     /// Remote directory (netfs).
     pub dir: Option<String>,
-    /// Block devices (logical: the physical volumes; fs: the one device).
+    /// Block devices (logical: the physical volumes; fs: the one device; disk: the whole
+    /// disk).
     pub devices: Vec<String>,
     /// Source name (logical: the volume group).
     pub name: Option<String>,
-    /// Filesystem (`fs`: ext4, xfs, …; `netfs`: nfs; `logical`: lvm2, which libvirt adds).
+    /// Filesystem (`fs`: ext4, xfs, …; `netfs`: nfs; `logical`: lvm2, which libvirt adds);
+    /// for `disk`, the partition table (`gpt`, `dos`).
     pub format: Option<String>,
 }
 
@@ -113,6 +119,17 @@ impl PoolDef {
                 ));
             }
             PoolType::Fs => {}
+            PoolType::Disk if s.devices.len() != 1 => {
+                return Err(format!(
+                    "a disk pool needs exactly one source device (the whole disk), {} given",
+                    s.devices.len()
+                ));
+            }
+            // libvirt's default label for a disk pool is dos: always say which.
+            PoolType::Disk if s.format.is_none() => {
+                return Err("a disk pool needs its partition table format (gpt, dos)".into());
+            }
+            PoolType::Disk => {}
             PoolType::Logical => match &s.name {
                 None => return Err("a logical pool needs a volume group name".into()),
                 Some(vg) if self.target_path != format!("/dev/{vg}") => {
@@ -128,10 +145,13 @@ impl PoolDef {
     }
 
     /// Whether building the pool with [`BuildMode::MakeStorage`] makes something on its
-    /// source devices (a volume group, a filesystem); for the others building only creates the
-    /// target directory.
+    /// source devices (a volume group, a filesystem, a partition table); for the others
+    /// building only creates the target directory.
     pub fn builds_on_devices(&self) -> bool {
-        matches!(self.pool_type, PoolType::Logical | PoolType::Fs)
+        matches!(
+            self.pool_type,
+            PoolType::Logical | PoolType::Fs | PoolType::Disk
+        )
     }
 
     /// libvirt pool XML.
@@ -370,6 +390,20 @@ impl VolumeDef {
         Ok(())
     }
 
+    /// libvirt volume XML for a partition of a `disk` pool: no `<format>` (libvirt's disk
+    /// backend takes a partition type there, `none` by default, and refuses `raw`: "unknown
+    /// volume format type raw"); a partition holds raw data.
+    pub fn to_partition_xml(&self) -> String {
+        Element::new("volume")
+            .child(Element::new("name").text(&self.name))
+            .child(
+                Element::new("capacity")
+                    .attr("unit", "bytes")
+                    .text(self.capacity_bytes),
+            )
+            .to_xml()
+    }
+
     /// libvirt volume XML, with the backing store already resolved to a path.
     pub fn to_xml(&self, backing: Option<&BackingStore>) -> String {
         let mut root = Element::new("volume")
@@ -392,6 +426,38 @@ impl VolumeDef {
         }
         root.to_xml()
     }
+}
+
+/// The name libvirt's disk backend gives the next partition it makes on `device` (a
+/// `disk` pool's one device), given the names of the partitions there: the device's name,
+/// `p` when that ends in a digit (`nvme0n1p1`), and the lowest partition number not in use,
+/// which is the one `parted mkpart` takes (checked on libvirt 9.0 with a GPT label: after
+/// `sda2` is deleted, the next partition is `sda2` again). libvirt refuses a volume of any
+/// other name ("invalid partition name 'x', expected 'sda2'") and removes what it made.
+/// `max_partitions`: 4 for a `dos` label (virtkube makes primary partitions only), 128 for
+/// `gpt`. `None`: the label has no free partition number.
+pub fn next_partition_name(
+    device: &str,
+    existing: &[String],
+    max_partitions: u32,
+) -> Option<String> {
+    let base = device.rsplit('/').next().unwrap_or(device);
+    let separator = if base.ends_with(|c: char| c.is_ascii_digit()) {
+        "p"
+    } else {
+        ""
+    };
+    (1..=max_partitions)
+        .map(|n| format!("{base}{separator}{n}"))
+        .find(|name| !existing.iter().any(|e| e == name))
+}
+
+/// How many partitions virtkube makes on a `disk` pool's label of `format`: primary
+/// partitions only on `dos` (libvirt would make logical ones after the fourth, whose
+/// numbers shift when one before them is deleted: a recorded partition would then name
+/// another's data), 128 on `gpt` (numbers never shift).
+pub fn max_partitions(format: &str) -> u32 {
+    if format == "dos" { 4 } else { 128 }
 }
 
 /// A volume as libvirt reports it. Volumes carry no ownership mark in libvirt: the caller
@@ -457,6 +523,45 @@ impl VolumeObserved {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn partitions_are_named_as_libvirt_expects() {
+        let names = |n: &[&str]| n.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            next_partition_name("/dev/sda", &[], 128).as_deref(),
+            Some("sda1")
+        );
+        assert_eq!(
+            next_partition_name("/dev/sda", &names(&["sda1", "sda3"]), 128).as_deref(),
+            Some("sda2")
+        );
+        assert_eq!(
+            next_partition_name("/dev/nvme0n1", &names(&["nvme0n1p1"]), 128).as_deref(),
+            Some("nvme0n1p2")
+        );
+        let four = names(&["sdb1", "sdb2", "sdb3", "sdb4"]);
+        assert_eq!(
+            next_partition_name("/dev/sdb", &four, max_partitions("dos")),
+            None
+        );
+        assert_eq!(
+            next_partition_name("/dev/sdb", &four, max_partitions("gpt")).as_deref(),
+            Some("sdb5")
+        );
+    }
+
+    #[test]
+    fn a_partition_is_asked_for_without_a_format() {
+        let def = VolumeDef {
+            name: "sda2".into(),
+            capacity_bytes: 10 << 20,
+            format: VolumeFormat::Raw,
+            backing_volume: None,
+        };
+        let xml = def.to_partition_xml();
+        assert!(!xml.contains("format"), "{xml}");
+        assert!(xml.contains("<name>sda2</name>"), "{xml}");
+    }
 
     #[test]
     fn pool_mark_survives_xml() {

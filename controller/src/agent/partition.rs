@@ -1,0 +1,367 @@
+//! Which partition of a `disk` pool is a Volume's.
+//!
+//! libvirt names a disk pool's volumes itself, after the disk and the partition number
+//! (`sdb2`: any other name is refused), and partitions carry no owner mark. So the record is
+//! the Volume's: `status.key` (the partition's key, its path) once the agent made it,
+//! `status.volumeName` beside it. Guarantees:
+//! - A Volume only ever takes the partition whose key it recorded, or the one the
+//!   annotation `virtkube.io/adopt-image` names. A partition no Volume recorded is never
+//!   deleted, resized or handed to a guest.
+//! - A Volume with no key recorded gets the next partition libvirt will make (the lowest free
+//!   number), chosen again at every attempt from what the disk holds then; the `Creating`
+//!   phase recorded before the attempt names nothing here. So a crash between making a
+//!   partition and recording its key leaves that partition unrecorded (safe: it is nobody's,
+//!   and the next attempt takes the next number), never taken by the wrong Volume. Two
+//!   Volumes made at once that both expect the same number: libvirt makes one partition,
+//!   refuses the other ("exists already", or "invalid partition name" when parted took
+//!   another number), which is retried with the next number; the executor never adopts an
+//!   existing partition ([`crate::host`]).
+//! - A recorded partition that is gone (removed outside virtkube) is reported, never replaced
+//!   by a new, empty one under the Volume's name; while such a record stands, its number is
+//!   never made again for another Volume, and a partition two Volumes record is touched for
+//!   neither ([`conflict`]).
+//! - A clone copies the partition its source Volume recorded, and waits while it has none.
+
+use virtkube_crds::Volume;
+use virtkube_crds::volume::ADOPT_IMAGE_ANNOTATION;
+use virtkube_engine::model::{VolumeObserved, max_partitions, next_partition_name};
+
+/// The partition a Volume's reconcile works on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Partition {
+    /// The one whose key the Volume recorded.
+    Recorded(String),
+    /// The one the adopt annotation names (by key or path), not recorded yet.
+    Adopt(String),
+    /// None yet: the name libvirt will give the next partition it makes.
+    Next(String),
+}
+
+impl Partition {
+    /// The libvirt volume name.
+    pub fn name(&self) -> &str {
+        match self {
+            Partition::Recorded(n) | Partition::Adopt(n) | Partition::Next(n) => n,
+        }
+    }
+}
+
+/// Why there is no partition to work on: the Volume condition's reason and message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// `PartitionMissing`, `AdoptMissing`, `PartitionTableFull`, `PartitionRecordedTwice`,
+    /// `PartitionNumberRecorded`, `SourceNotReady`.
+    pub reason: &'static str,
+    /// What happened and what to do.
+    pub message: String,
+}
+
+fn refusal(reason: &'static str) -> impl FnOnce(String) -> Refusal {
+    move |message| Refusal { reason, message }
+}
+
+/// The partition for `vol` in pool `pool` on `device` labelled `format` (`gpt`, `dos`),
+/// among `partitions` (every volume libvirt lists there); `Err`: why there is none to work
+/// on, for the Volume's condition.
+pub fn choose(
+    vol: &Volume,
+    pool: &str,
+    device: &str,
+    format: &str,
+    partitions: &[VolumeObserved],
+) -> Result<Partition, Refusal> {
+    let status = vol.status.as_ref();
+    if let Some(key) = status.and_then(|s| s.key.as_deref()) {
+        return partitions
+            .iter()
+            .find(|p| p.key == key)
+            .map(|p| Partition::Recorded(p.name.clone()))
+            .ok_or_else(|| {
+                format!(
+                    "the partition this Volume recorded (key {key}) is gone from disk pool {pool}: it was removed outside virtkube, and virtkube does not make a new, empty one in its place; delete the Volume and create it again for a new partition"
+                )
+            })
+            .map_err(refusal("PartitionMissing"));
+    }
+    let adopt = vol
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ADOPT_IMAGE_ANNOTATION));
+    if let Some(wanted) = adopt {
+        return partitions
+            .iter()
+            .find(|p| &p.key == wanted || &p.path == wanted)
+            .map(|p| Partition::Adopt(p.name.clone()))
+            .ok_or_else(|| {
+                format!(
+                    "annotation {ADOPT_IMAGE_ANNOTATION} asks to adopt {wanted}, but disk pool {pool} holds no partition with that key or path: nothing adopted; remove the annotation to make a new, empty partition"
+                )
+            })
+            .map_err(refusal("AdoptMissing"));
+    }
+    let names: Vec<String> = partitions.iter().map(|p| p.name.clone()).collect();
+    next_partition_name(device, &names, max_partitions(format))
+        .map(Partition::Next)
+        .ok_or_else(|| {
+            format!(
+                "disk pool {pool} has no free partition number on its {format} label ({} partitions): virtkube makes primary partitions only on a dos label; delete a Volume there, or use a gpt disk",
+                names.len()
+            )
+        })
+        .map_err(refusal("PartitionTableFull"))
+}
+
+/// What other Volumes on this node recorded in the same disk pool: `namespace/name`, the
+/// partition's key and name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OtherRecord {
+    /// `namespace/name` of the Volume.
+    pub volume: String,
+    /// Its `status.key`.
+    pub key: String,
+    /// Its `status.volumeName`.
+    pub name: Option<String>,
+}
+
+/// Checks `chosen` against the other Volumes' records: a partition two Volumes record (the
+/// path of one removed outside virtkube, reused by a new partition) is touched for neither,
+/// and the next partition is never made while another Volume records its name (its own
+/// partition gone), so that no Volume could take a partition made for another. `None`: no
+/// conflict.
+pub fn conflict(chosen: &Partition, key: Option<&str>, others: &[OtherRecord]) -> Option<Refusal> {
+    match chosen {
+        Partition::Recorded(_) | Partition::Adopt(_) => {
+            let key = key?;
+            let other = others.iter().find(|o| o.key == key)?;
+            Some(Refusal {
+                reason: "PartitionRecordedTwice",
+                message: format!(
+                    "the partition with key {key} is recorded by Volume {} too (a partition removed outside virtkube and its number reused): virtkube touches it for neither; remove the Volume whose data it is not",
+                    other.volume
+                ),
+            })
+        }
+        Partition::Next(name) => {
+            let other = others.iter().find(|o| o.name.as_deref() == Some(name))?;
+            Some(Refusal {
+                reason: "PartitionNumberRecorded",
+                message: format!(
+                    "the next partition libvirt would make, {name}, is recorded by Volume {}, whose partition is gone: virtkube makes no partition that another Volume's record names; delete that Volume (its data is already gone)",
+                    other.volume
+                ),
+            })
+        }
+    }
+}
+
+/// The partitions no Volume recorded (`recorded`: every key recorded in the pool on this
+/// node): left alone, listed so that someone can look.
+pub fn unrecorded(partitions: &[VolumeObserved], recorded: &[&str]) -> Vec<String> {
+    partitions
+        .iter()
+        .filter(|p| !recorded.contains(&p.key.as_str()))
+        .map(|p| p.name.clone())
+        .collect()
+}
+
+/// The partition a clone in a disk pool copies: the one its source Volume (`source`,
+/// `display` as `namespace/name`) recorded, among `partitions`. A source that recorded none
+/// yet is waited for; a partition nobody recorded is never copied.
+pub fn source_of(
+    source: &Volume,
+    display: &str,
+    pool: &str,
+    partitions: &[VolumeObserved],
+) -> Result<String, Refusal> {
+    let Some(key) = source.status.as_ref().and_then(|s| s.key.as_deref()) else {
+        return Err(Refusal {
+            reason: "SourceNotReady",
+            message: format!(
+                "spec.source.volume: Volume {display} has no partition recorded in disk pool {pool} yet: the clone is made once it has"
+            ),
+        });
+    };
+    partitions
+        .iter()
+        .find(|p| p.key == key)
+        .map(|p| p.name.clone())
+        .ok_or_else(|| Refusal {
+            reason: "SourceNotReady",
+            message: format!(
+                "spec.source.volume: the partition Volume {display} recorded (key {key}) is not in disk pool {pool}"
+            ),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use virtkube_crds::volume::{VolumePhase, VolumeStatus};
+
+    fn volume(status: Option<VolumeStatus>, adopt: Option<&str>) -> Volume {
+        let mut v: Volume = serde_json::from_value(json!({
+            "apiVersion": "virtkube.io/v1alpha1", "kind": "Volume",
+            "metadata": { "name": "data", "namespace": "team", "uid": "uid-1" },
+            "spec": { "pool": "disk", "capacity": "10M", "format": "raw" }
+        }))
+        .unwrap();
+        v.status = status;
+        if let Some(a) = adopt {
+            v.metadata.annotations =
+                Some([(ADOPT_IMAGE_ANNOTATION.to_string(), a.to_string())].into());
+        }
+        v
+    }
+
+    fn part(n: u32) -> VolumeObserved {
+        VolumeObserved {
+            name: format!("sdb{n}"),
+            pool: "disk".into(),
+            key: format!("/dev/sdb{n}"),
+            path: format!("/dev/sdb{n}"),
+            capacity: 10 << 20,
+            allocation: 10 << 20,
+            format: None,
+            backing: None,
+        }
+    }
+
+    fn recorded(key: Option<&str>, name: Option<&str>, phase: VolumePhase) -> Option<VolumeStatus> {
+        Some(VolumeStatus {
+            key: key.map(Into::into),
+            volume_name: name.map(Into::into),
+            phase: Some(phase),
+            ..VolumeStatus::default()
+        })
+    }
+
+    #[test]
+    fn a_volume_takes_only_the_partition_it_recorded() {
+        let parts = [part(1), part(2), part(3)];
+        let v = volume(
+            recorded(Some("/dev/sdb2"), Some("sdb2"), VolumePhase::Available),
+            None,
+        );
+        assert_eq!(
+            choose(&v, "disk", "/dev/sdb", "gpt", &parts),
+            Ok(Partition::Recorded("sdb2".into()))
+        );
+        // Gone outside virtkube: reported, nothing new made under its record.
+        let gone = choose(&v, "disk", "/dev/sdb", "gpt", &[part(1), part(3)]).unwrap_err();
+        assert_eq!(gone.reason, "PartitionMissing");
+        assert!(
+            gone.message.contains("key /dev/sdb2") && gone.message.contains("removed outside"),
+            "{gone:?}"
+        );
+    }
+
+    #[test]
+    fn an_interrupted_creation_names_nothing_and_the_next_number_is_taken() {
+        // `Creating` recorded with sdb2, which was made but never recorded (the agent
+        // crashed): sdb2 is left alone, unrecorded; the Volume gets sdb3.
+        let v = volume(recorded(None, Some("sdb2"), VolumePhase::Creating), None);
+        assert_eq!(
+            choose(&v, "disk", "/dev/sdb", "gpt", &[part(1), part(2)]),
+            Ok(Partition::Next("sdb3".into()))
+        );
+        // Freed numbers are taken again, as parted does.
+        assert_eq!(
+            choose(&v, "disk", "/dev/sdb", "gpt", &[part(1), part(3)]),
+            Ok(Partition::Next("sdb2".into()))
+        );
+        let four = [part(1), part(2), part(3), part(4)];
+        let full = choose(&v, "disk", "/dev/sdb", "dos", &four).unwrap_err();
+        assert_eq!(full.reason, "PartitionTableFull");
+        assert!(
+            full.message.contains("no free partition number"),
+            "{full:?}"
+        );
+        assert_eq!(
+            choose(&v, "disk", "/dev/sdb", "gpt", &four),
+            Ok(Partition::Next("sdb5".into()))
+        );
+    }
+
+    #[test]
+    fn adopting_names_a_partition_by_key_or_path() {
+        let parts = [part(1), part(2)];
+        let by_key = volume(None, Some("/dev/sdb2"));
+        assert_eq!(
+            choose(&by_key, "disk", "/dev/sdb", "gpt", &parts),
+            Ok(Partition::Adopt("sdb2".into()))
+        );
+        let missing = volume(None, Some("/dev/sdb9"));
+        let why = choose(&missing, "disk", "/dev/sdb", "gpt", &parts).unwrap_err();
+        assert_eq!(why.reason, "AdoptMissing");
+        assert!(why.message.contains("nothing adopted"), "{why:?}");
+    }
+
+    #[test]
+    fn a_partition_is_never_taken_for_two_volumes() {
+        let other = |key: &str, name: &str| OtherRecord {
+            volume: "team/other".into(),
+            key: key.into(),
+            name: Some(name.into()),
+        };
+        // sdb2 removed outside virtkube, a new sdb2 made for team/other: this Volume's
+        // record names the same key, and neither touches it.
+        let twice = conflict(
+            &Partition::Recorded("sdb2".into()),
+            Some("/dev/sdb2"),
+            &[other("/dev/sdb2", "sdb2")],
+        )
+        .unwrap();
+        assert_eq!(twice.reason, "PartitionRecordedTwice");
+        assert!(twice.message.contains("team/other"), "{twice:?}");
+        // The next number is one another Volume still records: nothing is made.
+        let next = conflict(
+            &Partition::Next("sdb3".into()),
+            None,
+            &[other("/dev/sdb3", "sdb3")],
+        )
+        .unwrap();
+        assert_eq!(next.reason, "PartitionNumberRecorded");
+        assert_eq!(
+            conflict(
+                &Partition::Next("sdb4".into()),
+                None,
+                &[other("/dev/sdb3", "sdb3")]
+            ),
+            None
+        );
+        let parts = [part(1), part(2), part(3)];
+        assert_eq!(
+            unrecorded(&parts, &["/dev/sdb1", "/dev/sdb3"]),
+            ["sdb2".to_string()]
+        );
+    }
+
+    #[test]
+    fn a_clone_copies_only_the_partition_its_source_recorded() {
+        let parts = [part(1), part(2)];
+        let source = volume(
+            recorded(Some("/dev/sdb2"), Some("sdb2"), VolumePhase::Available),
+            None,
+        );
+        assert_eq!(
+            source_of(&source, "team/data", "disk", &parts),
+            Ok("sdb2".to_string())
+        );
+        // Still being made (a name, no key): nothing to copy yet.
+        let making = volume(recorded(None, Some("sdb1"), VolumePhase::Creating), None);
+        let wait = source_of(&making, "team/data", "disk", &parts).unwrap_err();
+        assert_eq!(wait.reason, "SourceNotReady");
+        let gone = volume(
+            recorded(Some("/dev/sdb7"), Some("sdb7"), VolumePhase::Available),
+            None,
+        );
+        assert_eq!(
+            source_of(&gone, "team/data", "disk", &parts)
+                .unwrap_err()
+                .reason,
+            "SourceNotReady"
+        );
+    }
+}
