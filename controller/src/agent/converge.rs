@@ -374,13 +374,18 @@ pub async fn plan_domain(
             });
         };
         let libvirt_name = volume_host_name(&vol);
-        observe_pool(
+        let pool = observe_pool(
             ctx,
             &mut host,
             &vol.spec.pool,
             std::slice::from_ref(&libvirt_name),
         )
         .await?;
+        if let Some(refusal) =
+            pool.and_then(|p| unattachable(&p.pool_type, &disk.name, &ns, volume))
+        {
+            return Err(refusal);
+        }
         if !host
             .volumes
             .contains_key(&(vol.spec.pool.clone(), libvirt_name.clone()))
@@ -434,6 +439,25 @@ pub async fn plan_domain(
         observed,
         pending,
         name,
+    })
+}
+
+/// Why a Volume of a pool of `pool_type` cannot be a Domain's disk, if it cannot (pure).
+///
+/// A `disk` pool's volumes are partitions that libvirt names itself (`sdb2`), recorded in
+/// the Volume's status rather than named after it; Domains do not resolve disks through that
+/// record yet. Saying so beats waiting for a volume under a name it will never have.
+fn unattachable(
+    pool_type: &virtkube_engine::model::PoolType,
+    disk: &str,
+    ns: &str,
+    volume: &str,
+) -> Option<Error> {
+    (*pool_type == virtkube_engine::model::PoolType::Disk).then(|| Error::Unrealizable {
+        reason: "Unsupported",
+        message: format!(
+            "spec.disks[name={disk}].volume: Volume {ns}/{volume} is a partition of a disk pool, and a Domain cannot use disk-pool Volumes yet (libvirt names partitions itself; the Volume records which is its own): use a Volume of a dir, fs, netfs or logical pool"
+        ),
     })
 }
 
@@ -1119,7 +1143,32 @@ pub async fn target_spec(ctx: &Context, target: &str) -> Result<HostSpec> {
 
 #[cfg(test)]
 mod tests {
-    use super::action_of;
+    use super::{action_of, unattachable};
+    use crate::agent::error::Error;
+    use virtkube_engine::model::PoolType;
+
+    #[test]
+    fn only_disk_pool_volumes_are_refused_as_domain_disks_and_the_refusal_says_why() {
+        for attachable in [
+            PoolType::Dir,
+            PoolType::Fs,
+            PoolType::Netfs,
+            PoolType::Logical,
+        ] {
+            assert!(unattachable(&attachable, "root", "ns", "v").is_none());
+        }
+        match unattachable(&PoolType::Disk, "root", "ns", "v") {
+            Some(Error::Unrealizable { reason, message }) => {
+                assert_eq!(reason, "Unsupported");
+                assert!(
+                    message.starts_with("spec.disks[name=root].volume: Volume ns/v is a partition")
+                        && message.contains("use a Volume of a dir, fs, netfs or logical pool"),
+                    "{message}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[test]
     fn actions_name_the_change_and_mark_repairs() {
