@@ -145,25 +145,25 @@ pub struct Cluster {
 
 impl Cluster {
     /// The view of the given objects at `now`.
-    pub fn build(
-        hypervisors: &[HypervisorNode],
-        nodes: &[Node],
-        networks: &[Network],
-        pools: &[StoragePool],
-        volumes: &[Volume],
+    pub fn build<'a>(
+        hypervisors: impl IntoIterator<Item = &'a HypervisorNode>,
+        nodes: impl IntoIterator<Item = &'a Node>,
+        networks: impl IntoIterator<Item = &'a Network>,
+        pools: impl IntoIterator<Item = &'a StoragePool>,
+        volumes: impl IntoIterator<Item = &'a Volume>,
         settings: &Settings,
         now: Timestamp,
     ) -> Cluster {
-        let k8s: BTreeMap<String, &Node> = nodes.iter().map(|n| (n.name_any(), n)).collect();
+        let k8s: BTreeMap<String, &Node> = nodes.into_iter().map(|n| (n.name_any(), n)).collect();
         let nodes = hypervisors
-            .iter()
+            .into_iter()
             .map(|h| {
                 let view = node_view(h, k8s.get(&h.name_any()).copied(), settings, now);
                 (view.name.clone(), view)
             })
             .collect();
         let pools = pools
-            .iter()
+            .into_iter()
             .map(|p| {
                 let running_on = p
                     .status
@@ -182,7 +182,7 @@ impl Cluster {
             })
             .collect();
         let networks = networks
-            .iter()
+            .into_iter()
             .map(|n| {
                 let active_on = n
                     .status
@@ -195,7 +195,7 @@ impl Cluster {
             })
             .collect();
         let volumes = volumes
-            .iter()
+            .into_iter()
             .map(|v| {
                 (
                     (v.namespace().unwrap_or_default(), v.name_any()),
@@ -241,7 +241,7 @@ impl Cluster {
 
     /// Records which of `domains` use which volume (a disk naming it), for the moves that
     /// copy volumes ([`super::moves::copy_refusals`]).
-    pub fn note_users(&mut self, domains: &[Domain]) {
+    pub fn note_users<'a>(&mut self, domains: impl IntoIterator<Item = &'a Domain>) {
         for dom in domains {
             let ns = dom.namespace().unwrap_or_default();
             for vol in dom.spec.disks.iter().filter_map(|d| d.volume.as_ref()) {

@@ -62,11 +62,12 @@ where
         .boxed()
 }
 
-fn cached<K>(store: &Store<K>) -> Vec<K>
+/// What the cache holds, shared with it: a pass reads the objects without copying them.
+fn cached<K>(store: &Store<K>) -> Vec<Arc<K>>
 where
     K: Resource<DynamicType = ()> + Clone + 'static,
 {
-    store.state().iter().map(|o| (**o).clone()).collect()
+    store.state()
 }
 
 /// Watches everything and runs passes until dropped (or until a watch ends, which does not
@@ -123,6 +124,7 @@ pub async fn lead(ctx: Arc<Ctx>, resync: Duration) -> Result<(), Error> {
         tracing::info!("caches ready: deciding");
         let mut state = PassState::default();
         loop {
+            let read = std::time::Instant::now();
             let snap = Snapshot {
                 domains: cached(&domains),
                 volumes: cached(&volumes),
@@ -131,6 +133,10 @@ pub async fn lead(ctx: Arc<Ctx>, resync: Duration) -> Result<(), Error> {
                 networks: cached(&networks),
                 pools: cached(&pools),
             };
+            tracing::debug!(
+                ms = read.elapsed().as_secs_f64() * 1e3,
+                "pass snapshot taken"
+            );
             let now = Timestamp::now();
             let report = pass(&ctx, &mut state, snap, now).await;
             if report.writes > 0 || report.conflicts > 0 {
