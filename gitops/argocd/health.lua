@@ -22,6 +22,8 @@
 -- controller's retry succeeds or someone looks). Networks and StoragePools summarize
 -- their nodes as NotActiveEverywhere: the reason of each node is the first word of its
 -- status.nodes[].message.
+-- PartitionMissing, AdoptMissing, PartitionRecordedTwice, PartitionNumberRecorded for a
+-- disk-pool Volume whose partition record needs a human (controller/src/agent/partition.rs).
 local terminal = {
   InvalidSpec = true,
   NameConflict = true,
@@ -35,6 +37,10 @@ local terminal = {
   MigrationFailed = true,
   ImageMissing = true,
   Unsupported = true,
+  PartitionMissing = true,
+  AdoptMissing = true,
+  PartitionRecordedTwice = true,
+  PartitionNumberRecorded = true,
 }
 
 local hs = {}

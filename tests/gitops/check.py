@@ -92,6 +92,7 @@ TRANSIENT = {
     "VolumeMissing", "VolumeNotReady", "PoolMissing", "PoolNotRunning",
     "VolumeInUse", "NetworkInUse", "PoolInUse", "NodeNotConnected",
     "LibvirtError", "ReconcileFailed", "FinalizerFailed", "HandoverUnderway",
+    "SourceNotReady", "PartitionTableFull",
 }
 AGENT = os.path.join(ROOT, "controller", "src", "agent")
 
@@ -107,6 +108,8 @@ def agent_reasons():
         reasons |= set(re.findall(r'NoticeKind::[A-Za-z]+ => "([A-Za-z]+)"', text))
         reasons |= set(re.findall(r'_ => "([A-Za-z]+)",\n\s*\};\n\s*return Err\(Error::Unrealizable', text))
         reasons |= set(re.findall(r'Some\(\("([A-Za-z]+)"', text))
+        # A disk pool's partition refusals (partition.rs): .map_err(refusal("PartitionMissing")).
+        reasons |= set(re.findall(r'refusal\("([A-Za-z]+)"\)', text))
         # Ready=False reasons passed to the status builders' `set` as literals.
         for word in ("Converging", "NotCreated", "NotActiveEverywhere", "LibvirtUnreachable", "MigrationFailed"):
             if f'"{word}"' in text:
