@@ -205,17 +205,25 @@ impl Agent {
     }
 
     /// Waits until `/readyz` answers 200 and, read right after it, `virtkube_agent_ready`
-    /// says 1. Both read the health monitor's verdict of the moment, and on a loaded machine
-    /// one probe may time out between the two reads (a real, brief unreadiness); the
-    /// metric must still agree with `/readyz` once the verdict holds.
+    /// says 1. Both read the health monitor's verdict of the moment. The metric may say 0
+    /// after a 200 only when the monitor's verdict really changed between the two reads (on
+    /// a loaded machine one probe can time out): the agent then logs the API's loss, and the
+    /// pair is read again. A 0 the monitor never decided fails at once.
     async fn wait_ready_with_metric(&self, within: Duration) -> String {
+        const LOST: &str = "the Kubernetes API server does not answer";
         let started = Instant::now();
         loop {
+            let losses = self.log_entries(LOST).len();
             let (_, body) = self.wait_readyz(200, within).await;
             let metric = self.metric("virtkube_agent_ready").await;
             if metric == Some(1.0) {
                 return body;
             }
+            assert!(
+                self.log_entries(LOST).len() > losses,
+                "/readyz said 200, then virtkube_agent_ready was {metric:?} without the monitor losing the API\n{}",
+                self.tail(20)
+            );
             assert!(
                 started.elapsed() < within,
                 "/readyz said 200 but virtkube_agent_ready was {metric:?} through {within:?}\n{}",
