@@ -62,6 +62,17 @@ fn ops_of(p: &Plan, name: &str) -> Vec<Op> {
         .collect()
 }
 
+/// What the plan does to `name`, one word per step (`define` for a definition).
+fn verbs(p: &Plan, name: &str) -> Vec<String> {
+    ops_of(p, name)
+        .iter()
+        .map(|op| match op {
+            Op::DefinePool(_) => "define".to_string(),
+            other => other.verb(),
+        })
+        .collect()
+}
+
 fn notice<'a>(p: &'a Plan, name: &str) -> Option<&'a plan::Notice> {
     p.notices.iter().find(|n| n.object.name == name)
 }
@@ -72,15 +83,7 @@ fn each_pool_type_is_built_as_its_source_says_and_the_plan_settles() {
     let mut o = empty();
     let p = plan::plan(&d, &o, &PlanOptions::default());
     let built = |make_storage| Op::BuildPool { make_storage };
-    let kinds = |name| -> Vec<String> {
-        ops_of(&p, name)
-            .iter()
-            .map(|op| match op {
-                Op::DefinePool(_) => "define".to_string(),
-                other => other.verb(),
-            })
-            .collect()
-    };
+    let kinds = |name| verbs(&p, name);
     // Built on its devices (vgcreate), then started.
     assert!(ops_of(&p, "vg").contains(&built(true)));
     assert_eq!(
@@ -262,15 +265,7 @@ fn a_disk_pool_is_labelled_only_when_asked_and_keeps_no_volume_of_the_cli() {
     let d = desired(DISKS);
     let mut o = empty();
     let p = plan::plan(&d, &o, &PlanOptions::default());
-    let verbs = |name| -> Vec<String> {
-        ops_of(&p, name)
-            .iter()
-            .map(|op| match op {
-                Op::DefinePool(_) => "define".to_string(),
-                other => other.verb(),
-            })
-            .collect()
-    };
+    let verbs = |name| verbs(&p, name);
     // build: a new partition table (parted mklabel, refused by libvirt over any label).
     assert_eq!(
         verbs("blank"),
