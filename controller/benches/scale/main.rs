@@ -56,6 +56,10 @@ enum Cmd {
         /// measured in both.
         #[arg(long, value_enum, value_delimiter = ',', default_value = "in-process")]
         libvirt: Vec<Libvirt>,
+        /// The agent's resync interval (default: longer than creation takes at each N, see
+        /// `scale_support::default_resync_seconds`).
+        #[arg(long)]
+        resync_seconds: Option<u64>,
     },
     /// Measures the real-QEMU parts on the private daemons (their environment from
     /// `scripts/libvirt-nodes.sh up DIR`: `set -a; . DIR/env; set +a`) and writes them as JSON.
@@ -168,6 +172,7 @@ fn main() -> anyhow::Result<()> {
             out,
             append,
             libvirt,
+            resync_seconds,
         } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -194,6 +199,9 @@ fn main() -> anyhow::Result<()> {
                 let mut opts = Options::new(count, bin);
                 opts.client = client;
                 opts.libvirt = driver;
+                if let Some(r) = resync_seconds {
+                    opts.resync_seconds = r;
+                }
                 eprintln!("measuring N={count} through {client:?}, libvirt {driver:?}…");
                 let m = rt.block_on(scale_support::measure(&opts))?;
                 eprintln!("{}", report::summary_line(&m));
