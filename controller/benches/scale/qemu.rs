@@ -56,7 +56,9 @@ pub struct QemuResults {
     pub machine: Machine,
     /// The guests: memory in MiB (1 vCPU, no disk, no OS).
     pub memory_mib: u64,
-    /// The virtkube agent's `--concurrency` (its default when empty).
+    /// The virtkube agents' settings that bear on speed, as the binary reported them (e.g.
+    /// `--concurrency 16`); empty in results measured before it was recorded, when the
+    /// agents ran with that build's default `--concurrency`, 4.
     pub agent_args: String,
     /// The creation runs.
     pub creation: Vec<CreationRun>,
@@ -153,13 +155,34 @@ pub struct MigrationRun {
     pub job_ms: Option<u64>,
 }
 
+/// The agents' default `--concurrency`, from the binary's own help (the agents run with
+/// their defaults), so the results say what they were measured with.
+fn agent_settings() -> String {
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_virtkube"))
+        .args(["agent", "--help"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    concurrency_default(&help).map_or_else(
+        || "unknown (`virtkube agent --help` gave no default)".to_string(),
+        |c| format!("--concurrency {c}"),
+    )
+}
+
+/// The `[default: N]` under `--concurrency` in clap's long help (pure).
+fn concurrency_default(help: &str) -> Option<u32> {
+    let after = &help[help.find("--concurrency")?..];
+    let start = after.find("[default: ")? + "[default: ".len();
+    after[start..].split(']').next()?.trim().parse().ok()
+}
+
 /// Runs every measurement and writes the results after each phase.
 pub async fn run(opts: &Options) -> anyhow::Result<QemuResults> {
     let load_before = super::loadavg();
     let mut results = QemuResults {
         machine: super::machine(load_before.clone()),
         memory_mib: opts.memory_mib,
-        agent_args: String::new(),
+        agent_args: agent_settings(),
         creation: Vec::new(),
         migration: Vec::new(),
         drift_seconds: Vec::new(),

@@ -52,8 +52,14 @@ pub fn section(s: &mut String, plots: &Path, plot_rel: &Path) -> anyhow::Result<
          runs them). Guests: 1 vCPU, {} MiB, no disk and no OS (SeaBIOS finds nothing to \
          boot and idles): `running` is libvirt's state, read every 10 ms on a connection of \
          the bench's own. virsh and the API loop define the XML virtkube defined for a \
-         warm-up guest, under another name, without virtkube's metadata.\n",
-        r.memory_mib
+         warm-up guest, under another name, without virtkube's metadata. The agents ran \
+         with {}.\n",
+        r.memory_mib,
+        if r.agent_args.is_empty() {
+            "`--concurrency 4` (that build's default)".to_string()
+        } else {
+            format!("`{}`", r.agent_args)
+        }
     )?;
     creation(s, &r.creation)?;
     if !r.creation.is_empty() {
