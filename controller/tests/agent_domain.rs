@@ -437,6 +437,22 @@ async fn the_agents_own_acts_trigger_nothing_the_same_changes_by_others_do() {
         asked.is_empty(),
         "libvirt events of the repair's start: {asked:?}"
     );
+
+    // The agent's own removal (the user deletes the Domain): the guest's stop and undefine
+    // come back from libvirt as no trigger; the reconcile went on to the end by itself.
+    w.api.delete("domains", &w.ns, "web").unwrap();
+    w.reconcile().await.unwrap();
+    assert_eq!(w.libvirt_state().await, None, "undefined");
+    assert!(w.stored().await.is_none(), "finalized");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut asked = Vec::new();
+    while let Ok(r) = requests.try_recv() {
+        asked.extend(Some(r).filter(mine));
+    }
+    assert!(
+        asked.is_empty(),
+        "libvirt events of the agent's own removal: {asked:?}"
+    );
 }
 
 #[tokio::test]
@@ -446,11 +462,78 @@ async fn delete_shuts_down_undefines_and_removes_the_finalizer() {
     bind_domain(&w.client, &w.ns, "web", NODE).await;
     w.reconcile().await.unwrap();
     w.api.delete("domains", &w.ns, "web").unwrap();
+    w.api.clear_requests();
     let action = w.reconcile().await.unwrap();
     assert_eq!(action, Action::await_change());
     assert_eq!(w.libvirt_state().await, None, "undefined");
     assert!(w.stored().await.is_none(), "the finalizer was the last one");
     assert!(w.event_reasons().contains(&"Deleted".to_string()));
+    // One fresh read before the removal; the finalizer's patch is bound to that version
+    // instead of a second read.
+    let reads = w
+        .api
+        .requests()
+        .into_iter()
+        .filter(|r| r.identity == "agent" && r.verb == "get" && r.resource == "domains")
+        .count();
+    assert_eq!(
+        reads, 1,
+        "the agent's reads of the Domain while deleting it"
+    );
+    assert_eq!(w.agent_writes(), ["patch domains"]);
+}
+
+#[tokio::test]
+async fn a_finalizer_removal_bound_to_a_version_changed_since_is_refused() {
+    // The server's side of the bound removal: the in-memory API server applies the patch
+    // only to the version it names (its JSON-patch `test`, as the real one does).
+    let w = World::new("bound").await;
+    w.create(json!({}));
+    bind_domain(&w.client, &w.ns, "web", NODE).await;
+    w.reconcile().await.unwrap();
+    let read = w.stored().await.unwrap();
+    let index = read
+        .finalizers()
+        .iter()
+        .position(|f| f == FINALIZER)
+        .unwrap();
+    // Someone writes the Domain after the read.
+    w.domains()
+        .patch(
+            "web",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"metadata": {"annotations": {"x": "y"}}})),
+        )
+        .await
+        .unwrap();
+    let patch = |version: Option<String>| {
+        let ops = domain::finalizer_removal_patch(index, version.as_deref());
+        kube::api::Patch::<()>::Json(serde_json::from_value(ops).unwrap())
+    };
+    let params = kube::api::PatchParams::default();
+    let refused = w
+        .domains()
+        .patch("web", &params, &patch(read.resource_version()))
+        .await
+        .expect_err("a removal bound to the version read before the change");
+    assert!(
+        matches!(refused, kube::Error::Api(ref e) if e.code == 422),
+        "{refused:?}"
+    );
+    assert!(
+        w.stored()
+            .await
+            .unwrap()
+            .finalizers()
+            .contains(&FINALIZER.to_string())
+    );
+    let current = w.stored().await.unwrap().resource_version();
+    let removed = w
+        .domains()
+        .patch("web", &params, &patch(current))
+        .await
+        .unwrap();
+    assert!(!removed.finalizers().contains(&FINALIZER.to_string()));
 }
 
 #[tokio::test]

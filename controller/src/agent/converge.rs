@@ -554,9 +554,30 @@ pub async fn remove_domain(ctx: &Context, dom: &Domain) -> Result<Vec<Change>> {
     let Some(o) = ctx.engine.domain_observe(&name).await? else {
         return Ok(Vec::new());
     };
+    let active = o.state.is_active();
     host.domains.insert(name.clone(), domain_from(&o));
     let plan = plan_removal(ctx, Object::Domain(Box::new(placed_here(dom))), host);
-    match execute(&ctx.hosts, &plan, ObjectKind::Domain, &name, false).await {
+    // The removal ends inside this reconcile, which goes on to the next step itself: the
+    // guest's stop and undefine coming back from libvirt are not news. (Only when virtkube
+    // removes it: a domain that is not this resource's is refused before any call.)
+    let removes = plan.actions.iter().any(|a| {
+        a.object.kind == ObjectKind::Domain
+            && a.object.name == name
+            && matches!(a.op, Op::DeleteDomain)
+    });
+    if removes {
+        ctx.echoes.expect_events(
+            &name,
+            super::echoes::removal_events(active),
+            std::time::Instant::now(),
+        );
+    }
+    let executed = execute(&ctx.hosts, &plan, ObjectKind::Domain, &name, false).await;
+    if executed.is_err() && removes {
+        // Which of the expected events will come is unknown: take every one as news.
+        ctx.echoes.forget(&name);
+    }
+    match executed {
         Ok((changes, _)) => Ok(changes),
         // Not ours: never touched, and nothing of ours is left.
         Err(Error::Unrealizable {

@@ -202,10 +202,26 @@ enum Next {
 
 async fn rounds(cached: &Domain, ctx: &Context, api: &Api<Domain>) -> Result<Action> {
     let mut dom = cached.clone();
+    // The version read fresh by the round before, when that round's act changed only
+    // libvirt (a removal): what comes next is usually the finalizer's removal, which can
+    // then be bound to that version instead of read again.
+    let mut read_before: Option<String> = None;
     for round in 0..ROUNDS {
         // (1) Look before the read.
         let before = local::look(&ctx.engine, &dom).await?;
         // (2) Read: the cache first, the API server afterwards.
+        if let Some(version) = read_before.take()
+            && decide(ctx, &dom, &before).await? == AgentStep::Finalize
+        {
+            // The removal is a fresh read for the same reason the finalizer's addition is
+            // (`confirm_adding_finalizer`): it applies only to the version decided on.
+            match finalize(&dom, ctx, api, Some(&version)).await {
+                Err(e) if e.is_conflict() => {
+                    tracing::debug!("changed since it was read: reading it fresh");
+                }
+                done => return done,
+            }
+        }
         if round > 0 {
             match api.get_opt(&dom.name_any()).await? {
                 Some(d) => dom = d,
@@ -238,7 +254,17 @@ async fn rounds(cached: &Domain, ctx: &Context, api: &Api<Domain>) -> Result<Act
             },
             _ if !fresh => Next::Again,
             AgentStep::Converge => Next::Return(converge(&dom, ctx, api).await?),
-            step => act(step, &dom, &before, ctx, api).await?,
+            step => {
+                let libvirt_only = matches!(
+                    step,
+                    AgentStep::RemoveCopy | AgentStep::Undefine | AgentStep::RemoveStaleCopy
+                );
+                let next = act(step, &dom, &before, ctx, api).await?;
+                if libvirt_only {
+                    read_before = dom.resource_version();
+                }
+                next
+            }
         };
         match next {
             Next::Return(action) => return Ok(action),
@@ -524,17 +550,7 @@ async fn act(
             }
             Ok(Next::Again)
         }
-        AgentStep::Finalize => {
-            if let Some(volume) = handover_unfinished(dom, ctx).await? {
-                tracing::info!(
-                    volume,
-                    "deletion waits for the handover of a volume its last move copied"
-                );
-                return Ok(Next::Return(Action::requeue(Duration::from_secs(2))));
-            }
-            remove_finalizer(dom, api).await?;
-            Ok(Next::Return(Action::await_change()))
-        }
+        AgentStep::Finalize => Ok(Next::Return(finalize(dom, ctx, api, None).await?)),
         AgentStep::RemoveStaleCopy => {
             remove_stale_copy(dom, before, ctx).await?;
             Ok(Next::Again)
@@ -881,14 +897,46 @@ async fn handover_unfinished(dom: &Domain, ctx: &Context) -> Result<Option<Strin
     Ok(None)
 }
 
-async fn remove_finalizer(dom: &Domain, api: &Api<Domain>) -> Result<()> {
+/// The deletion's last step, once nothing of the domain is left here: the finalizer's
+/// removal (bound to `version` when given), unless a volume's handover still needs the
+/// domain's move record.
+async fn finalize(
+    dom: &Domain,
+    ctx: &Context,
+    api: &Api<Domain>,
+    version: Option<&str>,
+) -> Result<Action> {
+    if let Some(volume) = handover_unfinished(dom, ctx).await? {
+        tracing::info!(
+            volume,
+            "deletion waits for the handover of a volume its last move copied"
+        );
+        return Ok(Action::requeue(Duration::from_secs(2)));
+    }
+    remove_finalizer(dom, api, version).await?;
+    Ok(Action::await_change())
+}
+
+/// The JSON patch removing the finalizer at `index` of `metadata.finalizers`; with
+/// `version`, a `test` of `metadata.resourceVersion` first, so it applies only to that very
+/// version of the object (pure).
+pub fn finalizer_removal_patch(index: usize, version: Option<&str>) -> serde_json::Value {
+    let mut ops = Vec::new();
+    if let Some(rv) = version {
+        ops.push(json!({"op": "test", "path": "/metadata/resourceVersion", "value": rv}));
+    }
+    ops.extend([
+        json!({"op": "test", "path": format!("/metadata/finalizers/{index}"), "value": FINALIZER}),
+        json!({"op": "remove", "path": format!("/metadata/finalizers/{index}")}),
+    ]);
+    serde_json::Value::Array(ops)
+}
+
+async fn remove_finalizer(dom: &Domain, api: &Api<Domain>, version: Option<&str>) -> Result<()> {
     let Some(i) = dom.finalizers().iter().position(|f| f == FINALIZER) else {
         return Ok(());
     };
-    let ops = json!([
-        {"op": "test", "path": format!("/metadata/finalizers/{i}"), "value": FINALIZER},
-        {"op": "remove", "path": format!("/metadata/finalizers/{i}")},
-    ]);
+    let ops = finalizer_removal_patch(i, version);
     match json_patch(api, dom, ops).await {
         Ok(_) => Ok(()),
         // Gone already: the last finalizer was ours.

@@ -1,6 +1,6 @@
 //! The agent's own acts coming back to it, recognised so they do not start another
 //! reconcile: its finalizer patch returning through the Domain watch, and the libvirt
-//! lifecycle events of its own define and start; and a watch cache not yet showing the
+//! lifecycle events of its own define, start and removal; and a watch cache not yet showing the
 //! agent's own last status write, recognised so no write is tried on it that must fail.
 //!
 //! Each echo is recognised exactly, and only once:
@@ -54,8 +54,9 @@ struct Token {
 
 /// The events an operation on a domain causes, that the agent may take as its own: a
 /// define (`added` for a new domain, `updated` for a redefinition) and a plain start
-/// (`booted`). Nothing else: a start that first destroys a crashed guest, a shutdown or a
-/// removal also report what happened to the guest, and stay triggers.
+/// (`booted`). Nothing else: a start that first destroys a crashed guest, or a shutdown,
+/// also report what happened to the guest, and stay triggers. (A removal the agent runs to
+/// its end has its own, [`removal_events`].)
 pub fn expected_events(op: &Op) -> &'static [Expected] {
     const DEFINED: Expected = Expected {
         kind: DomainEventKind::Defined,
@@ -69,6 +70,27 @@ pub fn expected_events(op: &Op) -> &'static [Expected] {
         Op::DefineDomain { .. } => &[DEFINED],
         Op::StartDomain { recover: false } => &[BOOTED],
         _ => &[],
+    }
+}
+
+/// The events removing a domain causes (the deletion plan's graceful shutdown, destroyed
+/// at its deadline, then the undefine), when the removal runs to its end inside the
+/// agent's reconcile, which then goes on to the next step itself: the guest's stop, only
+/// when it was `active`, and the undefine. Any other stop (a crash) and any other undefine
+/// detail (a rename) stay triggers.
+pub fn removal_events(active: bool) -> &'static [Expected] {
+    const STOPPED: Expected = Expected {
+        kind: DomainEventKind::Stopped,
+        details: &["shutdown", "destroyed"],
+    };
+    const UNDEFINED: Expected = Expected {
+        kind: DomainEventKind::Undefined,
+        details: &["removed"],
+    };
+    if active {
+        &[STOPPED, UNDEFINED]
+    } else {
+        &[UNDEFINED]
     }
 }
 
@@ -147,9 +169,19 @@ impl Echoes {
     /// Sets a token for each event `ops` on the libvirt domain `name` are about to cause,
     /// each valid for [`EXPECT_FOR`] from `now`.
     pub fn expect<'a>(&self, name: &str, ops: impl IntoIterator<Item = &'a Op>, now: Instant) {
-        let tokens: Vec<Token> = ops
+        self.expect_events(name, ops.into_iter().flat_map(expected_events), now);
+    }
+
+    /// Sets a token for each of `events` on the libvirt domain `name`, each valid for
+    /// [`EXPECT_FOR`] from `now`.
+    pub fn expect_events<'a>(
+        &self,
+        name: &str,
+        events: impl IntoIterator<Item = &'a Expected>,
+        now: Instant,
+    ) {
+        let tokens: Vec<Token> = events
             .into_iter()
-            .flat_map(expected_events)
             .map(|&expected| Token {
                 expected,
                 until: now + EXPECT_FOR,
@@ -334,6 +366,28 @@ mod tests {
                 "{kind:?} {detail} at {ms} ms"
             );
         }
+    }
+
+    #[test]
+    fn a_removal_expects_its_stop_only_when_the_guest_ran_and_its_undefine() {
+        let t0 = Instant::now();
+        // A running guest removed: the stop (graceful, or destroyed at the deadline) and the
+        // undefine are the agent's; a crash during it, a rename, or a second stop are not.
+        let echoes = Echoes::default();
+        echoes.expect_events("ns.vm", removal_events(true), t0);
+        assert!(!echoes.is_own_event("ns.vm", Stopped, "crashed", t0));
+        assert!(!echoes.is_own_event("ns.vm", Undefined, "renamed", t0));
+        assert!(echoes.is_own_event("ns.vm", Stopped, "shutdown", t0));
+        assert!(!echoes.is_own_event("ns.vm", Stopped, "destroyed", t0));
+        assert!(echoes.is_own_event("ns.vm", Undefined, "removed", t0));
+        assert!(!echoes.is_own_event("ns.vm", Undefined, "removed", t0));
+        // A stopped guest removed: only the undefine; a stop is someone else's.
+        echoes.expect_events("ns.off", removal_events(false), t0);
+        assert!(!echoes.is_own_event("ns.off", Stopped, "destroyed", t0));
+        assert!(echoes.is_own_event("ns.off", Undefined, "removed", t0));
+        // The deadline's forced stop is the agent's too.
+        echoes.expect_events("ns.slow", removal_events(true), t0);
+        assert!(echoes.is_own_event("ns.slow", Stopped, "destroyed", t0));
     }
 
     #[test]
