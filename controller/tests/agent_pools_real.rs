@@ -839,9 +839,8 @@ async fn disk_real_domain_runs_on_the_partition_its_volume_recorded() {
 
     // usedBy names the Domain, and the Volume's deletion waits while it is in use: the
     // partition and its data stay.
-    domain_cache.apply_watcher_event(&kube::runtime::watcher::Event::Apply(
-        domains.get("vm").await.unwrap(),
-    ));
+    let cached = domains.get("vm").await.unwrap();
+    domain_cache.apply_watcher_event(&kube::runtime::watcher::Event::Apply(cached.clone()));
     let data = reconcile_volume(&api, &volumes, &ctx, ns, "data", 1)
         .await
         .unwrap();
@@ -911,11 +910,7 @@ async fn disk_real_domain_runs_on_the_partition_its_volume_recorded() {
     let (gone, _) = reconcile_domain(&api, &domains, &ctx, ns, "vm", 3).await;
     assert!(gone.is_none(), "vm: finalizer removed: {gone:?}");
     assert!(engine.domain_observe(&guest).await.unwrap().is_none());
-    let vm = json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "Domain",
-                    "metadata": {"name": "vm", "namespace": ns}, "spec": {}});
-    domain_cache.apply_watcher_event(&kube::runtime::watcher::Event::Delete(
-        serde_json::from_value(vm).unwrap(),
-    ));
+    domain_cache.apply_watcher_event(&kube::runtime::watcher::Event::Delete(cached));
     let gone = reconcile_volume(&api, &volumes, &ctx, ns, "data", 2).await;
     assert!(gone.is_none(), "data: finalizer removed: {gone:?}");
     assert!(engine.volume_observe(&name, &part).await.unwrap().is_none());

@@ -856,6 +856,23 @@ fn a_move_of_a_domain_on_a_disk_pool_partition_is_refused_before_it_starts() {
             c.message
         );
     }
+    // Node-local for binding too, `shared` or not: an unbound Volume there waits for its
+    // first consumer (a shared dir pool's would be given a node at once).
+    let mut unbound = world.clone();
+    unbound.volumes.push(with(
+        volume("default", "fresh", "parts"),
+        json!({"spec": {"format": "raw"}}),
+    ));
+    let cluster = unbound.cluster(&settings());
+    let volumes: Vec<Volume> = unbound.volumes.iter().cloned().map(obj).collect();
+    let consumers = Consumers::of(&unbound.domains(), &volumes);
+    let fresh = volumes.last().unwrap();
+    let d = decide_volume(fresh, &cluster, &consumers, now());
+    assert_eq!(d.status.node_name, None);
+    assert_eq!(
+        find(&d.status.conditions, "Scheduled").unwrap().reason,
+        "WaitingForConsumer"
+    );
     // The domain's other volume, on shared storage, is no reason: without the partition
     // the same move is approved.
     let d = decide_now(
