@@ -10,7 +10,10 @@
 //! disk of the VM's (`VIRTKUBE_TEST_DISKS`) through a `disk` pool: Volumes made at once, an
 //! interrupted creation, a clone of a recorded partition, a partition removed outside
 //! virtkube (its number not reused while recorded), growth refused, deletion by recorded
-//! partition only.
+//! partition only. The second `disk_real_*` test runs a Domain (no OS, QEMU/TCG in the VM)
+//! on a disk-pool Volume: it waits while the Volume has no partition recorded, is defined
+//! on exactly the recorded partition, is the Volume's `usedBy`, holds the Volume's deletion
+//! until it is gone; and a partition made by hand is listed in the pool's status.
 //!
 //! ```sh
 //! scripts/libvirt-nodes.sh up /tmp/nodes; set -a; . /tmp/nodes/env; set +a
