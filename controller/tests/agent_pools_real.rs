@@ -13,7 +13,8 @@
 //! partition only. The second `disk_real_*` test runs a Domain (no OS, QEMU/TCG in the VM)
 //! on a disk-pool Volume: it waits while the Volume has no partition recorded, is defined
 //! on exactly the recorded partition, is the Volume's `usedBy`, holds the Volume's deletion
-//! until it is gone; and a partition made by hand is listed in the pool's status.
+//! until it is gone; a Domain on a Volume whose partition was removed outside virtkube is
+//! refused; and a partition made by hand is listed in the pool's status.
 //!
 //! ```sh
 //! scripts/libvirt-nodes.sh up /tmp/nodes; set -a; . /tmp/nodes/env; set +a
@@ -906,6 +907,56 @@ async fn disk_real_domain_runs_on_the_partition_its_volume_recorded() {
         note.contains(&by_hand) && note.contains("never touches them"),
         "{note}"
     );
+
+    // A Volume whose recorded partition was removed outside virtkube: a Domain on it is
+    // refused (PartitionMissing) and defined on nothing else.
+    api.create("volumes", raw_volume(ns, "lost", &name, "4Mi", "Delete"))
+        .unwrap();
+    bind_volume(&api, ns, "lost", NODE).await;
+    let lost = reconcile_volume(&api, &volumes, &ctx, ns, "lost", 3)
+        .await
+        .unwrap();
+    assert_eq!(lost["status"]["phase"], "Available", "{}", lost["status"]);
+    let lost_part = lost["status"]["volumeName"].as_str().unwrap().to_string();
+    assert_eq!(lost_part, format!("{base}3"));
+    engine
+        .volume_delete(&name, &lost_part, lost["status"]["key"].as_str().unwrap())
+        .await
+        .unwrap();
+    api.create(
+        "domains",
+        json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "Domain",
+               "metadata": {"name": "vm2", "namespace": ns},
+               "spec": {"runStrategy": "Always", "cpu": {"vcpus": 1},
+                        "memory": {"size": "128Mi"}, "os": {"machine": "pc"},
+                        "disks": [{"name": "data", "volume": "lost"}]}}),
+    )
+    .unwrap();
+    bind_domain(&admin, ns, "vm2", NODE).await;
+    let (vm2, _) = reconcile_domain(&api, &domains, &ctx, ns, "vm2", 2).await;
+    let vm2 = vm2.unwrap();
+    let ready = condition(&vm2, "Ready");
+    assert_eq!(ready["reason"], "PartitionMissing", "{}", vm2["status"]);
+    assert!(
+        ready["message"]
+            .as_str()
+            .unwrap()
+            .contains("no other partition is attached in its place"),
+        "{ready}"
+    );
+    assert!(
+        engine
+            .domain_observe(&format!("{ns}.vm2"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    api.delete("domains", ns, "vm2").unwrap();
+    let (gone, _) = reconcile_domain(&api, &domains, &ctx, ns, "vm2", 2).await;
+    assert!(gone.is_none(), "vm2: finalizer removed: {gone:?}");
+    api.delete("volumes", ns, "lost").unwrap();
+    let gone = reconcile_volume(&api, &volumes, &ctx, ns, "lost", 2).await;
+    assert!(gone.is_none(), "lost: finalizer removed: {gone:?}");
 
     // The Domain deleted: the Volume's deletion completes by itself (its partition goes,
     // reclaimPolicy Delete); the partition made by hand stays.
