@@ -10,7 +10,11 @@
 //! disk of the VM's (`VIRTKUBE_TEST_DISKS`) through a `disk` pool: Volumes made at once, an
 //! interrupted creation, a clone of a recorded partition, a partition removed outside
 //! virtkube (its number not reused while recorded), growth refused, deletion by recorded
-//! partition only.
+//! partition only. The second `disk_real_*` test runs a Domain (no OS, QEMU/TCG in the VM)
+//! on a disk-pool Volume: it waits while the Volume has no partition recorded, is defined
+//! on exactly the recorded partition, is the Volume's `usedBy`, holds the Volume's deletion
+//! until it is gone; a Domain on a Volume whose partition was removed outside virtkube is
+//! refused; and a partition made by hand is listed in the pool's status.
 //!
 //! ```sh
 //! scripts/libvirt-nodes.sh up /tmp/nodes; set -a; . /tmp/nodes/env; set +a
@@ -22,21 +26,21 @@ mod agent_support;
 mod loop_device;
 #[path = "../../engine/tests/nfs_export/mod.rs"]
 mod nfs_export;
-#[path = "../../engine/tests/test_disk/mod.rs"]
-mod test_disk;
+#[path = "../../engine/tests/pool_support/mod.rs"]
+mod pool_support;
 use nfs_export::nfs_export;
-use test_disk::{DiskFor, test_disk};
+use pool_support::{DiskFor, PoolLeftover, read_start, test_disk, write_marker};
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use kube::api::Api;
 use serde_json::{Value, json};
-use virtkube::agent::{pool, volume};
-use virtkube_crds::{StoragePool, Volume};
+use virtkube::agent::{domain, pool, volume};
+use virtkube_crds::{Domain, StoragePool, Volume};
 use virtkube_testapi::{ADMIN, TestApi};
 
-use agent_support::{NODE, bind_volume};
+use agent_support::{NODE, bind_domain, bind_volume};
 use loop_device::{LoopDevice, run};
 
 fn node_a_uri() -> String {
@@ -459,6 +463,7 @@ async fn disk_real_partitions_are_volumes_recorded_by_the_agent() {
     let base = device.rsplit('/').next().unwrap().to_string();
     let uri = node_a_uri();
     let name = format!("vkadisk{}", std::process::id() % 100_000);
+    let _leftover = PoolLeftover(name.clone());
     let api = TestApi::start().await.unwrap();
     let admin = api.client(ADMIN).await.unwrap();
     let (ctx, _, engine) = agent_support::testapi_context_on(&api, NODE, &uri).await;
@@ -560,15 +565,7 @@ async fn disk_real_partitions_are_volumes_recorded_by_the_agent() {
     assert_eq!(c["status"]["capacity"], "6Mi");
 
     // A clone copies the partition its source recorded into a new one, as large as asked.
-    {
-        use std::io::Write;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(format!("/dev/{b_part}"))
-            .unwrap();
-        f.write_all(b"b's data").unwrap();
-        f.sync_all().unwrap();
-    }
+    write_marker(&format!("/dev/{b_part}"), b"b's data");
     let mut d = raw_volume(ns, "d", &name, "12Mi", "Delete");
     d["spec"]["source"] = json!({"volume": "b"});
     api.create("volumes", d).unwrap();
@@ -584,16 +581,7 @@ async fn disk_real_partitions_are_volumes_recorded_by_the_agent() {
         d["status"]
     );
     assert_eq!(d["status"]["capacity"], "12Mi");
-    let copied = {
-        use std::io::Read;
-        let mut buf = [0u8; 8];
-        std::fs::File::open(format!("/dev/{base}5"))
-            .unwrap()
-            .read_exact(&mut buf)
-            .unwrap();
-        buf
-    };
-    assert_eq!(&copied, b"b's data");
+    assert_eq!(read_start(&format!("/dev/{base}5"), 8), b"b's data");
 
     // c's partition removed outside virtkube: c says so and nothing is made in its place;
     // a new Volume is not given that number while c's record names it (libvirt would make
@@ -716,4 +704,281 @@ async fn disk_real_partitions_are_volumes_recorded_by_the_agent() {
         2,
         "{table}"
     );
+}
+
+/// Destroys and undefines libvirt domain `.1` on node A (`.0`) when dropped.
+struct GuestLeftover(String, String);
+
+impl Drop for GuestLeftover {
+    fn drop(&mut self) {
+        for verb in ["destroy", "undefine"] {
+            let _ = run("virsh", &["-c", &self.0, verb, &self.1]);
+        }
+    }
+}
+
+/// Reconciles Domain `name` up to `times` times (stopping once it is gone); returns the
+/// stored object and the last reconcile's error, if any.
+async fn reconcile_domain(
+    api: &TestApi,
+    domains: &Api<Domain>,
+    ctx: &Arc<virtkube::agent::context::Context>,
+    ns: &str,
+    name: &str,
+    times: usize,
+) -> (Option<Value>, Option<String>) {
+    let mut error = None;
+    for _ in 0..times {
+        let Ok(d) = domains.get(name).await else {
+            break;
+        };
+        error = tokio::time::timeout(
+            Duration::from_secs(120),
+            domain::reconcile(Arc::new(d), ctx.clone()),
+        )
+        .await
+        .expect("the reconcile finished within two minutes")
+        .err()
+        .map(|e| e.to_string());
+    }
+    (api.get("domains", ns, name), error)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a blank SCSI disk and QEMU: run by scripts/kernel-vm-tests in its VM"]
+async fn disk_real_domain_runs_on_the_partition_its_volume_recorded() {
+    let device = test_disk(DiskFor::AgentDomain);
+    let base = device.rsplit('/').next().unwrap().to_string();
+    let uri = node_a_uri();
+    let name = format!("vkadom{}", std::process::id() % 100_000);
+    let ns = "team";
+    let guest = format!("{ns}.vm");
+    let _leftover = PoolLeftover(name.clone());
+    let _guest = GuestLeftover(uri.clone(), guest.clone());
+    let api = TestApi::start().await.unwrap();
+    let admin = api.client(ADMIN).await.unwrap();
+    let (ctx, engine, mut domain_cache) =
+        agent_support::testapi_context_with_domains(&api, NODE, &uri).await;
+    let pools: Api<StoragePool> = Api::all(admin.clone());
+    api.create_namespace(ns).unwrap();
+    let volumes: Api<Volume> = Api::namespaced(admin.clone(), ns);
+    let domains: Api<Domain> = Api::namespaced(admin.clone(), ns);
+    api.create(
+        "storagepools",
+        json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "StoragePool",
+               "metadata": {"name": name},
+               "spec": {"type": "disk", "autostart": false,
+                        "source": {"devices": [device], "build": true}}}),
+    )
+    .unwrap();
+    pool_running(&api, &pools, &ctx, &name).await;
+
+    // The Domain comes first: its Volume is bound but has no partition recorded yet, so it
+    // waits (nothing is defined), and no partition is guessed by name.
+    api.create("volumes", raw_volume(ns, "data", &name, "8Mi", "Delete"))
+        .unwrap();
+    bind_volume(&api, ns, "data", NODE).await;
+    api.create(
+        "domains",
+        json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "Domain",
+               "metadata": {"name": "vm", "namespace": ns},
+               "spec": {"runStrategy": "Always", "cpu": {"vcpus": 1},
+                        "memory": {"size": "128Mi"}, "os": {"machine": "pc"},
+                        "disks": [{"name": "data", "volume": "data"}]}}),
+    )
+    .unwrap();
+    bind_domain(&admin, ns, "vm", NODE).await;
+    let (vm, error) = reconcile_domain(&api, &domains, &ctx, ns, "vm", 2).await;
+    let vm = vm.unwrap();
+    let ready = condition(&vm, "Ready");
+    assert_eq!(
+        ready["reason"], "VolumeNotReady",
+        "{error:?} {}",
+        vm["status"]
+    );
+    assert!(
+        ready["message"]
+            .as_str()
+            .unwrap()
+            .contains("has no partition recorded in disk pool"),
+        "{ready}"
+    );
+    assert!(engine.domain_observe(&guest).await.unwrap().is_none());
+
+    // The Volume's partition made and recorded: the Domain is defined on exactly that
+    // partition and runs (QEMU/TCG in the VM opens it).
+    let data = reconcile_volume(&api, &volumes, &ctx, ns, "data", 3)
+        .await
+        .unwrap();
+    assert_eq!(data["status"]["phase"], "Available", "{}", data["status"]);
+    let part = data["status"]["volumeName"].as_str().unwrap().to_string();
+    assert_eq!(part, format!("{base}1"));
+    assert_eq!(data["status"]["key"], format!("/dev/{part}"));
+    write_marker(&format!("/dev/{part}"), b"vm's data");
+    let (vm, error) = reconcile_domain(&api, &domains, &ctx, ns, "vm", 2).await;
+    let vm = vm.unwrap();
+    assert_eq!(error, None, "{}", vm["status"]);
+    assert_eq!(
+        condition(&vm, "Ready")["status"],
+        "True",
+        "{}",
+        vm["status"]
+    );
+    assert_eq!(vm["status"]["phase"], "Running", "{}", vm["status"]);
+    let (_, state) = run("virsh", &["-c", &uri, "domstate", &guest]);
+    assert_eq!(state.trim(), "running");
+    let (_, xml) = run("virsh", &["-c", &uri, "dumpxml", &guest]);
+    let source = format!("<source pool='{name}' volume='{part}'");
+    assert!(
+        xml.contains("<disk type='volume' device='disk'>") && xml.contains(&source),
+        "the definition names the recorded partition ({source}): {xml}"
+    );
+    eprintln!(
+        "domain {guest} runs on {}",
+        xml.lines()
+            .find(|l| l.contains("<source pool="))
+            .unwrap_or_default()
+            .trim()
+    );
+
+    // usedBy names the Domain, and the Volume's deletion waits while it is in use: the
+    // partition and its data stay.
+    let cached = domains.get("vm").await.unwrap();
+    domain_cache.apply_watcher_event(&kube::runtime::watcher::Event::Apply(cached.clone()));
+    let data = reconcile_volume(&api, &volumes, &ctx, ns, "data", 1)
+        .await
+        .unwrap();
+    assert_eq!(
+        data["status"]["usedBy"],
+        json!(["vm"]),
+        "{}",
+        data["status"]
+    );
+    api.delete("volumes", ns, "data").unwrap();
+    let data = reconcile_volume(&api, &volumes, &ctx, ns, "data", 2)
+        .await
+        .expect("the deletion waits");
+    let ready = condition(&data, "Ready");
+    assert_eq!(ready["reason"], "VolumeInUse", "{}", data["status"]);
+    assert!(
+        ready["message"]
+            .as_str()
+            .unwrap()
+            .contains("Domain team/vm"),
+        "{ready}"
+    );
+    assert!(
+        reasons_for(&api, "data")
+            .iter()
+            .any(|r| r == "DeletionBlocked")
+    );
+    assert!(engine.volume_observe(&name, &part).await.unwrap().is_some());
+    assert_eq!(read_start(&format!("/dev/{part}"), 9), b"vm's data");
+
+    // A partition made by hand (no Volume's): listed in the pool's status, said once in a
+    // Warning event, never touched.
+    let by_hand = format!("{base}2");
+    let (made, out) = run(
+        "virsh",
+        &["-c", &uri, "vol-create-as", &name, &by_hand, "4M"],
+    );
+    assert!(made, "{out}");
+    let stored = pool_running(&api, &pools, &ctx, &name).await;
+    assert_eq!(
+        stored["status"]["nodes"][0]["unrecordedPartitions"],
+        json!({"count": 1, "names": [by_hand]}),
+        "{}",
+        stored["status"]
+    );
+    let p = pools.get(&name).await.unwrap();
+    pool::reconcile(Arc::new(p), ctx.clone()).await.unwrap();
+    let warnings: Vec<Value> = api
+        .events()
+        .into_iter()
+        .filter(|e| e["reason"] == "UnrecordedPartitions")
+        .collect();
+    assert_eq!(warnings.len(), 1, "said once: {warnings:?}");
+    assert_eq!(warnings[0]["type"], "Warning");
+    let note = warnings[0]["note"]
+        .as_str()
+        .or(warnings[0]["message"].as_str())
+        .unwrap_or_default();
+    assert!(
+        note.contains(&by_hand) && note.contains("never touches them"),
+        "{note}"
+    );
+
+    // A Volume whose recorded partition was removed outside virtkube: a Domain on it is
+    // refused (PartitionMissing) and defined on nothing else.
+    api.create("volumes", raw_volume(ns, "lost", &name, "4Mi", "Delete"))
+        .unwrap();
+    bind_volume(&api, ns, "lost", NODE).await;
+    let lost = reconcile_volume(&api, &volumes, &ctx, ns, "lost", 3)
+        .await
+        .unwrap();
+    assert_eq!(lost["status"]["phase"], "Available", "{}", lost["status"]);
+    let lost_part = lost["status"]["volumeName"].as_str().unwrap().to_string();
+    assert_eq!(lost_part, format!("{base}3"));
+    engine
+        .volume_delete(&name, &lost_part, lost["status"]["key"].as_str().unwrap())
+        .await
+        .unwrap();
+    api.create(
+        "domains",
+        json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "Domain",
+               "metadata": {"name": "vm2", "namespace": ns},
+               "spec": {"runStrategy": "Always", "cpu": {"vcpus": 1},
+                        "memory": {"size": "128Mi"}, "os": {"machine": "pc"},
+                        "disks": [{"name": "data", "volume": "lost"}]}}),
+    )
+    .unwrap();
+    bind_domain(&admin, ns, "vm2", NODE).await;
+    let (vm2, _) = reconcile_domain(&api, &domains, &ctx, ns, "vm2", 2).await;
+    let vm2 = vm2.unwrap();
+    let ready = condition(&vm2, "Ready");
+    assert_eq!(ready["reason"], "PartitionMissing", "{}", vm2["status"]);
+    assert!(
+        ready["message"]
+            .as_str()
+            .unwrap()
+            .contains("no other partition is attached in its place"),
+        "{ready}"
+    );
+    assert!(
+        engine
+            .domain_observe(&format!("{ns}.vm2"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    api.delete("domains", ns, "vm2").unwrap();
+    let (gone, _) = reconcile_domain(&api, &domains, &ctx, ns, "vm2", 2).await;
+    assert!(gone.is_none(), "vm2: finalizer removed: {gone:?}");
+    api.delete("volumes", ns, "lost").unwrap();
+    let gone = reconcile_volume(&api, &volumes, &ctx, ns, "lost", 2).await;
+    assert!(gone.is_none(), "lost: finalizer removed: {gone:?}");
+
+    // The Domain deleted: the Volume's deletion completes by itself (its partition goes,
+    // reclaimPolicy Delete); the partition made by hand stays.
+    api.delete("domains", ns, "vm").unwrap();
+    let (gone, _) = reconcile_domain(&api, &domains, &ctx, ns, "vm", 3).await;
+    assert!(gone.is_none(), "vm: finalizer removed: {gone:?}");
+    assert!(engine.domain_observe(&guest).await.unwrap().is_none());
+    domain_cache.apply_watcher_event(&kube::runtime::watcher::Event::Delete(cached));
+    let gone = reconcile_volume(&api, &volumes, &ctx, ns, "data", 2).await;
+    assert!(gone.is_none(), "data: finalizer removed: {gone:?}");
+    assert!(engine.volume_observe(&name, &part).await.unwrap().is_none());
+    let left: Vec<String> = engine
+        .volume_observe_all(&name)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|v| v.name)
+        .collect();
+    assert_eq!(left, [by_hand]);
+
+    api.delete("storagepools", "", &name).unwrap();
+    let p = pools.get(&name).await.unwrap();
+    pool::reconcile(Arc::new(p), ctx.clone()).await.unwrap();
+    assert!(engine.pool_observe(&name).await.unwrap().is_none());
 }

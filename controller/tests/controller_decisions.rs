@@ -820,6 +820,78 @@ fn a_move_copies_a_node_local_volume_only_when_allowed_live_and_alone() {
 }
 
 #[test]
+fn a_move_of_a_domain_on_a_disk_pool_partition_is_refused_before_it_starts() {
+    // `parts` is a disk pool, even shared: its Volume `data` (a partition node-a recorded)
+    // never travels, and the move is never approved, copy allowed or not, running or not.
+    let mut world = two_ready();
+    let mut parts = pool("parts", true, &["node-a", "node-b"]);
+    parts["spec"] = json!({"type": "disk", "shared": true,
+                           "source": {"devices": ["/dev/sdb"]}});
+    world.pools.push(parts);
+    world.volumes.push(with(
+        volume("default", "data", "parts"),
+        json!({"spec": {"format": "raw"}, "status": {"nodeName": "node-a"}}),
+    ));
+    let on_partition = |copy: bool, phase: &str| {
+        obj::<Domain>(held(
+            "db",
+            "node-a",
+            Some("node-b"),
+            json!({"spec": {"migration": {"allowCopyStorage": copy},
+                            "disks": [{"name": "d", "volume": "data"}, {"name": "r", "volume": "root"}]},
+                   "status": {"phase": phase}}),
+        ))
+    };
+    for (copy, phase) in [(true, "Running"), (false, "Running"), (true, "Stopped")] {
+        let d = decide_now(&world, &on_partition(copy, phase));
+        assert_eq!(d.step, ControllerStep::MoveWaits, "{copy} {phase}");
+        assert_eq!(d.status.migration, None, "never started");
+        let c = find(&d.status.conditions, "MoveWaiting").unwrap();
+        assert_eq!(c.reason, "StorageNotCopyable", "{copy} {phase}");
+        assert!(
+            c.message.contains(
+                "data is a partition of disk pool parts, which a move cannot take along: keep the domain on its node"
+            ) && !c.message.contains("root"),
+            "{}",
+            c.message
+        );
+    }
+    // Node-local for binding too, `shared` or not: an unbound Volume there waits for its
+    // first consumer (a shared dir pool's would be given a node at once).
+    let mut unbound = world.clone();
+    unbound.volumes.push(with(
+        volume("default", "fresh", "parts"),
+        json!({"spec": {"format": "raw"}}),
+    ));
+    let cluster = unbound.cluster(&settings());
+    let volumes: Vec<Volume> = unbound.volumes.iter().cloned().map(obj).collect();
+    let consumers = Consumers::of(&unbound.domains(), &volumes);
+    let fresh = volumes.last().unwrap();
+    let d = decide_volume(fresh, &cluster, &consumers, now());
+    assert_eq!(d.status.node_name, None);
+    assert_eq!(
+        find(&d.status.conditions, "Scheduled").unwrap().reason,
+        "WaitingForConsumer"
+    );
+    // The domain's other volume, on shared storage, is no reason: without the partition
+    // the same move is approved.
+    let d = decide_now(
+        &world,
+        &obj(held(
+            "web",
+            "node-a",
+            Some("node-b"),
+            json!({"spec": {"disks": [{"name": "r", "volume": "root"}]}}),
+        )),
+    );
+    assert!(
+        matches!(d.step, ControllerStep::ApproveMove { .. }),
+        "{:?}",
+        d.status.conditions
+    );
+}
+
+#[test]
 fn a_drain_picks_another_node_for_a_domain_whose_local_volume_it_may_copy() {
     let mut world = two_ready();
     world.nodes = vec![

@@ -305,6 +305,27 @@ pub struct PoolNodeStatus {
     /// Why it is not running, in libvirt's words.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// A `disk` pool's partitions there that no Volume recorded (left by a crash between
+    /// making a partition and recording it, or made by hand): never touched by virtkube,
+    /// listed so that someone looks. Absent when there are none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unrecorded_partitions: Option<UnrecordedPartitions>,
+}
+
+/// How many names [`UnrecordedPartitions::names`] shows at most: the status stays small
+/// however many partitions a disk holds.
+pub const UNRECORDED_PARTITIONS_SHOWN: usize = 8;
+
+/// The partitions of a `disk` pool on one node that no Volume recorded.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UnrecordedPartitions {
+    /// How many there are.
+    pub count: u32,
+    /// The first of them by name (libvirt's, such as `sdb3`), at most 8.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    pub names: Vec<String>,
 }
 
 impl Validate for StoragePoolSpec {

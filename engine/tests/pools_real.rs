@@ -22,9 +22,11 @@
 
 mod loop_device;
 mod nfs_export;
-mod test_disk;
+mod pool_support;
 use nfs_export::nfs_export;
-use test_disk::{DiskFor, test_disk};
+use pool_support::{
+    DiskFor, PoolLeftover, disk_def, disk_pool_started, read_start, test_disk, write_marker,
+};
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -63,21 +65,6 @@ fn unique(prefix: &str) -> String {
         std::process::id() % 100_000,
         N.fetch_add(1, Ordering::SeqCst)
     )
-}
-
-/// Stops and undefines a pool on node A when dropped (on failure; on success the test
-/// removes it itself and checks how).
-struct PoolLeftover(String);
-
-impl Drop for PoolLeftover {
-    fn drop(&mut self) {
-        let Ok(uri) = std::env::var("VIRTKUBE_TEST_NODE_A_URI") else {
-            return;
-        };
-        for verb in ["pool-destroy", "pool-undefine"] {
-            let _ = run("virsh", &["-c", &uri, verb, &self.0]);
-        }
-    }
 }
 
 fn assert_explained(error: &EngineError, id: &str, libvirt: &str) {
@@ -676,20 +663,6 @@ async fn netfs_real_pool_mounts_an_export_whose_data_outlives_it() {
     e.close().await.unwrap();
 }
 
-fn disk_def(name: &str, device: &str, format: &str, owner: &Owner) -> PoolDef {
-    PoolDef {
-        name: name.to_string(),
-        pool_type: PoolType::Disk,
-        target_path: "/dev".into(),
-        source: PoolSource {
-            devices: vec![device.to_string()],
-            format: Some(format.to_string()),
-            ..PoolSource::default()
-        },
-        owner: owner.clone(),
-    }
-}
-
 /// The partition name libvirt expects next in pool `name` on `device`.
 async fn next_partition(e: &Engine, name: &str, device: &str, format: &str) -> Option<String> {
     let existing: Vec<String> = e
@@ -702,23 +675,6 @@ async fn next_partition(e: &Engine, name: &str, device: &str, format: &str) -> O
     next_partition_name(device, &existing, max_partitions(format))
 }
 
-fn write_marker(path: &str, marker: &[u8]) {
-    use std::io::Write;
-    let mut f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
-    f.write_all(marker).unwrap();
-    f.sync_all().unwrap();
-}
-
-fn read_start(path: &str, len: usize) -> Vec<u8> {
-    use std::io::Read;
-    let mut buf = vec![0; len];
-    std::fs::File::open(path)
-        .unwrap()
-        .read_exact(&mut buf)
-        .unwrap();
-    buf
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs a blank SCSI disk: run by scripts/kernel-vm-tests in its VM"]
 async fn disk_real_pool_partitions_a_whole_disk_and_never_relabels_it() {
@@ -727,13 +683,7 @@ async fn disk_real_pool_partitions_a_whole_disk_and_never_relabels_it() {
     let e = node_a().await;
     let name = unique("vkdisk");
     let owner = Owner::new("StoragePool", format!("uid-{name}"), None, &name);
-    let _leftover = PoolLeftover(name.clone());
-    let def = disk_def(&name, &device, "gpt", &owner);
-    e.pool_define(&def).await.unwrap();
-    e.pool_build(&name, &owner, BuildMode::MakeStorage)
-        .await
-        .unwrap();
-    e.pool_start(&name, &owner).await.unwrap();
+    let _leftover = disk_pool_started(&e, &name, &device, "gpt", &owner).await;
     let p = e.pool_observe(&name).await.unwrap().unwrap();
     assert_eq!(p.state, PoolState::Running);
     assert_eq!(p.pool_type, PoolType::Disk);
@@ -888,14 +838,7 @@ async fn disk_real_dos_label_holds_four_primary_partitions() {
     let e = node_a().await;
     let name = unique("vkdos");
     let owner = Owner::new("StoragePool", format!("uid-{name}"), None, &name);
-    let _leftover = PoolLeftover(name.clone());
-    e.pool_define(&disk_def(&name, &device, "dos", &owner))
-        .await
-        .unwrap();
-    e.pool_build(&name, &owner, BuildMode::MakeStorage)
-        .await
-        .unwrap();
-    e.pool_start(&name, &owner).await.unwrap();
+    let _leftover = disk_pool_started(&e, &name, &device, "dos", &owner).await;
     let p = e.pool_observe(&name).await.unwrap().unwrap();
     assert_eq!(p.source.format.as_deref(), Some("dos"));
     eprintln!(

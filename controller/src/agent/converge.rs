@@ -353,6 +353,8 @@ pub async fn plan_domain(
     let ns = dom.namespace().unwrap_or_default();
     let mut host = empty_host(ctx);
     let mut manifests = vec![manifest(Object::Domain(Box::new(placed_here(dom))))];
+    // `<namespace>.<name>` → the partition it recorded, for Volumes of `disk` pools.
+    let mut partitions = std::collections::BTreeMap::new();
     for disk in &dom.spec.disks {
         if disk.host_path.is_some() && !ctx.settings.allow_host_paths {
             return Err(Error::Unrealizable {
@@ -373,18 +375,25 @@ pub async fn plan_domain(
                 ),
             });
         };
-        let libvirt_name = volume_host_name(&vol);
-        let pool = observe_pool(
-            ctx,
-            &mut host,
-            &vol.spec.pool,
-            std::slice::from_ref(&libvirt_name),
-        )
-        .await?;
-        if let Some(refusal) =
-            pool.and_then(|p| unattachable(&p.pool_type, &disk.name, &ns, volume))
+        let pool = observe_pool(ctx, &mut host, &vol.spec.pool, &[]).await?;
+        let libvirt_name = match pool.as_ref().filter(|p| p.state == PoolState::Running) {
+            Some(p) if p.pool_type == virtkube_engine::model::PoolType::Disk => {
+                let partition = recorded_partition(ctx, &vol, &disk.name, p).await?;
+                partitions.insert(volume_host_name(&vol), partition.clone());
+                partition
+            }
+            _ => volume_host_name(&vol),
+        };
+        if let Some(p) = pool.as_ref().filter(|p| p.state == PoolState::Running)
+            && let Some(o) = ctx
+                .engine
+                .volume_observe(&vol.spec.pool, &libvirt_name)
+                .await?
         {
-            return Err(refusal);
+            host.volumes.insert(
+                (vol.spec.pool.clone(), libvirt_name.clone()),
+                volume_from(&o, p),
+            );
         }
         if !host
             .volumes
@@ -408,7 +417,7 @@ pub async fn plan_domain(
     if let Some(o) = &observed {
         host.domains.insert(name.clone(), domain_from(o));
     }
-    let (desired, notices) =
+    let (mut desired, notices) =
         DesiredState::from_manifests(&manifests, &Nodes::single(&ctx.settings.node));
     if let Some(n) = notices.iter().find(|n| n.object.name == name) {
         return Err(Error::Unrealizable {
@@ -416,6 +425,7 @@ pub async fn plan_domain(
             message: n.message.clone(),
         });
     }
+    name_partitions(&mut desired, &partitions);
     if let Some(want) = desired.domains.iter().find(|d| d.name == name) {
         check_host_devices(ctx, want).await?;
     }
@@ -442,23 +452,53 @@ pub async fn plan_domain(
     })
 }
 
-/// Why a Volume of a pool of `pool_type` cannot be a Domain's disk, if it cannot (pure).
-///
-/// A `disk` pool's volumes are partitions that libvirt names itself (`sdb2`), recorded in
-/// the Volume's status rather than named after it; Domains do not resolve disks through that
-/// record yet. Saying so beats waiting for a volume under a name it will never have.
-fn unattachable(
-    pool_type: &virtkube_engine::model::PoolType,
+/// The partition a Domain's disk `disk` on `vol`, a Volume of the `disk` pool `pool`, is:
+/// the one the Volume recorded, found on this node by its key ([`partition::for_domain`]).
+async fn recorded_partition(
+    ctx: &Context,
+    vol: &Volume,
     disk: &str,
-    ns: &str,
-    volume: &str,
-) -> Option<Error> {
-    (*pool_type == virtkube_engine::model::PoolType::Disk).then(|| Error::Unrealizable {
-        reason: "Unsupported",
-        message: format!(
-            "spec.disks[name={disk}].volume: Volume {ns}/{volume} is a partition of a disk pool, and a Domain cannot use disk-pool Volumes yet (libvirt names partitions itself; the Volume records which is its own): use a Volume of a dir, fs, netfs or logical pool"
-        ),
+    pool: &PoolObserved,
+) -> Result<String> {
+    let display = format!("{}/{}", vol.namespace().unwrap_or_default(), vol.name_any());
+    let partitions = ctx.engine.volume_observe_all(&vol.spec.pool).await?;
+    let others = other_records(ctx, vol).await?;
+    partition::for_domain(
+        vol,
+        &display,
+        &ctx.settings.node,
+        &pool.name,
+        &partitions,
+        &others,
+    )
+    .map_err(|r| Error::Unrealizable {
+        reason: r.reason,
+        message: format!("spec.disks[name={disk}].volume: {}", r.message),
     })
+}
+
+/// Gives the Volumes of `disk` pools in `desired`, and the Domain disks on them, the libvirt
+/// names of their recorded partitions (`partitions`: `<namespace>.<name>` → partition), so
+/// that the definition names the partition (`<source pool='…' volume='sdb2'/>`) and the
+/// planner compares it with what libvirt reports (pure).
+fn name_partitions(
+    desired: &mut DesiredState,
+    partitions: &std::collections::BTreeMap<String, String>,
+) {
+    for v in &mut desired.volumes {
+        if let Some(p) = partitions.get(&v.name) {
+            v.name = p.clone();
+        }
+    }
+    for d in &mut desired.domains {
+        for disk in &mut d.disks {
+            if let plan::desired::DesiredDiskSource::Volume { volume, .. } = &mut disk.source
+                && let Some(p) = partitions.get(volume.as_str())
+            {
+                *volume = p.clone();
+            }
+        }
+    }
 }
 
 /// Refuses a domain whose host devices this node does not have, or another domain of the
@@ -733,15 +773,7 @@ fn adopted_key<'a>(
 /// What the other Volumes held by this node recorded in `vol`'s pool (from the reflector,
 /// or the API without one).
 async fn other_records(ctx: &Context, vol: &Volume) -> Result<Vec<partition::OtherRecord>> {
-    let all: Vec<Volume> = match &ctx.volumes {
-        Some(store) => store.state().iter().map(|v| (**v).clone()).collect(),
-        None => {
-            kube::Api::<Volume>::all(ctx.client.clone())
-                .list(&kube::api::ListParams::default())
-                .await?
-                .items
-        }
-    };
+    let all = every_volume(ctx).await?;
     let node = ctx.settings.node.as_str();
     Ok(all
         .into_iter()
@@ -756,6 +788,39 @@ async fn other_records(ctx: &Context, vol: &Volume) -> Result<Vec<partition::Oth
             })
         })
         .collect())
+}
+
+/// Every Volume, from the reflector (or the API without one).
+async fn every_volume(ctx: &Context) -> Result<Vec<Volume>> {
+    Ok(match &ctx.volumes {
+        Some(store) => store.state().iter().map(|v| (**v).clone()).collect(),
+        None => {
+            kube::Api::<Volume>::all(ctx.client.clone())
+                .list(&kube::api::ListParams::default())
+                .await?
+                .items
+        }
+    })
+}
+
+/// The partitions of `pool` (a running `disk` pool on this node) that no Volume held by
+/// this node recorded ([`partition::unrecorded_summary`]); `None` for any other pool.
+pub async fn unrecorded_partitions(
+    ctx: &Context,
+    pool: &PoolObserved,
+) -> Result<Option<virtkube_crds::storage_pool::UnrecordedPartitions>> {
+    if pool.pool_type != virtkube_engine::model::PoolType::Disk || pool.state != PoolState::Running
+    {
+        return Ok(None);
+    }
+    let partitions = ctx.engine.volume_observe_all(&pool.name).await?;
+    let volumes = every_volume(ctx).await?;
+    Ok(partition::unrecorded_summary(
+        &partitions,
+        &volumes,
+        &pool.name,
+        &ctx.settings.node,
+    ))
 }
 
 /// The libvirt name a deletion of `vol` works on: the partition it recorded in a `disk`
@@ -1164,31 +1229,64 @@ pub async fn target_spec(ctx: &Context, target: &str) -> Result<HostSpec> {
 
 #[cfg(test)]
 mod tests {
-    use super::{action_of, unattachable};
-    use crate::agent::error::Error;
-    use virtkube_engine::model::PoolType;
+    use super::{DesiredState, Nodes, Object, action_of, manifest, name_partitions};
+    use crate::plan::desired::DesiredDiskSource;
+    use serde_json::json;
 
     #[test]
-    fn only_disk_pool_volumes_are_refused_as_domain_disks_and_the_refusal_says_why() {
-        for attachable in [
-            PoolType::Dir,
-            PoolType::Fs,
-            PoolType::Netfs,
-            PoolType::Logical,
-        ] {
-            assert!(unattachable(&attachable, "root", "ns", "v").is_none());
-        }
-        match unattachable(&PoolType::Disk, "root", "ns", "v") {
-            Some(Error::Unrealizable { reason, message }) => {
-                assert_eq!(reason, "Unsupported");
-                assert!(
-                    message.starts_with("spec.disks[name=root].volume: Volume ns/v is a partition")
-                        && message.contains("use a Volume of a dir, fs, netfs or logical pool"),
-                    "{message}"
-                );
+    fn disks_on_disk_pool_volumes_name_the_recorded_partition_and_others_keep_their_names() {
+        let object = |v: serde_json::Value| -> Object {
+            match v["kind"].as_str() {
+                Some("Domain") => Object::Domain(Box::new(serde_json::from_value(v).unwrap())),
+                _ => Object::Volume(Box::new(serde_json::from_value(v).unwrap())),
             }
-            other => panic!("{other:?}"),
-        }
+        };
+        let volume = |name: &str, pool: &str| {
+            object(
+                json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "Volume",
+                "metadata": {"name": name, "namespace": "team", "uid": name},
+                "spec": {"pool": pool, "capacity": "10M", "format": "raw"}}),
+            )
+        };
+        let dom = object(
+            json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "Domain",
+            "metadata": {"name": "web", "namespace": "team", "uid": "d"},
+            "spec": {"cpu": {"vcpus": 1}, "memory": {"size": "64Mi"},
+                     "disks": [{"name": "data", "volume": "data"},
+                               {"name": "root", "volume": "root"}]}}),
+        );
+        let manifests = [dom, volume("data", "disks"), volume("root", "images")]
+            .into_iter()
+            .map(manifest)
+            .collect::<Vec<_>>();
+        let (mut desired, notices) =
+            DesiredState::from_manifests(&manifests, &Nodes::single("node-a"));
+        assert!(notices.is_empty(), "{notices:?}");
+        let partitions = [("team.data".to_string(), "sdb2".to_string())].into();
+        name_partitions(&mut desired, &partitions);
+        let sources: Vec<_> = desired.domains[0]
+            .disks
+            .iter()
+            .map(|d| d.source.clone())
+            .collect();
+        assert_eq!(
+            sources,
+            [
+                DesiredDiskSource::Volume {
+                    volume: "sdb2".into(),
+                    pool: Some("disks".into()),
+                    format: Some("raw".into()),
+                },
+                DesiredDiskSource::Volume {
+                    volume: "team.root".into(),
+                    pool: Some("images".into()),
+                    format: Some("raw".into()),
+                },
+            ]
+        );
+        let mut names: Vec<_> = desired.volumes.iter().map(|v| v.name.as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["sdb2", "team.root"]);
     }
 
     #[test]

@@ -21,9 +21,13 @@
 //!   never made again for another Volume, and a partition two Volumes record is touched for
 //!   neither ([`conflict`]).
 //! - A clone copies the partition its source Volume recorded, and waits while it has none.
+//! - A Domain's disk on such a Volume is the partition the Volume recorded, found by its key
+//!   on the node that holds the Volume ([`for_domain`]); never a partition found by name
+//!   alone, and never one another Volume records too.
 
 use virtkube_crds::Volume;
-use virtkube_crds::volume::ADOPT_IMAGE_ANNOTATION;
+use virtkube_crds::storage_pool::{UNRECORDED_PARTITIONS_SHOWN, UnrecordedPartitions};
+use virtkube_crds::volume::{ADOPT_IMAGE_ANNOTATION, VolumePhase};
 use virtkube_engine::model::{VolumeObserved, max_partitions, next_partition_name};
 
 /// The partition a Volume's reconcile works on.
@@ -50,7 +54,8 @@ impl Partition {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
     /// `PartitionMissing`, `AdoptMissing`, `PartitionTableFull`, `PartitionRecordedTwice`,
-    /// `PartitionNumberRecorded`, `SourceNotReady`.
+    /// `PartitionNumberRecorded`, `SourceNotReady`; for a Domain's disk also
+    /// `VolumeNotReady`.
     pub reason: &'static str,
     /// What happened and what to do.
     pub message: String,
@@ -163,6 +168,97 @@ pub fn unrecorded(partitions: &[VolumeObserved], recorded: &[&str]) -> Vec<Strin
         .filter(|p| !recorded.contains(&p.key.as_str()))
         .map(|p| p.name.clone())
         .collect()
+}
+
+/// What disk pool `pool`'s status on node `node` says of its partitions (`partitions`, as
+/// libvirt lists them) that no Volume recorded, given every Volume known (`volumes`; those
+/// held by `node` in `pool` count). A partition a Volume is making right now (`Creating`,
+/// its name recorded, no key yet) is not listed: it is recorded a moment later, or, if the
+/// agent stopped in between, listed once that Volume has another. `None`: there are none.
+/// At most [`UNRECORDED_PARTITIONS_SHOWN`] names, in partition-number order; `count` says
+/// how many there are.
+pub fn unrecorded_summary<'a>(
+    partitions: &[VolumeObserved],
+    volumes: impl IntoIterator<Item = &'a Volume>,
+    pool: &str,
+    node: &str,
+) -> Option<UnrecordedPartitions> {
+    let mut recorded = Vec::new();
+    let mut making = Vec::new();
+    for v in volumes {
+        let Some(status) = v.status.as_ref() else {
+            continue;
+        };
+        if v.spec.pool != pool || status.node_name.as_deref() != Some(node) {
+            continue;
+        }
+        match (&status.key, &status.volume_name) {
+            (Some(key), _) => recorded.push(key.as_str()),
+            (None, Some(name)) if status.phase == Some(VolumePhase::Creating) => {
+                making.push(name.as_str())
+            }
+            _ => {}
+        }
+    }
+    let mut left: Vec<String> = unrecorded(partitions, &recorded)
+        .into_iter()
+        .filter(|n| !making.contains(&n.as_str()))
+        .collect();
+    if left.is_empty() {
+        return None;
+    }
+    // `sdb2` before `sdb10`.
+    left.sort_by(|a, b| (a.len(), a).cmp(&(b.len(), b)));
+    let count = u32::try_from(left.len()).unwrap_or(u32::MAX);
+    left.truncate(UNRECORDED_PARTITIONS_SHOWN);
+    Some(UnrecordedPartitions { count, names: left })
+}
+
+/// The partition a Domain's disk on Volume `vol` (`display` as `namespace/name`) is, on node
+/// `node`, among the partitions of its disk pool `pool` (`others`: what the other Volumes
+/// held by this node recorded there). Only the partition whose key the Volume recorded, and
+/// only on the node that holds the Volume (a key is a path such as `/dev/sdb2`: the same
+/// path on another node is another partition). `Err`: why the disk is not attached:
+/// `VolumeNotReady` while there is no record here yet (the Domain waits for the Volume),
+/// `PartitionMissing` when the recorded partition is gone, `PartitionRecordedTwice` when
+/// another Volume records it too.
+pub fn for_domain(
+    vol: &Volume,
+    display: &str,
+    node: &str,
+    pool: &str,
+    partitions: &[VolumeObserved],
+    others: &[OtherRecord],
+) -> Result<String, Refusal> {
+    let status = vol.status.as_ref();
+    let not_ready = refusal("VolumeNotReady");
+    match status.and_then(|s| s.node_name.as_deref()) {
+        Some(holder) if holder == node => {}
+        Some(holder) => {
+            return Err(not_ready(format!(
+                "Volume {display} is held by node {holder}, not {node}: a partition of disk pool {pool} is attached only on the node that recorded it"
+            )));
+        }
+        None => {
+            return Err(not_ready(format!(
+                "Volume {display} is not bound to a node yet: its partition in disk pool {pool} is made once it is"
+            )));
+        }
+    }
+    let Some(key) = status.and_then(|s| s.key.as_deref()) else {
+        return Err(not_ready(format!(
+            "Volume {display} has no partition recorded in disk pool {pool} on node {node} yet: the Domain waits for it"
+        )));
+    };
+    let Some(found) = partitions.iter().find(|p| p.key == key) else {
+        return Err(refusal("PartitionMissing")(format!(
+            "the partition Volume {display} recorded (key {key}) is gone from disk pool {pool} on node {node}: it was removed outside virtkube, and no other partition is attached in its place; delete the Volume and create it again for a new, empty one"
+        )));
+    };
+    if let Some(r) = conflict(&Partition::Recorded(found.name.clone()), Some(key), others) {
+        return Err(r);
+    }
+    Ok(found.name.clone())
 }
 
 /// The partition a clone in a disk pool copies: the one its source Volume (`source`,
@@ -362,6 +458,128 @@ mod tests {
                 .unwrap_err()
                 .reason,
             "SourceNotReady"
+        );
+    }
+
+    #[test]
+    fn a_domain_disk_is_the_partition_its_volume_recorded_on_the_holding_node() {
+        let parts = [part(1), part(2), part(3)];
+        let held = |key: Option<&str>, node: Option<&str>| {
+            let mut status = recorded(key, key.map(|_| "sdb2"), VolumePhase::Available);
+            if let Some(s) = status.as_mut() {
+                s.node_name = node.map(Into::into);
+            }
+            volume(status, None)
+        };
+        let attach = |v: &Volume, parts: &[VolumeObserved], others: &[OtherRecord]| {
+            for_domain(v, "team/data", "node-a", "disk", parts, others)
+        };
+        // Found by its recorded key, whatever name the record keeps.
+        let v = held(Some("/dev/sdb2"), Some("node-a"));
+        assert_eq!(attach(&v, &parts, &[]), Ok("sdb2".to_string()));
+        // No record yet, or not bound, or held by another node (the same path there is
+        // another partition): the Domain waits.
+        for (waiting, says) in [
+            (held(None, Some("node-a")), "no partition recorded"),
+            (held(Some("/dev/sdb2"), None), "not bound to a node yet"),
+            (
+                held(Some("/dev/sdb2"), Some("node-b")),
+                "held by node node-b",
+            ),
+        ] {
+            let why = attach(&waiting, &parts, &[]).unwrap_err();
+            assert_eq!(why.reason, "VolumeNotReady", "{why:?}");
+            assert!(why.message.contains(says), "{why:?}");
+        }
+        // The recorded partition gone: reported, and not even a partition of the same name
+        // made since (another key) is taken.
+        let renamed = [
+            part(1),
+            VolumeObserved {
+                key: "/dev/disk/by-id/x-part2".into(),
+                ..part(2)
+            },
+        ];
+        let gone = attach(&v, &renamed, &[]).unwrap_err();
+        assert_eq!(gone.reason, "PartitionMissing");
+        assert!(
+            gone.message.contains("key /dev/sdb2") && gone.message.contains("no other partition"),
+            "{gone:?}"
+        );
+        // Another Volume records the same partition: attached for neither.
+        let other = OtherRecord {
+            volume: "team/other".into(),
+            key: "/dev/sdb2".into(),
+            name: Some("sdb2".into()),
+        };
+        let twice = attach(&v, &parts, &[other]).unwrap_err();
+        assert_eq!(twice.reason, "PartitionRecordedTwice");
+        assert!(twice.message.contains("team/other"), "{twice:?}");
+    }
+
+    #[test]
+    fn unrecorded_partitions_are_summed_up_bounded_and_without_those_being_made() {
+        let on = |name: &str, pool: &str, node: &str, status: Option<VolumeStatus>| {
+            let mut v = volume(
+                status.map(|s| VolumeStatus {
+                    node_name: Some(node.into()),
+                    ..s
+                }),
+                None,
+            );
+            v.metadata.name = Some(name.into());
+            v.spec.pool = pool.into();
+            v
+        };
+        let parts: Vec<VolumeObserved> = (1..=12).map(part).collect();
+        let volumes = [
+            // sdb1 recorded here; sdb2 is being made; sdb3's record is another node's or
+            // another pool's (the same path there is not this partition).
+            on(
+                "a",
+                "disk",
+                "node-a",
+                recorded(Some("/dev/sdb1"), Some("sdb1"), VolumePhase::Available),
+            ),
+            on(
+                "b",
+                "disk",
+                "node-a",
+                recorded(None, Some("sdb2"), VolumePhase::Creating),
+            ),
+            on(
+                "c",
+                "disk",
+                "node-b",
+                recorded(Some("/dev/sdb3"), Some("sdb3"), VolumePhase::Available),
+            ),
+            on(
+                "d",
+                "other",
+                "node-a",
+                recorded(Some("/dev/sdb3"), Some("sdb3"), VolumePhase::Available),
+            ),
+            // A name kept after a failure that is not `Creating` hides nothing.
+            on(
+                "e",
+                "disk",
+                "node-a",
+                recorded(None, Some("sdb4"), VolumePhase::Pending),
+            ),
+        ];
+        let summary = unrecorded_summary(&parts, &volumes, "disk", "node-a").unwrap();
+        assert_eq!(summary.count, 10, "sdb3..sdb12: {summary:?}");
+        assert_eq!(
+            summary.names,
+            [
+                "sdb3", "sdb4", "sdb5", "sdb6", "sdb7", "sdb8", "sdb9", "sdb10"
+            ],
+            "the first {UNRECORDED_PARTITIONS_SHOWN} by number"
+        );
+        // Every partition recorded or being made: nothing to say.
+        assert_eq!(
+            unrecorded_summary(&parts[..2], &volumes, "disk", "node-a"),
+            None
         );
     }
 }

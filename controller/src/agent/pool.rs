@@ -21,7 +21,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::finalizer::Event as Finalizer;
 use virtkube_crds::StoragePool;
 use virtkube_crds::quantity::ByteQuantity;
-use virtkube_crds::storage_pool::{PoolNodeStatus, StoragePoolStatus};
+use virtkube_crds::storage_pool::{PoolNodeStatus, StoragePoolStatus, UnrecordedPartitions};
 use virtkube_crds::validation::Validate;
 use virtkube_engine::model::PoolState;
 
@@ -118,6 +118,16 @@ async fn apply(pool: &StoragePool, ctx: &Context, api: &Api<StoragePool>) -> Res
             changes, observed, ..
         }) => {
             reconcile::report_changes(ctx, pool, &changes).await;
+            let unrecorded = match &observed {
+                Some(o) => converge::unrecorded_partitions(ctx, o).await?,
+                None => None,
+            };
+            let before = status
+                .nodes
+                .iter()
+                .find(|n| n.node_name == ctx.settings.node)
+                .and_then(|n| n.unrecorded_partitions.as_ref());
+            let news = unrecorded.as_ref().filter(|u| Some(*u) != before).cloned();
             let mine = PoolNodeStatus {
                 node_name: ctx.settings.node.clone(),
                 state: observed
@@ -134,8 +144,21 @@ async fn apply(pool: &StoragePool, ctx: &Context, api: &Api<StoragePool>) -> Res
                     .map(|o| ByteQuantity::from_bytes(o.available)),
                 autostart: observed.as_ref().map(|o| o.autostart),
                 message: None,
+                unrecorded_partitions: unrecorded,
             };
-            pernode::write(ctx, api, pool, current(&status), mine).await?;
+            // Said once per change of the list, with the status that keeps it.
+            if pernode::write(ctx, api, pool, current(&status), mine).await?
+                && let Some(u) = news
+            {
+                ctx.event(
+                    pool,
+                    true,
+                    "UnrecordedPartitions",
+                    "Observe",
+                    unrecorded_note(&pool.name_any(), &ctx.settings.node, &u),
+                )
+                .await;
+            }
             Ok(Action::requeue(ctx.settings.resync))
         }
         Err(error) => {
@@ -224,6 +247,24 @@ async fn remove_here(
         reason: "PoolInUse",
         message,
     })
+}
+
+/// The Warning event's note about partitions no Volume recorded.
+fn unrecorded_note(pool: &str, node: &str, u: &UnrecordedPartitions) -> String {
+    let more = usize::try_from(u.count)
+        .unwrap_or(usize::MAX)
+        .saturating_sub(u.names.len());
+    let tail = if more > 0 {
+        format!(" and {more} more")
+    } else {
+        String::new()
+    };
+    format!(
+        "disk pool {pool} on node {node} holds {} partition(s) no Volume recorded: {}{tail}. virtkube never touches them (left by an agent stopped between making a partition and recording it, or made by hand); to use one, annotate a new Volume {}=<its key or path>, or remove it by hand once you know whose data it is",
+        u.count,
+        u.names.join(", "),
+        virtkube_crds::volume::ADOPT_IMAGE_ANNOTATION
+    )
 }
 
 /// The status as read, for [`pernode::write`].

@@ -585,6 +585,9 @@ pub fn pool_status(
                 available: Some(ByteQuantity::new(bytes(p.available))),
                 autostart: Some(p.autostart),
                 message: None,
+                // Whose a partition is, is the agent's record (Volume statuses in a
+                // cluster); the local CLI keeps none.
+                unrecorded_partitions: None,
             })
         })
         .collect();

@@ -273,7 +273,8 @@ pub fn local_volumes(dom: &Domain, cluster: &Cluster) -> Vec<String> {
 /// disks listed in `migrate_disks`, the target's libvirt creates a volume of the same name in
 /// its pool of the same name and QEMU mirrors the disk into it. So only a running (or
 /// paused) domain's disks can be copied, only when `migration.allowCopyStorage` says so, and
-/// only a volume that can travel alone: in a node-local pool, held by the source, not pinned
+/// only a volume that can travel alone: not a partition of a `disk` pool (never copied,
+/// [`partition_refusals`]), in a node-local pool, held by the source, not pinned
 /// by `spec.nodeName`, not a copy-on-write overlay (its base would have to travel too, and
 /// libvirt would flatten it), no volume built on it, no other Domain using it, and no
 /// earlier handover still under way.
@@ -285,6 +286,10 @@ pub fn volumes_to_copy(
     let local = local_volumes(dom, cluster);
     if local.is_empty() {
         return Ok(local);
+    }
+    let partitions = partition_refusals(dom, cluster, &local);
+    if !partitions.is_empty() {
+        return Err(MoveWait::StorageNotCopyable(partitions));
     }
     let allowed = dom
         .spec
@@ -310,6 +315,30 @@ pub fn demand_leaving(dom: &Domain, demand: &Demand, cluster: &Cluster, source: 
         out.volume_nodes.retain(|(v, _)| !copied.contains(v));
     }
     out
+}
+
+/// The volumes of `local` that are partitions of a `disk` pool, each with why it cannot
+/// travel and what to do. libvirt's copy would make the target's partition under the
+/// source's name (`sdb2`), which on the target disk is another number's or another
+/// Volume's, and no agent could record it safely: such a move is refused before it starts,
+/// copy allowed or not, running or stopped.
+fn partition_refusals(dom: &Domain, cluster: &Cluster, local: &[String]) -> Vec<(String, String)> {
+    let namespace = dom.namespace().unwrap_or_default();
+    local
+        .iter()
+        .filter_map(|name| {
+            let vol = cluster.volumes.get(&(namespace.clone(), name.clone()))?;
+            cluster.pool_is_partitioned(&vol.pool).then(|| {
+                (
+                    name.clone(),
+                    format!(
+                        "is a partition of disk pool {}, which a move cannot take along: keep the domain on its node (set spec.nodeName back), or copy the data into a Volume of a dir, fs, netfs or logical pool and use that",
+                        vol.pool
+                    ),
+                )
+            })
+        })
+        .collect()
 }
 
 /// Why each of `local` (volumes of `dom` in node-local pools) cannot be copied away from

@@ -96,8 +96,12 @@ impl NodeView {
 /// A StoragePool: shared or not, and the nodes where it runs.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct PoolView {
-    /// `spec.shared`: every node sees the same storage.
+    /// `spec.shared`: every node sees the same storage. Never for a `disk` pool: which
+    /// partition is a Volume's is recorded by its holder's agent as that node names it
+    /// (`/dev/sdb2`), so its Volumes stay on their node whatever `shared` says.
     pub shared: bool,
+    /// A `disk` pool: its Volumes are partitions, which no move can take along.
+    pub partitions: bool,
     /// Nodes whose `status.nodes[]` entry says `running`.
     pub running_on: BTreeSet<String>,
 }
@@ -175,7 +179,8 @@ impl Cluster {
                 (
                     p.name_any(),
                     PoolView {
-                        shared: p.spec.shared,
+                        shared: p.spec.shared && !partitioned(p),
+                        partitions: partitioned(p),
                         running_on,
                     },
                 )
@@ -267,6 +272,11 @@ impl Cluster {
     /// Whether the node's agent is heard from (a node without a HypervisorNode is not).
     pub fn fresh(&self, name: &str) -> bool {
         self.node(name).is_some_and(|n| n.fresh)
+    }
+
+    /// Whether `pool` is a `disk` pool (its Volumes are partitions).
+    pub fn pool_is_partitioned(&self, pool: &str) -> bool {
+        self.pools.get(pool).is_some_and(|p| p.partitions)
     }
 
     /// Whether `pool` keeps its data on one node only (a missing pool counts as local).
@@ -371,6 +381,11 @@ pub fn after(then: Timestamp, d: std::time::Duration) -> Timestamp {
 /// libvirt's lower-case word (`running`). Both mean the same.
 fn pool_running(state: &str) -> bool {
     state.eq_ignore_ascii_case("running")
+}
+
+/// Whether the StoragePool is a `disk` pool.
+fn partitioned(pool: &StoragePool) -> bool {
+    pool.spec.type_ == virtkube_crds::storage_pool::PoolType::Disk
 }
 
 #[cfg(test)]

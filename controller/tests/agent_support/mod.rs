@@ -191,6 +191,33 @@ pub async fn testapi_context_on(
     node: &str,
     uri: &str,
 ) -> (Arc<Context>, kube::Client, Engine) {
+    let (ctx, client, engine) = testapi_context_unshared(api, node, uri).await;
+    (Arc::new(ctx), client, engine)
+}
+
+/// [`testapi_context_on`], with the Domain cache the agent's Volume controller reads
+/// (`usedBy`) fed by the returned writer (the test applies the Domains it creates).
+pub async fn testapi_context_with_domains(
+    api: &virtkube_testapi::TestApi,
+    node: &str,
+    uri: &str,
+) -> (
+    Arc<Context>,
+    Engine,
+    kube::runtime::reflector::store::Writer<virtkube_crds::Domain>,
+) {
+    let (mut ctx, _, engine) = testapi_context_unshared(api, node, uri).await;
+    let (store, writer) = kube::runtime::reflector::store();
+    ctx.domains = Some(store);
+    (Arc::new(ctx), engine, writer)
+}
+
+/// The agent context of [`testapi_context_on`], before it is shared.
+async fn testapi_context_unshared(
+    api: &virtkube_testapi::TestApi,
+    node: &str,
+    uri: &str,
+) -> (Context, kube::Client, Engine) {
     let client = api.client("agent").await.unwrap();
     let mut hosts = Hosts::connect(
         &[HostSpec {
@@ -210,7 +237,7 @@ pub async fn testapi_context_on(
     settings.host_cpus = Some(engine.node_info().await.unwrap().cpus);
     let metrics = Metrics::register(&mut Registry::default(), None);
     let ctx = Context::new(client.clone(), hosts, metrics, settings).unwrap();
-    (Arc::new(ctx), client, engine)
+    (ctx, client, engine)
 }
 
 /// Writes a Domain's status as the cluster controller does: `change` applied to the status
