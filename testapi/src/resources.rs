@@ -2,6 +2,8 @@
 //! scope, status subresource and schema taken from `virtkube_crds::crd::all()`, the same CRDs
 //! the chart installs) and the built-in kinds virtkube touches.
 
+use std::sync::Arc;
+
 use serde_json::Value;
 
 /// One served resource type.
@@ -27,8 +29,12 @@ pub struct ResourceType {
     /// status writes change nothing else).
     pub status_subresource: bool,
     /// The structural schema (`openAPIV3Schema`) of a custom resource; `None` for built-in
-    /// kinds, which are neither validated nor defaulted here.
-    pub schema: Option<Value>,
+    /// kinds, which are neither validated nor defaulted here. Shared: every request holds a
+    /// copy of its type, and the schema checker caches what it compiled from it by identity.
+    pub schema: Option<Arc<Value>>,
+    /// The root schema server-side apply tracks field ownership under (the schema with
+    /// ObjectMeta's, [`crate::ssa::tracking_schema`]), made once.
+    pub tracking: Arc<Value>,
     /// Custom resources follow apiextensions-apiserver's strategy: `resourceVersion`
     /// required on update, strategic merge patch refused, `generation` tracked.
     pub custom: bool,
@@ -70,6 +76,7 @@ impl ResourceType {
             namespaced,
             status_subresource: status,
             schema: None,
+            tracking: Arc::new(crate::ssa::tracking_schema(None)),
             custom: false,
         }
     }
@@ -159,6 +166,7 @@ fn virtkube_types() -> Vec<ResourceType> {
                 .as_ref()
                 .and_then(|s| s.open_api_v3_schema.as_ref())
                 .and_then(|s| serde_json::to_value(s).ok());
+            let tracking = Arc::new(crate::ssa::tracking_schema(schema.as_ref()));
             let names = &crd.spec.names;
             Some(ResourceType {
                 group: crd.spec.group.clone(),
@@ -173,7 +181,8 @@ fn virtkube_types() -> Vec<ResourceType> {
                     .subresources
                     .as_ref()
                     .is_some_and(|s| s.status.is_some()),
-                schema,
+                schema: schema.map(Arc::new),
+                tracking,
                 custom: true,
             })
         })

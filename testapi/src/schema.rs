@@ -5,6 +5,10 @@
 //! (`SchemaValidator`, the same walk `virtkube apply -f` uses, and kube's CEL validator), so the
 //! server and the offline CLI refuse the same objects with the same words.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use kube::core::cel::{CompiledSchema, compile_schema};
 use serde_json::Value;
 use virtkube_crds::schema_validate::SchemaValidator;
 
@@ -109,9 +113,15 @@ fn prune_at(schema: &Value, value: &mut Value, path: &str, root: bool, dropped: 
 
 /// Checks a custom resource against its schema and CEL rules; `old` enables transition
 /// rules. Each problem becomes a 422 cause with its field path.
+///
+/// The CEL rules of a schema are compiled once, the first time an object of its type is
+/// checked (as the API server compiles a CRD's rules when the CRD is stored), and kept for
+/// that very schema: compiling them at every write was most of the server's time.
 pub struct Checker {
     openapi: SchemaValidator,
     cel: kube::core::cel::Validator,
+    /// Compiled rules by schema identity; the `Arc` kept here keeps the address unique.
+    compiled: HashMap<usize, (Arc<Value>, CompiledSchema)>,
 }
 
 impl Default for Checker {
@@ -119,13 +129,23 @@ impl Default for Checker {
         Checker {
             openapi: SchemaValidator::new(),
             cel: kube::core::cel::Validator::new(),
+            compiled: HashMap::new(),
         }
     }
 }
 
+/// Schemas whose compiled rules are kept at most (a type per CRD version; a test that
+/// makes more only compiles again).
+const COMPILED_KEPT: usize = 64;
+
 impl Checker {
     /// Every problem of `object` (already defaulted and pruned).
-    pub fn check(&mut self, schema: &Value, object: &Value, old: Option<&Value>) -> Vec<Cause> {
+    pub fn check(
+        &mut self,
+        schema: &Arc<Value>,
+        object: &Value,
+        old: Option<&Value>,
+    ) -> Vec<Cause> {
         let mut causes: Vec<Cause> = self
             .openapi
             .validate(schema, object)
@@ -136,8 +156,16 @@ impl Checker {
                 field: e.path,
             })
             .collect();
+        let key = Arc::as_ptr(schema) as usize;
+        if !self.compiled.contains_key(&key) && self.compiled.len() >= COMPILED_KEPT {
+            self.compiled.clear();
+        }
+        let (_, compiled) = self
+            .compiled
+            .entry(key)
+            .or_insert_with(|| (schema.clone(), compile_schema(schema)));
         if causes.is_empty()
-            && let Err(errors) = self.cel.validate(schema, object, old)
+            && let Err(errors) = self.cel.validate_compiled(compiled, object, old)
         {
             causes.extend(errors.iter().map(|e| Cause {
                 kind: "FieldValueInvalid".into(),

@@ -196,6 +196,7 @@ fn admit(
     let Some(schema) = req.rt.schema.as_ref() else {
         return Ok(());
     };
+    let (checked, schema) = (schema, &**schema);
     schema::apply_defaults(schema, object);
     let dropped = schema::prune(schema, object);
     let name = meta_str(object, "name").unwrap_or_default().to_string();
@@ -207,7 +208,7 @@ fn admit(
             field,
         }));
     }
-    causes.extend(store.checker.check(schema, object, old));
+    causes.extend(store.checker.check(checked, object, old));
     if !causes.is_empty() {
         return Err(ApiError::invalid(
             &req.rt.kind,
@@ -254,8 +255,8 @@ fn admit(
     })
 }
 
-fn owned_root(rt: &ResourceType) -> Value {
-    ssa::tracking_schema(rt.schema.as_ref())
+fn owned_root(rt: &ResourceType) -> &Value {
+    &rt.tracking
 }
 
 fn writer<'a>(req: &'a WriteRequest, now: &'a str, api_version: &'a str) -> Writer<'a> {
@@ -406,7 +407,7 @@ fn create_with(
         None => {
             let api_version = req.rt.api_version();
             let w = writer(req, &stamp, &api_version);
-            ssa::record_update(&json!({}), &mut body, &owned_root(req.rt), &w)
+            ssa::record_update(&json!({}), &mut body, owned_root(req.rt), &w)
                 .map_err(|e| invalid_ownership(req, &name, e))?;
         }
     }
@@ -588,7 +589,7 @@ fn finish_update(
         None => {
             let api_version = req.rt.api_version();
             let w = writer(req, &stamp, &api_version);
-            ssa::record_update(old, &mut new, &owned_root(req.rt), &w)
+            ssa::record_update(old, &mut new, owned_root(req.rt), &w)
                 .map_err(|e| invalid_ownership(req, &name, e))?;
         }
     }
@@ -800,7 +801,7 @@ fn apply(
         }
     }
     if let Err(e) =
-        crate::fieldset::leaves(&config, crate::fieldset::Node(Some(&owned_root(req.rt))))
+        crate::fieldset::leaves(&config, crate::fieldset::Node(Some(owned_root(req.rt))))
     {
         return Err(typed_error(e));
     }
@@ -838,7 +839,7 @@ fn apply(
         },
         Scope::Main(false) => {}
     };
-    let merged = match ssa::apply(&live, &config, &root, &w, force, reset)
+    let merged = match ssa::apply(&live, &config, root, &w, force, reset)
         .map_err(|e| invalid_ownership(req, &key.name, e))?
     {
         ApplyOutcome::Merged(m) => m,
