@@ -206,9 +206,16 @@ async fn rounds(cached: &Domain, ctx: &Context, api: &Api<Domain>) -> Result<Act
     // libvirt (a removal): what comes next is usually the finalizer's removal, which can
     // then be bound to that version instead of read again.
     let mut read_before: Option<String> = None;
+    // The look of a round that changed nothing (it decided on the cache, and the step needs
+    // a fresh read): taken before the next round's read, so it still is a look before the
+    // read, and libvirt is asked once instead of twice.
+    let mut carried: Option<local::Copy> = None;
     for round in 0..ROUNDS {
         // (1) Look before the read.
-        let before = local::look(&ctx.engine, &dom).await?;
+        let before = match carried.take() {
+            Some(look) => look,
+            None => local::look(&ctx.engine, &dom).await?,
+        };
         // (2) Read: the cache first, the API server afterwards.
         if let Some(version) = read_before.take()
             && decide(ctx, &dom, &before).await? == AgentStep::Finalize
@@ -250,9 +257,15 @@ async fn rounds(cached: &Domain, ctx: &Context, api: &Api<Domain>) -> Result<Act
             }
             AgentStep::Converge if !fresh => match steady(&dom, &before, ctx, api).await? {
                 Some(action) => Next::Return(action),
-                None => Next::Again,
+                None => {
+                    carried = Some(before.clone());
+                    Next::Again
+                }
             },
-            _ if !fresh => Next::Again,
+            _ if !fresh => {
+                carried = Some(before.clone());
+                Next::Again
+            }
             AgentStep::Converge => Next::Return(converge(&dom, ctx, api).await?),
             step => {
                 let libvirt_only = matches!(
