@@ -575,28 +575,35 @@ mod tests {
         );
     }
 
-    /// `virsh vol-dumpxml` of a partition of a `disk` pool (libvirt 9.0's format:
-    /// storage_conf.c writes each extent of `source` under its device; the disk backend
-    /// fills one from libvirt_parthelper, whose end is the byte after the partition).
+    /// `virsh vol-dumpxml` of a partition of a `disk` pool, as libvirt 9.0 wrote it in the
+    /// kernel VM (controller/tests/agent_pools_real.rs: one made by hand with `parted unit B
+    /// mkpart` and read by `pool-refresh`). libvirt_parthelper's end is the byte after the
+    /// partition.
     const PARTITION_XML: &str = "<volume type='block'>
-  <name>sdc2</name>
-  <key>/dev/sdc2</key>
+  <name>sdd3</name>
+  <key>/dev/sdd3</key>
+  <source>
+    <device path='/dev/sdd'>
+      <extent start='19922944' end='24117248'/>
+    </device>
+  </source>
   <capacity unit='bytes'>4194304</capacity>
   <allocation unit='bytes'>4194304</allocation>
   <physical unit='bytes'>4194304</physical>
-  <source>
-    <device path='/dev/sdc'>
-      <extent start='11534336' end='15728640'/>
-    </device>
-  </source>
   <target>
-    <path>/dev/sdc2</path>
+    <path>/dev/sdd3</path>
     <format type='none'/>
     <permissions>
-      <mode>0660</mode>
+      <mode>0600</mode>
       <owner>0</owner>
-      <group>6</group>
+      <group>0</group>
     </permissions>
+    <timestamps>
+      <atime>1796145486.440000000</atime>
+      <mtime>1796145486.440000000</mtime>
+      <ctime>1796145486.440000000</ctime>
+      <btime>0</btime>
+    </timestamps>
   </target>
 </volume>
 ";
@@ -607,29 +614,29 @@ mod tests {
         assert_eq!(
             o.extent,
             Some(PartitionExtent {
-                start: 11_534_336,
-                end: 15_728_640
+                start: 19_922_944,
+                end: 24_117_248
             })
         );
         assert_eq!(o.extent.map(|e| e.end - e.start), Some(o.capacity));
         assert_eq!(
             (o.key.as_str(), o.path.as_str()),
-            ("/dev/sdc2", "/dev/sdc2")
+            ("/dev/sdd3", "/dev/sdd3")
         );
         // A file has no extent; an LV spread over several is not one partition; offsets
         // libvirt could not have meant are not an identity.
         let file = PARTITION_XML.replace(
-            "<device path='/dev/sdc'>\n      <extent start='11534336' end='15728640'/>\n    </device>",
+            "<device path='/dev/sdd'>\n      <extent start='19922944' end='24117248'/>\n    </device>",
             "",
         );
         assert_eq!(VolumeObserved::from_xml(&file).unwrap().extent, None);
         let two = PARTITION_XML.replace(
             "</device>",
-            "</device>\n    <device path='/dev/sdd'>\n      <extent start='0' end='512'/>\n    </device>",
+            "</device>\n    <device path='/dev/sde'>\n      <extent start='0' end='512'/>\n    </device>",
         );
         assert_eq!(VolumeObserved::from_xml(&two).unwrap().extent, None);
-        for bad in ["end='11534336'", "end='x'", "end='-1'"] {
-            let xml = PARTITION_XML.replace("end='15728640'", bad);
+        for bad in ["end='19922944'", "end='x'", "end='-1'"] {
+            let xml = PARTITION_XML.replace("end='24117248'", bad);
             assert_eq!(
                 VolumeObserved::from_xml(&xml).unwrap().extent,
                 None,
