@@ -528,6 +528,23 @@ async fn disk_real_partitions_are_volumes_recorded_by_the_agent() {
         "10,000,384 bytes: {}",
         a["status"]
     );
+    // Its extent recorded beside its key; a record an older agent made (the key alone) is
+    // completed at the next reconcile.
+    let extent = a_vol.extent.expect("libvirt reports a partition's extent");
+    let recorded = json!({"start": extent.start, "end": extent.end});
+    assert_eq!(a["status"]["partition"], recorded, "{}", a["status"]);
+    set_volume_status(&api, ns, "a", json!({"partition": null})).await;
+    let old = api.get("volumes", ns, "a").unwrap();
+    assert!(
+        old["status"].get("partition").is_none(),
+        "{}",
+        old["status"]
+    );
+    let a = reconcile_volume(&api, &volumes, &ctx, ns, "a", 1)
+        .await
+        .unwrap();
+    assert_eq!(a["status"]["partition"], recorded, "{}", a["status"]);
+    assert_eq!(a["status"]["phase"], "Available", "{}", a["status"]);
 
     // An interrupted creation: the agent recorded `Creating` for the next partition, libvirt
     // made it, and the agent stopped before recording its key. That partition is left alone
