@@ -14,7 +14,9 @@
 //! on a disk-pool Volume: it waits while the Volume has no partition recorded, is defined
 //! on exactly the recorded partition, is the Volume's `usedBy`, holds the Volume's deletion
 //! until it is gone; a Domain on a Volume whose partition was removed outside virtkube is
-//! refused; and a partition made by hand is listed in the pool's status.
+//! refused, and so is it once another partition is made by hand under the same number at
+//! other bytes (`PartitionReplaced`), which the Volume's deletion leaves with its data; and
+//! partitions made by hand are listed in the pool's status.
 //!
 //! ```sh
 //! scripts/libvirt-nodes.sh up /tmp/nodes; set -a; . /tmp/nodes/env; set +a
@@ -37,6 +39,7 @@ use std::time::Duration;
 use kube::api::Api;
 use serde_json::{Value, json};
 use virtkube::agent::{domain, pool, volume};
+use virtkube_crds::volume::PartitionExtent;
 use virtkube_crds::{Domain, StoragePool, Volume};
 use virtkube_testapi::{ADMIN, TestApi};
 
@@ -525,6 +528,23 @@ async fn disk_real_partitions_are_volumes_recorded_by_the_agent() {
         "10,000,384 bytes: {}",
         a["status"]
     );
+    // Its extent recorded beside its key; a record an older agent made (the key alone) is
+    // completed at the next reconcile.
+    let extent = a_vol.extent.expect("libvirt reports a partition's extent");
+    let recorded = json!({"start": extent.start, "end": extent.end});
+    assert_eq!(a["status"]["partition"], recorded, "{}", a["status"]);
+    set_volume_status(&api, ns, "a", json!({"partition": null})).await;
+    let old = api.get("volumes", ns, "a").unwrap();
+    assert!(
+        old["status"].get("partition").is_none(),
+        "{}",
+        old["status"]
+    );
+    let a = reconcile_volume(&api, &volumes, &ctx, ns, "a", 1)
+        .await
+        .unwrap();
+    assert_eq!(a["status"]["partition"], recorded, "{}", a["status"]);
+    assert_eq!(a["status"]["phase"], "Available", "{}", a["status"]);
 
     // An interrupted creation: the agent recorded `Creating` for the next partition, libvirt
     // made it, and the agent stopped before recording its key. That partition is left alone
@@ -919,6 +939,16 @@ async fn disk_real_domain_runs_on_the_partition_its_volume_recorded() {
     assert_eq!(lost["status"]["phase"], "Available", "{}", lost["status"]);
     let lost_part = lost["status"]["volumeName"].as_str().unwrap().to_string();
     assert_eq!(lost_part, format!("{base}3"));
+    // Its extent recorded beside its key: where libvirt says the partition lies.
+    let recorded: PartitionExtent = serde_json::from_value(lost["status"]["partition"].clone())
+        .unwrap_or_else(|e| panic!("status.partition recorded ({e}): {}", lost["status"]));
+    let made = engine
+        .volume_observe(&name, &lost_part)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(made.extent, Some(recorded));
+    assert_eq!(recorded.end - recorded.start, made.capacity);
     engine
         .volume_delete(&name, &lost_part, lost["status"]["key"].as_str().unwrap())
         .await
@@ -951,12 +981,101 @@ async fn disk_real_domain_runs_on_the_partition_its_volume_recorded() {
             .unwrap()
             .is_none()
     );
+
+    // Someone makes a partition by hand under the lost one's number, at other bytes, and
+    // writes their data there: the same key (a path), another partition. The Volume
+    // reports it replaced, the Domain is defined on nothing, and deleting the Volume
+    // (reclaimPolicy Delete) leaves the partition and its data.
+    const MIB: u64 = 1 << 20;
+    let start = recorded.end.div_ceil(MIB) * MIB + 2 * MIB;
+    let end = start + 4 * MIB;
+    let (made, out) = run(
+        "parted",
+        &[
+            "-s",
+            &device,
+            "unit",
+            "B",
+            "mkpart",
+            "someone",
+            &start.to_string(),
+            &(end - 1).to_string(),
+        ],
+    );
+    assert!(made, "{out}");
+    let (refreshed, out) = run("virsh", &["-c", &uri, "pool-refresh", &name]);
+    assert!(refreshed, "{out}");
+    let other = engine
+        .volume_observe(&name, &lost_part)
+        .await
+        .unwrap()
+        .expect("parted took the lowest free number, the lost partition's");
+    assert_eq!(Some(other.key.as_str()), lost["status"]["key"].as_str());
+    assert_eq!(other.extent, Some(PartitionExtent { start, end }));
+    let (_, xml) = run(
+        "virsh",
+        &["-c", &uri, "vol-dumpxml", &lost_part, "--pool", &name],
+    );
+    eprintln!("the partition made by hand, as libvirt reports it:\n{xml}");
+    write_marker(&format!("/dev/{lost_part}"), b"someone's data");
+    let lost = reconcile_volume(&api, &volumes, &ctx, ns, "lost", 2)
+        .await
+        .unwrap();
+    let ready = condition(&lost, "Ready");
+    assert_eq!(ready["reason"], "PartitionReplaced", "{}", lost["status"]);
+    let message = ready["message"].as_str().unwrap();
+    for words in [
+        format!("{recorded} of the disk"),
+        format!("now lies at bytes {start}-{end}"),
+        "does not attach, clone from or delete it".to_string(),
+    ] {
+        assert!(message.contains(&words), "{words}: {message}");
+    }
+    assert_eq!(
+        lost["status"]["partition"],
+        json!({"start": recorded.start, "end": recorded.end}),
+        "the record is kept: {}",
+        lost["status"]
+    );
+    let (vm2, _) = reconcile_domain(&api, &domains, &ctx, ns, "vm2", 2).await;
+    let vm2 = vm2.unwrap();
+    let ready = condition(&vm2, "Ready");
+    assert_eq!(ready["reason"], "PartitionReplaced", "{}", vm2["status"]);
+    assert!(
+        engine
+            .domain_observe(&format!("{ns}.vm2"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // No Volume's: listed with the one made by hand before.
+    let stored = pool_running(&api, &pools, &ctx, &name).await;
+    assert_eq!(
+        stored["status"]["nodes"][0]["unrecordedPartitions"],
+        json!({"count": 2, "names": [by_hand, lost_part]}),
+        "{}",
+        stored["status"]
+    );
     api.delete("domains", ns, "vm2").unwrap();
     let (gone, _) = reconcile_domain(&api, &domains, &ctx, ns, "vm2", 2).await;
     assert!(gone.is_none(), "vm2: finalizer removed: {gone:?}");
     api.delete("volumes", ns, "lost").unwrap();
     let gone = reconcile_volume(&api, &volumes, &ctx, ns, "lost", 2).await;
     assert!(gone.is_none(), "lost: finalizer removed: {gone:?}");
+    assert!(
+        reasons_for(&api, "lost").iter().any(|r| r == "Retained"),
+        "{:?}",
+        reasons_for(&api, "lost")
+    );
+    let kept = engine.volume_observe(&name, &lost_part).await.unwrap();
+    assert_eq!(
+        kept.and_then(|k| k.extent),
+        Some(PartitionExtent { start, end })
+    );
+    assert_eq!(
+        read_start(&format!("/dev/{lost_part}"), 14),
+        b"someone's data"
+    );
 
     // The Domain deleted: the Volume's deletion completes by itself (its partition goes,
     // reclaimPolicy Delete); the partition made by hand stays.
@@ -968,14 +1087,19 @@ async fn disk_real_domain_runs_on_the_partition_its_volume_recorded() {
     let gone = reconcile_volume(&api, &volumes, &ctx, ns, "data", 2).await;
     assert!(gone.is_none(), "data: finalizer removed: {gone:?}");
     assert!(engine.volume_observe(&name, &part).await.unwrap().is_none());
-    let left: Vec<String> = engine
+    let mut left: Vec<String> = engine
         .volume_observe_all(&name)
         .await
         .unwrap()
         .into_iter()
         .map(|v| v.name)
         .collect();
-    assert_eq!(left, [by_hand]);
+    left.sort();
+    assert_eq!(
+        left,
+        [by_hand, lost_part],
+        "libvirt lists them in no set order"
+    );
 
     api.delete("storagepools", "", &name).unwrap();
     let p = pools.get(&name).await.unwrap();

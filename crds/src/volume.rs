@@ -160,6 +160,14 @@ pub struct VolumeStatus {
     /// image is this Volume's. Only an image with this key is ever grown or deleted for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
+    /// In a `disk` pool, where the recorded partition lies on its disk: with `key` (a path,
+    /// which a partition made later under the same number has too), the record of which
+    /// partition is this Volume's. A partition under the recorded key at another extent is
+    /// someone else's and is never attached, cloned from or deleted for this Volume. A
+    /// record made without it (an older agent) is completed at the next reconcile that finds
+    /// the partition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition: Option<PartitionExtent>,
     /// Logical size.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capacity: Option<ByteQuantity>,
@@ -182,6 +190,23 @@ pub struct VolumeStatus {
     /// holder once it has taken the copy over.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transfer: Option<VolumeTransfer>,
+}
+
+/// Where a partition lies on its disk, as libvirt's disk backend reports it
+/// (`<source><device><extent start end/></device></source>`): byte offsets from the start of
+/// the disk.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub struct PartitionExtent {
+    /// The partition's first byte.
+    pub start: u64,
+    /// The byte after its last one (libvirt's `end`: `end - start` is its size).
+    pub end: u64,
+}
+
+impl std::fmt::Display for PartitionExtent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "bytes {}-{}", self.start, self.end)
+    }
 }
 
 /// A node-local volume moving to another node with the Domain that uses it.

@@ -33,8 +33,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use virtkube_engine::explain::explain;
 use virtkube_engine::model::{
-    BuildMode, PoolDef, PoolSource, PoolState, PoolType, VolumeDef, VolumeFormat, max_partitions,
-    next_partition_name,
+    BuildMode, PartitionExtent, PoolDef, PoolSource, PoolState, PoolType, VolumeDef, VolumeFormat,
+    max_partitions, next_partition_name,
 };
 use virtkube_engine::{Engine, EngineConfig, EngineError, Owner};
 
@@ -717,6 +717,40 @@ async fn disk_real_pool_partitions_a_whole_disk_and_never_relabels_it() {
     );
     assert_eq!(v1.allocation, v1.capacity);
     assert_eq!(v1.format.as_ref().map(VolumeFormat::as_str), Some("none"));
+    // Where it lies on the disk, as parted says (`unit B print`, its end inclusive): what
+    // tells it from a partition made later under the same number, which has the same key.
+    let (ok, table) = run("parted", &["-m", "-s", &device, "unit", "B", "print"]);
+    assert!(ok, "{table}");
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("1:"))
+        .unwrap_or_else(|| panic!("no partition 1: {table}"));
+    let field = |i: usize| -> u64 {
+        row.split(':')
+            .nth(i)
+            .and_then(|f| f.trim_end_matches('B').parse().ok())
+            .unwrap_or_else(|| panic!("field {i} of {row}"))
+    };
+    assert_eq!(
+        v1.extent,
+        Some(PartitionExtent {
+            start: field(1),
+            end: field(2) + 1
+        })
+    );
+    assert_eq!(v1.extent.map(|x| x.end - x.start), Some(v1.capacity));
+    let (_, xml) = run(
+        "virsh",
+        &[
+            "-c",
+            &env("VIRTKUBE_TEST_NODE_A_URI"),
+            "vol-dumpxml",
+            &first,
+            "--pool",
+            &name,
+        ],
+    );
+    eprintln!("a partition as libvirt reports it:\n{xml}");
     // Any other name is refused, and libvirt removes the partition it made meanwhile.
     let wrong = e
         .volume_create(&name, &raw("team.disk", 4 * MIB))

@@ -22,8 +22,9 @@
 -- controller's retry succeeds or someone looks). Networks and StoragePools summarize
 -- their nodes as NotActiveEverywhere: the reason of each node is the first word of its
 -- status.nodes[].message.
--- PartitionMissing, AdoptMissing, PartitionRecordedTwice, PartitionNumberRecorded for a
--- disk-pool Volume whose partition record needs a human (controller/src/agent/partition.rs).
+-- PartitionMissing, PartitionReplaced, AdoptMissing, PartitionRecordedTwice,
+-- PartitionNumberRecorded for a disk-pool Volume whose partition record needs a human
+-- (controller/src/agent/partition.rs).
 local terminal = {
   InvalidSpec = true,
   NameConflict = true,
@@ -38,6 +39,7 @@ local terminal = {
   ImageMissing = true,
   Unsupported = true,
   PartitionMissing = true,
+  PartitionReplaced = true,
   AdoptMissing = true,
   PartitionRecordedTwice = true,
   PartitionNumberRecorded = true,

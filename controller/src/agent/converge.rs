@@ -647,7 +647,8 @@ pub struct VolumeHere {
 /// Looks at the Volume's pool, source and image on this node. A pool that is missing or not
 /// running is `Ready=False` (`PoolMissing`, `PoolNotRunning`); in a `disk` pool so is a
 /// Volume with no partition to work on ([`partition::Refusal`]: `PartitionMissing`,
-/// `PartitionTableFull`, `PartitionRecordedTwice`, `PartitionNumberRecorded`, …).
+/// `PartitionReplaced`, `PartitionTableFull`, `PartitionRecordedTwice`,
+/// `PartitionNumberRecorded`, …).
 pub async fn observe_volume(ctx: &Context, vol: &Volume) -> Result<VolumeHere> {
     let ns = vol.namespace().unwrap_or_default();
     let mut host = empty_host(ctx);
@@ -721,15 +722,14 @@ async fn image_names(
     let chosen =
         partition::choose(vol, &vol.spec.pool, device, format, &partitions).map_err(refused)?;
     let others = other_records(ctx, vol).await?;
-    let key = vol.status.as_ref().and_then(|s| s.key.as_deref());
-    if let Some(r) =
-        partition::conflict(&chosen, key.or(adopted_key(&chosen, &partitions)), &others)
-    {
+    let found = partition::chosen_partition(&chosen, &partitions);
+    if let Some(r) = partition::conflict(&chosen, found, &others) {
         return Err(refused(r));
     }
     if let partition::Partition::Next(next) = &chosen {
-        let mut recorded: Vec<&str> = others.iter().map(|o| o.key.as_str()).collect();
-        recorded.extend(key);
+        let mut recorded: Vec<partition::Record> =
+            others.iter().map(partition::OtherRecord::record).collect();
+        recorded.extend(partition::record_of(vol));
         let left = partition::unrecorded(&partitions, &recorded);
         if !left.is_empty() {
             tracing::warn!(pool = %vol.spec.pool, partitions = %left.join(", "), next = %next, "disk pool holds partitions no Volume recorded: left alone");
@@ -756,20 +756,6 @@ async fn image_names(
     Ok((name, source))
 }
 
-/// The key of the partition an adoption names (to check no other Volume records it).
-fn adopted_key<'a>(
-    chosen: &partition::Partition,
-    partitions: &'a [VolumeObserved],
-) -> Option<&'a str> {
-    match chosen {
-        partition::Partition::Adopt(name) => partitions
-            .iter()
-            .find(|p| &p.name == name)
-            .map(|p| p.key.as_str()),
-        _ => None,
-    }
-}
-
 /// What the other Volumes held by this node recorded in `vol`'s pool (from the reflector,
 /// or the API without one).
 async fn other_records(ctx: &Context, vol: &Volume) -> Result<Vec<partition::OtherRecord>> {
@@ -784,6 +770,7 @@ async fn other_records(ctx: &Context, vol: &Volume) -> Result<Vec<partition::Oth
             Some(partition::OtherRecord {
                 volume: format!("{}/{}", v.namespace().unwrap_or_default(), v.name_any()),
                 key: status.key.clone()?,
+                extent: status.partition,
                 name: status.volume_name.clone(),
             })
         })
@@ -848,6 +835,10 @@ pub async fn volume(
     if let Some(image) = host.volumes.get_mut(&(vol.spec.pool.clone(), name.clone())) {
         image.owned = ours;
     }
+    let partitioned = host
+        .pools
+        .get(&vol.spec.pool)
+        .is_some_and(|p| p.pool_type == virtkube_engine::model::PoolType::Disk.as_str());
     let named = VolumeNames {
         image: &name,
         clone_source: here.source_name.as_deref(),
@@ -863,7 +854,12 @@ pub async fn volume(
         .as_ref()
         .is_some_and(|s| converged_here(&s.conditions, vol.metadata.generation));
     let (changes, pending) = execute(&ctx.hosts, &plan, ObjectKind::Volume, &name, drift).await?;
-    let observed = ctx.engine.volume_observe(&vol.spec.pool, &name).await?;
+    let mut observed = ctx.engine.volume_observe(&vol.spec.pool, &name).await?;
+    if !partitioned && let Some(o) = observed.as_mut() {
+        // Only a partition is known by its extent (`status.partition`): a logical volume's
+        // segments change as it grows or is moved (`pvmove`), and a file has none.
+        o.extent = None;
+    }
     Ok(Converged {
         changes,
         observed,
@@ -937,6 +933,13 @@ pub async fn remove_volume(
     let Some(image) = host.volumes.get_mut(&key) else {
         return Ok((Vec::new(), None));
     };
+    if pool_type == virtkube_engine::model::PoolType::Disk.as_str()
+        && let Some(found) = ctx.engine.volume_observe(&vol.spec.pool, &name).await?
+        && let Err(replaced) = partition::check_identity(vol, &vol.spec.pool, &found)
+    {
+        // Someone else's partition under the recorded number: never deleted for this one.
+        return Ok((Vec::new(), Some(replaced.message)));
+    }
     match ownership::claim(vol, Some(image)) {
         ImageClaim::Ours | ImageClaim::MovedHere => image.owned = true,
         _ => {

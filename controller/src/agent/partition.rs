@@ -2,11 +2,19 @@
 //!
 //! libvirt names a disk pool's volumes itself, after the disk and the partition number
 //! (`sdb2`: any other name is refused), and partitions carry no owner mark. So the record is
-//! the Volume's: `status.key` (the partition's key, its path) once the agent made it,
-//! `status.volumeName` beside it. Guarantees:
-//! - A Volume only ever takes the partition whose key it recorded, or the one the
-//!   annotation `virtkube.io/adopt-image` names. A partition no Volume recorded is never
+//! the Volume's: `status.key` (the partition's key, its path) and `status.partition` (where
+//! it lies on the disk, its extent) once the agent made it, `status.volumeName` beside it.
+//! A key is a path, which a partition made later under the same number has too: the extent
+//! tells them apart. Guarantees:
+//! - A Volume only ever takes the partition whose key and extent it recorded, or the one
+//!   the annotation `virtkube.io/adopt-image` names. A partition no Volume recorded is never
 //!   deleted, resized or handed to a guest.
+//! - A partition under a recorded key at another extent than recorded (the recorded one
+//!   removed outside virtkube, another made since under its number) is someone else's: it
+//!   is reported (`PartitionReplaced`), and never attached, cloned from or deleted for the
+//!   Volume ([`recorded`]). A record without an extent (made before extents were recorded)
+//!   takes the key alone, and the agent completes it at the next reconcile that finds the
+//!   partition.
 //! - A Volume with no key recorded gets the next partition libvirt will make (the lowest free
 //!   number), chosen again at every attempt from what the disk holds then; the `Creating`
 //!   phase recorded before the attempt names nothing here. So a crash between making a
@@ -27,7 +35,7 @@
 
 use virtkube_crds::Volume;
 use virtkube_crds::storage_pool::{UNRECORDED_PARTITIONS_SHOWN, UnrecordedPartitions};
-use virtkube_crds::volume::{ADOPT_IMAGE_ANNOTATION, VolumePhase};
+use virtkube_crds::volume::{ADOPT_IMAGE_ANNOTATION, PartitionExtent, VolumePhase};
 use virtkube_engine::model::{VolumeObserved, max_partitions, next_partition_name};
 
 /// The partition a Volume's reconcile works on.
@@ -53,9 +61,9 @@ impl Partition {
 /// Why there is no partition to work on: the Volume condition's reason and message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
-    /// `PartitionMissing`, `AdoptMissing`, `PartitionTableFull`, `PartitionRecordedTwice`,
-    /// `PartitionNumberRecorded`, `SourceNotReady`; for a Domain's disk also
-    /// `VolumeNotReady`.
+    /// `PartitionMissing`, `PartitionReplaced`, `AdoptMissing`, `PartitionTableFull`,
+    /// `PartitionRecordedTwice`, `PartitionNumberRecorded`, `SourceNotReady`; for a Domain's
+    /// disk also `VolumeNotReady`.
     pub reason: &'static str,
     /// What happened and what to do.
     pub message: String,
@@ -63,6 +71,85 @@ pub struct Refusal {
 
 fn refusal(reason: &'static str) -> impl FnOnce(String) -> Refusal {
     move |message| Refusal { reason, message }
+}
+
+/// A partition record: a Volume's `status.key` and `status.partition`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Record<'a> {
+    /// The partition's key (its path).
+    pub key: &'a str,
+    /// Where it lay on the disk; `None` for a record made before extents were recorded.
+    pub extent: Option<&'a PartitionExtent>,
+}
+
+impl Record<'_> {
+    /// Whether `p` is the recorded partition: its key, at the recorded extent (any extent
+    /// for a record without one).
+    pub fn names(&self, p: &VolumeObserved) -> bool {
+        p.key == self.key && self.extent.is_none_or(|e| p.extent.as_ref() == Some(e))
+    }
+}
+
+/// The record `vol`'s status holds, if any.
+pub fn record_of(vol: &Volume) -> Option<Record<'_>> {
+    let status = vol.status.as_ref()?;
+    Some(Record {
+        key: status.key.as_deref()?,
+        extent: status.partition.as_ref(),
+    })
+}
+
+/// What is under a recorded key in a disk pool now.
+enum Under<'a> {
+    /// The recorded partition.
+    Recorded(&'a VolumeObserved),
+    /// Another partition with the same key (path), at another extent.
+    Replaced(&'a VolumeObserved),
+    /// Nothing.
+    Gone,
+}
+
+fn under<'a>(partitions: &'a [VolumeObserved], record: Record<'_>) -> Under<'a> {
+    match partitions.iter().find(|p| p.key == record.key) {
+        None => Under::Gone,
+        Some(p) if record.names(p) => Under::Recorded(p),
+        Some(p) => Under::Replaced(p),
+    }
+}
+
+fn extent_text(extent: Option<&PartitionExtent>) -> String {
+    extent.map_or_else(
+        || "no extent libvirt reports".to_string(),
+        ToString::to_string,
+    )
+}
+
+/// `PartitionReplaced`: what `whose` (`this Volume`, `Volume ns/name`) recorded is gone and
+/// `found` lies under its key now.
+fn replaced(whose: &str, record: Record<'_>, found: &VolumeObserved, pool: &str) -> Refusal {
+    Refusal {
+        reason: "PartitionReplaced",
+        message: format!(
+            "the partition {whose} recorded (key {}, {} of the disk) is gone from disk pool {pool}: {} there now lies at {}, another partition made since under the same number: not the recorded data. virtkube does not attach, clone from or delete it. Delete the Volume (its partition is gone; the one under its name stays, whatever the reclaimPolicy), or restore the recorded partition at its extent",
+            record.key,
+            extent_text(record.extent),
+            found.name,
+            extent_text(found.extent.as_ref()),
+        ),
+    }
+}
+
+/// Whether `found`, the partition under `vol`'s recorded name in disk pool `pool`, is the
+/// one it recorded (a deletion with `reclaimPolicy: Delete` removes only that one). `Err`
+/// (`PartitionReplaced`): another partition, at another extent, lies under the recorded key.
+/// A Volume that recorded no key owns nothing here: that is the caller's to decide.
+pub fn check_identity(vol: &Volume, pool: &str, found: &VolumeObserved) -> Result<(), Refusal> {
+    match record_of(vol) {
+        Some(record) if record.key == found.key && !record.names(found) => {
+            Err(replaced("this Volume", record, found, pool))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// The partition for `vol` in pool `pool` on `device` labelled `format` (`gpt`, `dos`),
@@ -75,18 +162,15 @@ pub fn choose(
     format: &str,
     partitions: &[VolumeObserved],
 ) -> Result<Partition, Refusal> {
-    let status = vol.status.as_ref();
-    if let Some(key) = status.and_then(|s| s.key.as_deref()) {
-        return partitions
-            .iter()
-            .find(|p| p.key == key)
-            .map(|p| Partition::Recorded(p.name.clone()))
-            .ok_or_else(|| {
-                format!(
-                    "the partition this Volume recorded (key {key}) is gone from disk pool {pool}: it was removed outside virtkube, and virtkube does not make a new, empty one in its place; delete the Volume and create it again for a new partition"
-                )
-            })
-            .map_err(refusal("PartitionMissing"));
+    if let Some(record) = record_of(vol) {
+        let key = record.key;
+        return match under(partitions, record) {
+            Under::Recorded(p) => Ok(Partition::Recorded(p.name.clone())),
+            Under::Replaced(p) => Err(replaced("this Volume", record, p, pool)),
+            Under::Gone => Err(refusal("PartitionMissing")(format!(
+                "the partition this Volume recorded (key {key}) is gone from disk pool {pool}: it was removed outside virtkube, and virtkube does not make a new, empty one in its place; delete the Volume and create it again for a new partition"
+            ))),
+        };
     }
     let adopt = vol
         .metadata
@@ -118,27 +202,58 @@ pub fn choose(
 }
 
 /// What other Volumes on this node recorded in the same disk pool: `namespace/name`, the
-/// partition's key and name.
+/// partition's key, extent and name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OtherRecord {
     /// `namespace/name` of the Volume.
     pub volume: String,
     /// Its `status.key`.
     pub key: String,
+    /// Its `status.partition`.
+    pub extent: Option<PartitionExtent>,
     /// Its `status.volumeName`.
     pub name: Option<String>,
 }
 
-/// Checks `chosen` against the other Volumes' records: a partition two Volumes record (the
-/// path of one removed outside virtkube, reused by a new partition) is touched for neither,
-/// and the next partition is never made while another Volume records its name (its own
-/// partition gone), so that no Volume could take a partition made for another. `None`: no
-/// conflict.
-pub fn conflict(chosen: &Partition, key: Option<&str>, others: &[OtherRecord]) -> Option<Refusal> {
+impl OtherRecord {
+    /// Its partition record.
+    pub fn record(&self) -> Record<'_> {
+        Record {
+            key: &self.key,
+            extent: self.extent.as_ref(),
+        }
+    }
+}
+
+/// The partition `chosen` names among `partitions` (none for [`Partition::Next`]).
+pub fn chosen_partition<'a>(
+    chosen: &Partition,
+    partitions: &'a [VolumeObserved],
+) -> Option<&'a VolumeObserved> {
+    match chosen {
+        Partition::Recorded(name) | Partition::Adopt(name) => {
+            partitions.iter().find(|p| &p.name == name)
+        }
+        Partition::Next(_) => None,
+    }
+}
+
+/// Checks `chosen` (`found`: the partition it names) against the other Volumes' records: a
+/// partition two Volumes record (the path of one removed outside virtkube, reused by a new
+/// partition) is touched for neither, and the next partition is never made while another
+/// Volume records its name (its own partition gone), so that no Volume could take a
+/// partition made for another. A record at another extent than `found`'s is not `found`'s
+/// (another Volume's partition replaced). `None`: no conflict.
+pub fn conflict(
+    chosen: &Partition,
+    found: Option<&VolumeObserved>,
+    others: &[OtherRecord],
+) -> Option<Refusal> {
     match chosen {
         Partition::Recorded(_) | Partition::Adopt(_) => {
-            let key = key?;
-            let other = others.iter().find(|o| o.key == key)?;
+            let found = found?;
+            let key = &found.key;
+            let other = others.iter().find(|o| o.record().names(found))?;
             Some(Refusal {
                 reason: "PartitionRecordedTwice",
                 message: format!(
@@ -160,12 +275,13 @@ pub fn conflict(chosen: &Partition, key: Option<&str>, others: &[OtherRecord]) -
     }
 }
 
-/// The partitions no Volume recorded (`recorded`: every key recorded in the pool on this
-/// node): left alone, listed so that someone can look.
-pub fn unrecorded(partitions: &[VolumeObserved], recorded: &[&str]) -> Vec<String> {
+/// The partitions no Volume recorded (`recorded`: every record in the pool on this node;
+/// a partition under a recorded key at another extent is no Volume's): left alone, listed
+/// so that someone can look.
+pub fn unrecorded(partitions: &[VolumeObserved], recorded: &[Record<'_>]) -> Vec<String> {
     partitions
         .iter()
-        .filter(|p| !recorded.contains(&p.key.as_str()))
+        .filter(|p| !recorded.iter().any(|r| r.names(p)))
         .map(|p| p.name.clone())
         .collect()
 }
@@ -193,7 +309,10 @@ pub fn unrecorded_summary<'a>(
             continue;
         }
         match (&status.key, &status.volume_name) {
-            (Some(key), _) => recorded.push(key.as_str()),
+            (Some(key), _) => recorded.push(Record {
+                key,
+                extent: status.partition.as_ref(),
+            }),
             (None, Some(name)) if status.phase == Some(VolumePhase::Creating) => {
                 making.push(name.as_str())
             }
@@ -216,12 +335,13 @@ pub fn unrecorded_summary<'a>(
 
 /// The partition a Domain's disk on Volume `vol` (`display` as `namespace/name`) is, on node
 /// `node`, among the partitions of its disk pool `pool` (`others`: what the other Volumes
-/// held by this node recorded there). Only the partition whose key the Volume recorded, and
-/// only on the node that holds the Volume (a key is a path such as `/dev/sdb2`: the same
-/// path on another node is another partition). `Err`: why the disk is not attached:
-/// `VolumeNotReady` while there is no record here yet (the Domain waits for the Volume),
-/// `PartitionMissing` when the recorded partition is gone, `PartitionRecordedTwice` when
-/// another Volume records it too.
+/// held by this node recorded there). Only the partition whose key (and extent) the Volume
+/// recorded, and only on the node that holds the Volume (a key is a path such as
+/// `/dev/sdb2`: the same path on another node is another partition). `Err`: why the disk is
+/// not attached: `VolumeNotReady` while there is no record here yet (the Domain waits for
+/// the Volume), `PartitionMissing` when the recorded partition is gone, `PartitionReplaced`
+/// when another partition lies under its key, `PartitionRecordedTwice` when another Volume
+/// records it too.
 pub fn for_domain(
     vol: &Volume,
     display: &str,
@@ -245,17 +365,29 @@ pub fn for_domain(
             )));
         }
     }
-    let Some(key) = status.and_then(|s| s.key.as_deref()) else {
+    let Some(record) = record_of(vol) else {
         return Err(not_ready(format!(
             "Volume {display} has no partition recorded in disk pool {pool} on node {node} yet: the Domain waits for it"
         )));
     };
-    let Some(found) = partitions.iter().find(|p| p.key == key) else {
-        return Err(refusal("PartitionMissing")(format!(
-            "the partition Volume {display} recorded (key {key}) is gone from disk pool {pool} on node {node}: it was removed outside virtkube, and no other partition is attached in its place; delete the Volume and create it again for a new, empty one"
-        )));
+    let key = record.key;
+    let found = match under(partitions, record) {
+        Under::Recorded(found) => found,
+        Under::Replaced(found) => {
+            let whose = format!("Volume {display}");
+            return Err(replaced(&whose, record, found, pool));
+        }
+        Under::Gone => {
+            return Err(refusal("PartitionMissing")(format!(
+                "the partition Volume {display} recorded (key {key}) is gone from disk pool {pool} on node {node}: it was removed outside virtkube, and no other partition is attached in its place; delete the Volume and create it again for a new, empty one"
+            )));
+        }
     };
-    if let Some(r) = conflict(&Partition::Recorded(found.name.clone()), Some(key), others) {
+    if let Some(r) = conflict(
+        &Partition::Recorded(found.name.clone()),
+        Some(found),
+        others,
+    ) {
         return Err(r);
     }
     Ok(found.name.clone())
@@ -263,14 +395,15 @@ pub fn for_domain(
 
 /// The partition a clone in a disk pool copies: the one its source Volume (`source`,
 /// `display` as `namespace/name`) recorded, among `partitions`. A source that recorded none
-/// yet is waited for; a partition nobody recorded is never copied.
+/// yet is waited for; a partition nobody recorded, or another under the source's recorded
+/// key (`PartitionReplaced`), is never copied.
 pub fn source_of(
     source: &Volume,
     display: &str,
     pool: &str,
     partitions: &[VolumeObserved],
 ) -> Result<String, Refusal> {
-    let Some(key) = source.status.as_ref().and_then(|s| s.key.as_deref()) else {
+    let Some(record) = record_of(source) else {
         return Err(Refusal {
             reason: "SourceNotReady",
             message: format!(
@@ -278,16 +411,24 @@ pub fn source_of(
             ),
         });
     };
-    partitions
-        .iter()
-        .find(|p| p.key == key)
-        .map(|p| p.name.clone())
-        .ok_or_else(|| Refusal {
+    let key = record.key;
+    match under(partitions, record) {
+        Under::Recorded(p) => Ok(p.name.clone()),
+        Under::Replaced(p) => {
+            let whose = format!("Volume {display}");
+            let why = replaced(&whose, record, p, pool);
+            Err(Refusal {
+                message: format!("spec.source.volume: {}", why.message),
+                ..why
+            })
+        }
+        Under::Gone => Err(Refusal {
             reason: "SourceNotReady",
             message: format!(
                 "spec.source.volume: the partition Volume {display} recorded (key {key}) is not in disk pool {pool}"
             ),
-        })
+        }),
+    }
 }
 
 #[cfg(test)]
@@ -311,6 +452,7 @@ mod tests {
         v
     }
 
+    /// Partition `sdb{n}`: 10 MiB at MiB `n * 10 + 1`.
     fn part(n: u32) -> VolumeObserved {
         VolumeObserved {
             name: format!("sdb{n}"),
@@ -321,7 +463,43 @@ mod tests {
             allocation: 10 << 20,
             format: None,
             backing: None,
+            extent: Some(extent(n)),
         }
+    }
+
+    fn extent(n: u32) -> PartitionExtent {
+        let start = (u64::from(n) * 10 + 1) << 20;
+        PartitionExtent {
+            start,
+            end: start + (10 << 20),
+        }
+    }
+
+    /// `sdb{n}` removed by hand and another made under its number, at `start_mib`.
+    fn remade(n: u32, start_mib: u64) -> VolumeObserved {
+        VolumeObserved {
+            extent: Some(PartitionExtent {
+                start: start_mib << 20,
+                end: (start_mib + 4) << 20,
+            }),
+            capacity: 4 << 20,
+            allocation: 4 << 20,
+            ..part(n)
+        }
+    }
+
+    /// The status of a Volume that recorded `sdb{n}` (with its extent when `extent`).
+    fn recorded_at(n: u32, extent_recorded: bool) -> Option<VolumeStatus> {
+        Some(VolumeStatus {
+            partition: extent_recorded.then(|| extent(n)),
+            node_name: Some("node-a".into()),
+            ..recorded(
+                Some(&format!("/dev/sdb{n}")),
+                Some(&format!("sdb{n}")),
+                VolumePhase::Available,
+            )
+            .unwrap_or_default()
+        })
     }
 
     fn recorded(key: Option<&str>, name: Option<&str>, phase: VolumePhase) -> Option<VolumeStatus> {
@@ -399,13 +577,14 @@ mod tests {
         let other = |key: &str, name: &str| OtherRecord {
             volume: "team/other".into(),
             key: key.into(),
+            extent: None,
             name: Some(name.into()),
         };
         // sdb2 removed outside virtkube, a new sdb2 made for team/other: this Volume's
         // record names the same key, and neither touches it.
         let twice = conflict(
             &Partition::Recorded("sdb2".into()),
-            Some("/dev/sdb2"),
+            Some(&part(2)),
             &[other("/dev/sdb2", "sdb2")],
         )
         .unwrap();
@@ -428,8 +607,13 @@ mod tests {
             None
         );
         let parts = [part(1), part(2), part(3)];
+        let keys = |keys: &[&'static str]| -> Vec<Record<'static>> {
+            keys.iter()
+                .map(|&key| Record { key, extent: None })
+                .collect()
+        };
         assert_eq!(
-            unrecorded(&parts, &["/dev/sdb1", "/dev/sdb3"]),
+            unrecorded(&parts, &keys(&["/dev/sdb1", "/dev/sdb3"])),
             ["sdb2".to_string()]
         );
     }
@@ -510,11 +694,136 @@ mod tests {
         let other = OtherRecord {
             volume: "team/other".into(),
             key: "/dev/sdb2".into(),
+            extent: None,
             name: Some("sdb2".into()),
         };
         let twice = attach(&v, &parts, &[other]).unwrap_err();
         assert_eq!(twice.reason, "PartitionRecordedTwice");
         assert!(twice.message.contains("team/other"), "{twice:?}");
+    }
+
+    #[test]
+    fn a_partition_remade_under_a_recorded_key_is_nobody_s() {
+        // sdb2 recorded at its extent, removed by hand, another sdb2 made at MiB 40: the
+        // same key (path), other bytes. Whatever asks, it is not the Volume's.
+        let parts = [part(1), remade(2, 40), part(3)];
+        let v = volume(recorded_at(2, true), None);
+        let says_replaced = |r: Refusal| {
+            assert_eq!(r.reason, "PartitionReplaced", "{r:?}");
+            for words in [
+                "key /dev/sdb2",
+                "bytes 22020096-32505856",
+                "now lies at bytes 41943040-46137344",
+                "does not attach, clone from or delete it",
+            ] {
+                assert!(r.message.contains(words), "{words}: {r:?}");
+            }
+        };
+        says_replaced(choose(&v, "disk", "/dev/sdb", "gpt", &parts).unwrap_err());
+        says_replaced(for_domain(&v, "team/data", "node-a", "disk", &parts, &[]).unwrap_err());
+        let clone = source_of(&v, "team/data", "disk", &parts).unwrap_err();
+        assert!(
+            clone.message.starts_with("spec.source.volume: "),
+            "{clone:?}"
+        );
+        says_replaced(clone);
+        says_replaced(check_identity(&v, "disk", &parts[1]).unwrap_err());
+        // Neither is it listed as recorded: it shows among the pool's unrecorded ones.
+        let volumes = [v.clone()];
+        assert_eq!(
+            unrecorded_summary(&parts, &volumes, "disk", "node-a").map(|u| u.names),
+            Some(vec![
+                "sdb1".to_string(),
+                "sdb2".to_string(),
+                "sdb3".to_string()
+            ])
+        );
+        // Without extent libvirt reports, a recorded extent is not proven: refused too.
+        let blind = [VolumeObserved {
+            extent: None,
+            ..part(2)
+        }];
+        let r = choose(&v, "disk", "/dev/sdb", "gpt", &blind).unwrap_err();
+        assert_eq!(r.reason, "PartitionReplaced");
+        assert!(
+            r.message.contains("now lies at no extent libvirt reports"),
+            "{r:?}"
+        );
+
+        // At its recorded extent it is the Volume's, by every path.
+        let intact = [part(1), part(2), part(3)];
+        assert_eq!(
+            choose(&v, "disk", "/dev/sdb", "gpt", &intact),
+            Ok(Partition::Recorded("sdb2".into()))
+        );
+        assert_eq!(
+            for_domain(&v, "team/data", "node-a", "disk", &intact, &[]),
+            Ok("sdb2".to_string())
+        );
+        assert_eq!(
+            source_of(&v, "team/data", "disk", &intact),
+            Ok("sdb2".to_string())
+        );
+        assert_eq!(check_identity(&v, "disk", &intact[1]), Ok(()));
+        assert_eq!(
+            unrecorded_summary(&intact, &volumes, "disk", "node-a").map(|u| u.names),
+            Some(vec!["sdb1".to_string(), "sdb3".to_string()])
+        );
+    }
+
+    #[test]
+    fn a_record_without_an_extent_keeps_taking_its_key_alone() {
+        // Recorded by an older agent: the key decides, as before (the agent records the
+        // extent at the next reconcile that finds the partition).
+        let v = volume(recorded_at(2, false), None);
+        let parts = [part(1), remade(2, 40)];
+        assert_eq!(
+            choose(&v, "disk", "/dev/sdb", "gpt", &parts),
+            Ok(Partition::Recorded("sdb2".into()))
+        );
+        assert_eq!(
+            for_domain(&v, "team/data", "node-a", "disk", &parts, &[]),
+            Ok("sdb2".to_string())
+        );
+        assert_eq!(check_identity(&v, "disk", &parts[1]), Ok(()));
+        // A partition of another key is never its, and no record at all claims nothing.
+        assert_eq!(check_identity(&v, "disk", &parts[0]), Ok(()));
+        assert_eq!(record_of(&volume(None, None)), None);
+        let gone = choose(&v, "disk", "/dev/sdb", "gpt", &[part(1)]).unwrap_err();
+        assert_eq!(gone.reason, "PartitionMissing");
+    }
+
+    #[test]
+    fn another_volume_s_record_claims_only_a_partition_at_its_extent() {
+        let other = |extent: Option<PartitionExtent>| OtherRecord {
+            volume: "team/other".into(),
+            key: "/dev/sdb2".into(),
+            extent,
+            name: Some("sdb2".into()),
+        };
+        let new = remade(2, 40);
+        let adopt = Partition::Adopt("sdb2".into());
+        // team/other recorded sdb2 at its old extent: the sdb2 made since is not its, so it
+        // can be adopted; a record without an extent, or at this extent, claims it.
+        assert_eq!(
+            conflict(&adopt, Some(&new), &[other(Some(extent(2)))]),
+            None
+        );
+        for claiming in [None, new.extent] {
+            let twice = conflict(&adopt, Some(&new), &[other(claiming)]).unwrap();
+            assert_eq!(twice.reason, "PartitionRecordedTwice", "{claiming:?}");
+        }
+        // The partition a choice names, for the check above.
+        let parts = [part(1), new.clone()];
+        assert_eq!(chosen_partition(&adopt, &parts), Some(&new));
+        assert_eq!(
+            chosen_partition(&Partition::Next("sdb3".into()), &parts),
+            None
+        );
+        // A replaced record among the others hides nothing: the new partition is listed.
+        let recorded = [other(Some(extent(2)))];
+        let records: Vec<Record> = recorded.iter().map(OtherRecord::record).collect();
+        assert_eq!(unrecorded(&parts, &records), ["sdb1", "sdb2"]);
     }
 
     #[test]

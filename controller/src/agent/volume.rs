@@ -357,6 +357,7 @@ async fn hand_over(vol: &Volume, ctx: &Context, api: &Api<Volume>) -> Result<Opt
                         {
                             now.state = TransferState::SourceRemoved;
                             status.key = None;
+                            status.partition = None;
                             status.path = None;
                         }
                         status
@@ -590,6 +591,7 @@ fn status_for(
         // is the record that the image is this Volume's.
         path: current.path.clone(),
         key: current.key.clone(),
+        partition: current.partition,
         capacity: current.capacity.clone(),
         allocation: current.allocation.clone(),
         used_by: users(vol, ctx).unwrap_or_else(|| current.used_by.clone()),
@@ -615,6 +617,9 @@ fn status_for(
             status.phase = Some(VolumePhase::Available);
             status.path = Some(o.path.clone());
             status.key = Some(o.key.clone());
+            // A disk pool's partition: where it lies, recorded beside its key (and filled in
+            // for a record made without it). None elsewhere (`converge::volume`).
+            status.partition = o.extent;
             status.capacity = Some(ByteQuantity::from_bytes(o.capacity));
             status.allocation = Some(ByteQuantity::from_bytes(o.allocation));
             set(

@@ -516,6 +516,7 @@ pub fn volume_status(
         volume_name: Some(name.to_string()),
         path: Some(o.path.clone()),
         key: Some(o.key.clone()),
+        partition: None,
         capacity: Some(ByteQuantity::new(bytes(o.capacity))),
         allocation: Some(ByteQuantity::new(bytes(o.allocation))),
         used_by,

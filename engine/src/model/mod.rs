@@ -30,7 +30,7 @@ pub use node::{Capabilities, NodeCpuMap, NodeObserved, NumaCell};
 pub use owner::{OWNER_NS, Owner};
 pub use stats::{BlockStats, DomainStatsRecord, NetStats};
 pub use storage::{
-    BackingStore, BuildMode, PoolDef, PoolObserved, PoolSource, PoolState, PoolType, VolumeDef,
-    VolumeFormat, VolumeObserved, max_partitions, next_partition_name,
+    BackingStore, BuildMode, PartitionExtent, PoolDef, PoolObserved, PoolSource, PoolState,
+    PoolType, VolumeDef, VolumeFormat, VolumeObserved, max_partitions, next_partition_name,
 };
 pub use xml::XmlError;
