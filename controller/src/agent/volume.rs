@@ -209,7 +209,19 @@ async fn converge_here(
             true
         }
         ImageClaim::MovedHere => {
-            if let Some(image) = &here.image {
+            // Said once: a reconcile on a cache that does not show the last one's write yet
+            // would take the copy over again and say so twice; the API server knows.
+            let fresh = match api.get_opt(&vol.name_any()).await {
+                Ok(fresh) => fresh,
+                Err(e) => return Err((vol.clone(), e.into())),
+            };
+            let still = fresh.as_ref().is_some_and(|f| {
+                matches!(
+                    ownership::claim(f, here.image.as_ref()),
+                    ImageClaim::MovedHere
+                )
+            });
+            if still && let Some(image) = &here.image {
                 let note = format!(
                     "took over the copy {} ({}) made on this node by its Domain's live migration",
                     here.name, image.path
