@@ -374,14 +374,10 @@ async fn the_agents_own_acts_trigger_nothing_the_same_changes_by_others_do() {
         );
     }
     // libvirt's events of the define and start are taken out.
-    tokio::time::sleep(Duration::from_millis(300)).await;
     let mine = |r: &kube::runtime::reflector::ObjectRef<Domain>| {
         r.namespace.as_deref() == Some(w.ns.as_str())
     };
-    let mut asked = Vec::new();
-    while let Ok(r) = requests.try_recv() {
-        asked.extend(Some(r).filter(mine));
-    }
+    let asked = settled_requests(&mut requests, &w.ns).await;
     assert!(
         asked.is_empty(),
         "libvirt events of the agent's own calls: {asked:?}"
@@ -428,11 +424,7 @@ async fn the_agents_own_acts_trigger_nothing_the_same_changes_by_others_do() {
             .finalizers()
             .contains(&FINALIZER.to_string())
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut asked = Vec::new();
-    while let Ok(r) = requests.try_recv() {
-        asked.extend(Some(r).filter(mine));
-    }
+    let asked = settled_requests(&mut requests, &w.ns).await;
     assert!(
         asked.is_empty(),
         "libvirt events of the repair's start: {asked:?}"
@@ -444,15 +436,27 @@ async fn the_agents_own_acts_trigger_nothing_the_same_changes_by_others_do() {
     w.reconcile().await.unwrap();
     assert_eq!(w.libvirt_state().await, None, "undefined");
     assert!(w.stored().await.is_none(), "finalized");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut asked = Vec::new();
-    while let Ok(r) = requests.try_recv() {
-        asked.extend(Some(r).filter(mine));
-    }
+    let asked = settled_requests(&mut requests, &w.ns).await;
     assert!(
         asked.is_empty(),
         "libvirt events of the agent's own removal: {asked:?}"
     );
+}
+
+/// The reconcile requests libvirt's events made for the Domains of namespace `ns`, once
+/// events of the last act had time to come.
+async fn settled_requests(
+    requests: &mut futures::channel::mpsc::UnboundedReceiver<
+        kube::runtime::reflector::ObjectRef<Domain>,
+    >,
+    ns: &str,
+) -> Vec<kube::runtime::reflector::ObjectRef<Domain>> {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut asked = Vec::new();
+    while let Ok(r) = requests.try_recv() {
+        asked.extend(Some(r).filter(|r| r.namespace.as_deref() == Some(ns)));
+    }
+    asked
 }
 
 #[tokio::test]
