@@ -47,7 +47,7 @@ fn normalize(value: &mut Value) {
             }
         }
         Value::Array(items) => items.iter_mut().for_each(normalize),
-        Value::String(text) => *text = without_uuids(text),
+        Value::String(text) => *text = without_elapsed_seconds(&without_uuids(text)),
         _ => {}
     }
 }
@@ -78,6 +78,45 @@ fn without_uuids(text: &str) -> String {
     }
     out.push_str(rest);
     out
+}
+
+/// `text` with every elapsed time written as ` in Ns` replaced by ` in 0s`: a move's message
+/// says how long it took, which is 0 or 1 s here depending on when the second turned.
+fn without_elapsed_seconds(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(" in ") {
+        let (before, after) = rest.split_at(at + 4);
+        out.push_str(before);
+        let digits = after.chars().take_while(char::is_ascii_digit).count();
+        let unit = after[digits..].strip_prefix('s');
+        let word_ends = unit.is_some_and(|u| !u.starts_with(|c: char| c.is_alphanumeric()));
+        if digits > 0 && word_ends {
+            out.push('0');
+            rest = &after[digits..];
+        } else {
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+#[test]
+fn elapsed_seconds_are_normalized_and_nothing_else() {
+    assert_eq!(
+        without_elapsed_seconds("moved from node a to node b in 12s, downtime 3 ms"),
+        "moved from node a to node b in 0s, downtime 3 ms"
+    );
+    assert_eq!(
+        without_elapsed_seconds("in 5 s in 7seconds"),
+        "in 5 s in 7seconds"
+    );
+    assert_eq!(
+        without_elapsed_seconds("kept in 4 pools"),
+        "kept in 4 pools"
+    );
+    assert_eq!(without_elapsed_seconds("ends in 3s"), "ends in 0s");
 }
 
 /// The object as a GitOps tool reads it, without what the server fills in per run (uid,
