@@ -4,6 +4,8 @@
 use std::net::SocketAddr;
 
 use axum::Router;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
 
 /// Binds `addr` and serves `app` on its own task until `shutdown` completes; returns the
 /// bound address (a port of 0 picks a free one) and the task. A failure to bind is returned;
@@ -24,4 +26,26 @@ pub async fn serve(
         }
     });
     Ok((bound, task))
+}
+
+/// The `/metrics` answer for an encoding of the registries: the text in OpenMetrics' content
+/// type, or a 500 that says the encoding failed.
+pub fn metrics_response(encoded: Result<String, std::fmt::Error>) -> Response {
+    match encoded {
+        Ok(body) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        )
+            .into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            format!("encoding metrics failed: {e}\n"),
+        )
+            .into_response(),
+    }
 }

@@ -12,6 +12,7 @@
 //! - [`events`]: Kubernetes Events with repeats folded into series, for both processes.
 //! - [`progress`]: showing long actions' progress (bars on a terminal, lines otherwise).
 //! - [`cli`]: the `virtkube` subcommands.
+//! - [`service`]: how the long-running commands start (logging, the async runtime).
 
 pub mod agent;
 pub mod cli;
@@ -24,3 +25,4 @@ pub mod http_server;
 pub mod placement;
 pub mod plan;
 pub mod progress;
+pub mod service;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use prometheus_client::encoding::text;
@@ -67,21 +67,7 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
             None => Ok(()),
         })
         .and_then(|()| text::encode_eof(&mut body));
-    match encoded {
-        Ok(()) => (
-            StatusCode::OK,
-            [(
-                header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            body,
-        ),
-        Err(e) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-            format!("encoding metrics failed: {e}\n"),
-        ),
-    }
+    crate::http_server::metrics_response(encoded.map(|()| body))
 }
 
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {

@@ -79,14 +79,7 @@ use self::error::Error;
 use self::http::Health;
 use self::metrics::Metrics;
 
-/// Log output format.
-#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line (for log collectors).
-    Json,
-}
+pub use crate::service::LogFormat;
 
 /// Arguments of `virtkube agent`.
 #[derive(clap::Args, Debug, Clone)]
@@ -184,26 +177,7 @@ impl AgentArgs {
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub fn run(args: &AgentArgs) -> anyhow::Result<ExitCode> {
-    init_tracing(args.log_format);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    runtime.block_on(run_async(args.clone()))?;
-    Ok(ExitCode::SUCCESS)
-}
-
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    let result = match format {
-        LogFormat::Json => builder.json().with_current_span(true).try_init(),
-        LogFormat::Text => builder.try_init(),
-    };
-    if let Err(e) = result {
-        eprintln!("logging already initialised: {e}");
-    }
+    crate::service::run(args.log_format, run_async(args.clone()))
 }
 
 /// The exact words printed when the CRDs are missing.

@@ -273,18 +273,7 @@ pub async fn publish_with_facts(
     status.libvirt_uri = ctx.settings.client_uri.clone();
     status.libvirt_peer_uri = ctx.settings.peer_uri.clone();
     status.host = facts.or_else(|| previous.and_then(|p| p.host.clone()));
-    let api: Api<HypervisorNode> = Api::all(ctx.client.clone());
-    let patch = json!({
-        "apiVersion": API_VERSION,
-        "kind": "HypervisorNode",
-        "status": status,
-    });
-    api.patch_status(
-        &ctx.settings.node,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
+    apply_status(ctx, &status).await?;
     Ok(status)
 }
 
@@ -389,6 +378,13 @@ pub async fn publish_unreachable(
         ),
     );
     status.heartbeat_time = Some(now);
+    apply_status(ctx, &status).await?;
+    Ok(status)
+}
+
+/// Writes this node's `HypervisorNode` status by server-side apply: the agent owns every
+/// status field it writes, so a conflict is forced rather than reported.
+async fn apply_status(ctx: &Context, status: &HypervisorNodeStatus) -> Result<()> {
     let api: Api<HypervisorNode> = Api::all(ctx.client.clone());
     let patch = json!({
         "apiVersion": API_VERSION,
@@ -401,7 +397,7 @@ pub async fn publish_unreachable(
         &Patch::Apply(&patch),
     )
     .await?;
-    Ok(status)
+    Ok(())
 }
 
 #[cfg(test)]

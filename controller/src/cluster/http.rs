@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use prometheus_client::registry::Registry;
@@ -42,21 +42,8 @@ pub fn router(registry: Arc<Registry>, health: Arc<Health>) -> Router {
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     let mut body = String::new();
-    match prometheus_client::encoding::text::encode(&mut body, &state.registry) {
-        Ok(()) => (
-            StatusCode::OK,
-            [(
-                header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            body,
-        ),
-        Err(e) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-            format!("encoding metrics failed: {e}\n"),
-        ),
-    }
+    let encoded = prometheus_client::encoding::text::encode(&mut body, &state.registry);
+    crate::http_server::metrics_response(encoded.map(|()| body))
 }
 
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {

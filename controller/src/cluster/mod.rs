@@ -53,7 +53,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use virtkube_crds::quantity::parse_bytes;
 
-use crate::agent::LogFormat;
+use crate::service::LogFormat;
 
 use self::error::Error;
 use self::http::Health;
@@ -290,26 +290,7 @@ async fn supervise(
 
 /// Runs `virtkube controller` until SIGTERM or SIGINT.
 pub fn run(args: &ControllerArgs) -> anyhow::Result<ExitCode> {
-    init_tracing(args.log_format);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    runtime.block_on(run_async(args.clone()))?;
-    Ok(ExitCode::SUCCESS)
-}
-
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    let result = match format {
-        LogFormat::Json => builder.json().with_current_span(true).try_init(),
-        LogFormat::Text => builder.try_init(),
-    };
-    if let Err(e) = result {
-        eprintln!("logging already initialised: {e}");
-    }
+    crate::service::run(args.log_format, run_async(args.clone()))
 }
 
 async fn run_async(args: ControllerArgs) -> anyhow::Result<()> {
