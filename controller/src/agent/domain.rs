@@ -198,6 +198,9 @@ enum Next {
     Return(Action),
     /// Look, read fresh and decide again.
     Again,
+    /// Nothing changed (decided on the cache, the step needs a fresh read): read fresh and
+    /// decide again with this round's look, still a look taken before that read.
+    Unchanged,
 }
 
 async fn rounds(cached: &Domain, ctx: &Context, api: &Api<Domain>) -> Result<Action> {
@@ -206,9 +209,8 @@ async fn rounds(cached: &Domain, ctx: &Context, api: &Api<Domain>) -> Result<Act
     // libvirt (a removal): what comes next is usually the finalizer's removal, which can
     // then be bound to that version instead of read again.
     let mut read_before: Option<String> = None;
-    // The look of a round that changed nothing (it decided on the cache, and the step needs
-    // a fresh read): taken before the next round's read, so it still is a look before the
-    // read, and libvirt is asked once instead of twice.
+    // The look of a round that changed nothing ([`Next::Unchanged`]): libvirt is asked once
+    // instead of twice.
     let mut carried: Option<local::Copy> = None;
     for round in 0..ROUNDS {
         // (1) Look before the read.
@@ -257,15 +259,9 @@ async fn rounds(cached: &Domain, ctx: &Context, api: &Api<Domain>) -> Result<Act
             }
             AgentStep::Converge if !fresh => match steady(&dom, &before, ctx, api).await? {
                 Some(action) => Next::Return(action),
-                None => {
-                    carried = Some(before.clone());
-                    Next::Again
-                }
+                None => Next::Unchanged,
             },
-            _ if !fresh => {
-                carried = Some(before.clone());
-                Next::Again
-            }
+            _ if !fresh => Next::Unchanged,
             AgentStep::Converge => Next::Return(converge(&dom, ctx, api).await?),
             step => {
                 let libvirt_only = matches!(
@@ -282,6 +278,7 @@ async fn rounds(cached: &Domain, ctx: &Context, api: &Api<Domain>) -> Result<Act
         match next {
             Next::Return(action) => return Ok(action),
             Next::Again => continue,
+            Next::Unchanged => carried = Some(before),
         }
     }
     // Many rounds in a row that each changed something: come back soon rather than loop.
